@@ -1,0 +1,544 @@
+"""
+A client for the control service's REST API v1, over any treq-like HTTP object.
+
+``ControlClient(http, base_url)`` speaks the API of docs/api.md; ``http`` is a
+``treq.client.HTTPClient`` (``pyflock.common._tls.treq_client`` makes one with the
+cluster's certificates) or, in tests, a ``treq.testing.StubTreq``. Every method returns a
+Deferred of a frozen record (``DatasetConfiguration``, ``DatasetState``, ``NodeInfo``,
+``LeaseInfo``, ``VersionInfo``, ``DatasetListing``), each with ``from_json`` and
+``to_json``. Refusals arrive as ``ControlError`` subclasses chosen by status code; a
+control service that cannot be reached, or that fails the TLS handshake, as
+``ControlUnreachable`` naming the host and port it tried.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional, Sequence
+from urllib.parse import quote
+
+import attr
+import hyperlink
+from OpenSSL import SSL
+from pyrsistent import PMap, pmap
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
+from twisted.web.client import ResponseFailed
+from zope.interface import Interface, implementer
+
+#: The API's version prefix; ``base_url`` is the service root without it.
+API_PREFIX = "/v1"
+
+
+class ControlError(Exception):
+    """
+    The control service refused or failed a request: ``code`` is the HTTP status (None when
+    no answer arrived), ``description`` its explanation, ``errors`` the schema failures.
+    """
+
+    def __init__(self, code: Optional[int], description: str, errors: Sequence[str] = ()):
+        super().__init__(code, description, tuple(errors))
+        self.code = code
+        self.description = description
+        self.errors = tuple(errors)
+
+    def __str__(self) -> str:
+        if self.errors:
+            return f"{self.description} ({'; '.join(self.errors)})"
+        return self.description
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.args == other.args  # type: ignore
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.args))
+
+
+class InvalidRequest(ControlError):
+    """400: the request's body or parameters were malformed; ``errors`` says where."""
+
+
+class AccessDenied(ControlError):
+    """403: this certificate may not do that (a node acting for another node)."""
+
+
+class NotFound(ControlError):
+    """404: no such dataset, lease, node era or route."""
+
+
+class NotAllowed(ControlError):
+    """405: the dataset has been deleted (or the method does not apply to the route)."""
+
+
+class Conflict(ControlError):
+    """409: the dataset id or name is taken, or another node holds the dataset's lease."""
+
+
+class ConfigurationChanged(ControlError):
+    """412: the configuration changed since the tag given as ``if_matches``."""
+
+
+class UnexpectedResponse(ControlError):
+    """The answer was not what API v1 promises (not JSON, or missing fields)."""
+
+
+class ControlUnreachable(ControlError):
+    """No answer arrived from ``host``:``port``: refused, unresolvable, TLS failure, timeout."""
+
+    def __init__(self, host: str, port: int, reason: str):
+        super().__init__(None, f"cannot reach the control service at {host}:{port}: {reason}")
+        self.host = host
+        self.port = port
+        self.reason = reason
+
+
+_ERRORS_BY_CODE: dict[int, type[ControlError]] = {
+    400: InvalidRequest,
+    403: AccessDenied,
+    404: NotFound,
+    405: NotAllowed,
+    409: Conflict,
+    412: ConfigurationChanged,
+}
+
+
+class _Malformed(Exception):
+    """A JSON value lacks a field or has the wrong type (turned into UnexpectedResponse)."""
+
+
+_MISSING = object()
+
+
+def _field(obj: Any, key: str, types: tuple, default: Any = _MISSING) -> Any:
+    if not isinstance(obj, dict):
+        raise _Malformed(f"expected a JSON object, got {json.dumps(obj)[:80]}")
+    value = obj.get(key, default)
+    if value is _MISSING:
+        raise _Malformed(f"missing field {key!r}")
+    # JSON has no separate bool and int, but Python's bool is an int: keep them apart.
+    if isinstance(value, bool) and bool not in types:
+        raise _Malformed(f"field {key!r} is {value!r}, not of type {types}")
+    if not isinstance(value, types):
+        raise _Malformed(f"field {key!r} is {value!r}, not of type {types}")
+    return value
+
+
+def _metadata(value: Any) -> PMap:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise _Malformed(f"metadata must map strings to strings, not {value!r}")
+    return pmap(value)
+
+
+_NUMBER = (int, float)
+_OPTIONAL_NUMBER = (int, float, type(None))
+_OPTIONAL_STR = (str, type(None))
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class VersionInfo:
+    """What ``GET /v1/version`` answers; ``pyflock`` is None from a Flocker server."""
+
+    flocker: str
+    pyflock: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "VersionInfo":
+        """The record of one API JSON object."""
+        return cls(flocker=_field(obj, "flocker", (str,)),
+                   pyflock=_field(obj, "pyflock", _OPTIONAL_STR, None))
+
+    def to_json(self) -> dict:
+        """The API JSON object of this record."""
+        return {"flocker": self.flocker, "pyflock": self.pyflock}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DatasetConfiguration:
+    """One configured dataset: its id, primary node, size limit, metadata, deleted flag."""
+
+    dataset_id: str
+    primary: str
+    maximum_size: Optional[int] = None
+    metadata: PMap = attr.ib(default=pmap(), converter=pmap)
+    deleted: bool = False
+
+    @property
+    def name(self) -> Optional[str]:
+        """``metadata.name``, the dataset's Docker volume name, if it has one."""
+        return self.metadata.get("name")
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "DatasetConfiguration":
+        """The record of one API JSON object."""
+        return cls(dataset_id=_field(obj, "dataset_id", (str,)),
+                   primary=_field(obj, "primary", (str,)),
+                   maximum_size=_field(obj, "maximum_size", (int, type(None)), None),
+                   metadata=_metadata(_field(obj, "metadata", (dict,), {})),
+                   deleted=_field(obj, "deleted", (bool,), False))
+
+    def to_json(self) -> dict:
+        """The API JSON object of this record."""
+        return {"dataset_id": self.dataset_id, "primary": self.primary,
+                "maximum_size": self.maximum_size, "metadata": dict(self.metadata),
+                "deleted": self.deleted}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DatasetListing:
+    """The configured datasets (deleted ones included) and the configuration tag."""
+
+    datasets: tuple[DatasetConfiguration, ...]
+    tag: Optional[str]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DatasetState:
+    """A dataset as a node reports it: where it is, and its mount path there if mounted."""
+
+    dataset_id: str
+    primary: Optional[str] = None
+    maximum_size: Optional[int] = None
+    path: Optional[str] = None
+    state: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "DatasetState":
+        """The record of one API JSON object."""
+        return cls(dataset_id=_field(obj, "dataset_id", (str,)),
+                   primary=_field(obj, "primary", _OPTIONAL_STR, None),
+                   maximum_size=_field(obj, "maximum_size", (int, type(None)), None),
+                   path=_field(obj, "path", _OPTIONAL_STR, None),
+                   state=_field(obj, "state", _OPTIONAL_STR, None))
+
+    def to_json(self) -> dict:
+        """The API JSON object of this record (optional fields only when known)."""
+        result = {"dataset_id": self.dataset_id, "primary": self.primary,
+                  "maximum_size": self.maximum_size}
+        if self.path is not None:
+            result["path"] = self.path
+        if self.state is not None:
+            result["state"] = self.state
+        return result
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class NodeInfo:
+    """A node the control service knows: uuid, address, and liveness when reported."""
+
+    uuid: str
+    host: str
+    alive: Optional[bool] = None
+    last_seen: Optional[float | str] = None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "NodeInfo":
+        """The record of one API JSON object."""
+        return cls(uuid=_field(obj, "uuid", (str,)), host=_field(obj, "host", (str,)),
+                   alive=_field(obj, "alive", (bool, type(None)), None),
+                   last_seen=_field(obj, "last_seen", (int, float, str, type(None)), None))
+
+    def to_json(self) -> dict:
+        """The API JSON object of this record."""
+        return {"uuid": self.uuid, "host": self.host, "alive": self.alive,
+                "last_seen": self.last_seen}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class LeaseInfo:
+    """A lease: the node holding the dataset and the seconds left (None: no expiry)."""
+
+    dataset_id: str
+    node_uuid: str
+    expires: Optional[float] = None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "LeaseInfo":
+        """The record of one API JSON object."""
+        return cls(dataset_id=_field(obj, "dataset_id", (str,)),
+                   node_uuid=_field(obj, "node_uuid", (str,)),
+                   expires=_field(obj, "expires", _OPTIONAL_NUMBER))
+
+    def to_json(self) -> dict:
+        """The API JSON object of this record."""
+        return {"dataset_id": self.dataset_id, "node_uuid": self.node_uuid,
+                "expires": self.expires}
+
+
+class IControlClient(Interface):
+    """The REST API v1 as Deferred-returning calls (see ``ControlClient``)."""
+
+    def version() -> "Deferred[VersionInfo]":
+        """The service's API and software versions."""
+
+    def list_datasets() -> "Deferred[DatasetListing]":
+        """Every configured dataset, deleted ones included, and the configuration tag."""
+
+    def create_dataset(primary, maximum_size=None, metadata=None, dataset_id=None,
+                       if_matches=None) -> "Deferred[DatasetConfiguration]":
+        """Configure a new dataset on node ``primary``."""
+
+    def move_dataset(dataset_id, primary, if_matches=None) -> "Deferred[DatasetConfiguration]":
+        """Make ``primary`` the dataset's node."""
+
+    def update_metadata(dataset_id, metadata,
+                        if_matches=None) -> "Deferred[DatasetConfiguration]":
+        """Replace the dataset's metadata."""
+
+    def delete_dataset(dataset_id, if_matches=None) -> "Deferred[DatasetConfiguration]":
+        """Mark the dataset deleted."""
+
+    def state_datasets() -> "Deferred[tuple[DatasetState, ...]]":
+        """The datasets as the nodes report them."""
+
+    def list_nodes() -> "Deferred[tuple[NodeInfo, ...]]":
+        """The nodes the control service knows."""
+
+    def node_by_era(era) -> "Deferred[str]":
+        """The uuid of the node whose agent runs in ``era``."""
+
+    def list_leases() -> "Deferred[tuple[LeaseInfo, ...]]":
+        """Every lease."""
+
+    def acquire_lease(dataset_id, node_uuid, expires) -> "Deferred[LeaseInfo]":
+        """Take or renew ``node_uuid``'s lease for ``expires`` seconds (None: forever)."""
+
+    def release_lease(dataset_id) -> "Deferred[LeaseInfo]":
+        """Drop the dataset's lease."""
+
+
+def _tls_reason(error: SSL.Error) -> str:
+    # OpenSSL reports [(library, function, reason), ...]; the reason alone reads best.
+    reasons = [entry[-1] for entry in error.args[0] if isinstance(entry, tuple) and entry] \
+        if error.args and isinstance(error.args[0], list) else []
+    return "TLS handshake failed: " + ("; ".join(reasons) or str(error))
+
+
+def _describe(error: BaseException) -> str:
+    """One readable line saying why no answer arrived."""
+    if isinstance(error, ResponseFailed):
+        reasons = [f.value for f in error.reasons]
+        # ConnectionLost/ConnectionDone merely follow the error that caused them.
+        interesting = [r for r in reasons
+                       if type(r).__name__ not in ("ConnectionLost", "ConnectionDone")]
+        for reason in interesting or reasons:
+            return _describe(reason)
+        return "the connection closed before an answer arrived"
+    if isinstance(error, SSL.Error):
+        return _tls_reason(error)
+    if type(error).__name__ == "VerificationError":
+        # service_identity's error when the certificate is not for the host we dialled.
+        return ("TLS handshake failed: the control service's certificate does not name "
+                f"this host ({error})")
+    if isinstance(error, (CancelledError, ConnectingCancelledError)):
+        return "no answer in time"
+    if isinstance(error, DNSLookupError):
+        return "the host name cannot be resolved"
+    if type(error).__name__ == "ConnectionRefusedError":
+        return "connection refused (is pyflock-control running and listening there?)"
+    if type(error).__name__ in ("ConnectionLost", "ConnectionDone"):
+        return "the connection closed before an answer arrived"
+    text = str(error).strip()
+    return text or type(error).__name__
+
+
+_UNREACHABLE = (ConnectError, DNSLookupError, ResponseFailed, CancelledError,
+                ConnectingCancelledError, SSL.Error, ConnectionError)
+
+
+@implementer(IControlClient)
+class ControlClient:
+    """
+    The REST API v1 at ``base_url`` (``https://HOST:PORT``, no ``/v1``) through ``http``,
+    a treq-like object. With ``timeout`` (seconds) and ``reactor``, a request that gets no
+    answer in time fails with ``ControlUnreachable``.
+    """
+
+    def __init__(self, http: Any, base_url: str, *, reactor: Any = None,
+                 timeout: Optional[float] = None):
+        url = hyperlink.URL.from_text(base_url.rstrip("/"))
+        if not url.host:
+            raise ValueError(f"the control service URL {base_url!r} names no host")
+        if timeout is not None and reactor is None:
+            raise ValueError("a timeout needs the reactor that measures it")
+        self._http = http
+        self._base = url.to_text()
+        self.host = url.host
+        self.port = url.port
+        self._reactor = reactor
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<ControlClient {self._base}>"
+
+    async def _call(self, method: str, path: str, body: Any = None,
+                    if_matches: Optional[str] = None,
+                    expected: tuple[int, ...] = (200,)) -> tuple[Any, Any]:
+        url = self._base + API_PREFIX + path
+        headers = {b"Accept": [b"application/json"]}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers[b"Content-Type"] = [b"application/json"]
+        if if_matches is not None:
+            headers[b"X-If-Configuration-Matches"] = [if_matches.encode("utf-8")]
+        options: dict[str, Any] = {}
+        if self._timeout is not None:
+            options.update(reactor=self._reactor, timeout=self._timeout)
+        try:
+            response = await self._http.request(method, url, headers=headers, data=data,
+                                                **options)
+            content = await response.content()
+        except _UNREACHABLE as e:
+            raise ControlUnreachable(self.host, self.port, _describe(e)) from e
+        try:
+            parsed = json.loads(content) if content else None
+        except ValueError:
+            parsed = _MISSING
+        if response.code in expected:
+            if parsed is _MISSING:
+                raise UnexpectedResponse(
+                    response.code, f"{method} {url} answered {response.code} with a body "
+                    f"that is not JSON: {content[:120]!r}")
+            return response, parsed
+        raise _error(response.code, method, url, parsed, content)
+
+    def _parse(self, method: str, path: str, make: Callable[[Any], Any], value: Any,
+               code: int = 200) -> Any:
+        try:
+            return make(value)
+        except _Malformed as e:
+            raise UnexpectedResponse(
+                code, f"{method} {self._base}{API_PREFIX}{path} answered with an "
+                f"unexpected body: {e}") from None
+
+    def _list_of(self, method: str, path: str, record: Any, value: Any) -> tuple:
+        def make(v: Any) -> tuple:
+            if not isinstance(v, list):
+                raise _Malformed(f"expected a JSON array, got {json.dumps(v)[:80]}")
+            return tuple(record.from_json(item) for item in v)
+        return self._parse(method, path, make, value)
+
+    def version(self) -> "Deferred[VersionInfo]":
+        """The service's API (``flocker``) and software (``pyflock``) versions."""
+        async def go() -> VersionInfo:
+            _, body = await self._call("GET", "/version")
+            return self._parse("GET", "/version", VersionInfo.from_json, body)
+        return Deferred.fromCoroutine(go())
+
+    def list_datasets(self) -> "Deferred[DatasetListing]":
+        """Every configured dataset (deleted ones too) and the ``X-Configuration-Tag``."""
+        async def go() -> DatasetListing:
+            path = "/configuration/datasets"
+            response, body = await self._call("GET", path)
+            tags = response.headers.getRawHeaders(b"X-Configuration-Tag") or [None]
+            tag = tags[0].decode("utf-8") if tags[0] is not None else None
+            datasets = self._list_of("GET", path, DatasetConfiguration, body)
+            return DatasetListing(datasets=datasets, tag=tag)
+        return Deferred.fromCoroutine(go())
+
+    def create_dataset(self, primary: str, maximum_size: Optional[int] = None,
+                       metadata: Optional[dict[str, str]] = None,
+                       dataset_id: Optional[str] = None,
+                       if_matches: Optional[str] = None) -> "Deferred[DatasetConfiguration]":
+        """Configure a new dataset on node ``primary``; the id is chosen by the service
+        unless given."""
+        body: dict[str, Any] = {"primary": primary}
+        if dataset_id is not None:
+            body["dataset_id"] = dataset_id
+        if maximum_size is not None:
+            body["maximum_size"] = maximum_size
+        if metadata is not None:
+            body["metadata"] = dict(metadata)
+        return self._dataset_call("POST", "/configuration/datasets", body, if_matches,
+                                  (201,))
+
+    def move_dataset(self, dataset_id: str, primary: str,
+                     if_matches: Optional[str] = None) -> "Deferred[DatasetConfiguration]":
+        """Make ``primary`` the dataset's node; its data follows."""
+        return self._dataset_call("POST", _dataset_path(dataset_id), {"primary": primary},
+                                  if_matches)
+
+    def update_metadata(self, dataset_id: str, metadata: dict[str, str],
+                        if_matches: Optional[str] = None) -> "Deferred[DatasetConfiguration]":
+        """Replace the dataset's metadata with ``metadata`` (a whole new mapping)."""
+        return self._dataset_call("POST", _dataset_path(dataset_id),
+                                  {"metadata": dict(metadata)}, if_matches)
+
+    def delete_dataset(self, dataset_id: str,
+                       if_matches: Optional[str] = None) -> "Deferred[DatasetConfiguration]":
+        """Mark the dataset deleted; its node then destroys the data."""
+        return self._dataset_call("DELETE", _dataset_path(dataset_id), None, if_matches)
+
+    def _dataset_call(self, method: str, path: str, body: Any, if_matches: Optional[str],
+                      expected: tuple[int, ...] = (200,)) -> "Deferred[DatasetConfiguration]":
+        async def go() -> DatasetConfiguration:
+            response, answer = await self._call(method, path, body, if_matches, expected)
+            return self._parse(method, path, DatasetConfiguration.from_json, answer,
+                               response.code)
+        return Deferred.fromCoroutine(go())
+
+    def state_datasets(self) -> "Deferred[tuple[DatasetState, ...]]":
+        """The datasets as the nodes report them (a dataset being moved may be absent)."""
+        return self._get_list("/state/datasets", DatasetState)
+
+    def list_nodes(self) -> "Deferred[tuple[NodeInfo, ...]]":
+        """The nodes the control service knows."""
+        return self._get_list("/state/nodes", NodeInfo)
+
+    def list_leases(self) -> "Deferred[tuple[LeaseInfo, ...]]":
+        """Every lease, with the seconds each has left."""
+        return self._get_list("/configuration/leases", LeaseInfo)
+
+    def _get_list(self, path: str, record: Any) -> Deferred:
+        async def go() -> tuple:
+            _, body = await self._call("GET", path)
+            return self._list_of("GET", path, record, body)
+        return Deferred.fromCoroutine(go())
+
+    def node_by_era(self, era: str) -> "Deferred[str]":
+        """The uuid of the node whose agent runs in ``era`` (``NotFound`` if none)."""
+        path = "/state/nodes/by_era/" + quote(str(era), safe="")
+
+        async def go() -> str:
+            _, body = await self._call("GET", path)
+            return self._parse("GET", path, lambda v: _field(v, "node_uuid", (str,)), body)
+        return Deferred.fromCoroutine(go())
+
+    def acquire_lease(self, dataset_id: str, node_uuid: str,
+                      expires: Optional[float]) -> "Deferred[LeaseInfo]":
+        """Take or renew ``node_uuid``'s lease for ``expires`` seconds (None: no expiry);
+        ``Conflict`` when another node holds it."""
+        path = "/configuration/leases"
+        body = {"dataset_id": dataset_id, "node_uuid": node_uuid, "expires": expires}
+
+        async def go() -> LeaseInfo:
+            response, answer = await self._call("POST", path, body, expected=(200, 201))
+            return self._parse("POST", path, LeaseInfo.from_json, answer, response.code)
+        return Deferred.fromCoroutine(go())
+
+    def release_lease(self, dataset_id: str) -> "Deferred[LeaseInfo]":
+        """Drop the dataset's lease, answering the lease that was held."""
+        path = "/configuration/leases/" + quote(dataset_id, safe="")
+
+        async def go() -> LeaseInfo:
+            _, answer = await self._call("DELETE", path)
+            return self._parse("DELETE", path, LeaseInfo.from_json, answer)
+        return Deferred.fromCoroutine(go())
+
+
+def _dataset_path(dataset_id: str) -> str:
+    return "/configuration/datasets/" + quote(dataset_id, safe="")
+
+
+def _error(code: int, method: str, url: str, parsed: Any, content: bytes) -> ControlError:
+    """The typed error for a refusal, keeping the service's own description."""
+    kind = _ERRORS_BY_CODE.get(code, ControlError)
+    if isinstance(parsed, dict) and isinstance(parsed.get("description"), str):
+        errors = parsed.get("errors")
+        errors = [str(e) for e in errors] if isinstance(errors, list) else []
+        return kind(code, parsed["description"], errors)
+    text = content[:200].decode("utf-8", "replace").strip()
+    return kind(code, f"{method} {url} failed with HTTP {code}"
+                      + (f": {text}" if text else ""))
+

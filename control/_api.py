@@ -1,0 +1,378 @@
+"""
+The REST API v1, wire-compatible with Flocker's: paths, JSON shapes, status codes and
+error bodies. Where pyflock is deliberately safer (leases, unique names) docs/api.md says so.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+from uuid import uuid4
+
+from klein import Klein
+from pyrsistent import pmap
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from pyflock.common._logging import log_event
+from pyflock.common._model import (
+    ConfigurationError, Dataset, DatasetDeleted, DatasetIdTaken, DatasetNotFound,
+    LeaseHeld, LeaseNotFound, NameTaken,
+)
+from pyflock.control import _schema as schema
+from pyflock.control._clusterstate import ClusterStateService
+from pyflock.control._persistence import ConfigurationService, StoreUnavailable
+
+__version__ = "0.1.0"
+
+#: Bodies larger than this are refused before parsing.
+MAX_BODY = 1024 * 1024
+
+_log = Logger()
+
+_CREATE = schema.validator(schema.CREATE_DATASET)
+_UPDATE = schema.validator(schema.UPDATE_DATASET)
+_ACQUIRE = schema.validator(schema.ACQUIRE_LEASE)
+_UUID = schema.validator(schema.UUID)
+
+
+class APIError(Exception):
+    """An error response: status code, description and optional schema errors."""
+
+    def __init__(self, code: int, description: str, errors: Optional[list[str]] = None):
+        super().__init__(code, description)
+        self.code = code
+        self.description = description
+        self.errors = errors
+
+
+def _error_body(code: int, description: str, errors: Optional[list[str]] = None) -> bytes:
+    body: dict = {"description": description}
+    if errors is not None:
+        body["errors"] = errors
+    return json.dumps(body).encode("utf-8")
+
+
+def _translate(error: ConfigurationError) -> APIError:
+    """The declared response for a refusal of the model."""
+    if isinstance(error, DatasetNotFound):
+        return APIError(404, "Dataset not found.")
+    if isinstance(error, DatasetDeleted):
+        return APIError(405, "The dataset has been deleted.")
+    if isinstance(error, DatasetIdTaken):
+        return APIError(409, "The provided dataset_id is already in use.")
+    if isinstance(error, NameTaken):
+        return APIError(409, f"The name {error.name!r} is already used by dataset "
+                             f"{error.dataset_id}; choose another name or delete that "
+                             f"dataset first.")
+    if isinstance(error, LeaseHeld):
+        return APIError(409, f"Lease already held by node {error.node_uuid}: the dataset "
+                             f"is in use there; release the lease (or wait for it to "
+                             f"expire) first.")
+    if isinstance(error, LeaseNotFound):
+        return APIError(404, "Lease not found.")
+    raise error
+
+
+def dataset_to_json(dataset: Dataset) -> dict:
+    """The API's JSON object for a configured dataset."""
+    return {"dataset_id": dataset.dataset_id, "primary": dataset.primary,
+            "maximum_size": dataset.maximum_size, "metadata": dict(dataset.metadata),
+            "deleted": dataset.deleted}
+
+
+def lease_to_json(lease, now: float) -> dict:
+    """The API's JSON object for a lease: seconds left, or null."""
+    return {"dataset_id": lease.dataset_id, "node_uuid": lease.node_uuid,
+            "expires": lease.remaining(now)}
+
+
+class ControlAPI:
+    """
+    The Klein application of the REST API. ``identify(request)`` tells who is calling
+    (from the TLS client certificate in production); user certificates may do
+    everything, node certificates read everything and act only for their own node.
+    """
+
+    app = Klein()
+
+    def __init__(self, configuration: ConfigurationService, cluster: ClusterStateService,
+                 identify: Callable[[IRequest], object], openapi: Optional[dict] = None):
+        self._configuration = configuration
+        self._cluster = cluster
+        self._identify = identify
+        self._openapi = openapi
+        self._list_cache: tuple = (None, b"")
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request, failure):
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json")
+        return _error_body(404, f"No such route: {request.path.decode('utf-8', 'replace')}. "
+                                f"See /v1/openapi.json for the API.")
+
+    @app.handle_errors(MethodNotAllowed)
+    def _not_allowed(self, request, failure):
+        allowed = ", ".join(getattr(failure.value, "valid_methods", None) or [])
+        request.setResponseCode(405)
+        request.setHeader(b"content-type", b"application/json")
+        if allowed:
+            request.setHeader(b"allow", allowed.encode("ascii"))
+        return _error_body(405, f"Method {request.method.decode('ascii', 'replace')} is not "
+                                f"allowed here; allowed: {allowed or 'none'}.")
+
+    @app.handle_errors(APIError)
+    def _api_error(self, request, failure):
+        error = failure.value
+        request.setResponseCode(error.code)
+        request.setHeader(b"content-type", b"application/json")
+        return _error_body(error.code, error.description, error.errors)
+
+    @app.handle_errors(StoreUnavailable)
+    def _unavailable(self, request, failure):
+        request.setResponseCode(503)
+        request.setHeader(b"content-type", b"application/json")
+        return _error_body(503, f"The configuration store is unavailable "
+                                f"({failure.value}); retry shortly.")
+
+    @app.handle_errors(Exception)
+    def _internal(self, request, failure):
+        log_event(_log, "pyflock:control:request-failed", traceback=failure.getTraceback(),
+                  path=request.path.decode("utf-8", "replace"))
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", b"application/json")
+        return _error_body(500, "Internal error; the control service's log has details.")
+
+    def _json(self, request, body, code: int = 200) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        return body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+
+    def _caller(self, request):
+        identity = self._identify(request)
+        if identity is None or getattr(identity, "kind", None) not in ("user", "node"):
+            raise APIError(403, "This certificate may not use the API: use a user-* or "
+                                "node-* certificate signed by this cluster's CA.")
+        return identity
+
+    def _act_as(self, request, node_uuid: Optional[str], what: str):
+        """The caller, if it may act for ``node_uuid``; nodes only act for themselves."""
+        identity = self._caller(request)
+        if identity.kind == "node" and identity.node_uuid != node_uuid:
+            log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
+                      action=what)
+            raise APIError(403, f"Node {identity.node_uuid} may not {what}: a node "
+                                f"certificate acts only for its own node.")
+        return identity
+
+    def _body(self, request, validator) -> dict:
+        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+        if len(raw) > MAX_BODY:
+            raise APIError(400, f"The request body is larger than {MAX_BODY} bytes.")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"The request body is not valid JSON: {e}.")
+        errors = schema.describe_errors(validator, body)
+        if errors:
+            raise APIError(400, "The provided JSON doesn't match the required schema.", errors)
+        return body
+
+    def _dataset_id(self, dataset_id: str) -> str:
+        if not _UUID.is_valid(dataset_id):
+            raise APIError(400, f"{dataset_id!r} is not a dataset id: a dataset id is a UUID.")
+        return dataset_id.lower()
+
+    def _check_tag(self, request) -> None:
+        expected = request.getHeader(b"x-if-configuration-matches")
+        if expected is not None and expected.decode("latin-1") != self._configuration.pending_tag:
+            raise APIError(412, "The configuration tag does not match the current "
+                                "configuration: it changed since you read it. Read it "
+                                "again and retry.")
+
+    async def _change(self, request, dataset_id: str, transform):
+        try:
+            d = self._configuration.change([dataset_id], transform)
+        except ConfigurationError as e:
+            raise _translate(e)
+        config = await d
+        request.setHeader(b"x-configuration-tag", self._configuration.tag.encode("ascii"))
+        return config
+
+    # -- routes -----------------------------------------------------------------------
+
+    @app.route("/v1/version", methods=["GET"])
+    def version(self, request):
+        """The version of the API and of pyflock."""
+        self._caller(request)
+        return self._json(request, {"flocker": __version__, "pyflock": __version__})
+
+    @app.route("/v1/openapi.json", methods=["GET"])
+    def openapi(self, request):
+        """The OpenAPI 3.1 document of this API."""
+        self._caller(request)
+        return self._json(request, self._openapi or {})
+
+    @app.route("/v1/configuration/datasets", methods=["GET"])
+    def list_datasets(self, request):
+        """Every live dataset, and deleted ones that some node still holds."""
+        self._caller(request)
+        config = self._configuration.committed
+        key = (config.generation, self._cluster.version, id(config))
+        if self._list_cache[0] != key:
+            state = self._cluster.state
+            held = {d for n in state.nodes.values() for d in n.datasets}
+            body = [dataset_to_json(d) for d in config.datasets.values()
+                    if not d.deleted or d.dataset_id in held]
+            self._list_cache = (key, json.dumps(body).encode("utf-8"))
+        request.setHeader(b"x-configuration-tag", str(config.generation).encode("ascii"))
+        return self._json(request, self._list_cache[1])
+
+    @app.route("/v1/configuration/datasets", methods=["POST"])
+    async def create_dataset(self, request):
+        """Create a dataset on its primary node."""
+        self._caller(request)
+        body = self._body(request, _CREATE)
+        primary = body["primary"].lower()
+        self._act_as(request, primary, "create a dataset on another node")
+        self._check_tag(request)
+        dataset = Dataset(dataset_id=body.get("dataset_id", str(uuid4())).lower(),
+                          primary=primary, maximum_size=body.get("maximum_size"),
+                          metadata=pmap(body.get("metadata", {})))
+        await self._change(request, dataset.dataset_id, lambda c: c.create(dataset))
+        log_event(_log, "pyflock:control:dataset-created", dataset_id=dataset.dataset_id,
+                  primary=primary, name=dataset.name)
+        return self._json(request, dataset_to_json(dataset), 201)
+
+    @app.route("/v1/configuration/datasets/<dataset_id>", methods=["POST"])
+    async def update_dataset(self, request, dataset_id):
+        """Move a dataset by setting its primary, and/or replace its metadata."""
+        identity = self._caller(request)
+        dataset_id = self._dataset_id(dataset_id)
+        body = self._body(request, _UPDATE)
+        primary = body["primary"].lower() if "primary" in body else None
+        if identity.kind == "node":
+            try:
+                current = self._configuration.pending.live(dataset_id)
+            except ConfigurationError as e:
+                raise _translate(e)
+            target = primary or current.primary
+            self._act_as(request, target, "change a dataset that another node holds")
+        self._check_tag(request)
+        now = self._configuration.now()
+        before = self._configuration.pending.datasets.get(dataset_id)
+        config = await self._change(request, dataset_id, lambda c: c.update(
+            now, dataset_id, primary=primary, metadata=body.get("metadata")))
+        dataset = config.datasets[dataset_id]
+        if before is not None and before.primary != dataset.primary:
+            log_event(_log, "pyflock:control:dataset-moved", dataset_id=dataset_id,
+                      source=before.primary, target=dataset.primary)
+        elif before != dataset:
+            log_event(_log, "pyflock:control:dataset-updated", dataset_id=dataset_id)
+        return self._json(request, dataset_to_json(dataset))
+
+    @app.route("/v1/configuration/datasets/<dataset_id>", methods=["DELETE"])
+    async def delete_dataset(self, request, dataset_id):
+        """Delete a dataset; refused while another node leases it. Idempotent."""
+        identity = self._caller(request)
+        dataset_id = self._dataset_id(dataset_id)
+        allowed_holder = None
+        if identity.kind == "node":
+            current = self._configuration.pending.datasets.get(dataset_id)
+            if current is None:
+                raise APIError(404, "Dataset not found.")
+            if not current.deleted:
+                self._act_as(request, current.primary, "delete a dataset another node holds")
+            allowed_holder = identity.node_uuid
+        self._check_tag(request)
+        now = self._configuration.now()
+        config = await self._change(request, dataset_id, lambda c: c.delete(
+            now, dataset_id, allowed_holder=allowed_holder))
+        log_event(_log, "pyflock:control:dataset-deleted", dataset_id=dataset_id)
+        return self._json(request, dataset_to_json(config.datasets[dataset_id]))
+
+    @app.route("/v1/state/datasets", methods=["GET"])
+    def state_datasets(self, request):
+        """The datasets the live nodes report, with where they are mounted."""
+        self._caller(request)
+        result = []
+        for node in self._cluster.state.nodes.values():
+            if not self._cluster.is_alive(node):
+                continue
+            for ds in node.datasets.values():
+                item = {"dataset_id": ds.dataset_id, "primary": node.uuid,
+                        "maximum_size": ds.maximum_size, "state": ds.state}
+                if ds.path is not None and ds.state == "mounted":
+                    item["path"] = ds.path
+                result.append(item)
+        return self._json(request, result)
+
+    @app.route("/v1/state/nodes", methods=["GET"])
+    def state_nodes(self, request):
+        """Every known node, whether it is alive and when it was last heard from."""
+        self._caller(request)
+        now = self._configuration.now()
+        return self._json(request, [
+            {"uuid": n.uuid, "host": n.host, "alive": self._cluster.is_alive(n),
+             "last_seen": max(0.0, now - n.last_seen)}
+            for n in self._cluster.state.nodes.values()])
+
+    @app.route("/v1/state/nodes/by_era/<era>", methods=["GET"])
+    def node_by_era(self, request, era):
+        """The node whose current era is ``era``."""
+        self._caller(request)
+        node = self._cluster.state.node_by_era(era)
+        if node is None:
+            raise APIError(404, "No node found with given era.")
+        return self._json(request, {"node_uuid": node.uuid})
+
+    @app.route("/v1/configuration/leases", methods=["GET"])
+    def list_leases(self, request):
+        """Every lease still valid, with the seconds it has left."""
+        self._caller(request)
+        now = self._configuration.now()
+        return self._json(request, [lease_to_json(lease, now) for lease in
+                                    self._configuration.committed.leases.values()
+                                    if not lease.expired(now)])
+
+    @app.route("/v1/configuration/leases", methods=["POST"])
+    async def acquire_lease(self, request):
+        """Take (201) or renew (200) a node's lease on a dataset."""
+        self._caller(request)
+        body = self._body(request, _ACQUIRE)
+        dataset_id = body["dataset_id"].lower()
+        node_uuid = body["node_uuid"].lower()
+        self._act_as(request, node_uuid, "take a lease for another node")
+        now = self._configuration.now()
+        renewed = self._configuration.pending.leases.holder(now, dataset_id) == node_uuid
+        try:
+            config = await self._change(request, dataset_id, lambda c: c.acquire_lease(
+                now, dataset_id, node_uuid, body["expires"]))
+        except APIError as e:
+            if e.code == 405:
+                raise APIError(404, "Dataset not found.")
+            raise
+        log_event(_log, "pyflock:control:lease-renewed" if renewed
+                  else "pyflock:control:lease-acquired",
+                  dataset_id=dataset_id, node_uuid=node_uuid)
+        return self._json(request, lease_to_json(config.leases[dataset_id], now),
+                          200 if renewed else 201)
+
+    @app.route("/v1/configuration/leases/<dataset_id>", methods=["DELETE"])
+    async def release_lease(self, request, dataset_id):
+        """Release the lease on a dataset (a node only its own)."""
+        identity = self._caller(request)
+        dataset_id = self._dataset_id(dataset_id)
+        now = self._configuration.now()
+        lease = self._configuration.pending.leases.get(dataset_id)
+        if lease is None or lease.expired(now):
+            raise APIError(404, "Lease not found.")
+        if identity.kind == "node":
+            self._act_as(request, lease.node_uuid, "release another node's lease")
+        await self._change(request, dataset_id, lambda c: c.release_lease(dataset_id))
+        log_event(_log, "pyflock:control:lease-released", dataset_id=dataset_id,
+                  node_uuid=lease.node_uuid)
+        return self._json(request, lease_to_json(lease, now))

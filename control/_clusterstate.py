@@ -1,0 +1,86 @@
+"""
+Cluster state: what the agents report they have, kept in memory and rebuilt from them.
+
+Nothing here is durable: after a restart of the control service the agents report again.
+A node that stays silent longer than the expiry is dead, and its state is wiped.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from pyrsistent import PClass, field, pmap_field
+
+#: A node silent for this long is dead (DESIGN.md).
+DEFAULT_NODE_EXPIRY = 30.0
+
+
+class DatasetState(PClass):
+    """One dataset as a node reports it."""
+
+    dataset_id = field(type=str, mandatory=True)
+    maximum_size = field(type=(int, type(None)), initial=None)
+    path = field(type=(str, type(None)), initial=None)
+    state = field(type=str, initial="mounted")
+
+
+class NodeState(PClass):
+    """What one node last reported, and when."""
+
+    uuid = field(type=str, mandatory=True)
+    host = field(type=str, mandatory=True)
+    era = field(type=(str, type(None)), initial=None)
+    last_seen = field(type=float, mandatory=True, factory=float)
+    datasets = pmap_field(str, DatasetState)
+
+    def alive(self, now: float, expiry: float) -> bool:
+        """Whether the node has been heard from within ``expiry`` seconds of ``now``."""
+        return now - self.last_seen <= expiry
+
+
+class ClusterState(PClass):
+    """Every known node's reported state."""
+
+    nodes = pmap_field(str, NodeState)
+
+    def update_node(self, node: NodeState) -> "ClusterState":
+        """Replace a node's reported state."""
+        return self.set(nodes=self.nodes.set(node.uuid, node))
+
+    def remove_nodes(self, uuids: Iterable[str]) -> "ClusterState":
+        """Forget the state of the nodes named."""
+        nodes = self.nodes.evolver()
+        for uuid in uuids:
+            if uuid in nodes:
+                del nodes[uuid]
+        return self.set(nodes=nodes.persistent())
+
+    def node_by_era(self, era: str) -> Optional[NodeState]:
+        """The node whose current era is ``era``, if any."""
+        for node in self.nodes.values():
+            if node.era == era:
+                return node
+        return None
+
+    def holders(self, dataset_id: str) -> list[str]:
+        """The nodes that report holding ``dataset_id``."""
+        return [n.uuid for n in self.nodes.values() if dataset_id in n.datasets]
+
+
+class ClusterStateService:
+    """Holds the cluster state; ``version`` changes with every update."""
+
+    def __init__(self, reactor, node_expiry: float = DEFAULT_NODE_EXPIRY):
+        self._reactor = reactor
+        self.node_expiry = node_expiry
+        self.state = ClusterState()
+        self.version = 0
+
+    def update(self, state: ClusterState) -> None:
+        """Replace the whole cluster state."""
+        self.state = state
+        self.version += 1
+
+    def is_alive(self, node: NodeState) -> bool:
+        """Whether ``node`` has been heard from recently enough."""
+        return node.alive(self._reactor.seconds(), self.node_expiry)

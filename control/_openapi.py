@@ -1,0 +1,144 @@
+"""
+The OpenAPI 3.1 document of the REST API, built from the same schemas that validate
+requests (``_schema``); a test checks that every route is documented and that every
+response the tests see validates against it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from jsonschema import Draft202012Validator
+
+from pyflock.control import _schema as s
+
+_JSON = "application/json"
+
+_ERRORS = {
+    400: "Malformed input: bad JSON, a schema violation (see `errors`) or a bad id.",
+    403: "The certificate may not do this (a node acting for another node).",
+    404: "No such dataset, lease, node or route.",
+    405: "The dataset is deleted, or the method is not allowed on this route.",
+    409: "Conflict: id or name taken, or a lease held by another node.",
+    412: "X-If-Configuration-Matches did not match the current configuration tag.",
+    503: "The configuration store failed a write; retry shortly.",
+}
+
+_TAG_HEADER = {"X-Configuration-Tag": {
+    "description": "The configuration generation after this request.",
+    "schema": {"type": "string"}}}
+
+_IF_MATCHES = {"name": "X-If-Configuration-Matches", "in": "header", "required": False,
+               "description": "Apply the change only if the configuration tag still "
+                              "equals this value (else 412).",
+               "schema": {"type": "string"}}
+
+
+def _op(summary: str, ok: dict, errors: tuple[int, ...] = (), body: Optional[dict] = None,
+        params: tuple = (), ok_headers: Optional[dict] = None) -> dict:
+    responses = {}
+    for code, (description, schema) in ok.items():
+        response = {"description": description,
+                    "content": {_JSON: {"schema": schema}}}
+        if ok_headers:
+            response["headers"] = ok_headers
+        responses[str(code)] = response
+    for code in sorted(set(errors) | {400, 403, 404, 405}):
+        responses[str(code)] = {"description": _ERRORS[code],
+                                "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    op = {"summary": summary, "responses": responses}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {_JSON: {"schema": body}}}
+    if params:
+        op["parameters"] = list(params)
+    return op
+
+
+def _path_param(name: str, description: str, schema: dict) -> dict:
+    return {"name": name, "in": "path", "required": True, "description": description,
+            "schema": schema}
+
+
+_DATASET_ID = _path_param("dataset_id", "The dataset's UUID.", s.UUID)
+_ERA = _path_param("era", "A node's era (changes when the node reboots).", {"type": "string"})
+
+
+def build_openapi(version: str) -> dict:
+    """The OpenAPI document for this version of the service."""
+    ref = {name: {"$ref": f"#/components/schemas/{name}"}
+           for name in ("Dataset", "DatasetState", "Node", "Lease")}
+    paths = {
+        "/v1/version": {"get": _op("The versions of the API and of pyflock.",
+                                   {200: ("Versions.", s.VERSION)})},
+        "/v1/openapi.json": {"get": _op("This document.",
+                                        {200: ("The OpenAPI document.", {"type": "object"})})},
+        "/v1/configuration/datasets": {
+            "get": _op("Every live dataset, and deleted ones some node still holds.",
+                       {200: ("Datasets.", s.array_of(ref["Dataset"]))},
+                       ok_headers=_TAG_HEADER),
+            "post": _op("Create a dataset.",
+                        {201: ("The new dataset.", ref["Dataset"])}, (409, 412, 503),
+                        body=s.CREATE_DATASET, params=(_IF_MATCHES,),
+                        ok_headers=_TAG_HEADER),
+        },
+        "/v1/configuration/datasets/{dataset_id}": {
+            "post": _op("Move a dataset (set `primary`) and/or replace its metadata.",
+                        {200: ("The updated dataset.", ref["Dataset"])}, (409, 412, 503),
+                        body=s.UPDATE_DATASET, params=(_DATASET_ID, _IF_MATCHES),
+                        ok_headers=_TAG_HEADER),
+            "delete": _op("Delete a dataset (idempotent).",
+                          {200: ("The deleted dataset.", ref["Dataset"])}, (409, 412, 503),
+                          params=(_DATASET_ID, _IF_MATCHES), ok_headers=_TAG_HEADER),
+        },
+        "/v1/state/datasets": {"get": _op(
+            "Datasets as the live nodes report them.",
+            {200: ("Dataset states.", s.array_of(ref["DatasetState"]))})},
+        "/v1/state/nodes": {"get": _op(
+            "Every known node.", {200: ("Nodes.", s.array_of(ref["Node"]))})},
+        "/v1/state/nodes/by_era/{era}": {"get": _op(
+            "The node whose current era is given.",
+            {200: ("The node.", s.NODE_BY_ERA)}, params=(_ERA,))},
+        "/v1/configuration/leases": {
+            "get": _op("Every valid lease.", {200: ("Leases.", s.array_of(ref["Lease"]))}),
+            "post": _op("Take (201) or renew (200) a lease.",
+                        {200: ("The renewed lease.", ref["Lease"]),
+                         201: ("The new lease.", ref["Lease"])}, (409, 503),
+                        body=s.ACQUIRE_LEASE),
+        },
+        "/v1/configuration/leases/{dataset_id}": {"delete": _op(
+            "Release a lease.", {200: ("The released lease.", ref["Lease"])}, (503,),
+            params=(_DATASET_ID,))},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pyflock control service", "version": version,
+                 "description": "Flocker-compatible REST API v1 over mutual TLS. "
+                                "See docs/api.md."},
+        "paths": paths,
+        "components": {"schemas": {
+            "Dataset": s.DATASET, "DatasetState": s.DATASET_STATE, "Node": s.NODE,
+            "Lease": s.LEASE, "Error": s.ERROR}},
+    }
+
+
+def klein_rule_to_openapi(rule: str) -> str:
+    """``/a/<x>`` (Klein/werkzeug) as ``/a/{x}`` (OpenAPI)."""
+    return re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule)
+
+
+def match_path(document: dict, path: str) -> Optional[str]:
+    """The documented path template that ``path`` matches, if any."""
+    for template in document["paths"]:
+        pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            return template
+    return None
+
+
+def response_validator(document: dict, template: str, method: str,
+                       status: int) -> Draft202012Validator:
+    """A validator of the documented body of one response."""
+    operation = document["paths"][template][method.lower()]
+    schema = operation["responses"][str(status)]["content"][_JSON]["schema"]
+    return Draft202012Validator({**schema, "components": document["components"]})

@@ -1,0 +1,176 @@
+"""
+The configuration service: the one place that changes the desired configuration.
+
+Changes are validated against the latest accepted configuration (``pending``) on the
+reactor thread, then written to the store; a change is acknowledged, and becomes visible to
+readers (``committed``), only once the store made it durable. Leases run out on the
+reactor's clock; after a restart every lease gets a grace period so that its holder can
+renew it before it expires.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pyflock.common._logging import log_event
+from pyflock.common._model import Configuration
+from pyflock.control._store import IConfigurationStore, StoreError, StoreWrite
+
+#: After a restart, no lease expires sooner than this: a full renewal interval (20 s,
+#: DESIGN.md) plus time for agents to reconnect.
+DEFAULT_LEASE_RESTART_GRACE = 30.0
+
+_log = Logger()
+
+
+class StoreUnavailable(Exception):
+    """The store failed a write; changes are refused until the state is reloaded."""
+
+
+class ConfigurationService:
+    """
+    Holds the desired configuration and applies changes to it durably.
+
+    ``committed`` is what readers see: every change in it is durable. ``pending`` also
+    holds accepted changes still being written; new changes are validated against it so
+    that, say, two concurrent creates of one name cannot both succeed.
+    """
+
+    def __init__(self, store: IConfigurationStore, reactor: IReactorTime,
+                 config: Configuration):
+        self._store = store
+        self._reactor = reactor
+        self.committed = config
+        self.pending = config
+        self._in_flight = 0
+        self._broken: Optional[str] = None
+        self._listeners: list[Callable[[Configuration], None]] = []
+        self._expiry: Optional[LoopingCall] = None
+
+    @classmethod
+    def load(cls, store: IConfigurationStore, reactor: IReactorTime,
+             lease_grace: float = DEFAULT_LEASE_RESTART_GRACE) -> Deferred:
+        """Read the stored configuration; fires with a service ready to take changes."""
+        def loaded(config: Configuration) -> "ConfigurationService":
+            config = _extend_leases(config, reactor.seconds() + lease_grace)
+            return cls(store, reactor, config)
+        return store.load().addCallback(loaded)
+
+    @property
+    def tag(self) -> str:
+        """The configuration tag readers see: the committed generation. O(1)."""
+        return str(self.committed.generation)
+
+    @property
+    def pending_tag(self) -> str:
+        """The tag of the latest accepted configuration, for compare-and-swap."""
+        return str(self.pending.generation)
+
+    def now(self) -> float:
+        """The current time on the service's clock."""
+        return self._reactor.seconds()
+
+    def subscribe(self, listener: Callable[[Configuration], None]) -> None:
+        """Call ``listener`` with every newly committed configuration."""
+        self._listeners.append(listener)
+
+    def change(self, dataset_ids: Iterable[str],
+               transform: Callable[[Configuration], Configuration]) -> Deferred:
+        """
+        Apply ``transform`` to the pending configuration and store the rows of
+        ``dataset_ids``; fires with the new configuration once durable. ``transform`` may
+        raise a ``ConfigurationError``, which propagates synchronously (nothing changed).
+        """
+        if self._broken is not None:
+            return fail(StoreUnavailable(self._broken))
+        new = transform(self.pending)
+        if new is self.pending:
+            return succeed(new)
+        self.pending = new
+        self._in_flight += 1
+        d = self._store.write(StoreWrite.of(new, dataset_ids))
+        d.addBoth(self._written, new)
+        return d
+
+    def _written(self, result, config: Configuration):
+        self._in_flight -= 1
+        if isinstance(result, Failure):
+            reason = result.value
+            if self._broken is None:
+                self._broken = f"configuration store write failed: {reason}"
+                log_event(_log, "pyflock:control:store-write-failed",
+                          reason=str(reason))
+            if self._in_flight == 0:
+                self._recover()
+            return fail(StoreUnavailable(self._broken))
+        # The store completes writes in submission order, so the latest is the newest.
+        self.committed = config
+        if self._broken is not None and self._in_flight == 0:
+            self._recover()
+        for listener in self._listeners:
+            listener(self.committed)
+        return config
+
+    def _recover(self) -> None:
+        """Reload from the store, the truth after a failed write, skipping a generation."""
+        def reloaded(config: Configuration):
+            config = config.set(generation=config.generation + 1)
+            d = self._store.write(StoreWrite(generation=config.generation))
+
+            def done(_):
+                self.committed = self.pending = config
+                self._broken = None
+                log_event(_log, "pyflock:control:store-recovered",
+                          generation=config.generation)
+            return d.addCallback(done)
+
+        def still_broken(failure):
+            log_event(_log, "pyflock:control:store-recovery-failed",
+                      reason=str(failure.value))
+            self._reactor.callLater(1.0, self._recover)
+        self._store.load().addCallback(reloaded).addErrback(still_broken)
+
+    def expire_leases(self) -> Deferred:
+        """Drop the leases that have run out, durably."""
+        now = self.now()
+        expired = [k for k, lease in self.pending.leases.items() if lease.expired(now)]
+        if not expired:
+            return succeed(self.pending)
+        for dataset_id in expired:
+            lease = self.pending.leases[dataset_id]
+            log_event(_log, "pyflock:control:lease-expired", dataset_id=dataset_id,
+                      node_uuid=lease.node_uuid)
+        return self.change(expired, lambda c: c.expire_leases(now))
+
+    def start_lease_expiry(self, interval: float = 1.0) -> None:
+        """Expire leases every ``interval`` seconds until ``stop``."""
+        self._expiry = LoopingCall(lambda: self.expire_leases().addErrback(
+            lambda f: log_event(_log, "pyflock:control:lease-expiry-failed",
+                                reason=str(f.value))))
+        self._expiry.clock = self._reactor
+        self._expiry.start(interval, now=False)
+
+    def stop(self) -> Deferred:
+        """Stop expiring leases and close the store."""
+        if self._expiry is not None and self._expiry.running:
+            self._expiry.stop()
+        return self._store.close()
+
+
+def _extend_leases(config: Configuration, earliest: float) -> Configuration:
+    """Push every expiring lease's expiration to at least ``earliest``."""
+    leases = config.leases.evolver()
+    for dataset_id, lease in config.leases.items():
+        if lease.expiration is not None and lease.expiration < earliest:
+            leases[dataset_id] = lease.set(expiration=earliest)
+    return config.set(leases=leases.persistent())
+
+
+__all__ = ["ConfigurationService", "StoreUnavailable", "StoreError",
+           "DEFAULT_LEASE_RESTART_GRACE"]

@@ -1,0 +1,122 @@
+"""
+JSON schemas of the REST API's bodies: request validation and the OpenAPI document both
+read them, so the documentation cannot drift from what the service accepts.
+"""
+
+from __future__ import annotations
+
+from jsonschema import Draft202012Validator
+
+from pyflock.common._model import MINIMUM_SIZE
+
+UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+UUID = {"type": "string", "pattern": UUID_PATTERN,
+        "description": "A UUID, e.g. 0b41c2b0-5fd6-4e2c-9a8f-42a5b0f3c1d2."}
+
+MAXIMUM_SIZE = {
+    "type": ["integer", "null"], "minimum": MINIMUM_SIZE, "multipleOf": 1024,
+    "description": "Upper limit of the dataset's size in bytes (at least 64 MiB, a "
+                   "multiple of 1024), or null for the backend's default.",
+}
+
+METADATA = {
+    "type": "object", "maxProperties": 16,
+    "propertyNames": {"minLength": 1, "maxLength": 256},
+    "additionalProperties": {"type": "string", "maxLength": 256},
+    "description": "Up to 16 string pairs, keys and values at most 256 characters. "
+                   "`name` is the dataset's unique name (its Docker volume name).",
+}
+
+DATASET = {
+    "type": "object",
+    "required": ["dataset_id", "primary", "maximum_size", "metadata", "deleted"],
+    "properties": {
+        "dataset_id": UUID, "primary": UUID, "maximum_size": MAXIMUM_SIZE,
+        "metadata": METADATA, "deleted": {"type": "boolean"},
+    },
+    "additionalProperties": False,
+}
+
+CREATE_DATASET = {
+    "type": "object", "required": ["primary"],
+    "properties": {"primary": UUID, "dataset_id": UUID, "maximum_size": MAXIMUM_SIZE,
+                   "metadata": METADATA},
+    "additionalProperties": False,
+}
+
+UPDATE_DATASET = {
+    "type": "object", "minProperties": 1,
+    "properties": {"primary": UUID, "metadata": METADATA},
+    "additionalProperties": False,
+}
+
+DATASET_STATE = {
+    "type": "object", "required": ["dataset_id", "primary", "maximum_size"],
+    "properties": {
+        "dataset_id": UUID, "primary": UUID, "maximum_size": MAXIMUM_SIZE,
+        "path": {"type": "string", "description": "Where the dataset is mounted."},
+        "state": {"enum": ["creating", "attaching", "mounted", "moving", "deleting"],
+                  "description": "What the node is doing with the dataset."},
+    },
+    "additionalProperties": False,
+}
+
+NODE = {
+    "type": "object", "required": ["uuid", "host"],
+    "properties": {
+        "uuid": UUID, "host": {"type": "string"},
+        "alive": {"type": "boolean", "description": "Heard from within the node expiry."},
+        "last_seen": {"type": "number", "description": "Seconds since it was last heard."},
+    },
+    "additionalProperties": False,
+}
+
+NODE_BY_ERA = {"type": "object", "required": ["node_uuid"],
+               "properties": {"node_uuid": UUID}, "additionalProperties": False}
+
+LEASE = {
+    "type": "object", "required": ["dataset_id", "node_uuid", "expires"],
+    "properties": {
+        "dataset_id": UUID, "node_uuid": UUID,
+        "expires": {"type": ["number", "null"], "minimum": 0,
+                    "description": "Seconds until the lease expires; null: never."},
+    },
+    "additionalProperties": False,
+}
+
+ACQUIRE_LEASE = {
+    "type": "object", "required": ["dataset_id", "node_uuid", "expires"],
+    "properties": LEASE["properties"], "additionalProperties": False,
+}
+
+VERSION = {"type": "object", "required": ["flocker"],
+           "properties": {"flocker": {"type": "string"}, "pyflock": {"type": "string"}},
+           "additionalProperties": False}
+
+ERROR = {
+    "type": "object", "required": ["description"],
+    "properties": {"description": {"type": "string"},
+                   "errors": {"type": "array", "items": {"type": "string"}}},
+    "additionalProperties": False,
+}
+
+
+def array_of(schema: dict) -> dict:
+    """A schema for a JSON array of ``schema``."""
+    return {"type": "array", "items": schema}
+
+
+def validator(schema: dict) -> Draft202012Validator:
+    """A validator for ``schema`` (checked once, at import)."""
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def describe_errors(validator: Draft202012Validator, instance) -> list[str]:
+    """Readable messages for every way ``instance`` violates the schema, stable order."""
+    messages = []
+    for error in sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path)):
+        where = "/".join(str(p) for p in error.absolute_path)
+        messages.append(f"{where}: {error.message}" if where else error.message)
+    return messages
