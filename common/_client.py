@@ -331,7 +331,7 @@ def _describe(error: BaseException) -> str:
         return ("TLS handshake failed: the control service's certificate does not name "
                 f"this host ({error})")
     if isinstance(error, (CancelledError, ConnectingCancelledError)):
-        return "no answer in time"
+        return _NO_ANSWER
     if isinstance(error, DNSLookupError):
         return "the host name cannot be resolved"
     if type(error).__name__ == "ConnectionRefusedError":
@@ -341,6 +341,8 @@ def _describe(error: BaseException) -> str:
     text = str(error).strip()
     return text or type(error).__name__
 
+
+_NO_ANSWER = "no answer in time"
 
 _UNREACHABLE = (ConnectError, DNSLookupError, ResponseFailed, CancelledError,
                 ConnectingCancelledError, SSL.Error, ConnectionError)
@@ -390,7 +392,10 @@ class ControlClient:
                                                 **options)
             content = await response.content()
         except _UNREACHABLE as e:
-            raise ControlUnreachable(self.host, self.port, _describe(e)) from e
+            reason = _describe(e)
+            if reason == _NO_ANSWER and self._timeout is not None:
+                reason = f"no answer within {self._timeout:g} seconds"
+            raise ControlUnreachable(self.host, self.port, reason) from e
         try:
             parsed = json.loads(content) if content else None
         except ValueError:

@@ -162,6 +162,18 @@ class _Credentials:
     cluster_uuid: str
 
 
+def _twisted_certificate(certificate: x509.Certificate) -> Certificate:
+    """``certificate`` as Twisted's ``Certificate``, for a trust root."""
+    # pyOpenSSL deprecates its own X509 objects for a connection's certificate, but its
+    # trust store still takes only those.
+    return Certificate(crypto.X509.from_cryptography(certificate))
+
+
+def _load_twisted_certificate(path: PathLike) -> Certificate:
+    """The PEM certificate in ``path`` as Twisted's ``Certificate``."""
+    return _twisted_certificate(load_certificate(path))
+
+
 def _load_credentials(certificates_directory: PathLike,
                       certificate_name: str) -> _Credentials:
     """
@@ -183,10 +195,8 @@ def _load_credentials(certificates_directory: PathLike,
         raise CertificateFileError(
             certificate_path, f"not issued by this cluster's CA ({authority_path})"
         ) from None
-    # pyOpenSSL deprecates its own X509 objects for a certificate and key, but its trust
-    # store still takes only those.
     return _Credentials(
-        authority=Certificate(crypto.X509.from_cryptography(authority)),
+        authority=_twisted_certificate(authority),
         certificate=certificate, key=key, cluster_uuid=cluster_uuid,
     )
 

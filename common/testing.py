@@ -3,6 +3,8 @@ Test helpers for certificates and TLS, shared by the tests of every package.
 
 ``make_cluster_certificates(path)`` makes a whole cluster's certificates with the same
 Python API as ``pyflock-ca`` (ECDSA keys take milliseconds, so each test can make its own).
+``issue_certificate`` and ``unchecked_client_policy`` make the clients a server must refuse
+or treat as nobody: odd common names, no certificate, another cluster's certificate.
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ from typing import Iterable
 
 import attr
 
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
 from pyflock.common._ca import (
-    PathLike, create_api_certificate, create_control_certificate, create_node_certificate,
-    initialize,
+    CertificateFiles, PathLike, _issue, create_api_certificate, create_control_certificate,
+    create_node_certificate, initialize, load_certificate, load_private_key,
 )
+from pyflock.common._tls import MINIMUM_TLS_VERSION, _load_twisted_certificate
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -85,4 +94,48 @@ def _copy_key(source: Path, destination: Path) -> None:
         f.write(source.read_bytes())
 
 
-__all__ = ["ClusterCertificates", "make_cluster_certificates"]
+def issue_certificate(ca_path: PathLike, out_path: PathLike, base_name: str,
+                      common_name: str) -> CertificateFiles:
+    """
+    Issue ``base_name.crt/.key`` with any ``common_name`` (e.g. ``plugin`` or
+    ``user-x`` with odd characters), for both client and server use: pyflock-ca never
+    makes such certificates, but a server must cope with them.
+    """
+    return _issue(ca_path, out_path, base_name, common_name,
+                  [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], [],
+                  None)
+
+
+@implementer(IPolicyForHTTPS)
+class _FixedPolicy:
+    """An HTTPS policy that checks host names with fixed trust and client certificate."""
+
+    def __init__(self, trust, certificate_options: dict):
+        self._trust = trust
+        self._certificate_options = certificate_options
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        """Client TLS options for ``hostname``."""
+        return optionsForClientTLS(
+            hostname.decode("ascii").strip("[]"), trustRoot=self._trust,
+            extraCertificateOptions=dict(self._certificate_options,
+                                         raiseMinimumTo=MINIMUM_TLS_VERSION))
+
+
+def unchecked_client_policy(trusted_ca: PathLike, certificate: PathLike | None = None,
+                            key: PathLike | None = None) -> IPolicyForHTTPS:
+    """
+    An HTTPS policy trusting the CA certificate file ``trusted_ca`` and presenting the
+    ``certificate``/``key`` files as they are (none if None), whoever issued them: a
+    client without a certificate, or with another cluster's.
+    """
+    options = {}
+    if certificate is not None:
+        options = {"certificate": load_certificate(certificate),
+                   "privateKey": load_private_key(key)}
+    return _FixedPolicy(trustRootFromCertificates([_load_twisted_certificate(trusted_ca)]),
+                        options)
+
+
+__all__ = ["ClusterCertificates", "issue_certificate", "make_cluster_certificates",
+           "unchecked_client_policy"]

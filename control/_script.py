@@ -1,0 +1,126 @@
+"""
+``pyflock-control``: run the control service, or take a backup of its store.
+
+    pyflock-control [run] [--data-path DIR] [--port PORT] [--agent-port PORT]
+                          [--certificates-directory DIR] [--lease-grace SECONDS]
+    pyflock-control backup --data-path DIR FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from pyflock.common._ca import CertificateError, read_cluster_uuid
+from pyflock.common._logging import log_event, start_json_logging
+from pyflock.common._tls import peer_identity, server_tls_options, tcp_server_endpoint, \
+    tls_server_endpoint
+from pyflock.control._api import ControlAPI, __version__
+from pyflock.control._clusterstate import ClusterStateService
+from pyflock.control._openapi import build_openapi
+from pyflock.control._persistence import DEFAULT_LEASE_RESTART_GRACE, ConfigurationService
+from pyflock.control._sqlite_store import backup, open_sqlite_store
+from pyflock.control._store import StoreError
+
+_log = Logger()
+
+DEFAULT_DATA_PATH = "/var/lib/pyflock/control"
+DEFAULT_CERTIFICATES = "/etc/pyflock"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyflock-control",
+        description="The pyflock control service: desired configuration and REST API.")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the control service (the default)")
+    for p in (parser, run):
+        p.add_argument("--data-path", default=DEFAULT_DATA_PATH,
+                       help=f"folder of the configuration store (default {DEFAULT_DATA_PATH})")
+        p.add_argument("--port", default="4523",
+                       help="REST API port: a number or a tcp: endpoint (TLS always on)")
+        p.add_argument("--agent-port", default="4524",
+                       help="agent channel port: a number or a tcp: endpoint")
+        p.add_argument("--certificates-directory", default=DEFAULT_CERTIFICATES,
+                       help="folder with cluster.crt and control-service.crt/.key")
+        p.add_argument("--lease-grace", type=float, default=DEFAULT_LEASE_RESTART_GRACE,
+                       help="after a restart no lease expires sooner than this (seconds)")
+    b = sub.add_parser("backup", help="copy the store consistently while the service runs")
+    b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
+    b.add_argument("file", help="the new backup file (never overwritten)")
+    return parser
+
+
+class StartupError(Exception):
+    """The service cannot start; the message says why and what to do."""
+
+
+async def run(reactor, options: argparse.Namespace) -> None:
+    """Start the control service and run until the reactor stops."""
+    start_json_logging(sys.stdout)
+    try:
+        cluster_uuid = read_cluster_uuid(options.certificates_directory)
+        tls = server_tls_options(options.certificates_directory, "control-service")
+        api_endpoint = tls_server_endpoint(reactor, options.port, tls)
+        tcp_server_endpoint(reactor, options.agent_port)
+    except (CertificateError, ValueError) as e:
+        raise StartupError(str(e))
+    try:
+        store = await open_sqlite_store(reactor, options.data_path)
+    except StoreError as e:
+        raise StartupError(str(e))
+    configuration = await ConfigurationService.load(store, reactor, options.lease_grace)
+    configuration.start_lease_expiry()
+    cluster = ClusterStateService(reactor)
+    api = ControlAPI(configuration, cluster,
+                     lambda request: peer_identity(request.transport, cluster_uuid),
+                     build_openapi(__version__))
+    site = Site(api.app.resource())
+    site.displayTracebacks = False
+    site.noisy = False
+    try:
+        port = await api_endpoint.listen(site)
+    except Exception as e:
+        await configuration.stop()
+        raise StartupError(f"cannot listen on {options.port}: {e}")
+    address = port.getHost()
+    log_event(_log, "pyflock:control:started", version=__version__,
+              address=f"{address.host}:{address.port}", data_path=options.data_path,
+              datasets=len(configuration.committed.datasets), cluster_uuid=cluster_uuid)
+
+    async def shutdown():
+        await port.stopListening()
+        await configuration.stop()
+        log_event(_log, "pyflock:control:stopped")
+    reactor.addSystemEventTrigger("before", "shutdown",
+                                  lambda: Deferred.fromCoroutine(shutdown()))
+    await Deferred()  # run until the reactor stops
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of ``pyflock-control``."""
+    options = _parser().parse_args(argv)
+    if options.command == "backup":
+        try:
+            backup(options.data_path, options.file)
+        except StoreError as e:
+            print(f"pyflock-control backup: {e}", file=sys.stderr)
+            raise SystemExit(1)
+        print(f"backed up {options.data_path} to {options.file}")
+        return
+
+    def started(reactor):
+        d = Deferred.fromCoroutine(run(reactor, options))
+
+        def failed(failure):
+            failure.trap(StartupError)
+            print(f"pyflock-control: {failure.value}", file=sys.stderr)
+            raise SystemExit(1)
+        return d.addErrback(failed)
+    from twisted.internet.task import react
+    react(started)

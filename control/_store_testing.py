@@ -1,0 +1,265 @@
+"""
+The contract every ``IConfigurationStore`` keeps, written once and run against each store.
+
+``make_iconfigurationstore_tests(make_opener)`` returns a pytest test class. ``make_opener``
+takes a fresh folder (pytest's ``tmp_path``) and returns an *opener*: a function of no
+arguments returning a Deferred that fires with a store over the same storage every time it
+is called. Tests close a store before opening the next one, so "write, close, reopen,
+load" checks what the store really kept. The tests run on the real reactor
+(``pytest_twisted.ensureDeferred``), so threaded stores deliver their results for real.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from zope.interface.verify import verifyObject
+
+from pyflock.common._model import Configuration, Dataset, Lease
+from pyflock.control._store import (
+    IConfigurationStore, MemoryConfigurationStore, StoreWrite, apply_write,
+)
+
+#: Makes an opener for the storage in a fresh folder.
+OpenerFactory = Callable[[Any], Callable[[], Deferred]]
+
+NODE_A = "5c1d4a3e-0000-4000-8000-00000000000a"
+NODE_B = "5c1d4a3e-0000-4000-8000-00000000000b"
+GIB = 1024 * 1024 * 1024
+
+
+def dataset_id(n: int) -> str:
+    """A well-formed dataset id numbered ``n``."""
+    return f"d{n:07d}-0000-4000-8000-000000000000"
+
+
+def memory_store_opener(folder: Any) -> Callable[[], Deferred]:
+    """An opener of ``MemoryConfigurationStore``s that pass their configuration on."""
+    opened: list[MemoryConfigurationStore] = []
+
+    def opener() -> Deferred:
+        config = opened[-1].config if opened else Configuration()
+        opened.append(MemoryConfigurationStore(config))
+        return succeed(opened[-1])
+
+    return opener
+
+
+async def using(opener: Callable[[], Deferred],
+                body: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Open a store, run ``body`` with it and close it, whatever happens."""
+    store = await opener()
+    try:
+        return await body(store)
+    finally:
+        await store.close()
+
+
+def sample_change() -> StoreWrite:
+    """A write touching every kind of row and value the schema holds."""
+    config = Configuration(generation=41)
+    config = config.create(Dataset(dataset_id=dataset_id(1), primary=NODE_A,
+                                   maximum_size=GIB, metadata={"name": "pgdata",
+                                                               "profile": "gold"}))
+    config = config.create(Dataset(dataset_id=dataset_id(2), primary=NODE_B))
+    config = config.create(Dataset(dataset_id=dataset_id(3), primary=NODE_A,
+                                   metadata={"name": "gone", "note": "ünïcødé ✓ \"q\""}))
+    config = config.delete(0.0, dataset_id(3))
+    config = config.create(Dataset(dataset_id=dataset_id(4), primary=NODE_B,
+                                   maximum_size=64 * 1024 * 1024, metadata={"name": ""}))
+    config = config.acquire_lease(1000.0, dataset_id(1), NODE_A, 60.25)
+    config = config.acquire_lease(1000.0, dataset_id(2), NODE_B, None)
+    return StoreWrite.of(config, config.datasets.keys())
+
+
+def make_iconfigurationstore_tests(make_opener: OpenerFactory) -> type:
+    """A pytest test class checking the ``IConfigurationStore`` contract on a store."""
+
+    class ConfigurationStoreContract:
+        """Behaviour every configuration store shares."""
+
+        @pytest_twisted.ensureDeferred
+        async def test_interface(self, tmp_path):
+            """The store provides ``IConfigurationStore``."""
+            async def check(store):
+                assert verifyObject(IConfigurationStore, store)
+            await using(make_opener(tmp_path), check)
+
+        @pytest_twisted.ensureDeferred
+        async def test_empty(self, tmp_path):
+            """A new store loads as the empty configuration with generation 0."""
+            config = await using(make_opener(tmp_path), lambda store: store.load())
+            assert config == Configuration()
+
+        @pytest_twisted.ensureDeferred
+        async def test_write_fires_none(self, tmp_path):
+            """A successful write fires with None."""
+            result = await using(make_opener(tmp_path),
+                                 lambda store: store.write(sample_change()))
+            assert result is None
+
+        @pytest_twisted.ensureDeferred
+        async def test_write_then_load(self, tmp_path):
+            """
+            Datasets (tombstones, metadata, sizes included), leases with and without
+            expiration and the generation load back as written, in the same session.
+            """
+            change = sample_change()
+
+            async def write_and_load(store):
+                await store.write(change)
+                return await store.load()
+
+            config = await using(make_opener(tmp_path), write_and_load)
+            assert config == apply_write(Configuration(), change)
+            config.check()
+
+        @pytest_twisted.ensureDeferred
+        async def test_reopen(self, tmp_path):
+            """What was written is there after the store is closed and opened again."""
+            opener = make_opener(tmp_path)
+            change = sample_change()
+            await using(opener, lambda store: store.write(change))
+            config = await using(opener, lambda store: store.load())
+            expected = apply_write(Configuration(), change)
+            assert config == expected
+            assert config.datasets[dataset_id(3)].deleted
+            assert config.leases[dataset_id(1)].expiration == 1060.25
+            assert config.leases[dataset_id(2)].expiration is None
+            assert dict(config.names) == {"pgdata": dataset_id(1), "": dataset_id(4)}
+
+        @pytest_twisted.ensureDeferred
+        async def test_update_rows(self, tmp_path):
+            """A later write replaces a dataset's and a lease's stored values."""
+            opener = make_opener(tmp_path)
+            first = sample_change()
+            moved = Dataset(dataset_id=dataset_id(1), primary=NODE_B, maximum_size=None,
+                            metadata={"name": "renamed"})
+            lease = Lease(dataset_id=dataset_id(1), node_uuid=NODE_B, expiration=None)
+            second = StoreWrite(datasets=((dataset_id(1), moved),),
+                                leases=((dataset_id(1), lease),), generation=42)
+
+            async def write_both(store):
+                await store.write(first)
+                await store.write(second)
+
+            await using(opener, write_both)
+            config = await using(opener, lambda store: store.load())
+            assert config.datasets[dataset_id(1)] == moved
+            assert config.leases[dataset_id(1)] == lease
+            assert config.by_name("renamed") == moved
+            assert config.by_name("pgdata") is None
+            assert config == apply_write(apply_write(Configuration(), first), second)
+
+        @pytest_twisted.ensureDeferred
+        async def test_remove_rows(self, tmp_path):
+            """A write with None for a dataset or lease removes its row."""
+            opener = make_opener(tmp_path)
+            first = sample_change()
+            second = StoreWrite(datasets=((dataset_id(3), None), (dataset_id(9), None)),
+                                leases=((dataset_id(1), None), (dataset_id(9), None)),
+                                generation=43)
+
+            async def write_both(store):
+                await store.write(first)
+                await store.write(second)
+
+            await using(opener, write_both)
+            config = await using(opener, lambda store: store.load())
+            assert dataset_id(3) not in config.datasets
+            assert dataset_id(1) not in config.leases
+            assert dataset_id(2) in config.leases
+            assert config == apply_write(apply_write(Configuration(), first), second)
+
+        @pytest_twisted.ensureDeferred
+        async def test_generation(self, tmp_path):
+            """The generation round-trips, also a large one and with no rows written."""
+            opener = make_opener(tmp_path)
+            await using(opener, lambda store: store.write(StoreWrite(generation=2 ** 53)))
+            config = await using(opener, lambda store: store.load())
+            assert config.generation == 2 ** 53
+            await using(opener, lambda store: store.write(StoreWrite(generation=7)))
+            config = await using(opener, lambda store: store.load())
+            assert config.generation == 7
+
+        @pytest_twisted.ensureDeferred
+        async def test_writes_in_order(self, tmp_path):
+            """
+            Writes submitted without waiting are applied in submission order, and a load
+            submitted after them sees all of them.
+            """
+            opener = make_opener(tmp_path)
+            changes = []
+            for n in range(20):
+                dataset = Dataset(dataset_id=dataset_id(n % 3), primary=NODE_A,
+                                  metadata={"step": str(n)}, deleted=n == 19)
+                lease = (None if n % 2 else
+                         Lease(dataset_id=dataset_id(n % 3), node_uuid=NODE_B,
+                               expiration=float(n)))
+                changes.append(StoreWrite(datasets=((dataset.dataset_id, dataset),),
+                                          leases=((dataset.dataset_id, lease),),
+                                          generation=n))
+            expected = Configuration()
+            for change in changes:
+                expected = apply_write(expected, change)
+
+            async def write_all(store):
+                writes = [store.write(change) for change in changes]
+                loaded = store.load()
+                assert await gatherResults(writes) == [None] * len(changes)
+                return await loaded
+
+            assert await using(opener, write_all) == expected
+            assert await using(opener, lambda store: store.load()) == expected
+
+        @pytest_twisted.ensureDeferred
+        async def test_close_finishes_writes(self, tmp_path):
+            """Writes submitted just before ``close`` are applied before it fires."""
+            opener = make_opener(tmp_path)
+            store = await opener()
+            change = sample_change()
+            written = store.write(change)
+            await store.close()
+            assert await written is None
+            config = await using(opener, lambda store: store.load())
+            assert config == apply_write(Configuration(), change)
+
+        @pytest_twisted.ensureDeferred
+        async def test_model_history(self, tmp_path):
+            """
+            Storing ``StoreWrite.of`` each model change (create, move, lease, delete,
+            purge) reproduces the model's configuration exactly.
+            """
+            opener = make_opener(tmp_path)
+            config = Configuration()
+            steps = [
+                lambda c: c.create(Dataset(dataset_id=dataset_id(1), primary=NODE_A,
+                                           metadata={"name": "a"})),
+                lambda c: c.create(Dataset(dataset_id=dataset_id(2), primary=NODE_A,
+                                           metadata={"name": "b"})),
+                lambda c: c.acquire_lease(10.0, dataset_id(1), NODE_A, 60),
+                lambda c: c.update(20.0, dataset_id(2), primary=NODE_B),
+                lambda c: c.delete(30.0, dataset_id(1), allowed_holder=NODE_A),
+                lambda c: c.create(Dataset(dataset_id=dataset_id(3), primary=NODE_B,
+                                           metadata={"name": "a"})),
+                lambda c: c.purge(dataset_id(1)),
+                lambda c: c.acquire_lease(40.0, dataset_id(3), NODE_B, None),
+                lambda c: c.release_lease(dataset_id(3), NODE_B),
+            ]
+            ids = [dataset_id(1), dataset_id(2), dataset_id(1), dataset_id(2),
+                   dataset_id(1), dataset_id(3), dataset_id(1), dataset_id(3), dataset_id(3)]
+
+            async def run(store):
+                nonlocal config
+                for step, touched in zip(steps, ids):
+                    config = step(config)
+                    await store.write(StoreWrite.of(config, [touched]))
+
+            await using(opener, run)
+            loaded = await using(opener, lambda store: store.load())
+            assert loaded == config
+            loaded.check()
+
+    return ConfigurationStoreContract
