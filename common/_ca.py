@@ -355,16 +355,30 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def initialize(path: PathLike, name: str, *, now: Optional[datetime] = None
-               ) -> CertificateFiles:
+def _parse_uuid(value: Union[str, UUID], what: str) -> str:
+    """``value`` as a lower-case UUID string, or ``InvalidName`` naming ``what``."""
+    if isinstance(value, UUID):
+        return str(value)
+    try:
+        return str(UUID(value))
+    except (ValueError, TypeError, AttributeError):
+        raise InvalidName(
+            f"invalid {what} {value!r}: give a UUID such as {uuid4()}") from None
+
+
+def initialize(path: PathLike, name: str, *,
+               cluster_uuid: Union[str, UUID, None] = None,
+               now: Optional[datetime] = None) -> CertificateFiles:
     """
     Create a new cluster CA, ``path/cluster.crt`` and ``path/cluster.key``, with common
-    name ``name`` and a new cluster UUID as organizational unit.
+    name ``name`` and as organizational unit ``cluster_uuid`` (a new one if None; give the
+    old one when replacing a cluster's CA).
     """
     _validate_cluster_name(name)
+    cluster_uuid = (str(uuid4()) if cluster_uuid is None
+                    else _parse_uuid(cluster_uuid, "cluster uuid"))
     folder = _folder(path, "output")
     now = _now(now)
-    cluster_uuid = str(uuid4())
     key = _new_key()
     subject = _subject(name, cluster_uuid)
     key_identifier = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -453,15 +467,8 @@ def create_node_certificate(ca_path: PathLike, out_path: PathLike,
     Issue a node's certificate (CN ``node-<uuid>``, serverAuth and clientAuth) as
     ``out_path/<uuid>.crt/.key`` for ``node_uuid`` (a new one if None); return the uuid.
     """
-    if node_uuid is None:
-        node_uuid = uuid4()
-    elif not isinstance(node_uuid, UUID):
-        try:
-            node_uuid = UUID(node_uuid)
-        except (ValueError, TypeError, AttributeError):
-            raise InvalidName(f"invalid node uuid {node_uuid!r}: give a UUID such as "
-                              f"{uuid4()}") from None
-    node_uuid = str(node_uuid)
+    node_uuid = (str(uuid4()) if node_uuid is None
+                 else _parse_uuid(node_uuid, "node uuid"))
     _issue(ca_path, out_path, node_uuid, f"node-{node_uuid}",
            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], [], now)
     return node_uuid

@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                     "(give it to every host and user) and cluster.key (keep it secret "
                     "and offline).")
     command.add_argument("name", metavar="NAME", help="the cluster's name")
+    command.add_argument(
+        "--cluster-uuid", metavar="UUID", default=None,
+        help="use this cluster uuid instead of a new one (when replacing the CA of an "
+             "existing cluster; see docs/security.md)")
     _add_paths(command, reads_ca=False)
 
     command = commands.add_parser(
@@ -77,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run(options: argparse.Namespace) -> None:
     """Carry out the parsed command, printing what was written."""
     if options.command == "initialize":
-        files = initialize(options.outputpath, options.name)
+        files = initialize(options.outputpath, options.name,
+                           cluster_uuid=options.cluster_uuid)
         print(f"Created {files.certificate_path} and {files.key_path} for cluster "
               f"{files.cluster_uuid}.")
         print(f"Keep {files.key_path.name} secret: whoever holds it controls the cluster.")

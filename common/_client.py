@@ -307,29 +307,43 @@ class IControlClient(Interface):
         """Drop the dataset's lease."""
 
 
+_NO_ANSWER = "no answer in time"
+
+
 def _tls_reason(error: SSL.Error) -> str:
-    # OpenSSL reports [(library, function, reason), ...]; the reason alone reads best.
-    reasons = [entry[-1] for entry in error.args[0] if isinstance(entry, tuple) and entry] \
-        if error.args and isinstance(error.args[0], list) else []
-    return "TLS handshake failed: " + ("; ".join(reasons) or str(error))
+    # OpenSSL reports [(library, function, reason), ...]; the reasons alone read best.
+    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [str(e[-1]) for e in entries if isinstance(e, tuple) and e]
+    text = "; ".join(reasons) or str(error)
+    if "certificate verify failed" in text:
+        return (f"TLS handshake failed: {text} (the control service's certificate is not "
+                "signed by the cluster.crt in the certificates folder: is that folder "
+                "for this cluster?)")
+    if "alert" in text:
+        return (f"TLS handshake failed: the control service refused this client's "
+                f"certificate ({text}): is it signed by the control service's cluster CA?")
+    return f"TLS handshake failed: {text}"
 
 
-def _describe(error: BaseException) -> str:
-    """One readable line saying why no answer arrived."""
+def _describe(error: BaseException, host: str) -> str:
+    """One readable line saying why no answer arrived from ``host``."""
     if isinstance(error, ResponseFailed):
         reasons = [f.value for f in error.reasons]
         # ConnectionLost/ConnectionDone merely follow the error that caused them.
         interesting = [r for r in reasons
                        if type(r).__name__ not in ("ConnectionLost", "ConnectionDone")]
         for reason in interesting or reasons:
-            return _describe(reason)
+            return _describe(reason, host)
         return "the connection closed before an answer arrived"
     if isinstance(error, SSL.Error):
         return _tls_reason(error)
     if type(error).__name__ == "VerificationError":
+        if not hasattr(error, "errors"):
+            return f"TLS handshake failed: {error}"
         # service_identity's error when the certificate is not for the host we dialled.
-        return ("TLS handshake failed: the control service's certificate does not name "
-                f"this host ({error})")
+        return (f"TLS handshake failed: the control service's certificate is not issued "
+                f"for {host!r}; connect with the host name or address it was issued for "
+                "(pyflock-ca create-control-certificate HOST)")
     if isinstance(error, (CancelledError, ConnectingCancelledError)):
         return _NO_ANSWER
     if isinstance(error, DNSLookupError):
@@ -340,9 +354,6 @@ def _describe(error: BaseException) -> str:
         return "the connection closed before an answer arrived"
     text = str(error).strip()
     return text or type(error).__name__
-
-
-_NO_ANSWER = "no answer in time"
 
 _UNREACHABLE = (ConnectError, DNSLookupError, ResponseFailed, CancelledError,
                 ConnectingCancelledError, SSL.Error, ConnectionError)
@@ -392,7 +403,7 @@ class ControlClient:
                                                 **options)
             content = await response.content()
         except _UNREACHABLE as e:
-            reason = _describe(e)
+            reason = _describe(e, self.host)
             if reason == _NO_ANSWER and self._timeout is not None:
                 reason = f"no answer within {self._timeout:g} seconds"
             raise ControlUnreachable(self.host, self.port, reason) from e

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterable
 
 import attr
-
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates

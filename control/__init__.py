@@ -4,4 +4,17 @@ metadata, leases) behind one store interface, the in-memory cluster state rebuil
 agents, the REST API v1 (Flocker-compatible, mutual TLS) and the ``pyflock`` CLI.
 """
 
-__all__: list[str] = []
+from pyflock.control._api import ControlAPI
+from pyflock.control._clusterstate import ClusterState, ClusterStateService, DatasetState, NodeState
+from pyflock.control._persistence import ConfigurationService, StoreUnavailable
+from pyflock.control._sqlite_store import SQLiteConfigurationStore, backup, open_sqlite_store
+from pyflock.control._store import (
+    IConfigurationStore, MemoryConfigurationStore, StoreError, StoreWrite,
+)
+
+__all__ = [
+    "ClusterState", "ClusterStateService", "ConfigurationService", "ControlAPI",
+    "DatasetState", "IConfigurationStore", "MemoryConfigurationStore", "NodeState",
+    "SQLiteConfigurationStore", "StoreError", "StoreUnavailable", "StoreWrite", "backup",
+    "open_sqlite_store",
+]

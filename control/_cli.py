@@ -497,9 +497,9 @@ def _print_json(out: IO[str], value: Any) -> None:
 def _seconds(value: Optional[float]) -> str:
     if value is None:
         return "never"
-    if value < 60:
-        return f"{value:.0f}s"
     minutes, seconds = divmod(int(round(value)), 60)
+    if minutes == 0:
+        return f"{seconds}s"
     if minutes < 60:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)

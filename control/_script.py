@@ -74,7 +74,11 @@ async def run(reactor, options: argparse.Namespace) -> None:
         store = await open_sqlite_store(reactor, options.data_path)
     except StoreError as e:
         raise StartupError(str(e))
-    configuration = await ConfigurationService.load(store, reactor, options.lease_grace)
+    try:
+        configuration = await ConfigurationService.load(store, reactor, options.lease_grace)
+    except StoreError as e:
+        await store.close()
+        raise StartupError(str(e))
     configuration.start_lease_expiry()
     cluster = ClusterStateService(reactor)
     api = ControlAPI(configuration, cluster,

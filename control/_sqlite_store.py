@@ -22,6 +22,7 @@ To restore a backup, stop pyflock-control, remove ``configuration.sqlite3`` and 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gc
 import json
@@ -117,6 +118,9 @@ def _translate_open_error(path: str, error: Exception) -> StoreError:
     if isinstance(error, PermissionError) or any(
             text in message.lower() for text in ("unable to open", "readonly", "permission")):
         return _unopenable(path, message or repr(error))
+    if "full" in message or getattr(error, "errno", None) == errno.ENOSPC:
+        return StoreError(f"{path}: cannot open the configuration store: the disk is full "
+                          f"({message}). Free some space, then start again.")
     if "locked" in message:
         return StoreError(f"{path}: the configuration store is locked by another process "
                           f"({message}); stop it, then try again.")
@@ -161,8 +165,9 @@ def _lock(path: str) -> int:
     except BlockingIOError:
         os.close(fd)
         raise StoreError(f"{path}: another process is using this configuration store (it "
-                         f"holds {lock_path}). Stop it first; two control services must "
-                         f"never share one store.") from None
+                         f"holds {lock_path}): another pyflock-control, or a backup being "
+                         f"taken. Two control services must never share one store; stop "
+                         f"the other one, or wait for the backup to finish.") from None
     return fd
 
 
@@ -202,15 +207,17 @@ def _connect(path: str, migrations: Sequence[Callable[[sqlite3.Connection], None
     if os.path.isdir(path):
         raise StoreError(f"{path} is a folder, not a configuration store file. Move it "
                          f"aside or choose another data path.")
+    # SQLite quietly opens an unwritable file read-only; writes would then fail one by one.
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise _unopenable(path, "the file is not both readable and writable")
+    folder = os.path.dirname(path) or "."
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _unopenable(path, f"its folder {folder} is not writable")
     if os.path.getsize(path) == 0:
         raise _damaged(path, "the file is empty: truncated")
     db = sqlite3.connect(_uri(path, "rw"), uri=True, isolation_level=None,
                          timeout=BUSY_TIMEOUT)
     try:
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal":
-            raise _unopenable(path, f"cannot switch to WAL mode, journal mode is {mode}")
-        db.execute("PRAGMA synchronous = FULL")
         problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
             raise _damaged(path, "integrity check failed: " + "; ".join(problems))
@@ -227,14 +234,25 @@ def _connect(path: str, migrations: Sequence[Callable[[sqlite3.Connection], None
                              f"{len(migrations)}. Run a pyflock-control at least as new as "
                              f"the one that wrote it, or restore a backup made by this "
                              f"version.")
+        # Only now that the file is known to be ours and readable by this code may it change.
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise _unopenable(path, f"cannot switch to WAL mode, journal mode is {mode}")
+        db.execute("PRAGMA synchronous = FULL")
+        # Give back the disk a burst of writes took, once it has been checkpointed.
+        db.execute("PRAGMA journal_size_limit = 67108864")
         if version < len(migrations):
             db.execute("BEGIN IMMEDIATE")
             try:
                 _migrate(db, version, migrations)
                 db.execute("COMMIT")
-            except BaseException:
+            except Exception as e:
                 db.execute("ROLLBACK")
-                raise
+                raise StoreError(f"{path}: upgrading the configuration store from schema "
+                                 f"version {version} to {len(migrations)} failed ({e}); "
+                                 f"the store was left unchanged at version {version}. "
+                                 f"Run the pyflock-control that wrote it, and report this "
+                                 f"as a bug.") from e
         return db
     except BaseException:
         db.close()
@@ -376,6 +394,7 @@ class SQLiteConfigurationStore:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._pending: deque[_Job] = deque()
         self._busy = False
+        self._delivering = False
         self._closing: Optional[Deferred] = None
         self._closed: list[Deferred] = []
         self._done = False
@@ -393,9 +412,11 @@ class SQLiteConfigurationStore:
         return self._request("check", None)
 
     def load(self) -> Deferred:
+        """Read the whole configuration, after every write submitted before this call."""
         return self._request("load", None)
 
     def write(self, change: StoreWrite) -> Deferred:
+        """Commit ``change`` (with whatever writes are queued beside it); fires when durable."""
         try:
             rows = _encode(change)
         except Exception as e:
@@ -403,6 +424,7 @@ class SQLiteConfigurationStore:
         return self._request("write", rows)
 
     def close(self) -> Deferred:
+        """Commit what is queued, stop the writer thread and close the file; idempotent."""
         waiting: Deferred = Deferred()
         if self._closing is None:
             self._closing = waiting
@@ -422,7 +444,7 @@ class SQLiteConfigurationStore:
 
     def _submit(self, kind: str, payload: Any, waiting: list[Deferred]) -> None:
         self._pending.append(_Job(kind, payload, waiting))
-        if not self._busy:
+        if not (self._busy or self._delivering):
             self._dispatch()
 
     def _dispatch(self) -> None:
@@ -442,20 +464,30 @@ class SQLiteConfigurationStore:
         self._jobs.put(job)
 
     def _finished(self, job: _Job, result: Any) -> None:
-        """In the reactor thread: send the next job on its way, then report this one."""
+        """
+        In the reactor thread: report ``job``'s result. Jobs that waited during it leave
+        at once; if none did, what its callbacks submit leaves together once they have
+        all run, so writers that write again on success share one transaction.
+        """
         self._busy = False
         self._dispatch()
-        if job.kind == "close":
-            self._thread.join()
-            self._done = True
-            closed, self._closed = self._closed, []
-            for waiting in closed:
-                waiting.callback(None)
-        for waiting in job.waiting:
-            if isinstance(result, Failure):
-                waiting.errback(result)
-            else:
-                waiting.callback(result)
+        self._delivering = True
+        try:
+            if job.kind == "close":
+                self._thread.join()
+                self._done = True
+                closed, self._closed = self._closed, []
+                for waiting in closed:
+                    waiting.callback(None)
+            for waiting in job.waiting:
+                if isinstance(result, Failure):
+                    waiting.errback(result)
+                else:
+                    waiting.callback(result)
+        finally:
+            self._delivering = False
+        if not self._busy:
+            self._dispatch()
 
     def _run(self) -> None:
         """The writer thread: run jobs one by one until the store is closed."""
@@ -582,9 +614,11 @@ def backup(data_path: str | os.PathLike, destination: str | os.PathLike) -> None
     except OSError as e:
         raise StoreError(f"{destination}: cannot write in {folder} ({e.strerror}).") from e
     os.close(fd)
+    lock_fd = None
     try:
+        lock_fd, mode = _backup_lock(source)
         try:
-            src = sqlite3.connect(_uri(source, "ro"), uri=True, timeout=BUSY_TIMEOUT)
+            src = sqlite3.connect(_uri(source, mode), uri=True, timeout=BUSY_TIMEOUT)
         except sqlite3.Error as e:
             raise _translate_open_error(source, e) from e
         try:
@@ -592,6 +626,7 @@ def backup(data_path: str | os.PathLike, destination: str | os.PathLike) -> None
             try:
                 try:
                     version = src.execute("PRAGMA user_version").fetchone()[0]
+                    application_id = src.execute("PRAGMA application_id").fetchone()[0]
                     src.backup(copy)
                 except sqlite3.Error as e:
                     raise _translate_open_error(source, e) from e
@@ -601,7 +636,7 @@ def backup(data_path: str | os.PathLike, destination: str | os.PathLike) -> None
                 if problems != ["ok"]:
                     raise _damaged(source, "integrity check of the copy failed: "
                                    + "; ".join(problems))
-                if version == 0:
+                if version == 0 or application_id != APPLICATION_ID:
                     raise StoreError(f"{source} is not a pyflock configuration store; "
                                      f"nothing was backed up.")
             finally:
@@ -618,6 +653,28 @@ def backup(data_path: str | os.PathLike, destination: str | os.PathLike) -> None
             raise StoreError(f"{destination}: cannot create the backup ({e.strerror}).") from e
         _fsync(folder, directory=True)
     finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
         for suffix in ("", "-journal", "-wal", "-shm"):
             if os.path.lexists(scratch + suffix):
                 os.unlink(scratch + suffix)
+
+
+def _backup_lock(source: str) -> tuple[Optional[int], str]:
+    """
+    Keep pyflock-control from opening ``source`` during a backup if it is not running, and
+    say how to open the file. While it runs, its -wal and -shm files exist and a read-only
+    connection shares them; when it does not, a read-write connection removes the ones it
+    creates on closing, so a backup by root never leaves root-owned files behind.
+    """
+    try:
+        fd = os.open(source + ".lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, "rw"
+    except OSError as e:
+        raise _unopenable(source, f"cannot open its lock file: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return fd, "ro"
+    return fd, "rw"

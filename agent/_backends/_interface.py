@@ -113,6 +113,10 @@ class BlockVolume:
     """
     One volume as the backend sees it: its dataset, size in bytes, the node it is attached
     to (None when unattached) and the device path it is attached as (None when unattached).
+
+    One odd case: ``attached_to`` None with a ``device_path`` means a device that no node
+    owns holds the volume (the loopback backend reports loop devices set up outside
+    pyflock this way); attaching and destroying it are refused until it is detached.
     """
 
     dataset_id: str
@@ -173,9 +177,14 @@ class IBlockDeviceBackend(Interface):
         """
 
 
+def is_valid_dataset_id(dataset_id: object) -> bool:
+    """Whether ``dataset_id`` can name a volume (and so a file or a cloud tag)."""
+    return isinstance(dataset_id, str) and _DATASET_ID.match(dataset_id) is not None
+
+
 def check_dataset_id(dataset_id: object) -> str:
     """Return ``dataset_id`` if it can name a volume, else raise ``InvalidVolumeRequest``."""
-    if not isinstance(dataset_id, str) or not _DATASET_ID.match(dataset_id):
+    if not is_valid_dataset_id(dataset_id):
         raise InvalidVolumeRequest(
             f"dataset id {dataset_id!r} cannot name a volume: use 1 to 128 letters, digits, "
             f"'-' or '_', starting with a letter or digit (a UUID is fine)")
@@ -183,7 +192,7 @@ def check_dataset_id(dataset_id: object) -> str:
 
 
 def check_node_uuid(node_uuid: object) -> str:
-    """Return ``node_uuid`` if it is a usable node name, else raise ``InvalidVolumeRequest``."""
+    """Return ``node_uuid`` if it can name a node, else raise ``InvalidVolumeRequest``."""
     if not isinstance(node_uuid, str) or not node_uuid:
         raise InvalidVolumeRequest(f"node uuid {node_uuid!r} must be a non-empty string")
     return node_uuid

@@ -31,7 +31,11 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "$venv/bin/pip" install -q --disable-pip-version-check -U pip
-  "$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+  echo "install: pip install -e '.[test]' into $venv"
+  if ! { "$venv/bin/pip" install -q --disable-pip-version-check -U pip &&
+         "$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'; } \
+       >"$venv/pip.log" 2>&1; then
+    cat "$venv/pip.log" >&2; echo "install: pip failed (log above)" >&2; exit 1
+  fi
   touch "$stamp"
 fi

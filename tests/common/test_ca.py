@@ -77,6 +77,17 @@ def test_initialize_makes_a_new_cluster_uuid_each_time(tmp_path):
             != initialize(tmp_path / "b", "c").cluster_uuid)
 
 
+def test_initialize_with_a_given_cluster_uuid(tmp_path):
+    """A replacement CA can keep the cluster's UUID; a malformed one is refused."""
+    files = initialize(tmp_path, "c", cluster_uuid="0B4C2F5E-9A3D-4E1B-8C7D-6A5B4C3D2E1F")
+    assert files.cluster_uuid == "0b4c2f5e-9a3d-4e1b-8c7d-6a5b4c3d2e1f"
+    assert read_cluster_uuid(tmp_path / "cluster.crt") == files.cluster_uuid
+    (tmp_path / "x").mkdir()
+    with pytest.raises(InvalidName, match="invalid cluster uuid 'nope'"):
+        initialize(tmp_path / "x", "c", cluster_uuid="nope")
+    assert list((tmp_path / "x").iterdir()) == []
+
+
 def test_ca_extensions(ca):
     """The CA is a critical CA:TRUE with keyCertSign, and has key identifiers."""
     folder, _ = ca
@@ -405,6 +416,7 @@ def test_cli_defaults_to_the_current_folder(tmp_path, monkeypatch, capsys):
     (["create-control-certificate", "bad_host"], "invalid host name"),
     (["create-api-certificate", "-o", "missing", "alice"], "does not exist"),
     (["create-node-certificate", "--uuid", "nope"], "invalid node uuid"),
+    (["initialize", "--cluster-uuid", "nope", "c2"], "invalid cluster uuid"),
 ])
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, message):
     """A refused command prints one error line (no traceback) and exits with 1."""

@@ -1,0 +1,458 @@
+"""
+The loopback backend: sparse files attached as loop devices, with one folder shared by all
+agents on a host playing the cloud block store.
+
+Layout of the root (see docs/backends.md)::
+
+    <root>/lock                          flock'd around every operation
+    <root>/volumes/<dataset_id>.img      one sparse file per volume; its size is the volume's
+    <root>/attachments/<dataset_id>.json {"version": 1, "dataset_id", "node_uuid", "device"}
+
+The kernel is the truth about attachments: a volume is attached while a loop device is
+backed by its file (loop devices are host-wide, seen alike from every mount namespace). The
+record only says which node owns that device. It is written *before* ``losetup`` and removed
+only once the device is really gone, so a crash never leaves an unowned device; a record
+whose device is gone (a host reboot, a busy detach that finished by itself) is stale and the
+volume counts as unattached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import glob
+import json
+import os
+from typing import Iterator, Optional
+
+import attr
+from zope.interface import implementer
+
+from pyflock.agent._backends._interface import (
+    GiB, MiB, AlreadyAttached, BlockVolume, IBlockDeviceBackend, UnattachedVolume,
+    UnknownVolume, VolumeBusy, VolumeExists, check_dataset_id, check_node_uuid,
+    is_valid_dataset_id, round_size,
+)
+from pyflock.agent._fs import run_command
+
+#: The loopback backend's allocation unit.
+ALLOCATION_UNIT = MiB
+
+#: Version of the attachment record format.
+RECORD_VERSION = 1
+
+_LOOP_CLR_FD = 0x4C01
+_DELETED = " (deleted)"
+_SYS_BLOCK = "/sys/block"
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class LoopDevice:
+    """
+    A loop device backed by a file under the root: its path, the backing file's path,
+    whether that file has been deleted, and whether autoclear is set (a detach was asked
+    while the device was in use, so it goes away when its last user lets go).
+    """
+
+    device: str
+    backing_file: str
+    deleted: bool
+    autoclear: bool
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AttachmentRecord:
+    """Which node owns the loop device of a volume, and the device it was given (if yet)."""
+
+    dataset_id: str
+    node_uuid: str
+    device: Optional[str]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class LoopbackSnapshot:
+    """
+    Everything the loopback backend can see, read at one moment under the lock, with no
+    interpretation: ``volumes`` maps dataset ids to file sizes; ``records`` maps dataset ids
+    to readable attachment records; ``devices`` lists the loop devices backed by files in
+    the root's ``volumes`` folder (deleted files included); ``volume_files`` maps dataset
+    ids to their image paths; ``unreadable_records`` and ``temporary_files`` are paths of
+    records that do not parse and of files left by an interrupted write.
+    """
+
+    volumes: dict
+    records: dict
+    devices: tuple
+    volume_files: dict
+    unreadable_records: tuple = ()
+    temporary_files: tuple = ()
+
+    def devices_of(self, dataset_id: str) -> tuple[LoopDevice, ...]:
+        """The live (not deleted) loop devices backed by ``dataset_id``'s file."""
+        path = self.volume_files.get(dataset_id)
+        return tuple(d for d in self.devices if not d.deleted and d.backing_file == path)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Leftovers:
+    """
+    What needs repair, from one node's point of view (``find_leftovers``):
+
+    - ``stale_records``: dataset ids recorded as held by this node whose device is gone
+      (after a reboot, or a busy detach that finished by itself). They count as unattached;
+      ``attach_volume`` re-attaches them, ``detach_volume`` tidies the record away.
+    - ``pending_detaches``: this node's devices whose detach was refused as busy; they go
+      away when the last container lets go of them.
+    - ``orphan_records``: this node's records whose volume file is gone; harmless,
+      ``create_volume`` of that id replaces them.
+    - ``unrecorded_devices``: loop devices on our volume files that no record explains, made
+      outside pyflock (any node's concern, so no agent repairs them): an operator detaches
+      them with ``losetup -d`` or ``detach_volume`` once nothing uses them.
+    - ``deleted_file_devices``: loop devices still backed by a deleted volume file, ditto.
+    - ``unreadable_records`` and ``temporary_files``: paths to look at and remove by hand.
+    """
+
+    stale_records: tuple = ()
+    pending_detaches: tuple = ()
+    orphan_records: tuple = ()
+    unrecorded_devices: tuple = ()
+    deleted_file_devices: tuple = ()
+    unreadable_records: tuple = ()
+    temporary_files: tuple = ()
+
+
+def volumes_from_snapshot(snapshot: LoopbackSnapshot) -> list[BlockVolume]:
+    """The volumes a snapshot shows, sorted by dataset id (pure)."""
+    volumes = []
+    for dataset_id, size in sorted(snapshot.volumes.items()):
+        devices = snapshot.devices_of(dataset_id)
+        if not devices:
+            volumes.append(BlockVolume(dataset_id=dataset_id, size=size))
+            continue
+        record = snapshot.records.get(dataset_id)
+        volumes.append(BlockVolume(
+            dataset_id=dataset_id, size=size,
+            attached_to=None if record is None else record.node_uuid,
+            device_path=_recorded_device(record, devices)))
+    return volumes
+
+
+def _recorded_device(record: Optional[AttachmentRecord],
+                     devices: tuple[LoopDevice, ...]) -> str:
+    for device in devices:
+        if record is not None and device.device == record.device:
+            return device.device
+    return devices[0].device
+
+
+def find_leftovers(snapshot: LoopbackSnapshot, node_uuid: str) -> Leftovers:
+    """Classify a snapshot's anomalies as seen by ``node_uuid`` (pure; see ``Leftovers``)."""
+    mine = {i: r for i, r in snapshot.records.items() if r.node_uuid == node_uuid}
+    stale, pending = [], []
+    for dataset_id in sorted(mine):
+        if dataset_id not in snapshot.volumes:
+            continue
+        devices = snapshot.devices_of(dataset_id)
+        if not devices:
+            stale.append(dataset_id)
+        pending.extend(d for d in devices if d.autoclear)
+    recorded_files = {snapshot.volume_files[i] for i in snapshot.records
+                      if i in snapshot.volume_files}
+    return Leftovers(
+        stale_records=tuple(stale),
+        pending_detaches=tuple(pending),
+        orphan_records=tuple(sorted(i for i in mine if i not in snapshot.volumes)),
+        unrecorded_devices=tuple(d for d in snapshot.devices
+                                 if not d.deleted and d.backing_file not in recorded_files),
+        deleted_file_devices=tuple(d for d in snapshot.devices if d.deleted),
+        unreadable_records=snapshot.unreadable_records,
+        temporary_files=snapshot.temporary_files,
+    )
+
+
+def scan_loop_devices() -> list[LoopDevice]:
+    """Every bound loop device on this host, read from sysfs without opening any device."""
+    devices = []
+    for path in sorted(glob.glob(f"{_SYS_BLOCK}/loop*/loop/backing_file")):
+        name = path.split("/")[3]
+        try:
+            with open(path) as f:
+                backing = f.read().rstrip("\n")
+            with open(f"{_SYS_BLOCK}/{name}/loop/autoclear") as f:
+                autoclear = f.read().strip() == "1"
+        except FileNotFoundError:
+            continue  # detached while we looked
+        deleted = backing.endswith(_DELETED)
+        if deleted:
+            backing = backing[:-len(_DELETED)]
+        devices.append(LoopDevice(device=f"/dev/{name}", backing_file=backing,
+                                  deleted=deleted, autoclear=autoclear))
+    return devices
+
+
+def _backing_file(device: str) -> Optional[str]:
+    name = os.path.basename(device)
+    try:
+        with open(f"{_SYS_BLOCK}/{name}/loop/backing_file") as f:
+            return f.read().rstrip("\n")
+    except FileNotFoundError:
+        return None
+
+
+def release_loop_device(device: str, backing_file: str) -> None:
+    """
+    Ask the kernel to detach ``device`` if (and only if) it is still backed by
+    ``backing_file``. The device is opened first and checked while open, so a device that
+    went away and was reused by someone else meanwhile is never touched. If others still
+    hold it, the kernel only marks it to go away when they let go.
+    """
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        # While our descriptor is open the binding cannot change, so this check holds.
+        if _backing_file(device) != backing_file:
+            return
+        try:
+            fcntl.ioctl(fd, _LOOP_CLR_FD)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+    finally:
+        # If we were the last user, closing is what actually detaches it.
+        os.close(fd)
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@implementer(IBlockDeviceBackend)
+class LoopbackBackend:
+    """
+    The loopback backend for node ``node_uuid`` over the shared folder ``root_path``.
+    Several objects (one per agent, or one per simulated node in a process) may share a
+    root; an exclusive ``flock`` on ``<root>/lock`` serialises their changes.
+    """
+
+    def __init__(self, root_path: str, node_uuid: str, default_size: int = 10 * GiB):
+        self.root_path = os.path.realpath(root_path)
+        self.node_uuid = check_node_uuid(node_uuid)
+        self.default_size = round_size(default_size, ALLOCATION_UNIT)
+        self._volumes_path = os.path.join(self.root_path, "volumes")
+        self._records_path = os.path.join(self.root_path, "attachments")
+
+    def __repr__(self) -> str:
+        return f"<LoopbackBackend {self.root_path} node={self.node_uuid}>"
+
+    def allocation_unit(self) -> int:
+        """The granularity of volume sizes: 1 MiB."""
+        return ALLOCATION_UNIT
+
+    def list_volumes(self) -> list[BlockVolume]:
+        """Every volume in the shared root, sorted by dataset id."""
+        return volumes_from_snapshot(self.snapshot())
+
+    def create_volume(self, dataset_id: str, size: Optional[int] = None) -> BlockVolume:
+        """Create a sparse volume file of ``size`` bytes (rounded up to 1 MiB)."""
+        check_dataset_id(dataset_id)
+        size = round_size(self.default_size if size is None else size, ALLOCATION_UNIT)
+        with self._locked(exclusive=True):
+            path = self._volume_file(dataset_id)
+            if os.path.exists(path):
+                raise VolumeExists(dataset_id)
+            self._remove_record(dataset_id)
+            temporary = os.path.join(self._volumes_path, f".{dataset_id}.img.tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o600)
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, path)
+            _fsync_directory(self._volumes_path)
+        return BlockVolume(dataset_id=dataset_id, size=size)
+
+    def attach_volume(self, dataset_id: str, node_uuid: str) -> BlockVolume:
+        """Attach the volume's file to a new loop device owned by ``node_uuid``."""
+        check_dataset_id(dataset_id)
+        check_node_uuid(node_uuid)
+        with self._locked(exclusive=True):
+            snapshot = self._snapshot()
+            if dataset_id not in snapshot.volumes:
+                raise UnknownVolume(dataset_id)
+            devices = snapshot.devices_of(dataset_id)
+            if devices:
+                record = snapshot.records.get(dataset_id)
+                raise AlreadyAttached(dataset_id, None if record is None else record.node_uuid,
+                                      _recorded_device(record, devices))
+            path = snapshot.volume_files[dataset_id]
+            # Recorded before losetup, so a crash in between never leaves a device no
+            # record explains; without a device the record is merely stale.
+            self._write_record(AttachmentRecord(dataset_id, node_uuid, None))
+            try:
+                device = run_command(["losetup", "-f", "--show", path]).strip()
+            except BaseException:
+                self._remove_record(dataset_id)
+                raise
+            self._write_record(AttachmentRecord(dataset_id, node_uuid, device))
+            return BlockVolume(dataset_id=dataset_id, size=snapshot.volumes[dataset_id],
+                               attached_to=node_uuid, device_path=device)
+
+    def detach_volume(self, dataset_id: str) -> None:
+        """
+        Detach the volume's loop device(s) and drop the record once they are really gone;
+        ``VolumeBusy`` (record kept) if a device stays because something still holds it.
+        Devices no record explains are released too: the caller asked for this volume.
+        """
+        check_dataset_id(dataset_id)
+        with self._locked(exclusive=True):
+            snapshot = self._snapshot()
+            if dataset_id not in snapshot.volumes:
+                raise UnknownVolume(dataset_id)
+            devices = snapshot.devices_of(dataset_id)
+            if not devices:
+                if dataset_id not in snapshot.records:
+                    raise UnattachedVolume(dataset_id)
+                self._remove_record(dataset_id)
+                return
+            path = snapshot.volume_files[dataset_id]
+            for device in devices:
+                release_loop_device(device.device, path)
+            remaining = tuple(d.device for d in scan_loop_devices()
+                              if not d.deleted and d.backing_file == path)
+            if remaining:
+                raise VolumeBusy(dataset_id, remaining)
+            # The data went through the loop device into the file's page cache; make it
+            # durable before another node may take the volume.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._remove_record(dataset_id)
+
+    def destroy_volume(self, dataset_id: str) -> None:
+        """Delete an unattached volume's file and any stale record of it."""
+        check_dataset_id(dataset_id)
+        with self._locked(exclusive=True):
+            snapshot = self._snapshot()
+            if dataset_id not in snapshot.volumes:
+                raise UnknownVolume(dataset_id)
+            devices = snapshot.devices_of(dataset_id)
+            if devices:
+                record = snapshot.records.get(dataset_id)
+                raise AlreadyAttached(dataset_id, None if record is None else record.node_uuid,
+                                      _recorded_device(record, devices))
+            # Record first: a crash in between leaves an ordinary unattached volume.
+            self._remove_record(dataset_id)
+            os.unlink(snapshot.volume_files[dataset_id])
+            _fsync_directory(self._volumes_path)
+
+    def get_device_path(self, dataset_id: str) -> str:
+        """The loop device of a volume attached to this node."""
+        check_dataset_id(dataset_id)
+        for volume in self.list_volumes():
+            if volume.dataset_id == dataset_id:
+                if volume.attached_to != self.node_uuid:
+                    raise UnattachedVolume(dataset_id)
+                return volume.device_path
+        raise UnknownVolume(dataset_id)
+
+    def snapshot(self) -> LoopbackSnapshot:
+        """Read the root and the host's loop devices at one moment (``LoopbackSnapshot``)."""
+        with self._locked(exclusive=False):
+            return self._snapshot()
+
+    def leftovers(self) -> Leftovers:
+        """What needs repair, from this node's point of view (see ``Leftovers``)."""
+        return find_leftovers(self.snapshot(), self.node_uuid)
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        os.makedirs(self._volumes_path, exist_ok=True)
+        os.makedirs(self._records_path, exist_ok=True)
+        fd = os.open(os.path.join(self.root_path, "lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # flock, not lockf: it excludes other open files in the same process too, so
+            # two backend objects (or threads) in one process exclude each other.
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _snapshot(self) -> LoopbackSnapshot:
+        volumes, files, temporary = {}, {}, []
+        for name in sorted(os.listdir(self._volumes_path)):
+            path = os.path.join(self._volumes_path, name)
+            if name.startswith(".") and name.endswith(".tmp"):
+                temporary.append(path)
+            elif name.endswith(".img") and is_valid_dataset_id(name[:-4]):
+                try:
+                    volumes[name[:-4]] = os.stat(path).st_size
+                except FileNotFoundError:
+                    continue
+                files[name[:-4]] = path
+        records, unreadable = {}, []
+        for name in sorted(os.listdir(self._records_path)):
+            path = os.path.join(self._records_path, name)
+            if name.startswith(".") and name.endswith(".tmp"):
+                temporary.append(path)
+            elif name.endswith(".json"):
+                record = _read_record(path, name[:-5])
+                if record is None:
+                    unreadable.append(path)
+                else:
+                    records[record.dataset_id] = record
+        prefix = self._volumes_path + "/"
+        devices = tuple(d for d in scan_loop_devices() if d.backing_file.startswith(prefix))
+        return LoopbackSnapshot(volumes=volumes, records=records, devices=devices,
+                                volume_files=files, unreadable_records=tuple(unreadable),
+                                temporary_files=tuple(temporary))
+
+    def _volume_file(self, dataset_id: str) -> str:
+        return os.path.join(self._volumes_path, f"{dataset_id}.img")
+
+    def _record_file(self, dataset_id: str) -> str:
+        return os.path.join(self._records_path, f"{dataset_id}.json")
+
+    def _write_record(self, record: AttachmentRecord) -> None:
+        temporary = os.path.join(self._records_path, f".{record.dataset_id}.json.tmp")
+        data = json.dumps({"version": RECORD_VERSION, "dataset_id": record.dataset_id,
+                           "node_uuid": record.node_uuid, "device": record.device})
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data.encode("utf-8") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, self._record_file(record.dataset_id))
+        _fsync_directory(self._records_path)
+
+    def _remove_record(self, dataset_id: str) -> None:
+        try:
+            os.unlink(self._record_file(dataset_id))
+        except FileNotFoundError:
+            return
+        _fsync_directory(self._records_path)
+
+
+def _read_record(path: str, dataset_id: str) -> Optional[AttachmentRecord]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if (data.get("version") != RECORD_VERSION or data.get("dataset_id") != dataset_id
+                or not isinstance(data.get("node_uuid"), str)
+                or not isinstance(data.get("device"), (str, type(None)))):
+            return None
+        return AttachmentRecord(dataset_id, data["node_uuid"], data["device"])
+    except (OSError, ValueError, AttributeError):
+        return None

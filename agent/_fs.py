@@ -1,0 +1,231 @@
+"""
+Filesystem helpers for dataset devices: make an ext4 filesystem ready for containers,
+probe for one, mount and unmount, and read the mount table.
+
+Everything here blocks (it runs mkfs, mount, blkid, ...): call it in a thread, never on the
+reactor. Mount state is read from ``/proc/self/mountinfo``, so it is the calling process's
+mount namespace that counts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from typing import Optional, Sequence
+
+import attr
+
+#: Mode of a fresh filesystem's root: anyone may write there (see docs/backends.md).
+ROOT_MODE = 0o777
+
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+class CommandFailed(Exception):
+    """An external command failed; the message carries the command, exit code and stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str):
+        super().__init__(tuple(argv), returncode, stderr)
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        detail = self.stderr.strip() or "(no error output)"
+        if self.returncode == 127:
+            return f"`{self.argv[0]}` is not installed: {detail}"
+        return f"`{' '.join(self.argv)}` failed with exit code {self.returncode}: {detail}"
+
+
+class FilesystemError(Exception):
+    """A filesystem operation could not be done; the message says why and what to do."""
+
+
+def run_command(argv: Sequence[str], input: Optional[str] = None) -> str:
+    """
+    Run ``argv`` without a shell and return its stdout; raise ``CommandFailed`` (with its
+    stderr) if it exits non-zero or cannot be started.
+    """
+    try:
+        result = subprocess.run(list(argv), input=input, capture_output=True, text=True,
+                                stdin=None if input is not None else subprocess.DEVNULL)
+    except FileNotFoundError as e:
+        raise CommandFailed(argv, 127, str(e)) from None
+    if result.returncode != 0:
+        raise CommandFailed(argv, result.returncode, result.stderr)
+    return result.stdout
+
+
+def filesystem_type(device: str) -> Optional[str]:
+    """
+    The type of filesystem on ``device`` (e.g. ``"ext4"``), or None if it has none; raises
+    ``FilesystemError`` if the device does not exist.
+    """
+    # blkid answers "nothing found" for a missing device too, so check it exists first.
+    if not os.path.exists(device):
+        raise FilesystemError(f"device {device} does not exist")
+    argv = ["blkid", "-p", "-o", "value", "-s", "TYPE", device]
+    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    # blkid exits 2 when it identifies nothing: the normal answer for a fresh device.
+    if result.returncode == 2 and not result.stderr.strip():
+        return None
+    if result.returncode != 0:
+        raise CommandFailed(argv, result.returncode, result.stderr)
+    return result.stdout.strip() or None
+
+
+def has_filesystem(device: str) -> bool:
+    """Whether ``device`` carries a filesystem (probed with ``blkid -p``, no cache)."""
+    return filesystem_type(device) is not None
+
+
+def make_filesystem(device: str) -> None:
+    """
+    Make an ext4 filesystem on ``device``, quickly (lazy inode table and journal
+    initialisation, no discard) and ready for containers: its root holds no
+    ``lost+found`` and has mode ``ROOT_MODE``. Refuses a device that already has a
+    filesystem, since that would destroy data.
+    """
+    existing = filesystem_type(device)
+    if existing is not None:
+        raise FilesystemError(
+            f"{device} already holds a {existing} filesystem; refusing to overwrite it "
+            f"(wipe it with wipefs first if its data is really unwanted)")
+    # -m 0: a dataset is its application's whole disk and applications often run as
+    # non-root, so reserving 5% for root would only take space away from them.
+    run_command(["mkfs.ext4", "-q", "-F", "-m", "0",
+                 "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", device])
+    # debugfs edits the unmounted filesystem, so no temporary mount is needed; it exits 0
+    # even when a command fails, hence the check that follows.
+    debugfs = run_command(["debugfs", "-w", "-f", "-", device],
+                          input=f"rmdir lost+found\nsif / mode 0{0o40000 | ROOT_MODE:o}\n")
+    listing = run_command(["debugfs", "-R", "ls -p /", device])
+    entries = _parse_debugfs_listing(listing)
+    names = sorted(name for name, _ in entries)
+    root_modes = {mode for name, mode in entries if name in (".", "..")}
+    if names != [".", ".."] or root_modes != {0o40000 | ROOT_MODE}:
+        raise FilesystemError(
+            f"could not prepare the root of the new filesystem on {device}: it holds "
+            f"{names} with modes {sorted(oct(m) for m in root_modes)}; debugfs said: "
+            f"{debugfs.strip()}")
+
+
+def _parse_debugfs_listing(listing: str) -> list[tuple[str, int]]:
+    # ``ls -p`` prints one ``/inode/mode/uid/gid/name/size/`` line per entry.
+    entries = []
+    for line in listing.splitlines():
+        parts = line.split("/")
+        if len(parts) >= 7 and parts[0] == "" and parts[2]:
+            entries.append((parts[5], int(parts[2], 8)))
+    return entries
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class MountInfo:
+    """One line of ``/proc/<pid>/mountinfo``, escapes decoded (see proc(5))."""
+
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str
+    mount_point: str
+    options: str
+    optional_fields: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: str
+
+
+def _unescape(field: bytes) -> str:
+    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+def parse_mountinfo(data: bytes) -> list[MountInfo]:
+    """Parse the bytes of a mountinfo file; raise ``ValueError`` on a malformed line."""
+    mounts = []
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        fields = line.split(b" ")
+        try:
+            separator = fields.index(b"-", 6)
+            major, minor = fields[2].split(b":")
+            mounts.append(MountInfo(
+                mount_id=int(fields[0]), parent_id=int(fields[1]),
+                major=int(major), minor=int(minor),
+                root=_unescape(fields[3]), mount_point=_unescape(fields[4]),
+                options=_unescape(fields[5]),
+                optional_fields=tuple(_unescape(f) for f in fields[6:separator]),
+                fstype=_unescape(fields[separator + 1]),
+                source=_unescape(fields[separator + 2]),
+                super_options=_unescape(fields[separator + 3]),
+            ))
+        except (ValueError, IndexError):
+            raise ValueError(f"malformed mountinfo line: {line!r}") from None
+    return mounts
+
+
+def read_mountinfo(pid: str = "self") -> list[MountInfo]:
+    """The mounts of ``pid``'s mount namespace (default: this process's)."""
+    with open(f"/proc/{pid}/mountinfo", "rb") as f:
+        return parse_mountinfo(f.read())
+
+
+def _top_mount(path: str) -> Optional[MountInfo]:
+    target = os.path.realpath(path)
+    top = None
+    # Later lines are mounted later, so the last match is the one covering the others.
+    for mount in read_mountinfo():
+        if mount.mount_point == target:
+            top = mount
+    return top
+
+
+def is_mounted(path: str) -> bool:
+    """Whether a filesystem is mounted at ``path`` in this mount namespace."""
+    return _top_mount(path) is not None
+
+
+def mounted_device(path: str) -> Optional[str]:
+    """The source (e.g. ``/dev/loop3``) of the filesystem mounted at ``path``, or None."""
+    mount = _top_mount(path)
+    return None if mount is None else mount.source
+
+
+def mount(device: str, path: str, fstype: str = "ext4") -> None:
+    """
+    Mount ``device`` at ``path`` (created if missing). Does nothing if ``device`` is
+    already mounted there; raises ``FilesystemError`` if something else is.
+    """
+    current = _top_mount(path)
+    if current is not None:
+        if _same_device(device, current):
+            return
+        raise FilesystemError(
+            f"cannot mount {device} at {path}: {current.source} is already mounted there; "
+            f"unmount it first")
+    os.makedirs(path, exist_ok=True)
+    run_command(["mount", "-t", fstype, device, path])
+
+
+def _same_device(device: str, mount: MountInfo) -> bool:
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return False
+    return (os.major(rdev), os.minor(rdev)) == (mount.major, mount.minor)
+
+
+def unmount(path: str) -> None:
+    """
+    Unmount whatever is mounted at ``path`` (never lazily); does nothing if nothing is.
+    Raises ``CommandFailed`` if it is busy in this namespace.
+    """
+    # Bounded, in case mounts are stacked there; each pass removes the top one.
+    for _ in range(64):
+        if not is_mounted(path):
+            return
+        run_command(["umount", path])
+    raise FilesystemError(f"{path} is still mounted after 64 unmounts")

@@ -1,0 +1,288 @@
+"""
+What the benchmarks share: the record a benchmark module returns (``Section``, with its
+``Target``s), a real ``pyflock-control`` process on 127.0.0.1 with fresh certificates
+(``start_control_service``), percentiles, and a description of the machine.
+
+A benchmark module is any module in ``bench/`` with
+``async def benchmark(reactor, context: Context) -> Section``; ``bench/run.py`` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import attr
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+
+from pyflock.common.testing import ClusterCertificates, make_cluster_certificates
+
+#: The API user whose certificate the benchmark clients present.
+BENCH_USER = "bench"
+
+#: Seconds a control service may take to start (it loads the whole store first).
+START_TIMEOUT = 60.0
+
+#: Seconds a control service may take to stop after SIGTERM before it is killed.
+STOP_TIMEOUT = 15.0
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Target:
+    """One goal a benchmark checks: what, the goal, what was measured, and whether it was met."""
+
+    what: str
+    goal: str
+    measured: str
+    met: bool
+
+    def to_json(self) -> dict:
+        """This target as JSON."""
+        return attr.asdict(self)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Section:
+    """
+    What one benchmark module reports: a markdown section for docs/benchmarks.md (starting
+    with a ``##`` heading), JSON-able ``results`` for bench/results/latest.json, and the
+    targets it checked.
+    """
+
+    name: str
+    markdown: str
+    results: Any
+    targets: tuple[Target, ...] = ()
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Context:
+    """What ``bench/run.py`` hands each benchmark: a fresh scratch folder and a progress log."""
+
+    workdir: Path
+    log: Callable[[str], None]
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The ``p``-th percentile (0 < p <= 100) of ``values`` by the nearest-rank method."""
+    if not values:
+        raise ValueError("the percentile of no values is undefined")
+    if not 0 < p <= 100:
+        raise ValueError(f"percentile {p} is not in (0, 100]")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds used so far by process ``pid`` (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """User plus system CPU seconds used so far by this process."""
+    times = os.times()
+    return times.user + times.system
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (what ``uptime`` shows)."""
+    return os.getloadavg()
+
+
+def _filesystem_of(path: Path) -> str:
+    """The type and device of the filesystem holding ``path``, from /proc/self/mounts."""
+    path = path.resolve()
+    best = ("", "unknown", "unknown")
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            device, mount_point, fstype = line.split()[:3]
+            mount_point = mount_point.replace("\\040", " ")
+            if (path == Path(mount_point) or Path(mount_point) in path.parents) \
+                    and len(mount_point) >= len(best[0]):
+                best = (mount_point, fstype, device)
+    except OSError:
+        pass
+    return f"{best[1]} on {best[2]}"
+
+
+def describe_machine(workdir: Path) -> dict:
+    """The machine the numbers come from: CPUs, memory, kernel, Python, disk, load."""
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_kib = int(line.split()[1])
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "memory_gib": round(memory_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "scratch_filesystem": _filesystem_of(workdir),
+        "load_average_at_start": [round(x, 2) for x in load_average()],
+    }
+
+
+class _ControlProtocol(ProcessProtocol):
+    """Watches a control service's JSON-lines log for its start and its exit."""
+
+    def __init__(self):
+        self.started: Deferred = Deferred()
+        self.ended: Deferred = Deferred()
+        self.stderr_tail = b""
+        self._buffer = b""
+        self._seen_start = False
+
+    def outReceived(self, data: bytes) -> None:
+        if self._seen_start:
+            return  # Request logs are not needed; reading them keeps the pipe flowing.
+        self._buffer += data
+        while b"\n" in self._buffer and not self._seen_start:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event_type") == "pyflock:control:started":
+                self._seen_start = True
+                self._buffer = b""
+                self.started.callback(event)
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr_tail = (self.stderr_tail + data)[-4000:]
+
+    def processEnded(self, reason) -> None:
+        if not self._seen_start:
+            self._seen_start = True
+            self.started.errback(RuntimeError(
+                "pyflock-control exited before it started: "
+                + self.stderr_tail.decode("utf-8", "replace").strip()))
+        self.ended.callback(reason.value)
+
+
+def _control_command() -> list[str]:
+    """The ``pyflock-control`` of this Python's environment, or the module run directly."""
+    script = Path(sys.executable).parent / "pyflock-control"
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-c",
+            "import sys; from pyflock.control._script import main; main(sys.argv[1:])"]
+
+
+@attr.s(auto_attribs=True)
+class ControlService:
+    """
+    A running ``pyflock-control`` process: its pid, REST API port, certificates and data
+    path; ``stop()`` ends it. ``startup_seconds`` is the time from spawn to listening.
+    """
+
+    reactor: Any
+    pid: int
+    port: int
+    certificates: ClusterCertificates
+    data_path: Path
+    startup_seconds: float
+    _transport: Any
+    _protocol: _ControlProtocol
+
+    @property
+    def base_url(self) -> str:
+        """The API's root URL, without ``/v1``."""
+        return f"https://127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the service process has used so far."""
+        return process_cpu_seconds(self.pid)
+
+    async def stop(self) -> None:
+        """Stop the service with SIGTERM (SIGKILL if it does not exit in time) and wait."""
+        if self._protocol.ended.called:
+            return
+        self._signal("TERM")
+        timer = self.reactor.callLater(STOP_TIMEOUT, self._signal, "KILL")
+        try:
+            reason = await self._protocol.ended
+        finally:
+            if timer.active():
+                timer.cancel()
+        if not isinstance(reason, ProcessDone) and getattr(reason, "signal", None) not in (
+                None, signal.SIGTERM):
+            raise RuntimeError(f"pyflock-control did not stop cleanly: {reason}")
+
+    def _signal(self, name: str) -> None:
+        try:
+            self._transport.signalProcess(name)
+        except ProcessExitedAlready:
+            pass
+
+
+def make_certificates(workdir: Path) -> ClusterCertificates:
+    """A fresh cluster CA in ``workdir/certificates`` with two nodes and user ``bench``."""
+    folder = workdir / "certificates"
+    folder.mkdir(parents=True)
+    return make_cluster_certificates(folder, nodes=2, users=(BENCH_USER,),
+                                     control_host="127.0.0.1", name="bench-cluster")
+
+
+async def start_control_service(reactor, certificates: ClusterCertificates,
+                                data_path: Path,
+                                extra_arguments: Sequence[str] = ()) -> ControlService:
+    """
+    Start ``pyflock-control run`` on a free port of 127.0.0.1 over ``data_path`` with
+    ``certificates``; fires once it is listening (after it has loaded its store).
+    """
+    protocol = _ControlProtocol()
+    command = _control_command() + [
+        "run", "--data-path", str(data_path),
+        "--port", "tcp:0:interface=127.0.0.1",
+        "--agent-port", "tcp:0:interface=127.0.0.1",
+        "--certificates-directory", str(certificates.path), *extra_arguments]
+    began = time.perf_counter()
+    transport = reactor.spawnProcess(protocol, command[0], command, env=dict(os.environ))
+    timer = reactor.callLater(START_TIMEOUT, transport.signalProcess, "KILL")
+    try:
+        event = await protocol.started
+    finally:
+        if timer.active():
+            timer.cancel()
+    startup = time.perf_counter() - began
+    port = int(event["address"].rsplit(":", 1)[1])
+    return ControlService(reactor=reactor, pid=transport.pid, port=port,
+                          certificates=certificates, data_path=data_path,
+                          startup_seconds=startup, transport=transport, protocol=protocol)
+
+
+def format_ms(seconds: Optional[float]) -> str:
+    """Seconds as milliseconds for a table: ``12.3 ms``, or ``n/a``."""
+    if seconds is None:
+        return "n/a"
+    milliseconds = seconds * 1000
+    return f"{milliseconds:.1f} ms" if milliseconds < 100 else f"{milliseconds:.0f} ms"
+
+
+__all__ = [
+    "BENCH_USER", "Context", "ControlService", "Section", "Target", "describe_machine",
+    "format_ms", "load_average", "make_certificates", "own_cpu_seconds", "percentile",
+    "process_cpu_seconds", "start_control_service",
+]

@@ -1,0 +1,233 @@
+"""
+Tests for the filesystem helpers: the mountinfo parser, command errors, and mkfs, mount
+and unmount on real loop devices (as root).
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from pyflock.agent._fs import (
+    ROOT_MODE, CommandFailed, FilesystemError, MountInfo, filesystem_type, has_filesystem,
+    is_mounted, make_filesystem, mount, mounted_device, parse_mountinfo, read_mountinfo,
+    run_command, unmount,
+)
+
+SIZE = 64 * 1024 * 1024
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")
+
+
+@pytest.fixture
+def make_device(tmp_path):
+    """A factory of loop devices on fresh sparse files, each detached by name afterwards."""
+    devices = []
+
+    def make() -> str:
+        image = tmp_path / f"disk{len(devices)}.img"
+        with open(image, "wb") as f:
+            f.truncate(SIZE)
+        device = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        devices.append(device)
+        return device
+    yield make
+    for device in devices:
+        subprocess.run(["losetup", "-d", device], check=True)
+
+
+@pytest.fixture
+def device(make_device):
+    """One loop device on a fresh sparse file."""
+    return make_device()
+
+
+@pytest.fixture
+def mount_point(make_device):
+    """
+    A mount point path (not created) that is unmounted after the test, before detaching;
+    its parent is open to all users (pytest's own temporary folders are not).
+    """
+    parent = tempfile.mkdtemp(prefix="pf-fs-")
+    os.chmod(parent, 0o755)
+    path = os.path.join(parent, "mnt")
+    yield path
+    unmount(path)
+    shutil.rmtree(parent)
+
+
+def test_parse_mountinfo():
+    """Every field is parsed, octal escapes decoded and optional fields kept."""
+    data = (b"36 35 98:0 /mnt1 /mnt/a\\040b\\134c rw,noatime master:1 shared:2 - ext3 "
+            b"/dev/root rw,errors=continue\n"
+            b"40 27 7:3 / /x\\011y rw - ext4 /dev/loop3 rw\n")
+    assert parse_mountinfo(data) == [
+        MountInfo(mount_id=36, parent_id=35, major=98, minor=0, root="/mnt1",
+                  mount_point="/mnt/a b\\c", options="rw,noatime",
+                  optional_fields=("master:1", "shared:2"), fstype="ext3",
+                  source="/dev/root", super_options="rw,errors=continue"),
+        MountInfo(mount_id=40, parent_id=27, major=7, minor=3, root="/",
+                  mount_point="/x\ty", options="rw", optional_fields=(), fstype="ext4",
+                  source="/dev/loop3", super_options="rw"),
+    ]
+
+
+def test_parse_mountinfo_undecodable_bytes():
+    """Bytes that are not UTF-8 survive as surrogate escapes, as os.fsdecode gives them."""
+    [info] = parse_mountinfo(b"1 0 7:1 / /m\xff rw - ext4 /dev/loop1 rw\n")
+    assert os.fsencode(info.mount_point) == b"/m\xff"
+
+
+def test_parse_mountinfo_malformed():
+    """A line without the separator is refused with a ``ValueError`` quoting it."""
+    with pytest.raises(ValueError, match="malformed mountinfo line"):
+        parse_mountinfo(b"1 0 7:1 / /m rw ext4 /dev/loop1 rw\n")
+
+
+def test_read_own_mountinfo():
+    """This process's mount table includes the root filesystem."""
+    assert "/" in [m.mount_point for m in read_mountinfo()]
+
+
+def test_command_failed_carries_stderr():
+    """A failing command raises ``CommandFailed`` with its exit code and stderr."""
+    with pytest.raises(CommandFailed) as e:
+        run_command(["sh", "-c", "echo out; echo 'it broke' >&2; exit 3"])
+    assert (e.value.returncode, e.value.stderr) == (3, "it broke\n")
+    assert str(e.value) == ("`sh -c echo out; echo 'it broke' >&2; exit 3` failed with exit "
+                            "code 3: it broke")
+
+
+def test_command_missing():
+    """A command that is not installed raises ``CommandFailed`` saying so."""
+    with pytest.raises(CommandFailed, match="`no-such-command-pf` is not installed"):
+        run_command(["no-such-command-pf"])
+
+
+def test_missing_device():
+    """Probing a device that does not exist raises ``FilesystemError`` naming it."""
+    with pytest.raises(FilesystemError, match="/dev/no-such-device-pf does not exist"):
+        has_filesystem("/dev/no-such-device-pf")
+
+
+@needs_root
+def test_fresh_device_has_no_filesystem(device):
+    """A fresh device has no filesystem."""
+    assert (has_filesystem(device), filesystem_type(device)) == (False, None)
+
+
+@needs_root
+def test_make_filesystem(device, mount_point):
+    """A new filesystem is ext4 with an empty root that any user can write to."""
+    make_filesystem(device)
+    assert filesystem_type(device) == "ext4"
+    mount(device, mount_point)
+    assert os.listdir(mount_point) == []
+    assert os.stat(mount_point).st_mode & 0o7777 == ROOT_MODE
+    subprocess.run(["touch", os.path.join(mount_point, "by-nobody")], check=True,
+                   user=65534, group=65534, extra_groups=[])
+    assert os.stat(os.path.join(mount_point, "by-nobody")).st_uid == 65534
+
+
+@needs_root
+def test_make_filesystem_refuses_existing(device):
+    """Making a filesystem on a device that has one is refused, naming the type."""
+    make_filesystem(device)
+    with pytest.raises(FilesystemError, match="already holds a ext4 filesystem"):
+        make_filesystem(device)
+
+
+@needs_root
+def test_mount(device, mount_point):
+    """A mounted device is seen at its mount point, which mount created."""
+    make_filesystem(device)
+    assert not is_mounted(mount_point)
+    mount(device, mount_point)
+    assert (is_mounted(mount_point), mounted_device(mount_point)) == (True, device)
+
+
+@needs_root
+def test_mount_twice(device, mount_point):
+    """Mounting the same device at the same place again does not stack a second mount."""
+    make_filesystem(device)
+    mount(device, mount_point)
+    mount(device, mount_point)
+    target = os.path.realpath(mount_point)
+    assert [m.mount_point for m in read_mountinfo()].count(target) == 1
+
+
+@needs_root
+def test_mount_over_other_device(make_device, mount_point):
+    """Mounting where another device is mounted is refused, naming it."""
+    first, second = make_device(), make_device()
+    make_filesystem(first)
+    make_filesystem(second)
+    mount(first, mount_point)
+    with pytest.raises(FilesystemError, match=f"{first} is already mounted there"):
+        mount(second, mount_point)
+    assert mounted_device(mount_point) == first
+
+
+@needs_root
+def test_mount_escaped_path(device, tmp_path):
+    """A mount point with a space, tab and backslash in its name is found and unmounted."""
+    path = str(tmp_path / "a b\tc\\d")
+    make_filesystem(device)
+    mount(device, path)
+    try:
+        assert (is_mounted(path), mounted_device(path)) == (True, device)
+    finally:
+        unmount(path)
+    assert not is_mounted(path)
+
+
+@needs_root
+def test_mount_without_filesystem(device, mount_point):
+    """Mounting a device with no filesystem raises ``CommandFailed`` with mount's stderr."""
+    with pytest.raises(CommandFailed) as e:
+        mount(device, mount_point)
+    assert e.value.argv[0] == "mount" and e.value.stderr.strip()
+    assert e.value.stderr.strip() in str(e.value)
+
+
+@needs_root
+def test_unmount(device, mount_point):
+    """Unmounting removes the mount; unmounting again does nothing."""
+    make_filesystem(device)
+    mount(device, mount_point)
+    unmount(mount_point)
+    unmount(mount_point)
+    assert not is_mounted(mount_point)
+
+
+@needs_root
+def test_unmount_busy(device, mount_point):
+    """Unmounting a filesystem with a file open in it raises ``CommandFailed`` (never lazy)."""
+    make_filesystem(device)
+    mount(device, mount_point)
+    with open(os.path.join(mount_point, "open"), "w"):
+        with pytest.raises(CommandFailed, match="busy"):
+            unmount(mount_point)
+        assert is_mounted(mount_point)
+
+
+@needs_root
+def test_mounts_are_per_namespace(device, mount_point):
+    """A mount made in a child mount namespace is not seen in ours."""
+    make_filesystem(device)
+    os.makedirs(mount_point)
+    child = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+         'mount "$0" "$1" && echo ready && exec sleep infinity', device, mount_point],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        assert device in [m.source for m in read_mountinfo(str(child.pid))]
+        assert not is_mounted(mount_point)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()

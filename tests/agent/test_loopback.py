@@ -1,0 +1,264 @@
+"""
+Tests for the loopback backend on real loop devices (as root): the conformance suite, the
+layout of its root, the busy-detach trap, leftovers discovery and two nodes on one root.
+"""
+
+import json
+import os
+import subprocess
+import threading
+import uuid
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from pyflock.agent._backends import (
+    AlreadyAttached, BlockVolume, Leftovers, LoopbackBackend, UnattachedVolume, VolumeBusy,
+)
+from pyflock.agent._backends._loopback import release_loop_device, scan_loop_devices
+from pyflock.agent._backends.testing import (
+    NODE_A, NODE_B, SIZE, detach_loop_devices_under, loopback_harness, loopback_root,
+    make_iblockdevicebackend_tests,
+)
+from pyflock.agent._fs import is_mounted, make_filesystem, mount, unmount
+
+
+@pytest.mark.integration
+class LoopbackBackendConformanceTests(make_iblockdevicebackend_tests(loopback_harness)):
+    """The loopback backend passes the ``IBlockDeviceBackend`` conformance suite."""
+
+
+@pytest.mark.integration
+class LoopbackBackendTests(SynchronousTestCase):
+    """What is particular to the loopback backend."""
+
+    def setUp(self) -> None:
+        self.root = loopback_root(self)
+        self.a = LoopbackBackend(self.root, NODE_A)
+        self.b = LoopbackBackend(self.root, NODE_B)
+
+    def losetup(self, path: str) -> str:
+        """
+        Attach ``path`` to a loop device behind the backend's back; detached at cleanup,
+        unless a test already did (the device is checked to still be ours first).
+        """
+        device = subprocess.run(["losetup", "-f", "--show", path], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        self.addCleanup(release_loop_device, device, os.path.realpath(path))
+        return device
+
+    def mount(self, device: str, name: str) -> str:
+        """Mount ``device`` under the root in this namespace (unmounted at cleanup)."""
+        path = os.path.join(self.root, name)
+        mount(device, path)
+        self.addCleanup(unmount, path)
+        return path
+
+    def devices_under_root(self) -> list:
+        prefix = os.path.realpath(self.root) + "/"
+        return [d for d in scan_loop_devices() if d.backing_file.startswith(prefix)]
+
+    def test_layout(self) -> None:
+        """A volume is a sparse file; an attachment, a JSON record naming node and device."""
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        image = os.path.join(self.root, "volumes", f"{dataset_id}.img")
+        self.assertEqual(SIZE, os.stat(image).st_size)
+        self.assertLess(os.stat(image).st_blocks * 512, SIZE)
+        device = self.a.attach_volume(dataset_id, NODE_A).device_path
+        with open(os.path.join(self.root, "attachments", f"{dataset_id}.json")) as f:
+            record = json.load(f)
+        self.assertEqual({"version": 1, "dataset_id": dataset_id, "node_uuid": NODE_A,
+                          "device": device}, record)
+        found = subprocess.run(["losetup", "-j", image], check=True, capture_output=True,
+                               text=True).stdout
+        self.assertTrue(found.startswith(device + ":"), found)
+        self.assertEqual(Leftovers(), self.a.leftovers())
+
+    def test_destroy_leaves_nothing(self) -> None:
+        """After attach, detach and destroy, no file, record or loop device remains."""
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        self.a.attach_volume(dataset_id, NODE_A)
+        self.a.detach_volume(dataset_id)
+        self.a.destroy_volume(dataset_id)
+        self.assertEqual(([], []), (os.listdir(os.path.join(self.root, "volumes")),
+                                    os.listdir(os.path.join(self.root, "attachments"))))
+        self.assertEqual([], self.devices_under_root())
+
+    def test_state_on_disk(self) -> None:
+        """A new backend object on the same root sees the volumes and attachments."""
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        attached = self.a.attach_volume(dataset_id, NODE_A)
+        self.assertEqual([attached], LoopbackBackend(self.root, NODE_B).list_volumes())
+
+    def test_busy_detach_trap(self) -> None:
+        """
+        When a child mount namespace keeps the filesystem after the node unmounts it, the
+        detach raises ``VolumeBusy``, the record stays and the other node is refused; once
+        the child exits, the other node attaches the volume and finds the data.
+        """
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        device = self.a.attach_volume(dataset_id, NODE_A).device_path
+        make_filesystem(device)
+        path = self.mount(device, "mnt-a")
+        with open(os.path.join(path, "data"), "w") as f:
+            f.write("kept")
+        # A container's namespace: a copy of our mounts, private so our unmount stays ours.
+        child = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+             "echo ready && exec sleep infinity"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        self.addCleanup(child.stdout.close)
+        self.assertEqual("ready\n", child.stdout.readline())
+        unmount(path)
+        self.assertFalse(is_mounted(path))
+
+        e = self.assertRaises(VolumeBusy, self.a.detach_volume, dataset_id)
+        self.assertEqual((device,), e.devices)
+        self.assertTrue(os.path.exists(os.path.join(self.root, "attachments",
+                                                    f"{dataset_id}.json")))
+        self.assertEqual([device], [d.device for d in self.a.leftovers().pending_detaches])
+        self.assertEqual((), self.b.leftovers().pending_detaches)
+        e = self.assertRaises(AlreadyAttached, self.b.attach_volume, dataset_id, NODE_B)
+        self.assertEqual(NODE_A, e.holder)
+
+        child.kill()
+        child.wait()
+        self.assertEqual([BlockVolume(dataset_id=dataset_id, size=SIZE)],
+                         self.b.list_volumes())
+        device = self.b.attach_volume(dataset_id, NODE_B).device_path
+        path = self.mount(device, "mnt-b")
+        with open(os.path.join(path, "data")) as f:
+            self.assertEqual("kept", f.read())
+
+    def test_stale_record_is_this_nodes_leftover(self) -> None:
+        """A record whose device vanished (a reboot) is a leftover of its node only."""
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        self.a.attach_volume(dataset_id, NODE_A)
+        detach_loop_devices_under(self.root)
+        self.assertEqual(Leftovers(stale_records=(dataset_id,)), self.a.leftovers())
+        self.assertEqual(Leftovers(), self.b.leftovers())
+
+    def test_unrecorded_device(self) -> None:
+        """
+        A loop device on a volume file with no record is reported as unrecorded, listed
+        with no holder, and blocks attaching.
+        """
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        device = self.losetup(os.path.join(self.root, "volumes", f"{dataset_id}.img"))
+        self.assertEqual([device], [d.device for d in self.b.leftovers().unrecorded_devices])
+        self.assertEqual([BlockVolume(dataset_id=dataset_id, size=SIZE, device_path=device)],
+                         self.a.list_volumes())
+        e = self.assertRaises(AlreadyAttached, self.a.attach_volume, dataset_id, NODE_A)
+        self.assertEqual((None, device), (e.holder, e.device))
+        self.assertIn(f"losetup -d {device}", str(e))
+        self.a.detach_volume(dataset_id)
+        self.assertEqual([], self.devices_under_root())
+
+    def test_stray_files_ignored(self) -> None:
+        """Files in the volumes folder that cannot be volumes are not listed."""
+        self.a.list_volumes()
+        for name in ["not a volume.img", "notes.txt"]:
+            open(os.path.join(self.root, "volumes", name), "w").close()
+        self.assertEqual([], self.a.list_volumes())
+
+    def test_crash_after_losetup(self) -> None:
+        """
+        A record still without its device (the agent died right after losetup) still
+        names the device's owner, which can detach it.
+        """
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        with open(os.path.join(self.root, "attachments", f"{dataset_id}.json"), "w") as f:
+            json.dump({"version": 1, "dataset_id": dataset_id, "node_uuid": NODE_A,
+                       "device": None}, f)
+        device = self.losetup(os.path.join(self.root, "volumes", f"{dataset_id}.img"))
+        self.assertEqual([BlockVolume(dataset_id=dataset_id, size=SIZE, attached_to=NODE_A,
+                                      device_path=device)], self.b.list_volumes())
+        self.assertEqual(device, self.a.get_device_path(dataset_id))
+        self.a.detach_volume(dataset_id)
+        self.assertEqual(([], Leftovers()), (self.devices_under_root(), self.a.leftovers()))
+
+    def test_other_leftovers(self) -> None:
+        """
+        Orphan records, unreadable records, temporary files and devices on deleted volume
+        files are all reported.
+        """
+        orphan, deleted = str(uuid.uuid4()), str(uuid.uuid4())
+        records = os.path.join(self.root, "attachments")
+        self.a.list_volumes()
+        with open(os.path.join(records, f"{orphan}.json"), "w") as f:
+            json.dump({"version": 1, "dataset_id": orphan, "node_uuid": NODE_A,
+                       "device": None}, f)
+        with open(os.path.join(records, "garbage.json"), "w") as f:
+            f.write("{not json")
+        with open(os.path.join(records, f".{orphan}.json.tmp"), "w") as f:
+            f.write("{")
+        self.a.create_volume(deleted, SIZE)
+        image = os.path.join(self.root, "volumes", f"{deleted}.img")
+        device = self.losetup(image)
+        os.unlink(image)
+        leftovers = self.a.leftovers()
+        self.assertEqual(
+            ((orphan,), [(device, image)], (os.path.join(records, "garbage.json"),),
+             (os.path.join(records, f".{orphan}.json.tmp"),)),
+            (leftovers.orphan_records,
+             [(d.device, d.backing_file) for d in leftovers.deleted_file_devices],
+             leftovers.unreadable_records, leftovers.temporary_files))
+        self.assertEqual((), self.b.leftovers().orphan_records)
+        self.a.create_volume(orphan, SIZE)
+        self.assertEqual((), self.a.leftovers().orphan_records)
+
+    def test_foreign_devices_ignored(self) -> None:
+        """Loop devices backed by files outside the root are none of the backend's business."""
+        outside = os.path.join(self.root + "-outside.img")
+        self.addCleanup(os.unlink, outside)
+        with open(outside, "wb") as f:
+            f.truncate(SIZE)
+        self.losetup(outside)
+        self.assertEqual(((), Leftovers()), (self.a.snapshot().devices, self.a.leftovers()))
+
+    def test_concurrent_attach(self) -> None:
+        """Two nodes attaching one volume at once: exactly one wins, the other is refused."""
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        barrier = threading.Barrier(2)
+        results = {}
+
+        def attach(backend: LoopbackBackend) -> None:
+            barrier.wait()
+            try:
+                results[backend.node_uuid] = backend.attach_volume(dataset_id,
+                                                                   backend.node_uuid)
+            except AlreadyAttached as e:
+                results[backend.node_uuid] = e
+        threads = [threading.Thread(target=attach, args=(b,)) for b in (self.a, self.b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        winners = [v for v in results.values() if isinstance(v, BlockVolume)]
+        losers = [v for v in results.values() if isinstance(v, AlreadyAttached)]
+        self.assertEqual((1, 1), (len(winners), len(losers)))
+        self.assertEqual(winners[0].attached_to, losers[0].holder)
+        self.assertEqual(1, len(self.devices_under_root()))
+
+    def test_get_device_path_of_stale_record(self) -> None:
+        """After a reboot, the former holder's ``get_device_path`` raises UnattachedVolume."""
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        self.a.attach_volume(dataset_id, NODE_A)
+        detach_loop_devices_under(self.root)
+        self.assertRaises(UnattachedVolume, self.a.get_device_path, dataset_id)
+
+    def test_default_size(self) -> None:
+        """``default_size`` sets the size of volumes created without one, rounded up."""
+        backend = LoopbackBackend(self.root, NODE_A, default_size=SIZE + 1)
+        self.assertEqual(SIZE + 1024 * 1024, backend.create_volume(str(uuid.uuid4())).size)

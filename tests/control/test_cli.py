@@ -1,0 +1,795 @@
+"""
+Tests for the ``pyflock`` command line: its command core run against a small in-memory
+control service (a Klein app speaking just enough of API.md, reached through StubTreq),
+its configuration precedence, its errors, and once as a real process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from klein import Klein
+from pyrsistent import pmap
+from treq.client import HTTPClient
+from treq.testing import StubTreq
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import Agent
+
+from pyflock.common._client import ControlClient, IControlClient
+from pyflock.common._model import (
+    ConfigurationError, Configuration, Dataset, DatasetDeleted, DatasetIdTaken,
+    DatasetNotFound, LeaseHeld, LeaseNotFound, NameTaken,
+)
+from pyflock.control._cli import (
+    EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, Settings, default_client_factory,
+    format_table, run, short_ids,
+)
+
+GiB = 1024 ** 3
+
+NODE_1 = "11111111-aaaa-4aaa-8aaa-000000000001"
+NODE_2 = "22222222-bbbb-4bbb-8bbb-000000000002"
+NODE_3 = "22223333-cccc-4ccc-8ccc-000000000003"
+UNKNOWN_NODE = "99999999-dddd-4ddd-8ddd-000000000009"
+PGDATA = "aaaa1111-0000-4000-8000-000000000001"
+WEB = "aaaa2222-0000-4000-8000-000000000002"
+UNNAMED = "bbbb0000-0000-4000-8000-000000000003"
+GONE = "cccc0000-0000-4000-8000-000000000004"
+
+
+class FakeControl:
+    """
+    A control service in memory: the real configuration model behind the API's routes,
+    nodes and reported dataset states set by the test, and a clock it sets too.
+    """
+
+    app = Klein()
+
+    def __init__(self):
+        self.configuration = Configuration()
+        self.nodes: list[dict] = []
+        self.states: list[dict] = []
+        self.now = 1000.0
+        self.requests: list[tuple[str, str, object]] = []
+
+    def add(self, dataset_id, primary, name=None, size=None, deleted=False):
+        """Configure a dataset directly."""
+        metadata = {} if name is None else {"name": name}
+        self.configuration = self.configuration.create(Dataset(
+            dataset_id=dataset_id, primary=primary, maximum_size=size,
+            metadata=pmap(metadata)))
+        if deleted:
+            self.configuration = self.configuration.delete(self.now, dataset_id)
+
+    def _json(self, request, value, code=200):
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"x-configuration-tag",
+                          str(self.configuration.generation).encode())
+        return json.dumps(value).encode()
+
+    def _body(self, request):
+        body = json.loads(request.content.read())
+        self.requests.append((request.method.decode(), request.path.decode(), body))
+        return body
+
+    @staticmethod
+    def _dataset(dataset):
+        return {"dataset_id": dataset.dataset_id, "primary": dataset.primary,
+                "maximum_size": dataset.maximum_size, "metadata": dict(dataset.metadata),
+                "deleted": dataset.deleted}
+
+    def _lease(self, lease):
+        return {"dataset_id": lease.dataset_id, "node_uuid": lease.node_uuid,
+                "expires": lease.remaining(self.now)}
+
+    @app.handle_errors(ConfigurationError)
+    def _refused(self, request, failure):
+        error = failure.value
+        code, description = {
+            DatasetNotFound: (404, "Dataset not found."),
+            DatasetDeleted: (405, "The dataset has been deleted."),
+            DatasetIdTaken: (409, "The provided dataset_id is already in use."),
+            NameTaken: (409, f"The name {getattr(error, 'name', '')!r} is already used by "
+                             f"dataset {getattr(error, 'dataset_id', '')}."),
+            LeaseHeld: (409, f"Lease already held by node "
+                             f"{getattr(error, 'node_uuid', '')}."),
+            LeaseNotFound: (404, "Lease not found."),
+        }[type(error)]
+        return self._json(request, {"description": description}, code)
+
+    @app.route("/v1/version", methods=["GET"])
+    def version(self, request):
+        """The versions."""
+        return self._json(request, {"flocker": "0.1.0", "pyflock": "0.1.0"})
+
+    @app.route("/v1/configuration/datasets", methods=["GET"])
+    def list_datasets(self, request):
+        """Every dataset."""
+        return self._json(request, [self._dataset(d) for d in
+                                    self.configuration.datasets.values()])
+
+    @app.route("/v1/configuration/datasets", methods=["POST"])
+    def create(self, request):
+        """A new dataset, with the next predictable id."""
+        body = self._body(request)
+        dataset = Dataset(
+            dataset_id=body.get("dataset_id", f"dddd{len(self.configuration.datasets):04d}"
+                                              "-0000-4000-8000-000000000000"),
+            primary=body["primary"], maximum_size=body.get("maximum_size"),
+            metadata=pmap(body.get("metadata", {})))
+        self.configuration = self.configuration.create(dataset)
+        return self._json(request, self._dataset(dataset), 201)
+
+    @app.route("/v1/configuration/datasets/<dataset_id>", methods=["POST"])
+    def update(self, request, dataset_id):
+        """Move and/or rename."""
+        body = self._body(request)
+        self.configuration = self.configuration.update(
+            self.now, dataset_id, primary=body.get("primary"), metadata=body.get("metadata"))
+        return self._json(request, self._dataset(self.configuration.datasets[dataset_id]))
+
+    @app.route("/v1/configuration/datasets/<dataset_id>", methods=["DELETE"])
+    def delete(self, request, dataset_id):
+        """Mark deleted."""
+        self.requests.append(("DELETE", request.path.decode(), None))
+        self.configuration = self.configuration.delete(self.now, dataset_id)
+        return self._json(request, self._dataset(self.configuration.datasets[dataset_id]))
+
+    @app.route("/v1/state/datasets", methods=["GET"])
+    def state_datasets(self, request):
+        """The states the test set."""
+        return self._json(request, self.states)
+
+    @app.route("/v1/state/nodes", methods=["GET"])
+    def state_nodes(self, request):
+        """The nodes the test set."""
+        return self._json(request, self.nodes)
+
+    @app.route("/v1/configuration/leases", methods=["GET"])
+    def list_leases(self, request):
+        """Every lease."""
+        return self._json(request, [self._lease(lease) for lease in
+                                    self.configuration.leases.values()])
+
+    @app.route("/v1/configuration/leases", methods=["POST"])
+    def acquire(self, request):
+        """Take or renew a lease."""
+        body = self._body(request)
+        renewed = body["dataset_id"] in self.configuration.leases
+        self.configuration = self.configuration.acquire_lease(
+            self.now, body["dataset_id"], body["node_uuid"], body["expires"])
+        return self._json(request, self._lease(self.configuration.leases[body["dataset_id"]]),
+                          200 if renewed else 201)
+
+    @app.route("/v1/configuration/leases/<dataset_id>", methods=["DELETE"])
+    def release(self, request, dataset_id):
+        """Drop a lease."""
+        lease = self.configuration.leases.get(dataset_id)
+        self.configuration = self.configuration.release_lease(dataset_id)
+        return self._json(request, self._lease(lease))
+
+
+def _cluster() -> FakeControl:
+    """A control service with three nodes, four datasets, one mounted, one leased."""
+    server = FakeControl()
+    server.nodes = [
+        {"uuid": NODE_1, "host": "10.0.0.1", "alive": True, "last_seen": 1.2},
+        {"uuid": NODE_2, "host": "10.0.0.2", "alive": True, "last_seen": 3},
+        {"uuid": NODE_3, "host": "10.0.0.2", "alive": False, "last_seen": 125},
+    ]
+    server.add(PGDATA, NODE_1, name="pgdata", size=10 * GiB)
+    server.add(WEB, NODE_2, name="web")
+    server.add(UNNAMED, NODE_1, size=3 * GiB // 2)
+    server.add(GONE, NODE_2, name="old", deleted=True)
+    server.configuration = server.configuration.acquire_lease(server.now, UNNAMED, NODE_1,
+                                                              42)
+    server.states = [
+        {"dataset_id": PGDATA, "primary": NODE_1, "maximum_size": 10 * GiB,
+         "path": f"/var/lib/pyflock/mounts/{PGDATA}", "state": "mounted"},
+        {"dataset_id": UNNAMED, "primary": NODE_1, "maximum_size": 3 * GiB // 2,
+         "state": "attached"},
+    ]
+    return server
+
+
+def _temporary_folder(testcase) -> Path:
+    """A new empty folder, removed when ``testcase`` ends."""
+    folder = Path(tempfile.mkdtemp(prefix="pyflock-cli-"))
+    testcase.addCleanup(shutil.rmtree, folder, True)
+    return folder
+
+
+class CLITestCase(SynchronousTestCase):
+    """Runs the CLI's core against ``self.server`` and records the settings it used."""
+
+    def setUp(self):
+        self.server = _cluster()
+        self.home = _temporary_folder(self)
+        self.settings: list[Settings] = []
+
+    def client_factory(self, settings: Settings) -> IControlClient:
+        """A client of ``self.server`` through StubTreq."""
+        self.settings.append(settings)
+        return ControlClient(StubTreq(self.server.app.resource()), settings.base_url)
+
+    def cli(self, *argv, env=None, factory=None):
+        """Run ``pyflock argv``; (exit status, stdout, stderr)."""
+        if env is None:
+            env = {"PYFLOCK_CONTROL_SERVICE": "control.example", "PYFLOCK_USER": "alice",
+                   "HOME": str(self.home)}
+        stdout, stderr = io.StringIO(), io.StringIO()
+        code = self.successResultOf(run(list(argv), factory or self.client_factory,
+                                        stdout, stderr, env))
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    def assertOneLineError(self, result, code, *fragments):
+        """``result`` failed with ``code`` and one line on stderr holding ``fragments``."""
+        status, out, err = result
+        self.assertEqual((code, ""), (status, out), err)
+        self.assertEqual(1, err.count("\n"), err)
+        self.assertTrue(err.endswith("\n"))
+        self.assertNotIn("Traceback", err)
+        for fragment in fragments:
+            self.assertIn(fragment, err)
+        return err
+
+
+class ReadTests(CLITestCase):
+    """Listing commands print aligned tables, or JSON with the API's fields."""
+
+    def test_version(self):
+        """``version`` shows the client's and the service's versions."""
+        code, out, err = self.cli("version")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertIn("control service: pyflock 0.1.0 (API version 0.1.0)", out)
+        self.assertTrue(out.startswith("client:          pyflock "))
+
+    def test_version_json(self):
+        """``version --json`` prints the API's object plus the client's version."""
+        code, out, _ = self.cli("version", "--json")
+        value = json.loads(out)
+        self.assertEqual(("0.1.0", "0.1.0"), (value["flocker"], value["pyflock"]))
+        self.assertIn("client", value)
+
+    def test_list(self):
+        """``list`` shows live datasets by name with size, node, state, lease and path."""
+        code, out, err = self.cli("list")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertEqual(
+            "DATASET   NAME    SIZE  PRIMARY              STATE     LEASE                    "
+            "PATH\n"
+            "aaaa1111  pgdata  10G   11111111 (10.0.0.1)  mounted   -                        "
+            f"/var/lib/pyflock/mounts/{PGDATA}\n"
+            "aaaa2222  web     -     22222222 (10.0.0.2)  pending   -                        "
+            "-\n"
+            "bbbb0000  -       1.5G  11111111 (10.0.0.1)  attached  11111111 (10.0.0.1) 42s  "
+            "-\n",
+            out)
+
+    def test_list_all(self):
+        """``list --all`` also shows deleted datasets, marked deleted."""
+        _, out, _ = self.cli("list", "--all")
+        self.assertIn("cccc0000  old", out)
+        self.assertIn("deleted", out.splitlines()[-1])
+        _, out, _ = self.cli("list")
+        self.assertNotIn("cccc0000", out)
+
+    def test_list_json(self):
+        """``list --json`` gives the API's dataset fields plus state, path and lease."""
+        _, out, _ = self.cli("list", "--json")
+        value = json.loads(out)
+        self.assertEqual([PGDATA, WEB, UNNAMED], [d["dataset_id"] for d in value])
+        self.assertEqual({"dataset_id": PGDATA, "primary": NODE_1, "maximum_size": 10 * GiB,
+                          "metadata": {"name": "pgdata"}, "deleted": False,
+                          "state": "mounted", "path": f"/var/lib/pyflock/mounts/{PGDATA}",
+                          "lease": None}, value[0])
+        self.assertEqual({"node_uuid": NODE_1, "expires": 42.0}, value[2]["lease"])
+
+    def test_list_empty(self):
+        """With no datasets, ``list`` prints only the header."""
+        self.server.configuration = Configuration()
+        _, out, _ = self.cli("list")
+        self.assertEqual("DATASET  NAME  SIZE  PRIMARY  STATE  LEASE  PATH\n", out)
+
+    def test_list_moving(self):
+        """A dataset reported only on a node other than its primary shows as moving."""
+        self.server.states = [{"dataset_id": WEB, "primary": NODE_1, "maximum_size": None,
+                               "state": "mounted", "path": "/x"}]
+        _, out, _ = self.cli("list")
+        web = [line for line in out.splitlines() if " web " in line][0]
+        self.assertEqual(["aaaa2222", "web", "-", "22222222", "(10.0.0.2)", "moving", "-",
+                          "-"], web.split())
+
+    def test_list_nodes(self):
+        """``list-nodes`` shows each node's short id, address, liveness and datasets."""
+        code, out, err = self.cli("list-nodes")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertEqual(
+            "NODE      ADDRESS   ALIVE  LAST SEEN  DATASETS\n"
+            "11111111  10.0.0.1  yes    1s ago     2\n"
+            "22222222  10.0.0.2  yes    3s ago     1\n"
+            "22223333  10.0.0.2  no     2m05s ago  0\n", out)
+
+    def test_list_nodes_json(self):
+        """``list-nodes --json`` gives the API's node objects."""
+        _, out, _ = self.cli("list-nodes", "--json")
+        self.assertEqual(sorted(self.server.nodes, key=lambda n: n["uuid"]),
+                         sorted(json.loads(out), key=lambda n: n["uuid"]))
+
+    def test_leases_list(self):
+        """``leases list`` shows each lease's dataset, name, node and time left."""
+        code, out, err = self.cli("leases", "list")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertEqual("DATASET   NAME  NODE                 EXPIRES\n"
+                         "bbbb0000  -     11111111 (10.0.0.1)  in 42s\n", out)
+
+    def test_leases_list_json(self):
+        """``leases list --json`` gives the API's lease objects."""
+        _, out, _ = self.cli("leases", "list", "--json")
+        self.assertEqual([{"dataset_id": UNNAMED, "node_uuid": NODE_1, "expires": 42.0}],
+                         json.loads(out))
+
+
+class ChangeTests(CLITestCase):
+    """Commands that change the configuration send the right request and say what
+    happened."""
+
+    def test_create(self):
+        """``create`` sends node, size in bytes and metadata, and names the new dataset."""
+        code, out, err = self.cli("create", "--node", "10.0.0.1", "--size", "10G",
+                                  "--metadata", "profile=gold,team=db", "--name", "pg2")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertEqual([("POST", "/v1/configuration/datasets",
+                           {"primary": NODE_1, "maximum_size": 10 * GiB,
+                            "metadata": {"profile": "gold", "team": "db", "name": "pg2"}})],
+                         self.server.requests)
+        self.assertEqual("Created dataset dddd0004-0000-4000-8000-000000000000 (pg2), 10G, "
+                         "on node 11111111 (10.0.0.1).\n", out)
+
+    def test_create_minimal_json(self):
+        """``create --json`` without size or metadata prints the API's dataset object."""
+        code, out, _ = self.cli("create", "--node", "1111", "--json")
+        self.assertEqual(EXIT_OK, code)
+        self.assertEqual([("POST", "/v1/configuration/datasets", {"primary": NODE_1})],
+                         self.server.requests)
+        self.assertEqual({"dataset_id": "dddd0004-0000-4000-8000-000000000000",
+                          "primary": NODE_1, "maximum_size": None, "metadata": {},
+                          "deleted": False}, json.loads(out))
+
+    def test_create_size_rounded(self):
+        """A size that is not whole KiB is rounded up to whole KiB before it is sent."""
+        self.cli("create", "--node", NODE_1, "--size", "100000001")
+        self.assertEqual(100000768, self.server.requests[0][2]["maximum_size"])
+
+    def test_create_on_unknown_uuid(self):
+        """A full node uuid is accepted even before that node has reported."""
+        code, _, _ = self.cli("create", "--node", UNKNOWN_NODE)
+        self.assertEqual(EXIT_OK, code)
+        self.assertEqual(UNKNOWN_NODE, self.server.requests[0][2]["primary"])
+
+    def test_create_name_taken(self):
+        """A taken name is refused by the service; its reason is shown on one line."""
+        self.assertOneLineError(self.cli("create", "--node", NODE_1, "--name", "pgdata"),
+                                EXIT_FAILED, "pyflock: error: The name 'pgdata' is "
+                                             f"already used by dataset {PGDATA}.")
+
+    def test_create_bad_size(self):
+        """An unreadable size is a usage error showing sizes that work."""
+        self.assertOneLineError(self.cli("create", "--node", NODE_1, "--size", "10X"),
+                                EXIT_USAGE, "pyflock create: error: argument --size: not a "
+                                            "size: '10X'", "10G", "500M")
+
+    def test_create_small_size(self):
+        """A size below the 64 MiB minimum is refused before asking the service."""
+        self.assertOneLineError(self.cli("create", "--node", NODE_1, "--size", "10M"),
+                                EXIT_USAGE, "10M is below the smallest dataset size, 64M")
+        self.assertEqual([], self.settings)
+
+    def test_create_bad_metadata(self):
+        """Metadata that is not KEY=VALUE is a usage error saying how to write it."""
+        self.assertOneLineError(self.cli("create", "--node", NODE_1, "--metadata", "x"),
+                                EXIT_USAGE, "'x' is not KEY=VALUE")
+
+    def test_create_name_disagrees(self):
+        """``--name`` and a different ``--metadata name=`` are refused."""
+        self.assertOneLineError(
+            self.cli("create", "--node", NODE_1, "--name", "a", "--metadata", "name=b"),
+            EXIT_USAGE, "--name 'a' and --metadata name='b' disagree")
+        self.assertEqual([], self.server.requests)
+
+    def test_create_unknown_node(self):
+        """A node nothing matches is refused naming what was given."""
+        self.assertOneLineError(self.cli("create", "--node", "10.9.9.9"), EXIT_FAILED,
+                                "no node has the uuid, uuid prefix or address '10.9.9.9'")
+
+    def test_create_ambiguous_address(self):
+        """An address shared by two nodes is refused, listing both."""
+        self.assertOneLineError(self.cli("create", "--node", "10.0.0.2"), EXIT_FAILED,
+                                "'10.0.0.2' is the address of 2 nodes", NODE_2, NODE_3)
+
+    def test_create_ambiguous_prefix(self):
+        """A uuid prefix shared by two nodes is refused, listing both."""
+        self.assertOneLineError(self.cli("create", "--node", "2222"), EXIT_FAILED,
+                                "'2222' is the uuid prefix of 2 nodes", NODE_2, NODE_3)
+
+    def test_move_by_name(self):
+        """``move NAME --to NODE`` moves the named dataset and says from where to where."""
+        code, out, err = self.cli("move", "pgdata", "--to", "22222")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertEqual([("POST", f"/v1/configuration/datasets/{PGDATA}",
+                           {"primary": NODE_2})], self.server.requests)
+        self.assertEqual(f"Moving dataset {PGDATA} (pgdata) from node 11111111 (10.0.0.1) "
+                         "to node 22222222 (10.0.0.2).\n", out)
+
+    def test_move_by_prefix_json(self):
+        """A unique id prefix names a dataset; ``--json`` prints the moved dataset."""
+        code, out, _ = self.cli("move", "bbbb", "--to", NODE_1, "--json")
+        self.assertEqual(EXIT_OK, code)
+        self.assertEqual((UNNAMED, NODE_1), (json.loads(out)["dataset_id"],
+                                             json.loads(out)["primary"]))
+
+    def test_move_already_there(self):
+        """Moving a dataset to the node it is on says so."""
+        _, out, _ = self.cli("move", PGDATA, "--to", NODE_1)
+        self.assertEqual(f"Dataset {PGDATA} (pgdata) is already on node 11111111 "
+                         "(10.0.0.1).\n", out)
+
+    def test_move_ambiguous(self):
+        """A prefix of two datasets' ids is refused, listing both with their names."""
+        err = self.assertOneLineError(self.cli("move", "aaaa", "--to", NODE_2), EXIT_FAILED,
+                                      "'aaaa' matches 2 datasets:", f"{PGDATA} (pgdata)",
+                                      f"{WEB} (web)")
+        self.assertIn("give more of the id", err)
+        self.assertEqual([], self.server.requests)
+
+    def test_move_leased_elsewhere(self):
+        """A move refused because another node holds the lease names that node."""
+        self.assertOneLineError(self.cli("move", "bbbb", "--to", NODE_2), EXIT_FAILED,
+                                f"Lease already held by node {NODE_1}.")
+
+    def test_move_unknown_dataset(self):
+        """A dataset nothing matches is refused, pointing at ``pyflock list``."""
+        self.assertOneLineError(self.cli("move", "nope", "--to", NODE_2), EXIT_FAILED,
+                                "no dataset has the id, id prefix or name 'nope'",
+                                "'pyflock list'")
+
+    def test_move_unknown_uuid(self):
+        """A full uuid is passed to the service as is, which answers it is not found."""
+        self.assertOneLineError(self.cli("move", UNKNOWN_NODE, "--to", NODE_2), EXIT_FAILED,
+                                "pyflock: error: Dataset not found.")
+
+    def test_deleted_name_not_matched(self):
+        """A deleted dataset's name no longer names it."""
+        self.assertOneLineError(self.cli("destroy", "old"), EXIT_FAILED,
+                                "no dataset has the id, id prefix or name 'old'")
+
+    def test_destroy(self):
+        """``destroy NAME`` deletes that dataset and says so."""
+        code, out, err = self.cli("destroy", "web")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertEqual([("DELETE", f"/v1/configuration/datasets/{WEB}", None)],
+                         self.server.requests)
+        self.assertEqual(f"Deleted dataset {WEB} (web); its node removes the data.\n", out)
+        self.assertTrue(self.server.configuration.datasets[WEB].deleted)
+
+    def test_destroy_json(self):
+        """``destroy --json`` prints the deleted dataset's object."""
+        _, out, _ = self.cli("destroy", "web", "--json")
+        self.assertTrue(json.loads(out)["deleted"])
+
+    def test_destroy_leased(self):
+        """Destroying a leased dataset is refused with the service's reason."""
+        self.assertOneLineError(self.cli("destroy", UNNAMED), EXIT_FAILED,
+                                f"Lease already held by node {NODE_1}.")
+
+    def test_lease_acquire(self):
+        """``leases acquire`` takes a lease for the node with the expiry given."""
+        code, out, err = self.cli("leases", "acquire", "pgdata", "--node", "10.0.0.1",
+                                  "--expires", "90")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertEqual([("POST", "/v1/configuration/leases",
+                           {"dataset_id": PGDATA, "node_uuid": NODE_1, "expires": 90.0})],
+                         self.server.requests)
+        self.assertEqual(f"Node 11111111 (10.0.0.1) holds the lease on dataset {PGDATA} "
+                         "(pgdata) for 1m30s.\n", out)
+
+    def test_lease_acquire_forever_json(self):
+        """Without ``--expires`` the lease never expires; ``--json`` prints the lease."""
+        _, out, _ = self.cli("leases", "acquire", "web", "--node", NODE_2, "--json")
+        self.assertEqual({"dataset_id": WEB, "node_uuid": NODE_2, "expires": None},
+                         json.loads(out))
+
+    def test_lease_acquire_held(self):
+        """A lease another node holds is refused naming the holder."""
+        self.assertOneLineError(
+            self.cli("leases", "acquire", UNNAMED, "--node", NODE_2), EXIT_FAILED,
+            f"Lease already held by node {NODE_1}.")
+
+    def test_lease_bad_expiry(self):
+        """A non-positive expiry is a usage error."""
+        self.assertOneLineError(
+            self.cli("leases", "acquire", "web", "--node", NODE_2, "--expires", "0"),
+            EXIT_USAGE, "'0' is not a number of seconds greater than 0")
+
+    def test_lease_release(self):
+        """``leases release`` drops the lease and names the node that held it."""
+        code, out, err = self.cli("leases", "release", "bbbb")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertEqual(f"Released node 11111111 (10.0.0.1)'s lease on dataset "
+                         f"{UNNAMED}.\n", out)
+        self.assertNotIn(UNNAMED, self.server.configuration.leases)
+
+    def test_lease_release_none(self):
+        """Releasing a lease nobody holds reports the service's answer."""
+        self.assertOneLineError(self.cli("leases", "release", "web"), EXIT_FAILED,
+                                "pyflock: error: Lease not found.")
+
+
+class SettingsTests(CLITestCase):
+    """Settings come from flags, else the environment, else cli.yml, else defaults."""
+
+    def write_config(self, text, folder=None):
+        """Write cli.yml under ``folder`` (default $HOME/.config/pyflock)."""
+        folder = folder or self.home / ".config" / "pyflock"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cli.yml").write_text(text)
+
+    def only(self):
+        """The one Settings the CLI used."""
+        self.assertEqual(1, len(self.settings))
+        return self.settings[0]
+
+    def test_precedence(self):
+        """A flag beats the environment, which beats cli.yml, which beats the default."""
+        self.write_config("control-service: from-file\ncontrol-port: 1111\n"
+                          "certs-path: /file/certs\nuser: file-user\n")
+        env = {"HOME": str(self.home), "PYFLOCK_CONTROL_SERVICE": "from-env",
+               "PYFLOCK_CONTROL_PORT": "2222", "PYFLOCK_USER": "env-user"}
+        code, _, err = self.cli("--control-service", "from-flag", "--certs-path", "/flag",
+                                "version", env=env)
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertEqual(Settings(control_service="from-flag", control_port=2222,
+                                  certs_path="/flag", user="env-user"), self.only())
+        self.assertEqual({"control-service": "--control-service",
+                          "control-port": "PYFLOCK_CONTROL_PORT", "certs-path": "--certs-path",
+                          "user": "PYFLOCK_USER"}, dict(self.only().origins))
+
+    def test_file(self):
+        """cli.yml alone is enough; a relative certs-path there is relative to the file."""
+        self.write_config("control-service: 10.0.0.9\ncontrol-port: 4600\n"
+                          "certs-path: certs\nuser: bob\n")
+        code, _, _ = self.cli("version", env={"HOME": str(self.home)})
+        self.assertEqual(EXIT_OK, code)
+        self.assertEqual(Settings(control_service="10.0.0.9", control_port=4600,
+                                  certs_path=str(self.home / ".config/pyflock/certs"),
+                                  user="bob"), self.only())
+        self.assertEqual("https://10.0.0.9:4600", self.only().base_url)
+
+    def test_xdg_config_home(self):
+        """cli.yml is read from $XDG_CONFIG_HOME/pyflock when that is set."""
+        xdg = self.home / "xdg"
+        self.write_config("control-service: xdg-host\nuser: carol\n", xdg / "pyflock")
+        self.write_config("control-service: home-host\nuser: dave\n")
+        self.cli("version", env={"HOME": str(self.home), "XDG_CONFIG_HOME": str(xdg)})
+        self.assertEqual(("xdg-host", "carol"), (self.only().control_service,
+                                                 self.only().user))
+
+    def test_defaults(self):
+        """Port 4523 and the current folder are the defaults."""
+        self.cli("version")
+        self.assertEqual(Settings(control_service="control.example", control_port=4523,
+                                  certs_path=os.path.abspath("."), user="alice"),
+                         self.only())
+
+    def test_ipv6(self):
+        """An IPv6 address is bracketed in the URL."""
+        self.cli("--control-service", "::1", "version")
+        self.assertEqual("https://[::1]:4523", self.only().base_url)
+
+    def test_no_control_service(self):
+        """Without a control service anywhere, the error says the three ways to give one."""
+        self.assertOneLineError(
+            self.cli("list", env={"HOME": str(self.home), "PYFLOCK_USER": "a"}),
+            EXIT_UNREACHABLE, "no control service given: use --control-service HOST, set "
+                              "PYFLOCK_CONTROL_SERVICE, or put 'control-service: HOST' in "
+                              f"{self.home}/.config/pyflock/cli.yml")
+
+    def test_no_user(self):
+        """Without a user anywhere, the error says how to give one."""
+        self.assertOneLineError(
+            self.cli("list", env={"HOME": str(self.home), "PYFLOCK_CONTROL_SERVICE": "h"}),
+            EXIT_UNREACHABLE, "no API user given: use --user NAME")
+
+    def test_bad_port(self):
+        """A port that is not a number is refused naming where it came from."""
+        self.assertOneLineError(self.cli("--control-port", "http", "list"), EXIT_USAGE,
+                                "--control-port: 'http' is not a port number")
+
+    def test_bad_yaml(self):
+        """A cli.yml that is not YAML is refused naming the file."""
+        self.write_config("control-service: [unclosed\n")
+        self.assertOneLineError(self.cli("list", env={"HOME": str(self.home)}),
+                                EXIT_UNREACHABLE, "cli.yml is not valid YAML")
+
+    def test_unknown_key(self):
+        """A misspelt key in cli.yml is refused, listing the keys."""
+        self.write_config("contol-service: x\n")
+        self.assertOneLineError(self.cli("list", env={"HOME": str(self.home)}),
+                                EXIT_UNREACHABLE, "unknown key 'contol-service'",
+                                "control-service, control-port, certs-path, user")
+
+    def test_file_not_read_when_unneeded(self):
+        """A broken cli.yml does not matter when flags and environment give everything."""
+        self.write_config("{{{")
+        code, _, _ = self.cli("--control-port", "1", "--certs-path", "/c", "version")
+        self.assertEqual(EXIT_OK, code)
+
+
+class ErrorTests(CLITestCase):
+    """Whatever goes wrong is one line on stderr and a non-zero exit, never a traceback."""
+
+    def test_no_command(self):
+        """No subcommand is a usage error."""
+        self.assertOneLineError(self.cli(), EXIT_USAGE, "pyflock: error: the following "
+                                                        "arguments are required: COMMAND")
+
+    def test_unknown_option(self):
+        """An unknown option is a usage error pointing at the help."""
+        self.assertOneLineError(self.cli("list", "--colour"), EXIT_USAGE,
+                                "unrecognized arguments: --colour", "see 'pyflock --help'")
+
+    def test_global_option_after_command(self):
+        """A global option after the subcommand is refused with a hint where it goes."""
+        self.assertOneLineError(self.cli("list", "--user", "bob"), EXIT_USAGE,
+                                "go before the subcommand")
+
+    def test_help(self):
+        """``--help`` prints every subcommand on stdout and succeeds."""
+        code, out, err = self.cli("--help")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        for command in ("version", "list-nodes", "list", "create", "move", "destroy",
+                        "leases"):
+            self.assertIn(command, out)
+        code, out, _ = self.cli("leases", "acquire", "--help")
+        self.assertEqual(EXIT_OK, code)
+        self.assertIn("--expires SECONDS", out)
+
+    def test_unreachable(self):
+        """A refused connection says where the CLI tried and where that came from."""
+        reactor = MemoryReactorClock()
+
+        class Endpoints:
+            def endpointForURI(self, uri):
+                return TCP4ClientEndpoint(reactor, uri.host.decode(), uri.port)
+
+        def factory(settings):
+            agent = Agent.usingEndpointFactory(reactor, Endpoints())
+            return ControlClient(HTTPClient(agent), settings.base_url)
+
+        err = io.StringIO()
+        d = run(["list-nodes"], factory, io.StringIO(), err,
+                {"HOME": str(self.home), "PYFLOCK_CONTROL_SERVICE": "127.0.0.1",
+                 "PYFLOCK_CONTROL_PORT": "4999", "PYFLOCK_USER": "alice"})
+        host, port, client_factory, _, _ = reactor.tcpClients[0]
+        self.assertEqual(("127.0.0.1", 4999), (host, port))
+        client_factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(EXIT_UNREACHABLE, self.successResultOf(d))
+        self.assertEqual("pyflock: error: cannot reach the control service at "
+                         "127.0.0.1:4999: connection refused (is pyflock-control running "
+                         "and listening there?) (control service from "
+                         "PYFLOCK_CONTROL_SERVICE)\n", err.getvalue())
+
+    def test_unexpected(self):
+        """A bug becomes one line asking for a report, not a traceback."""
+        def factory(settings):
+            raise ZeroDivisionError("division by zero")
+        self.assertOneLineError(self.cli("list", factory=factory), EXIT_FAILED,
+                                "unexpected ZeroDivisionError: division by zero",
+                                "PYFLOCK_DEBUG=1")
+
+    def test_server_error(self):
+        """A 500 answer shows the service's description and the status."""
+        def factory(settings):
+            from treq.testing import StringStubbingResource
+            return ControlClient(StubTreq(StringStubbingResource(
+                lambda *a: (500, {}, b'{"description": "Internal error."}'))),
+                settings.base_url)
+        self.assertOneLineError(self.cli("list", factory=factory), EXIT_FAILED,
+                                "pyflock: error: Internal error. (HTTP 500)")
+
+
+class CertificateTests(SynchronousTestCase):
+    """The real client factory checks the certificates before connecting."""
+
+    def setUp(self):
+        from pyflock.common.testing import make_cluster_certificates
+        self.folder = _temporary_folder(self)
+        make_cluster_certificates(self.folder, nodes=0, users=("alice",))
+
+    def run_with(self, user="alice", folder=None):
+        """Run ``list`` with the real client factory on a memory reactor."""
+        err = io.StringIO()
+        env = {"PYFLOCK_CONTROL_SERVICE": "127.0.0.1", "PYFLOCK_USER": user,
+               "PYFLOCK_CERTS_PATH": str(folder or self.folder)}
+        code = self.successResultOf(run(["list"], default_client_factory(
+            MemoryReactorClock()), io.StringIO(), err, env))
+        return code, err.getvalue()
+
+    def test_makes_client(self):
+        """With every file present, the factory makes a client of the settings' URL."""
+        client = default_client_factory(MemoryReactorClock())(Settings(
+            control_service="127.0.0.1", control_port=4523, certs_path=str(self.folder),
+            user="alice"))
+        self.assertEqual("<ControlClient https://127.0.0.1:4523>", repr(client))
+
+    def test_missing_user_certificate(self):
+        """A missing user certificate names the file and the pyflock-ca command."""
+        code, err = self.run_with(user="bob")
+        self.assertEqual(EXIT_UNREACHABLE, code)
+        self.assertEqual(1, err.count("\n"))
+        self.assertIn(f"{self.folder}/bob.crt is missing: create the certificate of API "
+                      "user 'bob' with 'pyflock-ca create-api-certificate bob'", err)
+
+    def test_missing_cluster_certificate(self):
+        """A missing cluster.crt names the file and where it comes from."""
+        (self.folder / "cluster.crt").unlink()
+        code, err = self.run_with()
+        self.assertEqual(EXIT_UNREACHABLE, code)
+        self.assertIn(f"{self.folder}/cluster.crt is missing", err)
+        self.assertIn("pyflock-ca initialize", err)
+
+    def test_broken_certificate(self):
+        """An unreadable certificate is refused naming it."""
+        (self.folder / "alice.crt").write_text("garbage")
+        code, err = self.run_with()
+        self.assertEqual(EXIT_UNREACHABLE, code)
+        self.assertIn("cannot use the certificates:", err)
+        self.assertIn("alice.crt", err)
+
+
+class HelperTests(SynchronousTestCase):
+    """The table and short-id helpers."""
+
+    def test_short_ids(self):
+        """Short ids are 8 characters unless two ids share more."""
+        self.assertEqual({"aaaaaaaaa1": "aaaaaaaaa1", "aaaaaaaaa2": "aaaaaaaaa2",
+                          "bbbbbbbbbb": "bbbbbbbb"},
+                         short_ids(["aaaaaaaaa1", "aaaaaaaaa2", "bbbbbbbbbb"]))
+
+    def test_table(self):
+        """Columns are as wide as their widest cell, two spaces apart, no trailing space."""
+        self.assertEqual("A    BB\nccc  d\n", format_table(["A", "BB"], [["ccc", "d"]]))
+
+
+def test_console_script(tmp_path):
+    """The installed ``pyflock`` reports a refused connection in one line, exit status 3."""
+    from pyflock.common.testing import make_cluster_certificates
+
+    make_cluster_certificates(tmp_path, nodes=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(sys.executable).parent / "pyflock"
+    result = subprocess.run(
+        [str(script), "--control-service", "127.0.0.1", "--control-port", str(port),
+         "--certs-path", str(tmp_path), "--user", "alice", "list"],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)})
+    assert (result.returncode, result.stdout) == (EXIT_UNREACHABLE, "")
+    assert result.stderr == (f"pyflock: error: cannot reach the control service at "
+                             f"127.0.0.1:{port}: connection refused (is pyflock-control "
+                             "running and listening there?) (control service from "
+                             "--control-service)\n")
