@@ -50,7 +50,7 @@ class ConfigurationService:
         self.pending = config
         self._in_flight = 0
         self._broken: Optional[str] = None
-        self._listeners: list[Callable[[Configuration], None]] = []
+        self._listeners: list[Callable[[Configuration, tuple[str, ...]], None]] = []
         self._expiry: Optional[LoopingCall] = None
 
     @classmethod
@@ -76,8 +76,12 @@ class ConfigurationService:
         """The current time on the service's clock."""
         return self._reactor.seconds()
 
-    def subscribe(self, listener: Callable[[Configuration], None]) -> None:
-        """Call ``listener`` with every newly committed configuration."""
+    def subscribe(self, listener: Callable[[Configuration, tuple[str, ...]], None]) -> None:
+        """
+        Call ``listener(config, dataset_ids)`` with every newly committed configuration
+        and the ids of the datasets (or their leases) that the change touched; after a
+        recovery from a store failure ``dataset_ids`` is ``None``: anything may have changed.
+        """
         self._listeners.append(listener)
 
     def change(self, dataset_ids: Iterable[str],
@@ -94,11 +98,12 @@ class ConfigurationService:
             return succeed(new)
         self.pending = new
         self._in_flight += 1
-        d = self._store.write(StoreWrite.of(new, dataset_ids))
-        d.addBoth(self._written, new)
+        write = StoreWrite.of(new, dataset_ids)
+        d = self._store.write(write)
+        d.addBoth(self._written, new, tuple(i for i, _ in write.datasets))
         return d
 
-    def _written(self, result, config: Configuration):
+    def _written(self, result, config: Configuration, touched: tuple[str, ...]):
         self._in_flight -= 1
         if isinstance(result, Failure):
             reason = result.value
@@ -114,7 +119,7 @@ class ConfigurationService:
         if self._broken is not None and self._in_flight == 0:
             self._recover()
         for listener in self._listeners:
-            listener(self.committed)
+            listener(self.committed, touched)
         return config
 
     def _recover(self) -> None:
@@ -126,6 +131,8 @@ class ConfigurationService:
             def done(_):
                 self.committed = self.pending = config
                 self._broken = None
+                for listener in self._listeners:
+                    listener(config, None)
                 log_event(_log, "pyflock:control:store-recovered",
                           generation=config.generation)
             return d.addCallback(done)

@@ -30,11 +30,11 @@ import attr
 from zope.interface import implementer
 
 from pyflock.agent._backends._interface import (
-    GiB, MiB, AlreadyAttached, BlockVolume, IBlockDeviceBackend, UnattachedVolume,
-    UnknownVolume, VolumeBusy, VolumeExists, check_dataset_id, check_node_uuid,
-    is_valid_dataset_id, round_size,
+    GiB, MiB, AlreadyAttached, BlockVolume, IBlockDeviceBackend, InvalidVolumeRequest,
+    UnattachedVolume, UnknownVolume, VolumeBusy, VolumeExists, check_dataset_id,
+    check_node_uuid, is_valid_dataset_id, round_size,
 )
-from pyflock.agent._fs import run_command
+from pyflock.agent._fs import CommandFailed, run_command
 
 #: The loopback backend's allocation unit.
 ALLOCATION_UNIT = MiB
@@ -274,6 +274,13 @@ class LoopbackBackend:
             try:
                 os.ftruncate(fd, size)
                 os.fsync(fd)
+            except (OSError, OverflowError) as e:
+                os.unlink(temporary)
+                if isinstance(e, OverflowError) or e.errno == errno.EFBIG:
+                    raise InvalidVolumeRequest(
+                        f"volume size {size} is too large for the filesystem holding "
+                        f"{self.root_path}") from None
+                raise
             finally:
                 os.close(fd)
             os.rename(temporary, path)
@@ -299,7 +306,7 @@ class LoopbackBackend:
             self._write_record(AttachmentRecord(dataset_id, node_uuid, None))
             try:
                 device = run_command(["losetup", "-f", "--show", path]).strip()
-            except BaseException:
+            except CommandFailed:
                 self._remove_record(dataset_id)
                 raise
             self._write_record(AttachmentRecord(dataset_id, node_uuid, device))

@@ -18,7 +18,12 @@ from pyflock.agent._fs import (
 
 SIZE = 64 * 1024 * 1024
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")
+
+
+def needs_root(test):
+    """Mark ``test`` as an integration test on real loop devices, skipped unless root."""
+    test = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")(test)
+    return pytest.mark.integration(test)
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._backends import (
-    AlreadyAttached, BlockVolume, Leftovers, LoopbackBackend, UnattachedVolume, VolumeBusy,
+    AlreadyAttached, BlockVolume, InvalidVolumeRequest, Leftovers, LoopbackBackend,
+    UnattachedVolume, VolumeBusy,
 )
 from pyflock.agent._backends._loopback import release_loop_device, scan_loop_devices
 from pyflock.agent._backends.testing import (
@@ -262,3 +263,10 @@ class LoopbackBackendTests(SynchronousTestCase):
         """``default_size`` sets the size of volumes created without one, rounded up."""
         backend = LoopbackBackend(self.root, NODE_A, default_size=SIZE + 1)
         self.assertEqual(SIZE + 1024 * 1024, backend.create_volume(str(uuid.uuid4())).size)
+
+    def test_too_large(self) -> None:
+        """A size no file can have is refused with ``InvalidVolumeRequest``, leaving nothing."""
+        e = self.assertRaises(InvalidVolumeRequest, self.a.create_volume,
+                              str(uuid.uuid4()), 2 ** 63)
+        self.assertIn("too large", str(e))
+        self.assertEqual([], os.listdir(os.path.join(self.root, "volumes")))

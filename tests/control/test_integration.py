@@ -236,6 +236,8 @@ async def test_authorization_matrix(controls, clients, cluster, tmp_path):
     a, b = cluster.node_uuids
     node_a, node_b = clients(control, a, openapi), clients(control, b, openapi)
     cluster_crt = cluster.path / "cluster.crt"
+    assert (await alice.get("/v1/version?accepted")).code == 200
+    assert requests_seen(control, "accepted")  # so an empty list below means something
 
     other_folder = tmp_path / "other"
     other_folder.mkdir()
