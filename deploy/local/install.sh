@@ -6,7 +6,7 @@ set -euo pipefail
 venv=${1:-.venv}
 cd "$(dirname "$0")/../.."
 
-packages=(docker.io containerd runc busybox-static btrfs-progs e2fsprogs util-linux
+packages=(docker.io containerd runc busybox-static btrfs-progs e2fsprogs util-linux mount
           iproute2 etcd-server etcd-client openssl curl python3-venv)
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,158 @@
+"""
+``agent.yml``: read and validated once, at start, into typed values.
+
+A bad file is refused with the key and the reason (``dataset.backend: 'zfs' is not one of
+['loopback', 'btrfs', 'ebs']``); everything after this module works with ``AgentConfig``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import attr
+import yaml
+from jsonschema import Draft202012Validator
+
+from pyflock.common._sizes import parse_size
+
+DEFAULT_CERTIFICATES = "/etc/pyflock"
+DEFAULT_DATA_PATH = "/var/lib/pyflock"
+DEFAULT_SOCKET = "/run/docker/plugins/pyflock.sock"
+DEFAULT_LOOPBACK_ROOT = "/var/lib/pyflock/loopback"
+DEFAULT_SIZE = 10 * 1024 ** 3
+
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+_PATH = {"type": "string", "minLength": 1, "pattern": "^/"}
+_SIZE = {"type": ["string", "integer"]}
+
+SCHEMA = {
+    "type": "object",
+    "required": ["version", "control-service", "dataset"],
+    "additionalProperties": False,
+    "properties": {
+        "version": {"const": 1},
+        "control-service": {
+            "type": "object", "required": ["hostname"], "additionalProperties": False,
+            "properties": {"hostname": {"type": "string", "minLength": 1},
+                           "port": _PORT, "api-port": _PORT}},
+        "certificates": _PATH,
+        "data-path": _PATH,
+        "mount-root": _PATH,
+        "node": {"type": "object", "additionalProperties": False,
+                 "properties": {"address": {"type": "string", "minLength": 1},
+                                "peer-port": _PORT}},
+        "dataset": {
+            "type": "object", "required": ["backend"],
+            "properties": {"backend": {"enum": ["loopback", "btrfs", "ebs"]}},
+            "allOf": [
+                {"if": {"properties": {"backend": {"const": "loopback"}}},
+                 "then": {"properties": {"backend": True, "root_path": _PATH,
+                                         "default_size": _SIZE},
+                          "additionalProperties": False}},
+                {"if": {"properties": {"backend": {"const": "btrfs"}}},
+                 "then": {"properties": {"backend": True, "pool": _PATH, "pool_size": _SIZE,
+                                         "default_size": _SIZE},
+                          "additionalProperties": False}},
+                {"if": {"properties": {"backend": {"const": "ebs"}}},
+                 "then": {"required": ["region", "zone"],
+                          "properties": {"backend": True, "region": {"type": "string"},
+                                         "zone": {"type": "string"}, "default_size": _SIZE},
+                          "additionalProperties": False}},
+            ]},
+        "plugin": {"type": "object", "additionalProperties": False,
+                   "properties": {"socket": _PATH}},
+    },
+}
+_VALIDATOR = Draft202012Validator(SCHEMA)
+
+
+class ConfigError(Exception):
+    """The configuration file is missing or invalid; the message names the key and why."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AgentConfig:
+    """A validated ``agent.yml``."""
+
+    control_hostname: str
+    control_port: int = 4524
+    control_api_port: int = 4523
+    certificates: str = DEFAULT_CERTIFICATES
+    data_path: str = DEFAULT_DATA_PATH
+    mount_root: str = DEFAULT_DATA_PATH + "/mounts"
+    address: Optional[str] = None
+    peer_port: int = 4525
+    backend: str = "loopback"
+    backend_options: dict = attr.ib(factory=dict)
+    default_size: int = DEFAULT_SIZE
+    plugin_socket: str = DEFAULT_SOCKET
+
+    @property
+    def state_path(self) -> str:
+        """Where the agent keeps its own state (view of the cluster, mount counts)."""
+        return os.path.join(self.data_path, "agent")
+
+
+def parse_config(document) -> AgentConfig:
+    """Validate a parsed YAML document into an ``AgentConfig`` or raise ``ConfigError``."""
+    errors = sorted(_VALIDATOR.iter_errors(document), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors:
+            where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+            lines.append(f"{where}: {e.message}")
+        raise ConfigError("; ".join(lines))
+    control = document["control-service"]
+    node = document.get("node", {})
+    dataset = dict(document["dataset"])
+    backend = dataset.pop("backend")
+    try:
+        default_size = parse_size(str(dataset.pop("default_size", DEFAULT_SIZE)))
+    except ValueError as e:
+        raise ConfigError(f"dataset.default_size: {e}")
+    data_path = document.get("data-path", DEFAULT_DATA_PATH)
+    if backend == "loopback":
+        dataset.setdefault("root_path", os.path.join(data_path, "loopback"))
+    return AgentConfig(
+        control_hostname=control["hostname"], control_port=control.get("port", 4524),
+        control_api_port=control.get("api-port", 4523),
+        certificates=document.get("certificates", DEFAULT_CERTIFICATES),
+        data_path=data_path,
+        mount_root=document.get("mount-root", os.path.join(data_path, "mounts")),
+        address=node.get("address"), peer_port=node.get("peer-port", 4525),
+        backend=backend, backend_options=dataset, default_size=default_size,
+        plugin_socket=document.get("plugin", {}).get("socket", DEFAULT_SOCKET))
+
+
+def load_config(path: str) -> AgentConfig:
+    """Read and validate the agent configuration file at ``path``."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the agent configuration ({e.strerror})")
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}")
+    try:
+        return parse_config(document)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}")
+
+
+def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
+    """The kernel's boot id: it changes at every reboot."""
+    return Path(path).read_text().strip()
+
+
+def compute_era(boot: str, node_uuid: str) -> str:
+    """
+    The era of a node: changes when the host reboots (the boot id) and differs between
+    agents on one host (the node uuid). A UUID-shaped string.
+    """
+    digest = hashlib.sha256(f"{boot}\0{node_uuid}".encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
