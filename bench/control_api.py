@@ -25,7 +25,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from _harness import (
     BENCH_USER, Context, ControlService, Section, Target, format_ms, load_average,
-    make_certificates, own_cpu_seconds, percentile, start_control_service,
+    machine_cpu_seconds, make_certificates, own_cpu_seconds, percentile, start_control_service,
 )
 from pyflock.common._model import Dataset
 from pyflock.common._tls import treq_client
@@ -62,6 +62,7 @@ class CaseResult:
     latencies: tuple[float, ...]
     server_cpu_seconds: float
     client_cpu_seconds: float
+    other_cpu_seconds: float
     load_before: tuple[float, ...]
     load_after: tuple[float, ...]
     first_error: str
@@ -86,6 +87,7 @@ class CaseResult:
             "server_cpu_ms_per_request": round(
                 self.server_cpu_seconds / max(1, self.requests) * 1000, 3),
             "client_cpu_seconds": round(self.client_cpu_seconds, 3),
+            "other_processes_cpu_seconds": round(self.other_cpu_seconds, 3),
             "load_before": list(self.load_before), "load_after": list(self.load_after),
             "first_error": self.first_error or None,
         }
@@ -166,6 +168,7 @@ async def run_case(reactor, service: ControlService, clients: list, name: str,
     first_error = ""
     load_before = tuple(round(x, 2) for x in load_average())
     server_before, client_before = service.cpu_seconds(), own_cpu_seconds()
+    machine_before = machine_cpu_seconds()
     began = time.perf_counter()
     deadline = began + seconds
     issued = 0
@@ -187,11 +190,13 @@ async def run_case(reactor, service: ControlService, clients: list, name: str,
 
     await gatherResults([ensure(client(http)) for http in clients])
     elapsed = time.perf_counter() - began
+    server = service.cpu_seconds() - server_before
+    client = own_cpu_seconds() - client_before
+    others = max(0.0, machine_cpu_seconds() - machine_before - server - client)
     return CaseResult(
         operation=name, clients=len(clients), requests=len(latencies) + errors,
         errors=errors, seconds=elapsed, latencies=tuple(latencies),
-        server_cpu_seconds=service.cpu_seconds() - server_before,
-        client_cpu_seconds=own_cpu_seconds() - client_before,
+        server_cpu_seconds=server, client_cpu_seconds=client, other_cpu_seconds=others,
         load_before=load_before, load_after=tuple(round(x, 2) for x in load_average()),
         first_error=first_error)
 
@@ -203,8 +208,9 @@ def ensure(coroutine) -> Deferred:
 
 def _table(cases: list[CaseResult]) -> str:
     lines = ["| operation | clients | requests | req/s | p50 | p99 | max | "
-             "server CPU / request | client CPU share | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "server CPU / request | CPU cores used: server, clients, other processes "
+             "| errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for case in cases:
         ok = case.latencies
         lines.append(
@@ -214,7 +220,9 @@ def _table(cases: list[CaseResult]) -> str:
             f"{format_ms(percentile(ok, 99) if ok else None)} | "
             f"{format_ms(max(ok) if ok else None)} | "
             f"{format_ms(case.server_cpu_seconds / max(1, case.requests))} | "
-            f"{case.client_cpu_seconds / case.seconds:.0%} | {case.errors} |")
+            f"{case.server_cpu_seconds / case.seconds:.2f}, "
+            f"{case.client_cpu_seconds / case.seconds:.2f}, "
+            f"{case.other_cpu_seconds / case.seconds:.2f} | {case.errors} |")
     return "\n".join(lines)
 
 

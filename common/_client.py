@@ -518,7 +518,7 @@ class ControlClient:
 
         async def go() -> str:
             _, body = await self._call("GET", path)
-            return self._parse("GET", path, lambda v: _field(v, "node_uuid", (str,)), body)
+            return self._parse("GET", path, lambda v: _field(v, "uuid", (str,)), body)
         return Deferred.fromCoroutine(go())
 
     def acquire_lease(self, dataset_id: str, node_uuid: str,

@@ -11,7 +11,7 @@ from uuid import uuid4
 
 from klein import Klein
 from pyrsistent import pmap
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -140,7 +140,7 @@ class ControlAPI:
 
     @app.handle_errors(Exception)
     def _internal(self, request, failure):
-        log_event(_log, "pyflock:control:request-failed", traceback=failure.getTraceback(),
+        log_event(_log, "pyflock:control:request-failed", LogLevel.error, traceback=failure.getTraceback(),
                   path=request.path.decode("utf-8", "replace"))
         request.setResponseCode(500)
         request.setHeader(b"content-type", b"application/json")
@@ -228,7 +228,7 @@ class ControlAPI:
             body = [dataset_to_json(d) for d in config.datasets.values()
                     if not d.deleted or d.dataset_id in held]
             self._list_cache = (key, json.dumps(body).encode("utf-8"))
-        request.setHeader(b"x-configuration-tag", str(config.generation).encode("ascii"))
+        request.setHeader(b"x-configuration-tag", self._configuration.tag.encode("ascii"))
         return self._json(request, self._list_cache[1])
 
     @app.route("/v1/configuration/datasets", methods=["POST"])
@@ -327,7 +327,7 @@ class ControlAPI:
         node = self._cluster.state.node_by_era(era)
         if node is None:
             raise APIError(404, "No node found with given era.")
-        return self._json(request, {"node_uuid": node.uuid})
+        return self._json(request, {"uuid": node.uuid})
 
     @app.route("/v1/configuration/leases", methods=["GET"])
     def list_leases(self, request):

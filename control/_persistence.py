@@ -10,12 +10,13 @@ renew it before it expires.
 
 from __future__ import annotations
 
+import secrets
 from typing import Callable, Iterable, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from pyflock.common._logging import log_event
@@ -52,6 +53,7 @@ class ConfigurationService:
         self._broken: Optional[str] = None
         self._listeners: list[Callable[[Configuration, tuple[str, ...]], None]] = []
         self._expiry: Optional[LoopingCall] = None
+        self._epoch = secrets.token_hex(4)
 
     @classmethod
     def load(cls, store: IConfigurationStore, reactor: IReactorTime,
@@ -64,13 +66,17 @@ class ConfigurationService:
 
     @property
     def tag(self) -> str:
-        """The configuration tag readers see: the committed generation. O(1)."""
-        return str(self.committed.generation)
+        """
+        The configuration tag readers see: the committed generation, prefixed with a
+        value drawn at start, so that a tag from before a restart (or a restored backup,
+        whose generations repeat) never matches. O(1).
+        """
+        return f"{self._epoch}-{self.committed.generation}"
 
     @property
     def pending_tag(self) -> str:
         """The tag of the latest accepted configuration, for compare-and-swap."""
-        return str(self.pending.generation)
+        return f"{self._epoch}-{self.pending.generation}"
 
     def now(self) -> float:
         """The current time on the service's clock."""
@@ -109,11 +115,12 @@ class ConfigurationService:
             reason = result.value
             if self._broken is None:
                 self._broken = f"configuration store write failed: {reason}"
-                log_event(_log, "pyflock:control:store-write-failed",
+                log_event(_log, "pyflock:control:store-write-failed", LogLevel.error,
                           reason=str(reason))
+            error = StoreUnavailable(self._broken)
             if self._in_flight == 0:
                 self._recover()
-            return fail(StoreUnavailable(self._broken))
+            return fail(error)
         # The store completes writes in submission order, so the latest is the newest.
         self.committed = config
         if self._broken is not None and self._in_flight == 0:
@@ -138,7 +145,7 @@ class ConfigurationService:
             return d.addCallback(done)
 
         def still_broken(failure):
-            log_event(_log, "pyflock:control:store-recovery-failed",
+            log_event(_log, "pyflock:control:store-recovery-failed", LogLevel.error,
                       reason=str(failure.value))
             self._reactor.callLater(1.0, self._recover)
         self._store.load().addCallback(reloaded).addErrback(still_broken)
@@ -158,7 +165,7 @@ class ConfigurationService:
     def start_lease_expiry(self, interval: float = 1.0) -> None:
         """Expire leases every ``interval`` seconds until ``stop``."""
         self._expiry = LoopingCall(lambda: self.expire_leases().addErrback(
-            lambda f: log_event(_log, "pyflock:control:lease-expiry-failed",
+            lambda f: log_event(_log, "pyflock:control:lease-expiry-failed", LogLevel.warn,
                                 reason=str(f.value))))
         self._expiry.clock = self._reactor
         self._expiry.start(interval, now=False)

@@ -72,8 +72,8 @@ NODE = {
     "additionalProperties": False,
 }
 
-NODE_BY_ERA = {"type": "object", "required": ["node_uuid"],
-               "properties": {"node_uuid": UUID}, "additionalProperties": False}
+NODE_BY_ERA = {"type": "object", "required": ["uuid"],
+               "properties": {"uuid": UUID}, "additionalProperties": False}
 
 LEASE = {
     "type": "object", "required": ["dataset_id", "node_uuid", "expires"],

@@ -200,7 +200,7 @@ class RequestTests(SynchronousTestCase):
     def test_node_by_era(self):
         """``node_by_era`` GETs the era's URL and returns the node uuid."""
         result = self.call([expect(b"get", "/state/nodes/by_era/abc-123",
-                                   {"node_uuid": NODE})],
+                                   {"uuid": NODE})],
                            lambda c: c.node_by_era("abc-123"))
         self.assertEqual(NODE, result)
 

@@ -432,5 +432,5 @@ class StateTests(SynchronousTestCase):
 
     def test_by_era(self):
         """A node is found by its era; an unknown era answers 404."""
-        self.assertEqual(self.req("GET", "/v1/state/nodes/by_era/era-a").json, {"node_uuid": A})
+        self.assertEqual(self.req("GET", "/v1/state/nodes/by_era/era-a").json, {"uuid": A})
         self.assertEqual(self.req("GET", "/v1/state/nodes/by_era/zzz").code, 404)

@@ -1,0 +1,77 @@
+"""agent.yml validation and the node's era."""
+
+import pytest
+
+from pyflock.agent._config import (
+    DEFAULT_SIZE, ConfigError, compute_era, load_config, parse_config,
+)
+
+MINIMAL = {"version": 1, "control-service": {"hostname": "control.example"},
+           "dataset": {"backend": "loopback"}}
+
+
+def test_minimal_defaults():
+    """A minimal file gets DESIGN.md's defaults for every other key."""
+    config = parse_config(MINIMAL)
+    assert (config.control_port, config.control_api_port, config.certificates,
+            config.data_path, config.mount_root, config.peer_port, config.plugin_socket,
+            config.default_size, config.backend_options) == (
+        4524, 4523, "/etc/pyflock", "/var/lib/pyflock", "/var/lib/pyflock/mounts", 4525,
+        "/run/docker/plugins/pyflock.sock", DEFAULT_SIZE,
+        {"root_path": "/var/lib/pyflock/loopback"})
+
+
+def test_full_file(tmp_path):
+    """Every key is read from the file, sizes in binary units."""
+    path = tmp_path / "agent.yml"
+    path.write_text("""
+version: 1
+control-service: {hostname: 127.0.0.1, port: 14524, api-port: 14523}
+certificates: /c
+data-path: /d
+mount-root: /m
+node: {address: 127.0.0.11, peer-port: 14525}
+dataset: {backend: loopback, root_path: /l, default_size: 1G}
+plugin: {socket: /s.sock}
+""")
+    config = load_config(str(path))
+    assert (config.control_hostname, config.control_port, config.control_api_port,
+            config.address, config.peer_port, config.default_size, config.plugin_socket,
+            config.backend_options, config.mount_root, config.state_path) == (
+        "127.0.0.1", 14524, 14523, "127.0.0.11", 14525, 1024 ** 3, "/s.sock",
+        {"root_path": "/l"}, "/m", "/d/agent")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dataset": {"backend": "zfs"}}, "dataset.backend: 'zfs' is not one of"),
+    ({"version": 2}, "version: 1 was expected"),
+    ({"control-service": {"port": 4524}}, "'hostname' is a required property"),
+    ({"control-service": {"hostname": "x", "port": 70000}}, "control-service.port"),
+    ({"data-path": "relative"}, "data-path: 'relative' does not match"),
+    ({"dataset": {"backend": "loopback", "pool": "/x"}}, "'pool' was unexpected"),
+    ({"dataset": {"backend": "ebs"}}, "'region' is a required property"),
+    ({"dataset": {"backend": "loopback", "default_size": "lots"}}, "dataset.default_size"),
+    ({"surprise": 1}, "'surprise' was unexpected"),
+])
+def test_bad_file_names_key(change, message):
+    """A bad key is refused with the key and the reason."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_config({**MINIMAL, **change})
+
+
+def test_not_yaml(tmp_path):
+    """A file that is not YAML, or missing, is refused naming the file."""
+    path = tmp_path / "agent.yml"
+    path.write_text("version: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "missing.yml"))
+
+
+def test_era_per_boot_and_node():
+    """The era changes with the boot id and differs between nodes on one host."""
+    a = "aaaaaaaa-0000-4000-8000-000000000001"
+    b = "bbbbbbbb-0000-4000-8000-000000000002"
+    assert compute_era("boot1", a) == compute_era("boot1", a)
+    assert len({compute_era("boot1", a), compute_era("boot2", a), compute_era("boot1", b)}) == 3
