@@ -13,7 +13,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,10 +68,39 @@ class Section:
 
 @attr.s(frozen=True, auto_attribs=True)
 class Context:
-    """What ``bench/run.py`` hands each benchmark: a fresh scratch folder and a progress log."""
+    """
+    What ``bench/run.py`` hands each benchmark: a fresh scratch folder, a progress log, and
+    where to put profiles of the processes under test (None: do not profile).
+    """
 
     workdir: Path
     log: Callable[[str], None]
+    profile_dir: Optional[Path] = None
+
+
+class Profiler:
+    """
+    ``py-spy record`` sampling process ``pid`` for ``seconds`` into ``output`` (an SVG
+    flame graph). py-spy samples without stopping the process (``--nonblocking``), so
+    profiling costs the measured process little; it still takes CPU of its own.
+    """
+
+    def __init__(self, pid: int, seconds: float, output: Path):
+        executable = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(executable).exists():
+            raise RuntimeError("profiling needs py-spy: pip install py-spy")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.output = output
+        self._process = subprocess.Popen(
+            [executable, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+             "--rate", "200", "--nonblocking", "--format", "flamegraph", "-o", str(output)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait(self) -> None:
+        """Wait for the profile to be written (call once the measured work is over)."""
+        _, errors = self._process.communicate(timeout=60)
+        if self._process.returncode != 0:
+            raise RuntimeError(f"py-spy failed: {errors.decode('utf-8', 'replace').strip()}")
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -291,7 +322,7 @@ def format_ms(seconds: Optional[float]) -> str:
 
 
 __all__ = [
-    "BENCH_USER", "Context", "ControlService", "Section", "Target", "describe_machine",
+    "BENCH_USER", "Context", "ControlService", "Profiler", "Section", "Target", "describe_machine",
     "format_ms", "load_average", "machine_cpu_seconds", "make_certificates", "own_cpu_seconds", "percentile",
     "process_cpu_seconds", "start_control_service",
 ]

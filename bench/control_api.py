@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 from uuid import uuid4
 
 import attr
@@ -24,7 +25,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.client import HTTPConnectionPool
 
 from _harness import (
-    BENCH_USER, Context, ControlService, Section, Target, format_ms, load_average,
+    BENCH_USER, Context, ControlService, Profiler, Section, Target, format_ms, load_average,
     machine_cpu_seconds, make_certificates, own_cpu_seconds, percentile, start_control_service,
 )
 from pyflock.common._model import Dataset
@@ -158,11 +159,14 @@ async def _one(http, operation: Callable) -> tuple[bool, str, bytes]:
 
 async def run_case(reactor, service: ControlService, clients: list, name: str,
                    operation: Callable, seconds: float = CASE_SECONDS,
-                   max_requests: int = MAX_REQUESTS) -> CaseResult:
+                   max_requests: int = MAX_REQUESTS,
+                   profile: Optional[Path] = None) -> CaseResult:
     """
     Run ``operation`` from every client in ``clients`` at once, each waiting for its answer
-    before its next request, for ``seconds`` or ``max_requests`` requests in all.
+    before its next request, for ``seconds`` or ``max_requests`` requests in all; with
+    ``profile``, write a flame graph of the service there.
     """
+    profiler = None if profile is None else Profiler(service.pid, seconds, profile)
     latencies: list[float] = []
     errors = 0
     first_error = ""
@@ -173,7 +177,7 @@ async def run_case(reactor, service: ControlService, clients: list, name: str,
     deadline = began + seconds
     issued = 0
 
-    async def client(http):
+    async def one_client(http):
         nonlocal errors, first_error, issued
         while issued < max_requests and time.perf_counter() < deadline:
             issued += 1
@@ -188,11 +192,13 @@ async def run_case(reactor, service: ControlService, clients: list, name: str,
                 errors += 1
                 first_error = first_error or error
 
-    await gatherResults([ensure(client(http)) for http in clients])
+    await gatherResults([ensure(one_client(http)) for http in clients])
     elapsed = time.perf_counter() - began
     server = service.cpu_seconds() - server_before
     client = own_cpu_seconds() - client_before
     others = max(0.0, machine_cpu_seconds() - machine_before - server - client)
+    if profiler is not None:
+        profiler.wait()
     return CaseResult(
         operation=name, clients=len(clients), requests=len(latencies) + errors,
         errors=errors, seconds=elapsed, latencies=tuple(latencies),
@@ -283,8 +289,10 @@ async def benchmark(reactor, context: Context) -> Section:
             raise RuntimeError(f"the service lists {listed} datasets, not {DATASETS}")
         for name in ("list", "move", "create"):
             for count in CLIENTS:
+                profile = None if context.profile_dir is None else \
+                    context.profile_dir / f"control_api-{name}-{count}.svg"
                 case = await run_case(reactor, service, clients[:count], name,
-                                      getattr(operations, name))
+                                      getattr(operations, name), profile=profile)
                 context.log(f"{name} x{count}: {case.requests_per_second:.0f} req/s, "
                             f"p50 {format_ms(percentile(case.latencies, 50)) if case.latencies else 'n/a'}"
                             f", {case.errors} errors")

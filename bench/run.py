@@ -3,11 +3,13 @@ Run pyflock's benchmarks and write the report: ``python bench/run.py --output
 docs/benchmarks.md`` (what ``make bench`` runs).
 
 Each name in ``BENCHMARKS`` is a module in ``bench/`` with
-``async def benchmark(reactor, context: _harness.Context) -> _harness.Section``; the
-modules run one after another, each in its own scratch folder, and their sections go into
-the markdown report in this order, their JSON into ``bench/results/latest.json``. To add a
-benchmark, write such a module and append its name here. A module that fails is reported
-as failed (and the run exits 1) without stopping the others.
+``async def benchmark(reactor, context: _harness.Context) -> _harness.Section``, or one
+that ``ADAPTERS`` turns into a section (a module with an interface of its own, such as
+store_write_rate.py, which also runs alone). They run one after another, each in its own
+scratch folder; their sections go into the markdown report in this order, their JSON into
+``bench/results/latest.json``. To add a benchmark, write such a module and append its name
+to ``BENCHMARKS``. A benchmark that fails is reported as failed (and the run exits 1)
+without stopping the others.
 """
 
 from __future__ import annotations
@@ -22,15 +24,57 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from _harness import Context, Section, describe_machine, load_average  # noqa: E402
+from _harness import (  # noqa: E402
+    Context, Section, describe_machine, format_ms, load_average,
+)
 
 #: The benchmark modules, in the order they run and appear in the report.
 BENCHMARKS = ("control_api", "store_write_rate")
+
+#: Seconds each case of store_write_rate.py runs here (it runs 2 cases).
+STORE_CASE_SECONDS = 3.0
+
+
+async def _store_write_rate(reactor, context: Context) -> Section:
+    """bench/store_write_rate.py's measurement of the store alone, as a report section."""
+    import store_write_rate
+    options = argparse.Namespace(data_dir=str(context.workdir), preload=10_000,
+                                 seconds=STORE_CASE_SECONDS)
+    results = await store_write_rate.run(reactor, options)
+    rows = [f"| {c['writers']} | {c['writes']} | {c['ops_per_second']:.0f} | "
+            f"{format_ms(c['p50_latency_ms'] / 1000)} | "
+            f"{format_ms(c['p99_latency_ms'] / 1000)} | {c['writes_per_transaction']} |"
+            for c in results["cases"]]
+    for case in results["cases"]:
+        context.log(f"store, {case['writers']} writers: {case['ops_per_second']:.0f} "
+                    f"writes/s")
+    markdown = "\n".join([
+        "## Configuration store: durable write rate",
+        "",
+        "The SQLite store alone (`bench/store_write_rate.py`), in this process, no HTTP: "
+        f"a store holding {results['preloaded_datasets']:,} datasets takes one-dataset "
+        "`StoreWrite`s from closed-loop writers, each waiting until its write is durable "
+        "(WAL, `synchronous=FULL`) before the next; concurrent writes share a transaction "
+        f"(group commit). SQLite {results['machine']['sqlite']}, each case "
+        f"{STORE_CASE_SECONDS:.0f} s. This bounds the REST API's durable create/move "
+        "rate from above: the difference is the cost of HTTP, TLS and the service's "
+        "Python code.",
+        "",
+        "| writers | writes | writes/s | p50 | p99 | writes per transaction |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ])
+    return Section(name="store_write_rate", markdown=markdown, results=results)
+
+
+#: Benchmarks whose module has an interface of its own, and what runs them here.
+ADAPTERS = {"store_write_rate": _store_write_rate}
 
 DEFAULT_JSON = BENCH / "results" / "latest.json"
 
@@ -49,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="folder for the benchmarks' stores and certificates (default: "
                              "a new temporary folder, removed afterwards). Its filesystem "
                              "decides what a durable write costs.")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="also write py-spy flame graphs of the services under test "
+                             "into DIR (needs py-spy; the numbers then include its cost)")
     return parser
 
 
@@ -62,14 +109,17 @@ def _failed_section(name: str, error: str) -> Section:
                             f"```\n{error}\n```\n")
 
 
-async def _run_one(reactor, name: str, workdir: Path) -> tuple[Section, bool]:
+async def _run_one(reactor, name: str, workdir: Path,
+                   profile_dir: Optional[Path]) -> tuple[Section, bool]:
     """Run benchmark module ``name``; (its section, whether it succeeded)."""
     try:
-        module = importlib.import_module(name)
-        benchmark = getattr(module, "benchmark", None)
+        benchmark = ADAPTERS.get(name)
+        if benchmark is None:
+            benchmark = getattr(importlib.import_module(name), "benchmark", None)
         if benchmark is None:
             raise TypeError(f"bench/{name}.py has no benchmark(reactor, context) function")
-        section = await benchmark(reactor, Context(workdir=workdir, log=_log))
+        section = await benchmark(reactor, Context(workdir=workdir, log=_log,
+                                                   profile_dir=profile_dir))
         if not isinstance(section, Section):
             raise TypeError(f"bench/{name}.py's benchmark() returned {section!r}, "
                             f"not a _harness.Section")
@@ -153,7 +203,9 @@ async def main(reactor, options: argparse.Namespace) -> None:
             workdir.mkdir()
             _log(f"== {name}")
             began = time.perf_counter()
-            section, ok = await _run_one(reactor, name, workdir)
+            section, ok = await _run_one(
+                reactor, name, workdir,
+                None if options.profile is None else Path(options.profile).resolve())
             durations[name] = time.perf_counter() - began
             _log(f"== {name}: {'done' if ok else 'FAILED'} in {durations[name]:.1f} s")
             sections.append(section)

@@ -54,6 +54,10 @@ def _error_body(code: int, description: str, errors: Optional[list[str]] = None)
     return json.dumps(body).encode("utf-8")
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _translate(error: ConfigurationError) -> APIError:
     """The declared response for a refusal of the model."""
     if isinstance(error, DatasetNotFound):
@@ -173,7 +177,7 @@ class ControlAPI:
         if len(raw) > MAX_BODY:
             raise APIError(400, f"The request body is larger than {MAX_BODY} bytes.")
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_refuse_constant)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"The request body is not valid JSON: {e}.")
         errors = schema.describe_errors(validator, body)
@@ -239,8 +243,9 @@ class ControlAPI:
         primary = body["primary"].lower()
         self._act_as(request, primary, "create a dataset on another node")
         self._check_tag(request)
+        size = body.get("maximum_size")
         dataset = Dataset(dataset_id=body.get("dataset_id", str(uuid4())).lower(),
-                          primary=primary, maximum_size=body.get("maximum_size"),
+                          primary=primary, maximum_size=None if size is None else int(size),
                           metadata=pmap(body.get("metadata", {})))
         await self._change(request, dataset.dataset_id, lambda c: c.create(dataset))
         log_event(_log, "pyflock:control:dataset-created", dataset_id=dataset.dataset_id,

@@ -31,11 +31,13 @@ class NodeState(PClass):
     host = field(type=str, mandatory=True)
     era = field(type=(str, type(None)), initial=None)
     last_seen = field(type=float, mandatory=True, factory=float)
+    peer_port = field(type=(int, type(None)), initial=None)
     datasets = pmap_field(str, DatasetState)
 
     def alive(self, now: float, expiry: float) -> bool:
-        """Whether the node has been heard from within ``expiry`` seconds of ``now``."""
-        return now - self.last_seen <= expiry
+        """Whether the node has been heard from less than ``expiry`` seconds before ``now``."""
+        # Strict, so that a node is dead at the very moment its expiry timer fires.
+        return now - self.last_seen < expiry
 
 
 class ClusterState(PClass):
@@ -68,7 +70,10 @@ class ClusterState(PClass):
 
 
 class ClusterStateService:
-    """Holds the cluster state; ``version`` changes with every update."""
+    """
+    Holds the cluster state; ``version`` changes with every update of what nodes hold,
+    not when a heartbeat merely refreshes a node's ``last_seen``.
+    """
 
     def __init__(self, reactor, node_expiry: float = DEFAULT_NODE_EXPIRY):
         self._reactor = reactor
@@ -80,6 +85,18 @@ class ClusterStateService:
         """Replace the whole cluster state."""
         self.state = state
         self.version += 1
+
+    def seen(self, uuid: str, now: float) -> None:
+        """Record that node ``uuid`` was heard from at ``now`` (``version`` stays)."""
+        node = self.state.nodes.get(uuid)
+        if node is not None:
+            self.state = self.state.update_node(node.set(last_seen=now))
+
+    def wipe(self, uuid: str) -> None:
+        """Forget what node ``uuid`` reported holding (it died); the node stays, dead."""
+        node = self.state.nodes.get(uuid)
+        if node is not None and node.datasets:
+            self.update(self.state.update_node(node.set(datasets={})))
 
     def is_alive(self, node: NodeState) -> bool:
         """Whether ``node`` has been heard from recently enough."""

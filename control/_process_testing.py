@@ -280,6 +280,11 @@ class ControlProcess:
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
+def _not_json(constant: str):
+    """Refuse the NaN and Infinity that Python's json accepts but JSON does not have."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 class APIClient:
     """
     REST API calls to ``url`` over mutual TLS, presenting ``<certificate_name>.crt/.key``
@@ -320,7 +325,7 @@ class APIClient:
                 raise AssertionError(f"{method} {path} -> {response.code} has content-type "
                                      f"{content_type!r}: {content[:200]!r}")
         try:
-            parsed = json.loads(content)
+            parsed = json.loads(content, parse_constant=_not_json)
         except ValueError:
             raise AssertionError(f"{method} {path} -> {response.code} is not JSON: "
                                  f"{content[:200]!r}") from None

@@ -14,8 +14,15 @@ UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-
 UUID = {"type": "string", "pattern": UUID_PATTERN,
         "description": "A UUID, e.g. 0b41c2b0-5fd6-4e2c-9a8f-42a5b0f3c1d2."}
 
+#: The largest size a store can keep (a signed 64-bit integer, rounded to 1024).
+MAXIMUM_BYTES = 2 ** 63 - 1024
+
+#: The longest lease: ten years. Longer means "forever": say null.
+MAXIMUM_LEASE = 10 * 365 * 24 * 3600
+
 MAXIMUM_SIZE = {
-    "type": ["integer", "null"], "minimum": MINIMUM_SIZE, "multipleOf": 1024,
+    "type": ["integer", "null"], "minimum": MINIMUM_SIZE, "maximum": MAXIMUM_BYTES,
+    "multipleOf": 1024,
     "description": "Upper limit of the dataset's size in bytes (at least 64 MiB, a "
                    "multiple of 1024), or null for the backend's default.",
 }
@@ -79,7 +86,7 @@ LEASE = {
     "type": "object", "required": ["dataset_id", "node_uuid", "expires"],
     "properties": {
         "dataset_id": UUID, "node_uuid": UUID,
-        "expires": {"type": ["number", "null"], "minimum": 0,
+        "expires": {"type": ["number", "null"], "minimum": 0, "maximum": MAXIMUM_LEASE,
                     "description": "Seconds until the lease expires; null: never."},
     },
     "additionalProperties": False,

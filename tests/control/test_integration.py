@@ -13,6 +13,7 @@ from uuid import uuid4
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
@@ -125,6 +126,9 @@ async def test_every_endpoint_over_tls(controls, clients, cluster):
     assert (await create(alice, b, 409, dataset_id=ds)).json["description"]
     bad = await create(alice, a, 400, maximum_size="big")
     assert bad.json["errors"]
+    for raw in (b"{not json", b"[" * (1024 * 1024 + 1)):
+        r = await alice.request("POST", DATASETS, raw=raw)
+        assert r.code == 400 and r.json["description"]
     listed = await alice.get(DATASETS)
     assert (listed.json, listed.headers["x-configuration-tag"]) == ([created.json], tag1)
 
@@ -153,6 +157,11 @@ async def test_every_endpoint_over_tls(controls, clients, cluster):
     assert (await alice.delete(f"{LEASES}/{ds}")).code == 200
     assert (await alice.delete(f"{LEASES}/{ds}")).code == 404
     assert (await alice.get(LEASES)).json == []
+    # Leases are no part of the configuration tag.
+    assert (await alice.get(DATASETS)).headers["x-configuration-tag"] == \
+        moved.headers["x-configuration-tag"]
+    assert (await alice.delete(f"{DATASETS}/{ds}", headers={
+        "X-If-Configuration-Matches": tag1})).code == 412
 
     deleted = await alice.delete(f"{DATASETS}/{ds}")
     assert (deleted.code, deleted.json["deleted"]) == (200, True)
@@ -210,6 +219,61 @@ def test_curl_with_user_certificate(controls, cluster):
     assert (rc, status, list(json.loads(body))) == (0, 404, ["description"])
     rc, status, body = curl(cluster, control.url + DATASETS, certificate=None)
     assert rc != 0 and status == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_numbers_out_of_range_are_bad_input(controls, clients, cluster):
+    """Sizes and expiries no store or JSON can hold are refused with 400, not kept."""
+    control = controls()
+    control.start()
+    alice = clients(control)
+    await alice.fetch_openapi()
+    a = cluster.node_uuids[0]
+    ds = (await create(alice, a)).json["dataset_id"]
+    lease = '{"dataset_id": "%s", "node_uuid": "%s", "expires": %s}'
+    unchecked = clients(control)  # to see every answer, even one that is not JSON
+    answers = {}
+    for what, path, raw in [
+            ("size 1e300", DATASETS, '{"primary": "%s", "maximum_size": 1e300}' % a),
+            ("expires NaN", LEASES, lease % (ds, a, "NaN")),
+            ("expires Infinity", LEASES, lease % (ds, a, "Infinity")),
+            ("expires 1e309", LEASES, lease % (ds, a, "1e309")),
+            # Last: it fails the store's write, and the store refuses changes for a while.
+            ("size 2**63", DATASETS, '{"primary": "%s", "maximum_size": %d}' % (a, 2 ** 63))]:
+        response = await unchecked.http.post(control.url + path, data=raw.encode())
+        await response.content()
+        answers[what] = response.code
+    assert answers == dict.fromkeys(answers, 400)
+    # What was refused left no trace: every answer is still JSON, the store never failed.
+    assert [d["dataset_id"] for d in (await alice.get(DATASETS)).json] == [ds]
+    assert (await alice.get(LEASES)).json == []
+    assert control.log_events("pyflock:control:store-write-failed") == []
+    assert control.log_events("pyflock:control:request-failed") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_write_fails_no_other_client(controls, clients, cluster):
+    """One client's unstorable change never fails the changes of clients writing with it."""
+    control = controls()
+    control.start()
+    a = cluster.node_uuids[0]
+    writers = [clients(control) for _ in range(3)]
+    bad = clients(control)
+
+    async def good(client):
+        return [(await client.post(DATASETS, {"primary": a})).code for _ in range(10)]
+
+    async def unstorable():
+        codes = []
+        for _ in range(10):
+            r = await bad.post(DATASETS, {"primary": a, "maximum_size": 2 ** 63})
+            codes.append(r.code)
+        return codes
+    results = await gatherResults(
+        [Deferred.fromCoroutine(good(client)) for client in writers]
+        + [Deferred.fromCoroutine(unstorable())])
+    assert results[:-1] == [[201] * 10] * 3
+    assert set(results[-1]) == {400}
 
 
 # who may do what
@@ -293,6 +357,10 @@ async def test_authorization_matrix(controls, clients, cluster, tmp_path):
     assert (moved.code, moved.json["primary"]) == (200, b)
     assert (await node_a.delete(f"{DATASETS}/{own}")).code == 403
     assert (await node_b.delete(f"{LEASES}/{on_b}")).code == 200
+    assert (await alice.post(LEASES, {"dataset_id": own, "node_uuid": a,
+                                      "expires": 60})).code == 201
+    assert (await node_b.delete(f"{DATASETS}/{own}")).code == 409
+    assert (await node_a.delete(f"{LEASES}/{own}")).code == 200
     assert (await node_b.delete(f"{DATASETS}/{own}")).code == 200
 
     # A user may do everything, for any node.
@@ -310,7 +378,7 @@ async def test_authorization_matrix(controls, clients, cluster, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_configuration_survives_restart(controls, clients, cluster):
-    """After SIGTERM and a new start on the data path, datasets, tag and leases are the same."""
+    """After SIGTERM and a new start on the data path, datasets and leases are the same."""
     control = controls()
     control.start()
     alice = clients(control)
@@ -328,13 +396,16 @@ async def test_configuration_survives_restart(controls, clients, cluster):
 
     assert control.stop() == 0
     assert control.log_events("pyflock:control:stopped")
-    started = control.start()
-    assert started["datasets"] == 3  # the deleted one is kept, marked deleted
+    control.start()
     after = await alice.get(DATASETS)
     assert by_id(after.json) == by_id(before.json)
     assert set(by_id(after.json)) == {kept, moved}
     assert by_id(after.json)[moved]["primary"] == b
-    assert after.headers["x-configuration-tag"] == before.headers["x-configuration-tag"]
+    # A tag read before the restart never matches after it.
+    stale_tag = before.headers["x-configuration-tag"]
+    assert after.headers["x-configuration-tag"] != stale_tag
+    assert (await alice.post(f"{DATASETS}/{moved}", {"primary": a}, headers={
+        "X-If-Configuration-Matches": stale_tag})).code == 412
     assert (await alice.get(LEASES)).json == leases_before == [
         {"dataset_id": kept, "node_uuid": a, "expires": None}]
     # The name of the deleted dataset is free, and writes still work.
@@ -428,6 +499,19 @@ def test_damaged_store_stops_the_service(controls, tmp_path, damage):
     assert str(store) in lines[0] and "Traceback" not in lines[0]
     assert control.log_events("pyflock:control:started") == []
     assert store.read_bytes() == content  # never replaced by an empty store
+
+
+def test_one_store_one_service(controls):
+    """A second service on a data path in use exits with one clear line; the first runs on."""
+    first = controls()
+    first.start()
+    second = controls()
+    with pytest.raises(ControlProcessExited) as exited:
+        second.start()
+    lines = exited.value.stderr.splitlines()
+    assert exited.value.returncode != 0 and len(lines) == 1, exited.value.stderr
+    assert "another process" in lines[0] and str(first.data_path) in lines[0]
+    assert first.running
 
 
 # backup

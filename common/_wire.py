@@ -1,0 +1,549 @@
+"""
+The agent channel's messages and their encoding, shared by the control service and agents.
+
+Each message is one JSON object, sent as a frame with a 4-byte big-endian length prefix
+(``Int32StringReceiver``); ``"type"`` says which message it is. ``encode`` and ``decode``
+turn the values below into frames' payloads and back, and ``decode`` checks every field, so
+the rest of the code only ever sees well-formed values. ``MessageProtocol`` is the framing
+both ends share: a peer's bad message gets an ``error`` message and a disconnect.
+
+The ``error`` message keeps its shape in every protocol version (``code``, ``reason``,
+``protocol``), so that a peer speaking another version still learns why it was refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Optional, Union
+from uuid import UUID
+
+import attr
+from pyrsistent import PMap, pmap
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+
+from pyflock.common._logging import log_event
+
+#: The agent channel protocol this code speaks; a hello with another is refused.
+PROTOCOL_VERSION = 1
+
+#: Frames longer than this are refused (a snapshot of ~100,000 datasets fits).
+MAX_MESSAGE = 32 * 1024 * 1024
+
+#: What an agent may report a dataset's state to be.
+DATASET_STATES = frozenset({"creating", "attaching", "mounted", "moving", "deleting"})
+
+_MAX_TEXT = 1024
+
+_log = Logger()
+
+
+class BadMessage(Exception):
+    """A frame is not a well-formed message; the text says what is wrong with it."""
+
+
+class ProtocolMismatch(BadMessage):
+    """A hello or welcome names another protocol version (``theirs``) than ours."""
+
+    def __init__(self, theirs):
+        super().__init__(f"the peer speaks agent-channel protocol {theirs!r}, this side "
+                         f"speaks protocol {PROTOCOL_VERSION}")
+        self.theirs = theirs
+
+
+# -- the view's parts ----------------------------------------------------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class LeaseEntry:
+    """A lease as agents see it: the holder and its absolute expiration (None: never)."""
+
+    node_uuid: str
+    expiration: Optional[float] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DatasetEntry:
+    """One configured dataset as agents see it, deleted ones included."""
+
+    dataset_id: str
+    primary: str
+    maximum_size: Optional[int] = None
+    metadata: PMap = attr.ib(default=pmap(), converter=pmap)
+    deleted: bool = False
+    lease: Optional[LeaseEntry] = None
+
+    @property
+    def name(self) -> Optional[str]:
+        """The dataset's ``metadata.name`` (its Docker volume name), if any."""
+        return self.metadata.get("name")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class NodeEntry:
+    """A node as agents see it: where its peers reach it and whether it is alive."""
+
+    uuid: str
+    host: str
+    peer_port: Optional[int] = None
+    alive: bool = True
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DatasetReport:
+    """One dataset as an agent reports it: its state there, path and size."""
+
+    dataset_id: str
+    state: str = attr.ib(validator=attr.validators.in_(DATASET_STATES))
+    path: Optional[str] = None
+    maximum_size: Optional[int] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ViewVersion:
+    """A version of the view: versions only compare within one control service ``epoch``."""
+
+    epoch: str
+    version: int
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Hello:
+    """Agent -> control, first: who it is, where peers reach it, what view it has."""
+
+    node_uuid: str
+    era: str
+    address: str
+    peer_port: Optional[int] = None
+    known: Optional[ViewVersion] = None
+    protocol: int = PROTOCOL_VERSION
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Welcome:
+    """Control -> agent: the hello is accepted; the control's current view version."""
+
+    epoch: str
+    version: int
+    protocol: int = PROTOCOL_VERSION
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Error:
+    """Either way: why the sender closes the connection (its shape never changes)."""
+
+    code: str
+    reason: str
+    protocol: int = PROTOCOL_VERSION
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Snapshot:
+    """Control -> agent: the whole view at ``version``."""
+
+    epoch: str
+    version: int
+    datasets: tuple = ()
+    nodes: tuple = ()
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Diff:
+    """
+    Control -> agent: what changed from ``version - 1`` to ``version``: new or changed
+    datasets and nodes, and the ids of datasets forgotten (purged).
+    """
+
+    epoch: str
+    version: int
+    datasets: tuple = ()
+    removed: tuple = ()
+    nodes: tuple = ()
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class StateReport:
+    """
+    Agent -> control: every dataset the node holds now, and the latest view version the
+    agent had stored when it sent this (None before it has any).
+    """
+
+    node_uuid: str
+    datasets: tuple = ()
+    view: Optional[ViewVersion] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Heartbeat:
+    """
+    Either way, every few seconds. From control: its current view version; from an agent:
+    the latest view version it has stored, once it has reported its state (else None).
+    """
+
+    view: Optional[ViewVersion] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SyncRequest:
+    """Agent -> control: my view is out of step, send me a snapshot."""
+
+
+Message = Union[Hello, Welcome, Error, Snapshot, Diff, StateReport, Heartbeat, SyncRequest]
+
+
+# -- to JSON -------------------------------------------------------------------------------
+
+
+def _version_json(view: Optional[ViewVersion]):
+    return None if view is None else {"epoch": view.epoch, "version": view.version}
+
+
+def dataset_entry_to_json(entry: DatasetEntry) -> dict:
+    """The JSON object of a view dataset."""
+    lease = None if entry.lease is None else {"node_uuid": entry.lease.node_uuid,
+                                               "expiration": entry.lease.expiration}
+    return {"dataset_id": entry.dataset_id, "primary": entry.primary,
+            "maximum_size": entry.maximum_size, "metadata": dict(entry.metadata),
+            "deleted": entry.deleted, "lease": lease}
+
+
+def node_entry_to_json(entry: NodeEntry) -> dict:
+    """The JSON object of a view node."""
+    return {"uuid": entry.uuid, "host": entry.host, "peer_port": entry.peer_port,
+            "alive": entry.alive}
+
+
+def _report_json(report: DatasetReport) -> dict:
+    return {"dataset_id": report.dataset_id, "state": report.state, "path": report.path,
+            "maximum_size": report.maximum_size}
+
+
+def message_to_json(message: Message) -> dict:
+    """The JSON object of ``message``."""
+    if isinstance(message, Hello):
+        return {"type": "hello", "protocol": message.protocol,
+                "node_uuid": message.node_uuid, "era": message.era,
+                "address": message.address, "peer_port": message.peer_port,
+                "known": _version_json(message.known)}
+    if isinstance(message, Welcome):
+        return {"type": "welcome", "protocol": message.protocol, "epoch": message.epoch,
+                "version": message.version}
+    if isinstance(message, Error):
+        return {"type": "error", "code": message.code, "reason": message.reason,
+                "protocol": message.protocol}
+    if isinstance(message, Snapshot):
+        return {"type": "snapshot", "epoch": message.epoch, "version": message.version,
+                "datasets": [dataset_entry_to_json(d) for d in message.datasets],
+                "nodes": [node_entry_to_json(n) for n in message.nodes]}
+    if isinstance(message, Diff):
+        return {"type": "diff", "epoch": message.epoch, "version": message.version,
+                "datasets": [dataset_entry_to_json(d) for d in message.datasets],
+                "removed": list(message.removed),
+                "nodes": [node_entry_to_json(n) for n in message.nodes]}
+    if isinstance(message, StateReport):
+        return {"type": "state", "node_uuid": message.node_uuid,
+                "datasets": [_report_json(r) for r in message.datasets],
+                "view": _version_json(message.view)}
+    if isinstance(message, Heartbeat):
+        return {"type": "heartbeat", "view": _version_json(message.view)}
+    if isinstance(message, SyncRequest):
+        return {"type": "sync"}
+    raise TypeError(f"not an agent-channel message: {message!r}")
+
+
+def encode(message: Message) -> bytes:
+    """The payload of the frame that carries ``message``."""
+    return json.dumps(message_to_json(message), separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
+
+
+# -- from JSON, checking every field -------------------------------------------------------
+
+
+def _reject_constant(name: str):
+    raise BadMessage(f"{name} is not a JSON number pyflock accepts")
+
+
+def _field(obj: dict, key: str, kinds: tuple, where: str, optional: bool = False) -> Any:
+    """``obj[key]``, which must be one of ``kinds`` (None too if ``optional``)."""
+    if key not in obj:
+        raise BadMessage(f"{where} lacks {key!r}")
+    value = obj[key]
+    if value is None and optional:
+        return None
+    # JSON true/false are Python bools, which are also ints: never accept them as numbers.
+    if isinstance(value, bool) and bool not in kinds:
+        raise BadMessage(f"{where}.{key} must be {_kind_names(kinds)}, not a boolean")
+    if not isinstance(value, kinds):
+        raise BadMessage(f"{where}.{key} must be {_kind_names(kinds)}"
+                         f"{' or null' if optional else ''}, not {type(value).__name__}")
+    if isinstance(value, str) and len(value) > _MAX_TEXT:
+        raise BadMessage(f"{where}.{key} is longer than {_MAX_TEXT} characters")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadMessage(f"{where}.{key} must be a finite number")
+    return value
+
+
+def _kind_names(kinds: tuple) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+             dict: "an object", list: "an array"}
+    return " or ".join(dict.fromkeys(names[k] for k in kinds))
+
+
+def _uuid_value(value, where: str) -> str:
+    """``value`` if it is a UUID in canonical lower-case form, else ``BadMessage``."""
+    try:
+        canonical = str(UUID(value)) if isinstance(value, str) else None
+    except ValueError:
+        canonical = None
+    if canonical != value:
+        raise BadMessage(f"{where} must be a lower-case UUID (8-4-4-4-12), not {value!r}")
+    return value
+
+
+def _uuid(obj: dict, key: str, where: str) -> str:
+    return _uuid_value(_field(obj, key, (str,), where), f"{where}.{key}")
+
+
+def _natural(obj: dict, key: str, where: str, optional: bool = False,
+             low: int = 0, high: Optional[int] = None) -> Optional[int]:
+    value = _field(obj, key, (int,), where, optional)
+    if value is not None and (value < low or (high is not None and value > high)):
+        raise BadMessage(f"{where}.{key} must be between {low} and {high or 'any'}, "
+                         f"not {value}")
+    return value
+
+
+def _port(obj: dict, key: str, where: str) -> Optional[int]:
+    return _natural(obj, key, where, optional=True, low=1, high=65535)
+
+
+def _list(obj: dict, key: str, where: str) -> list:
+    return _field(obj, key, (list,), where)
+
+
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise BadMessage(f"{where} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _version(obj: dict, key: str, where: str) -> Optional[ViewVersion]:
+    value = _field(obj, key, (dict,), where, optional=True)
+    if value is None:
+        return None
+    where = f"{where}.{key}"
+    return ViewVersion(epoch=_field(value, "epoch", (str,), where),
+                       version=_natural(value, "version", where))
+
+
+def dataset_entry_from_json(obj, where: str = "dataset") -> DatasetEntry:
+    """A view dataset from its JSON object; ``BadMessage`` saying what is wrong."""
+    obj = _object(obj, where)
+    metadata = _field(obj, "metadata", (dict,), where)
+    for key, value in metadata.items():
+        if not isinstance(value, str) or len(key) > _MAX_TEXT or len(value) > _MAX_TEXT:
+            raise BadMessage(f"{where}.metadata values must be strings of at most "
+                             f"{_MAX_TEXT} characters")
+    lease = _field(obj, "lease", (dict,), where, optional=True)
+    if lease is not None:
+        expiration = _field(lease, "expiration", (int, float), f"{where}.lease",
+                            optional=True)
+        lease = LeaseEntry(node_uuid=_uuid(lease, "node_uuid", f"{where}.lease"),
+                           expiration=None if expiration is None else float(expiration))
+    return DatasetEntry(dataset_id=_uuid(obj, "dataset_id", where),
+                        primary=_uuid(obj, "primary", where),
+                        maximum_size=_natural(obj, "maximum_size", where, optional=True),
+                        metadata=metadata, deleted=_field(obj, "deleted", (bool,), where),
+                        lease=lease)
+
+
+def node_entry_from_json(obj, where: str = "node") -> NodeEntry:
+    """A view node from its JSON object; ``BadMessage`` saying what is wrong."""
+    obj = _object(obj, where)
+    return NodeEntry(uuid=_uuid(obj, "uuid", where), host=_field(obj, "host", (str,), where),
+                     peer_port=_port(obj, "peer_port", where),
+                     alive=_field(obj, "alive", (bool,), where))
+
+
+def _report_from_json(obj, where: str) -> DatasetReport:
+    obj = _object(obj, where)
+    state = _field(obj, "state", (str,), where)
+    if state not in DATASET_STATES:
+        raise BadMessage(f"{where}.state must be one of {', '.join(sorted(DATASET_STATES))}"
+                         f", not {state!r}")
+    return DatasetReport(dataset_id=_uuid(obj, "dataset_id", where), state=state,
+                         path=_field(obj, "path", (str,), where, optional=True),
+                         maximum_size=_natural(obj, "maximum_size", where, optional=True))
+
+
+def _unique(items: tuple, key, where: str) -> tuple:
+    seen = set()
+    for item in items:
+        k = key(item)
+        if k in seen:
+            raise BadMessage(f"{where} names {k} twice")
+        seen.add(k)
+    return items
+
+
+def _hello(obj: dict) -> Hello:
+    address = _field(obj, "address", (str,), "hello")
+    era = _field(obj, "era", (str,), "hello")
+    if not address or not era:
+        raise BadMessage("hello.address and hello.era must not be empty")
+    return Hello(node_uuid=_uuid(obj, "node_uuid", "hello"), era=era, address=address,
+                 peer_port=_port(obj, "peer_port", "hello"),
+                 known=_version(obj, "known", "hello"))
+
+
+def _snapshot(obj: dict) -> Snapshot:
+    datasets = tuple(dataset_entry_from_json(d, f"snapshot.datasets[{i}]")
+                     for i, d in enumerate(_list(obj, "datasets", "snapshot")))
+    nodes = tuple(node_entry_from_json(n, f"snapshot.nodes[{i}]")
+                  for i, n in enumerate(_list(obj, "nodes", "snapshot")))
+    return Snapshot(epoch=_field(obj, "epoch", (str,), "snapshot"),
+                    version=_natural(obj, "version", "snapshot"),
+                    datasets=_unique(datasets, lambda d: d.dataset_id, "snapshot.datasets"),
+                    nodes=_unique(nodes, lambda n: n.uuid, "snapshot.nodes"))
+
+
+def _diff(obj: dict) -> Diff:
+    datasets = tuple(dataset_entry_from_json(d, f"diff.datasets[{i}]")
+                     for i, d in enumerate(_list(obj, "datasets", "diff")))
+    removed = tuple(_uuid_value(r, f"diff.removed[{i}]")
+                    for i, r in enumerate(_list(obj, "removed", "diff")))
+    nodes = tuple(node_entry_from_json(n, f"diff.nodes[{i}]")
+                  for i, n in enumerate(_list(obj, "nodes", "diff")))
+    return Diff(epoch=_field(obj, "epoch", (str,), "diff"),
+                version=_natural(obj, "version", "diff", low=1),
+                datasets=_unique(datasets, lambda d: d.dataset_id, "diff.datasets"),
+                removed=_unique(removed, lambda i: i, "diff.removed"),
+                nodes=_unique(nodes, lambda n: n.uuid, "diff.nodes"))
+
+
+def _state(obj: dict) -> StateReport:
+    reports = tuple(_report_from_json(r, f"state.datasets[{i}]")
+                    for i, r in enumerate(_list(obj, "datasets", "state")))
+    return StateReport(node_uuid=_uuid(obj, "node_uuid", "state"),
+                       datasets=_unique(reports, lambda r: r.dataset_id, "state.datasets"),
+                       view=_version(obj, "view", "state"))
+
+
+_DECODERS = {
+    "hello": _hello,
+    "welcome": lambda o: Welcome(epoch=_field(o, "epoch", (str,), "welcome"),
+                                 version=_natural(o, "version", "welcome")),
+    "error": lambda o: Error(code=_field(o, "code", (str,), "error"),
+                             reason=_field(o, "reason", (str,), "error"),
+                             protocol=_natural(o, "protocol", "error")),
+    "snapshot": _snapshot,
+    "diff": _diff,
+    "state": _state,
+    "heartbeat": lambda o: Heartbeat(view=_version(o, "view", "heartbeat")),
+    "sync": lambda o: SyncRequest(),
+}
+
+
+def decode(payload: bytes) -> Message:
+    """
+    The message a frame's payload carries. Raises ``ProtocolMismatch`` for a hello or
+    welcome of another protocol version, ``BadMessage`` for anything malformed.
+    """
+    try:
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadMessage(f"the message is not UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise BadMessage("the message is nested too deeply") from None
+    obj = _object(obj, "a message")
+    kind = obj.get("type")
+    decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
+    if decoder is None:
+        raise BadMessage(f"unknown message type {kind!r}: expected one of "
+                         f"{', '.join(sorted(_DECODERS))}")
+    # The version is checked before anything else: another version's hello may differ.
+    if kind in ("hello", "welcome") and obj.get("protocol") != PROTOCOL_VERSION:
+        raise ProtocolMismatch(obj.get("protocol"))
+    return decoder(obj)
+
+
+# -- framing -------------------------------------------------------------------------------
+
+
+class MessageProtocol(Int32StringReceiver):
+    """
+    Length-prefixed JSON messages over a stream. Subclasses implement
+    ``message_received(message)``; a bad frame from the peer (or a handler raising
+    ``BadMessage``) gets an ``error`` message and a disconnect, never an exception.
+    """
+
+    #: Subclasses name their side in log events ("control" or "agent").
+    side = "peer"
+
+    def __init__(self, max_message: int = MAX_MESSAGE):
+        self.MAX_LENGTH = max_message
+        self.closing = False
+
+    def message_received(self, message: Message) -> None:
+        """Handle one well-formed message from the peer."""
+        raise NotImplementedError
+
+    def bad_message(self, error: BadMessage) -> None:
+        """A frame from the peer was malformed; by default: tell it why and hang up."""
+        self.fail("bad-message", str(error))
+
+    def stringReceived(self, payload: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            message = decode(payload)
+        except BadMessage as e:
+            self.bad_message(e)
+            return
+        try:
+            self.message_received(message)
+        except BadMessage as e:
+            self.bad_message(e)
+        except Exception:
+            _log.failure("agent-channel message handler failed",
+                         event_type=f"pyflock:{self.side}:channel-handler-failed")
+            self.fail("internal-error", "the peer failed to handle a message; see its log")
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.fail("too-large", f"a message of {length} bytes exceeds the limit of "
+                               f"{self.MAX_LENGTH} bytes")
+
+    def send(self, message: Message) -> None:
+        """Send one message (nothing once closing)."""
+        if not self.closing:
+            self.sendString(encode(message))
+
+    def send_payload(self, payload: bytes) -> None:
+        """Send a payload already ``encode``-d (to encode a broadcast once)."""
+        if not self.closing:
+            self.sendString(payload)
+
+    def fail(self, code: str, reason: str) -> None:
+        """Tell the peer why, then close the connection; later frames are ignored."""
+        if self.closing:
+            return
+        log_event(_log, f"pyflock:{self.side}:channel-error-sent", code=code, reason=reason,
+                  peer=str(self.transport.getPeer()) if self.transport else None)
+        self.send(Error(code=code, reason=reason))
+        self.closing = True
+        self.transport.loseConnection()
+
+
+__all__ = [
+    "BadMessage", "DATASET_STATES", "DatasetEntry", "DatasetReport", "Diff", "Error",
+    "Heartbeat", "Hello", "LeaseEntry", "MAX_MESSAGE", "Message", "MessageProtocol",
+    "NodeEntry", "PROTOCOL_VERSION", "ProtocolMismatch", "Snapshot", "StateReport",
+    "SyncRequest", "ViewVersion", "Welcome", "dataset_entry_from_json",
+    "dataset_entry_to_json", "decode", "encode", "message_to_json", "node_entry_from_json",
+    "node_entry_to_json",
+]

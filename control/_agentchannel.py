@@ -1,0 +1,486 @@
+"""
+The agent channel's server: pushes the cluster's view to every node agent the moment the
+configuration changes, and takes each agent's report of what its node holds.
+
+The view is every dataset (id, primary, size, metadata, deleted flag, lease) and every
+node (uuid, host, peer port, alive). It is versioned: each change bumps ``version`` and is
+pushed as a ``Diff`` holding only what changed; a connecting agent whose view is of another
+version (or of another ``epoch``: each run of the control service has its own) gets a
+``Snapshot`` first. The configuration service calls us on every commit, so no one polls.
+
+Only ``node-*`` certificates are accepted, and a node speaks only for itself. A node silent
+for the cluster state's expiry is dead: what it reported is wiped and agents see it dead.
+Deleted datasets are purged from the configuration once no live node holds them, judged
+only on reports made by agents that had stored a view in which the dataset was deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+from uuid import uuid4
+
+from pyrsistent import pmap
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pyflock.common._logging import log_event
+from pyflock.common._model import Configuration, Dataset, Lease
+from pyflock.common._wire import (
+    MAX_MESSAGE, PROTOCOL_VERSION, BadMessage, DatasetEntry, Diff, Error, Heartbeat, Hello,
+    LeaseEntry, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
+    SyncRequest, ViewVersion, Welcome, encode,
+)
+from pyflock.control._clusterstate import ClusterStateService, DatasetState, NodeState
+from pyflock.control._persistence import ConfigurationService
+
+#: Seconds between heartbeats (DESIGN.md).
+DEFAULT_HEARTBEAT = 5.0
+
+_log = Logger()
+
+
+def dataset_entry(dataset: Dataset, lease: Optional[Lease]) -> DatasetEntry:
+    """What agents see of a configured dataset and its lease."""
+    return DatasetEntry(
+        dataset_id=dataset.dataset_id, primary=dataset.primary,
+        maximum_size=dataset.maximum_size, metadata=dataset.metadata,
+        deleted=dataset.deleted,
+        lease=None if lease is None else LeaseEntry(node_uuid=lease.node_uuid,
+                                                    expiration=lease.expiration))
+
+
+def view_datasets(config: Configuration) -> dict[str, DatasetEntry]:
+    """What agents see of every dataset of ``config``, by id."""
+    return {i: dataset_entry(d, config.leases.get(i)) for i, d in config.datasets.items()}
+
+
+def _refusal(identity) -> Optional[str]:
+    """Why a peer with ``identity`` may not use the agent channel, or None if it may."""
+    if identity is None:
+        return ("the agent channel accepts only node-* certificates signed by this "
+                "cluster's CA; this certificate names no pyflock identity")
+    if identity.kind != "node":
+        return (f"the agent channel accepts only node-* certificates; this connection "
+                f"presented {identity.common_name}")
+    return None
+
+
+@implementer(IHandshakeListener)
+class _AgentConnection(MessageProtocol):
+    """One agent's connection: a hello first, then state reports and heartbeats."""
+
+    side = "control"
+
+    def __init__(self, server: "AgentChannelServer"):
+        super().__init__(server.max_message)
+        self._server = server
+        self._identity = None
+        self._identified = False
+        self.node_uuid: Optional[str] = None
+        self.welcomed = False
+        self.reported = False
+        self._hello_timeout = None
+        self._lost: list[Deferred] = []
+        self._abort = None
+        self.connected = False
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self._server._opened(self)
+        # A peer that never completes the handshake or never says hello is dropped.
+        self._hello_timeout = self._server.reactor.callLater(
+            self._server.node_expiry, self._no_hello)
+
+    def handshakeCompleted(self) -> None:
+        self._check_identity()
+
+    def connectionLost(self, reason) -> None:
+        self.connected = False
+        self.closing = True
+        for call in (self._hello_timeout, self._abort):
+            if call is not None and call.active():
+                call.cancel()
+        self._server._closed(self)
+        waiting, self._lost = self._lost, []
+        for d in waiting:
+            d.callback(None)
+
+    def when_lost(self) -> Deferred:
+        """Fires once the connection is closed."""
+        if not self.connected:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._lost.append(d)
+        return d
+
+    def close(self, code: str, reason: str) -> None:
+        """Tell the agent why and hang up; abort if it does not let go in time."""
+        self.fail(code, reason)
+        if self.connected and self._abort is None:
+            self._abort = self._server.reactor.callLater(
+                self._server.heartbeat, self.transport.abortConnection)
+
+    def _no_hello(self) -> None:
+        self._hello_timeout = None
+        self.close("timeout", f"no hello within {self._server.node_expiry} s of connecting")
+
+    # -- identity -----------------------------------------------------------------------
+
+    def _check_identity(self) -> bool:
+        """Whether the peer's certificate is a node's; if not, refuse it, saying why."""
+        if not self._identified:
+            # Only now is the TLS handshake complete (or the first data in: the same).
+            self._identity = self._server.identify(self.transport)
+            self._identified = True
+        reason = _refusal(self._identity)
+        if reason is not None:
+            self.close("identity", reason)
+            return False
+        return True
+
+    # -- messages -----------------------------------------------------------------------
+
+    def bad_message(self, error: BadMessage) -> None:
+        if isinstance(error, ProtocolMismatch):
+            self.close("protocol-version",
+                       f"the agent speaks agent-channel protocol {error.theirs!r}, this "
+                       f"control service speaks protocol {PROTOCOL_VERSION}: run the same "
+                       f"pyflock version on the control service and the agents")
+        else:
+            self.close("bad-message", str(error))
+
+    def message_received(self, message) -> None:
+        if not self._check_identity():
+            return
+        if isinstance(message, Error):
+            log_event(_log, "pyflock:control:agent-error", node_uuid=self.node_uuid,
+                      code=message.code, reason=message.reason)
+            self.closing = True
+            self.transport.loseConnection()
+            return
+        if not self.welcomed:
+            if not isinstance(message, Hello):
+                raise BadMessage(f"the first message must be a hello, not "
+                                 f"{type(message).__name__}")
+            if self._hello_timeout is not None and self._hello_timeout.active():
+                self._hello_timeout.cancel()
+            self._hello_timeout = None
+            self._server._hello(self, message)
+            return
+        self._server._heard(self.node_uuid)
+        if isinstance(message, Heartbeat):
+            if self.reported:
+                self._server._ack(self.node_uuid, message.view)
+        elif isinstance(message, StateReport):
+            self._server._report(self, message)
+        elif isinstance(message, SyncRequest):
+            self._server._send_snapshot(self)
+        elif isinstance(message, Hello):
+            raise BadMessage("a connection says hello only once")
+        else:
+            raise BadMessage(f"agents do not send {type(message).__name__} messages")
+
+    @property
+    def identity(self):
+        """The verified identity of the peer (None before it is known or if it has none)."""
+        return self._identity
+
+
+class _ChannelFactory(Factory):
+    """Builds one ``_AgentConnection`` per accepted connection."""
+
+    def __init__(self, server: "AgentChannelServer"):
+        self._server = server
+
+    def buildProtocol(self, addr):
+        return _AgentConnection(self._server)
+
+
+class AgentChannelServer:
+    """
+    The control side of the agent channel. ``identify(transport)`` tells whose certificate
+    a connection presented (``peer_identity`` in production); ``factory()`` is what to
+    listen with (``tls_server_endpoint(...).listen(server.factory())``). Node expiry is the
+    cluster state's ``node_expiry``, so that the REST API and the channel agree.
+    """
+
+    def __init__(self, configuration: ConfigurationService, cluster: ClusterStateService,
+                 reactor, *, identify: Callable[[object], object],
+                 heartbeat: float = DEFAULT_HEARTBEAT, max_message: int = MAX_MESSAGE,
+                 epoch: Optional[str] = None):
+        self.configuration = configuration
+        self.cluster = cluster
+        self.reactor = reactor
+        self.identify = identify
+        self.heartbeat = heartbeat
+        self.max_message = max_message
+        self.epoch = epoch or uuid4().hex
+        self.version = 0
+        self._datasets: dict[str, DatasetEntry] = {}
+        self._nodes: dict[str, NodeEntry] = {}
+        # dataset id -> view version in which it was first seen deleted
+        self._tombstones: dict[str, int] = {}
+        # node uuid -> the latest view version of this epoch it acknowledged as stored
+        self._acks: dict[str, int] = {}
+        self._purging: set[str] = set()
+        self._connections: dict[str, _AgentConnection] = {}
+        self._open: set[_AgentConnection] = set()
+        self._expiry: dict[str, object] = {}
+        self._heartbeats: Optional[LoopingCall] = None
+        self._snapshot_cache: tuple[int, bytes] = (-1, b"")
+        self._running = False
+
+    @property
+    def node_expiry(self) -> float:
+        """Seconds of silence after which a node is dead."""
+        return self.cluster.node_expiry
+
+    def factory(self) -> Factory:
+        """The protocol factory to listen with."""
+        return _ChannelFactory(self)
+
+    def start(self) -> None:
+        """Build the view from the committed configuration; push every change from now on."""
+        config = self.configuration.committed
+        self._datasets = view_datasets(config)
+        self.version = 1
+        self._tombstones = {i: self.version for i, d in config.datasets.items() if d.deleted}
+        self._running = True
+        self.configuration.subscribe(self._configuration_changed)
+        self._heartbeats = LoopingCall(self._send_heartbeats)
+        self._heartbeats.clock = self.reactor
+        self._heartbeats.start(self.heartbeat, now=False)
+
+    def stop(self) -> Deferred:
+        """Stop pushing, close every agent's connection; fires once they are closed."""
+        self._running = False
+        if self._heartbeats is not None and self._heartbeats.running:
+            self._heartbeats.stop()
+        for call in self._expiry.values():
+            if call.active():
+                call.cancel()
+        self._expiry.clear()
+        waiting = []
+        for connection in list(self._open):
+            waiting.append(connection.when_lost())
+            connection.close("shutting-down", "the control service is stopping")
+        d = Deferred.fromCoroutine(_all(waiting))
+        return d
+
+    @property
+    def current(self) -> ViewVersion:
+        """The version of the view agents are being sent."""
+        return ViewVersion(epoch=self.epoch, version=self.version)
+
+    def snapshot(self) -> Snapshot:
+        """The whole view now."""
+        return Snapshot(epoch=self.epoch, version=self.version,
+                        datasets=tuple(self._datasets.values()),
+                        nodes=tuple(self._nodes.values()))
+
+    @property
+    def connected_nodes(self) -> frozenset[str]:
+        """The nodes with a welcomed connection now."""
+        return frozenset(self._connections)
+
+    # -- pushing ------------------------------------------------------------------------
+
+    def _publish(self, datasets: Iterable[DatasetEntry] = (), removed: Iterable[str] = (),
+                 nodes: Iterable[NodeEntry] = ()) -> None:
+        """Bump the version and push what changed to every agent."""
+        self.version += 1
+        payload = encode(Diff(epoch=self.epoch, version=self.version,
+                              datasets=tuple(datasets), removed=tuple(removed),
+                              nodes=tuple(nodes)))
+        for connection in self._connections.values():
+            connection.send_payload(payload)
+
+    def _send_snapshot(self, connection: _AgentConnection) -> None:
+        if self._snapshot_cache[0] != self.version:
+            # Agents reconnecting together after a restart share one encoding.
+            self._snapshot_cache = (self.version, encode(self.snapshot()))
+        connection.send_payload(self._snapshot_cache[1])
+
+    def _send_heartbeats(self) -> None:
+        payload = encode(Heartbeat(view=self.current))
+        for connection in self._connections.values():
+            connection.send_payload(payload)
+
+    def _configuration_changed(self, config: Configuration,
+                               touched: Optional[tuple[str, ...]]) -> None:
+        if not self._running:
+            return
+        ids = set(config.datasets) | set(self._datasets) if touched is None else touched
+        changed, removed = [], []
+        for dataset_id in ids:
+            dataset = config.datasets.get(dataset_id)
+            if dataset is None:
+                if self._datasets.pop(dataset_id, None) is not None:
+                    removed.append(dataset_id)
+                self._tombstones.pop(dataset_id, None)
+                continue
+            entry = dataset_entry(dataset, config.leases.get(dataset_id))
+            if self._datasets.get(dataset_id) != entry:
+                self._datasets[dataset_id] = entry
+                changed.append(entry)
+        if not changed and not removed:
+            return
+        self._publish(datasets=changed, removed=removed)
+        new_tombstones = False
+        for entry in changed:
+            if entry.deleted and entry.dataset_id not in self._tombstones:
+                self._tombstones[entry.dataset_id] = self.version
+                new_tombstones = True
+        if new_tombstones:
+            self._purge_unheld()
+
+    def _set_node(self, entry: NodeEntry) -> None:
+        if self._nodes.get(entry.uuid) != entry:
+            self._nodes[entry.uuid] = entry
+            self._publish(nodes=[entry])
+
+    # -- connections --------------------------------------------------------------------
+
+    def _opened(self, connection: _AgentConnection) -> None:
+        self._open.add(connection)
+
+    def _closed(self, connection: _AgentConnection) -> None:
+        self._open.discard(connection)
+        uuid = connection.node_uuid
+        if uuid is not None and self._connections.get(uuid) is connection:
+            del self._connections[uuid]
+            log_event(_log, "pyflock:control:agent-disconnected", node_uuid=uuid)
+
+    def _hello(self, connection: _AgentConnection, hello: Hello) -> None:
+        uuid = connection.identity.node_uuid
+        if hello.node_uuid != uuid:
+            connection.close("identity", f"this connection's certificate is node-{uuid}; "
+                                         f"it cannot speak for node {hello.node_uuid}")
+            return
+        if not self._running:
+            connection.close("shutting-down", "the control service is stopping")
+            return
+        previous = self._connections.pop(uuid, None)
+        if previous is not None:
+            previous.close("replaced", "a newer connection from this node replaced this one")
+        now = self.reactor.seconds()
+        known = self.cluster.state.nodes.get(uuid)
+        datasets = known.datasets if known is not None and self.cluster.is_alive(known) \
+            else pmap()
+        self.cluster.update(self.cluster.state.update_node(NodeState(
+            uuid=uuid, host=hello.address, era=hello.era, last_seen=now,
+            peer_port=hello.peer_port, datasets=datasets)))
+        # Acknowledgements count from this connection's first report on.
+        self._acks.pop(uuid, None)
+        self._heard(uuid)
+        self._set_node(NodeEntry(uuid=uuid, host=hello.address, peer_port=hello.peer_port,
+                                 alive=True))
+        connection.node_uuid = uuid
+        connection.welcomed = True
+        self._connections[uuid] = connection
+        connection.send(Welcome(epoch=self.epoch, version=self.version))
+        snapshot = hello.known != self.current
+        if snapshot:
+            self._send_snapshot(connection)
+        log_event(_log, "pyflock:control:agent-connected", node_uuid=uuid, era=hello.era,
+                  host=hello.address, peer_port=hello.peer_port, snapshot=snapshot,
+                  version=self.version)
+
+    def _heard(self, uuid: str) -> None:
+        """The node spoke: it is alive for another ``node_expiry`` seconds."""
+        self.cluster.seen(uuid, self.reactor.seconds())
+        call = self._expiry.get(uuid)
+        if call is not None and call.active():
+            call.reset(self.node_expiry)
+        else:
+            self._expiry[uuid] = self.reactor.callLater(self.node_expiry, self._expire, uuid)
+
+    def _report(self, connection: _AgentConnection, report: StateReport) -> None:
+        uuid = connection.node_uuid
+        if report.node_uuid != uuid:
+            connection.close("identity", f"node {uuid} may report only its own state, "
+                                         f"not node {report.node_uuid}'s")
+            return
+        node = self.cluster.state.nodes[uuid]
+        datasets = pmap({r.dataset_id: DatasetState(
+            dataset_id=r.dataset_id, state=r.state, path=r.path,
+            maximum_size=r.maximum_size) for r in report.datasets})
+        if datasets != node.datasets:
+            self.cluster.update(self.cluster.state.update_node(node.set(datasets=datasets)))
+            log_event(_log, "pyflock:control:node-state", node_uuid=uuid,
+                      datasets=len(datasets))
+        connection.reported = True
+        self._ack(uuid, report.view)
+        self._purge_unheld()
+
+    def _ack(self, uuid: str, view: Optional[ViewVersion]) -> None:
+        if view is None or view.epoch != self.epoch:
+            return
+        if view.version > self.version:
+            raise BadMessage(f"view version {view.version} is newer than this control "
+                             f"service's ({self.version})")
+        if view.version > self._acks.get(uuid, -1):
+            self._acks[uuid] = view.version
+            self._purge_unheld()
+
+    def _expire(self, uuid: str) -> None:
+        """Nothing heard from ``uuid`` for ``node_expiry``: it is dead."""
+        self._expiry.pop(uuid, None)
+        node = self.cluster.state.nodes.get(uuid)
+        if node is None:
+            return
+        self.cluster.wipe(uuid)
+        self._acks.pop(uuid, None)
+        connection = self._connections.pop(uuid, None)
+        if connection is not None:
+            connection.close("silent", f"nothing heard from this node for "
+                                       f"{self.node_expiry} s")
+        self._set_node(NodeEntry(uuid=uuid, host=node.host, peer_port=node.peer_port,
+                                 alive=False))
+        log_event(_log, "pyflock:control:node-dead", node_uuid=uuid,
+                  wiped=len(node.datasets), silent=self.node_expiry)
+        self._purge_unheld()
+
+    # -- purging deleted datasets -------------------------------------------------------
+
+    def _purge_unheld(self) -> None:
+        """Purge the deleted datasets no live node holds, on the word of every live node."""
+        if not self._tombstones:
+            return
+        live = [n for n in self.cluster.state.nodes.values() if self.cluster.is_alive(n)]
+        for dataset_id, deleted_at in list(self._tombstones.items()):
+            if dataset_id in self._purging:
+                continue
+            # A node that has not stored a view showing the deletion may still act on the
+            # dataset without having reported it yet.
+            if any(dataset_id in n.datasets or self._acks.get(n.uuid, -1) < deleted_at
+                   for n in live):
+                continue
+            self._purge(dataset_id)
+
+    def _purge(self, dataset_id: str) -> None:
+        self._purging.add(dataset_id)
+        d = self.configuration.change([dataset_id], lambda c: c.purge(dataset_id))
+
+        def purged(_):
+            log_event(_log, "pyflock:control:dataset-purged", dataset_id=dataset_id)
+
+        def failed(failure):
+            log_event(_log, "pyflock:control:dataset-purge-failed", dataset_id=dataset_id,
+                      reason=str(failure.value))
+        d.addCallbacks(purged, failed)
+        d.addBoth(lambda _: self._purging.discard(dataset_id))
+
+
+async def _all(waiting: list[Deferred]) -> None:
+    for d in waiting:
+        await d
+
+
+__all__ = ["AgentChannelServer", "DEFAULT_HEARTBEAT", "dataset_entry", "view_datasets"]
