@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import attr
+import twisted
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
@@ -179,6 +181,8 @@ def describe_machine(workdir: Path) -> dict:
         "memory_gib": round(memory_kib / 1024 / 1024, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "openssl": SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode("ascii", "replace"),
         "scratch_filesystem": _filesystem_of(workdir),
         "load_average_at_start": [round(x, 2) for x in load_average()],
     }
@@ -266,9 +270,10 @@ class ControlService:
         finally:
             if timer.active():
                 timer.cancel()
-        if not isinstance(reason, ProcessDone) and getattr(reason, "signal", None) not in (
-                None, signal.SIGTERM):
-            raise RuntimeError(f"pyflock-control did not stop cleanly: {reason}")
+        stopped_by_us = getattr(reason, "signal", None) == signal.SIGTERM
+        if not (isinstance(reason, ProcessDone) or stopped_by_us):
+            raise RuntimeError(f"pyflock-control did not stop cleanly ({reason}): "
+                               + self._protocol.stderr_tail.decode("utf-8", "replace"))
 
     def _signal(self, name: str) -> None:
         try:

@@ -1,7 +1,8 @@
 """
 Benchmark of the control service's REST API: requests per second and p50/p99 latency of
 listing, creating and moving datasets, with 1 and 16 concurrent clients, against a real
-``pyflock-control`` process holding 10,000 datasets.
+``pyflock-control`` process holding 10,000 datasets; and listing while other clients move
+datasets, so that every list sees a changed configuration.
 
 The service runs as a subprocess; the clients run in this process (treq over mutual TLS,
 one keep-alive connection per client), so the service's CPU is its own. The 10,000
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 from uuid import uuid4
 
 import attr
@@ -25,8 +26,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.client import HTTPConnectionPool
 
 from _harness import (
-    BENCH_USER, Context, ControlService, Profiler, Section, Target, format_ms, load_average,
-    machine_cpu_seconds, make_certificates, own_cpu_seconds, percentile, start_control_service,
+    BENCH_USER, Context, ControlService, Profiler, Section, Target, format_ms,
+    load_average, machine_cpu_seconds, make_certificates, own_cpu_seconds, percentile,
+    start_control_service,
 )
 from pyflock.common._model import Dataset
 from pyflock.common._tls import treq_client
@@ -51,47 +53,87 @@ _JSON = {b"content-type": [b"application/json"]}
 _SIZE = 1024 * 1024 * 1024
 
 
-@attr.s(frozen=True, auto_attribs=True)
-class CaseResult:
-    """The measurements of one (operation, clients) case."""
+@attr.s(auto_attribs=True)
+class Tally:
+    """What the clients making one kind of request measured during a case."""
 
     operation: str
     clients: int
-    requests: int
-    errors: int
+    latencies: list[float] = attr.ib(factory=list)
+    errors: int = 0
+    first_error: str = ""
+
+    @property
+    def requests(self) -> int:
+        """Requests answered, as expected or not."""
+        return len(self.latencies) + self.errors
+
+    def percentile(self, p: float) -> Optional[float]:
+        """The ``p``-th percentile latency of the successful requests (None if none)."""
+        return percentile(self.latencies, p) if self.latencies else None
+
+    def to_json(self, seconds: float) -> dict:
+        """The tally as JSON: rate and latency percentiles in ms."""
+        def ms(value):
+            return None if value is None else round(value * 1000, 2)
+        return {
+            "operation": self.operation, "clients": self.clients,
+            "requests": self.requests, "errors": self.errors,
+            "requests_per_second": round(len(self.latencies) / seconds, 1),
+            "p50_ms": ms(self.percentile(50)), "p90_ms": ms(self.percentile(90)),
+            "p99_ms": ms(self.percentile(99)),
+            "max_ms": ms(max(self.latencies) if self.latencies else None),
+            "first_error": self.first_error or None,
+        }
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CaseResult:
+    """
+    One case: the measured requests (``main``), any made alongside them
+    (``alongside``), the wall time, and the CPU time the service, the clients and the
+    rest of the machine used meanwhile.
+    """
+
+    main: Tally
+    alongside: Optional[Tally]
     seconds: float
-    latencies: tuple[float, ...]
     server_cpu_seconds: float
     client_cpu_seconds: float
     other_cpu_seconds: float
     load_before: tuple[float, ...]
     load_after: tuple[float, ...]
-    first_error: str
 
     @property
-    def requests_per_second(self) -> float:
-        """Completed requests per second of wall time."""
-        return self.requests / self.seconds
+    def requests(self) -> int:
+        """All requests answered in the case."""
+        return self.main.requests + (self.alongside.requests if self.alongside else 0)
+
+    def rate(self, tally: Tally) -> float:
+        """Successful requests per second of ``tally``."""
+        return len(tally.latencies) / self.seconds
+
+    def cores(self) -> str:
+        """CPU cores used by the service, the clients and everything else, for a table."""
+        return (f"{self.server_cpu_seconds / self.seconds:.2f}, "
+                f"{self.client_cpu_seconds / self.seconds:.2f}, "
+                f"{self.other_cpu_seconds / self.seconds:.2f}")
 
     def to_json(self) -> dict:
         """The case as JSON: rates, latency percentiles in ms, CPU used, load."""
-        ok = self.latencies
-        return {
-            "operation": self.operation, "clients": self.clients,
-            "requests": self.requests, "errors": self.errors, "seconds": round(self.seconds, 3),
-            "requests_per_second": round(self.requests_per_second, 1),
-            "p50_ms": round(percentile(ok, 50) * 1000, 2) if ok else None,
-            "p90_ms": round(percentile(ok, 90) * 1000, 2) if ok else None,
-            "p99_ms": round(percentile(ok, 99) * 1000, 2) if ok else None,
-            "max_ms": round(max(ok) * 1000, 2) if ok else None,
+        result = self.main.to_json(self.seconds)
+        result.update({
+            "seconds": round(self.seconds, 3),
             "server_cpu_seconds": round(self.server_cpu_seconds, 3),
             "server_cpu_ms_per_request": round(
                 self.server_cpu_seconds / max(1, self.requests) * 1000, 3),
             "client_cpu_seconds": round(self.client_cpu_seconds, 3),
-            "other_processes_cpu_seconds": round(self.other_cpu_seconds, 3),
+            "other_cpu_seconds": round(self.other_cpu_seconds, 3),
             "load_before": list(self.load_before), "load_after": list(self.load_after),
-            "first_error": self.first_error or None,
-        }
+        })
+        if self.alongside is not None:
+            result["alongside"] = self.alongside.to_json(self.seconds)
+        return result
 
 
 async def preload(reactor, data_path, primary: str, count: int = DATASETS) -> list[str]:
@@ -112,8 +154,8 @@ async def preload(reactor, data_path, primary: str, count: int = DATASETS) -> li
     return ids
 
 
-class _Operations:
-    """The requests each case makes: list, create (named, unique) and move (A <-> B)."""
+class Operations:
+    """The requests the cases make: list, create (named, unique) and move (A <-> B)."""
 
     def __init__(self, base_url: str, node_a: str, node_b: str, dataset_ids: list[str]):
         self._datasets_url = f"{base_url}/v1/configuration/datasets"
@@ -124,11 +166,11 @@ class _Operations:
         self._next_move = 0
 
     def list(self, http):
-        """GET every dataset."""
+        """GET every dataset; (Deferred response, expected code)."""
         return http.get(self._datasets_url), 200
 
     def create(self, http):
-        """POST a new named dataset."""
+        """POST a new named dataset; (Deferred response, expected code)."""
         self._created += 1
         body = {"primary": self._nodes[self._created % 2], "maximum_size": _SIZE,
                 "metadata": {"name": f"bench-{self._created:06d}"}}
@@ -136,7 +178,7 @@ class _Operations:
                          headers=_JSON), 201
 
     def move(self, http):
-        """Move the next preloaded dataset to the node it is not on."""
+        """Move the next preloaded dataset to the other node; (Deferred, expected code)."""
         # Cycling through all of them keeps concurrent clients on different datasets.
         dataset_id = self._ids[self._next_move % len(self._ids)]
         self._next_move += 1
@@ -147,7 +189,12 @@ class _Operations:
                          data=json.dumps({"primary": target}).encode(), headers=_JSON), 200
 
 
-async def _one(http, operation: Callable) -> tuple[bool, str, bytes]:
+def ensure(coroutine) -> Deferred:
+    """A Deferred running ``coroutine``."""
+    return Deferred.fromCoroutine(coroutine)
+
+
+async def request(http, operation: Callable) -> tuple[bool, str, bytes]:
     """Make one request and read its whole body; (as expected?, error text, body)."""
     d, expected = operation(http)
     response = await d
@@ -157,102 +204,123 @@ async def _one(http, operation: Callable) -> tuple[bool, str, bytes]:
     return True, "", body
 
 
-async def run_case(reactor, service: ControlService, clients: list, name: str,
-                   operation: Callable, seconds: float = CASE_SECONDS,
-                   max_requests: int = MAX_REQUESTS,
+async def run_case(service: ControlService, clients: Sequence, name: str,
+                   operation: Callable, alongside: Sequence = (), alongside_name: str = "",
+                   alongside_operation: Optional[Callable] = None,
+                   seconds: float = CASE_SECONDS, max_requests: int = MAX_REQUESTS,
                    profile: Optional[Path] = None) -> CaseResult:
     """
     Run ``operation`` from every client in ``clients`` at once, each waiting for its answer
-    before its next request, for ``seconds`` or ``max_requests`` requests in all; with
-    ``profile``, write a flame graph of the service there.
+    before its next request, for ``seconds`` or ``max_requests`` requests in all, while
+    the ``alongside`` clients make ``alongside_operation`` requests; with ``profile``,
+    write a flame graph of the service there.
     """
+    main = Tally(operation=name, clients=len(clients))
+    side = Tally(operation=alongside_name, clients=len(alongside)) if alongside else None
     profiler = None if profile is None else Profiler(service.pid, seconds, profile)
-    latencies: list[float] = []
-    errors = 0
-    first_error = ""
     load_before = tuple(round(x, 2) for x in load_average())
     server_before, client_before = service.cpu_seconds(), own_cpu_seconds()
     machine_before = machine_cpu_seconds()
     began = time.perf_counter()
     deadline = began + seconds
     issued = 0
+    finished = False
 
-    async def one_client(http):
-        nonlocal errors, first_error, issued
-        while issued < max_requests and time.perf_counter() < deadline:
-            issued += 1
+    async def one_client(http, kind: Callable, tally: Tally, counted: bool):
+        nonlocal issued
+        while not finished and time.perf_counter() < deadline and (
+                not counted or issued < max_requests):
+            if counted:
+                issued += 1
             start = time.perf_counter()
             try:
-                ok, error, _ = await _one(http, operation)
+                ok, error, _ = await request(http, kind)
             except Exception as e:
                 ok, error = False, repr(e)
             if ok:
-                latencies.append(time.perf_counter() - start)
+                tally.latencies.append(time.perf_counter() - start)
             else:
-                errors += 1
-                first_error = first_error or error
+                tally.errors += 1
+                tally.first_error = tally.first_error or error
 
-    await gatherResults([ensure(one_client(http)) for http in clients])
+    background = [ensure(one_client(http, alongside_operation, side, False))
+                  for http in alongside]
+    await gatherResults([ensure(one_client(http, operation, main, True))
+                         for http in clients])
     elapsed = time.perf_counter() - began
+    finished = True
+    await gatherResults(background)
     server = service.cpu_seconds() - server_before
     client = own_cpu_seconds() - client_before
     others = max(0.0, machine_cpu_seconds() - machine_before - server - client)
     if profiler is not None:
         profiler.wait()
     return CaseResult(
-        operation=name, clients=len(clients), requests=len(latencies) + errors,
-        errors=errors, seconds=elapsed, latencies=tuple(latencies),
-        server_cpu_seconds=server, client_cpu_seconds=client, other_cpu_seconds=others,
-        load_before=load_before, load_after=tuple(round(x, 2) for x in load_average()),
-        first_error=first_error)
+        main=main, alongside=side, seconds=elapsed, server_cpu_seconds=server,
+        client_cpu_seconds=client, other_cpu_seconds=others, load_before=load_before,
+        load_after=tuple(round(x, 2) for x in load_average()))
 
 
-def ensure(coroutine) -> Deferred:
-    """A Deferred running ``coroutine``."""
-    return Deferred.fromCoroutine(coroutine)
-
-
-def _table(cases: list[CaseResult]) -> str:
+def _cases_table(cases: list[CaseResult]) -> str:
     lines = ["| operation | clients | requests | req/s | p50 | p99 | max | "
-             "server CPU / request | CPU cores used: server, clients, other processes "
+             "server CPU / request | CPU cores used: service, clients, rest of machine "
              "| errors |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for case in cases:
-        ok = case.latencies
+        t = case.main
         lines.append(
-            f"| {case.operation} | {case.clients} | {case.requests} | "
-            f"{case.requests_per_second:.0f} | "
-            f"{format_ms(percentile(ok, 50) if ok else None)} | "
-            f"{format_ms(percentile(ok, 99) if ok else None)} | "
-            f"{format_ms(max(ok) if ok else None)} | "
+            f"| {t.operation} | {t.clients} | {t.requests} | {case.rate(t):.0f} | "
+            f"{format_ms(t.percentile(50))} | {format_ms(t.percentile(99))} | "
+            f"{format_ms(max(t.latencies) if t.latencies else None)} | "
             f"{format_ms(case.server_cpu_seconds / max(1, case.requests))} | "
-            f"{case.server_cpu_seconds / case.seconds:.2f}, "
-            f"{case.client_cpu_seconds / case.seconds:.2f}, "
-            f"{case.other_cpu_seconds / case.seconds:.2f} | {case.errors} |")
+            f"{case.cores()} | {t.errors} |")
     return "\n".join(lines)
 
 
+def _mixed_table(case: CaseResult) -> str:
+    lines = ["| requests | clients | requests | req/s | p50 | p99 | max | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in (case.main, case.alongside):
+        lines.append(
+            f"| {t.operation} | {t.clients} | {t.requests} | {case.rate(t):.0f} | "
+            f"{format_ms(t.percentile(50))} | {format_ms(t.percentile(99))} | "
+            f"{format_ms(max(t.latencies) if t.latencies else None)} | {t.errors} |")
+    return "\n".join(lines) + (f"\n\nCPU cores used: service, clients, rest of machine: "
+                               f"{case.cores()}.")
+
+
 def _targets(cases: list[CaseResult]) -> tuple[Target, ...]:
-    by_key = {(c.operation, c.clients): c for c in cases}
+    by_key = {(c.main.operation, c.main.clients): c for c in cases}
     targets = []
     for clients in CLIENTS:
         case = by_key.get(("list", clients))
-        if case is not None and case.latencies:
-            p50 = percentile(case.latencies, 50)
+        if case is not None and case.main.latencies:
+            p50 = case.main.percentile(50)
             targets.append(Target(
                 what=f"list {DATASETS:,} datasets, p50, {clients} client"
                      f"{'s' if clients > 1 else ''}",
                 goal=f"< {format_ms(LIST_P50_GOAL)}", measured=format_ms(p50),
-                met=p50 < LIST_P50_GOAL and case.errors == 0))
+                met=p50 < LIST_P50_GOAL and case.main.errors == 0))
     for operation in ("create", "move"):
         case = by_key.get((operation, max(CLIENTS)))
         if case is not None:
-            rate = (case.requests - case.errors) / case.seconds
+            rate = case.rate(case.main)
             targets.append(Target(
                 what=f"durable {operation}s per second, {max(CLIENTS)} clients",
                 goal=f">= {WRITES_PER_SECOND_GOAL:.0f}/s", measured=f"{rate:.0f}/s",
-                met=rate >= WRITES_PER_SECOND_GOAL and case.errors == 0))
+                met=rate >= WRITES_PER_SECOND_GOAL and case.main.errors == 0))
     return tuple(targets)
+
+
+def _summary(case: CaseResult) -> str:
+    t = case.main
+    text = (f"{t.operation} x{t.clients}: {case.rate(t):.0f} req/s, "
+            f"p50 {format_ms(t.percentile(50))}, {t.errors} errors")
+    if case.alongside is not None:
+        a = case.alongside
+        text += (f"; alongside {a.operation} x{a.clients}: {case.rate(a):.0f} req/s, "
+                 f"p50 {format_ms(a.percentile(50))}, {a.errors} errors")
+    return text
 
 
 async def benchmark(reactor, context: Context) -> Section:
@@ -273,13 +341,19 @@ async def benchmark(reactor, context: Context) -> Section:
         pool.retryAutomatically = False  # a failed request must count as one
     clients = [treq_client(reactor, certificates.path, BENCH_USER, pool=pool)
                for pool in pools]
-    operations = _Operations(service.base_url, node_a, node_b, ids)
+    operations = Operations(service.base_url, node_a, node_b, ids)
     cases: list[CaseResult] = []
-    list_bytes = 0
+
+    def profile_path(name: str) -> Optional[Path]:
+        if context.profile_dir is None:
+            return None
+        return context.profile_dir / f"control_api-{name}.svg"
+
     try:
         # Open every client's connection (the TLS handshake is not what is measured) and
         # check the service serves the preloaded datasets.
-        warm = await gatherResults([ensure(_one(http, operations.list)) for http in clients])
+        warm = await gatherResults([ensure(request(http, operations.list))
+                                    for http in clients])
         for ok, error, body in warm:
             if not ok:
                 raise RuntimeError(f"listing datasets failed: {error}")
@@ -289,14 +363,17 @@ async def benchmark(reactor, context: Context) -> Section:
             raise RuntimeError(f"the service lists {listed} datasets, not {DATASETS}")
         for name in ("list", "move", "create"):
             for count in CLIENTS:
-                profile = None if context.profile_dir is None else \
-                    context.profile_dir / f"control_api-{name}-{count}.svg"
-                case = await run_case(reactor, service, clients[:count], name,
-                                      getattr(operations, name), profile=profile)
-                context.log(f"{name} x{count}: {case.requests_per_second:.0f} req/s, "
-                            f"p50 {format_ms(percentile(case.latencies, 50)) if case.latencies else 'n/a'}"
-                            f", {case.errors} errors")
+                case = await run_case(service, clients[:count], name,
+                                      getattr(operations, name),
+                                      profile=profile_path(f"{name}-{count}"))
+                context.log(_summary(case))
                 cases.append(case)
+        movers = max(CLIENTS) - 1
+        mixed = await run_case(service, clients[:1], "list", operations.list,
+                               alongside=clients[1:1 + movers], alongside_name="move",
+                               alongside_operation=operations.move,
+                               profile=profile_path(f"list-1-with-{movers}-moving"))
+        context.log(_summary(mixed))
     finally:
         await gatherResults([pool.closeCachedConnections() for pool in pools])
         await service.stop()
@@ -309,29 +386,42 @@ async def benchmark(reactor, context: Context) -> Section:
         "list_response_bytes": list_bytes, "case_seconds": CASE_SECONDS,
         "max_requests_per_case": MAX_REQUESTS,
         "cases": [c.to_json() for c in cases],
+        "list_while_moving": mixed.to_json(),
         "targets": [t.to_json() for t in targets],
     }
     markdown = f"""## Control service REST API
 
 A real `pyflock-control` process with {DATASETS:,} datasets in its SQLite store, and
-clients in a separate process (treq, mutual TLS with a `user-{BENCH_USER}` certificate,
-one keep-alive connection per client, each client waiting for its answer before its next
-request). The datasets are written into the store with its own API before the service
-starts ({preload_seconds:.2f} s, one transaction); the service then loaded them in
-{service.startup_seconds:.2f} s from spawn to listening. Each case runs for
-{CASE_SECONDS:.0f} s (or {MAX_REQUESTS:,} requests). *list* is `GET
-/v1/configuration/datasets` ({list_bytes / 1e6:.1f} MB of JSON); *move* is `POST
-/v1/configuration/datasets/<id>` with the other node as `primary`, each request a
-different dataset; *create* is `POST /v1/configuration/datasets` of a named 1 GiB dataset.
-A create or move is answered only after SQLite committed it with `synchronous=FULL`, so
-each one counted is durable. Cases run in the order shown, so creates start with
-{DATASETS:,} datasets and add to them. Latency is from sending the request to having read
-the whole answer. *Server CPU / request* is the service process's CPU time (all threads)
-over the case divided by its requests; *client CPU share* is the benchmark process's CPU
-time over the case's wall time (near 100% means the clients, not the service, set the
-pace).
+clients in a separate process: treq, mutual TLS with a `user-{BENCH_USER}` certificate,
+one keep-alive connection per client (opened before measuring), each client waiting for
+its answer before its next request. The datasets were written into the store with its
+own API before the service started ({preload_seconds:.2f} s, one transaction); the
+service then loaded them in {service.startup_seconds:.2f} s from spawn to listening.
 
-{_table(cases)}
+- *list*: `GET /v1/configuration/datasets`, {list_bytes / 1e6:.1f} MB of JSON;
+- *move*: `POST /v1/configuration/datasets/<id>` with the other node as `primary`, each
+  request a different dataset;
+- *create*: `POST /v1/configuration/datasets` of a new named 1 GiB dataset.
+
+A create or move is answered only once SQLite has committed it with `synchronous=FULL`,
+so every one counted is durable. Each case runs for {CASE_SECONDS:.0f} s (or
+{MAX_REQUESTS:,} requests), in the order shown, so the creates add to the
+{DATASETS:,} datasets. Latency runs from sending the request to having read the whole
+answer. *Server CPU / request* is the service process's CPU time (all its threads) in
+the case divided by the requests answered. *CPU cores used* are CPU seconds per second of
+wall time of the service, of the clients' process, and of everything else on the machine
+(other work, and kernel time no process is charged for): with 2 cores, a sum near 2
+means the machine, not the service, set the pace.
+
+{_cases_table(cases)}
+
+### Listing while datasets move
+
+One client lists while {movers} others move datasets, for {CASE_SECONDS:.0f} s: each
+move changes the configuration, so lists cannot be answered from the cached answer of an
+unchanged configuration.
+
+{_mixed_table(mixed)}
 """
     return Section(name="control_api", markdown=markdown, results=results,
                    targets=targets)

@@ -14,6 +14,7 @@ role this host plays (``control-service``, ``node``, or a user name).
 from __future__ import annotations
 
 import re
+import weakref
 from pathlib import Path
 from typing import Optional, Union
 from uuid import UUID
@@ -208,13 +209,38 @@ def server_tls_options(certificates_directory: PathLike,
     certificate issued by the folder's ``cluster.crt``; TLS 1.2 or later.
     """
     credentials = _load_credentials(certificates_directory, certificate_name)
-    return CertificateOptions(
+    options = CertificateOptions(
         privateKey=credentials.key,
         certificate=credentials.certificate,
         # A trust root makes Twisted verify the peer and require its certificate.
         trustRoot=trustRootFromCertificates([credentials.authority]),
         raiseMinimumTo=MINIMUM_TLS_VERSION,
     )
+    # A connection's client certificate never changes (ConnectionIdentities caches it).
+    options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
+    return options
+
+
+class ConnectionIdentities:
+    """
+    ``identify(request)`` for a twisted.web site: the caller's identity, worked out once
+    per TLS connection (servers refuse renegotiation, so it cannot change).
+    """
+
+    def __init__(self, cluster_uuid: str):
+        self._cluster_uuid = cluster_uuid
+        self._known: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __call__(self, request) -> Optional[Identity]:
+        transport = request.transport
+        try:
+            return self._known[transport]
+        except (KeyError, TypeError):
+            pass
+        identity = peer_identity(transport, self._cluster_uuid)
+        if identity is not None:
+            self._known[transport] = identity
+        return identity
 
 
 @implementer(IOpenSSLClientConnectionCreator)

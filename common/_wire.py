@@ -20,7 +20,7 @@ from uuid import UUID
 
 import attr
 from pyrsistent import PMap, pmap
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import Int32StringReceiver
 
 from pyflock.common._logging import log_event
@@ -498,6 +498,7 @@ class MessageProtocol(Int32StringReceiver):
         self.fail("bad-message", str(error))
 
     def stringReceived(self, payload: bytes) -> None:
+        """Decode one frame and hand the message on; refuse it if it is malformed."""
         if self.closing:
             return
         try:
@@ -515,6 +516,7 @@ class MessageProtocol(Int32StringReceiver):
             self.fail("internal-error", "the peer failed to handle a message; see its log")
 
     def lengthLimitExceeded(self, length: int) -> None:
+        """Refuse a frame announced larger than the limit, before reading it."""
         self.fail("too-large", f"a message of {length} bytes exceeds the limit of "
                                f"{self.MAX_LENGTH} bytes")
 
@@ -532,8 +534,8 @@ class MessageProtocol(Int32StringReceiver):
         """Tell the peer why, then close the connection; later frames are ignored."""
         if self.closing:
             return
-        log_event(_log, f"pyflock:{self.side}:channel-error-sent", code=code, reason=reason,
-                  peer=str(self.transport.getPeer()) if self.transport else None)
+        log_event(_log, f"pyflock:{self.side}:channel-error-sent", LogLevel.warn, code=code,
+                  reason=reason, peer=str(self.transport.getPeer()))
         self.send(Error(code=code, reason=reason))
         self.closing = True
         self.transport.loseConnection()

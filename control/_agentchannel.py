@@ -11,7 +11,8 @@ version (or of another ``epoch``: each run of the control service has its own) g
 Only ``node-*`` certificates are accepted, and a node speaks only for itself. A node silent
 for the cluster state's expiry is dead: what it reported is wiped and agents see it dead.
 Deleted datasets are purged from the configuration once no live node holds them, judged
-only on reports made by agents that had stored a view in which the dataset was deleted.
+only on reports made by agents that had stored a view in which the dataset was deleted,
+and never during the first ``node_expiry`` seconds of a run, while agents reconnect.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable, Iterable, Optional
 from uuid import uuid4
 
 from pyrsistent import pmap
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -235,6 +236,7 @@ class AgentChannelServer:
         self._heartbeats: Optional[LoopingCall] = None
         self._snapshot_cache: tuple[int, bytes] = (-1, b"")
         self._running = False
+        self._purge_grace = None
 
     @property
     def node_expiry(self) -> float:
@@ -253,6 +255,9 @@ class AgentChannelServer:
         self._tombstones = {i: self.version for i, d in config.datasets.items() if d.deleted}
         self._running = True
         self.configuration.subscribe(self._configuration_changed)
+        # Until every node alive has had time to reconnect and report, nobody knows who
+        # holds what: purge nothing before then.
+        self._purge_grace = self.reactor.callLater(self.node_expiry, self._grace_over)
         self._heartbeats = LoopingCall(self._send_heartbeats)
         self._heartbeats.clock = self.reactor
         self._heartbeats.start(self.heartbeat, now=False)
@@ -262,16 +267,15 @@ class AgentChannelServer:
         self._running = False
         if self._heartbeats is not None and self._heartbeats.running:
             self._heartbeats.stop()
-        for call in self._expiry.values():
-            if call.active():
+        for call in list(self._expiry.values()) + [self._purge_grace]:
+            if call is not None and call.active():
                 call.cancel()
         self._expiry.clear()
         waiting = []
         for connection in list(self._open):
             waiting.append(connection.when_lost())
             connection.close("shutting-down", "the control service is stopping")
-        d = Deferred.fromCoroutine(_all(waiting))
-        return d
+        return gatherResults(waiting).addCallback(lambda _: None)
 
     @property
     def current(self) -> ViewVersion:
@@ -449,9 +453,13 @@ class AgentChannelServer:
 
     # -- purging deleted datasets -------------------------------------------------------
 
+    def _grace_over(self) -> None:
+        self._purge_grace = None
+        self._purge_unheld()
+
     def _purge_unheld(self) -> None:
         """Purge the deleted datasets no live node holds, on the word of every live node."""
-        if not self._tombstones:
+        if not self._tombstones or self._purge_grace is not None or not self._running:
             return
         live = [n for n in self.cluster.state.nodes.values() if self.cluster.is_alive(n)]
         for dataset_id, deleted_at in list(self._tombstones.items()):
@@ -476,11 +484,6 @@ class AgentChannelServer:
                       reason=str(failure.value))
         d.addCallbacks(purged, failed)
         d.addBoth(lambda _: self._purging.discard(dataset_id))
-
-
-async def _all(waiting: list[Deferred]) -> None:
-    for d in waiting:
-        await d
 
 
 __all__ = ["AgentChannelServer", "DEFAULT_HEARTBEAT", "dataset_entry", "view_datasets"]

@@ -13,6 +13,7 @@ from klein import Klein
 from pyrsistent import pmap
 from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
+from twisted.web.server import Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from pyflock.common._logging import log_event
@@ -79,10 +80,15 @@ def _translate(error: ConfigurationError) -> APIError:
     raise error
 
 
+def _encode(body) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
 def dataset_to_json(dataset: Dataset) -> dict:
     """The API's JSON object for a configured dataset."""
     return {"dataset_id": dataset.dataset_id, "primary": dataset.primary,
-            "maximum_size": dataset.maximum_size, "metadata": dict(dataset.metadata),
+            "maximum_size": dataset.maximum_size,
+            "metadata": {k: v for k, v in dataset.metadata.items()},
             "deleted": dataset.deleted}
 
 
@@ -90,6 +96,24 @@ def lease_to_json(lease, now: float) -> dict:
     """The API's JSON object for a lease: seconds left, or null."""
     return {"dataset_id": lease.dataset_id, "node_uuid": lease.node_uuid,
             "expires": lease.remaining(now)}
+
+
+class APISite(Site):
+    """
+    The HTTP site of the API: no form parsing (the API takes only JSON), and instead of
+    an access line per request, a structured event for each request that failed.
+    """
+
+    def __init__(self, resource):
+        super().__init__(resource, parsePOSTFormSubmission=False)
+        self.displayTracebacks = False
+        self.noisy = False
+
+    def log(self, request) -> None:
+        if request.code >= 400:
+            log_event(_log, "pyflock:control:request-error", method=request.method.decode(
+                "ascii", "replace"), path=request.path.decode("utf-8", "replace"),
+                code=request.code)
 
 
 class ControlAPI:
@@ -108,6 +132,7 @@ class ControlAPI:
         self._identify = identify
         self._openapi = openapi
         self._list_cache: tuple = (None, b"")
+        self._encoded: dict = {}
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -153,7 +178,7 @@ class ControlAPI:
     def _json(self, request, body, code: int = 200) -> bytes:
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"application/json")
-        return body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+        return body if isinstance(body, bytes) else _encode(body)
 
     def _caller(self, request):
         identity = self._identify(request)
@@ -162,15 +187,13 @@ class ControlAPI:
                                 "node-* certificate signed by this cluster's CA.")
         return identity
 
-    def _act_as(self, request, node_uuid: Optional[str], what: str):
-        """The caller, if it may act for ``node_uuid``; nodes only act for themselves."""
-        identity = self._caller(request)
+    def _act_as(self, identity, node_uuid: Optional[str], what: str) -> None:
+        """Refuse unless ``identity`` may act for ``node_uuid``; nodes act only for themselves."""
         if identity.kind == "node" and identity.node_uuid != node_uuid:
             log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
                       action=what)
             raise APIError(403, f"Node {identity.node_uuid} may not {what}: a node "
                                 f"certificate acts only for its own node.")
-        return identity
 
     def _body(self, request, validator) -> dict:
         raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
@@ -180,9 +203,9 @@ class ControlAPI:
             body = json.loads(raw, parse_constant=_refuse_constant)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"The request body is not valid JSON: {e}.")
-        errors = schema.describe_errors(validator, body)
-        if errors:
-            raise APIError(400, "The provided JSON doesn't match the required schema.", errors)
+        if not validator.is_valid(body):
+            raise APIError(400, "The provided JSON doesn't match the required schema.",
+                           schema.describe_errors(validator, body))
         return body
 
     def _dataset_id(self, dataset_id: str) -> str:
@@ -229,19 +252,27 @@ class ControlAPI:
         if self._list_cache[0] != key:
             state = self._cluster.state
             held = {d for n in state.nodes.values() for d in n.datasets}
-            body = [dataset_to_json(d) for d in config.datasets.values()
-                    if not d.deleted or d.dataset_id in held]
-            self._list_cache = (key, json.dumps(body).encode("utf-8"))
+            # Re-encode only the datasets that changed since the last listing.
+            previous, encoded = self._encoded, {}
+            for dataset_id, dataset in config.datasets.items():
+                if dataset.deleted and dataset_id not in held:
+                    continue
+                cached = previous.get(dataset_id)
+                if cached is None or cached[0] is not dataset:
+                    cached = (dataset, _encode(dataset_to_json(dataset)))
+                encoded[dataset_id] = cached
+            self._encoded = encoded
+            self._list_cache = (key, b"[" + b",".join(e for _, e in encoded.values()) + b"]")
         request.setHeader(b"x-configuration-tag", self._configuration.tag.encode("ascii"))
         return self._json(request, self._list_cache[1])
 
     @app.route("/v1/configuration/datasets", methods=["POST"])
     async def create_dataset(self, request):
         """Create a dataset on its primary node."""
-        self._caller(request)
+        identity = self._caller(request)
         body = self._body(request, _CREATE)
         primary = body["primary"].lower()
-        self._act_as(request, primary, "create a dataset on another node")
+        self._act_as(identity, primary, "create a dataset on another node")
         self._check_tag(request)
         size = body.get("maximum_size")
         dataset = Dataset(dataset_id=body.get("dataset_id", str(uuid4())).lower(),
@@ -265,7 +296,7 @@ class ControlAPI:
             except ConfigurationError as e:
                 raise _translate(e)
             target = primary or current.primary
-            self._act_as(request, target, "change a dataset that another node holds")
+            self._act_as(identity, target, "change a dataset that another node holds")
         self._check_tag(request)
         now = self._configuration.now()
         before = self._configuration.pending.datasets.get(dataset_id)
@@ -290,7 +321,7 @@ class ControlAPI:
             if current is None:
                 raise APIError(404, "Dataset not found.")
             if not current.deleted:
-                self._act_as(request, current.primary, "delete a dataset another node holds")
+                self._act_as(identity, current.primary, "delete a dataset another node holds")
             allowed_holder = identity.node_uuid
         self._check_tag(request)
         now = self._configuration.now()
@@ -346,11 +377,11 @@ class ControlAPI:
     @app.route("/v1/configuration/leases", methods=["POST"])
     async def acquire_lease(self, request):
         """Take (201) or renew (200) a node's lease on a dataset."""
-        self._caller(request)
+        identity = self._caller(request)
         body = self._body(request, _ACQUIRE)
         dataset_id = body["dataset_id"].lower()
         node_uuid = body["node_uuid"].lower()
-        self._act_as(request, node_uuid, "take a lease for another node")
+        self._act_as(identity, node_uuid, "take a lease for another node")
         now = self._configuration.now()
         renewed = self._configuration.pending.leases.holder(now, dataset_id) == node_uuid
         try:
@@ -376,7 +407,7 @@ class ControlAPI:
         if lease is None or lease.expired(now):
             raise APIError(404, "Lease not found.")
         if identity.kind == "node":
-            self._act_as(request, lease.node_uuid, "release another node's lease")
+            self._act_as(identity, lease.node_uuid, "release another node's lease")
         await self._change(request, dataset_id, lambda c: c.release_lease(dataset_id))
         log_event(_log, "pyflock:control:lease-released", dataset_id=dataset_id,
                   node_uuid=lease.node_uuid)

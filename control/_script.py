@@ -3,6 +3,7 @@
 
     pyflock-control [run] [--data-path DIR] [--port PORT] [--agent-port PORT]
                           [--certificates-directory DIR] [--lease-grace SECONDS]
+                          [--heartbeat SECONDS] [--node-expiry SECONDS]
     pyflock-control backup --data-path DIR FILE
 """
 
@@ -14,14 +15,15 @@ from typing import Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from pyflock.common._ca import CertificateError, read_cluster_uuid
 from pyflock.common._logging import log_event, start_json_logging
-from pyflock.common._tls import peer_identity, server_tls_options, tcp_server_endpoint, \
-    tls_server_endpoint
-from pyflock.control._api import ControlAPI, __version__
-from pyflock.control._clusterstate import ClusterStateService
+from pyflock.common._tls import (
+    ConnectionIdentities, peer_identity, server_tls_options, tls_server_endpoint,
+)
+from pyflock.control._agentchannel import DEFAULT_HEARTBEAT, AgentChannelServer
+from pyflock.control._api import APISite, ControlAPI, __version__
+from pyflock.control._clusterstate import DEFAULT_NODE_EXPIRY, ClusterStateService
 from pyflock.control._openapi import build_openapi
 from pyflock.control._persistence import DEFAULT_LEASE_RESTART_GRACE, ConfigurationService
 from pyflock.control._sqlite_store import backup, open_sqlite_store
@@ -31,6 +33,17 @@ _log = Logger()
 
 DEFAULT_DATA_PATH = "/var/lib/pyflock/control"
 DEFAULT_CERTIFICATES = "/etc/pyflock"
+
+
+def _positive_seconds(text: str) -> float:
+    """A number of seconds greater than zero, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="folder with cluster.crt and control-service.crt/.key")
         p.add_argument("--lease-grace", type=float, default=DEFAULT_LEASE_RESTART_GRACE,
                        help="after a restart no lease expires sooner than this (seconds)")
+        p.add_argument("--heartbeat", type=_positive_seconds, default=DEFAULT_HEARTBEAT,
+                       help=f"seconds between heartbeats to agents (default "
+                            f"{DEFAULT_HEARTBEAT:g})")
+        p.add_argument("--node-expiry", type=_positive_seconds, default=DEFAULT_NODE_EXPIRY,
+                       help=f"a node silent this many seconds is dead (default "
+                            f"{DEFAULT_NODE_EXPIRY:g})")
     b = sub.add_parser("backup", help="copy the store consistently while the service runs")
     b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
     b.add_argument("file", help="the new backup file (never overwritten)")
@@ -67,7 +86,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
         cluster_uuid = read_cluster_uuid(options.certificates_directory)
         tls = server_tls_options(options.certificates_directory, "control-service")
         api_endpoint = tls_server_endpoint(reactor, options.port, tls)
-        tcp_server_endpoint(reactor, options.agent_port)
+        agent_endpoint = tls_server_endpoint(reactor, options.agent_port, tls)
     except (CertificateError, ValueError) as e:
         raise StartupError(str(e))
     try:
@@ -80,25 +99,40 @@ async def run(reactor, options: argparse.Namespace) -> None:
         await store.close()
         raise StartupError(str(e))
     configuration.start_lease_expiry()
-    cluster = ClusterStateService(reactor)
-    api = ControlAPI(configuration, cluster,
-                     lambda request: peer_identity(request.transport, cluster_uuid),
+    cluster = ClusterStateService(reactor, node_expiry=options.node_expiry)
+    api = ControlAPI(configuration, cluster, ConnectionIdentities(cluster_uuid),
                      build_openapi(__version__))
-    site = Site(api.app.resource())
-    site.displayTracebacks = False
-    site.noisy = False
+    site = APISite(api.app.resource())
+    channel = AgentChannelServer(configuration, cluster, reactor,
+                                 identify=lambda transport: peer_identity(transport,
+                                                                          cluster_uuid),
+                                 heartbeat=options.heartbeat)
+    channel.start()
+    try:
+        agent_port = await agent_endpoint.listen(channel.factory())
+    except Exception as e:
+        await channel.stop()
+        await configuration.stop()
+        raise StartupError(f"cannot listen on {options.agent_port}: {e}")
     try:
         port = await api_endpoint.listen(site)
     except Exception as e:
+        await agent_port.stopListening()
+        await channel.stop()
         await configuration.stop()
         raise StartupError(f"cannot listen on {options.port}: {e}")
     address = port.getHost()
+    agent_address = agent_port.getHost()
     log_event(_log, "pyflock:control:started", version=__version__,
-              address=f"{address.host}:{address.port}", data_path=options.data_path,
+              address=f"{address.host}:{address.port}",
+              agent_address=f"{agent_address.host}:{agent_address.port}",
+              epoch=channel.epoch, data_path=options.data_path,
               datasets=len(configuration.committed.datasets), cluster_uuid=cluster_uuid)
 
     async def shutdown():
         await port.stopListening()
+        await agent_port.stopListening()
+        await channel.stop()
         await configuration.stop()
         log_event(_log, "pyflock:control:stopped")
     reactor.addSystemEventTrigger("before", "shutdown",

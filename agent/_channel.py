@@ -1,0 +1,357 @@
+"""
+The agent channel's client: keeps a connection to the control service, applies the view it
+pushes, and reports what this node holds.
+
+On every connection the agent says hello (its node uuid, era, the address and port its
+peers reach it at, and the view version it has); the control service answers with a
+welcome, then a snapshot unless the agent's view is current, then a diff on every change.
+The agent reports its whole state whenever it changes and sends a heartbeat every few
+seconds; a control service silent for ``timeout`` is given up on. Lost or refused
+connections are retried with exponential backoff; nothing polls.
+
+Each new view goes to ``on_view`` at once and to ``save_view`` (the view file); the agent
+tells the control service which view version it has stored, and only that one, because the
+control service purges deleted datasets on the strength of it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from pyflock.common._logging import log_event
+from pyflock.common._tls import client_tls_options, tls_client_endpoint
+from pyflock.common._wire import (
+    MAX_MESSAGE, PROTOCOL_VERSION, BadMessage, DatasetReport, Diff, Error, Heartbeat,
+    Hello, MessageProtocol, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
+    ViewVersion, Welcome,
+)
+from pyflock.agent._view import AgentView, ViewOutOfStep
+
+#: Where peers reach an agent for data transfer, unless configured (DESIGN.md).
+DEFAULT_PEER_PORT = 4525
+
+#: Seconds between heartbeats (DESIGN.md).
+DEFAULT_HEARTBEAT = 5.0
+
+#: A control service silent this long is given up on and reconnected to.
+DEFAULT_TIMEOUT = 15.0
+
+_log = Logger()
+
+
+def default_retry_policy() -> Callable[[int], float]:
+    """Reconnect after about 1, 2, 4, ... seconds (at most 30), with up to 1 s of jitter."""
+    return backoffPolicy(initialDelay=0.5, factor=2.0, maxDelay=30.0)
+
+
+def control_endpoint(reactor, host: str, port: int,
+                     certificates_directory) -> IStreamClientEndpoint:
+    """
+    The TLS endpoint of the control service's agent port: this node presents
+    ``node.crt/.key`` and accepts only a server whose certificate names ``host``.
+    """
+    return tls_client_endpoint(reactor, host, port,
+                               client_tls_options(certificates_directory, "node", host))
+
+
+class _ControlConnection(MessageProtocol):
+    """One connection to the control service."""
+
+    side = "agent"
+
+    def __init__(self, channel: "AgentChannel"):
+        super().__init__(channel.max_message)
+        self._channel = channel
+        self.welcomed = False
+        self.refused: Optional[Error] = None
+        self.syncing = False
+        self.sent_state: Optional[tuple] = None
+        self.connected = False
+        self._lost: list[Deferred] = []
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self._channel._connection_made(self)
+
+    def connectionLost(self, reason) -> None:
+        self.connected = False
+        self.closing = True
+        self._channel._connection_lost(self, reason)
+        waiting, self._lost = self._lost, []
+        for d in waiting:
+            d.callback(None)
+
+    def when_lost(self) -> Deferred:
+        """Fires once the connection is closed."""
+        if not self.connected:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._lost.append(d)
+        return d
+
+    def bad_message(self, error: BadMessage) -> None:
+        if isinstance(error, ProtocolMismatch):
+            self.fail("protocol-version",
+                      f"the control service speaks agent-channel protocol "
+                      f"{error.theirs!r}, this agent speaks protocol {PROTOCOL_VERSION}")
+        else:
+            self.fail("bad-message", str(error))
+
+    def message_received(self, message) -> None:
+        self._channel._received(self, message)
+
+
+class _ConnectionFactory(Factory):
+    def __init__(self, channel: "AgentChannel"):
+        self._channel = channel
+
+    def buildProtocol(self, addr):
+        return _ControlConnection(self._channel)
+
+
+class AgentChannel:
+    """
+    This node's channel to the control service at ``endpoint`` (see ``control_endpoint``
+    and ``over_tls``). ``on_view(view)`` is called with every new ``AgentView``;
+    ``save_view(view)`` (e.g. ``ViewFile.save``) stores it and fires once it is durable.
+    ``view`` is where to start from (the stored view); ``address`` where peers reach this
+    node (default: the local address of the connection to the control service).
+    """
+
+    def __init__(self, reactor, endpoint: IStreamClientEndpoint, node_uuid: str, era: str,
+                 on_view: Callable[[AgentView], object], *,
+                 address: Optional[str] = None, peer_port: Optional[int] = DEFAULT_PEER_PORT,
+                 view: AgentView = AgentView(),
+                 save_view: Optional[Callable[[AgentView], Deferred]] = None,
+                 heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_TIMEOUT,
+                 retry_policy: Optional[Callable[[int], float]] = None,
+                 max_message: int = MAX_MESSAGE):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.node_uuid = node_uuid
+        self.era = era
+        self.address = address
+        self.peer_port = peer_port
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self.max_message = max_message
+        self.view = view
+        self._on_view = on_view
+        self._save_view = save_view
+        self._retry_policy = retry_policy or default_retry_policy()
+        # The latest view version known to be stored (the starting view came from disk).
+        self.stored: Optional[ViewVersion] = view.current
+        self._saves = 0
+        self._stored_save = 0
+        self._state: Optional[tuple[DatasetReport, ...]] = None
+        self._running = False
+        self._attempt: Optional[Deferred] = None
+        self._retry = None
+        self._failures = 0
+        self._connection: Optional[_ControlConnection] = None
+        self._heartbeats: Optional[LoopingCall] = None
+        self._silence = None
+
+    @classmethod
+    def over_tls(cls, reactor, host: str, port: int, tls_options, node_uuid: str, era: str,
+                 on_view: Callable[[AgentView], object], **kwargs) -> "AgentChannel":
+        """A channel to ``host:port`` over TLS with ``tls_options`` (``client_tls_options``)."""
+        return cls(reactor, tls_client_endpoint(reactor, host, port, tls_options),
+                   node_uuid, era, on_view, **kwargs)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the control service has welcomed the current connection."""
+        return self._connection is not None and self._connection.welcomed
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect, and keep reconnecting until ``stop``."""
+        if self._running:
+            return
+        self._running = True
+        self._connect()
+
+    def stop(self) -> Deferred:
+        """Stop reconnecting and close the connection; fires once it is closed."""
+        self._running = False
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._attempt is not None:
+            self._attempt.cancel()
+        connection = self._connection
+        if connection is None:
+            return succeed(None)
+        lost = connection.when_lost()
+        connection.closing = True
+        connection.transport.loseConnection()
+        abort = self.reactor.callLater(self.heartbeat, connection.transport.abortConnection)
+        return lost.addCallback(lambda _: abort.cancel() if abort.active() else None)
+
+    def report_state(self, datasets: Iterable[DatasetReport]) -> None:
+        """Report every dataset this node holds now (sent at once, or on reconnecting)."""
+        self._state = tuple(sorted(datasets, key=lambda r: r.dataset_id))
+        self._send_state()
+
+    # -- connecting ---------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._retry = None
+        attempt = self.endpoint.connect(_ConnectionFactory(self))
+        self._attempt = attempt
+
+        def connected(protocol):
+            self._attempt = None
+
+        def failed(failure):
+            self._attempt = None
+            if failure.check(CancelledError) or not self._running:
+                return
+            self._failures += 1
+            log_event(_log, "pyflock:agent:control-unreachable", reason=str(failure.value))
+            self._schedule_retry()
+        attempt.addCallbacks(connected, failed)
+
+    def _schedule_retry(self) -> None:
+        if not self._running or self._retry is not None:
+            return
+        delay = self._retry_policy(max(1, self._failures))
+        log_event(_log, "pyflock:agent:channel-retry", delay=round(delay, 3),
+                  failures=self._failures)
+        self._retry = self.reactor.callLater(delay, self._connect)
+
+    def _connection_made(self, connection: _ControlConnection) -> None:
+        self._connection = connection
+        address = self.address or connection.transport.getHost().host
+        connection.send(Hello(node_uuid=self.node_uuid, era=self.era, address=address,
+                              peer_port=self.peer_port, known=self.view.current))
+        self._silence = self.reactor.callLater(self.timeout, self._silent, connection)
+
+    def _connection_lost(self, connection: _ControlConnection, reason) -> None:
+        if connection is not self._connection:
+            return
+        self._connection = None
+        if self._heartbeats is not None and self._heartbeats.running:
+            self._heartbeats.stop()
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
+        self._silence = None
+        if not connection.welcomed:
+            self._failures += 1
+        log_event(_log, "pyflock:agent:channel-lost", welcomed=connection.welcomed,
+                  reason=str(reason.value))
+        self._schedule_retry()
+
+    def _silent(self, connection: _ControlConnection) -> None:
+        self._silence = None
+        log_event(_log, "pyflock:agent:control-silent", timeout=self.timeout)
+        connection.closing = True
+        connection.transport.abortConnection()
+
+    # -- messages -----------------------------------------------------------------------
+
+    def _received(self, connection: _ControlConnection, message) -> None:
+        if self._silence is not None and self._silence.active():
+            self._silence.reset(self.timeout)
+        if isinstance(message, Error):
+            connection.refused = message
+            log_event(_log, "pyflock:agent:channel-refused", code=message.code,
+                      reason=message.reason, protocol=message.protocol)
+            connection.closing = True
+            connection.transport.loseConnection()
+            return
+        if not connection.welcomed:
+            if not isinstance(message, Welcome):
+                raise BadMessage(f"the control service must answer a hello with a welcome, "
+                                 f"not {type(message).__name__}")
+            self._welcomed(connection, message)
+        elif isinstance(message, Snapshot):
+            connection.syncing = False
+            self._set_view(self.view.apply(message))
+        elif isinstance(message, Diff):
+            if connection.syncing:
+                return
+            try:
+                view = self.view.apply(message)
+            except ViewOutOfStep as e:
+                self._resync(connection, str(e))
+                return
+            self._set_view(view)
+        elif isinstance(message, Heartbeat):
+            if not connection.syncing and message.view != self.view.current:
+                self._resync(connection, f"the control service is at {message.view}, this "
+                                         f"agent at {self.view.current}")
+        else:
+            raise BadMessage(f"the control service does not send "
+                             f"{type(message).__name__} messages")
+
+    def _welcomed(self, connection: _ControlConnection, welcome: Welcome) -> None:
+        connection.welcomed = True
+        self._failures = 0
+        log_event(_log, "pyflock:agent:channel-connected", node_uuid=self.node_uuid,
+                  epoch=welcome.epoch, version=welcome.version,
+                  snapshot=ViewVersion(welcome.epoch, welcome.version) != self.view.current)
+        self._heartbeats = LoopingCall(self._send_heartbeat, connection)
+        self._heartbeats.clock = self.reactor
+        self._heartbeats.start(self.heartbeat, now=False)
+        self._send_state()
+
+    def _resync(self, connection: _ControlConnection, reason: str) -> None:
+        log_event(_log, "pyflock:agent:view-out-of-step", reason=reason)
+        connection.syncing = True
+        connection.send(SyncRequest())
+
+    def _send_heartbeat(self, connection: _ControlConnection) -> None:
+        # Until this connection carried a report, a stored version would vouch for a
+        # report the control service may not have.
+        view = self.stored if connection.sent_state is not None else None
+        connection.send(Heartbeat(view=view))
+
+    def _send_state(self) -> None:
+        connection = self._connection
+        if connection is None or not connection.welcomed or self._state is None:
+            return
+        if connection.sent_state == self._state:
+            return
+        connection.sent_state = self._state
+        connection.send(StateReport(node_uuid=self.node_uuid, datasets=self._state,
+                                    view=self.stored))
+
+    # -- the view -----------------------------------------------------------------------
+
+    def _set_view(self, view: AgentView) -> None:
+        self.view = view
+        try:
+            self._on_view(view)
+        except Exception:
+            _log.failure("the view callback failed",
+                         event_type="pyflock:agent:view-callback-failed")
+        if self._save_view is None:
+            self.stored = view.current
+            return
+        self._saves += 1
+        number = self._saves
+
+        def saved(_):
+            # Saves may finish out of order; a late one must not move ``stored`` back.
+            if number > self._stored_save:
+                self._stored_save = number
+                self.stored = view.current
+
+        def failed(failure):
+            log_event(_log, "pyflock:agent:view-save-failed", reason=str(failure.value),
+                      version=view.version)
+        maybeDeferred(self._save_view, view).addCallbacks(saved, failed)
+
+
+__all__ = ["AgentChannel", "DEFAULT_HEARTBEAT", "DEFAULT_PEER_PORT", "DEFAULT_TIMEOUT",
+           "control_endpoint", "default_retry_policy"]

@@ -1,0 +1,607 @@
+"""
+Pure convergence: what this node does next about each dataset, as comparable values.
+
+``calculate_changes(desired, discovered)`` compares the configuration as it concerns this
+node (``Desired``: every dataset's primary, size, deleted flag and live lease holder, and
+which nodes are alive) with what this node found (``Discovered``, made by
+``pyflock.agent._discovery``) and returns the next step: leaf changes (``CreateVolume``,
+``AttachVolume``, ``MountFilesystem``, ...) combined with ``in_parallel`` and
+``sequentially``. The decision for one dataset is the data table
+``TRANSITIONS[desired state][discovered state]``. Nothing here does IO or reads a clock;
+``pyflock.agent._runner`` runs changes and ``pyflock.agent._loop`` repeats
+discover -> calculate -> run until nothing is left to do, so each table entry is one step
+and a dataset walks through its steps (create, attach, make a filesystem, mount) one
+rediscovery after another, without waiting for a timer.
+
+Safety rules the table keeps (see docs/architecture.md, "Convergence"):
+
+- Only a dataset's primary attaches it, and only while it is attached nowhere: a volume
+  attached elsewhere is waited for, never taken.
+- A volume held by a node known to be dead (the node list says so, not merely "unknown")
+  is taken over by the node that needs it, and only once no other node holds a live lease
+  on the dataset: the taker calls the backend's ordinary ``detach_volume``, which never
+  pulls a device from under a mounted filesystem (it raises ``VolumeBusy`` instead).
+- A node never detaches a volume whose device it still has mounted, never destroys an
+  attached volume, and leaves datasets the configuration does not know alone (apart from
+  unmounting their devices from other datasets' mount points).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Callable, Iterable, Iterator, Mapping, Optional
+
+import attr
+from pyrsistent import PClass, field, pmap, pmap_field
+
+
+class DesiredState(enum.Enum):
+    """What this node wants for one dataset."""
+
+    #: This node is the primary: the dataset is mounted at ``<mount_root>/<dataset_id>``.
+    MOUNTED = "mounted"
+    #: Another node is the primary (or the dataset is deleted and another node destroys
+    #: it): not mounted nor attached here, so that the other node can attach it.
+    NOT_HERE = "not-here"
+    #: Deleted, and this node destroys it: unmounted, detached, destroyed, nothing left.
+    DESTROYED = "destroyed"
+    #: Unknown to the configuration: left alone.
+    IGNORED = "ignored"
+
+
+class DiscoveredState(enum.Enum):
+    """What this node found about one dataset (``pyflock.agent._discovery.classify``)."""
+
+    #: No volume exists.
+    NON_EXISTENT = "non-existent"
+    #: A volume exists and no device holds it (a stale record after a reboot counts too).
+    UNATTACHED = "unattached"
+    #: The volume is attached to another node (``holder``), or to a device no node owns
+    #: (``holder`` None: an operator has to detach it).
+    ATTACHED_ELSEWHERE = "attached-elsewhere"
+    #: Attached to a node that the node list says is dead. Only ``calculate_changes``
+    #: gives this state (discovery cannot know who is alive).
+    ATTACHED_TO_DEAD_NODE = "attached-to-dead-node"
+    #: Attached here, with no filesystem on the device.
+    ATTACHED_NO_FILESYSTEM = "attached-no-filesystem"
+    #: Attached here with a half-made filesystem (made, but its root not yet prepared:
+    #: ``lost+found`` still there, mode 0755): the agent stopped in the middle.
+    ATTACHED_UNFINISHED_FILESYSTEM = "attached-unfinished-filesystem"
+    #: Attached here with a filesystem, not mounted at its mount point.
+    ATTACHED = "attached"
+    #: Attached here and mounted at its mount point.
+    MOUNTED = "mounted"
+    #: Attached here and its device also mounted at other places under the mount root
+    #: (``stray_mounts``), which must go before anything else happens to it.
+    MOUNTED_ASTRAY = "mounted-astray"
+    #: Something that is not this dataset's device attached here is mounted at its mount
+    #: point (a mount no record explains).
+    STRAY_MOUNT = "stray-mount"
+    #: Another dataset's device is mounted at this dataset's mount point; that dataset's
+    #: row unmounts it, this one waits.
+    MOUNT_POINT_TAKEN = "mount-point-taken"
+
+
+#: Discovered states in which the volume is attached to this node.
+ATTACHED_HERE = frozenset({
+    DiscoveredState.ATTACHED_NO_FILESYSTEM, DiscoveredState.ATTACHED_UNFINISHED_FILESYSTEM,
+    DiscoveredState.ATTACHED, DiscoveredState.MOUNTED, DiscoveredState.MOUNTED_ASTRAY,
+})
+
+
+# ---------------------------------------------------------------------------------------
+# Desired
+
+@attr.s(frozen=True, auto_attribs=True)
+class DesiredDataset:
+    """
+    One dataset as configured: its primary node, size in bytes (None: the backend's
+    default), whether it is deleted, and the node holding a live lease on it (if any).
+    """
+
+    dataset_id: str
+    primary: str
+    maximum_size: Optional[int] = None
+    deleted: bool = False
+    lease_holder: Optional[str] = None
+
+
+class Desired(PClass):
+    """
+    The configuration as it concerns node ``node_uuid``: every dataset by id, and the
+    cluster's nodes with their alive flags. A node missing from ``nodes`` counts as
+    possibly alive: only a node reported dead loses its volumes to a takeover.
+    """
+
+    node_uuid = field(type=str, mandatory=True)
+    datasets = pmap_field(str, DesiredDataset)
+    nodes = pmap_field(str, bool)
+
+    def is_dead(self, node_uuid: Optional[str]) -> bool:
+        """Whether the node list says ``node_uuid`` is dead."""
+        return node_uuid is not None and self.nodes.get(node_uuid) is False
+
+    def destroyer(self, dataset: DesiredDataset) -> Optional[str]:
+        """
+        The node that destroys a deleted dataset: its primary, or if the primary is dead
+        the alive node with the smallest uuid (None if no node is known alive).
+        """
+        if not self.is_dead(dataset.primary):
+            return dataset.primary
+        alive = sorted(n for n, is_alive in self.nodes.items() if is_alive)
+        return alive[0] if alive else None
+
+    def state_of(self, dataset_id: str) -> DesiredState:
+        """What this node wants for ``dataset_id``."""
+        dataset = self.datasets.get(dataset_id)
+        if dataset is None:
+            return DesiredState.IGNORED
+        if dataset.deleted:
+            if self.destroyer(dataset) == self.node_uuid:
+                return DesiredState.DESTROYED
+            return DesiredState.NOT_HERE
+        if dataset.primary == self.node_uuid:
+            return DesiredState.MOUNTED
+        return DesiredState.NOT_HERE
+
+    def may_take_over(self, dataset_id: str, holder: Optional[str]) -> bool:
+        """
+        Whether this node may detach ``dataset_id`` from ``holder``: the holder is known
+        dead and no other node holds a live lease on the dataset.
+        """
+        dataset = self.datasets.get(dataset_id)
+        lease_holder = None if dataset is None else dataset.lease_holder
+        return (self.is_dead(holder)
+                and lease_holder in (None, self.node_uuid))
+
+
+def desired_from_configuration(node_uuid: str, datasets: Iterable, leases: Iterable,
+                               nodes: Mapping[str, bool], now: float) -> Desired:
+    """
+    Build ``Desired`` for ``node_uuid`` from configuration records (pure): ``datasets``
+    have ``dataset_id``, ``primary``, ``maximum_size`` and ``deleted`` (like
+    ``pyflock.common.Dataset``); ``leases`` have ``dataset_id``, ``node_uuid`` and
+    ``expiration`` (absolute seconds or None, like ``pyflock.common.Lease``); ``nodes``
+    maps node uuids to alive flags; ``now`` decides which leases are still live.
+    """
+    holders = {}
+    for lease in leases:
+        if lease.expiration is None or lease.expiration > now:
+            holders[lease.dataset_id] = lease.node_uuid
+    records = {}
+    for dataset in datasets:
+        records[dataset.dataset_id] = DesiredDataset(
+            dataset_id=dataset.dataset_id, primary=dataset.primary,
+            maximum_size=dataset.maximum_size, deleted=bool(dataset.deleted),
+            lease_holder=None if dataset.deleted else holders.get(dataset.dataset_id))
+    return Desired(node_uuid=node_uuid, datasets=pmap(records),
+                   nodes=pmap({k: bool(v) for k, v in nodes.items()}))
+
+
+# ---------------------------------------------------------------------------------------
+# Discovered
+
+@attr.s(frozen=True, auto_attribs=True)
+class DiscoveredDataset:
+    """
+    One dataset as this node found it: its state, its mount point here, the volume's
+    size, the device it is attached as here, the node holding it elsewhere, the other
+    places its device is mounted (``MOUNTED_ASTRAY``), and whether an empty, unmounted
+    directory is left at its mount point.
+    """
+
+    dataset_id: str
+    state: DiscoveredState
+    mount_point: str
+    size: Optional[int] = None
+    device: Optional[str] = None
+    holder: Optional[str] = None
+    stray_mounts: tuple = ()
+    mount_point_left: bool = False
+
+
+class Discovered(PClass):
+    """What node ``node_uuid`` found, by dataset id, with its mount root."""
+
+    node_uuid = field(type=str, mandatory=True)
+    mount_root = field(type=str, mandatory=True)
+    datasets = pmap_field(str, DiscoveredDataset)
+
+    def mount_point(self, dataset_id: str) -> str:
+        """Where ``dataset_id`` is mounted on this node."""
+        return os.path.join(self.mount_root, dataset_id)
+
+    def get(self, dataset_id: str) -> DiscoveredDataset:
+        """The dataset as found; a dataset nothing was found of is ``NON_EXISTENT``."""
+        found = self.datasets.get(dataset_id)
+        if found is None:
+            return DiscoveredDataset(dataset_id=dataset_id,
+                                     state=DiscoveredState.NON_EXISTENT,
+                                     mount_point=self.mount_point(dataset_id))
+        return found
+
+
+# ---------------------------------------------------------------------------------------
+# Changes
+
+@attr.s(frozen=True, auto_attribs=True)
+class CreateVolume:
+    """Create the dataset's volume, ``size`` bytes (None: the backend's default)."""
+
+    dataset_id: str
+    size: Optional[int] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AttachVolume:
+    """Attach the dataset's (unattached) volume to ``node_uuid``, this node."""
+
+    dataset_id: str
+    node_uuid: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CreateFilesystem:
+    """Make a filesystem on ``device``, the dataset's volume attached here."""
+
+    dataset_id: str
+    device: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class FinishFilesystem:
+    """Prepare the root of the half-made filesystem on ``device`` (no lost+found, 0777)."""
+
+    dataset_id: str
+    device: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class MountFilesystem:
+    """Mount ``device``, the dataset's volume attached here, at ``mount_point``."""
+
+    dataset_id: str
+    device: str
+    mount_point: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class UnmountFilesystem:
+    """Unmount whatever is mounted at ``mount_point`` (concerning ``dataset_id``)."""
+
+    dataset_id: str
+    mount_point: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RemoveMountPoint:
+    """Remove the empty, unmounted directory ``mount_point``."""
+
+    dataset_id: str
+    mount_point: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DetachVolume:
+    """
+    Detach the dataset's volume from ``node_uuid``: this node, or a dead node whose volume
+    this node takes over. Done only while ``node_uuid`` still holds it.
+    """
+
+    dataset_id: str
+    node_uuid: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DestroyVolume:
+    """Destroy the dataset's unattached volume and its data."""
+
+    dataset_id: str
+
+
+#: The leaf change classes; each touches one dataset.
+LEAF_CHANGES = (CreateVolume, AttachVolume, CreateFilesystem, FinishFilesystem,
+                MountFilesystem, UnmountFilesystem, RemoveMountPoint, DetachVolume,
+                DestroyVolume)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class InParallel:
+    """Changes run at the same time; done when all are, failed if any failed."""
+
+    changes: tuple = ()
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Sequentially:
+    """Changes run one after the other; the first failure stops the rest."""
+
+    changes: tuple = ()
+
+
+def is_nothing(change) -> bool:
+    """Whether ``change`` has nothing to do."""
+    return isinstance(change, (InParallel, Sequentially)) and all(
+        is_nothing(c) for c in change.changes)
+
+
+def _combine(kind: type, changes: Iterable) -> tuple:
+    result = []
+    for change in changes:
+        if is_nothing(change):
+            continue
+        if isinstance(change, kind):
+            result.extend(change.changes)
+        else:
+            result.append(change)
+    return tuple(result)
+
+
+def in_parallel(changes: Iterable) -> InParallel:
+    """Run ``changes`` at the same time (nested parallel groups and no-ops flattened)."""
+    return InParallel(changes=_combine(InParallel, changes))
+
+
+def sequentially(changes: Iterable) -> Sequentially:
+    """Run ``changes`` in order (nested sequences and no-ops flattened)."""
+    return Sequentially(changes=_combine(Sequentially, changes))
+
+
+#: The change that does nothing.
+NOTHING = InParallel()
+
+
+def leaves(change) -> Iterator:
+    """The leaf changes in ``change``, in order."""
+    if isinstance(change, (InParallel, Sequentially)):
+        for child in change.changes:
+            yield from leaves(child)
+    else:
+        yield change
+
+
+def summarize(change) -> str:
+    """A short, human-readable list of the leaf changes, for logs."""
+    return "; ".join(f"{type(c).__name__}({c.dataset_id})" for c in leaves(change))
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+
+#: A table entry: from this node's uuid, the configured dataset (None when IGNORED) and
+#: the dataset as found, the change to make now.
+Transition = Callable[[str, Optional[DesiredDataset], DiscoveredDataset], object]
+
+
+def wait(node_uuid, wanted, found):
+    """Nothing to do now: another node (or an operator, or another row) acts first."""
+    return NOTHING
+
+
+def create(node_uuid, wanted, found):
+    """Create the volume, of the configured size."""
+    return CreateVolume(dataset_id=found.dataset_id, size=wanted.maximum_size)
+
+
+def attach(node_uuid, wanted, found):
+    """Attach the unattached volume here."""
+    return AttachVolume(dataset_id=found.dataset_id, node_uuid=node_uuid)
+
+
+def take_over(node_uuid, wanted, found):
+    """Detach the volume from the dead node holding it, so that this node can have it."""
+    return DetachVolume(dataset_id=found.dataset_id, node_uuid=found.holder)
+
+
+def make_filesystem(node_uuid, wanted, found):
+    """Make a filesystem on the attached device."""
+    return CreateFilesystem(dataset_id=found.dataset_id, device=found.device)
+
+
+def finish_filesystem(node_uuid, wanted, found):
+    """Finish the half-made filesystem."""
+    return FinishFilesystem(dataset_id=found.dataset_id, device=found.device)
+
+
+def mount(node_uuid, wanted, found):
+    """Mount the attached device at the dataset's mount point."""
+    return MountFilesystem(dataset_id=found.dataset_id, device=found.device,
+                           mount_point=found.mount_point)
+
+
+def unmount(node_uuid, wanted, found):
+    """Unmount whatever is mounted at the dataset's mount point."""
+    return UnmountFilesystem(dataset_id=found.dataset_id, mount_point=found.mount_point)
+
+
+def unmount_strays(node_uuid, wanted, found):
+    """Unmount the dataset's device from the other places it is mounted at."""
+    return in_parallel(UnmountFilesystem(dataset_id=found.dataset_id, mount_point=path)
+                       for path in found.stray_mounts)
+
+
+def detach(node_uuid, wanted, found):
+    """Detach the (unmounted) volume from this node."""
+    return DetachVolume(dataset_id=found.dataset_id, node_uuid=node_uuid)
+
+
+def tidy(node_uuid, wanted, found):
+    """Remove an empty directory left at the mount point, if any."""
+    if found.mount_point_left:
+        return RemoveMountPoint(dataset_id=found.dataset_id, mount_point=found.mount_point)
+    return NOTHING
+
+
+def destroy(node_uuid, wanted, found):
+    """Destroy the unattached volume (and tidy the mount point)."""
+    return in_parallel([DestroyVolume(dataset_id=found.dataset_id),
+                        tidy(node_uuid, wanted, found)])
+
+
+def take_over_and_tidy(node_uuid, wanted, found):
+    """Take the volume from its dead holder (and tidy the mount point)."""
+    return in_parallel([take_over(node_uuid, wanted, found), tidy(node_uuid, wanted, found)])
+
+
+_D = DiscoveredState
+
+#: ``TRANSITIONS[desired state][discovered state]``: the next step for one dataset.
+TRANSITIONS: Mapping[DesiredState, Mapping[DiscoveredState, Transition]] = {
+    DesiredState.MOUNTED: {
+        _D.NON_EXISTENT: create,
+        _D.UNATTACHED: attach,
+        _D.ATTACHED_ELSEWHERE: wait,
+        _D.ATTACHED_TO_DEAD_NODE: take_over,
+        _D.ATTACHED_NO_FILESYSTEM: make_filesystem,
+        _D.ATTACHED_UNFINISHED_FILESYSTEM: finish_filesystem,
+        _D.ATTACHED: mount,
+        _D.MOUNTED: wait,
+        _D.MOUNTED_ASTRAY: unmount_strays,
+        _D.STRAY_MOUNT: unmount,
+        _D.MOUNT_POINT_TAKEN: wait,
+    },
+    DesiredState.NOT_HERE: {
+        _D.NON_EXISTENT: tidy,
+        _D.UNATTACHED: tidy,
+        _D.ATTACHED_ELSEWHERE: tidy,
+        _D.ATTACHED_TO_DEAD_NODE: tidy,
+        _D.ATTACHED_NO_FILESYSTEM: detach,
+        _D.ATTACHED_UNFINISHED_FILESYSTEM: detach,
+        _D.ATTACHED: detach,
+        _D.MOUNTED: unmount,
+        _D.MOUNTED_ASTRAY: unmount_strays,
+        _D.STRAY_MOUNT: unmount,
+        _D.MOUNT_POINT_TAKEN: wait,
+    },
+    DesiredState.DESTROYED: {
+        _D.NON_EXISTENT: tidy,
+        _D.UNATTACHED: destroy,
+        _D.ATTACHED_ELSEWHERE: tidy,
+        _D.ATTACHED_TO_DEAD_NODE: take_over_and_tidy,
+        _D.ATTACHED_NO_FILESYSTEM: detach,
+        _D.ATTACHED_UNFINISHED_FILESYSTEM: detach,
+        _D.ATTACHED: detach,
+        _D.MOUNTED: unmount,
+        _D.MOUNTED_ASTRAY: unmount_strays,
+        _D.STRAY_MOUNT: unmount,
+        _D.MOUNT_POINT_TAKEN: wait,
+    },
+    # Unknown datasets may be the configuration's future (a view not yet received) or
+    # someone else's: their volumes and mounts stay, but their devices never squat other
+    # datasets' mount points, and an empty directory is no loss.
+    DesiredState.IGNORED: {
+        _D.NON_EXISTENT: tidy,
+        _D.UNATTACHED: tidy,
+        _D.ATTACHED_ELSEWHERE: tidy,
+        _D.ATTACHED_TO_DEAD_NODE: tidy,
+        _D.ATTACHED_NO_FILESYSTEM: wait,
+        _D.ATTACHED_UNFINISHED_FILESYSTEM: wait,
+        _D.ATTACHED: wait,
+        _D.MOUNTED: wait,
+        _D.MOUNTED_ASTRAY: unmount_strays,
+        _D.STRAY_MOUNT: wait,
+        _D.MOUNT_POINT_TAKEN: wait,
+    },
+}
+
+
+def effective_state(desired: Desired, found: DiscoveredDataset) -> DiscoveredDataset:
+    """``found``, as ``ATTACHED_TO_DEAD_NODE`` if this node may take it over (pure)."""
+    if (found.state is DiscoveredState.ATTACHED_ELSEWHERE
+            and desired.may_take_over(found.dataset_id, found.holder)):
+        return attr.evolve(found, state=DiscoveredState.ATTACHED_TO_DEAD_NODE)
+    return found
+
+
+def calculate_changes(desired: Desired, discovered: Discovered):
+    """
+    The next step towards ``desired`` from ``discovered`` (pure): one table entry per
+    dataset, all in parallel, in dataset id order; ``NOTHING`` when nothing is left to do.
+    """
+    if desired.node_uuid != discovered.node_uuid:
+        raise ValueError(f"desired state of node {desired.node_uuid} compared with what "
+                         f"node {discovered.node_uuid} discovered")
+    changes = []
+    for dataset_id in sorted(set(desired.datasets) | set(discovered.datasets)):
+        found = effective_state(desired, discovered.get(dataset_id))
+        wanted = desired.datasets.get(dataset_id)
+        transition = TRANSITIONS[desired.state_of(dataset_id)][found.state]
+        changes.append(transition(desired.node_uuid, wanted, found))
+    return in_parallel(changes)
+
+
+def is_waiting(desired: Desired, discovered: Discovered) -> bool:
+    """
+    Whether this node waits for another node to let go of a volume it needs (pure): the
+    loop then looks again soon rather than at its slow, safety-net pace, since no push
+    tells it when that node has detached.
+    """
+    for dataset_id in desired.datasets:
+        if desired.state_of(dataset_id) not in (DesiredState.MOUNTED, DesiredState.DESTROYED):
+            continue
+        found = discovered.get(dataset_id)
+        if found.state is DiscoveredState.ATTACHED_ELSEWHERE and found.holder is not None:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------
+# Reported state
+
+@attr.s(frozen=True, auto_attribs=True)
+class DatasetStatus:
+    """
+    One dataset as this node reports it: ``state`` is ``creating`` (no volume yet),
+    ``attaching`` (attaching, making its filesystem, mounting), ``mounted``, ``moving``
+    (held by another node on its way here, or leaving this node) or ``deleting``;
+    ``path`` is set once it is mounted; ``maximum_size`` is the volume's size in bytes
+    (the configured size until the volume exists).
+    """
+
+    dataset_id: str
+    state: str
+    path: Optional[str] = None
+    maximum_size: Optional[int] = None
+
+
+_COMING = frozenset({_D.ATTACHED_ELSEWHERE, _D.ATTACHED_TO_DEAD_NODE})
+
+
+def _status(desired: Desired, found: DiscoveredDataset) -> Optional[str]:
+    wanted = desired.datasets.get(found.dataset_id)
+    here = found.state in ATTACHED_HERE
+    state = desired.state_of(found.dataset_id)
+    if state is DesiredState.MOUNTED:
+        if found.state is _D.MOUNTED:
+            return "mounted"
+        if found.state is _D.NON_EXISTENT:
+            return "creating"
+        if found.state in _COMING:
+            return "moving"
+        return "attaching"
+    if state is DesiredState.DESTROYED:
+        return None if found.state is _D.NON_EXISTENT else "deleting"
+    if state is DesiredState.NOT_HERE and here:
+        return "deleting" if wanted.deleted else "moving"
+    return None
+
+
+def dataset_states(desired: Desired, discovered: Discovered):
+    """
+    What this node reports (pure): a ``pmap`` of dataset id to ``DatasetStatus`` for the
+    datasets this node is the primary of, holds, or destroys; unknown datasets and those
+    with nothing here are left out.
+    """
+    states = {}
+    for dataset_id in sorted(set(desired.datasets) | set(discovered.datasets)):
+        found = effective_state(desired, discovered.get(dataset_id))
+        status = _status(desired, found)
+        if status is None:
+            continue
+        wanted = desired.datasets.get(dataset_id)
+        size = found.size if found.size is not None else wanted.maximum_size
+        states[dataset_id] = DatasetStatus(
+            dataset_id=dataset_id, state=status, maximum_size=size,
+            path=found.mount_point if status == "mounted" else None)
+    return pmap(states)

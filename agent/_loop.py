@@ -1,0 +1,285 @@
+"""
+The convergence loop: discover -> calculate -> run, again and again until nothing is left
+to do, woken by every configuration update and, as a safety net, periodically.
+
+``ConvergenceLoop`` knows nothing of backends or mounts: it is given ``discover``,
+``calculate``, ``run`` and ``report_state``; ``node_convergence_loop`` wires it to the real
+discovery, ``calculate_changes`` and the runner. Only one iteration runs at a time; an
+update during an iteration makes one more iteration follow it. Errors are logged and
+retried with exponential backoff; the loop never dies. Time comes from the injected
+reactor (a ``Clock`` in tests).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from pyflock.agent._convergence import (
+    calculate_changes, dataset_states, is_nothing, is_waiting, leaves, summarize,
+)
+from pyflock.agent._discovery import discover as discover_now
+from pyflock.agent._runner import (
+    EXPECTED_ERRORS, ChangesFailed, Runner, StaleChange, log_failure, threaded,
+)
+from pyflock.common._logging import log_event
+
+#: Seconds between two rediscoveries when nothing wakes the loop (DESIGN.md: a safety net).
+DEFAULT_INTERVAL = 10.0
+
+#: Seconds between two rediscoveries while waiting for another node to let go of a volume
+#: this node needs (nothing announces it).
+DEFAULT_POLL_INTERVAL = 1.0
+
+#: The first retry delay after an error, doubled after each further error...
+DEFAULT_BACKOFF = 1.0
+
+#: ... up to this.
+DEFAULT_MAX_BACKOFF = 60.0
+
+#: Steps (discover, calculate, run) one iteration may take before it counts as stuck:
+#: a dataset needs about six, so only a change that never takes effect gets there.
+DEFAULT_MAX_STEPS = 100
+
+
+class ConvergenceStalled(Exception):
+    """An iteration ran its maximum number of steps and still had changes to make."""
+
+    def __init__(self, steps: int, change):
+        super().__init__(steps, change)
+        self.steps = steps
+        self.change = change
+
+    def __str__(self) -> str:
+        return (f"still changing after {self.steps} steps (last: {summarize(self.change)}); "
+                f"a change keeps succeeding without taking effect")
+
+
+def _as_given(desired, now: float):
+    return desired
+
+
+def _expected(failure: Failure) -> bool:
+    if failure.check(ChangesFailed):
+        return all(_expected(f) for f in failure.value.failures)
+    return failure.check(StaleChange, *EXPECTED_ERRORS) is not None
+
+
+class ConvergenceLoop:
+    """
+    Converges one node.
+
+    - ``discover()`` returns a Deferred of what the node has (``Discovered``);
+    - ``calculate(desired, discovered)`` returns the next change (pure);
+    - ``run(change)`` runs it and returns a Deferred;
+    - ``report_state(states)`` is called with ``describe(desired, discovered)`` whenever
+      that changes (a ``pmap`` of ``DatasetStatus`` by default); it may return a Deferred;
+    - ``desire(view, now)`` turns the latest ``update``'s argument into the ``desired``
+      that ``calculate`` takes, at the reactor's ``now`` (by default the argument is used
+      as it is);
+    - ``waiting(desired, discovered)`` says whether the node waits for another node (the
+      loop then looks again after ``poll_interval`` rather than ``interval``).
+
+    Nothing runs before ``start()`` and the first ``update(view)``.
+    """
+
+    def __init__(self, reactor, discover: Callable[[], Deferred],
+                 calculate: Callable, run: Callable[[object], Deferred],
+                 report_state: Callable, desire: Callable = _as_given,
+                 describe: Callable = dataset_states, waiting: Callable = is_waiting,
+                 interval: float = DEFAULT_INTERVAL,
+                 poll_interval: float = DEFAULT_POLL_INTERVAL, backoff: float = DEFAULT_BACKOFF,
+                 max_backoff: float = DEFAULT_MAX_BACKOFF,
+                 max_steps: int = DEFAULT_MAX_STEPS, logger: Optional[Logger] = None,
+                 node_uuid: Optional[str] = None):
+        self._reactor = reactor
+        self._discover = discover
+        self._calculate = calculate
+        self._run = run
+        self._report_state = report_state
+        self._desire = desire
+        self._describe = describe
+        self._waiting = waiting
+        self.interval = interval
+        self.poll_interval = poll_interval
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_steps = max_steps
+        self._log = logger if logger is not None else Logger()
+        self._node_uuid = node_uuid
+        self._view = None
+        self._has_view = False
+        self._started = False
+        self._stopped = False
+        self._busy = False
+        self._again = False
+        self._timer = None
+        self._idle_waiters: list[Deferred] = []
+        self._reported = None
+        self._waits = False
+        #: Errors in a row; the next retry waits ``backoff * 2 ** (failures - 1)``.
+        self.failures = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether an iteration is running."""
+        return self._busy
+
+    @property
+    def next_wake(self) -> Optional[float]:
+        """When the loop wakes by itself next (reactor seconds), if it is waiting."""
+        return None if self._timer is None else self._timer.getTime()
+
+    def start(self) -> None:
+        """Start converging (at once if a view was given, else at the first update)."""
+        self._started = True
+        self.wake()
+
+    def update(self, view) -> None:
+        """A new desired state (the channel calls this on every push): converge now."""
+        self._view = view
+        self._has_view = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Iterate now, or right after the iteration under way."""
+        if self._stopped or not self._started:
+            return
+        if self._busy:
+            self._again = True
+            return
+        self._cancel_timer()
+        self._busy = True
+        ensureDeferred(self._iterate())
+
+    def stop(self) -> Deferred:
+        """Stop waking; the Deferred fires once the iteration under way (if any) ends."""
+        self._stopped = True
+        self._cancel_timer()
+        if not self._busy:
+            return succeed(None)
+        d = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _schedule(self, delay: float) -> None:
+        if self._stopped:
+            return
+        self._cancel_timer()
+        self._timer = self._reactor.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.wake()
+
+    async def _iterate(self) -> None:
+        try:
+            while True:
+                self._again = False
+                try:
+                    await self._converge()
+                except Exception:
+                    failure = Failure()
+                    self.failures += 1
+                    delay = min(self.max_backoff,
+                                self.backoff * 2 ** (self.failures - 1))
+                    self._log_failure(failure, delay)
+                    if self._again and not self._stopped:
+                        continue
+                    self._schedule(delay)
+                    return
+                self.failures = 0
+                if self._again and not self._stopped:
+                    continue
+                self._schedule(self.poll_interval if self._waits else self.interval)
+                return
+        finally:
+            self._busy = False
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    async def _converge(self) -> None:
+        ran = 0
+        self._waits = False
+        change = None
+        for step in range(self.max_steps):
+            if self._stopped or not self._has_view:
+                return
+            desired = self._desire(self._view, self._reactor.seconds())
+            discovered = await self._discover()
+            change = self._calculate(desired, discovered)
+            self._report(desired, discovered)
+            if is_nothing(change):
+                self._waits = bool(self._waiting(desired, discovered))
+                if ran:
+                    log_event(self._log, "pyflock:agent:converged", node_uuid=self._node_uuid,
+                              steps=ran)
+                return
+            log_event(self._log, "pyflock:agent:converge", node_uuid=self._node_uuid,
+                      step=step + 1, changes=summarize(change),
+                      dataset_ids=",".join(sorted({c.dataset_id for c in leaves(change)})))
+            await self._run(change)
+            ran += 1
+        raise ConvergenceStalled(self.max_steps, change)
+
+    def _report(self, desired, discovered) -> None:
+        try:
+            states = self._describe(desired, discovered)
+            if states == self._reported:
+                return
+            result = self._report_state(states)
+        except Exception:
+            log_failure(self._log, "pyflock:agent:report-failed", Failure(),
+                        node_uuid=self._node_uuid)
+            return
+        self._reported = states
+        if isinstance(result, Deferred):
+            def failed(failure: Failure) -> None:
+                # Not reported after all: try again at the next discovery.
+                self._reported = None
+                log_failure(self._log, "pyflock:agent:report-failed", failure,
+                            node_uuid=self._node_uuid)
+            result.addErrback(failed)
+
+    def _log_failure(self, failure: Failure, delay: float) -> None:
+        fields = dict(node_uuid=self._node_uuid, error=failure.getErrorMessage(),
+                      error_type=failure.type.__name__, failures=self.failures,
+                      retry_in=delay)
+        if _expected(failure):
+            log_event(self._log, "pyflock:agent:converge-failed", LogLevel.warn, **fields)
+        else:
+            log_failure(self._log, "pyflock:agent:converge-failed", failure, **fields)
+
+
+def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
+                          report_state: Callable, desire: Callable,
+                          interval: float = DEFAULT_INTERVAL,
+                          logger: Optional[Logger] = None,
+                          threadpool=None) -> ConvergenceLoop:
+    """
+    The loop of one agent: discovery through ``backend`` (its ``IBlockDeviceBackend``) and
+    ``filesystems`` (``LocalFilesystems()`` in the agent) under ``mount_root``,
+    ``calculate_changes``, and a ``Runner``; every blocking call runs in ``threadpool``
+    (default: the reactor's). ``desire(view, now)`` builds ``Desired`` from what the
+    channel passes to ``update``. Call ``start()``, then ``update(view)`` on every push.
+    """
+    mount_root = os.path.realpath(mount_root)
+    run_blocking = threaded(reactor, threadpool)
+    runner = Runner(backend, filesystems, run_blocking, logger=logger)
+
+    def discover() -> Deferred:
+        return run_blocking(discover_now, backend, filesystems, mount_root)
+
+    return ConvergenceLoop(reactor, discover, calculate_changes, runner.run, report_state,
+                           desire=desire, interval=interval, logger=logger,
+                           node_uuid=backend.node_uuid)

@@ -1,0 +1,359 @@
+"""
+The Docker plugin's mount counts: how many times dockerd mounted each volume, per Mount ID.
+
+dockerd sends ``Mount(name, ID)`` and ``Unmount(name, ID)``; the ID is per mount point and
+``docker cp`` into a running container sends ``Mount(X)`` then ``Unmount(X)`` for an ``X``
+that is already mounted, so each ``(name, ID)`` has a *counter*, not a presence bit
+(notes/docker-plugin-protocol.md §6). ``MountTable`` is the pure value; ``MountCounts``
+keeps the current table and writes it atomically to a JSON file in a thread, so that counts
+survive agent restarts (dockerd sends no new ``Activate`` to a restarted plugin).
+
+After a restart, ``MountTable.reconcile`` corrects the counts with the mounts that running
+containers really hold (``docker_volume_mounts`` reads them from Docker's
+``GET /containers/json``): a crash of dockerd sends no Unmounts, and a crash of the agent
+may lose the last change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import attr
+from pyrsistent import PMap, pmap
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from pyflock.common._logging import log_event
+
+_log = Logger()
+
+#: Version of the JSON file's layout.
+FORMAT_VERSION = 1
+
+#: Mount IDs made up by ``reconcile`` for mounts whose real ID is unknown; dockerd's IDs
+#: are 64 hex digits, so these never collide with them.
+RECONCILED_PREFIX = "reconciled:"
+
+
+class MountsWriteError(Exception):
+    """The mount counts could not be written to disk; the message names the file and why."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class VolumeMounts:
+    """One volume's mounts here: its dataset and a counter per Mount ID (all > 0)."""
+
+    dataset_id: Optional[str] = None
+    mounts: PMap = attr.ib(default=pmap(), converter=pmap)
+
+    @property
+    def count(self) -> int:
+        """The number of mounts not yet unmounted, over all Mount IDs."""
+        return sum(self.mounts.values())
+
+
+def _volumes(value: Any) -> PMap:
+    return pmap(value)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class MountTable:
+    """Every volume's mounts on this node, by volume name; volumes with no mount are absent."""
+
+    volumes: PMap = attr.ib(default=pmap(), converter=_volumes)
+
+    def count(self, name: str) -> int:
+        """How many mounts of volume ``name`` are live here (0 if none)."""
+        volume = self.volumes.get(name)
+        return 0 if volume is None else volume.count
+
+    def mount_count(self, name: str, mount_id: str) -> int:
+        """How many times ``mount_id`` of volume ``name`` is mounted (0 if not)."""
+        volume = self.volumes.get(name)
+        return 0 if volume is None else volume.mounts.get(mount_id, 0)
+
+    def dataset_id(self, name: str) -> Optional[str]:
+        """The dataset that volume ``name`` was mounted as, if it is mounted here."""
+        volume = self.volumes.get(name)
+        return None if volume is None else volume.dataset_id
+
+    def in_use(self) -> PMap:
+        """Dataset id (None if unknown) by name, for every volume with a mount here."""
+        return pmap({name: v.dataset_id for name, v in self.volumes.items()})
+
+    def mount(self, name: str, mount_id: str, dataset_id: Optional[str]) -> "MountTable":
+        """One more mount of ``mount_id`` of volume ``name``, which is ``dataset_id``."""
+        volume = self.volumes.get(name, VolumeMounts())
+        volume = VolumeMounts(dataset_id=dataset_id or volume.dataset_id,
+                              mounts=volume.mounts.set(
+                                  mount_id, volume.mounts.get(mount_id, 0) + 1))
+        return MountTable(self.volumes.set(name, volume))
+
+    def unmount(self, name: str, mount_id: str) -> "MountTable":
+        """
+        One mount fewer of ``mount_id`` of volume ``name``. An unknown ID consumes a mount
+        that ``reconcile`` recorded without its ID; otherwise it changes nothing.
+        """
+        volume = self.volumes.get(name)
+        if volume is None:
+            return self
+        if mount_id not in volume.mounts:
+            made_up = sorted(k for k in volume.mounts if k.startswith(RECONCILED_PREFIX))
+            if not made_up:
+                return self
+            mount_id = made_up[0]
+        left = volume.mounts[mount_id] - 1
+        mounts = volume.mounts.set(mount_id, left) if left > 0 else \
+            volume.mounts.remove(mount_id)
+        if not mounts:
+            return MountTable(self.volumes.remove(name))
+        return MountTable(self.volumes.set(name, attr.evolve(volume, mounts=mounts)))
+
+    def forget(self, name: str) -> "MountTable":
+        """The table without any mount of volume ``name``."""
+        return MountTable(self.volumes.discard(name))
+
+    def reconcile(self, in_use: Mapping[str, int]) -> "MountTable":
+        """
+        The table corrected by ``in_use``, the number of mount points that running
+        containers hold per volume name: volumes no container uses lose their mounts;
+        a volume used by more mount points than the table has IDs for gets made-up IDs
+        (``RECONCILED_PREFIX``) for the difference, consumed by Unmounts of unknown IDs.
+        Extra IDs are kept, since which of them is stale cannot be told.
+        """
+        volumes = {}
+        for name, wanted in in_use.items():
+            if wanted <= 0:
+                continue
+            volume = self.volumes.get(name, VolumeMounts())
+            mounts = dict(volume.mounts)
+            for n in range(wanted - len(mounts)):
+                mounts[f"{RECONCILED_PREFIX}{n + 1}"] = 1
+            volumes[name] = VolumeMounts(dataset_id=volume.dataset_id, mounts=pmap(mounts))
+        return MountTable(pmap(volumes))
+
+    def to_json(self) -> dict:
+        """The JSON document of this table (the file's layout)."""
+        return {"version": FORMAT_VERSION, "volumes": {
+            name: {"dataset_id": v.dataset_id, "mounts": dict(v.mounts)}
+            for name, v in sorted(self.volumes.items())}}
+
+    @classmethod
+    def from_json(cls, document: Any) -> "MountTable":
+        """The table of a JSON document; ``ValueError`` saying what is wrong if malformed."""
+        if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
+            raise ValueError(f"not a version {FORMAT_VERSION} mount counts document")
+        raw = document.get("volumes")
+        if not isinstance(raw, dict):
+            raise ValueError("'volumes' is not an object")
+        volumes = {}
+        for name, entry in raw.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("mounts"), dict):
+                raise ValueError(f"volume {name!r} has no 'mounts' object")
+            dataset_id = entry.get("dataset_id")
+            if dataset_id is not None and not isinstance(dataset_id, str):
+                raise ValueError(f"volume {name!r} has a dataset_id that is not a string")
+            mounts = entry["mounts"]
+            if not all(isinstance(k, str) and type(n) is int and n > 0
+                       for k, n in mounts.items()):
+                raise ValueError(f"volume {name!r} has counts that are not positive integers")
+            if mounts:
+                volumes[name] = VolumeMounts(dataset_id=dataset_id, mounts=pmap(mounts))
+        return cls(pmap(volumes))
+
+
+def docker_volume_mounts(containers: Iterable[Any], driver: str = "pyflock") -> dict[str, int]:
+    """
+    The number of mount points per volume name of ``driver`` in ``containers``, the JSON
+    answer of Docker's ``GET /containers/json`` (running containers only, which is that
+    call's default). Entries that are not such volume mounts are skipped.
+    """
+    result: dict[str, int] = {}
+    for container in containers:
+        if not isinstance(container, dict):
+            continue
+        for mount in container.get("Mounts") or ():
+            if not isinstance(mount, dict) or mount.get("Type") != "volume":
+                continue
+            # A v2 (managed) plugin's driver is shown with its tag.
+            if mount.get("Driver") not in (driver, f"{driver}:latest"):
+                continue
+            name = mount.get("Name")
+            if isinstance(name, str) and name:
+                result[name] = result.get(name, 0) + 1
+    return result
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """
+    Replace the file at ``path`` with ``data`` so that a crash leaves either the old or the
+    new content: write a temporary file, fsync it, rename it over ``path``, fsync the folder.
+    Blocks: call it in a thread.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = f"{path}.tmp"
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as e:
+        raise MountsWriteError(f"cannot write the mount counts to {path}: {e.strerror or e}"
+                               ) from e
+
+
+def read_mount_table(path: str) -> MountTable:
+    """
+    The table stored at ``path``: empty if there is no file. A corrupt file is moved aside
+    to ``<path>.corrupt`` (and logged) and an empty table returned, since the counts are
+    rebuilt from the running containers by ``reconcile``. Blocks; meant for agent start.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return MountTable()
+    try:
+        return MountTable.from_json(json.loads(raw))
+    except (ValueError, UnicodeDecodeError) as e:
+        os.replace(path, path + ".corrupt")
+        log_event(_log, "pyflock:plugin:mounts-corrupt", LogLevel.error, path=path,
+                  reason=str(e), moved_to=path + ".corrupt")
+        return MountTable()
+
+
+RunBlocking = Callable[..., Deferred]
+
+
+class MountCounts:
+    """
+    The live mount table, written to ``path`` after every change by ``run_blocking(f,
+    *args)`` (a thread in the agent; see ``in_thread``). Writes are serial and coalesced: a
+    change made while a write is in flight goes out with the next write. Each change
+    returns a Deferred that fires once a write including it is on disk, or fails with
+    ``MountsWriteError`` (the in-memory table stays right; the next change retries).
+    """
+
+    def __init__(self, path: str, run_blocking: RunBlocking,
+                 table: MountTable = MountTable()):
+        self.path = path
+        self.table = table
+        self._run_blocking = run_blocking
+        self._version = 0
+        self._attempted = 0
+        self._durable = 0
+        self._writing = False
+        self._waiters: list[tuple[int, Deferred]] = []
+
+    @classmethod
+    def load(cls, path: str, run_blocking: RunBlocking) -> "MountCounts":
+        """The counts stored at ``path`` (see ``read_mount_table``; blocks, for agent start)."""
+        return cls(path, run_blocking, read_mount_table(path))
+
+    def count(self, name: str) -> int:
+        """How many mounts of volume ``name`` are live here."""
+        return self.table.count(name)
+
+    def mount(self, name: str, mount_id: str, dataset_id: Optional[str]) -> Deferred:
+        """Count one more mount of ``mount_id`` of ``name``; fires once on disk."""
+        return self._change(self.table.mount(name, mount_id, dataset_id))
+
+    def unmount(self, name: str, mount_id: str) -> Deferred:
+        """Count one mount fewer of ``mount_id`` of ``name``; fires once on disk."""
+        return self._change(self.table.unmount(name, mount_id))
+
+    def forget(self, name: str) -> Deferred:
+        """Drop every mount of ``name``; fires once on disk."""
+        return self._change(self.table.forget(name))
+
+    def reconcile(self, in_use: Mapping[str, int]) -> Deferred:
+        """Correct the table with the running containers' mounts (``MountTable.reconcile``)."""
+        before = self.table
+        d = self._change(before.reconcile(in_use))
+        log_event(_log, "pyflock:plugin:mounts-reconciled",
+                  before=json.dumps({n: v.count for n, v in before.volumes.items()}),
+                  after=json.dumps({n: v.count for n, v in self.table.volumes.items()}))
+        return d
+
+    def flush(self) -> Deferred:
+        """Fires once the current table is on disk (writing it again if the last write
+        failed)."""
+        if self._durable == self._version:
+            d: Deferred = Deferred()
+            d.callback(None)
+            return d
+        d = Deferred()
+        self._waiters.append((self._version, d))
+        self._write(again=True)
+        return d
+
+    def _change(self, table: MountTable) -> Deferred:
+        if table == self.table:
+            return self.flush()
+        self.table = table
+        self._version += 1
+        d: Deferred = Deferred()
+        self._waiters.append((self._version, d))
+        self._write()
+        return d
+
+    def _write(self, again: bool = False) -> None:
+        if self._writing or (self._attempted == self._version and not again):
+            return
+        self._writing = True
+        version = self._attempted = self._version
+        data = json.dumps(self.table.to_json(), indent=1).encode("utf-8") + b"\n"
+        d = self._run_blocking(write_atomically, self.path, data)
+        d.addBoth(self._wrote, version)
+
+    def _wrote(self, result: Any, version: int) -> None:
+        self._writing = False
+        failed = isinstance(result, Failure)
+        if failed:
+            log_event(_log, "pyflock:plugin:mounts-write-failed", LogLevel.error,
+                      path=self.path, reason=str(result.value))
+        else:
+            self._durable = version
+        done = [d for v, d in self._waiters if v <= version]
+        self._waiters = [(v, d) for v, d in self._waiters if v > version]
+        for d in done:
+            if failed:
+                d.errback(result)
+            else:
+                d.callback(None)
+        # Each write carries the whole table, so one more covers every newer change.
+        self._write()
+
+
+def in_thread(reactor: Any) -> RunBlocking:
+    """A ``run_blocking`` that calls functions in ``reactor``'s thread pool."""
+    from twisted.internet.threads import deferToThreadPool
+
+    def run(f: Callable, *args: Any) -> Deferred:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+    return run
+
+
+def synchronously(f: Callable, *args: Any) -> Deferred:
+    """A ``run_blocking`` that calls ``f`` at once (tests, and tools without a reactor)."""
+    from twisted.internet.defer import maybeDeferred
+    return maybeDeferred(f, *args)
+
+
+__all__ = ["FORMAT_VERSION", "MountCounts", "MountTable", "MountsWriteError",
+           "RECONCILED_PREFIX", "VolumeMounts", "docker_volume_mounts", "in_thread",
+           "read_mount_table", "synchronously", "write_atomically"]

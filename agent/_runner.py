@@ -1,0 +1,501 @@
+"""
+Running changes: the only part of convergence that touches the world.
+
+``Runner(backend, filesystems, run_blocking).run(change)`` runs a change value from
+``pyflock.agent._convergence`` and returns a Deferred. Every leaf is one blocking function
+(backend calls, mkfs, mount) handed to ``run_blocking``: in the agent ``threaded(reactor)``,
+so that nothing blocks the reactor thread; in unit tests ``run_now``.
+
+``IFilesystems`` is the node's filesystem IO (probe, mkfs, mount, unmount, the mount
+table), with ``LocalFilesystems`` (the real one, over ``pyflock.agent._fs``) and the fake
+``MemoryFilesystems`` that goes with ``MemoryBlockStore``: mounting holds the volume's
+device, as a real mount holds a loop device, so a detach of a mounted volume fails with
+``VolumeBusy`` in both.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Callable, Optional
+
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from pyflock.agent._backends._interface import (
+    BackendError, UnattachedVolume, UnknownVolume, VolumeExists,
+)
+from pyflock.agent._convergence import (
+    AttachVolume, CreateFilesystem, CreateVolume, DestroyVolume, DetachVolume,
+    FinishFilesystem, InParallel, MountFilesystem, RemoveMountPoint, Sequentially,
+    UnmountFilesystem,
+)
+from pyflock.agent._discovery import (
+    FilesystemCondition, FilesystemProbe, Mount, filesystem_condition,
+)
+from pyflock.agent._fs import (
+    ROOT_MODE, CommandFailed, FilesystemError, filesystem_type, read_mountinfo, run_command,
+)
+from pyflock.agent import _fs
+from pyflock.common._logging import log_event
+
+#: Errors that are part of life (a busy device, a volume another node still holds, the
+#: world changing between discovery and a change): logged without a traceback.
+EXPECTED_ERRORS = (BackendError, CommandFailed, FilesystemError)
+
+
+class StaleChange(Exception):
+    """
+    The world changed between discovery and a change (a device now belongs to another
+    volume or node); nothing was done, and the next discovery sees the new world.
+    """
+
+
+class ChangesFailed(Exception):
+    """Some changes of a group failed; ``failures`` holds their ``Failure``s."""
+
+    def __init__(self, failures: list):
+        super().__init__(failures)
+        self.failures = failures
+
+    def __str__(self) -> str:
+        return "; ".join(f.getErrorMessage() or f.type.__name__ for f in self.failures)
+
+
+# ---------------------------------------------------------------------------------------
+# Filesystems
+
+class IFilesystems(Interface):
+    """
+    A node's filesystem IO on its volumes' devices. Every method may block; call them in
+    a thread. Paths are absolute; mount state is that of the agent's mount namespace.
+    """
+
+    def mounts(root: str) -> list:
+        """The mounts (``Mount``) at directories directly under ``root``, top ones only."""
+
+    def device_number(device: str) -> Optional[tuple]:
+        """``device``'s (major, minor), or None if unknown."""
+
+    def probe(device: str) -> FilesystemProbe:
+        """What filesystem ``device`` holds (``FilesystemProbe``); for unmounted devices."""
+
+    def empty_directories(root: str) -> frozenset:
+        """Names of the empty directories directly under ``root`` (none if it is missing)."""
+
+    def make_filesystem(device: str) -> None:
+        """Make a ready filesystem on a blank ``device``; refuses one holding a filesystem."""
+
+    def finish_filesystem(device: str) -> None:
+        """Prepare the root of a half-made filesystem (no ``lost+found``, mode 0777)."""
+
+    def mount(device: str, path: str) -> None:
+        """Mount ``device`` at ``path`` (created); nothing if already; refuses another."""
+
+    def unmount(path: str) -> None:
+        """Unmount what is mounted at ``path`` (never lazily); nothing if nothing is."""
+
+    def remove_mount_point(path: str) -> None:
+        """Remove the empty directory ``path``; nothing if missing; refuses if mounted."""
+
+
+def _root_entries(device: str) -> tuple:
+    listing = run_command(["debugfs", "-R", "ls -p /", device])
+    entries = []
+    # ``ls -p`` prints one ``/inode/mode/uid/gid/name/size/`` line per entry.
+    for line in listing.splitlines():
+        parts = line.split("/")
+        if len(parts) >= 7 and parts[0] == "" and parts[2]:
+            entries.append((parts[5], int(parts[2], 8)))
+    return tuple(entries)
+
+
+@implementer(IFilesystems)
+class LocalFilesystems:
+    """This host's filesystems, through ``pyflock.agent._fs`` (needs root)."""
+
+    def mounts(self, root: str) -> list:
+        """The mounts directly under ``root`` in this process's mount namespace."""
+        root = os.path.realpath(root)
+        top = {}
+        # Later lines are mounted later, so the last one at a path covers the others.
+        for info in read_mountinfo():
+            if os.path.dirname(info.mount_point) == root:
+                top[info.mount_point] = Mount(mount_point=info.mount_point,
+                                              source=info.source,
+                                              device_number=(info.major, info.minor))
+        return [top[path] for path in sorted(top)]
+
+    def device_number(self, device: str) -> Optional[tuple]:
+        """``device``'s (major, minor) from ``stat``, or None if it is gone."""
+        try:
+            rdev = os.stat(device).st_rdev
+        except FileNotFoundError:
+            return None
+        return (os.major(rdev), os.minor(rdev))
+
+    def probe(self, device: str) -> FilesystemProbe:
+        """``blkid -p``, and for ext4 the root directory as ``debugfs`` reads it."""
+        fstype = filesystem_type(device)
+        if fstype != "ext4":
+            return FilesystemProbe(fstype=fstype)
+        return FilesystemProbe(fstype=fstype, root=_root_entries(device))
+
+    def empty_directories(self, root: str) -> frozenset:
+        """The empty directories directly under ``root``."""
+        try:
+            names = os.listdir(root)
+        except FileNotFoundError:
+            return frozenset()
+        empty = set()
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+                    empty.add(name)
+            except OSError:
+                continue  # removed, or not ours to read, meanwhile
+        return frozenset(empty)
+
+    def make_filesystem(self, device: str) -> None:
+        """``pyflock.agent._fs.make_filesystem``."""
+        _fs.make_filesystem(device)
+
+    def finish_filesystem(self, device: str) -> None:
+        """Remove the empty ``lost+found`` and open the root to all, as mkfs's second half."""
+        if filesystem_condition(self.probe(device)) is not FilesystemCondition.UNFINISHED:
+            raise FilesystemError(
+                f"{device} does not hold a half-made filesystem; refusing to change it")
+        # debugfs edits the unmounted filesystem and exits 0 even when a command fails,
+        # so the result is checked afterwards.
+        said = run_command(["debugfs", "-w", "-f", "-", device],
+                           input=f"rmdir lost+found\nsif / mode 0{0o40000 | ROOT_MODE:o}\n")
+        probe = self.probe(device)
+        if filesystem_condition(probe) is FilesystemCondition.UNFINISHED:
+            raise FilesystemError(f"could not finish the filesystem on {device}: its root "
+                                  f"holds {probe.root}; debugfs said: {said.strip()}")
+
+    def mount(self, device: str, path: str) -> None:
+        """``pyflock.agent._fs.mount`` (ext4)."""
+        _fs.mount(device, path)
+
+    def unmount(self, path: str) -> None:
+        """``pyflock.agent._fs.unmount``."""
+        _fs.unmount(path)
+
+    def remove_mount_point(self, path: str) -> None:
+        """``rmdir``: never recursive, so nothing anyone stored there is lost."""
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise FilesystemError(f"{path} is still mounted; unmount it first") from None
+            if e.errno == errno.ENOTEMPTY:
+                raise FilesystemError(
+                    f"{path} is not empty; pyflock only removes empty mount points: "
+                    f"look at what is there and remove it by hand") from None
+            raise
+
+
+class MemoryDisks:
+    """
+    What the volumes of a ``MemoryBlockStore`` hold, shared by every node's
+    ``MemoryFilesystems``: each dataset's volume is blank, holds a half-made filesystem,
+    or a ready one (``FilesystemCondition``). Kept by dataset id, which pyflock never
+    reuses (deleted datasets keep theirs).
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.conditions: dict[str, FilesystemCondition] = {}
+
+    def condition(self, dataset_id: str) -> FilesystemCondition:
+        """What the dataset's volume holds."""
+        return self.conditions.get(dataset_id, FilesystemCondition.NONE)
+
+    def set_condition(self, dataset_id: str, condition: FilesystemCondition) -> None:
+        """Make the dataset's volume hold ``condition`` (to build test worlds)."""
+        self.conditions[dataset_id] = condition
+
+
+_PROBES = {
+    FilesystemCondition.NONE: FilesystemProbe(fstype=None),
+    FilesystemCondition.UNFINISHED: FilesystemProbe(
+        fstype="ext4", root=((".", 0o40755), ("..", 0o40755), ("lost+found", 0o40700))),
+    FilesystemCondition.READY: FilesystemProbe(
+        fstype="ext4", root=((".", 0o40777), ("..", 0o40777))),
+}
+
+
+@implementer(IFilesystems)
+class MemoryFilesystems:
+    """
+    One node's filesystems over ``MemoryDisks``: its own mount table and directories.
+    A mount holds the volume's device (``MemoryBlockStore.hold``) until it is unmounted.
+    Devices are only usable on the node they are attached to.
+    """
+
+    def __init__(self, disks: MemoryDisks, backend):
+        self.disks = disks
+        self.backend = backend
+        self.table: dict[str, tuple[str, Optional[Callable[[], None]]]] = {}
+        self.directories: set[str] = set()
+
+    def _volume(self, device: str):
+        for volume in self.backend.list_volumes():
+            if volume.device_path == device and volume.attached_to == self.backend.node_uuid:
+                return volume
+        raise FilesystemError(f"device {device} does not exist on node "
+                              f"{self.backend.node_uuid}")
+
+    def mounts(self, root: str) -> list:
+        """The mounts directly under ``root``."""
+        return [Mount(mount_point=path, source=source)
+                for path, (source, _) in sorted(self.table.items())
+                if os.path.dirname(path) == root]
+
+    def device_number(self, device: str) -> Optional[tuple]:
+        """Unknown: fake devices are told apart by path."""
+        return None
+
+    def probe(self, device: str) -> FilesystemProbe:
+        """What the device's volume holds."""
+        return _PROBES[self.disks.condition(self._volume(device).dataset_id)]
+
+    def empty_directories(self, root: str) -> frozenset:
+        """Every directory under ``root`` (nothing is ever stored in a fake one)."""
+        return frozenset(os.path.basename(p) for p in self.directories
+                         if os.path.dirname(p) == root)
+
+    def make_filesystem(self, device: str) -> None:
+        """Make the device's volume hold a ready filesystem; refuses a non-blank one."""
+        dataset_id = self._volume(device).dataset_id
+        if self.disks.condition(dataset_id) is not FilesystemCondition.NONE:
+            raise FilesystemError(f"{device} already holds a filesystem")
+        self.disks.set_condition(dataset_id, FilesystemCondition.READY)
+
+    def finish_filesystem(self, device: str) -> None:
+        """Make a half-made filesystem ready; refuses anything else."""
+        dataset_id = self._volume(device).dataset_id
+        if self.disks.condition(dataset_id) is not FilesystemCondition.UNFINISHED:
+            raise FilesystemError(f"{device} does not hold a half-made filesystem")
+        self.disks.set_condition(dataset_id, FilesystemCondition.READY)
+
+    def mount(self, device: str, path: str) -> None:
+        """Mount the device here, holding it; refuses a blank device or a taken path."""
+        current = self.table.get(path)
+        if current is not None:
+            if current[0] == device:
+                return
+            raise FilesystemError(f"cannot mount {device} at {path}: {current[0]} is "
+                                  f"already mounted there")
+        dataset_id = self._volume(device).dataset_id
+        if self.disks.condition(dataset_id) is FilesystemCondition.NONE:
+            raise FilesystemError(f"{device} holds no filesystem to mount")
+        self.table[path] = (device, self.disks.store.hold(dataset_id))
+        self.directories.add(path)
+
+    def mount_foreign(self, source: str, path: str) -> None:
+        """Mount something that is no volume (a tmpfs, say) at ``path`` (for tests)."""
+        self.table[path] = (source, None)
+        self.directories.add(path)
+
+    def unmount(self, path: str) -> None:
+        """Unmount, letting go of the device."""
+        current = self.table.pop(path, None)
+        if current is not None and current[1] is not None:
+            current[1]()
+
+    def remove_mount_point(self, path: str) -> None:
+        """Remove the directory; refuses while something is mounted there."""
+        if path in self.table:
+            raise FilesystemError(f"{path} is still mounted; unmount it first")
+        self.directories.discard(path)
+
+    def make_directory(self, path: str) -> None:
+        """Create an (empty) directory (for tests)."""
+        self.directories.add(path)
+
+    def crash(self) -> None:
+        """Lose every mount without unmounting, as the node's host dying does."""
+        for _, release in self.table.values():
+            if release is not None:
+                release()
+        self.table.clear()
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+#: Runs a blocking function with arguments and returns a Deferred of its result.
+RunBlocking = Callable[..., Deferred]
+
+
+def threaded(reactor, threadpool=None) -> RunBlocking:
+    """Run blocking functions in ``threadpool`` (default: the reactor's)."""
+    def run_blocking(f, *args, **kwargs) -> Deferred:
+        pool = threadpool if threadpool is not None else reactor.getThreadPool()
+        return deferToThreadPool(reactor, pool, f, *args, **kwargs)
+    return run_blocking
+
+
+def run_now(f, *args, **kwargs) -> Deferred:
+    """Run a function right away in this thread (for fakes that never block, in tests)."""
+    return maybeDeferred(f, *args, **kwargs)
+
+
+class Runner:
+    """
+    Runs changes on one node: ``backend`` is its ``IBlockDeviceBackend``, ``filesystems``
+    its ``IFilesystems``; ``run_blocking`` runs each blocking step (``threaded(reactor)``
+    in the agent). Each leaf logs ``pyflock:agent:change-done`` or
+    ``pyflock:agent:change-failed``.
+    """
+
+    def __init__(self, backend, filesystems, run_blocking: RunBlocking,
+                 logger: Optional[Logger] = None):
+        self.backend = backend
+        self.filesystems = filesystems
+        self._run_blocking = run_blocking
+        self._log = logger if logger is not None else Logger()
+        self._leaves = {
+            CreateVolume: self._create_volume,
+            AttachVolume: self._attach_volume,
+            CreateFilesystem: self._create_filesystem,
+            FinishFilesystem: self._finish_filesystem,
+            MountFilesystem: self._mount,
+            UnmountFilesystem: self._unmount,
+            RemoveMountPoint: self._remove_mount_point,
+            DetachVolume: self._detach_volume,
+            DestroyVolume: self._destroy_volume,
+        }
+
+    def run(self, change) -> Deferred:
+        """
+        Run ``change``; the Deferred fires with None when it is done, or fails (with the
+        leaf's error, or ``ChangesFailed`` for a parallel group) when some part failed.
+        """
+        if isinstance(change, InParallel):
+            return self._in_parallel(change.changes)
+        if isinstance(change, Sequentially):
+            return self._sequentially(change.changes)
+        leaf = self._leaves.get(type(change))
+        if leaf is None:
+            return maybeDeferred(_unknown_change, change)
+        d = self._run_blocking(leaf, change)
+        d.addCallbacks(self._done, self._failed, callbackArgs=(change,),
+                       errbackArgs=(change,))
+        return d
+
+    def _in_parallel(self, changes: tuple) -> Deferred:
+        d = DeferredList([self.run(c) for c in changes], consumeErrors=True)
+
+        def check(results):
+            failures = [result for ok, result in results if not ok]
+            if len(failures) == 1:
+                return failures[0]
+            if failures:
+                raise ChangesFailed(failures)
+            return None
+        return d.addCallback(check)
+
+    def _sequentially(self, changes: tuple) -> Deferred:
+        d = Deferred()
+        for change in changes:
+            d.addCallback(lambda _, change=change: self.run(change))
+        d.callback(None)
+        return d
+
+    def _done(self, _, change) -> None:
+        log_event(self._log, "pyflock:agent:change-done", change=type(change).__name__,
+                  node_uuid=self.backend.node_uuid, **_leaf_fields(change))
+
+    def _failed(self, failure: Failure, change) -> Failure:
+        fields = dict(change=type(change).__name__, node_uuid=self.backend.node_uuid,
+                      error=failure.getErrorMessage(), error_type=failure.type.__name__,
+                      **_leaf_fields(change))
+        if failure.check(StaleChange, *EXPECTED_ERRORS):
+            log_event(self._log, "pyflock:agent:change-failed", LogLevel.warn, **fields)
+        else:
+            log_failure(self._log, "pyflock:agent:change-failed", failure, **fields)
+        return failure
+
+    # Each of these runs in a thread.
+
+    def _device_of(self, dataset_id: str, device: str) -> None:
+        try:
+            current = self.backend.get_device_path(dataset_id)
+        except (UnknownVolume, UnattachedVolume):
+            current = None
+        if current != device:
+            raise StaleChange(f"dataset {dataset_id} is no longer attached here as "
+                              f"{device} (now: {current})")
+
+    def _create_volume(self, change: CreateVolume) -> None:
+        try:
+            self.backend.create_volume(change.dataset_id, change.size)
+        except VolumeExists:
+            pass  # made by an earlier attempt whose answer was lost: what we wanted
+
+    def _attach_volume(self, change: AttachVolume) -> None:
+        self.backend.attach_volume(change.dataset_id, change.node_uuid)
+
+    def _create_filesystem(self, change: CreateFilesystem) -> None:
+        self._device_of(change.dataset_id, change.device)
+        self.filesystems.make_filesystem(change.device)
+
+    def _finish_filesystem(self, change: FinishFilesystem) -> None:
+        self._device_of(change.dataset_id, change.device)
+        self.filesystems.finish_filesystem(change.device)
+
+    def _mount(self, change: MountFilesystem) -> None:
+        self._device_of(change.dataset_id, change.device)
+        self.filesystems.mount(change.device, change.mount_point)
+
+    def _unmount(self, change: UnmountFilesystem) -> None:
+        self.filesystems.unmount(change.mount_point)
+
+    def _remove_mount_point(self, change: RemoveMountPoint) -> None:
+        self.filesystems.remove_mount_point(change.mount_point)
+
+    def _detach_volume(self, change: DetachVolume) -> None:
+        volumes = [v for v in self.backend.list_volumes()
+                   if v.dataset_id == change.dataset_id]
+        if not volumes or volumes[0].device_path is None:
+            return  # already gone: what we wanted (a stale record is harmless)
+        if volumes[0].attached_to != change.node_uuid:
+            raise StaleChange(f"dataset {change.dataset_id} is now attached to "
+                              f"{volumes[0].attached_to}, not {change.node_uuid}")
+        try:
+            self.backend.detach_volume(change.dataset_id)
+        except (UnknownVolume, UnattachedVolume):
+            pass  # went away meanwhile: what we wanted
+
+    def _destroy_volume(self, change: DestroyVolume) -> None:
+        try:
+            self.backend.destroy_volume(change.dataset_id)
+        except UnknownVolume:
+            pass  # destroyed by an earlier attempt: what we wanted
+
+
+def _leaf_fields(change) -> dict:
+    # ``node_uuid`` in a log event is the node acting; a change's own node (attached to,
+    # detached from) is ``volume_node``.
+    return {("volume_node" if a.name == "node_uuid" else a.name): getattr(change, a.name)
+            for a in type(change).__attrs_attrs__}
+
+
+def _unknown_change(change) -> None:
+    raise TypeError(f"the runner does not know how to run {change!r}")
+
+
+def log_failure(logger: Logger, event_type: str, failure: Failure, **fields) -> None:
+    """Emit an error event of ``event_type`` carrying ``fields`` and ``failure``'s traceback."""
+    logger.failure(event_type + " {event_fields}", failure, LogLevel.error,
+                   event_type=event_type,
+                   event_fields=" ".join(f"{k}={v}" for k, v in fields.items()), **fields)

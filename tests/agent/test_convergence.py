@@ -1,0 +1,422 @@
+"""
+Tests for pure convergence: the transition table, ``calculate_changes``, takeover and
+deletion rules, the desired-state builder, reported states, and discovery's pure
+classification of raw snapshots.
+"""
+
+import os
+
+import pytest
+from pyrsistent import pmap
+
+from pyflock.agent._backends import BlockVolume, MemoryBlockStore
+from pyflock.agent._convergence import (
+    NOTHING, TRANSITIONS, AttachVolume, CreateFilesystem, CreateVolume, DatasetStatus,
+    Desired, DesiredDataset, DesiredState, DestroyVolume, DetachVolume, Discovered,
+    DiscoveredDataset, DiscoveredState, FinishFilesystem, InParallel, MountFilesystem,
+    RemoveMountPoint, Sequentially, UnmountFilesystem, calculate_changes, dataset_states,
+    desired_from_configuration, in_parallel, is_nothing, is_waiting, leaves, sequentially,
+    summarize,
+)
+from pyflock.agent._discovery import (
+    FilesystemCondition, FilesystemProbe, Mount, RawState, classify, discover_raw,
+    filesystem_condition,
+)
+from pyflock.agent._runner import MemoryDisks, MemoryFilesystems
+from pyflock.common import Dataset, Lease
+
+NODE = "node-a"
+OTHER = "node-b"
+DEAD = "node-c"
+ROOT = "/var/lib/pyflock/mounts"
+DS = "ds-1"
+PATH = f"{ROOT}/{DS}"
+DEVICE = "/dev/loop7"
+SIZE = 64 * 1024 * 1024
+S = DiscoveredState
+
+
+def desired(*datasets, nodes=None, node=NODE):
+    """A ``Desired`` for ``node`` with ``datasets``; every node alive unless told."""
+    if nodes is None:
+        nodes = {NODE: True, OTHER: True, DEAD: False}
+    return Desired(node_uuid=node, datasets=pmap({d.dataset_id: d for d in datasets}),
+                   nodes=pmap(nodes))
+
+
+def discovered(*found, node=NODE):
+    """A ``Discovered`` of ``node`` holding the ``found`` datasets."""
+    return Discovered(node_uuid=node, mount_root=ROOT,
+                      datasets=pmap({f.dataset_id: f for f in found}))
+
+
+def found(state, dataset_id=DS, **fields):
+    """A discovered dataset in ``state`` with its mount point under ``ROOT``."""
+    return DiscoveredDataset(dataset_id=dataset_id, state=state,
+                             mount_point=f"{ROOT}/{dataset_id}", **fields)
+
+
+#: A discovered record typical of each state.
+TYPICAL = {
+    S.NON_EXISTENT: found(S.NON_EXISTENT, mount_point_left=True),
+    S.UNATTACHED: found(S.UNATTACHED, size=SIZE, mount_point_left=True),
+    S.ATTACHED_ELSEWHERE: found(S.ATTACHED_ELSEWHERE, size=SIZE, holder=OTHER,
+                                mount_point_left=True),
+    # Discovery says "elsewhere"; the node list (DEAD is dead) makes it a dead node's.
+    S.ATTACHED_TO_DEAD_NODE: found(S.ATTACHED_ELSEWHERE, size=SIZE, holder=DEAD,
+                                   mount_point_left=True),
+    S.ATTACHED_NO_FILESYSTEM: found(S.ATTACHED_NO_FILESYSTEM, size=SIZE, device=DEVICE),
+    S.ATTACHED_UNFINISHED_FILESYSTEM: found(S.ATTACHED_UNFINISHED_FILESYSTEM, size=SIZE,
+                                            device=DEVICE),
+    S.ATTACHED: found(S.ATTACHED, size=SIZE, device=DEVICE),
+    S.MOUNTED: found(S.MOUNTED, size=SIZE, device=DEVICE),
+    S.MOUNTED_ASTRAY: found(S.MOUNTED_ASTRAY, size=SIZE, device=DEVICE,
+                            stray_mounts=(f"{ROOT}/other", f"{ROOT}/x")),
+    S.STRAY_MOUNT: found(S.STRAY_MOUNT),
+    S.MOUNT_POINT_TAKEN: found(S.MOUNT_POINT_TAKEN, size=SIZE),
+}
+
+#: A configured dataset giving this node each desired state (None: unknown dataset).
+WANTED = {
+    DesiredState.MOUNTED: DesiredDataset(DS, primary=NODE, maximum_size=SIZE),
+    DesiredState.NOT_HERE: DesiredDataset(DS, primary=OTHER, maximum_size=SIZE),
+    DesiredState.DESTROYED: DesiredDataset(DS, primary=NODE, maximum_size=SIZE,
+                                           deleted=True),
+    DesiredState.IGNORED: None,
+}
+
+CREATE = CreateVolume(DS, SIZE)
+ATTACH = AttachVolume(DS, NODE)
+TAKE_OVER = DetachVolume(DS, DEAD)
+MKFS = CreateFilesystem(DS, DEVICE)
+FINISH = FinishFilesystem(DS, DEVICE)
+MOUNT = MountFilesystem(DS, DEVICE, PATH)
+UNMOUNT = UnmountFilesystem(DS, PATH)
+UNMOUNT_STRAYS = in_parallel([UnmountFilesystem(DS, f"{ROOT}/other"),
+                              UnmountFilesystem(DS, f"{ROOT}/x")])
+DETACH = DetachVolume(DS, NODE)
+DESTROY = DestroyVolume(DS)
+TIDY = RemoveMountPoint(DS, PATH)
+
+#: What each (desired, discovered) pair leads to for the records above.
+EXPECTED = {
+    DesiredState.MOUNTED: {
+        S.NON_EXISTENT: CREATE, S.UNATTACHED: ATTACH, S.ATTACHED_ELSEWHERE: NOTHING,
+        S.ATTACHED_TO_DEAD_NODE: TAKE_OVER, S.ATTACHED_NO_FILESYSTEM: MKFS,
+        S.ATTACHED_UNFINISHED_FILESYSTEM: FINISH, S.ATTACHED: MOUNT, S.MOUNTED: NOTHING,
+        S.MOUNTED_ASTRAY: UNMOUNT_STRAYS, S.STRAY_MOUNT: UNMOUNT,
+        S.MOUNT_POINT_TAKEN: NOTHING,
+    },
+    DesiredState.NOT_HERE: {
+        S.NON_EXISTENT: TIDY, S.UNATTACHED: TIDY, S.ATTACHED_ELSEWHERE: TIDY,
+        S.ATTACHED_TO_DEAD_NODE: TIDY, S.ATTACHED_NO_FILESYSTEM: DETACH,
+        S.ATTACHED_UNFINISHED_FILESYSTEM: DETACH, S.ATTACHED: DETACH, S.MOUNTED: UNMOUNT,
+        S.MOUNTED_ASTRAY: UNMOUNT_STRAYS, S.STRAY_MOUNT: UNMOUNT,
+        S.MOUNT_POINT_TAKEN: NOTHING,
+    },
+    DesiredState.DESTROYED: {
+        S.NON_EXISTENT: TIDY, S.UNATTACHED: in_parallel([DESTROY, TIDY]),
+        S.ATTACHED_ELSEWHERE: TIDY, S.ATTACHED_TO_DEAD_NODE: in_parallel([TAKE_OVER, TIDY]),
+        S.ATTACHED_NO_FILESYSTEM: DETACH, S.ATTACHED_UNFINISHED_FILESYSTEM: DETACH,
+        S.ATTACHED: DETACH, S.MOUNTED: UNMOUNT, S.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
+        S.STRAY_MOUNT: UNMOUNT, S.MOUNT_POINT_TAKEN: NOTHING,
+    },
+    DesiredState.IGNORED: {
+        S.NON_EXISTENT: TIDY, S.UNATTACHED: TIDY, S.ATTACHED_ELSEWHERE: TIDY,
+        S.ATTACHED_TO_DEAD_NODE: TIDY, S.ATTACHED_NO_FILESYSTEM: NOTHING,
+        S.ATTACHED_UNFINISHED_FILESYSTEM: NOTHING, S.ATTACHED: NOTHING, S.MOUNTED: NOTHING,
+        S.MOUNTED_ASTRAY: UNMOUNT_STRAYS, S.STRAY_MOUNT: NOTHING,
+        S.MOUNT_POINT_TAKEN: NOTHING,
+    },
+}
+
+
+def test_table_covers_every_pair():
+    """The table has an entry for every desired state and every discovered state."""
+    assert set(TRANSITIONS) == set(DesiredState)
+    for row in TRANSITIONS.values():
+        assert set(row) == set(DiscoveredState)
+    assert set(EXPECTED) == set(DesiredState)
+    assert all(set(row) == set(DiscoveredState) for row in EXPECTED.values())
+
+
+@pytest.mark.parametrize("want,state", [(w, s) for w in DesiredState for s in DiscoveredState],
+                         ids=lambda v: v.value)
+def test_transition(want, state):
+    """Each (desired, discovered) pair leads to its one expected next step."""
+    datasets = () if WANTED[want] is None else (WANTED[want],)
+    change = calculate_changes(desired(*datasets), discovered(TYPICAL[state]))
+    assert in_parallel([EXPECTED[want][state]]) == change
+
+
+def test_new_dataset_has_nothing_discovered():
+    """A configured dataset nothing was found of is created, with its configured size."""
+    assert in_parallel([CREATE]) == calculate_changes(
+        desired(WANTED[DesiredState.MOUNTED]), discovered())
+
+
+def test_converged():
+    """A dataset mounted where it should be, and nothing else, gives ``NOTHING``."""
+    change = calculate_changes(desired(WANTED[DesiredState.MOUNTED]),
+                               discovered(TYPICAL[S.MOUNTED]))
+    assert NOTHING == change
+    assert is_nothing(change)
+
+
+def test_several_datasets_in_parallel():
+    """Steps for several datasets are run in parallel, in dataset id order."""
+    change = calculate_changes(
+        desired(DesiredDataset("b", primary=NODE), DesiredDataset("a", primary=OTHER),
+                DesiredDataset("c", primary=NODE)),
+        discovered(found(S.MOUNTED, "a", device="/dev/loop1"),
+                   found(S.MOUNTED, "c", device="/dev/loop3")))
+    assert InParallel((UnmountFilesystem("a", f"{ROOT}/a"), CreateVolume("b"))) == change
+
+
+def test_other_node_discovery_refused():
+    """Comparing one node's desired state with another node's discovery is an error."""
+    with pytest.raises(ValueError):
+        calculate_changes(desired(node=NODE), discovered(node=OTHER))
+
+
+@pytest.mark.parametrize("nodes,lease_holder,expected", [
+    ({DEAD: False}, None, TAKE_OVER),
+    ({DEAD: False}, NODE, TAKE_OVER),
+    ({DEAD: False}, DEAD, NOTHING),
+    ({DEAD: False}, OTHER, NOTHING),
+    ({DEAD: True}, None, NOTHING),
+    ({}, None, NOTHING),
+], ids=["dead", "dead-leased-here", "dead-lease-live", "lease-elsewhere", "alive", "unknown"])
+def test_take_over(nodes, lease_holder, expected):
+    """
+    A volume is taken from its holder only when the node list says the holder is dead
+    and no other node holds a live lease; an unknown node counts as possibly alive.
+    """
+    wanted = DesiredDataset(DS, primary=NODE, maximum_size=SIZE, lease_holder=lease_holder)
+    change = calculate_changes(desired(wanted, nodes=nodes),
+                               discovered(found(S.ATTACHED_ELSEWHERE, holder=DEAD)))
+    assert in_parallel([expected]) == change
+
+
+def test_unowned_device_never_taken():
+    """A volume held by a device no node owns is waited for (an operator detaches it)."""
+    change = calculate_changes(desired(WANTED[DesiredState.MOUNTED]),
+                               discovered(found(S.ATTACHED_ELSEWHERE, holder=None)))
+    assert NOTHING == change
+
+
+@pytest.mark.parametrize("nodes,state", [
+    ({NODE: True, OTHER: True}, DesiredState.NOT_HERE),
+    ({OTHER: True}, DesiredState.NOT_HERE),
+    ({NODE: True, OTHER: False}, DesiredState.DESTROYED),
+    ({NODE: True, OTHER: False, "node-0": True}, DesiredState.NOT_HERE),
+    ({NODE: False, OTHER: False}, DesiredState.NOT_HERE),
+], ids=["primary-alive", "primary-alive-self-unknown", "primary-dead", "smaller-alive",
+        "nobody-alive"])
+def test_destroyer(nodes, state):
+    """
+    A deleted dataset is destroyed by its primary, or, when the primary is dead, by the
+    alive node with the smallest uuid; every other node only lets go of it.
+    """
+    wanted = DesiredDataset(DS, primary=OTHER, deleted=True)
+    assert state == desired(wanted, nodes=nodes).state_of(DS)
+
+
+def test_deleted_dataset_of_dead_primary():
+    """The destroyer takes a deleted dataset from its dead primary, then destroys it."""
+    wanted = DesiredDataset(DS, primary=DEAD, deleted=True)
+    want = desired(wanted, nodes={NODE: True, OTHER: True, DEAD: False})
+    assert in_parallel([TAKE_OVER]) == calculate_changes(
+        want, discovered(found(S.ATTACHED_ELSEWHERE, holder=DEAD)))
+    assert in_parallel([DESTROY]) == calculate_changes(want, discovered(found(S.UNATTACHED)))
+
+
+def test_combinators_flatten():
+    """Nested groups of the same kind are flattened and empty groups dropped."""
+    a, b, c = CreateVolume("a"), CreateVolume("b"), CreateVolume("c")
+    assert InParallel((a, b, c)) == in_parallel([a, in_parallel([b, NOTHING]), c])
+    assert Sequentially((a, b, c)) == sequentially([sequentially([a, b]), in_parallel([]), c])
+    assert Sequentially((a, InParallel((b, c)))) == sequentially([a, in_parallel([b, c])])
+    assert is_nothing(sequentially([in_parallel([]), NOTHING]))
+    assert not is_nothing(sequentially([a]))
+
+
+def test_changes_are_values():
+    """Changes with the same fields are equal and hashable."""
+    assert {MountFilesystem(DS, DEVICE, PATH), MOUNT} == {MOUNT}
+    assert MOUNT != MountFilesystem(DS, "/dev/loop8", PATH)
+
+
+def test_leaves_and_summary():
+    """``leaves`` walks a change tree in order; ``summarize`` names each leaf."""
+    change = sequentially([CREATE, in_parallel([ATTACH, DestroyVolume("x")])])
+    assert [CREATE, ATTACH, DestroyVolume("x")] == list(leaves(change))
+    assert "CreateVolume(ds-1); AttachVolume(ds-1); DestroyVolume(x)" == summarize(change)
+
+
+def test_desired_from_configuration():
+    """Configuration records become ``Desired``: live leases only, deleted ones unleased."""
+    result = desired_from_configuration(
+        NODE,
+        datasets=[Dataset(dataset_id="a", primary=NODE, maximum_size=SIZE),
+                  Dataset(dataset_id="b", primary=OTHER),
+                  Dataset(dataset_id="c", primary=OTHER, deleted=True),
+                  Dataset(dataset_id="d", primary=NODE)],
+        leases=[Lease(dataset_id="a", node_uuid=NODE, expiration=None),
+                Lease(dataset_id="b", node_uuid=OTHER, expiration=100.0),
+                Lease(dataset_id="c", node_uuid=OTHER, expiration=None),
+                Lease(dataset_id="d", node_uuid=OTHER, expiration=50.0)],
+        nodes={NODE: True, OTHER: False}, now=50.0)
+    assert desired(
+        DesiredDataset("a", primary=NODE, maximum_size=SIZE, lease_holder=NODE),
+        DesiredDataset("b", primary=OTHER, lease_holder=OTHER),
+        DesiredDataset("c", primary=OTHER, deleted=True),
+        DesiredDataset("d", primary=NODE),
+        nodes={NODE: True, OTHER: False}) == result
+
+
+@pytest.mark.parametrize("wanted,state,expected", [
+    (WANTED[DesiredState.MOUNTED], S.MOUNTED, DatasetStatus(DS, "mounted", PATH, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.NON_EXISTENT, DatasetStatus(DS, "creating", None, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.ATTACHED_NO_FILESYSTEM,
+     DatasetStatus(DS, "attaching", None, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.UNATTACHED, DatasetStatus(DS, "attaching", None, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.ATTACHED, DatasetStatus(DS, "attaching", None, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.ATTACHED_ELSEWHERE,
+     DatasetStatus(DS, "moving", None, SIZE)),
+    (WANTED[DesiredState.NOT_HERE], S.MOUNTED, DatasetStatus(DS, "moving", None, SIZE)),
+    (WANTED[DesiredState.NOT_HERE], S.ATTACHED, DatasetStatus(DS, "moving", None, SIZE)),
+    (WANTED[DesiredState.NOT_HERE], S.UNATTACHED, None),
+    (WANTED[DesiredState.NOT_HERE], S.ATTACHED_ELSEWHERE, None),
+    (WANTED[DesiredState.DESTROYED], S.MOUNTED, DatasetStatus(DS, "deleting", None, SIZE)),
+    (WANTED[DesiredState.DESTROYED], S.UNATTACHED, DatasetStatus(DS, "deleting", None, SIZE)),
+    (WANTED[DesiredState.DESTROYED], S.NON_EXISTENT, None),
+    (DesiredDataset(DS, primary=OTHER, deleted=True), S.ATTACHED,
+     DatasetStatus(DS, "deleting", None, SIZE)),
+    (None, S.MOUNTED, None),
+])
+def test_dataset_states(wanted, state, expected):
+    """Each dataset this node has business with is reported with its state, path and size."""
+    datasets = () if wanted is None else (wanted,)
+    states = dataset_states(desired(*datasets), discovered(TYPICAL[state]))
+    assert (pmap() if expected is None else pmap({DS: expected})) == states
+
+
+def test_waiting():
+    """A node waits when a volume it needs is held by another (known) node."""
+    want = desired(WANTED[DesiredState.MOUNTED])
+    assert is_waiting(want, discovered(TYPICAL[S.ATTACHED_ELSEWHERE]))
+    assert not is_waiting(want, discovered(found(S.ATTACHED_ELSEWHERE, holder=None)))
+    assert not is_waiting(want, discovered(TYPICAL[S.MOUNTED]))
+    assert not is_waiting(desired(WANTED[DesiredState.NOT_HERE]),
+                          discovered(TYPICAL[S.ATTACHED_ELSEWHERE]))
+
+
+# ---------------------------------------------------------------------------------------
+# Discovery's classification
+
+def raw(volumes=(), mounts=(), numbers=None, probes=None, empty=()):
+    """A raw snapshot of ``NODE`` under ``ROOT``."""
+    return RawState(node_uuid=NODE, mount_root=ROOT, volumes=tuple(volumes),
+                    mounts=tuple(mounts), device_numbers=pmap(numbers or {}),
+                    probes=pmap(probes or {}), empty_directories=frozenset(empty))
+
+
+READY = FilesystemProbe(fstype="ext4", root=((".", 0o40777), ("..", 0o40777)))
+BLANK = FilesystemProbe(fstype=None)
+HALF = FilesystemProbe(fstype="ext4", root=((".", 0o40755), ("..", 0o40755),
+                                            ("lost+found", 0o40700)))
+
+
+def volume(dataset_id=DS, node=None, device=None):
+    """A volume of ``SIZE`` bytes, attached to ``node`` as ``device`` if given."""
+    return BlockVolume(dataset_id=dataset_id, size=SIZE, attached_to=node, device_path=device)
+
+
+@pytest.mark.parametrize("snapshot,expected", [
+    (raw(empty=[DS]), found(S.NON_EXISTENT, mount_point_left=True)),
+    (raw([volume()]), found(S.UNATTACHED, size=SIZE)),
+    (raw([volume(node=OTHER, device=DEVICE)]),
+     found(S.ATTACHED_ELSEWHERE, size=SIZE, holder=OTHER)),
+    (raw([volume(node=None, device=DEVICE)]),
+     found(S.ATTACHED_ELSEWHERE, size=SIZE, holder=None)),
+    (raw([volume(node=NODE, device=DEVICE)], probes={DEVICE: BLANK}),
+     found(S.ATTACHED_NO_FILESYSTEM, size=SIZE, device=DEVICE)),
+    (raw([volume(node=NODE, device=DEVICE)], probes={DEVICE: HALF}),
+     found(S.ATTACHED_UNFINISHED_FILESYSTEM, size=SIZE, device=DEVICE)),
+    (raw([volume(node=NODE, device=DEVICE)], probes={DEVICE: READY}, empty=[DS]),
+     found(S.ATTACHED, size=SIZE, device=DEVICE, mount_point_left=True)),
+    (raw([volume(node=NODE, device=DEVICE)], mounts=[Mount(PATH, DEVICE)], empty=[DS]),
+     found(S.MOUNTED, size=SIZE, device=DEVICE)),
+    (raw([volume(node=NODE, device=DEVICE)], mounts=[Mount(PATH, "/dev/other", (7, 7))],
+         numbers={DEVICE: (7, 7)}),
+     found(S.MOUNTED, size=SIZE, device=DEVICE)),
+    (raw([volume(node=NODE, device=DEVICE)], mounts=[Mount(PATH, DEVICE, (7, 8))],
+         numbers={DEVICE: (7, 7)}, probes={DEVICE: READY}),
+     found(S.STRAY_MOUNT, size=SIZE)),
+    (raw([volume(node=NODE, device=DEVICE)],
+         mounts=[Mount(PATH, DEVICE), Mount(f"{ROOT}/zz", DEVICE)]),
+     found(S.MOUNTED_ASTRAY, size=SIZE, device=DEVICE, stray_mounts=(f"{ROOT}/zz",))),
+    (raw([volume(node=OTHER, device=DEVICE)], mounts=[Mount(PATH, "tmpfs")]),
+     found(S.STRAY_MOUNT, size=SIZE)),
+    (raw(mounts=[Mount(PATH, "tmpfs")]), found(S.STRAY_MOUNT)),
+    (raw([volume(node=NODE, device=DEVICE), volume("ds-2", NODE, "/dev/loop9")],
+         mounts=[Mount(PATH, "/dev/loop9")], probes={DEVICE: READY}),
+     found(S.MOUNT_POINT_TAKEN, size=SIZE)),
+], ids=["leftover-dir", "unattached", "elsewhere", "unowned-device", "blank", "half-made",
+        "attached", "mounted", "mounted-by-number", "wrong-number", "astray", "stray",
+        "stray-no-volume", "taken"])
+def test_classify(snapshot, expected):
+    """Each kind of raw snapshot is classified into its discovered state."""
+    assert expected == classify(snapshot).get(DS)
+
+
+def test_classify_ignores_other_names():
+    """Mounts and directories under the mount root whose names are no dataset ids are left out."""
+    result = classify(raw(mounts=[Mount(f"{ROOT}/.hidden", "tmpfs")], empty=["a b"]))
+    assert pmap() == result.datasets
+
+
+@pytest.mark.parametrize("probe,condition", [
+    (BLANK, FilesystemCondition.NONE),
+    (HALF, FilesystemCondition.UNFINISHED),
+    (READY, FilesystemCondition.READY),
+    (FilesystemProbe(fstype="xfs"), FilesystemCondition.READY),
+    (FilesystemProbe(fstype="ext4", root=((".", 0o40755), ("..", 0o40755),
+                                          ("lost+found", 0o40700), ("data", 0o40755))),
+     FilesystemCondition.READY),
+    (FilesystemProbe(fstype="ext4", root=((".", 0o40777), ("..", 0o40777),
+                                          ("lost+found", 0o40700))),
+     FilesystemCondition.READY),
+], ids=["blank", "half-made", "ready", "other-type", "has-data", "chmodded"])
+def test_filesystem_condition(probe, condition):
+    """Only an ext4 whose root is exactly as mkfs left it counts as half-made."""
+    assert condition == filesystem_condition(probe)
+
+
+def test_discover_raw_reads_once():
+    """
+    The raw snapshot holds the volumes, the mounts under the root, and probes of the
+    unmounted devices attached to this node only.
+    """
+    store = MemoryBlockStore()
+    disks = MemoryDisks(store)
+    here, there = store.backend(NODE), store.backend(OTHER)
+    fs = MemoryFilesystems(disks, here)
+    for dataset_id in ["a", "b", "c", "d"]:
+        here.create_volume(dataset_id, SIZE)
+    a = here.attach_volume("a", NODE).device_path
+    b = here.attach_volume("b", NODE).device_path
+    there.attach_volume("c", OTHER)
+    fs.make_filesystem(a)
+    fs.mount(a, f"{ROOT}/a")
+    fs.make_directory(f"{ROOT}/e")
+    snapshot = discover_raw(here, fs, ROOT)
+    assert snapshot == RawState(
+        node_uuid=NODE, mount_root=os.path.realpath(ROOT),
+        volumes=tuple(here.list_volumes()), mounts=(Mount(f"{ROOT}/a", a),),
+        device_numbers=pmap({a: None, b: None}), probes=pmap({b: BLANK}),
+        empty_directories=frozenset({"a", "e"}))
+    states = {i: d.state for i, d in classify(snapshot).datasets.items()}
+    assert {"a": S.MOUNTED, "b": S.ATTACHED_NO_FILESYSTEM, "c": S.ATTACHED_ELSEWHERE,
+            "d": S.UNATTACHED, "e": S.NON_EXISTENT} == states

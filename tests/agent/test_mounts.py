@@ -1,0 +1,303 @@
+"""
+The plugin's mount counts: counters per (volume, Mount ID), reconciliation with running
+containers, the JSON file and its atomic, coalesced writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tempfile
+
+import pytest_twisted
+from hypothesis import given, strategies as st
+from pyrsistent import pmap
+from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from pyflock.agent._mounts import (
+    RECONCILED_PREFIX, MountCounts, MountsWriteError, MountTable, VolumeMounts,
+    docker_volume_mounts, in_thread, read_mount_table, synchronously, write_atomically,
+)
+from pyflock.common._logging import events_of
+
+X = "0e4c01a3" * 8
+Y = "7d2f9b11" * 8
+D1 = "11111111-2222-4333-8444-555555555555"
+
+
+class MountTableTests(SynchronousTestCase):
+    """The pure table: counters per Mount ID, and reconciliation."""
+
+    def test_counter_per_id(self):
+        """Mounting one ID twice needs two Unmounts of it (``docker cp`` reuses live IDs)."""
+        table = MountTable().mount("v1", X, D1).mount("v1", X, D1)
+        self.assertEqual((table.count("v1"), table.mount_count("v1", X)), (2, 2))
+        table = table.unmount("v1", X)
+        self.assertEqual(table.count("v1"), 1)
+        self.assertEqual(table.unmount("v1", X), MountTable())
+
+    def test_two_ids(self):
+        """Two containers' IDs count separately; unmounting one leaves the other."""
+        table = MountTable().mount("v1", X, D1).mount("v1", Y, D1).unmount("v1", X)
+        self.assertEqual((table.mount_count("v1", X), table.mount_count("v1", Y)), (0, 1))
+        self.assertEqual(table.dataset_id("v1"), D1)
+
+    def test_unknown_unmount(self):
+        """Unmounting an unknown ID or volume changes nothing."""
+        table = MountTable().mount("v1", X, D1)
+        self.assertEqual(table.unmount("v1", Y), table)
+        self.assertEqual(table.unmount("v2", X), table)
+
+    def test_dataset_kept(self):
+        """A mount without a dataset id keeps the one already recorded."""
+        table = MountTable().mount("v1", X, D1).mount("v1", Y, None)
+        self.assertEqual(table.dataset_id("v1"), D1)
+        self.assertEqual(dict(table.in_use()), {"v1": D1})
+
+    def test_forget(self):
+        """``forget`` drops every mount of a volume."""
+        table = MountTable().mount("v1", X, D1).mount("v1", Y, D1).mount("v2", X, None)
+        self.assertEqual(dict(table.forget("v1").in_use()), {"v2": None})
+
+    def test_reconcile_drops_unused(self):
+        """Volumes no running container uses lose their counts."""
+        table = MountTable().mount("v1", X, D1).mount("v2", Y, None)
+        self.assertEqual(table.reconcile({"v2": 1, "v3": 0}),
+                         MountTable({"v2": VolumeMounts(None, {Y: 1})}))
+
+    def test_reconcile_adds_missing(self):
+        """A volume used by more mount points than IDs known gets made-up IDs, which
+        Unmounts of unknown IDs consume."""
+        table = MountTable().mount("v1", X, D1).reconcile({"v1": 3, "v2": 1})
+        self.assertEqual((table.count("v1"), table.count("v2")), (3, 1))
+        self.assertEqual(table.dataset_id("v1"), D1)
+        table = table.unmount("v1", Y).unmount("v1", "f" * 64)
+        self.assertEqual(dict(table.volumes["v1"].mounts), {X: 1})
+        self.assertEqual(dict(table.unmount("v2", Y).in_use()), {"v1": D1})
+
+    def test_reconcile_keeps_extra(self):
+        """Known IDs beyond the containers' count are kept: which is stale is unknown."""
+        table = MountTable().mount("v1", X, D1).mount("v1", Y, D1)
+        self.assertEqual(table.reconcile({"v1": 1}), table)
+
+    def test_made_up_ids_never_collide(self):
+        """Made-up IDs cannot be mistaken for dockerd's 64-hex IDs."""
+        table = MountTable().reconcile({"v1": 1})
+        [mount_id] = table.volumes["v1"].mounts
+        self.assertTrue(mount_id.startswith(RECONCILED_PREFIX))
+
+    @given(st.lists(st.tuples(st.booleans(), st.sampled_from(["v1", "v2"]),
+                              st.sampled_from([X, Y, "z"])), max_size=30))
+    def test_json_round_trip(self, operations):
+        """Any table reached by Mounts and Unmounts survives its JSON file, and its counts
+        are the Mounts not yet matched by an Unmount."""
+        table = MountTable()
+        expected: dict = {}
+        for is_mount, name, mount_id in operations:
+            key = (name, mount_id)
+            if is_mount:
+                table = table.mount(name, mount_id, D1)
+                expected[key] = expected.get(key, 0) + 1
+            else:
+                table = table.unmount(name, mount_id)
+                if expected.get(key):
+                    expected[key] -= 1
+        for (name, mount_id), count in expected.items():
+            self.assertEqual(table.mount_count(name, mount_id), count)
+        self.assertEqual(MountTable.from_json(json.loads(json.dumps(table.to_json()))), table)
+
+    def test_from_json_refuses_malformed(self):
+        """Malformed documents are refused saying what is wrong."""
+        cases = [
+            ([], "not a version 1 mount counts document"),
+            ({"version": 2, "volumes": {}}, "not a version 1"),
+            ({"version": 1}, "'volumes' is not an object"),
+            ({"version": 1, "volumes": {"v1": {}}}, "volume 'v1' has no 'mounts' object"),
+            ({"version": 1, "volumes": {"v1": {"mounts": {X: 0}}}},
+             "counts that are not positive integers"),
+            ({"version": 1, "volumes": {"v1": {"mounts": {X: True}}}},
+             "counts that are not positive integers"),
+            ({"version": 1, "volumes": {"v1": {"mounts": {}, "dataset_id": 3}}},
+             "dataset_id that is not a string"),
+        ]
+        for document, message in cases:
+            with self.assertRaises(ValueError) as caught:
+                MountTable.from_json(document)
+            self.assertIn(message, str(caught.exception))
+
+
+class DockerMountsTests(SynchronousTestCase):
+    """Reading the running containers' volume mounts from Docker's container list."""
+
+    def test_counts_mount_points(self):
+        """Each mount point of a pyflock volume counts; binds, other drivers and junk do
+        not."""
+        containers = [
+            {"Id": "c1", "Mounts": [
+                {"Type": "volume", "Name": "v1", "Driver": "pyflock", "Destination": "/a"},
+                {"Type": "volume", "Name": "v1", "Driver": "pyflock", "Destination": "/b"},
+                {"Type": "bind", "Source": "/etc", "Destination": "/etc"},
+                {"Type": "volume", "Name": "v1", "Driver": "local", "Destination": "/c"}]},
+            {"Id": "c2", "Mounts": [
+                {"Type": "volume", "Name": "v1", "Driver": "pyflock:latest"},
+                {"Type": "volume", "Name": "v2", "Driver": "pyflock"},
+                {"Type": "volume", "Driver": "pyflock"}, "junk"]},
+            {"Id": "c3", "Mounts": None},
+            "junk",
+        ]
+        self.assertEqual(docker_volume_mounts(containers), {"v1": 3, "v2": 1})
+
+
+class FileTests(SynchronousTestCase):
+    """The JSON file: atomic replacement, private mode, corrupt files set aside."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="pyflock-mounts-")
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.path = os.path.join(self.folder, "mounts.json")
+        self.events: list = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_write_atomically(self):
+        """The file holds the new content, mode 0600, and no temporary file is left."""
+        write_atomically(self.path, b"one")
+        write_atomically(self.path, b"two")
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), b"two")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertEqual(os.listdir(self.folder), ["mounts.json"])
+
+    def test_write_error(self):
+        """A file that cannot be written raises ``MountsWriteError`` naming it."""
+        blocker = os.path.join(self.folder, "file")
+        open(blocker, "w").close()
+        path = os.path.join(blocker, "mounts.json")
+        with self.assertRaises(MountsWriteError) as caught:
+            write_atomically(path, b"x")
+        self.assertIn(f"cannot write the mount counts to {path}", str(caught.exception))
+
+    def test_missing_file(self):
+        """No file means no mounts."""
+        self.assertEqual(read_mount_table(self.path), MountTable())
+
+    def test_corrupt_file(self):
+        """A corrupt file is moved aside and logged, and the table starts empty."""
+        with open(self.path, "w") as f:
+            f.write('{"version": 1, "volu')
+        self.assertEqual(read_mount_table(self.path), MountTable())
+        self.assertTrue(os.path.exists(self.path + ".corrupt"))
+        [event] = events_of(self.events, "pyflock:plugin:mounts-corrupt")
+        self.assertEqual(event["path"], self.path)
+
+    def test_load_saved(self):
+        """Counts saved by one ``MountCounts`` are loaded by the next."""
+        counts = MountCounts(self.path, synchronously)
+        self.successResultOf(counts.mount("v1", X, D1))
+        self.successResultOf(counts.mount("v1", X, D1))
+        loaded = MountCounts.load(self.path, synchronously)
+        self.assertEqual((loaded.table, loaded.count("v1")), (counts.table, 2))
+
+
+class ManualRunner:
+    """A ``run_blocking`` whose calls wait until the test runs them."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        self.calls.append((d, f, args))
+        return d
+
+    def run_next(self, error: Exception = None):
+        """Run (or fail) the oldest waiting call."""
+        d, f, args = self.calls.pop(0)
+        if error is not None:
+            d.errback(Failure(error))
+        else:
+            d.callback(f(*args))
+
+
+class MountCountsTests(SynchronousTestCase):
+    """Writes are serial and coalesced; each change fires once it is on disk."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="pyflock-mounts-")
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.path = os.path.join(self.folder, "mounts.json")
+        self.runner = ManualRunner()
+        self.counts = MountCounts(self.path, self.runner)
+
+    def on_disk(self) -> MountTable:
+        """The table in the file now."""
+        return read_mount_table(self.path)
+
+    def test_coalesced(self):
+        """Changes made during a write go out together in one more write."""
+        first = self.counts.mount("v1", X, D1)
+        second = self.counts.mount("v1", Y, D1)
+        third = self.counts.unmount("v1", X)
+        self.assertEqual(len(self.runner.calls), 1)
+        self.runner.run_next()
+        self.successResultOf(first)
+        self.assertNoResult(second)
+        self.assertEqual(self.on_disk().count("v1"), 1)
+        self.assertEqual(len(self.runner.calls), 1)
+        self.runner.run_next()
+        self.successResultOf(second)
+        self.successResultOf(third)
+        self.assertEqual(self.on_disk(), self.counts.table)
+        self.assertEqual(self.runner.calls, [])
+
+    def test_no_change_no_write(self):
+        """A change that changes nothing fires at once and writes nothing."""
+        self.successResultOf(self.counts.unmount("v1", X))
+        self.assertEqual(self.runner.calls, [])
+
+    def test_failure_then_retry(self):
+        """A failed write fails its changes' Deferreds; ``flush`` writes again."""
+        d = self.counts.mount("v1", X, D1)
+        self.runner.run_next(MountsWriteError("disk full"))
+        self.failureResultOf(d, MountsWriteError)
+        self.assertEqual(self.counts.count("v1"), 1)
+        flushed = self.counts.flush()
+        self.runner.run_next()
+        self.successResultOf(flushed)
+        self.assertEqual(self.on_disk().count("v1"), 1)
+
+    def test_change_during_failed_write(self):
+        """A change made during a write that fails goes out in the next write."""
+        first = self.counts.mount("v1", X, D1)
+        second = self.counts.mount("v2", X, D1)
+        self.runner.run_next(MountsWriteError("disk full"))
+        self.failureResultOf(first, MountsWriteError)
+        self.runner.run_next()
+        self.successResultOf(second)
+        self.assertEqual(self.on_disk(), self.counts.table)
+
+    def test_reconcile_saved(self):
+        """Reconciliation is saved like any change."""
+        self.counts.mount("v1", X, D1)
+        self.runner.run_next()
+        d = self.counts.reconcile(pmap({"v2": 1}))
+        self.runner.run_next()
+        self.successResultOf(d)
+        self.assertEqual(self.on_disk().count("v2"), 1)
+        self.assertEqual(self.on_disk().count("v1"), 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_in_thread(tmp_path):
+    """With ``in_thread``, the file is written by the reactor's thread pool."""
+    from twisted.internet import reactor
+    path = str(tmp_path / "mounts.json")
+    counts = MountCounts(path, in_thread(reactor))
+    await counts.mount("v1", X, D1)
+    await counts.mount("v2", Y, None)
+    assert read_mount_table(path) == counts.table
