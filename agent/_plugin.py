@@ -107,6 +107,10 @@ class NoSuchVolume(PluginError):
         return str(self)
 
 
+class PluginSocketError(Exception):
+    """The plugin's socket cannot be served; the message says why and what to do."""
+
+
 class BadRequest(PluginError):
     """The request itself was malformed (never from a well-behaved dockerd)."""
 
@@ -883,8 +887,14 @@ class DockerPlugin:
             config = await self._within(self._client.create_dataset(
                 self._node, maximum_size=size, metadata=metadata), self._request_timeout)
         except Conflict:
-            # The name exists in the cluster but this node's view has not caught up.
-            found = await self._fetch_by_name(name)
+            # The name exists in the cluster but this node's view has not caught up;
+            # fetching it lets Get answer it before the view does.
+            found = None
+            try:
+                found = await self._within(Deferred.fromCoroutine(
+                    self._fetch_by_name(name)), self._request_timeout)
+            except (ControlError, DeferredTimeout):
+                pass
             log_event(_log, "pyflock:plugin:create-existing", name=name,
                       dataset_id=None if found is None else found.dataset_id)
             return {}
@@ -1184,25 +1194,34 @@ def listen_plugin(reactor: Any, path: str, site: Site) -> Any:
     Serve ``site`` on the unix socket ``path`` (mode 0600; its folder is created if
     missing) and return the listening port; ``stopListening()`` removes the socket. A stale
     socket left by a dead process is replaced; one that a live process serves is not, and
-    ``CannotListenError`` says so. Blocks briefly (a connect to a local socket): call it at
+    ``PluginSocketError`` says so. Blocks briefly (a connect to a local socket): call it at
     start, before dockerd needs the plugin.
     """
     folder = os.path.dirname(path) or "."
-    os.makedirs(folder, mode=0o755, exist_ok=True)
     try:
-        existing = os.lstat(path)
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        existing: Optional[os.stat_result] = os.lstat(path)
     except FileNotFoundError:
         existing = None
+    except OSError as e:
+        raise PluginSocketError(f"cannot serve the Docker plugin at {path}: {e.strerror}"
+                                ) from None
     if existing is not None:
         if not stat.S_ISSOCK(existing.st_mode):
-            raise CannotListenError(None, path, f"{path} exists and is not a socket; "
-                                                f"remove it or choose another plugin socket")
+            raise PluginSocketError(f"cannot serve the Docker plugin at {path}: it exists "
+                                    f"and is not a socket; remove it or set another "
+                                    f"plugin.socket")
         if _socket_is_live(path):
-            raise CannotListenError(None, path, f"another process serves {path} (another "
-                                                f"pyflock-agent?); stop it first")
+            raise PluginSocketError(f"cannot serve the Docker plugin at {path}: another "
+                                    f"process serves it (another pyflock-agent?); stop it "
+                                    f"first")
         os.unlink(path)
         log_event(_log, "pyflock:plugin:stale-socket-removed", path=path)
-    port = reactor.listenUNIX(path, site, mode=0o600, wantPID=False)
+    try:
+        port = reactor.listenUNIX(path, site, mode=0o600, wantPID=False)
+    except CannotListenError as e:
+        raise PluginSocketError(f"cannot serve the Docker plugin at {path}: "
+                                f"{e.socketError}") from None
     log_event(_log, "pyflock:plugin:listening", path=path)
     return port
 
@@ -1222,7 +1241,7 @@ def _socket_is_live(path: str) -> bool:
 __all__ = [
     "BadRequest", "ClusterView", "DockerPlugin", "IPluginBackend", "LEASE_DURATION",
     "LocalState", "LocalStates", "MOUNTED", "MOUNT_TIMEOUT", "NoSuchVolume", "PROFILES",
-    "PluginBackend", "PluginError", "RENEW_INTERVAL", "VOLUME_NAME", "ViewDataset",
+    "PluginBackend", "PluginError", "PluginSocketError", "RENEW_INTERVAL", "VOLUME_NAME", "ViewDataset",
     "agent_view_source", "check_volume_name", "listen_plugin", "parse_create_options",
     "plugin_site", "threaded_is_mountpoint",
 ]

@@ -19,7 +19,7 @@ import pytest_twisted
 from pyrsistent import pmap
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import CannotListenError, ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
@@ -29,7 +29,7 @@ from zope.interface.verify import verifyObject
 from pyflock.agent._mounts import MountCounts, synchronously
 from pyflock.agent._plugin import (
     ClusterView, DockerPlugin, IPluginBackend, LocalState, LocalStates, PluginBackend,
-    ViewDataset, agent_view_source, listen_plugin, plugin_site, threaded_is_mountpoint,
+    PluginSocketError, ViewDataset, agent_view_source, listen_plugin, plugin_site, threaded_is_mountpoint,
 )
 from pyflock.common._client import ControlClient, DatasetConfiguration, LeaseInfo, NodeInfo
 from pyflock.common._logging import events_of
@@ -1054,10 +1054,15 @@ async def test_real_unix_socket():
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(path)
     stale.close()
-    port = listen_plugin(reactor, path, plugin_site(node.plugin))
+    try:
+        port = listen_plugin(reactor, path, plugin_site(node.plugin))
+    except BaseException:
+        _remove_tree(folder)
+        raise
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        with pytest.raises(CannotListenError, match="another process serves"):
+        with pytest.raises(PluginSocketError, match=f"cannot serve the Docker plugin at "
+                                                    f"{path}: another process serves it"):
             listen_plugin(reactor, path, plugin_site(node.plugin))
         assert await deferToThread(_dockerd_call, path, "Plugin.Activate", b"") == \
             (200, {"Implements": ["VolumeDriver"], "Err": ""})
@@ -1082,5 +1087,17 @@ async def test_real_unix_socket():
     finally:
         await port.stopListening()
         node.plugin.stop()
-    assert not os.path.exists(path)
-    _remove_tree(folder)
+        removed = not os.path.exists(path)
+        _remove_tree(folder)
+    assert removed
+
+
+def test_socket_path_not_a_socket(tmp_path):
+    """A plain file where the socket should be is left alone and the refusal says so."""
+    from twisted.internet import reactor
+    path = tmp_path / "pyflock.sock"
+    path.write_text("keep me")
+    with pytest.raises(PluginSocketError, match="it exists and is not a socket; remove it "
+                                                "or set another plugin.socket"):
+        listen_plugin(reactor, str(path), None)
+    assert path.read_text() == "keep me"
