@@ -35,6 +35,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 import attr
 from pyrsistent import PClass, field, pmap, pmap_field
 
+from pyflock.common._wire import DatasetReport
+
 
 class DesiredState(enum.Enum):
     """What this node wants for one dataset."""
@@ -177,6 +179,37 @@ def desired_from_configuration(node_uuid: str, datasets: Iterable, leases: Itera
             lease_holder=None if dataset.deleted else holders.get(dataset.dataset_id))
     return Desired(node_uuid=node_uuid, datasets=pmap(records),
                    nodes=pmap({k: bool(v) for k, v in nodes.items()}))
+
+
+def desired_from_view(node_uuid: str, view, now: float) -> Optional[Desired]:
+    """
+    ``Desired`` for ``node_uuid`` from the agent's ``AgentView`` at ``now`` (pure): its
+    datasets with their leases, its nodes with their alive flags. None while the view is
+    the empty one an agent starts with (no view loaded or received yet): nothing can be
+    decided then.
+    """
+    if view.current is None:
+        return None
+    entries = view.datasets.values()
+    return desired_from_configuration(
+        node_uuid, datasets=entries,
+        leases=[_ViewLease(d.dataset_id, d.lease.node_uuid, d.lease.expiration)
+                for d in entries if d.lease is not None],
+        nodes={n.uuid: n.alive for n in view.nodes.values()}, now=now)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class _ViewLease:
+    dataset_id: str
+    node_uuid: str
+    expiration: Optional[float]
+
+
+def view_desire(node_uuid: str) -> Callable:
+    """The ``desire(view, now)`` of ``node_uuid``'s convergence loop: ``desired_from_view``."""
+    def desire(view, now: float) -> Optional[Desired]:
+        return desired_from_view(node_uuid, view, now)
+    return desire
 
 
 # ---------------------------------------------------------------------------------------
@@ -359,6 +392,23 @@ def leaves(change) -> Iterator:
             yield from leaves(child)
     else:
         yield change
+
+
+def without(change, skipped) -> object:
+    """
+    ``change`` without the leaves in ``skipped`` (pure). A sequence stops before its first
+    part that holds a skipped leaf, since what follows relies on it.
+    """
+    if isinstance(change, InParallel):
+        return in_parallel(without(c, skipped) for c in change.changes)
+    if isinstance(change, Sequentially):
+        kept = []
+        for child in change.changes:
+            if any(leaf in skipped for leaf in leaves(child)):
+                break
+            kept.append(child)
+        return sequentially(kept)
+    return NOTHING if change in skipped else change
 
 
 def summarize(change) -> str:
@@ -549,20 +599,13 @@ def is_waiting(desired: Desired, discovered: Discovered) -> bool:
 # ---------------------------------------------------------------------------------------
 # Reported state
 
-@attr.s(frozen=True, auto_attribs=True)
-class DatasetStatus:
-    """
-    One dataset as this node reports it: ``state`` is ``creating`` (no volume yet),
-    ``attaching`` (attaching, making its filesystem, mounting), ``mounted``, ``moving``
-    (held by another node on its way here, or leaving this node) or ``deleting``;
-    ``path`` is set once it is mounted; ``maximum_size`` is the volume's size in bytes
-    (the configured size until the volume exists).
-    """
-
-    dataset_id: str
-    state: str
-    path: Optional[str] = None
-    maximum_size: Optional[int] = None
+#: One dataset as this node reports it: ``state`` is ``creating`` (no volume yet),
+#: ``attaching`` (attaching, making its filesystem, mounting), ``mounted``, ``moving`` (held
+#: by another node on its way here, or leaving this node) or ``deleting``; ``path`` is set
+#: once it is mounted; ``maximum_size`` is the volume's size in bytes (the configured size
+#: until the volume exists). It is the agent channel's ``DatasetReport``, so reports go to
+#: ``AgentChannel.report_state`` as they are.
+DatasetStatus = DatasetReport
 
 
 _COMING = frozenset({_D.ATTACHED_ELSEWHERE, _D.ATTACHED_TO_DEAD_NODE})

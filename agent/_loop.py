@@ -20,7 +20,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from pyflock.agent._convergence import (
-    calculate_changes, dataset_states, is_nothing, is_waiting, leaves, summarize,
+    calculate_changes, dataset_states, is_nothing, is_waiting, leaves, summarize, view_desire,
+    without,
 )
 from pyflock.agent._discovery import discover as discover_now
 from pyflock.agent._runner import (
@@ -80,7 +81,7 @@ class ConvergenceLoop:
       that changes (a ``pmap`` of ``DatasetStatus`` by default); it may return a Deferred;
     - ``desire(view, now)`` turns the latest ``update``'s argument into the ``desired``
       that ``calculate`` takes, at the reactor's ``now`` (by default the argument is used
-      as it is);
+      as it is); while it returns None (no view yet) nothing is done;
     - ``waiting(desired, discovered)`` says whether the node waits for another node (the
       loop then looks again after ``poll_interval`` rather than ``interval``).
 
@@ -186,9 +187,10 @@ class ConvergenceLoop:
             while True:
                 self._again = False
                 try:
-                    await self._converge()
+                    failure = await self._converge()
                 except Exception:
                     failure = Failure()
+                if failure is not None:
                     self.failures += 1
                     delay = min(self.max_backoff,
                                 self.backoff * 2 ** (self.failures - 1))
@@ -208,27 +210,40 @@ class ConvergenceLoop:
             for d in waiters:
                 d.callback(None)
 
-    async def _converge(self) -> None:
+    async def _converge(self) -> Optional[Failure]:
+        """
+        Steps until nothing is left to do; the last failure of a change, if any. A failed
+        step does not stop the others: its leaves are left out of the following steps
+        (they wait for the backoff), so one stuck dataset never slows the rest down.
+        """
         ran = 0
         self._waits = False
         change = None
+        failure = None
+        skipped: set = set()
         for step in range(self.max_steps):
             if self._stopped or not self._has_view:
-                return
+                return failure
             desired = self._desire(self._view, self._reactor.seconds())
+            if desired is None:
+                return failure
             discovered = await self._discover()
-            change = self._calculate(desired, discovered)
+            change = without(self._calculate(desired, discovered), skipped)
             self._report(desired, discovered)
             if is_nothing(change):
                 self._waits = bool(self._waiting(desired, discovered))
-                if ran:
+                if ran and failure is None:
                     log_event(self._log, "pyflock:agent:converged", node_uuid=self._node_uuid,
                               steps=ran)
-                return
+                return failure
             log_event(self._log, "pyflock:agent:converge", node_uuid=self._node_uuid,
                       step=step + 1, changes=summarize(change),
                       dataset_ids=",".join(sorted({c.dataset_id for c in leaves(change)})))
-            await self._run(change)
+            try:
+                await self._run(change)
+            except Exception:
+                failure = Failure()
+                skipped.update(leaves(change))
             ran += 1
         raise ConvergenceStalled(self.max_steps, change)
 
@@ -262,7 +277,7 @@ class ConvergenceLoop:
 
 
 def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
-                          report_state: Callable, desire: Callable,
+                          report_state: Callable, desire: Optional[Callable] = None,
                           interval: float = DEFAULT_INTERVAL,
                           logger: Optional[Logger] = None,
                           threadpool=None) -> ConvergenceLoop:
@@ -270,9 +285,13 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
     The loop of one agent: discovery through ``backend`` (its ``IBlockDeviceBackend``) and
     ``filesystems`` (``LocalFilesystems()`` in the agent) under ``mount_root``,
     ``calculate_changes``, and a ``Runner``; every blocking call runs in ``threadpool``
-    (default: the reactor's). ``desire(view, now)`` builds ``Desired`` from what the
-    channel passes to ``update``. Call ``start()``, then ``update(view)`` on every push.
+    (default: the reactor's). ``desire(view, now)`` builds ``Desired`` from what is
+    passed to ``update`` (default: ``view_desire(backend.node_uuid)``, for ``AgentView``s).
+    Call ``start()``, then ``update(view)`` with the view loaded from disk and on every
+    push; ``report_state`` gets a ``pmap`` of ``DatasetReport`` by dataset id.
     """
+    if desire is None:
+        desire = view_desire(backend.node_uuid)
     mount_root = os.path.realpath(mount_root)
     run_blocking = threaded(reactor, threadpool)
     runner = Runner(backend, filesystems, run_blocking, logger=logger)

@@ -95,7 +95,7 @@ class Profiler:
         self.output = output
         self._process = subprocess.Popen(
             [executable, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-             "--rate", "200", "--nonblocking", "--format", "flamegraph", "-o", str(output)],
+             "--rate", "200", "--nonblocking", "--format", "raw" if str(output).endswith(".txt") else "flamegraph", "-o", str(output)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def wait(self) -> None:

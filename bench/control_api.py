@@ -347,7 +347,7 @@ async def benchmark(reactor, context: Context) -> Section:
     def profile_path(name: str) -> Optional[Path]:
         if context.profile_dir is None:
             return None
-        return context.profile_dir / f"control_api-{name}.svg"
+        return context.profile_dir / f"control_api-{name}.txt"
 
     try:
         # Open every client's connection (the TLS handshake is not what is measured) and

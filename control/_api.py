@@ -205,7 +205,7 @@ class ControlAPI:
             raise APIError(400, f"The request body is not valid JSON: {e}.")
         if not validator.is_valid(body):
             raise APIError(400, "The provided JSON doesn't match the required schema.",
-                           schema.describe_errors(validator, body))
+                           validator.errors(body))
         return body
 
     def _dataset_id(self, dataset_id: str) -> str:

@@ -15,15 +15,17 @@ from pyflock.agent._convergence import (
     Desired, DesiredDataset, DesiredState, DestroyVolume, DetachVolume, Discovered,
     DiscoveredDataset, DiscoveredState, FinishFilesystem, InParallel, MountFilesystem,
     RemoveMountPoint, Sequentially, UnmountFilesystem, calculate_changes, dataset_states,
-    desired_from_configuration, in_parallel, is_nothing, is_waiting, leaves, sequentially,
-    summarize,
+    desired_from_configuration, desired_from_view, in_parallel, is_nothing, is_waiting,
+    leaves, sequentially, summarize, view_desire, without,
 )
 from pyflock.agent._discovery import (
     FilesystemCondition, FilesystemProbe, Mount, RawState, classify, discover_raw,
     filesystem_condition,
 )
 from pyflock.agent._runner import MemoryDisks, MemoryFilesystems
+from pyflock.agent._view import AgentView
 from pyflock.common import Dataset, Lease
+from pyflock.common._wire import DatasetEntry, LeaseEntry, NodeEntry
 
 NODE = "node-a"
 OTHER = "node-b"
@@ -241,6 +243,15 @@ def test_combinators_flatten():
     assert not is_nothing(sequentially([a]))
 
 
+def test_without():
+    """Skipped leaves are left out; a sequence stops before the part holding one."""
+    a, b, c = CreateVolume("a"), CreateVolume("b"), CreateVolume("c")
+    assert in_parallel([a, c]) == without(in_parallel([a, b, c]), {b})
+    assert sequentially([a]) == without(sequentially([a, in_parallel([b, c]), a]), {b})
+    assert NOTHING == without(b, {b})
+    assert c == without(c, {b})
+
+
 def test_changes_are_values():
     """Changes with the same fields are equal and hashable."""
     assert {MountFilesystem(DS, DEVICE, PATH), MOUNT} == {MOUNT}
@@ -273,6 +284,29 @@ def test_desired_from_configuration():
         DesiredDataset("c", primary=OTHER, deleted=True),
         DesiredDataset("d", primary=NODE),
         nodes={NODE: True, OTHER: False}) == result
+
+
+def test_desired_from_view():
+    """An ``AgentView`` becomes ``Desired``: sizes, deleted flags, live leases, alive flags."""
+    view = AgentView(
+        epoch="e1", version=3,
+        datasets={
+            "a": DatasetEntry("a", NODE, SIZE, {"name": "pg"},
+                              lease=LeaseEntry(OTHER, expiration=20.0)),
+            "b": DatasetEntry("b", OTHER, lease=LeaseEntry(OTHER, expiration=5.0)),
+            "c": DatasetEntry("c", OTHER, deleted=True)},
+        nodes={NODE: NodeEntry(NODE, "10.0.0.1"), OTHER: NodeEntry(OTHER, "10.0.0.2",
+                                                                    alive=False)})
+    expected = desired(DesiredDataset("a", NODE, SIZE, lease_holder=OTHER),
+                       DesiredDataset("b", OTHER), DesiredDataset("c", OTHER, deleted=True),
+                       nodes={NODE: True, OTHER: False})
+    assert expected == desired_from_view(NODE, view, now=10.0)
+    assert expected == view_desire(NODE)(view, 10.0)
+
+
+def test_no_view_no_desire():
+    """Before any view was loaded or received there is nothing to desire."""
+    assert desired_from_view(NODE, AgentView(), now=0.0) is None
 
 
 @pytest.mark.parametrize("wanted,state,expected", [

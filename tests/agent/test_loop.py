@@ -13,13 +13,14 @@ from pyrsistent import pmap
 
 from pyflock.agent._backends import MemoryBlockStore, MiB
 from pyflock.agent._convergence import (
-    NOTHING, CreateVolume, DatasetStatus, Desired, DesiredDataset, calculate_changes,
-    in_parallel,
+    NOTHING, CreateVolume, DatasetStatus, calculate_changes, in_parallel, view_desire,
 )
 from pyflock.agent._discovery import discover
 from pyflock.agent._loop import ConvergenceLoop, ConvergenceStalled
 from pyflock.agent._runner import MemoryDisks, MemoryFilesystems, Runner, run_now
+from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
+from pyflock.common._wire import DatasetEntry, NodeEntry
 
 CHANGE = in_parallel([CreateVolume("ds")])
 
@@ -30,9 +31,10 @@ class Boom(Exception):
 
 class Script:
     """
-    Stand-ins for discover, calculate, run and report: ``changes`` is how many more
-    times ``calculate`` returns a change; ``hold`` makes ``discover`` return Deferreds the
-    test fires; ``errors`` lists exceptions for the named step to raise, in turn.
+    Stand-ins for discover, calculate, run and report: ``changes`` is how many changes
+    must still run (``calculate`` returns one while some must, each successful run makes
+    one fewer); ``hold`` makes ``discover`` return Deferreds the test fires; ``errors``
+    lists exceptions for the named step to raise, in turn.
     """
 
     def __init__(self, changes=0):
@@ -65,10 +67,7 @@ class Script:
     def calculate(self, desired, discovered):
         self.calculated.append((desired, discovered))
         self._maybe_fail("calculate")
-        if self.changes > 0:
-            self.changes -= 1
-            return CHANGE
-        return NOTHING
+        return CHANGE if self.changes > 0 else NOTHING
 
     def run(self, change):
         self.ran.append(change)
@@ -76,6 +75,7 @@ class Script:
             self._maybe_fail("run")
         except Exception as e:
             return fail(e)
+        self.changes -= 1
         return succeed(None)
 
     def report(self, states):
@@ -119,6 +119,14 @@ class ConvergenceLoopTests(SynchronousTestCase):
         self.assertEqual(0, self.script.discoveries)
         loop.update("v1")
         self.assertEqual(1, self.script.discoveries)
+
+    def test_no_desire_no_action(self):
+        """While ``desire`` gives None (no view yet), nothing is discovered or reported."""
+        loop = self.make_loop(desire=lambda view, now: None)
+        loop.start()
+        loop.update("empty view")
+        self.clock.advance(100)
+        self.assertEqual((0, []), (self.script.discoveries, self.script.reports))
 
     def test_update_converges_at_once(self):
         """An update runs discover -> calculate -> run until nothing is left, with no timer."""
@@ -189,7 +197,7 @@ class ConvergenceLoopTests(SynchronousTestCase):
 
     def test_backoff(self):
         """Failures are logged and retried after 1, 2, 4, 8, 8 ... seconds."""
-        self.script.changes = 7
+        self.script.changes = 1
         self.script.errors["run"] = [Boom("run failed")] * 6
         self.loop.start()
         self.loop.update("v1")
@@ -239,6 +247,21 @@ class ConvergenceLoopTests(SynchronousTestCase):
         self.loop.update("last")
         self.assertEqual((ran + 1, 0), (len(self.script.ran), self.loop.failures))
 
+    def test_failed_change_skipped_until_retry(self):
+        """
+        After a change fails, the iteration rediscovers at once but leaves that change
+        out; it is retried after the backoff.
+        """
+        self.script.changes = 1
+        self.script.errors["run"] = [Boom()]
+        self.loop.start()
+        self.loop.update("v1")
+        self.assertEqual((2, 1), (self.script.discoveries, len(self.script.ran)))
+        self.assertEqual(1.0, self.loop.next_wake)
+        self.clock.advance(1)
+        self.assertEqual((4, 2, 0), (self.script.discoveries, len(self.script.ran),
+                                     self.loop.failures))
+
     def test_update_during_failing_iteration_retries_at_once(self):
         """An update that arrived while an iteration failed is acted on at once."""
         self.script.hold = True
@@ -247,9 +270,9 @@ class ConvergenceLoopTests(SynchronousTestCase):
         self.loop.start()
         self.loop.update("v1")
         self.loop.update("v2")
-        self.script.pending.pop(0).callback("w")
-        self.assertEqual(2, self.script.discoveries)
-        self.script.pending.pop(0).callback("w")
+        for _ in range(4):
+            self.script.pending.pop(0).callback("w")
+        self.assertEqual(([], 0), (self.script.pending, self.script.changes))
         self.assertEqual((1, 10.0), (len(self.failed_events()), self.loop.next_wake))
 
     def test_expected_errors_without_traceback(self):
@@ -333,7 +356,10 @@ NODE_B = "node-b"
 
 
 class MemoryNodesTests(SynchronousTestCase):
-    """Loops of simulated nodes over one memory store, with the real calculator."""
+    """
+    Loops of simulated nodes over one memory store, fed ``AgentView``s, with the real
+    calculator and discovery.
+    """
 
     def setUp(self):
         self.clock = Clock()
@@ -350,16 +376,24 @@ class MemoryNodesTests(SynchronousTestCase):
             loop = ConvergenceLoop(
                 self.clock, lambda backend=backend, fs=fs, node=node: run_now(
                     discover, backend, fs, f"/mnt/{node}"),
-                calculate_changes, runner.run, reports.append, logger=log, node_uuid=node)
+                calculate_changes, runner.run, reports.append, desire=view_desire(node),
+                logger=log, node_uuid=node)
             loop.start()
             self.nodes[node] = (loop, fs, reports)
 
-    def configure(self, primary, deleted=False, order=(NODE_A, NODE_B)):
-        """Push a configuration with dataset ``ds`` on ``primary`` to both nodes, in ``order``."""
+    def configure(self, primary, deleted=False, order=(NODE_A, NODE_B), extra=None):
+        """
+        Push a view with dataset ``ds`` on ``primary`` (and ``extra`` datasets, id to
+        primary) to both nodes, in ``order``.
+        """
+        self.version = getattr(self, "version", 0) + 1
+        datasets = {"ds": DatasetEntry("ds", primary, 64 * MiB, deleted=deleted)}
+        for dataset_id, node in (extra or {}).items():
+            datasets[dataset_id] = DatasetEntry(dataset_id, node, 64 * MiB)
+        view = AgentView(epoch="e", version=self.version, datasets=datasets,
+                         nodes={n: NodeEntry(n, "127.0.0.1") for n in [NODE_A, NODE_B]})
         for node in order:
-            self.nodes[node][0].update(Desired(
-                node_uuid=node, nodes=pmap({NODE_A: True, NODE_B: True}),
-                datasets=pmap({"ds": DesiredDataset("ds", primary, 64 * MiB, deleted)})))
+            self.nodes[node][0].update(view)
 
     def test_new_dataset_mounted_without_timer(self):
         """A new dataset is created, attached, formatted and mounted on one update."""
@@ -409,6 +443,20 @@ class MemoryNodesTests(SynchronousTestCase):
         release()
         self.clock.advance(2)
         self.assertEqual({"/mnt/node-b/ds"}, set(b[1].table))
+
+    def test_stuck_dataset_does_not_slow_others(self):
+        """
+        While one dataset's detach keeps failing (a container holds it), a new dataset
+        still goes through all its steps at once.
+        """
+        self.configure(NODE_A)
+        release = self.store.hold("ds")
+        self.addCleanup(release)
+        self.configure(NODE_B, extra={"new": NODE_A})
+        a = self.nodes[NODE_A]
+        self.assertEqual({"/mnt/node-a/new"}, set(a[1].table))
+        self.assertEqual("mounted", a[2][-1]["new"].state)
+        self.assertEqual(1.0, a[0].next_wake - self.clock.seconds())
 
     def test_delete(self):
         """A deleted dataset is unmounted, detached and destroyed by its primary."""

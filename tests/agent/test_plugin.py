@@ -557,6 +557,20 @@ class MountTests(PluginTestCase):
         self.assertEqual((self.a.mounts.count("v1"), self.lease_holder("v1")), (1, A))
         self.assertEqual(len(events_of(self.events, "pyflock:plugin:unmount-unknown")), 1)
 
+    def test_unmount_unreachable(self):
+        """Unmount succeeds while the control service is unreachable; the lease it could
+        not release is logged and expires on its own."""
+        self.a.ok("VolumeDriver.Create", {"Name": "v1"})
+        self.mount("v1")
+        self.a.link.down = True
+        self.unmount("v1")
+        self.assertEqual(self.a.mounts.count("v1"), 0)
+        [event] = events_of(self.events, "pyflock:plugin:lease-release-failed")
+        self.assertIn("cannot reach the control service", event["reason"])
+        self.assertEqual(self.lease_holder("v1"), A)
+        self.clock.advance(60)
+        self.assertIsNone(self.lease_holder("v1"))
+
     def test_release_never_overtakes_next_mount(self):
         """The copy-up Unmount's lease release and the start Mount's acquire reach the
         control service in that order, even when answers come back in reverse."""

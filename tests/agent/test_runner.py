@@ -9,7 +9,6 @@ mounts. No blocking call ever runs on the reactor thread.
 
 import os
 import shutil
-import subprocess
 import tempfile
 import uuid
 
@@ -44,7 +43,9 @@ from pyflock.agent._runner import (
     ChangesFailed, IFilesystems, LocalFilesystems, MemoryDisks, MemoryFilesystems, Runner,
     StaleChange, run_now, threaded,
 )
+from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
+from pyflock.common._wire import DatasetEntry, DatasetReport, NodeEntry
 
 NODE_A = "0b0c7e62-9a4f-4d36-9d54-2a1f7d3c0a01"
 NODE_B = "5d3f2c8e-1b6a-4f7e-8c2d-9e0a4b6c0b02"
@@ -523,15 +524,16 @@ async def test_create_mounted_and_writable(reactor, world):
         if "ds" in states and states["ds"].state == "mounted" and not mounted.called:
             mounted.callback(states["ds"])
     loop = node_convergence_loop(reactor, node.agent_backend, node.agent_fs, node.mount_root,
-                                 report,
-                                 desire=lambda view, now: view, interval=3600,
+                                 report, interval=3600,
                                  logger=Logger(observer=world.events.append))
     loop.start()
-    loop.update(desired_of(NODE_A, DesiredDataset("ds", NODE_A, SIZE)))
+    loop.update(AgentView(epoch="e", version=1,
+                          datasets={"ds": DatasetEntry("ds", NODE_A, SIZE)},
+                          nodes={NODE_A: NodeEntry(NODE_A, "127.0.0.1")}))
     status = await mounted.addTimeout(60, reactor)
     await loop.stop()
     path = node.path("ds")
-    assert (path, SIZE) == (status.path, status.maximum_size)
+    assert DatasetReport("ds", "mounted", path, SIZE) == status
     assert ["creating", "attaching", "mounted"] == [r["ds"].state for r in reports]
     assert mounted_device(path) == node.backend.get_device_path("ds")
     assert [] == os.listdir(path)
