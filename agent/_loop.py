@@ -93,7 +93,8 @@ class ConvergenceLoop:
                  report_state: Callable, desire: Callable = _as_given,
                  describe: Callable = dataset_states, waiting: Callable = is_waiting,
                  interval: float = DEFAULT_INTERVAL,
-                 poll_interval: float = DEFAULT_POLL_INTERVAL, backoff: float = DEFAULT_BACKOFF,
+                 poll_interval: float = DEFAULT_POLL_INTERVAL,
+                 backoff: float = DEFAULT_BACKOFF,
                  max_backoff: float = DEFAULT_MAX_BACKOFF,
                  max_steps: int = DEFAULT_MAX_STEPS, logger: Optional[Logger] = None,
                  node_uuid: Optional[str] = None):

@@ -495,7 +495,7 @@ def _unknown_change(change) -> None:
 
 
 def log_failure(logger: Logger, event_type: str, failure: Failure, **fields) -> None:
-    """Emit an error event of ``event_type`` carrying ``fields`` and ``failure``'s traceback."""
+    """Emit an error event of ``event_type`` with ``fields`` and ``failure``'s traceback."""
     logger.failure(event_type + " {event_fields}", failure, LogLevel.error,
                    event_type=event_type,
                    event_fields=" ".join(f"{k}={v}" for k, v in fields.items()), **fields)

@@ -406,7 +406,7 @@ def test_classify(snapshot, expected):
 
 
 def test_classify_ignores_other_names():
-    """Mounts and directories under the mount root whose names are no dataset ids are left out."""
+    """Mounts and directories under the mount root not named like dataset ids are left out."""
     result = classify(raw(mounts=[Mount(f"{ROOT}/.hidden", "tmpfs")], empty=["a b"]))
     assert pmap() == result.datasets
 

@@ -289,7 +289,7 @@ class ConvergenceLoopTests(SynchronousTestCase):
         self.assertIn("/dev/loop3", failed["error"])
 
     def test_stalled(self):
-        """An iteration that never runs out of changes stops after ``max_steps`` and backs off."""
+        """An iteration that never runs out of changes stops after ``max_steps``, backs off."""
         self.script.changes = 1000
         self.loop.start()
         self.loop.update("v1")

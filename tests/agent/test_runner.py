@@ -105,7 +105,7 @@ def make_ifilesystems_tests(harness):
             self.assertRaises(FilesystemError, self.fs.make_filesystem, device)
 
         def test_half_made(self):
-            """A half-made filesystem is recognised and finished; finishing twice is refused."""
+            """A half-made filesystem is recognised and finished; not twice."""
             dataset_id, device = self.device()
             self.make_half_made(dataset_id, device)
             self.assertEqual(FilesystemCondition.UNFINISHED, self.condition(device))
