@@ -22,6 +22,7 @@ from pyflock.common._sizes import parse_size
 DEFAULT_CERTIFICATES = "/etc/pyflock"
 DEFAULT_DATA_PATH = "/var/lib/pyflock"
 DEFAULT_SOCKET = "/run/docker/plugins/pyflock.sock"
+DEFAULT_DOCKER_SOCKET = "/run/docker.sock"
 DEFAULT_LOOPBACK_ROOT = "/var/lib/pyflock/loopback"
 DEFAULT_SIZE = 10 * 1024 ** 3
 
@@ -64,7 +65,7 @@ SCHEMA = {
                           "additionalProperties": False}},
             ]},
         "plugin": {"type": "object", "additionalProperties": False,
-                   "properties": {"socket": _PATH}},
+                   "properties": {"socket": _PATH, "docker": _PATH}},
     },
 }
 _VALIDATOR = Draft202012Validator(SCHEMA)
@@ -90,6 +91,7 @@ class AgentConfig:
     backend_options: dict = attr.ib(factory=dict)
     default_size: int = DEFAULT_SIZE
     plugin_socket: str = DEFAULT_SOCKET
+    docker_socket: str = DEFAULT_DOCKER_SOCKET
 
     @property
     def state_path(self) -> str:
@@ -125,7 +127,8 @@ def parse_config(document) -> AgentConfig:
         mount_root=document.get("mount-root", os.path.join(data_path, "mounts")),
         address=node.get("address"), peer_port=node.get("peer-port", 4525),
         backend=backend, backend_options=dataset, default_size=default_size,
-        plugin_socket=document.get("plugin", {}).get("socket", DEFAULT_SOCKET))
+        plugin_socket=document.get("plugin", {}).get("socket", DEFAULT_SOCKET),
+        docker_socket=document.get("plugin", {}).get("docker", DEFAULT_DOCKER_SOCKET))
 
 
 def load_config(path: str) -> AgentConfig:

@@ -14,7 +14,7 @@ from typing import IO
 
 from twisted.logger import (
     FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, Logger,
-    formatEvent, globalLogBeginner,
+    PredicateResult, formatEvent, globalLogBeginner,
 )
 from zope.interface import implementer
 
@@ -64,11 +64,20 @@ class JSONLinesObserver:
         self._stream.flush()
 
 
+def _drop_factory_chatter(event: dict) -> PredicateResult:
+    """Twisted's "Starting/Stopping factory" lines say nothing an operator can use."""
+    text = event.get("log_text") or event.get("log_format") or ""
+    if isinstance(text, str) and text.startswith(("Starting factory", "Stopping factory")):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def start_json_logging(stream: IO[str] = sys.stdout,
                        level: LogLevel = LogLevel.info) -> ILogObserver:
     """Send every log event to ``stream`` as one JSON object per line."""
     observer = FilteringLogObserver(JSONLinesObserver(stream),
-                                    [LogLevelFilterPredicate(defaultLogLevel=level)])
+                                    [LogLevelFilterPredicate(defaultLogLevel=level),
+                                     _drop_factory_chatter])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     return observer
 

@@ -1,0 +1,200 @@
+"""
+``pyflock-agent``: the node agent, one per Docker host.
+
+    pyflock-agent [run] --config /etc/pyflock/agent.yml
+    pyflock-agent era --config /etc/pyflock/agent.yml
+
+It loads its stored view of the cluster, starts converging from it at once, connects to
+the control service's agent channel, and serves the Docker plugin socket. Stopping it
+leaves every dataset mounted: containers keep running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+import treq
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.logger import Logger, LogLevel
+from twisted.web.client import Agent
+
+from pyflock.agent._backends import LoopbackBackend
+from pyflock.agent._channel import AgentChannel, control_endpoint
+from pyflock.agent._config import AgentConfig, ConfigError, boot_id, compute_era, load_config
+from pyflock.agent._loop import node_convergence_loop
+from pyflock.agent._mounts import MountCounts, docker_volume_mounts, in_thread
+from pyflock.agent._plugin import (
+    DockerPlugin, LocalStates, PluginBackend, agent_view_source, listen_plugin, plugin_site,
+    threaded_is_mountpoint,
+)
+from pyflock.agent._runner import LocalFilesystems
+from pyflock.agent._view import VIEW_FILE, ViewFile
+from pyflock.common._ca import CertificateError, common_name_of, load_certificate
+from pyflock.common._client import ControlClient
+from pyflock.common._logging import log_event, start_json_logging
+from pyflock.common._tls import Identity, treq_client
+
+_log = Logger()
+
+#: How long the plugin's REST calls may take before they count as failed.
+API_TIMEOUT = 30.0
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message says why and what to do."""
+
+
+def node_uuid_of(config: AgentConfig) -> str:
+    """This node's uuid, from the common name of its certificate ``node.crt``."""
+    path = os.path.join(config.certificates, "node.crt")
+    try:
+        identity = Identity.from_common_name(common_name_of(load_certificate(path)) or "")
+    except CertificateError as e:
+        raise StartupError(str(e))
+    if identity is None or identity.kind != "node":
+        raise StartupError(f"{path} is not a node certificate (its name must be node-<uuid>); "
+                           f"create one with `pyflock-ca create-node-certificate`.")
+    return identity.node_uuid
+
+
+def make_backend(config: AgentConfig, node_uuid: str):
+    """The dataset backend the configuration names."""
+    if config.backend == "loopback":
+        return LoopbackBackend(config.backend_options["root_path"], node_uuid,
+                               default_size=config.default_size)
+    raise StartupError(f"dataset.backend: {config.backend!r} is not available yet; "
+                       f"use loopback.")
+
+
+async def running_volume_mounts(reactor, docker_socket: str) -> Optional[dict]:
+    """
+    The pyflock volumes that running containers hold, by name (from dockerd's API), or
+    None when dockerd does not answer.
+    """
+    agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(reactor, docker_socket))
+    try:
+        response = await treq.get("http://docker/containers/json", agent=agent, timeout=5)
+        if response.code != 200:
+            return None
+        return docker_volume_mounts(json.loads(await response.content()))
+    except Exception:
+        return None
+
+
+class _UnixEndpoints:
+    """An endpoint factory that connects every request to one unix socket."""
+
+    def __init__(self, reactor, path: str):
+        self._reactor = reactor
+        self._path = path
+
+    def endpointForURI(self, uri):
+        return UNIXClientEndpoint(self._reactor, self._path)
+
+
+async def run(reactor, config: AgentConfig) -> None:
+    """Start the agent and run until the reactor stops."""
+    node_uuid = node_uuid_of(config)
+    era = compute_era(boot_id(), node_uuid)
+    try:
+        backend = make_backend(config, node_uuid)
+        channel_endpoint = control_endpoint(reactor, config.control_hostname,
+                                            config.control_port, config.certificates)
+        http = treq_client(reactor, config.certificates, "node")
+    except (CertificateError, OSError, ValueError) as e:
+        raise StartupError(str(e))
+    os.makedirs(config.state_path, mode=0o700, exist_ok=True)
+    os.makedirs(config.mount_root, mode=0o755, exist_ok=True)
+    view_file = ViewFile(os.path.join(config.state_path, VIEW_FILE), reactor)
+    view = await view_file.load()
+
+    states = LocalStates()
+    channel: Optional[AgentChannel] = None
+
+    def report(reports):
+        states.report_all(reports)
+        if channel is not None:
+            channel.report_state(reports.values())
+
+    loop = node_convergence_loop(reactor, backend, LocalFilesystems(), config.mount_root,
+                                 report)
+    loop.start()
+    loop.update(view)
+    channel = AgentChannel(reactor, channel_endpoint, node_uuid, era, loop.update,
+                           address=config.address, peer_port=config.peer_port, view=view,
+                           save_view=view_file.save)
+    channel.start()
+
+    client = ControlClient(http, f"https://{config.control_hostname}:{config.control_api_port}",
+                           reactor=reactor, timeout=API_TIMEOUT)
+    plugin_backend = PluginBackend(node_uuid, client,
+                                   agent_view_source(lambda: channel.view, reactor), states,
+                                   threaded_is_mountpoint(reactor))
+    mounts = MountCounts.load(os.path.join(config.state_path, "plugin-mounts.json"),
+                              in_thread(reactor))
+    plugin = DockerPlugin(plugin_backend, mounts, reactor)
+    in_use = await running_volume_mounts(reactor, config.docker_socket)
+    if in_use is not None:
+        await plugin.reconcile(in_use)
+    plugin.start()
+    try:
+        plugin_port = listen_plugin(reactor, config.plugin_socket, plugin_site(plugin))
+    except Exception as e:
+        raise StartupError(f"cannot serve the Docker plugin at {config.plugin_socket}: {e}")
+    log_event(_log, "pyflock:agent:started", node_uuid=node_uuid, era=era,
+              backend=config.backend, plugin_socket=config.plugin_socket,
+              control=f"{config.control_hostname}:{config.control_port}",
+              reconciled=in_use is not None)
+
+    async def shutdown():
+        await plugin_port.stopListening()
+        plugin.stop()
+        await channel.stop()
+        await loop.stop()
+        log_event(_log, "pyflock:agent:stopped", node_uuid=node_uuid)
+    reactor.addSystemEventTrigger("before", "shutdown",
+                                  lambda: Deferred.fromCoroutine(shutdown()))
+    await Deferred()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyflock-agent",
+                                     description="The pyflock node agent.")
+    sub = parser.add_subparsers(dest="command")
+    for p in (parser, sub.add_parser("run", help="run the agent (the default)"),
+              sub.add_parser("era", help="print this node's era")):
+        p.add_argument("--config", default="/etc/pyflock/agent.yml",
+                       help="the agent configuration file (default /etc/pyflock/agent.yml)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of ``pyflock-agent``."""
+    options = _parser().parse_args(argv)
+    try:
+        config = load_config(options.config)
+        if options.command == "era":
+            print(compute_era(boot_id(), node_uuid_of(config)))
+            return
+    except (ConfigError, StartupError) as e:
+        print(f"pyflock-agent: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+    def started(reactor):
+        start_json_logging(sys.stdout)
+        d = Deferred.fromCoroutine(run(reactor, config))
+
+        def failed(failure):
+            failure.trap(StartupError)
+            log_event(_log, "pyflock:agent:start-failed", LogLevel.critical,
+                      reason=str(failure.value))
+            print(f"pyflock-agent: {failure.value}", file=sys.stderr)
+            raise SystemExit(1)
+        return d.addErrback(failed)
+    from twisted.internet.task import react
+    react(started)
