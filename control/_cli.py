@@ -22,6 +22,7 @@ from typing import IO, Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import attr
 import yaml
+from twisted.internet.task import deferLater
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 
 from pyflock.common._client import (
@@ -374,6 +375,11 @@ def _parser(stdout: IO[str], stderr: IO[str]) -> _Parser:
                      help="dataset uuid, unique uuid prefix or name")
     sub.add_argument("--to", required=True, metavar="NODE",
                      help="target node: uuid, unique uuid prefix or address")
+    sub.add_argument("--wait", action="store_true",
+                     help="wait until the dataset is mounted on the target node, showing "
+                          "its progress")
+    sub.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="with --wait: give up after this long (default 300)")
     sub = command(commands, "destroy", "delete a dataset and its data")
     sub.add_argument("dataset", metavar="DATASET",
                      help="dataset uuid, unique uuid prefix or name")
@@ -660,7 +666,45 @@ async def _move(client: IControlClient, args: argparse.Namespace, out: IO[str]) 
                     f"{names.label(before.primary)} to node {names.label(target)}.")
     else:
         sentence = f"Moving dataset {_dataset_label(dataset)} to node {names.label(target)}."
-    return _show_dataset(out, args, dataset, sentence)
+    if not args.wait:
+        return _show_dataset(out, args, dataset, sentence)
+    if not args.json:
+        out.write(sentence + "\n")
+    await _wait_mounted(client, dataset_id, target, names, out, args)
+    if args.json:
+        _print_json(out, dataset.to_json())
+    return EXIT_OK
+
+
+#: How often ``move --wait`` asks the control service where the dataset is.
+WAIT_INTERVAL = 0.1
+
+
+async def _wait_mounted(client: IControlClient, dataset_id: str, target: str,
+                        names: "_Nodes", out: IO[str], args: argparse.Namespace) -> None:
+    """Show the dataset's states on every node until it is mounted on ``target`` alone."""
+    clock = args.clock
+    started = clock.seconds()
+    last = None
+    while True:
+        states = [s for s in await client.state_datasets() if s.dataset_id == dataset_id]
+        progress = ", ".join(f"{s.state} on {names.label(s.primary)}" for s in states) \
+            or "not reported by any node yet"
+        elapsed = clock.seconds() - started
+        if progress != last and not args.json:
+            out.write(f"  {elapsed:5.1f}s  {progress}\n")
+            last = progress
+        if [(s.primary, s.state) for s in states] == [(target, "mounted")]:
+            if not args.json:
+                path = states[0].path
+                out.write(f"Mounted on node {names.label(target)}"
+                          f"{' at ' + path if path else ''} after {elapsed:.1f}s.\n")
+            return
+        if elapsed > args.timeout:
+            raise CLIError(f"the move did not finish within {args.timeout:g}s (now: {progress}); "
+                           f"the node agents' logs say why. The move goes on: check again with "
+                           f"'pyflock list'.", EXIT_FAILED)
+        await deferLater(clock, WAIT_INTERVAL, lambda: None)
 
 
 async def _destroy(client: IControlClient, args: argparse.Namespace, out: IO[str]) -> int:
@@ -748,7 +792,7 @@ def _control_error_line(error: ControlError) -> str:
 
 
 async def _run(argv: Sequence[str], client_factory: Callable[[Settings], IControlClient],
-               stdout: IO[str], stderr: IO[str], env: Mapping[str, str]) -> int:
+               stdout: IO[str], stderr: IO[str], env: Mapping[str, str], clock) -> int:
     try:
         try:
             args = _parser(stdout, stderr).parse_args(list(argv))
@@ -759,6 +803,7 @@ async def _run(argv: Sequence[str], client_factory: Callable[[Settings], IContro
             "control-service": args.control_service, "control-port": args.control_port,
             "certs-path": args.certs_path, "user": args.user}, env)
         client = client_factory(settings)
+        args.clock = clock
         try:
             return await command(client, args, stdout)
         except ControlUnreachable as e:
@@ -782,10 +827,14 @@ async def _run(argv: Sequence[str], client_factory: Callable[[Settings], IContro
 
 
 def run(argv: Sequence[str], client_factory: Callable[[Settings], IControlClient],
-        stdout: IO[str], stderr: IO[str], env: Mapping[str, str]) -> "Deferred[int]":
+        stdout: IO[str], stderr: IO[str], env: Mapping[str, str],
+        clock=None) -> "Deferred[int]":
     """Run the ``pyflock`` command ``argv`` (without the program name); the Deferred
-    fires with the exit status and never fails."""
-    return Deferred.fromCoroutine(_run(argv, client_factory, stdout, stderr, env))
+    fires with the exit status and never fails. ``clock`` (IReactorTime) paces waits."""
+    if clock is None:
+        from twisted.internet.task import Clock
+        clock = Clock()
+    return Deferred.fromCoroutine(_run(argv, client_factory, stdout, stderr, env, clock))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -796,7 +845,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     async def go(reactor: Any) -> None:
         code = await run(arguments, default_client_factory(reactor), sys.stdout,
-                         sys.stderr, os.environ)
+                         sys.stderr, os.environ, reactor)
         if code:
             raise SystemExit(code)
 

@@ -24,6 +24,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent
 
@@ -440,6 +441,46 @@ class ChangeTests(CLITestCase):
         self.assertEqual(EXIT_OK, code)
         self.assertEqual((UNNAMED, NODE_1), (json.loads(out)["dataset_id"],
                                              json.loads(out)["primary"]))
+
+    def test_move_wait_shows_progress(self):
+        """``move --wait`` reports each change of the dataset's states until it is
+        mounted on the target alone, paced by the clock."""
+        clock = Clock()
+        self.server.states = [{"dataset_id": PGDATA, "primary": NODE_1, "maximum_size": None,
+                               "state": "moving"}]
+        stdout, stderr = io.StringIO(), io.StringIO()
+        env = {"PYFLOCK_CONTROL_SERVICE": "control.example", "PYFLOCK_USER": "alice",
+               "HOME": str(self.home)}
+        d = run(["move", "pgdata", "--to", NODE_2, "--wait"], self.client_factory, stdout,
+                stderr, env, clock)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        self.server.states = [{"dataset_id": PGDATA, "primary": NODE_2, "maximum_size": None,
+                               "state": "attaching"}]
+        clock.advance(0.1)
+        self.server.states = [{"dataset_id": PGDATA, "primary": NODE_2, "maximum_size": None,
+                               "state": "mounted", "path": "/m/x"}]
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        self.assertEqual(EXIT_OK, self.successResultOf(d), stderr.getvalue())
+        lines = stdout.getvalue().splitlines()
+        self.assertEqual(["moving on 11111111 (10.0.0.1)", "attaching on 22222222 (10.0.0.2)",
+                          "mounted on 22222222 (10.0.0.2)"],
+                         [line.split("s  ", 1)[1] for line in lines[1:4]])
+        self.assertEqual("Mounted on node 22222222 (10.0.0.2) at /m/x after 0.3s.", lines[4])
+
+    def test_move_wait_timeout(self):
+        """``move --wait --timeout`` gives up with one line saying where the dataset is."""
+        clock = Clock()
+        stdout, stderr = io.StringIO(), io.StringIO()
+        env = {"PYFLOCK_CONTROL_SERVICE": "control.example", "PYFLOCK_USER": "alice",
+               "HOME": str(self.home)}
+        d = run(["move", "pgdata", "--to", NODE_2, "--wait", "--timeout", "1"],
+                self.client_factory, stdout, stderr, env, clock)
+        clock.pump([0.1] * 12)
+        self.assertEqual(EXIT_FAILED, self.successResultOf(d))
+        self.assertIn("did not finish within 1s (now: mounted on 11111111 (10.0.0.1))",
+                      stderr.getvalue())
 
     def test_move_already_there(self):
         """Moving a dataset to the node it is on says so."""
