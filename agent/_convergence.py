@@ -583,9 +583,10 @@ def calculate_changes(desired: Desired, discovered: Discovered):
 
 def is_waiting(desired: Desired, discovered: Discovered) -> bool:
     """
-    Whether this node waits for another node to let go of a volume it needs (pure): the
-    loop then looks again soon rather than at its slow, safety-net pace, since no push
-    tells it when that node has detached.
+    Whether this node waits for another node to let go of a volume it needs (pure). The
+    push of that node's report that it let go (the dataset's ``holders``) wakes the loop;
+    while waiting it also looks again soon rather than at its slow, safety-net pace, for
+    the volumes no report announces (one attached to a device no node owns).
     """
     for dataset_id in desired.datasets:
         if desired.state_of(dataset_id) not in (DesiredState.MOUNTED, DesiredState.DESTROYED):

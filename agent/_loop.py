@@ -1,6 +1,7 @@
 """
 The convergence loop: discover -> calculate -> run, again and again until nothing is left
-to do, woken by every configuration update and, as a safety net, periodically.
+to do, woken by every view the control service pushes (a configuration change, or another
+node reporting that it took or let go of a dataset) and, as a safety net, periodically.
 
 ``ConvergenceLoop`` knows nothing of backends or mounts: it is given ``discover``,
 ``calculate``, ``run`` and ``report_state``; ``node_convergence_loop`` wires it to the real
@@ -33,7 +34,8 @@ from pyflock.common._logging import log_event
 DEFAULT_INTERVAL = 10.0
 
 #: Seconds between two rediscoveries while waiting for another node to let go of a volume
-#: this node needs (nothing announces it).
+#: this node needs. A safety net too: the push of that node's report that it no longer
+#: holds the dataset (its ``holders`` in the view) wakes the loop at once.
 DEFAULT_POLL_INTERVAL = 1.0
 
 #: The first retry delay after an error, doubled after each further error...
@@ -83,7 +85,8 @@ class ConvergenceLoop:
       that ``calculate`` takes, at the reactor's ``now`` (by default the argument is used
       as it is); while it returns None (no view yet) nothing is done;
     - ``waiting(desired, discovered)`` says whether the node waits for another node (the
-      loop then looks again after ``poll_interval`` rather than ``interval``).
+      loop then looks again after ``poll_interval`` rather than ``interval``, in case the
+      update announcing that the other node let go is lost).
 
     Nothing runs before ``start()`` and the first ``update(view)``.
     """

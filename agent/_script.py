@@ -12,6 +12,7 @@ leaves every dataset mounted: containers keep running.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -97,8 +98,26 @@ class _UnixEndpoints:
         return UNIXClientEndpoint(self._reactor, self._path)
 
 
+def lock_state(config: AgentConfig) -> int:
+    """
+    Hold the lock of this agent's data path (one agent per data path; ``release`` only
+    while no agent runs); the file descriptor stays open for the process's life.
+    """
+    os.makedirs(config.state_path, mode=0o700, exist_ok=True)
+    path = os.path.join(config.state_path, "agent.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another pyflock-agent is running with data path "
+                           f"{config.data_path} (it holds {path}); stop it first.")
+    return fd
+
+
 async def run(reactor, config: AgentConfig) -> None:
     """Start the agent and run until the reactor stops."""
+    lock_state(config)
     node_uuid = node_uuid_of(config)
     era = compute_era(boot_id(), node_uuid)
     try:
@@ -162,12 +181,45 @@ async def run(reactor, config: AgentConfig) -> None:
     await Deferred()
 
 
+def release(config: AgentConfig) -> list[str]:
+    """
+    Unmount and detach every dataset of this node (for ``make down`` and maintenance;
+    the agent must be stopped). The datasets stay in the cluster: the next agent start
+    attaches and mounts them again. Returns what it could not release, with the reason.
+    Blocking: runs outside any reactor.
+    """
+    from pyflock.agent._backends import BackendError
+    from pyflock.agent._fs import CommandFailed, read_mountinfo, unmount
+    lock = lock_state(config)
+    node_uuid = node_uuid_of(config)
+    backend = make_backend(config, node_uuid)
+    root = os.path.realpath(config.mount_root) + "/"
+    problems = []
+    for mount in sorted(read_mountinfo(), key=lambda m: -len(m.mount_point)):
+        if mount.mount_point.startswith(root):
+            try:
+                unmount(mount.mount_point)
+            except (CommandFailed, OSError) as e:
+                problems.append(f"{mount.mount_point}: {e}")
+    for volume in backend.list_volumes():
+        if volume.attached_to == node_uuid:
+            try:
+                backend.detach_volume(volume.dataset_id)
+            except BackendError as e:
+                problems.append(f"{volume.dataset_id}: {e}")
+    os.close(lock)
+    return problems
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyflock-agent",
                                      description="The pyflock node agent.")
     sub = parser.add_subparsers(dest="command")
     for p in (parser, sub.add_parser("run", help="run the agent (the default)"),
-              sub.add_parser("era", help="print this node's era")):
+              sub.add_parser("era", help="print this node's era"),
+              sub.add_parser("release", help="unmount and detach this node's datasets "
+                                             "(with the agent stopped); they come back at "
+                                             "the next start")):
         p.add_argument("--config", default="/etc/pyflock/agent.yml",
                        help="the agent configuration file (default /etc/pyflock/agent.yml)")
     return parser
@@ -181,6 +233,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if options.command == "era":
             print(compute_era(boot_id(), node_uuid_of(config)))
             return
+        if options.command == "release":
+            problems = release(config)
+            for problem in problems:
+                print(f"pyflock-agent release: {problem}", file=sys.stderr)
+            raise SystemExit(1 if problems else 0)
     except (ConfigError, StartupError) as e:
         print(f"pyflock-agent: {e}", file=sys.stderr)
         raise SystemExit(1)

@@ -2,10 +2,11 @@
 The agent's view of the cluster, as the control service pushes it, and its file on disk.
 
 ``AgentView`` is an immutable value: every dataset (deleted ones until purged) with its
-primary, size, metadata and lease, and every node with its address and liveness, at one
-``version`` of one control service ``epoch``. A snapshot replaces it; a diff applies only to
-the version just before it. The agent keeps it in ``<data-path>/view.json`` and loads it at
-start, so that the Docker plugin can answer from it while the control service is away.
+primary, size, metadata, lease and the nodes reporting that they hold it, and every node
+with its address and liveness, at one ``version`` of one control service ``epoch``. A
+snapshot replaces it; a diff applies only to the version just before it. The agent keeps
+it in ``<data-path>/view.json`` and loads it at start, so that the Docker plugin can answer
+from it while the control service is away.
 """
 
 from __future__ import annotations

@@ -63,9 +63,17 @@ class LeaseEntry:
     expiration: Optional[float] = None
 
 
+def _sorted_tuple(items) -> tuple:
+    return tuple(sorted(items))
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class DatasetEntry:
-    """One configured dataset as agents see it, deleted ones included."""
+    """
+    One configured dataset as agents see it, deleted ones included; ``holders`` are the
+    nodes whose latest state report lists it (sorted), so that a node waiting for another
+    to let go of the dataset is woken by the push that says it has.
+    """
 
     dataset_id: str
     primary: str
@@ -73,6 +81,7 @@ class DatasetEntry:
     metadata: PMap = attr.ib(default=pmap(), converter=pmap)
     deleted: bool = False
     lease: Optional[LeaseEntry] = None
+    holders: tuple = attr.ib(default=(), converter=_sorted_tuple)
 
     @property
     def name(self) -> Optional[str]:
@@ -208,7 +217,7 @@ def dataset_entry_to_json(entry: DatasetEntry) -> dict:
                                                "expiration": entry.lease.expiration}
     return {"dataset_id": entry.dataset_id, "primary": entry.primary,
             "maximum_size": entry.maximum_size, "metadata": dict(entry.metadata),
-            "deleted": entry.deleted, "lease": lease}
+            "deleted": entry.deleted, "lease": lease, "holders": list(entry.holders)}
 
 
 def node_entry_to_json(entry: NodeEntry) -> dict:
@@ -355,11 +364,15 @@ def dataset_entry_from_json(obj, where: str = "dataset") -> DatasetEntry:
                             optional=True)
         lease = LeaseEntry(node_uuid=_uuid(lease, "node_uuid", f"{where}.lease"),
                            expiration=None if expiration is None else float(expiration))
+    # Views stored by an earlier pyflock have no holders: unknown until the next push.
+    holders = _field(obj, "holders", (list,), where) if "holders" in obj else []
+    holders = _unique(tuple(_uuid_value(h, f"{where}.holders[{i}]")
+                            for i, h in enumerate(holders)), lambda h: h, f"{where}.holders")
     return DatasetEntry(dataset_id=_uuid(obj, "dataset_id", where),
                         primary=_uuid(obj, "primary", where),
                         maximum_size=_natural(obj, "maximum_size", where, optional=True),
                         metadata=metadata, deleted=_field(obj, "deleted", (bool,), where),
-                        lease=lease)
+                        lease=lease, holders=holders)
 
 
 def node_entry_from_json(obj, where: str = "node") -> NodeEntry:

@@ -2,11 +2,14 @@
 The agent channel's server: pushes the cluster's view to every node agent the moment the
 configuration changes, and takes each agent's report of what its node holds.
 
-The view is every dataset (id, primary, size, metadata, deleted flag, lease) and every
-node (uuid, host, peer port, alive). It is versioned: each change bumps ``version`` and is
-pushed as a ``Diff`` holding only what changed; a connecting agent whose view is of another
-version (or of another ``epoch``: each run of the control service has its own) gets a
-``Snapshot`` first. The configuration service calls us on every commit, so no one polls.
+The view is every dataset (id, primary, size, metadata, deleted flag, lease, and the
+nodes that report holding it) and every node (uuid, host, peer port, alive). It is
+versioned: each change bumps ``version`` and is pushed as a ``Diff`` holding only what
+changed; a connecting agent whose view is of another version (or of another ``epoch``: each
+run of the control service has its own) gets a ``Snapshot`` first. The configuration
+service calls us on every commit, and a state report that adds a node to a dataset's
+holders or takes it away is pushed too (a node that lets go of a moved dataset wakes the
+node waiting for it), so no one polls.
 
 Only ``node-*`` certificates are accepted, and a node speaks only for itself. A node silent
 for the cluster state's expiry is dead: what it reported is wiped and agents see it dead.
@@ -17,9 +20,10 @@ and never during the first ``node_expiry`` seconds of a run, while agents reconn
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 from uuid import uuid4
 
+import attr
 from pyrsistent import pmap
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IHandshakeListener
@@ -35,7 +39,9 @@ from pyflock.common._wire import (
     LeaseEntry, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
     SyncRequest, ViewVersion, Welcome, encode,
 )
-from pyflock.control._clusterstate import ClusterStateService, DatasetState, NodeState
+from pyflock.control._clusterstate import (
+    ClusterState, ClusterStateService, DatasetState, NodeState,
+)
 from pyflock.control._persistence import ConfigurationService
 
 #: Seconds between heartbeats (DESIGN.md).
@@ -44,19 +50,35 @@ DEFAULT_HEARTBEAT = 5.0
 _log = Logger()
 
 
-def dataset_entry(dataset: Dataset, lease: Optional[Lease]) -> DatasetEntry:
-    """What agents see of a configured dataset and its lease."""
+def dataset_entry(dataset: Dataset, lease: Optional[Lease],
+                  holders: Iterable[str] = ()) -> DatasetEntry:
+    """What agents see of a configured dataset, its lease and the nodes holding it."""
     return DatasetEntry(
         dataset_id=dataset.dataset_id, primary=dataset.primary,
         maximum_size=dataset.maximum_size, metadata=dataset.metadata,
         deleted=dataset.deleted,
         lease=None if lease is None else LeaseEntry(node_uuid=lease.node_uuid,
-                                                    expiration=lease.expiration))
+                                                    expiration=lease.expiration),
+        holders=holders)
 
 
-def view_datasets(config: Configuration) -> dict[str, DatasetEntry]:
-    """What agents see of every dataset of ``config``, by id."""
-    return {i: dataset_entry(d, config.leases.get(i)) for i, d in config.datasets.items()}
+def view_datasets(config: Configuration,
+                  holders: Mapping[str, Iterable[str]] = pmap()) -> dict[str, DatasetEntry]:
+    """
+    What agents see of every dataset of ``config``, by id, given the nodes holding each
+    (``holders_of(cluster_state)``; none by default).
+    """
+    return {i: dataset_entry(d, config.leases.get(i), holders.get(i, ()))
+            for i, d in config.datasets.items()}
+
+
+def holders_of(state: ClusterState) -> dict[str, frozenset[str]]:
+    """The nodes whose latest report lists each dataset, by dataset id (O(cluster))."""
+    holders: dict[str, set[str]] = {}
+    for node in state.nodes.values():
+        for dataset_id in node.datasets:
+            holders.setdefault(dataset_id, set()).add(node.uuid)
+    return {i: frozenset(nodes) for i, nodes in holders.items()}
 
 
 def _refusal(identity) -> Optional[str]:
@@ -225,6 +247,9 @@ class AgentChannelServer:
         self.version = 0
         self._datasets: dict[str, DatasetEntry] = {}
         self._nodes: dict[str, NodeEntry] = {}
+        # dataset id -> the nodes whose latest report lists it (datasets not configured
+        # too: a report may come before the create's commit reaches us).
+        self._holders: dict[str, frozenset[str]] = {}
         # dataset id -> view version in which it was first seen deleted
         self._tombstones: dict[str, int] = {}
         # node uuid -> the latest view version of this epoch it acknowledged as stored
@@ -250,7 +275,8 @@ class AgentChannelServer:
     def start(self) -> None:
         """Build the view from the committed configuration; push every change from now on."""
         config = self.configuration.committed
-        self._datasets = view_datasets(config)
+        self._holders = holders_of(self.cluster.state)
+        self._datasets = view_datasets(config, self._holders)
         self.version = 1
         self._tombstones = {i: self.version for i, d in config.datasets.items() if d.deleted}
         self._running = True
@@ -329,7 +355,8 @@ class AgentChannelServer:
                     removed.append(dataset_id)
                 self._tombstones.pop(dataset_id, None)
                 continue
-            entry = dataset_entry(dataset, config.leases.get(dataset_id))
+            entry = dataset_entry(dataset, config.leases.get(dataset_id),
+                                  self._holders.get(dataset_id, ()))
             if self._datasets.get(dataset_id) != entry:
                 self._datasets[dataset_id] = entry
                 changed.append(entry)
@@ -344,10 +371,36 @@ class AgentChannelServer:
         if new_tombstones:
             self._purge_unheld()
 
-    def _set_node(self, entry: NodeEntry) -> None:
-        if self._nodes.get(entry.uuid) != entry:
-            self._nodes[entry.uuid] = entry
-            self._publish(nodes=[entry])
+    def _set_holdings(self, uuid: str, before: Iterable[str],
+                      after: Iterable[str]) -> list[DatasetEntry]:
+        """
+        Node ``uuid`` now holds the datasets ``after`` rather than ``before``: the view's
+        entries whose holders changed, to push. A report that only changes a dataset's
+        state there (creating -> mounted) changes none: O(change).
+        """
+        before, after = frozenset(before), frozenset(after)
+        changed = []
+        for dataset_id in sorted(before ^ after):
+            holders = self._holders.get(dataset_id, frozenset())
+            holders = holders | {uuid} if dataset_id in after else holders - {uuid}
+            if holders:
+                self._holders[dataset_id] = holders
+            else:
+                self._holders.pop(dataset_id, None)
+            entry = self._datasets.get(dataset_id)
+            if entry is not None:
+                entry = attr.evolve(entry, holders=holders)
+                self._datasets[dataset_id] = entry
+                changed.append(entry)
+        return changed
+
+    def _set_node(self, entry: NodeEntry, datasets: Iterable[DatasetEntry] = ()) -> None:
+        """Push a node's entry if it changed, with dataset entries changed alongside."""
+        datasets = tuple(datasets)
+        nodes = [entry] if self._nodes.get(entry.uuid) != entry else []
+        self._nodes[entry.uuid] = entry
+        if nodes or datasets:
+            self._publish(datasets=datasets, nodes=nodes)
 
     # -- connections --------------------------------------------------------------------
 
@@ -384,7 +437,9 @@ class AgentChannelServer:
         self._acks.pop(uuid, None)
         self._heard(uuid)
         self._set_node(NodeEntry(uuid=uuid, host=hello.address, peer_port=hello.peer_port,
-                                 alive=True))
+                                 alive=True),
+                       self._set_holdings(uuid, () if known is None else known.datasets,
+                                          datasets))
         connection.node_uuid = uuid
         connection.welcomed = True
         self._connections[uuid] = connection
@@ -419,6 +474,9 @@ class AgentChannelServer:
             self.cluster.update(self.cluster.state.update_node(node.set(datasets=datasets)))
             log_event(_log, "pyflock:control:node-state", node_uuid=uuid,
                       datasets=len(datasets))
+            changed = self._set_holdings(uuid, node.datasets, datasets)
+            if changed:
+                self._publish(datasets=changed)
         connection.reported = True
         self._ack(uuid, report.view)
         self._purge_unheld()
@@ -440,13 +498,14 @@ class AgentChannelServer:
         if node is None:
             return
         self.cluster.wipe(uuid)
+        released = self._set_holdings(uuid, node.datasets, ())
         self._acks.pop(uuid, None)
         connection = self._connections.pop(uuid, None)
         if connection is not None:
             connection.close("silent", f"nothing heard from this node for "
                                        f"{self.node_expiry} s")
         self._set_node(NodeEntry(uuid=uuid, host=node.host, peer_port=node.peer_port,
-                                 alive=False))
+                                 alive=False), released)
         log_event(_log, "pyflock:control:node-dead", node_uuid=uuid,
                   wiped=len(node.datasets), silent=self.node_expiry)
         self._purge_unheld()
@@ -486,4 +545,5 @@ class AgentChannelServer:
         d.addBoth(lambda _: self._purging.discard(dataset_id))
 
 
-__all__ = ["AgentChannelServer", "DEFAULT_HEARTBEAT", "dataset_entry", "view_datasets"]
+__all__ = ["AgentChannelServer", "DEFAULT_HEARTBEAT", "dataset_entry", "holders_of",
+           "view_datasets"]

@@ -1,16 +1,36 @@
 #!/usr/bin/env bash
 # Brings up pyflock on this machine: a cluster CA and certificates under the state folder,
-# and the control service in the background with the embedded store. Idempotent.
+# the control service (embedded store), a local agent (loopback backend) serving the Docker
+# plugin, dockerd if none is running, and proves it all with a real `docker run -v`.
+# Idempotent: what already runs is left alone.
 set -euo pipefail
 state=${1:?usage: up.sh STATE_DIR}
 cd "$(dirname "$0")/../.."
 bin=$PWD/.venv/bin
 certs=$state/certs
+node=$state/node
 port=${PYFLOCK_PORT:-4523}
 agent_port=${PYFLOCK_AGENT_PORT:-4524}
-mkdir -p "$state/logs" "$certs"
-chmod 700 "$state" "$certs"
+mkdir -p "$state/logs" "$certs" "$node/certs"
+chmod 700 "$state" "$certs" "$node/certs"
+say() { echo "up: $*"; }
 
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+wait_until() {  # what pidfile log command...
+  local what=$1 pidfile=$2 log=$3; shift 3
+  for _ in $(seq 150); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    if [ -n "$pidfile" ] && ! running "$pidfile"; then
+      echo "up: $what exited; last lines of $log:" >&2; tail -n 5 "$log" >&2
+      rm -f "$pidfile"; exit 1
+    fi
+    sleep 0.2
+  done
+  echo "up: $what did not come up within 30 s; see $log" >&2; exit 1
+}
+
+# -- certificates -------------------------------------------------------------------------
 if [ ! -f "$certs/cluster.crt" ]; then
   (cd "$certs"
    "$bin/pyflock-ca" initialize local >/dev/null
@@ -18,19 +38,25 @@ if [ ! -f "$certs/cluster.crt" ]; then
    mv control-127.0.0.1.crt control-service.crt
    mv control-127.0.0.1.key control-service.key
    "$bin/pyflock-ca" create-api-certificate admin >/dev/null)
-  echo "up: created a cluster CA and certificates in $certs"
+  say "created a cluster CA and certificates in $certs"
+fi
+if [ ! -f "$node/certs/node.crt" ]; then
+  uuid=$("$bin/pyflock-ca" create-node-certificate -i "$certs" -o "$node/certs" 2>/dev/null)
+  mv "$node/certs/$uuid.crt" "$node/certs/node.crt"
+  mv "$node/certs/$uuid.key" "$node/certs/node.key"
+  cp "$certs/cluster.crt" "$node/certs/cluster.crt"
+  say "created this node's certificate (node $uuid)"
 fi
 
-pidfile=$state/control.pid
-if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-  echo "up: control service already running (pid $(cat "$pidfile"))"
+# -- control service ----------------------------------------------------------------------
+if running "$state/control.pid"; then
+  say "control service already running (pid $(cat "$state/control.pid"))"
 else
   nohup "$bin/pyflock-control" run --data-path "$state/control" \
     --port "tcp:$port:interface=127.0.0.1" --agent-port "tcp:$agent_port:interface=127.0.0.1" \
     --certificates-directory "$certs" >>"$state/logs/control.log" 2>&1 </dev/null &
-  echo $! >"$pidfile"
+  echo $! >"$state/control.pid"
 fi
-
 config_home=${XDG_CONFIG_HOME:-$HOME/.config}/pyflock
 mkdir -p "$config_home"
 cat >"$config_home/cli.yml" <<YML
@@ -40,21 +66,70 @@ control-port: $port
 certs-path: $certs
 user: admin
 YML
+wait_until "the control service" "$state/control.pid" "$state/logs/control.log" \
+  "$bin/pyflock" version
+say "control service answering on https://127.0.0.1:$port"
 
-for _ in $(seq 100); do
-  if "$bin/pyflock" version >/dev/null 2>&1; then
-    echo "up: control service answering on https://127.0.0.1:$port (log: $state/logs/control.log)"
-    echo "up: the CLI is configured in $config_home/cli.yml; try:"
-    echo "      $bin/pyflock list-nodes"
-    echo "      $bin/pyflock create --node <node-uuid> --size 1G --name demo"
-    echo "      $bin/pyflock list"
-    exit 0
+# -- agent and its Docker plugin (before dockerd, which then finds the plugin at once) ----
+cat >"$node/agent.yml" <<YML
+# Written by pyflock's make up.
+version: 1
+control-service: {hostname: 127.0.0.1, port: $agent_port, api-port: $port}
+certificates: $node/certs
+data-path: $node/data
+node: {address: 127.0.0.1}
+dataset: {backend: loopback, root_path: $state/loopback, default_size: 10G}
+plugin: {socket: /run/docker/plugins/pyflock.sock, docker: /run/docker.sock}
+YML
+if running "$state/agent.pid"; then
+  say "agent already running (pid $(cat "$state/agent.pid"))"
+else
+  nohup "$bin/pyflock-agent" run --config "$node/agent.yml" \
+    >>"$state/logs/agent.log" 2>&1 </dev/null &
+  echo $! >"$state/agent.pid"
+fi
+wait_until "the agent" "$state/agent.pid" "$state/logs/agent.log" \
+  test -S /run/docker/plugins/pyflock.sock
+wait_until "the agent's registration" "" "$state/logs/agent.log" \
+  sh -c "'$bin/pyflock' list-nodes --json | grep -q '\"alive\": true'"
+say "agent running; Docker plugin at /run/docker/plugins/pyflock.sock"
+
+# -- dockerd ------------------------------------------------------------------------------
+if docker info >/dev/null 2>&1; then
+  say "using the running dockerd"
+elif command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  systemctl start docker
+  wait_until "dockerd" "" /dev/null docker info
+  say "started dockerd (systemd)"
+else
+  nohup dockerd >>"$state/logs/dockerd.log" 2>&1 </dev/null &
+  echo $! >"$state/dockerd.pid"
+  wait_until "dockerd" "$state/dockerd.pid" "$state/logs/dockerd.log" docker info
+  say "started dockerd (pid $(cat "$state/dockerd.pid"), log $state/logs/dockerd.log)"
+fi
+
+# -- proof: a volume written by one container is read by the next -------------------------
+image=${PYFLOCK_IMAGE:-}
+if [ -z "$image" ]; then
+  if docker image inspect busybox:local >/dev/null 2>&1; then
+    image=busybox:local
+  else
+    deploy/local/busybox-image.sh busybox:local >/dev/null
+    image=busybox:local
+    say "built the image busybox:local from busybox-static"
   fi
-  if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    echo "up: the control service exited; last lines of $state/logs/control.log:" >&2
-    tail -n 5 "$state/logs/control.log" >&2; rm -f "$pidfile"; exit 1
-  fi
-  sleep 0.2
-done
-echo "up: the control service did not answer within 20 s; see $state/logs/control.log" >&2
-exit 1
+fi
+check=pyflock-up-check
+docker run --rm -v "$check:/data" --volume-driver=pyflock "$image" \
+  sh -c 'echo "written by pyflock make up" > /data/proof' >/dev/null
+proof=$(docker run --rm -v "$check:/data" --volume-driver=pyflock "$image" cat /data/proof)
+docker volume rm "$check" >/dev/null
+[ "$proof" = "written by pyflock make up" ] || { echo "up: the proof run read '$proof'" >&2; exit 1; }
+say "proved: a container wrote to a pyflock volume and the next one read it back"
+cat <<TXT
+up: pyflock is up. Try:
+      docker run --rm -v demo:/data --volume-driver=pyflock $image sh -c 'echo hi > /data/f'
+      docker run --rm -v demo:/data --volume-driver=pyflock $image cat /data/f
+      $bin/pyflock list
+    Logs: $state/logs/. Stop with: make down (data is kept).
+TXT

@@ -16,16 +16,22 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.logger import globalLogPublisher
+from pyrsistent import pmap
+from twisted.logger import Logger, globalLogPublisher
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from pyflock.agent._backends import MemoryBlockStore
 from pyflock.agent._channel import AgentChannel, control_endpoint
+from pyflock.agent._convergence import calculate_changes, view_desire
+from pyflock.agent._discovery import discover
+from pyflock.agent._loop import ConvergenceLoop
+from pyflock.agent._runner import MemoryDisks, MemoryFilesystems, Runner, run_now
 from pyflock.agent._view import AgentView, ViewFile
 from pyflock.common._model import MINIMUM_SIZE, Dataset
 from pyflock.common._wire import DatasetReport, Diff, NodeEntry, Snapshot, decode, encode
-from pyflock.control._agentchannel import AgentChannelServer, view_datasets
+from pyflock.control._agentchannel import AgentChannelServer, holders_of, view_datasets
 from pyflock.control._clusterstate import ClusterState
 from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
 
@@ -99,8 +105,8 @@ class Events:
         return [e for e in self.events if e.get("event_type") == event_type]
 
 
-class ChannelTests(SynchronousTestCase):
-    """An agent channel and the real server, connected in memory, on one Clock."""
+class ChannelHarness(SynchronousTestCase):
+    """Agent channels and the real server, connected in memory, on one Clock."""
 
     def setUp(self):
         self.h = APIHarness()
@@ -128,14 +134,23 @@ class ChannelTests(SynchronousTestCase):
         server.start()
         return server
 
-    def channel(self, identity=NODE_A, host="127.0.0.9", start=True, **kwargs):
-        """A channel for ``identity`` whose views are collected in ``channel.views``."""
+    def channel(self, identity=NODE_A, host="127.0.0.9", start=True, on_view=None,
+                **kwargs):
+        """
+        A channel for ``identity`` whose views are collected in ``channel.views`` (and
+        handed to ``on_view``, if given).
+        """
         self.identity[host] = identity
         endpoint = Loopback(self.clock, self.server.factory(), host)
         views = []
         kwargs.setdefault("retry_policy", lambda failures: 10.0 * failures)
+
+        def collect(view):
+            views.append(view)
+            if on_view is not None:
+                on_view(view)
         channel = AgentChannel(self.clock, endpoint, identity.node_uuid, f"era-{host}",
-                               views.append, **kwargs)
+                               collect, **kwargs)
         channel.views = views
         channel.loopback = endpoint
         self.endpoints.append(endpoint)
@@ -172,10 +187,16 @@ class ChannelTests(SynchronousTestCase):
     def assertInStep(self, channel):
         """The channel's view is the control service's view, at its version."""
         self.assertEqual(dict(channel.view.datasets),
-                         view_datasets(self.configuration.committed))
+                         view_datasets(self.configuration.committed,
+                                       holders_of(self.h.cluster.state)))
         self.assertEqual(channel.view.current, self.server.current)
         self.assertEqual(dict(channel.view.nodes), {n.uuid: n for n in
                                                     self.server.snapshot().nodes})
+
+
+
+class ChannelTests(ChannelHarness):
+    """An agent channel and the real server, connected in memory, on one Clock."""
 
     # the view
 
@@ -376,6 +397,34 @@ class ChannelTests(SynchronousTestCase):
         r = self.h.request(self, "GET", "/v1/state/datasets", identity=ALICE)
         self.assertEqual(len(r.json), 2)
 
+    def test_holders_pushed(self):
+        """
+        A report that adds or drops a dataset reaches every agent as a diff naming the
+        nodes holding it; a report that only changes its state there pushes nothing.
+        """
+        self.create()
+        a = self.channel()
+        b = self.channel(NODE_B, host="127.0.0.10")
+        a.loopback.take()
+        b.loopback.take()
+        a.report_state([DatasetReport(dataset_id=DS, state="creating")])
+        self.flush()
+        [diff] = b.loopback.take()
+        self.assertEqual(([d.holders for d in diff.datasets], diff.nodes), ([(A,)], ()))
+        a.report_state([DatasetReport(dataset_id=DS, state="mounted", path="/m")])
+        self.flush()
+        self.assertEqual(b.loopback.take(), [])
+        b.report_state([DatasetReport(dataset_id=DS, state="moving")])
+        self.flush()
+        self.assertEqual(b.view.dataset(DS).holders, tuple(sorted([A, B])))
+        a.report_state([])
+        self.flush()
+        self.assertEqual([d.holders for m in b.loopback.take() for d in m.datasets],
+                         [tuple(sorted([A, B])), (B,)])
+        self.assertEqual(a.view.dataset(DS).holders, (B,))
+        self.assertInStep(a)
+        self.assertInStep(b)
+
     def test_deleted_dataset_purged(self):
         """Once every agent stored a view showing a deletion and lets go, it is purged."""
         self.create()
@@ -431,6 +480,72 @@ class ChannelTests(SynchronousTestCase):
         again = self.channel(view=loaded, save_view=view_file.save)
         self.assertEqual(again.loopback.take(), [])
         self.assertInStep(again)
+
+
+class ConvergenceOverChannelTests(ChannelHarness):
+    """
+    Two agents' convergence loops over one memory block store, fed by their channels to
+    the real server, all on one Clock: what one node's report tells the other.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.store = MemoryBlockStore()
+        self.disks = MemoryDisks(self.store)
+        self.events = []
+        self.nodes = {identity.node_uuid: self.node(identity, host)
+                      for identity, host in [(NODE_A, "127.0.0.9"), (NODE_B, "127.0.0.10")]}
+
+    def node(self, identity, host):
+        """A started loop whose views come from its channel and whose reports go to it."""
+        node = identity.node_uuid
+        backend = self.store.backend(node)
+        fs = MemoryFilesystems(self.disks, backend)
+        log = Logger(observer=self.events.append)
+        reports = []
+        channel = None
+
+        def report(states):
+            reports.append(states)
+            channel.report_state(states.values())
+        loop = ConvergenceLoop(
+            self.clock, lambda: run_now(discover, backend, fs, f"/mnt/{node}"),
+            calculate_changes, Runner(backend, fs, run_now, logger=log).run, report,
+            desire=view_desire(node), logger=log, node_uuid=node)
+        loop.start()
+        self.addCleanup(loop.stop)
+        channel = self.channel(identity, host, on_view=loop.update)
+        channel.loop, channel.fs, channel.reports = loop, fs, reports
+        return channel
+
+    def test_move_target_woken_by_release(self):
+        """
+        The new primary of a moved dataset, which saw it still held by the old one,
+        mounts it as soon as the old node's report of letting go is pushed, with no
+        clock advance: its poll is only a safety net.
+        """
+        a, b = self.nodes[A], self.nodes[B]
+        self.create(primary=A)
+        self.assertEqual({f"/mnt/{A}/{DS}"}, set(a.fs.table))
+        self.assertEqual(a.view.dataset(DS).holders, (A,))
+        now = self.clock.seconds()
+
+        self.successResultOf(self.configuration.change(
+            [DS], lambda c: c.update(now, DS, primary=B)))
+        # B hears of the move first: A still holds the volume, so B waits.
+        b.loopback.flush()
+        self.assertEqual(("moving", {}), (b.reports[-1][DS].state, b.fs.table))
+        self.assertEqual(b.loop.next_wake, now + b.loop.poll_interval)
+        self.assertEqual(b.view.dataset(DS).holders, tuple(sorted([A, B])))
+
+        self.flush()
+        self.assertEqual(self.clock.seconds(), now)
+        self.assertEqual(({}, pmap()), (a.fs.table, a.reports[-1]))
+        self.assertEqual({f"/mnt/{B}/{DS}"}, set(b.fs.table))
+        self.assertEqual("mounted", b.reports[-1][DS].state)
+        self.assertEqual(b.view.dataset(DS).holders, (B,))
+        self.assertEqual(b.loop.next_wake, now + b.loop.interval)
+        self.assertEqual(list(self.h.cluster.state.nodes[B].datasets), [DS])
 
 
 # -- over real TLS, with a real pyflock-control ----------------------------------------------

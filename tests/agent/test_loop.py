@@ -413,7 +413,8 @@ class MemoryNodesTests(SynchronousTestCase):
     def test_move(self):
         """
         A moved dataset leaves its old node at once; the new node, which saw it still
-        held, looks again after a second and mounts it.
+        held and is told nothing more (no channel here), looks again after a second, the
+        safety net, and mounts it.
         """
         self.configure(NODE_A)
         self.configure(NODE_B, order=(NODE_B, NODE_A))

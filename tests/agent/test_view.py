@@ -37,7 +37,7 @@ def entry(dataset_id, name=None, primary=A, **kwargs):
 
 SNAPSHOT = Snapshot(epoch="run-1", version=4, datasets=(
     entry(DS1, "db", maximum_size=64 * 1024 * 1024,
-          lease=LeaseEntry(node_uuid=A, expiration=1000.5)),
+          lease=LeaseEntry(node_uuid=A, expiration=1000.5), holders=(B, A)),
     entry(DS2, "logs", primary=B),
     entry(DS3, "old", deleted=True),
 ), nodes=(NodeEntry(uuid=A, host="10.0.0.1", peer_port=4525),
@@ -119,6 +119,15 @@ class ViewFileTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(self.path.stat().st_mode), 0o600)
         self.assertEqual(json.loads(self.path.read_bytes())["format"], 1)
         self.assertEqual(os.listdir(self.folder), [VIEW_FILE])
+
+    def test_file_without_holders(self):
+        """A view file written before holders were pushed loads, with no holders known."""
+        document = json.loads(view_to_bytes(AgentView.from_snapshot(SNAPSHOT)))
+        for dataset in document["view"]["datasets"]:
+            del dataset["holders"]
+        view = view_from_bytes(json.dumps(document).encode())
+        self.assertEqual([d.holders for d in view.datasets.values()], [(), (), ()])
+        self.assertEqual(view.by_name("db").lease.node_uuid, A)
 
     def test_empty_view_round_trip(self):
         """The empty view survives a round trip."""

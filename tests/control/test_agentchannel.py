@@ -25,7 +25,9 @@ from pyflock.common._wire import (
     Hello, LeaseEntry, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
     SyncRequest, ViewVersion, Welcome, decode, encode, message_to_json,
 )
-from pyflock.control._agentchannel import AgentChannelServer, dataset_entry, view_datasets
+from pyflock.control._agentchannel import (
+    AgentChannelServer, dataset_entry, holders_of, view_datasets,
+)
 from pyflock.control._clusterstate import ClusterState
 from pyflock.control._store import StoreError
 from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
@@ -42,7 +44,7 @@ DS3 = "33333333-4444-4555-8666-777777777777"
 
 ENTRY = DatasetEntry(dataset_id=DS, primary=A, maximum_size=MINIMUM_SIZE,
                      metadata={"name": "db", "profile": "gold"}, deleted=False,
-                     lease=LeaseEntry(node_uuid=A, expiration=1234.5))
+                     lease=LeaseEntry(node_uuid=A, expiration=1234.5), holders=(B, A))
 MESSAGES = [
     Hello(node_uuid=A, era="era-1", address="10.0.0.5", peer_port=4525,
           known=ViewVersion("e", 3)),
@@ -106,6 +108,12 @@ class WireTests(SynchronousTestCase):
              "metadata values must be strings"),
             (json.dumps(snapshot).replace("1234.5", "1e400").encode(), "finite"),
             (dict(snapshot, nodes="all"), "snapshot.nodes must be an array"),
+            (dict(snapshot, datasets=[dict(snapshot["datasets"][0], holders=A)]),
+             "snapshot.datasets[0].holders must be an array"),
+            (dict(snapshot, datasets=[dict(snapshot["datasets"][0], holders=["x"])]),
+             "snapshot.datasets[0].holders[0] must be a lower-case UUID"),
+            (dict(snapshot, datasets=[dict(snapshot["datasets"][0], holders=[A, A])]),
+             "snapshot.datasets[0].holders names " + A + " twice"),
             ({"type": "diff", "epoch": "e", "version": 0, "datasets": [], "removed": [],
               "nodes": []}, "diff.version must be between 1"),
             ({"type": "diff", "epoch": "e", "version": 1, "datasets": [], "removed": ["x"],
@@ -117,6 +125,13 @@ class WireTests(SynchronousTestCase):
             with self.assertRaises(BadMessage, msg=expected) as caught:
                 decode(payload)
             self.assertIn(expected, str(caught.exception))
+
+    def test_holders_sorted_and_optional(self):
+        """Holders are kept sorted; an entry without them (an older view file) has none."""
+        self.assertEqual(ENTRY.holders, tuple(sorted([A, B])))
+        snapshot = message_to_json(MESSAGES[4])
+        del snapshot["datasets"][0]["holders"]
+        self.assertEqual(decode(json.dumps(snapshot).encode()).datasets[0].holders, ())
 
     def test_nan_refused(self):
         """JSON's non-standard NaN and Infinity are refused."""
@@ -267,7 +282,8 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual((snapshot.epoch, snapshot.version),
                          (self.server.epoch, self.server.version))
         self.assertEqual({d.dataset_id: d for d in snapshot.datasets},
-                         view_datasets(self.configuration.committed))
+                         view_datasets(self.configuration.committed,
+                                       holders_of(self.h.cluster.state)))
         self.assertEqual(snapshot.nodes, (NodeEntry(uuid=A, host="127.0.0.7",
                                                     peer_port=4525, alive=True),))
         self.assertFalse(agent.closed)
@@ -426,7 +442,8 @@ class ServerTests(SynchronousTestCase):
         [diff] = agent.received()
         self.assertEqual([d.dataset_id for d in diff.datasets], [DS2])
         self.assertEqual({d.dataset_id: d for d in self.server.snapshot().datasets},
-                         view_datasets(self.configuration.committed))
+                         view_datasets(self.configuration.committed,
+                                       holders_of(self.h.cluster.state)))
 
     def test_node_changes_pushed(self):
         """A node connecting is pushed to the others as a node diff."""
@@ -486,6 +503,77 @@ class ServerTests(SynchronousTestCase):
         agent.send(Heartbeat())
         self.assertEqual(self.get("/v1/state/nodes")[0]["last_seen"], 0.0)
         self.assertEqual(self.h.cluster.version, version)
+
+    # holders
+
+    def states(self, agent, node_uuid, **states):
+        """Report holding the datasets named DS, DS2, DS3 in the states given."""
+        ids = {"ds": DS, "ds2": DS2, "ds3": DS3}
+        return agent.send(StateReport(node_uuid=node_uuid, datasets=tuple(
+            DatasetReport(dataset_id=ids[name], state=state)
+            for name, state in sorted(states.items()))))
+
+    def test_holders_pushed_when_they_change(self):
+        """
+        A report that adds or drops datasets pushes one diff of just their entries, with
+        the nodes holding each; a report changing only their state there pushes nothing.
+        """
+        self.create()
+        self.create(DS2, name="logs")
+        a, _ = self.connect()
+        b, _ = self.connect(NODE_B)
+        a.received()
+        b.received()
+        self.states(a, A, ds="creating", ds2="creating", ds3="creating")
+        [diff] = b.received()
+        self.assertEqual(diff.version, self.server.version)
+        self.assertEqual({d.dataset_id: d.holders for d in diff.datasets},
+                         {DS: (A,), DS2: (A,)})
+        self.states(a, A, ds="mounted", ds2="attaching", ds3="creating")
+        self.assertEqual(b.received(), [])
+        [diff] = self.states(b, B, ds="moving")
+        self.assertEqual([(d.dataset_id, d.holders) for d in diff.datasets],
+                         [(DS, tuple(sorted([A, B])))])
+        self.states(a, A, ds2="mounted", ds3="creating")
+        [diff] = b.received()
+        self.assertEqual([(d.dataset_id, d.holders) for d in diff.datasets], [(DS, (B,))])
+        self.assertEqual({d.dataset_id: d for d in self.server.snapshot().datasets},
+                         view_datasets(self.configuration.committed,
+                                       holders_of(self.h.cluster.state)))
+
+    def test_holders_of_dataset_reported_before_created(self):
+        """A dataset reported before its creation reaches the server has its holders."""
+        a, _ = self.connect()
+        self.states(a, A, ds="creating")
+        self.assertEqual(a.received(), [])
+        self.create()
+        [diff] = a.received()
+        self.assertEqual(diff.datasets[0].holders, (A,))
+
+    def test_holders_in_snapshot(self):
+        """A snapshot, also one made by a server started later, carries the holders."""
+        self.create()
+        a, _ = self.connect()
+        self.states(a, A, ds="mounted")
+        _, [_, snapshot] = self.connect(NODE_B)
+        self.assertEqual([d.holders for d in snapshot.datasets], [(A,)])
+        self.server.stop()
+        self.server = self.start_server()
+        self.assertEqual([d.holders for d in self.server.snapshot().datasets], [(A,)])
+
+    def test_dead_node_no_longer_holds(self):
+        """A node's death and the datasets it no longer holds arrive in one diff."""
+        self.create()
+        a, _ = self.connect()
+        self.states(a, A, ds="mounted")
+        other, _ = self.connect(NODE_B)
+        other.received()
+        self.clock.advance(self.h.cluster.node_expiry - 1)
+        other.send(Heartbeat())
+        self.clock.advance(1)
+        [diff] = [m for m in other.received() if isinstance(m, Diff)]
+        self.assertEqual(([d.holders for d in diff.datasets], [n.alive for n in diff.nodes]),
+                         ([()], [False]))
 
     # expiry
 

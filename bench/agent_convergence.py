@@ -1,0 +1,541 @@
+"""
+Benchmark of convergence end to end: how long a dataset created or moved through the REST
+API takes to be mounted, with a real ``pyflock-control`` and two real ``pyflock-agent``
+processes on this machine (loopback backend: sparse files, real loop devices, ext4,
+mounts), built by ``pyflock.agent._process_testing.LocalCluster``.
+
+- *create*: 50 datasets created one at a time, each ``POST /v1/configuration/datasets``
+  followed by waiting until ``/v1/state/datasets`` shows it ``mounted`` on its primary;
+- *concurrent creates*: 50 ``POST``s at once, and the time until all 50 are mounted;
+- *move*: 30 datasets moved one at a time to the other node, until the state API shows
+  them mounted there.
+
+"Mounted" is what a client of the REST API sees, found event-driven: the benchmark
+watches the control service's JSON-lines log with inotify, and each time the service logs
+that a node's report changed (``pyflock:control:node-state``) it asks
+``GET /v1/state/datasets`` (one request at a time; reports during one make one more
+follow). A dataset counts as mounted when the answer of that request is read: at most
+one state request (a few ms) after the service knew. The agents' own logs then give the
+breakdown of where the time went (push, discovery, each change, report).
+
+Needs root. Everything it starts it stops: processes, mounts, loop devices.
+
+Run alone: ``python bench/run.py --only agent_convergence --output /tmp/bench.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+from uuid import uuid4
+
+import attr
+from twisted.internet import inotify
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.filepath import FilePath
+from twisted.web.client import HTTPConnectionPool
+
+from _harness import (
+    BENCH_USER, Context, Profiler, Section, Target, format_ms, load_average, percentile,
+)
+from pyflock.agent._backends._loopback import scan_loop_devices
+from pyflock.common._model import MINIMUM_SIZE
+from pyflock.common._tls import treq_client
+
+#: Datasets created one at a time, then all at once.
+SEQUENTIAL_CREATES = 50
+CONCURRENT_CREATES = 50
+
+#: Datasets moved one at a time to the other node.
+MOVES = 30
+
+#: The goals the issue sets for this 2-core machine.
+CREATE_P50_GOAL = 0.200
+MOVE_P50_GOAL = 0.250
+CONCURRENT_GOAL = 5.0
+
+#: How long one dataset may take before the benchmark gives up on it.
+WAIT_TIMEOUT = 60.0
+
+_JSON = {b"content-type": [b"application/json"]}
+_NODE_STATE = "pyflock:control:node-state"
+
+
+def ensure(coroutine) -> Deferred:
+    """A Deferred running ``coroutine``."""
+    return Deferred.fromCoroutine(coroutine)
+
+
+class StateWatcher:
+    """
+    Knows when ``/v1/state/datasets`` shows a dataset mounted on a node, without polling:
+    inotify on the control service's log file wakes it for every line written, and after
+    a ``pyflock:control:node-state`` line it GETs the state (one request at a time; lines
+    logged during one make one more follow). ``mounted(dataset_id, node)`` fires with the
+    ``time.time()`` at which an answer showing it was read.
+    """
+
+    def __init__(self, reactor, http, base_url: str, log_path: Path):
+        self._reactor = reactor
+        self._http = http
+        self._url = f"{base_url}/v1/state/datasets"
+        self._path = log_path
+        self._offset = log_path.stat().st_size
+        self._partial = b""
+        self._waiters: list[tuple[Callable[[dict], bool], Deferred]] = []
+        self._busy = False
+        self._again = False
+        self.requests = 0
+        self.failure: Optional[str] = None
+        self._notifier = inotify.INotify(reactor)
+        self._notifier.startReading()
+        self._notifier.watch(FilePath(str(log_path)), mask=inotify.IN_MODIFY,
+                             callbacks=[self._modified])
+
+    def close(self) -> None:
+        """Stop watching."""
+        self._notifier.loseConnection()
+
+    def until(self, predicate: Callable[[dict], bool], timeout: float = WAIT_TIMEOUT
+              ) -> Deferred:
+        """
+        Fires with the time of the first answer (from now on) for which ``predicate`` is
+        true of the state it shows: ``{(dataset_id, node): state}``.
+        """
+        d: Deferred = Deferred()
+        self._waiters.append((predicate, d))
+        return d.addTimeout(timeout, self._reactor)
+
+    def mounted(self, dataset_id: str, node: str) -> Deferred:
+        """Fires with the time an answer showed ``dataset_id`` mounted on ``node``."""
+        return self.until(lambda state: state.get((dataset_id, node)) == "mounted")
+
+    def refresh(self) -> None:
+        """Ask the state API now (or right after the request under way)."""
+        if self._busy:
+            self._again = True
+            return
+        self._busy = True
+        ensure(self._fetch())
+
+    def _modified(self, ignored, filepath, mask) -> None:
+        with open(self._path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if any(_NODE_STATE.encode() in line for line in lines):
+            self.refresh()
+
+    async def _fetch(self) -> None:
+        try:
+            while True:
+                self._again = False
+                self.requests += 1
+                response = await self._http.get(self._url)
+                body = await response.content()
+                now = time.time()
+                if response.code != 200:
+                    self.failure = f"{response.code}: {body[:200]!r}"
+                else:
+                    state = {(d["dataset_id"], d["primary"]): d["state"]
+                             for d in json.loads(body)}
+                    waiting, self._waiters = self._waiters, []
+                    for predicate, d in waiting:
+                        if d.called:
+                            continue
+                        if predicate(state):
+                            d.callback(now)
+                        else:
+                            self._waiters.append((predicate, d))
+                if not self._again:
+                    return
+        except Exception as e:
+            self.failure = repr(e)
+        finally:
+            self._busy = False
+
+
+@attr.s(auto_attribs=True)
+class Sample:
+    """One dataset's create or move: when it was asked for, answered and mounted."""
+
+    dataset_id: str
+    node: str
+    sent: float
+    answered: float = 0.0
+    mounted: float = 0.0
+
+    @property
+    def to_answer(self) -> float:
+        """Seconds from sending the request to reading its answer."""
+        return self.answered - self.sent
+
+    @property
+    def to_mounted(self) -> float:
+        """Seconds from sending the request to the state API showing it mounted."""
+        return self.mounted - self.sent
+
+
+def _stats(values: Sequence[float]) -> dict:
+    ms = [v * 1000 for v in values]
+    return {"count": len(ms), "p50_ms": round(percentile(ms, 50), 1),
+            "p90_ms": round(percentile(ms, 90), 1), "p99_ms": round(percentile(ms, 99), 1),
+            "min_ms": round(min(ms), 1), "max_ms": round(max(ms), 1)}
+
+
+class Driver:
+    """Makes the REST calls and times them, waiting for the watcher's word."""
+
+    def __init__(self, http, base_url: str, watcher: StateWatcher):
+        self._http = http
+        self._url = f"{base_url}/v1/configuration/datasets"
+        self._watcher = watcher
+        self._created = 0
+
+    async def _post(self, url: str, body: dict, expected: int) -> dict:
+        response = await self._http.post(url, data=json.dumps(body).encode(),
+                                         headers=_JSON)
+        content = await response.content()
+        if response.code != expected:
+            raise RuntimeError(f"POST {url} answered {response.code}: {content[:300]!r}")
+        return json.loads(content)
+
+    async def create(self, node: str) -> Sample:
+        """Create a named dataset on ``node`` and wait until it is mounted there."""
+        self._created += 1
+        dataset_id = str(uuid4())
+        mounted = self._watcher.mounted(dataset_id, node)
+        sample = Sample(dataset_id=dataset_id, node=node, sent=time.time())
+        await self._post(self._url, {
+            "primary": node, "dataset_id": dataset_id, "maximum_size": MINIMUM_SIZE,
+            "metadata": {"name": f"bench-{self._created:04d}"}}, 201)
+        sample.answered = time.time()
+        sample.mounted = await mounted
+        return sample
+
+    async def delete_all(self, dataset_ids: Sequence[str]) -> float:
+        """Delete ``dataset_ids`` at once; the seconds until the state API shows none."""
+        ids = frozenset(dataset_ids)
+        gone = self._watcher.until(lambda state: not any(i in ids for i, _ in state))
+        began = time.time()
+
+        async def delete(dataset_id):
+            response = await self._http.delete(f"{self._url}/{dataset_id}")
+            content = await response.content()
+            if response.code != 200:
+                raise RuntimeError(f"DELETE {dataset_id} answered {response.code}: "
+                                   f"{content[:300]!r}")
+        await gatherResults([ensure(delete(i)) for i in dataset_ids])
+        return await gone - began
+
+    async def move(self, dataset_id: str, node: str) -> Sample:
+        """Move ``dataset_id`` to ``node`` and wait until it is mounted there."""
+        mounted = self._watcher.mounted(dataset_id, node)
+        sample = Sample(dataset_id=dataset_id, node=node, sent=time.time())
+        await self._post(f"{self._url}/{dataset_id}", {"primary": node}, 200)
+        sample.answered = time.time()
+        sample.mounted = await mounted
+        return sample
+
+
+# -- where the time goes, from the agents' logs --------------------------------------------
+
+
+def breakdown(samples: Sequence[Sample], agent_events: list[dict]) -> list[tuple[str, float]]:
+    """
+    The median seconds of each phase of ``samples``, from the agents' ``converge`` (a
+    step starts) and ``change-done`` events: from the request to the first step, each
+    change (named), each gap between a change and the next step (discovery), and from
+    the last change to the state API showing the dataset mounted.
+    """
+    by_dataset: dict[str, list[dict]] = {}
+    for event in agent_events:
+        if event.get("event_type") == "pyflock:agent:converge":
+            for dataset_id in str(event.get("dataset_ids", "")).split(","):
+                by_dataset.setdefault(dataset_id, []).append(event)
+        elif event.get("event_type") == "pyflock:agent:change-done":
+            by_dataset.setdefault(event.get("dataset_id"), []).append(event)
+    phases: dict[str, list[float]] = {}
+    order: list[str] = []
+
+    def add(name: str, seconds: float) -> None:
+        if name not in phases:
+            order.append(name)
+        phases.setdefault(name, []).append(seconds)
+
+    for sample in samples:
+        events = sorted((e for e in by_dataset.get(sample.dataset_id, [])
+                         if sample.sent <= e["time"] <= sample.mounted),
+                        key=lambda e: e["time"])
+        previous, previous_name = sample.sent, "request"
+        for event in events:
+            if event["event_type"] == "pyflock:agent:converge":
+                name = "push, wake, first discovery" if previous_name == "request" \
+                    else "discovery after " + previous_name
+                add(name, event["time"] - previous)
+            else:
+                previous_name = event["change"]
+                add(f"{event['change']} ({'here' if event['node_uuid'] == sample.node else 'old node'})",
+                    event["time"] - previous)
+            previous = event["time"]
+        add("last change -> state API shows mounted", sample.mounted - previous)
+    return [(name, statistics.median(phases[name])) for name in order]
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+
+def _our_loop_devices(root: Path) -> list:
+    prefix = os.path.realpath(root) + "/"
+    return [d for d in scan_loop_devices() if d.backing_file.startswith(prefix)]
+
+
+def _mounts_under(root: Path) -> list[str]:
+    root = os.path.realpath(root)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p == root or p.startswith(root + "/")]
+
+
+async def benchmark(reactor, context: Context) -> Section:
+    """Measure create -> mounted and move -> mounted with real agents and loop devices."""
+    if os.geteuid() != 0:
+        raise PermissionError("agent_convergence needs root (loop devices and mounts): "
+                              "run bench/run.py as root")
+    from pyflock.agent._process_testing import LocalCluster
+
+    cluster = LocalCluster(context.workdir / "cluster", nodes=2, users=(BENCH_USER,))
+    pools = [HTTPConnectionPool(reactor, persistent=True) for _ in range(2)]
+    for pool in pools:
+        pool.maxPersistentPerHost = CONCURRENT_CREATES
+        pool.retryAutomatically = False
+    watcher = None
+    profilers = []
+    load_before = tuple(round(x, 2) for x in load_average())
+    try:
+        began = time.perf_counter()
+        cluster.start()
+        context.log(f"control (pid {cluster.control.pid}) and 2 agents (pids "
+                    f"{', '.join(str(a.pid) for a in cluster.agents)}) up in "
+                    f"{time.perf_counter() - began:.2f} s")
+        node_a, node_b = cluster.node_uuids
+        certificates = cluster.certificates.path
+        api = treq_client(reactor, certificates, BENCH_USER, pool=pools[0])
+        state = treq_client(reactor, certificates, BENCH_USER, pool=pools[1])
+        base_url = cluster.control.url
+        # Open enough connections before measuring: TLS handshakes are not what is timed.
+        await gatherResults([ensure(_warm(api, base_url)) for _ in range(CONCURRENT_CREATES)])
+        await _warm(state, base_url)
+        watcher = StateWatcher(reactor, state, base_url, cluster.control.log_path)
+        driver = Driver(api, base_url, watcher)
+
+        if context.profile_dir is not None:
+            seconds = 25.0
+            for process, name in [(cluster.control, "control")] + [
+                    (a, f"agent-{i + 1}") for i, a in enumerate(cluster.agents)]:
+                profilers.append(Profiler(process.pid, seconds, context.profile_dir /
+                                          f"agent_convergence-{name}.txt"))
+
+        sequential = []
+        for i in range(SEQUENTIAL_CREATES):
+            sequential.append(await driver.create((node_a, node_b)[i % 2]))
+        context.log("create -> mounted, one at a time: " + _line(
+            [s.to_mounted for s in sequential]))
+
+        began = time.time()
+        concurrent = await gatherResults([ensure(driver.create((node_a, node_b)[i % 2]))
+                                          for i in range(CONCURRENT_CREATES)])
+        all_mounted = max(s.mounted for s in concurrent) - began
+        context.log(f"{CONCURRENT_CREATES} creates at once: all mounted after "
+                    f"{all_mounted:.3f} s")
+
+        moves = []
+        for sample in sequential[:MOVES]:
+            target = node_b if sample.node == node_a else node_a
+            moves.append(await driver.move(sample.dataset_id, target))
+        context.log("move -> mounted: " + _line([s.to_mounted for s in moves]))
+        # The agents unmount, detach and destroy everything, as an operator would.
+        every = [s.dataset_id for s in sequential + concurrent]
+        deleted_seconds = await driver.delete_all(every)
+        context.log(f"{len(every)} deletes at once: gone from the state API after "
+                    f"{deleted_seconds:.2f} s")
+        for profiler in profilers:
+            profiler.wait()
+        if watcher.failure:
+            raise RuntimeError(f"the state API failed: {watcher.failure}")
+        agent_events = [e for a in cluster.agents for e in a.log_events()]
+        create_phases = breakdown(sequential, agent_events)
+        move_phases = breakdown(moves, agent_events)
+        state_requests = watcher.requests
+        cpu = {"control": _cpu(cluster.control.pid),
+               **{f"agent-{i + 1}": _cpu(a.pid) for i, a in enumerate(cluster.agents)}}
+    finally:
+        if watcher is not None:
+            watcher.close()
+        await gatherResults([pool.closeCachedConnections() for pool in pools])
+        cleanup_problems = _tear_down(cluster)
+        if cleanup_problems:
+            raise RuntimeError("cleaning up: " + "; ".join(cleanup_problems))
+    load_after = tuple(round(x, 2) for x in load_average())
+    return _section(sequential, concurrent, all_mounted, moves, deleted_seconds,
+                    create_phases, move_phases, state_requests, cpu, load_before,
+                    load_after)
+
+
+def _tear_down(cluster) -> list[str]:
+    """
+    Stop every process (SIGTERM), unmount whatever is still mounted under the cluster's
+    folder and detach its loop devices; what could not be cleaned up.
+    """
+    from pyflock.agent._process_testing import unmount_all_under
+    problems = []
+    for process in [*cluster.agents, cluster.control]:
+        try:
+            if process is not None and process.running:
+                process.stop()
+        except Exception as e:
+            problems.append(f"stopping pid {process.pid}: {e!r}")
+    # A run that failed half-way may leave more mounts than one sweep undoes.
+    for _ in range(8):
+        if not _mounts_under(cluster.path):
+            break
+        problems += [p for p in unmount_all_under(cluster.path) if "still under" not in p]
+    try:
+        cluster.close()
+    except AssertionError as e:
+        problems.append(str(e))
+    # A loop device released while busy (autoclear) may take a moment to go.
+    deadline = time.monotonic() + 10
+    while _our_loop_devices(cluster.loopback_root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _our_loop_devices(cluster.loopback_root) + _mounts_under(cluster.path)
+    if left:
+        problems.append(f"left behind: {left}")
+    return problems
+
+
+async def _warm(http, base_url: str) -> None:
+    response = await http.get(f"{base_url}/v1/version")
+    await response.content()
+    if response.code != 200:
+        raise RuntimeError(f"GET /v1/version answered {response.code}")
+
+
+def _cpu(pid: int) -> float:
+    from _harness import process_cpu_seconds
+    return round(process_cpu_seconds(pid), 2)
+
+
+def _line(values: Sequence[float]) -> str:
+    return (f"p50 {format_ms(percentile(values, 50))}, p99 {format_ms(percentile(values, 99))}"
+            f", max {format_ms(max(values))}")
+
+
+def _row(what: str, values: Sequence[float]) -> str:
+    return (f"| {what} | {len(values)} | {format_ms(percentile(values, 50))} | "
+            f"{format_ms(percentile(values, 90))} | {format_ms(percentile(values, 99))} | "
+            f"{format_ms(max(values))} |")
+
+
+def _phase_table(phases: list[tuple[str, float]]) -> str:
+    lines = ["| phase | median |", "|---|---:|"]
+    lines += [f"| {name} | {format_ms(seconds)} |" for name, seconds in phases]
+    return "\n".join(lines)
+
+
+def _section(sequential, concurrent, all_mounted, moves, deleted_seconds, create_phases,
+             move_phases, state_requests, cpu, load_before, load_after) -> Section:
+    create_p50 = percentile([s.to_mounted for s in sequential], 50)
+    move_p50 = percentile([s.to_mounted for s in moves], 50)
+    targets = (
+        Target(what=f"create -> mounted, p50 of {len(sequential)} one at a time",
+               goal=f"< {format_ms(CREATE_P50_GOAL)}", measured=format_ms(create_p50),
+               met=create_p50 < CREATE_P50_GOAL),
+        Target(what=f"{len(concurrent)} creates at once, all mounted",
+               goal=f"< {CONCURRENT_GOAL:.0f} s", measured=f"{all_mounted:.2f} s",
+               met=all_mounted < CONCURRENT_GOAL),
+        Target(what=f"move -> mounted on the new node, p50 of {len(moves)}",
+               goal=f"< {format_ms(MOVE_P50_GOAL)}", measured=format_ms(move_p50),
+               met=move_p50 < MOVE_P50_GOAL),
+    )
+    results = {
+        "dataset_size_bytes": MINIMUM_SIZE,
+        "mounted_detection": "inotify on the control log; GET /v1/state/datasets after "
+                             "each node-state event",
+        "state_requests": state_requests,
+        "create_to_mounted": _stats([s.to_mounted for s in sequential]),
+        "create_to_answer": _stats([s.to_answer for s in sequential]),
+        "concurrent_creates": {"count": len(concurrent),
+                               "all_mounted_seconds": round(all_mounted, 3),
+                               "to_mounted": _stats([s.to_mounted for s in concurrent]),
+                               "to_answer": _stats([s.to_answer for s in concurrent])},
+        "move_to_mounted": _stats([s.to_mounted for s in moves]),
+        "move_to_answer": _stats([s.to_answer for s in moves]),
+        "delete_all": {"count": len(sequential) + len(concurrent),
+                       "gone_seconds": round(deleted_seconds, 3)},
+        "create_breakdown_ms": {n: round(s * 1000, 1) for n, s in create_phases},
+        "move_breakdown_ms": {n: round(s * 1000, 1) for n, s in move_phases},
+        "cpu_seconds": cpu,
+        "load_before": list(load_before), "load_after": list(load_after),
+        "targets": [t.to_json() for t in targets],
+    }
+    markdown = f"""## Convergence: create and move, end to end
+
+A real `pyflock-control` and two real `pyflock-agent` processes on this machine
+(`LocalCluster` from `pyflock.agent._process_testing`), with the loopback backend:
+{MINIMUM_SIZE // 2**20} MiB sparse files in one shared root, real loop devices, ext4,
+real mounts. The client is this process (treq, mutual TLS, connections opened before
+measuring). Each dataset counts as *mounted* when `GET /v1/state/datasets` shows it
+`mounted` on its primary. The benchmark does not poll. It watches the control service's
+log with inotify, and each time the service logs that a node's report changed, it asks
+the state API again. So a dataset is seen mounted at most one state request (a few ms)
+after the service knew ({state_requests} state requests in all). Load average
+(1, 5, 15 min) before: {', '.join(map(str, load_before))}; after:
+{', '.join(map(str, load_after))}.
+
+- *create*: `POST /v1/configuration/datasets`, {len(sequential)} datasets one after the
+  other, alternating between the two nodes;
+- *{len(concurrent)} at once*: {len(concurrent)} creates sent together (alternating
+  nodes): all were mounted {all_mounted:.2f} s after the first was sent;
+- *move*: `POST /v1/configuration/datasets/<id>` with the other node as primary,
+  {len(moves)} moves one after the other: unmount and detach on the old node, attach and
+  mount on the new one;
+- *delete*: at the end, all {len(sequential) + len(concurrent)} datasets deleted at once:
+  the agents unmounted, detached and destroyed them, and the state API showed none
+  {deleted_seconds:.2f} s after the first `DELETE` was sent.
+
+| from request to | samples | p50 | p90 | p99 | max |
+|---|---:|---:|---:|---:|---:|
+{_row("create: answer (201)", [s.to_answer for s in sequential])}
+{_row("create: mounted", [s.to_mounted for s in sequential])}
+{_row(f"{len(concurrent)} at once: answer (201)", [s.to_answer for s in concurrent])}
+{_row(f"{len(concurrent)} at once: mounted", [s.to_mounted for s in concurrent])}
+{_row("move: answer (200)", [s.to_answer for s in moves])}
+{_row("move: mounted on the new node", [s.to_mounted for s in moves])}
+
+### Where the time goes
+
+Medians over the one-at-a-time creates and the moves, from the agents' logs
+(`pyflock:agent:converge` when a step starts, `pyflock:agent:change-done` when its
+change is done). A *discovery* gap is the rediscovery (volumes, mounts, probes) between
+two steps. The first phase is the request, the commit, the push, the agent waking and
+its first discovery.
+
+Create:
+
+{_phase_table(create_phases)}
+
+Move:
+
+{_phase_table(move_phases)}
+
+CPU seconds used over the whole run: {', '.join(f'{k} {v}' for k, v in cpu.items())}.
+"""
+    return Section(name="agent_convergence", markdown=markdown, results=results,
+                   targets=targets)
