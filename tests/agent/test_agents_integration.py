@@ -247,7 +247,11 @@ class HolderSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            holders = self.cluster.holders(self.dataset_id)
+            try:
+                holders = self.cluster.holders(self.dataset_id)
+            except Exception as e:
+                self.violations.append(f"sampling failed: {e!r}")
+                return
             self.samples += 1
             if len(holders.devices) > 1:
                 self.violations.append(f"two loop devices at once: {holders}")
