@@ -10,8 +10,11 @@ which nodes are alive) with what this node found (``Discovered``, made by
 ``TRANSITIONS[desired state][discovered state]``. Nothing here does IO or reads a clock;
 ``pyflock.agent._runner`` runs changes and ``pyflock.agent._loop`` repeats
 discover -> calculate -> run until nothing is left to do, so each table entry is one step
-and a dataset walks through its steps (create, attach, make a filesystem, mount) one
-rediscovery after another, without waiting for a timer.
+and a dataset walks through its steps one rediscovery after another, without waiting for a
+timer. A step chains the changes whose inputs this discovery already knows (create and
+attach; make a filesystem and mount it, on the device found; unmount, detach and remove
+the mount point), since each rediscovery costs a snapshot of the block store: a new
+dataset takes two steps, the old primary of a moved one one step, the new primary two.
 
 Safety rules the table keeps (see docs/architecture.md, "Convergence"):
 
@@ -439,6 +442,11 @@ def attach(node_uuid, wanted, found):
     return AttachVolume(dataset_id=found.dataset_id, node_uuid=node_uuid)
 
 
+def create_and_attach(node_uuid, wanted, found):
+    """Create the volume, of the configured size, and attach it here."""
+    return sequentially([create(node_uuid, wanted, found), attach(node_uuid, wanted, found)])
+
+
 def take_over(node_uuid, wanted, found):
     """Detach the volume from the dead node holding it, so that this node can have it."""
     return DetachVolume(dataset_id=found.dataset_id, node_uuid=found.holder)
@@ -460,6 +468,18 @@ def mount(node_uuid, wanted, found):
                            mount_point=found.mount_point)
 
 
+def make_filesystem_and_mount(node_uuid, wanted, found):
+    """Make a filesystem on the attached device and mount it."""
+    return sequentially([make_filesystem(node_uuid, wanted, found),
+                         mount(node_uuid, wanted, found)])
+
+
+def finish_filesystem_and_mount(node_uuid, wanted, found):
+    """Finish the half-made filesystem and mount it."""
+    return sequentially([finish_filesystem(node_uuid, wanted, found),
+                         mount(node_uuid, wanted, found)])
+
+
 def unmount(node_uuid, wanted, found):
     """Unmount whatever is mounted at the dataset's mount point."""
     return UnmountFilesystem(dataset_id=found.dataset_id, mount_point=found.mount_point)
@@ -474,6 +494,11 @@ def unmount_strays(node_uuid, wanted, found):
 def detach(node_uuid, wanted, found):
     """Detach the (unmounted) volume from this node."""
     return DetachVolume(dataset_id=found.dataset_id, node_uuid=node_uuid)
+
+
+def unmount_and_detach(node_uuid, wanted, found):
+    """Unmount the dataset and detach its volume from this node."""
+    return sequentially([unmount(node_uuid, wanted, found), detach(node_uuid, wanted, found)])
 
 
 def tidy(node_uuid, wanted, found):
@@ -494,17 +519,27 @@ def take_over_and_tidy(node_uuid, wanted, found):
     return in_parallel([take_over(node_uuid, wanted, found), tidy(node_uuid, wanted, found)])
 
 
+def let_go(node_uuid, wanted, found):
+    """
+    Unmount the dataset, detach its volume from this node and remove the mount point
+    left empty, so that its new primary can have it.
+    """
+    return sequentially([unmount_and_detach(node_uuid, wanted, found),
+                         RemoveMountPoint(dataset_id=found.dataset_id,
+                                          mount_point=found.mount_point)])
+
+
 _D = DiscoveredState
 
 #: ``TRANSITIONS[desired state][discovered state]``: the next step for one dataset.
 TRANSITIONS: Mapping[DesiredState, Mapping[DiscoveredState, Transition]] = {
     DesiredState.MOUNTED: {
-        _D.NON_EXISTENT: create,
+        _D.NON_EXISTENT: create_and_attach,
         _D.UNATTACHED: attach,
         _D.ATTACHED_ELSEWHERE: wait,
         _D.ATTACHED_TO_DEAD_NODE: take_over,
-        _D.ATTACHED_NO_FILESYSTEM: make_filesystem,
-        _D.ATTACHED_UNFINISHED_FILESYSTEM: finish_filesystem,
+        _D.ATTACHED_NO_FILESYSTEM: make_filesystem_and_mount,
+        _D.ATTACHED_UNFINISHED_FILESYSTEM: finish_filesystem_and_mount,
         _D.ATTACHED: mount,
         _D.MOUNTED: wait,
         _D.MOUNTED_ASTRAY: unmount_strays,
@@ -519,7 +554,7 @@ TRANSITIONS: Mapping[DesiredState, Mapping[DiscoveredState, Transition]] = {
         _D.ATTACHED_NO_FILESYSTEM: detach,
         _D.ATTACHED_UNFINISHED_FILESYSTEM: detach,
         _D.ATTACHED: detach,
-        _D.MOUNTED: unmount,
+        _D.MOUNTED: let_go,
         _D.MOUNTED_ASTRAY: unmount_strays,
         _D.STRAY_MOUNT: unmount,
         _D.MOUNT_POINT_TAKEN: wait,
@@ -532,7 +567,7 @@ TRANSITIONS: Mapping[DesiredState, Mapping[DiscoveredState, Transition]] = {
         _D.ATTACHED_NO_FILESYSTEM: detach,
         _D.ATTACHED_UNFINISHED_FILESYSTEM: detach,
         _D.ATTACHED: detach,
-        _D.MOUNTED: unmount,
+        _D.MOUNTED: unmount_and_detach,
         _D.MOUNTED_ASTRAY: unmount_strays,
         _D.STRAY_MOUNT: unmount,
         _D.MOUNT_POINT_TAKEN: wait,
