@@ -106,7 +106,11 @@ def parse_config(document) -> AgentConfig:
         lines = []
         for e in errors:
             where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
-            lines.append(f"{where}: {e.message}")
+            if e.validator == "pattern" and e.validator_value == "^/":
+                lines.append(f"{where}: {e.instance!r} must be an absolute path "
+                             f"(starting with /)")
+            else:
+                lines.append(f"{where}: {e.message}")
         raise ConfigError("; ".join(lines))
     control = document["control-service"]
     node = document.get("node", {})

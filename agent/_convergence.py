@@ -102,7 +102,11 @@ ATTACHED_HERE = frozenset({
 class DesiredDataset:
     """
     One dataset as configured: its primary node, size in bytes (None: the backend's
-    default), whether it is deleted, and the node holding a live lease on it (if any).
+    default), whether it is deleted, the node holding a live lease on it (if any), and
+    the other nodes that report holding it. The table never reads ``holders``: the
+    discovery is the truth about who holds a volume. They are here so that the desired
+    state changes when another node takes or lets go of the dataset, which wakes a node
+    waiting for it (``pyflock.agent._loop``).
     """
 
     dataset_id: str
@@ -110,6 +114,7 @@ class DesiredDataset:
     maximum_size: Optional[int] = None
     deleted: bool = False
     lease_holder: Optional[str] = None
+    holders: tuple = ()
 
 
 class Desired(PClass):
@@ -162,24 +167,28 @@ class Desired(PClass):
 
 
 def desired_from_configuration(node_uuid: str, datasets: Iterable, leases: Iterable,
-                               nodes: Mapping[str, bool], now: float) -> Desired:
+                               nodes: Mapping[str, bool], now: float,
+                               holders: Mapping[str, Iterable[str]] = pmap()) -> Desired:
     """
     Build ``Desired`` for ``node_uuid`` from configuration records (pure): ``datasets``
     have ``dataset_id``, ``primary``, ``maximum_size`` and ``deleted`` (like
     ``pyflock.common.Dataset``); ``leases`` have ``dataset_id``, ``node_uuid`` and
     ``expiration`` (absolute seconds or None, like ``pyflock.common.Lease``); ``nodes``
-    maps node uuids to alive flags; ``now`` decides which leases are still live.
+    maps node uuids to alive flags; ``now`` decides which leases are still live;
+    ``holders`` gives the nodes that report holding each dataset (this node left out).
     """
-    holders = {}
+    lease_holders = {}
     for lease in leases:
         if lease.expiration is None or lease.expiration > now:
-            holders[lease.dataset_id] = lease.node_uuid
+            lease_holders[lease.dataset_id] = lease.node_uuid
     records = {}
     for dataset in datasets:
         records[dataset.dataset_id] = DesiredDataset(
             dataset_id=dataset.dataset_id, primary=dataset.primary,
             maximum_size=dataset.maximum_size, deleted=bool(dataset.deleted),
-            lease_holder=None if dataset.deleted else holders.get(dataset.dataset_id))
+            lease_holder=None if dataset.deleted else lease_holders.get(dataset.dataset_id),
+            holders=tuple(sorted(n for n in holders.get(dataset.dataset_id, ())
+                                 if n != node_uuid)))
     return Desired(node_uuid=node_uuid, datasets=pmap(records),
                    nodes=pmap({k: bool(v) for k, v in nodes.items()}))
 
@@ -187,9 +196,9 @@ def desired_from_configuration(node_uuid: str, datasets: Iterable, leases: Itera
 def desired_from_view(node_uuid: str, view, now: float) -> Optional[Desired]:
     """
     ``Desired`` for ``node_uuid`` from the agent's ``AgentView`` at ``now`` (pure): its
-    datasets with their leases, its nodes with their alive flags. None while the view is
-    the empty one an agent starts with (no view loaded or received yet): nothing can be
-    decided then.
+    datasets with their leases and holders, its nodes with their alive flags. None while
+    the view is the empty one an agent starts with (no view loaded or received yet):
+    nothing can be decided then.
     """
     if view.current is None:
         return None
@@ -198,7 +207,8 @@ def desired_from_view(node_uuid: str, view, now: float) -> Optional[Desired]:
         node_uuid, datasets=entries,
         leases=[_ViewLease(d.dataset_id, d.lease.node_uuid, d.lease.expiration)
                 for d in entries if d.lease is not None],
-        nodes={n.uuid: n.alive for n in view.nodes.values()}, now=now)
+        nodes={n.uuid: n.alive for n in view.nodes.values()}, now=now,
+        holders={d.dataset_id: d.holders for d in entries})
 
 
 @attr.s(frozen=True, auto_attribs=True)

@@ -6,9 +6,11 @@ node reporting that it took or let go of a dataset) and, as a safety net, period
 ``ConvergenceLoop`` knows nothing of backends or mounts: it is given ``discover``,
 ``calculate``, ``run`` and ``report_state``; ``node_convergence_loop`` wires it to the real
 discovery, ``calculate_changes`` and the runner. Only one iteration runs at a time; an
-update during an iteration makes one more iteration follow it. Errors are logged and
-retried with exponential backoff; the loop never dies. Time comes from the injected
-reactor (a ``Clock`` in tests).
+update during an iteration makes one more iteration follow it. An update that asks
+nothing new of this node, judged purely on what its last iteration discovered, wakes
+nothing: every agent gets every push, and a rediscovery costs a snapshot of the node.
+Errors are logged and retried with exponential backoff; the loop never dies. Time comes
+from the injected reactor (a ``Clock`` in tests).
 """
 
 from __future__ import annotations
@@ -88,7 +90,11 @@ class ConvergenceLoop:
       loop then looks again after ``poll_interval`` rather than ``interval``, in case the
       update announcing that the other node let go is lost).
 
-    Nothing runs before ``start()`` and the first ``update(view)``.
+    Nothing runs before ``start()`` and the first ``update(view)``. An update wakes the
+    loop unless, after a clean iteration, the new desired state asks nothing new of what
+    that iteration last discovered: while waiting, unless the desired state changed at
+    all; otherwise, unless ``calculate`` gives nothing to do and ``describe`` the same
+    states as reported. ``wake()``, the timers and errors always iterate.
     """
 
     def __init__(self, reactor, discover: Callable[[], Deferred],
@@ -122,6 +128,9 @@ class ConvergenceLoop:
         self._stopped = False
         self._busy = False
         self._again = False
+        self._updated = False
+        # (desired, discovered) where the last clean iteration ended; None after errors.
+        self._settled = None
         self._timer = None
         self._idle_waiters: list[Deferred] = []
         self._reported = None
@@ -145,10 +154,39 @@ class ConvergenceLoop:
         self.wake()
 
     def update(self, view) -> None:
-        """A new desired state (the channel calls this on every push): converge now."""
+        """
+        A new view (the channel calls this on every push): converge now, unless it asks
+        nothing new of this node (see the class docstring).
+        """
         self._view = view
         self._has_view = True
-        self.wake()
+        if self._stopped or not self._started:
+            return
+        if self._busy:
+            self._updated = True
+            return
+        if not self._asks_nothing_new():
+            self.wake()
+
+    def _asks_nothing_new(self) -> bool:
+        """
+        Whether the latest view asks nothing new of this node, judged (purely) on where
+        its last clean iteration ended.
+        """
+        if self._settled is None or self.failures or self._reported is None:
+            return False
+        desired_then, discovered = self._settled
+        try:
+            desired = self._desire(self._view, self._reactor.seconds())
+            if desired is None or desired == desired_then:
+                return True
+            if self._waits:
+                # Another node letting go shows only as a change of the desired state.
+                return False
+            return (self._describe(desired, discovered) == self._reported
+                    and is_nothing(self._calculate(desired, discovered)))
+        except Exception:
+            return False
 
     def wake(self) -> None:
         """Iterate now, or right after the iteration under way."""
@@ -186,10 +224,19 @@ class ConvergenceLoop:
         self._timer = None
         self.wake()
 
+    def _go_again(self, failure) -> bool:
+        """Whether to iterate again at once, after an iteration that ended with ``failure``."""
+        if self._stopped:
+            return False
+        if self._again or (self._updated and failure is not None):
+            return True
+        return self._updated and not self._asks_nothing_new()
+
     async def _iterate(self) -> None:
         try:
             while True:
                 self._again = False
+                self._updated = False
                 try:
                     failure = await self._converge()
                 except Exception:
@@ -199,12 +246,12 @@ class ConvergenceLoop:
                     delay = min(self.max_backoff,
                                 self.backoff * 2 ** (self.failures - 1))
                     self._log_failure(failure, delay)
-                    if self._again and not self._stopped:
+                    if self._go_again(failure):
                         continue
                     self._schedule(delay)
                     return
                 self.failures = 0
-                if self._again and not self._stopped:
+                if self._go_again(None):
                     continue
                 self._schedule(self.poll_interval if self._waits else self.interval)
                 return
@@ -222,6 +269,7 @@ class ConvergenceLoop:
         """
         ran = 0
         self._waits = False
+        self._settled = None
         change = None
         failure = None
         skipped: set = set()
@@ -236,6 +284,8 @@ class ConvergenceLoop:
             self._report(desired, discovered)
             if is_nothing(change):
                 self._waits = bool(self._waiting(desired, discovered))
+                if failure is None:
+                    self._settled = (desired, discovered)
                 if ran and failure is None:
                     log_event(self._log, "pyflock:agent:converged", node_uuid=self._node_uuid,
                               steps=ran)

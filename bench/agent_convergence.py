@@ -16,7 +16,14 @@ that a node's report changed (``pyflock:control:node-state``) it asks
 ``GET /v1/state/datasets`` (one request at a time; reports during one make one more
 follow). A dataset counts as mounted when the answer of that request is read: at most
 one state request (a few ms) after the service knew. The agents' own logs then give the
-breakdown of where the time went (push, discovery, each change, report).
+breakdown of where the time went (push, discovery, each change, report). At the end all
+datasets are deleted at once, and the agents destroy them.
+
+``benchmark`` runs the measurement (``measure``) in a child process with a private mount
+namespace (``unshare --mount``; this module is its script): other work on the machine
+that makes mount namespaces (containers, tests holding a filesystem) would otherwise copy
+the benchmark's mounts and keep its loop devices busy, and the benchmark theirs. The
+child first lazily unmounts its copies of everybody else's loop-device filesystems.
 
 Needs root. Everything it starts it stops: processes, mounts, loop devices.
 
@@ -25,9 +32,13 @@ Run alone: ``python bench/run.py --only agent_convergence --output /tmp/bench.md
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -36,13 +47,16 @@ from uuid import uuid4
 import attr
 from twisted.internet import inotify
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import ProcessProtocol
 from twisted.python.filepath import FilePath
 from twisted.web.client import HTTPConnectionPool
 
 from _harness import (
     BENCH_USER, Context, Profiler, Section, Target, format_ms, load_average, percentile,
+    process_cpu_seconds,
 )
 from pyflock.agent._backends._loopback import scan_loop_devices
+from pyflock.agent._fs import read_mountinfo
 from pyflock.common._model import MINIMUM_SIZE
 from pyflock.common._tls import treq_client
 
@@ -60,6 +74,14 @@ CONCURRENT_GOAL = 5.0
 
 #: How long one dataset may take before the benchmark gives up on it.
 WAIT_TIMEOUT = 60.0
+
+#: How long the measuring process may run before it is stopped.
+CHILD_TIMEOUT = 900.0
+
+#: Seconds py-spy samples each process for, with ``bench/run.py --profile``.
+PROFILE_SECONDS = 25.0
+
+_LOOP_MAJOR = 7
 
 _JSON = {b"content-type": [b"application/json"]}
 _NODE_STATE = "pyflock:control:node-state"
@@ -247,7 +269,8 @@ class Driver:
 # -- where the time goes, from the agents' logs --------------------------------------------
 
 
-def breakdown(samples: Sequence[Sample], agent_events: list[dict]) -> list[tuple[str, float]]:
+def breakdown(samples: Sequence[Sample], agent_events: list[dict]
+              ) -> list[tuple[str, float]]:
     """
     The median seconds of each phase of ``samples``, from the agents' ``converge`` (a
     step starts) and ``change-done`` events: from the request to the first step, each
@@ -281,14 +304,14 @@ def breakdown(samples: Sequence[Sample], agent_events: list[dict]) -> list[tuple
                 add(name, event["time"] - previous)
             else:
                 previous_name = event["change"]
-                add(f"{event['change']} ({'here' if event['node_uuid'] == sample.node else 'old node'})",
-                    event["time"] - previous)
+                where = "here" if event["node_uuid"] == sample.node else "old node"
+                add(f"{event['change']} ({where})", event["time"] - previous)
             previous = event["time"]
         add("last change -> state API shows mounted", sample.mounted - previous)
     return [(name, statistics.median(phases[name])) for name in order]
 
 
-# -- the benchmark ---------------------------------------------------------------------------
+# -- the measurement (in a private mount namespace) -----------------------------------------
 
 
 def _our_loop_devices(root: Path) -> list:
@@ -298,32 +321,49 @@ def _our_loop_devices(root: Path) -> list:
 
 def _mounts_under(root: Path) -> list[str]:
     root = os.path.realpath(root)
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    return [p for p in points if p == root or p.startswith(root + "/")]
+    return [m.mount_point for m in read_mountinfo()
+            if m.mount_point == root or m.mount_point.startswith(root + "/")]
 
 
-async def benchmark(reactor, context: Context) -> Section:
-    """Measure create -> mounted and move -> mounted with real agents and loop devices."""
-    if os.geteuid() != 0:
-        raise PermissionError("agent_convergence needs root (loop devices and mounts): "
-                              "run bench/run.py as root")
+def release_inherited_loop_mounts(parent_namespace: str) -> int:
+    """
+    In this process's own mount namespace, lazily unmount the copies of loop-device
+    filesystems it inherited from its parent's (``parent_namespace``, as
+    ``/proc/self/ns/mnt`` names it there); how many. Refuses to run in that namespace.
+    """
+    if os.readlink("/proc/self/ns/mnt") == parent_namespace:
+        raise RuntimeError("refusing to unmount anything in the parent's mount namespace: "
+                           "run this through bench/run.py (it uses unshare --mount)")
+    released = 0
+    for mount in reversed(read_mountinfo()):
+        if mount.major == _LOOP_MAJOR:
+            subprocess.run(["umount", "-l", mount.mount_point], capture_output=True)
+            released += 1
+    return released
+
+
+async def measure(reactor, workdir: Path, log: Callable[[str], None],
+                  profile_dir: Optional[Path] = None) -> dict:
+    """
+    Start a local cluster in ``workdir``, make the creates, moves and deletes, stop and
+    clean everything up; the raw results (``_section`` turns them into the report).
+    """
     from pyflock.agent._process_testing import LocalCluster
 
-    cluster = LocalCluster(context.workdir / "cluster", nodes=2, users=(BENCH_USER,))
+    cluster = LocalCluster(workdir / "cluster", nodes=2, users=(BENCH_USER,))
     pools = [HTTPConnectionPool(reactor, persistent=True) for _ in range(2)]
     for pool in pools:
         pool.maxPersistentPerHost = CONCURRENT_CREATES
         pool.retryAutomatically = False
     watcher = None
     profilers = []
-    load_before = tuple(round(x, 2) for x in load_average())
+    results: dict = {"load_before": [round(x, 2) for x in load_average()]}
     try:
         began = time.perf_counter()
         cluster.start()
-        context.log(f"control (pid {cluster.control.pid}) and 2 agents (pids "
-                    f"{', '.join(str(a.pid) for a in cluster.agents)}) up in "
-                    f"{time.perf_counter() - began:.2f} s")
+        log(f"control (pid {cluster.control.pid}) and 2 agents (pids "
+            f"{', '.join(str(a.pid) for a in cluster.agents)}) up in "
+            f"{time.perf_counter() - began:.2f} s")
         node_a, node_b = cluster.node_uuids
         certificates = cluster.certificates.path
         api = treq_client(reactor, certificates, BENCH_USER, pool=pools[0])
@@ -334,58 +374,64 @@ async def benchmark(reactor, context: Context) -> Section:
         await _warm(state, base_url)
         watcher = StateWatcher(reactor, state, base_url, cluster.control.log_path)
         driver = Driver(api, base_url, watcher)
-
-        if context.profile_dir is not None:
-            seconds = 25.0
+        if profile_dir is not None:
             for process, name in [(cluster.control, "control")] + [
                     (a, f"agent-{i + 1}") for i, a in enumerate(cluster.agents)]:
-                profilers.append(Profiler(process.pid, seconds, context.profile_dir /
-                                          f"agent_convergence-{name}.txt"))
+                profilers.append(Profiler(process.pid, PROFILE_SECONDS,
+                                          profile_dir / f"agent_convergence-{name}.txt"))
 
         sequential = []
         for i in range(SEQUENTIAL_CREATES):
             sequential.append(await driver.create((node_a, node_b)[i % 2]))
-        context.log("create -> mounted, one at a time: " + _line(
-            [s.to_mounted for s in sequential]))
+        log("create -> mounted, one at a time: " + _line([s.to_mounted for s in sequential]))
 
         began = time.time()
         concurrent = await gatherResults([ensure(driver.create((node_a, node_b)[i % 2]))
                                           for i in range(CONCURRENT_CREATES)])
         all_mounted = max(s.mounted for s in concurrent) - began
-        context.log(f"{CONCURRENT_CREATES} creates at once: all mounted after "
-                    f"{all_mounted:.3f} s")
+        log(f"{CONCURRENT_CREATES} creates at once: all mounted after {all_mounted:.3f} s")
 
         moves = []
         for sample in sequential[:MOVES]:
             target = node_b if sample.node == node_a else node_a
             moves.append(await driver.move(sample.dataset_id, target))
-        context.log("move -> mounted: " + _line([s.to_mounted for s in moves]))
+        log("move -> mounted: " + _line([s.to_mounted for s in moves]))
+
         # The agents unmount, detach and destroy everything, as an operator would.
         every = [s.dataset_id for s in sequential + concurrent]
         deleted_seconds = await driver.delete_all(every)
-        context.log(f"{len(every)} deletes at once: gone from the state API after "
-                    f"{deleted_seconds:.2f} s")
+        log(f"{len(every)} deletes at once: gone from the state API after "
+            f"{deleted_seconds:.2f} s")
         for profiler in profilers:
             profiler.wait()
         if watcher.failure:
             raise RuntimeError(f"the state API failed: {watcher.failure}")
         agent_events = [e for a in cluster.agents for e in a.log_events()]
-        create_phases = breakdown(sequential, agent_events)
-        move_phases = breakdown(moves, agent_events)
-        state_requests = watcher.requests
-        cpu = {"control": _cpu(cluster.control.pid),
-               **{f"agent-{i + 1}": _cpu(a.pid) for i, a in enumerate(cluster.agents)}}
+        results.update({
+            "sequential": [attr.asdict(s) for s in sequential],
+            "concurrent": [attr.asdict(s) for s in concurrent],
+            "all_mounted_seconds": all_mounted,
+            "moves": [attr.asdict(s) for s in moves],
+            "deleted": len(every), "deleted_seconds": deleted_seconds,
+            "create_phases": breakdown(sequential, agent_events),
+            "move_phases": breakdown(moves, agent_events),
+            "busy_detaches": sum(1 for e in agent_events
+                                 if e.get("event_type") == "pyflock:agent:change-failed"
+                                 and e.get("error_type") == "VolumeBusy"),
+            "state_requests": watcher.requests,
+            "cpu_seconds": {"control": _cpu(cluster.control.pid),
+                            **{f"agent-{i + 1}": _cpu(a.pid)
+                               for i, a in enumerate(cluster.agents)}},
+        })
     finally:
         if watcher is not None:
             watcher.close()
         await gatherResults([pool.closeCachedConnections() for pool in pools])
-        cleanup_problems = _tear_down(cluster)
-        if cleanup_problems:
-            raise RuntimeError("cleaning up: " + "; ".join(cleanup_problems))
-    load_after = tuple(round(x, 2) for x in load_average())
-    return _section(sequential, concurrent, all_mounted, moves, deleted_seconds,
-                    create_phases, move_phases, state_requests, cpu, load_before,
-                    load_after)
+        problems = _tear_down(cluster)
+        if problems:
+            raise RuntimeError("cleaning up: " + "; ".join(problems))
+    results["load_after"] = [round(x, 2) for x in load_average()]
+    return results
 
 
 def _tear_down(cluster) -> list[str]:
@@ -401,7 +447,7 @@ def _tear_down(cluster) -> list[str]:
                 process.stop()
         except Exception as e:
             problems.append(f"stopping pid {process.pid}: {e!r}")
-    # A run that failed half-way may leave more mounts than one sweep undoes.
+    # unmount_all_under undoes at most 64 mounts per call; a failed run may leave more.
     for _ in range(8):
         if not _mounts_under(cluster.path):
             break
@@ -428,7 +474,6 @@ async def _warm(http, base_url: str) -> None:
 
 
 def _cpu(pid: int) -> float:
-    from _harness import process_cpu_seconds
     return round(process_cpu_seconds(pid), 2)
 
 
@@ -437,20 +482,114 @@ def _line(values: Sequence[float]) -> str:
             f", max {format_ms(max(values))}")
 
 
+# -- in bench/run.py: the measurement in a child process, and the report --------------------
+
+
+class _Child(ProcessProtocol):
+    """Forwards the child's progress lines (stderr) to the log; ``ended`` fires at exit."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self._log = log
+        self._buffer = b""
+        self.output = b""
+        self.ended: Deferred = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output = (self.output + data)[-20000:]
+
+    def errReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            self._log("agent_convergence: " + line.decode("utf-8", "replace"))
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+async def benchmark(reactor, context: Context) -> Section:
+    """
+    Measure create -> mounted and move -> mounted with real agents and loop devices, in
+    a child process with a private mount namespace (``unshare``): the benchmark's mounts
+    are then invisible to other work on the machine, whose new mount namespaces would
+    otherwise copy them and keep its loop devices busy (and the other way round).
+    """
+    if os.geteuid() != 0:
+        raise PermissionError("agent_convergence needs root (loop devices and mounts): "
+                              "run bench/run.py as root")
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise RuntimeError("agent_convergence needs unshare (util-linux)")
+    results_path = context.workdir / "results.json"
+    command = [unshare, "--mount", "--propagation", "private", "--", sys.executable,
+               str(Path(__file__).resolve()), "--workdir", str(context.workdir),
+               "--results", str(results_path),
+               "--parent-namespace", os.readlink("/proc/self/ns/mnt")]
+    if context.profile_dir is not None:
+        command += ["--profile-dir", str(context.profile_dir)]
+    child = _Child(context.log)
+    transport = reactor.spawnProcess(child, command[0], command, env=dict(os.environ))
+    timer = reactor.callLater(CHILD_TIMEOUT, transport.signalProcess, "TERM")
+    try:
+        code = await child.ended
+    finally:
+        if timer.active():
+            timer.cancel()
+    if code != 0 or not results_path.exists():
+        raise RuntimeError(f"the measuring process exited with status {code}; its "
+                           f"output ends with:\n{child.output.decode('utf-8', 'replace')}")
+    return _section(json.loads(results_path.read_text()))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """The child: release inherited loop mounts, measure, write the results as JSON."""
+    parser = argparse.ArgumentParser(
+        description="Run the agent_convergence measurement (bench/run.py runs this in a "
+                    "private mount namespace; do not run it in the host's).")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--results", required=True)
+    parser.add_argument("--profile-dir", default=None)
+    parser.add_argument("--parent-namespace", required=True,
+                        help="the mount namespace this must not run in")
+    options = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    released = release_inherited_loop_mounts(options.parent_namespace)
+    log(f"private mount namespace; released {released} inherited loop-device mounts")
+
+    async def run(reactor):
+        results = await measure(
+            reactor, Path(options.workdir), log,
+            None if options.profile_dir is None else Path(options.profile_dir))
+        Path(options.results).write_text(json.dumps(results))
+
+    from twisted.internet.task import react
+    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+
+
+def _samples(items: list) -> list[Sample]:
+    return [Sample(**item) for item in items]
+
+
 def _row(what: str, values: Sequence[float]) -> str:
     return (f"| {what} | {len(values)} | {format_ms(percentile(values, 50))} | "
             f"{format_ms(percentile(values, 90))} | {format_ms(percentile(values, 99))} | "
             f"{format_ms(max(values))} |")
 
 
-def _phase_table(phases: list[tuple[str, float]]) -> str:
+def _phase_table(phases: list) -> str:
     lines = ["| phase | median |", "|---|---:|"]
     lines += [f"| {name} | {format_ms(seconds)} |" for name, seconds in phases]
     return "\n".join(lines)
 
 
-def _section(sequential, concurrent, all_mounted, moves, deleted_seconds, create_phases,
-             move_phases, state_requests, cpu, load_before, load_after) -> Section:
+def _section(raw: dict) -> Section:
+    """The report section of the child's raw results."""
+    sequential, concurrent = _samples(raw["sequential"]), _samples(raw["concurrent"])
+    moves = _samples(raw["moves"])
+    all_mounted, deleted_seconds = raw["all_mounted_seconds"], raw["deleted_seconds"]
     create_p50 = percentile([s.to_mounted for s in sequential], 50)
     move_p50 = percentile([s.to_mounted for s in moves], 50)
     targets = (
@@ -464,11 +603,13 @@ def _section(sequential, concurrent, all_mounted, moves, deleted_seconds, create
                goal=f"< {format_ms(MOVE_P50_GOAL)}", measured=format_ms(move_p50),
                met=move_p50 < MOVE_P50_GOAL),
     )
+    load_before = ", ".join(map(str, raw["load_before"]))
+    load_after = ", ".join(map(str, raw["load_after"]))
     results = {
         "dataset_size_bytes": MINIMUM_SIZE,
         "mounted_detection": "inotify on the control log; GET /v1/state/datasets after "
                              "each node-state event",
-        "state_requests": state_requests,
+        "state_requests": raw["state_requests"],
         "create_to_mounted": _stats([s.to_mounted for s in sequential]),
         "create_to_answer": _stats([s.to_answer for s in sequential]),
         "concurrent_creates": {"count": len(concurrent),
@@ -477,27 +618,29 @@ def _section(sequential, concurrent, all_mounted, moves, deleted_seconds, create
                                "to_answer": _stats([s.to_answer for s in concurrent])},
         "move_to_mounted": _stats([s.to_mounted for s in moves]),
         "move_to_answer": _stats([s.to_answer for s in moves]),
-        "delete_all": {"count": len(sequential) + len(concurrent),
+        "delete_all": {"count": raw["deleted"],
                        "gone_seconds": round(deleted_seconds, 3)},
-        "create_breakdown_ms": {n: round(s * 1000, 1) for n, s in create_phases},
-        "move_breakdown_ms": {n: round(s * 1000, 1) for n, s in move_phases},
-        "cpu_seconds": cpu,
-        "load_before": list(load_before), "load_after": list(load_after),
+        "busy_detaches": raw["busy_detaches"],
+        "create_breakdown_ms": {n: round(s * 1000, 1) for n, s in raw["create_phases"]},
+        "move_breakdown_ms": {n: round(s * 1000, 1) for n, s in raw["move_phases"]},
+        "cpu_seconds": raw["cpu_seconds"],
+        "load_before": raw["load_before"], "load_after": raw["load_after"],
         "targets": [t.to_json() for t in targets],
     }
+    cpu = ", ".join(f"{k} {v}" for k, v in raw["cpu_seconds"].items())
     markdown = f"""## Convergence: create and move, end to end
 
 A real `pyflock-control` and two real `pyflock-agent` processes on this machine
 (`LocalCluster` from `pyflock.agent._process_testing`), with the loopback backend:
 {MINIMUM_SIZE // 2**20} MiB sparse files in one shared root, real loop devices, ext4,
-real mounts. The client is this process (treq, mutual TLS, connections opened before
-measuring). Each dataset counts as *mounted* when `GET /v1/state/datasets` shows it
-`mounted` on its primary. The benchmark does not poll. It watches the control service's
-log with inotify, and each time the service logs that a node's report changed, it asks
-the state API again. So a dataset is seen mounted at most one state request (a few ms)
-after the service knew ({state_requests} state requests in all). Load average
-(1, 5, 15 min) before: {', '.join(map(str, load_before))}; after:
-{', '.join(map(str, load_after))}.
+real mounts, all in a private mount namespace, so that other work on the machine neither
+sees nor holds these mounts. The client runs in that process (treq, mutual TLS,
+connections opened before measuring). A dataset counts as *mounted* when
+`GET /v1/state/datasets` shows it `mounted` on its primary. The client does not poll:
+it watches the control service's log with inotify and asks the state API again each time
+the service logs that a node's report changed, so it sees a dataset mounted at most one
+state request (a few ms) after the service knew ({raw["state_requests"]} state requests
+in all). Load average (1, 5, 15 min) before: {load_before}; after: {load_after}.
 
 - *create*: `POST /v1/configuration/datasets`, {len(sequential)} datasets one after the
   other, alternating between the two nodes;
@@ -506,8 +649,8 @@ after the service knew ({state_requests} state requests in all). Load average
 - *move*: `POST /v1/configuration/datasets/<id>` with the other node as primary,
   {len(moves)} moves one after the other: unmount and detach on the old node, attach and
   mount on the new one;
-- *delete*: at the end, all {len(sequential) + len(concurrent)} datasets deleted at once:
-  the agents unmounted, detached and destroyed them, and the state API showed none
+- *delete*: at the end, all {raw["deleted"]} datasets deleted at once: the agents
+  unmounted, detached and destroyed them, and the state API showed none
   {deleted_seconds:.2f} s after the first `DELETE` was sent.
 
 | from request to | samples | p50 | p90 | p99 | max |
@@ -522,20 +665,26 @@ after the service knew ({state_requests} state requests in all). Load average
 ### Where the time goes
 
 Medians over the one-at-a-time creates and the moves, from the agents' logs
-(`pyflock:agent:converge` when a step starts, `pyflock:agent:change-done` when its
-change is done). A *discovery* gap is the rediscovery (volumes, mounts, probes) between
-two steps. The first phase is the request, the commit, the push, the agent waking and
-its first discovery.
+(`pyflock:agent:converge` when a step starts, `pyflock:agent:change-done` when each of
+its changes is done). A *discovery* gap is the rediscovery between two steps: a snapshot
+of the block store (every volume file, attachment record and loop device of the shared
+root) and of the mounts, and a probe (`blkid`, `debugfs`) of each device attached and
+not mounted. The first phase is the request, its commit, the push, the agent waking and
+its first discovery. Detaches refused as busy: {raw["busy_detaches"]}.
 
 Create:
 
-{_phase_table(create_phases)}
+{_phase_table(raw["create_phases"])}
 
 Move:
 
-{_phase_table(move_phases)}
+{_phase_table(raw["move_phases"])}
 
-CPU seconds used over the whole run: {', '.join(f'{k} {v}' for k, v in cpu.items())}.
+CPU seconds used over the whole run: {cpu}.
 """
     return Section(name="agent_convergence", markdown=markdown, results=results,
                    targets=targets)
+
+
+if __name__ == "__main__":
+    main()

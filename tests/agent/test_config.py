@@ -47,7 +47,7 @@ plugin: {socket: /s.sock}
     ({"version": 2}, "version: 1 was expected"),
     ({"control-service": {"port": 4524}}, "'hostname' is a required property"),
     ({"control-service": {"hostname": "x", "port": 70000}}, "control-service.port"),
-    ({"data-path": "relative"}, "data-path: 'relative' does not match"),
+    ({"data-path": "relative"}, "data-path: 'relative' must be an absolute path"),
     ({"dataset": {"backend": "loopback", "pool": "/x"}}, "'pool' was unexpected"),
     ({"dataset": {"backend": "ebs"}}, "'region' is a required property"),
     ({"dataset": {"backend": "loopback", "default_size": "lots"}}, "dataset.default_size"),

@@ -99,20 +99,27 @@ UNMOUNT_STRAYS = in_parallel([UnmountFilesystem(DS, f"{ROOT}/other"),
 DETACH = DetachVolume(DS, NODE)
 DESTROY = DestroyVolume(DS)
 TIDY = RemoveMountPoint(DS, PATH)
+CREATE_AND_ATTACH = sequentially([CREATE, ATTACH])
+MKFS_AND_MOUNT = sequentially([MKFS, MOUNT])
+FINISH_AND_MOUNT = sequentially([FINISH, MOUNT])
+UNMOUNT_AND_DETACH = sequentially([UNMOUNT, DETACH])
+LET_GO = sequentially([UNMOUNT, DETACH, TIDY])
 
 #: What each (desired, discovered) pair leads to for the records above.
 EXPECTED = {
     DesiredState.MOUNTED: {
-        S.NON_EXISTENT: CREATE, S.UNATTACHED: ATTACH, S.ATTACHED_ELSEWHERE: NOTHING,
-        S.ATTACHED_TO_DEAD_NODE: TAKE_OVER, S.ATTACHED_NO_FILESYSTEM: MKFS,
-        S.ATTACHED_UNFINISHED_FILESYSTEM: FINISH, S.ATTACHED: MOUNT, S.MOUNTED: NOTHING,
+        S.NON_EXISTENT: CREATE_AND_ATTACH, S.UNATTACHED: ATTACH,
+        S.ATTACHED_ELSEWHERE: NOTHING, S.ATTACHED_TO_DEAD_NODE: TAKE_OVER,
+        S.ATTACHED_NO_FILESYSTEM: MKFS_AND_MOUNT,
+        S.ATTACHED_UNFINISHED_FILESYSTEM: FINISH_AND_MOUNT, S.ATTACHED: MOUNT,
+        S.MOUNTED: NOTHING,
         S.MOUNTED_ASTRAY: UNMOUNT_STRAYS, S.STRAY_MOUNT: UNMOUNT,
         S.MOUNT_POINT_TAKEN: NOTHING,
     },
     DesiredState.NOT_HERE: {
         S.NON_EXISTENT: TIDY, S.UNATTACHED: TIDY, S.ATTACHED_ELSEWHERE: TIDY,
         S.ATTACHED_TO_DEAD_NODE: TIDY, S.ATTACHED_NO_FILESYSTEM: DETACH,
-        S.ATTACHED_UNFINISHED_FILESYSTEM: DETACH, S.ATTACHED: DETACH, S.MOUNTED: UNMOUNT,
+        S.ATTACHED_UNFINISHED_FILESYSTEM: DETACH, S.ATTACHED: DETACH, S.MOUNTED: LET_GO,
         S.MOUNTED_ASTRAY: UNMOUNT_STRAYS, S.STRAY_MOUNT: UNMOUNT,
         S.MOUNT_POINT_TAKEN: NOTHING,
     },
@@ -120,7 +127,7 @@ EXPECTED = {
         S.NON_EXISTENT: TIDY, S.UNATTACHED: in_parallel([DESTROY, TIDY]),
         S.ATTACHED_ELSEWHERE: TIDY, S.ATTACHED_TO_DEAD_NODE: in_parallel([TAKE_OVER, TIDY]),
         S.ATTACHED_NO_FILESYSTEM: DETACH, S.ATTACHED_UNFINISHED_FILESYSTEM: DETACH,
-        S.ATTACHED: DETACH, S.MOUNTED: UNMOUNT, S.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
+        S.ATTACHED: DETACH, S.MOUNTED: UNMOUNT_AND_DETACH, S.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
         S.STRAY_MOUNT: UNMOUNT, S.MOUNT_POINT_TAKEN: NOTHING,
     },
     DesiredState.IGNORED: {
@@ -152,8 +159,8 @@ def test_transition(want, state):
 
 
 def test_new_dataset_has_nothing_discovered():
-    """A configured dataset nothing was found of is created, with its configured size."""
-    assert in_parallel([CREATE]) == calculate_changes(
+    """A configured dataset nothing was found of is created, with its size, and attached."""
+    assert in_parallel([CREATE_AND_ATTACH]) == calculate_changes(
         desired(WANTED[DesiredState.MOUNTED]), discovered())
 
 
@@ -172,7 +179,10 @@ def test_several_datasets_in_parallel():
                 DesiredDataset("c", primary=NODE)),
         discovered(found(S.MOUNTED, "a", device="/dev/loop1"),
                    found(S.MOUNTED, "c", device="/dev/loop3")))
-    assert InParallel((UnmountFilesystem("a", f"{ROOT}/a"), CreateVolume("b"))) == change
+    assert InParallel((
+        sequentially([UnmountFilesystem("a", f"{ROOT}/a"), DetachVolume("a", NODE),
+                      RemoveMountPoint("a", f"{ROOT}/a")]),
+        sequentially([CreateVolume("b"), AttachVolume("b", NODE)]))) == change
 
 
 def test_other_node_discovery_refused():

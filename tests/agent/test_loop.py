@@ -182,9 +182,67 @@ class ConvergenceLoopTests(SynchronousTestCase):
         self.loop.start()
         self.loop.update("v1")
         self.clock.advance(5)
+        self.script.changes = 1
         self.loop.update("v2")
         self.assertEqual(1, len(self.clock.getDelayedCalls()))
         self.assertEqual(15.0, self.loop.next_wake)
+
+    def test_update_asking_nothing_new_wakes_nothing(self):
+        """
+        After a clean iteration, an update with nothing to do and the same states to
+        report (judged on the last discovery) neither discovers nor moves the timer.
+        """
+        self.loop.start()
+        self.loop.update("v1")
+        self.loop.update("v2")
+        self.assertEqual((1, 10.0), (self.script.discoveries, self.loop.next_wake))
+        self.assertEqual(("v2", "world-1"), self.script.calculated[-1])
+        self.clock.advance(10)
+        self.assertEqual([("v2", "world-2")], self.script.calculated[-1:])
+
+    def test_update_asking_something_wakes(self):
+        """An update with a change to make, or a new state to report, wakes the loop."""
+        self.loop.start()
+        self.loop.update("v1")
+        self.script.changes = 1
+        self.loop.update("v2")
+        self.assertEqual((3, 1), (self.script.discoveries, len(self.script.ran)))
+        self.script.states = "moving"
+        self.loop.update("v3")
+        self.assertEqual((4, ["initial", "moving"]),
+                         (self.script.discoveries, self.script.reports))
+
+    def test_waiting_woken_by_any_change_of_desire(self):
+        """
+        While waiting for another node, an update leaving the desired state as it was
+        wakes nothing, and any other (another node letting go) wakes the loop at once.
+        """
+        loop = self.make_loop(waiting=lambda desired, discovered: True,
+                              desire=lambda view, now: view[0])
+        loop.start()
+        loop.update(("held by a", 1))
+        loop.update(("held by a", 2))
+        self.assertEqual(1, self.script.discoveries)
+        loop.update(("let go", 3))
+        self.assertEqual(2, self.script.discoveries)
+        self.assertEqual(1.0, loop.next_wake)
+
+    def test_update_during_iteration_asking_nothing_new(self):
+        """An update during an iteration that asks nothing new makes no iteration follow."""
+        self.script.hold = True
+        self.loop.start()
+        self.loop.update("v1")
+        self.loop.update("v2")
+        self.script.pending.pop(0).callback("w")
+        self.assertEqual((1, False), (self.script.discoveries, self.loop.busy))
+
+    def test_update_after_failure_wakes(self):
+        """After a failed iteration every update wakes the loop, whatever it asks."""
+        self.script.errors["discover"] = [Boom()]
+        self.loop.start()
+        self.loop.update("v1")
+        self.loop.update("v2")
+        self.assertEqual((2, 0), (self.script.discoveries, self.loop.failures))
 
     def test_waiting_polls_sooner(self):
         """While waiting for another node, the loop looks again after ``poll_interval``."""
@@ -367,15 +425,19 @@ class MemoryNodesTests(SynchronousTestCase):
         self.disks = MemoryDisks(self.store)
         self.events = []
         self.nodes = {}
+        self.discoveries = {NODE_A: 0, NODE_B: 0}
         for node in [NODE_A, NODE_B]:
             backend = self.store.backend(node)
             fs = MemoryFilesystems(self.disks, backend)
             log = Logger(observer=self.events.append)
             runner = Runner(backend, fs, run_now, logger=log)
             reports = []
+
+            def discover_now(backend=backend, fs=fs, node=node):
+                self.discoveries[node] += 1
+                return run_now(discover, backend, fs, f"/mnt/{node}")
             loop = ConvergenceLoop(
-                self.clock, lambda backend=backend, fs=fs, node=node: run_now(
-                    discover, backend, fs, f"/mnt/{node}"),
+                self.clock, discover_now,
                 calculate_changes, runner.run, reports.append, desire=view_desire(node),
                 logger=log, node_uuid=node)
             loop.start()
@@ -425,6 +487,16 @@ class MemoryNodesTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual({"/mnt/node-b/ds"}, set(b[1].table))
         self.assertEqual("mounted", b[2][-1]["ds"].state)
+
+    def test_other_nodes_dataset_wakes_nothing(self):
+        """A push about a dataset on another node makes this node discover nothing."""
+        self.configure(NODE_A)
+        before = dict(self.discoveries)
+        self.configure(NODE_A, extra={"new": NODE_A})
+        self.assertEqual((before[NODE_A] + 3, before[NODE_B]),
+                         (self.discoveries[NODE_A], self.discoveries[NODE_B]))
+        self.assertEqual({"/mnt/node-a/ds", "/mnt/node-a/new"},
+                         set(self.nodes[NODE_A][1].table))
 
     def test_busy_detach_retried(self):
         """
