@@ -11,7 +11,10 @@ survive agent restarts (dockerd sends no new ``Activate`` to a restarted plugin)
 After a restart, ``MountTable.reconcile`` corrects the counts with the mounts that running
 containers really hold (``docker_volume_mounts`` reads them from Docker's
 ``GET /containers/json``): a crash of dockerd sends no Unmounts, and a crash of the agent
-may lose the last change.
+may lose the last change. A dockerd that starts again while the agent runs (its Activate)
+makes the plugin ``settle`` the counts the same way once that dockerd answers, trusting
+the mount IDs it has mounted since; and the first Mount of an ID counted under the
+previous dockerd (a restarted container keeps its IDs) counts it once (``remount``).
 """
 
 from __future__ import annotations
@@ -112,9 +115,45 @@ class MountTable:
             return MountTable(self.volumes.remove(name))
         return MountTable(self.volumes.set(name, attr.evolve(volume, mounts=mounts)))
 
+    def remount(self, name: str, mount_id: str, dataset_id: Optional[str]) -> "MountTable":
+        """
+        ``mount_id`` of volume ``name`` mounted once, whatever its count was: a new dockerd
+        mounting an ID the previous one left counted (it reuses a restarted container's
+        mount IDs, and a crashed dockerd sent no Unmount for them).
+        """
+        volume = self.volumes.get(name, VolumeMounts())
+        return MountTable(self.volumes.set(name, VolumeMounts(
+            dataset_id=dataset_id or volume.dataset_id,
+            mounts=volume.mounts.set(mount_id, 1))))
+
     def forget(self, name: str) -> "MountTable":
         """The table without any mount of volume ``name``."""
         return MountTable(self.volumes.discard(name))
+
+    def settle(self, in_use: Mapping[str, int],
+               confirmed: Iterable[tuple[str, str]]) -> "MountTable":
+        """
+        The table corrected by ``in_use`` (as ``reconcile``) after dockerd restarted:
+        ``confirmed`` are the ``(name, mount ID)`` the new dockerd has mounted, whose counts
+        are right; the other IDs were counted under the previous dockerd, and a volume
+        keeps only as many of those (one mount each) as its running containers' mount
+        points exceed its confirmed mounts, so a crashed dockerd's mounts do not keep the
+        volume in use (and leased) forever.
+        """
+        confirmed = set(confirmed)
+        volumes = {}
+        for name, wanted in in_use.items():
+            if wanted <= 0:
+                continue
+            volume = self.volumes.get(name, VolumeMounts())
+            mounts = {k: n for k, n in volume.mounts.items() if (name, k) in confirmed}
+            room = wanted - sum(mounts.values())
+            for mount_id in sorted(k for k in volume.mounts if k not in mounts)[:max(0, room)]:
+                mounts[mount_id] = 1
+            for n in range(wanted - sum(mounts.values())):
+                mounts[f"{RECONCILED_PREFIX}{n + 1}"] = 1
+            volumes[name] = VolumeMounts(dataset_id=volume.dataset_id, mounts=pmap(mounts))
+        return MountTable(pmap(volumes))
 
     def reconcile(self, in_use: Mapping[str, int]) -> "MountTable":
         """
@@ -276,6 +315,11 @@ class MountCounts:
         """Count one mount fewer of ``mount_id`` of ``name``; fires once on disk."""
         return self._change(self.table.unmount(name, mount_id))
 
+    def remount(self, name: str, mount_id: str, dataset_id: Optional[str]) -> Deferred:
+        """Count ``mount_id`` of ``name`` as mounted once (``MountTable.remount``); fires
+        once on disk."""
+        return self._change(self.table.remount(name, mount_id, dataset_id))
+
     def forget(self, name: str) -> Deferred:
         """Drop every mount of ``name``; fires once on disk."""
         return self._change(self.table.forget(name))
@@ -285,6 +329,16 @@ class MountCounts:
         before = self.table
         d = self._change(before.reconcile(in_use))
         log_event(_log, "pyflock:plugin:mounts-reconciled",
+                  before=json.dumps({n: v.count for n, v in before.volumes.items()}),
+                  after=json.dumps({n: v.count for n, v in self.table.volumes.items()}))
+        return d
+
+    def settle(self, in_use: Mapping[str, int],
+               confirmed: Iterable[tuple[str, str]]) -> Deferred:
+        """Correct the table after dockerd restarted (``MountTable.settle``)."""
+        before = self.table
+        d = self._change(before.settle(in_use, confirmed))
+        log_event(_log, "pyflock:plugin:mounts-settled",
                   before=json.dumps({n: v.count for n, v in before.volumes.items()}),
                   after=json.dumps({n: v.count for n, v in self.table.volumes.items()}))
         return d

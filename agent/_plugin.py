@@ -33,7 +33,7 @@ from twisted.internet.defer import (
     maybeDeferred, succeed,
 )
 from twisted.internet.error import CannotListenError
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -70,6 +70,13 @@ REQUEST_TIMEOUT = 50.0
 
 #: Seconds the plugin trusts its own creates and removes over a view that has not caught up.
 OVERLAY_TTL = 120.0
+
+#: Seconds the plugin waits, after an Activate, for the new dockerd's API to answer so
+#: that it can settle the mount counts (dockerd restores its containers first).
+SETTLE_TIMEOUT = 300.0
+
+#: Longest pause between two attempts to reach dockerd's API after an Activate.
+SETTLE_RETRY = 2.0
 
 #: Largest request body read; dockerd's are a few hundred bytes.
 MAX_BODY = 1024 * 1024
@@ -528,8 +535,12 @@ class DockerPlugin:
     The Klein application of Docker's volume plugin protocol for one node.
 
     ``backend`` provides the node uuid, control client, view and mount events;
-    ``mounts`` the persisted mount counts; ``reactor`` the time. Call ``start()`` once the
-    counts are reconciled (it starts lease renewal) and ``stop()`` at exit.
+    ``mounts`` the persisted mount counts; ``reactor`` the time. ``docker_mounts``, if
+    given, fires with the mount points per pyflock volume of dockerd's running containers
+    (``docker_volume_mounts``), or None while dockerd does not answer: after an Activate
+    (a new dockerd) the plugin uses it to drop the counts of mounts the previous dockerd
+    never unmounted (it crashed). Call ``start()`` once the counts are reconciled (it
+    starts lease renewal) and ``stop()`` at exit.
     """
 
     app = Klein()
@@ -537,7 +548,9 @@ class DockerPlugin:
     def __init__(self, backend: IPluginBackend, mounts: MountCounts, reactor: Any, *,
                  mount_timeout: float = MOUNT_TIMEOUT, lease_duration: float = LEASE_DURATION,
                  renew_interval: float = RENEW_INTERVAL,
-                 request_timeout: float = REQUEST_TIMEOUT, overlay_ttl: float = OVERLAY_TTL):
+                 request_timeout: float = REQUEST_TIMEOUT, overlay_ttl: float = OVERLAY_TTL,
+                 docker_mounts: Optional[Callable[[], Deferred]] = None,
+                 settle_timeout: float = SETTLE_TIMEOUT):
         self._backend = backend
         self._node = backend.node_uuid
         self._client: IControlClient = backend.client
@@ -555,6 +568,11 @@ class DockerPlugin:
         self._created: dict[str, tuple[ViewDataset, float]] = {}
         self._removed: dict[str, float] = {}
         self._renewal: Optional[LoopingCall] = None
+        self._docker_mounts = docker_mounts
+        self._settle_timeout = settle_timeout
+        # (name, mount ID) mounted since the last Activate, or None before any Activate.
+        self._since_activate: Optional[set[tuple[str, str]]] = None
+        self._settling: Optional[Deferred] = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -572,6 +590,8 @@ class DockerPlugin:
         if self._renewal is not None and self._renewal.running:
             self._renewal.stop()
         self._renewal = None
+        if self._settling is not None:
+            self._settling.cancel()
 
     def renew_leases(self) -> Deferred:
         """Renew this node's lease on every dataset in use here; never fails, and gives
@@ -805,7 +825,46 @@ class DockerPlugin:
 
     def _activate(self, body: dict) -> dict:
         log_event(_log, "pyflock:plugin:activated", node_uuid=self._node)
+        # dockerd activates a plugin once per lifetime: this is a new dockerd. If the
+        # previous one crashed, it never unmounted what its containers held.
+        self._since_activate = set()
+        if self._docker_mounts is not None:
+            if self._settling is not None:
+                self._settling.cancel()
+            self._settling = Deferred.fromCoroutine(self._settle())
+            self._settling.addErrback(self._settle_failed)
         return {"Implements": ["VolumeDriver"]}
+
+    def _settle_failed(self, failure: Failure) -> None:
+        if not failure.check(CancelledError):
+            log_event(_log, "pyflock:plugin:settle-failed", LogLevel.error,
+                      reason=failure.getErrorMessage(), traceback=failure.getTraceback())
+
+    async def _settle(self) -> None:
+        """Once the new dockerd answers, keep only the counts its running containers
+        justify (``MountCounts.settle``), and release the leases of volumes left unused."""
+        deadline = self._reactor.seconds() + self._settle_timeout
+        pause = 0.1
+        while True:
+            in_use = await self._docker_mounts()
+            if in_use is not None:
+                break
+            if self._reactor.seconds() >= deadline:
+                log_event(_log, "pyflock:plugin:settle-failed", LogLevel.warn,
+                          reason=f"dockerd's API did not answer within "
+                                 f"{self._settle_timeout:g} s of the Activate")
+                return
+            await deferLater(self._reactor, pause, lambda: None)
+            pause = min(pause * 2, SETTLE_RETRY)
+        before = self._mounts.table
+        saved = self._saved(self._mounts.settle(in_use, self._since_activate or ()))
+        # Every count left is now the new dockerd's (live-restore keeps containers
+        # running): from here on, a Mount of a counted ID is another use (``docker cp``).
+        self._since_activate = None
+        for name in before.volumes:
+            if self._uses_here(name) == 0:
+                self._leases.release_if_idle(before.dataset_id(name))
+        await saved
 
     # -- Get, List, Path: from the view, never from the control service -----------------
 
@@ -923,7 +982,17 @@ class DockerPlugin:
             work = Deferred.fromCoroutine(self._mount_steps(progress))
             path = await self._within(work, self._mount_timeout)
             counted = True
-            saved = self._saved(self._mounts.mount(name, mount_id, progress.dataset_id))
+            since = self._since_activate
+            if since is not None and (name, mount_id) not in since \
+                    and self._mounts.table.mount_count(name, mount_id):
+                # The previous dockerd's count of this ID (a restarted container keeps its
+                # mount IDs) is stale: the new dockerd never saw that mount.
+                change = self._mounts.remount(name, mount_id, progress.dataset_id)
+            else:
+                change = self._mounts.mount(name, mount_id, progress.dataset_id)
+            if since is not None:
+                since.add((name, mount_id))
+            saved = self._saved(change)
             # A hang-up now must not cancel the write, only our wait for it.
             await _uncancellable(saved)
         except BaseException as e:
@@ -1241,7 +1310,8 @@ def _socket_is_live(path: str) -> bool:
 __all__ = [
     "BadRequest", "ClusterView", "DockerPlugin", "IPluginBackend", "LEASE_DURATION",
     "LocalState", "LocalStates", "MOUNTED", "MOUNT_TIMEOUT", "NoSuchVolume", "PROFILES",
-    "PluginBackend", "PluginError", "PluginSocketError", "RENEW_INTERVAL", "VOLUME_NAME", "ViewDataset",
+    "PluginBackend", "PluginError", "PluginSocketError", "RENEW_INTERVAL", "SETTLE_TIMEOUT",
+    "VOLUME_NAME", "ViewDataset",
     "agent_view_source", "check_volume_name", "listen_plugin", "parse_create_options",
     "plugin_site", "threaded_is_mountpoint",
 ]

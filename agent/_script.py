@@ -156,7 +156,10 @@ async def run(reactor, config: AgentConfig) -> None:
                                    threaded_is_mountpoint(reactor))
     mounts = MountCounts.load(os.path.join(config.state_path, "plugin-mounts.json"),
                               in_thread(reactor))
-    plugin = DockerPlugin(plugin_backend, mounts, reactor)
+
+    def docker_mounts() -> Deferred:
+        return Deferred.fromCoroutine(running_volume_mounts(reactor, config.docker_socket))
+    plugin = DockerPlugin(plugin_backend, mounts, reactor, docker_mounts=docker_mounts)
     in_use = await running_volume_mounts(reactor, config.docker_socket)
     if in_use is not None:
         await plugin.reconcile(in_use)

@@ -274,8 +274,10 @@ def breakdown(samples: Sequence[Sample], agent_events: list[dict]
     """
     The median seconds of each phase of ``samples``, from the agents' ``converge`` (a
     step starts) and ``change-done`` events: from the request to the first step, each
-    change (named), each gap between a change and the next step (discovery), and from
-    the last change to the state API showing the dataset mounted.
+    change (named), each gap between a change and the next step (a discovery; or, when
+    the next step is another node's, the old node's discovery and report, the push and
+    the new node's discovery), and from the last change to the state API showing the
+    dataset mounted.
     """
     by_dataset: dict[str, list[dict]] = {}
     for event in agent_events:
@@ -296,14 +298,19 @@ def breakdown(samples: Sequence[Sample], agent_events: list[dict]
         events = sorted((e for e in by_dataset.get(sample.dataset_id, [])
                          if sample.sent <= e["time"] <= sample.mounted),
                         key=lambda e: e["time"])
-        previous, previous_name = sample.sent, "request"
+        previous, previous_name, previous_node = sample.sent, "request", None
         for event in events:
             if event["event_type"] == "pyflock:agent:converge":
-                name = "push, wake, first discovery" if previous_name == "request" \
-                    else "discovery after " + previous_name
+                if previous_name == "request":
+                    name = "push, wake, first discovery"
+                elif event.get("node_uuid") != previous_node:
+                    name = (f"after {previous_name}: discovery and report there, push, "
+                            f"discovery here")
+                else:
+                    name = f"discovery after {previous_name}"
                 add(name, event["time"] - previous)
             else:
-                previous_name = event["change"]
+                previous_name, previous_node = event["change"], event["node_uuid"]
                 where = "here" if event["node_uuid"] == sample.node else "old node"
                 add(f"{event['change']} ({where})", event["time"] - previous)
             previous = event["time"]

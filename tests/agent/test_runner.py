@@ -610,9 +610,10 @@ async def test_busy_move_waits(reactor, world):
     release = hold_in_namespace(world, a.backend.get_device_path("ds"),
                                 os.path.join(world.root, "container"))
     moved = DesiredDataset("ds", NODE_B, SIZE)
-    await a.step(desired_of(NODE_A, moved))  # unmount
-    change, error = await a.step(desired_of(NODE_A, moved))
-    assert (in_parallel([DetachVolume("ds", NODE_A)]), VolumeBusy) == (change, type(error))
+    change, error = await a.step(desired_of(NODE_A, moved))  # unmount, then detach: busy
+    assert (in_parallel([sequentially([
+        UnmountFilesystem("ds", a.path("ds")), DetachVolume("ds", NODE_A),
+        RemoveMountPoint("ds", a.path("ds"))])]), VolumeBusy) == (change, type(error))
     [failed] = events_of(world.events, "pyflock:agent:change-failed")
     assert "VolumeBusy" == failed["error_type"]
     for _ in range(2):
@@ -664,7 +665,9 @@ async def test_repairs(reactor, world):
     change, error = await a.step(desired_of(NODE_A, DesiredDataset("ds", NODE_A, SIZE)))
     assert (in_parallel([UnmountFilesystem("ds", a.path("ds"))]), None) == (change, error)
     change, error = await a.step(desired_of(NODE_A, DesiredDataset("ds", NODE_A, SIZE)))
-    assert (in_parallel([FinishFilesystem("ds", device)]), None) == (change, error)
+    assert (in_parallel([sequentially([
+        FinishFilesystem("ds", device), MountFilesystem("ds", device, a.path("ds"))])]),
+        None) == (change, error)
     await a.converge(desired_of(NODE_A, DesiredDataset("ds", NODE_A, SIZE)))
     assert device == mounted_device(a.path("ds"))
     assert ([], 0o777) == (os.listdir(a.path("ds")), os.stat(a.path("ds")).st_mode & 0o777)

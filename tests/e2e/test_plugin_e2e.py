@@ -31,6 +31,10 @@ LONG_RUNNING = ("sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait")
 
 GiB = 1024 ** 3
 
+#: ``docker run`` of busybox with an anonymous pyflock volume at /data.
+RUN_ANONYMOUS = ("run", "--rm", "--network", "none", "-v", "/data", "--volume-driver",
+                 "pyflock", BUSYBOX_TAG)
+
 
 def volume_name(what: str) -> str:
     """A volume name no other test (or earlier run on the same cluster) uses."""
@@ -64,6 +68,13 @@ def exec_(node: DockerNode, container: str, script: str) -> str:
     return node.docker("exec", container, "sh", "-c", script).stdout
 
 
+def wait_mounts_here(node: DockerNode, name: str, count: int) -> None:
+    """Wait until ``docker volume inspect`` on ``node`` counts ``count`` mounts of ``name``
+    (dockerd unmounts a stopped container's volumes as it cleans up after it)."""
+    wait_for(lambda: inspect(node, name)["Status"]["mounts_here"] == count, 30,
+             f"{count} mount(s) of {name} on {node.name}")
+
+
 def running(node: DockerNode, container: str) -> bool:
     """Whether ``container`` runs on ``node``."""
     result = node.docker("inspect", "-f", "{{.State.Running}}", container, check=False)
@@ -84,7 +95,8 @@ def test_create_list_inspect_remove(pyflock, nodes):
     assert dataset["primary"] == pyflock.node_uuid(n1)
     assert dataset["maximum_size"] == GiB
     assert ("pyflock", name) in listed(n1)
-    assert ("pyflock", name) in listed(n2)
+    # n2 answers from its own view of the cluster, which the control service updates.
+    wait_for(lambda: ("pyflock", name) in listed(n2), 30, "the new volume listed on n2")
 
     mount_point = pyflock.mount_point(n1, dataset["dataset_id"])
     # The agent creates and mounts it on its primary on its own; inspect then shows where.
@@ -139,7 +151,8 @@ def test_volume_moves_with_container(pyflock, nodes):
 
     assert run(n2, name, "cat", "/data/f").stdout == "written-on-n1\n"
     assert pyflock.dataset(name)["primary"] == pyflock.node_uuid(n2)
-    assert pyflock.state(dataset_id) == {pyflock.node_uuid(n2): "mounted"}
+    wait_for(lambda: pyflock.state(dataset_id) == {pyflock.node_uuid(n2): "mounted"}, 30,
+             "both agents' reports showing the volume mounted on n2 only")
     assert pyflock.mounted_on(n2, dataset_id)
     assert not pyflock.mounted_on(n1, dataset_id)
 
@@ -165,12 +178,34 @@ def test_in_use_elsewhere_fails_fast(pyflock, nodes):
     assert pyflock.dataset(name)["primary"] == pyflock.node_uuid(n1)
     assert pyflock.mounted_on(n1, dataset_id)
     assert exec_(n1, "holder", "cat /data/f") == "data\n"
+    removal = n2.docker("volume", "rm", name, check=False)
+    assert removal.returncode != 0
+    assert (f"pyflock: volume {name} is in use on node {pyflock.node_uuid(n1)} "
+            f"(host {n1.address}): stop and remove the containers") in removal.stderr
+    assert pyflock.dataset(name) is not None
 
     n1.docker("stop", "holder")
     wait_for(lambda: pyflock.lease_holder(dataset_id) is None, 30,
              "n1's lease released after its container stopped")
     assert run(n2, name, "cat", "/data/f").stdout == "data\n"
     assert pyflock.dataset(name)["primary"] == pyflock.node_uuid(n2)
+
+
+def test_anonymous_volume(pyflock, nodes):
+    """An anonymous pyflock volume of a ``--rm`` container is created for it and deleted
+    from the cluster when it exits."""
+    n1, _ = nodes
+    created = len(pyflock.agent_events(n1, "pyflock:plugin:created"))
+    assert n1.docker(*RUN_ANONYMOUS, "sh", "-c", "echo x > /data/f; cat /data/f"
+                     ).stdout == "x\n"
+    [event] = pyflock.agent_events(n1, "pyflock:plugin:created")[created:]
+    name = event["name"]
+    assert len(name) == 64
+    # dockerd removes a --rm container's volumes just after the CLI saw it removed.
+    removed = pyflock.wait_agent_event(n1, "pyflock:plugin:removed",
+                                       where=lambda e: e["name"] == name)
+    assert removed["dataset_id"] == event["dataset_id"]
+    assert pyflock.dataset(name) is None
 
 
 # -- several users of one volume on one host -----------------------------------------------
@@ -188,7 +223,7 @@ def test_shared_volume_cp_and_restart(pyflock, nodes, tmp_path):
     me = pyflock.node_uuid(n1)
 
     def check_in_use(users: int) -> None:
-        assert inspect(n1, name)["Status"]["mounts_here"] == users
+        wait_mounts_here(n1, name, users)
         assert pyflock.lease_holder(dataset_id) == me
         assert pyflock.state(dataset_id) == {me: "mounted"}
         assert pyflock.mounted_on(n1, dataset_id)
@@ -209,7 +244,7 @@ def test_shared_volume_cp_and_restart(pyflock, nodes, tmp_path):
     n1.docker("rm", "-f", "first")
     check_in_use(1)
     n1.docker("rm", "-f", "second")
-    assert inspect(n1, name)["Status"]["mounts_here"] == 0
+    wait_mounts_here(n1, name, 0)
     wait_for(lambda: pyflock.lease_holder(dataset_id) is None, 30,
              "the lease released after the last user left")
     assert pyflock.state(dataset_id) == {me: "mounted"}
@@ -253,8 +288,7 @@ def test_dockerd_crash_frees_volumes(pyflock, nodes):
     wait_for(lambda: running(n1, "phoenix"), 60, "the container running again")
     assert not running(n1, "victim")
     # The agent corrects its counts once the new dockerd answers.
-    wait_for(lambda: inspect(n1, died)["Status"]["mounts_here"] == 0, 30,
-             "no mount counted for the dead container's volume")
+    wait_mounts_here(n1, died, 0)
     assert inspect(n1, revived)["Status"]["mounts_here"] == 1
     assert exec_(n1, "phoenix", "cat /data/f") == "survived\n"
     wait_for(lambda: pyflock.lease_holder(died_id) is None, 30,
@@ -263,7 +297,7 @@ def test_dockerd_crash_frees_volumes(pyflock, nodes):
     assert pyflock.lease_holder(revived_id) == pyflock.node_uuid(n1)
 
     n1.docker("rm", "-f", "phoenix")
-    assert inspect(n1, revived)["Status"]["mounts_here"] == 0
+    wait_mounts_here(n1, revived, 0)
     wait_for(lambda: pyflock.lease_holder(revived_id) is None, 30,
              "the lease released once the revived container is gone")
 
@@ -310,6 +344,10 @@ def test_agent_restart_and_control_down(pyflock, nodes):
                                      after=connected[node.name])
     assert exec_(n1, "worker", "cat /data/f") == "one\ntwo\nthree\n"
     assert pyflock.lease_holder(dataset_id) == me
+    # The restarted agent's counts are right: the container's stop releases the lease.
+    n1.docker("stop", "worker")
+    wait_for(lambda: pyflock.lease_holder(dataset_id) is None, 30,
+             "the lease released once the container stopped")
 
 
 # -- malformed requests straight to the socket -----------------------------------------------
