@@ -434,3 +434,30 @@ class StateTests(SynchronousTestCase):
         """A node is found by its era; an unknown era answers 404."""
         self.assertEqual(self.req("GET", "/v1/state/nodes/by_era/era-a").json, {"uuid": A})
         self.assertEqual(self.req("GET", "/v1/state/nodes/by_era/zzz").code, 404)
+
+
+class LogEventTests(SynchronousTestCase):
+    """Each change to the configuration logs one structured event with its ids."""
+
+    def test_events(self):
+        """Create, move, lease, release, delete and a refusal each log their event type."""
+        from twisted.logger import capturedLogs
+        h = APIHarness()
+        with capturedLogs() as events:
+            h.request(self, "POST", "/v1/configuration/datasets", {"primary": A, "dataset_id": DS})
+            h.request(self, "POST", f"/v1/configuration/datasets/{DS}", {"primary": B})
+            h.request(self, "POST", "/v1/configuration/leases",
+                      {"dataset_id": DS, "node_uuid": B, "expires": 10})
+            h.request(self, "POST", "/v1/configuration/leases",
+                      {"dataset_id": DS, "node_uuid": B, "expires": 10})
+            h.request(self, "DELETE", f"/v1/configuration/leases/{DS}")
+            h.request(self, "POST", "/v1/configuration/datasets", {"primary": A}, identity=NODE_B)
+            h.request(self, "DELETE", f"/v1/configuration/datasets/{DS}")
+        logged = [(e["event_type"], e.get("dataset_id")) for e in events if "event_type" in e]
+        self.assertEqual([
+            ("pyflock:control:dataset-created", DS), ("pyflock:control:dataset-moved", DS),
+            ("pyflock:control:lease-acquired", DS), ("pyflock:control:lease-renewed", DS),
+            ("pyflock:control:lease-released", DS), ("pyflock:control:request-refused", None),
+            ("pyflock:control:dataset-deleted", DS)], logged)
+        moved = [e for e in events if e.get("event_type") == "pyflock:control:dataset-moved"][0]
+        self.assertEqual((moved["source"], moved["target"]), (A, B))
