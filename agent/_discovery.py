@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import attr
 from pyrsistent import pmap
@@ -91,23 +91,33 @@ class RawState:
     empty_directories: frozenset = frozenset()
 
 
-def _is_device_of(mount: Mount, device: str, number: Optional[tuple]) -> bool:
-    if mount.device_number is not None and number is not None:
-        return mount.device_number == number
-    return mount.source == device
-
-
 def _attached_here(raw: RawState) -> dict[str, BlockVolume]:
     return {v.dataset_id: v for v in raw.volumes
             if v.attached_to == raw.node_uuid and v.device_path is not None}
 
 
-def _owner(raw: RawState, here: dict[str, BlockVolume], mount: Mount) -> Optional[str]:
-    for dataset_id, volume in sorted(here.items()):
-        if _is_device_of(mount, volume.device_path,
-                         raw.device_numbers.get(volume.device_path)):
-            return dataset_id
-    return None
+def _owners(raw: RawState, here: dict[str, BlockVolume]) -> Callable[[Mount], Optional[str]]:
+    """
+    ``owner(mount)``: the first (by id) dataset attached here whose device ``mount`` is
+    of, told by device number when both are known, else by device path; None if none.
+    """
+    by_number, by_path, by_path_unnumbered = {}, {}, {}
+    # Backwards, so that the first dataset in id order is the one left in each map.
+    for dataset_id, volume in sorted(here.items(), reverse=True):
+        number = raw.device_numbers.get(volume.device_path)
+        by_path[volume.device_path] = dataset_id
+        if number is None:
+            by_path_unnumbered[volume.device_path] = dataset_id
+        else:
+            by_number[number] = dataset_id
+
+    def owner(mount: Mount) -> Optional[str]:
+        if mount.device_number is None:
+            return by_path.get(mount.source)
+        found = [i for i in (by_number.get(mount.device_number),
+                             by_path_unnumbered.get(mount.source)) if i is not None]
+        return min(found) if found else None
+    return owner
 
 
 def discover_raw(backend, filesystems, mount_root: str) -> RawState:
@@ -125,7 +135,8 @@ def discover_raw(backend, filesystems, mount_root: str) -> RawState:
     numbers = pmap({v.device_path: filesystems.device_number(v.device_path)
                     for v in here.values()})
     partial = attr.evolve(partial, device_numbers=numbers)
-    mounted = {_owner(partial, here, m) for m in mounts}
+    owner = _owners(partial, here)
+    mounted = {owner(m) for m in mounts}
     probes = pmap({v.device_path: filesystems.probe(v.device_path)
                    for dataset_id, v in here.items() if dataset_id not in mounted})
     return attr.evolve(partial, probes=probes,
@@ -138,7 +149,8 @@ def classify(raw: RawState) -> Discovered:
     volumes = {v.dataset_id: v for v in raw.volumes}
     here = _attached_here(raw)
     mounts = {m.mount_point: m for m in raw.mounts}
-    owners = {path: _owner(raw, here, m) for path, m in mounts.items()}
+    owner = _owners(raw, here)
+    owners = {path: owner(m) for path, m in mounts.items()}
     astray: dict[str, list[str]] = {}
     for path, owner in owners.items():
         if owner is not None and path != os.path.join(root, owner):

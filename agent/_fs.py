@@ -1,6 +1,7 @@
 """
-Filesystem helpers for dataset devices: make an ext4 filesystem ready for containers,
-probe for one, mount and unmount, and read the mount table.
+Filesystem helpers for dataset devices: make an ext4 filesystem ready for containers (or
+finish one half made), probe for one and list its root, mount and unmount, and read the
+mount table.
 
 Everything here blocks (it runs mkfs, mount, blkid, ...): call it in a thread, never on the
 reactor. Mount state is read from ``/proc/self/mountinfo``, so it is the calling process's
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from typing import Optional, Sequence
 
 import attr
@@ -20,6 +22,9 @@ import attr
 ROOT_MODE = 0o777
 
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+# What os.fsdecode uses, looked up once.
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 class CommandFailed(Exception):
@@ -62,17 +67,72 @@ def filesystem_type(device: str) -> Optional[str]:
     The type of filesystem on ``device`` (e.g. ``"ext4"``), or None if it has none; raises
     ``FilesystemError`` if the device does not exist.
     """
+    _check_exists(device)
+    argv = _blkid_argv(device)
+    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    return _blkid_answer(argv, result.returncode, result.stdout, result.stderr)
+
+
+def probe_filesystem(device: str) -> tuple[Optional[str], Optional[tuple]]:
+    """
+    ``filesystem_type(device)``, and ``root_entries(device)`` if that is ``"ext4"`` (else
+    None). The two commands only read, so they run side by side: a probe takes about as
+    long as the slower of them.
+    """
+    _check_exists(device)
+    processes = [_start(_blkid_argv(device))]
+    try:
+        try:
+            processes.append(_start(_DEBUGFS_LS_ROOT + [device]))
+        except CommandFailed:
+            pass  # debugfs is not installed: an error only if an ext4 filesystem needs it
+        said = [process.communicate() for process in processes]
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+                process.communicate()  # reaps it and closes its pipes
+    blkid = processes[0]
+    fstype = _blkid_answer(blkid.args, blkid.returncode, *said[0])
+    if fstype != "ext4":
+        return fstype, None
+    if len(processes) == 1:
+        raise CommandFailed(_DEBUGFS_LS_ROOT + [device], 127, "debugfs is not installed")
+    debugfs = processes[1]
+    if debugfs.returncode != 0:
+        raise CommandFailed(debugfs.args, debugfs.returncode, said[1][1])
+    return fstype, parse_debugfs_listing(said[1][0])
+
+
+_DEBUGFS_LS_ROOT = ["debugfs", "-R", "ls -p /"]
+
+
+def _check_exists(device: str) -> None:
     # blkid answers "nothing found" for a missing device too, so check it exists first.
     if not os.path.exists(device):
         raise FilesystemError(f"device {device} does not exist")
-    argv = ["blkid", "-p", "-o", "value", "-s", "TYPE", device]
-    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+def _blkid_argv(device: str) -> list[str]:
+    return ["blkid", "-p", "-o", "value", "-s", "TYPE", device]
+
+
+def _blkid_answer(argv: Sequence[str], returncode: int, stdout: str,
+                  stderr: str) -> Optional[str]:
     # blkid exits 2 when it identifies nothing: the normal answer for a fresh device.
-    if result.returncode == 2 and not result.stderr.strip():
+    if returncode == 2 and not stderr.strip():
         return None
-    if result.returncode != 0:
-        raise CommandFailed(argv, result.returncode, result.stderr)
-    return result.stdout.strip() or None
+    if returncode != 0:
+        raise CommandFailed(argv, returncode, stderr)
+    return stdout.strip() or None
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError as e:
+        raise CommandFailed(argv, 127, str(e)) from None
 
 
 def has_filesystem(device: str) -> bool:
@@ -96,29 +156,47 @@ def make_filesystem(device: str) -> None:
     # non-root, so reserving 5% for root would only take space away from them.
     run_command(["mkfs.ext4", "-q", "-F", "-m", "0",
                  "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", device])
+    finish_filesystem(device)
+
+
+def finish_filesystem(device: str) -> None:
+    """
+    The second half of ``make_filesystem``: make the root of the fresh ext4 filesystem on
+    the unmounted ``device`` ready for containers (remove the empty ``lost+found``, set
+    mode ``ROOT_MODE``), then check that it holds nothing else; ``FilesystemError`` if
+    it does not come out so. It does not check what it is given: callers do.
+    """
     # debugfs edits the unmounted filesystem, so no temporary mount is needed; it exits 0
     # even when a command fails, hence the check that follows.
     debugfs = run_command(["debugfs", "-w", "-f", "-", device],
                           input=f"rmdir lost+found\nsif / mode 0{0o40000 | ROOT_MODE:o}\n")
-    listing = run_command(["debugfs", "-R", "ls -p /", device])
-    entries = _parse_debugfs_listing(listing)
+    entries = root_entries(device)
     names = sorted(name for name, _ in entries)
     root_modes = {mode for name, mode in entries if name in (".", "..")}
     if names != [".", ".."] or root_modes != {0o40000 | ROOT_MODE}:
         raise FilesystemError(
-            f"could not prepare the root of the new filesystem on {device}: it holds "
+            f"could not prepare the root of the filesystem on {device}: it holds "
             f"{names} with modes {sorted(oct(m) for m in root_modes)}; debugfs said: "
             f"{debugfs.strip()}")
 
 
-def _parse_debugfs_listing(listing: str) -> list[tuple[str, int]]:
+def root_entries(device: str) -> tuple[tuple[str, int], ...]:
+    """
+    The root directory of the unmounted ext2/3/4 filesystem on ``device`` as ``(name,
+    mode)`` pairs (``.`` gives the root's own mode), read with ``debugfs``.
+    """
+    return parse_debugfs_listing(run_command(_DEBUGFS_LS_ROOT + [device]))
+
+
+def parse_debugfs_listing(listing: str) -> tuple[tuple[str, int], ...]:
+    """The ``(name, mode)`` pairs of what ``debugfs -R 'ls -p DIR'`` printed (pure)."""
     # ``ls -p`` prints one ``/inode/mode/uid/gid/name/size/`` line per entry.
     entries = []
     for line in listing.splitlines():
         parts = line.split("/")
         if len(parts) >= 7 and parts[0] == "" and parts[2]:
             entries.append((parts[5], int(parts[2], 8)))
-    return entries
+    return tuple(entries)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -139,16 +217,37 @@ class MountInfo:
 
 
 def _unescape(field: bytes) -> str:
-    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field))
+    # Most fields have no escape: the agent parses the whole table at every discovery.
+    if b"\\" in field:
+        field = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
+    return field.decode(_FS_ENCODING, _FS_ERRORS)
 
 
-def parse_mountinfo(data: bytes) -> list[MountInfo]:
-    """Parse the bytes of a mountinfo file; raise ``ValueError`` on a malformed line."""
+def _escape(path: str) -> bytes:
+    # As the kernel writes paths in mountinfo: space, tab, newline and backslash in octal.
+    data = os.fsencode(path)
+    for char in b"\\ \t\n":  # the backslash first, so that no escape is escaped again
+        data = data.replace(bytes([char]), b"\\%03o" % char)
+    return data
+
+
+def parse_mountinfo(data: bytes, under: Optional[str] = None) -> list[MountInfo]:
+    """
+    Parse the bytes of a mountinfo file; raise ``ValueError`` on a malformed line. With
+    ``under`` (an absolute path), only the mounts at ``under`` or below it are parsed and
+    returned: the others are told apart by their (escaped) mount point alone.
+    """
+    if under is not None:
+        exact = _escape(under.rstrip("/") or "/")
+        below = exact.rstrip(b"/") + b"/"
     mounts = []
     for line in data.split(b"\n"):
         if not line:
             continue
         fields = line.split(b" ")
+        if (under is not None and len(fields) > 4 and fields[4] != exact
+                and not fields[4].startswith(below)):
+            continue
         try:
             separator = fields.index(b"-", 6)
             major, minor = fields[2].split(b":")
@@ -167,17 +266,20 @@ def parse_mountinfo(data: bytes) -> list[MountInfo]:
     return mounts
 
 
-def read_mountinfo(pid: str = "self") -> list[MountInfo]:
-    """The mounts of ``pid``'s mount namespace (default: this process's)."""
+def read_mountinfo(pid: str = "self", under: Optional[str] = None) -> list[MountInfo]:
+    """
+    The mounts of ``pid``'s mount namespace (default: this process's); with ``under``,
+    only those at that absolute path or below it.
+    """
     with open(f"/proc/{pid}/mountinfo", "rb") as f:
-        return parse_mountinfo(f.read())
+        return parse_mountinfo(f.read(), under)
 
 
 def _top_mount(path: str) -> Optional[MountInfo]:
     target = os.path.realpath(path)
     top = None
     # Later lines are mounted later, so the last match is the one covering the others.
-    for mount in read_mountinfo():
+    for mount in read_mountinfo(under=target):
         if mount.mount_point == target:
             top = mount
     return top

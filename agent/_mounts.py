@@ -135,24 +135,27 @@ class MountTable:
         """
         The table corrected by ``in_use`` (as ``reconcile``) after dockerd restarted:
         ``confirmed`` are the ``(name, mount ID)`` the new dockerd has mounted, whose counts
-        are right; the other IDs were counted under the previous dockerd, and a volume
-        keeps only as many of those (one mount each) as its running containers' mount
-        points exceed its confirmed mounts, so a crashed dockerd's mounts do not keep the
-        volume in use (and leased) forever.
+        are right and kept; the other IDs were counted under the previous dockerd, and a
+        volume keeps only as many of those (one mount each) as its running containers'
+        mount points exceed its confirmed mounts, so a crashed dockerd's mounts do not keep
+        the volume in use (and leased) forever.
         """
         confirmed = set(confirmed)
         volumes = {}
-        for name, wanted in in_use.items():
-            if wanted <= 0:
-                continue
+        for name in set(in_use) | set(self.volumes):
+            wanted = max(0, in_use.get(name, 0))
             volume = self.volumes.get(name, VolumeMounts())
+            # A confirmed mount is kept even if ``in_use`` (read a moment earlier) does
+            # not show its container yet.
             mounts = {k: n for k, n in volume.mounts.items() if (name, k) in confirmed}
             room = wanted - sum(mounts.values())
             for mount_id in sorted(k for k in volume.mounts if k not in mounts)[:max(0, room)]:
                 mounts[mount_id] = 1
             for n in range(wanted - sum(mounts.values())):
                 mounts[f"{RECONCILED_PREFIX}{n + 1}"] = 1
-            volumes[name] = VolumeMounts(dataset_id=volume.dataset_id, mounts=pmap(mounts))
+            if mounts:
+                volumes[name] = VolumeMounts(dataset_id=volume.dataset_id,
+                                             mounts=pmap(mounts))
         return MountTable(pmap(volumes))
 
     def reconcile(self, in_use: Mapping[str, int]) -> "MountTable":

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pyflock.agent._backends._interface import (
-    BackendError, UnattachedVolume, UnknownVolume, VolumeExists,
+    BackendError, BlockVolume, UnattachedVolume, UnknownVolume, VolumeExists,
 )
 from pyflock.agent._convergence import (
     AttachVolume, CreateFilesystem, CreateVolume, DestroyVolume, DetachVolume,
@@ -36,9 +36,7 @@ from pyflock.agent._convergence import (
 from pyflock.agent._discovery import (
     FilesystemCondition, FilesystemProbe, Mount, filesystem_condition,
 )
-from pyflock.agent._fs import (
-    ROOT_MODE, CommandFailed, FilesystemError, filesystem_type, read_mountinfo, run_command,
-)
+from pyflock.agent._fs import CommandFailed, FilesystemError, read_mountinfo
 from pyflock.agent import _fs
 from pyflock.common._logging import log_event
 
@@ -102,17 +100,6 @@ class IFilesystems(Interface):
         """Remove the empty directory ``path``; nothing if missing; refuses if mounted."""
 
 
-def _root_entries(device: str) -> tuple:
-    listing = run_command(["debugfs", "-R", "ls -p /", device])
-    entries = []
-    # ``ls -p`` prints one ``/inode/mode/uid/gid/name/size/`` line per entry.
-    for line in listing.splitlines():
-        parts = line.split("/")
-        if len(parts) >= 7 and parts[0] == "" and parts[2]:
-            entries.append((parts[5], int(parts[2], 8)))
-    return tuple(entries)
-
-
 @implementer(IFilesystems)
 class LocalFilesystems:
     """This host's filesystems, through ``pyflock.agent._fs`` (needs root)."""
@@ -122,7 +109,7 @@ class LocalFilesystems:
         root = os.path.realpath(root)
         top = {}
         # Later lines are mounted later, so the last one at a path covers the others.
-        for info in read_mountinfo():
+        for info in read_mountinfo(under=root):
             if os.path.dirname(info.mount_point) == root:
                 top[info.mount_point] = Mount(mount_point=info.mount_point,
                                               source=info.source,
@@ -139,23 +126,22 @@ class LocalFilesystems:
 
     def probe(self, device: str) -> FilesystemProbe:
         """``blkid -p``, and for ext4 the root directory as ``debugfs`` reads it."""
-        fstype = filesystem_type(device)
-        if fstype != "ext4":
-            return FilesystemProbe(fstype=fstype)
-        return FilesystemProbe(fstype=fstype, root=_root_entries(device))
+        fstype, root = _fs.probe_filesystem(device)
+        return FilesystemProbe(fstype=fstype, root=root or ())
 
     def empty_directories(self, root: str) -> frozenset:
         """The empty directories directly under ``root``."""
         try:
-            names = os.listdir(root)
+            with os.scandir(root) as entries:
+                # The entry's type comes with the listing: no stat, and no symlink followed.
+                directories = [e for e in entries if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return frozenset()
         empty = set()
-        for name in names:
-            path = os.path.join(root, name)
+        for entry in directories:
             try:
-                if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
-                    empty.add(name)
+                if not os.listdir(entry.path):
+                    empty.add(entry.name)
             except OSError:
                 continue  # removed, or not ours to read, meanwhile
         return frozenset(empty)
@@ -165,18 +151,11 @@ class LocalFilesystems:
         _fs.make_filesystem(device)
 
     def finish_filesystem(self, device: str) -> None:
-        """Remove the empty ``lost+found`` and open the root to all, as mkfs's second half."""
+        """``pyflock.agent._fs.finish_filesystem``, only on a half-made filesystem."""
         if filesystem_condition(self.probe(device)) is not FilesystemCondition.UNFINISHED:
             raise FilesystemError(
                 f"{device} does not hold a half-made filesystem; refusing to change it")
-        # debugfs edits the unmounted filesystem and exits 0 even when a command fails,
-        # so the result is checked afterwards.
-        said = run_command(["debugfs", "-w", "-f", "-", device],
-                           input=f"rmdir lost+found\nsif / mode 0{0o40000 | ROOT_MODE:o}\n")
-        probe = self.probe(device)
-        if filesystem_condition(probe) is FilesystemCondition.UNFINISHED:
-            raise FilesystemError(f"could not finish the filesystem on {device}: its root "
-                                  f"holds {probe.root}; debugfs said: {said.strip()}")
+        _fs.finish_filesystem(device)
 
     def mount(self, device: str, path: str) -> None:
         """``pyflock.agent._fs.mount`` (ext4)."""
@@ -463,14 +442,19 @@ class Runner:
     def _remove_mount_point(self, change: RemoveMountPoint) -> None:
         self.filesystems.remove_mount_point(change.mount_point)
 
+    def _volume(self, dataset_id: str) -> Optional[BlockVolume]:
+        try:
+            return self.backend.get_volume(dataset_id)
+        except UnknownVolume:
+            return None
+
     def _detach_volume(self, change: DetachVolume) -> None:
-        volumes = [v for v in self.backend.list_volumes()
-                   if v.dataset_id == change.dataset_id]
-        if not volumes or volumes[0].device_path is None:
+        volume = self._volume(change.dataset_id)
+        if volume is None or volume.device_path is None:
             return  # already gone: what we wanted (a stale record is harmless)
-        if volumes[0].attached_to != change.node_uuid:
+        if volume.attached_to != change.node_uuid:
             raise StaleChange(f"dataset {change.dataset_id} is now attached to "
-                              f"{volumes[0].attached_to}, not {change.node_uuid}")
+                              f"{volume.attached_to}, not {change.node_uuid}")
         try:
             self.backend.detach_volume(change.dataset_id)
         except (UnknownVolume, UnattachedVolume):

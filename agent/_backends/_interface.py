@@ -170,6 +170,12 @@ class IBlockDeviceBackend(Interface):
         ``AlreadyAttached`` while it is attached.
         """
 
+    def get_volume(dataset_id: str) -> BlockVolume:
+        """
+        One volume exactly as ``list_volumes`` would list it, without listing them all.
+        Raises ``UnknownVolume``.
+        """
+
     def get_device_path(dataset_id: str) -> str:
         """
         The device path of a volume attached to this backend's node. Raises

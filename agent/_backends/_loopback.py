@@ -14,6 +14,12 @@ record only says which node owns that device. It is written *before* ``losetup``
 only once the device is really gone, so a crash never leaves an unowned device; a record
 whose device is gone (a host reboot, a busy detach that finished by itself) is stale and the
 volume counts as unattached.
+
+Reading is cheap because discovery reads often: ``list_volumes`` reads each file's size,
+each record and each loop device's ``backing_file`` once (sysfs, no device opened); the
+calls about one volume (``get_volume``, ``get_device_path``, attach, detach, destroy) read
+only that volume's file and record, and the loop devices only when the record does not
+name a live device of the file.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
 import json
 import os
 from typing import Iterator, Optional
@@ -45,6 +50,7 @@ RECORD_VERSION = 1
 _LOOP_CLR_FD = 0x4C01
 _DELETED = " (deleted)"
 _SYS_BLOCK = "/sys/block"
+_READ_SIZE = 65536
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -124,36 +130,43 @@ class Leftovers:
 
 def volumes_from_snapshot(snapshot: LoopbackSnapshot) -> list[BlockVolume]:
     """The volumes a snapshot shows, sorted by dataset id (pure)."""
-    volumes = []
-    for dataset_id, size in sorted(snapshot.volumes.items()):
-        devices = snapshot.devices_of(dataset_id)
-        if not devices:
-            volumes.append(BlockVolume(dataset_id=dataset_id, size=size))
-            continue
-        record = snapshot.records.get(dataset_id)
-        volumes.append(BlockVolume(
-            dataset_id=dataset_id, size=size,
-            attached_to=None if record is None else record.node_uuid,
-            device_path=_recorded_device(record, devices)))
-    return volumes
+    by_file = _live_devices_by_file(snapshot)
+    return [_block_volume(dataset_id, size, snapshot.records.get(dataset_id),
+                          tuple(d.device for d in by_file.get(
+                              snapshot.volume_files.get(dataset_id), ())))
+            for dataset_id, size in sorted(snapshot.volumes.items())]
 
 
-def _recorded_device(record: Optional[AttachmentRecord],
-                     devices: tuple[LoopDevice, ...]) -> str:
-    for device in devices:
-        if record is not None and device.device == record.device:
-            return device.device
-    return devices[0].device
+def _live_devices_by_file(snapshot: LoopbackSnapshot) -> dict[str, list[LoopDevice]]:
+    # ``devices_of`` for every volume at once, in one pass over the devices.
+    by_file: dict[str, list[LoopDevice]] = {}
+    for device in snapshot.devices:
+        if not device.deleted:
+            by_file.setdefault(device.backing_file, []).append(device)
+    return by_file
+
+
+def _block_volume(dataset_id: str, size: int, record: Optional[AttachmentRecord],
+                  devices: tuple[str, ...]) -> BlockVolume:
+    """The volume with these devices on its file; the recorded one is named if live."""
+    if not devices:
+        return BlockVolume(dataset_id=dataset_id, size=size)
+    if record is None:
+        return BlockVolume(dataset_id=dataset_id, size=size, device_path=devices[0])
+    return BlockVolume(dataset_id=dataset_id, size=size, attached_to=record.node_uuid,
+                       device_path=record.device if record.device in devices
+                       else devices[0])
 
 
 def find_leftovers(snapshot: LoopbackSnapshot, node_uuid: str) -> Leftovers:
     """Classify a snapshot's anomalies as seen by ``node_uuid`` (pure; see ``Leftovers``)."""
     mine = {i: r for i, r in snapshot.records.items() if r.node_uuid == node_uuid}
+    by_file = _live_devices_by_file(snapshot)
     stale, pending = [], []
     for dataset_id in sorted(mine):
         if dataset_id not in snapshot.volumes:
             continue
-        devices = snapshot.devices_of(dataset_id)
+        devices = by_file.get(snapshot.volume_files.get(dataset_id), ())
         if not devices:
             stale.append(dataset_id)
         pending.extend(d for d in devices if d.autoclear)
@@ -171,33 +184,66 @@ def find_leftovers(snapshot: LoopbackSnapshot, node_uuid: str) -> Leftovers:
     )
 
 
-def scan_loop_devices() -> list[LoopDevice]:
-    """Every bound loop device on this host, read from sysfs without opening any device."""
+def _read(path: str) -> bytes:
+    # Plain descriptors, not open(): each discovery reads a few hundred small files.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, _READ_SIZE)
+        # A sysfs attribute comes whole in one read, and a short read of a regular file
+        # is its end: only a full buffer needs another read.
+        chunks = [data]
+        while len(data) == _READ_SIZE:
+            data = os.read(fd, _READ_SIZE)
+            chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _sysfs_backing_file(name: str) -> Optional[str]:
+    """What ``/sys/block/<name>`` is backed by, " (deleted)" and all; None if unbound."""
+    try:
+        data = _read(f"{_SYS_BLOCK}/{name}/loop/backing_file")
+    except FileNotFoundError:
+        return None
+    return os.fsdecode(data.rstrip(b"\n"))
+
+
+def _scan(under: Optional[str], autoclear: bool) -> list[LoopDevice]:
     devices = []
-    for path in sorted(glob.glob(f"{_SYS_BLOCK}/loop*/loop/backing_file")):
-        name = path.split("/")[3]
-        try:
-            with open(path) as f:
-                backing = f.read().rstrip("\n")
-            with open(f"{_SYS_BLOCK}/{name}/loop/autoclear") as f:
-                autoclear = f.read().strip() == "1"
-        except FileNotFoundError:
-            continue  # detached while we looked
+    for name in sorted(os.listdir(_SYS_BLOCK)):
+        if not name.startswith("loop"):
+            continue
+        # Only a bound device has loop/backing_file: one read tells bound and backing.
+        backing = _sysfs_backing_file(name)
+        if backing is None:
+            continue
         deleted = backing.endswith(_DELETED)
         if deleted:
             backing = backing[:-len(_DELETED)]
+        if under is not None and not backing.startswith(under):
+            continue
+        flag = False
+        if autoclear:
+            try:
+                flag = _read(f"{_SYS_BLOCK}/{name}/loop/autoclear").strip() == b"1"
+            except FileNotFoundError:
+                continue  # detached while we looked
         devices.append(LoopDevice(device=f"/dev/{name}", backing_file=backing,
-                                  deleted=deleted, autoclear=autoclear))
+                                  deleted=deleted, autoclear=flag))
     return devices
 
 
+def scan_loop_devices(under: Optional[str] = None) -> list[LoopDevice]:
+    """
+    Every bound loop device on this host, or only those backed by a file whose path
+    starts with ``under``; read from sysfs without opening any device.
+    """
+    return _scan(under, autoclear=True)
+
+
 def _backing_file(device: str) -> Optional[str]:
-    name = os.path.basename(device)
-    try:
-        with open(f"{_SYS_BLOCK}/{name}/loop/backing_file") as f:
-            return f.read().rstrip("\n")
-    except FileNotFoundError:
-        return None
+    return _sysfs_backing_file(os.path.basename(device))
 
 
 def release_loop_device(device: str, backing_file: str) -> None:
@@ -257,7 +303,19 @@ class LoopbackBackend:
 
     def list_volumes(self) -> list[BlockVolume]:
         """Every volume in the shared root, sorted by dataset id."""
-        return volumes_from_snapshot(self.snapshot())
+        with self._locked(exclusive=False):
+            # Autoclear flags say nothing about who holds a volume: not read.
+            return volumes_from_snapshot(self._snapshot(autoclear=False))
+
+    def get_volume(self, dataset_id: str) -> BlockVolume:
+        """
+        One volume, as ``list_volumes`` would list it, reading only that volume's file
+        and record (and the loop devices, unless the record names a live device of the
+        file). Raises ``UnknownVolume``.
+        """
+        check_dataset_id(dataset_id)
+        with self._locked(exclusive=False):
+            return self._volume(dataset_id)
 
     def create_volume(self, dataset_id: str, size: Optional[int] = None) -> BlockVolume:
         """Create a sparse volume file of ``size`` bytes (rounded up to 1 MiB)."""
@@ -292,25 +350,20 @@ class LoopbackBackend:
         check_dataset_id(dataset_id)
         check_node_uuid(node_uuid)
         with self._locked(exclusive=True):
-            snapshot = self._snapshot()
-            if dataset_id not in snapshot.volumes:
-                raise UnknownVolume(dataset_id)
-            devices = snapshot.devices_of(dataset_id)
-            if devices:
-                record = snapshot.records.get(dataset_id)
-                raise AlreadyAttached(dataset_id, None if record is None else record.node_uuid,
-                                      _recorded_device(record, devices))
-            path = snapshot.volume_files[dataset_id]
+            volume = self._volume(dataset_id)
+            if volume.device_path is not None:
+                raise AlreadyAttached(dataset_id, volume.attached_to, volume.device_path)
             # Recorded before losetup, so a crash in between never leaves a device no
             # record explains; without a device the record is merely stale.
             self._write_record(AttachmentRecord(dataset_id, node_uuid, None))
             try:
-                device = run_command(["losetup", "-f", "--show", path]).strip()
+                device = run_command(
+                    ["losetup", "-f", "--show", self._volume_file(dataset_id)]).strip()
             except CommandFailed:
                 self._remove_record(dataset_id)
                 raise
             self._write_record(AttachmentRecord(dataset_id, node_uuid, device))
-            return BlockVolume(dataset_id=dataset_id, size=snapshot.volumes[dataset_id],
+            return BlockVolume(dataset_id=dataset_id, size=volume.size,
                                attached_to=node_uuid, device_path=device)
 
     def detach_volume(self, dataset_id: str) -> None:
@@ -321,20 +374,19 @@ class LoopbackBackend:
         """
         check_dataset_id(dataset_id)
         with self._locked(exclusive=True):
-            snapshot = self._snapshot()
-            if dataset_id not in snapshot.volumes:
+            path = self._volume_file(dataset_id)
+            if not os.path.exists(path):
                 raise UnknownVolume(dataset_id)
-            devices = snapshot.devices_of(dataset_id)
+            devices = _live_devices_of(path)
             if not devices:
-                if dataset_id not in snapshot.records:
+                if _read_record(self._record_file(dataset_id), dataset_id) is None:
                     raise UnattachedVolume(dataset_id)
                 self._remove_record(dataset_id)
                 return
-            path = snapshot.volume_files[dataset_id]
             for device in devices:
-                release_loop_device(device.device, path)
-            remaining = tuple(d.device for d in scan_loop_devices()
-                              if not d.deleted and d.backing_file == path)
+                release_loop_device(device, path)
+            # Every device on the file, not only those released: all must be gone.
+            remaining = _live_devices_of(path)
             if remaining:
                 raise VolumeBusy(dataset_id, remaining)
             # The data went through the loop device into the file's page cache; make it
@@ -350,28 +402,20 @@ class LoopbackBackend:
         """Delete an unattached volume's file and any stale record of it."""
         check_dataset_id(dataset_id)
         with self._locked(exclusive=True):
-            snapshot = self._snapshot()
-            if dataset_id not in snapshot.volumes:
-                raise UnknownVolume(dataset_id)
-            devices = snapshot.devices_of(dataset_id)
-            if devices:
-                record = snapshot.records.get(dataset_id)
-                raise AlreadyAttached(dataset_id, None if record is None else record.node_uuid,
-                                      _recorded_device(record, devices))
+            volume = self._volume(dataset_id)
+            if volume.device_path is not None:
+                raise AlreadyAttached(dataset_id, volume.attached_to, volume.device_path)
             # Record first: a crash in between leaves an ordinary unattached volume.
             self._remove_record(dataset_id)
-            os.unlink(snapshot.volume_files[dataset_id])
+            os.unlink(self._volume_file(dataset_id))
             _fsync_directory(self._volumes_path)
 
     def get_device_path(self, dataset_id: str) -> str:
         """The loop device of a volume attached to this node."""
-        check_dataset_id(dataset_id)
-        for volume in self.list_volumes():
-            if volume.dataset_id == dataset_id:
-                if volume.attached_to != self.node_uuid:
-                    raise UnattachedVolume(dataset_id)
-                return volume.device_path
-        raise UnknownVolume(dataset_id)
+        volume = self.get_volume(dataset_id)
+        if volume.device_path is None or volume.attached_to != self.node_uuid:
+            raise UnattachedVolume(dataset_id)
+        return volume.device_path
 
     def snapshot(self) -> LoopbackSnapshot:
         """Read the root and the host's loop devices at one moment (``LoopbackSnapshot``)."""
@@ -396,7 +440,26 @@ class LoopbackBackend:
         finally:
             os.close(fd)
 
-    def _snapshot(self) -> LoopbackSnapshot:
+    def _volume(self, dataset_id: str) -> BlockVolume:
+        path = self._volume_file(dataset_id)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise UnknownVolume(dataset_id) from None
+        record = _read_record(self._record_file(dataset_id), dataset_id)
+        device = None if record is None else record.device
+        if (device is not None and device == "/dev/" + os.path.basename(device)
+                and _backing_file(device) == path):
+            # The recorded device is live on the file: all that the full listing would
+            # say (it prefers the recorded device), without reading every loop device.
+            devices: tuple[str, ...] = (device,)
+        else:
+            devices = _live_devices_of(path)
+        return _block_volume(dataset_id, size, record, devices)
+
+    def _snapshot(self, autoclear: bool = True) -> LoopbackSnapshot:
+        # ``autoclear=False`` skips reading the flags (they all read False): for callers
+        # that only want who holds what.
         volumes, files, temporary = {}, {}, []
         for name in sorted(os.listdir(self._volumes_path)):
             path = os.path.join(self._volumes_path, name)
@@ -420,7 +483,7 @@ class LoopbackBackend:
                 else:
                     records[record.dataset_id] = record
         prefix = self._volumes_path + "/"
-        devices = tuple(d for d in scan_loop_devices() if d.backing_file.startswith(prefix))
+        devices = tuple(_scan(prefix, autoclear))
         return LoopbackSnapshot(volumes=volumes, records=records, devices=devices,
                                 volume_files=files, unreadable_records=tuple(unreadable),
                                 temporary_files=tuple(temporary))
@@ -452,10 +515,15 @@ class LoopbackBackend:
         _fsync_directory(self._records_path)
 
 
+def _live_devices_of(path: str) -> tuple[str, ...]:
+    """The loop devices backed by the (not deleted) file ``path``, read from sysfs."""
+    return tuple(d.device for d in _scan(path, autoclear=False)
+                 if not d.deleted and d.backing_file == path)
+
+
 def _read_record(path: str, dataset_id: str) -> Optional[AttachmentRecord]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(_read(path))
         if (data.get("version") != RECORD_VERSION or data.get("dataset_id") != dataset_id
                 or not isinstance(data.get("node_uuid"), str)
                 or not isinstance(data.get("device"), (str, type(None)))):

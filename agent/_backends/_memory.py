@@ -152,6 +152,11 @@ class MemoryBackend:
                 raise AlreadyAttached(dataset_id, volume.holder, volume.device)
             del self.store._volumes[dataset_id]
 
+    def get_volume(self, dataset_id: str) -> BlockVolume:
+        """One volume as ``list_volumes`` lists it."""
+        with self.store._lock:
+            return self._record(dataset_id, self._get(dataset_id))
+
     def get_device_path(self, dataset_id: str) -> str:
         """The device path of a volume attached to this node."""
         with self.store._lock:

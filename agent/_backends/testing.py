@@ -233,6 +233,18 @@ def make_iblockdevicebackend_tests(
             self.assertEqual(attached.device_path,
                              self.a.get_device_path(volume.dataset_id))
 
+        def test_get_volume_as_listed(self) -> None:
+            """``get_volume`` answers each volume exactly as ``list_volumes`` lists it,
+            unattached, attached here and attached to another node."""
+            unattached, here, there = (self.new_volume() for _ in range(3))
+            self.a.attach_volume(here.dataset_id, NODE_A)
+            self.b.attach_volume(there.dataset_id, NODE_B)
+            for backend in (self.a, self.b):
+                self.assertEqual(backend.list_volumes(),
+                                 sorted((backend.get_volume(v.dataset_id)
+                                         for v in (unattached, here, there)),
+                                        key=lambda v: v.dataset_id))
+
         def test_attach_to_other_node_refused(self) -> None:
             """Attaching a volume held by another node raises ``AlreadyAttached`` naming it."""
             volume = self.new_volume()
@@ -338,7 +350,8 @@ def make_iblockdevicebackend_tests(
             for call in [lambda: self.a.attach_volume(dataset_id, NODE_A),
                          lambda: self.a.detach_volume(dataset_id),
                          lambda: self.a.destroy_volume(dataset_id),
-                         lambda: self.a.get_device_path(dataset_id)]:
+                         lambda: self.a.get_device_path(dataset_id),
+                         lambda: self.a.get_volume(dataset_id)]:
                 e = self.assertRaises(UnknownVolume, call)
                 self.assertEqual(dataset_id, e.dataset_id)
 
@@ -408,6 +421,21 @@ def make_iblockdevicebackend_tests(
             attached = self.b.attach_volume(volume.dataset_id, NODE_B)
             self.assertEqual(NODE_B, attached.attached_to)
             self.assertEqual(attached.device_path, self.b.get_device_path(volume.dataset_id))
+            self.assertRaises(UnattachedVolume, self.a.get_device_path, volume.dataset_id)
+
+        def test_lost_devices_new_attachment(self) -> None:
+            """
+            After a reboot, a volume attached anew (perhaps on the device another volume
+            had before) is that volume's: the other one stays unattached.
+            """
+            first, second = self.new_volume(), self.new_volume()
+            self.a.attach_volume(first.dataset_id, NODE_A)
+            self.harness.lose_devices()
+            attached = self.a.attach_volume(second.dataset_id, NODE_A)
+            self.assertEqual(sorted([first, attached], key=lambda v: v.dataset_id),
+                             self.b.list_volumes())
+            self.assertRaises(UnattachedVolume, self.a.get_device_path, first.dataset_id)
+            self.assertEqual(attached.device_path, self.a.get_device_path(second.dataset_id))
 
         def test_lost_devices_detach_and_destroy(self) -> None:
             """After a reboot, one detach tidies up and the volume can be destroyed."""

@@ -11,13 +11,13 @@ import tempfile
 import pytest
 
 from pyflock.agent._fs import (
-    ROOT_MODE, CommandFailed, FilesystemError, MountInfo, filesystem_type, has_filesystem,
-    is_mounted, make_filesystem, mount, mounted_device, parse_mountinfo, read_mountinfo,
+    ROOT_MODE, CommandFailed, FilesystemError, MountInfo, filesystem_type, finish_filesystem,
+    has_filesystem, is_mounted, make_filesystem, mount, mounted_device,
+    parse_debugfs_listing, parse_mountinfo, probe_filesystem, read_mountinfo, root_entries,
     run_command, unmount,
 )
 
 SIZE = 64 * 1024 * 1024
-
 
 
 def needs_root(test):
@@ -92,6 +92,34 @@ def test_parse_mountinfo_malformed():
         parse_mountinfo(b"1 0 7:1 / /m rw ext4 /dev/loop1 rw\n")
 
 
+def test_parse_mountinfo_under():
+    """
+    Only the mounts at or below ``under`` are returned, escaped names included; lines
+    elsewhere are not even parsed.
+    """
+    data = (b"1 0 7:1 / /r rw - ext4 /dev/loop1 rw\n"
+            b"2 1 7:2 / /r/a rw - ext4 /dev/loop2 rw\n"
+            b"3 1 7:3 / /r/a\\040b rw - ext4 /dev/loop3 rw\n"
+            b"4 0 7:4 / /ra rw - ext4 /dev/loop4 rw\n"
+            b"5 0 7:5 / /x malformed\n"
+            b"6 0 7:6 / /s\\040t rw - ext4 /dev/loop6 rw\n"
+            b"7 6 7:7 / /s\\040t/u rw - ext4 /dev/loop7 rw\n")
+    assert ["/r", "/r/a", "/r/a b"] == [m.mount_point for m in parse_mountinfo(data, "/r")]
+    assert ["/r/a"] == [m.mount_point for m in parse_mountinfo(data, "/r/a/")]
+    assert ["/s t", "/s t/u"] == [m.mount_point for m in parse_mountinfo(data, "/s t")]
+    assert [] == parse_mountinfo(data, "/nowhere")
+    with pytest.raises(ValueError, match="malformed"):
+        parse_mountinfo(data, "/")
+
+
+def test_parse_debugfs_listing():
+    """``ls -p`` lines become (name, mode) pairs; anything else is skipped."""
+    listing = ("/2/040755/0/0/.//\n/2/040755/0/0/..//\n/11/040700/0/0/lost+found//\n"
+               "/12/100644/1000/1000/a file/5/\n\n")
+    assert ((".", 0o40755), ("..", 0o40755), ("lost+found", 0o40700),
+            ("a file", 0o100644)) == parse_debugfs_listing("debugfs 1.47.0\n" + listing)
+
+
 def test_read_own_mountinfo():
     """This process's mount table includes the root filesystem."""
     assert "/" in [m.mount_point for m in read_mountinfo()]
@@ -135,6 +163,49 @@ def test_make_filesystem(device, mount_point):
     subprocess.run(["touch", os.path.join(mount_point, "by-nobody")], check=True,
                    user=65534, group=65534, extra_groups=[])
     assert os.stat(os.path.join(mount_point, "by-nobody")).st_uid == 65534
+
+
+@needs_root
+def test_probe(device):
+    """
+    A probe tells a blank device, a half-made filesystem (``lost+found``, mode 0755) and
+    a ready one (an empty root open to all) apart, as ``filesystem_type`` and
+    ``root_entries`` do one after the other.
+    """
+    assert (None, None) == probe_filesystem(device)
+    run_command(["mkfs.ext4", "-q", "-F", device])
+    fstype, root = probe_filesystem(device)
+    assert ("ext4", ["."], {0o40755}) == (
+        fstype, [n for n, m in root if n == "."], {m for n, m in root if n == "."})
+    assert ["lost+found"] == sorted(n for n, _ in root if n not in (".", ".."))
+    assert (filesystem_type(device), root_entries(device)) == (fstype, root)
+    finish_filesystem(device)
+    assert ("ext4", ((".", 0o40777), ("..", 0o40777))) == probe_filesystem(device)
+
+
+def test_probe_missing_device():
+    """Probing a device that does not exist raises ``FilesystemError`` naming it."""
+    with pytest.raises(FilesystemError, match="/dev/no-such-device-pf does not exist"):
+        probe_filesystem("/dev/no-such-device-pf")
+
+
+@needs_root
+def test_probe_other_filesystem(device):
+    """A filesystem other than ext4 is named, and its root is not listed."""
+    run_command(["mkfs.ext2", "-q", "-F", device])
+    assert ("ext2", None) == probe_filesystem(device)
+
+
+@needs_root
+def test_finish_filesystem_refuses_to_leave_a_root_unprepared(device, mount_point):
+    """When ``lost+found`` holds something, finishing fails, saying what the root holds."""
+    run_command(["mkfs.ext4", "-q", "-F", device])
+    mount(device, mount_point)
+    open(os.path.join(mount_point, "lost+found", "kept"), "w").close()
+    unmount(mount_point)
+    with pytest.raises(FilesystemError, match="lost\\+found"):
+        finish_filesystem(device)
+    assert "lost+found" in [name for name, _ in root_entries(device)]
 
 
 @needs_root

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._backends import (
     AlreadyAttached, BlockVolume, InvalidVolumeRequest, Leftovers, LoopbackBackend,
-    UnattachedVolume, VolumeBusy,
+    UnattachedVolume, UnknownVolume, VolumeBusy,
 )
 from pyflock.agent._backends._loopback import release_loop_device, scan_loop_devices
 from pyflock.agent._backends.testing import (
@@ -258,6 +258,93 @@ class LoopbackBackendTests(SynchronousTestCase):
         self.a.attach_volume(dataset_id, NODE_A)
         detach_loop_devices_under(self.root)
         self.assertRaises(UnattachedVolume, self.a.get_device_path, dataset_id)
+
+    def write_record(self, dataset_id: str, node_uuid: str, device) -> None:
+        """Write an attachment record by hand, as an earlier run of some agent left it."""
+        with open(os.path.join(self.root, "attachments", f"{dataset_id}.json"), "w") as f:
+            json.dump({"version": 1, "dataset_id": dataset_id, "node_uuid": node_uuid,
+                       "device": device}, f)
+
+    def assert_get_volume_agrees(self) -> None:
+        """Each volume as ``get_volume`` reads it alone is as ``list_volumes`` lists it."""
+        for backend in (self.a, self.b):
+            listed = backend.list_volumes()
+            self.assertEqual(listed, [backend.get_volume(v.dataset_id) for v in listed])
+
+    def test_get_volume(self) -> None:
+        """
+        ``get_volume`` reads one volume as ``list_volumes`` lists it: unattached,
+        attached, held busy, with a stale record, a record without its device, or a
+        device no record explains; an unknown one raises ``UnknownVolume``.
+        """
+        ids = [str(uuid.uuid4()) for _ in range(5)]
+        for dataset_id in ids:
+            self.a.create_volume(dataset_id, SIZE)
+        self.a.attach_volume(ids[0], NODE_A)
+        self.b.attach_volume(ids[1], NODE_B)
+        self.write_record(ids[2], NODE_A, None)
+        self.losetup(os.path.join(self.root, "volumes", f"{ids[2]}.img"))
+        self.losetup(os.path.join(self.root, "volumes", f"{ids[3]}.img"))
+        self.assert_get_volume_agrees()
+        self.assertRaises(UnknownVolume, self.a.get_volume, str(uuid.uuid4()))
+        self.assertEqual(BlockVolume(dataset_id=ids[4], size=SIZE), self.b.get_volume(ids[4]))
+        detach_loop_devices_under(self.root)
+        self.assert_get_volume_agrees()
+        self.assertEqual([BlockVolume(dataset_id=i, size=SIZE) for i in sorted(ids)],
+                         self.a.list_volumes())
+
+    def test_stale_record_naming_a_reused_device(self) -> None:
+        """
+        A stale record naming a loop device that now backs another volume does not make
+        its volume attached: that device is the other volume's.
+        """
+        stale, current = str(uuid.uuid4()), str(uuid.uuid4())
+        self.a.create_volume(stale, SIZE)
+        self.a.create_volume(current, SIZE)
+        device = self.b.attach_volume(current, NODE_B).device_path
+        self.write_record(stale, NODE_A, device)
+        self.assertEqual(BlockVolume(dataset_id=stale, size=SIZE), self.a.get_volume(stale))
+        self.assertRaises(UnattachedVolume, self.a.get_device_path, stale)
+        self.assertEqual(device, self.b.get_device_path(current))
+        self.assertEqual(NODE_A, self.b.attach_volume(stale, NODE_A).attached_to)
+        self.assert_get_volume_agrees()
+
+    def test_record_naming_another_device(self) -> None:
+        """
+        When a volume's record names a device that is not (or no longer) the one backing
+        its file, the device really backing it is found, and named with the record's node.
+        """
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        device = self.losetup(os.path.join(self.root, "volumes", f"{dataset_id}.img"))
+        for named in ["/dev/loop-nonexistent", "/dev/mapper/../" + os.path.basename(device)]:
+            self.write_record(dataset_id, NODE_A, named)
+            self.assertEqual(BlockVolume(dataset_id=dataset_id, size=SIZE, attached_to=NODE_A,
+                                         device_path=device), self.b.get_volume(dataset_id))
+            self.assertEqual(device, self.a.get_device_path(dataset_id))
+            self.assert_get_volume_agrees()
+
+    def test_scan_under(self) -> None:
+        """
+        ``scan_loop_devices(under)`` gives only the devices on files below that path, with
+        the autoclear flag of a device whose detach was put off.
+        """
+        outside = self.root + "-outside.img"
+        self.addCleanup(os.unlink, outside)
+        with open(outside, "wb") as f:
+            f.truncate(SIZE)
+        self.losetup(outside)
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, SIZE)
+        image = os.path.join(self.root, "volumes", f"{dataset_id}.img")
+        device = self.losetup(image)
+        with open(device, "rb"):
+            # Held open, so the release only marks the device to go when we let go.
+            release_loop_device(device, image)
+            [found] = scan_loop_devices(os.path.realpath(self.root) + "/")
+            self.assertEqual((device, image, False, True),
+                             (found.device, found.backing_file, found.deleted, found.autoclear))
+        self.assertEqual([], scan_loop_devices(os.path.realpath(self.root) + "/"))
 
     def test_default_size(self) -> None:
         """``default_size`` sets the size of volumes created without one, rounded up."""

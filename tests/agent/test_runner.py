@@ -368,6 +368,55 @@ class RunnerTests(SynchronousTestCase):
         self.assertIn("ZeroDivisionError", failed["log_failure"].getTraceback())
 
 
+@pytest.mark.integration
+class LoopbackRunnerTests(SynchronousTestCase):
+    """
+    The leaves' guards over the real loopback backend, which reads only the volume a
+    change is about (``get_volume``) rather than listing them all (as root).
+    """
+
+    def setUp(self):
+        self.root = loopback_root(self)
+        self.a = LoopbackBackend(self.root, NODE_A)
+        self.b = LoopbackBackend(self.root, NODE_B)
+        self.runner = Runner(self.a, LocalFilesystems(), run_now)
+        self.dataset_id = str(uuid.uuid4())
+        self.a.create_volume(self.dataset_id, SIZE)
+
+    def test_detach(self):
+        """A detach from the node holding the volume detaches it."""
+        self.a.attach_volume(self.dataset_id, NODE_A)
+        self.successResultOf(self.runner.run(DetachVolume(self.dataset_id, NODE_A)))
+        self.assertIsNone(self.b.get_volume(self.dataset_id).attached_to)
+
+    def test_detach_only_from_named_node(self):
+        """A detach from a node that no longer holds the volume does nothing."""
+        self.b.attach_volume(self.dataset_id, NODE_B)
+        self.failureResultOf(self.runner.run(DetachVolume(self.dataset_id, NODE_A))
+                             ).trap(StaleChange)
+        self.assertEqual(NODE_B, self.a.get_volume(self.dataset_id).attached_to)
+
+    def test_detach_already_gone(self):
+        """Detaching a volume whose device is gone, or which is gone, succeeds."""
+        self.successResultOf(self.runner.run(DetachVolume(str(uuid.uuid4()), NODE_A)))
+        self.a.attach_volume(self.dataset_id, NODE_A)
+        detach_loop_devices_under(self.root)
+        self.successResultOf(self.runner.run(DetachVolume(self.dataset_id, NODE_A)))
+        self.assertEqual(NODE_B, self.b.attach_volume(self.dataset_id, NODE_B).attached_to)
+
+    def test_device_changed(self):
+        """A filesystem change for a device the volume no longer has here does nothing."""
+        device = self.a.attach_volume(self.dataset_id, NODE_A).device_path
+        self.a.detach_volume(self.dataset_id)
+        self.b.attach_volume(self.dataset_id, NODE_B)
+        for change in [CreateFilesystem(self.dataset_id, device),
+                       FinishFilesystem(self.dataset_id, device),
+                       MountFilesystem(self.dataset_id, device,
+                                       os.path.join(self.root, "m", self.dataset_id))]:
+            self.failureResultOf(self.runner.run(change)).trap(StaleChange)
+        self.assertFalse(os.path.exists(os.path.join(self.root, "m")))
+
+
 # ---------------------------------------------------------------------------------------
 # Real loop devices, real mounts, the real reactor and its threads
 
