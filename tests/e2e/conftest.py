@@ -30,6 +30,7 @@ import pytest
 from pyflock.agent._backends.testing import detach_loop_devices_under
 from pyflock.agent._backends._loopback import scan_loop_devices
 from pyflock.agent._config import DEFAULT_SOCKET
+from pyflock.agent._fs import read_mountinfo
 from pyflock.agent._process_testing import agent_document, write_agent_config
 from pyflock.common._dockerd_testing import (
     DockerCluster, DockerNode, NodeCleanupFailed, NodeCommand,
@@ -51,6 +52,9 @@ AGENT = "agent"
 
 #: How long to wait for an agent to start or to connect to the control service.
 AGENT_TIMEOUT = 30.0
+
+#: The major device number of loop devices.
+LOOP_MAJOR = 7
 
 
 def require_e2e() -> None:
@@ -129,8 +133,20 @@ class PyflockDockerCluster:
                                     before_dockerd=self._agent_commands)
         self.docker.start()
         for node in self.nodes:
+            self._release_inherited_loop_mounts(node)
+        for node in self.nodes:
             self.wait_agent_event(node, "pyflock:agent:channel-connected")
         return self
+
+    def _release_inherited_loop_mounts(self, node: DockerNode) -> None:
+        # A new mount namespace starts as a copy of the host's, with the filesystems that
+        # other work on this machine has mounted from loop devices: the copies would keep
+        # those devices busy (their owners could not detach them) for as long as the node
+        # lives. None of ours exists yet (no dataset does), and ours are all in workdir.
+        ours = str(self.workdir) + "/"
+        for mount in reversed(read_mountinfo(str(node.holder_pid))):
+            if mount.major == LOOP_MAJOR and not mount.mount_point.startswith(ours):
+                node.run_in_namespace(["umount", "--lazy", mount.mount_point], check=False)
 
     def _agent_commands(self, node: DockerNode) -> list[NodeCommand]:
         node_uuid = self.node_uuid(node)
@@ -258,3 +274,21 @@ def nodes(pyflock):
         if node.dockerd_running():
             node.remove_all_containers()
 
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the last lines of each node's agent and dockerd
+    logs and of the control service's log (the cluster's folder goes after the module)."""
+    outcome = yield
+    report = outcome.get_result()
+    cluster = item.funcargs.get("pyflock") if hasattr(item, "funcargs") else None
+    if report.when != "call" or not report.failed or cluster is None:
+        return
+    for node in cluster.nodes:
+        for log in (AGENT, "dockerd"):
+            report.sections.append((f"{node.name} {log} log (end)", node.log_tail(log, 25)))
+    if cluster.control is not None:
+        lines = cluster.control.log_path.read_text(errors="replace").splitlines()[-25:] \
+            if cluster.control.log_path.exists() else []
+        report.sections.append(("control service log (end)", "\n".join(lines)))

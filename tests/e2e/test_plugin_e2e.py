@@ -99,9 +99,11 @@ def test_create_list_inspect_remove(pyflock, nodes):
     wait_for(lambda: ("pyflock", name) in listed(n2), 30, "the new volume listed on n2")
 
     mount_point = pyflock.mount_point(n1, dataset["dataset_id"])
+    def mounted():
+        volume = inspect(n1, name)
+        return volume if volume["Mountpoint"] else None
     # The agent creates and mounts it on its primary on its own; inspect then shows where.
-    volume = wait_for(lambda: (lambda v: v if v["Mountpoint"] else None)(inspect(n1, name)),
-                      30, "the new volume mounted on n1")
+    volume = wait_for(mounted, 30, "the new volume mounted on n1")
     assert volume["Driver"] == "pyflock"
     assert volume["Scope"] == "global"
     assert volume["Mountpoint"] == mount_point
@@ -125,7 +127,7 @@ def test_create_list_inspect_remove(pyflock, nodes):
 @pytest.mark.parametrize("option, error", [
     ("size=lots", "pyflock: invalid size 'lots' for volume {name}: use a binary size"),
     ("colour=red", "pyflock: unknown option 'colour' for volume {name}: pyflock accepts"),
-])
+], ids=["size=lots", "colour=red"])
 def test_bad_create_option(pyflock, nodes, option, error):
     """A bad ``-o`` option makes ``docker volume create`` fail with pyflock's Err, and
     creates nothing."""
@@ -286,7 +288,7 @@ def test_dockerd_crash_frees_volumes(pyflock, nodes):
     n1.kill_dockerd()
     n1.start_dockerd()
     wait_for(lambda: running(n1, "phoenix"), 60, "the container running again")
-    assert not running(n1, "victim")
+    wait_for(lambda: not running(n1, "victim"), 30, "the crashed container stopped")
     # The agent corrects its counts once the new dockerd answers.
     wait_mounts_here(n1, died, 0)
     assert inspect(n1, revived)["Status"]["mounts_here"] == 1
