@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from typing import Optional, Sequence
 
@@ -98,6 +99,9 @@ async def run(reactor, options: argparse.Namespace) -> None:
     except StoreError as e:
         await store.close()
         raise StartupError(str(e))
+    # The loaded configuration lives as long as the service: keep the cyclic garbage
+    # collector from walking it again and again (60 ms a pass with 10,000 datasets).
+    gc.freeze()
     configuration.start_lease_expiry()
     cluster = ClusterStateService(reactor, node_expiry=options.node_expiry)
     api = ControlAPI(configuration, cluster, ConnectionIdentities(cluster_uuid),
