@@ -136,9 +136,11 @@ class MountTable:
         The table corrected by ``in_use`` (as ``reconcile``) after dockerd restarted:
         ``confirmed`` are the ``(name, mount ID)`` the new dockerd has mounted, whose counts
         are right and kept; the other IDs were counted under the previous dockerd, and a
-        volume keeps only as many of those (one mount each) as its running containers'
-        mount points exceed its confirmed mounts, so a crashed dockerd's mounts do not keep
-        the volume in use (and leased) forever.
+        volume keeps only as many of those mounts (one each) as its running containers'
+        mount points exceed its confirmed IDs, so a crashed dockerd's mounts do not keep
+        the volume in use (and leased) forever. Which of those IDs are still mounted cannot
+        be told, so made-up IDs (``RECONCILED_PREFIX``) stand for the mounts kept, and the
+        Unmounts of the real ones consume them.
         """
         confirmed = set(confirmed)
         volumes = {}
@@ -148,11 +150,8 @@ class MountTable:
             # A confirmed mount is kept even if ``in_use`` (read a moment earlier) does
             # not show its container yet.
             mounts = {k: n for k, n in volume.mounts.items() if (name, k) in confirmed}
-            room = wanted - sum(mounts.values())
-            for mount_id in sorted(k for k in volume.mounts if k not in mounts)[:max(0, room)]:
-                mounts[mount_id] = 1
-            for n in range(wanted - sum(mounts.values())):
-                mounts[f"{RECONCILED_PREFIX}{n + 1}"] = 1
+            # ``in_use`` counts mount points, one per ID (``docker cp`` mounts an ID again).
+            _add_made_up(mounts, wanted)
             if mounts:
                 volumes[name] = VolumeMounts(dataset_id=volume.dataset_id,
                                              mounts=pmap(mounts))
@@ -172,8 +171,7 @@ class MountTable:
                 continue
             volume = self.volumes.get(name, VolumeMounts())
             mounts = dict(volume.mounts)
-            for n in range(wanted - len(mounts)):
-                mounts[f"{RECONCILED_PREFIX}{n + 1}"] = 1
+            _add_made_up(mounts, wanted)
             volumes[name] = VolumeMounts(dataset_id=volume.dataset_id, mounts=pmap(mounts))
         return MountTable(pmap(volumes))
 
@@ -205,6 +203,15 @@ class MountTable:
             if mounts:
                 volumes[name] = VolumeMounts(dataset_id=dataset_id, mounts=pmap(mounts))
         return cls(pmap(volumes))
+
+
+def _add_made_up(mounts: dict, wanted: int) -> None:
+    """Add made-up IDs (one mount each) to ``mounts`` until it has ``wanted`` IDs,
+    skipping those it has already."""
+    n = 0
+    while len(mounts) < wanted:
+        n += 1
+        mounts.setdefault(f"{RECONCILED_PREFIX}{n}", 1)
 
 
 def docker_volume_mounts(containers: Iterable[Any], driver: str = "pyflock") -> dict[str, int]:

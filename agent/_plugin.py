@@ -846,24 +846,35 @@ class DockerPlugin:
         deadline = self._reactor.seconds() + self._settle_timeout
         pause = 0.1
         while True:
-            in_use = await self._docker_mounts()
+            in_use = None
+            left = deadline - self._reactor.seconds()
+            if left > 0:
+                # A call that never answers must not keep the counts unsettled forever.
+                try:
+                    in_use = await self._within(maybeDeferred(self._docker_mounts), left)
+                except DeferredTimeout:
+                    pass
             if in_use is not None:
                 break
-            if self._reactor.seconds() >= deadline:
+            left = deadline - self._reactor.seconds()
+            if left <= 0:
                 log_event(_log, "pyflock:plugin:settle-failed", LogLevel.warn,
                           reason=f"dockerd's API did not answer within "
                                  f"{self._settle_timeout:g} s of the Activate")
                 return
-            await deferLater(self._reactor, pause, lambda: None)
+            await deferLater(self._reactor, min(pause, left), lambda: None)
             pause = min(pause * 2, SETTLE_RETRY)
         before = self._mounts.table
+        # Before settling, while the table still names them; mounts that ``reconcile``
+        # recorded have no dataset id, and ``_dataset_of`` then asks the view.
+        datasets = {name: self._dataset_of(name) for name in before.volumes}
         saved = self._saved(self._mounts.settle(in_use, self._since_activate or ()))
         # Every count left is now the new dockerd's (live-restore keeps containers
         # running): from here on, a Mount of a counted ID is another use (``docker cp``).
         self._since_activate = None
-        for name in before.volumes:
+        for name, dataset_id in sorted(datasets.items()):
             if self._uses_here(name) == 0:
-                self._leases.release_if_idle(before.dataset_id(name))
+                self._leases.release_if_idle(dataset_id)
         await saved
 
     # -- Get, List, Path: from the view, never from the control service -----------------

@@ -1,9 +1,10 @@
 """
 Test helpers that run real ``pyflock-agent`` processes, alone or as a whole local cluster.
 
-``AgentProcess`` runs ``pyflock-agent run --config FILE`` (an existing ``agent.yml``, or one
-written from keyword parameters), waits until it has started (and, if asked, until its
-agent channel is welcomed), stops it with SIGTERM or SIGKILL, and reads its JSON-lines log.
+``AgentProcess`` (a ``pyflock.common._process_testing.ServiceProcess``) runs
+``pyflock-agent run --config FILE`` (an existing ``agent.yml``, or one written from keyword
+parameters), waits until it has started (and, if asked, until its agent channel is
+welcomed), stops it with SIGTERM or SIGKILL, and reads its JSON-lines log.
 
 ``LocalCluster`` builds, in one folder, a cluster's certificates, one ``ControlProcess``
 on 127.0.0.1 and N agents on 127.0.0.11, 127.0.0.12, ... sharing one loopback root (the
@@ -31,38 +32,34 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import attr
 import yaml
-from twisted.internet.task import deferLater
 
 from pyflock.agent._backends._loopback import LoopbackBackend, scan_loop_devices
 from pyflock.agent._backends.testing import detach_loop_devices_under
 from pyflock.agent._config import AgentConfig, load_config
 from pyflock.agent._fs import read_mountinfo
 from pyflock.common._ca import PathLike, common_name_of, load_certificate
-from pyflock.common.testing import ClusterCertificates, make_cluster_certificates
-from pyflock.control._process_testing import (
-    APIClient, ControlProcess, free_port, read_events, script_path,
+from pyflock.common._process_testing import (
+    DEFAULT_TIMEOUT, ServiceProcess, ServiceProcessExited, free_port, run_to_completion,
+    script_path,
 )
+from pyflock.common.testing import ClusterCertificates, make_cluster_certificates
+from pyflock.control._process_testing import APIClient, ControlProcess
 
-#: How long ``start`` waits for the agent to start, and ``stop`` for it to exit.
-DEFAULT_TIMEOUT = 30.0
-
-_POLL = 0.02
+#: How often ``CommandGates`` looks whether a gated command has arrived.
+_GATE_POLL = 0.005
 
 #: Unix socket paths longer than this do not fit in ``sockaddr_un``.
 _MAX_SOCKET_PATH = 100
 
 
-class AgentProcessExited(Exception):
+class AgentProcessExited(ServiceProcessExited):
     """The agent exited while it was expected to start or to keep running."""
 
-    def __init__(self, returncode: int, stderr: str):
-        super().__init__(f"pyflock-agent exited with status {returncode}: {stderr.strip()}")
-        self.returncode = returncode
-        self.stderr = stderr
+    program = "pyflock-agent"
 
 
 def agent_document(*, control_hostname: str, control_port: int, control_api_port: int,
@@ -114,7 +111,7 @@ def write_agent_config(path: PathLike, document: dict) -> Path:
     return path
 
 
-class AgentProcess:
+class AgentProcess(ServiceProcess):
     """
     One ``pyflock-agent run`` process named ``name`` with the configuration file
     ``config_path``; given ``parameters`` (the keyword arguments of ``agent_document``),
@@ -124,6 +121,10 @@ class AgentProcess:
     files in ``log_directory`` (default: the configuration file's folder). ``close``
     stops it.
     """
+
+    program = "pyflock-agent"
+    what = "agent"
+    exited = AgentProcessExited
 
     def __init__(self, config_path: Optional[PathLike] = None, *,
                  log_directory: Optional[PathLike] = None, name: Optional[str] = None,
@@ -135,15 +136,11 @@ class AgentProcess:
         elif config_path is None:
             raise TypeError("give the path of an agent.yml, or the parameters to write one")
         self.config_path = Path(config_path)
-        self.log_directory = Path(log_directory) if log_directory is not None \
-            else self.config_path.parent
-        #: Variables added to this process's environment for the next runs.
-        self.environment = dict(environment or {})
-        self.runs = 0
-        self._process: Optional[subprocess.Popen] = None
         self._config: Optional[AgentConfig] = None
         self._node_uuid: Optional[str] = None
-        self.name = name or f"agent-{os.getpid()}-{id(self):x}"
+        super().__init__(name or f"agent-{os.getpid()}-{id(self):x}",
+                         log_directory if log_directory is not None
+                         else self.config_path.parent, environment)
 
     # -- what ---------------------------------------------------------------------------
 
@@ -174,52 +171,14 @@ class AgentProcess:
 
     def era(self, timeout: float = DEFAULT_TIMEOUT) -> subprocess.CompletedProcess:
         """Run ``pyflock-agent era`` with this configuration; blocks."""
-        return subprocess.run(
-            [script_path("pyflock-agent"), "era", "--config", str(self.config_path)],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-
-    @property
-    def log_path(self) -> Path:
-        """The JSON-lines log (stdout) of the current or latest run."""
-        return self.log_directory / f"{self.name}-{self.runs}.log"
-
-    @property
-    def stderr_path(self) -> Path:
-        """The stderr of the current or latest run."""
-        return self.log_directory / f"{self.name}-{self.runs}.err"
+        return run_to_completion(
+            [script_path("pyflock-agent"), "era", "--config", str(self.config_path)], timeout)
 
     def arguments(self) -> list[str]:
         """The command line of ``run``."""
         return [script_path("pyflock-agent"), "run", "--config", str(self.config_path)]
 
     # -- life cycle ---------------------------------------------------------------------
-
-    @property
-    def pid(self) -> Optional[int]:
-        """The process id of the current or latest run."""
-        return None if self._process is None else self._process.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the process runs now."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def returncode(self) -> Optional[int]:
-        """The exit status of the latest run (negative: killed by that signal), or None."""
-        return None if self._process is None else self._process.poll()
-
-    def spawn(self) -> None:
-        """Start the process and return at once (``start`` also waits for it)."""
-        if self.running:
-            raise RuntimeError("this agent is already running")
-        self.runs += 1
-        self.log_directory.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
-            # A session of its own: a ^C meant for pytest does not reach it first.
-            self._process = subprocess.Popen(
-                self.arguments(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                env=dict(os.environ, **self.environment), start_new_session=True)
 
     def start(self, timeout: float = DEFAULT_TIMEOUT, connected: bool = True) -> dict:
         """
@@ -228,48 +187,9 @@ class AgentProcess:
         has welcomed it (``pyflock:agent:channel-connected``); return that last event.
         Raises ``AgentProcessExited`` if it exits first.
         """
-        self.spawn()
-        try:
-            event = self.wait_for_event_sync("pyflock:agent:started", timeout=timeout)
-            if connected:
-                event = self.wait_for_event_sync("pyflock:agent:channel-connected",
-                                                 timeout=timeout)
-        except TimeoutError:
-            self.kill9()
-            raise
-        return event
-
-    def wait(self, timeout: float = DEFAULT_TIMEOUT) -> int:
-        """Wait for the agent to exit by itself; its exit status (``TimeoutError``)."""
-        if self._process is None:
-            raise RuntimeError("this agent was never started")
-        try:
-            return self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"pyflock-agent did not exit within {timeout} s") from None
-
-    def stop(self, timeout: float = DEFAULT_TIMEOUT) -> int:
-        """Stop the agent with SIGTERM and wait for it; its exit status."""
-        return self._signal(signal.SIGTERM, timeout)
-
-    def kill9(self) -> int:
-        """Kill the agent with SIGKILL at once, as a crash would, and reap it."""
-        return self._signal(signal.SIGKILL, DEFAULT_TIMEOUT)
-
-    def _signal(self, number: int, timeout: float) -> int:
-        process = self._process
-        if process is None:
-            raise RuntimeError("this agent was never started")
-        if process.poll() is None:
-            process.send_signal(number)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                raise TimeoutError(f"pyflock-agent did not exit within {timeout} s of "
-                                   f"signal {number}; it was killed") from None
-        return process.returncode
+        return self._start(["pyflock:agent:started"]
+                           + (["pyflock:agent:channel-connected"] if connected else []),
+                           timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """
@@ -281,72 +201,6 @@ class AgentProcess:
                 self.stop(timeout)
             except TimeoutError:
                 pass
-
-    def __enter__(self) -> "AgentProcess":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    # -- output -------------------------------------------------------------------------
-
-    @property
-    def stderr(self) -> str:
-        """What the current or latest run wrote to stderr."""
-        try:
-            return self.stderr_path.read_text()
-        except FileNotFoundError:
-            return ""
-
-    def log_events(self, event_type: Optional[str] = None, *,
-                   every_run: bool = False) -> list[dict]:
-        """The log events of the current run (of all runs if ``every_run``)."""
-        if not every_run:
-            return read_events(self.log_path, event_type)
-        events = []
-        for run in range(1, self.runs + 1):
-            events += read_events(self.log_directory / f"{self.name}-{run}.log",
-                                  event_type)
-        return events
-
-    def _find(self, event_type: str, where: Callable[[dict], bool], after: int
-              ) -> Optional[dict]:
-        matching = [e for e in self.log_events(event_type) if where(e)]
-        return matching[after] if len(matching) > after else None
-
-    def _check(self, event_type: str, timeout: float, deadline: float, now: float) -> None:
-        if not self.running:
-            raise AgentProcessExited(self.returncode, self.stderr)
-        if now > deadline:
-            raise TimeoutError(f"no {event_type} event from {self.name} within {timeout} s")
-
-    async def wait_for_event(self, reactor, event_type: str,
-                             where: Callable[[dict], bool] = lambda event: True,
-                             timeout: float = DEFAULT_TIMEOUT, after: int = 0) -> dict:
-        """
-        Fire with the first event of the current run of ``event_type`` for which ``where``
-        is true, past the first ``after`` such events, polling the log on ``reactor``;
-        ``TimeoutError`` after ``timeout``, ``AgentProcessExited`` if the agent exits.
-        """
-        deadline = reactor.seconds() + timeout
-        while True:
-            event = self._find(event_type, where, after)
-            if event is not None:
-                return event
-            self._check(event_type, timeout, deadline, reactor.seconds())
-            await deferLater(reactor, _POLL * 5, lambda: None)
-
-    def wait_for_event_sync(self, event_type: str,
-                            where: Callable[[dict], bool] = lambda event: True,
-                            timeout: float = DEFAULT_TIMEOUT, after: int = 0) -> dict:
-        """``wait_for_event``, blocking the calling thread (for code without a reactor)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            event = self._find(event_type, where, after)
-            if event is not None:
-                return event
-            self._check(event_type, timeout, deadline, time.monotonic())
-            time.sleep(_POLL)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -434,7 +288,7 @@ class CommandGates:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name}'s {command} did not reach its gate "
                                    f"within {timeout} s")
-            time.sleep(_POLL / 4)
+            time.sleep(_GATE_POLL)
 
     def release(self, name: str, command: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Open the gate: the waiting command (if any) runs, and the next ones too."""
@@ -448,7 +302,7 @@ class CommandGates:
                 except OSError:
                     if time.monotonic() > deadline:
                         break
-                    time.sleep(_POLL / 4)
+                    time.sleep(_GATE_POLL)
                     continue
                 try:
                     os.write(fd, b"go\n")
@@ -486,29 +340,35 @@ class CommandGates:
 
 def mounts_under(path: PathLike) -> list:
     """The mounts (``MountInfo``) at or below ``path`` in this mount namespace."""
-    root = os.path.realpath(path)
-    return [m for m in read_mountinfo()
-            if m.mount_point == root or m.mount_point.startswith(root + "/")]
+    return read_mountinfo(under=os.path.realpath(path))
+
+
+def loop_devices_under(path: PathLike) -> list:
+    """The loop devices (``LoopDevice``) backed by a file below ``path``."""
+    return scan_loop_devices(os.path.realpath(path) + "/")
 
 
 def unmount_all_under(path: PathLike) -> list[str]:
     """
-    Unmount every filesystem mounted at or below ``path``, innermost and latest first;
-    the problems met (a busy mount is unmounted lazily, and reported).
+    Unmount every filesystem mounted at or below ``path``, innermost and latest first,
+    for as long as each attempt removes its mount; the problems met (a busy mount is
+    unmounted lazily, and reported; one that stays ends the attempts).
     """
     problems = []
-    for _ in range(64):
-        mounts = mounts_under(path)
-        if not mounts:
-            return problems
+    tried = None
+    while mounts := mounts_under(path):
         # mountinfo lists mounts in the order they were made: undo them in reverse.
         mount = mounts[-1]
+        if mount.mount_id == tried:
+            problems.append(f"{mount.mount_point} stays mounted, even lazily unmounted; "
+                            f"still under {path}: {[m.mount_point for m in mounts]}")
+            break
+        tried = mount.mount_id
         done = subprocess.run(["umount", mount.mount_point], capture_output=True, text=True)
         if done.returncode != 0:
             problems.append(f"umount {mount.mount_point}: {done.stderr.strip()}; "
                             f"unmounted lazily")
             subprocess.run(["umount", "-l", mount.mount_point], capture_output=True)
-    problems.append(f"mounts still under {path} after 64 unmounts: {mounts_under(path)}")
     return problems
 
 
@@ -617,9 +477,7 @@ class LocalCluster:
     def run_cli(self, *arguments: str, user: str = "alice", timeout: float = DEFAULT_TIMEOUT
                 ) -> subprocess.CompletedProcess:
         """Run ``pyflock ARGUMENTS...`` against this cluster; blocks."""
-        return subprocess.run(self.cli_arguments(user) + list(arguments),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout)
+        return run_to_completion(self.cli_arguments(user) + list(arguments), timeout)
 
     # -- what the host holds ------------------------------------------------------------
 
@@ -742,5 +600,5 @@ class LocalCluster:
 
 
 __all__ = ["AgentProcess", "AgentProcessExited", "CommandGates", "DEFAULT_TIMEOUT", "Holders",
-           "LocalCluster", "agent_document", "mounts_under", "unmount_all_under",
-           "write_agent_config"]
+           "LocalCluster", "agent_document", "loop_devices_under", "mounts_under",
+           "unmount_all_under", "write_agent_config"]

@@ -30,7 +30,8 @@ from pyflock.agent._config import AgentConfig, ConfigError, boot_id, compute_era
 from pyflock.agent._loop import node_convergence_loop
 from pyflock.agent._mounts import MountCounts, docker_volume_mounts, in_thread
 from pyflock.agent._plugin import (
-    DockerPlugin, LocalStates, PluginBackend, agent_view_source, listen_plugin, plugin_site,
+    DockerPlugin, LocalStates, PluginBackend, PluginSocketError, agent_view_source,
+    listen_plugin, plugin_site,
     threaded_is_mountpoint,
 )
 from pyflock.agent._runner import LocalFilesystems
@@ -166,7 +167,9 @@ async def run(reactor, config: AgentConfig) -> None:
     plugin.start()
     try:
         plugin_port = listen_plugin(reactor, config.plugin_socket, plugin_site(plugin))
-    except Exception as e:
+    except PluginSocketError as e:
+        raise StartupError(str(e))
+    except OSError as e:
         raise StartupError(f"cannot serve the Docker plugin at {config.plugin_socket}: {e}")
     log_event(_log, "pyflock:agent:started", node_uuid=node_uuid, era=era,
               backend=config.backend, plugin_socket=config.plugin_socket,

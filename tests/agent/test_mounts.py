@@ -1,6 +1,6 @@
 """
 The plugin's mount counts: counters per (volume, Mount ID), reconciliation with running
-containers, the JSON file and its atomic, coalesced writes.
+containers, settling after a dockerd crash, the JSON file and its atomic, coalesced writes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest_twisted
 from hypothesis import given, strategies as st
 from pyrsistent import pmap
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
+from twisted.logger import capturedLogs, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -27,7 +27,10 @@ from pyflock.common._logging import events_of
 
 X = "0e4c01a3" * 8
 Y = "7d2f9b11" * 8
+Z = "a9c3e5f7" * 8
 D1 = "11111111-2222-4333-8444-555555555555"
+D2 = "66666666-7777-4888-9999-aaaaaaaaaaaa"
+MADE_UP = RECONCILED_PREFIX + "1"
 
 
 class MountTableTests(SynchronousTestCase):
@@ -90,6 +93,161 @@ class MountTableTests(SynchronousTestCase):
         table = MountTable().reconcile({"v1": 1})
         [mount_id] = table.volumes["v1"].mounts
         self.assertTrue(mount_id.startswith(RECONCILED_PREFIX))
+
+    def test_reconcile_made_up_ids_added_to_made_up(self):
+        """Made-up IDs already in the table are kept, and new ones are added beside them,
+        never over them."""
+        table = MountTable().reconcile({"v1": 1}).reconcile({"v1": 3})
+        self.assertEqual(table.count("v1"), 3)
+        self.assertEqual(len(table.volumes["v1"].mounts), 3)
+
+
+class RemountTests(SynchronousTestCase):
+    """``remount``: a new dockerd's Mount of an ID the previous dockerd left counted."""
+
+    def test_counts_once(self):
+        """An ID counted any number of times is counted once, and other IDs are left."""
+        table = MountTable().mount("v1", X, D1).mount("v1", X, D1).mount("v1", X, D1)
+        table = table.mount("v1", Y, D1).remount("v1", X, D1)
+        self.assertEqual(dict(table.volumes["v1"].mounts), {X: 1, Y: 1})
+
+    def test_new_id_or_volume(self):
+        """Remounting an ID or a volume the table does not have counts it once."""
+        table = MountTable().mount("v1", X, D1).remount("v1", Y, D1).remount("v2", X, D2)
+        self.assertEqual((table.mount_count("v1", Y), table.count("v1"), table.count("v2")),
+                         (1, 2, 1))
+        self.assertEqual(dict(table.in_use()), {"v1": D1, "v2": D2})
+
+    def test_dataset_id(self):
+        """A remount without a dataset id keeps the recorded one; with one, sets it."""
+        table = MountTable().mount("v1", X, D1)
+        self.assertEqual(table.remount("v1", X, None).dataset_id("v1"), D1)
+        self.assertEqual(MountTable().reconcile({"v1": 1}).remount("v1", X, D1)
+                         .dataset_id("v1"), D1)
+
+    def test_idempotent(self):
+        """Remounting twice is remounting once."""
+        table = MountTable().mount("v1", X, D1).mount("v1", X, D1)
+        self.assertEqual(table.remount("v1", X, D1).remount("v1", X, D1),
+                         table.remount("v1", X, D1))
+
+
+class SettleTests(SynchronousTestCase):
+    """``settle``: the counts after a new dockerd, from its confirmed mounts and the mount
+    points of the running containers."""
+
+    def test_confirmed_kept(self):
+        """A confirmed ID keeps its whole count (a ``docker cp`` under way), even when the
+        containers read a moment earlier do not show it yet."""
+        table = MountTable().mount("v1", X, D1).mount("v1", X, D1)
+        self.assertEqual(table.settle({}, [("v1", X)]), table)
+
+    def test_unused_dropped(self):
+        """Unconfirmed mounts of a volume no running container uses are dropped, whatever
+        their counts; a volume left without mounts is gone from the table."""
+        table = MountTable().mount("v1", X, D1).mount("v1", X, D1).mount("v2", Y, D2)
+        self.assertEqual(table.settle({"v2": 0}, []), MountTable())
+
+    def test_unconfirmed_up_to_mount_points(self):
+        """A volume keeps as many unconfirmed mounts, one each, as its running containers'
+        mount points exceed its confirmed IDs."""
+        table = MountTable().mount("v1", X, D1).mount("v1", Y, D1).mount("v1", Y, D1) \
+            .mount("v1", Z, D1)
+        settled = table.settle({"v1": 2}, [("v1", X)])
+        self.assertEqual(settled.count("v1"), 2)
+        self.assertEqual(dict(settled.volumes["v1"].mounts), {X: 1, MADE_UP: 1})
+        self.assertEqual(settled.dataset_id("v1"), D1)
+
+    def test_mount_points_not_counts(self):
+        """A confirmed ID counted twice (``docker cp``) is one mount point: another running
+        mount point of the volume keeps one unconfirmed mount."""
+        table = MountTable().mount("v1", X, D1).mount("v1", X, D1).mount("v1", Y, D1)
+        settled = table.settle({"v1": 2}, [("v1", X)])
+        self.assertEqual((settled.mount_count("v1", X), settled.count("v1")), (2, 3))
+
+    def test_running_ids_consume_kept_mounts(self):
+        """Whichever unconfirmed IDs are really still mounted, their Unmounts bring the
+        volume to zero: which ones are stale cannot be told."""
+        table = MountTable().mount("v1", X, D1).mount("v1", Y, D1)
+        for running in (X, Y):
+            settled = table.settle({"v1": 1}, [])
+            self.assertEqual(settled.count("v1"), 1)
+            self.assertEqual(settled.unmount("v1", running), MountTable())
+
+    def test_more_mount_points_than_mounts(self):
+        """Mount points beyond every mount the table has get made-up IDs, also for volumes
+        the table does not have (their dataset unknown)."""
+        table = MountTable().mount("v1", X, D1)
+        settled = table.settle({"v1": 3, "v2": 1}, [("v1", X)])
+        self.assertEqual((settled.count("v1"), settled.count("v2")), (3, 1))
+        self.assertEqual(settled.mount_count("v1", X), 1)
+        self.assertEqual(dict(settled.in_use()), {"v1": D1, "v2": None})
+
+    def test_confirmed_of_nothing_ignored(self):
+        """Confirmed pairs the table does not have (unmounted since) add nothing."""
+        table = MountTable().mount("v1", X, D1)
+        self.assertEqual(table.settle({"v1": 1}, [("v1", Y), ("v2", X)]),
+                         MountTable({"v1": VolumeMounts(D1, {MADE_UP: 1})}))
+
+    def test_confirmed_per_volume(self):
+        """An ID confirmed for one volume is not confirmed for another."""
+        table = MountTable().mount("v1", X, D1).mount("v2", X, D2)
+        self.assertEqual(dict(table.settle({}, [("v1", X)]).in_use()), {"v1": D1})
+
+    def test_negative_in_use(self):
+        """A negative number of mount points counts as none."""
+        table = MountTable().mount("v1", X, D1)
+        self.assertEqual(table.settle({"v1": -2}, []), MountTable())
+
+    def test_made_up_ids_replaced(self):
+        """Made-up IDs of an earlier reconciliation are unconfirmed mounts like any other."""
+        table = MountTable().reconcile({"v1": 3})
+        self.assertEqual(table.settle({"v1": 1}, []).count("v1"), 1)
+
+    @given(st.data())
+    def test_settle_property(self, data):
+        """For any table, containers and confirmed IDs: no volume keeps more mounts than
+        its confirmed counts plus its running mount points, no confirmed count changes,
+        and the Unmounts of the mount points that really run bring every count to zero."""
+        names = ["v1", "v2", "v3"]
+        ids = [X, Y, Z, MADE_UP]
+        raw = data.draw(st.dictionaries(
+            st.sampled_from(names),
+            st.tuples(st.sampled_from([None, D1, D2]),
+                      st.dictionaries(st.sampled_from(ids), st.integers(1, 4), min_size=1))))
+        table = MountTable({name: VolumeMounts(dataset_id, mounts)
+                            for name, (dataset_id, mounts) in raw.items()})
+        in_use = data.draw(st.dictionaries(st.sampled_from(names), st.integers(-1, 5)))
+        confirmed = data.draw(st.sets(st.tuples(st.sampled_from(names),
+                                                st.sampled_from([X, Y, Z, "w"]))))
+        settled = table.settle(in_use, confirmed)
+        # The table is still a valid file's content.
+        self.assertEqual(MountTable.from_json(json.loads(json.dumps(settled.to_json()))),
+                         settled)
+        for name in names:
+            kept = {k: n for k, n in (table.volumes[name].mounts.items()
+                                      if name in table.volumes else ())
+                    if (name, k) in confirmed}
+            wanted = max(0, in_use.get(name, 0))
+            self.assertLessEqual(settled.count(name), sum(kept.values()) + wanted)
+            for mount_id, count in kept.items():
+                self.assertEqual(settled.mount_count(name, mount_id), count)
+            if name in settled.volumes:
+                self.assertEqual(settled.dataset_id(name), table.dataset_id(name))
+            # The mount points running now: the confirmed IDs, and others of old or
+            # unknown IDs, as many as ``in_use`` says beyond the confirmed ones.
+            others = data.draw(st.lists(
+                st.sampled_from([k for k in ids + ["u1", "u2", "u3", "u4", "u5"]
+                                 if k not in kept]),
+                min_size=max(0, wanted - len(kept)), max_size=max(0, wanted - len(kept)),
+                unique=True))
+            after = settled
+            for mount_id, count in kept.items():
+                for _ in range(count):
+                    after = after.unmount(name, mount_id)
+            for mount_id in others:
+                after = after.unmount(name, mount_id)
+            self.assertEqual(after.count(name), 0, (name, others))
 
     @given(st.lists(st.tuples(st.booleans(), st.sampled_from(["v1", "v2"]),
                               st.sampled_from([X, Y, "z"])), max_size=30))
@@ -290,6 +448,47 @@ class MountCountsTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(self.on_disk().count("v2"), 1)
         self.assertEqual(self.on_disk().count("v1"), 0)
+
+    def test_remount_saved(self):
+        """A remount is saved like any change, and the file then counts the ID once."""
+        self.counts.mount("v1", X, D1)
+        self.counts.mount("v1", X, D1)
+        self.runner.run_next()
+        self.runner.run_next()
+        d = self.counts.remount("v1", X, D1)
+        self.runner.run_next()
+        self.successResultOf(d)
+        self.assertEqual(self.on_disk().mount_count("v1", X), 1)
+        self.assertEqual(self.on_disk(), self.counts.table)
+
+    def test_settle_saved_and_logged(self):
+        """Settling is saved like any change and logs the counts before and after."""
+        for name, mount_id in (("v1", X), ("v1", X), ("v2", Y), ("v3", Z)):
+            self.counts.mount(name, mount_id, D1)
+        self.runner.run_next()
+        self.runner.run_next()
+        with capturedLogs() as events:
+            d = self.counts.settle(pmap({"v2": 1}), [("v3", Z)])
+        self.runner.run_next()
+        self.successResultOf(d)
+        self.assertEqual(self.on_disk(), self.counts.table)
+        self.assertEqual((self.on_disk().count("v1"), self.on_disk().count("v2"),
+                          self.on_disk().count("v3")), (0, 1, 1))
+        [event] = events_of(events, "pyflock:plugin:mounts-settled")
+        self.assertEqual((json.loads(event["before"]), json.loads(event["after"])),
+                         ({"v1": 2, "v2": 1, "v3": 1}, {"v2": 1, "v3": 1}))
+
+    def test_settled_counts_survive_restart(self):
+        """Counts saved after settling and remounting are loaded by the next agent."""
+        counts = MountCounts(self.path, synchronously)
+        self.successResultOf(counts.mount("v1", X, D1))
+        self.successResultOf(counts.mount("v2", Y, D2))
+        self.successResultOf(counts.remount("v1", X, D1))
+        self.successResultOf(counts.settle({"v2": 1}, [("v1", X)]))
+        loaded = MountCounts.load(self.path, synchronously)
+        self.assertEqual(loaded.table, counts.table)
+        self.assertEqual((loaded.count("v1"), loaded.count("v2"), loaded.table.dataset_id("v2")),
+                         (1, 1, D2))
 
 
 @pytest_twisted.ensureDeferred

@@ -18,18 +18,19 @@ import pytest
 import pytest_twisted
 from pyrsistent import pmap
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, capturedLogs, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from pyflock.agent._mounts import MountCounts, synchronously
 from pyflock.agent._plugin import (
     ClusterView, DockerPlugin, IPluginBackend, LocalState, LocalStates, PluginBackend,
-    PluginSocketError, ViewDataset, agent_view_source, listen_plugin, plugin_site, threaded_is_mountpoint,
+    PluginSocketError, ViewDataset, agent_view_source, listen_plugin, plugin_site,
+    threaded_is_mountpoint,
 )
 from pyflock.common._client import ControlClient, DatasetConfiguration, LeaseInfo, NodeInfo
 from pyflock.common._logging import events_of
@@ -41,6 +42,7 @@ HOSTS = {A: "10.0.0.1", B: "10.0.0.2"}
 GiB = 1024 ** 3
 MOUNT_X = "0e4c01a3" * 8
 MOUNT_Y = "7d2f9b11" * 8
+MOUNT_Z = "a9c3e5f7" * 8
 CONTROL = "https://control.example"
 
 
@@ -766,6 +768,272 @@ class LeaseRenewalTests(PluginTestCase):
         self.assertEqual(self.lease_holder("v2"), A)
         self.unmount("v2", MOUNT_Y)
         self.assertIsNone(self.lease_holder("v2"))
+
+
+class FakeDockerd:
+    """
+    dockerd's API as the plugin's ``docker_mounts`` reads it: each call answers
+    ``in_use`` (None: dockerd's API does not answer yet), fails with ``error``, or, with
+    ``hold``, waits until the test answers it.
+    """
+
+    def __init__(self):
+        self.in_use = None
+        self.error = None
+        self.hold = False
+        self.held: list = []
+        self.cancelled: list = []
+        self.calls = 0
+
+    def __call__(self) -> Deferred:
+        self.calls += 1
+        if self.error is not None:
+            return fail(self.error)
+        if self.hold:
+            d = Deferred(lambda d: self.cancelled.append(d))
+            self.held.append(d)
+            return d
+        return succeed(None if self.in_use is None else dict(self.in_use))
+
+
+class SettleTests(PluginTestCase):
+    """
+    A dockerd that crashed sent no Unmounts; when a new dockerd activates the plugin, a
+    Mount of an ID left counted counts it once, and once dockerd's API answers the counts
+    are settled and the leases of volumes left unused released.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.dockerd = FakeDockerd()
+        self.plugin = DockerPlugin(self.a.backend, self.a.mounts, self.clock,
+                                   docker_mounts=self.dockerd)
+        self.addCleanup(self.plugin.stop)
+        self.a.plugin = self.plugin
+        self.a.docker = StubTreq(self.plugin.resource())
+
+    def activate(self):
+        """dockerd's handshake, as a new dockerd sends it."""
+        self.assertEqual(self.a.call("Plugin.Activate", raw=b""),
+                         {"Implements": ["VolumeDriver"], "Err": ""})
+
+    def crash_with_containers(self):
+        """A dockerd runs ``died`` (mount ID X) and ``alive`` (mount ID Y), then crashes:
+        no Unmount comes, and the new dockerd's API does not answer yet."""
+        self.dockerd.in_use = {}
+        self.activate()
+        for name, mount_id in (("died", MOUNT_X), ("alive", MOUNT_Y)):
+            self.a.ok("VolumeDriver.Create", {"Name": name})
+            self.mount(name, mount_id)
+        self.dockerd.in_use = None
+        self.assertEqual((self.lease_holder("died"), self.lease_holder("alive")), (A, A))
+
+    def leases(self) -> dict:
+        """Holder by volume name, as the REST API lists the leases now."""
+        response = self.harness.request(self, "GET", "/v1/configuration/leases")
+        names = {d.dataset_id: d.name
+                 for d in self.harness.configuration.committed.datasets.values()}
+        return {names[lease["dataset_id"]]: lease["node_uuid"] for lease in response.json}
+
+    def mounts_here(self, name: str) -> int:
+        """The mounts here that ``docker volume inspect`` shows for ``name``."""
+        return self.a.ok("VolumeDriver.Get", {"Name": name})["Volume"]["Status"]["mounts_here"]
+
+    def test_leftover_id_counts_once(self):
+        """After a new dockerd's Activate, the first Mount of an ID counted under the
+        previous dockerd (a restarted container keeps its IDs) counts it once, however
+        often it was counted; the next Mount of it is another use (``docker cp``)."""
+        self.crash_with_containers()
+        self.mount("alive", MOUNT_Y)
+        self.assertEqual(self.a.mounts.count("alive"), 2)
+        self.activate()
+        self.mount("alive", MOUNT_Y)
+        self.assertEqual(self.a.mounts.table.mount_count("alive", MOUNT_Y), 1)
+        self.assertEqual(self.mounts_here("alive"), 1)
+        self.mount("alive", MOUNT_Y)
+        self.assertEqual(self.mounts_here("alive"), 2)
+
+    def test_new_id_counts_as_ever(self):
+        """Before the counts settle, a Mount of a new ID counts as one more mount, beside
+        the previous dockerd's."""
+        self.crash_with_containers()
+        self.activate()
+        self.mount("died", MOUNT_Z)
+        self.assertEqual(self.mounts_here("died"), 2)
+
+    def test_settle_releases_unused(self):
+        """Once the new dockerd answers, a volume no running container uses loses its
+        counts and its lease (another node can take it), and a volume in use keeps both,
+        also through lease renewals."""
+        self.plugin.start()
+        self.crash_with_containers()
+        self.activate()
+        self.mount("alive", MOUNT_Y)
+        with capturedLogs() as events:
+            self.clock.advance(1)
+            self.dockerd.in_use = {"alive": 1}
+            self.clock.advance(2)
+        self.assertEqual((self.mounts_here("died"), self.mounts_here("alive")), (0, 1))
+        self.assertEqual(self.leases(), {"alive": A})
+        [settled] = events_of(events, "pyflock:plugin:mounts-settled")
+        self.assertEqual((json.loads(settled["before"]), json.loads(settled["after"])),
+                         ({"alive": 1, "died": 1}, {"alive": 1}))
+        [released] = events_of(events, "pyflock:plugin:lease-released")
+        self.assertEqual(released["dataset_id"], self.dataset("died").dataset_id)
+        self.assertEqual(events_of(events, "pyflock:plugin:settle-failed"), [])
+        self.clock.advance(120)
+        self.assertEqual(self.leases(), {"alive": A})
+        self.assertEqual(self.b.call("VolumeDriver.Mount", {"Name": "died", "ID": MOUNT_Z}),
+                         {"Mountpoint": self.b.convergence.path(self.dataset("died")
+                                                                 .dataset_id), "Err": ""})
+        self.assertEqual(self.leases(), {"alive": A, "died": B})
+        self.assertEqual(read_file_counts(self.a.counts_path), {"alive": 1})
+
+    def test_settle_at_once(self):
+        """A dockerd whose API answers at Activate settles the counts during the Activate;
+        the volume of a container still running (live-restore) keeps one mount, which its
+        Unmount then releases."""
+        self.crash_with_containers()
+        self.dockerd.in_use = {"alive": 1}
+        with capturedLogs() as events:
+            self.activate()
+        self.assertEqual(len(events_of(events, "pyflock:plugin:mounts-settled")), 1)
+        self.assertEqual(self.leases(), {"alive": A})
+        self.unmount("alive", MOUNT_Y)
+        self.assertEqual((self.mounts_here("alive"), self.leases()), (0, {}))
+
+    def test_docker_cp_after_settling(self):
+        """After settling, ``docker cp`` (Mount then Unmount of a live ID) is an extra use:
+        the volume stays mounted and leased until its container's own Unmount."""
+        self.crash_with_containers()
+        self.activate()
+        self.mount("alive", MOUNT_Y)
+        self.dockerd.in_use = {"alive": 1}
+        self.clock.advance(1)
+        self.assertEqual(self.mounts_here("alive"), 1)
+        self.mount("alive", MOUNT_Y)
+        self.assertEqual(self.mounts_here("alive"), 2)
+        self.unmount("alive", MOUNT_Y)
+        self.assertEqual((self.mounts_here("alive"), self.leases()), (1, {"alive": A}))
+        self.unmount("alive", MOUNT_Y)
+        self.assertEqual((self.mounts_here("alive"), self.leases()), (0, {}))
+
+    def test_mount_waiting_while_settling(self):
+        """A Mount still waiting for its volume when the counts settle keeps the lease it
+        took, and counts once it answers."""
+        self.crash_with_containers()
+        self.activate()
+        self.a.convergence.blocked.add(self.dataset("died").dataset_id)
+        self.a.states.report_state(self.dataset("died").dataset_id, "attaching")
+        d = self.a.send("VolumeDriver.Mount", {"Name": "died", "ID": MOUNT_Z})
+        self.dockerd.in_use = {}
+        self.clock.advance(1)
+        self.assertEqual((self.a.mounts.count("died"), self.leases()), (0, {"died": A}))
+        self.a.convergence.blocked.clear()
+        self.a.states.report_state(self.dataset("died").dataset_id, None)
+        self.a.convergence.converge()
+        self.assertEqual(self.a.finish(d)["Err"], "")
+        self.assertEqual((self.mounts_here("died"), self.leases()), (1, {"died": A}))
+
+    def test_reconciled_mounts_released(self):
+        """Mounts recorded at agent start without their dataset (the counts file was lost)
+        are settled too, and their volume's lease released at once, not left to expire."""
+        self.a.ok("VolumeDriver.Create", {"Name": "died"})
+        self.successResultOf(self.plugin.reconcile({"died": 1}))
+        self.assertIsNone(self.a.mounts.table.dataset_id("died"))
+        self.plugin.start()
+        self.assertEqual(self.leases(), {"died": A})
+        self.dockerd.in_use = {}
+        self.activate()
+        self.assertEqual((self.mounts_here("died"), self.leases()), (0, {}))
+
+    def test_dockerd_never_answers(self):
+        """A dockerd whose API answers nothing within the limit (300 s) gets a
+        ``settle-failed`` warning; the counts and leases stay as they were, and the plugin
+        stops asking."""
+        self.plugin.start()
+        self.crash_with_containers()
+        with capturedLogs() as events:
+            self.activate()
+            for _ in range(299):
+                self.clock.advance(1)
+            self.assertEqual(events_of(events, "pyflock:plugin:settle-failed"), [])
+            self.clock.advance(1)
+        [failed] = events_of(events, "pyflock:plugin:settle-failed")
+        self.assertEqual((failed["log_level"], failed["reason"]),
+                         (LogLevel.warn, "dockerd's API did not answer within 300 s of the "
+                                         "Activate"))
+        self.assertEqual(events_of(events, "pyflock:plugin:mounts-settled"), [])
+        self.assertGreater(self.dockerd.calls, 100)
+        calls = self.dockerd.calls
+        self.clock.advance(600)
+        self.assertEqual(self.dockerd.calls, calls)
+        self.assertEqual((self.mounts_here("died"), self.mounts_here("alive")), (1, 1))
+        self.assertEqual(self.leases(), {"alive": A, "died": A})
+
+    def test_dockerd_call_hangs(self):
+        """A call to dockerd's API that never returns is given up at the limit, with a
+        ``settle-failed`` warning, and the counts stay."""
+        self.crash_with_containers()
+        self.dockerd.hold = True
+        with capturedLogs() as events:
+            self.activate()
+            self.clock.advance(299)
+            [call] = self.dockerd.held
+            self.assertNoResult(call)
+            self.clock.advance(1)
+        self.assertEqual(self.dockerd.cancelled, [call])
+        [failed] = events_of(events, "pyflock:plugin:settle-failed")
+        self.assertIn("did not answer within 300 s", failed["reason"])
+        self.assertEqual((self.a.mounts.count("died"), self.a.mounts.count("alive")), (1, 1))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_dockerd_fails(self):
+        """A failure of the call to dockerd's API is logged (``settle-failed``, error, with
+        the reason) and the counts stay."""
+        self.crash_with_containers()
+        self.dockerd.error = RuntimeError("docker.sock: permission denied")
+        with capturedLogs() as events:
+            self.activate()
+        [failed] = events_of(events, "pyflock:plugin:settle-failed")
+        self.assertEqual((failed["log_level"], failed["reason"]),
+                         (LogLevel.error, "docker.sock: permission denied"))
+        self.assertIn("RuntimeError", failed["traceback"])
+        self.assertEqual((self.a.mounts.count("died"), self.a.mounts.count("alive")), (1, 1))
+
+    def test_new_activate_restarts_settling(self):
+        """A second Activate (dockerd crashed again) while the first settle waits starts a
+        new one; the first is dropped without a warning."""
+        self.crash_with_containers()
+        self.dockerd.hold = True
+        with capturedLogs() as events:
+            self.activate()
+            self.activate()
+            first, second = self.dockerd.held
+            self.assertEqual(self.dockerd.cancelled, [first])
+            second.callback({"alive": 1})
+        self.assertEqual(events_of(events, "pyflock:plugin:settle-failed"), [])
+        self.assertEqual(len(events_of(events, "pyflock:plugin:mounts-settled")), 1)
+        self.assertEqual(self.leases(), {"alive": A})
+
+    def test_stop_while_settling(self):
+        """Stopping the plugin drops a settle under way, quietly and leaving no timer."""
+        self.crash_with_containers()
+        with capturedLogs() as events:
+            self.activate()
+            self.clock.advance(5)
+            self.plugin.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(events_of(events, "pyflock:plugin:settle-failed"), [])
+        self.assertEqual(self.a.mounts.count("died"), 1)
+
+
+def read_file_counts(path: str) -> dict:
+    """The counts per volume in the mount counts file at ``path``."""
+    with open(path) as f:
+        document = json.load(f)
+    return {name: sum(entry["mounts"].values())
+            for name, entry in document["volumes"].items()}
 
 
 class ViewTests(PluginTestCase):
