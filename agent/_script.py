@@ -169,7 +169,7 @@ async def run(reactor, config: AgentConfig) -> None:
         plugin_port = listen_plugin(reactor, config.plugin_socket, plugin_site(plugin))
     except PluginSocketError as e:
         raise StartupError(str(e))
-    except OSError as e:
+    except Exception as e:  # e.g. CannotListenError: the message names the cause
         raise StartupError(f"cannot serve the Docker plugin at {config.plugin_socket}: {e}")
     log_event(_log, "pyflock:agent:started", node_uuid=node_uuid, era=era,
               backend=config.backend, plugin_socket=config.plugin_socket,

@@ -1,11 +1,12 @@
 """
 Test helpers that run a real ``pyflock-control`` process and talk to it over real TLS.
 
-``ControlProcess`` starts the console script from the running interpreter's ``bin`` folder
-on a free port of a random 127.0.0.x address (kept across restarts, so clients and agents
-find it again), waits until it listens, stops it with SIGTERM or SIGKILL, runs its
-``backup`` command and reads its JSON-lines log. ``APIClient`` makes REST API calls with a
-certificate and, given the OpenAPI document, checks every response against it.
+``ControlProcess`` (a ``pyflock.common._process_testing.ServiceProcess``) starts the
+console script from the running interpreter's ``bin`` folder on a free port of a random
+127.0.0.x address (kept across restarts, so clients and agents find it again), waits until
+it listens, stops it with SIGTERM or SIGKILL, runs its ``backup`` command and reads its
+JSON-lines log. ``APIClient`` makes REST API calls with a certificate and, given the
+OpenAPI document, checks every response against it.
 """
 
 from __future__ import annotations
@@ -13,75 +14,30 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from treq.client import HTTPClient
-from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 
 from pyflock.common._ca import PathLike
+from pyflock.common._process_testing import (
+    DEFAULT_TIMEOUT, ServiceProcess, ServiceProcessExited, free_address, free_port,
+    read_events, run_to_completion, script_path,
+)
 from pyflock.common._tls import client_tls_policy
 from pyflock.control.testing import Response, validate_response
 
-#: How long ``start`` waits for the service to listen, and ``stop`` for it to exit.
-DEFAULT_TIMEOUT = 30.0
 
-_POLL = 0.02
-
-
-class ControlProcessExited(Exception):
+class ControlProcessExited(ServiceProcessExited):
     """The control service exited while it was expected to start or to keep running."""
 
-    def __init__(self, returncode: int, stderr: str):
-        super().__init__(f"pyflock-control exited with status {returncode}: {stderr.strip()}")
-        self.returncode = returncode
-        self.stderr = stderr
+    program = "pyflock-control"
 
 
-def script_path(name: str) -> str:
-    """The console script ``name`` installed beside the running interpreter."""
-    return os.path.join(os.path.dirname(sys.executable), name)
-
-
-def free_address() -> tuple[str, int]:
-    """A random 127.0.0.x address and a TCP port that was free on it a moment ago."""
-    host = f"127.0.0.{random.randint(2, 254)}"
-    return host, free_port(host)
-
-
-def free_port(host: str) -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def read_events(path: PathLike, event_type: Optional[str] = None) -> list[dict]:
-    """The JSON-lines log events in ``path`` (of ``event_type`` only, if given)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    events = []
-    for line in lines:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            # The last line may be half written by a running (or killed) process.
-            continue
-        if event_type is None or event.get("event_type") == event_type:
-            events.append(event)
-    return events
-
-
-class ControlProcess:
+class ControlProcess(ServiceProcess):
     """
     One ``pyflock-control run`` process on ``data_path`` with the certificates folder
     ``certificates_directory`` (cluster.crt, control-service.crt/.key), listening on
@@ -89,6 +45,10 @@ class ControlProcess:
     started again after it stopped; each run writes its own log files in
     ``log_directory`` (by default ``data_path``'s parent folder). ``close`` kills it.
     """
+
+    program = "pyflock-control"
+    what = "control service"
+    exited = ControlProcessExited
 
     def __init__(self, data_path: PathLike, certificates_directory: PathLike, *,
                  host: Optional[str] = None, port: Optional[int] = None,
@@ -102,29 +62,15 @@ class ControlProcess:
         self.port = port if port is not None else free_port(self.host)
         self.agent_port = agent_port if agent_port is not None else free_port(self.host)
         self.lease_grace = lease_grace
-        self.log_directory = Path(log_directory) if log_directory is not None \
-            else self.data_path.parent
         self.extra_arguments = tuple(extra_arguments)
-        self.runs = 0
-        self._process: Optional[subprocess.Popen] = None
-        self._name = f"control-{self.host}-{os.getpid()}-{id(self):x}"
-
-    # -- where --------------------------------------------------------------------------
+        super().__init__(
+            f"control-{self.host}-{os.getpid()}-{id(self):x}",
+            log_directory if log_directory is not None else self.data_path.parent)
 
     @property
     def url(self) -> str:
         """The REST API's base URL, e.g. ``https://127.0.0.9:40123``."""
         return f"https://{self.host}:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        """The JSON-lines log (stdout) of the current or latest run."""
-        return self.log_directory / f"{self._name}-{self.runs}.log"
-
-    @property
-    def stderr_path(self) -> Path:
-        """The stderr of the current or latest run."""
-        return self.log_directory / f"{self._name}-{self.runs}.err"
 
     def arguments(self) -> list[str]:
         """The command line of ``run``."""
@@ -139,23 +85,6 @@ class ControlProcess:
             arguments += ["--lease-grace", str(self.lease_grace)]
         return arguments + list(self.extra_arguments)
 
-    # -- life cycle ---------------------------------------------------------------------
-
-    @property
-    def pid(self) -> Optional[int]:
-        """The process id of the current or latest run."""
-        return None if self._process is None else self._process.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the process runs now."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def returncode(self) -> Optional[int]:
-        """The exit status of the latest run (negative: killed by that signal), or None."""
-        return None if self._process is None else self._process.poll()
-
     def start(self, timeout: float = DEFAULT_TIMEOUT) -> dict:
         """
         Start the service and wait until it listens (it logs ``pyflock:control:started``
@@ -165,7 +94,7 @@ class ControlProcess:
         first = self.runs == 0
         for attempt in range(3):
             try:
-                return self._start_once(timeout)
+                return self._start(["pyflock:control:started"], timeout)
             except ControlProcessExited as e:
                 if (not first or self._fixed_ports or attempt == 2
                         or "cannot listen" not in e.stderr):
@@ -173,111 +102,12 @@ class ControlProcess:
                 self.port, self.agent_port = free_port(self.host), free_port(self.host)
         raise AssertionError("unreachable")
 
-    def _start_once(self, timeout: float) -> dict:
-        if self.running:
-            raise RuntimeError("this control service is already running")
-        self.runs += 1
-        self.log_directory.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
-            # A session of its own: a ^C meant for pytest does not reach it first.
-            self._process = subprocess.Popen(
-                self.arguments(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            started = self.log_events("pyflock:control:started")
-            if started:
-                return started[0]
-            if self._process.poll() is not None:
-                raise ControlProcessExited(self._process.returncode, self.stderr)
-            if time.monotonic() > deadline:
-                self.kill9()
-                raise TimeoutError(f"pyflock-control did not start within {timeout} s; "
-                                   f"stderr: {self.stderr.strip()}")
-            time.sleep(_POLL)
-
-    def stop(self, timeout: float = DEFAULT_TIMEOUT) -> int:
-        """Stop the service with SIGTERM and wait for it; its exit status."""
-        return self._signal(signal.SIGTERM, timeout)
-
-    def kill9(self) -> int:
-        """Kill the service with SIGKILL at once, as a crash would, and reap it."""
-        return self._signal(signal.SIGKILL, DEFAULT_TIMEOUT)
-
-    def _signal(self, number: int, timeout: float) -> int:
-        process = self._process
-        if process is None:
-            raise RuntimeError("this control service was never started")
-        if process.poll() is None:
-            process.send_signal(number)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                raise TimeoutError(f"pyflock-control did not exit within {timeout} s of "
-                                   f"signal {number}; it was killed") from None
-        return process.returncode
-
-    def close(self) -> None:
-        """Kill the process if it still runs (a finalizer: safe to call at any time)."""
-        if self.running:
-            self.kill9()
-
-    def __enter__(self) -> "ControlProcess":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    # -- output -------------------------------------------------------------------------
-
-    @property
-    def stderr(self) -> str:
-        """What the current or latest run wrote to stderr."""
-        try:
-            return self.stderr_path.read_text()
-        except FileNotFoundError:
-            return ""
-
-    def log_events(self, event_type: Optional[str] = None, *,
-                   every_run: bool = False) -> list[dict]:
-        """The log events of the current run (of all runs if ``every_run``)."""
-        if not every_run:
-            return read_events(self.log_path, event_type)
-        events = []
-        for run in range(1, self.runs + 1):
-            events += read_events(self.log_directory / f"{self._name}-{run}.log",
-                                  event_type)
-        return events
-
-    async def wait_for_event(self, reactor, event_type: str,
-                             where: Callable[[dict], bool] = lambda event: True,
-                             timeout: float = DEFAULT_TIMEOUT) -> dict:
-        """
-        Fire with the first event of the current run of ``event_type`` for which ``where``
-        is true, polling the log on ``reactor``; ``TimeoutError`` after ``timeout``.
-        """
-        deadline = reactor.seconds() + timeout
-        while True:
-            for event in self.log_events(event_type):
-                if where(event):
-                    return event
-            if not self.running:
-                raise ControlProcessExited(self.returncode, self.stderr)
-            if reactor.seconds() > deadline:
-                raise TimeoutError(f"no {event_type} event within {timeout} s")
-            await deferLater(reactor, _POLL * 5, lambda: None)
-
-    # -- backup -------------------------------------------------------------------------
-
     def backup(self, destination: PathLike, timeout: float = DEFAULT_TIMEOUT
                ) -> subprocess.CompletedProcess:
         """Run ``pyflock-control backup`` of this data path to ``destination``; blocks."""
-        return subprocess.run(
+        return run_to_completion(
             [script_path("pyflock-control"), "backup", "--data-path", str(self.data_path),
-             str(destination)],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+             str(destination)], timeout)
 
 
 def _not_json(constant: str):
