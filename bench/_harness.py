@@ -1,7 +1,8 @@
 """
 What the benchmarks share: the record a benchmark module returns (``Section``, with its
 ``Target``s), a real ``pyflock-control`` process on 127.0.0.1 with fresh certificates
-(``start_control_service``), percentiles, and a description of the machine.
+(``start_control_service``), a child process awaited with a deadline (``spawn_and_wait``),
+percentiles and latency summaries, and a description of the machine.
 
 A benchmark module is any module in ``bench/`` with
 ``async def benchmark(reactor, context: Context) -> Section``; ``bench/run.py`` lists them.
@@ -113,6 +114,14 @@ def percentile(values: Sequence[float], p: float) -> float:
         raise ValueError(f"percentile {p} is not in (0, 100]")
     ordered = sorted(values)
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def latency_stats(seconds: Sequence[float]) -> dict:
+    """The count, p50, p90, p99, min and max of ``seconds``, in milliseconds, for JSON."""
+    ms = [v * 1000 for v in seconds]
+    return {"count": len(ms), "p50_ms": round(percentile(ms, 50), 1),
+            "p90_ms": round(percentile(ms, 90), 1), "p99_ms": round(percentile(ms, 99), 1),
+            "min_ms": round(min(ms), 1), "max_ms": round(max(ms), 1)}
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -290,6 +299,24 @@ def make_certificates(workdir: Path) -> ClusterCertificates:
                                      control_host="127.0.0.1", name="bench-cluster")
 
 
+async def spawn_and_wait(reactor, protocol: ProcessProtocol, command: Sequence[str],
+                         awaited: Deferred, timeout: float, signal_name: str
+                         ) -> tuple[Any, Any]:
+    """
+    Spawn ``command`` (in this process's environment) with ``protocol``, and wait for
+    ``awaited`` (one of the protocol's Deferreds), sending the process ``signal_name`` if
+    it has not fired within ``timeout`` seconds; the process's transport and the result.
+    """
+    transport = reactor.spawnProcess(protocol, command[0], list(command),
+                                     env=dict(os.environ))
+    timer = reactor.callLater(timeout, transport.signalProcess, signal_name)
+    try:
+        return transport, await awaited
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
 async def start_control_service(reactor, certificates: ClusterCertificates,
                                 data_path: Path,
                                 extra_arguments: Sequence[str] = ()) -> ControlService:
@@ -304,13 +331,8 @@ async def start_control_service(reactor, certificates: ClusterCertificates,
         "--agent-port", "tcp:0:interface=127.0.0.1",
         "--certificates-directory", str(certificates.path), *extra_arguments]
     began = time.perf_counter()
-    transport = reactor.spawnProcess(protocol, command[0], command, env=dict(os.environ))
-    timer = reactor.callLater(START_TIMEOUT, transport.signalProcess, "KILL")
-    try:
-        event = await protocol.started
-    finally:
-        if timer.active():
-            timer.cancel()
+    transport, event = await spawn_and_wait(reactor, protocol, command,
+                                            protocol.started, START_TIMEOUT, "KILL")
     startup = time.perf_counter() - began
     port = int(event["address"].rsplit(":", 1)[1])
     return ControlService(reactor=reactor, pid=transport.pid, port=port,
@@ -328,6 +350,7 @@ def format_ms(seconds: Optional[float]) -> str:
 
 __all__ = [
     "BENCH_USER", "Context", "ControlService", "Profiler", "Section", "Target", "describe_machine",
-    "format_ms", "load_average", "machine_cpu_seconds", "make_certificates", "own_cpu_seconds", "percentile",
-    "process_cpu_seconds", "start_control_service",
+    "format_ms", "latency_stats", "load_average", "machine_cpu_seconds", "make_certificates",
+    "own_cpu_seconds", "percentile", "process_cpu_seconds", "spawn_and_wait",
+    "start_control_service",
 ]

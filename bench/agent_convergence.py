@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,11 +51,11 @@ from twisted.python.filepath import FilePath
 from twisted.web.client import HTTPConnectionPool
 
 from _harness import (
-    BENCH_USER, Context, Profiler, Section, Target, format_ms, load_average, percentile,
-    process_cpu_seconds,
+    BENCH_USER, Context, Profiler, Section, Target, format_ms, latency_stats, load_average,
+    percentile, process_cpu_seconds, spawn_and_wait,
 )
-from pyflock.agent._backends._loopback import scan_loop_devices
-from pyflock.agent._fs import read_mountinfo
+from pyflock.agent._process_testing import LocalCluster, loop_devices_under, mounts_under
+from pyflock.common._dockerd_testing import release_inherited_loop_mounts
 from pyflock.common._model import MINIMUM_SIZE
 from pyflock.common._tls import treq_client
 
@@ -80,8 +79,6 @@ CHILD_TIMEOUT = 900.0
 
 #: Seconds py-spy samples each process for, with ``bench/run.py --profile``.
 PROFILE_SECONDS = 25.0
-
-_LOOP_MAJOR = 7
 
 _JSON = {b"content-type": [b"application/json"]}
 _NODE_STATE = "pyflock:control:node-state"
@@ -204,13 +201,6 @@ class Sample:
         return self.mounted - self.sent
 
 
-def _stats(values: Sequence[float]) -> dict:
-    ms = [v * 1000 for v in values]
-    return {"count": len(ms), "p50_ms": round(percentile(ms, 50), 1),
-            "p90_ms": round(percentile(ms, 90), 1), "p99_ms": round(percentile(ms, 99), 1),
-            "min_ms": round(min(ms), 1), "max_ms": round(max(ms), 1)}
-
-
 class Driver:
     """Makes the REST calls and times them, waiting for the watcher's word."""
 
@@ -321,42 +311,12 @@ def breakdown(samples: Sequence[Sample], agent_events: list[dict]
 # -- the measurement (in a private mount namespace) -----------------------------------------
 
 
-def _our_loop_devices(root: Path) -> list:
-    prefix = os.path.realpath(root) + "/"
-    return [d for d in scan_loop_devices() if d.backing_file.startswith(prefix)]
-
-
-def _mounts_under(root: Path) -> list[str]:
-    root = os.path.realpath(root)
-    return [m.mount_point for m in read_mountinfo()
-            if m.mount_point == root or m.mount_point.startswith(root + "/")]
-
-
-def release_inherited_loop_mounts(parent_namespace: str) -> int:
-    """
-    In this process's own mount namespace, lazily unmount the copies of loop-device
-    filesystems it inherited from its parent's (``parent_namespace``, as
-    ``/proc/self/ns/mnt`` names it there); how many. Refuses to run in that namespace.
-    """
-    if os.readlink("/proc/self/ns/mnt") == parent_namespace:
-        raise RuntimeError("refusing to unmount anything in the parent's mount namespace: "
-                           "run this through bench/run.py (it uses unshare --mount)")
-    released = 0
-    for mount in reversed(read_mountinfo()):
-        if mount.major == _LOOP_MAJOR:
-            subprocess.run(["umount", "-l", mount.mount_point], capture_output=True)
-            released += 1
-    return released
-
-
 async def measure(reactor, workdir: Path, log: Callable[[str], None],
                   profile_dir: Optional[Path] = None) -> dict:
     """
     Start a local cluster in ``workdir``, make the creates, moves and deletes, stop and
     clean everything up; the raw results (``_section`` turns them into the report).
     """
-    from pyflock.agent._process_testing import LocalCluster
-
     cluster = LocalCluster(workdir / "cluster", nodes=2, users=(BENCH_USER,))
     pools = [HTTPConnectionPool(reactor, persistent=True) for _ in range(2)]
     for pool in pools:
@@ -441,12 +401,11 @@ async def measure(reactor, workdir: Path, log: Callable[[str], None],
     return results
 
 
-def _tear_down(cluster) -> list[str]:
+def _tear_down(cluster: LocalCluster) -> list[str]:
     """
-    Stop every process (SIGTERM), unmount whatever is still mounted under the cluster's
-    folder and detach its loop devices; what could not be cleaned up.
+    Stop every process (SIGTERM), then close the cluster (it unmounts whatever is still
+    mounted under its folder and detaches its loop devices); what could not be cleaned up.
     """
-    from pyflock.agent._process_testing import unmount_all_under
     problems = []
     for process in [*cluster.agents, cluster.control]:
         try:
@@ -454,20 +413,16 @@ def _tear_down(cluster) -> list[str]:
                 process.stop()
         except Exception as e:
             problems.append(f"stopping pid {process.pid}: {e!r}")
-    # unmount_all_under undoes at most 64 mounts per call; a failed run may leave more.
-    for _ in range(8):
-        if not _mounts_under(cluster.path):
-            break
-        problems += [p for p in unmount_all_under(cluster.path) if "still under" not in p]
     try:
         cluster.close()
     except AssertionError as e:
         problems.append(str(e))
     # A loop device released while busy (autoclear) may take a moment to go.
     deadline = time.monotonic() + 10
-    while _our_loop_devices(cluster.loopback_root) and time.monotonic() < deadline:
+    while loop_devices_under(cluster.loopback_root) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = _our_loop_devices(cluster.loopback_root) + _mounts_under(cluster.path)
+    left = ([d.device for d in loop_devices_under(cluster.loopback_root)]
+            + [m.mount_point for m in mounts_under(cluster.path)])
     if left:
         problems.append(f"left behind: {left}")
     return problems
@@ -535,13 +490,7 @@ async def benchmark(reactor, context: Context) -> Section:
     if context.profile_dir is not None:
         command += ["--profile-dir", str(context.profile_dir)]
     child = _Child(context.log)
-    transport = reactor.spawnProcess(child, command[0], command, env=dict(os.environ))
-    timer = reactor.callLater(CHILD_TIMEOUT, transport.signalProcess, "TERM")
-    try:
-        code = await child.ended
-    finally:
-        if timer.active():
-            timer.cancel()
+    _, code = await spawn_and_wait(reactor, child, command, child.ended, CHILD_TIMEOUT, "TERM")
     if code != 0 or not results_path.exists():
         raise RuntimeError(f"the measuring process exited with status {code}; its "
                            f"output ends with:\n{child.output.decode('utf-8', 'replace')}")
@@ -563,7 +512,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    released = release_inherited_loop_mounts(options.parent_namespace)
+    released = release_inherited_loop_mounts(os.getpid(), keep=(options.workdir,),
+                                             outside=options.parent_namespace)
     log(f"private mount namespace; released {released} inherited loop-device mounts")
 
     async def run(reactor):
@@ -617,14 +567,14 @@ def _section(raw: dict) -> Section:
         "mounted_detection": "inotify on the control log; GET /v1/state/datasets after "
                              "each node-state event",
         "state_requests": raw["state_requests"],
-        "create_to_mounted": _stats([s.to_mounted for s in sequential]),
-        "create_to_answer": _stats([s.to_answer for s in sequential]),
+        "create_to_mounted": latency_stats([s.to_mounted for s in sequential]),
+        "create_to_answer": latency_stats([s.to_answer for s in sequential]),
         "concurrent_creates": {"count": len(concurrent),
                                "all_mounted_seconds": round(all_mounted, 3),
-                               "to_mounted": _stats([s.to_mounted for s in concurrent]),
-                               "to_answer": _stats([s.to_answer for s in concurrent])},
-        "move_to_mounted": _stats([s.to_mounted for s in moves]),
-        "move_to_answer": _stats([s.to_answer for s in moves]),
+                               "to_mounted": latency_stats([s.to_mounted for s in concurrent]),
+                               "to_answer": latency_stats([s.to_answer for s in concurrent])},
+        "move_to_mounted": latency_stats([s.to_mounted for s in moves]),
+        "move_to_answer": latency_stats([s.to_answer for s in moves]),
         "delete_all": {"count": raw["deleted"],
                        "gone_seconds": round(deleted_seconds, 3)},
         "busy_detaches": raw["busy_detaches"],

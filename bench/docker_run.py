@@ -2,8 +2,8 @@
 Benchmark of ``docker run`` with a pyflock volume against real dockerd: what a user waits
 for. Two simulated Docker hosts (``pyflock.common._dockerd_testing``), each with its own
 dockerd and a real ``pyflock-agent`` serving the plugin, and a real ``pyflock-control`` on
-127.0.0.1, set up as the end-to-end tests do (``PyflockDockerCluster`` in
-tests/e2e/conftest.py). Every number is the wall time of one ``docker`` CLI command, the
+127.0.0.1, set up as the end-to-end tests do (``PyflockDockerCluster`` of
+``pyflock.agent._docker_cluster_testing``). Every number is the wall time of one ``docker`` CLI command, the
 CLI's own start included.
 
 - *new volume*: ``docker run --rm -v NEWNAME:/data busybox:local true`` on n1, with a new
@@ -25,18 +25,19 @@ Run alone: ``python bench/run.py --only docker_run --output /tmp/d.md --json /tm
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import os
 import socket
 import statistics
 import time
-from pathlib import Path
-from typing import Optional, Sequence
 
 from twisted.internet.threads import deferToThread
 
-from _harness import Context, Section, Target, format_ms, load_average, percentile
+from _harness import (
+    Context, Section, Target, format_ms, latency_stats, load_average, percentile,
+)
+from pyflock.agent._docker_cluster_testing import PyflockDockerCluster
+from pyflock.common._dockerd_testing import require_docker, short_workdir
 
 #: Runs of each new-volume case (pyflock and local, alternating).
 NEW_VOLUME_RUNS = 20
@@ -57,15 +58,6 @@ IMAGE = "busybox:local"
 RUN = ("run", "--rm", "--network", "none")
 
 
-def _cluster_class():
-    """``PyflockDockerCluster`` of the end-to-end tests (one definition of the setup)."""
-    path = Path(__file__).resolve().parent.parent / "tests" / "e2e" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("pyflock_e2e_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.PyflockDockerCluster
-
-
 def _timed(node, *args: str) -> tuple[float, float]:
     """Run ``docker ARGS`` on ``node`` (it must succeed); (start time, seconds taken)."""
     began, clock = time.time(), time.perf_counter()
@@ -73,20 +65,11 @@ def _timed(node, *args: str) -> tuple[float, float]:
     return began, time.perf_counter() - clock
 
 
-def _stats(values: Sequence[float]) -> dict:
-    ms = [v * 1000 for v in values]
-    return {"count": len(ms), "p50_ms": round(percentile(ms, 50), 1),
-            "p90_ms": round(percentile(ms, 90), 1), "p99_ms": round(percentile(ms, 99), 1),
-            "min_ms": round(min(ms), 1), "max_ms": round(max(ms), 1)}
-
-
 def _measure(context: Context) -> dict:
     """The whole benchmark, blocking: set up, run every case, tear down."""
-    from pyflock.common._dockerd_testing import require_docker, short_workdir
     require_docker()
-    cluster_class = _cluster_class()
     with short_workdir(prefix="pfb-") as workdir:
-        cluster = cluster_class(workdir)
+        cluster = PyflockDockerCluster(workdir)
         try:
             began = time.perf_counter()
             cluster.start()
@@ -156,12 +139,12 @@ def _cases(cluster, context: Context) -> dict:
     return {
         "runs": {"new_volume": NEW_VOLUME_RUNS, "existing_volume": EXISTING_VOLUME_RUNS,
                  "moves": MOVE_RUNS},
-        "pyflock_new_volume": _stats(pyflock_new),
-        "local_new_volume": _stats(local_new),
-        "pyflock_existing_volume": _stats(pyflock_existing),
-        "local_existing_volume": _stats(local_existing),
-        "move": _stats(moves),
-        "plugin_get": _stats(gets),
+        "pyflock_new_volume": latency_stats(pyflock_new),
+        "local_new_volume": latency_stats(local_new),
+        "pyflock_existing_volume": latency_stats(pyflock_existing),
+        "local_existing_volume": latency_stats(local_existing),
+        "move": latency_stats(moves),
+        "plugin_get": latency_stats(gets),
         "phases_ms": {k: round(v * 1000, 1) for k, v in phases},
         "load_before": load_before, "load_after": load_after,
     }

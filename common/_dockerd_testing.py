@@ -4,17 +4,20 @@ private mount namespace (notes/test-hosts.md §3, §4A, §7).
 
 Each ``DockerNode`` keeps a long-lived *namespace holder* (``unshare --mount --propagation
 private sleep infinity``) in which its own ``/run/docker``, ``/etc/docker`` and
-``/run/containerd`` are bind mounts of folders under the node's directory. dockerd and any
-other process (an agent serving ``/run/docker/plugins/pyflock.sock``) are started inside
-that namespace with ``nsenter``, so each can be stopped and started again on its own while
-mounts made inside the namespace stay where the next dockerd sees them. Every process is
+``/run/containerd`` are bind mounts of folders under the node's directory; the copies of
+other work's loop-device filesystems that the new namespace inherited are lazily unmounted
+at once (``release_inherited_loop_mounts``). dockerd and any other process (an agent
+serving ``/run/docker/plugins/pyflock.sock``) are started inside that namespace with
+``nsenter``, so each can be stopped and started again on its own while mounts made inside
+the namespace stay where the next dockerd sees them. Every process is
 recorded (``pids/NAME.pid``), and ``close`` stops them all, then sweeps whatever is still
 inside the node's namespace or cgroups, unmounts, and removes stale plugin sockets and the
 node's cgroup folders: it never kills anything by name.
 
 ``DockerCluster`` starts several nodes in parallel in one short ``/tmp/pfe-XXXX`` folder and
 loads the tiny ``busybox:local`` image (built once per process from ``/bin/busybox``) into
-each. ``docker_available`` says why end-to-end tests cannot run here.
+each. ``docker_available`` says why end-to-end tests cannot run here; ``require_e2e`` makes a
+test fail (``$CI`` set) or skip with that explanation.
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Un
 import attr
 
 __all__ = [
-    "BUSYBOX_TAG", "KEEP_ENVIRONMENT_VARIABLE", "SHUTDOWN_TIMEOUT", "START_TIMEOUT",
-    "STOP_TIMEOUT", "Availability", "DockerCluster", "DockerCommandFailed", "DockerNode",
+    "BUSYBOX_TAG", "KEEP_ENVIRONMENT_VARIABLE", "LOOP_MAJOR", "SHUTDOWN_TIMEOUT",
+    "START_TIMEOUT", "STOP_TIMEOUT", "Availability", "DockerCluster", "DockerCommandFailed", "DockerNode",
     "DockerUnavailable", "NodeCleanupFailed", "NodeCommand", "NodeStartFailed",
     "busybox_image", "busybox_tar", "close_nodes", "docker_available", "import_images",
-    "require_docker", "short_workdir", "start_nodes", "wait_for",
+    "release_inherited_loop_mounts", "require_docker", "require_e2e", "short_workdir",
+    "start_nodes", "wait_for",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -71,6 +75,12 @@ REQUIRED_PROGRAMS = ("dockerd", "docker", "containerd", "runc", "unshare", "nsen
                      "mount", "umount", "sleep")
 
 BUSYBOX = "/bin/busybox"
+
+#: The major device number of loop devices.
+LOOP_MAJOR = 7
+
+#: Where a node's namespace has folders of its own (bind mounts of the node's folders).
+_NODE_MOUNT_POINTS = ("/run/docker", "/etc/docker", "/run/containerd")
 
 _POLL = 0.05
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -170,6 +180,22 @@ def require_docker() -> None:
     availability = docker_available()
     if not availability:
         raise DockerUnavailable(availability.explain())
+
+
+def require_e2e() -> None:
+    """
+    In a pytest test or fixture: return if end-to-end tests can run here; otherwise fail
+    with the full explanation when the environment variable ``CI`` is set (a machine
+    meant to run them must not pass silently), and skip with it when it is not.
+    """
+    import pytest
+
+    availability = docker_available()
+    if availability:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(availability.explain(), pytrace=False)
+    pytest.skip(availability.explain())
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0,
@@ -272,7 +298,22 @@ def _is_dynamic(path: str) -> bool:
 
 # --- one node ----------------------------------------------------------------------------
 
-class DockerNode:
+class _StartedInside:
+    """A context manager: ``start`` on entry (``close`` if that fails), ``close`` on exit."""
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class DockerNode(_StartedInside):
     """
     One simulated Docker host: a private mount namespace, its own dockerd (vfs, no bridge,
     no iptables) on ``<workdir>/<name>/docker.sock``, and the processes recorded in it.
@@ -323,17 +364,6 @@ class DockerNode:
     def __repr__(self) -> str:
         return f"<DockerNode {self.name} {self.directory}>"
 
-    def __enter__(self) -> "DockerNode":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
     # -- starting
 
     def start(self) -> None:
@@ -347,10 +377,10 @@ class DockerNode:
         for folder in (self.plugins, self.etc_docker / "plugins", self.run_containerd,
                        self.data_root, self.logs, self.pids, self.docker_config):
             folder.mkdir(parents=True, exist_ok=True)
-        for mount_point in ("/run/docker", "/etc/docker", "/run/containerd"):
+        for mount_point in _NODE_MOUNT_POINTS:
             os.makedirs(mount_point, exist_ok=True)
-        binds = [(self.run_docker, "/run/docker"), (self.etc_docker, "/etc/docker"),
-                 (self.run_containerd, "/run/containerd")]
+        binds = zip((self.run_docker, self.etc_docker, self.run_containerd),
+                    _NODE_MOUNT_POINTS)
         script = " && ".join([*(f"mount --bind {shlex.quote(str(source))} {target}"
                                 for source, target in binds),
                               "echo ready", "exec sleep infinity"])
@@ -373,6 +403,10 @@ class DockerNode:
                                   f"{self.log('namespace')[-2000:]}")
         stat = os.stat(f"/proc/{self._holder.pid}/ns/mnt")
         self._namespace = (stat.st_dev, stat.st_ino)
+        # Nothing of this node's work directory is a loop device's yet: keep only the
+        # filesystems the node's folders live on.
+        release_inherited_loop_mounts(self._holder.pid,
+                                      keep=(self.directory.parent, *_NODE_MOUNT_POINTS))
 
     def _spawn_dockerd(self) -> None:
         self._require_namespace()
@@ -786,7 +820,7 @@ def close_nodes(nodes: Sequence[DockerNode]) -> None:
 
 # --- several nodes -----------------------------------------------------------------------
 
-class DockerCluster:
+class DockerCluster(_StartedInside):
     """
     Simulated Docker hosts named ``names`` in one work directory (by default a fresh
     ``/tmp/pfe-XXXXXXXX``, removed at ``close`` unless ``$PYFLOCK_E2E_KEEP`` is set), started
@@ -809,17 +843,6 @@ class DockerCluster:
         self._workdir_context = None
         self.workdir: Optional[Path] = None
         self.nodes: list[DockerNode] = []
-
-    def __enter__(self) -> "DockerCluster":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     def __getitem__(self, name: str) -> DockerNode:
         for node in self.nodes:
@@ -956,6 +979,7 @@ def _namespace_processes(namespace: tuple[int, int]) -> list[int]:
 
 @attr.s(frozen=True, auto_attribs=True)
 class _Mount:
+    major: int
     root: str
     mount_point: str
     file_system: str
@@ -980,7 +1004,8 @@ def _mounts(pid: Union[int, str, None]) -> list[_Mount]:
         separator = fields.index("-")
         options = frozenset(fields[separator + 3].split(",")) if len(fields) > separator + 3 \
             else frozenset()
-        mounts.append(_Mount(_unescape(fields[3]), _unescape(fields[4]),
+        mounts.append(_Mount(int(fields[2].split(":")[0]), _unescape(fields[3]),
+                             _unescape(fields[4]),
                              fields[separator + 1], options))
     return mounts
 
@@ -994,6 +1019,34 @@ def _unmount_below(directory: Path, problems: list[str]) -> None:
         result = subprocess.run(["umount", target], capture_output=True, text=True)
         if result.returncode:
             problems.append(f"cannot unmount {target}: {result.stderr.strip()}")
+
+
+def release_inherited_loop_mounts(pid: int, keep: Iterable[PathLike] = (),
+                                  outside: Optional[str] = None) -> int:
+    """
+    Lazily unmount, in the mount namespace of process ``pid``, the filesystems of loop
+    devices that it inherited when it was made as a copy of another one; how many. Those
+    copies would keep other work's loop devices busy (their owners could not detach them)
+    for as long as the namespace lives. Mounts at, below or above a path in ``keep`` stay.
+    Refuses to touch the namespace ``outside`` (as ``/proc/PID/ns/mnt`` names it; by
+    default this process's own), which is not the copy.
+    """
+    namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+    if namespace == (outside or os.readlink("/proc/self/ns/mnt")):
+        raise RuntimeError(f"refusing to unmount loop-device filesystems in {namespace}, "
+                           "which is no private copy: run this in a new mount namespace "
+                           "(unshare --mount --propagation private)")
+    kept = [os.path.realpath(path).rstrip("/") + "/" for path in keep]
+    released = 0
+    for mount in reversed(_mounts(pid)):
+        point = mount.mount_point.rstrip("/") + "/"
+        if mount.major != LOOP_MAJOR or point == "/" or any(
+                point.startswith(k) or k.startswith(point) for k in kept):
+            continue
+        result = subprocess.run(["nsenter", f"--target={pid}", "--mount", "--", "umount",
+                                 "--lazy", mount.mount_point], capture_output=True)
+        released += result.returncode == 0
+    return released
 
 
 def _cgroup_mounts() -> list[_Mount]:
