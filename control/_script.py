@@ -33,6 +33,9 @@ from pyflock.control._store import StoreError
 _log = Logger()
 
 DEFAULT_DATA_PATH = "/var/lib/pyflock/control"
+
+#: The cyclic garbage collector's thresholds in the control service (Python's: 700, 10, 10).
+GC_THRESHOLDS = (50_000, 20, 100)
 DEFAULT_CERTIFICATES = "/etc/pyflock"
 
 
@@ -99,9 +102,12 @@ async def run(reactor, options: argparse.Namespace) -> None:
     except StoreError as e:
         await store.close()
         raise StartupError(str(e))
-    # The loaded configuration lives as long as the service: keep the cyclic garbage
-    # collector from walking it again and again (60 ms a pass with 10,000 datasets).
+    # The configuration lives as long as the service and grows with it: keep the cyclic
+    # garbage collector from walking it again and again (60 ms a full pass with 10,000
+    # datasets), and let it run less often: request handling makes few cycles. Measured
+    # with `make bench`: 16 clients create 446/s with Python's defaults.
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     configuration.start_lease_expiry()
     cluster = ClusterStateService(reactor, node_expiry=options.node_expiry)
     api = ControlAPI(configuration, cluster, ConnectionIdentities(cluster_uuid),
