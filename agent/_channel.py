@@ -73,28 +73,16 @@ class _ControlConnection(MessageProtocol):
         self.refused: Optional[Error] = None
         self.syncing = False
         self.sent_state: Optional[tuple] = None
-        self.connected = False
-        self._lost: list[Deferred] = []
 
     def connectionMade(self) -> None:
-        self.connected = True
+        super().connectionMade()
         self._channel._connection_made(self)
 
     def connectionLost(self, reason) -> None:
         self.connected = False
         self.closing = True
         self._channel._connection_lost(self, reason)
-        waiting, self._lost = self._lost, []
-        for d in waiting:
-            d.callback(None)
-
-    def when_lost(self) -> Deferred:
-        """Fires once the connection is closed."""
-        if not self.connected:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._lost.append(d)
-        return d
+        super().connectionLost(reason)
 
     def bad_message(self, error: BadMessage) -> None:
         if isinstance(error, ProtocolMismatch):

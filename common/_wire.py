@@ -20,6 +20,7 @@ from uuid import UUID
 
 import attr
 from pyrsistent import PMap, pmap
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import Int32StringReceiver
 
@@ -501,6 +502,26 @@ class MessageProtocol(Int32StringReceiver):
     def __init__(self, max_message: int = MAX_MESSAGE):
         self.MAX_LENGTH = max_message
         self.closing = False
+        self.connected = False
+        self._lost: list[Deferred] = []
+
+    def connectionMade(self) -> None:
+        self.connected = True
+
+    def connectionLost(self, reason) -> None:
+        self.connected = False
+        self.closing = True
+        waiting, self._lost = self._lost, []
+        for d in waiting:
+            d.callback(None)
+
+    def when_lost(self) -> Deferred:
+        """Fires once the connection is closed."""
+        if not self.connected:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._lost.append(d)
+        return d
 
     def message_received(self, message: Message) -> None:
         """Handle one well-formed message from the peer."""

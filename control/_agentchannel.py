@@ -25,7 +25,7 @@ from uuid import uuid4
 
 import attr
 from pyrsistent import pmap
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -107,14 +107,12 @@ class _AgentConnection(MessageProtocol):
         self.welcomed = False
         self.reported = False
         self._hello_timeout = None
-        self._lost: list[Deferred] = []
         self._abort = None
-        self.connected = False
 
     # -- life cycle ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.connected = True
+        super().connectionMade()
         self._server._opened(self)
         # A peer that never completes the handshake or never says hello is dropped.
         self._hello_timeout = self._server.reactor.callLater(
@@ -130,17 +128,7 @@ class _AgentConnection(MessageProtocol):
             if call is not None and call.active():
                 call.cancel()
         self._server._closed(self)
-        waiting, self._lost = self._lost, []
-        for d in waiting:
-            d.callback(None)
-
-    def when_lost(self) -> Deferred:
-        """Fires once the connection is closed."""
-        if not self.connected:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._lost.append(d)
-        return d
+        super().connectionLost(reason)
 
     def close(self, code: str, reason: str) -> None:
         """Tell the agent why and hang up; abort if it does not let go in time."""

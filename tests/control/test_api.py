@@ -3,7 +3,6 @@ The REST API in memory: Flocker's shapes and status codes, pyflock's safety rule
 authorization of node certificates, and clear errors for bad input.
 """
 
-import json
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
