@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -93,6 +94,12 @@ class IFilesystems(Interface):
     def mount(device: str, path: str) -> None:
         """Mount ``device`` at ``path`` (created); nothing if already; refuses another."""
 
+    def hold(device: str):
+        """
+        A context manager that keeps ``device`` from being released and handed to another
+        volume while it is entered (a loop device cannot be freed while it is open).
+        """
+
     def unmount(path: str) -> None:
         """Unmount what is mounted at ``path`` (never lazily); nothing if nothing is."""
 
@@ -103,6 +110,15 @@ class IFilesystems(Interface):
 @implementer(IFilesystems)
 class LocalFilesystems:
     """This host's filesystems, through ``pyflock.agent._fs`` (needs root)."""
+
+    @contextmanager
+    def hold(self, device: str):
+        """Keep ``device`` open, so that it cannot be freed and reused, while entered."""
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     def mounts(self, root: str) -> list:
         """The mounts directly under ``root`` in this process's mount namespace."""
@@ -218,6 +234,11 @@ class MemoryFilesystems:
     A mount holds the volume's device (``MemoryBlockStore.hold``) until it is unmounted.
     Devices are only usable on the node they are attached to.
     """
+
+    @contextmanager
+    def hold(self, device: str):
+        """Memory devices are never reused while a change runs: nothing to hold."""
+        yield
 
     def __init__(self, disks: MemoryDisks, backend):
         self.disks = disks
@@ -424,17 +445,23 @@ class Runner:
     def _attach_volume(self, change: AttachVolume) -> None:
         self.backend.attach_volume(change.dataset_id, change.node_uuid)
 
+    # Each filesystem change holds the device open, then checks that it still is the
+    # dataset's: checked first and opened after, another node could free it in between and
+    # it could be handed to another volume.
     def _create_filesystem(self, change: CreateFilesystem) -> None:
-        self._device_of(change.dataset_id, change.device)
-        self.filesystems.make_filesystem(change.device)
+        with self.filesystems.hold(change.device):
+            self._device_of(change.dataset_id, change.device)
+            self.filesystems.make_filesystem(change.device)
 
     def _finish_filesystem(self, change: FinishFilesystem) -> None:
-        self._device_of(change.dataset_id, change.device)
-        self.filesystems.finish_filesystem(change.device)
+        with self.filesystems.hold(change.device):
+            self._device_of(change.dataset_id, change.device)
+            self.filesystems.finish_filesystem(change.device)
 
     def _mount(self, change: MountFilesystem) -> None:
-        self._device_of(change.dataset_id, change.device)
-        self.filesystems.mount(change.device, change.mount_point)
+        with self.filesystems.hold(change.device):
+            self._device_of(change.dataset_id, change.device)
+            self.filesystems.mount(change.device, change.mount_point)
 
     def _unmount(self, change: UnmountFilesystem) -> None:
         self.filesystems.unmount(change.mount_point)

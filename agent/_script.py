@@ -144,7 +144,9 @@ async def run(reactor, config: AgentConfig) -> None:
     loop = node_convergence_loop(reactor, backend, LocalFilesystems(), config.mount_root,
                                  report)
     loop.start()
-    loop.update(view)
+    # Converge from the stored view at once, but take nothing over from nodes it calls
+    # dead: the first snapshot from the control service says who is alive now.
+    loop.update(view.presuming_alive())
     channel = AgentChannel(reactor, channel_endpoint, node_uuid, era, loop.update,
                            address=config.address, peer_port=config.peer_port, view=view,
                            save_view=view_file.save)

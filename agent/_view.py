@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
+import attr
 from pyrsistent import PClass, field, pmap_field
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
@@ -55,6 +56,15 @@ class AgentView(PClass):
     datasets = pmap_field(str, DatasetEntry)
     nodes = pmap_field(str, NodeEntry)
     names = pmap_field(str, str)
+
+    def presuming_alive(self) -> "AgentView":
+        """
+        This view with every node presumed alive: how to act on a view read from disk
+        before the control service has said who is alive now (a node dead when the view
+        was stored may be alive and hold its datasets again, so no takeover yet).
+        """
+        nodes = {uuid: attr.evolve(node, alive=True) for uuid, node in self.nodes.items()}
+        return self.set(nodes=nodes)
 
     @property
     def current(self) -> Optional[ViewVersion]:

@@ -224,3 +224,14 @@ async def test_view_file_in_threads(tmp_path):
     view = AgentView.from_snapshot(SNAPSHOT)
     await view_file.save(view)
     assert await view_file.load() == view
+
+
+def test_presuming_alive():
+    """A stored view acted on before the control service answers presumes every node
+    alive, so that no dataset is taken over from a node that may be back."""
+    from pyflock.common._wire import NodeEntry
+    from pyflock.agent._view import AgentView
+    view = AgentView(nodes={"n1": NodeEntry(uuid="n1", host="h", alive=False),
+                            "n2": NodeEntry(uuid="n2", host="g", alive=True)})
+    assert [n.alive for n in view.presuming_alive().nodes.values()] == [True, True]
+    assert view.nodes["n1"].alive is False
