@@ -165,7 +165,8 @@ class ControlAPI:
         request.setResponseCode(503)
         request.setHeader(b"content-type", b"application/json")
         return _error_body(503, f"The configuration store is unavailable "
-                                f"({failure.value}); retry shortly.")
+                                f"({failure.value}); the change may or may not have been "
+                                f"made: read the configuration, then retry.")
 
     @app.handle_errors(Exception)
     def _internal(self, request, failure):

@@ -111,20 +111,20 @@ class ConfigurationService:
 
     def _written(self, result, config: Configuration, touched: tuple[str, ...]):
         self._in_flight -= 1
-        if isinstance(result, Failure):
-            reason = result.value
+        # Once a write failed, the writes accepted after it were built on it: whatever
+        # the store did with them, answer them as failed (their outcome is unknown to
+        # the client) and let the reload from the store decide what is true.
+        if isinstance(result, Failure) or self._broken is not None:
             if self._broken is None:
-                self._broken = f"configuration store write failed: {reason}"
+                self._broken = f"configuration store write failed: {result.value}"
                 log_event(_log, "pyflock:control:store-write-failed", LogLevel.error,
-                          reason=str(reason))
+                          reason=str(result.value))
             error = StoreUnavailable(self._broken)
             if self._in_flight == 0:
                 self._recover()
             return fail(error)
         # The store completes writes in submission order, so the latest is the newest.
         self.committed = config
-        if self._broken is not None and self._in_flight == 0:
-            self._recover()
         for listener in self._listeners:
             listener(self.committed, touched)
         return config

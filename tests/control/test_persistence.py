@@ -99,3 +99,50 @@ class LeaseGraceTests(SynchronousTestCase):
             MemoryConfigurationStore(config), clock, lease_grace=30))
         self.assertEqual((service.committed.leases[DS].expiration,
                           service.committed.leases[A].expiration), (500.0, None))
+
+
+class _HeldStore(MemoryConfigurationStore):
+    """A memory store whose writes complete when the test says, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = []
+
+    def write(self, change):
+        from twisted.internet.defer import Deferred
+        d = Deferred()
+        self.held.append((change, d))
+        return d
+
+    def complete(self, error=None):
+        change, d = self.held.pop(0)
+        if error is None:
+            self.writes.append(change)
+            from pyflock.control._store import apply_write
+            self.config = apply_write(self.config, change)
+            d.callback(None)
+        else:
+            d.errback(error)
+
+
+class InFlightFailureTests(SynchronousTestCase):
+    """A failed write also fails the writes accepted after it, which were built on it."""
+
+    def test_later_writes_answered_failed_and_state_reloaded(self):
+        """When write 1 fails and write 2 (accepted after it) then commits, write 2 is
+        answered StoreUnavailable too, readers never see write 1, and the reloaded state is
+        what the store holds."""
+        store = _HeldStore()
+        service = self.successResultOf(ConfigurationService.load(store, Clock()))
+        first, second = dataset(1), dataset(2)
+        d1 = service.change([first.dataset_id], lambda c: c.create(first))
+        d2 = service.change([second.dataset_id], lambda c: c.create(second))
+        store.complete(StoreError("disk full"))
+        self.failureResultOf(d1, StoreUnavailable)
+        self.assertNotIn(first.dataset_id, service.committed.datasets)
+        store.complete()  # the store did commit write 2 ...
+        self.failureResultOf(d2, StoreUnavailable)  # ... but its outcome is unknown
+        self.assertNotIn(first.dataset_id, service.committed.datasets)
+        store.complete()  # recovery's generation bump
+        self.assertEqual(set(service.committed.datasets), {second.dataset_id})
+        self.assertEqual(service.committed.datasets, store.config.datasets)
