@@ -6,6 +6,7 @@ error bodies. Where pyflock is deliberately safer (leases, unique names) docs/ap
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote_to_bytes
 from typing import Callable, Optional
 from uuid import uuid4
 
@@ -13,6 +14,7 @@ from klein import Klein
 from pyrsistent import pmap
 from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -98,6 +100,30 @@ def lease_to_json(lease, now: float) -> dict:
             "expires": lease.remaining(now)}
 
 
+class _ValidURLs(Resource):
+    """
+    Answers a URL that is not UTF-8 with a JSON 400 before Klein sees it (Klein's own
+    answer is plain text).
+    """
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Resource):
+        super().__init__()
+        self._wrapped = wrapped
+
+    def render(self, request):
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"application/json")
+            return _error_body(400, "The URL is not valid UTF-8: percent-encode UTF-8 "
+                                    "text, and name datasets by their UUID.")
+        return self._wrapped.render(request)
+
+
 class APISite(Site):
     """
     The HTTP site of the API: no form parsing (the API takes only JSON), and instead of
@@ -133,6 +159,10 @@ class ControlAPI:
         self._openapi = openapi
         self._list_cache: tuple = (None, b"")
         self._encoded: dict = {}
+
+    def resource(self) -> Resource:
+        """The API as a twisted.web resource."""
+        return _ValidURLs(self.app.resource())
 
     # -- plumbing ---------------------------------------------------------------------
 

@@ -112,7 +112,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
     cluster = ClusterStateService(reactor, node_expiry=options.node_expiry)
     api = ControlAPI(configuration, cluster, ConnectionIdentities(cluster_uuid),
                      build_openapi(__version__))
-    site = APISite(api.app.resource())
+    site = APISite(api.resource())
     channel = AgentChannelServer(configuration, cluster, reactor,
                                  identify=lambda transport: peer_identity(transport,
                                                                           cluster_uuid),

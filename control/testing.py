@@ -82,7 +82,7 @@ class APIHarness:
                 identity: Optional[Identity] = ALICE, headers: Optional[dict] = None,
                 raw: Optional[bytes] = None) -> Response:
         """Make one request; its response must match the OpenAPI document."""
-        treq = StubTreq(self.api(identity).app.resource())
+        treq = StubTreq(self.api(identity).resource())
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         d = treq.request(method, "https://control.example" + path, data=data,
                          headers=headers or {})

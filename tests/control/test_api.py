@@ -460,3 +460,16 @@ class LogEventTests(SynchronousTestCase):
             ("pyflock:control:dataset-deleted", DS)], logged)
         moved = [e for e in events if e.get("event_type") == "pyflock:control:dataset-moved"][0]
         self.assertEqual((moved["source"], moved["target"]), (A, B))
+
+
+class BadURLTests(SynchronousTestCase):
+    """A URL that is not UTF-8 gets a JSON 400, not the framework's plain text."""
+
+    def test_non_utf8_path(self):
+        """Percent-encoded bytes that are not UTF-8 answer 400 with a description."""
+        h = APIHarness()
+        for method, path in [("GET", "/v1/state/nodes/by_era/%FF"),
+                             ("DELETE", "/v1/configuration/datasets/%FF")]:
+            r = h.request(self, method, path)
+            self.assertEqual(r.code, 400)
+            self.assertIn("not valid UTF-8", r.json["description"])
