@@ -65,6 +65,15 @@ MOUNT_TIMEOUT = 100.0
 LEASE_DURATION = 60.0
 RENEW_INTERVAL = 20.0
 
+#: How long the lease outlives the last Unmount here: a ``docker run`` of an image with
+#: content at the mount point unmounts after the copy-up and mounts again at once.
+RELEASE_GRACE = 1.0
+
+#: A Mount refused by another node's lease asks again every LEASE_RETRY_INTERVAL until
+#: RELEASE_GRACE + LEASE_RETRY_MARGIN have passed (that node may have just let go).
+LEASE_RETRY_INTERVAL = 0.25
+LEASE_RETRY_MARGIN = 1.0
+
 #: Seconds Create, Remove and Unmount wait for the control service (dockerd: 60 s or more).
 REQUEST_TIMEOUT = 50.0
 
@@ -549,6 +558,7 @@ class DockerPlugin:
                  mount_timeout: float = MOUNT_TIMEOUT, lease_duration: float = LEASE_DURATION,
                  renew_interval: float = RENEW_INTERVAL,
                  request_timeout: float = REQUEST_TIMEOUT, overlay_ttl: float = OVERLAY_TTL,
+                 release_grace: float = RELEASE_GRACE,
                  docker_mounts: Optional[Callable[[], Deferred]] = None,
                  settle_timeout: float = SETTLE_TIMEOUT):
         self._backend = backend
@@ -561,6 +571,8 @@ class DockerPlugin:
         self._renew_interval = renew_interval
         self._request_timeout = request_timeout
         self._overlay_ttl = overlay_ttl
+        self._release_grace = release_grace
+        self._releases: dict[str, Any] = {}
         self._in_progress: set[_MountInProgress] = set()
         self._leases = _LeaseKeeper(self._client, self._node, lease_duration,
                                     self._dataset_in_use)
@@ -592,6 +604,23 @@ class DockerPlugin:
         self._renewal = None
         if self._settling is not None:
             self._settling.cancel()
+        for call in self._releases.values():
+            if call.active():
+                call.cancel()
+        self._releases.clear()
+
+    def _release_later(self, dataset_id: Optional[str]) -> None:
+        """Release this node's lease after ``release_grace`` unless it is in use again."""
+        if dataset_id is None:
+            return
+        pending = self._releases.pop(dataset_id, None)
+        if pending is not None and pending.active():
+            pending.cancel()
+
+        def release() -> None:
+            self._releases.pop(dataset_id, None)
+            self._leases.release_if_idle(dataset_id)
+        self._releases[dataset_id] = self._reactor.callLater(self._release_grace, release)
 
     def renew_leases(self) -> Deferred:
         """Renew this node's lease on every dataset in use here; never fails, and gives
@@ -1080,15 +1109,23 @@ class DockerPlugin:
         return path
 
     async def _take_lease(self, name: str, dataset_id: str) -> bool:
-        """Take this node's lease: True once taken, False if the dataset is gone; fails
-        at once, naming the holder, if another node holds it."""
-        try:
-            await self._leases.acquire(dataset_id)
-        except Conflict as e:
-            raise self._in_use_elsewhere(name, await self._holder_of(e, dataset_id)) from None
-        except (NotFound, NotAllowed):
-            return False
-        return True
+        """Take this node's lease: True once taken, False if the dataset is gone. If
+        another node holds it, fail naming the holder, after retrying for just longer than
+        the release grace: a container that stopped there a moment ago leaves the lease
+        behind that long (``RELEASE_GRACE``)."""
+        deadline = self._reactor.seconds() + self._release_grace + LEASE_RETRY_MARGIN
+        while True:
+            try:
+                await self._leases.acquire(dataset_id)
+            except Conflict as e:
+                if self._reactor.seconds() < deadline:
+                    await deferLater(self._reactor, LEASE_RETRY_INTERVAL, lambda: None)
+                    continue
+                raise self._in_use_elsewhere(
+                    name, await self._holder_of(e, dataset_id)) from None
+            except (NotFound, NotAllowed):
+                return False
+            return True
 
     async def _create_for_mount(self, name: str) -> ViewDataset:
         """A dataset for a volume dockerd knows but the cluster does not (deleted there)."""
@@ -1123,9 +1160,10 @@ class DockerPlugin:
             log_event(_log, "pyflock:plugin:unmount", name=name, mount_id=mount_id,
                       dataset_id=dataset_id, count=self._mounts.count(name))
         if self._uses_here(name) == 0:
-            # Dataset stays here and mounted: the copy-up Unmount is followed at once by
-            # the start Mount. Only the lease goes, so another node may take the volume.
-            self._leases.release_if_idle(dataset_id)
+            # Dataset stays here and mounted, and the lease stays a moment: the copy-up
+            # Unmount is followed at once by the start Mount, and another node must not
+            # take the volume in between. Then only the lease goes.
+            self._release_later(dataset_id)
         await saved
         return {}
 

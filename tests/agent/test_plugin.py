@@ -138,7 +138,9 @@ class Node:
                                      self.convergence.is_mountpoint)
         self.counts_path = counts_path
         self.mounts = MountCounts(counts_path, synchronously)
-        self.plugin = DockerPlugin(self.backend, self.mounts, harness.clock)
+        # Most tests look at the lease right after the last Unmount: no grace here, and
+        # ``finish`` runs the release; ``ReleaseGraceTests`` test the grace itself.
+        self.plugin = DockerPlugin(self.backend, self.mounts, harness.clock, release_grace=0)
         self.docker = StubTreq(self.plugin.resource())
 
     def view(self) -> ClusterView:
@@ -167,6 +169,7 @@ class Node:
         """The JSON answer of a call started with ``send``, once it has come."""
         self.docker.flush()
         code, _, answer = self.testcase.successResultOf(d)
+        self.harness.clock.advance(0)
         self.testcase.assertEqual(code, 200, answer)
         self.testcase.assertIn("Err", answer)
         self.testcase.assertNotIn("Error", answer)
@@ -495,17 +498,36 @@ class MountTests(PluginTestCase):
         self.assertEqual((event["source"], event["target"]), (B, A))
 
     def test_leased_elsewhere(self):
-        """Mount of a volume another node leases fails at once naming that node and its
-        host, and moves nothing."""
+        """Mount of a volume another node leases fails within about a second (the other
+        node's release grace) naming that node and its host, and moves nothing."""
+        from pyflock.agent._plugin import LEASE_RETRY_INTERVAL, LEASE_RETRY_MARGIN
         dataset_id = self.create_on_b("v1")
         self.successResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
-        answer = self.mount("v1")
+        self.a.call("VolumeDriver.Get", {"Name": "v1"})
+        d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.clock.pump([LEASE_RETRY_INTERVAL] * int(LEASE_RETRY_MARGIN / LEASE_RETRY_INTERVAL + 2))
+        answer = self.a.finish(d)
         self.assertEqual(answer["Err"],
                          f"pyflock: volume v1 is in use on node {B} (host 10.0.0.2): stop the "
                          f"containers using it there first; if that node is down, its lease "
                          f"expires within 60 s and the volume can then be used here")
         self.assertEqual((self.dataset("v1").primary, self.lease_holder("v1")), (B, B))
         self.assertEqual(self.a.mounts.count("v1"), 0)
+
+    def test_lease_let_go_in_time(self):
+        """A Mount refused by a lease that the other node releases a moment later (its
+        container just stopped) succeeds."""
+        from pyflock.agent._plugin import LEASE_RETRY_INTERVAL
+        dataset_id = self.create_on_b("v1")
+        self.successResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
+        self.a.call("VolumeDriver.Get", {"Name": "v1"})
+        d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.clock.advance(LEASE_RETRY_INTERVAL)
+        self.successResultOf(self.b.client.release_lease(dataset_id))
+        self.clock.pump([LEASE_RETRY_INTERVAL] * 4)
+        answer = self.a.finish(d)
+        self.assertEqual(answer["Err"], "")
+        self.assertEqual(self.lease_holder("v1"), A)
 
     def test_creates_missing_dataset(self):
         """Mount of a volume dockerd knows but the cluster does not creates it here."""
@@ -747,7 +769,8 @@ class LeaseRenewalTests(PluginTestCase):
         self.a.plugin.stop()
         self.clock.advance(59)
         restarted = DockerPlugin(self.a.backend, MountCounts.load(self.a.counts_path,
-                                                                  synchronously), self.clock)
+                                                                  synchronously), self.clock,
+                                 release_grace=0)
         self.addCleanup(restarted.stop)
         restarted.start()
         self.clock.advance(59)
@@ -807,7 +830,7 @@ class SettleTests(PluginTestCase):
         super().setUp()
         self.dockerd = FakeDockerd()
         self.plugin = DockerPlugin(self.a.backend, self.a.mounts, self.clock,
-                                   docker_mounts=self.dockerd)
+                                   docker_mounts=self.dockerd, release_grace=0)
         self.addCleanup(self.plugin.stop)
         self.a.plugin = self.plugin
         self.a.docker = StubTreq(self.plugin.resource())
@@ -1383,3 +1406,38 @@ def test_socket_path_not_a_socket(tmp_path):
                                                 "or set another plugin.socket"):
         listen_plugin(reactor, str(path), None)
     assert path.read_text() == "keep me"
+
+
+class ReleaseGraceTests(PluginTestCase):
+    """The lease outlives the last Unmount by a grace period, so that the copy-up
+    Unmount-then-Mount of a ``docker run`` leaves no gap for another node."""
+
+    def setUp(self):
+        super().setUp()
+        from pyflock.agent._plugin import RELEASE_GRACE
+        self.grace = RELEASE_GRACE
+        self.plugin = DockerPlugin(self.a.backend, self.a.mounts, self.clock)
+        self.addCleanup(self.plugin.stop)
+        self.a.plugin = self.plugin
+        self.a.docker = StubTreq(self.plugin.resource())
+        self.a.ok("VolumeDriver.Create", {"Name": "v1"})
+
+    def test_no_gap_after_copy_up(self):
+        """After the copy-up Unmount the lease is still held: another node cannot take
+        it before the start Mount, which keeps it."""
+        self.a.call("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.a.ok("VolumeDriver.Unmount", {"Name": "v1", "ID": MOUNT_X})
+        dataset_id = self.dataset("v1").dataset_id
+        self.failureResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
+        self.a.call("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_Y})
+        self.clock.advance(self.grace + 1)
+        self.assertEqual(self.lease_holder("v1"), A)
+
+    def test_released_after_grace(self):
+        """Once the grace has passed with no new Mount, the lease is released."""
+        self.a.call("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.a.ok("VolumeDriver.Unmount", {"Name": "v1", "ID": MOUNT_X})
+        self.clock.advance(self.grace - 0.5)
+        self.assertEqual(self.lease_holder("v1"), A)
+        self.clock.advance(1)
+        self.assertIsNone(self.lease_holder("v1"))
