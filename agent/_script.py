@@ -147,7 +147,14 @@ async def run(reactor, config: AgentConfig) -> None:
     # Converge from the stored view at once, but take nothing over from nodes it calls
     # dead: the first snapshot from the control service says who is alive now.
     loop.update(view.presuming_alive())
-    channel = AgentChannel(reactor, channel_endpoint, node_uuid, era, loop.update,
+    first_view: Deferred = Deferred()
+
+    def on_view(new_view):
+        loop.update(new_view)
+        if not first_view.called:
+            first_view.callback(None)
+
+    channel = AgentChannel(reactor, channel_endpoint, node_uuid, era, on_view,
                            address=config.address, peer_port=config.peer_port, view=view,
                            save_view=view_file.save)
     channel.start()
@@ -167,6 +174,15 @@ async def run(reactor, config: AgentConfig) -> None:
     if in_use is not None:
         await plugin.reconcile(in_use)
     plugin.start()
+    if view.current is None:
+        # Without a view, Get would answer "no such volume" for every volume, and dockerd
+        # would forget them (and later make local volumes of those names): serve Docker
+        # only once the control service has sent one. Until then dockerd retries and keeps
+        # its records.
+        log_event(_log, "pyflock:agent:waiting-for-view", LogLevel.warn,
+                  reason="no stored view of the cluster; the Docker plugin starts once the "
+                         "control service has sent one")
+        await first_view
     try:
         plugin_port = listen_plugin(reactor, config.plugin_socket, plugin_site(plugin))
     except PluginSocketError as e:
