@@ -163,14 +163,17 @@ class MountTable:
         containers hold per volume name: volumes no container uses lose their mounts;
         a volume used by more mount points than the table has IDs for gets made-up IDs
         (``RECONCILED_PREFIX``) for the difference, consumed by Unmounts of unknown IDs.
-        Extra IDs are kept, since which of them is stale cannot be told.
+        A volume with more IDs than mount points (an Unmount was lost while the agent was
+        down) keeps one made-up mount per mount point instead, since which IDs are stale
+        cannot be told: the Unmounts of the live ones consume them, and the count reaches
+        zero when the last container stops.
         """
         volumes = {}
         for name, wanted in in_use.items():
             if wanted <= 0:
                 continue
             volume = self.volumes.get(name, VolumeMounts())
-            mounts = dict(volume.mounts)
+            mounts = dict(volume.mounts) if len(volume.mounts) <= wanted else {}
             _add_made_up(mounts, wanted)
             volumes[name] = VolumeMounts(dataset_id=volume.dataset_id, mounts=pmap(mounts))
         return MountTable(pmap(volumes))

@@ -83,10 +83,15 @@ class MountTableTests(SynchronousTestCase):
         self.assertEqual(dict(table.volumes["v1"].mounts), {X: 1})
         self.assertEqual(dict(table.unmount("v2", Y).in_use()), {"v1": D1})
 
-    def test_reconcile_keeps_extra(self):
-        """Known IDs beyond the containers' count are kept: which is stale is unknown."""
-        table = MountTable().mount("v1", X, D1).mount("v1", Y, D1)
-        self.assertEqual(table.reconcile({"v1": 1}), table)
+    def test_reconcile_extra_ids_become_made_up(self):
+        """More known IDs than the containers' mount points (an Unmount lost while the
+        agent was down): one made-up mount per mount point stands for them, so that the
+        live container's Unmount, whichever ID it has, brings the count to zero."""
+        table = MountTable().mount("v1", X, D1).mount("v1", Y, D1).reconcile({"v1": 1})
+        self.assertEqual(table.count("v1"), 1)
+        self.assertEqual(table.volumes["v1"].dataset_id, D1)
+        for live in (X, Y):
+            self.assertEqual(table.unmount("v1", live).count("v1"), 0)
 
     def test_made_up_ids_never_collide(self):
         """Made-up IDs cannot be mistaken for dockerd's 64-hex IDs."""
