@@ -12,10 +12,10 @@ install:
 	@deploy/local/install.sh $(VENV)
 
 up: install
-	@deploy/local/up.sh $(STATE)
+	@PYFLOCK_VENV=$(VENV) deploy/local/up.sh $(STATE)
 
 down:
-	@deploy/local/down.sh $(STATE)
+	@PYFLOCK_VENV=$(VENV) deploy/local/down.sh $(STATE)
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

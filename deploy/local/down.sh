@@ -5,12 +5,15 @@
 set -euo pipefail
 state=${1:?usage: down.sh STATE_DIR}
 cd "$(dirname "$0")/../.."
-bin=$PWD/.venv/bin
-stop() {  # name pidfile
+venv=${PYFLOCK_VENV:-.venv}
+bin=$(cd "$venv" && pwd)/bin
+stop() {  # name pidfile program
   local pidfile=$2 pid
   [ -f "$pidfile" ] || return 0
   pid=$(cat "$pidfile")
-  if kill -0 "$pid" 2>/dev/null; then
+  # Only while the pid is still that program: pids are reused after a reboot.
+  if kill -0 "$pid" 2>/dev/null &&
+     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$3"; then
     kill "$pid"
     for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
@@ -18,15 +21,26 @@ stop() {  # name pidfile
   fi
   rm -f "$pidfile"
 }
-if [ -f "$state/dockerd.pid" ] && kill -0 "$(cat "$state/dockerd.pid")" 2>/dev/null; then
-  # Containers first: they hold pyflock volumes mounted.
-  ids=$(docker ps -q 2>/dev/null || true)
-  [ -z "$ids" ] || docker rm -f $ids >/dev/null
+# Containers using pyflock volumes first, whoever runs dockerd: they hold the volumes
+# mounted. Other containers are left alone (unless dockerd itself stops below).
+if docker info >/dev/null 2>&1; then
+  for volume in $(docker volume ls -q --filter driver=pyflock); do
+    ids=$(docker ps -q --filter "volume=$volume")
+    if [ -n "$ids" ]; then
+      docker stop $ids >/dev/null
+      echo "down: stopped the containers using volume $volume"
+    fi
+  done
 fi
-stop dockerd "$state/dockerd.pid"
-stop agent "$state/agent.pid"
+stop dockerd "$state/dockerd.pid" dockerd
+stop agent "$state/agent.pid" pyflock-agent
 if [ -f "$state/node/agent.yml" ]; then
-  "$bin/pyflock-agent" release --config "$state/node/agent.yml" \
-    && echo "down: unmounted and detached this node's datasets (kept for the next make up)"
+  if "$bin/pyflock-agent" release --config "$state/node/agent.yml"; then
+    echo "down: unmounted and detached this node's datasets (kept for the next make up)"
+  else
+    echo "down: some datasets could not be released (above); they stay mounted" >&2
+    status=1
+  fi
 fi
-stop "control service" "$state/control.pid"
+stop "control service" "$state/control.pid" pyflock-control
+exit "${status:-0}"

@@ -6,7 +6,8 @@
 set -euo pipefail
 state=${1:?usage: up.sh STATE_DIR}
 cd "$(dirname "$0")/../.."
-bin=$PWD/.venv/bin
+venv=${PYFLOCK_VENV:-.venv}
+bin=$(cd "$venv" && pwd)/bin
 certs=$state/certs
 node=$state/node
 port=${PYFLOCK_PORT:-4523}
@@ -15,7 +16,14 @@ mkdir -p "$state/logs" "$certs" "$node/certs"
 chmod 700 "$state" "$certs" "$node/certs"
 say() { echo "up: $*"; }
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A recorded pid counts only while it is still that program (pids are reused after a reboot).
+running() {  # pidfile [program]
+  local pid
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1")
+  kill -0 "$pid" 2>/dev/null || return 1
+  [ -z "${2:-}" ] || tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$2"
+}
 
 wait_until() {  # what pidfile log command...
   local what=$1 pidfile=$2 log=$3; shift 3
@@ -49,7 +57,7 @@ if [ ! -f "$node/certs/node.crt" ]; then
 fi
 
 # -- control service ----------------------------------------------------------------------
-if running "$state/control.pid"; then
+if running "$state/control.pid" pyflock-control; then
   say "control service already running (pid $(cat "$state/control.pid"))"
 else
   nohup "$bin/pyflock-control" run --data-path "$state/control" \
@@ -81,7 +89,7 @@ node: {address: 127.0.0.1}
 dataset: {backend: loopback, root_path: $state/loopback, default_size: 10G}
 plugin: {socket: /run/docker/plugins/pyflock.sock, docker: /run/docker.sock}
 YML
-if running "$state/agent.pid"; then
+if running "$state/agent.pid" pyflock-agent; then
   say "agent already running (pid $(cat "$state/agent.pid"))"
 else
   nohup "$bin/pyflock-agent" run --config "$node/agent.yml" \
