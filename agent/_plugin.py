@@ -69,6 +69,9 @@ RENEW_INTERVAL = 20.0
 #: content at the mount point unmounts after the copy-up and mounts again at once.
 RELEASE_GRACE = 1.0
 
+#: How long Remove may spend finding out which node holds a refused volume's lease.
+HOLDER_LOOKUP = 5.0
+
 #: A Mount refused by another node's lease asks again every LEASE_RETRY_INTERVAL until
 #: RELEASE_GRACE + LEASE_RETRY_MARGIN have passed (that node may have just let go).
 LEASE_RETRY_INTERVAL = 0.25
@@ -1183,21 +1186,27 @@ class DockerPlugin:
             return {}
         dataset_id = volume.dataset_id
         moved_from = None
-        try:
+
+        async def delete() -> None:
+            nonlocal moved_from
             try:
-                await self._within(self._client.delete_dataset(dataset_id),
-                                   self._request_timeout)
+                await self._client.delete_dataset(dataset_id)
             except AccessDenied:
                 # A node certificate may delete only a dataset whose primary is its node:
                 # claim it first (refused while another node leases it), then delete.
                 # The data is not copied here first: its old node destroys it.
                 moved_from = volume.primary
-                await self._within(self._client.move_dataset(dataset_id, self._node),
-                                   self._request_timeout)
-                await self._within(self._client.delete_dataset(dataset_id),
-                                   self._request_timeout)
+                await self._client.move_dataset(dataset_id, self._node)
+                await self._client.delete_dataset(dataset_id)
+        try:
+            # One deadline for all the steps: dockerd gives Remove 60 s in all.
+            await self._within(Deferred.fromCoroutine(delete()), self._request_timeout)
         except Conflict as e:
-            holder = await self._holder_of(e, dataset_id)
+            try:
+                holder = await self._within(
+                    Deferred.fromCoroutine(self._holder_of(e, dataset_id)), HOLDER_LOOKUP)
+            except (ControlError, DeferredTimeout):
+                holder = None
             log_event(_log, "pyflock:plugin:remove-refused", name=name,
                       dataset_id=dataset_id, holder=holder)
             raise PluginError(
