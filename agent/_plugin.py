@@ -67,7 +67,7 @@ RENEW_INTERVAL = 20.0
 
 #: How long the lease outlives the last Unmount here: a ``docker run`` of an image with
 #: content at the mount point unmounts after the copy-up and mounts again at once.
-RELEASE_GRACE = 1.0
+RELEASE_GRACE = 0.5
 
 #: How long Remove may spend finding out which node holds a refused volume's lease.
 HOLDER_LOOKUP = 5.0
@@ -75,7 +75,7 @@ HOLDER_LOOKUP = 5.0
 #: A Mount refused by another node's lease asks again every LEASE_RETRY_INTERVAL until
 #: RELEASE_GRACE + LEASE_RETRY_MARGIN have passed (that node may have just let go).
 LEASE_RETRY_INTERVAL = 0.25
-LEASE_RETRY_MARGIN = 1.0
+LEASE_RETRY_MARGIN = 0.5
 
 #: Seconds Create, Remove and Unmount wait for the control service (dockerd: 60 s or more).
 REQUEST_TIMEOUT = 50.0
