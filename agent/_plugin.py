@@ -74,7 +74,7 @@ HOLDER_LOOKUP = 5.0
 
 #: A Mount refused by another node's lease asks again every LEASE_RETRY_INTERVAL until
 #: RELEASE_GRACE + LEASE_RETRY_MARGIN have passed (that node may have just let go).
-LEASE_RETRY_INTERVAL = 0.25
+LEASE_RETRY_INTERVAL = 0.1
 LEASE_RETRY_MARGIN = 0.5
 
 #: Seconds Create, Remove and Unmount wait for the control service (dockerd: 60 s or more).
