@@ -72,9 +72,8 @@ RELEASE_GRACE = 0.5
 #: How long Remove may spend finding out which node holds a refused volume's lease.
 HOLDER_LOOKUP = 5.0
 
-#: A Mount refused by another node's lease asks again every LEASE_RETRY_INTERVAL until
+#: A Mount refused by another node's lease asks again whenever the view changes, until
 #: RELEASE_GRACE + LEASE_RETRY_MARGIN have passed (that node may have just let go).
-LEASE_RETRY_INTERVAL = 0.1
 LEASE_RETRY_MARGIN = 0.5
 
 #: Seconds Create, Remove and Unmount wait for the control service (dockerd: 60 s or more).
@@ -576,6 +575,7 @@ class DockerPlugin:
         self._overlay_ttl = overlay_ttl
         self._release_grace = release_grace
         self._releases: dict[str, Any] = {}
+        self._view_waiters: list[Deferred] = []
         self._in_progress: set[_MountInProgress] = set()
         self._leases = _LeaseKeeper(self._client, self._node, lease_duration,
                                     self._dataset_in_use)
@@ -611,6 +611,20 @@ class DockerPlugin:
             if call.active():
                 call.cancel()
         self._releases.clear()
+
+    def view_updated(self) -> None:
+        """The agent's view changed (a push arrived): wake the Mounts waiting for one."""
+        waiting, self._view_waiters = self._view_waiters, []
+        for d in waiting:
+            if not d.called:
+                d.callback(None)
+
+    def _next_view(self, timeout: float) -> Deferred:
+        """Fires at the next ``view_updated``, or after ``timeout`` seconds."""
+        d: Deferred = Deferred()
+        self._view_waiters.append(d)
+        call = self._reactor.callLater(timeout, lambda: d.called or d.callback(None))
+        return d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
 
     def _release_later(self, dataset_id: Optional[str]) -> None:
         """Release this node's lease after ``release_grace`` unless it is in use again."""
@@ -1121,8 +1135,11 @@ class DockerPlugin:
             try:
                 await self._leases.acquire(dataset_id)
             except Conflict as e:
-                if self._reactor.seconds() < deadline:
-                    await deferLater(self._reactor, LEASE_RETRY_INTERVAL, lambda: None)
+                left = deadline - self._reactor.seconds()
+                if left > 0:
+                    # The release reaches this node as a pushed view: ask again then
+                    # (or once more at the deadline), not on a timer.
+                    await self._next_view(left)
                     continue
                 raise self._in_use_elsewhere(
                     name, await self._holder_of(e, dataset_id)) from None

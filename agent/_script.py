@@ -148,9 +148,12 @@ async def run(reactor, config: AgentConfig) -> None:
     # dead: the first snapshot from the control service says who is alive now.
     loop.update(view.presuming_alive())
     first_view: Deferred = Deferred()
+    plugin: Optional[DockerPlugin] = None
 
     def on_view(new_view):
         loop.update(new_view)
+        if plugin is not None:
+            plugin.view_updated()
         if not first_view.called:
             first_view.callback(None)
 
