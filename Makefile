@@ -27,7 +27,7 @@ bench: install
 	$(PY) bench/run.py --output docs/benchmarks.md
 
 lint: install
-	$(VENV)/bin/python -m pyflakes common control agent tests bench
+	$(VENV)/bin/python -m pyflakes common control agent cli tests bench
 
 clean: down
 	rm -rf $(VENV) *.egg-info

@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 
-from pyflock.common.testing import ClusterCertificates, make_cluster_certificates
+from tests.harness.certificates import ClusterCertificates, make_cluster_certificates
 
 #: The API user whose certificate the benchmark clients present.
 BENCH_USER = "bench"

@@ -2,7 +2,7 @@
 Benchmark of convergence end to end: how long a dataset created or moved through the REST
 API takes to be mounted, with a real ``pyflock-control`` and two real ``pyflock-agent``
 processes on this machine (loopback backend: sparse files, real loop devices, ext4,
-mounts), built by ``pyflock.agent._process_testing.LocalCluster``.
+mounts), built by ``tests.harness.agents.LocalCluster``.
 
 - *create*: 50 datasets created one at a time, each ``POST /v1/configuration/datasets``
   followed by waiting until ``/v1/state/datasets`` shows it ``mounted`` on its primary;
@@ -54,8 +54,8 @@ from _harness import (
     BENCH_USER, Context, Profiler, Section, Target, format_ms, latency_stats, load_average,
     percentile, process_cpu_seconds, spawn_and_wait,
 )
-from pyflock.agent._process_testing import LocalCluster, loop_devices_under, mounts_under
-from pyflock.common._dockerd_testing import release_inherited_loop_mounts
+from tests.harness.agents import LocalCluster, loop_devices_under, mounts_under
+from tests.harness.dockerd import release_inherited_loop_mounts
 from pyflock.common._model import MINIMUM_SIZE
 from pyflock.common._tls import treq_client
 
@@ -588,7 +588,7 @@ def _section(raw: dict) -> Section:
     markdown = f"""## Convergence: create and move, end to end
 
 A real `pyflock-control` and two real `pyflock-agent` processes on this machine
-(`LocalCluster` from `pyflock.agent._process_testing`), with the loopback backend:
+(`LocalCluster` from `tests.harness.agents`), with the loopback backend:
 {MINIMUM_SIZE // 2**20} MiB sparse files in one shared root, real loop devices, ext4,
 real mounts, all in a private mount namespace, so that other work on the machine neither
 sees nor holds these mounts. The client runs in that process (treq, mutual TLS,

@@ -1,9 +1,9 @@
 """
 Benchmark of ``docker run`` with a pyflock volume against real dockerd: what a user waits
-for. Two simulated Docker hosts (``pyflock.common._dockerd_testing``), each with its own
+for. Two simulated Docker hosts (``tests.harness.dockerd``), each with its own
 dockerd and a real ``pyflock-agent`` serving the plugin, and a real ``pyflock-control`` on
 127.0.0.1, set up as the end-to-end tests do (``PyflockDockerCluster`` of
-``pyflock.agent._docker_cluster_testing``). Every number is the wall time of one ``docker`` CLI command, the
+``tests.harness.docker_cluster``). Every number is the wall time of one ``docker`` CLI command, the
 CLI's own start included.
 
 - *new volume*: ``docker run --rm -v NEWNAME:/data busybox:local true`` on n1, with a new
@@ -36,8 +36,8 @@ from twisted.internet.threads import deferToThread
 from _harness import (
     Context, Section, Target, format_ms, latency_stats, load_average, percentile,
 )
-from pyflock.agent._docker_cluster_testing import PyflockDockerCluster
-from pyflock.common._dockerd_testing import require_docker, short_workdir
+from tests.harness.docker_cluster import PyflockDockerCluster
+from tests.harness.dockerd import require_docker, short_workdir
 
 #: Runs of each new-volume case (pyflock and local, alternating).
 NEW_VOLUME_RUNS = 20

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Optional
 
 BENCH = Path(__file__).resolve().parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
+# bench/ for its own modules, the repository root for the tests' harnesses (tests.harness).
+for folder in (BENCH, BENCH.parent):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 from _harness import (  # noqa: E402
     Context, Section, describe_machine, format_ms, load_average,

@@ -2,7 +2,7 @@
 Block-device backends: the ``IBlockDeviceBackend`` interface the agent converges through,
 its typed errors, the in-memory fake used by agent tests, and the ``loopback`` backend
 (sparse files attached as loop devices, one shared folder acting as the block store). Every
-backend passes the conformance suite in ``pyflock.agent._backends.testing``.
+backend passes the conformance suite in ``tests.contracts.backends``.
 """
 
 from pyflock.agent._backends._interface import (

@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from pyflock.agent._process_testing import AgentProcess, LocalCluster, write_agent_config
+from tests.harness.agents import AgentProcess, LocalCluster, write_agent_config
 from pyflock.common._model import MINIMUM_SIZE
 
 pytestmark = [

@@ -27,7 +27,8 @@ from pyflock.agent._channel import AgentChannel, control_endpoint
 from pyflock.agent._convergence import calculate_changes, view_desire
 from pyflock.agent._discovery import discover
 from pyflock.agent._loop import ConvergenceLoop
-from pyflock.agent._runner import MemoryDisks, MemoryFilesystems, Runner, run_now
+from pyflock.agent._runner import Runner, run_now
+from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView, ViewFile
 from pyflock.common._model import MINIMUM_SIZE, Dataset
 from pyflock.common._wire import DatasetReport, Diff, NodeEntry, Snapshot, decode, encode
@@ -589,8 +590,8 @@ async def test_two_agents_and_real_control(reactor, tmp_path):
     Two agents over real TLS get a dataset created via REST, their reports show in the
     state API, they resync after a control restart, and a stopped agent's node dies.
     """
-    from pyflock.common.testing import make_cluster_certificates
-    from pyflock.control._process_testing import APIClient, ControlProcess, free_address
+    from tests.harness.certificates import make_cluster_certificates
+    from tests.harness.control import APIClient, ControlProcess, free_address
 
     folder = tmp_path / "certs"
     folder.mkdir()

@@ -22,7 +22,7 @@ from pyflock.agent._discovery import (
     FilesystemCondition, FilesystemProbe, Mount, RawState, classify, discover_raw,
     filesystem_condition,
 )
-from pyflock.agent._runner import MemoryDisks, MemoryFilesystems
+from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView
 from pyflock.common import Dataset, Lease
 from pyflock.common._wire import DatasetEntry, LeaseEntry, NodeEntry

@@ -18,7 +18,8 @@ from pyflock.agent._convergence import (
     summarize,
 )
 from pyflock.agent._discovery import FilesystemCondition, discover
-from pyflock.agent._runner import MemoryDisks, MemoryFilesystems, Runner, run_now
+from pyflock.agent._runner import Runner, run_now
+from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from twisted.logger import Logger
 
 NODES = ("node-a", "node-b", "node-c")

@@ -17,7 +17,8 @@ from pyflock.agent._convergence import (
 )
 from pyflock.agent._discovery import discover
 from pyflock.agent._loop import ConvergenceLoop, ConvergenceStalled
-from pyflock.agent._runner import MemoryDisks, MemoryFilesystems, Runner, run_now
+from pyflock.agent._runner import Runner, run_now
+from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
 from pyflock.common._wire import DatasetEntry, NodeEntry

@@ -17,7 +17,7 @@ from pyflock.agent._backends import (
     UnattachedVolume, UnknownVolume, VolumeBusy,
 )
 from pyflock.agent._backends._loopback import release_loop_device, scan_loop_devices
-from pyflock.agent._backends.testing import (
+from tests.contracts.backends import (
     NODE_A, NODE_B, SIZE, detach_loop_devices_under, loopback_harness, loopback_root,
     make_iblockdevicebackend_tests,
 )

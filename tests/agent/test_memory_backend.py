@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pyflock.agent._backends import (
     MemoryBlockStore, UnattachedVolume, UnknownVolume, VolumeBusy,
 )
-from pyflock.agent._backends.testing import (
+from tests.contracts.backends import (
     NODE_A, NODE_B, SIZE, make_iblockdevicebackend_tests, memory_harness,
 )
 

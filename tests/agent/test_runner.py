@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 from pyflock.agent._backends import (
     AlreadyAttached, LoopbackBackend, MemoryBlockStore, UnattachedVolume, VolumeBusy,
 )
-from pyflock.agent._backends.testing import (
+from tests.contracts.backends import (
     detach_loop_devices_under, hold_in_namespace, loopback_root,
 )
 from pyflock.agent._convergence import (
@@ -40,12 +40,12 @@ from pyflock.agent._fs import (
 )
 from pyflock.agent._loop import node_convergence_loop
 from pyflock.agent._runner import (
-    ChangesFailed, IFilesystems, LocalFilesystems, MemoryDisks, MemoryFilesystems, Runner,
-    StaleChange, run_now, threaded,
+    ChangesFailed, IFilesystems, LocalFilesystems, Runner, StaleChange, run_now, threaded,
 )
 from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
 from pyflock.common._wire import DatasetEntry, DatasetReport, NodeEntry
+from tests.harness.memory import MemoryDisks, MemoryFilesystems
 
 NODE_A = "0b0c7e62-9a4f-4d36-9d54-2a1f7d3c0a01"
 NODE_B = "5d3f2c8e-1b6a-4f7e-8c2d-9e0a4b6c0b02"

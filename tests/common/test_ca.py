@@ -24,7 +24,7 @@ from pyflock.common._ca import (
     initialize, read_cluster_uuid,
 )
 from pyflock.common._ca_script import main
-from pyflock.common.testing import make_cluster_certificates
+from tests.harness.certificates import make_cluster_certificates
 
 CONSOLE_SCRIPT = Path("/work/main/.venv/bin/pyflock-ca")
 OPENSSL = shutil.which("openssl")

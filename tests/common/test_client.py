@@ -439,7 +439,7 @@ async def _version_over_tls(tmp_path, client_certificates, host, server_trusts=N
     from twisted.web.client import HTTPConnectionPool
 
     from pyflock.common._tls import treq_client
-    from pyflock.common.testing import make_cluster_certificates
+    from tests.harness.certificates import make_cluster_certificates
 
     server = tmp_path / "server"
     server.mkdir()
@@ -466,7 +466,7 @@ async def test_version_over_tls(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_other_cluster_over_tls(tmp_path):
     """Certificates of another cluster fail the handshake with a readable reason."""
-    from pyflock.common.testing import make_cluster_certificates
+    from tests.harness.certificates import make_cluster_certificates
 
     other = tmp_path / "other"
     other.mkdir()
@@ -490,7 +490,7 @@ async def test_wrong_host_over_tls(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_client_refused_over_tls(tmp_path):
     """A server that does not trust the client's certificate fails the call readably."""
-    from pyflock.common.testing import make_cluster_certificates
+    from tests.harness.certificates import make_cluster_certificates
 
     other = tmp_path / "other"
     other.mkdir()

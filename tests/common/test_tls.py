@@ -33,7 +33,7 @@ from pyflock.common._tls import (
     server_tls_options, tcp_server_endpoint, tls_client_endpoint, tls_server_endpoint,
     treq_client,
 )
-from pyflock.common.testing import (
+from tests.harness.certificates import (
     issue_certificate, make_cluster_certificates, unchecked_client_policy,
 )
 

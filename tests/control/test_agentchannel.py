@@ -778,8 +778,8 @@ def reactor():
 @pytest_twisted.ensureDeferred
 async def test_real_control_refuses_non_node_certificates(reactor, tmp_path):
     """Over real TLS the agent port refuses a user certificate and a false hello."""
-    from pyflock.common.testing import make_cluster_certificates
-    from pyflock.control._process_testing import ControlProcess, free_address
+    from tests.harness.certificates import make_cluster_certificates
+    from tests.harness.control import ControlProcess, free_address
 
     folder = tmp_path / "certs"
     folder.mkdir()

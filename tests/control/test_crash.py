@@ -12,8 +12,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
-from pyflock.common.testing import make_cluster_certificates
-from pyflock.control._process_testing import APIClient, ControlProcess, free_address
+from tests.harness.certificates import make_cluster_certificates
+from tests.harness.control import APIClient, ControlProcess, free_address
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from pyflock.common._model import MINIMUM_SIZE
-from pyflock.common.testing import (
+from tests.harness.certificates import (
     issue_certificate, make_cluster_certificates, unchecked_client_policy,
 )
-from pyflock.control._process_testing import (
+from tests.harness.control import (
     APIClient, ControlProcess, ControlProcessExited, free_address,
 )
 from pyflock.control.testing import validate_response

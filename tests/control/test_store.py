@@ -26,7 +26,7 @@ from pyflock.control._sqlite_store import (
     open_sqlite_store, store_path,
 )
 from pyflock.control._store import StoreError, StoreWrite, apply_write
-from pyflock.control._store_testing import (
+from tests.contracts.store import (
     NODE_A, dataset_id, make_iconfigurationstore_tests, memory_store_opener, sample_change,
     using,
 )

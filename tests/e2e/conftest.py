@@ -1,6 +1,6 @@
 """
 Fixtures of the end-to-end tests: a whole pyflock cluster on real dockerd
-(``PyflockDockerCluster`` of ``pyflock.agent._docker_cluster_testing``), shared by a module.
+(``PyflockDockerCluster`` of ``tests.harness.docker_cluster``), shared by a module.
 
 End-to-end tests never pass silently on a machine that cannot run them: without root,
 dockerd or busybox-static, a test using the ``pyflock`` fixture fails, saying what is
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyflock.agent._docker_cluster_testing import AGENT, PyflockDockerCluster
-from pyflock.common._dockerd_testing import require_e2e, short_workdir
+from tests.harness.docker_cluster import AGENT, PyflockDockerCluster
+from tests.harness.dockerd import require_e2e, short_workdir
 
 
 @pytest.fixture(scope="module")

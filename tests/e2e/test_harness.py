@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from pyflock.common._dockerd_testing import (
+from tests.harness.dockerd import (
     BUSYBOX_TAG, Availability, DockerCluster, NodeCommand, docker_available, require_e2e,
     short_workdir, wait_for,
 )

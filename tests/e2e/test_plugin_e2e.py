@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 from pyflock.agent._plugin import MOUNT_TIMEOUT
-from pyflock.common._dockerd_testing import BUSYBOX_TAG, DockerNode, wait_for
+from tests.harness.dockerd import BUSYBOX_TAG, DockerNode, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -33,7 +33,7 @@ from pyflock.common._model import (
     ConfigurationError, Configuration, Dataset, DatasetDeleted, DatasetIdTaken,
     DatasetNotFound, LeaseHeld, LeaseNotFound, NameTaken,
 )
-from pyflock.control._cli import (
+from pyflock.cli._cli import (
     EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, Settings, default_client_factory,
     format_table, run, short_ids,
 )
@@ -756,7 +756,7 @@ class CertificateTests(SynchronousTestCase):
     """The real client factory checks the certificates before connecting."""
 
     def setUp(self):
-        from pyflock.common.testing import make_cluster_certificates
+        from tests.harness.certificates import make_cluster_certificates
         self.folder = _temporary_folder(self)
         make_cluster_certificates(self.folder, nodes=0, users=("alice",))
 
@@ -817,7 +817,7 @@ class HelperTests(SynchronousTestCase):
 
 def test_console_script(tmp_path):
     """The installed ``pyflock`` reports a refused connection in one line, exit status 3."""
-    from pyflock.common.testing import make_cluster_certificates
+    from tests.harness.certificates import make_cluster_certificates
 
     make_cluster_certificates(tmp_path, nodes=0)
     with socket.socket() as s:

@@ -1,7 +1,7 @@
 """
 Test helpers that run real ``pyflock-agent`` processes, alone or as a whole local cluster.
 
-``AgentProcess`` (a ``pyflock.common._process_testing.ServiceProcess``) runs
+``AgentProcess`` (a ``tests.harness.processes.ServiceProcess``) runs
 ``pyflock-agent run --config FILE`` (an existing ``agent.yml``, or one written from keyword
 parameters), waits until it has started (and, if asked, until its agent channel is
 welcomed), stops it with SIGTERM or SIGKILL, and reads its JSON-lines log.
@@ -38,16 +38,16 @@ import attr
 import yaml
 
 from pyflock.agent._backends._loopback import LoopbackBackend, scan_loop_devices
-from pyflock.agent._backends.testing import detach_loop_devices_under
+from tests.contracts.backends import detach_loop_devices_under
 from pyflock.agent._config import AgentConfig, load_config
 from pyflock.agent._fs import read_mountinfo
 from pyflock.common._ca import PathLike, common_name_of, load_certificate
-from pyflock.common._process_testing import (
+from tests.harness.processes import (
     DEFAULT_TIMEOUT, ServiceProcess, ServiceProcessExited, free_port, run_to_completion,
     script_path,
 )
-from pyflock.common.testing import ClusterCertificates, make_cluster_certificates
-from pyflock.control._process_testing import APIClient, ControlProcess
+from tests.harness.certificates import ClusterCertificates, make_cluster_certificates
+from tests.harness.control import APIClient, ControlProcess
 
 #: How often ``CommandGates`` looks whether a gated command has arrived.
 _GATE_POLL = 0.005
@@ -217,7 +217,7 @@ class Holders:
 
 
 _GATE_SCRIPT = """#!/bin/sh
-# A pyflock test gate (pyflock.agent._process_testing.CommandGates): while the FIFO
+# A pyflock test gate (tests.harness.agents.CommandGates): while the FIFO
 # $PYFLOCK_TEST_GATES/{name} exists, stop before running {real} and wait to be let through.
 gate="$PYFLOCK_TEST_GATES/{name}"
 if [ -n "$PYFLOCK_TEST_GATES" ] && [ -p "$gate" ] && {condition}; then

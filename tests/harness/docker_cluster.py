@@ -3,7 +3,7 @@ A whole pyflock cluster on real dockerd, for end-to-end tests and benchmarks.
 
 ``PyflockDockerCluster`` runs, in one short ``/tmp/pfe-XXXXXXXX`` folder, a real
 ``pyflock-control`` on 127.0.0.1 (free ports) and two simulated Docker hosts, ``n1`` and
-``n2`` (``pyflock.common._dockerd_testing``), each with a ``pyflock-agent`` started inside
+``n2`` (``tests.harness.dockerd``), each with a ``pyflock-agent`` started inside
 its mount namespace before its dockerd. Each agent serves the plugin at the default
 ``/run/docker/plugins/pyflock.sock`` (private to its node), mounts datasets inside the
 node's namespace where its dockerd sees them, reconciles mount counts with its node's
@@ -21,15 +21,15 @@ import ssl
 from pathlib import Path
 from typing import Callable, Optional
 
-from pyflock.agent._backends.testing import detach_loop_devices_under
+from tests.contracts.backends import detach_loop_devices_under
 from pyflock.agent._config import DEFAULT_SOCKET
-from pyflock.agent._process_testing import agent_document, write_agent_config
-from pyflock.common._dockerd_testing import (
+from tests.harness.agents import agent_document, write_agent_config
+from tests.harness.dockerd import (
     DockerCluster, DockerNode, NodeCleanupFailed, NodeCommand, wait_for,
 )
-from pyflock.common._process_testing import free_port, read_events, script_path
-from pyflock.common.testing import ClusterCertificates, make_cluster_certificates
-from pyflock.control._process_testing import ControlProcess
+from tests.harness.processes import free_port, read_events, script_path
+from tests.harness.certificates import ClusterCertificates, make_cluster_certificates
+from tests.harness.control import ControlProcess
 
 #: The REST API user the cluster's ``RestClient`` acts as.
 USER = "alice"

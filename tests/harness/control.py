@@ -1,7 +1,7 @@
 """
 Test helpers that run a real ``pyflock-control`` process and talk to it over real TLS.
 
-``ControlProcess`` (a ``pyflock.common._process_testing.ServiceProcess``) starts the
+``ControlProcess`` (a ``tests.harness.processes.ServiceProcess``) starts the
 console script from the running interpreter's ``bin`` folder on a free port of a random
 127.0.0.x address (kept across restarts, so clients and agents find it again), waits until
 it listens, stops it with SIGTERM or SIGKILL, runs its ``backup`` command and reads its
@@ -23,7 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 
 from pyflock.common._ca import PathLike
-from pyflock.common._process_testing import (
+from tests.harness.processes import (
     DEFAULT_TIMEOUT, ServiceProcess, ServiceProcessExited, free_address, free_port,
     read_events, run_to_completion, script_path,
 )

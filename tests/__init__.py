@@ -1,0 +1,1 @@
+"""pyflock's test suite; ``tests.harness`` and ``tests.contracts`` are importable by ``bench/`` too."""
