@@ -33,10 +33,9 @@ from pyflock.common._model import (
     ConfigurationError, Configuration, Dataset, DatasetDeleted, DatasetIdTaken,
     DatasetNotFound, LeaseHeld, LeaseNotFound, NameTaken,
 )
-from pyflock.cli._cli import (
-    EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, Settings, default_client_factory,
-    format_table, run, short_ids,
-)
+from pyflock.cli._cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, run
+from pyflock.cli._output import format_table, short_ids
+from pyflock.cli._settings import Settings, default_client_factory
 
 GiB = 1024 ** 3
 
@@ -834,3 +833,25 @@ def test_console_script(tmp_path):
                              f"127.0.0.1:{port}: connection refused (is pyflock-control "
                              "running and listening there?) (control service from "
                              "--control-service)\n")
+
+
+def test_help_imports_nothing_of_the_server():
+    """``pyflock --help`` loads neither the server nor Twisted, treq, sqlite3 or klein."""
+    program = ("import json, sys\n"
+               "from pyflock.cli._cli import main\n"
+               "try:\n"
+               "    main(['--help'])\n"
+               "except SystemExit as e:\n"
+               "    code = e.code\n"
+               "print(json.dumps([code, sorted(sys.modules)]))\n")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    code, modules = json.loads(last)
+    assert code == 0
+    assert "usage: pyflock" in result.stdout
+    forbidden = ("pyflock.control", "pyflock.common", "klein", "sqlite3", "_sqlite3",
+                 "twisted", "treq", "OpenSSL", "yaml")
+    loaded = [m for m in modules if m.split(".")[0] in forbidden or m.startswith(forbidden)]
+    assert loaded == []
