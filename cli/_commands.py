@@ -260,6 +260,21 @@ async def _leases_release(client: IControlClient, args: argparse.Namespace,
                        f"Released node {holder}'s lease on dataset {label}.")
 
 
+async def _node_forget(client: IControlClient, args: argparse.Namespace,
+                       out: IO[str]) -> int:
+    nodes = await client.list_nodes()
+    uuid = resolve_node(args.node, nodes)
+    label = NodeLabels(nodes, [uuid]).label(uuid)
+    node = await client.forget_node(uuid)
+    if args.json:
+        print_json(out, node.to_json())
+    else:
+        seen = (f", last seen {seconds_text(node.last_seen)} ago"
+                if isinstance(node.last_seen, (int, float)) else "")
+        out.write(f"Forgot dead node {label}{seen}.\n")
+    return EXIT_OK
+
+
 _COMMANDS: dict[tuple[str, Optional[str]], Callable[..., Any]] = {
     ("version", None): _version,
     ("list-nodes", None): _list_nodes,
@@ -270,6 +285,7 @@ _COMMANDS: dict[tuple[str, Optional[str]], Callable[..., Any]] = {
     ("leases", "list"): _leases_list,
     ("leases", "acquire"): _leases_acquire,
     ("leases", "release"): _leases_release,
+    ("node", "forget"): _node_forget,
 }
 
 

@@ -225,6 +225,17 @@ def _parser(stdout: IO[str], stderr: IO[str]) -> _Parser:
     sub = command(lease_commands, "release", "release the lease on a dataset")
     sub.add_argument("dataset", metavar="DATASET",
                      help="dataset uuid, unique uuid prefix or name")
+
+    node = commands.add_parser(
+        "node", help="forget a dead node",
+        description="A node whose machine is gone stays listed, dead, until it is "
+                    "forgotten: by 'pyflock node forget', or by the control service once "
+                    "it has been dead longer than its --forget-dead-nodes.")
+    node_commands = node.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+    sub = command(node_commands, "forget",
+                  "forget a dead node that is the primary of no dataset and holds no lease")
+    sub.add_argument("node", metavar="NODE",
+                     help="node uuid, unique uuid prefix or address")
     return parser
 
 

@@ -306,6 +306,9 @@ class IControlClient(Interface):
     def release_lease(dataset_id) -> "Deferred[LeaseInfo]":
         """Drop the dataset's lease."""
 
+    def forget_node(node_uuid) -> "Deferred[NodeInfo]":
+        """Forget a dead node that holds no dataset and no lease (pyflock addition)."""
+
 
 _NO_ANSWER = "no answer in time"
 
@@ -540,6 +543,17 @@ class ControlClient:
         async def go() -> LeaseInfo:
             _, answer = await self._call("DELETE", path)
             return self._parse("DELETE", path, LeaseInfo.from_json, answer)
+        return Deferred.fromCoroutine(go())
+
+
+    def forget_node(self, node_uuid: str) -> "Deferred[NodeInfo]":
+        """Forget dead node ``node_uuid`` (``Conflict`` while it is alive or holds a dataset
+        or lease, ``NotFound`` if unknown), answering the node forgotten."""
+        path = "/state/nodes/" + quote(node_uuid, safe="")
+
+        async def go() -> NodeInfo:
+            _, answer = await self._call("DELETE", path)
+            return self._parse("DELETE", path, NodeInfo.from_json, answer)
         return Deferred.fromCoroutine(go())
 
 

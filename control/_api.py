@@ -24,7 +24,7 @@ from pyflock.common._model import (
     LeaseHeld, LeaseNotFound, NameTaken,
 )
 from pyflock.control import _schema as schema
-from pyflock.control._clusterstate import ClusterStateService
+from pyflock.control._clusterstate import ClusterStateService, ForgetRefused, NodeUnknown
 from pyflock.control._persistence import ConfigurationService, StoreUnavailable
 
 __version__ = "0.1.0"
@@ -443,3 +443,26 @@ class ControlAPI:
         log_event(_log, "pyflock:control:lease-released", dataset_id=dataset_id,
                   node_uuid=lease.node_uuid)
         return self._json(request, lease_to_json(lease, now))
+
+    # -- pyflock addition: forgetting a dead node (issue 7) ------------------------------
+
+    @app.route("/v1/state/nodes/<node_uuid>", methods=["DELETE"])
+    def forget_node(self, request, node_uuid):
+        """Forget a dead node that holds no dataset and no lease (user certificates only)."""
+        identity = self._caller(request)
+        if identity.kind != "user":
+            log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
+                      action="forget a node")
+            raise APIError(403, "Only a user certificate may forget a node; node "
+                                "certificates may not.")
+        if not _UUID.is_valid(node_uuid):
+            raise APIError(400, f"{node_uuid!r} is not a node uuid.")
+        try:
+            node = self._cluster.forget(node_uuid.lower(), self._configuration.pending)
+        except NodeUnknown as e:
+            raise APIError(404, e.description)
+        except ForgetRefused as e:
+            raise APIError(409, e.description)
+        return self._json(request, {"uuid": node.uuid, "host": node.host, "alive": False,
+                                    "last_seen": max(0.0, self._configuration.now()
+                                                     - node.last_seen)})

@@ -2,17 +2,94 @@
 Cluster state: what the agents report they have, kept in memory and rebuilt from them.
 
 Nothing here is durable: after a restart of the control service the agents report again.
-A node that stays silent longer than the expiry is dead, and its state is wiped.
+A node that stays silent longer than the expiry is dead, and its state is wiped. A dead
+node that holds no dataset (as primary) and no lease may be forgotten: by a user
+(``forget``, ``DELETE /v1/state/nodes/<uuid>``), or once it has been dead longer than
+``forget_after`` seconds (``start_forgetting``; ``pyflock-control --forget-dead-nodes``).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from pyrsistent import PClass, field, pmap_field
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger, LogLevel
+
+from pyflock.common._logging import log_event
+from pyflock.common._model import Configuration
 
 #: A node silent for this long is dead (DESIGN.md).
 DEFAULT_NODE_EXPIRY = 30.0
+#: A node dead this long (7 days) that holds no dataset and no lease is forgotten.
+DEFAULT_FORGET_DEAD_NODES = 7 * 24 * 3600.0
+#: At most this many seconds between two looks for dead nodes to forget.
+FORGET_SWEEP_INTERVAL = 60.0
+
+_log = Logger()
+
+
+class ForgetRefused(Exception):
+    """A node cannot be forgotten; ``description`` says why and what to do."""
+
+    def __init__(self, node_uuid: str, description: str):
+        super().__init__(node_uuid, description)
+        self.node_uuid = node_uuid
+        self.description = description
+
+
+class NodeUnknown(ForgetRefused):
+    """No node with this uuid is known (never reported, or already forgotten)."""
+
+    def __init__(self, node_uuid: str):
+        super().__init__(node_uuid, f"No node {node_uuid} is known: it never reported, or "
+                                    f"it has been forgotten already.")
+
+
+class NodeAlive(ForgetRefused):
+    """The node is alive: only a dead node may be forgotten."""
+
+    def __init__(self, node_uuid: str, silent: float, expiry: float):
+        super().__init__(node_uuid, f"Node {node_uuid} is alive (last heard from "
+                                    f"{silent:.0f} s ago): only a dead node can be "
+                                    f"forgotten. Stop its agent, wait {expiry:g} s until "
+                                    f"the node is dead, then forget it.")
+        self.silent = silent
+
+
+#: What a node may hold that keeps it from being forgotten: how to say it, what to do.
+_HOLDS = {
+    "primary": ("is the primary of", "move them to another node or delete them"),
+    "lease": ("holds the lease on", "release those leases"),
+}
+
+
+class NodeHolds(ForgetRefused):
+    """The node is the primary of live datasets (``holds`` "primary") or holds leases on
+    datasets ("lease"): ``dataset_ids`` are those datasets."""
+
+    def __init__(self, node_uuid: str, holds: str, dataset_ids: tuple[str, ...]):
+        relation, todo = _HOLDS[holds]
+        super().__init__(node_uuid, f"Node {node_uuid} {relation} {len(dataset_ids)} "
+                                    f"dataset(s) ({', '.join(dataset_ids)}): {todo}, then "
+                                    f"forget the node.")
+        self.holds = holds
+        self.dataset_ids = dataset_ids
+
+
+def check_forgettable(node: "NodeState", now: float, expiry: float,
+                      config: Configuration) -> None:
+    """Raise the ``ForgetRefused`` that keeps ``node`` from being forgotten, if any."""
+    if node.alive(now, expiry):
+        raise NodeAlive(node.uuid, now - node.last_seen, expiry)
+    primaries = tuple(sorted(d.dataset_id for d in config.datasets.values()
+                             if d.primary == node.uuid and not d.deleted))
+    if primaries:
+        raise NodeHolds(node.uuid, "primary", primaries)
+    leases = tuple(sorted(lease.dataset_id for lease in config.leases.values()
+                          if lease.node_uuid == node.uuid and not lease.expired(now)))
+    if leases:
+        raise NodeHolds(node.uuid, "lease", leases)
 
 
 class DatasetState(PClass):
@@ -75,11 +152,14 @@ class ClusterStateService:
     not when a heartbeat merely refreshes a node's ``last_seen``.
     """
 
-    def __init__(self, reactor, node_expiry: float = DEFAULT_NODE_EXPIRY):
+    def __init__(self, reactor, node_expiry: float = DEFAULT_NODE_EXPIRY,
+                 forget_after: float = DEFAULT_FORGET_DEAD_NODES):
         self._reactor = reactor
         self.node_expiry = node_expiry
+        self.forget_after = forget_after
         self.state = ClusterState()
         self.version = 0
+        self._sweep: Optional[LoopingCall] = None
 
     def update(self, state: ClusterState) -> None:
         """Replace the whole cluster state."""
@@ -101,3 +181,51 @@ class ClusterStateService:
     def is_alive(self, node: NodeState) -> bool:
         """Whether ``node`` has been heard from recently enough."""
         return node.alive(self._reactor.seconds(), self.node_expiry)
+
+    def forget(self, uuid: str, config: Configuration, reason: str = "user") -> NodeState:
+        """
+        Forget dead node ``uuid``, which is the primary of no live dataset and holds no
+        lease in ``config``; the node forgotten, or ``ForgetRefused`` saying why not.
+        """
+        node = self.state.nodes.get(uuid)
+        if node is None:
+            raise NodeUnknown(uuid)
+        now = self._reactor.seconds()
+        check_forgettable(node, now, self.node_expiry, config)
+        self.update(self.state.remove_nodes([uuid]))
+        log_event(_log, "pyflock:control:node-forgotten", node_uuid=uuid, host=node.host,
+                  reason=reason, dead_for=round(now - node.last_seen - self.node_expiry, 3))
+        return node
+
+    def forget_dead(self, config: Configuration) -> list[NodeState]:
+        """Forget every node dead longer than ``forget_after`` that holds nothing."""
+        now = self._reactor.seconds()
+        deadline = self.node_expiry + self.forget_after
+        forgotten = []
+        for node in list(self.state.nodes.values()):
+            if now - node.last_seen < deadline:
+                continue
+            try:
+                forgotten.append(self.forget(node.uuid, config, reason="dead"))
+            except ForgetRefused:
+                continue
+        return forgotten
+
+    def start_forgetting(self, configuration: Callable[[], Configuration]) -> None:
+        """Forget long-dead nodes (``forget_dead``) now and then until ``stop_forgetting``;
+        ``configuration()`` is the configuration to judge their holdings by."""
+        def sweep() -> None:
+            try:
+                self.forget_dead(configuration())
+            except Exception as e:
+                log_event(_log, "pyflock:control:node-forget-failed", LogLevel.error,
+                          reason=f"{type(e).__name__}: {e}")
+        self._sweep = LoopingCall(sweep)
+        self._sweep.clock = self._reactor
+        self._sweep.start(min(FORGET_SWEEP_INTERVAL, self.forget_after), now=False)
+
+    def stop_forgetting(self) -> None:
+        """Stop looking for dead nodes to forget."""
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        self._sweep = None

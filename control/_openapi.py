@@ -62,6 +62,7 @@ def _path_param(name: str, description: str, schema: dict) -> dict:
 
 _DATASET_ID = _path_param("dataset_id", "The dataset's UUID.", s.UUID)
 _ERA = _path_param("era", "A node's era (changes when the node reboots).", {"type": "string"})
+_NODE_UUID = _path_param("node_uuid", "The node's UUID.", s.UUID)
 
 
 def build_openapi(version: str) -> dict:
@@ -99,6 +100,10 @@ def build_openapi(version: str) -> dict:
         "/v1/state/nodes/by_era/{era}": {"get": _op(
             "The node whose current era is given.",
             {200: ("The node.", s.NODE_BY_ERA)}, params=(_ERA,))},
+        "/v1/state/nodes/{node_uuid}": {"delete": _op(
+            "pyflock addition: forget a dead node that is the primary of no live dataset "
+            "and holds no lease (user certificates only; 409 says what holds it).",
+            {200: ("The forgotten node.", ref["Node"])}, (409,), params=(_NODE_UUID,))},
         "/v1/configuration/leases": {
             "get": _op("Every valid lease.", {200: ("Leases.", s.array_of(ref["Lease"]))}),
             "post": _op("Take (201) or renew (200) a lease.",

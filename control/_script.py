@@ -4,6 +4,7 @@
     pyflock-control [run] [--data-path DIR] [--port PORT] [--agent-port PORT]
                           [--certificates-directory DIR] [--lease-grace SECONDS]
                           [--heartbeat SECONDS] [--node-expiry SECONDS]
+                          [--forget-dead-nodes SECONDS]
     pyflock-control backup --data-path DIR FILE
 """
 
@@ -24,7 +25,9 @@ from pyflock.common._tls import (
 )
 from pyflock.control._agentchannel import DEFAULT_HEARTBEAT, AgentChannelServer
 from pyflock.control._api import APISite, ControlAPI, __version__
-from pyflock.control._clusterstate import DEFAULT_NODE_EXPIRY, ClusterStateService
+from pyflock.control._clusterstate import (
+    DEFAULT_FORGET_DEAD_NODES, DEFAULT_NODE_EXPIRY, ClusterStateService,
+)
 from pyflock.control._openapi import build_openapi
 from pyflock.control._persistence import DEFAULT_LEASE_RESTART_GRACE, ConfigurationService
 from pyflock.control._sqlite_store import backup, open_sqlite_store
@@ -73,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--node-expiry", type=_positive_seconds, default=DEFAULT_NODE_EXPIRY,
                        help=f"a node silent this many seconds is dead (default "
                             f"{DEFAULT_NODE_EXPIRY:g})")
+        p.add_argument("--forget-dead-nodes", type=_positive_seconds, metavar="SECONDS",
+                       default=DEFAULT_FORGET_DEAD_NODES,
+                       help=f"forget a node dead this many seconds that holds no dataset "
+                            f"and no lease (default {DEFAULT_FORGET_DEAD_NODES:g}: 7 days)")
     b = sub.add_parser("backup", help="copy the store consistently while the service runs")
     b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
     b.add_argument("file", help="the new backup file (never overwritten)")
@@ -109,7 +116,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     configuration.start_lease_expiry()
-    cluster = ClusterStateService(reactor, node_expiry=options.node_expiry)
+    cluster = ClusterStateService(reactor, node_expiry=options.node_expiry,
+                                  forget_after=options.forget_dead_nodes)
     api = ControlAPI(configuration, cluster, ConnectionIdentities(cluster_uuid),
                      build_openapi(__version__))
     site = APISite(api.resource())
@@ -131,6 +139,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
         await channel.stop()
         await configuration.stop()
         raise StartupError(f"cannot listen on {options.port}: {e}")
+    cluster.start_forgetting(lambda: configuration.pending)
     address = port.getHost()
     agent_address = agent_port.getHost()
     log_event(_log, "pyflock:control:started", version=__version__,
@@ -140,6 +149,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
               datasets=len(configuration.committed.datasets), cluster_uuid=cluster_uuid)
 
     async def shutdown():
+        cluster.stop_forgetting()
         await port.stopListening()
         await agent_port.stopListening()
         await channel.stop()

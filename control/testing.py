@@ -1,21 +1,43 @@
 """
-Test helpers for the control service: an in-memory API harness whose every response is
-validated against the OpenAPI document.
+An in-memory double of the control service, for people who build on pyflock.
+
+``APIHarness`` is the real REST API (``ControlAPI``, the real configuration model and
+cluster state) on an in-memory store and a ``Clock``, reached without sockets or TLS
+through ``treq.testing.StubTreq``. Every answer is checked against the service's OpenAPI
+document, so a test written against the harness fails where the real service would
+disagree. Use ``harness.client()`` for an ``IControlClient`` (the same ``ControlClient``
+that talks to a real ``pyflock-control``), ``report_node`` to play a node agent's report,
+and ``clock.advance`` to let time pass (leases run out, nodes die)::
+
+    from pyflock.control.testing import APIHarness
+
+    harness = APIHarness()
+    harness.report_node("aaaaaaaa-0000-4000-8000-000000000001", "10.0.0.1")
+    client = harness.client()
+    d = client.create_dataset("aaaaaaaa-0000-4000-8000-000000000001",
+                              metadata={"name": "db"})
+    # d has fired: the harness answers synchronously.
+
+A test in pyflock's tree (``tests/control/test_testing.py``) runs the same assertions
+against the harness and against a real ``pyflock-control`` over TLS.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Any, Iterable, Optional
+from urllib.parse import urlsplit
 
 import attr
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from pyflock.common._client import ControlClient
 from pyflock.common._model import Configuration
 from pyflock.common._tls import Identity
 from pyflock.control._api import ControlAPI, __version__
-from pyflock.control._clusterstate import ClusterStateService
+from pyflock.control._clusterstate import ClusterStateService, DatasetState, NodeState
 from pyflock.control._openapi import build_openapi, match_path, response_validator
 from pyflock.control._persistence import ConfigurationService
 from pyflock.control._store import MemoryConfigurationStore
@@ -61,8 +83,53 @@ class Response:
     json: object
 
 
+@attr.s(auto_attribs=True, frozen=True)
+class _Answer:
+    """A treq response whose body has been read already (``content()`` may be repeated)."""
+
+    code: int
+    headers: Any
+    body: bytes
+
+    def content(self) -> Deferred:
+        """The body."""
+        return succeed(self.body)
+
+
+class _CheckedHTTP:
+    """A treq-like client of an in-memory resource that checks answers against OpenAPI."""
+
+    def __init__(self, resource, openapi: dict):
+        self._treq = StubTreq(resource)
+        self._openapi = openapi
+
+    def request(self, method: str, url: str, **kwargs) -> Deferred:
+        """Make the request; the answer, after checking it against the OpenAPI document."""
+        async def go() -> _Answer:
+            response = await self._treq.request(method, url, **kwargs)
+            body = await response.content()
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                raise OpenAPIMismatch(f"{method} {url} -> {response.code} is not JSON: "
+                                      f"{body[:200]!r}") from None
+            validate_response(self._openapi, method, urlsplit(url).path, response.code,
+                              parsed)
+            return _Answer(response.code, response.headers, body)
+        return Deferred.fromCoroutine(go())
+
+
 class APIHarness:
-    """The control service's API in memory, on a ``Clock``, for one or more callers."""
+    """
+    The control service's REST API in memory, on a ``Clock``, for one or more callers
+    (see the module's documentation). ``clock``, ``store`` (a
+    ``MemoryConfigurationStore``), ``configuration`` (the ``ConfigurationService``) and
+    ``cluster`` (the ``ClusterStateService``) are the real service's parts, open to
+    inspection.
+    """
+
+    #: The base URL the harness's clients use (no request leaves the process).
+    base_url = "https://control.example"
 
     def __init__(self, config: Configuration = Configuration(), clock: Optional[Clock] = None,
                  store: Optional[MemoryConfigurationStore] = None):
@@ -84,7 +151,7 @@ class APIHarness:
         """Make one request; its response must match the OpenAPI document."""
         treq = StubTreq(self.api(identity).resource())
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        d = treq.request(method, "https://control.example" + path, data=data,
+        d = treq.request(method, self.base_url + path, data=data,
                          headers=headers or {})
         response = testcase.successResultOf(d)
         content = testcase.successResultOf(response.content())
@@ -95,3 +162,20 @@ class APIHarness:
         headers = {k.decode().lower(): v[0].decode()
                    for k, v in response.headers.getAllRawHeaders()}
         return Response(response.code, headers, parsed)
+
+    def client(self, identity: Optional[Identity] = ALICE) -> ControlClient:
+        """An ``IControlClient`` of this API calling as ``identity`` (a user by default);
+        its Deferreds fire at once, and every answer is checked against the OpenAPI
+        document (``OpenAPIMismatch`` if it does not match)."""
+        return ControlClient(_CheckedHTTP(self.api(identity).resource(), self.openapi),
+                             self.base_url)
+
+    def report_node(self, node_uuid: str, host: str, datasets: Iterable[DatasetState] = (),
+                    silent: float = 0.0, era: Optional[str] = None) -> None:
+        """
+        Play node ``node_uuid``'s agent reporting from ``host`` that it holds ``datasets``,
+        last heard from ``silent`` seconds ago (dead once that reaches the node expiry).
+        """
+        self.cluster.update(self.cluster.state.update_node(NodeState(
+            uuid=node_uuid, host=host, era=era, last_seen=self.clock.seconds() - silent,
+            datasets={d.dataset_id: d for d in datasets})))

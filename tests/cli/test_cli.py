@@ -1,7 +1,8 @@
 """
-Tests for the ``pyflock`` command line: its command core run against a small in-memory
-control service (a Klein app speaking just enough of API.md, reached through StubTreq),
-its configuration precedence, its errors, and once as a real process.
+Tests for the ``pyflock`` command line: its command core run against the control
+service's real REST API in memory (``pyflock.control.testing.APIHarness``, so it cannot
+drift from the server), its configuration precedence, its errors, and once as a real
+process.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from klein import Klein
-from pyrsistent import pmap
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -29,10 +28,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent
 
 from pyflock.common._client import ControlClient, IControlClient
-from pyflock.common._model import (
-    ConfigurationError, Configuration, Dataset, DatasetDeleted, DatasetIdTaken,
-    DatasetNotFound, LeaseHeld, LeaseNotFound, NameTaken,
-)
+from pyflock.common._model import Configuration, Dataset
+from pyflock.control._clusterstate import DatasetState
+from pyflock.control.testing import APIHarness
 from pyflock.cli._cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, run
 from pyflock.cli._output import format_table, short_ids
 from pyflock.cli._settings import Settings, default_client_factory
@@ -49,160 +47,38 @@ UNNAMED = "bbbb0000-0000-4000-8000-000000000003"
 GONE = "cccc0000-0000-4000-8000-000000000004"
 
 
-class FakeControl:
+def _cluster(testcase) -> APIHarness:
     """
-    A control service in memory: the real configuration model behind the API's routes,
-    nodes and reported dataset states set by the test, and a clock it sets too.
+    The control service in memory with three nodes (one dead), four datasets (one deleted,
+    held by the dead node), one mounted and one leased for 42 s.
     """
+    harness = APIHarness()
 
-    app = Klein()
+    def call(method, path, body=None):
+        response = harness.request(testcase, method, path, body)
+        testcase.assertIn(response.code, (200, 201), response)
 
-    def __init__(self):
-        self.configuration = Configuration()
-        self.nodes: list[dict] = []
-        self.states: list[dict] = []
-        self.now = 1000.0
-        self.requests: list[tuple[str, str, object]] = []
-
-    def add(self, dataset_id, primary, name=None, size=None, deleted=False):
-        """Configure a dataset directly."""
-        metadata = {} if name is None else {"name": name}
-        self.configuration = self.configuration.create(Dataset(
-            dataset_id=dataset_id, primary=primary, maximum_size=size,
-            metadata=pmap(metadata)))
-        if deleted:
-            self.configuration = self.configuration.delete(self.now, dataset_id)
-
-    def _json(self, request, value, code=200):
-        request.setResponseCode(code)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"x-configuration-tag",
-                          str(self.configuration.generation).encode())
-        return json.dumps(value).encode()
-
-    def _body(self, request):
-        body = json.loads(request.content.read())
-        self.requests.append((request.method.decode(), request.path.decode(), body))
-        return body
-
-    @staticmethod
-    def _dataset(dataset):
-        return {"dataset_id": dataset.dataset_id, "primary": dataset.primary,
-                "maximum_size": dataset.maximum_size, "metadata": dict(dataset.metadata),
-                "deleted": dataset.deleted}
-
-    def _lease(self, lease):
-        return {"dataset_id": lease.dataset_id, "node_uuid": lease.node_uuid,
-                "expires": lease.remaining(self.now)}
-
-    @app.handle_errors(ConfigurationError)
-    def _refused(self, request, failure):
-        error = failure.value
-        code, description = {
-            DatasetNotFound: (404, "Dataset not found."),
-            DatasetDeleted: (405, "The dataset has been deleted."),
-            DatasetIdTaken: (409, "The provided dataset_id is already in use."),
-            NameTaken: (409, f"The name {getattr(error, 'name', '')!r} is already used by "
-                             f"dataset {getattr(error, 'dataset_id', '')}."),
-            LeaseHeld: (409, f"Lease already held by node "
-                             f"{getattr(error, 'node_uuid', '')}."),
-            LeaseNotFound: (404, "Lease not found."),
-        }[type(error)]
-        return self._json(request, {"description": description}, code)
-
-    @app.route("/v1/version", methods=["GET"])
-    def version(self, request):
-        """The versions."""
-        return self._json(request, {"flocker": "0.1.0", "pyflock": "0.1.0"})
-
-    @app.route("/v1/configuration/datasets", methods=["GET"])
-    def list_datasets(self, request):
-        """Every dataset."""
-        return self._json(request, [self._dataset(d) for d in
-                                    self.configuration.datasets.values()])
-
-    @app.route("/v1/configuration/datasets", methods=["POST"])
-    def create(self, request):
-        """A new dataset, with the next predictable id."""
-        body = self._body(request)
-        dataset = Dataset(
-            dataset_id=body.get("dataset_id", f"dddd{len(self.configuration.datasets):04d}"
-                                              "-0000-4000-8000-000000000000"),
-            primary=body["primary"], maximum_size=body.get("maximum_size"),
-            metadata=pmap(body.get("metadata", {})))
-        self.configuration = self.configuration.create(dataset)
-        return self._json(request, self._dataset(dataset), 201)
-
-    @app.route("/v1/configuration/datasets/<dataset_id>", methods=["POST"])
-    def update(self, request, dataset_id):
-        """Move and/or rename."""
-        body = self._body(request)
-        self.configuration = self.configuration.update(
-            self.now, dataset_id, primary=body.get("primary"), metadata=body.get("metadata"))
-        return self._json(request, self._dataset(self.configuration.datasets[dataset_id]))
-
-    @app.route("/v1/configuration/datasets/<dataset_id>", methods=["DELETE"])
-    def delete(self, request, dataset_id):
-        """Mark deleted."""
-        self.requests.append(("DELETE", request.path.decode(), None))
-        self.configuration = self.configuration.delete(self.now, dataset_id)
-        return self._json(request, self._dataset(self.configuration.datasets[dataset_id]))
-
-    @app.route("/v1/state/datasets", methods=["GET"])
-    def state_datasets(self, request):
-        """The states the test set."""
-        return self._json(request, self.states)
-
-    @app.route("/v1/state/nodes", methods=["GET"])
-    def state_nodes(self, request):
-        """The nodes the test set."""
-        return self._json(request, self.nodes)
-
-    @app.route("/v1/configuration/leases", methods=["GET"])
-    def list_leases(self, request):
-        """Every lease."""
-        return self._json(request, [self._lease(lease) for lease in
-                                    self.configuration.leases.values()])
-
-    @app.route("/v1/configuration/leases", methods=["POST"])
-    def acquire(self, request):
-        """Take or renew a lease."""
-        body = self._body(request)
-        renewed = body["dataset_id"] in self.configuration.leases
-        self.configuration = self.configuration.acquire_lease(
-            self.now, body["dataset_id"], body["node_uuid"], body["expires"])
-        return self._json(request, self._lease(self.configuration.leases[body["dataset_id"]]),
-                          200 if renewed else 201)
-
-    @app.route("/v1/configuration/leases/<dataset_id>", methods=["DELETE"])
-    def release(self, request, dataset_id):
-        """Drop a lease."""
-        lease = self.configuration.leases.get(dataset_id)
-        self.configuration = self.configuration.release_lease(dataset_id)
-        return self._json(request, self._lease(lease))
-
-
-def _cluster() -> FakeControl:
-    """A control service with three nodes, four datasets, one mounted, one leased."""
-    server = FakeControl()
-    server.nodes = [
-        {"uuid": NODE_1, "host": "10.0.0.1", "alive": True, "last_seen": 1.2},
-        {"uuid": NODE_2, "host": "10.0.0.2", "alive": True, "last_seen": 3},
-        {"uuid": NODE_3, "host": "10.0.0.2", "alive": False, "last_seen": 125},
-    ]
-    server.add(PGDATA, NODE_1, name="pgdata", size=10 * GiB)
-    server.add(WEB, NODE_2, name="web")
-    server.add(UNNAMED, NODE_1, size=3 * GiB // 2)
-    server.add(GONE, NODE_2, name="old", deleted=True)
-    server.configuration = server.configuration.acquire_lease(server.now, UNNAMED, NODE_1,
-                                                              42)
-    server.states = [
-        {"dataset_id": PGDATA, "primary": NODE_1, "maximum_size": 10 * GiB,
-         "path": f"/var/lib/pyflock/mounts/{PGDATA}", "state": "mounted"},
-        {"dataset_id": UNNAMED, "primary": NODE_1, "maximum_size": 3 * GiB // 2,
-         "state": "attached"},
-    ]
-    return server
+    for dataset_id, primary, name, size in ((PGDATA, NODE_1, "pgdata", 10 * GiB),
+                                            (WEB, NODE_2, "web", None),
+                                            (UNNAMED, NODE_1, None, 3 * GiB // 2),
+                                            (GONE, NODE_2, "old", None)):
+        body = {"dataset_id": dataset_id, "primary": primary}
+        if name is not None:
+            body["metadata"] = {"name": name}
+        if size is not None:
+            body["maximum_size"] = size
+        call("POST", "/v1/configuration/datasets", body)
+    call("DELETE", f"/v1/configuration/datasets/{GONE}")
+    call("POST", "/v1/configuration/leases",
+         {"dataset_id": UNNAMED, "node_uuid": NODE_1, "expires": 42})
+    harness.report_node(NODE_1, "10.0.0.1", [
+        DatasetState(dataset_id=PGDATA, maximum_size=10 * GiB,
+                     path=f"/var/lib/pyflock/mounts/{PGDATA}", state="mounted"),
+        DatasetState(dataset_id=UNNAMED, maximum_size=3 * GiB // 2, state="attaching"),
+    ], silent=1.25)
+    harness.report_node(NODE_2, "10.0.0.2", silent=3)
+    harness.report_node(NODE_3, "10.0.0.2", [DatasetState(dataset_id=GONE)], silent=125)
+    return harness
 
 
 def _temporary_folder(testcase) -> Path:
@@ -213,17 +89,30 @@ def _temporary_folder(testcase) -> Path:
 
 
 class CLITestCase(SynchronousTestCase):
-    """Runs the CLI's core against ``self.server`` and records the settings it used."""
+    """
+    Runs the CLI's core against ``self.harness`` (the real REST API in memory) and
+    records the settings it used.
+    """
 
     def setUp(self):
-        self.server = _cluster()
+        self.harness = _cluster(self)
         self.home = _temporary_folder(self)
         self.settings: list[Settings] = []
 
     def client_factory(self, settings: Settings) -> IControlClient:
-        """A client of ``self.server`` through StubTreq."""
+        """A client of ``self.harness`` as the API user alice."""
         self.settings.append(settings)
-        return ControlClient(StubTreq(self.server.app.resource()), settings.base_url)
+        return self.harness.client()
+
+    @property
+    def configuration(self) -> Configuration:
+        """The control service's committed configuration."""
+        return self.harness.configuration.committed
+
+    def only_new_dataset(self, before: Configuration) -> Dataset:
+        """The one dataset configured since ``before``."""
+        [dataset_id] = set(self.configuration.datasets) - set(before.datasets)
+        return self.configuration.datasets[dataset_id]
 
     def cli(self, *argv, env=None, factory=None):
         """Run ``pyflock argv``; (exit status, stdout, stderr)."""
@@ -269,13 +158,13 @@ class ReadTests(CLITestCase):
         code, out, err = self.cli("list")
         self.assertEqual((EXIT_OK, ""), (code, err))
         self.assertEqual(
-            "DATASET   NAME    SIZE  PRIMARY              STATE     LEASE                    "
+            "DATASET   NAME    SIZE  PRIMARY              STATE      LEASE                    "
             "PATH\n"
-            "aaaa1111  pgdata  10G   11111111 (10.0.0.1)  mounted   -                        "
+            "aaaa1111  pgdata  10G   11111111 (10.0.0.1)  mounted    -                        "
             f"/var/lib/pyflock/mounts/{PGDATA}\n"
-            "aaaa2222  web     -     22222222 (10.0.0.2)  pending   -                        "
+            "aaaa2222  web     -     22222222 (10.0.0.2)  pending    -                        "
             "-\n"
-            "bbbb0000  -       1.5G  11111111 (10.0.0.1)  attached  11111111 (10.0.0.1) 42s  "
+            "bbbb0000  -       1.5G  11111111 (10.0.0.1)  attaching  11111111 (10.0.0.1) 42s  "
             "-\n",
             out)
 
@@ -300,14 +189,14 @@ class ReadTests(CLITestCase):
 
     def test_list_empty(self):
         """With no datasets, ``list`` prints only the header."""
-        self.server.configuration = Configuration()
+        self.harness = APIHarness()
         _, out, _ = self.cli("list")
         self.assertEqual("DATASET  NAME  SIZE  PRIMARY  STATE  LEASE  PATH\n", out)
 
     def test_list_moving(self):
         """A dataset reported only on a node other than its primary shows as moving."""
-        self.server.states = [{"dataset_id": WEB, "primary": NODE_1, "maximum_size": None,
-                               "state": "mounted", "path": "/x"}]
+        self.harness.report_node(NODE_1, "10.0.0.1", [
+            DatasetState(dataset_id=WEB, state="mounted", path="/x")])
         _, out, _ = self.cli("list")
         web = [line for line in out.splitlines() if " web " in line][0]
         self.assertEqual(["aaaa2222", "web", "-", "22222222", "(10.0.0.2)", "moving", "-",
@@ -326,8 +215,11 @@ class ReadTests(CLITestCase):
     def test_list_nodes_json(self):
         """``list-nodes --json`` gives the API's node objects."""
         _, out, _ = self.cli("list-nodes", "--json")
-        self.assertEqual(sorted(self.server.nodes, key=lambda n: n["uuid"]),
-                         sorted(json.loads(out), key=lambda n: n["uuid"]))
+        self.assertEqual([
+            {"uuid": NODE_1, "host": "10.0.0.1", "alive": True, "last_seen": 1.25},
+            {"uuid": NODE_2, "host": "10.0.0.2", "alive": True, "last_seen": 3},
+            {"uuid": NODE_3, "host": "10.0.0.2", "alive": False, "last_seen": 125},
+        ], sorted(json.loads(out), key=lambda n: n["uuid"]))
 
     def test_leases_list(self):
         """``leases list`` shows each lease's dataset, name, node and time left."""
@@ -344,47 +236,50 @@ class ReadTests(CLITestCase):
 
 
 class ChangeTests(CLITestCase):
-    """Commands that change the configuration send the right request and say what
+    """Commands that change the configuration make the change asked for and say what
     happened."""
 
     def test_create(self):
-        """``create`` sends node, size in bytes and metadata, and names the new dataset."""
+        """``create`` configures the node, size in bytes and metadata, and names the new
+        dataset."""
+        before = self.configuration
         code, out, err = self.cli("create", "--node", "10.0.0.1", "--size", "10G",
                                   "--metadata", "profile=gold,team=db", "--name", "pg2")
         self.assertEqual((EXIT_OK, ""), (code, err))
-        self.assertEqual([("POST", "/v1/configuration/datasets",
-                           {"primary": NODE_1, "maximum_size": 10 * GiB,
-                            "metadata": {"profile": "gold", "team": "db", "name": "pg2"}})],
-                         self.server.requests)
-        self.assertEqual("Created dataset dddd0004-0000-4000-8000-000000000000 (pg2), 10G, "
+        dataset = self.only_new_dataset(before)
+        self.assertEqual((NODE_1, 10 * GiB, {"profile": "gold", "team": "db", "name": "pg2"}),
+                         (dataset.primary, dataset.maximum_size, dict(dataset.metadata)))
+        self.assertEqual(f"Created dataset {dataset.dataset_id} (pg2), 10G, "
                          "on node 11111111 (10.0.0.1).\n", out)
 
     def test_create_minimal_json(self):
         """``create --json`` without size or metadata prints the API's dataset object."""
+        before = self.configuration
         code, out, _ = self.cli("create", "--node", "1111", "--json")
         self.assertEqual(EXIT_OK, code)
-        self.assertEqual([("POST", "/v1/configuration/datasets", {"primary": NODE_1})],
-                         self.server.requests)
-        self.assertEqual({"dataset_id": "dddd0004-0000-4000-8000-000000000000",
+        dataset = self.only_new_dataset(before)
+        self.assertEqual({"dataset_id": dataset.dataset_id,
                           "primary": NODE_1, "maximum_size": None, "metadata": {},
                           "deleted": False}, json.loads(out))
 
     def test_create_size_rounded(self):
         """A size that is not whole KiB is rounded up to whole KiB before it is sent."""
+        before = self.configuration
         self.cli("create", "--node", NODE_1, "--size", "100000001")
-        self.assertEqual(100000768, self.server.requests[0][2]["maximum_size"])
+        self.assertEqual(100000768, self.only_new_dataset(before).maximum_size)
 
     def test_create_on_unknown_uuid(self):
         """A full node uuid is accepted even before that node has reported."""
+        before = self.configuration
         code, _, _ = self.cli("create", "--node", UNKNOWN_NODE)
         self.assertEqual(EXIT_OK, code)
-        self.assertEqual(UNKNOWN_NODE, self.server.requests[0][2]["primary"])
+        self.assertEqual(UNKNOWN_NODE, self.only_new_dataset(before).primary)
 
     def test_create_name_taken(self):
         """A taken name is refused by the service; its reason is shown on one line."""
         self.assertOneLineError(self.cli("create", "--node", NODE_1, "--name", "pgdata"),
                                 EXIT_FAILED, "pyflock: error: The name 'pgdata' is "
-                                             f"already used by dataset {PGDATA}.")
+                                             f"already used by dataset {PGDATA};")
 
     def test_create_bad_size(self):
         """An unreadable size is a usage error showing sizes that work."""
@@ -404,11 +299,12 @@ class ChangeTests(CLITestCase):
                                 EXIT_USAGE, "'x' is not KEY=VALUE")
 
     def test_create_name_disagrees(self):
-        """``--name`` and a different ``--metadata name=`` are refused."""
+        """``--name`` and a different ``--metadata name=`` are refused; nothing changes."""
+        before = self.configuration
         self.assertOneLineError(
             self.cli("create", "--node", NODE_1, "--name", "a", "--metadata", "name=b"),
             EXIT_USAGE, "--name 'a' and --metadata name='b' disagree")
-        self.assertEqual([], self.server.requests)
+        self.assertIs(before, self.configuration)
 
     def test_create_unknown_node(self):
         """A node nothing matches is refused naming what was given."""
@@ -429,8 +325,7 @@ class ChangeTests(CLITestCase):
         """``move NAME --to NODE`` moves the named dataset and says from where to where."""
         code, out, err = self.cli("move", "pgdata", "--to", "22222")
         self.assertEqual((EXIT_OK, ""), (code, err))
-        self.assertEqual([("POST", f"/v1/configuration/datasets/{PGDATA}",
-                           {"primary": NODE_2})], self.server.requests)
+        self.assertEqual(NODE_2, self.configuration.datasets[PGDATA].primary)
         self.assertEqual(f"Moving dataset {PGDATA} (pgdata) from node 11111111 (10.0.0.1) "
                          "to node 22222222 (10.0.0.2).\n", out)
 
@@ -445,8 +340,8 @@ class ChangeTests(CLITestCase):
         """``move --wait`` reports each change of the dataset's states until it is
         mounted on the target alone, paced by the clock."""
         clock = Clock()
-        self.server.states = [{"dataset_id": PGDATA, "primary": NODE_1, "maximum_size": None,
-                               "state": "moving"}]
+        self.harness.report_node(NODE_1, "10.0.0.1",
+                                 [DatasetState(dataset_id=PGDATA, state="moving")])
         stdout, stderr = io.StringIO(), io.StringIO()
         env = {"PYFLOCK_CONTROL_SERVICE": "control.example", "PYFLOCK_USER": "alice",
                "HOME": str(self.home)}
@@ -454,11 +349,12 @@ class ChangeTests(CLITestCase):
                 stderr, env, clock)
         self.assertNoResult(d)
         clock.advance(0.1)
-        self.server.states = [{"dataset_id": PGDATA, "primary": NODE_2, "maximum_size": None,
-                               "state": "attaching"}]
+        self.harness.report_node(NODE_1, "10.0.0.1")
+        self.harness.report_node(NODE_2, "10.0.0.2",
+                                 [DatasetState(dataset_id=PGDATA, state="attaching")])
         clock.advance(0.1)
-        self.server.states = [{"dataset_id": PGDATA, "primary": NODE_2, "maximum_size": None,
-                               "state": "mounted", "path": "/m/x"}]
+        self.harness.report_node(NODE_2, "10.0.0.2", [
+            DatasetState(dataset_id=PGDATA, state="mounted", path="/m/x")])
         self.assertNoResult(d)
         clock.advance(0.1)
         self.assertEqual(EXIT_OK, self.successResultOf(d), stderr.getvalue())
@@ -489,16 +385,17 @@ class ChangeTests(CLITestCase):
 
     def test_move_ambiguous(self):
         """A prefix of two datasets' ids is refused, listing both with their names."""
+        before = self.configuration
         err = self.assertOneLineError(self.cli("move", "aaaa", "--to", NODE_2), EXIT_FAILED,
                                       "'aaaa' matches 2 datasets:", f"{PGDATA} (pgdata)",
                                       f"{WEB} (web)")
         self.assertIn("give more of the id", err)
-        self.assertEqual([], self.server.requests)
+        self.assertIs(before, self.configuration)
 
     def test_move_leased_elsewhere(self):
         """A move refused because another node holds the lease names that node."""
         self.assertOneLineError(self.cli("move", "bbbb", "--to", NODE_2), EXIT_FAILED,
-                                f"Lease already held by node {NODE_1}.")
+                                f"Lease already held by node {NODE_1}:")
 
     def test_move_unknown_dataset(self):
         """A dataset nothing matches is refused, pointing at ``pyflock list``."""
@@ -520,10 +417,8 @@ class ChangeTests(CLITestCase):
         """``destroy NAME`` deletes that dataset and says so."""
         code, out, err = self.cli("destroy", "web")
         self.assertEqual((EXIT_OK, ""), (code, err))
-        self.assertEqual([("DELETE", f"/v1/configuration/datasets/{WEB}", None)],
-                         self.server.requests)
         self.assertEqual(f"Deleted dataset {WEB} (web); its node removes the data.\n", out)
-        self.assertTrue(self.server.configuration.datasets[WEB].deleted)
+        self.assertTrue(self.configuration.datasets[WEB].deleted)
 
     def test_destroy_json(self):
         """``destroy --json`` prints the deleted dataset's object."""
@@ -533,16 +428,16 @@ class ChangeTests(CLITestCase):
     def test_destroy_leased(self):
         """Destroying a leased dataset is refused with the service's reason."""
         self.assertOneLineError(self.cli("destroy", UNNAMED), EXIT_FAILED,
-                                f"Lease already held by node {NODE_1}.")
+                                f"Lease already held by node {NODE_1}:")
 
     def test_lease_acquire(self):
         """``leases acquire`` takes a lease for the node with the expiry given."""
         code, out, err = self.cli("leases", "acquire", "pgdata", "--node", "10.0.0.1",
                                   "--expires", "90")
         self.assertEqual((EXIT_OK, ""), (code, err))
-        self.assertEqual([("POST", "/v1/configuration/leases",
-                           {"dataset_id": PGDATA, "node_uuid": NODE_1, "expires": 90.0})],
-                         self.server.requests)
+        lease = self.configuration.leases[PGDATA]
+        self.assertEqual((NODE_1, 90.0), (lease.node_uuid,
+                                          lease.remaining(self.harness.clock.seconds())))
         self.assertEqual(f"Node 11111111 (10.0.0.1) holds the lease on dataset {PGDATA} "
                          "(pgdata) for 1m30s.\n", out)
 
@@ -556,7 +451,7 @@ class ChangeTests(CLITestCase):
         """A lease another node holds is refused naming the holder."""
         self.assertOneLineError(
             self.cli("leases", "acquire", UNNAMED, "--node", NODE_2), EXIT_FAILED,
-            f"Lease already held by node {NODE_1}.")
+            f"Lease already held by node {NODE_1}:")
 
     def test_lease_bad_expiry(self):
         """A non-positive expiry is a usage error."""
@@ -570,12 +465,64 @@ class ChangeTests(CLITestCase):
         self.assertEqual((EXIT_OK, ""), (code, err))
         self.assertEqual(f"Released node 11111111 (10.0.0.1)'s lease on dataset "
                          f"{UNNAMED}.\n", out)
-        self.assertNotIn(UNNAMED, self.server.configuration.leases)
+        self.assertNotIn(UNNAMED, self.configuration.leases)
 
     def test_lease_release_none(self):
         """Releasing a lease nobody holds reports the service's answer."""
         self.assertOneLineError(self.cli("leases", "release", "web"), EXIT_FAILED,
                                 "pyflock: error: Lease not found.")
+
+
+class NodeForgetTests(CLITestCase):
+    """``node forget`` drops a dead node that holds nothing, and says why it will not."""
+
+    def test_forget_dead_node(self):
+        """A dead node named by uuid prefix is forgotten and no longer listed."""
+        code, out, err = self.cli("node", "forget", "22223")
+        self.assertEqual((EXIT_OK, ""), (code, err))
+        self.assertEqual("Forgot dead node 22223333 (10.0.0.2), last seen 2m05s ago.\n", out)
+        self.assertNotIn(NODE_3, self.harness.cluster.state.nodes)
+        _, out, _ = self.cli("list-nodes")
+        self.assertNotIn("22223333", out)
+
+    def test_forget_json(self):
+        """``--json`` prints the forgotten node's API object."""
+        _, out, _ = self.cli("node", "forget", NODE_3, "--json")
+        self.assertEqual({"uuid": NODE_3, "host": "10.0.0.2", "alive": False,
+                          "last_seen": 125}, json.loads(out))
+
+    def test_forget_ambiguous_address(self):
+        """An address shared by a live and a dead node is refused, listing both."""
+        self.assertOneLineError(self.cli("node", "forget", "10.0.0.2"), EXIT_FAILED,
+                                "'10.0.0.2' is the address of 2 nodes", NODE_2, NODE_3)
+        self.assertIn(NODE_3, self.harness.cluster.state.nodes)
+
+    def test_forget_live_node(self):
+        """A live node is refused, saying to stop its agent and wait until it is dead."""
+        self.assertOneLineError(self.cli("node", "forget", "22222222"), EXIT_FAILED,
+                                f"Node {NODE_2} is alive", "Stop its agent, wait 30 s")
+        self.assertIn(NODE_2, self.harness.cluster.state.nodes)
+
+    def test_forget_primary(self):
+        """A dead node that is a dataset's primary is refused, naming the dataset."""
+        self.harness.report_node(NODE_2, "10.0.0.2", silent=100)
+        self.assertOneLineError(self.cli("node", "forget", "22222222"), EXIT_FAILED,
+                                f"Node {NODE_2} is the primary of 1 dataset(s) ({WEB})",
+                                "move them to another node or delete them")
+
+    def test_forget_lease_holder(self):
+        """A dead node holding a lease is refused, naming the leased dataset."""
+        self.harness.report_node(UNKNOWN_NODE, "10.0.0.9", silent=100)
+        self.harness.request(self, "POST", "/v1/configuration/leases",
+                             {"dataset_id": WEB, "node_uuid": UNKNOWN_NODE, "expires": None})
+        self.assertOneLineError(self.cli("node", "forget", "10.0.0.9"), EXIT_FAILED,
+                                f"holds the lease on 1 dataset(s) ({WEB})",
+                                "release those leases")
+
+    def test_forget_unknown_uuid(self):
+        """A full uuid of no known node is passed on; the service says it is unknown."""
+        self.assertOneLineError(self.cli("node", "forget", UNKNOWN_NODE), EXIT_FAILED,
+                                f"No node {UNKNOWN_NODE} is known")
 
 
 class SettingsTests(CLITestCase):
@@ -701,7 +648,7 @@ class ErrorTests(CLITestCase):
         code, out, err = self.cli("--help")
         self.assertEqual((EXIT_OK, ""), (code, err))
         for command in ("version", "list-nodes", "list", "create", "move", "destroy",
-                        "leases"):
+                        "leases", "node"):
             self.assertIn(command, out)
         code, out, _ = self.cli("leases", "acquire", "--help")
         self.assertEqual(EXIT_OK, code)
