@@ -6,6 +6,9 @@ service's clock.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -15,6 +18,7 @@ from pyflock.common._model import Configuration, Dataset
 from pyflock.control._clusterstate import (
     ClusterStateService, NodeAlive, NodeHolds, NodeState, NodeUnknown,
 )
+from pyflock.control._script import _parser
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"
 B = "bbbbbbbb-0000-4000-8000-000000000002"
@@ -155,3 +159,20 @@ class ForgetDeadTests(ClusterTestCase):
         self.assertIn("boom", event["reason"])
         self.clock.advance(EXPIRY + FORGET_AFTER)
         self.assertEqual({}, dict(self.cluster.state.nodes))
+
+
+class FlagTests(SynchronousTestCase):
+    """``pyflock-control --forget-dead-nodes SECONDS``."""
+
+    def test_default_is_seven_days(self):
+        """Without the flag, dead nodes are forgotten after 7 days (604800 s)."""
+        self.assertEqual(604800.0, _parser().parse_args(["run"]).forget_dead_nodes)
+        self.assertEqual(5.0, _parser().parse_args(
+            ["run", "--forget-dead-nodes", "5"]).forget_dead_nodes)
+
+    def test_refuses_non_positive(self):
+        """Zero or a negative number of seconds is refused."""
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertRaises(SystemExit, _parser().parse_args,
+                              ["--forget-dead-nodes", "0"])
+        self.assertIn("'0' is not a positive number of seconds", err.getvalue())
