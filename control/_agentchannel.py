@@ -269,6 +269,7 @@ class AgentChannelServer:
         self._tombstones = {i: self.version for i, d in config.datasets.items() if d.deleted}
         self._running = True
         self.configuration.subscribe(self._configuration_changed)
+        self.cluster.on_forget(self._forget_node)
         # Until every node alive has had time to reconnect and report, nobody knows who
         # holds what: purge nothing before then.
         self._purge_grace = self.reactor.callLater(self.node_expiry, self._grace_over)
@@ -478,6 +479,13 @@ class AgentChannelServer:
         if view.version > self._acks.get(uuid, -1):
             self._acks[uuid] = view.version
             self._purge_unheld()
+
+    def _forget_node(self, uuid: str) -> None:
+        """A dead node was forgotten: snapshots leave it out from now on (views already
+        pushed keep it, dead, until their next snapshot: a Diff cannot remove a node)."""
+        self._nodes.pop(uuid, None)
+        self._acks.pop(uuid, None)
+        self._snapshot_cache = (-1, b"")
 
     def _expire(self, uuid: str) -> None:
         """Nothing heard from ``uuid`` for ``node_expiry``: it is dead."""

@@ -160,6 +160,11 @@ class ClusterStateService:
         self.state = ClusterState()
         self.version = 0
         self._sweep: Optional[LoopingCall] = None
+        self._forget_listeners: list[Callable[[str], None]] = []
+
+    def on_forget(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(uuid)`` whenever a node is forgotten."""
+        self._forget_listeners.append(listener)
 
     def update(self, state: ClusterState) -> None:
         """Replace the whole cluster state."""
@@ -193,6 +198,8 @@ class ClusterStateService:
         now = self._reactor.seconds()
         check_forgettable(node, now, self.node_expiry, config)
         self.update(self.state.remove_nodes([uuid]))
+        for listener in self._forget_listeners:
+            listener(uuid)
         log_event(_log, "pyflock:control:node-forgotten", node_uuid=uuid, host=node.host,
                   reason=reason, dead_for=round(now - node.last_seen - self.node_expiry, 3))
         return node

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -761,6 +762,7 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual("A    BB\nccc  d\n", format_table(["A", "BB"], [["ccc", "d"]]))
 
 
+@pytest.mark.integration
 def test_console_script(tmp_path):
     """The installed ``pyflock`` reports a refused connection in one line, exit status 3."""
     from tests.harness.certificates import make_cluster_certificates
@@ -782,6 +784,7 @@ def test_console_script(tmp_path):
                              "--control-service)\n")
 
 
+@pytest.mark.integration
 def test_help_imports_nothing_of_the_server():
     """``pyflock --help`` loads neither the server nor Twisted, treq, sqlite3 or klein."""
     program = ("import json, sys\n"

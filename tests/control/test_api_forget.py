@@ -5,7 +5,9 @@ holds no dataset and no lease; every answer matches the OpenAPI document.
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from pyflock.control._agentchannel import AgentChannelServer
 from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
+from tests.control.test_agentchannel import RawAgent
 
 A = NODE_A.node_uuid
 B = NODE_B.node_uuid
@@ -64,3 +66,22 @@ class ForgetNodeTests(SynchronousTestCase):
         r = self.forget("not-a-uuid")
         self.assertEqual((400, "'not-a-uuid' is not a node uuid."),
                          (r.code, r.json["description"]))
+
+
+class ChannelTests(SynchronousTestCase):
+    """The agent channel forgets a forgotten node too."""
+
+    def test_snapshot_leaves_forgotten_node_out(self):
+        """Once a dead node is forgotten, snapshots sent to agents no longer list it."""
+        h = APIHarness()
+        server = AgentChannelServer(h.configuration, h.cluster, h.clock,
+                                    identify=lambda transport: transport.identity)
+        server.start()
+        self.addCleanup(server.stop)
+        agent = RawAgent(server, NODE_A)
+        agent.hello()
+        agent.lose()
+        h.clock.advance(h.cluster.node_expiry)
+        self.assertEqual([A], [n.uuid for n in server.snapshot().nodes])
+        self.assertEqual(200, h.request(self, "DELETE", f"/v1/state/nodes/{A}").code)
+        self.assertEqual((), server.snapshot().nodes)
