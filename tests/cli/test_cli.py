@@ -147,6 +147,13 @@ class ReadTests(CLITestCase):
         self.assertIn("control service: pyflock 0.1.0 (API version 0.1.0)", out)
         self.assertTrue(out.startswith("client:          pyflock "))
 
+    def test_version_option(self):
+        """``--version`` prints this CLI's installed version and asks the service nothing."""
+        from importlib.metadata import version
+        code, out, err = self.cli("--version")
+        self.assertEqual((EXIT_OK, f"pyflock {version('pyflock')}\n", ""), (code, out, err))
+        self.assertEqual([], self.settings)
+
     def test_version_json(self):
         """``version --json`` prints the API's object plus the client's version."""
         code, out, _ = self.cli("version", "--json")
