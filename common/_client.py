@@ -545,7 +545,6 @@ class ControlClient:
             return self._parse("DELETE", path, LeaseInfo.from_json, answer)
         return Deferred.fromCoroutine(go())
 
-
     def forget_node(self, node_uuid: str) -> "Deferred[NodeInfo]":
         """Forget dead node ``node_uuid`` (``Conflict`` while it is alive or holds a dataset
         or lease, ``NotFound`` if unknown), answering the node forgotten."""
