@@ -119,7 +119,8 @@ async def test_real_service_keeps_the_contract(tmp_path):
                                         control_host=host)
     node_uuid, other_uuid = cluster.node_uuids
     control = ControlProcess(tmp_path / "data", cluster.path, host=host,
-                             log_directory=tmp_path / "logs")
+                             log_directory=tmp_path / "logs",
+                             extra_arguments=["--forget-dead-nodes", "3600"])
     connections = []
     try:
         control.start()
