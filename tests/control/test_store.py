@@ -6,6 +6,7 @@ migrations, online backup, durability across kill -9).
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import shutil
@@ -25,10 +26,12 @@ from pyflock.control._sqlite_store import (
     APPLICATION_ID, FILENAME, MIGRATIONS, SCHEMA_VERSION, SQLiteConfigurationStore, backup,
     open_sqlite_store, store_path,
 )
-from pyflock.control._store import StoreError, StoreWrite, apply_write
+from pyflock.control._store import (
+    RETAINED_REVISIONS, HistoryGone, StoreError, StoreWrite, apply_write,
+)
 from tests.contracts.store import (
-    NODE_A, dataset_id, make_iconfigurationstore_tests, memory_store_opener, sample_change,
-    using,
+    NODE_A, dataset_id, loaded, make_iconfigurationstore_tests, memory_store_opener,
+    sample_change, using,
 )
 
 
@@ -37,9 +40,9 @@ def _reactor():
     return reactor
 
 
-def sqlite_store_opener(folder):
+def sqlite_store_opener(folder, retained: int = RETAINED_REVISIONS):
     """An opener of SQLite stores kept in ``folder``/control (created on first open)."""
-    return lambda: open_sqlite_store(_reactor(), folder / "control")
+    return lambda: open_sqlite_store(_reactor(), folder / "control", retained)
 
 
 TestMemoryStoreContract = make_iconfigurationstore_tests(memory_store_opener)
@@ -60,7 +63,8 @@ def open_database(path) -> sqlite3.Connection:
 
 async def stored(folder) -> Configuration:
     """The configuration stored in the data folder ``folder``."""
-    return await using(lambda: open_sqlite_store(_reactor(), folder), lambda s: s.load())
+    snapshot = await using(lambda: open_sqlite_store(_reactor(), folder), lambda s: s.load())
+    return snapshot.configuration
 
 
 async def refusal(folder) -> str:
@@ -143,9 +147,9 @@ async def test_group_commit(tmp_path):
         _reactor().callLater(0, lambda: submitted.callback(
             [store.write(one_dataset(n)) for n in range(50)]))
         results = await gatherResults(await submitted)
-        assert results == [None] * 50
+        assert results == list(range(1, 51))
         assert store.transactions == 2
-        config = await store.load()
+        config = (await store.load()).configuration
         assert set(config.datasets) == {dataset_id(n) for n in range(50)}
         assert config.generation == 49
     finally:
@@ -183,7 +187,7 @@ async def test_failed_transaction(tmp_path):
                        "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END")
         finally:
             db.close()
-        await store.write(one_dataset(0))
+        revision = await store.write(one_dataset(0))
         before = store.transactions
         together = [store.write(one_dataset(n)) for n in (1, 2, 3)]
         for write in together:
@@ -192,11 +196,13 @@ async def test_failed_transaction(tmp_path):
             assert store.path in str(raised.value)
             assert "poisoned row" in str(raised.value)
         assert store.transactions == before + 1
-        config = await store.load()
-        assert set(config.datasets) == {dataset_id(0)}
-        assert config.generation == 0
-        await store.write(one_dataset(4))
-        assert set((await store.load()).datasets) == {dataset_id(0), dataset_id(4)}
+        snapshot = await store.load()
+        assert set(snapshot.configuration.datasets) == {dataset_id(0)}
+        assert (snapshot.configuration.generation, snapshot.revision) == (0, revision)
+        assert (await store.changes_since(revision)).change.datasets == ()
+        assert await store.write(one_dataset(4)) == revision + 1
+        assert set((await store.load()).configuration.datasets) == {dataset_id(0),
+                                                                    dataset_id(4)}
     finally:
         await store.close()
 
@@ -413,27 +419,27 @@ async def test_migrations_run_in_order(tmp_path):
     _version_1_by_hand(tmp_path / FILENAME)
     ran = []
 
-    def version_2(db):
-        ran.append(2)
+    def later_1(db):
+        ran.append(1)
         db.execute("ALTER TABLE datasets ADD COLUMN created REAL")
 
-    def version_3(db):
-        ran.append(3)
+    def later_2(db):
+        ran.append(2)
         db.execute("UPDATE datasets SET created = 1.5")
 
     store = SQLiteConfigurationStore(tmp_path / FILENAME, _reactor(),
-                                     migrations=MIGRATIONS + (version_2, version_3))
+                                     migrations=MIGRATIONS + (later_1, later_2))
     try:
         await store.opened()
-        config = await store.load()
+        config = (await store.load()).configuration
     finally:
         await store.close()
-    assert ran == [2, 3]
+    assert ran == [1, 2]
     assert config.generation == 12 and set(config.datasets) == {dataset_id(1),
                                                                  dataset_id(2)}
     db = open_database(tmp_path / FILENAME)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 2
         assert db.execute("SELECT DISTINCT created FROM datasets").fetchall() == [(1.5,)]
     finally:
         db.close()
@@ -444,26 +450,98 @@ async def test_failed_migration_changes_nothing(tmp_path):
     """A migration that fails leaves the store at its old version with its data."""
     _version_1_by_hand(tmp_path / FILENAME)
 
-    def version_2(db):
+    def failing(db):
         db.execute("ALTER TABLE datasets ADD COLUMN created REAL")
         db.execute("SELECT no_such_function()")
 
     store = SQLiteConfigurationStore(tmp_path / FILENAME, _reactor(),
-                                     migrations=MIGRATIONS + (version_2,))
+                                     migrations=MIGRATIONS + (failing,))
     try:
         with pytest.raises(StoreError) as raised:
             await store.opened()
     finally:
         await store.close()
     assert str(tmp_path / FILENAME) in str(raised.value)
-    assert "from schema version 1 to 2 failed" in str(raised.value)
+    assert f"from schema version 1 to {SCHEMA_VERSION + 1} failed" in str(raised.value)
     db = open_database(tmp_path / FILENAME)
     try:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
         assert "created" not in [c[1] for c in db.execute("PRAGMA table_info(datasets)")]
+        assert db.execute("SELECT count(*) FROM sqlite_schema WHERE name = 'changes'"
+                          ).fetchone() == (0,)
     finally:
         db.close()
     assert (await stored(tmp_path)).generation == 12
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_from_version_1(tmp_path):
+    """
+    A version 1 store is upgraded to the current schema: what it held is revision 0, the
+    first write after is revision 1 and the feed since 0 holds only that write's rows;
+    the revision survives a restart.
+    """
+    _version_1_by_hand(tmp_path / FILENAME)
+    opener = lambda: open_sqlite_store(_reactor(), tmp_path)  # noqa: E731
+    before = await using(opener, lambda s: s.load())
+    assert before.revision == 0 and set(before.configuration.datasets) == {
+        dataset_id(1), dataset_id(2)}
+    with pytest.raises(HistoryGone):
+        await using(opener, lambda s: s.changes_since(-1))
+    assert await using(opener, lambda s: s.write(one_dataset(5, generation=13))) == 1
+
+    async def after_restart(store):
+        return await store.load(), await store.changes_since(0)
+
+    snapshot, changes = await using(opener, after_restart)
+    assert snapshot.revision == changes.revision == 1
+    assert changes.change == one_dataset(5, generation=13)
+    assert snapshot.configuration == apply_write(before.configuration, changes.change)
+    db = open_database(tmp_path / FILENAME)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_pruned_by_the_writer(tmp_path):
+    """
+    Keeping 10 revisions, the change index holds only the rows that exist plus those
+    removed in the last 10 revisions, however many were removed before.
+    """
+    async def churn(store):
+        for n in range(200):
+            await store.write(one_dataset(n))
+            await store.write(StoreWrite(datasets=((dataset_id(n), None),), generation=n))
+        await store.write(one_dataset(1000))
+        return await store.load()
+
+    snapshot = await using(sqlite_store_opener(tmp_path, retained=10), churn)
+    assert snapshot.revision == 401
+    db = open_database(tmp_path / "control" / FILENAME)
+    try:
+        assert db.execute("SELECT count(*), min(revision) FROM changes").fetchone() == (
+            6, 392)
+        assert db.execute("SELECT value FROM meta WHERE key = 'compacted'"
+                          ).fetchone() == (391,)
+    finally:
+        db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_leaves_the_garbage_collector_alone(tmp_path, monkeypatch):
+    """
+    Loading never turns the process's garbage collector off or on from the writer thread:
+    that is for the program to decide (pyflock-control's main does, while it loads).
+    """
+    await make_store(tmp_path, datasets=300)
+    calls = []
+    monkeypatch.setattr(gc, "disable", lambda: calls.append("disable"))
+    monkeypatch.setattr(gc, "enable", lambda: calls.append("enable"))
+    config = await stored(tmp_path)
+    assert len(config.datasets) == 300
+    assert calls == []
 
 
 @pytest_twisted.ensureDeferred
@@ -480,7 +558,7 @@ async def test_backup_while_writing(tmp_path):
         writes += [store.write(one_dataset(n, generation=n + 1)) for n in range(2000, 2500)]
         await copied
         await gatherResults(writes)
-        assert (await store.load()).generation == 2500
+        assert (await store.load()).configuration.generation == 2500
     finally:
         await store.close()
     restored = tmp_path / "restored"
@@ -598,4 +676,4 @@ async def test_many_datasets(tmp_path):
          for n in range(0, 10_000, 10)], 10_000)
     change = StoreWrite.of(config, datasets)
     await using(sqlite_store_opener(tmp_path), lambda s: s.write(change))
-    assert await using(sqlite_store_opener(tmp_path), lambda s: s.load()) == config
+    assert await using(sqlite_store_opener(tmp_path), loaded) == config
