@@ -482,7 +482,9 @@ async def test_upgrade_from_version_1(tmp_path):
     the revision survives a restart.
     """
     _version_1_by_hand(tmp_path / FILENAME)
-    opener = lambda: open_sqlite_store(_reactor(), tmp_path)  # noqa: E731
+    def opener():
+        return open_sqlite_store(_reactor(), tmp_path)
+
     before = await using(opener, lambda s: s.load())
     assert before.revision == 0 and set(before.configuration.datasets) == {
         dataset_id(1), dataset_id(2)}
@@ -614,10 +616,10 @@ async def main(reactor, folder):
         while True:
             submitted += 1
             ident = f"crash-{submitted:07d}"
-            await store.write(StoreWrite(
+            revision = await store.write(StoreWrite(
                 datasets=((ident, Dataset(dataset_id=ident, primary="node")),),
                 generation=submitted))
-            sys.stdout.write(ident + "\n")
+            sys.stdout.write(f"{ident} {revision}\n")
             sys.stdout.flush()
 
     await defer.gatherResults([defer.Deferred.fromCoroutine(writer()) for _ in range(8)])
@@ -651,14 +653,21 @@ def _acknowledged_then_kill(folder, wanted: int) -> list[str]:
     return output.decode().split("\n")[:-1]
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_acknowledged_writes_survive_kill(tmp_path):
-    """Every write acknowledged before the process is killed with SIGKILL is stored."""
-    acknowledged = _acknowledged_then_kill(tmp_path, wanted=400)
-    assert len(acknowledged) >= 400
-    config = await stored(tmp_path)
+    """
+    Every write acknowledged before the process is killed with SIGKILL is stored, and the
+    store's revision is at least the last one acknowledged.
+    """
+    lines = _acknowledged_then_kill(tmp_path, wanted=400)
+    assert len(lines) >= 400
+    acknowledged = dict(line.split(" ") for line in lines)
+    snapshot = await using(lambda: open_sqlite_store(_reactor(), tmp_path), lambda s: s.load())
+    config = snapshot.configuration
     assert set(acknowledged) <= set(config.datasets)
     assert config.generation >= max(int(i.split("-")[1]) for i in acknowledged)
+    assert snapshot.revision >= max(int(r) for r in acknowledged.values())
 
 
 @pytest_twisted.ensureDeferred
