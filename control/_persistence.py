@@ -7,8 +7,8 @@ readers (``committed``), only once the store made it durable. Leases run out on 
 reactor's clock; after a restart every lease gets a grace period so that its holder can
 renew it before it expires.
 
-The service also keeps the store revision of ``committed``, so that a reader (the agent
-channel, later) can ask the store what changed since then.
+The service also keeps the store revision of ``committed`` and the store's id, so that a
+reader (the agent channel, later) can ask the store what changed since then.
 """
 
 from __future__ import annotations
@@ -49,18 +49,20 @@ class ConfigurationService:
     Holds the desired configuration and applies changes to it durably.
 
     ``committed`` is what readers see: every change in it is durable; ``revision`` is the
-    store revision it was committed at. ``pending`` also holds accepted changes still
-    being written; new changes are validated against it so that, say, two concurrent
-    creates of one name cannot both succeed.
+    store revision it was committed at, in the store ``store_id`` (see ``StoreSnapshot``).
+    ``pending`` also holds accepted changes still being written; new changes are
+    validated against it so that, say, two concurrent creates of one name cannot both
+    succeed.
     """
 
     def __init__(self, store: IConfigurationStore, reactor: IReactorTime,
-                 config: Configuration, revision: int = 0):
+                 config: Configuration, revision: int = 0, store_id: str = ""):
         self._store = store
         self._reactor = reactor
         self.committed = config
         self.pending = config
         self.revision = revision
+        self.store_id = store_id
         self._in_flight = 0
         # The Deferreds waiting for the latest write to be durable (changes that found
         # nothing left to do).
@@ -78,7 +80,7 @@ class ConfigurationService:
         """Read the stored configuration; fires with a service ready to take changes."""
         def loaded(snapshot: StoreSnapshot) -> "ConfigurationService":
             config = _extend_leases(snapshot.configuration, reactor.seconds() + lease_grace)
-            return cls(store, reactor, config, snapshot.revision)
+            return cls(store, reactor, config, snapshot.revision, snapshot.store_id)
         return store.load().addCallback(loaded)
 
     @property
@@ -197,7 +199,7 @@ class ConfigurationService:
 
             def done(revision: int):
                 self.committed = self.pending = config
-                self.revision = revision
+                self.revision, self.store_id = revision, snapshot.store_id
                 self._broken = None
                 self._notify(None)
                 log_event(_log, "pyflock:control:store-recovered",

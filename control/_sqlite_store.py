@@ -15,7 +15,8 @@ Layout of ``configuration.sqlite3`` (schema version ``SCHEMA_VERSION``, kept in
   deleted 0/1)``
 - ``leases(dataset_id, node_uuid, expiration REAL|NULL)``: absolute seconds since the epoch
 - ``meta(key, value)``: ``generation``; ``revision``, the revision of the last write;
-  ``compacted``, the oldest revision ``changes_since`` answers for (schema version 2)
+  ``compacted``, the oldest revision ``changes_since`` answers for; ``store_id``, text,
+  made anew in every backup's copy (schema version 2)
 - ``changes(kind 'dataset'|'lease', dataset_id, revision)``: the revision at which each
   row last changed, for the rows changed after ``compacted``, removed rows included (schema
   version 2). Every write in a group commit gets a revision of its own; each transaction
@@ -50,7 +51,7 @@ from zope.interface import implementer
 from pyflock.common._model import Configuration, Dataset, Lease
 from pyflock.control._store import (
     RETAINED_REVISIONS, HistoryGone, IConfigurationStore, StoreChanges, StoreError,
-    StoreSnapshot, StoreWrite, check_history, oldest_kept,
+    StoreSnapshot, StoreWrite, check_history, new_store_id, oldest_kept,
 )
 
 #: The data file's name inside the control service's data path.
@@ -103,7 +104,8 @@ def _schema_2(db: sqlite3.Connection) -> None:
             PRIMARY KEY (kind, dataset_id)
         ) WITHOUT ROWID""")
     db.execute("CREATE INDEX changes_by_revision ON changes (revision)")
-    db.execute("INSERT INTO meta (key, value) VALUES ('revision', 0), ('compacted', 0)")
+    db.execute("INSERT INTO meta (key, value) VALUES ('revision', 0), ('compacted', 0), "
+               "('store_id', ?)", (new_store_id(),))
 
 
 #: ``MIGRATIONS[n]`` takes a store from schema version ``n`` to ``n + 1``; append only.
@@ -325,7 +327,8 @@ _UPSERT_CHANGE = """
     INSERT INTO changes (kind, dataset_id, revision) VALUES (?, ?, ?)
     ON CONFLICT (kind, dataset_id) DO UPDATE SET revision = excluded.revision"""
 _PRUNE_CHANGES = "DELETE FROM changes WHERE revision <= ?"
-_META = "SELECT key, value FROM meta WHERE key IN ('generation', 'revision', 'compacted')"
+_META = ("SELECT key, value FROM meta "
+         "WHERE key IN ('generation', 'revision', 'compacted', 'store_id')")
 _DATASET_COLUMNS = "primary_node, maximum_size, metadata, deleted"
 _LEASE_COLUMNS = "node_uuid, expiration"
 
@@ -410,11 +413,12 @@ def _lease(path: str, dataset_id: str, node_uuid: Optional[str],
         raise _damaged(path, f"the lease on {dataset_id!r} cannot be read: {e}") from e
 
 
-def _read_meta(db: sqlite3.Connection, path: str) -> dict[str, int]:
-    """The generation, revision and compacted revision, checked."""
+def _read_meta(db: sqlite3.Connection, path: str) -> dict[str, Any]:
+    """The generation, revision, compacted revision and store id, checked."""
     meta = dict(db.execute(_META).fetchall())
-    for key in ("generation", "revision", "compacted"):
-        if not isinstance(meta.get(key), int):
+    for key, kind in (("generation", int), ("revision", int), ("compacted", int),
+                      ("store_id", str)):
+        if not isinstance(meta.get(key), kind):
             raise _damaged(path, f"the {key} is missing from the meta table")
     return meta
 
@@ -432,7 +436,7 @@ def _read(db: sqlite3.Connection, path: str) -> StoreSnapshot:
     datasets = [_dataset(path, *row) for row in dataset_rows]
     leases = [_lease(path, *row) for row in lease_rows]
     return StoreSnapshot(Configuration.from_records(datasets, leases, meta["generation"]),
-                         meta["revision"])
+                         meta["revision"], meta["store_id"])
 
 
 def _read_changes(db: sqlite3.Connection, path: str, since: int) -> StoreChanges:
@@ -455,7 +459,8 @@ def _read_changes(db: sqlite3.Connection, path: str, since: int) -> StoreChanges
         datasets=tuple((row[0], _dataset(path, *row)) for row in dataset_rows),
         leases=tuple((row[0], _lease(path, *row)) for row in lease_rows),
         generation=meta["generation"])
-    return StoreChanges(since=since, revision=meta["revision"], change=change)
+    return StoreChanges(since=since, revision=meta["revision"], change=change,
+                        store_id=meta["store_id"])
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -749,6 +754,11 @@ def backup(data_path: str | os.PathLike, destination: str | os.PathLike) -> None
                 if version == 0 or application_id != APPLICATION_ID:
                     raise StoreError(f"{source} is not a pyflock configuration store; "
                                      f"nothing was backed up.")
+                # Restored, it starts a line of revisions of its own (an older store has
+                # no id yet; it gets one when it is upgraded).
+                if version >= 2:
+                    copy.execute("UPDATE meta SET value = ? WHERE key = 'store_id'",
+                                 (new_store_id(),))
             finally:
                 copy.close()
         finally:

@@ -18,10 +18,17 @@ for an older R, or one the store never reached (say, read from a store since res
 from a backup), it fails with ``HistoryGone`` and the caller loads a full snapshot
 instead. Pruning keeps the history's size bounded by the rows removed in the retained
 revisions plus the rows that exist.
+
+Store id. A revision means something only within one line of revisions: a store restored
+from a backup repeats revisions the lost one had already used, with other changes behind
+them. So every store has a ``store_id``, kept across restarts and new in a new store and
+in a backup's copy; ``load`` and ``changes_since`` tell it, and a caller that resumes from
+a revision compares it with the one its revision came from (a different one: load again).
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Iterable, Optional
 
 import attr
@@ -77,22 +84,25 @@ class StoreWrite:
 
 @attr.s(frozen=True, auto_attribs=True)
 class StoreSnapshot:
-    """The whole stored configuration and the revision it was read at."""
+    """The whole stored configuration, the revision it was read at and the store's id."""
 
     configuration: Configuration
     revision: int
+    store_id: str
 
 
 @attr.s(frozen=True, auto_attribs=True)
 class StoreChanges:
     """
     What changed after revision ``since`` up to ``revision``: the current value of every
-    row written in between (None for a row now gone) and the current generation.
+    row written in between (None for a row now gone) and the current generation; and the
+    id of the store that answered.
     """
 
     since: int
     revision: int
     change: StoreWrite
+    store_id: str
 
 
 class IConfigurationStore(Interface):
@@ -147,6 +157,11 @@ def check_history(since: int, oldest: int, current: int) -> None:
         raise HistoryGone(since, oldest, current)
 
 
+def new_store_id() -> str:
+    """A fresh store id: 16 random hex digits."""
+    return secrets.token_hex(8)
+
+
 def oldest_kept(oldest: int, current: int, retained: int) -> int:
     """The oldest revision a store at ``current`` keeps history from, after pruning."""
     return max(oldest, current - retained)
@@ -167,6 +182,7 @@ class MemoryConfigurationStore:
                  retained: int = RETAINED_REVISIONS):
         self.config = config
         self.revision = revision
+        self.store_id = new_store_id()
         self.writes: list[StoreWrite] = []
         self.fail_next: Optional[Exception] = None
         self._retained = retained
@@ -178,11 +194,12 @@ class MemoryConfigurationStore:
         """A new store holding what this one kept, history included, as after a restart."""
         store = MemoryConfigurationStore(self.config, self.revision, self._retained)
         store._oldest, store._changed = self._oldest, dict(self._changed)
+        store.store_id = self.store_id
         return store
 
     def load(self) -> Deferred:
         """Fire with the configuration and its revision."""
-        return succeed(StoreSnapshot(self.config, self.revision))
+        return succeed(StoreSnapshot(self.config, self.revision, self.store_id))
 
     def write(self, change: StoreWrite) -> Deferred:
         """Apply ``change`` at the next revision, or fail with ``fail_next`` if set."""
@@ -221,7 +238,8 @@ class MemoryConfigurationStore:
                            for kind, i in changed if kind == _DATASET),
             leases=tuple((i, self.config.leases.get(i)) for kind, i in changed if kind == _LEASE),
             generation=self.config.generation)
-        return succeed(StoreChanges(since=revision, revision=self.revision, change=change))
+        return succeed(StoreChanges(since=revision, revision=self.revision, change=change,
+                                    store_id=self.store_id))
 
     def close(self) -> Deferred:
         """Nothing to release; fires at once."""

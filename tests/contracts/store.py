@@ -313,6 +313,27 @@ def make_iconfigurationstore_tests(make_opener: OpenerFactory) -> type:
             assert revision == written < following
 
         @pytest_twisted.ensureDeferred
+        async def test_store_id(self, tmp_path):
+            """
+            A store tells one id in loads and in the feed, keeps it across restarts, and
+            another new store has another.
+            """
+            opener = make_opener(tmp_path / "one")
+
+            async def ids(store):
+                snapshot = await store.load()
+                await store.write(sample_change())
+                changes = await store.changes_since(snapshot.revision)
+                return snapshot.store_id, changes.store_id, (await store.load()).store_id
+
+            first = await using(opener, ids)
+            again = await using(opener, ids)
+            other = await using(make_opener(tmp_path / "two"), ids)
+            assert type(first[0]) is str and first[0]
+            assert set(first) == set(again) == {first[0]}
+            assert other[0] != first[0]
+
+        @pytest_twisted.ensureDeferred
         async def test_changes_since_now(self, tmp_path):
             """Since the current revision nothing changed: no rows, the same revision."""
             async def check(store):

@@ -80,8 +80,10 @@ class ChangeTests(SynchronousTestCase):
         self.assertEqual(write.datasets, ((d.dataset_id, d),))
 
     def test_revision_of_committed(self):
-        """The service loads at the store's revision and follows it with every commit."""
-        self.assertEqual(self.service.revision, 7)
+        """The service loads at the store's revision and id and follows the revision with
+        every commit."""
+        self.assertEqual((self.service.revision, self.service.store_id),
+                         (7, self.store.store_id))
         d = dataset()
         self.successResultOf(self.service.change([d.dataset_id], lambda c: c.create(d)))
         self.assertEqual(self.service.revision, 8)

@@ -488,6 +488,7 @@ async def test_upgrade_from_version_1(tmp_path):
     before = await using(opener, lambda s: s.load())
     assert before.revision == 0 and set(before.configuration.datasets) == {
         dataset_id(1), dataset_id(2)}
+    assert before.store_id
     with pytest.raises(HistoryGone):
         await using(opener, lambda s: s.changes_since(-1))
     assert await using(opener, lambda s: s.write(one_dataset(5, generation=13))) == 1
@@ -497,6 +498,7 @@ async def test_upgrade_from_version_1(tmp_path):
 
     snapshot, changes = await using(opener, after_restart)
     assert snapshot.revision == changes.revision == 1
+    assert snapshot.store_id == changes.store_id == before.store_id
     assert changes.change == one_dataset(5, generation=13)
     assert snapshot.configuration == apply_write(before.configuration, changes.change)
     db = open_database(tmp_path / FILENAME)
@@ -581,6 +583,25 @@ async def test_backup_of_stopped_store(tmp_path):
     restored.mkdir()
     shutil.copy(tmp_path / "copy.sqlite3", restored / FILENAME)
     assert await stored(restored) == apply_write(Configuration(), sample_change())
+
+
+@pytest_twisted.ensureDeferred
+async def test_restored_backup_has_a_store_id_of_its_own(tmp_path):
+    """
+    A backup's copy, restored, holds the same revision under a new store id, so that a
+    revision from the lost store is not taken for one of the restored store.
+    """
+    await using(sqlite_store_opener(tmp_path), lambda s: s.write(sample_change()))
+    original = await using(sqlite_store_opener(tmp_path), lambda s: s.load())
+    await deferToThread(backup, tmp_path / "control", tmp_path / "copy.sqlite3")
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy(tmp_path / "copy.sqlite3", restored / FILENAME)
+    copy = await using(lambda: open_sqlite_store(_reactor(), restored), lambda s: s.load())
+    assert (copy.configuration, copy.revision) == (original.configuration, original.revision)
+    assert copy.store_id != original.store_id
+    again = await using(sqlite_store_opener(tmp_path), lambda s: s.load())
+    assert again.store_id == original.store_id
 
 
 def test_backup_refusals(tmp_path):
