@@ -18,6 +18,7 @@ import time
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings, strategies as st
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
 
@@ -27,7 +28,8 @@ from pyflock.control._sqlite_store import (
     open_sqlite_store, store_path,
 )
 from pyflock.control._store import (
-    RETAINED_REVISIONS, HistoryGone, StoreError, StoreWrite, apply_write,
+    RETAINED_REVISIONS, HistoryGone, MemoryConfigurationStore, StoreError, StoreWrite,
+    apply_write,
 )
 from tests.contracts.store import (
     NODE_A, dataset_id, loaded, make_iconfigurationstore_tests, memory_store_opener,
@@ -81,6 +83,51 @@ async def make_store(folder, datasets: int = 300) -> None:
                 lambda s: s.write(StoreWrite(
                     datasets=tuple((dataset_id(n), one_dataset(n).datasets[0][1])
                                    for n in range(datasets)), generation=datasets)))
+
+
+def _result(d):
+    """The result of the already fired Deferred ``d``, raising its failure."""
+    results = []
+    d.addBoth(results.append)
+    [result] = results
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+_ROW_WRITES = st.lists(st.lists(st.tuples(
+    st.integers(0, 4), st.booleans(), st.sampled_from([None, 1.0, 2.5])), max_size=3),
+    min_size=1, max_size=25)
+
+
+@settings(max_examples=200, deadline=None)
+@given(writes=_ROW_WRITES, retained=st.integers(1, 30))
+def test_memory_feed_replays_any_history(writes, retained):
+    """
+    For any history of writes (datasets created, changed, removed; leases taken, renewed,
+    dropped) the memory store's feed since every kept revision brings that revision's
+    configuration up to date, and every older revision is ``HistoryGone``.
+    """
+    store = MemoryConfigurationStore(retained=retained)
+    history = [(store.config, store.revision)]
+    for generation, rows in enumerate(writes, 1):
+        datasets, leases = [], []
+        for n, present, expiration in rows:
+            dataset = Dataset(dataset_id=dataset_id(n), primary=NODE_A,
+                              metadata={"step": str(generation)})
+            datasets.append((dataset.dataset_id, dataset if present else None))
+            leases.append((dataset.dataset_id, None if expiration is None else Lease(
+                dataset_id=dataset.dataset_id, node_uuid=NODE_A, expiration=expiration)))
+        revision = _result(store.write(StoreWrite(tuple(datasets), tuple(leases),
+                                                  generation)))
+        history.append((store.config, revision))
+    for config, revision in history:
+        if revision >= store.revision - retained:
+            changes = _result(store.changes_since(revision))
+            assert apply_write(config, changes.change) == store.config
+        else:
+            with pytest.raises(HistoryGone):
+                _result(store.changes_since(revision))
 
 
 @pytest_twisted.ensureDeferred
