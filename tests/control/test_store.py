@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import select
 import shutil
 import signal
@@ -128,6 +129,48 @@ def test_memory_feed_replays_any_history(writes, retained):
         else:
             with pytest.raises(HistoryGone):
                 _result(store.changes_since(revision))
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_feed_matches_memory(tmp_path):
+    """
+    Over random histories (seeded), the SQLite store answers ``load`` and every
+    ``changes_since`` as the memory store does, with the same rows and revisions.
+    """
+    rng = random.Random(7)
+    for attempt in range(8):
+        retained = rng.randint(1, 12)
+        memory = MemoryConfigurationStore(retained=retained)
+        sqlite = await open_sqlite_store(_reactor(), tmp_path / str(attempt), retained)
+        try:
+            for generation in range(1, rng.randint(2, 30)):
+                ids = [dataset_id(rng.randint(0, 5)) for _ in range(rng.randint(0, 3))]
+                change = StoreWrite(
+                    datasets=tuple((i, rng.choice([None, Dataset(
+                        dataset_id=i, primary=NODE_A, metadata={"g": str(generation)})]))
+                        for i in ids),
+                    leases=tuple((i, rng.choice([None, Lease(
+                        dataset_id=i, node_uuid=NODE_A, expiration=float(generation))]))
+                        for i in ids),
+                    generation=generation)
+                assert await sqlite.write(change) == _result(memory.write(change))
+            snapshot = await sqlite.load()
+            assert (snapshot.configuration, snapshot.revision) == (memory.config,
+                                                                   memory.revision)
+            for since in range(-1, memory.revision + 2):
+                try:
+                    expected = _result(memory.changes_since(since))
+                except HistoryGone:
+                    with pytest.raises(HistoryGone):
+                        await sqlite.changes_since(since)
+                    continue
+                got = await sqlite.changes_since(since)
+                assert (sorted(got.change.datasets), sorted(got.change.leases),
+                        got.change.generation, got.revision) == (
+                    sorted(expected.change.datasets), sorted(expected.change.leases),
+                    expected.change.generation, expected.revision)
+        finally:
+            await sqlite.close()
 
 
 @pytest_twisted.ensureDeferred
