@@ -9,12 +9,13 @@ from pyflock.control._clusterstate import ClusterState, ClusterStateService, Dat
 from pyflock.control._persistence import ConfigurationService, StoreUnavailable
 from pyflock.control._sqlite_store import SQLiteConfigurationStore, backup, open_sqlite_store
 from pyflock.control._store import (
-    IConfigurationStore, MemoryConfigurationStore, StoreError, StoreWrite,
+    HistoryGone, IConfigurationStore, MemoryConfigurationStore, StoreChanges, StoreError,
+    StoreSnapshot, StoreWrite,
 )
 
 __all__ = [
     "ClusterState", "ClusterStateService", "ConfigurationService", "ControlAPI",
-    "DatasetState", "IConfigurationStore", "MemoryConfigurationStore", "NodeState",
-    "SQLiteConfigurationStore", "StoreError", "StoreUnavailable", "StoreWrite", "backup",
-    "open_sqlite_store",
+    "DatasetState", "HistoryGone", "IConfigurationStore", "MemoryConfigurationStore",
+    "NodeState", "SQLiteConfigurationStore", "StoreChanges", "StoreError", "StoreSnapshot",
+    "StoreUnavailable", "StoreWrite", "backup", "open_sqlite_store",
 ]

@@ -6,6 +6,9 @@ reactor thread, then written to the store; a change is acknowledged, and becomes
 readers (``committed``), only once the store made it durable. Leases run out on the
 reactor's clock; after a restart every lease gets a grace period so that its holder can
 renew it before it expires.
+
+The service also keeps the store revision of ``committed`` and the store's id, so that a
+reader (the agent channel, later) can ask the store what changed since then.
 """
 
 from __future__ import annotations
@@ -14,18 +17,25 @@ import secrets
 from typing import Callable, Iterable, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from pyflock.common._logging import log_event
 from pyflock.common._model import Configuration
-from pyflock.control._store import IConfigurationStore, StoreError, StoreWrite
+from pyflock.control._store import (
+    HistoryGone, IConfigurationStore, StoreError, StoreSnapshot, StoreWrite,
+)
 
 #: After a restart, no lease expires sooner than this: a full renewal interval (20 s,
 #: DESIGN.md) plus time for agents to reconnect.
 DEFAULT_LEASE_RESTART_GRACE = 30.0
+
+#: Seconds between attempts to reload the store after a failed write.
+RECOVERY_RETRY = 1.0
+
+Listener = Callable[[Configuration, Optional[tuple[str, ...]]], None]
 
 _log = Logger()
 
@@ -38,30 +48,39 @@ class ConfigurationService:
     """
     Holds the desired configuration and applies changes to it durably.
 
-    ``committed`` is what readers see: every change in it is durable. ``pending`` also
-    holds accepted changes still being written; new changes are validated against it so
-    that, say, two concurrent creates of one name cannot both succeed.
+    ``committed`` is what readers see: every change in it is durable; ``revision`` is the
+    store revision it was committed at, in the store ``store_id`` (see ``StoreSnapshot``).
+    ``pending`` also holds accepted changes still being written; new changes are
+    validated against it so that, say, two concurrent creates of one name cannot both
+    succeed.
     """
 
     def __init__(self, store: IConfigurationStore, reactor: IReactorTime,
-                 config: Configuration):
+                 config: Configuration, revision: int = 0, store_id: str = ""):
         self._store = store
         self._reactor = reactor
         self.committed = config
         self.pending = config
+        self.revision = revision
+        self.store_id = store_id
         self._in_flight = 0
+        # The Deferreds waiting for the latest write to be durable (changes that found
+        # nothing left to do).
+        self._latest: list[Deferred] = []
         self._broken: Optional[str] = None
-        self._listeners: list[Callable[[Configuration, tuple[str, ...]], None]] = []
+        self._listeners: list[Listener] = []
         self._expiry: Optional[LoopingCall] = None
+        self._retry: Optional[IDelayedCall] = None
+        self._stopped = False
         self._epoch = secrets.token_hex(4)
 
     @classmethod
     def load(cls, store: IConfigurationStore, reactor: IReactorTime,
              lease_grace: float = DEFAULT_LEASE_RESTART_GRACE) -> Deferred:
         """Read the stored configuration; fires with a service ready to take changes."""
-        def loaded(config: Configuration) -> "ConfigurationService":
-            config = _extend_leases(config, reactor.seconds() + lease_grace)
-            return cls(store, reactor, config)
+        def loaded(snapshot: StoreSnapshot) -> "ConfigurationService":
+            config = _extend_leases(snapshot.configuration, reactor.seconds() + lease_grace)
+            return cls(store, reactor, config, snapshot.revision, snapshot.store_id)
         return store.load().addCallback(loaded)
 
     @property
@@ -82,13 +101,32 @@ class ConfigurationService:
         """The current time on the service's clock."""
         return self._reactor.seconds()
 
-    def subscribe(self, listener: Callable[[Configuration, tuple[str, ...]], None]) -> None:
+    def subscribe(self, listener: Listener) -> None:
         """
         Call ``listener(config, dataset_ids)`` with every newly committed configuration
         and the ids of the datasets (or their leases) that the change touched; after a
         recovery from a store failure ``dataset_ids`` is ``None``: anything may have changed.
+        ``revision`` is already the new one when it is called. A listener that raises is
+        logged; the change stays committed and the other listeners are still called.
         """
         self._listeners.append(listener)
+
+    def changes_since(self, revision: int) -> Deferred:
+        """
+        What the store changed after ``revision`` (a ``StoreChanges``), or a failure with
+        ``HistoryGone``: then read ``committed`` instead.
+        """
+        return self._store.changes_since(revision)
+
+    def _notify(self, dataset_ids: Optional[tuple[str, ...]]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(self.committed, dataset_ids)
+            except Exception:
+                failure = Failure()
+                log_event(_log, "pyflock:control:listener-failed", LogLevel.error,
+                          listener=repr(listener), reason=failure.getErrorMessage(),
+                          traceback=failure.getTraceback())
 
     def change(self, dataset_ids: Iterable[str],
                transform: Callable[[Configuration], Configuration]) -> Deferred:
@@ -96,21 +134,40 @@ class ConfigurationService:
         Apply ``transform`` to the pending configuration and store the rows of
         ``dataset_ids``; fires with the new configuration once durable. ``transform`` may
         raise a ``ConfigurationError``, which propagates synchronously (nothing changed).
+        A change that changes nothing fires once the changes before it are durable.
         """
         if self._broken is not None:
             return fail(StoreUnavailable(self._broken))
         new = transform(self.pending)
         if new is self.pending:
-            return succeed(new)
+            if self._in_flight == 0:
+                return succeed(new)
+            # What it found is not durable yet: answer when it is (a repeated DELETE
+            # must not be acknowledged while the first one's write may still fail).
+            waiting: Deferred = Deferred()
+            self._latest.append(waiting)
+            return waiting
         self.pending = new
         self._in_flight += 1
+        self._latest = []
         write = StoreWrite.of(new, dataset_ids)
         d = self._store.write(write)
-        d.addBoth(self._written, new, tuple(i for i, _ in write.datasets))
+        d.addBoth(self._written, new, tuple(i for i, _ in write.datasets), self._latest)
         return d
 
-    def _written(self, result, config: Configuration, touched: tuple[str, ...]):
+    def _written(self, result, config: Configuration, touched: tuple[str, ...],
+                 waiting: list[Deferred]):
         self._in_flight -= 1
+        outcome = self._settle(result, config, touched)
+        for d in waiting:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+        return outcome
+
+    def _settle(self, result, config: Configuration, touched: tuple[str, ...]):
+        """Commit ``config`` written at revision ``result``, or fail; the outcome."""
         # Once a write failed, the writes accepted after it were built on it: whatever
         # the store did with them, answer them as failed (their outcome is unknown to
         # the client) and let the reload from the store decide what is true.
@@ -122,24 +179,29 @@ class ConfigurationService:
             error = StoreUnavailable(self._broken)
             if self._in_flight == 0:
                 self._recover()
-            return fail(error)
+            return Failure(error)
         # The store completes writes in submission order, so the latest is the newest.
         self.committed = config
-        for listener in self._listeners:
-            listener(self.committed, touched)
+        self.revision = result
+        self._notify(touched)
         return config
 
     def _recover(self) -> None:
         """Reload from the store, the truth after a failed write, skipping a generation."""
-        def reloaded(config: Configuration):
+        self._retry = None
+        if self._stopped:
+            return
+
+        def reloaded(snapshot: StoreSnapshot):
+            config = snapshot.configuration
             config = config.set(generation=config.generation + 1)
             d = self._store.write(StoreWrite(generation=config.generation))
 
-            def done(_):
+            def done(revision: int):
                 self.committed = self.pending = config
+                self.revision, self.store_id = revision, snapshot.store_id
                 self._broken = None
-                for listener in self._listeners:
-                    listener(config, None)
+                self._notify(None)
                 log_event(_log, "pyflock:control:store-recovered",
                           generation=config.generation)
             return d.addCallback(done)
@@ -147,7 +209,8 @@ class ConfigurationService:
         def still_broken(failure):
             log_event(_log, "pyflock:control:store-recovery-failed", LogLevel.error,
                       reason=str(failure.value))
-            self._reactor.callLater(1.0, self._recover)
+            if not self._stopped:
+                self._retry = self._reactor.callLater(RECOVERY_RETRY, self._recover)
         self._store.load().addCallback(reloaded).addErrback(still_broken)
 
     def expire_leases(self) -> Deferred:
@@ -171,9 +234,13 @@ class ConfigurationService:
         self._expiry.start(interval, now=False)
 
     def stop(self) -> Deferred:
-        """Stop expiring leases and close the store."""
+        """Stop expiring leases and retrying a failed store, and close the store."""
+        self._stopped = True
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
         return self._store.close()
 
 
@@ -186,5 +253,5 @@ def _extend_leases(config: Configuration, earliest: float) -> Configuration:
     return config.set(leases=leases.persistent())
 
 
-__all__ = ["ConfigurationService", "StoreUnavailable", "StoreError",
+__all__ = ["ConfigurationService", "StoreUnavailable", "StoreError", "HistoryGone",
            "DEFAULT_LEASE_RESTART_GRACE"]

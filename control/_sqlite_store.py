@@ -14,7 +14,15 @@ Layout of ``configuration.sqlite3`` (schema version ``SCHEMA_VERSION``, kept in
 - ``datasets(dataset_id, primary_node, maximum_size INTEGER|NULL, metadata JSON text,
   deleted 0/1)``
 - ``leases(dataset_id, node_uuid, expiration REAL|NULL)``: absolute seconds since the epoch
-- ``meta(key, value)``: ``generation``
+- ``meta(key, value)``: ``generation``; ``revision``, the revision of the last write;
+  ``compacted``, the oldest revision ``changes_since`` answers for; ``store_id``, text,
+  made anew in every backup's copy (schema version 2)
+- ``changes(kind 'dataset'|'lease', dataset_id, revision)``: the revision at which each
+  row last changed, for the rows changed after ``compacted``, removed rows included (schema
+  version 2). Every write in a group commit gets a revision of its own; each transaction
+  drops the entries at or before ``revision - retained`` (``RETAINED_REVISIONS`` unless
+  told) and raises ``compacted`` to match, so the table holds at most the existing rows
+  plus the rows removed in the retained revisions.
 
 To restore a backup, stop pyflock-control, remove ``configuration.sqlite3`` and its
 ``-wal``/``-shm`` files, and copy the backup file to ``configuration.sqlite3``.
@@ -24,7 +32,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import gc
 import json
 import os
 import queue
@@ -42,7 +49,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pyflock.common._model import Configuration, Dataset, Lease
-from pyflock.control._store import IConfigurationStore, StoreError, StoreWrite
+from pyflock.control._store import (
+    RETAINED_REVISIONS, HistoryGone, IConfigurationStore, StoreChanges, StoreError,
+    StoreSnapshot, StoreWrite, check_history, new_store_id, oldest_kept,
+)
 
 #: The data file's name inside the control service's data path.
 FILENAME = "configuration.sqlite3"
@@ -81,8 +91,25 @@ def _schema_1(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('generation', 0)")
 
 
+def _schema_2(db: sqlite3.Connection) -> None:
+    """
+    Revisions and the change index. What a store held before is its state at revision 0,
+    with no history before it.
+    """
+    db.execute("""
+        CREATE TABLE changes (
+            kind TEXT NOT NULL CHECK (kind IN ('dataset', 'lease')),
+            dataset_id TEXT NOT NULL,
+            revision INTEGER NOT NULL,
+            PRIMARY KEY (kind, dataset_id)
+        ) WITHOUT ROWID""")
+    db.execute("CREATE INDEX changes_by_revision ON changes (revision)")
+    db.execute("INSERT INTO meta (key, value) VALUES ('revision', 0), ('compacted', 0), "
+               "('store_id', ?)", (new_store_id(),))
+
+
 #: ``MIGRATIONS[n]`` takes a store from schema version ``n`` to ``n + 1``; append only.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1, _schema_2)
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -295,22 +322,51 @@ _UPSERT_LEASE = """
     ON CONFLICT (dataset_id) DO UPDATE SET node_uuid = excluded.node_uuid,
         expiration = excluded.expiration"""
 _DELETE_LEASE = "DELETE FROM leases WHERE dataset_id = ?"
-_SET_GENERATION = "UPDATE meta SET value = ? WHERE key = 'generation'"
+_SET_META = "UPDATE meta SET value = ? WHERE key = ?"
+_UPSERT_CHANGE = """
+    INSERT INTO changes (kind, dataset_id, revision) VALUES (?, ?, ?)
+    ON CONFLICT (kind, dataset_id) DO UPDATE SET revision = excluded.revision"""
+_PRUNE_CHANGES = "DELETE FROM changes WHERE revision <= ?"
+_META = ("SELECT key, value FROM meta "
+         "WHERE key IN ('generation', 'revision', 'compacted', 'store_id')")
+_DATASET_COLUMNS = "primary_node, maximum_size, metadata, deleted"
+_LEASE_COLUMNS = "node_uuid, expiration"
 
 
-def _apply(db: sqlite3.Connection, batch: Sequence[_Rows]) -> None:
-    """Write ``batch`` in the open transaction; later writes to a row win, as in order."""
+def _set_meta(db: sqlite3.Connection, key: str, value: int) -> None:
+    if db.execute(_SET_META, (value, key)).rowcount != 1:
+        raise sqlite3.DatabaseError(f"the {key} row is missing from the meta table")
+
+
+def _apply(db: sqlite3.Connection, batch: Sequence[_Rows], retained: int) -> list[int]:
+    """
+    Write ``batch`` in the open transaction, each write at the next revision, and prune
+    the history to the last ``retained`` revisions; the revisions, in order. Later writes
+    to a row win, as in order.
+    """
+    meta = dict(db.execute(_META).fetchall())
+    first = meta["revision"] + 1
     datasets: dict[str, Optional[tuple]] = {}
     leases: dict[str, Optional[tuple]] = {}
-    for rows in batch:
+    changed: dict[tuple[str, str], int] = {}
+    for revision, rows in enumerate(batch, first):
         datasets.update(rows.datasets)
         leases.update(rows.leases)
+        changed.update((("dataset", k), revision) for k, _ in rows.datasets)
+        changed.update((("lease", k), revision) for k, _ in rows.leases)
+    revision = first + len(batch) - 1
     db.executemany(_DELETE_DATASET, [(k,) for k, row in datasets.items() if row is None])
     db.executemany(_UPSERT_DATASET, [row for row in datasets.values() if row is not None])
     db.executemany(_DELETE_LEASE, [(k,) for k, row in leases.items() if row is None])
     db.executemany(_UPSERT_LEASE, [row for row in leases.values() if row is not None])
-    if db.execute(_SET_GENERATION, (batch[-1].generation,)).rowcount != 1:
-        raise sqlite3.DatabaseError("the generation row is missing from the meta table")
+    db.executemany(_UPSERT_CHANGE, [(kind, k, at) for (kind, k), at in changed.items()])
+    compacted = oldest_kept(meta["compacted"], revision, retained)
+    if compacted > meta["compacted"]:
+        db.execute(_PRUNE_CHANGES, (compacted,))
+        _set_meta(db, "compacted", compacted)
+    _set_meta(db, "revision", revision)
+    _set_meta(db, "generation", batch[-1].generation)
+    return list(range(first, revision + 1))
 
 
 _MetadataMap = type(Dataset(dataset_id="", primary="").metadata)
@@ -334,37 +390,77 @@ def _metadata(text: str) -> Any:
         return _MetadataMap.create(value)
 
 
-def _read(db: sqlite3.Connection, path: str) -> Configuration:
-    """Read the whole configuration in one read transaction."""
+def _dataset(path: str, dataset_id: str, primary: Optional[str], maximum_size: Any,
+             metadata: Optional[str], deleted: Any) -> Optional[Dataset]:
+    """The dataset a row holds, None for no row (``primary`` NULL from an outer join)."""
+    if primary is None:
+        return None
+    try:
+        return Dataset(dataset_id=dataset_id, primary=primary, maximum_size=maximum_size,
+                       metadata=_metadata(metadata), deleted=bool(deleted))
+    except Exception as e:
+        raise _damaged(path, f"dataset {dataset_id!r} cannot be read: {e}") from e
+
+
+def _lease(path: str, dataset_id: str, node_uuid: Optional[str],
+           expiration: Any) -> Optional[Lease]:
+    """The lease a row holds, None for no row (``node_uuid`` NULL from an outer join)."""
+    if node_uuid is None:
+        return None
+    try:
+        return Lease(dataset_id=dataset_id, node_uuid=node_uuid, expiration=expiration)
+    except Exception as e:
+        raise _damaged(path, f"the lease on {dataset_id!r} cannot be read: {e}") from e
+
+
+def _read_meta(db: sqlite3.Connection, path: str) -> dict[str, Any]:
+    """The generation, revision, compacted revision and store id, checked."""
+    meta = dict(db.execute(_META).fetchall())
+    for key, kind in (("generation", int), ("revision", int), ("compacted", int),
+                      ("store_id", str)):
+        if not isinstance(meta.get(key), kind):
+            raise _damaged(path, f"the {key} is missing from the meta table")
+    return meta
+
+
+def _read(db: sqlite3.Connection, path: str) -> StoreSnapshot:
+    """Read the whole configuration and its revision in one read transaction."""
     db.execute("BEGIN")
     try:
         dataset_rows = db.execute(
-            "SELECT dataset_id, primary_node, maximum_size, metadata, deleted "
-            "FROM datasets").fetchall()
-        lease_rows = db.execute(
-            "SELECT dataset_id, node_uuid, expiration FROM leases").fetchall()
-        generation = db.execute(
-            "SELECT value FROM meta WHERE key = 'generation'").fetchone()
+            f"SELECT dataset_id, {_DATASET_COLUMNS} FROM datasets").fetchall()
+        lease_rows = db.execute(f"SELECT dataset_id, {_LEASE_COLUMNS} FROM leases").fetchall()
+        meta = _read_meta(db, path)
     finally:
         db.execute("COMMIT")
-    if generation is None or not isinstance(generation[0], int):
-        raise _damaged(path, "the generation is missing from the meta table")
-    datasets = []
-    for dataset_id, primary, maximum_size, metadata, deleted in dataset_rows:
-        try:
-            datasets.append(Dataset(dataset_id=dataset_id, primary=primary,
-                                    maximum_size=maximum_size,
-                                    metadata=_metadata(metadata), deleted=bool(deleted)))
-        except Exception as e:
-            raise _damaged(path, f"dataset {dataset_id!r} cannot be read: {e}") from e
-    leases = []
-    for dataset_id, node_uuid, expiration in lease_rows:
-        try:
-            leases.append(Lease(dataset_id=dataset_id, node_uuid=node_uuid,
-                                expiration=expiration))
-        except Exception as e:
-            raise _damaged(path, f"the lease on {dataset_id!r} cannot be read: {e}") from e
-    return Configuration.from_records(datasets, leases, generation[0])
+    datasets = [_dataset(path, *row) for row in dataset_rows]
+    leases = [_lease(path, *row) for row in lease_rows]
+    return StoreSnapshot(Configuration.from_records(datasets, leases, meta["generation"]),
+                         meta["revision"], meta["store_id"])
+
+
+def _read_changes(db: sqlite3.Connection, path: str, since: int) -> StoreChanges:
+    """The rows changed after revision ``since``, read in one read transaction."""
+    db.execute("BEGIN")
+    try:
+        meta = _read_meta(db, path)
+        check_history(since, meta["compacted"], meta["revision"])
+        dataset_rows = db.execute(
+            f"SELECT c.dataset_id, {_DATASET_COLUMNS} FROM changes AS c LEFT JOIN datasets "
+            f"USING (dataset_id) WHERE c.kind = 'dataset' AND c.revision > ? "
+            f"ORDER BY c.revision", (since,)).fetchall()
+        lease_rows = db.execute(
+            f"SELECT c.dataset_id, {_LEASE_COLUMNS} FROM changes AS c LEFT JOIN leases "
+            f"USING (dataset_id) WHERE c.kind = 'lease' AND c.revision > ? "
+            f"ORDER BY c.revision", (since,)).fetchall()
+    finally:
+        db.execute("COMMIT")
+    change = StoreWrite(
+        datasets=tuple((row[0], _dataset(path, *row)) for row in dataset_rows),
+        leases=tuple((row[0], _lease(path, *row)) for row in lease_rows),
+        generation=meta["generation"])
+    return StoreChanges(since=since, revision=meta["revision"], change=change,
+                        store_id=meta["store_id"])
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -385,8 +481,10 @@ class SQLiteConfigurationStore:
     """
 
     def __init__(self, path: str | os.PathLike, reactor: Any,
-                 migrations: Sequence[Callable[[sqlite3.Connection], None]] = MIGRATIONS):
+                 migrations: Sequence[Callable[[sqlite3.Connection], None]] = MIGRATIONS,
+                 retained: int = RETAINED_REVISIONS):
         self.path = os.fspath(path)
+        self._retained = retained
         #: Write transactions run (committed or rolled back), for tests and benchmarks.
         self.transactions = 0
         self._reactor = reactor
@@ -415,8 +513,15 @@ class SQLiteConfigurationStore:
         """Read the whole configuration, after every write submitted before this call."""
         return self._request("load", None)
 
+    def changes_since(self, revision: int) -> Deferred:
+        """The rows changed after ``revision``, after every write submitted before this call."""
+        return self._request("changes", revision)
+
     def write(self, change: StoreWrite) -> Deferred:
-        """Commit ``change`` (with whatever writes are queued beside it); fires when durable."""
+        """
+        Commit ``change`` (with whatever writes are queued beside it); fires with its
+        revision when durable.
+        """
         try:
             rows = _encode(change)
         except Exception as e:
@@ -479,10 +584,15 @@ class SQLiteConfigurationStore:
                 closed, self._closed = self._closed, []
                 for waiting in closed:
                     waiting.callback(None)
-            for waiting in job.waiting:
-                if isinstance(result, Failure):
+            if isinstance(result, Failure):
+                for waiting in job.waiting:
                     waiting.errback(result)
-                else:
+            elif job.kind == "write":
+                # One revision per write, in the order of the Deferreds waiting for them.
+                for waiting, revision in zip(job.waiting, result):
+                    waiting.callback(revision)
+            else:
+                for waiting in job.waiting:
                     waiting.callback(result)
         finally:
             self._delivering = False
@@ -495,7 +605,7 @@ class SQLiteConfigurationStore:
             job = self._jobs.get()
             try:
                 result = getattr(self, "_do_" + job.kind)(job.payload)
-            except StoreError:
+            except (StoreError, HistoryGone):
                 result = Failure()
             except Exception as e:
                 result = Failure(StoreError(f"{self.path}: unexpected error: {e!r}"))
@@ -516,34 +626,37 @@ class SQLiteConfigurationStore:
 
     def _usable(self) -> sqlite3.Connection:
         if self._db is None:
-            assert self._open_error is not None
-            raise StoreError(str(self._open_error))
+            raise StoreError(str(self._open_error or
+                                 f"{self.path}: the configuration store is not open."))
         return self._db
 
     def _do_check(self, _: None) -> None:
         self._usable()
 
-    def _do_load(self, _: None) -> Configuration:
+    def _do_load(self, _: None) -> StoreSnapshot:
+        # The garbage collector is the process's: whoever loads decides whether it runs
+        # (pyflock-control's main turns it off while it loads).
         db = self._usable()
-        # Building tens of thousands of records sets off the cyclic collector again and
-        # again, doubling the time a load takes; none of them can form a cycle.
-        collecting = gc.isenabled()
-        gc.disable()
         try:
             return _read(db, self.path)
         except sqlite3.Error as e:
             raise _damaged(self.path, f"reading failed: {e}") from e
-        finally:
-            if collecting:
-                gc.enable()
 
-    def _do_write(self, batch: list[_Rows]) -> None:
+    def _do_changes(self, since: int) -> StoreChanges:
+        db = self._usable()
+        try:
+            return _read_changes(db, self.path, since)
+        except sqlite3.Error as e:
+            raise _damaged(self.path, f"reading the changes failed: {e}") from e
+
+    def _do_write(self, batch: list[_Rows]) -> list[int]:
         db = self._usable()
         self.transactions += 1
         try:
             db.execute("BEGIN IMMEDIATE")
-            _apply(db, batch)
+            revisions = _apply(db, batch, self._retained)
             db.execute("COMMIT")
+            return revisions
         except Exception as e:
             if db.in_transaction:
                 try:
@@ -573,12 +686,14 @@ def store_path(data_path: str | os.PathLike) -> str:
     return os.path.join(os.fspath(data_path), FILENAME)
 
 
-def open_sqlite_store(reactor: Any, data_path: str | os.PathLike) -> Deferred:
+def open_sqlite_store(reactor: Any, data_path: str | os.PathLike,
+                      retained: int = RETAINED_REVISIONS) -> Deferred:
     """
-    Open (or create) the store in ``data_path``; fires with a ``SQLiteConfigurationStore``
-    or fails with ``StoreError`` when the store cannot be used.
+    Open (or create) the store in ``data_path``, keeping ``retained`` revisions of
+    history; fires with a ``SQLiteConfigurationStore`` or fails with ``StoreError`` when
+    the store cannot be used.
     """
-    store = SQLiteConfigurationStore(store_path(data_path), reactor)
+    store = SQLiteConfigurationStore(store_path(data_path), reactor, retained=retained)
 
     async def opening() -> SQLiteConfigurationStore:
         try:
@@ -639,6 +754,11 @@ def backup(data_path: str | os.PathLike, destination: str | os.PathLike) -> None
                 if version == 0 or application_id != APPLICATION_ID:
                     raise StoreError(f"{source} is not a pyflock configuration store; "
                                      f"nothing was backed up.")
+                # Restored, it starts a line of revisions of its own (an older store has
+                # no id yet; it gets one when it is upgraded).
+                if version >= 2:
+                    copy.execute("UPDATE meta SET value = ? WHERE key = 'store_id'",
+                                 (new_store_id(),))
             finally:
                 copy.close()
         finally:

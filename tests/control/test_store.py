@@ -6,7 +6,9 @@ migrations, online backup, durability across kill -9).
 
 from __future__ import annotations
 
+import gc
 import os
+import random
 import select
 import shutil
 import signal
@@ -17,6 +19,7 @@ import time
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings, strategies as st
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
 
@@ -25,10 +28,13 @@ from pyflock.control._sqlite_store import (
     APPLICATION_ID, FILENAME, MIGRATIONS, SCHEMA_VERSION, SQLiteConfigurationStore, backup,
     open_sqlite_store, store_path,
 )
-from pyflock.control._store import StoreError, StoreWrite, apply_write
+from pyflock.control._store import (
+    RETAINED_REVISIONS, HistoryGone, MemoryConfigurationStore, StoreError, StoreWrite,
+    apply_write,
+)
 from tests.contracts.store import (
-    NODE_A, dataset_id, make_iconfigurationstore_tests, memory_store_opener, sample_change,
-    using,
+    NODE_A, dataset_id, loaded, make_iconfigurationstore_tests, memory_store_opener,
+    sample_change, using,
 )
 
 
@@ -37,9 +43,9 @@ def _reactor():
     return reactor
 
 
-def sqlite_store_opener(folder):
+def sqlite_store_opener(folder, retained: int = RETAINED_REVISIONS):
     """An opener of SQLite stores kept in ``folder``/control (created on first open)."""
-    return lambda: open_sqlite_store(_reactor(), folder / "control")
+    return lambda: open_sqlite_store(_reactor(), folder / "control", retained)
 
 
 TestMemoryStoreContract = make_iconfigurationstore_tests(memory_store_opener)
@@ -60,7 +66,8 @@ def open_database(path) -> sqlite3.Connection:
 
 async def stored(folder) -> Configuration:
     """The configuration stored in the data folder ``folder``."""
-    return await using(lambda: open_sqlite_store(_reactor(), folder), lambda s: s.load())
+    snapshot = await using(lambda: open_sqlite_store(_reactor(), folder), lambda s: s.load())
+    return snapshot.configuration
 
 
 async def refusal(folder) -> str:
@@ -77,6 +84,93 @@ async def make_store(folder, datasets: int = 300) -> None:
                 lambda s: s.write(StoreWrite(
                     datasets=tuple((dataset_id(n), one_dataset(n).datasets[0][1])
                                    for n in range(datasets)), generation=datasets)))
+
+
+def _result(d):
+    """The result of the already fired Deferred ``d``, raising its failure."""
+    results = []
+    d.addBoth(results.append)
+    [result] = results
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+_ROW_WRITES = st.lists(st.lists(st.tuples(
+    st.integers(0, 4), st.booleans(), st.sampled_from([None, 1.0, 2.5])), max_size=3),
+    min_size=1, max_size=25)
+
+
+@settings(max_examples=200, deadline=None)
+@given(writes=_ROW_WRITES, retained=st.integers(1, 30))
+def test_memory_feed_replays_any_history(writes, retained):
+    """
+    For any history of writes (datasets created, changed, removed; leases taken, renewed,
+    dropped) the memory store's feed since every kept revision brings that revision's
+    configuration up to date, and every older revision is ``HistoryGone``.
+    """
+    store = MemoryConfigurationStore(retained=retained)
+    history = [(store.config, store.revision)]
+    for generation, rows in enumerate(writes, 1):
+        datasets, leases = [], []
+        for n, present, expiration in rows:
+            dataset = Dataset(dataset_id=dataset_id(n), primary=NODE_A,
+                              metadata={"step": str(generation)})
+            datasets.append((dataset.dataset_id, dataset if present else None))
+            leases.append((dataset.dataset_id, None if expiration is None else Lease(
+                dataset_id=dataset.dataset_id, node_uuid=NODE_A, expiration=expiration)))
+        revision = _result(store.write(StoreWrite(tuple(datasets), tuple(leases),
+                                                  generation)))
+        history.append((store.config, revision))
+    for config, revision in history:
+        if revision >= store.revision - retained:
+            changes = _result(store.changes_since(revision))
+            assert apply_write(config, changes.change) == store.config
+        else:
+            with pytest.raises(HistoryGone):
+                _result(store.changes_since(revision))
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_feed_matches_memory(tmp_path):
+    """
+    Over random histories (seeded), the SQLite store answers ``load`` and every
+    ``changes_since`` as the memory store does, with the same rows and revisions.
+    """
+    rng = random.Random(7)
+    for attempt in range(8):
+        retained = rng.randint(1, 12)
+        memory = MemoryConfigurationStore(retained=retained)
+        sqlite = await open_sqlite_store(_reactor(), tmp_path / str(attempt), retained)
+        try:
+            for generation in range(1, rng.randint(2, 30)):
+                ids = [dataset_id(rng.randint(0, 5)) for _ in range(rng.randint(0, 3))]
+                change = StoreWrite(
+                    datasets=tuple((i, rng.choice([None, Dataset(
+                        dataset_id=i, primary=NODE_A, metadata={"g": str(generation)})]))
+                        for i in ids),
+                    leases=tuple((i, rng.choice([None, Lease(
+                        dataset_id=i, node_uuid=NODE_A, expiration=float(generation))]))
+                        for i in ids),
+                    generation=generation)
+                assert await sqlite.write(change) == _result(memory.write(change))
+            snapshot = await sqlite.load()
+            assert (snapshot.configuration, snapshot.revision) == (memory.config,
+                                                                   memory.revision)
+            for since in range(-1, memory.revision + 2):
+                try:
+                    expected = _result(memory.changes_since(since))
+                except HistoryGone:
+                    with pytest.raises(HistoryGone):
+                        await sqlite.changes_since(since)
+                    continue
+                got = await sqlite.changes_since(since)
+                assert (sorted(got.change.datasets), sorted(got.change.leases),
+                        got.change.generation, got.revision) == (
+                    sorted(expected.change.datasets), sorted(expected.change.leases),
+                    expected.change.generation, expected.revision)
+        finally:
+            await sqlite.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -143,9 +237,9 @@ async def test_group_commit(tmp_path):
         _reactor().callLater(0, lambda: submitted.callback(
             [store.write(one_dataset(n)) for n in range(50)]))
         results = await gatherResults(await submitted)
-        assert results == [None] * 50
+        assert results == list(range(1, 51))
         assert store.transactions == 2
-        config = await store.load()
+        config = (await store.load()).configuration
         assert set(config.datasets) == {dataset_id(n) for n in range(50)}
         assert config.generation == 49
     finally:
@@ -183,7 +277,7 @@ async def test_failed_transaction(tmp_path):
                        "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END")
         finally:
             db.close()
-        await store.write(one_dataset(0))
+        revision = await store.write(one_dataset(0))
         before = store.transactions
         together = [store.write(one_dataset(n)) for n in (1, 2, 3)]
         for write in together:
@@ -192,11 +286,13 @@ async def test_failed_transaction(tmp_path):
             assert store.path in str(raised.value)
             assert "poisoned row" in str(raised.value)
         assert store.transactions == before + 1
-        config = await store.load()
-        assert set(config.datasets) == {dataset_id(0)}
-        assert config.generation == 0
-        await store.write(one_dataset(4))
-        assert set((await store.load()).datasets) == {dataset_id(0), dataset_id(4)}
+        snapshot = await store.load()
+        assert set(snapshot.configuration.datasets) == {dataset_id(0)}
+        assert (snapshot.configuration.generation, snapshot.revision) == (0, revision)
+        assert (await store.changes_since(revision)).change.datasets == ()
+        assert await store.write(one_dataset(4)) == revision + 1
+        assert set((await store.load()).configuration.datasets) == {dataset_id(0),
+                                                                    dataset_id(4)}
     finally:
         await store.close()
 
@@ -413,27 +509,27 @@ async def test_migrations_run_in_order(tmp_path):
     _version_1_by_hand(tmp_path / FILENAME)
     ran = []
 
-    def version_2(db):
-        ran.append(2)
+    def later_1(db):
+        ran.append(1)
         db.execute("ALTER TABLE datasets ADD COLUMN created REAL")
 
-    def version_3(db):
-        ran.append(3)
+    def later_2(db):
+        ran.append(2)
         db.execute("UPDATE datasets SET created = 1.5")
 
     store = SQLiteConfigurationStore(tmp_path / FILENAME, _reactor(),
-                                     migrations=MIGRATIONS + (version_2, version_3))
+                                     migrations=MIGRATIONS + (later_1, later_2))
     try:
         await store.opened()
-        config = await store.load()
+        config = (await store.load()).configuration
     finally:
         await store.close()
-    assert ran == [2, 3]
+    assert ran == [1, 2]
     assert config.generation == 12 and set(config.datasets) == {dataset_id(1),
                                                                  dataset_id(2)}
     db = open_database(tmp_path / FILENAME)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 2
         assert db.execute("SELECT DISTINCT created FROM datasets").fetchall() == [(1.5,)]
     finally:
         db.close()
@@ -444,26 +540,102 @@ async def test_failed_migration_changes_nothing(tmp_path):
     """A migration that fails leaves the store at its old version with its data."""
     _version_1_by_hand(tmp_path / FILENAME)
 
-    def version_2(db):
+    def failing(db):
         db.execute("ALTER TABLE datasets ADD COLUMN created REAL")
         db.execute("SELECT no_such_function()")
 
     store = SQLiteConfigurationStore(tmp_path / FILENAME, _reactor(),
-                                     migrations=MIGRATIONS + (version_2,))
+                                     migrations=MIGRATIONS + (failing,))
     try:
         with pytest.raises(StoreError) as raised:
             await store.opened()
     finally:
         await store.close()
     assert str(tmp_path / FILENAME) in str(raised.value)
-    assert "from schema version 1 to 2 failed" in str(raised.value)
+    assert f"from schema version 1 to {SCHEMA_VERSION + 1} failed" in str(raised.value)
     db = open_database(tmp_path / FILENAME)
     try:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
         assert "created" not in [c[1] for c in db.execute("PRAGMA table_info(datasets)")]
+        assert db.execute("SELECT count(*) FROM sqlite_schema WHERE name = 'changes'"
+                          ).fetchone() == (0,)
     finally:
         db.close()
     assert (await stored(tmp_path)).generation == 12
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_from_version_1(tmp_path):
+    """
+    A version 1 store is upgraded to the current schema: what it held is revision 0, the
+    first write after is revision 1 and the feed since 0 holds only that write's rows;
+    the revision survives a restart.
+    """
+    _version_1_by_hand(tmp_path / FILENAME)
+    def opener():
+        return open_sqlite_store(_reactor(), tmp_path)
+
+    before = await using(opener, lambda s: s.load())
+    assert before.revision == 0 and set(before.configuration.datasets) == {
+        dataset_id(1), dataset_id(2)}
+    assert before.store_id
+    with pytest.raises(HistoryGone):
+        await using(opener, lambda s: s.changes_since(-1))
+    assert await using(opener, lambda s: s.write(one_dataset(5, generation=13))) == 1
+
+    async def after_restart(store):
+        return await store.load(), await store.changes_since(0)
+
+    snapshot, changes = await using(opener, after_restart)
+    assert snapshot.revision == changes.revision == 1
+    assert snapshot.store_id == changes.store_id == before.store_id
+    assert changes.change == one_dataset(5, generation=13)
+    assert snapshot.configuration == apply_write(before.configuration, changes.change)
+    db = open_database(tmp_path / FILENAME)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_pruned_by_the_writer(tmp_path):
+    """
+    Keeping 10 revisions, the change index holds only the rows that exist plus those
+    removed in the last 10 revisions, however many were removed before.
+    """
+    async def churn(store):
+        for n in range(200):
+            await store.write(one_dataset(n))
+            await store.write(StoreWrite(datasets=((dataset_id(n), None),), generation=n))
+        await store.write(one_dataset(1000))
+        return await store.load()
+
+    snapshot = await using(sqlite_store_opener(tmp_path, retained=10), churn)
+    assert snapshot.revision == 401
+    db = open_database(tmp_path / "control" / FILENAME)
+    try:
+        assert db.execute("SELECT count(*), min(revision) FROM changes").fetchone() == (
+            6, 392)
+        assert db.execute("SELECT value FROM meta WHERE key = 'compacted'"
+                          ).fetchone() == (391,)
+    finally:
+        db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_leaves_the_garbage_collector_alone(tmp_path, monkeypatch):
+    """
+    Loading never turns the process's garbage collector off or on from the writer thread:
+    that is for the program to decide (pyflock-control's main does, while it loads).
+    """
+    await make_store(tmp_path, datasets=300)
+    calls = []
+    monkeypatch.setattr(gc, "disable", lambda: calls.append("disable"))
+    monkeypatch.setattr(gc, "enable", lambda: calls.append("enable"))
+    config = await stored(tmp_path)
+    assert len(config.datasets) == 300
+    assert calls == []
 
 
 @pytest_twisted.ensureDeferred
@@ -480,7 +652,7 @@ async def test_backup_while_writing(tmp_path):
         writes += [store.write(one_dataset(n, generation=n + 1)) for n in range(2000, 2500)]
         await copied
         await gatherResults(writes)
-        assert (await store.load()).generation == 2500
+        assert (await store.load()).configuration.generation == 2500
     finally:
         await store.close()
     restored = tmp_path / "restored"
@@ -501,6 +673,25 @@ async def test_backup_of_stopped_store(tmp_path):
     restored.mkdir()
     shutil.copy(tmp_path / "copy.sqlite3", restored / FILENAME)
     assert await stored(restored) == apply_write(Configuration(), sample_change())
+
+
+@pytest_twisted.ensureDeferred
+async def test_restored_backup_has_a_store_id_of_its_own(tmp_path):
+    """
+    A backup's copy, restored, holds the same revision under a new store id, so that a
+    revision from the lost store is not taken for one of the restored store.
+    """
+    await using(sqlite_store_opener(tmp_path), lambda s: s.write(sample_change()))
+    original = await using(sqlite_store_opener(tmp_path), lambda s: s.load())
+    await deferToThread(backup, tmp_path / "control", tmp_path / "copy.sqlite3")
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy(tmp_path / "copy.sqlite3", restored / FILENAME)
+    copy = await using(lambda: open_sqlite_store(_reactor(), restored), lambda s: s.load())
+    assert (copy.configuration, copy.revision) == (original.configuration, original.revision)
+    assert copy.store_id != original.store_id
+    again = await using(sqlite_store_opener(tmp_path), lambda s: s.load())
+    assert again.store_id == original.store_id
 
 
 def test_backup_refusals(tmp_path):
@@ -536,10 +727,10 @@ async def main(reactor, folder):
         while True:
             submitted += 1
             ident = f"crash-{submitted:07d}"
-            await store.write(StoreWrite(
+            revision = await store.write(StoreWrite(
                 datasets=((ident, Dataset(dataset_id=ident, primary="node")),),
                 generation=submitted))
-            sys.stdout.write(ident + "\n")
+            sys.stdout.write(f"{ident} {revision}\n")
             sys.stdout.flush()
 
     await defer.gatherResults([defer.Deferred.fromCoroutine(writer()) for _ in range(8)])
@@ -573,14 +764,21 @@ def _acknowledged_then_kill(folder, wanted: int) -> list[str]:
     return output.decode().split("\n")[:-1]
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_acknowledged_writes_survive_kill(tmp_path):
-    """Every write acknowledged before the process is killed with SIGKILL is stored."""
-    acknowledged = _acknowledged_then_kill(tmp_path, wanted=400)
-    assert len(acknowledged) >= 400
-    config = await stored(tmp_path)
+    """
+    Every write acknowledged before the process is killed with SIGKILL is stored, and the
+    store's revision is at least the last one acknowledged.
+    """
+    lines = _acknowledged_then_kill(tmp_path, wanted=400)
+    assert len(lines) >= 400
+    acknowledged = dict(line.split(" ") for line in lines)
+    snapshot = await using(lambda: open_sqlite_store(_reactor(), tmp_path), lambda s: s.load())
+    config = snapshot.configuration
     assert set(acknowledged) <= set(config.datasets)
     assert config.generation >= max(int(i.split("-")[1]) for i in acknowledged)
+    assert snapshot.revision >= max(int(r) for r in acknowledged.values())
 
 
 @pytest_twisted.ensureDeferred
@@ -598,4 +796,4 @@ async def test_many_datasets(tmp_path):
          for n in range(0, 10_000, 10)], 10_000)
     change = StoreWrite.of(config, datasets)
     await using(sqlite_store_opener(tmp_path), lambda s: s.write(change))
-    assert await using(sqlite_store_opener(tmp_path), lambda s: s.load()) == config
+    assert await using(sqlite_store_opener(tmp_path), loaded) == config
