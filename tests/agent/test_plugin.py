@@ -29,9 +29,10 @@ from zope.interface.verify import verifyObject
 from pyflock.agent._mounts import MountCounts, synchronously
 from pyflock.agent._plugin import (
     ClusterView, DockerPlugin, IPluginBackend, LocalState, LocalStates, PluginBackend,
-    PluginSocketError, ViewDataset, agent_view_source, listen_plugin, plugin_site,
-    threaded_is_mountpoint,
+    PluginSocketError, ViewDataset, agent_view_source, is_mountpoint_in, listen_plugin,
+    plugin_site,
 )
+from pyflock.agent._mounts import in_thread
 from pyflock.common._client import ControlClient, DatasetConfiguration, LeaseInfo, NodeInfo
 from pyflock.common._logging import events_of
 from pyflock.control.testing import NODE_A, NODE_B, APIHarness
@@ -502,7 +503,7 @@ class MountTests(PluginTestCase):
     def test_leased_elsewhere(self):
         """Mount of a volume another node leases fails within about a second (the other
         node's release grace) naming that node and its host, and moves nothing."""
-        from pyflock.agent._plugin import LEASE_RETRY_MARGIN
+        from pyflock.agent._plugin_model import LEASE_RETRY_MARGIN
         dataset_id = self.create_on_b("v1")
         self.successResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
         self.a.call("VolumeDriver.Get", {"Name": "v1"})
@@ -1303,10 +1304,10 @@ class BackendTests(SynchronousTestCase):
 
 
 @pytest_twisted.ensureDeferred
-async def test_threaded_is_mountpoint(tmp_path):
+async def test_is_mountpoint_in_thread(tmp_path):
     """The real mount check, in a thread: ``/`` is a mount point, a fresh folder is not."""
     from twisted.internet import reactor
-    check = threaded_is_mountpoint(reactor)
+    check = is_mountpoint_in(in_thread(reactor))
     assert await check("/") is True
     assert await check(str(tmp_path)) is False
 
