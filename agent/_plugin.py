@@ -17,9 +17,8 @@ machine per Mount), ``DockerPlugin`` here runs its actions against an ``IPluginB
 
 from __future__ import annotations
 
-import itertools
 import json
-from typing import Any, Callable, Hashable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.defer import (
     CancelledError, Deferred, TimeoutError as DeferredTimeout, maybeDeferred,
@@ -30,16 +29,11 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from pyflock.agent._lease_keeper import LeaseKeeper
-from pyflock.agent._mounts import MountCounts, MountsWriteError
+from pyflock.agent._mounts import MountCounts
 from pyflock.agent._plugin_backend import (
     IPluginBackend, LocalStates, PluginBackend, agent_view_source, is_mountpoint_in,
 )
-from pyflock.agent._plugin_core import (
-    Answer, AskMove, CheckMountpoint, Checked, CountMount, Counted, CreateDataset, Created,
-    Failed, FetchByName, Fetched, HungUp, LeaseGone, LeaseRefused, LeaseTaken, Mounted,
-    MoveGone, MoveRefused, Moved, NameTaken, PluginCore, Refuse, ReleaseIfIdle, SetTimer,
-    TakeLease, Timer, Uncount, WaitMounted, WaitView, World, describe, mounted_path,
-)
+from pyflock.agent._plugin_core import PluginCore, World, describe, mounted_path
 from pyflock.agent._plugin_http import PluginApp, listen_plugin, plugin_site
 from pyflock.agent._plugin_model import (
     LEASE_DURATION, MOUNT_TIMEOUT, MOUNTED, OVERLAY_TTL, PROFILES, RELEASE_GRACE,
@@ -47,6 +41,7 @@ from pyflock.agent._plugin_model import (
     ClusterView, LocalState, NoSuchVolume, PluginError, PluginSocketError, ViewDataset,
     check_volume_name, no_answer, node_label, parse_create_options, unreachable,
 )
+from pyflock.agent._plugin_runner import MountRunner, fetch_by_name, saved, within
 from pyflock.common._client import (
     AccessDenied, Conflict, ControlError, ControlUnreachable, IControlClient, NotAllowed,
     NotFound,
@@ -93,11 +88,8 @@ class DockerPlugin:
         self._docker_mounts = docker_mounts
         self._settle_timeout = settle_timeout
         self._settling: Optional[Deferred] = None
-        # Per Mount in progress (by key): its answer, its IO under way, its timers.
-        self._keys = itertools.count()
-        self._answers: dict[Hashable, tuple[Deferred, str, str, float]] = {}
-        self._io: dict[Hashable, Deferred] = {}
-        self._timers: dict[Hashable, list] = {}
+        self._mounting = MountRunner(self._core, backend, self._leases, mounts, reactor,
+                                     self._world)
 
     def _world(self) -> World:
         return World(self._reactor.seconds(), self._backend.view(), self._mounts.table)
@@ -130,8 +122,11 @@ class DockerPlugin:
 
     def view_updated(self) -> None:
         """The agent's view changed (a push arrived): wake the Mounts waiting for one."""
-        for key, actions in self._core.view_pushed(self._world()).items():
-            self._run(key, actions)
+        self._mounting.view_updated()
+
+    def mount(self, body: dict) -> Deferred:
+        """Mount: lease, create or move here, wait until mounted, answer the path."""
+        return self._mounting.mount(body)
 
     def view_waiters(self) -> int:
         """How many Mounts wait for a view push (for tests and metrics)."""
@@ -141,13 +136,13 @@ class DockerPlugin:
         """Renew this node's lease on every dataset in use here; never fails, and gives
         up on requests unanswered after half the renewal interval (the next one tries
         again)."""
-        d = self._within(self._leases.renew(self._in_use()), self._renew_interval / 2)
+        d = within(self._reactor, self._leases.renew(self._in_use()), self._renew_interval / 2)
         return d.addErrback(lambda failure: None)
 
     def reconcile(self, in_use: Mapping[str, int]) -> Deferred:
         """Correct the mount counts with the mount points running containers hold per
         volume name (``docker_volume_mounts``); fires once saved."""
-        return self._saved(self._mounts.reconcile(in_use))
+        return saved(self._mounts.reconcile(in_use))
 
     def resource(self) -> Resource:
         """The web resource serving the protocol (see ``plugin_site``)."""
@@ -166,147 +161,6 @@ class DockerPlugin:
             self._leases.release_if_idle(dataset_id)
         self._releases[dataset_id] = self._reactor.callLater(self._core.release_grace,
                                                              release)
-
-    def _saved(self, d: Deferred) -> Deferred:
-        def written_or_not(failure: Failure) -> None:
-            # MountCounts has logged it; the count in memory is right, so go on.
-            failure.trap(MountsWriteError)
-        return d.addErrback(written_or_not)
-
-    def _within(self, d: Deferred, seconds: float) -> Deferred:
-        """``d``, cancelled after ``seconds``; whatever it then fails with (the client
-        turns a cancelled request into ``ControlUnreachable``) becomes a timeout."""
-        timed_out = []
-
-        def expire() -> None:
-            timed_out.append(True)
-            d.cancel()
-        call = self._reactor.callLater(seconds, expire)
-
-        def done(result: Any) -> Any:
-            if call.active():
-                call.cancel()
-            if timed_out and isinstance(result, Failure):
-                raise DeferredTimeout(f"no answer within {seconds:g} s")
-            return result
-        return d.addBoth(done)
-
-    async def _fetch_by_name(self, name: str) -> Any:
-        """The live dataset record called ``name`` as the control service has it now."""
-        listing = await self._client.list_datasets()
-        return next((c for c in listing.datasets if c.name == name and not c.deleted), None)
-
-    # -- Mount: the core's actions, run ------------------------------------------------
-
-    def mount(self, body: dict) -> Deferred:
-        """Mount: lease, create or move here, wait until mounted, answer the path."""
-        name = body["Name"]
-        mount_id = body.get("ID", "")
-        if not isinstance(mount_id, str):
-            raise BadRequest(f'"ID" must be a string (the mount ID), not '
-                             f'{json.dumps(mount_id)[:60]}')
-        key = next(self._keys)
-        answer: Deferred = Deferred(lambda d: self._feed(key, HungUp()))
-        self._answers[key] = (answer, name, mount_id, self._reactor.seconds())
-        self._run(key, self._core.mount(key, name, mount_id, self._world()))
-        return answer
-
-    def _feed(self, key: Hashable, event: Any) -> None:
-        self._run(key, self._core.handle(key, event, self._world()))
-
-    def _run(self, key: Hashable, actions: list) -> None:
-        for action in actions:
-            if isinstance(action, (Answer, Refuse)):
-                self._finish(key, action)
-            elif isinstance(action, SetTimer):
-                self._timer(key, action.at)
-            elif isinstance(action, WaitView):
-                self._timer(key, action.until)
-            elif isinstance(action, Uncount):
-                self._saved(self._mounts.unmount(action.name, action.mount_id))
-            elif isinstance(action, ReleaseIfIdle):
-                self._leases.release_if_idle(action.dataset_id)
-            else:
-                io = self._perform(action)
-                self._io[key] = io
-                io.addCallback(lambda event: self._feed(key, event))
-
-    def _timer(self, key: Hashable, at: float) -> None:
-        def fire() -> None:
-            attempt = self._core.attempt(key)
-            dataset_id = None if attempt is None else attempt.dataset_id
-            local = None if dataset_id is None else self._backend.local_state(dataset_id)
-            self._feed(key, Timer(None if local is None else local.state))
-        calls = self._timers.setdefault(key, [])
-        calls[:] = [c for c in calls if c.active()]
-        calls.append(self._reactor.callLater(max(0.0, at - self._reactor.seconds()), fire))
-
-    def _finish(self, key: Hashable, action: Any) -> None:
-        """The Mount answered: stop its timers and IO, then answer dockerd."""
-        for call in self._timers.pop(key, []):
-            if call.active():
-                call.cancel()
-        io = self._io.pop(key, None)
-        if io is not None:
-            io.cancel()
-        answer, name, mount_id, started = self._answers.pop(key)
-        seconds = round(self._reactor.seconds() - started, 3)
-        if isinstance(action, Answer):
-            log_event(_log, "pyflock:plugin:mount", name=name, mount_id=mount_id,
-                      dataset_id=action.dataset_id, path=action.path,
-                      count=self._mounts.count(name), seconds=seconds)
-            answer.callback({"Mountpoint": action.path})
-            return
-        error = action.error
-        log_event(_log, "pyflock:plugin:mount-failed", LogLevel.warn, name=name,
-                  mount_id=mount_id, dataset_id=action.dataset_id, seconds=seconds,
-                  reason=str(error) if isinstance(error, PluginError) else repr(error))
-        if not answer.called:
-            answer.errback(Failure(error))
-
-    def _perform(self, action: Any) -> Deferred:
-        """Run one IO action; fires with the event it results in, never fails."""
-        if isinstance(action, TakeLease):
-            d = self._leases.acquire(action.dataset_id)
-            d.addCallback(lambda _: LeaseTaken())
-            return d.addErrback(_outcome, {Conflict: LeaseRefused,
-                                           (NotFound, NotAllowed): LeaseGone})
-        if isinstance(action, AskMove):
-            if action.source != self._node:
-                log_event(_log, "pyflock:plugin:move-requested", dataset_id=action.dataset_id,
-                          source=action.source, target=self._node)
-            # Always ask: the view may lag, and a move to where it already is changes nothing.
-            d = self._client.move_dataset(action.dataset_id, self._node)
-            d.addCallback(lambda _: Moved())
-            return d.addErrback(_outcome, {Conflict: MoveRefused,
-                                           (NotFound, NotAllowed): MoveGone})
-        if isinstance(action, CreateDataset):
-            d = self._client.create_dataset(self._node, metadata={"name": action.name})
-
-            def created(config: Any) -> Created:
-                log_event(_log, "pyflock:plugin:recreated", LogLevel.warn, name=action.name,
-                          dataset_id=config.dataset_id, node_uuid=self._node)
-                return Created(config)
-            return d.addCallbacks(created, _outcome, errbackArgs=({Conflict: NameTaken},))
-        if isinstance(action, FetchByName):
-            d = Deferred.fromCoroutine(self._fetch_by_name(action.name))
-            return d.addCallbacks(Fetched, _outcome, errbackArgs=({},))
-        if isinstance(action, WaitMounted):
-            return self._backend.wait_mounted(action.dataset_id).addCallbacks(
-                Mounted, _outcome, errbackArgs=({},))
-        if isinstance(action, CheckMountpoint):
-            d = maybeDeferred(self._backend.is_mountpoint, action.path)
-            return d.addCallbacks(lambda ok: Checked(bool(ok)), _outcome,
-                                  errbackArgs=({},))
-        if isinstance(action, CountMount):
-            if action.remount:
-                change = self._mounts.remount(action.name, action.mount_id, action.dataset_id)
-            else:
-                change = self._mounts.mount(action.name, action.mount_id, action.dataset_id)
-            # A hang-up now must not cancel the write, only our wait for it.
-            return _uncancellable(self._saved(change)).addCallbacks(
-                lambda _: Counted(), _outcome, errbackArgs=({},))
-        raise TypeError(f"no IO for the plugin core's action {action!r}")
 
     # -- Activate: a new dockerd -------------------------------------------------------
 
@@ -339,7 +193,7 @@ class DockerPlugin:
             if left > 0:
                 # A call that never answers must not keep the counts unsettled forever.
                 try:
-                    in_use = await self._within(maybeDeferred(self._docker_mounts), left)
+                    in_use = await within(self._reactor, maybeDeferred(self._docker_mounts), left)
                 except DeferredTimeout:
                     pass
             if in_use is not None:
@@ -356,7 +210,7 @@ class DockerPlugin:
         # Before settling, while the table still names them; mounts that ``reconcile``
         # recorded have no dataset id, and ``dataset_of`` then asks the view.
         datasets = {name: self._core.dataset_of(name, world) for name in world.table.volumes}
-        saved = self._saved(self._mounts.settle(in_use, self._core.since_activate))
+        written = saved(self._mounts.settle(in_use, self._core.since_activate))
         # Every count left is now the new dockerd's (live-restore keeps containers
         # running): from here on, a Mount of a counted ID is another use (``docker cp``).
         self._core.settled()
@@ -364,7 +218,7 @@ class DockerPlugin:
         for name, dataset_id in sorted(datasets.items()):
             if self._core.uses_here(name, world) == 0:
                 self._leases.release_if_idle(dataset_id)
-        await saved
+        await written
 
     # -- Get, List, Path: from the view, never from the control service -----------------
 
@@ -409,7 +263,7 @@ class DockerPlugin:
                       dataset_id=self._core.find(name, world).dataset_id)
             return {}
         try:
-            config = await self._within(self._client.create_dataset(
+            config = await within(self._reactor, self._client.create_dataset(
                 self._node, maximum_size=new.maximum_size, metadata=new.metadata),
                 self._request_timeout)
         except Conflict:
@@ -417,8 +271,8 @@ class DockerPlugin:
             # fetching it lets Get answer it before the view does.
             found = None
             try:
-                found = await self._within(Deferred.fromCoroutine(
-                    self._fetch_by_name(name)), self._request_timeout)
+                found = await within(self._reactor, Deferred.fromCoroutine(
+                    fetch_by_name(self._client, name)), self._request_timeout)
             except (ControlError, DeferredTimeout):
                 pass
             if found is not None:
@@ -444,7 +298,7 @@ class DockerPlugin:
                              f'{json.dumps(mount_id)[:60]}')
         dataset_id = self._core.dataset_of(name, self._world())
         before = self._mounts.table
-        saved = self._saved(self._mounts.unmount(name, mount_id))
+        written = saved(self._mounts.unmount(name, mount_id))
         if self._mounts.table == before:
             log_event(_log, "pyflock:plugin:unmount-unknown", LogLevel.warn, name=name,
                       mount_id=mount_id)
@@ -456,7 +310,7 @@ class DockerPlugin:
             # Unmount is followed at once by the start Mount, and another node must not
             # take the volume in between. Then only the lease goes.
             self._release_later(dataset_id)
-        await saved
+        await written
         return {}
 
     async def remove(self, body: dict) -> dict:
@@ -488,7 +342,7 @@ class DockerPlugin:
                 await self._client.delete_dataset(dataset_id)
         try:
             # One deadline for all the steps: dockerd gives Remove 60 s in all.
-            await self._within(Deferred.fromCoroutine(delete()), self._request_timeout)
+            await within(self._reactor, Deferred.fromCoroutine(delete()), self._request_timeout)
         except Conflict as e:
             log_event(_log, "pyflock:plugin:remove-refused", name=name,
                       dataset_id=dataset_id, holder=e.holder)
@@ -509,32 +363,6 @@ class DockerPlugin:
         log_event(_log, "pyflock:plugin:removed", name=name, dataset_id=dataset_id,
                   moved_from=moved_from)
         return {}
-
-
-def _outcome(failure: Failure, events: dict) -> Any:
-    """The event of a failed IO step: ``events`` maps error types to event types (a
-    ``Conflict``'s event gets the 409's ``holder``); any other error is ``Failed``."""
-    for kinds, event in events.items():
-        if failure.check(*(kinds if isinstance(kinds, tuple) else (kinds,))):
-            if event in (LeaseRefused, MoveRefused):
-                return event(failure.value.holder)
-            return event()
-    return Failed(failure.value)
-
-
-def _uncancellable(d: Deferred) -> Deferred:
-    """A Deferred following ``d`` whose cancellation leaves ``d`` running."""
-    follower: Deferred = Deferred()
-
-    def passthrough(result: Any) -> None:
-        if follower.called:
-            return
-        if isinstance(result, Failure):
-            follower.errback(result)
-        else:
-            follower.callback(result)
-    d.addBoth(passthrough)
-    return follower
 
 
 __all__ = [

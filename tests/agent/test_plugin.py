@@ -640,8 +640,8 @@ class MountTests(PluginTestCase):
         self.a.plugin.start()
         self.a.ok("VolumeDriver.Create", {"Name": "v1"})
         self.mount("v1", MOUNT_X)
-        self.a.plugin._backend = slow = PluginBackend(
-            A, self.a.client, self.a.view, LocalStates(), lambda path: True)
+        slow = PluginBackend(A, self.a.client, self.a.view, LocalStates(), lambda path: True)
+        self.a.plugin._backend = self.a.plugin._mounting._backend = slow
         d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_Y})
         self.clock.advance(100)
         self.assertIn("not ready", self.a.finish(d)["Err"])
