@@ -517,6 +517,32 @@ class MountTests(PluginTestCase):
         self.assertEqual((self.dataset("v1").primary, self.lease_holder("v1")), (B, B))
         self.assertEqual(self.a.mounts.count("v1"), 0)
 
+    def test_timed_out_view_wait_forgotten(self):
+        """A Mount that stopped waiting for a view push (its lease retry window passed)
+        leaves no waiter behind for the next push (issue 7, point 7)."""
+        from pyflock.agent._plugin_model import LEASE_RETRY_MARGIN
+        dataset_id = self.create_on_b("v1")
+        self.successResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
+        self.a.call("VolumeDriver.Get", {"Name": "v1"})
+        d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.a.docker.flush()
+        self.assertEqual(self.a.plugin.view_waiters(), 1)
+        self.clock.advance(LEASE_RETRY_MARGIN)
+        self.assertIn(f"in use on node {B}", self.a.finish(d)["Err"])
+        self.assertEqual(self.a.plugin.view_waiters(), 0)
+
+    def test_hung_up_view_wait_forgotten(self):
+        """A Mount waiting for a view push that dockerd hangs up on leaves no waiter."""
+        dataset_id = self.create_on_b("v1")
+        self.successResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
+        self.a.call("VolumeDriver.Get", {"Name": "v1"})
+        d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.a.docker.flush()
+        d.cancel()
+        self.a.docker.flush()
+        self.failureResultOf(d)
+        self.assertEqual(self.a.plugin.view_waiters(), 0)
+
     def test_lease_let_go_in_time(self):
         """A Mount refused by a lease that the other node releases a moment later (its
         container just stopped) succeeds as soon as the release reaches this node, with no
