@@ -20,7 +20,7 @@ from pyflock.agent._plugin_model import (
     LEASE_RETRY_MARGIN, ClusterView, LocalState, PluginError, ViewDataset,
 )
 from pyflock.common._client import (
-    ControlError, ControlUnreachable, DatasetConfiguration, InvalidRequest,
+    ControlUnreachable, DatasetConfiguration, InvalidRequest,
 )
 
 NODE = "0b41c2b0-5fd6-4e2c-9a8f-42a5b0f3c1d2"
