@@ -136,9 +136,10 @@ class ViewPushed:
 
 @attr.s(frozen=True, auto_attribs=True)
 class Timer:
-    """A time the attempt asked for (``SetTimer``, ``WaitView``) came; ``local_state``
-    is the dataset's state on this node then, for the timeout's message."""
+    """The time ``at`` that the attempt asked for (``SetTimer``, ``WaitView``) came;
+    ``local_state`` is the dataset's state on this node then, for the timeout's message."""
 
+    at: float
     local_state: Optional[str] = None
 
 
@@ -332,9 +333,11 @@ class MountAttempt:
             return self._fail(CancelledError("dockerd hung up before the Mount finished"),
                               world)
         if isinstance(event, Timer):
-            if world.now >= self.deadline:
+            # A timer may fire a rounding error before its time: it is its time.
+            now = max(world.now, event.at)
+            if now >= self.deadline:
                 return self._fail(self._timed_out(event.local_state), world)
-            if self.state is State.WAITING_VIEW and world.now >= self.lease_until:
+            if self.state is State.WAITING_VIEW and now >= self.lease_until:
                 return self._take_lease()
             return []
         if isinstance(event, ViewPushed):

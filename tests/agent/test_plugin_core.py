@@ -187,7 +187,8 @@ def test_internal_error_passes_through():
 def test_timeout_in_every_state(state):
     """The Mount's timer at its deadline fails it, naming the state here."""
     core = in_state(state)
-    actions = core.handle("m", Timer("attaching"), world(now=TIMEOUT, view=ROUTES[state][0]))
+    actions = core.handle("m", Timer(TIMEOUT, "attaching"),
+                          world(now=TIMEOUT, view=ROUTES[state][0]))
     dataset_id = None if state in NO_DATASET else ID
     assert plain(actions) == refused(dataset_id, PluginError,
                                      counted=state is State.COUNTING)
@@ -198,7 +199,7 @@ def test_timeout_in_every_state(state):
 def test_timeout_not_started():
     """A Mount that times out before the agent reported anything says "not started"."""
     core = in_state(State.WAITING_MOUNTED)
-    actions = core.handle("m", Timer(None), world(now=TIMEOUT + 1))
+    actions = core.handle("m", Timer(TIMEOUT, None), world(now=TIMEOUT + 1))
     assert "(state here: not started)" in str(actions[-1].error)
 
 
@@ -206,7 +207,7 @@ def test_timeout_not_started():
 def test_early_timer_in_every_state(state):
     """A timer before the deadline retries the lease only when waiting for the view."""
     core = in_state(state)
-    actions = core.handle("m", Timer(), world(now=LEASE_UNTIL, view=ROUTES[state][0]))
+    actions = core.handle("m", Timer(LEASE_UNTIL), world(now=LEASE_UNTIL, view=ROUTES[state][0]))
     if state is State.WAITING_VIEW:
         assert actions == [TakeLease(ID)]
         assert state_of(core) is State.LEASING
@@ -215,10 +216,17 @@ def test_early_timer_in_every_state(state):
         assert state_of(core) is state
 
 
+def test_timer_a_rounding_error_early():
+    """A timer that fires a rounding error before its time counts as on time."""
+    core = in_state(State.WAITING_MOUNTED)
+    actions = core.handle("m", Timer(TIMEOUT), world(now=TIMEOUT - 1e-9))
+    assert plain(actions) == refused()
+
+
 def test_view_wait_timer_too_early():
     """The view-wait timer before its time changes nothing."""
     core = in_state(State.WAITING_VIEW)
-    assert core.handle("m", Timer(), world(now=LEASE_UNTIL / 2)) == []
+    assert core.handle("m", Timer(LEASE_UNTIL / 2), world(now=LEASE_UNTIL / 2)) == []
     assert state_of(core) is State.WAITING_VIEW
 
 
@@ -240,7 +248,7 @@ def test_view_push_in_every_state(state):
 def test_finished_ignores_everything(state):
     """A Mount that answered ignores timers, pushes, hang-ups and late failures."""
     core = in_state(state)
-    for event in (Timer(), ViewPushed(), HungUp(), Failed(CancelledError())):
+    for event in (Timer(TIMEOUT), ViewPushed(), HungUp(), Failed(CancelledError())):
         assert core.handle("m", event, world(now=TIMEOUT)) == []
     assert core.view_pushed(world()) == {}
 
@@ -256,7 +264,7 @@ def test_view_push_frees_the_lease():
 def test_refused_lease_after_the_retry_deadline():
     """A lease still refused after the retry window fails, naming the holder's host."""
     core = in_state(State.WAITING_VIEW)
-    core.handle("m", Timer(), world(now=LEASE_UNTIL))
+    core.handle("m", Timer(LEASE_UNTIL), world(now=LEASE_UNTIL))
     actions = core.handle("m", LeaseRefused(OTHER), world(now=LEASE_UNTIL))
     assert plain(actions) == refused()
     message = str(actions[-1].error)
