@@ -3,18 +3,23 @@ The Docker plugin's decisions as a sans-IO state machine, like ``MountTable``: e
 (a Mount, an IO result such as "lease refused by node B", a view push, a timer, dockerd
 hanging up) with a ``World`` snapshot (time, the agent's view, the mount counts), and
 actions come out (take the lease, ask for a move, wait, count, answer, release). Nothing
-here does IO, reads a clock or holds a Deferred: ``pyflock.agent._plugin`` runs the actions
-and feeds their results back.
+here does IO, reads a clock or holds a Deferred: ``pyflock.agent._plugin_runner`` runs the
+actions and feeds their results back.
 
-One ``MountAttempt`` per Mount in progress walks::
+One ``MountAttempt`` per Mount in progress walks (state: event -> next state, action)::
 
-    (start) --view has it--> LEASING --LeaseTaken--> MOVING --Moved--> WAITING_MOUNTED
-       |                      |  ^  \\--LeaseRefused, before the retry deadline--> WAITING_VIEW
-       |                      |  |                       (ViewPushed or its Timer: LEASING)
-       |                      |  \\--Created / Fetched(found)-- CREATING / FETCHING(_TAKEN)
-       \\--not in view--> CREATING --NameTaken--> FETCHING_TAKEN
-    LEASING --LeaseGone (once)--> FETCHING --not found--> CREATING
-    WAITING_MOUNTED --Mounted--> CHECKING --Checked(True)--> COUNTING --Counted--> DONE
+    start            view names it -> LEASING (TakeLease); else CREATING (CreateDataset)
+    CREATING         Created -> LEASING; NameTaken -> FETCHING_TAKEN (FetchByName)
+    FETCHING_TAKEN   Fetched(found) -> LEASING; Fetched(None) -> FAILED
+    FETCHING         Fetched(found) -> LEASING; Fetched(None) -> CREATING
+    LEASING          LeaseTaken -> MOVING (AskMove); LeaseRefused -> WAITING_VIEW
+                     (WaitView) until the retry deadline, then FAILED; LeaseGone ->
+                     FETCHING the first time, then FAILED
+    WAITING_VIEW     ViewPushed, or Timer at the retry deadline -> LEASING
+    MOVING           Moved -> WAITING_MOUNTED (WaitMounted); MoveRefused, MoveGone -> FAILED
+    WAITING_MOUNTED  Mounted -> CHECKING (CheckMountpoint)
+    CHECKING         Checked(True) -> COUNTING (CountMount); Checked(False) -> FAILED
+    COUNTING         Counted -> DONE (Answer)
 
 and FAILED from any live state on a refusal, ``Failed``, ``HungUp`` or the Mount's
 ``Timer`` past its deadline; a failure uncounts what it counted and releases the lease
