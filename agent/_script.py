@@ -31,8 +31,7 @@ from pyflock.agent._loop import node_convergence_loop
 from pyflock.agent._mounts import MountCounts, docker_volume_mounts, in_thread
 from pyflock.agent._plugin import (
     DockerPlugin, LocalStates, PluginBackend, PluginSocketError, agent_view_source,
-    listen_plugin, plugin_site,
-    threaded_is_mountpoint,
+    is_mountpoint_in, listen_plugin, plugin_site,
 )
 from pyflock.agent._runner import LocalFilesystems
 from pyflock.agent._view import VIEW_FILE, ViewFile
@@ -164,11 +163,13 @@ async def run(reactor, config: AgentConfig) -> None:
 
     client = ControlClient(http, f"https://{config.control_hostname}:{config.control_api_port}",
                            reactor=reactor, timeout=API_TIMEOUT)
+    # The plugin's blocking IO (mount checks, mount-count writes) runs here.
+    plugin_io = in_thread(reactor)
     plugin_backend = PluginBackend(node_uuid, client,
                                    agent_view_source(lambda: channel.view, reactor), states,
-                                   threaded_is_mountpoint(reactor))
+                                   is_mountpoint_in(plugin_io))
     mounts = MountCounts.load(os.path.join(config.state_path, "plugin-mounts.json"),
-                              in_thread(reactor))
+                              plugin_io)
 
     def docker_mounts() -> Deferred:
         return Deferred.fromCoroutine(running_volume_mounts(reactor, config.docker_socket))

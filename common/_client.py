@@ -71,7 +71,15 @@ class NotAllowed(ControlError):
 
 
 class Conflict(ControlError):
-    """409: the dataset id or name is taken, or another node holds the dataset's lease."""
+    """
+    409: the dataset id or name is taken, or another node holds the dataset's lease;
+    ``holder`` is then that node's uuid (the answer's ``holder`` field), else None.
+    """
+
+    def __init__(self, code: Optional[int], description: str, errors: Sequence[str] = (),
+                 holder: Optional[str] = None):
+        super().__init__(code, description, errors)
+        self.holder = holder
 
 
 class ConfigurationChanged(ControlError):
@@ -566,6 +574,9 @@ def _error(code: int, method: str, url: str, parsed: Any, content: bytes) -> Con
     if isinstance(parsed, dict) and isinstance(parsed.get("description"), str):
         errors = parsed.get("errors")
         errors = [str(e) for e in errors] if isinstance(errors, list) else []
+        holder = parsed.get("holder")
+        if kind is Conflict and isinstance(holder, str):
+            return Conflict(code, parsed["description"], errors, holder=holder.lower())
         return kind(code, parsed["description"], errors)
     text = content[:200].decode("utf-8", "replace").strip()
     return kind(code, f"{method} {url} failed with HTTP {code}"

@@ -43,17 +43,22 @@ _UUID = schema.validator(schema.UUID)
 class APIError(Exception):
     """An error response: status code, description and optional schema errors."""
 
-    def __init__(self, code: int, description: str, errors: Optional[list[str]] = None):
+    def __init__(self, code: int, description: str, errors: Optional[list[str]] = None,
+                 holder: Optional[str] = None):
         super().__init__(code, description)
         self.code = code
         self.description = description
         self.errors = errors
+        self.holder = holder
 
 
-def _error_body(code: int, description: str, errors: Optional[list[str]] = None) -> bytes:
+def _error_body(code: int, description: str, errors: Optional[list[str]] = None,
+                holder: Optional[str] = None) -> bytes:
     body: dict = {"description": description}
     if errors is not None:
         body["errors"] = errors
+    if holder is not None:
+        body["holder"] = holder
     return json.dumps(body).encode("utf-8")
 
 
@@ -76,7 +81,7 @@ def _translate(error: ConfigurationError) -> APIError:
     if isinstance(error, LeaseHeld):
         return APIError(409, f"Lease already held by node {error.node_uuid}: the dataset "
                              f"is in use there; release the lease (or wait for it to "
-                             f"expire) first.")
+                             f"expire) first.", holder=error.node_uuid)
     if isinstance(error, LeaseNotFound):
         return APIError(404, "Lease not found.")
     raise error
@@ -188,7 +193,7 @@ class ControlAPI:
         error = failure.value
         request.setResponseCode(error.code)
         request.setHeader(b"content-type", b"application/json")
-        return _error_body(error.code, error.description, error.errors)
+        return _error_body(error.code, error.description, error.errors, error.holder)
 
     @app.handle_errors(StoreUnavailable)
     def _unavailable(self, request, failure):

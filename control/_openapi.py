@@ -20,7 +20,8 @@ _ERRORS = {
     403: "The certificate may not do this (a node acting for another node).",
     404: "No such dataset, lease, node or route.",
     405: "The dataset is deleted, or the method is not allowed on this route.",
-    409: "Conflict: id or name taken, or a lease held by another node.",
+    409: "Conflict: id or name taken, or a lease held by another node (then the error's "
+         "``holder`` is that node's uuid).",
     412: "X-If-Configuration-Matches did not match the current configuration tag.",
     503: "The configuration store failed a write; retry shortly.",
 }

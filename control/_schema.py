@@ -105,7 +105,11 @@ VERSION = {"type": "object", "required": ["flocker"],
 ERROR = {
     "type": "object", "required": ["description"],
     "properties": {"description": {"type": "string"},
-                   "errors": {"type": "array", "items": {"type": "string"}}},
+                   "errors": {"type": "array", "items": {"type": "string"}},
+                   # A 409 refused because another node holds the dataset's lease names
+                   # that node here, for programs (the description is for people).
+                   "holder": dict(UUID, description="On a 409 for a lease held by "
+                                                    "another node: that node's uuid.")},
     "additionalProperties": False,
 }
 

@@ -29,9 +29,10 @@ from zope.interface.verify import verifyObject
 from pyflock.agent._mounts import MountCounts, synchronously
 from pyflock.agent._plugin import (
     ClusterView, DockerPlugin, IPluginBackend, LocalState, LocalStates, PluginBackend,
-    PluginSocketError, ViewDataset, agent_view_source, listen_plugin, plugin_site,
-    threaded_is_mountpoint,
+    PluginSocketError, ViewDataset, agent_view_source, is_mountpoint_in, listen_plugin,
+    plugin_site,
 )
+from pyflock.agent._mounts import in_thread
 from pyflock.common._client import ControlClient, DatasetConfiguration, LeaseInfo, NodeInfo
 from pyflock.common._logging import events_of
 from pyflock.control.testing import NODE_A, NODE_B, APIHarness
@@ -502,7 +503,7 @@ class MountTests(PluginTestCase):
     def test_leased_elsewhere(self):
         """Mount of a volume another node leases fails within about a second (the other
         node's release grace) naming that node and its host, and moves nothing."""
-        from pyflock.agent._plugin import LEASE_RETRY_MARGIN
+        from pyflock.agent._plugin_model import LEASE_RETRY_MARGIN
         dataset_id = self.create_on_b("v1")
         self.successResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
         self.a.call("VolumeDriver.Get", {"Name": "v1"})
@@ -515,6 +516,32 @@ class MountTests(PluginTestCase):
                          f"expires within 60 s and the volume can then be used here")
         self.assertEqual((self.dataset("v1").primary, self.lease_holder("v1")), (B, B))
         self.assertEqual(self.a.mounts.count("v1"), 0)
+
+    def test_timed_out_view_wait_forgotten(self):
+        """A Mount that stopped waiting for a view push (its lease retry window passed)
+        leaves no waiter behind for the next push (issue 7, point 7)."""
+        from pyflock.agent._plugin_model import LEASE_RETRY_MARGIN
+        dataset_id = self.create_on_b("v1")
+        self.successResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
+        self.a.call("VolumeDriver.Get", {"Name": "v1"})
+        d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.a.docker.flush()
+        self.assertEqual(self.a.plugin.view_waiters(), 1)
+        self.clock.advance(LEASE_RETRY_MARGIN)
+        self.assertIn(f"in use on node {B}", self.a.finish(d)["Err"])
+        self.assertEqual(self.a.plugin.view_waiters(), 0)
+
+    def test_hung_up_view_wait_forgotten(self):
+        """A Mount waiting for a view push that dockerd hangs up on leaves no waiter."""
+        dataset_id = self.create_on_b("v1")
+        self.successResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
+        self.a.call("VolumeDriver.Get", {"Name": "v1"})
+        d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.a.docker.flush()
+        d.cancel()
+        self.a.docker.flush()
+        self.failureResultOf(d)
+        self.assertEqual(self.a.plugin.view_waiters(), 0)
 
     def test_lease_let_go_in_time(self):
         """A Mount refused by a lease that the other node releases a moment later (its
@@ -639,8 +666,8 @@ class MountTests(PluginTestCase):
         self.a.plugin.start()
         self.a.ok("VolumeDriver.Create", {"Name": "v1"})
         self.mount("v1", MOUNT_X)
-        self.a.plugin._backend = slow = PluginBackend(
-            A, self.a.client, self.a.view, LocalStates(), lambda path: True)
+        slow = PluginBackend(A, self.a.client, self.a.view, LocalStates(), lambda path: True)
+        self.a.plugin._backend = self.a.plugin._mounting._backend = slow
         d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_Y})
         self.clock.advance(100)
         self.assertIn("not ready", self.a.finish(d)["Err"])
@@ -1303,10 +1330,10 @@ class BackendTests(SynchronousTestCase):
 
 
 @pytest_twisted.ensureDeferred
-async def test_threaded_is_mountpoint(tmp_path):
+async def test_is_mountpoint_in_thread(tmp_path):
     """The real mount check, in a thread: ``/`` is a mount point, a fresh folder is not."""
     from twisted.internet import reactor
-    check = threaded_is_mountpoint(reactor)
+    check = is_mountpoint_in(in_thread(reactor))
     assert await check("/") is True
     assert await check(str(tmp_path)) is False
 

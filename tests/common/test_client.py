@@ -284,6 +284,15 @@ class ErrorTests(SynchronousTestCase):
                              (type(error), error.code, error.description, error.errors))
             self.assertEqual(description, str(error))
 
+    def test_conflict_holder(self):
+        """A 409 for a held lease names the holder in ``Conflict.holder`` (the answer's
+        ``holder`` field, lower case); a 409 without one has None."""
+        held = self.failure_of(409, {"description": "Lease already held.",
+                                     "holder": OTHER_NODE.upper()})
+        taken = self.failure_of(409, {"description": "The name is taken."})
+        self.assertEqual((type(held), held.holder, taken.holder),
+                         (Conflict, OTHER_NODE.lower(), None))
+
     def test_bad_request_errors(self):
         """A 400 keeps the schema errors and shows them after the description."""
         error = self.failure_of(400, {"description": "The provided JSON doesn't match the "

@@ -72,6 +72,7 @@ class DatasetTests(SynchronousTestCase):
         r = self.create(metadata={"name": "db"})
         self.assertEqual(r.code, 409)
         self.assertIn(DS, r.json["description"])
+        self.assertNotIn("holder", r.json)
 
     def test_deleted_name_reusable(self):
         """The name of a deleted dataset can be used again at once."""
@@ -217,6 +218,7 @@ class LeaseTests(SynchronousTestCase):
         r = self.acquire(B)
         self.assertEqual(r.code, 409)
         self.assertIn(A, r.json["description"])
+        self.assertEqual(r.json["holder"], A)
 
     def test_expiry(self):
         """An expired lease is gone from the list and no longer blocks others."""
@@ -251,14 +253,15 @@ class LeaseTests(SynchronousTestCase):
         r = self.req("DELETE", f"/v1/configuration/datasets/{DS}")
         self.assertEqual(r.code, 409)
         self.assertIn(B, r.json["description"])
+        self.assertEqual(r.json["holder"], B)
         self.assertFalse(self.h.store.config.datasets[DS].deleted)
 
     def test_move_leased(self):
         """A leased dataset moves only to the lease holder."""
         self.acquire(A)
         other = "cccccccc-0000-4000-8000-000000000003"
-        self.assertEqual(self.req("POST", f"/v1/configuration/datasets/{DS}",
-                                  {"primary": other}).code, 409)
+        refused = self.req("POST", f"/v1/configuration/datasets/{DS}", {"primary": other})
+        self.assertEqual((refused.code, refused.json["holder"]), (409, A))
         self.acquire(A, expires=None)
         self.req("DELETE", f"/v1/configuration/leases/{DS}")
         self.acquire(B)

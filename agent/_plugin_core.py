@@ -1,0 +1,699 @@
+"""
+The Docker plugin's decisions as a sans-IO state machine, like ``MountTable``: events go in
+(a Mount, an IO result such as "lease refused by node B", a view push, a timer, dockerd
+hanging up) with a ``World`` snapshot (time, the agent's view, the mount counts), and
+actions come out (take the lease, ask for a move, wait, count, answer, release). Nothing
+here does IO, reads a clock or holds a Deferred: ``pyflock.agent._plugin_runner`` runs the
+actions and feeds their results back.
+
+One ``MountAttempt`` per Mount in progress walks (state: event -> next state, action)::
+
+    start            view names it -> LEASING (TakeLease); else CREATING (CreateDataset)
+    CREATING         Created -> LEASING; NameTaken -> FETCHING_TAKEN (FetchByName)
+    FETCHING_TAKEN   Fetched(found) -> LEASING; Fetched(None) -> FAILED
+    FETCHING         Fetched(found) -> LEASING; Fetched(None) -> CREATING
+    LEASING          LeaseTaken -> MOVING (AskMove); LeaseRefused -> WAITING_VIEW
+                     (WaitView) until the retry deadline, then FAILED; LeaseGone ->
+                     FETCHING the first time, then FAILED
+    WAITING_VIEW     ViewPushed, or Timer at the retry deadline -> LEASING
+    MOVING           Moved -> WAITING_MOUNTED (WaitMounted); MoveRefused, MoveGone -> FAILED
+    WAITING_MOUNTED  Mounted -> CHECKING (CheckMountpoint)
+    CHECKING         Checked(True) -> COUNTING (CountMount); Checked(False) -> FAILED
+    COUNTING         Counted -> DONE (Answer)
+
+and FAILED from any live state on a refusal, ``Failed``, ``HungUp`` or the Mount's
+``Timer`` past its deadline; a failure uncounts what it counted and releases the lease
+unless another use holds it. Events for a finished attempt are ignored (the late answers of
+cancelled IO); an IO result a state does not wait for is a bug and raises
+``UnexpectedEvent``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Hashable, Optional
+
+import attr
+from twisted.internet.defer import CancelledError
+
+from pyflock.agent._mounts import MountTable
+from pyflock.agent._plugin_model import (
+    LEASE_DURATION, LEASE_RETRY_MARGIN, MOUNT_TIMEOUT, MOUNTED, OVERLAY_TTL, RELEASE_GRACE,
+    ClusterView, LocalState, PluginError, ViewDataset, check_volume_name,
+    deleted_while_mounting, in_use_elsewhere, parse_create_options, unreachable,
+)
+from pyflock.common._client import ControlError, ControlUnreachable, DatasetConfiguration
+from pyflock.common._sizes import format_size
+
+
+class UnexpectedEvent(Exception):
+    """The shell fed an attempt an IO result it was not waiting for (a bug in the shell)."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class World:
+    """What the core reads of the world at one event: the time, the view, the counts."""
+
+    now: float
+    view: ClusterView
+    table: MountTable
+
+
+# -- events: what happened ----------------------------------------------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Created:
+    """``CreateDataset`` succeeded with this record."""
+
+    config: DatasetConfiguration
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class NameTaken:
+    """``CreateDataset`` was refused: the name exists in the cluster (409)."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Fetched:
+    """``FetchByName`` answered: the live dataset of that name, or None."""
+
+    config: Optional[DatasetConfiguration]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class LeaseTaken:
+    """``TakeLease`` succeeded: this node holds the lease."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class LeaseRefused:
+    """``TakeLease`` was refused (409): ``holder`` (the answer's field) holds it."""
+
+    holder: Optional[str]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class LeaseGone:
+    """``TakeLease`` found no dataset (404) or a deleted one (405)."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Moved:
+    """``AskMove`` was accepted (the dataset is here or on its way)."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class MoveRefused:
+    """``AskMove`` was refused (409): ``holder`` holds the lease."""
+
+    holder: Optional[str]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class MoveGone:
+    """``AskMove`` found no dataset (404) or a deleted one (405)."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Mounted:
+    """``WaitMounted`` fired: the agent reports the dataset mounted at ``path``."""
+
+    path: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Checked:
+    """``CheckMountpoint`` answered whether a filesystem is mounted at the path."""
+
+    mounted: bool
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Counted:
+    """``CountMount`` is done (saved, or failed to save and logged)."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ViewPushed:
+    """The agent's view changed."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Timer:
+    """The time ``at`` that the attempt asked for (``SetTimer``, ``WaitView``) came;
+    ``local_state`` is the dataset's state on this node then, for the timeout's message."""
+
+    at: float
+    local_state: Optional[str] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class HungUp:
+    """dockerd closed the connection before the answer."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Failed:
+    """An IO step failed in a way no other event describes (unreachable, refused...)."""
+
+    error: BaseException
+
+
+# -- actions: what to do ------------------------------------------------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CreateDataset:
+    """Create a dataset called ``name`` on this node (answer ``Created`` / ``NameTaken``)."""
+
+    name: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class FetchByName:
+    """Ask the control service for the live dataset called ``name`` (``Fetched``)."""
+
+    name: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class TakeLease:
+    """Take this node's lease (``LeaseTaken`` / ``LeaseRefused`` / ``LeaseGone``)."""
+
+    dataset_id: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class WaitView:
+    """Wait for the next view push (``ViewPushed``), or until ``until`` (``Timer``)."""
+
+    until: float
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AskMove:
+    """Ask for the dataset to be here (``Moved`` / ``MoveRefused`` / ``MoveGone``);
+    ``source`` is where the view has it."""
+
+    dataset_id: str
+    source: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class WaitMounted:
+    """Wait until the agent reports the dataset mounted here (``Mounted``)."""
+
+    dataset_id: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CheckMountpoint:
+    """Check that a filesystem is really mounted at ``path`` (``Checked``)."""
+
+    path: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CountMount:
+    """Count the mount (``remount``: replace a previous dockerd's stale count of this ID)
+    and save the counts (``Counted``); a hang-up must not cancel the write."""
+
+    name: str
+    mount_id: str
+    dataset_id: str
+    remount: bool = False
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Uncount:
+    """Take back a mount counted by a Mount that then failed."""
+
+    name: str
+    mount_id: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ReleaseIfIdle:
+    """Release this node's lease unless the dataset is in use here when it is done."""
+
+    dataset_id: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SetTimer:
+    """Feed a ``Timer`` at time ``at``."""
+
+    at: float
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Answer:
+    """Answer the Mount with ``path``."""
+
+    path: str
+    dataset_id: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Refuse:
+    """Answer the Mount with ``error`` (a ``PluginError``, or an internal error as is)."""
+
+    error: BaseException
+    dataset_id: Optional[str]
+
+
+# -- the machine --------------------------------------------------------------------------
+
+
+class State(enum.Enum):
+    """Where a Mount stands."""
+
+    CREATING = "creating"
+    FETCHING = "fetching"
+    FETCHING_TAKEN = "fetching-taken"
+    LEASING = "leasing"
+    WAITING_VIEW = "waiting-view"
+    MOVING = "moving"
+    WAITING_MOUNTED = "waiting-mounted"
+    CHECKING = "checking"
+    COUNTING = "counting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+#: The IO result each waiting state takes (besides Timer, ViewPushed, HungUp and Failed).
+_AWAITS: dict[State, tuple[type, ...]] = {
+    State.CREATING: (Created, NameTaken),
+    State.FETCHING: (Fetched,),
+    State.FETCHING_TAKEN: (Fetched,),
+    State.LEASING: (LeaseTaken, LeaseRefused, LeaseGone),
+    State.WAITING_VIEW: (),
+    State.MOVING: (Moved, MoveRefused, MoveGone),
+    State.WAITING_MOUNTED: (Mounted,),
+    State.CHECKING: (Checked,),
+    State.COUNTING: (Counted,),
+}
+
+
+@attr.s(auto_attribs=True, eq=False)
+class MountAttempt:
+    """One Mount in progress: a use of its volume until it answers."""
+
+    core: "PluginCore"
+    name: str
+    mount_id: str
+    deadline: float
+    state: Optional[State] = None
+    volume: Optional[ViewDataset] = None
+    path: Optional[str] = None
+    lease_until: float = 0.0
+    retried: bool = False
+    counted: bool = False
+
+    @property
+    def dataset_id(self) -> Optional[str]:
+        """The dataset this Mount works on, once known."""
+        return None if self.volume is None else self.volume.dataset_id
+
+    @property
+    def finished(self) -> bool:
+        """Whether the Mount has answered."""
+        return self.state in (State.DONE, State.FAILED)
+
+    def start(self, world: World) -> list:
+        """The first actions: lease the volume the view names, or create it here."""
+        found = self.core.find(self.name, world)
+        if found is None:
+            return self._create(world)
+        return self._lease(found, world)
+
+    def handle(self, event: Any, world: World) -> list:
+        """The actions that follow ``event``."""
+        if self.finished or self.state is None:
+            return []
+        if isinstance(event, Failed):
+            return self._fail(self._refusal(event.error), world)
+        if isinstance(event, HungUp):
+            return self._fail(CancelledError("dockerd hung up before the Mount finished"),
+                              world)
+        if isinstance(event, Timer):
+            # A timer may fire a rounding error before its time: it is its time.
+            now = max(world.now, event.at)
+            if now >= self.deadline:
+                return self._fail(self._timed_out(event.local_state), world)
+            if self.state is State.WAITING_VIEW and now >= self.lease_until:
+                return self._take_lease()
+            return []
+        if isinstance(event, ViewPushed):
+            return self._take_lease() if self.state is State.WAITING_VIEW else []
+        if not isinstance(event, _AWAITS[self.state]):
+            raise UnexpectedEvent(f"a Mount in state {self.state.value} got {event!r}")
+        return self._next(event, world)
+
+    def _next(self, event: Any, world: World) -> list:
+        if isinstance(event, Created):
+            return self._lease(self.core.overlay.created(event.config, world.now), world)
+        if isinstance(event, NameTaken):
+            self.state = State.FETCHING_TAKEN
+            return [FetchByName(self.name)]
+        if isinstance(event, Fetched):
+            if event.config is not None:
+                return self._lease(self.core.overlay.created(event.config, world.now), world)
+            if self.state is State.FETCHING:
+                return self._create(world)
+            return self._fail(PluginError(f"volume {self.name} was created and deleted "
+                                          f"elsewhere at the same time; retry"), world)
+        if isinstance(event, LeaseTaken):
+            self.state = State.MOVING
+            return [AskMove(self.dataset_id, self.volume.primary)]
+        if isinstance(event, LeaseRefused):
+            if world.now < self.lease_until:
+                # The holder may have just let go (its release grace): its release reaches
+                # this node as a view push, so ask again then, not on a timer.
+                self.state = State.WAITING_VIEW
+                return [WaitView(self.lease_until)]
+            return self._fail(self._elsewhere(event.holder, world), world)
+        if isinstance(event, LeaseGone):
+            if self.retried:
+                return self._fail(deleted_while_mounting(self.name), world)
+            # The view named a dataset deleted since: ask the control service itself.
+            self.retried = True
+            self.state = State.FETCHING
+            return [FetchByName(self.name)]
+        if isinstance(event, Moved):
+            self.state = State.WAITING_MOUNTED
+            return [WaitMounted(self.dataset_id)]
+        if isinstance(event, MoveRefused):
+            return self._fail(self._elsewhere(event.holder, world), world)
+        if isinstance(event, MoveGone):
+            return self._fail(deleted_while_mounting(self.name), world)
+        if isinstance(event, Mounted):
+            self.state = State.CHECKING
+            self.path = event.path
+            return [CheckMountpoint(event.path)]
+        if isinstance(event, Checked):
+            if not event.mounted:
+                return self._fail(PluginError(
+                    f"volume {self.name}: the agent reported it mounted at {self.path}, but "
+                    f"no filesystem is mounted there; check the agent's log, then retry"),
+                    world)
+            self.state = State.COUNTING
+            self.counted = True
+            return [CountMount(self.name, self.mount_id, self.dataset_id,
+                               self.core.count_as_remount(self.name, self.mount_id, world))]
+        self.state = State.DONE
+        return [Answer(self.path, self.dataset_id)]
+
+    def _create(self, world: World) -> list:
+        try:
+            check_volume_name(self.name)
+        except PluginError as e:
+            return self._fail(e, world)
+        self.state = State.CREATING
+        return [CreateDataset(self.name)]
+
+    def _lease(self, volume: ViewDataset, world: World) -> list:
+        self.volume = volume
+        self.lease_until = world.now + self.core.release_grace + LEASE_RETRY_MARGIN
+        return self._take_lease()
+
+    def _take_lease(self) -> list:
+        self.state = State.LEASING
+        return [TakeLease(self.dataset_id)]
+
+    def _fail(self, error: BaseException, world: World) -> list:
+        self.state = State.FAILED
+        actions: list = []
+        if self.counted:
+            actions.append(Uncount(self.name, self.mount_id))
+        if self.dataset_id is not None:
+            actions.append(ReleaseIfIdle(self.dataset_id))
+        return actions + [Refuse(error, self.dataset_id)]
+
+    def _elsewhere(self, holder: Optional[str], world: World) -> PluginError:
+        return in_use_elsewhere(world.view, self.name, holder, self.core.lease_duration)
+
+    def _timed_out(self, local_state: Optional[str]) -> PluginError:
+        where = local_state or "not started"
+        return PluginError(
+            f"volume {self.name} was not ready on this node within "
+            f"{self.core.mount_timeout:g} s (state here: {where}); the agent goes on "
+            f"working on it: retry in a moment, and if this persists check "
+            f"`pyflock list` and the agent's log")
+
+    def _refusal(self, error: BaseException) -> BaseException:
+        if isinstance(error, PluginError):
+            return error
+        if isinstance(error, ControlUnreachable):
+            return unreachable("mount", self.name, error)
+        if isinstance(error, ControlError):
+            return PluginError(f"cannot mount volume {self.name}: the control service "
+                               f"refused: {error}")
+        return error
+
+
+class Overlay:
+    """
+    This node's own creates and removes, trusted over a view that has not caught up with
+    them (it lags by a push) for ``ttl`` seconds at most.
+    """
+
+    def __init__(self, ttl: float = OVERLAY_TTL):
+        self._ttl = ttl
+        self._created: dict[str, tuple[ViewDataset, float]] = {}
+        self._removed: dict[str, float] = {}
+
+    def _tidy(self, view: ClusterView, now: float) -> None:
+        for name, (record, expiry) in list(self._created.items()):
+            if expiry <= now or record.dataset_id in view.datasets \
+                    or view.by_name(name) is not None:
+                del self._created[name]
+        for dataset_id, expiry in list(self._removed.items()):
+            current = view.datasets.get(dataset_id)
+            if expiry <= now or current is None or current.deleted:
+                del self._removed[dataset_id]
+
+    def find(self, view: ClusterView, now: float, name: str) -> Optional[ViewDataset]:
+        """The live dataset called ``name``: the view, corrected by our own changes."""
+        self._tidy(view, now)
+        found = view.by_name(name)
+        if found is not None and found.dataset_id in self._removed:
+            return None
+        if found is None and name in self._created:
+            return self._created[name][0]
+        return found
+
+    def volumes(self, view: ClusterView, now: float) -> dict[str, ViewDataset]:
+        """Every live dataset by name: the view, corrected by our own changes."""
+        self._tidy(view, now)
+        volumes = {name: v for name, v in view.names.items()
+                   if v.dataset_id not in self._removed}
+        for name, (record, _) in self._created.items():
+            volumes.setdefault(name, record)
+        return volumes
+
+    def created(self, config: DatasetConfiguration, now: float) -> ViewDataset:
+        """Remember a dataset this node created (or fetched); its view record."""
+        record = ViewDataset.from_configuration(config)
+        self._created[record.name] = (record, now + self._ttl)
+        self._removed.pop(record.dataset_id, None)
+        return record
+
+    def removed(self, name: str, dataset_id: str, now: float) -> None:
+        """Remember that this node deleted ``dataset_id`` (called ``name``)."""
+        self._created.pop(name, None)
+        self._removed[dataset_id] = now + self._ttl
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class NewVolume:
+    """What Create asks the control service for."""
+
+    maximum_size: Optional[int]
+    profile: Optional[str]
+    metadata: dict
+
+
+class PluginCore:
+    """
+    The decisions of one node's plugin: the Mounts in progress (by a key the shell
+    chooses), its own recent creates and removes, and which mounts the new dockerd made
+    since an Activate. ``mount``/``handle``/``view_pushed`` return actions.
+    """
+
+    def __init__(self, node_uuid: str, *, mount_timeout: float = MOUNT_TIMEOUT,
+                 lease_duration: float = LEASE_DURATION,
+                 release_grace: float = RELEASE_GRACE, overlay_ttl: float = OVERLAY_TTL):
+        self.node_uuid = node_uuid
+        self.mount_timeout = mount_timeout
+        self.lease_duration = lease_duration
+        self.release_grace = release_grace
+        self.overlay = Overlay(overlay_ttl)
+        self._attempts: dict[Hashable, MountAttempt] = {}
+        # (name, mount ID) mounted since the last Activate, or None before any Activate.
+        self._since_activate: Optional[set[tuple[str, str]]] = None
+
+    # -- what is where ----------------------------------------------------------------
+
+    def find(self, name: str, world: World) -> Optional[ViewDataset]:
+        """The live dataset called ``name``, as far as this node knows."""
+        return self.overlay.find(world.view, world.now, name)
+
+    def dataset_of(self, name: str, world: World) -> Optional[str]:
+        """The dataset of volume ``name``: as counted, else as the view has it."""
+        dataset_id = world.table.dataset_id(name)
+        if dataset_id is None:
+            volume = self.find(name, world)
+            dataset_id = None if volume is None else volume.dataset_id
+        return dataset_id
+
+    def datasets_in_use(self, world: World) -> set[str]:
+        """The datasets mounted here or being mounted (their leases are kept)."""
+        result = {self.dataset_of(name, world) for name in world.table.volumes}
+        result.update(a.dataset_id for a in self._attempts.values())
+        result.discard(None)
+        return result  # type: ignore[return-value]
+
+    def uses_here(self, name: str, world: World) -> int:
+        """The mounts of volume ``name`` here, counting the Mounts in progress."""
+        return world.table.count(name) + sum(
+            1 for a in self._attempts.values() if a.name == name)
+
+    # -- Mount ------------------------------------------------------------------------
+
+    def mount(self, key: Hashable, name: str, mount_id: str, world: World) -> list:
+        """A Mount arrived: its first actions (a ``SetTimer`` for its deadline first)."""
+        if key in self._attempts:
+            raise UnexpectedEvent(f"a Mount with key {key!r} is already in progress")
+        deadline = world.now + self.mount_timeout
+        attempt = MountAttempt(self, name, mount_id, deadline)
+        self._attempts[key] = attempt
+        return [SetTimer(deadline)] + self._after(key, attempt, attempt.start(world))
+
+    def handle(self, key: Hashable, event: Any, world: World) -> list:
+        """The actions that follow ``event`` for the Mount ``key`` (none once answered)."""
+        attempt = self._attempts.get(key)
+        if attempt is None:
+            return []
+        return self._after(key, attempt, attempt.handle(event, world))
+
+    def view_pushed(self, world: World) -> dict[Hashable, list]:
+        """The view changed: the actions of each Mount waiting for it, by key."""
+        return {key: self.handle(key, ViewPushed(), world) for key in self.waiting_for_view()}
+
+    def waiting_for_view(self) -> list[Hashable]:
+        """The keys of the Mounts waiting for a view push."""
+        return [key for key, a in self._attempts.items() if a.state is State.WAITING_VIEW]
+
+    def attempt(self, key: Hashable) -> Optional[MountAttempt]:
+        """The Mount in progress under ``key``, if any."""
+        return self._attempts.get(key)
+
+    def _after(self, key: Hashable, attempt: MountAttempt, actions: list) -> list:
+        if attempt.finished:
+            # No longer a use: it must not hold the lease its failure releases.
+            del self._attempts[key]
+        return actions
+
+    # -- Activate: a new dockerd ------------------------------------------------------
+
+    def activated(self) -> None:
+        """dockerd activated the plugin: a new dockerd, whose mounts are recorded."""
+        self._since_activate = set()
+
+    def settled(self) -> None:
+        """The counts were settled: every count is now the new dockerd's."""
+        self._since_activate = None
+
+    @property
+    def since_activate(self) -> frozenset:
+        """The (name, mount ID) mounted since the last unsettled Activate."""
+        return frozenset(self._since_activate or ())
+
+    def count_as_remount(self, name: str, mount_id: str, world: World) -> bool:
+        """Whether counting this mount replaces the previous dockerd's count of its ID
+        (a restarted container keeps its mount IDs; the new dockerd never saw that
+        mount); records the mount as the new dockerd's."""
+        since = self._since_activate
+        if since is None:
+            return False
+        stale = (name, mount_id) not in since and world.table.mount_count(name, mount_id) > 0
+        since.add((name, mount_id))
+        return stale
+
+    # -- Create, Unmount, Remove ------------------------------------------------------
+
+    def create(self, name: str, opts: Any, world: World) -> Optional[NewVolume]:
+        """What to create for a Create, or None if the volume exists; ``PluginError``
+        for a bad name or options."""
+        check_volume_name(name)
+        size, profile = parse_create_options(name, opts)
+        if self.find(name, world) is not None:
+            return None
+        metadata = {"name": name}
+        if profile is not None:
+            metadata["profile"] = profile
+        return NewVolume(size, profile, metadata)
+
+    def release_after_unmount(self, name: str, world: World) -> Optional[str]:
+        """After an Unmount, the dataset whose lease to release after the grace (the
+        volume's last use here), or None."""
+        if self.uses_here(name, world):
+            return None
+        return self.dataset_of(name, world)
+
+    def removable(self, name: str, world: World) -> Optional[ViewDataset]:
+        """The dataset a Remove deletes (None: no such volume, nothing to do);
+        ``PluginError`` while it is in use here."""
+        uses = self.uses_here(name, world)
+        if uses:
+            raise PluginError(
+                f"volume {name} is in use by {uses} mount(s) on this node: stop and remove "
+                f"the containers using it first (docker ps -a --filter volume={name})")
+        return self.find(name, world)
+
+
+def describe(volume: ViewDataset, local: Optional[LocalState], node_uuid: str,
+             view: ClusterView, uses: int, status: bool) -> dict:
+    """The ``Volume`` object of Get (with ``Status``) and List (without)."""
+    result: dict[str, Any] = {"Name": volume.name}
+    path = mounted_path(local)
+    if path:
+        result["Mountpoint"] = path
+    if status:
+        if local is not None:
+            where = local.state
+        elif volume.primary == node_uuid:
+            where = "pending"
+        else:
+            where = "on another node"
+        result["Status"] = {
+            "dataset_id": volume.dataset_id,
+            "primary": volume.primary,
+            "primary_host": view.nodes.get(volume.primary) or "",
+            "size": "default" if volume.maximum_size is None
+                    else format_size(volume.maximum_size),
+            "profile": volume.metadata.get("profile", ""),
+            "state": where,
+            "lease": volume.lease or "",
+            "mounts_here": uses,
+        }
+    return result
+
+
+def mounted_path(local: Optional[LocalState]) -> Optional[str]:
+    """The path of a dataset mounted here, or None."""
+    if local is None or local.state != MOUNTED:
+        return None
+    return local.path
+
+
+__all__ = [
+    "Answer", "AskMove", "CheckMountpoint", "Checked", "CountMount", "CreateDataset",
+    "Created", "Failed", "FetchByName", "Fetched", "HungUp", "LeaseGone", "LeaseRefused",
+    "LeaseTaken", "MountAttempt", "Mounted", "MoveGone", "MoveRefused", "Moved", "NameTaken",
+    "NewVolume", "Overlay", "PluginCore", "Refuse", "ReleaseIfIdle", "SetTimer", "State",
+    "Timer", "TakeLease", "Uncount", "UnexpectedEvent", "ViewPushed", "WaitMounted",
+    "WaitView", "World", "describe", "mounted_path",
+]

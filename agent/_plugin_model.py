@@ -1,0 +1,277 @@
+"""
+The Docker plugin's vocabulary, without IO: its limits and timings, the errors that reach
+the Docker user as ``Err``, the agent's view as the plugin reads it (``ClusterView`` of
+``ViewDataset``), a dataset's state on this node, Create's options, and the refusals'
+wording. ``pyflock.agent._plugin_core`` decides with these; the shell acts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterable, Mapping, Optional
+
+import attr
+from pyrsistent import PMap, pmap
+
+from pyflock.common._client import ControlUnreachable, DatasetConfiguration, LeaseInfo, NodeInfo
+from pyflock.common._model import MINIMUM_SIZE
+from pyflock.common._sizes import parse_size
+
+#: Docker's rule for local volume names, which pyflock applies to the volumes it creates.
+VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+\Z", re.ASCII)
+
+#: The storage profiles ``-o profile=`` accepts; kept in the dataset's metadata.
+PROFILES = ("gold", "silver", "bronze")
+
+#: Seconds a Mount may take before it gives up; dockerd itself gives up at 120 s.
+MOUNT_TIMEOUT = 100.0
+
+#: Seconds the plugin's leases last, and how often they are renewed while in use.
+LEASE_DURATION = 60.0
+RENEW_INTERVAL = 20.0
+
+#: How long the lease outlives the last Unmount here: a ``docker run`` of an image with
+#: content at the mount point unmounts after the copy-up and mounts again at once.
+RELEASE_GRACE = 0.5
+
+#: A Mount refused by another node's lease asks again whenever the view changes, until
+#: RELEASE_GRACE + LEASE_RETRY_MARGIN have passed (that node may have just let go).
+LEASE_RETRY_MARGIN = 0.5
+
+#: Seconds Create, Remove and Unmount wait for the control service (dockerd: 60 s or more).
+REQUEST_TIMEOUT = 50.0
+
+#: Seconds the plugin trusts its own creates and removes over a view that has not caught up.
+OVERLAY_TTL = 120.0
+
+#: Seconds the plugin waits, after an Activate, for the new dockerd's API to answer so
+#: that it can settle the mount counts (dockerd restores its containers first).
+SETTLE_TIMEOUT = 300.0
+
+#: Longest pause between two attempts to reach dockerd's API after an Activate.
+SETTLE_RETRY = 2.0
+
+#: The mount state the convergence loop reports once a dataset is mounted on this node.
+MOUNTED = "mounted"
+
+
+class PluginError(Exception):
+    """A refusal or failure that reaches the Docker user as ``Err``: one actionable line."""
+
+    @property
+    def err(self) -> str:
+        """The ``Err`` text dockerd shows (after ``Error response from daemon:``)."""
+        return f"pyflock: {self}"
+
+
+class NoSuchVolume(PluginError):
+    """No volume has this name (dockerd then treats the volume as absent)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"no such volume {self.name}"
+
+    @property
+    def err(self) -> str:
+        """The plain ``no such volume NAME`` of Docker's own drivers."""
+        return str(self)
+
+
+class PluginSocketError(Exception):
+    """The plugin's socket cannot be served; the message says why and what to do."""
+
+
+class BadRequest(PluginError):
+    """The request itself was malformed (never from a well-behaved dockerd)."""
+
+
+# -- the agent's view, as the plugin reads it --------------------------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ViewDataset:
+    """One dataset as the agent's view has it: where it lives, its name and lease holder."""
+
+    dataset_id: str
+    primary: str
+    maximum_size: Optional[int] = None
+    metadata: PMap = attr.ib(default=pmap(), converter=pmap)
+    deleted: bool = False
+    lease: Optional[str] = None
+
+    @property
+    def name(self) -> Optional[str]:
+        """``metadata.name``: the Docker volume name."""
+        return self.metadata.get("name")
+
+    @classmethod
+    def from_configuration(cls, config: DatasetConfiguration,
+                           lease: Optional[str] = None) -> "ViewDataset":
+        """The view record of a REST API dataset record."""
+        return cls(dataset_id=config.dataset_id, primary=config.primary,
+                   maximum_size=config.maximum_size, metadata=config.metadata,
+                   deleted=config.deleted, lease=lease)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ClusterView:
+    """
+    What the plugin needs of the agent's view of the cluster: every dataset by id (deleted
+    ones may be included) and each node's host by uuid. A value; build a new one per change.
+    """
+
+    datasets: PMap = attr.ib(default=pmap(), converter=pmap)
+    nodes: PMap = attr.ib(default=pmap(), converter=pmap)
+
+    @property
+    def names(self) -> PMap:
+        """Live datasets by name (computed once per view)."""
+        cached = self.__dict__.get("_names")
+        if cached is None:
+            cached = pmap({d.name: d for d in self.datasets.values()
+                           if not d.deleted and d.name is not None})
+            object.__setattr__(self, "_names", cached)
+        return cached
+
+    def by_name(self, name: str) -> Optional[ViewDataset]:
+        """The live dataset called ``name``, if any."""
+        return self.names.get(name)
+
+    @classmethod
+    def from_records(cls, datasets: Iterable[DatasetConfiguration],
+                     leases: Iterable[LeaseInfo] = (),
+                     nodes: Iterable[NodeInfo] = ()) -> "ClusterView":
+        """The view of REST API records (datasets, leases, nodes)."""
+        holders = {lease.dataset_id: lease.node_uuid for lease in leases}
+        return cls(datasets={d.dataset_id: ViewDataset.from_configuration(
+                       d, holders.get(d.dataset_id)) for d in datasets},
+                   nodes={n.uuid: n.host for n in nodes})
+
+    @classmethod
+    def from_agent_view(cls, view: Any, now: float) -> "ClusterView":
+        """
+        The view of the agent's ``AgentView`` (``pyflock.agent._view``) at time ``now``:
+        a lease counts while its absolute expiration is in the future.
+        """
+        def holder(lease: Any) -> Optional[str]:
+            if lease is None or (lease.expiration is not None and lease.expiration <= now):
+                return None
+            return lease.node_uuid
+        return cls(datasets={d.dataset_id: ViewDataset(
+                       dataset_id=d.dataset_id, primary=d.primary,
+                       maximum_size=d.maximum_size, metadata=d.metadata, deleted=d.deleted,
+                       lease=holder(d.lease))
+                       for d in view.datasets.values()},
+                   nodes={n.uuid: n.host for n in view.nodes.values()})
+
+    @classmethod
+    def from_configuration(cls, config: Any, now: float,
+                           nodes: Mapping[str, str] = pmap()) -> "ClusterView":
+        """The view of a ``pyflock.common.Configuration`` at time ``now``."""
+        return cls(datasets={d.dataset_id: ViewDataset(
+                       dataset_id=d.dataset_id, primary=d.primary,
+                       maximum_size=d.maximum_size, metadata=d.metadata, deleted=d.deleted,
+                       lease=config.leases.holder(now, d.dataset_id))
+                       for d in config.datasets.values()},
+                   nodes=nodes)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class LocalState:
+    """Where a dataset stands on this node (``creating``, ``mounted``, ...) and its path."""
+
+    state: str
+    path: Optional[str] = None
+
+
+# -- options ------------------------------------------------------------------------------
+
+_ACCEPTED = ("pyflock accepts size (e.g. -o size=10G, at least 64M) and profile "
+             "(-o profile=gold, silver or bronze)")
+
+
+def check_volume_name(name: str) -> None:
+    """Raise ``PluginError`` unless ``name`` is a valid Docker volume name."""
+    if not VOLUME_NAME.match(name):
+        raise PluginError(
+            f"invalid volume name {name!r}: use at least 2 characters, a letter or digit "
+            f"first, then letters, digits, '_', '.' or '-'")
+
+
+def parse_create_options(name: str, opts: Any) -> tuple[Optional[int], Optional[str]]:
+    """
+    ``(maximum_size, profile)`` from Create's ``Opts`` (null or an object of strings);
+    ``PluginError`` saying what is accepted for anything else. Sizes are binary, at least
+    64 MiB, rounded up to whole KiB.
+    """
+    if opts is None:
+        return None, None
+    if not isinstance(opts, dict):
+        raise BadRequest(f'"Opts" must be an object of strings or null, not '
+                         f'{json.dumps(opts)[:60]}')
+    size = profile = None
+    for key, value in opts.items():
+        option = key.lower()
+        if option not in ("size", "profile"):
+            raise PluginError(f"unknown option {key!r} for volume {name}: {_ACCEPTED}")
+        if not isinstance(value, str):
+            raise BadRequest(f"option {key!r} for volume {name} must be a string, not "
+                              f"{json.dumps(value)[:60]}")
+        if option == "size":
+            try:
+                size = parse_size(value)
+            except ValueError:
+                raise PluginError(f"invalid size {value!r} for volume {name}: use a binary "
+                                  f"size such as 500M, 10G or 1TiB (at least 64M)") from None
+            if size < MINIMUM_SIZE:
+                raise PluginError(f"size {value} for volume {name} is too small: the "
+                                  f"minimum is 64M")
+            size = -(-size // 1024) * 1024
+        else:
+            profile = value.lower()
+            if profile not in PROFILES:
+                raise PluginError(f"invalid profile {value!r} for volume {name}: use gold, "
+                                  f"silver or bronze")
+    return size, profile
+
+
+# -- the refusals' wording ----------------------------------------------------------------
+
+
+def node_label(view: ClusterView, node_uuid: Optional[str]) -> str:
+    """How a refusal names a node: its uuid and host, or "another node" if unknown."""
+    if node_uuid is None:
+        return "another node"
+    host = view.nodes.get(node_uuid)
+    return f"node {node_uuid} (host {host})" if host else f"node {node_uuid}"
+
+
+def in_use_elsewhere(view: ClusterView, name: str, holder: Optional[str],
+                     lease_duration: float) -> PluginError:
+    """The refusal of a Mount whose volume another node leases or holds."""
+    return PluginError(
+        f"volume {name} is in use on {node_label(view, holder)}: stop the containers "
+        f"using it there first; if that node is down, its lease expires within "
+        f"{lease_duration:g} s and the volume can then be used here")
+
+
+def deleted_while_mounting(name: str) -> PluginError:
+    """The refusal of a Mount whose dataset was deleted under it."""
+    return PluginError(f"volume {name} was deleted from the cluster while it was being "
+                       f"mounted; retry to create it afresh")
+
+
+def unreachable(action: str, name: str, error: ControlUnreachable) -> PluginError:
+    """The refusal of ``action`` when the control service cannot be reached."""
+    return PluginError(f"cannot {action} volume {name}: {error.description}; retry once the "
+                       f"control service is reachable from this node")
+
+
+def no_answer(action: str, name: str, seconds: float) -> PluginError:
+    """The refusal of ``action`` when the control service did not answer in time."""
+    return PluginError(f"cannot {action} volume {name}: the control service did not answer "
+                       f"within {seconds:g} s; retry once it is reachable from this node")
