@@ -11,28 +11,21 @@ from typing import Iterable, Optional
 
 from pyrsistent import PClass, field, pmap_field
 
+from pyflock.common._records import DatasetReport
+
 #: A node silent for this long is dead (DESIGN.md).
 DEFAULT_NODE_EXPIRY = 30.0
 
 
-class DatasetState(PClass):
-    """One dataset as a node reports it."""
-
-    dataset_id = field(type=str, mandatory=True)
-    maximum_size = field(type=(int, type(None)), initial=None)
-    path = field(type=(str, type(None)), initial=None)
-    state = field(type=str, initial="mounted")
-
-
 class NodeState(PClass):
-    """What one node last reported, and when."""
+    """What one node last reported (its datasets' ``DatasetReport`` by id), and when."""
 
     uuid = field(type=str, mandatory=True)
     host = field(type=str, mandatory=True)
     era = field(type=(str, type(None)), initial=None)
     last_seen = field(type=float, mandatory=True, factory=float)
     peer_port = field(type=(int, type(None)), initial=None)
-    datasets = pmap_field(str, DatasetState)
+    datasets = pmap_field(str, DatasetReport)
 
     def alive(self, now: float, expiry: float) -> bool:
         """Whether the node has been heard from less than ``expiry`` seconds before ``now``."""

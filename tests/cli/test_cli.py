@@ -224,7 +224,8 @@ class CLITestCase(SynchronousTestCase):
     def client_factory(self, settings: Settings) -> IControlClient:
         """A client of ``self.server`` through StubTreq."""
         self.settings.append(settings)
-        return ControlClient(StubTreq(self.server.app.resource()), settings.base_url)
+        return ControlClient(StubTreq(self.server.app.resource()), settings.base_url,
+                             reactor=Clock())
 
     def cli(self, *argv, env=None, factory=None):
         """Run ``pyflock argv``; (exit status, stdout, stderr)."""
