@@ -89,6 +89,23 @@ def read_natural(obj: dict, key: str, where: str, optional: bool = False, low: i
     return value
 
 
+def read_number(obj: dict, key: str, where: str, optional: bool = False, low: float = 0,
+                high: Optional[float] = None, default: Any = REQUIRED) -> Optional[float]:
+    """``obj[key]``, a number from ``low`` to ``high`` (None: any that fits a float), as a
+    float."""
+    value = read(obj, key, (int, float), where, optional, default)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if number < low or (high is not None and number > high) or not math.isfinite(number):
+        raise Malformed(f"{where}.{key} must be a number between {low} and "
+                        f"{high if high is not None else 'any'}, not {value}")
+    return number
+
+
 def read_list(obj: dict, key: str, where: str, default: Any = REQUIRED) -> list:
     """``obj[key]``, a JSON array."""
     return read(obj, key, (list,), where, default=default)
@@ -106,4 +123,4 @@ def unique(items: tuple, key: Callable[[Any], Any], where: str) -> tuple:
 
 
 __all__ = ["Malformed", "REQUIRED", "as_object", "read", "read_list", "read_natural",
-           "read_uuid", "unique", "uuid_value"]
+           "read_number", "read_uuid", "unique", "uuid_value"]

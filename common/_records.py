@@ -20,6 +20,7 @@ Flocker's); both forms are here, next to each other. The limits checked are thos
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import attr
@@ -27,12 +28,12 @@ from attr.validators import instance_of, optional
 from pyrsistent import CheckedPMap
 
 from pyflock.common._jsonread import (
-    Malformed, REQUIRED, as_object, read, read_list, read_natural, read_uuid, unique,
+    Malformed, as_object, read, read_list, read_natural, read_number, read_uuid, unique,
     uuid_value,
 )
 from pyflock.common._limits import (
-    DATASET_STATES, MAXIMUM_BYTES, MAXIMUM_METADATA_ENTRIES, MAXIMUM_METADATA_TEXT,
-    MINIMUM_SIZE, SIZE_MULTIPLE,
+    DATASET_STATES, MAXIMUM_BYTES, MAXIMUM_LEASE, MAXIMUM_METADATA_ENTRIES,
+    MAXIMUM_METADATA_TEXT, MINIMUM_SIZE, SIZE_MULTIPLE,
 )
 
 #: What ``maximum_size`` may be, said once for every refusal.
@@ -222,9 +223,7 @@ def lease_to_json(lease: Lease, now: float) -> dict:
 def lease_from_json(obj: Any, now: float, where: str = "lease") -> Lease:
     """The lease of the REST API's JSON object read at ``now`` (``expires`` from then)."""
     obj = as_object(obj, where)
-    expires = read(obj, "expires", (int, float), where, optional=True)
-    if expires is not None and expires < 0:
-        raise Malformed(f"{where}.expires must be at least 0, not {expires}")
+    expires = read_number(obj, "expires", where, optional=True, high=MAXIMUM_LEASE)
     return Lease.lasting(read_uuid(obj, "dataset_id", where),
                          read_uuid(obj, "node_uuid", where), now, expires)
 
@@ -245,8 +244,8 @@ def dataset_entry_from_json(obj: Any, where: str = "dataset") -> DatasetEntry:
     lease = read(obj, "lease", (dict,), where, optional=True, default=None)
     if lease is not None:
         lease = Lease(dataset_id, read_uuid(lease, "node_uuid", f"{where}.lease"),
-                      read(lease, "expiration", (int, float), f"{where}.lease",
-                           optional=True))
+                      read_number(lease, "expiration", f"{where}.lease", optional=True,
+                                  low=-math.inf))
     # Views stored by an earlier pyflock have no holders: unknown until the next push.
     holders = tuple(uuid_value(h, f"{where}.holders[{i}]")
                     for i, h in enumerate(read_list(obj, "holders", where, default=[])))
@@ -304,7 +303,7 @@ def report_from_api_json(obj: Any, where: str = "dataset state") -> DatasetRepor
 
 __all__ = [
     "Dataset", "DatasetEntry", "DatasetReport", "Lease", "Malformed", "Metadata",
-    "REQUIRED", "SIZE_RULE", "dataset_entry_from_json", "dataset_entry_to_json",
+    "SIZE_RULE", "UNBOUND", "dataset_entry_from_json", "dataset_entry_to_json",
     "dataset_from_json", "dataset_to_json", "lease_from_json", "lease_to_json",
     "report_from_api_json", "report_from_json", "report_to_api_json", "report_to_json",
     "valid_size",
