@@ -17,10 +17,10 @@ from pyflock.common._limits import (
     MINIMUM_SIZE,
 )
 from pyflock.common._records import (
-    Dataset, DatasetEntry, DatasetReport, Lease, Malformed, dataset_entry_from_json,
+    Dataset, DatasetEntry, DatasetReport, Lease, Malformed, Metadata, dataset_entry_from_json,
     dataset_entry_to_json, dataset_from_json, dataset_to_json, lease_from_json,
     lease_to_json, report_from_api_json, report_from_json, report_to_api_json,
-    report_to_json,
+    report_to_json, metadata_of,
 )
 from pyflock.control import _schema as schema
 
@@ -98,6 +98,20 @@ def test_dataset_missing_and_not_object():
     """A missing required field and a non-object are refused, saying so."""
     refused(dataset_from_json, {"dataset_id": DS}, "dataset lacks 'primary'")
     refused(dataset_from_json, [DATASET_JSON], "dataset must be an object, not list")
+
+
+@given(metadata)
+def test_metadata_of(pairs):
+    """``metadata_of`` builds the same map as pyrsistent's own checked conversion."""
+    built = metadata_of(pairs)
+    assert (type(built), built) == (Metadata, Metadata.create(pairs))
+    assert metadata_of(built) is built
+
+
+def test_metadata_of_refuses():
+    """Metadata that does not map strings to strings is a ``TypeError`` naming the pair."""
+    with pytest.raises(TypeError, match="'a': 1"):
+        metadata_of({"a": 1})
 
 
 def test_dataset_invariants():
