@@ -1,8 +1,8 @@
 """
 Shared pieces of pyflock: the values of a dataset, its lease and a node's report of it
 with their JSON codecs, the validation limits, the configuration model, wire encoding,
-TLS and certificates, the control service client, sizes and logging. Used by the control service, the agent and
-the command-line tools alike.
+TLS and certificates, the control service client, sizes and logging. Used by the control
+service, the agent and the command-line tools alike.
 """
 
 from pyflock.common._model import (

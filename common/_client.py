@@ -7,9 +7,10 @@ cluster's certificates) or, in tests, a ``treq.testing.StubTreq``. Every method 
 Deferred of a frozen value: the ``Dataset``, ``Lease`` and ``DatasetReport`` of
 ``pyflock.common._records`` (read with their codecs), or ``NodeInfo``, ``VersionInfo``,
 ``DatasetListing``. A lease's ``expiration`` is measured on the client's clock (its
-``reactor``): the API's ``expires``, seconds left, counted from when the answer came. Refusals arrive as ``ControlError`` subclasses chosen by status code; a
-control service that cannot be reached, or that fails the TLS handshake, as
-``ControlUnreachable`` naming the host and port it tried.
+``reactor``): the API's ``expires``, seconds left, counted from when the answer came.
+Refusals arrive as ``ControlError`` subclasses chosen by status code; a control service
+that cannot be reached, or that fails the TLS handshake, as ``ControlUnreachable`` naming
+the host and port it tried.
 """
 
 from __future__ import annotations

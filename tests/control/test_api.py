@@ -412,7 +412,8 @@ class StateTests(SynchronousTestCase):
         now = self.h.clock.seconds()
         self.h.cluster.update(ClusterState()
             .update_node(NodeState(uuid=A, host="127.0.0.11", era="era-a", last_seen=now,
-                                   datasets={DS: DatasetReport(DS, "mounted", "/m/x", node_uuid=A)}))
+                                   datasets={DS: DatasetReport(DS, "mounted", "/m/x",
+                                                               node_uuid=A)}))
             .update_node(NodeState(uuid=B, host="127.0.0.12", era="era-b", last_seen=now - 60)))
 
     def req(self, *args, **kwargs):
