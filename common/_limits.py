@@ -25,8 +25,8 @@ MAXIMUM_METADATA_TEXT = 256
 #: The longest other text the agent channel takes (hosts, paths, eras, reasons).
 MAXIMUM_TEXT = 1024
 
-#: What an agent may report a dataset's state on its node to be.
-DATASET_STATES = frozenset({"creating", "attaching", "mounted", "moving", "deleting"})
+#: What an agent may report a dataset's state on its node to be, in the order of its life.
+DATASET_STATES = ("creating", "attaching", "mounted", "moving", "deleting")
 
 __all__ = [
     "DATASET_STATES", "MAXIMUM_BYTES", "MAXIMUM_LEASE", "MAXIMUM_METADATA_ENTRIES",

@@ -62,7 +62,7 @@ DATASET_STATE = {
     "properties": {
         "dataset_id": UUID, "primary": UUID, "maximum_size": MAXIMUM_SIZE,
         "path": {"type": "string", "description": "Where the dataset is mounted."},
-        "state": {"enum": sorted(DATASET_STATES),
+        "state": {"enum": list(DATASET_STATES),
                   "description": "What the node is doing with the dataset."},
     },
     "additionalProperties": False,

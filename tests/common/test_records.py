@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from pyflock.common._limits import (
-    MAXIMUM_BYTES, MAXIMUM_LEASE, MAXIMUM_METADATA_ENTRIES, MAXIMUM_METADATA_TEXT,
+    DATASET_STATES, MAXIMUM_BYTES, MAXIMUM_LEASE, MAXIMUM_METADATA_ENTRIES, MAXIMUM_METADATA_TEXT,
     MINIMUM_SIZE,
 )
 from pyflock.common._records import (
@@ -218,9 +218,7 @@ def test_entry_refused():
 # -- DatasetReport -------------------------------------------------------------------------
 
 
-reports = st.builds(DatasetReport, uuids,
-                    st.sampled_from(["creating", "attaching", "mounted", "moving",
-                                     "deleting"]),
+reports = st.builds(DatasetReport, uuids, st.sampled_from(DATASET_STATES),
                     st.none() | st.text(min_size=1, max_size=100),
                     st.none() | st.integers(0, 2 ** 62))
 
