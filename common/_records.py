@@ -275,9 +275,9 @@ def report_to_json(report: DatasetReport) -> dict:
             "maximum_size": report.maximum_size}
 
 
-def report_from_json(obj: Any, where: str = "report",
-                     node_uuid: Optional[str] = None) -> DatasetReport:
-    """One dataset of ``node_uuid``'s state report, its ``state`` one of DATASET_STATES."""
+def report_from_json(obj: Any, where: str = "report") -> DatasetReport:
+    """One dataset of an agent's state report, its ``state`` one of ``DATASET_STATES``
+    (the message names the node)."""
     obj = as_object(obj, where)
     state = read(obj, "state", (str,), where)
     if state not in DATASET_STATES:
@@ -285,8 +285,7 @@ def report_from_json(obj: Any, where: str = "report",
                         f", not {state!r}")
     return DatasetReport(read_uuid(obj, "dataset_id", where), state,
                          read(obj, "path", (str,), where, optional=True),
-                         read_natural(obj, "maximum_size", where, optional=True),
-                         node_uuid)
+                         read_natural(obj, "maximum_size", where, optional=True))
 
 
 def report_to_api_json(report: DatasetReport) -> dict:
