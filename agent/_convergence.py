@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 import attr
 from pyrsistent import PClass, field, pmap, pmap_field
 
-from pyflock.common._wire import DatasetReport
+from pyflock.common._records import DatasetReport
 
 
 class DesiredState(enum.Enum):
@@ -170,17 +170,14 @@ def desired_from_configuration(node_uuid: str, datasets: Iterable, leases: Itera
                                nodes: Mapping[str, bool], now: float,
                                holders: Mapping[str, Iterable[str]] = pmap()) -> Desired:
     """
-    Build ``Desired`` for ``node_uuid`` from configuration records (pure): ``datasets``
-    have ``dataset_id``, ``primary``, ``maximum_size`` and ``deleted`` (like
-    ``pyflock.common.Dataset``); ``leases`` have ``dataset_id``, ``node_uuid`` and
-    ``expiration`` (absolute seconds or None, like ``pyflock.common.Lease``); ``nodes``
+    Build ``Desired`` for ``node_uuid`` from configuration values (pure): ``datasets``
+    are ``pyflock.common.Dataset`` values (or ``DatasetEntry``), ``leases`` are
+    ``pyflock.common.Lease`` values (absolute ``expiration``); ``nodes``
     maps node uuids to alive flags; ``now`` decides which leases are still live;
     ``holders`` gives the nodes that report holding each dataset (this node left out).
     """
-    lease_holders = {}
-    for lease in leases:
-        if lease.expiration is None or lease.expiration > now:
-            lease_holders[lease.dataset_id] = lease.node_uuid
+    lease_holders = {lease.dataset_id: lease.node_uuid for lease in leases
+                     if not lease.expired(now)}
     records = {}
     for dataset in datasets:
         records[dataset.dataset_id] = DesiredDataset(
@@ -205,17 +202,9 @@ def desired_from_view(node_uuid: str, view, now: float) -> Optional[Desired]:
     entries = view.datasets.values()
     return desired_from_configuration(
         node_uuid, datasets=entries,
-        leases=[_ViewLease(d.dataset_id, d.lease.node_uuid, d.lease.expiration)
-                for d in entries if d.lease is not None],
+        leases=[d.lease for d in entries if d.lease is not None],
         nodes={n.uuid: n.alive for n in view.nodes.values()}, now=now,
         holders={d.dataset_id: d.holders for d in entries})
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class _ViewLease:
-    dataset_id: str
-    node_uuid: str
-    expiration: Optional[float]
 
 
 def view_desire(node_uuid: str) -> Callable:
@@ -649,8 +638,8 @@ def is_waiting(desired: Desired, discovered: Discovered) -> bool:
 #: ``attaching`` (attaching, making its filesystem, mounting), ``mounted``, ``moving`` (held
 #: by another node on its way here, or leaving this node) or ``deleting``; ``path`` is set
 #: once it is mounted; ``maximum_size`` is the volume's size in bytes (the configured size
-#: until the volume exists). It is the agent channel's ``DatasetReport``, so reports go to
-#: ``AgentChannel.report_state`` as they are.
+#: until the volume exists). It is the ``DatasetReport`` value the agent channel sends, so
+#: reports go to ``AgentChannel.report_state`` as they are.
 DatasetStatus = DatasetReport
 
 

@@ -24,8 +24,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pyflock.common._logging import log_event
+from pyflock.common._records import DatasetEntry
 from pyflock.common._wire import (
-    BadMessage, DatasetEntry, Diff, NodeEntry, Snapshot, ViewVersion, decode, encode,
+    BadMessage, Diff, NodeEntry, Snapshot, ViewVersion, decode, encode,
 )
 
 #: The view file's name under the agent's data path.

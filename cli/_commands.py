@@ -21,9 +21,9 @@ from pyflock.cli._parser import (
     _PROG, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CLIError, version_text,
 )
 from pyflock.cli._settings import Settings, resolve_settings
-from pyflock.common._client import (
-    ControlError, ControlUnreachable, DatasetConfiguration, DatasetState, IControlClient,
-    LeaseInfo,
+from pyflock.common._client import ControlError, ControlUnreachable, IControlClient
+from pyflock.common._records import (
+    Dataset, DatasetReport, Lease, dataset_to_json, lease_to_json,
 )
 from pyflock.common._sizes import format_size
 
@@ -80,7 +80,7 @@ async def _list(client: IControlClient, args: argparse.Namespace, out: IO[str]) 
         client.list_nodes())
     datasets = [d for d in listing.datasets if args.all or not d.deleted]
     datasets.sort(key=lambda d: (d.deleted, d.name is None, d.name or "", d.dataset_id))
-    states_of: dict[str, list[DatasetState]] = {}
+    states_of: dict[str, list[DatasetReport]] = {}
     for state in states:
         states_of.setdefault(state.dataset_id, []).append(state)
     lease_of = {lease.dataset_id: lease for lease in leases}
@@ -89,9 +89,10 @@ async def _list(client: IControlClient, args: argparse.Namespace, out: IO[str]) 
         for d in datasets:
             state, path = dataset_state(d, states_of.get(d.dataset_id, []))
             lease = lease_of.get(d.dataset_id)
-            result.append(dict(d.to_json(), state=state, path=path,
+            result.append(dict(dataset_to_json(d), state=state, path=path,
                                lease=None if lease is None else
-                               {"node_uuid": lease.node_uuid, "expires": lease.expires}))
+                               {"node_uuid": lease.node_uuid,
+                                "expires": lease.remaining(client.seconds())}))
         print_json(out, result)
         return EXIT_OK
     short = short_ids(d.dataset_id for d in listing.datasets)
@@ -105,17 +106,17 @@ async def _list(client: IControlClient, args: argparse.Namespace, out: IO[str]) 
             "-" if d.maximum_size is None else format_size(d.maximum_size),
             names.label(d.primary), state,
             "-" if lease is None else f"{names.label(lease.node_uuid)} "
-                                      f"{seconds_text(lease.expires)}",
+                                      f"{seconds_text(lease.remaining(client.seconds()))}",
             path or "-"])
     out.write(format_table(["DATASET", "NAME", "SIZE", "PRIMARY", "STATE", "LEASE", "PATH"],
                            rows))
     return EXIT_OK
 
 
-def _show_dataset(out: IO[str], args: argparse.Namespace, dataset: DatasetConfiguration,
+def _show_dataset(out: IO[str], args: argparse.Namespace, dataset: Dataset,
                   sentence: str) -> int:
     if args.json:
-        print_json(out, dataset.to_json())
+        print_json(out, dataset_to_json(dataset))
     else:
         out.write(sentence + "\n")
     return EXIT_OK
@@ -161,7 +162,7 @@ async def _move(client: IControlClient, args: argparse.Namespace, out: IO[str]) 
         out.write(sentence + "\n")
     await _wait_mounted(client, dataset_id, target, names, out, args)
     if args.json:
-        print_json(out, dataset.to_json())
+        print_json(out, dataset_to_json(dataset))
     return EXIT_OK
 
 
@@ -177,13 +178,13 @@ async def _wait_mounted(client: IControlClient, dataset_id: str, target: str,
     last = None
     while True:
         states = [s for s in await client.state_datasets() if s.dataset_id == dataset_id]
-        progress = ", ".join(f"{s.state} on {names.label(s.primary)}" for s in states) \
+        progress = ", ".join(f"{s.state} on {names.label(s.node_uuid)}" for s in states) \
             or "not reported by any node yet"
         elapsed = clock.seconds() - started
         if progress != last and not args.json:
             out.write(f"  {elapsed:5.1f}s  {progress}\n")
             last = progress
-        if [(s.primary, s.state) for s in states] == [(target, "mounted")]:
+        if [(s.node_uuid, s.state) for s in states] == [(target, "mounted")]:
             if not args.json:
                 path = states[0].path
                 out.write(f"Mounted on node {names.label(target)}"
@@ -211,7 +212,7 @@ async def _leases_list(client: IControlClient, args: argparse.Namespace,
                                            client.list_nodes())
     leases = sorted(leases, key=lambda lease: lease.dataset_id)
     if args.json:
-        print_json(out, [lease.to_json() for lease in leases])
+        print_json(out, [lease_to_json(lease, client.seconds()) for lease in leases])
         return EXIT_OK
     by_id = {d.dataset_id: d for d in listing.datasets}
     short = short_ids(list(by_id) + [lease.dataset_id for lease in leases])
@@ -221,15 +222,16 @@ async def _leases_list(client: IControlClient, args: argparse.Namespace,
         dataset = by_id.get(lease.dataset_id)
         rows.append([short[lease.dataset_id], (dataset and dataset.name) or "-",
                      names.label(lease.node_uuid),
-                     "never" if lease.expires is None else "in " + seconds_text(lease.expires)])
+                     "never" if lease.expiration is None
+                     else "in " + seconds_text(lease.remaining(client.seconds()))])
     out.write(format_table(["DATASET", "NAME", "NODE", "EXPIRES"], rows))
     return EXIT_OK
 
 
-def _show_lease(out: IO[str], args: argparse.Namespace, lease: LeaseInfo,
+def _show_lease(out: IO[str], args: argparse.Namespace, lease: Lease, now: float,
                 sentence: str) -> int:
     if args.json:
-        print_json(out, lease.to_json())
+        print_json(out, lease_to_json(lease, now))
     else:
         out.write(sentence + "\n")
     return EXIT_OK
@@ -242,9 +244,10 @@ async def _leases_acquire(client: IControlClient, args: argparse.Namespace,
     node = resolve_node(args.node, nodes)
     lease = await client.acquire_lease(dataset_id, node, args.expires)
     label = dataset_id if dataset is None else dataset_label(dataset)
-    until = ("with no expiry" if lease.expires is None
-             else f"for {seconds_text(lease.expires)}")
-    return _show_lease(out, args, lease,
+    now = client.seconds()
+    until = ("with no expiry" if lease.expiration is None
+             else f"for {seconds_text(lease.remaining(now))}")
+    return _show_lease(out, args, lease, now,
                        f"Node {NodeLabels(nodes, [node]).label(node)} holds the lease on dataset "
                        f"{label} {until}.")
 
@@ -256,7 +259,7 @@ async def _leases_release(client: IControlClient, args: argparse.Namespace,
     lease = await client.release_lease(dataset_id)
     label = dataset_id if dataset is None else dataset_label(dataset)
     holder = NodeLabels(nodes, [lease.node_uuid]).label(lease.node_uuid)
-    return _show_lease(out, args, lease,
+    return _show_lease(out, args, lease, client.seconds(),
                        f"Released node {holder}'s lease on dataset {label}.")
 
 

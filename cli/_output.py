@@ -13,7 +13,8 @@ from typing import IO, TYPE_CHECKING, Any, Iterable, Optional, Sequence
 from pyflock.cli._parser import CLIError
 
 if TYPE_CHECKING:
-    from pyflock.common._client import DatasetConfiguration, DatasetState, NodeInfo
+    from pyflock.common._client import NodeInfo
+    from pyflock.common._records import Dataset, DatasetReport
 
 
 def _is_uuid(text: str) -> bool:
@@ -37,12 +38,12 @@ def short_ids(uuids: Iterable[str], minimum: int = 8) -> dict[str, str]:
     return result
 
 
-def dataset_label(dataset: DatasetConfiguration) -> str:
+def dataset_label(dataset: Dataset) -> str:
     return dataset.dataset_id + (f" ({dataset.name})" if dataset.name else "")
 
 
-def resolve_dataset(text: str, datasets: Sequence[DatasetConfiguration]
-                    ) -> tuple[str, Optional[DatasetConfiguration]]:
+def resolve_dataset(text: str, datasets: Sequence[Dataset]
+                    ) -> tuple[str, Optional[Dataset]]:
     """
     The dataset ``text`` names: an exact id (even one not listed), else a live dataset's
     name, else the one live dataset whose id starts with ``text``; ``CLIError`` otherwise.
@@ -135,12 +136,12 @@ class NodeLabels:
         return f"{short} ({host})" if host else short
 
 
-def dataset_state(dataset: DatasetConfiguration,
-                   states: Sequence[DatasetState]) -> tuple[str, Optional[str]]:
+def dataset_state(dataset: Dataset,
+                   states: Sequence[DatasetReport]) -> tuple[str, Optional[str]]:
     """What the dataset is doing, as far as the nodes report it, and its mount path."""
     if dataset.deleted:
         return "deleted", None
-    here = [s for s in states if s.primary == dataset.primary]
+    here = [s for s in states if s.node_uuid == dataset.primary]
     if here:
         state = here[0]
         return state.state or ("mounted" if state.path else "attached"), state.path

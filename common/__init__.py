@@ -1,12 +1,18 @@
 """
-Shared pieces of pyflock: the configuration model, wire encoding, TLS and certificates,
-the control service client, sizes and logging. Used by the control service, the agent and
-the command-line tools alike.
+Shared pieces of pyflock: the values of a dataset, its lease and a node's report of it
+with their JSON codecs, the validation limits, the configuration model, wire encoding,
+TLS and certificates, the control service client, sizes and logging. Used by the control
+service, the agent and the command-line tools alike.
 """
 
 from pyflock.common._model import (
     MINIMUM_SIZE, Configuration, ConfigurationError, Dataset, DatasetDeleted,
     DatasetIdTaken, DatasetNotFound, Lease, LeaseHeld, LeaseNotFound, Leases, NameTaken,
+)
+from pyflock.common._records import (
+    DatasetEntry, DatasetReport, Malformed, dataset_entry_from_json, dataset_entry_to_json,
+    dataset_from_json, dataset_to_json, lease_from_json, lease_to_json, report_from_api_json,
+    report_from_json, report_to_api_json, report_to_json,
 )
 from pyflock.common._ca import CertificateError, read_cluster_uuid
 from pyflock.common._tls import (
@@ -19,5 +25,8 @@ __all__ = [
     "server_tls_options", "tls_client_endpoint", "tls_server_endpoint", "treq_client",
     "MINIMUM_SIZE", "Configuration", "ConfigurationError", "Dataset", "DatasetDeleted",
     "DatasetIdTaken", "DatasetNotFound", "Lease", "LeaseHeld", "LeaseNotFound", "Leases",
-    "NameTaken",
+    "NameTaken", "DatasetEntry", "DatasetReport", "Malformed", "dataset_entry_from_json",
+    "dataset_entry_to_json", "dataset_from_json", "dataset_to_json", "lease_from_json",
+    "lease_to_json", "report_from_api_json", "report_from_json", "report_to_api_json",
+    "report_to_json",
 ]

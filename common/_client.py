@@ -4,11 +4,13 @@ A client for the control service's REST API v1, over any treq-like HTTP object.
 ``ControlClient(http, base_url)`` speaks the API of docs/api.md; ``http`` is a
 ``treq.client.HTTPClient`` (``pyflock.common._tls.treq_client`` makes one with the
 cluster's certificates) or, in tests, a ``treq.testing.StubTreq``. Every method returns a
-Deferred of a frozen record (``DatasetConfiguration``, ``DatasetState``, ``NodeInfo``,
-``LeaseInfo``, ``VersionInfo``, ``DatasetListing``), each with ``from_json`` and
-``to_json``. Refusals arrive as ``ControlError`` subclasses chosen by status code; a
-control service that cannot be reached, or that fails the TLS handshake, as
-``ControlUnreachable`` naming the host and port it tried.
+Deferred of a frozen value: the ``Dataset``, ``Lease`` and ``DatasetReport`` of
+``pyflock.common._records`` (read with their codecs), or ``NodeInfo``, ``VersionInfo``,
+``DatasetListing``. A lease's ``expiration`` is measured on the client's clock (its
+``reactor``): the API's ``expires``, seconds left, counted from when the answer came.
+Refusals arrive as ``ControlError`` subclasses chosen by status code; a control service
+that cannot be reached, or that fails the TLS handshake, as ``ControlUnreachable`` naming
+the host and port it tried.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ from urllib.parse import quote
 import attr
 import hyperlink
 from OpenSSL import SSL
-from pyrsistent import PMap, pmap
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.web.client import ResponseFailed
 from zope.interface import Interface, implementer
+
+from pyflock.common._jsonread import Malformed, as_object, read
+from pyflock.common._records import (
+    Dataset, DatasetReport, Lease, dataset_from_json, lease_from_json, report_from_api_json,
+)
 
 #: The API's version prefix; ``base_url`` is the service root without it.
 API_PREFIX = "/v1"
@@ -110,37 +116,12 @@ _ERRORS_BY_CODE: dict[int, type[ControlError]] = {
 }
 
 
-class _Malformed(Exception):
-    """A JSON value lacks a field or has the wrong type (turned into UnexpectedResponse)."""
-
-
 _MISSING = object()
 
-
-def _field(obj: Any, key: str, types: tuple, default: Any = _MISSING) -> Any:
-    if not isinstance(obj, dict):
-        raise _Malformed(f"expected a JSON object, got {json.dumps(obj)[:80]}")
-    value = obj.get(key, default)
-    if value is _MISSING:
-        raise _Malformed(f"missing field {key!r}")
-    # JSON has no separate bool and int, but Python's bool is an int: keep them apart.
-    if isinstance(value, bool) and bool not in types:
-        raise _Malformed(f"field {key!r} is {value!r}, not of type {types}")
-    if not isinstance(value, types):
-        raise _Malformed(f"field {key!r} is {value!r}, not of type {types}")
-    return value
-
-
-def _metadata(value: Any) -> PMap:
-    if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise _Malformed(f"metadata must map strings to strings, not {value!r}")
-    return pmap(value)
-
-
-_NUMBER = (int, float)
-_OPTIONAL_NUMBER = (int, float, type(None))
-_OPTIONAL_STR = (str, type(None))
+#: Transitional names of the values, for ``agent/_plugin.py`` until it imports them from
+#: ``pyflock.common._records``: a configured dataset and a lease.
+DatasetConfiguration = Dataset
+LeaseInfo = Lease
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -153,8 +134,9 @@ class VersionInfo:
     @classmethod
     def from_json(cls, obj: Any) -> "VersionInfo":
         """The record of one API JSON object."""
-        return cls(flocker=_field(obj, "flocker", (str,)),
-                   pyflock=_field(obj, "pyflock", _OPTIONAL_STR, None))
+        obj = as_object(obj, "version")
+        return cls(flocker=read(obj, "flocker", (str,), "version"),
+                   pyflock=read(obj, "pyflock", (str,), "version", True, None))
 
     def to_json(self) -> dict:
         """The API JSON object of this record."""
@@ -162,72 +144,11 @@ class VersionInfo:
 
 
 @attr.s(frozen=True, auto_attribs=True)
-class DatasetConfiguration:
-    """One configured dataset: its id, primary node, size limit, metadata, deleted flag."""
-
-    dataset_id: str
-    primary: str
-    maximum_size: Optional[int] = None
-    metadata: PMap = attr.ib(default=pmap(), converter=pmap)
-    deleted: bool = False
-
-    @property
-    def name(self) -> Optional[str]:
-        """``metadata.name``, the dataset's Docker volume name, if it has one."""
-        return self.metadata.get("name")
-
-    @classmethod
-    def from_json(cls, obj: Any) -> "DatasetConfiguration":
-        """The record of one API JSON object."""
-        return cls(dataset_id=_field(obj, "dataset_id", (str,)),
-                   primary=_field(obj, "primary", (str,)),
-                   maximum_size=_field(obj, "maximum_size", (int, type(None)), None),
-                   metadata=_metadata(_field(obj, "metadata", (dict,), {})),
-                   deleted=_field(obj, "deleted", (bool,), False))
-
-    def to_json(self) -> dict:
-        """The API JSON object of this record."""
-        return {"dataset_id": self.dataset_id, "primary": self.primary,
-                "maximum_size": self.maximum_size, "metadata": dict(self.metadata),
-                "deleted": self.deleted}
-
-
-@attr.s(frozen=True, auto_attribs=True)
 class DatasetListing:
     """The configured datasets (deleted ones included) and the configuration tag."""
 
-    datasets: tuple[DatasetConfiguration, ...]
+    datasets: tuple[Dataset, ...]
     tag: Optional[str]
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class DatasetState:
-    """A dataset as a node reports it: where it is, and its mount path there if mounted."""
-
-    dataset_id: str
-    primary: Optional[str] = None
-    maximum_size: Optional[int] = None
-    path: Optional[str] = None
-    state: Optional[str] = None
-
-    @classmethod
-    def from_json(cls, obj: Any) -> "DatasetState":
-        """The record of one API JSON object."""
-        return cls(dataset_id=_field(obj, "dataset_id", (str,)),
-                   primary=_field(obj, "primary", _OPTIONAL_STR, None),
-                   maximum_size=_field(obj, "maximum_size", (int, type(None)), None),
-                   path=_field(obj, "path", _OPTIONAL_STR, None),
-                   state=_field(obj, "state", _OPTIONAL_STR, None))
-
-    def to_json(self) -> dict:
-        """The API JSON object of this record (optional fields only when known)."""
-        result = {"dataset_id": self.dataset_id, "primary": self.primary,
-                  "maximum_size": self.maximum_size}
-        if self.path is not None:
-            result["path"] = self.path
-        if self.state is not None:
-            result["state"] = self.state
-        return result
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -242,35 +163,16 @@ class NodeInfo:
     @classmethod
     def from_json(cls, obj: Any) -> "NodeInfo":
         """The record of one API JSON object."""
-        return cls(uuid=_field(obj, "uuid", (str,)), host=_field(obj, "host", (str,)),
-                   alive=_field(obj, "alive", (bool, type(None)), None),
-                   last_seen=_field(obj, "last_seen", (int, float, str, type(None)), None))
+        obj = as_object(obj, "node")
+        return cls(uuid=read(obj, "uuid", (str,), "node"),
+                   host=read(obj, "host", (str,), "node"),
+                   alive=read(obj, "alive", (bool,), "node", True, None),
+                   last_seen=read(obj, "last_seen", (int, float, str), "node", True, None))
 
     def to_json(self) -> dict:
         """The API JSON object of this record."""
         return {"uuid": self.uuid, "host": self.host, "alive": self.alive,
                 "last_seen": self.last_seen}
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class LeaseInfo:
-    """A lease: the node holding the dataset and the seconds left (None: no expiry)."""
-
-    dataset_id: str
-    node_uuid: str
-    expires: Optional[float] = None
-
-    @classmethod
-    def from_json(cls, obj: Any) -> "LeaseInfo":
-        """The record of one API JSON object."""
-        return cls(dataset_id=_field(obj, "dataset_id", (str,)),
-                   node_uuid=_field(obj, "node_uuid", (str,)),
-                   expires=_field(obj, "expires", _OPTIONAL_NUMBER))
-
-    def to_json(self) -> dict:
-        """The API JSON object of this record."""
-        return {"dataset_id": self.dataset_id, "node_uuid": self.node_uuid,
-                "expires": self.expires}
 
 
 class IControlClient(Interface):
@@ -279,24 +181,27 @@ class IControlClient(Interface):
     def version() -> "Deferred[VersionInfo]":
         """The service's API and software versions."""
 
+    def seconds() -> float:
+        """The client's clock: the leases it returns expire at times measured on it."""
+
     def list_datasets() -> "Deferred[DatasetListing]":
         """Every configured dataset, deleted ones included, and the configuration tag."""
 
     def create_dataset(primary, maximum_size=None, metadata=None, dataset_id=None,
-                       if_matches=None) -> "Deferred[DatasetConfiguration]":
+                       if_matches=None) -> "Deferred[Dataset]":
         """Configure a new dataset on node ``primary``."""
 
-    def move_dataset(dataset_id, primary, if_matches=None) -> "Deferred[DatasetConfiguration]":
+    def move_dataset(dataset_id, primary, if_matches=None) -> "Deferred[Dataset]":
         """Make ``primary`` the dataset's node."""
 
     def update_metadata(dataset_id, metadata,
-                        if_matches=None) -> "Deferred[DatasetConfiguration]":
+                        if_matches=None) -> "Deferred[Dataset]":
         """Replace the dataset's metadata."""
 
-    def delete_dataset(dataset_id, if_matches=None) -> "Deferred[DatasetConfiguration]":
+    def delete_dataset(dataset_id, if_matches=None) -> "Deferred[Dataset]":
         """Mark the dataset deleted."""
 
-    def state_datasets() -> "Deferred[tuple[DatasetState, ...]]":
+    def state_datasets() -> "Deferred[tuple[DatasetReport, ...]]":
         """The datasets as the nodes report them."""
 
     def list_nodes() -> "Deferred[tuple[NodeInfo, ...]]":
@@ -305,13 +210,13 @@ class IControlClient(Interface):
     def node_by_era(era) -> "Deferred[str]":
         """The uuid of the node whose agent runs in ``era``."""
 
-    def list_leases() -> "Deferred[tuple[LeaseInfo, ...]]":
+    def list_leases() -> "Deferred[tuple[Lease, ...]]":
         """Every lease."""
 
-    def acquire_lease(dataset_id, node_uuid, expires) -> "Deferred[LeaseInfo]":
+    def acquire_lease(dataset_id, node_uuid, expires) -> "Deferred[Lease]":
         """Take or renew ``node_uuid``'s lease for ``expires`` seconds (None: forever)."""
 
-    def release_lease(dataset_id) -> "Deferred[LeaseInfo]":
+    def release_lease(dataset_id) -> "Deferred[Lease]":
         """Drop the dataset's lease."""
 
     def forget_node(node_uuid) -> "Deferred[NodeInfo]":
@@ -375,7 +280,8 @@ class ControlClient:
     """
     The REST API v1 at ``base_url`` (``https://HOST:PORT``, no ``/v1``) through ``http``,
     a treq-like object. With ``timeout`` (seconds) and ``reactor``, a request that gets no
-    answer in time fails with ``ControlUnreachable``.
+    answer in time fails with ``ControlUnreachable``. ``reactor`` is also the clock of
+    the leases returned (the global reactor's when not given).
     """
 
     def __init__(self, http: Any, base_url: str, *, reactor: Any = None,
@@ -394,6 +300,17 @@ class ControlClient:
 
     def __repr__(self) -> str:
         return f"<ControlClient {self._base}>"
+
+    def seconds(self) -> float:
+        """The client's clock (its ``reactor``'s): leases' ``expiration`` is measured on it."""
+        clock = self._reactor
+        if clock is None:
+            # treq's default agent runs on the global reactor too; imported only when asked.
+            from twisted.internet import reactor as clock
+        return clock.seconds()
+
+    def _lease(self, value: Any) -> Lease:
+        return lease_from_json(value, self.seconds())
 
     async def _call(self, method: str, path: str, body: Any = None,
                     if_matches: Optional[str] = None,
@@ -434,16 +351,17 @@ class ControlClient:
                code: int = 200) -> Any:
         try:
             return make(value)
-        except _Malformed as e:
+        except Malformed as e:
             raise UnexpectedResponse(
                 code, f"{method} {self._base}{API_PREFIX}{path} answered with an "
                 f"unexpected body: {e}") from None
 
-    def _list_of(self, method: str, path: str, record: Any, value: Any) -> tuple:
+    def _list_of(self, method: str, path: str, decode: Callable[[Any], Any],
+                 value: Any) -> tuple:
         def make(v: Any) -> tuple:
             if not isinstance(v, list):
-                raise _Malformed(f"expected a JSON array, got {json.dumps(v)[:80]}")
-            return tuple(record.from_json(item) for item in v)
+                raise Malformed(f"expected a JSON array, got {json.dumps(v)[:80]}")
+            return tuple(decode(item) for item in v)
         return self._parse(method, path, make, value)
 
     def version(self) -> "Deferred[VersionInfo]":
@@ -460,14 +378,14 @@ class ControlClient:
             response, body = await self._call("GET", path)
             tags = response.headers.getRawHeaders(b"X-Configuration-Tag") or [None]
             tag = tags[0].decode("utf-8") if tags[0] is not None else None
-            datasets = self._list_of("GET", path, DatasetConfiguration, body)
+            datasets = self._list_of("GET", path, dataset_from_json, body)
             return DatasetListing(datasets=datasets, tag=tag)
         return Deferred.fromCoroutine(go())
 
     def create_dataset(self, primary: str, maximum_size: Optional[int] = None,
                        metadata: Optional[dict[str, str]] = None,
                        dataset_id: Optional[str] = None,
-                       if_matches: Optional[str] = None) -> "Deferred[DatasetConfiguration]":
+                       if_matches: Optional[str] = None) -> "Deferred[Dataset]":
         """Configure a new dataset on node ``primary``; the id is chosen by the service
         unless given."""
         body: dict[str, Any] = {"primary": primary}
@@ -481,46 +399,46 @@ class ControlClient:
                                   (201,))
 
     def move_dataset(self, dataset_id: str, primary: str,
-                     if_matches: Optional[str] = None) -> "Deferred[DatasetConfiguration]":
+                     if_matches: Optional[str] = None) -> "Deferred[Dataset]":
         """Make ``primary`` the dataset's node; its data follows."""
         return self._dataset_call("POST", _dataset_path(dataset_id), {"primary": primary},
                                   if_matches)
 
     def update_metadata(self, dataset_id: str, metadata: dict[str, str],
-                        if_matches: Optional[str] = None) -> "Deferred[DatasetConfiguration]":
+                        if_matches: Optional[str] = None) -> "Deferred[Dataset]":
         """Replace the dataset's metadata with ``metadata`` (a whole new mapping)."""
         return self._dataset_call("POST", _dataset_path(dataset_id),
                                   {"metadata": dict(metadata)}, if_matches)
 
     def delete_dataset(self, dataset_id: str,
-                       if_matches: Optional[str] = None) -> "Deferred[DatasetConfiguration]":
+                       if_matches: Optional[str] = None) -> "Deferred[Dataset]":
         """Mark the dataset deleted; its node then destroys the data."""
         return self._dataset_call("DELETE", _dataset_path(dataset_id), None, if_matches)
 
     def _dataset_call(self, method: str, path: str, body: Any, if_matches: Optional[str],
-                      expected: tuple[int, ...] = (200,)) -> "Deferred[DatasetConfiguration]":
-        async def go() -> DatasetConfiguration:
+                      expected: tuple[int, ...] = (200,)) -> "Deferred[Dataset]":
+        async def go() -> Dataset:
             response, answer = await self._call(method, path, body, if_matches, expected)
-            return self._parse(method, path, DatasetConfiguration.from_json, answer,
+            return self._parse(method, path, dataset_from_json, answer,
                                response.code)
         return Deferred.fromCoroutine(go())
 
-    def state_datasets(self) -> "Deferred[tuple[DatasetState, ...]]":
+    def state_datasets(self) -> "Deferred[tuple[DatasetReport, ...]]":
         """The datasets as the nodes report them (a dataset being moved may be absent)."""
-        return self._get_list("/state/datasets", DatasetState)
+        return self._get_list("/state/datasets", report_from_api_json)
 
     def list_nodes(self) -> "Deferred[tuple[NodeInfo, ...]]":
         """The nodes the control service knows."""
-        return self._get_list("/state/nodes", NodeInfo)
+        return self._get_list("/state/nodes", NodeInfo.from_json)
 
-    def list_leases(self) -> "Deferred[tuple[LeaseInfo, ...]]":
+    def list_leases(self) -> "Deferred[tuple[Lease, ...]]":
         """Every lease, with the seconds each has left."""
-        return self._get_list("/configuration/leases", LeaseInfo)
+        return self._get_list("/configuration/leases", self._lease)
 
-    def _get_list(self, path: str, record: Any) -> Deferred:
+    def _get_list(self, path: str, decode: Callable[[Any], Any]) -> Deferred:
         async def go() -> tuple:
             _, body = await self._call("GET", path)
-            return self._list_of("GET", path, record, body)
+            return self._list_of("GET", path, decode, body)
         return Deferred.fromCoroutine(go())
 
     def node_by_era(self, era: str) -> "Deferred[str]":
@@ -529,28 +447,29 @@ class ControlClient:
 
         async def go() -> str:
             _, body = await self._call("GET", path)
-            return self._parse("GET", path, lambda v: _field(v, "uuid", (str,)), body)
+            return self._parse("GET", path, lambda v: read(as_object(v, "node"), "uuid",
+                                                           (str,), "node"), body)
         return Deferred.fromCoroutine(go())
 
     def acquire_lease(self, dataset_id: str, node_uuid: str,
-                      expires: Optional[float]) -> "Deferred[LeaseInfo]":
+                      expires: Optional[float]) -> "Deferred[Lease]":
         """Take or renew ``node_uuid``'s lease for ``expires`` seconds (None: no expiry);
         ``Conflict`` when another node holds it."""
         path = "/configuration/leases"
         body = {"dataset_id": dataset_id, "node_uuid": node_uuid, "expires": expires}
 
-        async def go() -> LeaseInfo:
+        async def go() -> Lease:
             response, answer = await self._call("POST", path, body, expected=(200, 201))
-            return self._parse("POST", path, LeaseInfo.from_json, answer, response.code)
+            return self._parse("POST", path, self._lease, answer, response.code)
         return Deferred.fromCoroutine(go())
 
-    def release_lease(self, dataset_id: str) -> "Deferred[LeaseInfo]":
+    def release_lease(self, dataset_id: str) -> "Deferred[Lease]":
         """Drop the dataset's lease, answering the lease that was held."""
         path = "/configuration/leases/" + quote(dataset_id, safe="")
 
-        async def go() -> LeaseInfo:
+        async def go() -> Lease:
             _, answer = await self._call("DELETE", path)
-            return self._parse("DELETE", path, LeaseInfo.from_json, answer)
+            return self._parse("DELETE", path, self._lease, answer)
         return Deferred.fromCoroutine(go())
 
     def forget_node(self, node_uuid: str) -> "Deferred[NodeInfo]":

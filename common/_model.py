@@ -1,5 +1,6 @@
 """
-The cluster's desired configuration as immutable values.
+The cluster's desired configuration as immutable values: ``Configuration`` holds the
+``Dataset`` and ``Lease`` values of ``pyflock.common._records`` (re-exported here).
 
 Every method returns a new value and raises a typed error (``DatasetNotFound``,
 ``LeaseHeld``, ...) when the change is not allowed; nothing here does IO or reads a clock.
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import attr
 from pyrsistent import CheckedPMap, PClass, field, pmap, pmap_field
 
-#: Flocker's lower bound for ``maximum_size``: 64 MiB.
-MINIMUM_SIZE = 64 * 1024 * 1024
+from pyflock.common._limits import MINIMUM_SIZE
+from pyflock.common._records import Dataset, Lease
 
 
 class ConfigurationError(Exception):
@@ -69,45 +71,6 @@ class LeaseNotFound(ConfigurationError):
         self.dataset_id = dataset_id
 
 
-def _optional_int(value) -> tuple[bool, str]:
-    return (value is None or (value >= MINIMUM_SIZE and value % 1024 == 0),
-            "maximum_size must be null or at least 64 MiB and a multiple of 1024")
-
-
-class Dataset(PClass):
-    """One dataset as configured: where it should live, how big and what it is called."""
-
-    dataset_id = field(type=str, mandatory=True)
-    primary = field(type=str, mandatory=True)
-    maximum_size = field(type=(int, type(None)), initial=None, invariant=_optional_int)
-    metadata = pmap_field(str, str)
-    deleted = field(type=bool, initial=False)
-
-    @property
-    def name(self) -> Optional[str]:
-        """The dataset's ``metadata.name``, its Docker volume name, if it has one."""
-        return self.metadata.get("name")
-
-
-class Lease(PClass):
-    """A node's claim that a dataset is in use there; ``expiration`` is absolute or None."""
-
-    dataset_id = field(type=str, mandatory=True)
-    node_uuid = field(type=str, mandatory=True)
-    expiration = field(type=(float, type(None)), initial=None,
-                       factory=lambda v: None if v is None else float(v))
-
-    def expired(self, now: float) -> bool:
-        """Whether the lease has run out at ``now``."""
-        return self.expiration is not None and self.expiration <= now
-
-    def remaining(self, now: float) -> Optional[float]:
-        """Seconds left before expiry, or None for a lease that never expires."""
-        if self.expiration is None:
-            return None
-        return max(0.0, self.expiration - now)
-
-
 class Leases(CheckedPMap):
     """Leases by dataset id."""
 
@@ -120,9 +83,7 @@ class Leases(CheckedPMap):
         current = self.get(dataset_id)
         if current is not None and current.node_uuid != node_uuid and not current.expired(now):
             raise LeaseHeld(dataset_id, current.node_uuid)
-        expiration = None if expires is None else now + expires
-        return self.set(dataset_id, Lease(dataset_id=dataset_id, node_uuid=node_uuid,
-                                          expiration=expiration))
+        return self.set(dataset_id, Lease.lasting(dataset_id, node_uuid, now, expires))
 
     def release(self, dataset_id: str, node_uuid: Optional[str] = None) -> "Leases":
         """Drop the lease on ``dataset_id`` (only if ``node_uuid`` holds it, when given)."""
@@ -214,7 +175,7 @@ class Configuration(PClass):
         if dataset.dataset_id in self.datasets:
             raise DatasetIdTaken(dataset.dataset_id)
         self._check_name(dataset.name, dataset.dataset_id)
-        return self._put(None, dataset.set(deleted=False))
+        return self._put(None, attr.evolve(dataset, deleted=False))
 
     def update(self, now: float, dataset_id: str, primary: Optional[str] = None,
                metadata: Optional[dict] = None) -> "Configuration":
@@ -225,13 +186,13 @@ class Configuration(PClass):
         dataset = self.live(dataset_id)
         new = dataset
         if metadata is not None:
-            new = new.set(metadata=pmap(metadata))
+            new = attr.evolve(new, metadata=metadata)
             self._check_name(new.name, dataset_id)
         if primary is not None and primary != dataset.primary:
             holder = self.leases.holder(now, dataset_id)
             if holder is not None and holder != primary:
                 raise LeaseHeld(dataset_id, holder)
-            new = new.set(primary=primary)
+            new = attr.evolve(new, primary=primary)
         if new == dataset:
             return self
         return self._put(dataset, new)
@@ -251,7 +212,7 @@ class Configuration(PClass):
         holder = self.leases.holder(now, dataset_id)
         if holder is not None and holder != allowed_holder:
             raise LeaseHeld(dataset_id, holder)
-        config = self._put(dataset, dataset.set(deleted=True))
+        config = self._put(dataset, attr.evolve(dataset, deleted=True))
         if dataset_id in config.leases:
             config = config.set(leases=config.leases.remove(dataset_id))
         return config
@@ -278,3 +239,10 @@ class Configuration(PClass):
         """Drop the leases that have run out at ``now``."""
         leases = self.leases.expire(now)
         return self if leases is self.leases else self.set(leases=leases)
+
+
+__all__ = [
+    "MINIMUM_SIZE", "Configuration", "ConfigurationError", "Dataset", "DatasetDeleted",
+    "DatasetIdTaken", "DatasetNotFound", "Lease", "LeaseHeld", "LeaseNotFound", "Leases",
+    "NameTaken",
+]

@@ -14,17 +14,22 @@ The ``error`` message keeps its shape in every protocol version (``code``, ``rea
 from __future__ import annotations
 
 import json
-import math
-from typing import Any, Optional, Union
-from uuid import UUID
+from typing import Optional, Union
 
 import attr
-from pyrsistent import PMap, pmap
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import Int32StringReceiver
 
+from pyflock.common._jsonread import (
+    Malformed, as_object, read, read_list, read_natural, read_uuid, unique, uuid_value,
+)
+from pyflock.common._limits import DATASET_STATES
 from pyflock.common._logging import log_event
+from pyflock.common._records import (
+    UNBOUND, DatasetEntry, DatasetReport, Lease, dataset_entry_from_json,
+    dataset_entry_to_json, report_from_json, report_to_json,
+)
 
 #: The agent channel protocol this code speaks; a hello with another is refused.
 PROTOCOL_VERSION = 1
@@ -32,15 +37,10 @@ PROTOCOL_VERSION = 1
 #: Frames longer than this are refused (a snapshot of ~100,000 datasets fits).
 MAX_MESSAGE = 32 * 1024 * 1024
 
-#: What an agent may report a dataset's state to be.
-DATASET_STATES = frozenset({"creating", "attaching", "mounted", "moving", "deleting"})
-
-_MAX_TEXT = 1024
-
 _log = Logger()
 
 
-class BadMessage(Exception):
+class BadMessage(Malformed):
     """A frame is not a well-formed message; the text says what is wrong with it."""
 
 
@@ -56,38 +56,15 @@ class ProtocolMismatch(BadMessage):
 # -- the view's parts ----------------------------------------------------------------------
 
 
-@attr.s(frozen=True, auto_attribs=True)
-class LeaseEntry:
-    """A lease as agents see it: the holder and its absolute expiration (None: never)."""
-
-    node_uuid: str
-    expiration: Optional[float] = None
-
-
-def _sorted_tuple(items) -> tuple:
-    return tuple(sorted(items))
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class DatasetEntry:
+def LeaseEntry(node_uuid: str, expiration: Optional[float] = None) -> Lease:  # noqa: N802
     """
-    One configured dataset as agents see it, deleted ones included; ``holders`` are the
-    nodes whose latest state report lists it (sorted), so that a node waiting for another
-    to let go of the dataset is woken by the push that says it has.
+    Transitional, until tests/agent/test_plugin.py uses ``Lease``: the lease of
+    ``node_uuid`` on the dataset of the ``DatasetEntry`` it is given to.
     """
+    return Lease(UNBOUND, node_uuid, expiration)
 
-    dataset_id: str
-    primary: str
-    maximum_size: Optional[int] = None
-    metadata: PMap = attr.ib(default=pmap(), converter=pmap)
-    deleted: bool = False
-    lease: Optional[LeaseEntry] = None
-    holders: tuple = attr.ib(default=(), converter=_sorted_tuple)
-
-    @property
-    def name(self) -> Optional[str]:
-        """The dataset's ``metadata.name`` (its Docker volume name), if any."""
-        return self.metadata.get("name")
+# A view's datasets are ``DatasetEntry`` values and a state report's are ``DatasetReport``
+# values (pyflock.common._records, with their codecs); the nodes and versions are here.
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -98,16 +75,6 @@ class NodeEntry:
     host: str
     peer_port: Optional[int] = None
     alive: bool = True
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class DatasetReport:
-    """One dataset as an agent reports it: its state there, path and size."""
-
-    dataset_id: str
-    state: str = attr.ib(validator=attr.validators.in_(DATASET_STATES))
-    path: Optional[str] = None
-    maximum_size: Optional[int] = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -212,24 +179,10 @@ def _version_json(view: Optional[ViewVersion]):
     return None if view is None else {"epoch": view.epoch, "version": view.version}
 
 
-def dataset_entry_to_json(entry: DatasetEntry) -> dict:
-    """The JSON object of a view dataset."""
-    lease = None if entry.lease is None else {"node_uuid": entry.lease.node_uuid,
-                                               "expiration": entry.lease.expiration}
-    return {"dataset_id": entry.dataset_id, "primary": entry.primary,
-            "maximum_size": entry.maximum_size, "metadata": dict(entry.metadata),
-            "deleted": entry.deleted, "lease": lease, "holders": list(entry.holders)}
-
-
 def node_entry_to_json(entry: NodeEntry) -> dict:
     """The JSON object of a view node."""
     return {"uuid": entry.uuid, "host": entry.host, "peer_port": entry.peer_port,
             "alive": entry.alive}
-
-
-def _report_json(report: DatasetReport) -> dict:
-    return {"dataset_id": report.dataset_id, "state": report.state, "path": report.path,
-            "maximum_size": report.maximum_size}
 
 
 def message_to_json(message: Message) -> dict:
@@ -256,7 +209,7 @@ def message_to_json(message: Message) -> dict:
                 "nodes": [node_entry_to_json(n) for n in message.nodes]}
     if isinstance(message, StateReport):
         return {"type": "state", "node_uuid": message.node_uuid,
-                "datasets": [_report_json(r) for r in message.datasets],
+                "datasets": [report_to_json(r) for r in message.datasets],
                 "view": _version_json(message.view)}
     if isinstance(message, Heartbeat):
         return {"type": "heartbeat", "view": _version_json(message.view)}
@@ -278,183 +231,77 @@ def _reject_constant(name: str):
     raise BadMessage(f"{name} is not a JSON number pyflock accepts")
 
 
-def _field(obj: dict, key: str, kinds: tuple, where: str, optional: bool = False) -> Any:
-    """``obj[key]``, which must be one of ``kinds`` (None too if ``optional``)."""
-    if key not in obj:
-        raise BadMessage(f"{where} lacks {key!r}")
-    value = obj[key]
-    if value is None and optional:
-        return None
-    # JSON true/false are Python bools, which are also ints: never accept them as numbers.
-    if isinstance(value, bool) and bool not in kinds:
-        raise BadMessage(f"{where}.{key} must be {_kind_names(kinds)}, not a boolean")
-    if not isinstance(value, kinds):
-        raise BadMessage(f"{where}.{key} must be {_kind_names(kinds)}"
-                         f"{' or null' if optional else ''}, not {type(value).__name__}")
-    if isinstance(value, str) and len(value) > _MAX_TEXT:
-        raise BadMessage(f"{where}.{key} is longer than {_MAX_TEXT} characters")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise BadMessage(f"{where}.{key} must be a finite number")
-    return value
-
-
-def _kind_names(kinds: tuple) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-             dict: "an object", list: "an array"}
-    return " or ".join(dict.fromkeys(names[k] for k in kinds))
-
-
-def _uuid_value(value, where: str) -> str:
-    """``value`` if it is a UUID in canonical lower-case form, else ``BadMessage``."""
-    try:
-        canonical = str(UUID(value)) if isinstance(value, str) else None
-    except ValueError:
-        canonical = None
-    if canonical != value:
-        raise BadMessage(f"{where} must be a lower-case UUID (8-4-4-4-12), not {value!r}")
-    return value
-
-
-def _uuid(obj: dict, key: str, where: str) -> str:
-    return _uuid_value(_field(obj, key, (str,), where), f"{where}.{key}")
-
-
-def _natural(obj: dict, key: str, where: str, optional: bool = False,
-             low: int = 0, high: Optional[int] = None) -> Optional[int]:
-    value = _field(obj, key, (int,), where, optional)
-    if value is not None and (value < low or (high is not None and value > high)):
-        raise BadMessage(f"{where}.{key} must be between {low} and {high or 'any'}, "
-                         f"not {value}")
-    return value
-
-
 def _port(obj: dict, key: str, where: str) -> Optional[int]:
-    return _natural(obj, key, where, optional=True, low=1, high=65535)
-
-
-def _list(obj: dict, key: str, where: str) -> list:
-    return _field(obj, key, (list,), where)
-
-
-def _object(value, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise BadMessage(f"{where} must be an object, not {type(value).__name__}")
-    return value
+    return read_natural(obj, key, where, optional=True, low=1, high=65535)
 
 
 def _version(obj: dict, key: str, where: str) -> Optional[ViewVersion]:
-    value = _field(obj, key, (dict,), where, optional=True)
+    value = read(obj, key, (dict,), where, optional=True)
     if value is None:
         return None
     where = f"{where}.{key}"
-    return ViewVersion(epoch=_field(value, "epoch", (str,), where),
-                       version=_natural(value, "version", where))
-
-
-def dataset_entry_from_json(obj, where: str = "dataset") -> DatasetEntry:
-    """A view dataset from its JSON object; ``BadMessage`` saying what is wrong."""
-    obj = _object(obj, where)
-    metadata = _field(obj, "metadata", (dict,), where)
-    for key, value in metadata.items():
-        if not isinstance(value, str) or len(key) > _MAX_TEXT or len(value) > _MAX_TEXT:
-            raise BadMessage(f"{where}.metadata values must be strings of at most "
-                             f"{_MAX_TEXT} characters")
-    lease = _field(obj, "lease", (dict,), where, optional=True)
-    if lease is not None:
-        expiration = _field(lease, "expiration", (int, float), f"{where}.lease",
-                            optional=True)
-        lease = LeaseEntry(node_uuid=_uuid(lease, "node_uuid", f"{where}.lease"),
-                           expiration=None if expiration is None else float(expiration))
-    # Views stored by an earlier pyflock have no holders: unknown until the next push.
-    holders = _field(obj, "holders", (list,), where) if "holders" in obj else []
-    holders = _unique(tuple(_uuid_value(h, f"{where}.holders[{i}]")
-                            for i, h in enumerate(holders)), lambda h: h, f"{where}.holders")
-    return DatasetEntry(dataset_id=_uuid(obj, "dataset_id", where),
-                        primary=_uuid(obj, "primary", where),
-                        maximum_size=_natural(obj, "maximum_size", where, optional=True),
-                        metadata=metadata, deleted=_field(obj, "deleted", (bool,), where),
-                        lease=lease, holders=holders)
+    return ViewVersion(epoch=read(value, "epoch", (str,), where),
+                       version=read_natural(value, "version", where))
 
 
 def node_entry_from_json(obj, where: str = "node") -> NodeEntry:
     """A view node from its JSON object; ``BadMessage`` saying what is wrong."""
-    obj = _object(obj, where)
-    return NodeEntry(uuid=_uuid(obj, "uuid", where), host=_field(obj, "host", (str,), where),
+    obj = as_object(obj, where)
+    return NodeEntry(uuid=read_uuid(obj, "uuid", where), host=read(obj, "host", (str,), where),
                      peer_port=_port(obj, "peer_port", where),
-                     alive=_field(obj, "alive", (bool,), where))
-
-
-def _report_from_json(obj, where: str) -> DatasetReport:
-    obj = _object(obj, where)
-    state = _field(obj, "state", (str,), where)
-    if state not in DATASET_STATES:
-        raise BadMessage(f"{where}.state must be one of {', '.join(sorted(DATASET_STATES))}"
-                         f", not {state!r}")
-    return DatasetReport(dataset_id=_uuid(obj, "dataset_id", where), state=state,
-                         path=_field(obj, "path", (str,), where, optional=True),
-                         maximum_size=_natural(obj, "maximum_size", where, optional=True))
-
-
-def _unique(items: tuple, key, where: str) -> tuple:
-    seen = set()
-    for item in items:
-        k = key(item)
-        if k in seen:
-            raise BadMessage(f"{where} names {k} twice")
-        seen.add(k)
-    return items
+                     alive=read(obj, "alive", (bool,), where))
 
 
 def _hello(obj: dict) -> Hello:
-    address = _field(obj, "address", (str,), "hello")
-    era = _field(obj, "era", (str,), "hello")
+    address = read(obj, "address", (str,), "hello")
+    era = read(obj, "era", (str,), "hello")
     if not address or not era:
         raise BadMessage("hello.address and hello.era must not be empty")
-    return Hello(node_uuid=_uuid(obj, "node_uuid", "hello"), era=era, address=address,
+    return Hello(node_uuid=read_uuid(obj, "node_uuid", "hello"), era=era, address=address,
                  peer_port=_port(obj, "peer_port", "hello"),
                  known=_version(obj, "known", "hello"))
 
 
 def _snapshot(obj: dict) -> Snapshot:
     datasets = tuple(dataset_entry_from_json(d, f"snapshot.datasets[{i}]")
-                     for i, d in enumerate(_list(obj, "datasets", "snapshot")))
+                     for i, d in enumerate(read_list(obj, "datasets", "snapshot")))
     nodes = tuple(node_entry_from_json(n, f"snapshot.nodes[{i}]")
-                  for i, n in enumerate(_list(obj, "nodes", "snapshot")))
-    return Snapshot(epoch=_field(obj, "epoch", (str,), "snapshot"),
-                    version=_natural(obj, "version", "snapshot"),
-                    datasets=_unique(datasets, lambda d: d.dataset_id, "snapshot.datasets"),
-                    nodes=_unique(nodes, lambda n: n.uuid, "snapshot.nodes"))
+                  for i, n in enumerate(read_list(obj, "nodes", "snapshot")))
+    return Snapshot(epoch=read(obj, "epoch", (str,), "snapshot"),
+                    version=read_natural(obj, "version", "snapshot"),
+                    datasets=unique(datasets, lambda d: d.dataset_id, "snapshot.datasets"),
+                    nodes=unique(nodes, lambda n: n.uuid, "snapshot.nodes"))
 
 
 def _diff(obj: dict) -> Diff:
     datasets = tuple(dataset_entry_from_json(d, f"diff.datasets[{i}]")
-                     for i, d in enumerate(_list(obj, "datasets", "diff")))
-    removed = tuple(_uuid_value(r, f"diff.removed[{i}]")
-                    for i, r in enumerate(_list(obj, "removed", "diff")))
+                     for i, d in enumerate(read_list(obj, "datasets", "diff")))
+    removed = tuple(uuid_value(r, f"diff.removed[{i}]")
+                    for i, r in enumerate(read_list(obj, "removed", "diff")))
     nodes = tuple(node_entry_from_json(n, f"diff.nodes[{i}]")
-                  for i, n in enumerate(_list(obj, "nodes", "diff")))
-    return Diff(epoch=_field(obj, "epoch", (str,), "diff"),
-                version=_natural(obj, "version", "diff", low=1),
-                datasets=_unique(datasets, lambda d: d.dataset_id, "diff.datasets"),
-                removed=_unique(removed, lambda i: i, "diff.removed"),
-                nodes=_unique(nodes, lambda n: n.uuid, "diff.nodes"))
+                  for i, n in enumerate(read_list(obj, "nodes", "diff")))
+    return Diff(epoch=read(obj, "epoch", (str,), "diff"),
+                version=read_natural(obj, "version", "diff", low=1),
+                datasets=unique(datasets, lambda d: d.dataset_id, "diff.datasets"),
+                removed=unique(removed, lambda i: i, "diff.removed"),
+                nodes=unique(nodes, lambda n: n.uuid, "diff.nodes"))
 
 
 def _state(obj: dict) -> StateReport:
-    reports = tuple(_report_from_json(r, f"state.datasets[{i}]")
-                    for i, r in enumerate(_list(obj, "datasets", "state")))
-    return StateReport(node_uuid=_uuid(obj, "node_uuid", "state"),
-                       datasets=_unique(reports, lambda r: r.dataset_id, "state.datasets"),
+    reports = tuple(report_from_json(r, f"state.datasets[{i}]")
+                    for i, r in enumerate(read_list(obj, "datasets", "state")))
+    return StateReport(node_uuid=read_uuid(obj, "node_uuid", "state"),
+                       datasets=unique(reports, lambda r: r.dataset_id, "state.datasets"),
                        view=_version(obj, "view", "state"))
 
 
 _DECODERS = {
     "hello": _hello,
-    "welcome": lambda o: Welcome(epoch=_field(o, "epoch", (str,), "welcome"),
-                                 version=_natural(o, "version", "welcome")),
-    "error": lambda o: Error(code=_field(o, "code", (str,), "error"),
-                             reason=_field(o, "reason", (str,), "error"),
-                             protocol=_natural(o, "protocol", "error")),
+    "welcome": lambda o: Welcome(epoch=read(o, "epoch", (str,), "welcome"),
+                                 version=read_natural(o, "version", "welcome")),
+    "error": lambda o: Error(code=read(o, "code", (str,), "error"),
+                             reason=read(o, "reason", (str,), "error"),
+                             protocol=read_natural(o, "protocol", "error")),
     "snapshot": _snapshot,
     "diff": _diff,
     "state": _state,
@@ -470,11 +317,14 @@ def decode(payload: bytes) -> Message:
     """
     try:
         obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except BadMessage:
+        raise
     except (UnicodeDecodeError, ValueError) as e:
         raise BadMessage(f"the message is not UTF-8 JSON: {e}") from None
     except RecursionError:
         raise BadMessage("the message is nested too deeply") from None
-    obj = _object(obj, "a message")
+    if not isinstance(obj, dict):
+        raise BadMessage(f"a message must be an object, not {type(obj).__name__}")
     kind = obj.get("type")
     decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
     if decoder is None:
@@ -483,7 +333,12 @@ def decode(payload: bytes) -> Message:
     # The version is checked before anything else: another version's hello may differ.
     if kind in ("hello", "welcome") and obj.get("protocol") != PROTOCOL_VERSION:
         raise ProtocolMismatch(obj.get("protocol"))
-    return decoder(obj)
+    try:
+        return decoder(obj)
+    except BadMessage:
+        raise
+    except Malformed as e:
+        raise BadMessage(str(e)) from None
 
 
 # -- framing -------------------------------------------------------------------------------

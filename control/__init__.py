@@ -5,7 +5,7 @@ agents and the REST API v1 (Flocker-compatible, mutual TLS).
 """
 
 from pyflock.control._api import ControlAPI
-from pyflock.control._clusterstate import ClusterState, ClusterStateService, DatasetState, NodeState
+from pyflock.control._clusterstate import ClusterState, ClusterStateService, NodeState
 from pyflock.control._persistence import ConfigurationService, StoreUnavailable
 from pyflock.control._sqlite_store import SQLiteConfigurationStore, backup, open_sqlite_store
 from pyflock.control._store import (
@@ -15,7 +15,7 @@ from pyflock.control._store import (
 
 __all__ = [
     "ClusterState", "ClusterStateService", "ConfigurationService", "ControlAPI",
-    "DatasetState", "HistoryGone", "IConfigurationStore", "MemoryConfigurationStore",
+    "HistoryGone", "IConfigurationStore", "MemoryConfigurationStore",
     "NodeState", "SQLiteConfigurationStore", "StoreChanges", "StoreError", "StoreSnapshot",
     "StoreUnavailable", "StoreWrite", "backup", "open_sqlite_store",
 ]

@@ -33,15 +33,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pyflock.common._logging import log_event
-from pyflock.common._model import Configuration, Dataset, Lease
+from pyflock.common._model import Configuration
+from pyflock.common._records import DatasetEntry
 from pyflock.common._wire import (
-    MAX_MESSAGE, PROTOCOL_VERSION, BadMessage, DatasetEntry, Diff, Error, Heartbeat, Hello,
-    LeaseEntry, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
-    SyncRequest, ViewVersion, Welcome, encode,
+    MAX_MESSAGE, PROTOCOL_VERSION, BadMessage, Diff, Error, Heartbeat, Hello,
+    MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
+    ViewVersion, Welcome, encode,
 )
-from pyflock.control._clusterstate import (
-    ClusterState, ClusterStateService, DatasetState, NodeState,
-)
+from pyflock.control._clusterstate import ClusterState, ClusterStateService, NodeState
 from pyflock.control._persistence import ConfigurationService
 
 #: Seconds between heartbeats (DESIGN.md).
@@ -50,25 +49,13 @@ DEFAULT_HEARTBEAT = 5.0
 _log = Logger()
 
 
-def dataset_entry(dataset: Dataset, lease: Optional[Lease],
-                  holders: Iterable[str] = ()) -> DatasetEntry:
-    """What agents see of a configured dataset, its lease and the nodes holding it."""
-    return DatasetEntry(
-        dataset_id=dataset.dataset_id, primary=dataset.primary,
-        maximum_size=dataset.maximum_size, metadata=dataset.metadata,
-        deleted=dataset.deleted,
-        lease=None if lease is None else LeaseEntry(node_uuid=lease.node_uuid,
-                                                    expiration=lease.expiration),
-        holders=holders)
-
-
 def view_datasets(config: Configuration,
                   holders: Mapping[str, Iterable[str]] = pmap()) -> dict[str, DatasetEntry]:
     """
     What agents see of every dataset of ``config``, by id, given the nodes holding each
     (``holders_of(cluster_state)``; none by default).
     """
-    return {i: dataset_entry(d, config.leases.get(i), holders.get(i, ()))
+    return {i: DatasetEntry.of(d, config.leases.get(i), holders.get(i, ()))
             for i, d in config.datasets.items()}
 
 
@@ -344,8 +331,8 @@ class AgentChannelServer:
                     removed.append(dataset_id)
                 self._tombstones.pop(dataset_id, None)
                 continue
-            entry = dataset_entry(dataset, config.leases.get(dataset_id),
-                                  self._holders.get(dataset_id, ()))
+            entry = DatasetEntry.of(dataset, config.leases.get(dataset_id),
+                                    self._holders.get(dataset_id, ()))
             if self._datasets.get(dataset_id) != entry:
                 self._datasets[dataset_id] = entry
                 changed.append(entry)
@@ -456,9 +443,8 @@ class AgentChannelServer:
                                          f"not node {report.node_uuid}'s")
             return
         node = self.cluster.state.nodes[uuid]
-        datasets = pmap({r.dataset_id: DatasetState(
-            dataset_id=r.dataset_id, state=r.state, path=r.path,
-            maximum_size=r.maximum_size) for r in report.datasets})
+        datasets = pmap({r.dataset_id: attr.evolve(r, node_uuid=uuid)
+                         for r in report.datasets})
         if datasets != node.datasets:
             self.cluster.update(self.cluster.state.update_node(node.set(datasets=datasets)))
             log_event(_log, "pyflock:control:node-state", node_uuid=uuid,
@@ -541,5 +527,4 @@ class AgentChannelServer:
         d.addBoth(lambda _: self._purging.discard(dataset_id))
 
 
-__all__ = ["AgentChannelServer", "DEFAULT_HEARTBEAT", "dataset_entry", "holders_of",
-           "view_datasets"]
+__all__ = ["AgentChannelServer", "DEFAULT_HEARTBEAT", "holders_of", "view_datasets"]

@@ -11,7 +11,6 @@ from typing import Callable, Optional
 from uuid import uuid4
 
 from klein import Klein
-from pyrsistent import pmap
 from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -23,6 +22,7 @@ from pyflock.common._model import (
     ConfigurationError, Dataset, DatasetDeleted, DatasetIdTaken, DatasetNotFound,
     LeaseHeld, LeaseNotFound, NameTaken,
 )
+from pyflock.common._records import dataset_to_json, lease_to_json, report_to_api_json
 from pyflock.control import _schema as schema
 from pyflock.control._clusterstate import ClusterStateService, ForgetRefused, NodeUnknown
 from pyflock.control._persistence import ConfigurationService, StoreUnavailable
@@ -89,20 +89,6 @@ def _translate(error: ConfigurationError) -> APIError:
 
 def _encode(body) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
-
-
-def dataset_to_json(dataset: Dataset) -> dict:
-    """The API's JSON object for a configured dataset."""
-    return {"dataset_id": dataset.dataset_id, "primary": dataset.primary,
-            "maximum_size": dataset.maximum_size,
-            "metadata": {k: v for k, v in dataset.metadata.items()},
-            "deleted": dataset.deleted}
-
-
-def lease_to_json(lease, now: float) -> dict:
-    """The API's JSON object for a lease: seconds left, or null."""
-    return {"dataset_id": lease.dataset_id, "node_uuid": lease.node_uuid,
-            "expires": lease.remaining(now)}
 
 
 class _ValidURLs(Resource):
@@ -313,7 +299,7 @@ class ControlAPI:
         size = body.get("maximum_size")
         dataset = Dataset(dataset_id=body.get("dataset_id", str(uuid4())).lower(),
                           primary=primary, maximum_size=None if size is None else int(size),
-                          metadata=pmap(body.get("metadata", {})))
+                          metadata=body.get("metadata", {}))
         await self._change(request, dataset.dataset_id, lambda c: c.create(dataset))
         log_event(_log, "pyflock:control:dataset-created", dataset_id=dataset.dataset_id,
                   primary=primary, name=dataset.name)
@@ -370,17 +356,9 @@ class ControlAPI:
     def state_datasets(self, request):
         """The datasets the live nodes report, with where they are mounted."""
         self._caller(request)
-        result = []
-        for node in self._cluster.state.nodes.values():
-            if not self._cluster.is_alive(node):
-                continue
-            for ds in node.datasets.values():
-                item = {"dataset_id": ds.dataset_id, "primary": node.uuid,
-                        "maximum_size": ds.maximum_size, "state": ds.state}
-                if ds.path is not None and ds.state == "mounted":
-                    item["path"] = ds.path
-                result.append(item)
-        return self._json(request, result)
+        return self._json(request, [
+            report_to_api_json(report) for node in self._cluster.state.nodes.values()
+            if self._cluster.is_alive(node) for report in node.datasets.values()])
 
     @app.route("/v1/state/nodes", methods=["GET"])
     def state_nodes(self, request):

@@ -19,6 +19,8 @@ from twisted.logger import Logger, LogLevel
 from pyflock.common._logging import log_event
 from pyflock.common._model import Configuration
 
+from pyflock.common._records import DatasetReport
+
 #: A node silent for this long is dead (DESIGN.md).
 DEFAULT_NODE_EXPIRY = 30.0
 #: A node dead this long (7 days) that holds no dataset and no lease is forgotten.
@@ -92,24 +94,15 @@ def check_forgettable(node: "NodeState", now: float, expiry: float,
         raise NodeHolds(node.uuid, "lease", leases)
 
 
-class DatasetState(PClass):
-    """One dataset as a node reports it."""
-
-    dataset_id = field(type=str, mandatory=True)
-    maximum_size = field(type=(int, type(None)), initial=None)
-    path = field(type=(str, type(None)), initial=None)
-    state = field(type=str, initial="mounted")
-
-
 class NodeState(PClass):
-    """What one node last reported, and when."""
+    """What one node last reported (its datasets' ``DatasetReport`` by id), and when."""
 
     uuid = field(type=str, mandatory=True)
     host = field(type=str, mandatory=True)
     era = field(type=(str, type(None)), initial=None)
     last_seen = field(type=float, mandatory=True, factory=float)
     peer_port = field(type=(int, type(None)), initial=None)
-    datasets = pmap_field(str, DatasetState)
+    datasets = pmap_field(str, DatasetReport)
 
     def alive(self, now: float, expiry: float) -> bool:
         """Whether the node has been heard from less than ``expiry`` seconds before ``now``."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets
 from typing import Callable, Iterable, Optional
 
+import attr
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -249,7 +250,7 @@ def _extend_leases(config: Configuration, earliest: float) -> Configuration:
     leases = config.leases.evolver()
     for dataset_id, lease in config.leases.items():
         if lease.expiration is not None and lease.expiration < earliest:
-            leases[dataset_id] = lease.set(expiration=earliest)
+            leases[dataset_id] = attr.evolve(lease, expiration=earliest)
     return config.set(leases=leases.persistent())
 
 

@@ -8,32 +8,30 @@ from __future__ import annotations
 import fastjsonschema
 from jsonschema import Draft202012Validator
 
-from pyflock.common._model import MINIMUM_SIZE
+from pyflock.common._limits import (
+    DATASET_STATES, MAXIMUM_BYTES, MAXIMUM_LEASE, MAXIMUM_METADATA_ENTRIES,
+    MAXIMUM_METADATA_TEXT, MINIMUM_SIZE, SIZE_MULTIPLE,
+)
 
 UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 UUID = {"type": "string", "pattern": UUID_PATTERN,
         "description": "A UUID, e.g. 0b41c2b0-5fd6-4e2c-9a8f-42a5b0f3c1d2."}
 
-#: The largest size a store can keep (a signed 64-bit integer, rounded to 1024).
-MAXIMUM_BYTES = 2 ** 63 - 1024
-
-#: The longest lease: ten years. Longer means "forever": say null.
-MAXIMUM_LEASE = 10 * 365 * 24 * 3600
-
 MAXIMUM_SIZE = {
     "type": ["integer", "null"], "minimum": MINIMUM_SIZE, "maximum": MAXIMUM_BYTES,
-    "multipleOf": 1024,
+    "multipleOf": SIZE_MULTIPLE,
     "description": "Upper limit of the dataset's size in bytes (at least 64 MiB, a "
                    "multiple of 1024), or null for the backend's default.",
 }
 
 METADATA = {
-    "type": "object", "maxProperties": 16,
-    "propertyNames": {"minLength": 1, "maxLength": 256},
-    "additionalProperties": {"type": "string", "maxLength": 256},
-    "description": "Up to 16 string pairs, keys and values at most 256 characters. "
-                   "`name` is the dataset's unique name (its Docker volume name).",
+    "type": "object", "maxProperties": MAXIMUM_METADATA_ENTRIES,
+    "propertyNames": {"minLength": 1, "maxLength": MAXIMUM_METADATA_TEXT},
+    "additionalProperties": {"type": "string", "maxLength": MAXIMUM_METADATA_TEXT},
+    "description": f"Up to {MAXIMUM_METADATA_ENTRIES} string pairs, keys and values at "
+                   f"most {MAXIMUM_METADATA_TEXT} characters. `name` is the dataset's "
+                   "unique name (its Docker volume name).",
 }
 
 DATASET = {
@@ -64,7 +62,7 @@ DATASET_STATE = {
     "properties": {
         "dataset_id": UUID, "primary": UUID, "maximum_size": MAXIMUM_SIZE,
         "path": {"type": "string", "description": "Where the dataset is mounted."},
-        "state": {"enum": ["creating", "attaching", "mounted", "moving", "deleting"],
+        "state": {"enum": list(DATASET_STATES),
                   "description": "What the node is doing with the dataset."},
     },
     "additionalProperties": False,

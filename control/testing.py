@@ -35,9 +35,10 @@ from twisted.internet.task import Clock
 
 from pyflock.common._client import ControlClient
 from pyflock.common._model import Configuration
+from pyflock.common._records import DatasetReport
 from pyflock.common._tls import Identity
 from pyflock.control._api import ControlAPI, __version__
-from pyflock.control._clusterstate import ClusterStateService, DatasetState, NodeState
+from pyflock.control._clusterstate import ClusterStateService, NodeState
 from pyflock.control._openapi import build_openapi, match_path, response_validator
 from pyflock.control._persistence import ConfigurationService
 from pyflock.control._store import MemoryConfigurationStore
@@ -168,9 +169,9 @@ class APIHarness:
         its Deferreds fire at once, and every answer is checked against the OpenAPI
         document (``OpenAPIMismatch`` if it does not match)."""
         return ControlClient(_CheckedHTTP(self.api(identity).resource(), self.openapi),
-                             self.base_url)
+                             self.base_url, reactor=self.clock)
 
-    def report_node(self, node_uuid: str, host: str, datasets: Iterable[DatasetState] = (),
+    def report_node(self, node_uuid: str, host: str, datasets: Iterable[DatasetReport] = (),
                     silent: float = 0.0, era: Optional[str] = None) -> None:
         """
         Play node ``node_uuid``'s agent reporting from ``host`` that it holds ``datasets``,
@@ -178,4 +179,5 @@ class APIHarness:
         """
         self.cluster.update(self.cluster.state.update_node(NodeState(
             uuid=node_uuid, host=host, era=era, last_seen=self.clock.seconds() - silent,
-            datasets={d.dataset_id: d for d in datasets})))
+            datasets={d.dataset_id: attr.evolve(d, node_uuid=node_uuid)
+                      for d in datasets})))

@@ -25,7 +25,7 @@ from pyflock.agent._discovery import (
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView
 from pyflock.common import Dataset, Lease
-from pyflock.common._wire import DatasetEntry, LeaseEntry, NodeEntry
+from pyflock.common._wire import DatasetEntry, NodeEntry
 
 NODE = "node-a"
 OTHER = "node-b"
@@ -302,8 +302,8 @@ def test_desired_from_view():
         epoch="e1", version=3,
         datasets={
             "a": DatasetEntry("a", NODE, SIZE, {"name": "pg"},
-                              lease=LeaseEntry(OTHER, expiration=20.0)),
-            "b": DatasetEntry("b", OTHER, lease=LeaseEntry(OTHER, expiration=5.0)),
+                              lease=Lease("a", OTHER, expiration=20.0)),
+            "b": DatasetEntry("b", OTHER, lease=Lease("b", OTHER, expiration=5.0)),
             "c": DatasetEntry("c", OTHER, deleted=True)},
         nodes={NODE: NodeEntry(NODE, "10.0.0.1"), OTHER: NodeEntry(OTHER, "10.0.0.2",
                                                                     alive=False)})

@@ -20,7 +20,8 @@ from pyflock.agent._view import (
     VIEW_FILE, AgentView, ViewFile, ViewFileError, ViewOutOfStep, read_view,
     view_from_bytes, view_to_bytes, write_view,
 )
-from pyflock.common._wire import DatasetEntry, Diff, LeaseEntry, NodeEntry, Snapshot
+from pyflock.common._records import DatasetEntry, Lease
+from pyflock.common._wire import Diff, NodeEntry, Snapshot
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"
 B = "bbbbbbbb-0000-4000-8000-000000000002"
@@ -37,7 +38,7 @@ def entry(dataset_id, name=None, primary=A, **kwargs):
 
 SNAPSHOT = Snapshot(epoch="run-1", version=4, datasets=(
     entry(DS1, "db", maximum_size=64 * 1024 * 1024,
-          lease=LeaseEntry(node_uuid=A, expiration=1000.5), holders=(B, A)),
+          lease=Lease(DS1, node_uuid=A, expiration=1000.5), holders=(B, A)),
     entry(DS2, "logs", primary=B),
     entry(DS3, "old", deleted=True),
 ), nodes=(NodeEntry(uuid=A, host="10.0.0.1", peer_port=4525),

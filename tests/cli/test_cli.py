@@ -30,7 +30,7 @@ from twisted.web.client import Agent
 
 from pyflock.common._client import ControlClient, IControlClient
 from pyflock.common._model import Configuration, Dataset
-from pyflock.control._clusterstate import DatasetState
+from pyflock.common._records import DatasetReport
 from pyflock.control.testing import APIHarness
 from pyflock.cli._cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, run
 from pyflock.cli._output import format_table, short_ids
@@ -73,12 +73,12 @@ def _cluster(testcase) -> APIHarness:
     call("POST", "/v1/configuration/leases",
          {"dataset_id": UNNAMED, "node_uuid": NODE_1, "expires": 42})
     harness.report_node(NODE_1, "10.0.0.1", [
-        DatasetState(dataset_id=PGDATA, maximum_size=10 * GiB,
+        DatasetReport(dataset_id=PGDATA, maximum_size=10 * GiB,
                      path=f"/var/lib/pyflock/mounts/{PGDATA}", state="mounted"),
-        DatasetState(dataset_id=UNNAMED, maximum_size=3 * GiB // 2, state="attaching"),
+        DatasetReport(dataset_id=UNNAMED, maximum_size=3 * GiB // 2, state="attaching"),
     ], silent=1.25)
     harness.report_node(NODE_2, "10.0.0.2", silent=3)
-    harness.report_node(NODE_3, "10.0.0.2", [DatasetState(dataset_id=GONE)], silent=125)
+    harness.report_node(NODE_3, "10.0.0.2", [DatasetReport(dataset_id=GONE)], silent=125)
     return harness
 
 
@@ -204,7 +204,7 @@ class ReadTests(CLITestCase):
     def test_list_moving(self):
         """A dataset reported only on a node other than its primary shows as moving."""
         self.harness.report_node(NODE_1, "10.0.0.1", [
-            DatasetState(dataset_id=WEB, state="mounted", path="/x")])
+            DatasetReport(dataset_id=WEB, state="mounted", path="/x")])
         _, out, _ = self.cli("list")
         web = [line for line in out.splitlines() if " web " in line][0]
         self.assertEqual(["aaaa2222", "web", "-", "22222222", "(10.0.0.2)", "moving", "-",
@@ -349,7 +349,7 @@ class ChangeTests(CLITestCase):
         mounted on the target alone, paced by the clock."""
         clock = Clock()
         self.harness.report_node(NODE_1, "10.0.0.1",
-                                 [DatasetState(dataset_id=PGDATA, state="moving")])
+                                 [DatasetReport(dataset_id=PGDATA, state="moving")])
         stdout, stderr = io.StringIO(), io.StringIO()
         env = {"PYFLOCK_CONTROL_SERVICE": "control.example", "PYFLOCK_USER": "alice",
                "HOME": str(self.home)}
@@ -359,10 +359,10 @@ class ChangeTests(CLITestCase):
         clock.advance(0.1)
         self.harness.report_node(NODE_1, "10.0.0.1")
         self.harness.report_node(NODE_2, "10.0.0.2",
-                                 [DatasetState(dataset_id=PGDATA, state="attaching")])
+                                 [DatasetReport(dataset_id=PGDATA, state="attaching")])
         clock.advance(0.1)
         self.harness.report_node(NODE_2, "10.0.0.2", [
-            DatasetState(dataset_id=PGDATA, state="mounted", path="/m/x")])
+            DatasetReport(dataset_id=PGDATA, state="mounted", path="/m/x")])
         self.assertNoResult(d)
         clock.advance(0.1)
         self.assertEqual(EXIT_OK, self.successResultOf(d), stderr.getvalue())

@@ -15,18 +15,20 @@ from treq.client import HTTPClient
 from treq.testing import HasHeaders, RequestSequence, StringStubbingResource, StubTreq
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent
 from zope.interface.verify import verifyObject
 
+from pyflock.common import _client
 from pyflock.common._client import (
     AccessDenied, ConfigurationChanged, Conflict, ControlClient, ControlError,
-    ControlUnreachable, DatasetConfiguration, DatasetListing, DatasetState, IControlClient,
-    InvalidRequest, LeaseInfo, NodeInfo, NotAllowed, NotFound, UnexpectedResponse,
-    VersionInfo,
+    ControlUnreachable, DatasetListing, IControlClient, InvalidRequest, NodeInfo, NotAllowed,
+    NotFound, UnexpectedResponse, VersionInfo,
 )
+from pyflock.common._records import Dataset, DatasetReport, Lease
 
 BASE = "https://control.example:4523"
 DATASET = "6b1d2b8e-6e52-4c31-9c59-2e4dbe0c2a4f"
@@ -35,8 +37,11 @@ OTHER_NODE = "9a3c1c44-8f6b-4d3a-b5a6-1f2e3d4c5b6a"
 
 DATASET_JSON = {"dataset_id": DATASET, "primary": NODE, "maximum_size": 10737418240,
                 "metadata": {"name": "pgdata"}, "deleted": False}
-DATASET_RECORD = DatasetConfiguration(dataset_id=DATASET, primary=NODE,
-                                      maximum_size=10737418240, metadata={"name": "pgdata"})
+DATASET_RECORD = Dataset(dataset_id=DATASET, primary=NODE, maximum_size=10737418240,
+                         metadata={"name": "pgdata"})
+
+#: The client's clock in ``RequestTests``: leases it reads expire this long after 0.
+NOW = 1000.0
 
 
 class JSONBody:
@@ -75,7 +80,10 @@ class RequestTests(SynchronousTestCase):
     def call(self, pairs, function):
         """Run ``function(client)`` against a server answering ``pairs`` in order."""
         sequence = RequestSequence(pairs)
-        client = ControlClient(StubTreq(StringStubbingResource(sequence)), BASE)
+        clock = Clock()
+        clock.advance(NOW)
+        client = ControlClient(StubTreq(StringStubbingResource(sequence)), BASE,
+                               reactor=clock)
         with sequence.consume(self.fail):
             result = self.successResultOf(function(client))
         return result
@@ -112,7 +120,7 @@ class RequestTests(SynchronousTestCase):
             [expect(b"get", "/configuration/datasets", [DATASET_JSON, deleted],
                     response_headers={"X-Configuration-Tag": "42"})],
             lambda c: c.list_datasets())
-        self.assertEqual(DatasetListing(datasets=(DATASET_RECORD, DatasetConfiguration(
+        self.assertEqual(DatasetListing(datasets=(DATASET_RECORD, Dataset(
             dataset_id=OTHER_NODE, primary=NODE, deleted=True)), tag="42"), result)
         self.assertEqual("pgdata", result.datasets[0].name)
         self.assertEqual(pmap({"name": "pgdata"}), result.datasets[0].metadata)
@@ -130,7 +138,7 @@ class RequestTests(SynchronousTestCase):
             [expect(b"post", "/configuration/datasets", answer, body={"primary": NODE},
                     headers=SENDS_JSON, code=201)],
             lambda c: c.create_dataset(NODE))
-        self.assertEqual(DatasetConfiguration(dataset_id=DATASET, primary=NODE), result)
+        self.assertEqual(Dataset(dataset_id=DATASET, primary=NODE), result)
 
     def test_create_everything(self):
         """``create_dataset`` sends id, size, metadata and the If-Matches tag given."""
@@ -182,10 +190,10 @@ class RequestTests(SynchronousTestCase):
                  "path": "/var/lib/pyflock/mounts/x", "state": "mounted"},
                 {"dataset_id": OTHER_NODE, "primary": NODE, "maximum_size": 67108864}])],
             lambda c: c.state_datasets())
-        self.assertEqual((DatasetState(dataset_id=DATASET, primary=NODE,
-                                       path="/var/lib/pyflock/mounts/x", state="mounted"),
-                          DatasetState(dataset_id=OTHER_NODE, primary=NODE,
-                                       maximum_size=67108864)), result)
+        self.assertEqual((DatasetReport(dataset_id=DATASET, node_uuid=NODE,
+                                        path="/var/lib/pyflock/mounts/x", state="mounted"),
+                          DatasetReport(dataset_id=OTHER_NODE, node_uuid=NODE,
+                                        maximum_size=67108864)), result)
 
     def test_list_nodes(self):
         """``list_nodes`` returns each node with liveness when reported."""
@@ -205,14 +213,15 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(NODE, result)
 
     def test_list_leases(self):
-        """``list_leases`` returns each lease with its seconds left or None."""
+        """``list_leases`` returns each lease expiring its seconds left after the client's
+        clock's now, or never."""
         result = self.call(
             [expect(b"get", "/configuration/leases", [
                 {"dataset_id": DATASET, "node_uuid": NODE, "expires": 12.5},
                 {"dataset_id": OTHER_NODE, "node_uuid": NODE, "expires": None}])],
             lambda c: c.list_leases())
-        self.assertEqual((LeaseInfo(dataset_id=DATASET, node_uuid=NODE, expires=12.5),
-                          LeaseInfo(dataset_id=OTHER_NODE, node_uuid=NODE, expires=None)),
+        self.assertEqual((Lease(dataset_id=DATASET, node_uuid=NODE, expiration=NOW + 12.5),
+                          Lease(dataset_id=OTHER_NODE, node_uuid=NODE, expiration=None)),
                          result)
 
     def test_acquire_lease(self):
@@ -228,7 +237,7 @@ class RequestTests(SynchronousTestCase):
             lambda c: c.acquire_lease(DATASET, NODE, 60).addCallback(
                 lambda first: c.acquire_lease(DATASET, NODE, 60).addCallback(
                     lambda second: (first, second))))
-        self.assertEqual((LeaseInfo(DATASET, NODE, 60),) * 2, result)
+        self.assertEqual((Lease(DATASET, NODE, NOW + 60),) * 2, result)
 
     def test_acquire_lease_forever(self):
         """A lease without expiry is sent with ``"expires": null``."""
@@ -237,7 +246,7 @@ class RequestTests(SynchronousTestCase):
             [expect(b"post", "/configuration/leases", lease, body=lease, headers=SENDS_JSON,
                     code=201)],
             lambda c: c.acquire_lease(DATASET, NODE, None))
-        self.assertIsNone(result.expires)
+        self.assertIsNone(result.expiration)
 
     def test_release_lease(self):
         """``release_lease`` DELETEs the lease's URL and returns the released lease."""
@@ -245,18 +254,24 @@ class RequestTests(SynchronousTestCase):
             [expect(b"delete", f"/configuration/leases/{DATASET}",
                     {"dataset_id": DATASET, "node_uuid": NODE, "expires": 3.0})],
             lambda c: c.release_lease(DATASET))
-        self.assertEqual(LeaseInfo(DATASET, NODE, 3.0), result)
+        self.assertEqual(Lease(DATASET, NODE, NOW + 3.0), result)
 
     def test_records_round_trip(self):
-        """Each record's ``to_json`` gives back what ``from_json`` read."""
+        """The client's own records' ``to_json`` gives back what ``from_json`` read."""
         for record, value in [
-                (DatasetConfiguration, DATASET_JSON),
-                (DatasetState, {"dataset_id": DATASET, "primary": NODE,
-                                "maximum_size": None, "path": "/p", "state": "mounted"}),
                 (NodeInfo, {"uuid": NODE, "host": "h", "alive": False, "last_seen": 3}),
-                (LeaseInfo, {"dataset_id": DATASET, "node_uuid": NODE, "expires": None}),
                 (VersionInfo, {"flocker": "1", "pyflock": "2"})]:
             self.assertEqual(value, record.from_json(value).to_json())
+
+    def test_clock_defaults_to_reactor(self):
+        """Without a reactor the client's clock is the global reactor's."""
+        from twisted.internet import reactor
+        before = reactor.seconds()
+        self.assertTrue(before <= ControlClient(object(), BASE).seconds() <= reactor.seconds())
+
+    def test_plugin_names_kept(self):
+        """The names the Docker plugin imports stay importable, as the common values."""
+        self.assertEqual((Dataset, Lease), (_client.DatasetConfiguration, _client.LeaseInfo))
 
 
 class ErrorTests(SynchronousTestCase):
@@ -320,7 +335,7 @@ class ErrorTests(SynchronousTestCase):
         """A dataset answer without ``primary`` fails naming the missing field."""
         error = self.failure_of(200, {"dataset_id": DATASET})
         self.assertIsInstance(error, UnexpectedResponse)
-        self.assertIn("missing field 'primary'", str(error))
+        self.assertIn("dataset lacks 'primary'", str(error))
 
     def test_success_wrong_type(self):
         """A list answer that is an object fails with ``UnexpectedResponse``."""

@@ -18,15 +18,15 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pyflock.common._model import MINIMUM_SIZE, Dataset
+from pyflock.common._model import MINIMUM_SIZE, Dataset, Lease
 from pyflock.common._tls import client_tls_options, tls_client_endpoint
 from pyflock.common._wire import (
     PROTOCOL_VERSION, BadMessage, DatasetEntry, DatasetReport, Diff, Error, Heartbeat,
-    Hello, LeaseEntry, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
+    Hello, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
     SyncRequest, ViewVersion, Welcome, decode, encode, message_to_json,
 )
 from pyflock.control._agentchannel import (
-    AgentChannelServer, dataset_entry, holders_of, view_datasets,
+    AgentChannelServer, holders_of, view_datasets,
 )
 from pyflock.control._clusterstate import ClusterState
 from pyflock.control._store import StoreError
@@ -44,7 +44,7 @@ DS3 = "33333333-4444-4555-8666-777777777777"
 
 ENTRY = DatasetEntry(dataset_id=DS, primary=A, maximum_size=MINIMUM_SIZE,
                      metadata={"name": "db", "profile": "gold"}, deleted=False,
-                     lease=LeaseEntry(node_uuid=A, expiration=1234.5), holders=(B, A))
+                     lease=Lease(DS, node_uuid=A, expiration=1234.5), holders=(B, A))
 MESSAGES = [
     Hello(node_uuid=A, era="era-1", address="10.0.0.5", peer_port=4525,
           known=ViewVersion("e", 3)),
@@ -405,8 +405,8 @@ class ServerTests(SynchronousTestCase):
         self.create(DS2, name="logs")
         [diff] = agent.received()
         self.assertEqual(diff, Diff(epoch=self.server.epoch, version=version + 1 + 1,
-                                    datasets=(dataset_entry(
-                                        self.configuration.committed.datasets[DS2], None),)))
+                                    datasets=(DatasetEntry.of(
+                                        self.configuration.committed.datasets[DS2]),)))
 
         self.change(DS2, lambda c: c.update(now, DS2, primary=B))
         [diff] = agent.received()
@@ -418,7 +418,7 @@ class ServerTests(SynchronousTestCase):
         [acquired, renewed] = agent.received()
         self.assertEqual([d.dataset_id for d in renewed.datasets], [DS])
         self.assertEqual(renewed.datasets[0].lease,
-                         LeaseEntry(node_uuid=A, expiration=self.clock.seconds() + 60))
+                         Lease(DS, node_uuid=A, expiration=self.clock.seconds() + 60))
         self.assertEqual(renewed.version, acquired.version + 1)
         self.assertEqual(len(other.received()), 4)
 

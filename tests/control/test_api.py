@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.common._model import MINIMUM_SIZE
-from pyflock.control._clusterstate import ClusterState, DatasetState, NodeState
+from pyflock.common._records import DatasetReport
+from pyflock.control._clusterstate import ClusterState, NodeState
 from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
 
 A = NODE_A.node_uuid
@@ -130,7 +131,7 @@ class DatasetTests(SynchronousTestCase):
         self.create(dataset_id=DS)
         self.h.cluster.update(ClusterState().update_node(NodeState(
             uuid=A, host="127.0.0.11", last_seen=self.h.clock.seconds(),
-            datasets={DS: DatasetState(dataset_id=DS, path="/mnt/x")})))
+            datasets={DS: DatasetReport(DS, "mounted", "/mnt/x", node_uuid=A)})))
         self.req("DELETE", f"/v1/configuration/datasets/{DS}")
         listed = self.req("GET", "/v1/configuration/datasets").json
         self.assertEqual([(d["dataset_id"], d["deleted"]) for d in listed], [(DS, True)])
@@ -414,7 +415,8 @@ class StateTests(SynchronousTestCase):
         now = self.h.clock.seconds()
         self.h.cluster.update(ClusterState()
             .update_node(NodeState(uuid=A, host="127.0.0.11", era="era-a", last_seen=now,
-                                   datasets={DS: DatasetState(dataset_id=DS, path="/m/x")}))
+                                   datasets={DS: DatasetReport(DS, "mounted", "/m/x",
+                                                               node_uuid=A)}))
             .update_node(NodeState(uuid=B, host="127.0.0.12", era="era-b", last_seen=now - 60)))
 
     def req(self, *args, **kwargs):

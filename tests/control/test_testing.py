@@ -56,7 +56,7 @@ async def behaves_like_the_control_service(user, node, node_uuid: str, other_uui
                   "a node certificate acts only for its own node")
 
     lease = await node.acquire_lease(created.dataset_id, node_uuid, 60)
-    assert lease.node_uuid == node_uuid and 0 < lease.expires <= 60
+    assert lease.node_uuid == node_uuid and 0 < lease.remaining(node.seconds()) <= 60
     assert [x.dataset_id for x in await user.list_leases()] == [created.dataset_id]
     await _raises(Conflict, user.move_dataset(created.dataset_id, other_uuid),
                   f"Lease already held by node {node_uuid}")
