@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pyflock.common._logging import log_event
-from pyflock.common._tls import client_tls_options, tls_client_endpoint
+from pyflock.common._tls import ClusterTLS, Identity, tls_client_endpoint
 from pyflock.common._wire import (
     MAX_MESSAGE, PROTOCOL_VERSION, BadMessage, DatasetReport, Diff, Error, Heartbeat,
     Hello, MessageProtocol, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
@@ -51,14 +51,13 @@ def default_retry_policy() -> Callable[[int], float]:
     return backoffPolicy(initialDelay=0.5, factor=2.0, maxDelay=30.0)
 
 
-def control_endpoint(reactor, host: str, port: int,
-                     certificates_directory) -> IStreamClientEndpoint:
+def control_endpoint(reactor, host: str, port: int, tls: ClusterTLS) -> IStreamClientEndpoint:
     """
-    The TLS endpoint of the control service's agent port: this node presents
-    ``node.crt/.key`` and accepts only a server whose certificate names ``host``.
+    The TLS endpoint of the control service's agent port: this node presents its
+    certificate (``tls``, loaded from ``node.crt/.key``) and accepts only the control
+    service, whose certificate names ``host``.
     """
-    return tls_client_endpoint(reactor, host, port,
-                               client_tls_options(certificates_directory, "node", host))
+    return tls.client_endpoint(reactor, host, port, Identity.control())
 
 
 class _ControlConnection(MessageProtocol):

@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from pyflock.common._logging import log_event
 from pyflock.common._model import Configuration, Dataset, Lease
+from pyflock.common._tls import Admission
 from pyflock.common._wire import (
     MAX_MESSAGE, PROTOCOL_VERSION, BadMessage, DatasetEntry, Diff, Error, Heartbeat, Hello,
     LeaseEntry, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
@@ -81,17 +82,6 @@ def holders_of(state: ClusterState) -> dict[str, frozenset[str]]:
     return {i: frozenset(nodes) for i, nodes in holders.items()}
 
 
-def _refusal(identity) -> Optional[str]:
-    """Why a peer with ``identity`` may not use the agent channel, or None if it may."""
-    if identity is None:
-        return ("the agent channel accepts only node-* certificates signed by this "
-                "cluster's CA; this certificate names no pyflock identity")
-    if identity.kind != "node":
-        return (f"the agent channel accepts only node-* certificates; this connection "
-                f"presented {identity.common_name}")
-    return None
-
-
 @implementer(IHandshakeListener)
 class _AgentConnection(MessageProtocol):
     """One agent's connection: a hello first, then state reports and heartbeats."""
@@ -101,8 +91,7 @@ class _AgentConnection(MessageProtocol):
     def __init__(self, server: "AgentChannelServer"):
         super().__init__(server.max_message)
         self._server = server
-        self._identity = None
-        self._identified = False
+        self._admission: Optional[Admission] = None
         self.node_uuid: Optional[str] = None
         self.welcomed = False
         self.reported = False
@@ -145,13 +134,11 @@ class _AgentConnection(MessageProtocol):
 
     def _check_identity(self) -> bool:
         """Whether the peer's certificate is a node's; if not, refuse it, saying why."""
-        if not self._identified:
+        if self._admission is None:
             # Only now is the TLS handshake complete (or the first data in: the same).
-            self._identity = self._server.identify(self.transport)
-            self._identified = True
-        reason = _refusal(self._identity)
-        if reason is not None:
-            self.close("identity", reason)
+            self._admission = self._server.identify(self.transport)
+        if not self._admission.admitted:
+            self.close("identity", self._admission.refusal)
             return False
         return True
 
@@ -200,7 +187,7 @@ class _AgentConnection(MessageProtocol):
     @property
     def identity(self):
         """The verified identity of the peer (None before it is known or if it has none)."""
-        return self._identity
+        return None if self._admission is None else self._admission.identity
 
 
 class _ChannelFactory(Factory):
@@ -215,9 +202,10 @@ class _ChannelFactory(Factory):
 
 class AgentChannelServer:
     """
-    The control side of the agent channel. ``identify(transport)`` tells whose certificate
-    a connection presented (``peer_identity`` in production); ``factory()`` is what to
-    listen with (``tls_server_endpoint(...).listen(server.factory())``). Node expiry is the
+    The control side of the agent channel. ``identify(transport)`` judges the certificate
+    a connection presented, as an ``Admission`` (the agent channel ``Listener``'s ``admit``
+    in production: ``ClusterTLS.listener(reactor, port, AGENT_CHANNEL)``); ``factory()`` is
+    what to listen with (``listener.endpoint.listen(server.factory())``). Node expiry is the
     cluster state's ``node_expiry``, so that the REST API and the channel agree.
     """
 

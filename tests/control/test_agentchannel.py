@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.common._model import MINIMUM_SIZE, Dataset
-from pyflock.common._tls import client_tls_options, tls_client_endpoint
+from pyflock.common._tls import AGENT_CHANNEL, client_tls_options, tls_client_endpoint
 from pyflock.common._wire import (
     PROTOCOL_VERSION, BadMessage, DatasetEntry, DatasetReport, Diff, Error, Heartbeat,
     Hello, LeaseEntry, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
@@ -245,7 +245,8 @@ class ServerTests(SynchronousTestCase):
     def start_server(self) -> AgentChannelServer:
         """A started server on the harness's configuration and cluster state."""
         server = AgentChannelServer(self.configuration, self.h.cluster, self.clock,
-                                    identify=lambda transport: transport.identity)
+                                    identify=lambda transport: AGENT_CHANNEL.admit(
+                                        transport.identity))
         server.start()
         return server
 
