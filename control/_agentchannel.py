@@ -36,9 +36,9 @@ from pyflock.common._logging import log_event
 from pyflock.common._model import Configuration, Dataset, Lease
 from pyflock.common._tls import Admission
 from pyflock.common._wire import (
-    MAX_MESSAGE, PROTOCOL_VERSION, BadMessage, DatasetEntry, Diff, Error, Heartbeat, Hello,
-    LeaseEntry, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
-    SyncRequest, ViewVersion, Welcome, encode,
+    MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, DatasetEntry, Diff, Error,
+    Heartbeat, Hello, LeaseEntry, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot,
+    StateReport, SyncRequest, ViewVersion, Welcome, describe_protocols, encode, negotiate,
 )
 from pyflock.control._clusterstate import (
     ClusterState, ClusterStateService, DatasetState, NodeState,
@@ -147,9 +147,11 @@ class _AgentConnection(MessageProtocol):
     def bad_message(self, error: BadMessage) -> None:
         if isinstance(error, ProtocolMismatch):
             self.close("protocol-version",
-                       f"the agent speaks agent-channel protocol {error.theirs!r}, this "
-                       f"control service speaks protocol {PROTOCOL_VERSION}: run the same "
-                       f"pyflock version on the control service and the agents")
+                       f"the agent speaks agent-channel {error.describe_theirs()}, this "
+                       f"control service speaks "
+                       f"{describe_protocols(OLDEST_PROTOCOL, PROTOCOL_VERSION)}: upgrade "
+                       f"the control service first, then the agents (a control service "
+                       f"speaks its own protocol and the previous one)")
         else:
             self.close("bad-message", str(error))
 
@@ -418,14 +420,17 @@ class AgentChannelServer:
                                           datasets))
         connection.node_uuid = uuid
         connection.welcomed = True
+        # decode has refused a hello whose versions share none with ours.
+        connection.protocol_version = negotiate(hello.protocols)
         self._connections[uuid] = connection
-        connection.send(Welcome(epoch=self.epoch, version=self.version))
+        connection.send(Welcome(epoch=self.epoch, version=self.version,
+                                protocol=connection.protocol_version))
         snapshot = hello.known != self.current
         if snapshot:
             self._send_snapshot(connection)
         log_event(_log, "pyflock:control:agent-connected", node_uuid=uuid, era=hello.era,
                   host=hello.address, peer_port=hello.peer_port, snapshot=snapshot,
-                  version=self.version)
+                  version=self.version, protocol=connection.protocol_version)
 
     def _heard(self, uuid: str) -> None:
         """The node spoke: it is alive for another ``node_expiry`` seconds."""

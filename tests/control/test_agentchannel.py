@@ -307,11 +307,13 @@ class ServerTests(SynchronousTestCase):
     def test_protocol_mismatch(self):
         """A hello of another protocol version is refused naming both versions."""
         agent = RawAgent(self.server, NODE_A)
-        hello = dict(message_to_json(Hello(node_uuid=A, era="e", address="h")), protocol=2)
+        hello = dict(message_to_json(Hello(node_uuid=A, era="e", address="h")),
+                     protocol=PROTOCOL_VERSION + 1)
+        del hello["protocols"]
         [error] = agent.send_raw(json.dumps(hello).encode())
         self.assertEqual(error.code, "protocol-version")
-        self.assertIn("protocol 2", error.reason)
-        self.assertIn(f"protocol {PROTOCOL_VERSION}", error.reason)
+        self.assertIn(f"protocol {PROTOCOL_VERSION + 1},", error.reason)
+        self.assertIn(f"protocols {PROTOCOL_VERSION - 1} to {PROTOCOL_VERSION}", error.reason)
         self.assertTrue(agent.closed)
         self.assertEqual(self.get("/v1/state/nodes"), [])
 
