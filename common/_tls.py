@@ -134,8 +134,7 @@ def identity_of_certificate(certificate, cluster_uuid: str) -> Optional[Identity
     The identity of ``certificate`` (pyOpenSSL or cryptography) if its OU is
     ``cluster_uuid``, else None. It does not check the signature: TLS already did.
     """
-    if isinstance(certificate, crypto.X509):
-        certificate = certificate.to_cryptography()
+    certificate = _cryptography(certificate)
     if cluster_uuid_of(certificate) != str(UUID(str(cluster_uuid))):
         return None
     common_name = common_name_of(certificate)
@@ -227,6 +226,13 @@ class PeerRefused(Exception):
     """A peer's certificate is not the one expected (or is revoked); the text says why."""
 
 
+def _cryptography(certificate) -> x509.Certificate:
+    """``certificate`` (pyOpenSSL's, as TLS gives it, or cryptography's) as cryptography's."""
+    if isinstance(certificate, crypto.X509):
+        return certificate.to_cryptography()
+    return certificate
+
+
 def never_revoked(certificate: x509.Certificate) -> bool:
     """No certificate is revoked: the check until the revocation list is read."""
     return False
@@ -245,10 +251,9 @@ class PeerCheck:
         self.cluster_uuid = cluster_uuid
         self._is_revoked = is_revoked
 
-    def _judge(self, certificate) -> tuple[Optional[Identity], Optional[str]]:
+    def _judge(self, certificate: x509.Certificate
+               ) -> tuple[Optional[Identity], Optional[str]]:
         """The certificate's identity, and why it counts for nothing (revoked), if it does."""
-        if isinstance(certificate, crypto.X509):
-            certificate = certificate.to_cryptography()
         identity = identity_of_certificate(certificate, self.cluster_uuid)
         if self._is_revoked(certificate):
             name = identity.common_name if identity else common_name_of(certificate)
@@ -260,7 +265,7 @@ class PeerCheck:
         """Whether the peer presenting ``certificate`` (None: none) may use ``role``."""
         if certificate is None:
             return role.admit(None)
-        identity, revoked = self._judge(certificate)
+        identity, revoked = self._judge(_cryptography(certificate))
         if revoked is not None:
             return Admission(identity, revoked)
         return role.admit(identity)
@@ -275,6 +280,7 @@ class PeerCheck:
         Why a server presenting ``certificate`` is not ``expected`` reached as
         ``hostname`` (checked against its subjectAltNames when given), or None if it is.
         """
+        certificate = _cryptography(certificate)
         identity, revoked = self._judge(certificate)
         if revoked is not None:
             return PeerRefused(revoked)
@@ -283,8 +289,6 @@ class PeerCheck:
                 f"the server is {identity.common_name if identity else 'no identity'}"
                 f", not {expected.common_name}")
         if hostname is not None:
-            if isinstance(certificate, crypto.X509):
-                certificate = certificate.to_cryptography()
             try:
                 if isIPAddress(hostname) or isIPv6Address(hostname):
                     verify_certificate_ip_address(certificate, hostname)
