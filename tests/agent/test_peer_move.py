@@ -8,6 +8,8 @@ A tiny in-test runner stands in for the agent's (peer transfer is a later issue)
 import io
 
 import attr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyrsistent import pmap
 
 from pyflock.agent._backends import MemoryPeerBackend
@@ -109,8 +111,7 @@ class Cluster:
 def test_move_copies_then_lets_go():
     """A move receives the data, late writes included, and never loses the last copy."""
     cluster = Cluster(primary=A)
-    while cluster.step(A):
-        pass
+    finish(cluster)
     a = cluster.nodes[A]
     assert DS in a.mounted
     a.backend.write_file(DS, "data", b"before the move")
@@ -119,13 +120,46 @@ def test_move_copies_then_lets_go():
     cluster.step(B)                       # bulk copy, while A still has it in use
     assert not cluster.nodes[B].backend.get_dataset(DS).complete
     a.backend.write_file(DS, "data", b"written during the bulk copy")
-    for _ in range(10):
-        acted = [cluster.step(n) for n in (A, B)]
-        assert cluster.holding_complete(), "some node always holds a complete copy"
-        if not any(acted):
-            break
+    finish(cluster)
     b = cluster.nodes[B]
     assert (DS in b.mounted, b.backend.read_file(DS, "data")) == (
         True, b"written during the bulk copy")
     assert a.backend.list_datasets() == [] and a.mounted == set() and a.directories == set()
     assert set(cluster.reports[B]) == {DS} and cluster.reports[A] == pmap()
+
+
+def finish(cluster: Cluster) -> None:
+    """Step both nodes until neither has anything left to do (a bounded number of rounds)."""
+    for _ in range(10):
+        acted = [cluster.step(n) for n in (A, B)]
+        assert cluster.holding_complete(), "some node always holds a complete copy"
+        if not any(acted):
+            return
+    raise AssertionError("the nodes did not converge in 10 rounds")
+
+
+@settings(max_examples=200, deadline=None)
+@given(before=st.lists(st.sampled_from([A, B]), max_size=6),
+       after=st.lists(st.sampled_from([A, B, "write"]), max_size=25))
+def test_any_schedule_of_a_move_keeps_the_data(before, after):
+    """Whatever order the nodes act in, a move keeps a complete copy and every write."""
+    cluster = Cluster(primary=A)
+    for node in before:
+        cluster.step(node)
+    finish(cluster)
+    a = cluster.nodes[A]
+    a.backend.write_file(DS, "data", b"0")
+    last = b"0"
+    cluster.primary = B
+    for number, action in enumerate(after, 1):
+        if action == "write":
+            if DS in a.mounted:
+                last = str(number).encode()
+                a.backend.write_file(DS, "data", last)
+        else:
+            cluster.step(action)
+        assert cluster.holding_complete(), "some node always holds a complete copy"
+    finish(cluster)
+    b = cluster.nodes[B]
+    assert DS in b.mounted and b.backend.read_file(DS, "data") == last
+    assert a.backend.list_datasets() == []
