@@ -26,11 +26,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pyflock.common._logging import log_event
-from pyflock.common._tls import client_tls_options, tls_client_endpoint
+from pyflock.common._tls import ClusterTLS, Identity, tls_client_endpoint
 from pyflock.common._wire import (
-    MAX_MESSAGE, PROTOCOL_VERSION, BadMessage, DatasetReport, Diff, Error, Heartbeat,
-    Hello, MessageProtocol, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
-    ViewVersion, Welcome,
+    MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, DatasetReport, Diff, Error,
+    Heartbeat, Hello, MessageProtocol, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
+    ViewVersion, Welcome, describe_protocols,
 )
 from pyflock.agent._view import AgentView, ViewOutOfStep
 
@@ -51,14 +51,13 @@ def default_retry_policy() -> Callable[[int], float]:
     return backoffPolicy(initialDelay=0.5, factor=2.0, maxDelay=30.0)
 
 
-def control_endpoint(reactor, host: str, port: int,
-                     certificates_directory) -> IStreamClientEndpoint:
+def control_endpoint(reactor, host: str, port: int, tls: ClusterTLS) -> IStreamClientEndpoint:
     """
-    The TLS endpoint of the control service's agent port: this node presents
-    ``node.crt/.key`` and accepts only a server whose certificate names ``host``.
+    The TLS endpoint of the control service's agent port: this node presents its
+    certificate (``tls``, loaded from ``node.crt/.key``) and accepts only the control
+    service, whose certificate names ``host``.
     """
-    return tls_client_endpoint(reactor, host, port,
-                               client_tls_options(certificates_directory, "node", host))
+    return tls.client_endpoint(reactor, host, port, Identity.control())
 
 
 class _ControlConnection(MessageProtocol):
@@ -87,8 +86,9 @@ class _ControlConnection(MessageProtocol):
     def bad_message(self, error: BadMessage) -> None:
         if isinstance(error, ProtocolMismatch):
             self.fail("protocol-version",
-                      f"the control service speaks agent-channel protocol "
-                      f"{error.theirs!r}, this agent speaks protocol {PROTOCOL_VERSION}")
+                      f"the control service answered agent-channel {error.describe_theirs()}"
+                      f", this agent speaks "
+                      f"{describe_protocols(OLDEST_PROTOCOL, PROTOCOL_VERSION)}")
         else:
             self.fail("bad-message", str(error))
 
@@ -284,9 +284,11 @@ class AgentChannel:
 
     def _welcomed(self, connection: _ControlConnection, welcome: Welcome) -> None:
         connection.welcomed = True
+        # decode has refused a welcome to a version this agent does not speak.
+        connection.protocol_version = welcome.protocol
         self._failures = 0
         log_event(_log, "pyflock:agent:channel-connected", node_uuid=self.node_uuid,
-                  epoch=welcome.epoch, version=welcome.version,
+                  epoch=welcome.epoch, version=welcome.version, protocol=welcome.protocol,
                   snapshot=ViewVersion(welcome.epoch, welcome.version) != self.view.current)
         self._heartbeats = LoopingCall(self._send_heartbeat, connection)
         self._heartbeats.clock = self.reactor

@@ -234,6 +234,9 @@ class DiscoveredDataset:
     holder: Optional[str] = None
     stray_mounts: tuple = ()
     mount_point_left: bool = False
+    #: Peer-to-peer backends only (``state`` a ``PeerState``): the latest snapshot of a
+    #: partial copy here; ``device`` is then the folder of a complete copy's data.
+    snapshot: Optional[str] = None
 
 
 class Discovered(PClass):
@@ -462,7 +465,7 @@ def finish_filesystem(node_uuid, wanted, found):
 
 
 def mount(node_uuid, wanted, found):
-    """Mount the attached device at the dataset's mount point."""
+    """Mount the attached device (or a peer copy's folder) at the dataset's mount point."""
     return MountFilesystem(dataset_id=found.dataset_id, device=found.device,
                            mount_point=found.mount_point)
 
@@ -598,14 +601,19 @@ def effective_state(desired: Desired, found: DiscoveredDataset) -> DiscoveredDat
     return found
 
 
+def _check_same_node(desired: Desired, discovered: Discovered) -> None:
+    """``ValueError`` unless ``desired`` and ``discovered`` are of one node."""
+    if desired.node_uuid != discovered.node_uuid:
+        raise ValueError(f"desired state of node {desired.node_uuid} compared with what "
+                         f"node {discovered.node_uuid} discovered")
+
+
 def calculate_changes(desired: Desired, discovered: Discovered):
     """
     The next step towards ``desired`` from ``discovered`` (pure): one table entry per
     dataset, all in parallel, in dataset id order; ``NOTHING`` when nothing is left to do.
     """
-    if desired.node_uuid != discovered.node_uuid:
-        raise ValueError(f"desired state of node {desired.node_uuid} compared with what "
-                         f"node {discovered.node_uuid} discovered")
+    _check_same_node(desired, discovered)
     changes = []
     for dataset_id in sorted(set(desired.datasets) | set(discovered.datasets)):
         found = effective_state(desired, discovered.get(dataset_id))
@@ -681,5 +689,281 @@ def dataset_states(desired: Desired, discovered: Discovered):
         size = found.size if found.size is not None else wanted.maximum_size
         states[dataset_id] = DatasetStatus(
             dataset_id=dataset_id, state=status, maximum_size=size,
+            path=found.mount_point if status == "mounted" else None)
+    return pmap(states)
+
+
+# ---------------------------------------------------------------------------------------
+# Backend kinds: the peer-to-peer rows
+#
+# A block-device backend (loopback, EBS) moves a dataset by detaching its one volume and
+# attaching it elsewhere: the rows above. A peer-to-peer backend (btrfs, a later issue)
+# keeps a copy per node and moves a dataset by copying it: the new primary receives it
+# from a node holding a complete copy (bulk while it is still in use there, then the
+# last delta once the old primary has unmounted it), instead of attaching it. Both kinds
+# share the mount steps (``MountFilesystem``, ``UnmountFilesystem``,
+# ``RemoveMountPoint``; the mount states and their rows); a peer copy is a filesystem
+# when it is made, so it has no filesystem steps of its own.
+#
+# Who holds what comes from the view's ``holders``: on a peer backend a node reports a
+# dataset only while it holds a complete copy of it (or creates it as its primary), never
+# a partial one, so that "the primary holds it" means the move is done and the old copy
+# may go. Known gaps, for the btrfs issue (they need the view to say which copy is the
+# current one, a new field and so a new protocol version): a dataset whose only copy is on
+# a dead node (wiped from the holders) looks never made, and its primary would create it
+# empty; a move back to a node that still holds an older copy would mount that copy.
+
+
+class BackendKind(enum.Enum):
+    """How a backend moves a dataset between nodes."""
+
+    #: One shared volume, detached and attached (loopback, EBS): ``TRANSITIONS``.
+    BLOCK_DEVICE = "block-device"
+    #: A copy per node, streamed from node to node (btrfs): ``PEER_TRANSITIONS``.
+    PEER_TO_PEER = "peer-to-peer"
+
+
+class PeerState(enum.Enum):
+    """What a node with a peer-to-peer backend found about one dataset."""
+
+    #: No copy here, and no other live node reports holding one.
+    NON_EXISTENT = "non-existent"
+    #: No copy here; another live node (``holder``) holds a complete one. Only
+    #: ``calculate_changes`` gives this state (discovery cannot know who holds what).
+    HELD_ELSEWHERE = "held-elsewhere"
+    #: A partial copy here (received up to ``snapshot``), and a live node (``holder``)
+    #: holds a complete one to continue from (discovery gives it with no holder).
+    PARTIAL = "partial"
+    #: A partial copy here, and no live node holds a complete one to continue from.
+    PARTIAL_NO_SOURCE = "partial-no-source"
+    #: A complete copy here (its data in the folder ``device``), not mounted.
+    UNMOUNTED = "unmounted"
+    #: A complete copy here, not mounted, and the dataset's primary (another node) holds
+    #: a complete copy too: the move is done. Only ``calculate_changes`` gives it.
+    SUPERSEDED = "superseded"
+    #: A complete copy here, mounted at its mount point.
+    MOUNTED = "mounted"
+    #: As ``DiscoveredState.MOUNTED_ASTRAY``: mounted at other places too.
+    MOUNTED_ASTRAY = "mounted-astray"
+    #: As ``DiscoveredState.STRAY_MOUNT``: something unexplained is mounted there.
+    STRAY_MOUNT = "stray-mount"
+    #: As ``DiscoveredState.MOUNT_POINT_TAKEN``: another dataset is mounted there.
+    MOUNT_POINT_TAKEN = "mount-point-taken"
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CreateDataset:
+    """Create this node's (empty, complete) copy of the dataset, ``size`` bytes."""
+
+    dataset_id: str
+    size: Optional[int] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ReceiveDataset:
+    """
+    Copy the dataset from ``from_node``: its stream from ``base`` (the latest snapshot of
+    this node's partial copy; None: the whole dataset), imported here. The copy is
+    completed once a stream was taken while ``from_node`` had the dataset unmounted.
+    """
+
+    dataset_id: str
+    from_node: str
+    base: Optional[str] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DestroyDataset:
+    """Destroy this node's unmounted copy of the dataset (complete or partial)."""
+
+    dataset_id: str
+
+
+#: The leaf changes of peer-to-peer rows; each touches one dataset.
+PEER_LEAF_CHANGES = (CreateDataset, ReceiveDataset, DestroyDataset, MountFilesystem,
+                     UnmountFilesystem, RemoveMountPoint)
+
+
+def create_copy(node_uuid, wanted, found):
+    """Create this node's copy, of the configured size."""
+    return CreateDataset(dataset_id=found.dataset_id, size=wanted.maximum_size)
+
+
+def receive(node_uuid, wanted, found):
+    """Receive the dataset from the node holding it (whole, or from the partial copy on)."""
+    return ReceiveDataset(dataset_id=found.dataset_id, from_node=found.holder,
+                          base=found.snapshot)
+
+
+def destroy_copy(node_uuid, wanted, found):
+    """Destroy this node's unmounted copy (and tidy the mount point)."""
+    return in_parallel([DestroyDataset(dataset_id=found.dataset_id),
+                        tidy(node_uuid, wanted, found)])
+
+
+def freeze(node_uuid, wanted, found):
+    """
+    Unmount the copy and remove its mount point, keeping the copy: the new primary takes
+    its last delta from it now that nothing writes to it.
+    """
+    return sequentially([unmount(node_uuid, wanted, found),
+                         RemoveMountPoint(dataset_id=found.dataset_id,
+                                          mount_point=found.mount_point)])
+
+
+def unmount_and_destroy(node_uuid, wanted, found):
+    """Unmount the copy, then destroy it."""
+    return sequentially([unmount(node_uuid, wanted, found),
+                         DestroyDataset(dataset_id=found.dataset_id)])
+
+
+_P = PeerState
+
+#: ``PEER_TRANSITIONS[desired state][peer state]``: the next step for one dataset on a
+#: peer-to-peer backend. ``DESTROYED`` is every node with a copy of a deleted dataset.
+PEER_TRANSITIONS: Mapping[DesiredState, Mapping[PeerState, Transition]] = {
+    DesiredState.MOUNTED: {
+        _P.NON_EXISTENT: create_copy,
+        _P.HELD_ELSEWHERE: receive,
+        _P.PARTIAL: receive,
+        _P.PARTIAL_NO_SOURCE: wait,
+        _P.UNMOUNTED: mount,
+        _P.SUPERSEDED: mount,
+        _P.MOUNTED: wait,
+        _P.MOUNTED_ASTRAY: unmount_strays,
+        _P.STRAY_MOUNT: unmount,
+        _P.MOUNT_POINT_TAKEN: wait,
+    },
+    DesiredState.NOT_HERE: {
+        _P.NON_EXISTENT: tidy,
+        _P.HELD_ELSEWHERE: tidy,
+        _P.PARTIAL: destroy_copy,
+        _P.PARTIAL_NO_SOURCE: destroy_copy,
+        # The source the primary copies from: kept until the primary holds it.
+        _P.UNMOUNTED: tidy,
+        _P.SUPERSEDED: destroy_copy,
+        _P.MOUNTED: freeze,
+        _P.MOUNTED_ASTRAY: unmount_strays,
+        _P.STRAY_MOUNT: unmount,
+        _P.MOUNT_POINT_TAKEN: wait,
+    },
+    DesiredState.DESTROYED: {
+        _P.NON_EXISTENT: tidy,
+        _P.HELD_ELSEWHERE: tidy,
+        _P.PARTIAL: destroy_copy,
+        _P.PARTIAL_NO_SOURCE: destroy_copy,
+        _P.UNMOUNTED: destroy_copy,
+        _P.SUPERSEDED: destroy_copy,
+        _P.MOUNTED: unmount_and_destroy,
+        _P.MOUNTED_ASTRAY: unmount_strays,
+        _P.STRAY_MOUNT: unmount,
+        _P.MOUNT_POINT_TAKEN: wait,
+    },
+    DesiredState.IGNORED: {
+        _P.NON_EXISTENT: tidy,
+        _P.HELD_ELSEWHERE: tidy,
+        _P.PARTIAL: wait,
+        _P.PARTIAL_NO_SOURCE: wait,
+        _P.UNMOUNTED: wait,
+        _P.SUPERSEDED: wait,
+        _P.MOUNTED: wait,
+        _P.MOUNTED_ASTRAY: unmount_strays,
+        _P.STRAY_MOUNT: wait,
+        _P.MOUNT_POINT_TAKEN: wait,
+    },
+}
+
+#: The rows of each backend kind.
+TRANSITIONS_BY_KIND = {BackendKind.BLOCK_DEVICE: TRANSITIONS,
+                       BackendKind.PEER_TO_PEER: PEER_TRANSITIONS}
+
+
+def peer_desired_state(desired: Desired, dataset_id: str) -> DesiredState:
+    """
+    What this node wants for ``dataset_id`` on a peer-to-peer backend (pure): as
+    ``Desired.state_of``, except that every node destroys its own copy of a deleted one.
+    """
+    dataset = desired.datasets.get(dataset_id)
+    if dataset is not None and dataset.deleted:
+        return DesiredState.DESTROYED
+    return desired.state_of(dataset_id)
+
+
+def copy_source(desired: Desired, dataset_id: str) -> Optional[str]:
+    """The live node (smallest uuid) reporting a complete copy of ``dataset_id``, if any."""
+    dataset = desired.datasets.get(dataset_id)
+    live = [] if dataset is None else [n for n in dataset.holders if not desired.is_dead(n)]
+    return min(live) if live else None
+
+
+def peer_found(desired: Desired, discovered: Discovered,
+               dataset_id: str) -> DiscoveredDataset:
+    """
+    What this node found of ``dataset_id`` on a peer-to-peer backend, completed with what
+    the view says of other nodes (pure): who to receive it from, and whether the primary
+    already holds the copy this node keeps.
+    """
+    found = discovered.datasets.get(dataset_id)
+    if found is None:
+        found = DiscoveredDataset(dataset_id=dataset_id, state=_P.NON_EXISTENT,
+                                  mount_point=discovered.mount_point(dataset_id))
+    source = copy_source(desired, dataset_id)
+    if found.state is _P.NON_EXISTENT and source is not None:
+        return attr.evolve(found, state=_P.HELD_ELSEWHERE, holder=source)
+    if found.state in (_P.PARTIAL, _P.PARTIAL_NO_SOURCE):
+        return attr.evolve(found, holder=source,
+                           state=_P.PARTIAL if source else _P.PARTIAL_NO_SOURCE)
+    wanted = desired.datasets.get(dataset_id)
+    if (found.state is _P.UNMOUNTED and wanted is not None
+            and wanted.primary != desired.node_uuid and wanted.primary in wanted.holders
+            and not desired.is_dead(wanted.primary)):
+        return attr.evolve(found, state=_P.SUPERSEDED)
+    return found
+
+
+def calculate_peer_changes(desired: Desired, discovered: Discovered):
+    """
+    The next step on a peer-to-peer backend (pure): one ``PEER_TRANSITIONS`` entry per
+    dataset, all in parallel, in dataset id order; ``NOTHING`` when nothing is left to do.
+    """
+    _check_same_node(desired, discovered)
+    changes = []
+    for dataset_id in sorted(set(desired.datasets) | set(discovered.datasets)):
+        found = peer_found(desired, discovered, dataset_id)
+        transition = PEER_TRANSITIONS[peer_desired_state(desired, dataset_id)][found.state]
+        changes.append(transition(desired.node_uuid, desired.datasets.get(dataset_id),
+                                  found))
+    return in_parallel(changes)
+
+
+#: What a node reports of a dataset on a peer-to-peer backend, by desired and found state
+#: (absent: nothing). A partial copy is never reported: see the holders rule above.
+_PEER_STATUS = {
+    DesiredState.MOUNTED: {_P.NON_EXISTENT: "creating", _P.UNMOUNTED: "attaching",
+                           _P.SUPERSEDED: "attaching", _P.MOUNTED: "mounted",
+                           _P.MOUNTED_ASTRAY: "attaching"},
+    DesiredState.NOT_HERE: {_P.UNMOUNTED: "moving", _P.SUPERSEDED: "moving",
+                            _P.MOUNTED: "moving", _P.MOUNTED_ASTRAY: "moving"},
+    DesiredState.DESTROYED: {_P.UNMOUNTED: "deleting", _P.SUPERSEDED: "deleting",
+                             _P.MOUNTED: "deleting", _P.MOUNTED_ASTRAY: "deleting"},
+}
+
+
+def peer_dataset_states(desired: Desired, discovered: Discovered):
+    """
+    What this node reports on a peer-to-peer backend (pure): a ``pmap`` of dataset id to
+    ``DatasetStatus`` for the complete copies it holds and the datasets it creates.
+    """
+    states = {}
+    for dataset_id in sorted(set(desired.datasets) | set(discovered.datasets)):
+        found = peer_found(desired, discovered, dataset_id)
+        wanted_state = peer_desired_state(desired, dataset_id)
+        status = _PEER_STATUS.get(wanted_state, {}).get(found.state)
+        if status is None:
+            continue
+        wanted = desired.datasets[dataset_id]
+        states[dataset_id] = DatasetStatus(
+            dataset_id=dataset_id, state=status,
+            maximum_size=found.size if found.size is not None else wanted.maximum_size,
             path=found.mount_point if status == "mounted" else None)
     return pmap(states)

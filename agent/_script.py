@@ -38,7 +38,7 @@ from pyflock.agent._view import VIEW_FILE, ViewFile
 from pyflock.common._ca import CertificateError, common_name_of, load_certificate
 from pyflock.common._client import ControlClient
 from pyflock.common._logging import log_event, start_json_logging
-from pyflock.common._tls import Identity, treq_client
+from pyflock.common._tls import ClusterTLS, Identity
 
 _log = Logger()
 
@@ -122,9 +122,10 @@ async def run(reactor, config: AgentConfig) -> None:
     era = compute_era(boot_id(), node_uuid)
     try:
         backend = make_backend(config, node_uuid)
+        tls = ClusterTLS.load(config.certificates, "node")
         channel_endpoint = control_endpoint(reactor, config.control_hostname,
-                                            config.control_port, config.certificates)
-        http = treq_client(reactor, config.certificates, "node")
+                                            config.control_port, tls)
+        http = tls.treq_client(reactor)
     except (CertificateError, OSError, ValueError) as e:
         raise StartupError(str(e))
     os.makedirs(config.state_path, mode=0o700, exist_ok=True)

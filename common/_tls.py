@@ -9,6 +9,11 @@ common name (``user-<name>``, ``node-<uuid>``, ``control-service``).
 
 A certificates folder holds ``cluster.crt`` and one ``<name>.crt`` / ``<name>.key`` pair per
 role this host plays (``control-service``, ``node``, or a user name).
+
+``ClusterTLS`` is the one factory of TLS contexts: every listener takes a ``Role`` (which
+certificates it accepts: ``REST_API``, ``AGENT_CHANNEL``, ``PEER_TRANSFER``) and every
+client the identity of the server it expects. ``PeerCheck`` is the one place a peer's
+certificate is judged, on both sides; revocation (``cluster.crl``) joins it there.
 """
 
 from __future__ import annotations
@@ -16,13 +21,19 @@ from __future__ import annotations
 import re
 import weakref
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 from uuid import UUID
 
 import attr
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from service_identity import CertificateError as ServiceIdentityCertificateError
+from service_identity import VerificationError as ServiceIdentityError
+from service_identity.cryptography import (
+    verify_certificate_hostname, verify_certificate_ip_address,
+)
 from treq.client import HTTPClient
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ServerEndpoint, serverFromString, wrapClientTLS,
 )
@@ -30,8 +41,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator, IStreamClientEndpoint, IStreamServerEndpoint,
 )
 from twisted.internet.ssl import (
-    Certificate, CertificateOptions, TLSVersion,
-    VerificationError, optionsForClientTLS, trustRootFromCertificates,
+    Certificate, CertificateOptions, TLSVersion, trustRootFromCertificates,
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -124,8 +134,7 @@ def identity_of_certificate(certificate, cluster_uuid: str) -> Optional[Identity
     The identity of ``certificate`` (pyOpenSSL or cryptography) if its OU is
     ``cluster_uuid``, else None. It does not check the signature: TLS already did.
     """
-    if isinstance(certificate, crypto.X509):
-        certificate = certificate.to_cryptography()
+    certificate = _cryptography(certificate)
     if cluster_uuid_of(certificate) != str(UUID(str(cluster_uuid))):
         return None
     common_name = common_name_of(certificate)
@@ -141,16 +150,179 @@ def peer_identity(transport, cluster_uuid: str) -> Optional[Identity]:
     ``request.transport`` (the same object as ``request.channel.transport``); in a plain
     protocol, ``self.transport``. ``cluster_uuid`` is ours, from ``read_cluster_uuid``.
     """
-    get_peer_certificate = getattr(transport, "getPeerCertificate", None)
-    if get_peer_certificate is None:
-        return None
-    try:
-        certificate = get_peer_certificate()
-    except SSL.Error:
-        return None
+    certificate = _peer_certificate(transport)
     if certificate is None:
         return None
     return identity_of_certificate(certificate, cluster_uuid)
+
+
+# -- who may connect: roles, admissions and the one identity check -------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Role:
+    """
+    What a listener is for (``name``, said in refusals) and which identity kinds it
+    accepts (``kinds``: "user", "node"; in the order refusals list them).
+    """
+
+    name: str
+    kinds: tuple = attr.ib(converter=tuple)
+
+    @kinds.validator
+    def _check_kinds(self, attribute, value) -> None:
+        """Every kind is an identity kind, and there is at least one."""
+        if not value or not set(value) <= set(_KINDS):
+            raise ValueError(f"a role accepts some of {', '.join(_KINDS)}, not {value!r}")
+
+    @property
+    def accepted(self) -> str:
+        """The certificates this role accepts, as refusals name them ("node-*")."""
+        return " or ".join(f"{kind}-*" for kind in self.kinds)
+
+    def admit(self, identity: Optional[Identity]) -> "Admission":
+        """Whether a verified peer of ``identity`` (None: no identity) may use it (pure)."""
+        if identity is None:
+            return Admission(None, f"the {self.name} accepts only {self.accepted} "
+                                   f"certificates signed by this cluster's CA; this "
+                                   f"certificate names no pyflock identity")
+        if identity.kind not in self.kinds:
+            return Admission(identity, f"the {self.name} accepts only {self.accepted} "
+                                       f"certificates; this connection presented "
+                                       f"{identity.common_name}")
+        return Admission(identity)
+
+
+#: The REST API (4523): users and nodes (what a node may do, the API decides).
+REST_API = Role("REST API", ("user", "node"))
+
+#: The agent channel (4524): nodes only.
+AGENT_CHANNEL = Role("agent channel", ("node",))
+
+#: Peer data transfer (4525): nodes only (which node, the move decides).
+PEER_TRANSFER = Role("peer transfer", ("node",))
+
+# The join port (4526) takes clients without a certificate: it will get a server context
+# of its own that requests none, and no Role (its exchange checks a token instead).
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Admission:
+    """
+    The verdict on a connection's peer: its ``identity`` (None if it has none) and why it
+    is refused (``refusal``, None when it is admitted).
+    """
+
+    identity: Optional[Identity]
+    refusal: Optional[str] = None
+
+    @property
+    def admitted(self) -> bool:
+        """Whether the peer may use the listener."""
+        return self.refusal is None
+
+
+class PeerRefused(Exception):
+    """A peer's certificate is not the one expected (or is revoked); the text says why."""
+
+
+def _cryptography(certificate) -> x509.Certificate:
+    """``certificate`` (pyOpenSSL's, as TLS gives it, or cryptography's) as cryptography's."""
+    if isinstance(certificate, crypto.X509):
+        return certificate.to_cryptography()
+    return certificate
+
+
+def never_revoked(certificate: x509.Certificate) -> bool:
+    """No certificate is revoked: the check until the revocation list is read."""
+    return False
+
+
+class PeerCheck:
+    """
+    The one place a peer's certificate is judged, by every listener and every client,
+    after TLS has verified its chain to ``cluster.crt``: its cluster (OU) and identity
+    (CN), then revocation (``is_revoked(certificate)``: the revocation list ``cluster.crl``
+    joins here), then what the listener's role accepts or the identity a client expects.
+    """
+
+    def __init__(self, cluster_uuid: str,
+                 is_revoked: Callable[[x509.Certificate], bool] = never_revoked):
+        self.cluster_uuid = cluster_uuid
+        self._is_revoked = is_revoked
+
+    def _judge(self, certificate: x509.Certificate
+               ) -> tuple[Optional[Identity], Optional[str]]:
+        """The certificate's identity, and why it counts for nothing (revoked), if it does."""
+        identity = identity_of_certificate(certificate, self.cluster_uuid)
+        if self._is_revoked(certificate):
+            name = identity.common_name if identity else common_name_of(certificate)
+            return identity, (f"the certificate {name} (serial "
+                              f"{certificate.serial_number:x}) is revoked")
+        return identity, None
+
+    def admit_certificate(self, certificate, role: Role) -> Admission:
+        """Whether the peer presenting ``certificate`` (None: none) may use ``role``."""
+        if certificate is None:
+            return role.admit(None)
+        identity, revoked = self._judge(_cryptography(certificate))
+        if revoked is not None:
+            return Admission(identity, revoked)
+        return role.admit(identity)
+
+    def admit(self, transport, role: Role) -> Admission:
+        """Whether the peer of a TLS ``transport`` (see ``peer_identity``) may use ``role``."""
+        return self.admit_certificate(_peer_certificate(transport), role)
+
+    def check_server(self, certificate, expected: Identity,
+                     hostname: Optional[str] = None) -> Optional[Exception]:
+        """
+        Why a server presenting ``certificate`` is not ``expected`` reached as
+        ``hostname`` (checked against its subjectAltNames when given), or None if it is.
+        """
+        certificate = _cryptography(certificate)
+        identity, revoked = self._judge(certificate)
+        if revoked is not None:
+            return PeerRefused(revoked)
+        if identity != expected:
+            return PeerRefused(
+                f"the server is {identity.common_name if identity else 'no identity'}"
+                f", not {expected.common_name}")
+        if hostname is not None:
+            try:
+                if isIPAddress(hostname) or isIPv6Address(hostname):
+                    verify_certificate_ip_address(certificate, hostname)
+                else:
+                    verify_certificate_hostname(certificate, hostname)
+            except (ServiceIdentityError, ServiceIdentityCertificateError) as e:
+                return e
+        return None
+
+
+class ConnectionIdentities:
+    """
+    ``identify(request)`` for a twisted.web site listening as ``role``: the caller's
+    identity if ``check`` admits it, else None; judged once per TLS connection (servers
+    refuse renegotiation, so the certificate cannot change).
+    """
+
+    def __init__(self, check: PeerCheck, role: Role):
+        self._check = check
+        self._role = role
+        self._known: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __call__(self, request) -> Optional[Identity]:
+        transport = request.transport
+        try:
+            admission = self._known[transport]
+        except (KeyError, TypeError):
+            admission = self._check.admit(transport, self._role)
+            if admission.identity is not None:
+                self._known[transport] = admission
+        return admission.identity if admission.admitted else None
+
+
+# -- the one TLS context factory -----------------------------------------------------------
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -202,59 +374,151 @@ def _load_credentials(certificates_directory: PathLike,
     )
 
 
-def server_tls_options(certificates_directory: PathLike,
-                       certificate_name: str) -> CertificateOptions:
-    """
-    Server TLS options presenting ``<certificate_name>.crt/.key`` and requiring a client
-    certificate issued by the folder's ``cluster.crt``; TLS 1.2 or later.
-    """
-    credentials = _load_credentials(certificates_directory, certificate_name)
-    options = CertificateOptions(
-        privateKey=credentials.key,
-        certificate=credentials.certificate,
-        # A trust root makes Twisted verify the peer and require its certificate.
-        trustRoot=trustRootFromCertificates([credentials.authority]),
-        raiseMinimumTo=MINIMUM_TLS_VERSION,
-    )
-    # A connection's client certificate never changes (ConnectionIdentities caches it).
-    options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
-    return options
+@attr.s(frozen=True, auto_attribs=True)
+class Listener:
+    """One listening port: its TLS ``endpoint``, and who it admits (``role``)."""
+
+    endpoint: IStreamServerEndpoint
+    role: Role
+    check: PeerCheck
+
+    def admit(self, transport) -> Admission:
+        """Whether the peer of a connection to this port may use it."""
+        return self.check.admit(transport, self.role)
+
+    def identities(self) -> ConnectionIdentities:
+        """``identify(request)`` for a twisted.web site on this port."""
+        return ConnectionIdentities(self.check, self.role)
 
 
-class ConnectionIdentities:
+class ClusterTLS:
     """
-    ``identify(request)`` for a twisted.web site: the caller's identity, worked out once
-    per TLS connection (servers refuse renegotiation, so it cannot change).
+    The one TLS context factory of a process: made once from a certificates folder and
+    the name of the certificate this process presents, it makes every listener
+    (``listener``: REST API, agent channel, peer transfer) and every client
+    (``client_options``, ``client_endpoint``, ``http_policy``, ``treq_client``), all
+    with mutual TLS, TLS 1.2 or later, trusting only ``cluster.crt``, and judges every
+    peer with one ``PeerCheck`` (``check``).
     """
 
-    def __init__(self, cluster_uuid: str):
-        self._cluster_uuid = cluster_uuid
-        self._known: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    def __init__(self, credentials: _Credentials, check: PeerCheck):
+        self._credentials = credentials
+        self.check = check
+        self._server_options: Optional[CertificateOptions] = None
 
-    def __call__(self, request) -> Optional[Identity]:
-        transport = request.transport
-        try:
-            return self._known[transport]
-        except (KeyError, TypeError):
-            pass
-        identity = peer_identity(transport, self._cluster_uuid)
-        if identity is not None:
-            self._known[transport] = identity
-        return identity
+    @classmethod
+    def load(cls, certificates_directory: PathLike, certificate_name: str, *,
+             is_revoked: Callable[[x509.Certificate], bool] = never_revoked
+             ) -> "ClusterTLS":
+        """
+        Load ``cluster.crt`` and ``<certificate_name>.crt/.key`` from the folder;
+        ``CertificateFileError`` if they are missing, do not match or another CA issued
+        the certificate.
+        """
+        credentials = _load_credentials(certificates_directory, certificate_name)
+        return cls(credentials, PeerCheck(credentials.cluster_uuid, is_revoked))
+
+    @property
+    def cluster_uuid(self) -> str:
+        """This cluster's uuid (the OU of ``cluster.crt``)."""
+        return self._credentials.cluster_uuid
+
+    def _trust(self):
+        """The trust root: this cluster's CA only."""
+        return trustRootFromCertificates([self._credentials.authority])
+
+    def server_options(self) -> CertificateOptions:
+        """
+        The server options every listener shares: present this certificate, require a
+        client certificate issued by ``cluster.crt``, refuse renegotiation; TLS 1.2 or later.
+        """
+        if self._server_options is None:
+            credentials = self._credentials
+            options = CertificateOptions(
+                privateKey=credentials.key, certificate=credentials.certificate,
+                # A trust root makes Twisted verify the peer and require its certificate.
+                trustRoot=self._trust(), raiseMinimumTo=MINIMUM_TLS_VERSION)
+            # A connection's client certificate never changes (ConnectionIdentities
+            # caches what it admitted).
+            options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
+            self._server_options = options
+        return self._server_options
+
+    def listener(self, reactor, port: Union[int, str], role: Role) -> Listener:
+        """The TLS listener on ``port`` (see ``tcp_server_endpoint``) admitting ``role``."""
+        return Listener(tls_server_endpoint(reactor, port, self.server_options()),
+                        role, self.check)
+
+    def client_options(self, expected: Identity, hostname: Optional[str] = None
+                       ) -> IOpenSSLClientConnectionCreator:
+        """
+        Client options presenting this certificate and accepting only a server whose
+        certificate is ``expected``'s; the control service's must also carry
+        ``hostname`` (the name it is reached by) as subjectAltName. Node certificates
+        carry no host names: a node is known by its identity alone.
+        """
+        if (expected.kind == "control") != (hostname is not None):
+            raise ValueError("give the host name of the control service, and only of it")
+        credentials = self._credentials
+        options = CertificateOptions(
+            privateKey=credentials.key, certificate=credentials.certificate,
+            trustRoot=self._trust(), raiseMinimumTo=MINIMUM_TLS_VERSION)
+        return _ServerCheckingCreator(options, expected, self.check, hostname)
+
+    def client_endpoint(self, reactor, host: str, port: int,
+                        expected: Identity) -> IStreamClientEndpoint:
+        """A TLS client endpoint to ``host:port`` accepting only ``expected`` as server."""
+        hostname = host if expected.kind == "control" else None
+        return tls_client_endpoint(reactor, host, port,
+                                   self.client_options(expected, hostname))
+
+    def http_policy(self, expected: Optional[Identity] = None) -> "ClusterTLSPolicy":
+        """The HTTPS policy for ``Agent``/treq; the server is ``expected`` (the control)."""
+        return ClusterTLSPolicy(self, Identity.control() if expected is None else expected)
+
+    def treq_client(self, reactor, *, pool: Optional[HTTPConnectionPool] = None,
+                    expected: Optional[Identity] = None) -> HTTPClient:
+        """
+        A treq ``HTTPClient`` over ``http_policy(expected)`` and ``pool`` (a new
+        persistent pool if None; whoever passes a pool closes it).
+        """
+        if pool is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+        return HTTPClient(Agent(reactor, contextFactory=self.http_policy(expected),
+                                pool=pool))
+
+
+def _peer_certificate(transport):
+    """The peer's certificate on a TLS ``transport``, or None (no TLS, none presented)."""
+    get_peer_certificate = getattr(transport, "getPeerCertificate", None)
+    if get_peer_certificate is None:
+        return None
+    try:
+        return get_peer_certificate()
+    except SSL.Error:
+        return None
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _IdentityVerifyingCreator:
-    """Client TLS that accepts only a server whose certificate is ``expected``'s."""
+class _ServerCheckingCreator:
+    """
+    Client TLS with ``options`` where ``check`` accepts only the server ``expected``,
+    reached as ``hostname`` (sent as SNI when it is a DNS name).
+    """
 
-    def __init__(self, options: CertificateOptions, expected: Identity, cluster_uuid: str):
+    def __init__(self, options: CertificateOptions, expected: Identity, check: PeerCheck,
+                 hostname: Optional[str] = None):
         self._options = options
         self._expected = expected
-        self._cluster_uuid = cluster_uuid
+        self._check = check
+        self._hostname = hostname
 
     def clientConnectionForTLS(self, tls_protocol):
         """A client connection that checks the server's identity after its chain."""
         connection = self._options.clientConnectionForTLS(tls_protocol)
+        hostname = self._hostname
+        if hostname is not None and not (isIPAddress(hostname) or isIPv6Address(hostname)):
+            connection.set_tlsext_host_name(hostname.encode("idna"))
         connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
                               self._callback(tls_protocol))
         return connection
@@ -268,14 +532,13 @@ class _IdentityVerifyingCreator:
             if depth != 0 or not ok:
                 return ok
             try:
-                identity = identity_of_certificate(certificate, self._cluster_uuid)
-                if identity == self._expected:
+                error = self._check.check_server(certificate, self._expected,
+                                                 self._hostname)
+                if error is None:
                     return True
                 # Exceptions raised inside an OpenSSL callback are lost; failVerification
                 # is how the reason reaches the connection's connectionLost.
-                protocol.failVerification(Failure(VerificationError(
-                    f"the server is {identity.common_name if identity else 'no identity'}"
-                    f", not {self._expected.common_name}")))
+                protocol.failVerification(Failure(error))
                 return False
             except BaseException:
                 _log.failure("while verifying the server's identity")
@@ -285,88 +548,70 @@ class _IdentityVerifyingCreator:
         return verify
 
 
-def client_tls_options(certificates_directory: PathLike, certificate_name: str,
-                       hostname: Optional[str] = None, *,
-                       expected_identity: Optional[Identity] = None
-                       ) -> IOpenSSLClientConnectionCreator:
-    """
-    Client TLS options trusting only the folder's ``cluster.crt`` and presenting
-    ``<certificate_name>.crt/.key``. Give exactly one of ``hostname`` (the server's
-    certificate must carry it as subjectAltName: the control service) or
-    ``expected_identity`` (its certificate must be that identity's: a peer node).
-    """
-    if (hostname is None) == (expected_identity is None):
-        raise ValueError("give exactly one of hostname and expected_identity")
-    return _client_options(_load_credentials(certificates_directory, certificate_name),
-                           hostname, expected_identity)
-
-
-def _client_options(credentials: _Credentials, hostname: Optional[str],
-                    expected_identity: Optional[Identity]
-                    ) -> IOpenSSLClientConnectionCreator:
-    """Client TLS options for loaded ``credentials``; see ``client_tls_options``."""
-    trust = trustRootFromCertificates([credentials.authority])
-    if expected_identity is None:
-        return optionsForClientTLS(
-            hostname, trustRoot=trust, extraCertificateOptions={
-                "privateKey": credentials.key, "certificate": credentials.certificate,
-                "raiseMinimumTo": MINIMUM_TLS_VERSION})
-    options = CertificateOptions(
-        privateKey=credentials.key, certificate=credentials.certificate,
-        trustRoot=trust, raiseMinimumTo=MINIMUM_TLS_VERSION)
-    return _IdentityVerifyingCreator(options, expected_identity, credentials.cluster_uuid)
-
-
 @implementer(IPolicyForHTTPS)
 class ClusterTLSPolicy:
     """
-    ``IPolicyForHTTPS`` for a cluster: trust only ``cluster.crt``, present
-    ``<certificate_name>.crt/.key``, and check each server's host name (or, given
-    ``expected_identity``, its identity) against its certificate.
+    ``IPolicyForHTTPS`` for a cluster (``ClusterTLS.http_policy``): each server must be
+    ``expected``; the control service must also carry the URL's host name.
     """
 
-    def __init__(self, certificates_directory: PathLike, certificate_name: str, *,
-                 expected_identity: Optional[Identity] = None):
-        self._credentials = _load_credentials(certificates_directory, certificate_name)
-        self._expected_identity = expected_identity
+    def __init__(self, tls: ClusterTLS, expected: Identity):
+        self._tls = tls
+        self._expected = expected
         self._creators: dict = {}
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         """The client connection creator for ``https://hostname:port``."""
         host = hostname.decode("ascii") if isinstance(hostname, bytes) else hostname
-        host = host.strip("[]")
-        key = None if self._expected_identity is not None else host
+        host = host.strip("[]") if self._expected.kind == "control" else None
         # One creator (hence one OpenSSL context) per host, rather than one per connection.
-        if key not in self._creators:
-            self._creators[key] = _client_options(
-                self._credentials, None if key is None else host, self._expected_identity)
-        return self._creators[key]
+        if host not in self._creators:
+            self._creators[host] = self._tls.client_options(self._expected, host)
+        return self._creators[host]
+
+
+# -- the same, from a certificates folder in one call --------------------------------------
+
+
+def server_tls_options(certificates_directory: PathLike,
+                       certificate_name: str) -> CertificateOptions:
+    """``ClusterTLS.server_options`` of ``<certificate_name>.crt/.key`` in the folder."""
+    return ClusterTLS.load(certificates_directory, certificate_name).server_options()
+
+
+def client_tls_options(certificates_directory: PathLike, certificate_name: str,
+                       hostname: Optional[str] = None, *,
+                       expected_identity: Optional[Identity] = None
+                       ) -> IOpenSSLClientConnectionCreator:
+    """
+    ``ClusterTLS.client_options`` presenting ``<certificate_name>.crt/.key``. Give exactly
+    one of ``hostname`` (the server is the control service reached by that name) or
+    ``expected_identity`` (the server is that identity: a peer node).
+    """
+    if (hostname is None) == (expected_identity is None):
+        raise ValueError("give exactly one of hostname and expected_identity")
+    tls = ClusterTLS.load(certificates_directory, certificate_name)
+    if hostname is not None:
+        return tls.client_options(Identity.control(), hostname)
+    return tls.client_options(expected_identity)
 
 
 def client_tls_policy(certificates_directory: PathLike, certificate_name: str, *,
                       expected_identity: Optional[Identity] = None) -> ClusterTLSPolicy:
     """
-    The HTTPS policy for ``twisted.web.client.Agent`` / treq: trust only the folder's
-    ``cluster.crt``, present ``<certificate_name>.crt/.key``, verify the server's host name
-    (or ``expected_identity``) against its certificate.
+    ``ClusterTLS.http_policy`` presenting ``<certificate_name>.crt/.key``: the server is
+    the control service at the URL's host, or ``expected_identity``.
     """
-    return ClusterTLSPolicy(certificates_directory, certificate_name,
-                            expected_identity=expected_identity)
+    return ClusterTLS.load(certificates_directory, certificate_name).http_policy(
+        expected_identity)
 
 
 def treq_client(reactor, certificates_directory: PathLike, certificate_name: str, *,
                 pool: Optional[HTTPConnectionPool] = None,
                 expected_identity: Optional[Identity] = None) -> HTTPClient:
-    """
-    A treq ``HTTPClient`` speaking mutual TLS with ``client_tls_policy``, over ``pool``
-    (a new persistent pool if None; whoever passes a pool closes it with
-    ``pool.closeCachedConnections()``).
-    """
-    if pool is None:
-        pool = HTTPConnectionPool(reactor, persistent=True)
-    policy = client_tls_policy(certificates_directory, certificate_name,
-                               expected_identity=expected_identity)
-    return HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+    """``ClusterTLS.treq_client`` presenting ``<certificate_name>.crt/.key``."""
+    return ClusterTLS.load(certificates_directory, certificate_name).treq_client(
+        reactor, pool=pool, expected=expected_identity)
 
 
 @implementer(IStreamServerEndpoint)
@@ -434,7 +679,9 @@ def tls_client_endpoint(reactor, host: str, port: int,
 
 
 __all__ = [
-    "ClusterTLSPolicy", "Identity", "MINIMUM_TLS_VERSION", "client_tls_options",
+    "AGENT_CHANNEL", "Admission", "ClusterTLS", "ClusterTLSPolicy", "ConnectionIdentities",
+    "Identity", "Listener", "MINIMUM_TLS_VERSION", "PEER_TRANSFER", "PeerCheck", "PeerRefused", "REST_API",
+    "Role", "client_tls_options", "never_revoked",
     "client_tls_policy", "identity_of_certificate", "peer_identity", "read_cluster_uuid",
     "server_tls_options", "tcp_server_endpoint", "tls_client_endpoint",
     "tls_server_endpoint", "treq_client",

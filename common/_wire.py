@@ -9,6 +9,10 @@ both ends share: a peer's bad message gets an ``error`` message and a disconnect
 
 The ``error`` message keeps its shape in every protocol version (``code``, ``reason``,
 ``protocol``), so that a peer speaking another version still learns why it was refused.
+The hello names the versions an agent speaks and the welcome the one the connection
+speaks from then on (``negotiate``); within a version a key it does not have is refused
+(``MESSAGE_KEYS``). The rule for adding to the protocol is in docs/architecture.md,
+"Evolving the agent channel".
 """
 
 from __future__ import annotations
@@ -31,8 +35,12 @@ from pyflock.common._records import (
     dataset_entry_to_json, report_from_json, report_to_json,
 )
 
-#: The agent channel protocol this code speaks; a hello with another is refused.
-PROTOCOL_VERSION = 1
+#: The newest agent-channel protocol this code speaks (docs/architecture.md, "Evolving the
+#: agent channel"): 2 added the hello's ``protocols``.
+PROTOCOL_VERSION = 2
+
+#: The oldest it still speaks: the previous one, so agents are upgraded one at a time.
+OLDEST_PROTOCOL = PROTOCOL_VERSION - 1
 
 #: Frames longer than this are refused (a snapshot of ~100,000 datasets fits).
 MAX_MESSAGE = 32 * 1024 * 1024
@@ -44,13 +52,41 @@ class BadMessage(Malformed):
     """A frame is not a well-formed message; the text says what is wrong with it."""
 
 
-class ProtocolMismatch(BadMessage):
-    """A hello or welcome names another protocol version (``theirs``) than ours."""
+def describe_protocols(oldest, newest) -> str:
+    """``protocol 2`` or ``protocols 1 to 2``, for messages naming a side's versions."""
+    if oldest == newest:
+        return f"protocol {newest!r}"
+    return f"protocols {oldest!r} to {newest!r}"
 
-    def __init__(self, theirs):
-        super().__init__(f"the peer speaks agent-channel protocol {theirs!r}, this side "
-                         f"speaks protocol {PROTOCOL_VERSION}")
+
+class ProtocolMismatch(BadMessage):
+    """
+    A hello or welcome names versions (``theirs_oldest`` to ``theirs``, as sent) that
+    share none with the versions this side speaks (``OLDEST_PROTOCOL`` to
+    ``PROTOCOL_VERSION``).
+    """
+
+    def __init__(self, theirs, theirs_oldest=None):
         self.theirs = theirs
+        self.theirs_oldest = theirs if theirs_oldest is None else theirs_oldest
+        super().__init__(f"the peer speaks agent-channel {self.describe_theirs()}, this "
+                         f"side speaks {describe_protocols(OLDEST_PROTOCOL, PROTOCOL_VERSION)}")
+
+    def describe_theirs(self) -> str:
+        """The peer's versions, as ``describe_protocols`` words them."""
+        return describe_protocols(self.theirs_oldest, self.theirs)
+
+
+def negotiate(theirs: tuple[int, int],
+              ours: tuple[int, int] = (OLDEST_PROTOCOL, PROTOCOL_VERSION)) -> int:
+    """
+    The version a connection speaks: the newest that both the peer (``theirs``, oldest to
+    newest) and this side (``ours``) speak; ``ProtocolMismatch`` if there is none (pure).
+    """
+    newest = min(theirs[1], ours[1])
+    if newest < max(theirs[0], ours[0]):
+        raise ProtocolMismatch(theirs[1], theirs[0])
+    return newest
 
 
 # -- the view's parts ----------------------------------------------------------------------
@@ -88,21 +124,41 @@ class ViewVersion:
 # -- messages ------------------------------------------------------------------------------
 
 
+def _check_protocols(instance, attribute, value) -> None:
+    """attrs validator: ``protocols`` is (oldest, newest), 1 <= oldest <= newest."""
+    if (not isinstance(value, tuple) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or not 1 <= value[0] <= value[1]):
+        raise ValueError(f"protocols must be (oldest, newest) versions, not {value!r}")
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class Hello:
-    """Agent -> control, first: who it is, where peers reach it, what view it has."""
+    """
+    Agent -> control, first: who it is, where peers reach it, what view it has, and the
+    protocol versions it speaks (``protocols``: oldest, newest).
+    """
 
     node_uuid: str
     era: str
     address: str
     peer_port: Optional[int] = None
     known: Optional[ViewVersion] = None
-    protocol: int = PROTOCOL_VERSION
+    protocols: tuple = attr.ib(default=(OLDEST_PROTOCOL, PROTOCOL_VERSION),
+                               converter=tuple, validator=_check_protocols)
+
+    @property
+    def protocol(self) -> int:
+        """The newest version the agent speaks (the hello's ``protocol``)."""
+        return self.protocols[1]
 
 
 @attr.s(frozen=True, auto_attribs=True)
 class Welcome:
-    """Control -> agent: the hello is accepted; the control's current view version."""
+    """
+    Control -> agent: the hello is accepted; the control's current view version, and the
+    protocol version the connection speaks from now on (``protocol``).
+    """
 
     epoch: str
     version: int
@@ -188,10 +244,13 @@ def node_entry_to_json(entry: NodeEntry) -> dict:
 def message_to_json(message: Message) -> dict:
     """The JSON object of ``message``."""
     if isinstance(message, Hello):
-        return {"type": "hello", "protocol": message.protocol,
-                "node_uuid": message.node_uuid, "era": message.era,
-                "address": message.address, "peer_port": message.peer_port,
-                "known": _version_json(message.known)}
+        hello = {"type": "hello", "protocol": message.protocol,
+                 "node_uuid": message.node_uuid, "era": message.era,
+                 "address": message.address, "peer_port": message.peer_port,
+                 "known": _version_json(message.known)}
+        if message.protocol >= 2:
+            hello["protocols"] = list(message.protocols)
+        return hello
     if isinstance(message, Welcome):
         return {"type": "welcome", "protocol": message.protocol, "epoch": message.epoch,
                 "version": message.version}
@@ -240,6 +299,7 @@ def _version(obj: dict, key: str, where: str) -> Optional[ViewVersion]:
     if value is None:
         return None
     where = f"{where}.{key}"
+    check_keys(value, _VIEW_VERSION_KEYS, where)
     return ViewVersion(epoch=read(value, "epoch", (str,), where),
                        version=read_natural(value, "version", where))
 
@@ -259,7 +319,7 @@ def _hello(obj: dict) -> Hello:
         raise BadMessage("hello.address and hello.era must not be empty")
     return Hello(node_uuid=read_uuid(obj, "node_uuid", "hello"), era=era, address=address,
                  peer_port=_port(obj, "peer_port", "hello"),
-                 known=_version(obj, "known", "hello"))
+                 known=_version(obj, "known", "hello"), protocols=_hello_protocols(obj))
 
 
 def _snapshot(obj: dict) -> Snapshot:
@@ -298,7 +358,8 @@ def _state(obj: dict) -> StateReport:
 _DECODERS = {
     "hello": _hello,
     "welcome": lambda o: Welcome(epoch=read(o, "epoch", (str,), "welcome"),
-                                 version=read_natural(o, "version", "welcome")),
+                                 version=read_natural(o, "version", "welcome"),
+                                 protocol=o["protocol"]),
     "error": lambda o: Error(code=read(o, "code", (str,), "error"),
                              reason=read(o, "reason", (str,), "error"),
                              protocol=read_natural(o, "protocol", "error")),
@@ -310,10 +371,12 @@ _DECODERS = {
 }
 
 
-def decode(payload: bytes) -> Message:
+def decode(payload: bytes, protocol: Optional[int] = None) -> Message:
     """
-    The message a frame's payload carries. Raises ``ProtocolMismatch`` for a hello or
-    welcome of another protocol version, ``BadMessage`` for anything malformed.
+    The message a frame's payload carries, in the version ``protocol`` the connection
+    settled on (None: not settled yet, or a stored view: the newest). Raises
+    ``ProtocolMismatch`` for a hello or welcome whose versions this side does not speak,
+    ``BadMessage`` for anything malformed, a key unknown to the version included.
     """
     try:
         obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
@@ -330,15 +393,100 @@ def decode(payload: bytes) -> Message:
     if decoder is None:
         raise BadMessage(f"unknown message type {kind!r}: expected one of "
                          f"{', '.join(sorted(_DECODERS))}")
-    # The version is checked before anything else: another version's hello may differ.
-    if kind in ("hello", "welcome") and obj.get("protocol") != PROTOCOL_VERSION:
-        raise ProtocolMismatch(obj.get("protocol"))
+    _check_message_keys(obj, kind, protocol)
     try:
         return decoder(obj)
     except BadMessage:
         raise
     except Malformed as e:
         raise BadMessage(str(e)) from None
+
+
+# -- versions: the handshake settles one, and each version knows its keys -----------------
+
+_V1_KEYS = {
+    "hello": frozenset({"type", "protocol", "node_uuid", "era", "address", "peer_port",
+                        "known"}),
+    "welcome": frozenset({"type", "protocol", "epoch", "version"}),
+    "error": frozenset({"type", "code", "reason", "protocol"}),
+    "snapshot": frozenset({"type", "epoch", "version", "datasets", "nodes"}),
+    "diff": frozenset({"type", "epoch", "version", "datasets", "removed", "nodes"}),
+    "state": frozenset({"type", "node_uuid", "datasets", "view"}),
+    "heartbeat": frozenset({"type", "view"}),
+    "sync": frozenset({"type"}),
+}
+
+#: The keys of each message type in each version this code speaks. Within a version a
+#: message with another key is refused; a new key means a new version.
+MESSAGE_KEYS = {
+    1: _V1_KEYS,
+    2: dict(_V1_KEYS, hello=_V1_KEYS["hello"] | {"protocols"}),
+}
+
+_VIEW_VERSION_KEYS = frozenset({"epoch", "version"})
+
+
+def check_keys(obj: dict, allowed: frozenset, where: str) -> None:
+    """``BadMessage`` naming the keys of ``obj`` that are not ``allowed``, if any."""
+    unknown = sorted(str(k) for k in set(obj) - allowed)
+    if unknown:
+        raise BadMessage(f"{where} has unknown keys {', '.join(map(repr, unknown))} "
+                         f"(expected only {', '.join(sorted(allowed))})")
+
+
+def _version_number(value) -> Optional[int]:
+    """``value`` if it is a protocol version number (a positive integer), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None
+
+
+def _hello_protocols(obj: dict) -> tuple[int, int]:
+    """
+    The versions a hello's sender speaks, checked before anything else is read (another
+    version's hello may have another shape): ``protocols`` ``[oldest, newest]``, whose
+    newest is ``protocol``; a hello without it (version 1) speaks ``protocol`` alone.
+    ``ProtocolMismatch`` if this side speaks none of them.
+    """
+    newest = _version_number(obj.get("protocol"))
+    if newest is None:
+        raise ProtocolMismatch(obj.get("protocol"))
+    if newest >= 2 and "protocols" in obj:
+        value = obj["protocols"]
+        numbers = ([_version_number(v) for v in value]
+                   if isinstance(value, list) and len(value) == 2 else [None])
+        if None in numbers or numbers[0] > numbers[1] or numbers[1] != newest:
+            raise BadMessage(f"hello.protocols must be [oldest, newest] versions ending "
+                             f"with hello.protocol ({newest}), not {value!r}")
+        oldest = numbers[0]
+    else:
+        oldest = newest
+    negotiate((oldest, newest))
+    return oldest, newest
+
+
+def _check_message_keys(obj: dict, kind: str, protocol: Optional[int]) -> None:
+    """
+    Refuse the keys ``kind`` does not have in version ``protocol`` (None: the newest). A
+    handshake is read before any version is settled: a hello by the keys of the newest
+    version both sides speak (the rest of a newer agent's hello is its business), a
+    welcome by its chosen version, which must be one this side speaks; an error's shape
+    never changes, so another version's error is read as well as can be.
+    """
+    if kind == "hello":
+        newest = _hello_protocols(obj)[1]
+        protocol = min(newest, PROTOCOL_VERSION)
+        if newest > PROTOCOL_VERSION:
+            return
+    elif kind == "welcome":
+        chosen = _version_number(obj.get("protocol"))
+        if chosen is None or not OLDEST_PROTOCOL <= chosen <= PROTOCOL_VERSION:
+            raise ProtocolMismatch(obj.get("protocol"))
+        protocol = chosen
+    elif kind == "error":
+        return
+    keys = MESSAGE_KEYS[PROTOCOL_VERSION if protocol is None else protocol]
+    check_keys(obj, keys[kind], kind)
 
 
 # -- framing -------------------------------------------------------------------------------
@@ -358,6 +506,8 @@ class MessageProtocol(Int32StringReceiver):
         self.MAX_LENGTH = max_message
         self.closing = False
         self.connected = False
+        #: The protocol version the handshake settled on (None until it has).
+        self.protocol_version: Optional[int] = None
         self._lost: list[Deferred] = []
 
     def connectionMade(self) -> None:
@@ -391,7 +541,7 @@ class MessageProtocol(Int32StringReceiver):
         if self.closing:
             return
         try:
-            message = decode(payload)
+            message = decode(payload, self.protocol_version)
         except BadMessage as e:
             self.bad_message(e)
             return
@@ -433,7 +583,8 @@ class MessageProtocol(Int32StringReceiver):
 __all__ = [
     "BadMessage", "DATASET_STATES", "DatasetEntry", "DatasetReport", "Diff", "Error",
     "Heartbeat", "Hello", "LeaseEntry", "MAX_MESSAGE", "Message", "MessageProtocol",
-    "NodeEntry", "PROTOCOL_VERSION", "ProtocolMismatch", "Snapshot", "StateReport",
+    "MESSAGE_KEYS", "NodeEntry", "OLDEST_PROTOCOL", "PROTOCOL_VERSION", "ProtocolMismatch",
+    "Snapshot", "StateReport", "check_keys", "describe_protocols", "negotiate",
     "SyncRequest", "ViewVersion", "Welcome", "dataset_entry_from_json",
     "dataset_entry_to_json", "decode", "encode", "message_to_json", "node_entry_from_json",
     "node_entry_to_json",

@@ -35,10 +35,11 @@ from zope.interface import implementer
 from pyflock.common._logging import log_event
 from pyflock.common._model import Configuration
 from pyflock.common._records import DatasetEntry
+from pyflock.common._tls import Admission
 from pyflock.common._wire import (
-    MAX_MESSAGE, PROTOCOL_VERSION, BadMessage, Diff, Error, Heartbeat, Hello,
-    MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
-    ViewVersion, Welcome, encode,
+    MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, Diff, Error, Heartbeat,
+    Hello, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
+    ViewVersion, Welcome, describe_protocols, encode, negotiate,
 )
 from pyflock.control._clusterstate import ClusterState, ClusterStateService, NodeState
 from pyflock.control._persistence import ConfigurationService
@@ -68,17 +69,6 @@ def holders_of(state: ClusterState) -> dict[str, frozenset[str]]:
     return {i: frozenset(nodes) for i, nodes in holders.items()}
 
 
-def _refusal(identity) -> Optional[str]:
-    """Why a peer with ``identity`` may not use the agent channel, or None if it may."""
-    if identity is None:
-        return ("the agent channel accepts only node-* certificates signed by this "
-                "cluster's CA; this certificate names no pyflock identity")
-    if identity.kind != "node":
-        return (f"the agent channel accepts only node-* certificates; this connection "
-                f"presented {identity.common_name}")
-    return None
-
-
 @implementer(IHandshakeListener)
 class _AgentConnection(MessageProtocol):
     """One agent's connection: a hello first, then state reports and heartbeats."""
@@ -88,8 +78,7 @@ class _AgentConnection(MessageProtocol):
     def __init__(self, server: "AgentChannelServer"):
         super().__init__(server.max_message)
         self._server = server
-        self._identity = None
-        self._identified = False
+        self._admission: Optional[Admission] = None
         self.node_uuid: Optional[str] = None
         self.welcomed = False
         self.reported = False
@@ -132,13 +121,11 @@ class _AgentConnection(MessageProtocol):
 
     def _check_identity(self) -> bool:
         """Whether the peer's certificate is a node's; if not, refuse it, saying why."""
-        if not self._identified:
+        if self._admission is None:
             # Only now is the TLS handshake complete (or the first data in: the same).
-            self._identity = self._server.identify(self.transport)
-            self._identified = True
-        reason = _refusal(self._identity)
-        if reason is not None:
-            self.close("identity", reason)
+            self._admission = self._server.identify(self.transport)
+        if not self._admission.admitted:
+            self.close("identity", self._admission.refusal)
             return False
         return True
 
@@ -147,9 +134,11 @@ class _AgentConnection(MessageProtocol):
     def bad_message(self, error: BadMessage) -> None:
         if isinstance(error, ProtocolMismatch):
             self.close("protocol-version",
-                       f"the agent speaks agent-channel protocol {error.theirs!r}, this "
-                       f"control service speaks protocol {PROTOCOL_VERSION}: run the same "
-                       f"pyflock version on the control service and the agents")
+                       f"the agent speaks agent-channel {error.describe_theirs()}, this "
+                       f"control service speaks "
+                       f"{describe_protocols(OLDEST_PROTOCOL, PROTOCOL_VERSION)}: upgrade "
+                       f"the control service first, then the agents (a control service "
+                       f"speaks its own protocol and the previous one)")
         else:
             self.close("bad-message", str(error))
 
@@ -187,7 +176,7 @@ class _AgentConnection(MessageProtocol):
     @property
     def identity(self):
         """The verified identity of the peer (None before it is known or if it has none)."""
-        return self._identity
+        return None if self._admission is None else self._admission.identity
 
 
 class _ChannelFactory(Factory):
@@ -202,9 +191,10 @@ class _ChannelFactory(Factory):
 
 class AgentChannelServer:
     """
-    The control side of the agent channel. ``identify(transport)`` tells whose certificate
-    a connection presented (``peer_identity`` in production); ``factory()`` is what to
-    listen with (``tls_server_endpoint(...).listen(server.factory())``). Node expiry is the
+    The control side of the agent channel. ``identify(transport)`` judges the certificate
+    a connection presented, as an ``Admission`` (the agent channel ``Listener``'s ``admit``
+    in production: ``ClusterTLS.listener(reactor, port, AGENT_CHANNEL)``); ``factory()`` is
+    what to listen with (``listener.endpoint.listen(server.factory())``). Node expiry is the
     cluster state's ``node_expiry``, so that the REST API and the channel agree.
     """
 
@@ -418,14 +408,17 @@ class AgentChannelServer:
                                           datasets))
         connection.node_uuid = uuid
         connection.welcomed = True
+        # decode has refused a hello whose versions share none with ours.
+        connection.protocol_version = negotiate(hello.protocols)
         self._connections[uuid] = connection
-        connection.send(Welcome(epoch=self.epoch, version=self.version))
+        connection.send(Welcome(epoch=self.epoch, version=self.version,
+                                protocol=connection.protocol_version))
         snapshot = hello.known != self.current
         if snapshot:
             self._send_snapshot(connection)
         log_event(_log, "pyflock:control:agent-connected", node_uuid=uuid, era=hello.era,
                   host=hello.address, peer_port=hello.peer_port, snapshot=snapshot,
-                  version=self.version)
+                  version=self.version, protocol=connection.protocol_version)
 
     def _heard(self, uuid: str) -> None:
         """The node spoke: it is alive for another ``node_expiry`` seconds."""

@@ -18,11 +18,9 @@ from typing import Optional, Sequence
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from pyflock.common._ca import CertificateError, read_cluster_uuid
+from pyflock.common._ca import CertificateError
 from pyflock.common._logging import log_event, start_json_logging
-from pyflock.common._tls import (
-    ConnectionIdentities, peer_identity, server_tls_options, tls_server_endpoint,
-)
+from pyflock.common._tls import AGENT_CHANNEL, REST_API, ClusterTLS
 from pyflock.control._agentchannel import DEFAULT_HEARTBEAT, AgentChannelServer
 from pyflock.control._api import APISite, ControlAPI, __version__
 from pyflock.control._clusterstate import (
@@ -94,10 +92,9 @@ async def run(reactor, options: argparse.Namespace) -> None:
     """Start the control service and run until the reactor stops."""
     start_json_logging(sys.stdout)
     try:
-        cluster_uuid = read_cluster_uuid(options.certificates_directory)
-        tls = server_tls_options(options.certificates_directory, "control-service")
-        api_endpoint = tls_server_endpoint(reactor, options.port, tls)
-        agent_endpoint = tls_server_endpoint(reactor, options.agent_port, tls)
+        tls = ClusterTLS.load(options.certificates_directory, "control-service")
+        api_listener = tls.listener(reactor, options.port, REST_API)
+        agent_listener = tls.listener(reactor, options.agent_port, AGENT_CHANNEL)
     except (CertificateError, ValueError) as e:
         raise StartupError(str(e))
     try:
@@ -124,22 +121,21 @@ async def run(reactor, options: argparse.Namespace) -> None:
     configuration.start_lease_expiry()
     cluster = ClusterStateService(reactor, node_expiry=options.node_expiry,
                                   forget_after=options.forget_dead_nodes)
-    api = ControlAPI(configuration, cluster, ConnectionIdentities(cluster_uuid),
+    api = ControlAPI(configuration, cluster, api_listener.identities(),
                      build_openapi(__version__))
     site = APISite(api.resource())
     channel = AgentChannelServer(configuration, cluster, reactor,
-                                 identify=lambda transport: peer_identity(transport,
-                                                                          cluster_uuid),
+                                 identify=agent_listener.admit,
                                  heartbeat=options.heartbeat)
     channel.start()
     try:
-        agent_port = await agent_endpoint.listen(channel.factory())
+        agent_port = await agent_listener.endpoint.listen(channel.factory())
     except Exception as e:
         await channel.stop()
         await configuration.stop()
         raise StartupError(f"cannot listen on {options.agent_port}: {e}")
     try:
-        port = await api_endpoint.listen(site)
+        port = await api_listener.endpoint.listen(site)
     except Exception as e:
         await agent_port.stopListening()
         await channel.stop()
@@ -152,7 +148,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
               address=f"{address.host}:{address.port}",
               agent_address=f"{agent_address.host}:{agent_address.port}",
               epoch=channel.epoch, data_path=options.data_path,
-              datasets=len(configuration.committed.datasets), cluster_uuid=cluster_uuid)
+              datasets=len(configuration.committed.datasets), cluster_uuid=tls.cluster_uuid)
 
     async def shutdown():
         cluster.stop_forgetting()

@@ -31,6 +31,7 @@ from pyflock.agent._runner import Runner, run_now
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView, ViewFile
 from pyflock.common._model import MINIMUM_SIZE, Dataset
+from pyflock.common._tls import AGENT_CHANNEL, ClusterTLS
 from pyflock.common._wire import DatasetReport, Diff, NodeEntry, Snapshot, decode, encode
 from pyflock.control._agentchannel import AgentChannelServer, holders_of, view_datasets
 from pyflock.control._clusterstate import ClusterState
@@ -130,8 +131,8 @@ class ChannelHarness(SynchronousTestCase):
     def start_server(self):
         """A started server whose peers are identified by the node their endpoint names."""
         server = AgentChannelServer(self.configuration, self.h.cluster, self.clock,
-                                    identify=lambda transport: self.identity[
-                                        transport.getPeer().host])
+                                    identify=lambda transport: AGENT_CHANNEL.admit(
+                                        self.identity[transport.getPeer().host]))
         server.start()
         return server
 
@@ -609,8 +610,8 @@ async def test_two_agents_and_real_control(reactor, tmp_path):
             watcher = watchers[node_uuid] = Watcher()
             view_file = ViewFile(tmp_path / f"view-{number}.json", reactor)
             channel = AgentChannel(
-                reactor, control_endpoint(reactor, host, control.agent_port,
-                                          cluster.node_directory(node_uuid)),
+                reactor, control_endpoint(reactor, host, control.agent_port, ClusterTLS.load(
+                    cluster.node_directory(node_uuid), "node")),
                 node_uuid, f"era-{number}", watcher, save_view=view_file.save,
                 peer_port=4525 + number, heartbeat=0.5, timeout=2.0,
                 retry_policy=lambda failures: 0.2)

@@ -11,7 +11,10 @@ from pyrsistent import pmap
 
 from pyflock.agent._backends import BlockVolume, MemoryBlockStore
 from pyflock.agent._convergence import (
-    NOTHING, TRANSITIONS, AttachVolume, CreateFilesystem, CreateVolume, DatasetStatus,
+    NOTHING, PEER_LEAF_CHANGES, PEER_TRANSITIONS, TRANSITIONS, TRANSITIONS_BY_KIND,
+    BackendKind, CreateDataset, DestroyDataset, PeerState, ReceiveDataset,
+    calculate_peer_changes, copy_source, peer_dataset_states, peer_desired_state,
+    peer_found, AttachVolume, CreateFilesystem, CreateVolume, DatasetStatus,
     Desired, DesiredDataset, DesiredState, DestroyVolume, DetachVolume, Discovered,
     DiscoveredDataset, DiscoveredState, FinishFilesystem, InParallel, MountFilesystem,
     RemoveMountPoint, Sequentially, UnmountFilesystem, calculate_changes, dataset_states,
@@ -464,3 +467,169 @@ def test_discover_raw_reads_once():
     states = {i: d.state for i, d in classify(snapshot).datasets.items()}
     assert {"a": S.MOUNTED, "b": S.ATTACHED_NO_FILESYSTEM, "c": S.ATTACHED_ELSEWHERE,
             "d": S.UNATTACHED, "e": S.NON_EXISTENT} == states
+
+
+# -- backend kinds: the peer-to-peer rows ---------------------------------------------------
+
+P = PeerState
+COPY = "/pool/ds-1"
+SNAPSHOT = "s1"
+
+
+#: A peer record typical of each state, as ``peer_found`` completes it.
+TYPICAL_PEER = {
+    P.NON_EXISTENT: found(P.NON_EXISTENT, mount_point_left=True),
+    P.HELD_ELSEWHERE: found(P.HELD_ELSEWHERE, holder=OTHER, mount_point_left=True),
+    P.PARTIAL: found(P.PARTIAL, holder=OTHER, snapshot=SNAPSHOT, size=SIZE,
+                     mount_point_left=True),
+    P.PARTIAL_NO_SOURCE: found(P.PARTIAL_NO_SOURCE, snapshot=SNAPSHOT, size=SIZE,
+                               mount_point_left=True),
+    P.UNMOUNTED: found(P.UNMOUNTED, device=COPY, size=SIZE, mount_point_left=True),
+    P.SUPERSEDED: found(P.SUPERSEDED, device=COPY, size=SIZE, mount_point_left=True),
+    P.MOUNTED: found(P.MOUNTED, device=COPY, size=SIZE),
+    P.MOUNTED_ASTRAY: found(P.MOUNTED_ASTRAY, device=COPY, size=SIZE,
+                            stray_mounts=(f"{ROOT}/other", f"{ROOT}/x")),
+    P.STRAY_MOUNT: found(P.STRAY_MOUNT),
+    P.MOUNT_POINT_TAKEN: found(P.MOUNT_POINT_TAKEN, device=COPY, size=SIZE),
+}
+
+RECEIVE = ReceiveDataset(DS, from_node=OTHER)
+RECEIVE_DELTA = ReceiveDataset(DS, from_node=OTHER, base=SNAPSHOT)
+MOUNT_COPY = MountFilesystem(DS, COPY, PATH)
+DESTROY_COPY = in_parallel([DestroyDataset(DS), TIDY])
+
+#: What each (desired, peer state) row gives for the records above.
+PEER_EXPECTED = {
+    DesiredState.MOUNTED: {
+        P.NON_EXISTENT: CreateDataset(DS, SIZE), P.HELD_ELSEWHERE: RECEIVE,
+        P.PARTIAL: RECEIVE_DELTA, P.PARTIAL_NO_SOURCE: NOTHING, P.UNMOUNTED: MOUNT_COPY,
+        P.SUPERSEDED: MOUNT_COPY, P.MOUNTED: NOTHING, P.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
+        P.STRAY_MOUNT: UNMOUNT, P.MOUNT_POINT_TAKEN: NOTHING,
+    },
+    DesiredState.NOT_HERE: {
+        P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: DESTROY_COPY,
+        P.PARTIAL_NO_SOURCE: DESTROY_COPY, P.UNMOUNTED: TIDY, P.SUPERSEDED: DESTROY_COPY,
+        P.MOUNTED: sequentially([UNMOUNT, TIDY]), P.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
+        P.STRAY_MOUNT: UNMOUNT, P.MOUNT_POINT_TAKEN: NOTHING,
+    },
+    DesiredState.DESTROYED: {
+        P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: DESTROY_COPY,
+        P.PARTIAL_NO_SOURCE: DESTROY_COPY, P.UNMOUNTED: DESTROY_COPY,
+        P.SUPERSEDED: DESTROY_COPY, P.MOUNTED: sequentially([UNMOUNT, DestroyDataset(DS)]),
+        P.MOUNTED_ASTRAY: UNMOUNT_STRAYS, P.STRAY_MOUNT: UNMOUNT,
+        P.MOUNT_POINT_TAKEN: NOTHING,
+    },
+    DesiredState.IGNORED: {
+        P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: NOTHING,
+        P.PARTIAL_NO_SOURCE: NOTHING, P.UNMOUNTED: NOTHING, P.SUPERSEDED: NOTHING,
+        P.MOUNTED: NOTHING, P.MOUNTED_ASTRAY: UNMOUNT_STRAYS, P.STRAY_MOUNT: NOTHING,
+        P.MOUNT_POINT_TAKEN: NOTHING,
+    },
+}
+
+
+def test_peer_table_covers_every_pair():
+    """The peer rows have an entry for every desired state and every peer state."""
+    assert set(PEER_TRANSITIONS) == set(DesiredState) == set(PEER_EXPECTED)
+    for rows in (PEER_TRANSITIONS, PEER_EXPECTED):
+        assert all(set(row) == set(PeerState) for row in rows.values())
+
+
+def test_each_kind_has_its_rows():
+    """Block devices keep their table unchanged; the peer kind has its own."""
+    assert TRANSITIONS_BY_KIND == {BackendKind.BLOCK_DEVICE: TRANSITIONS,
+                                   BackendKind.PEER_TO_PEER: PEER_TRANSITIONS}
+
+
+@pytest.mark.parametrize("want,state", [(w, s) for w in DesiredState for s in PeerState],
+                         ids=lambda v: v.value)
+def test_peer_transition(want, state):
+    """Each (desired, peer state) row leads to its one expected next step."""
+    row = PEER_TRANSITIONS[want][state]
+    assert in_parallel([PEER_EXPECTED[want][state]]) == in_parallel(
+        [row(NODE, WANTED[want], TYPICAL_PEER[state])])
+
+
+def test_peer_rows_use_only_peer_and_mount_changes():
+    """The peer rows never attach, detach or make filesystems: they copy and mount."""
+    for row in PEER_EXPECTED.values():
+        for change in row.values():
+            assert all(isinstance(leaf, PEER_LEAF_CHANGES) for leaf in leaves(change))
+
+
+def peer_wanted(primary=NODE, holders=(), deleted=False):
+    """A configured dataset of primary ``primary`` that ``holders`` report holding."""
+    return DesiredDataset(DS, primary=primary, maximum_size=SIZE, deleted=deleted,
+                          holders=tuple(holders))
+
+
+@pytest.mark.parametrize("wanted,state,fields,expected", [
+    # The new primary receives the dataset from a live node holding it, instead of
+    # attaching it: whole at first, then the delta from its partial copy's snapshot.
+    (peer_wanted(holders=[OTHER]), None, {}, RECEIVE),
+    (peer_wanted(holders=[OTHER]), P.PARTIAL, {"snapshot": SNAPSHOT}, RECEIVE_DELTA),
+    (peer_wanted(holders=[DEAD, OTHER]), None, {}, RECEIVE),
+    (peer_wanted(), None, {}, CreateDataset(DS, SIZE)),
+    (peer_wanted(holders=[OTHER]), P.UNMOUNTED, {"device": COPY}, MOUNT_COPY),
+    # A dead holder is no source: the partial copy waits for one.
+    (peer_wanted(holders=[DEAD]), P.PARTIAL, {"snapshot": SNAPSHOT}, NOTHING),
+    # The old primary freezes its copy, keeps it while the primary has none, and
+    # destroys it once the primary reports holding it.
+    (peer_wanted(OTHER), P.MOUNTED, {"device": COPY}, sequentially([UNMOUNT, TIDY])),
+    (peer_wanted(OTHER), P.UNMOUNTED, {"device": COPY}, NOTHING),
+    (peer_wanted(OTHER, holders=[OTHER]), P.UNMOUNTED, {"device": COPY},
+     DestroyDataset(DS)),
+    (peer_wanted(DEAD, holders=[DEAD]), P.UNMOUNTED, {"device": COPY}, NOTHING),
+    # A partial copy of a dataset whose primary is another node is dropped.
+    (peer_wanted(OTHER, holders=[OTHER]), P.PARTIAL, {"snapshot": SNAPSHOT},
+     DestroyDataset(DS)),
+    # Every node destroys its own copy of a deleted dataset, primary or not.
+    (peer_wanted(OTHER, holders=[OTHER], deleted=True), P.UNMOUNTED, {"device": COPY},
+     DestroyDataset(DS)),
+    (peer_wanted(deleted=True), P.MOUNTED, {"device": COPY},
+     sequentially([UNMOUNT, DestroyDataset(DS)])),
+])
+def test_peer_changes_from_the_view(wanted, state, fields, expected):
+    """``calculate_peer_changes`` completes discovery with the view's holders and nodes."""
+    found_here = () if state is None else (found(state, size=SIZE, **fields),)
+    change = calculate_peer_changes(desired(wanted), discovered(*found_here))
+    assert in_parallel([expected]) == change
+
+
+def test_peer_found_completes_discovery():
+    """``peer_found`` names the source to receive from, and a superseded copy."""
+    here = discovered(found(P.UNMOUNTED, device=COPY))
+    assert peer_found(desired(peer_wanted(holders=[OTHER])), discovered(), DS).holder == OTHER
+    assert peer_found(desired(peer_wanted(OTHER, holders=[OTHER])), here, DS).state \
+        is P.SUPERSEDED
+    assert peer_found(desired(peer_wanted(OTHER)), here, DS).state is P.UNMOUNTED
+    assert copy_source(desired(peer_wanted(holders=[OTHER, "node-0", DEAD])), DS) == "node-0"
+    assert peer_desired_state(desired(peer_wanted(OTHER, deleted=True)), DS) \
+        is DesiredState.DESTROYED
+
+
+def test_peer_other_node_discovery_refused():
+    """Comparing one node's desired state with another's discovery is an error here too."""
+    with pytest.raises(ValueError):
+        calculate_peer_changes(desired(node=NODE), discovered(node=OTHER))
+
+
+@pytest.mark.parametrize("wanted,state,expected", [
+    (peer_wanted(), None, DatasetStatus(DS, "creating", None, SIZE)),
+    (peer_wanted(), P.MOUNTED, DatasetStatus(DS, "mounted", PATH, SIZE)),
+    (peer_wanted(), P.UNMOUNTED, DatasetStatus(DS, "attaching", None, SIZE)),
+    # Receiving is no holding: the old copy must stay until the new one is complete.
+    (peer_wanted(holders=[OTHER]), None, None),
+    (peer_wanted(holders=[OTHER]), P.PARTIAL, None),
+    (peer_wanted(OTHER), P.MOUNTED, DatasetStatus(DS, "moving", None, SIZE)),
+    (peer_wanted(OTHER), P.UNMOUNTED, DatasetStatus(DS, "moving", None, SIZE)),
+    (peer_wanted(OTHER, deleted=True), P.UNMOUNTED, DatasetStatus(DS, "deleting", None, SIZE)),
+    (peer_wanted(OTHER, deleted=True), None, None),
+    (None, P.MOUNTED, None),
+])
+def test_peer_dataset_states(wanted, state, expected):
+    """A peer node reports the complete copies it holds and the datasets it creates."""
+    datasets = () if wanted is None else (wanted,)
+    found_here = () if state is None else (found(state, size=SIZE, device=COPY),)
+    states = peer_dataset_states(desired(*datasets), discovered(*found_here))
+    assert (pmap() if expected is None else pmap({DS: expected})) == states

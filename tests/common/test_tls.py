@@ -8,6 +8,7 @@ import shutil
 import pytest
 import pytest_twisted
 import treq
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, connectProtocol
 from twisted.internet.interfaces import IHandshakeListener, IStreamServerEndpoint
@@ -28,7 +29,8 @@ from pyflock.common._ca import (
     CertificateFileError, create_control_certificate, load_certificate, load_private_key,
 )
 from pyflock.common._tls import (
-    Identity, _load_twisted_certificate, client_tls_options, client_tls_policy,
+    AGENT_CHANNEL, PEER_TRANSFER, REST_API, Admission, ClusterTLS, Identity, PeerCheck, Role,
+    _load_twisted_certificate, client_tls_options, client_tls_policy,
     identity_of_certificate, peer_identity, read_cluster_uuid,
     server_tls_options, tcp_server_endpoint, tls_client_endpoint, tls_server_endpoint,
     treq_client,
@@ -568,3 +570,215 @@ def test_server_options_are_certificate_options(certs):
     options = server_tls_options(certs.path, "control-service")
     assert isinstance(options, CertificateOptions)
     assert options.verify and options.requireCertificate
+
+
+# the one TLS context factory: roles, the peer check, listeners and clients
+
+#: A listener that takes users only (no such port yet: it shows a role is data).
+USERS_ONLY = Role("user port", ("user",))
+
+
+@pytest.mark.parametrize("role, identity, admitted", [
+    (REST_API, Identity.user("alice"), True),
+    (REST_API, Identity.node(NODE), True),
+    (REST_API, Identity.control(), False),
+    (AGENT_CHANNEL, Identity.node(NODE), True),
+    (AGENT_CHANNEL, Identity.user("alice"), False),
+    (PEER_TRANSFER, Identity.node(NODE), True),
+    (PEER_TRANSFER, Identity.user("alice"), False),
+    (USERS_ONLY, Identity.user("alice"), True),
+    (USERS_ONLY, Identity.node(NODE), False),
+])
+def test_role_admits_its_kinds(role, identity, admitted):
+    """A role admits exactly the identity kinds it names, keeping the identity."""
+    admission = role.admit(identity)
+    assert (admission.admitted, admission.identity) == (admitted, identity)
+
+
+def test_role_refusals_name_role_kinds_and_peer():
+    """A refusal names the listener, what it accepts and what was presented."""
+    assert USERS_ONLY.admit(Identity.node(NODE)).refusal == (
+        f"the user port accepts only user-* certificates; this connection presented "
+        f"node-{NODE}")
+    assert REST_API.admit(None).refusal == (
+        "the REST API accepts only user-* or node-* certificates signed by this "
+        "cluster's CA; this certificate names no pyflock identity")
+
+
+@pytest.mark.parametrize("kinds", [(), ("admin",), ("user", "control-ish")])
+def test_role_refuses_unknown_kinds(kinds):
+    """A role must accept at least one kind, each an identity kind."""
+    with pytest.raises(ValueError):
+        Role("port", kinds)
+
+
+def test_peer_check_judges_certificates(certs, other):
+    """The check admits by role, and a certificate of another cluster names no one."""
+    check = PeerCheck(certs.cluster_uuid)
+    alice = load_certificate(certs.path / "alice.crt")
+    assert check.admit_certificate(alice, REST_API) == Admission(Identity.user("alice"))
+    assert not check.admit_certificate(alice, AGENT_CHANNEL).admitted
+    foreign = load_certificate(other.path / "alice.crt")
+    assert check.admit_certificate(foreign, REST_API) == REST_API.admit(None)
+    assert check.admit_certificate(None, REST_API) == REST_API.admit(None)
+    assert check.admit(StringTransport(), REST_API) == REST_API.admit(None)
+
+
+def test_peer_check_refuses_revoked_certificates(certs):
+    """A certificate the revocation hook names is refused, on listeners and by clients."""
+    alice = load_certificate(certs.path / "alice.crt")
+    check = PeerCheck(certs.cluster_uuid,
+                      is_revoked=lambda c: c.serial_number == alice.serial_number)
+    admission = check.admit_certificate(alice, REST_API)
+    assert admission.identity == Identity.user("alice") and not admission.admitted
+    assert admission.refusal == (f"the certificate user-alice (serial "
+                                 f"{alice.serial_number:x}) is revoked")
+    bob = load_certificate(certs.path / "bob.crt")
+    assert check.admit_certificate(bob, REST_API).admitted
+    error = check.check_server(alice, Identity.user("alice"))
+    assert "is revoked" in str(error)
+
+
+def first_node(certs):
+    """The first node of the test cluster."""
+    return certs.node_uuids[0]
+
+
+def test_peer_check_checks_servers(certs):
+    """A server must be the expected identity and, given a host name, carry it."""
+    check = PeerCheck(certs.cluster_uuid)
+    control = load_certificate(certs.path / "control-service.crt")
+    assert check.check_server(control, Identity.control(), "127.0.0.1") is None
+    assert "IPAddressMismatch" in repr(
+        check.check_server(control, Identity.control(), "127.0.0.2"))
+    node = load_certificate(certs.node_directory(first_node(certs)) / "node.crt")
+    assert str(check.check_server(node, Identity.control(), "127.0.0.1")) == (
+        f"the server is node-{first_node(certs)}, not control-service")
+
+
+def test_factory_shares_one_server_context(certs):
+    """Every listener of a process shares one server context, renegotiation refused."""
+    tls = ClusterTLS.load(certs.path, "control-service")
+    reactor = MemoryReactor()
+    api = tls.listener(reactor, "tcp:0:interface=127.0.0.1", REST_API)
+    agents = tls.listener(reactor, "tcp:0:interface=127.0.0.1", AGENT_CHANNEL)
+    assert (api.role, agents.role) == (REST_API, AGENT_CHANNEL)
+    assert api.check is agents.check is tls.check
+    options = tls.server_options()
+    assert api.endpoint._options is agents.endpoint._options is options
+    # set_options adds nothing with 0 and answers the options set.
+    assert options.getContext().set_options(0) & SSL.OP_NO_RENEGOTIATION
+    assert options.verify and options.requireCertificate
+    assert tls.cluster_uuid == certs.cluster_uuid
+
+
+def test_factory_client_needs_hostname_of_control_only(certs):
+    """The control service is expected by host name; a node by its identity alone."""
+    tls = ClusterTLS.load(certs.node_directory(first_node(certs)), "node")
+    with pytest.raises(ValueError):
+        tls.client_options(Identity.control())
+    with pytest.raises(ValueError):
+        tls.client_options(Identity.node(certs.node_uuids[1]), "127.0.0.1")
+    assert verifyObject(IPolicyForHTTPS, tls.http_policy())
+
+
+@implementer(IHandshakeListener)
+class Admitter(Protocol):
+    """Server: once the handshake is done, sends the listener's verdict and closes."""
+
+    def __init__(self, listener):
+        self.listener = listener
+
+    def handshakeCompleted(self):
+        """Send "admitted CN" or the refusal."""
+        admission = self.listener.admit(self.transport)
+        self.transport.write((f"admitted {admission.identity.common_name}"
+                              if admission.admitted else admission.refusal).encode())
+        self.transport.loseConnection()
+
+
+async def listen_as(reactor, folder, name, role, factory_of):
+    """A ``ClusterTLS`` listener of ``name``'s certificate for ``role``, on a free port."""
+    listener = ClusterTLS.load(folder, name).listener(
+        reactor, "tcp:0:interface=127.0.0.1", role)
+    return await listener.endpoint.listen(factory_of(listener))
+
+
+def admitters(listener):
+    """A factory of ``Admitter`` for ``listener``."""
+    return Factory.forProtocol(lambda: Admitter(listener))
+
+
+@pytest.mark.parametrize("role, client, expected", [
+    (USERS_ONLY, "node", "the user port accepts only user-* certificates; this connection "
+                         "presented node-{node}"),
+    (USERS_ONLY, "alice", "admitted user-alice"),
+    (AGENT_CHANNEL, "node", "admitted node-{node}"),
+    (AGENT_CHANNEL, "alice", "the agent channel accepts only node-* certificates; this "
+                             "connection presented user-alice"),
+])
+@pytest_twisted.ensureDeferred
+async def test_listener_admits_by_role(reactor, certs, role, client, expected):
+    """Over real TLS a listener admits the kinds its role names (a node refused by users')."""
+    port = await listen_as(reactor, certs.path, "control-service", role, admitters)
+    node = first_node(certs)
+    folder = certs.node_directory(node) if client == "node" else certs.path
+    try:
+        endpoint = ClusterTLS.load(folder, client).client_endpoint(
+            reactor, "127.0.0.1", port.getHost().port, Identity.control())
+        collector = Collector()
+        await connectProtocol(endpoint, collector)
+        assert await collector.done == expected.format(node=node).encode()
+    finally:
+        await stop(port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rest_role_identities_over_https(reactor, certs):
+    """A site's ``identities()`` sees a node on the REST API and nobody on a user port."""
+    seen = []
+
+    class Who(Resource):
+        """Records the identity ``identify`` gives each request."""
+
+        isLeaf = True
+
+        def __init__(self, identify):
+            super().__init__()
+            self.identify = identify
+
+        def render_GET(self, request):
+            """Record and answer."""
+            seen.append(self.identify(request))
+            return b"{}"
+
+    node = first_node(certs)
+    policy = ClusterTLS.load(certs.node_directory(node), "node").http_policy()
+    for role, expected in ((REST_API, Identity.node(node)), (USERS_ONLY, None)):
+        port = await listen_as(reactor, certs.path, "control-service", role,
+                               lambda listener: Site(Who(listener.identities())))
+        try:
+            await get(reactor, port, policy)
+        finally:
+            await stop(port)
+        assert seen.pop() == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_refuses_a_revoked_server(reactor, certs):
+    """A client whose check calls the server's certificate revoked refuses it."""
+    first, second = certs.node_uuids
+    port = await listen_as(reactor, certs.node_directory(second), "node", PEER_TRANSFER,
+                           admitters)
+    try:
+        client = ClusterTLS.load(certs.node_directory(first), "node",
+                                 is_revoked=lambda certificate: True)
+        with pytest.raises(Exception) as error:
+            await exchange(reactor, port, client.client_options(Identity.node(second)))
+        trusting = ClusterTLS.load(certs.node_directory(first), "node")
+        assert await exchange(reactor, port, trusting.client_options(
+            Identity.node(second))) == f"admitted node-{first}".encode()
+    finally:
+        await stop(port)
+    assert f"the certificate node-{second}" in str(error.value)
+    assert "is revoked" in str(error.value)

@@ -1,5 +1,5 @@
 """
 Contract suites: one per IO interface, written once and run against the in-memory double
 and every real implementation (``store``: ``IConfigurationStore``; ``backends``:
-``IBlockDeviceBackend``).
+``IBlockDeviceBackend``; ``peer_backends``: ``IPeerBackend``).
 """

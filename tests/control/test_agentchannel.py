@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.common._model import MINIMUM_SIZE, Dataset, Lease
-from pyflock.common._tls import client_tls_options, tls_client_endpoint
+from pyflock.common._tls import AGENT_CHANNEL, client_tls_options, tls_client_endpoint
 from pyflock.common._wire import (
     PROTOCOL_VERSION, BadMessage, DatasetEntry, DatasetReport, Diff, Error, Heartbeat,
     Hello, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
@@ -245,7 +245,8 @@ class ServerTests(SynchronousTestCase):
     def start_server(self) -> AgentChannelServer:
         """A started server on the harness's configuration and cluster state."""
         server = AgentChannelServer(self.configuration, self.h.cluster, self.clock,
-                                    identify=lambda transport: transport.identity)
+                                    identify=lambda transport: AGENT_CHANNEL.admit(
+                                        transport.identity))
         server.start()
         return server
 
@@ -306,11 +307,13 @@ class ServerTests(SynchronousTestCase):
     def test_protocol_mismatch(self):
         """A hello of another protocol version is refused naming both versions."""
         agent = RawAgent(self.server, NODE_A)
-        hello = dict(message_to_json(Hello(node_uuid=A, era="e", address="h")), protocol=2)
+        hello = dict(message_to_json(Hello(node_uuid=A, era="e", address="h")),
+                     protocol=PROTOCOL_VERSION + 1)
+        del hello["protocols"]
         [error] = agent.send_raw(json.dumps(hello).encode())
         self.assertEqual(error.code, "protocol-version")
-        self.assertIn("protocol 2", error.reason)
-        self.assertIn(f"protocol {PROTOCOL_VERSION}", error.reason)
+        self.assertIn(f"protocol {PROTOCOL_VERSION + 1},", error.reason)
+        self.assertIn(f"protocols {PROTOCOL_VERSION - 1} to {PROTOCOL_VERSION}", error.reason)
         self.assertTrue(agent.closed)
         self.assertEqual(self.get("/v1/state/nodes"), [])
 

@@ -5,6 +5,7 @@ holds no dataset and no lease; every answer matches the OpenAPI document.
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from pyflock.common._tls import AGENT_CHANNEL
 from pyflock.control._agentchannel import AgentChannelServer
 from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
 from tests.control.test_agentchannel import RawAgent
@@ -75,7 +76,8 @@ class ChannelTests(SynchronousTestCase):
         """Once a dead node is forgotten, snapshots sent to agents no longer list it."""
         h = APIHarness()
         server = AgentChannelServer(h.configuration, h.cluster, h.clock,
-                                    identify=lambda transport: transport.identity)
+                                    identify=lambda transport: AGENT_CHANNEL.admit(
+                                        transport.identity))
         server.start()
         self.addCleanup(server.stop)
         agent = RawAgent(server, NODE_A)

@@ -1,0 +1,223 @@
+"""
+Evolving the agent channel (docs/architecture.md): the handshake settles a version both
+sides speak, an agent of today's wire format (version 1) is still served, a too-new agent
+is refused naming both sides' versions, and within a version unknown keys are refused.
+"""
+
+import json
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from pyflock.agent._channel import AgentChannel, _ConnectionFactory
+from pyflock.common._tls import AGENT_CHANNEL
+from pyflock.common._wire import (
+    MESSAGE_KEYS, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, Error, Hello,
+    ProtocolMismatch, Snapshot, StateReport, Welcome, decode, encode, negotiate,
+)
+from pyflock.control._agentchannel import AgentChannelServer
+from pyflock.control.testing import NODE_A, APIHarness
+from tests.control.test_agentchannel import RawAgent, frame, frames
+
+A = NODE_A.node_uuid
+DS = "11111111-2222-4333-8444-555555555555"
+
+#: A hello exactly as pyflock 1 (protocol version 1) sends it, byte for byte.
+V1_HELLO = (b'{"type":"hello","protocol":1,"node_uuid":"' + A.encode() + b'","era":"e1",'
+            b'"address":"127.0.0.7","peer_port":4525,"known":null}')
+
+#: What this code speaks.
+OURS = (OLDEST_PROTOCOL, PROTOCOL_VERSION)
+
+
+def test_this_code_speaks_the_current_and_previous_version():
+    """The control service (and agent) speak the current version and the one before."""
+    assert OURS == (PROTOCOL_VERSION - 1, PROTOCOL_VERSION) == (1, 2)
+    assert set(MESSAGE_KEYS) == {1, 2}
+
+
+@pytest.mark.parametrize("theirs, ours, chosen", [
+    ((1, 1), OURS, 1),
+    ((1, 2), OURS, 2),
+    ((2, 3), OURS, 2),
+    ((1, 2), (1, 1), 1),
+    ((2, 2), (2, 3), 2),
+])
+def test_negotiate_picks_the_newest_shared_version(theirs, ours, chosen):
+    """The connection speaks the newest version both sides speak."""
+    assert negotiate(theirs, ours) == chosen
+
+
+@pytest.mark.parametrize("theirs, ours, named", [
+    ((3, 4), OURS, "protocols 3 to 4, this side speaks protocols 1 to 2"),
+    ((2, 2), (1, 1), "protocol 2, this side speaks protocols 1 to 2"),
+])
+def test_negotiate_refuses_disjoint_versions(theirs, ours, named):
+    """Versions that share none are a ``ProtocolMismatch`` naming the peer's versions."""
+    with pytest.raises(ProtocolMismatch) as error:
+        negotiate(theirs, ours)
+    assert (error.value.theirs_oldest, error.value.theirs) == theirs
+    assert named in str(error.value)
+
+
+def test_version_1_hello_decodes_as_speaking_only_1():
+    """Today's hello (no ``protocols``) is an agent that speaks version 1 alone."""
+    hello = decode(V1_HELLO)
+    assert hello == Hello(node_uuid=A, era="e1", address="127.0.0.7", peer_port=4525,
+                          protocols=(1, 1))
+    assert encode(hello) == V1_HELLO
+
+
+def test_new_hello_names_its_range():
+    """A new agent's hello carries ``protocols`` [oldest, newest] and its newest."""
+    body = json.loads(encode(Hello(node_uuid=A, era="e", address="h")))
+    assert (body["protocol"], body["protocols"]) == (PROTOCOL_VERSION, list(OURS))
+
+
+def hello_json(drop=(), **changes) -> bytes:
+    """A hello of today's agent, with ``changes`` and without the keys in ``drop``."""
+    body = dict(json.loads(encode(Hello(node_uuid=A, era="e", address="h"))), **changes)
+    return json.dumps({k: v for k, v in body.items() if k not in drop}).encode()
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (V1_HELLO.replace(b'"known"', b'"protocols":[1,1],"known"'),
+     "hello has unknown keys 'protocols'"),
+    (hello_json(extra=1), "hello has unknown keys 'extra'"),
+    (hello_json(protocols=[2, 1]), "hello.protocols must be [oldest, newest]"),
+    (hello_json(protocols=[1, 3]), "ending with hello.protocol (2)"),
+    (hello_json(protocols=[1]), "hello.protocols must be"),
+    (hello_json(protocols=[True, 2]), "hello.protocols must be"),
+    (hello_json(known={"epoch": "e", "version": 1, "more": 2}),
+     "hello.known has unknown keys 'more'"),
+    (encode(StateReport(node_uuid=A))[:-1] + b',"new":1}', "state has unknown keys 'new'"),
+    (b'{"type":"sync","please":true}', "sync has unknown keys 'please'"),
+])
+def test_unknown_keys_are_refused_within_a_version(payload, expected):
+    """A key the settled (or newest) version does not have is refused, by name."""
+    with pytest.raises(BadMessage) as error:
+        decode(payload, PROTOCOL_VERSION)
+    assert not isinstance(error.value, ProtocolMismatch)
+    assert expected in str(error.value)
+
+
+def test_unknown_keys_are_refused_in_version_1_too():
+    """A connection settled on version 1 refuses a key version 1 does not have."""
+    with pytest.raises(BadMessage, match="heartbeat has unknown keys 'x'"):
+        decode(b'{"type":"heartbeat","view":null,"x":0}', 1)
+
+
+@pytest.mark.parametrize("payload, theirs", [
+    (hello_json(("era",), protocol=4, protocols=[3, 4], shape="new"), (3, 4)),
+    (b'{"type":"hello","protocol":"two"}', ("two", "two")),
+    (b'{"type":"hello"}', (None, None)),
+    (b'{"type":"welcome","protocol":3,"epoch":"e","version":1}', (3, 3)),
+    (b'{"type":"welcome","protocol":0,"epoch":"e","version":1}', (0, 0)),
+])
+def test_handshakes_of_versions_we_do_not_speak(payload, theirs):
+    """A hello or welcome naming no version of ours is a mismatch, whatever else it holds."""
+    with pytest.raises(ProtocolMismatch) as error:
+        decode(payload)
+    assert (error.value.theirs_oldest, error.value.theirs) == theirs
+
+
+def test_newer_agent_hello_is_read_by_our_keys():
+    """A newer agent that also speaks our newest version is read, its new keys left."""
+    hello = decode(hello_json(protocol=3, protocols=[2, 3], shape="new"))
+    assert hello.protocols == (2, 3) and negotiate(hello.protocols) == 2
+
+
+def test_other_versions_errors_are_read():
+    """An error's shape never changes: one with a key of another version is still read."""
+    error = decode(b'{"type":"error","code":"c","reason":"r","protocol":9,"more":1}', 1)
+    assert error == Error(code="c", reason="r", protocol=9)
+
+
+class NegotiationTests(SynchronousTestCase):
+    """The control service serves old and new agents and refuses too-new ones."""
+
+    def setUp(self):
+        self.h = APIHarness()
+        self.server = AgentChannelServer(
+            self.h.configuration, self.h.cluster, self.h.clock,
+            identify=lambda transport: AGENT_CHANNEL.admit(transport.identity))
+        self.server.start()
+        self.addCleanup(self.server.stop)
+
+    def test_old_agent_is_served_version_1(self):
+        """An agent sending today's version-1 hello is welcomed in 1 and reports its state."""
+        agent = RawAgent(self.server, NODE_A)
+        welcome, snapshot = agent.send_raw(V1_HELLO)
+        self.assertEqual(welcome, Welcome(epoch=self.server.epoch,
+                                          version=self.server.version, protocol=1))
+        self.assertIsInstance(snapshot, Snapshot)
+        self.assertEqual(agent.protocol.protocol_version, 1)
+        report = (b'{"type":"state","node_uuid":"' + A.encode() + b'","datasets":[{'
+                  b'"dataset_id":"' + DS.encode() + b'","state":"mounted","path":"/m",'
+                  b'"maximum_size":null}],"view":null}')
+        self.assertEqual(agent.send_raw(report), [])
+        self.assertEqual(set(self.h.cluster.state.nodes[A].datasets), {DS})
+
+    def test_new_agent_is_served_the_newest_version(self):
+        """An agent speaking the current and previous version gets the current one."""
+        agent = RawAgent(self.server, NODE_A)
+        [welcome, _] = agent.hello()
+        self.assertEqual((welcome.protocol, agent.protocol.protocol_version),
+                         (PROTOCOL_VERSION, PROTOCOL_VERSION))
+
+    def test_too_new_agent_is_refused_naming_both_versions(self):
+        """An agent speaking only newer versions is refused, told both sides' versions."""
+        agent = RawAgent(self.server, NODE_A)
+        [error] = agent.send_raw(hello_json(protocol=4, protocols=[3, 4]))
+        self.assertEqual(error.code, "protocol-version")
+        self.assertIn("the agent speaks agent-channel protocols 3 to 4, this control "
+                      "service speaks protocols 1 to 2: upgrade the control service first",
+                      error.reason)
+        self.assertTrue(agent.closed)
+        self.assertEqual(dict(self.h.cluster.state.nodes), {})
+
+    def test_unknown_key_after_the_handshake_is_refused(self):
+        """Once welcomed, a message with a key its version lacks closes the connection."""
+        agent = RawAgent(self.server, NODE_A)
+        agent.send_raw(V1_HELLO)
+        [error] = agent.send_raw(b'{"type":"sync","since":3}')
+        self.assertEqual(error.code, "bad-message")
+        self.assertIn("sync has unknown keys 'since'", error.reason)
+        self.assertTrue(agent.closed)
+
+
+class AgentSideTests(SynchronousTestCase):
+    """The agent offers its versions and speaks the one the welcome chose."""
+
+    def make(self):
+        """An agent connection on a StringTransport, and what it sent first."""
+        channel = AgentChannel(Clock(), None, A, "e", lambda view: None, address="h")
+        protocol = _ConnectionFactory(channel).buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        [hello] = frames(transport)
+        return channel, protocol, transport, hello
+
+    def test_hello_offers_both_versions(self):
+        """The agent's hello offers the previous and the current version."""
+        _, _, _, hello = self.make()
+        self.assertEqual(hello.protocols, OURS)
+
+    def test_welcome_settles_the_version(self):
+        """The welcome's version is the one the connection decodes by from then on."""
+        channel, protocol, transport, _ = self.make()
+        protocol.dataReceived(frame(encode(Welcome(epoch="e", version=0, protocol=1))))
+        self.assertEqual((channel.connected, protocol.protocol_version), (True, 1))
+        channel._heartbeats.stop()
+
+    def test_welcome_to_a_version_not_spoken_is_refused(self):
+        """A welcome choosing a version the agent does not speak is refused, naming both."""
+        _, protocol, transport, _ = self.make()
+        protocol.dataReceived(frame(b'{"type":"welcome","protocol":3,"epoch":"e",'
+                                    b'"version":0}'))
+        [error] = frames(transport)
+        self.assertEqual(error.code, "protocol-version")
+        self.assertEqual(error.reason, "the control service answered agent-channel "
+                                       "protocol 3, this agent speaks protocols 1 to 2")
