@@ -28,9 +28,10 @@ from pyflock.agent._convergence import (
 )
 from pyflock.agent._discovery import discover as discover_now
 from pyflock.agent._runner import (
-    EXPECTED_ERRORS, ChangesFailed, Runner, StaleChange, log_failure, threaded,
+    EXPECTED_ERRORS, ChangesFailed, Runner, StaleChange, log_failure,
 )
 from pyflock.common._logging import log_event
+from pyflock.common._threads import RunBlocking, in_reactor_pool
 
 #: Seconds between two rediscoveries when nothing wakes the loop (DESIGN.md: a safety net).
 DEFAULT_INTERVAL = 10.0
@@ -334,12 +335,14 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
                           report_state: Callable, desire: Optional[Callable] = None,
                           interval: float = DEFAULT_INTERVAL,
                           logger: Optional[Logger] = None,
-                          threadpool=None) -> ConvergenceLoop:
+                          run_blocking: Optional[RunBlocking] = None,
+                          slow: Optional[RunBlocking] = None) -> ConvergenceLoop:
     """
     The loop of one agent: discovery through ``backend`` (its ``IBlockDeviceBackend``) and
     ``filesystems`` (``LocalFilesystems()`` in the agent) under ``mount_root``,
-    ``calculate_changes``, and a ``Runner``; every blocking call runs in ``threadpool``
-    (default: the reactor's). ``desire(view, now)`` builds ``Desired`` from what is
+    ``calculate_changes``, and a ``Runner``; discovery and the quick steps run with
+    ``run_blocking`` (default: in the reactor's thread pool), the slow ones (the
+    runner's ``SLOW_CHANGES``) with ``slow`` (default: ``run_blocking``). ``desire(view, now)`` builds ``Desired`` from what is
     passed to ``update`` (default: ``view_desire(backend.node_uuid)``, for ``AgentView``s).
     Call ``start()``, then ``update(view)`` with the view loaded from disk and on every
     push; ``report_state`` gets a ``pmap`` of ``DatasetReport`` by dataset id.
@@ -347,8 +350,9 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
     if desire is None:
         desire = view_desire(backend.node_uuid)
     mount_root = os.path.realpath(mount_root)
-    run_blocking = threaded(reactor, threadpool)
-    runner = Runner(backend, filesystems, run_blocking, logger=logger)
+    if run_blocking is None:
+        run_blocking = in_reactor_pool(reactor)
+    runner = Runner(backend, filesystems, run_blocking, logger=logger, slow=slow)
 
     def discover() -> Deferred:
         return run_blocking(discover_now, backend, filesystems, mount_root)

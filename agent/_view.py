@@ -12,18 +12,18 @@ from it while the control service is away.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import attr
 from pyrsistent import PClass, field, pmap_field
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pyflock.common._files import write_atomically
 from pyflock.common._logging import log_event
+from pyflock.common._threads import in_reactor_pool
 from pyflock.common._wire import (
     BadMessage, DatasetEntry, Diff, NodeEntry, Snapshot, ViewVersion, decode, encode,
 )
@@ -182,24 +182,7 @@ def write_view(path: Union[str, Path], view: AgentView) -> None:
     Replace ``path`` with ``view`` atomically and durably: a crash leaves the old file or
     the new one, never a mix. Blocks.
     """
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(view_to_bytes(view))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    # The rename is durable only once the folder is.
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    write_atomically(path, view_to_bytes(view))
 
 
 class ViewFile:
@@ -212,10 +195,7 @@ class ViewFile:
     def __init__(self, path: Union[str, Path], reactor,
                  run_in_thread: Optional[Callable[..., Deferred]] = None):
         self.path = Path(path)
-        if run_in_thread is None:
-            def run_in_thread(f, *args):
-                return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-        self._run = run_in_thread
+        self._run = in_reactor_pool(reactor) if run_in_thread is None else run_in_thread
         self._writing = False
         self._next: Optional[AgentView] = None
         self._next_waiters: list[Deferred] = []

@@ -40,10 +40,11 @@ from pyflock.agent._fs import (
 )
 from pyflock.agent._loop import node_convergence_loop
 from pyflock.agent._runner import (
-    ChangesFailed, IFilesystems, LocalFilesystems, Runner, StaleChange, run_now, threaded,
+    ChangesFailed, IFilesystems, LocalFilesystems, Runner, StaleChange, run_now,
 )
 from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
+from pyflock.common._threads import in_reactor_pool
 from pyflock.common._wire import DatasetEntry, DatasetReport, NodeEntry
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 
@@ -453,7 +454,7 @@ class Node:
         self.agent_backend = OffReactor(self.backend, world.on_reactor)
         self.agent_fs = OffReactor(LocalFilesystems(), world.on_reactor)
         self.mount_root = os.path.join(world.mounts, node_uuid[:8])
-        self.run_blocking = threaded(reactor)
+        self.run_blocking = in_reactor_pool(reactor)
         self.events = world.events
         self.runner = Runner(self.agent_backend, self.agent_fs, self.run_blocking,
                              logger=Logger(observer=world.events.append))
