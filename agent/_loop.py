@@ -9,6 +9,9 @@ discovery, ``calculate_changes`` and the runner. Only one iteration runs at a ti
 update during an iteration makes one more iteration follow it. An update that asks
 nothing new of this node, judged purely on what its last iteration discovered, wakes
 nothing: every agent gets every push, and a rediscovery costs a snapshot of the node.
+When the update comes with the diff that made it (a lease renewal, say), that judgement
+looks at the diff's datasets and nodes alone (``diff_affects``), so a push costs what it
+changes, not the size of the cluster.
 Errors are logged and retried with exponential backoff; the loop never dies. Time comes
 from the injected reactor (a ``Clock`` in tests).
 """
@@ -23,15 +26,17 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from pyflock.agent._convergence import (
-    calculate_changes, dataset_states, is_nothing, is_waiting, leaves, summarize, view_desire,
-    without,
+    calculate_changes, dataset_states, desired_from_view, is_nothing, is_waiting, leaves,
+    summarize, view_desire, without,
 )
 from pyflock.agent._discovery import discover as discover_now
 from pyflock.agent._runner import (
     EXPECTED_ERRORS, ChangesFailed, Runner, StaleChange, log_failure,
 )
+from pyflock.agent._view import AgentView
 from pyflock.common._logging import log_event
 from pyflock.common._threads import RunBlocking, in_reactor_pool
+from pyflock.common._wire import Diff
 
 #: Seconds between two rediscoveries when nothing wakes the loop (DESIGN.md: a safety net).
 DEFAULT_INTERVAL = 10.0
@@ -89,7 +94,10 @@ class ConvergenceLoop:
       as it is); while it returns None (no view yet) nothing is done;
     - ``waiting(desired, discovered)`` says whether the node waits for another node (the
       loop then looks again after ``poll_interval`` rather than ``interval``, in case the
-      update announcing that the other node let go is lost).
+      update announcing that the other node let go is lost);
+    - ``affects(desired, change, now)`` (optional) says whether ``change``, the diff an
+      update came with, may change ``desired``: False spares computing the whole desired
+      state (see ``diff_affects``).
 
     Nothing runs before ``start()`` and the first ``update(view)``. An update wakes the
     loop unless, after a clean iteration, the new desired state asks nothing new of what
@@ -107,7 +115,7 @@ class ConvergenceLoop:
                  backoff: float = DEFAULT_BACKOFF,
                  max_backoff: float = DEFAULT_MAX_BACKOFF,
                  max_steps: int = DEFAULT_MAX_STEPS, logger: Optional[Logger] = None,
-                 node_uuid: Optional[str] = None):
+                 node_uuid: Optional[str] = None, affects: Optional[Callable] = None):
         self._reactor = reactor
         self._discover = discover
         self._calculate = calculate
@@ -116,6 +124,7 @@ class ConvergenceLoop:
         self._desire = desire
         self._describe = describe
         self._waiting = waiting
+        self._affects = affects
         self.interval = interval
         self.poll_interval = poll_interval
         self.backoff = backoff
@@ -154,10 +163,11 @@ class ConvergenceLoop:
         self._started = True
         self.wake()
 
-    def update(self, view) -> None:
+    def update(self, view, change=None) -> None:
         """
-        A new view (the channel calls this on every push): converge now, unless it asks
-        nothing new of this node (see the class docstring).
+        A new view (the channel calls this on every push), with the diff that made it
+        from the view before if known: converge now, unless it asks nothing new of this
+        node (see the class docstring).
         """
         self._view = view
         self._has_view = True
@@ -166,26 +176,35 @@ class ConvergenceLoop:
         if self._busy:
             self._updated = True
             return
-        if not self._asks_nothing_new():
+        if not self._asks_nothing_new(change):
             self.wake()
 
-    def _asks_nothing_new(self) -> bool:
+    def _asks_nothing_new(self, change=None) -> bool:
         """
         Whether the latest view asks nothing new of this node, judged (purely) on where
-        its last clean iteration ended.
+        its last clean iteration ended: on ``change`` alone when given and ``affects``
+        can tell.
         """
         if self._settled is None or self.failures or self._reported is None:
             return False
         desired_then, discovered = self._settled
         try:
-            desired = self._desire(self._view, self._reactor.seconds())
+            now = self._reactor.seconds()
+            if (change is not None and self._affects is not None
+                    and not self._affects(desired_then, change, now)):
+                return True
+            desired = self._desire(self._view, now)
             if desired is None or desired == desired_then:
                 return True
             if self._waits:
                 # Another node letting go shows only as a change of the desired state.
                 return False
-            return (self._describe(desired, discovered) == self._reported
-                    and is_nothing(self._calculate(desired, discovered)))
+            if (self._describe(desired, discovered) == self._reported
+                    and is_nothing(self._calculate(desired, discovered))):
+                # Where the loop rests now, so that later diffs are judged against it.
+                self._settled = (desired, discovered)
+                return True
+            return False
         except Exception:
             return False
 
@@ -347,6 +366,7 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
     Call ``start()``, then ``update(view)`` with the view loaded from disk and on every
     push; ``report_state`` gets a ``pmap`` of ``DatasetReport`` by dataset id.
     """
+    view_desired = desire is None
     if desire is None:
         desire = view_desire(backend.node_uuid)
     mount_root = os.path.realpath(mount_root)
@@ -359,4 +379,28 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
 
     return ConvergenceLoop(reactor, discover, calculate_changes, runner.run, report_state,
                            desire=desire, interval=interval, logger=logger,
-                           node_uuid=backend.node_uuid)
+                           node_uuid=backend.node_uuid,
+                           affects=diff_affects(backend.node_uuid) if view_desired else None)
+
+
+def diff_affects(node_uuid: str) -> Callable:
+    """
+    The ``affects(desired, change, now)`` of ``node_uuid``'s loop over ``AgentView``s
+    (pure): whether ``change`` may make the desired state differ from ``desired``. A
+    ``Diff`` is judged on its own datasets and nodes, at the cost of their number: each
+    changed dataset must come out as the same ``DesiredDataset`` (a renewal of a live lease
+    does), each node with the same alive flag, and no removed dataset may be in
+    ``desired``. Anything else (a snapshot) may.
+    """
+    def affects(desired, change, now: float) -> bool:
+        if not isinstance(change, Diff):
+            return True
+        if any(dataset_id in desired.datasets for dataset_id in change.removed):
+            return True
+        partial = desired_from_view(node_uuid, AgentView(
+            epoch=change.epoch, version=change.version,
+            datasets={d.dataset_id: d for d in change.datasets},
+            nodes={n.uuid: n for n in change.nodes}), now)
+        return (any(desired.datasets.get(i) != d for i, d in partial.datasets.items())
+                or any(desired.nodes.get(u) != alive for u, alive in partial.nodes.items()))
+    return affects

@@ -187,7 +187,7 @@ async def run(reactor, config: AgentConfig) -> None:
     plugin: Optional[DockerPlugin] = None
 
     def on_view(new_view):
-        loop.update(new_view)
+        loop.update(new_view, channel.change)
         if plugin is not None:
             plugin.view_updated()
         if not first_view.called:
@@ -195,7 +195,8 @@ async def run(reactor, config: AgentConfig) -> None:
 
     channel = AgentChannel(reactor, channel_endpoint, node_uuid, era, on_view,
                            address=config.address, peer_port=config.peer_port, view=view,
-                           save_view=view_file.save)
+                           save_view=lambda new_view: view_file.save(new_view,
+                                                                     channel.change))
     channel.start()
 
     client = ControlClient(http, f"https://{config.control_hostname}:{config.control_api_port}",

@@ -16,12 +16,14 @@ from pyflock.agent._convergence import (
     NOTHING, CreateVolume, DatasetStatus, calculate_changes, in_parallel, view_desire,
 )
 from pyflock.agent._discovery import discover
-from pyflock.agent._loop import ConvergenceLoop, ConvergenceStalled
+from pyflock.agent._loop import (
+    ConvergenceLoop, ConvergenceStalled, diff_affects, node_convergence_loop,
+)
 from pyflock.agent._runner import Runner, run_now
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
-from pyflock.common._wire import DatasetEntry, NodeEntry
+from pyflock.common._wire import DatasetEntry, Diff, LeaseEntry, NodeEntry, Snapshot
 
 CHANGE = in_parallel([CreateVolume("ds")])
 
@@ -540,3 +542,115 @@ class MemoryNodesTests(SynchronousTestCase):
         self.assertEqual((set(), {}), (self.nodes[NODE_A][1].directories,
                                        self.nodes[NODE_A][1].table))
         self.assertEqual(pmap(), self.nodes[NODE_A][2][-1])
+
+
+def lease_view(version, expiration, holder=NODE_A, primary=NODE_A, extra=()):
+    """A view of dataset ``ds`` on ``primary`` leased to ``holder`` until ``expiration``."""
+    datasets = {"ds": DatasetEntry("ds", primary, 64 * MiB,
+                                   lease=LeaseEntry(holder, expiration))}
+    for dataset_id in extra:
+        datasets[dataset_id] = DatasetEntry(dataset_id, NODE_B, 64 * MiB)
+    return AgentView(epoch="e", version=version, datasets=datasets,
+                     nodes={n: NodeEntry(n, "127.0.0.1") for n in [NODE_A, NODE_B]})
+
+
+def lease_diff(version, expiration, holder=NODE_A, primary=NODE_A):
+    """The diff that sets ``ds``'s lease (and primary) at ``version``."""
+    return Diff(epoch="e", version=version, datasets=(
+        DatasetEntry("ds", primary, 64 * MiB, lease=LeaseEntry(holder, expiration)),))
+
+
+class DiffAffectsTests(SynchronousTestCase):
+    """``diff_affects`` judges a diff on its own entries, as the whole view would be."""
+
+    def setUp(self):
+        self.affects = diff_affects(NODE_A)
+        self.desired = view_desire(NODE_A)(lease_view(1, 100.0), 10.0)
+
+    def test_renewal(self):
+        """Renewing a live lease of the same holder changes nothing."""
+        self.assertFalse(self.affects(self.desired, lease_diff(2, 200.0), 10.0))
+
+    def test_new_holder(self):
+        """A lease taken by another node changes the desired state."""
+        self.assertTrue(self.affects(self.desired, lease_diff(2, 200.0, holder=NODE_B), 10.0))
+
+    def test_expired_lease_renewed(self):
+        """A lease renewed after it expired makes a holder appear again."""
+        expired = view_desire(NODE_A)(lease_view(1, 100.0), 150.0)
+        self.assertTrue(self.affects(expired, lease_diff(2, 300.0), 150.0))
+
+    def test_moved(self):
+        """A new primary changes the desired state."""
+        self.assertTrue(self.affects(self.desired, lease_diff(2, 200.0, primary=NODE_B),
+                                     10.0))
+
+    def test_removed_and_nodes(self):
+        """A purge of a known dataset, or a node's death, changes it; a snapshot may."""
+        self.assertTrue(self.affects(self.desired, Diff(epoch="e", version=2,
+                                                        removed=("ds",)), 10.0))
+        self.assertFalse(self.affects(self.desired, Diff(epoch="e", version=2,
+                                                         removed=("other",)), 10.0))
+        self.assertTrue(self.affects(self.desired, Diff(epoch="e", version=2, nodes=(
+            NodeEntry(NODE_B, "127.0.0.1", alive=False),)), 10.0))
+        self.assertTrue(self.affects(self.desired, Snapshot(epoch="e", version=2), 10.0))
+
+
+class RenewalTests(SynchronousTestCase):
+    """A lease renewal pushed to a settled node costs its diff, not the whole view."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(10)
+        store = MemoryBlockStore()
+        backend = store.backend(NODE_A)
+        fs = MemoryFilesystems(MemoryDisks(store), backend)
+        self.discoveries = 0
+        self.desires = 0
+        desire = view_desire(NODE_A)
+
+        def discover_now():
+            self.discoveries += 1
+            return run_now(discover, backend, fs, "/mnt/a")
+
+        def counting_desire(view, now):
+            self.desires += 1
+            return desire(view, now)
+        self.loop = ConvergenceLoop(
+            self.clock, discover_now, calculate_changes, Runner(backend, fs, run_now).run,
+            lambda states: None, desire=counting_desire, affects=diff_affects(NODE_A),
+            node_uuid=NODE_A)
+        self.loop.start()
+        self.loop.update(lease_view(1, 100.0, extra=[f"other-{n}" for n in range(50)]))
+        self.assertEqual(0, self.loop.failures)
+
+    def test_renewal_wakes_nothing(self):
+        """A renewal neither wakes the loop nor computes the desired state."""
+        discoveries, desires = self.discoveries, self.desires
+        view = lease_view(1, 100.0, extra=[f"other-{n}" for n in range(50)])
+        for version in range(2, 12):
+            diff = lease_diff(version, 100.0 + version)
+            view = view.apply(diff)
+            self.loop.update(view, diff)
+        self.assertEqual((discoveries, desires), (self.discoveries, self.desires))
+
+    def test_move_wakes(self):
+        """A diff that moves the dataset away wakes the loop, which lets it go."""
+        discoveries = self.discoveries
+        view = lease_view(1, 100.0, extra=[f"other-{n}" for n in range(50)])
+        diff = lease_diff(2, 100.0, holder=NODE_B, primary=NODE_B)
+        self.loop.update(view.apply(diff), diff)
+        self.assertGreater(self.discoveries, discoveries)
+
+    def test_without_diff_judged_on_view(self):
+        """An update without its diff is judged on the whole view, as before."""
+        desires = self.desires
+        self.loop.update(lease_view(2, 150.0, extra=[f"other-{n}" for n in range(50)]))
+        self.assertGreater(self.desires, desires)
+
+
+def test_node_loop_judges_diffs():
+    """The agent's loop judges updates on their diffs with ``diff_affects``."""
+    loop = node_convergence_loop(Clock(), MemoryBlockStore().backend(NODE_A), None, "/mnt",
+                                 lambda states: None, run_blocking=run_now)
+    assert loop._affects is not None
