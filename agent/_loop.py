@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from pyflock.agent._convergence import (
-    calculate_changes, dataset_states, desired_from_view, is_nothing, is_waiting, leaves,
-    summarize, view_desire, without,
+    CreateVolume, DestroyVolume, InParallel, calculate_changes, dataset_states,
+    desired_from_view, in_parallel, is_nothing, is_waiting, leaves, summarize, view_desire,
+    without,
 )
 from pyflock.agent._discovery import discover as discover_now
 from pyflock.agent._runner import (
@@ -74,6 +75,59 @@ def _as_given(desired, now: float):
     return desired
 
 
+def _parts(change) -> tuple:
+    """The parts of a step that may run apart: a parallel group's members."""
+    return change.changes if isinstance(change, InParallel) else (change,)
+
+
+class _Background:
+    """
+    The changes of one iteration left running while it goes on, with the datasets they
+    touch; their failures are kept for the iteration to collect (``harvest``).
+    """
+
+    def __init__(self):
+        self.running: dict = {}
+        self._failures: list = []
+        self._waiters: list[Deferred] = []
+
+    def start(self, run: Callable[[object], Deferred], change) -> None:
+        """Run ``change`` with ``run`` without waiting for it."""
+        d = maybeDeferred(run, change)
+        self.running[d] = frozenset(leaf.dataset_id for leaf in leaves(change))
+        d.addBoth(self._done, d, change)
+
+    def _done(self, result, d: Deferred, change) -> None:
+        del self.running[d]
+        if isinstance(result, Failure):
+            self._failures.append((result, change))
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def dataset_ids(self) -> frozenset:
+        """The datasets that changes under way touch."""
+        return frozenset().union(*self.running.values())
+
+    def harvest(self) -> list:
+        """The (failure, change) of the changes that failed since last asked."""
+        failures, self._failures = self._failures, []
+        return failures
+
+    def next_done(self) -> Deferred:
+        """Fires when the next change under way ends (at once if none is under way)."""
+        if not self.running:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        return d
+
+    async def all_done(self) -> None:
+        """Wait until no change is under way."""
+        while self.running:
+            await self.next_done()
+
+
 def _expected(failure: Failure) -> bool:
     if failure.check(ChangesFailed):
         return all(_expected(f) for f in failure.value.failures)
@@ -97,7 +151,12 @@ class ConvergenceLoop:
       update announcing that the other node let go is lost);
     - ``affects(desired, change, now)`` (optional) says whether ``change``, the diff an
       update came with, may change ``desired``: False spares computing the whole desired
-      state (see ``diff_affects``).
+      state (see ``diff_affects``);
+    - ``background(leaf)`` (optional) says whether a leaf change may run while the loop
+      goes on: a part of a step (a member of its parallel group: one dataset's changes)
+      holding such a leaf is started and not waited for, and its datasets are left out of
+      the steps that follow until it ends (its end wakes the iteration), so that the other
+      datasets' steps never wait behind it.
 
     Nothing runs before ``start()`` and the first ``update(view)``. An update wakes the
     loop unless, after a clean iteration, the new desired state asks nothing new of what
@@ -115,7 +174,8 @@ class ConvergenceLoop:
                  backoff: float = DEFAULT_BACKOFF,
                  max_backoff: float = DEFAULT_MAX_BACKOFF,
                  max_steps: int = DEFAULT_MAX_STEPS, logger: Optional[Logger] = None,
-                 node_uuid: Optional[str] = None, affects: Optional[Callable] = None):
+                 node_uuid: Optional[str] = None, affects: Optional[Callable] = None,
+                 background: Optional[Callable] = None):
         self._reactor = reactor
         self._discover = discover
         self._calculate = calculate
@@ -125,6 +185,7 @@ class ConvergenceLoop:
         self._describe = describe
         self._waiting = waiting
         self._affects = affects
+        self._background = background
         self.interval = interval
         self.poll_interval = poll_interval
         self.backoff = backoff
@@ -285,24 +346,52 @@ class ConvergenceLoop:
         """
         Steps until nothing is left to do; the last failure of a change, if any. A failed
         step does not stop the others: its leaves are left out of the following steps
-        (they wait for the backoff), so one stuck dataset never slows the rest down.
+        (they wait for the backoff), so one stuck dataset never slows the rest down. The
+        iteration ends once the changes left running in the background are done too.
         """
+        background = _Background()
+        try:
+            failure = await self._steps(background)
+        finally:
+            await background.all_done()
+        later = background.harvest()
+        return later[-1][0] if later else failure
+
+    async def _steps(self, background: "_Background") -> Optional[Failure]:
         ran = 0
+        waited = 0
         self._waits = False
         self._settled = None
         change = None
         failure = None
         skipped: set = set()
-        for step in range(self.max_steps):
+
+        def harvest() -> None:
+            nonlocal failure
+            for failed, part in background.harvest():
+                failure = failed
+                skipped.update(leaves(part))
+        # A background change's end wakes the iteration: each may bring one more step,
+        # up to ``max_steps`` more, so a burst of them does not count as being stuck.
+        while ran < self.max_steps + min(waited, self.max_steps):
             if self._stopped or not self._has_view:
                 return failure
             desired = self._desire(self._view, self._reactor.seconds())
             if desired is None:
                 return failure
             discovered = await self._discover()
-            change = without(self._calculate(desired, discovered), skipped)
+            harvest()
+            change = self._calculate(desired, discovered)
+            busy = background.dataset_ids()
+            change = without(change, skipped | {c for c in leaves(change)
+                                                if c.dataset_id in busy})
             self._report(desired, discovered)
             if is_nothing(change):
+                if background.running:
+                    await background.next_done()
+                    waited += 1
+                    harvest()
+                    continue
                 self._waits = bool(self._waiting(desired, discovered))
                 if failure is None:
                     self._settled = (desired, discovered)
@@ -310,16 +399,28 @@ class ConvergenceLoop:
                     log_event(self._log, "pyflock:agent:converged", node_uuid=self._node_uuid,
                               steps=ran)
                 return failure
-            log_event(self._log, "pyflock:agent:converge", node_uuid=self._node_uuid,
-                      step=step + 1, changes=summarize(change),
-                      dataset_ids=",".join(sorted({c.dataset_id for c in leaves(change)})))
-            try:
-                await self._run(change)
-            except Exception:
-                failure = Failure()
-                skipped.update(leaves(change))
             ran += 1
-        raise ConvergenceStalled(self.max_steps, change)
+            log_event(self._log, "pyflock:agent:converge", node_uuid=self._node_uuid,
+                      step=ran, changes=summarize(change),
+                      dataset_ids=",".join(sorted({c.dataset_id for c in leaves(change)})))
+            foreground = []
+            for part in _parts(change):
+                if self._background is not None and any(
+                        self._background(leaf) for leaf in leaves(part)):
+                    background.start(self._run, part)
+                else:
+                    foreground.append(part)
+            if not foreground:
+                await background.next_done()
+                waited += 1
+            else:
+                try:
+                    await self._run(in_parallel(foreground))
+                except Exception:
+                    failure = Failure()
+                    skipped.update(leaves(in_parallel(foreground)))
+            harvest()
+        raise ConvergenceStalled(ran, change)
 
     def _report(self, desired, discovered) -> None:
         try:
@@ -380,7 +481,19 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
     return ConvergenceLoop(reactor, discover, calculate_changes, runner.run, report_state,
                            desire=desire, interval=interval, logger=logger,
                            node_uuid=backend.node_uuid,
-                           affects=diff_affects(backend.node_uuid) if view_desired else None)
+                           affects=diff_affects(backend.node_uuid) if view_desired else None,
+                           background=runs_apart)
+
+
+#: The changes that run while the loop goes on (``ConvergenceLoop``'s ``background``): a
+#: volume's creation or destruction, which may take long (a cloud volume) and touch no
+#: device of this node, so that a move or a mount never waits behind a burst of them.
+BACKGROUND_CHANGES = (CreateVolume, DestroyVolume)
+
+
+def runs_apart(leaf) -> bool:
+    """Whether ``leaf`` runs while the loop goes on (``BACKGROUND_CHANGES``)."""
+    return isinstance(leaf, BACKGROUND_CHANGES)
 
 
 def diff_affects(node_uuid: str) -> Callable:

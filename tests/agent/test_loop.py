@@ -98,14 +98,15 @@ class ConvergenceLoopTests(SynchronousTestCase):
         self.events = []
         self.loop = self.make_loop()
 
-    def make_loop(self, **kwargs):
-        """A loop over the script, logging into ``self.events``."""
+    def make_loop(self, run=None, **kwargs):
+        """A loop over the script (``run`` instead of its own), logging into
+        ``self.events``."""
         s = self.script
         options = dict(describe=s.describe, waiting=lambda desired, discovered: False,
                        interval=10.0, backoff=1.0, max_backoff=8.0, max_steps=20,
                        logger=Logger(observer=self.events.append), node_uuid="node-a")
         options.update(kwargs)
-        return ConvergenceLoop(self.clock, s.discover, s.calculate, s.run, s.report,
+        return ConvergenceLoop(self.clock, s.discover, s.calculate, run or s.run, s.report,
                                **options)
 
     def failed_events(self):
@@ -335,6 +336,36 @@ class ConvergenceLoopTests(SynchronousTestCase):
             self.script.pending.pop(0).callback("w")
         self.assertEqual(([], 0), (self.script.pending, self.script.changes))
         self.assertEqual((1, 10.0), (len(self.failed_events()), self.loop.next_wake))
+
+    def test_background_failure_backs_off(self):
+        """A change run in the background that fails makes the iteration fail and back
+        off, the change left out until the retry."""
+        loop = self.make_loop(background=lambda leaf: True)
+        self.script.changes = 1
+        self.script.errors["run"] = [Boom()]
+        loop.start()
+        loop.update("v1")
+        self.assertEqual((2, 1, 1), (self.script.discoveries, len(self.script.ran),
+                                     loop.failures))
+        self.assertEqual(1.0, loop.next_wake)
+        self.clock.advance(1)
+        self.assertEqual((2, 0), (len(self.script.ran), loop.failures))
+
+    def test_iteration_ends_after_background(self):
+        """``stop`` waits for the changes still running in the background."""
+        held = []
+
+        def run(change):
+            held.append(Deferred())
+            return held[-1]
+        loop = self.make_loop(run=run, background=lambda leaf: True)
+        self.script.changes = 1
+        loop.start()
+        loop.update("v1")
+        stopped = loop.stop()
+        self.assertNoResult(stopped)
+        held.pop().callback(None)
+        self.successResultOf(stopped)
 
     def test_expected_errors_without_traceback(self):
         """A backend refusal is logged as a warning with its message, no traceback."""
@@ -654,3 +685,58 @@ def test_node_loop_judges_diffs():
     loop = node_convergence_loop(Clock(), MemoryBlockStore().backend(NODE_A), None, "/mnt",
                                  lambda states: None, run_blocking=run_now)
     assert loop._affects is not None
+
+
+class HeldLane(list):
+    """A ``run_blocking`` lane whose calls wait until the test lets them run."""
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        self.append((d, f, args))
+        return d
+
+    def release_all(self):
+        """Run every held call (and those they lead to) until none is left."""
+        while self:
+            d, f, args = self.pop(0)
+            d.callback(f(*args))
+
+
+class BackgroundTests(SynchronousTestCase):
+    """A move's steps never wait behind a burst of volume creations."""
+
+    def test_move_while_creations_run(self):
+        """A dataset moving here is attached and mounted while new volumes are still
+        being created, and those are made ready afterwards."""
+        clock = Clock()
+        store = MemoryBlockStore()
+        disks = MemoryDisks(store)
+        nodes = {}
+        for node in (NODE_A, NODE_B):
+            backend = store.backend(node)
+            fs = MemoryFilesystems(disks, backend)
+            lane = HeldLane()
+            loop = node_convergence_loop(clock, backend, fs, f"/mnt/{node}",
+                                         lambda states: None, run_blocking=run_now,
+                                         slow=lane)
+            loop.start()
+            nodes[node] = (loop, fs, lane)
+
+        def push(version, datasets):
+            view = AgentView(epoch="e", version=version, datasets={
+                i: DatasetEntry(i, primary, 64 * MiB) for i, primary in datasets.items()},
+                nodes={n: NodeEntry(n, "127.0.0.1") for n in (NODE_A, NODE_B)})
+            for node in (NODE_B, NODE_A):
+                nodes[node][0].update(view)
+        push(1, {"moved": NODE_B})
+        nodes[NODE_B][2].release_all()
+        self.assertEqual({"/mnt/node-b/moved"}, set(nodes[NODE_B][1].table))
+        push(2, {"moved": NODE_A, "new-1": NODE_A, "new-2": NODE_A})
+        a_loop, a_fs, a_lane = nodes[NODE_A]
+        self.assertEqual({"/mnt/node-a/moved"}, set(a_fs.table))
+        self.assertEqual(["CreateVolume", "CreateVolume"],
+                         [type(args[0]).__name__ for _, _, args in a_lane])
+        a_lane.release_all()
+        self.assertEqual({"/mnt/node-a/moved", "/mnt/node-a/new-1", "/mnt/node-a/new-2"},
+                         set(a_fs.table))
+        self.assertEqual((False, 0), (a_loop.busy, a_loop.failures))
