@@ -34,13 +34,10 @@ from typing import Callable
 from uuid import uuid4
 
 import attr
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from _harness import Context, Section, Target
 from pyflock.agent._backends import MemoryBlockStore, MiB
@@ -53,6 +50,7 @@ from pyflock.common._threads import Pools, run_now
 from pyflock.common._wire import (
     DatasetEntry, Diff, LeaseEntry, NodeEntry, Snapshot, Welcome, encode,
 )
+from tests.harness.endpoints import StringEndpoint
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 
 #: Datasets in the cluster, and how many of them the measured agent holds.
@@ -78,18 +76,6 @@ CPU_GOAL = 0.002
 BYTES_GOAL = 4096
 
 
-@implementer(IStreamClientEndpoint)
-class _Endpoint:
-    """Connects the channel to an in-memory transport; ``protocol`` is its connection."""
-
-    protocol = None
-
-    def connect(self, factory):
-        self.protocol = factory.buildProtocol(None)
-        self.protocol.makeConnection(StringTransport())
-        return succeed(self.protocol)
-
-
 def _written_bytes() -> int:
     """Bytes this process has passed to write calls so far (``wchar``)."""
     for line in Path("/proc/self/io").read_text().splitlines():
@@ -105,7 +91,7 @@ class _Agent:
     clock: Clock
     node: str
     channel: AgentChannel
-    endpoint: _Endpoint
+    endpoint: StringEndpoint
     saves: list
     view_file: ViewFile
 
@@ -138,7 +124,7 @@ async def _start_agent(reactor, workdir: Path, pools: Pools, by_change: bool) ->
     view_file = ViewFile(workdir / VIEW_FILE, reactor,
                          run_in_thread=pools.run_blocking("plugin"))
     saves: list = []
-    endpoint = _Endpoint()
+    endpoint = StringEndpoint()
     channel: AgentChannel
 
     def on_view(view):
