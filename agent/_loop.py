@@ -83,11 +83,13 @@ def _parts(change) -> tuple:
 class _Background:
     """
     The changes of one iteration left running while it goes on, with the datasets they
-    touch; their failures are kept for the iteration to collect (``harvest``).
+    touch; their failures are kept for the iteration to collect (``harvest``), and
+    ``ended`` counts those that ended.
     """
 
     def __init__(self):
         self.running: dict = {}
+        self.ended = 0
         self._failures: list = []
         self._waiters: list[Deferred] = []
 
@@ -99,6 +101,7 @@ class _Background:
 
     def _done(self, result, d: Deferred, change) -> None:
         del self.running[d]
+        self.ended += 1
         if isinstance(result, Failure):
             self._failures.append((result, change))
         waiters, self._waiters = self._waiters, []
@@ -114,9 +117,10 @@ class _Background:
         failures, self._failures = self._failures, []
         return failures
 
-    def next_done(self) -> Deferred:
-        """Fires when the next change under way ends (at once if none is under way)."""
-        if not self.running:
+    def next_done(self, after: int = -1) -> Deferred:
+        """Fires once more than ``after`` changes have ended (by default: at the next
+        end), at once if that is so or none is under way."""
+        if not self.running or (after >= 0 and self.ended > after):
             return succeed(None)
         d: Deferred = Deferred()
         self._waiters.append(d)
@@ -379,19 +383,22 @@ class ConvergenceLoop:
             desired = self._desire(self._view, self._reactor.seconds())
             if desired is None:
                 return failure
+            # A dataset whose background change ran at any time during the discovery may
+            # have been seen half changed: it waits for the next one.
+            busy, ended = background.dataset_ids(), background.ended
             discovered = await self._discover()
             harvest()
+            busy |= background.dataset_ids()
             change = self._calculate(desired, discovered)
-            busy = background.dataset_ids()
             change = without(change, skipped | {c for c in leaves(change)
                                                 if c.dataset_id in busy})
             self._report(desired, discovered)
+            if is_nothing(change) and (background.running or background.ended != ended):
+                await background.next_done(after=ended)
+                waited += 1
+                harvest()
+                continue
             if is_nothing(change):
-                if background.running:
-                    await background.next_done()
-                    waited += 1
-                    harvest()
-                    continue
                 self._waits = bool(self._waiting(desired, discovered))
                 if failure is None:
                     self._settled = (desired, discovered)
@@ -403,24 +410,26 @@ class ConvergenceLoop:
             log_event(self._log, "pyflock:agent:converge", node_uuid=self._node_uuid,
                       step=ran, changes=summarize(change),
                       dataset_ids=",".join(sorted({c.dataset_id for c in leaves(change)})))
-            foreground = []
-            for part in _parts(change):
-                if self._background is not None and any(
-                        self._background(leaf) for leaf in leaves(part)):
-                    background.start(self._run, part)
-                else:
-                    foreground.append(part)
-            if not foreground:
-                await background.next_done()
+            foreground = in_parallel(part for part in _parts(change)
+                                     if not self._in_background(background, part))
+            if is_nothing(foreground):
+                await background.next_done(after=ended)
                 waited += 1
             else:
                 try:
-                    await self._run(in_parallel(foreground))
+                    await self._run(foreground)
                 except Exception:
                     failure = Failure()
-                    skipped.update(leaves(in_parallel(foreground)))
+                    skipped.update(leaves(foreground))
             harvest()
         raise ConvergenceStalled(ran, change)
+
+    def _in_background(self, background: "_Background", part) -> bool:
+        """Start ``part`` in the background if it holds a leaf for it; whether it did."""
+        if self._background is None or not any(map(self._background, leaves(part))):
+            return False
+        background.start(self._run, part)
+        return True
 
     def _report(self, desired, discovered) -> None:
         try:

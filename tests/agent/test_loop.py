@@ -13,7 +13,7 @@ from pyrsistent import pmap
 
 from pyflock.agent._backends import MemoryBlockStore, MiB
 from pyflock.agent._convergence import (
-    NOTHING, CreateVolume, DatasetStatus, calculate_changes, in_parallel, view_desire,
+    NOTHING, AttachVolume, CreateVolume, DatasetStatus, calculate_changes, in_parallel, view_desire,
 )
 from pyflock.agent._discovery import discover
 from pyflock.agent._loop import (
@@ -98,16 +98,16 @@ class ConvergenceLoopTests(SynchronousTestCase):
         self.events = []
         self.loop = self.make_loop()
 
-    def make_loop(self, run=None, **kwargs):
-        """A loop over the script (``run`` instead of its own), logging into
-        ``self.events``."""
+    def make_loop(self, run=None, discover=None, calculate=None, **kwargs):
+        """A loop over the script (with ``run``, ``discover`` or ``calculate`` instead of
+        its own), logging into ``self.events``."""
         s = self.script
         options = dict(describe=s.describe, waiting=lambda desired, discovered: False,
                        interval=10.0, backoff=1.0, max_backoff=8.0, max_steps=20,
                        logger=Logger(observer=self.events.append), node_uuid="node-a")
         options.update(kwargs)
-        return ConvergenceLoop(self.clock, s.discover, s.calculate, run or s.run, s.report,
-                               **options)
+        return ConvergenceLoop(self.clock, discover or s.discover, calculate or s.calculate,
+                               run or s.run, s.report, **options)
 
     def failed_events(self):
         """The ``converge-failed`` events so far."""
@@ -366,6 +366,39 @@ class ConvergenceLoopTests(SynchronousTestCase):
         self.assertNoResult(stopped)
         held.pop().callback(None)
         self.successResultOf(stopped)
+
+    def test_background_end_during_discovery(self):
+        """A dataset whose background change ended while a discovery ran is left out of
+        that step (it may have been seen half changed) and taken up at the next one."""
+        create_a, attach_b = CreateVolume("a"), AttachVolume("b", "node-a")
+        plans = [in_parallel([create_a, attach_b]), in_parallel([create_a, attach_b]),
+                 in_parallel([create_a]), NOTHING]
+        discoveries, held, ran = [], [], []
+
+        def discover():
+            discoveries.append(Deferred())
+            return discoveries[-1]
+
+        def run(change):
+            ran.append(change)
+            if change == create_a and len(held) == 0:
+                held.append(Deferred())
+                return held[0]
+            return succeed(None)
+        loop = self.make_loop(run=run, discover=discover,
+                              calculate=lambda desired, discovered: plans.pop(0),
+                              background=lambda leaf: leaf == create_a)
+        loop.start()
+        loop.update("v1")
+        discoveries.pop(0).callback("first")
+        self.assertEqual([create_a, in_parallel([attach_b])], ran)
+        held[0].callback(None)  # ends while the second discovery runs
+        discoveries.pop(0).callback("second")
+        self.assertEqual([create_a, in_parallel([attach_b]), in_parallel([attach_b])], ran)
+        discoveries.pop(0).callback("third")
+        self.assertEqual(create_a, ran[3])
+        discoveries.pop(0).callback("fourth")
+        self.assertEqual(([], 0, False), (plans, loop.failures, loop.busy))
 
     def test_expected_errors_without_traceback(self):
         """A backend refusal is logged as a warning with its message, no traceback."""
