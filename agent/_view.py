@@ -341,6 +341,7 @@ class ViewFile:
         self._next_base, self._next_lines, self._next_waiters = None, [], []
         self._writing = True
         if base is not None:
+            self._appended = 0  # diffs saved meanwhile count from the new base
             d = maybeDeferred(self._run, write_view, self.path, base)
         else:
             data = b"".join(lines)
