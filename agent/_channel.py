@@ -16,7 +16,7 @@ control service purges deleted datasets on the strength of it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
@@ -131,6 +131,9 @@ class AgentChannel:
         self.timeout = timeout
         self.max_message = max_message
         self.view = view
+        #: The message that made ``view`` from the view before (a ``Diff``, or a
+        #: ``Snapshot``); None for the starting view.
+        self.change: Union[Snapshot, Diff, None] = None
         self._on_view = on_view
         self._save_view = save_view
         self._retry_policy = retry_policy or default_retry_policy()
@@ -264,7 +267,7 @@ class AgentChannel:
             self._welcomed(connection, message)
         elif isinstance(message, Snapshot):
             connection.syncing = False
-            self._set_view(self.view.apply(message))
+            self._set_view(self.view.apply(message), message)
         elif isinstance(message, Diff):
             if connection.syncing:
                 return
@@ -273,7 +276,7 @@ class AgentChannel:
             except ViewOutOfStep as e:
                 self._resync(connection, str(e))
                 return
-            self._set_view(view)
+            self._set_view(view, message)
         elif isinstance(message, Heartbeat):
             if not connection.syncing and message.view != self.view.current:
                 self._resync(connection, f"the control service is at {message.view}, this "
@@ -318,8 +321,9 @@ class AgentChannel:
 
     # -- the view -----------------------------------------------------------------------
 
-    def _set_view(self, view: AgentView) -> None:
+    def _set_view(self, view: AgentView, change: Union[Snapshot, Diff]) -> None:
         self.view = view
+        self.change = change
         try:
             self._on_view(view)
         except Exception:

@@ -4,8 +4,11 @@ finish one half made), probe for one and list its root, mount and unmount, and r
 mount table.
 
 Everything here blocks (it runs mkfs, mount, blkid, ...): call it in a thread, never on the
-reactor. Mount state is read from ``/proc/self/mountinfo``, so it is the calling process's
-mount namespace that counts.
+reactor. Every command has a deadline chosen by its kind (``COMMAND_TIMEOUTS``: an
+``umount`` is not a mkfs of a large volume); one that passes it is killed and raises
+``CommandTimedOut``, so a hung command never holds a thread for good and the convergence
+loop retries it. Mount state is read from ``/proc/self/mountinfo``, so it is the calling
+process's mount namespace that counts.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from typing import Optional, Sequence
 
 import attr
@@ -43,23 +47,88 @@ class CommandFailed(Exception):
         return f"`{' '.join(self.argv)}` failed with exit code {self.returncode}: {detail}"
 
 
+class CommandTimedOut(CommandFailed):
+    """An external command ran past its deadline and was killed."""
+
+    def __init__(self, argv: Sequence[str], timeout: float, stderr: str = ""):
+        super().__init__(argv, -9, stderr)
+        self.timeout = timeout
+
+    def __reduce__(self):
+        return (type(self), (self.argv, self.timeout, self.stderr))
+
+    def __str__(self) -> str:
+        said = self.stderr.strip()
+        return (f"`{' '.join(self.argv)}` did not finish within {self.timeout:g} s and was "
+                f"killed" + (f": {said}" if said else ""))
+
+
+#: Seconds each kind of command may run before it is killed, by program name. Generous
+#: for what each does on a healthy host; the unmount of a filesystem with much unwritten
+#: data flushes it first, and a mkfs may meet a slow disk.
+COMMAND_TIMEOUTS = {
+    "blkid": 30.0,
+    "debugfs": 60.0,
+    "losetup": 30.0,
+    "mkfs.ext4": 600.0,
+    "mount": 60.0,
+    "umount": 120.0,
+}
+
+#: Seconds for a command ``COMMAND_TIMEOUTS`` does not name.
+DEFAULT_COMMAND_TIMEOUT = 60.0
+
+#: Seconds to wait for a killed command to exit; one stuck in the kernel (a hung device)
+#: is then left behind, to be reaped later, rather than holding the thread.
+KILL_GRACE = 5.0
+
+
+def command_timeout(argv: Sequence[str]) -> float:
+    """The seconds ``argv`` may run, by its program's kind (``COMMAND_TIMEOUTS``; pure)."""
+    return COMMAND_TIMEOUTS.get(os.path.basename(argv[0]), DEFAULT_COMMAND_TIMEOUT)
+
+
 class FilesystemError(Exception):
     """A filesystem operation could not be done; the message says why and what to do."""
 
 
-def run_command(argv: Sequence[str], input: Optional[str] = None) -> str:
+def run_command(argv: Sequence[str], input: Optional[str] = None,
+                timeout: Optional[float] = None) -> str:
     """
     Run ``argv`` without a shell and return its stdout; raise ``CommandFailed`` (with its
-    stderr) if it exits non-zero or cannot be started.
+    stderr) if it exits non-zero or cannot be started, ``CommandTimedOut`` if it runs
+    longer than ``timeout`` seconds (default: ``command_timeout(argv)``).
     """
+    limit = command_timeout(argv) if timeout is None else timeout
+    process = _start(list(argv), stdin=subprocess.PIPE if input is not None else None)
+    stdout, stderr = _finish(process, time.monotonic() + limit, limit, input)
+    if process.returncode != 0:
+        raise CommandFailed(argv, process.returncode, stderr)
+    return stdout
+
+
+def _finish(process: subprocess.Popen, deadline: float, limit: float,
+            input: Optional[str] = None) -> tuple[str, str]:
+    """``process``'s (stdout, stderr) once it exits; killed, ``CommandTimedOut`` (after
+    ``limit`` seconds), at the ``deadline``."""
     try:
-        result = subprocess.run(list(argv), input=input, capture_output=True, text=True,
-                                stdin=None if input is not None else subprocess.DEVNULL)
-    except FileNotFoundError as e:
-        raise CommandFailed(argv, 127, str(e)) from None
-    if result.returncode != 0:
-        raise CommandFailed(argv, result.returncode, result.stderr)
-    return result.stdout
+        return process.communicate(input, timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired as e:
+        _kill(process)
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) \
+            else (e.stderr or "")
+        raise CommandTimedOut(process.args, limit, stderr) from None
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """Kill ``process`` and reap it, waiting at most ``KILL_GRACE`` seconds."""
+    if process.returncode is not None:
+        return
+    process.kill()
+    try:
+        process.communicate(timeout=KILL_GRACE)  # reaps it and closes its pipes
+    except subprocess.TimeoutExpired:
+        pass  # stuck in the kernel: subprocess reaps it once it exits
 
 
 def filesystem_type(device: str) -> Optional[str]:
@@ -69,8 +138,10 @@ def filesystem_type(device: str) -> Optional[str]:
     """
     _check_exists(device)
     argv = _blkid_argv(device)
-    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    return _blkid_answer(argv, result.returncode, result.stdout, result.stderr)
+    process = _start(argv)
+    limit = command_timeout(argv)
+    stdout, stderr = _finish(process, time.monotonic() + limit, limit)
+    return _blkid_answer(argv, process.returncode, stdout, stderr)
 
 
 def probe_filesystem(device: str) -> tuple[Optional[str], Optional[tuple]]:
@@ -86,12 +157,12 @@ def probe_filesystem(device: str) -> tuple[Optional[str], Optional[tuple]]:
             processes.append(_start(_DEBUGFS_LS_ROOT + [device]))
         except CommandFailed:
             pass  # debugfs is not installed: an error only if an ext4 filesystem needs it
-        said = [process.communicate() for process in processes]
+        limit = max(command_timeout(p.args) for p in processes)
+        deadline = time.monotonic() + limit
+        said = [_finish(process, deadline, limit) for process in processes]
     finally:
         for process in processes:
-            if process.returncode is None:
-                process.kill()
-                process.communicate()  # reaps it and closes its pipes
+            _kill(process)
     blkid = processes[0]
     fstype = _blkid_answer(blkid.args, blkid.returncode, *said[0])
     if fstype != "ext4":
@@ -127,10 +198,10 @@ def _blkid_answer(argv: Sequence[str], returncode: int, stdout: str,
     return stdout.strip() or None
 
 
-def _start(argv: list[str]) -> subprocess.Popen:
+def _start(argv: list[str], stdin: Optional[int] = None) -> subprocess.Popen:
     try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except FileNotFoundError as e:
         raise CommandFailed(argv, 127, str(e)) from None
 

@@ -9,6 +9,9 @@ discovery, ``calculate_changes`` and the runner. Only one iteration runs at a ti
 update during an iteration makes one more iteration follow it. An update that asks
 nothing new of this node, judged purely on what its last iteration discovered, wakes
 nothing: every agent gets every push, and a rediscovery costs a snapshot of the node.
+When the update comes with the diff that made it (a lease renewal, say), that judgement
+looks at the diff's datasets and nodes alone (``diff_affects``), so a push costs what it
+changes, not the size of the cluster.
 Errors are logged and retried with exponential backoff; the loop never dies. Time comes
 from the injected reactor (a ``Clock`` in tests).
 """
@@ -18,19 +21,23 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from pyflock.agent._convergence import (
-    calculate_changes, dataset_states, is_nothing, is_waiting, leaves, summarize, view_desire,
+    CreateVolume, DestroyVolume, InParallel, calculate_changes, dataset_states,
+    desired_from_view, in_parallel, is_nothing, is_waiting, leaves, summarize, view_desire,
     without,
 )
 from pyflock.agent._discovery import discover as discover_now
 from pyflock.agent._runner import (
-    EXPECTED_ERRORS, ChangesFailed, Runner, StaleChange, log_failure, threaded,
+    EXPECTED_ERRORS, ChangesFailed, Runner, StaleChange, log_failure,
 )
+from pyflock.agent._view import AgentView
 from pyflock.common._logging import log_event
+from pyflock.common._threads import RunBlocking, in_reactor_pool
+from pyflock.common._wire import Diff
 
 #: Seconds between two rediscoveries when nothing wakes the loop (DESIGN.md: a safety net).
 DEFAULT_INTERVAL = 10.0
@@ -68,6 +75,63 @@ def _as_given(desired, now: float):
     return desired
 
 
+def _parts(change) -> tuple:
+    """The parts of a step that may run apart: a parallel group's members."""
+    return change.changes if isinstance(change, InParallel) else (change,)
+
+
+class _Background:
+    """
+    The changes of one iteration left running while it goes on, with the datasets they
+    touch; their failures are kept for the iteration to collect (``harvest``), and
+    ``ended`` counts those that ended.
+    """
+
+    def __init__(self):
+        self.running: dict = {}
+        self.ended = 0
+        self._failures: list = []
+        self._waiters: list[Deferred] = []
+
+    def start(self, run: Callable[[object], Deferred], change) -> None:
+        """Run ``change`` with ``run`` without waiting for it."""
+        d = maybeDeferred(run, change)
+        self.running[d] = frozenset(leaf.dataset_id for leaf in leaves(change))
+        d.addBoth(self._done, d, change)
+
+    def _done(self, result, d: Deferred, change) -> None:
+        del self.running[d]
+        self.ended += 1
+        if isinstance(result, Failure):
+            self._failures.append((result, change))
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def dataset_ids(self) -> frozenset:
+        """The datasets that changes under way touch."""
+        return frozenset().union(*self.running.values())
+
+    def harvest(self) -> list:
+        """The (failure, change) of the changes that failed since last asked."""
+        failures, self._failures = self._failures, []
+        return failures
+
+    def next_done(self, after: int = -1) -> Deferred:
+        """Fires once more than ``after`` changes have ended (by default: at the next
+        end), at once if that is so or none is under way."""
+        if not self.running or (after >= 0 and self.ended > after):
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        return d
+
+    async def all_done(self) -> None:
+        """Wait until no change is under way."""
+        while self.running:
+            await self.next_done()
+
+
 def _expected(failure: Failure) -> bool:
     if failure.check(ChangesFailed):
         return all(_expected(f) for f in failure.value.failures)
@@ -88,7 +152,15 @@ class ConvergenceLoop:
       as it is); while it returns None (no view yet) nothing is done;
     - ``waiting(desired, discovered)`` says whether the node waits for another node (the
       loop then looks again after ``poll_interval`` rather than ``interval``, in case the
-      update announcing that the other node let go is lost).
+      update announcing that the other node let go is lost);
+    - ``affects(desired, change, now)`` (optional) says whether ``change``, the diff an
+      update came with, may change ``desired``: False spares computing the whole desired
+      state (see ``diff_affects``);
+    - ``background(leaf)`` (optional) says whether a leaf change may run while the loop
+      goes on: a part of a step (a member of its parallel group: one dataset's changes)
+      holding such a leaf is started and not waited for, and its datasets are left out of
+      the steps that follow until it ends (its end wakes the iteration), so that the other
+      datasets' steps never wait behind it.
 
     Nothing runs before ``start()`` and the first ``update(view)``. An update wakes the
     loop unless, after a clean iteration, the new desired state asks nothing new of what
@@ -106,7 +178,8 @@ class ConvergenceLoop:
                  backoff: float = DEFAULT_BACKOFF,
                  max_backoff: float = DEFAULT_MAX_BACKOFF,
                  max_steps: int = DEFAULT_MAX_STEPS, logger: Optional[Logger] = None,
-                 node_uuid: Optional[str] = None):
+                 node_uuid: Optional[str] = None, affects: Optional[Callable] = None,
+                 background: Optional[Callable] = None):
         self._reactor = reactor
         self._discover = discover
         self._calculate = calculate
@@ -115,6 +188,8 @@ class ConvergenceLoop:
         self._desire = desire
         self._describe = describe
         self._waiting = waiting
+        self._affects = affects
+        self._background = background
         self.interval = interval
         self.poll_interval = poll_interval
         self.backoff = backoff
@@ -153,10 +228,11 @@ class ConvergenceLoop:
         self._started = True
         self.wake()
 
-    def update(self, view) -> None:
+    def update(self, view, change=None) -> None:
         """
-        A new view (the channel calls this on every push): converge now, unless it asks
-        nothing new of this node (see the class docstring).
+        A new view (the channel calls this on every push), with the diff that made it
+        from the view before if known: converge now, unless it asks nothing new of this
+        node (see the class docstring).
         """
         self._view = view
         self._has_view = True
@@ -165,26 +241,35 @@ class ConvergenceLoop:
         if self._busy:
             self._updated = True
             return
-        if not self._asks_nothing_new():
+        if not self._asks_nothing_new(change):
             self.wake()
 
-    def _asks_nothing_new(self) -> bool:
+    def _asks_nothing_new(self, change=None) -> bool:
         """
         Whether the latest view asks nothing new of this node, judged (purely) on where
-        its last clean iteration ended.
+        its last clean iteration ended: on ``change`` alone when given and ``affects``
+        can tell.
         """
         if self._settled is None or self.failures or self._reported is None:
             return False
         desired_then, discovered = self._settled
         try:
-            desired = self._desire(self._view, self._reactor.seconds())
+            now = self._reactor.seconds()
+            if (change is not None and self._affects is not None
+                    and not self._affects(desired_then, change, now)):
+                return True
+            desired = self._desire(self._view, now)
             if desired is None or desired == desired_then:
                 return True
             if self._waits:
                 # Another node letting go shows only as a change of the desired state.
                 return False
-            return (self._describe(desired, discovered) == self._reported
-                    and is_nothing(self._calculate(desired, discovered)))
+            if (self._describe(desired, discovered) == self._reported
+                    and is_nothing(self._calculate(desired, discovered))):
+                # Where the loop rests now, so that later diffs are judged against it.
+                self._settled = (desired, discovered)
+                return True
+            return False
         except Exception:
             return False
 
@@ -265,23 +350,54 @@ class ConvergenceLoop:
         """
         Steps until nothing is left to do; the last failure of a change, if any. A failed
         step does not stop the others: its leaves are left out of the following steps
-        (they wait for the backoff), so one stuck dataset never slows the rest down.
+        (they wait for the backoff), so one stuck dataset never slows the rest down. The
+        iteration ends once the changes left running in the background are done too.
         """
+        background = _Background()
+        try:
+            failure = await self._steps(background)
+        finally:
+            await background.all_done()
+        later = background.harvest()
+        return later[-1][0] if later else failure
+
+    async def _steps(self, background: "_Background") -> Optional[Failure]:
         ran = 0
+        waited = 0
         self._waits = False
         self._settled = None
         change = None
         failure = None
         skipped: set = set()
-        for step in range(self.max_steps):
+
+        def harvest() -> None:
+            nonlocal failure
+            for failed, part in background.harvest():
+                failure = failed
+                skipped.update(leaves(part))
+        # A background change's end wakes the iteration: each may bring one more step,
+        # up to ``max_steps`` more, so a burst of them does not count as being stuck.
+        while ran < self.max_steps + min(waited, self.max_steps):
             if self._stopped or not self._has_view:
                 return failure
             desired = self._desire(self._view, self._reactor.seconds())
             if desired is None:
                 return failure
+            # A dataset whose background change ran at any time during the discovery may
+            # have been seen half changed: it waits for the next one.
+            busy, ended = background.dataset_ids(), background.ended
             discovered = await self._discover()
-            change = without(self._calculate(desired, discovered), skipped)
+            harvest()
+            busy |= background.dataset_ids()
+            change = self._calculate(desired, discovered)
+            change = without(change, skipped | {c for c in leaves(change)
+                                                if c.dataset_id in busy})
             self._report(desired, discovered)
+            if is_nothing(change) and (background.running or background.ended != ended):
+                await background.next_done(after=ended)
+                waited += 1
+                harvest()
+                continue
             if is_nothing(change):
                 self._waits = bool(self._waiting(desired, discovered))
                 if failure is None:
@@ -290,16 +406,30 @@ class ConvergenceLoop:
                     log_event(self._log, "pyflock:agent:converged", node_uuid=self._node_uuid,
                               steps=ran)
                 return failure
-            log_event(self._log, "pyflock:agent:converge", node_uuid=self._node_uuid,
-                      step=step + 1, changes=summarize(change),
-                      dataset_ids=",".join(sorted({c.dataset_id for c in leaves(change)})))
-            try:
-                await self._run(change)
-            except Exception:
-                failure = Failure()
-                skipped.update(leaves(change))
             ran += 1
-        raise ConvergenceStalled(self.max_steps, change)
+            log_event(self._log, "pyflock:agent:converge", node_uuid=self._node_uuid,
+                      step=ran, changes=summarize(change),
+                      dataset_ids=",".join(sorted({c.dataset_id for c in leaves(change)})))
+            foreground = in_parallel(part for part in _parts(change)
+                                     if not self._in_background(background, part))
+            if is_nothing(foreground):
+                await background.next_done(after=ended)
+                waited += 1
+            else:
+                try:
+                    await self._run(foreground)
+                except Exception:
+                    failure = Failure()
+                    skipped.update(leaves(foreground))
+            harvest()
+        raise ConvergenceStalled(ran, change)
+
+    def _in_background(self, background: "_Background", part) -> bool:
+        """Start ``part`` in the background if it holds a leaf for it; whether it did."""
+        if self._background is None or not any(map(self._background, leaves(part))):
+            return False
+        background.start(self._run, part)
+        return True
 
     def _report(self, desired, discovered) -> None:
         try:
@@ -334,25 +464,65 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
                           report_state: Callable, desire: Optional[Callable] = None,
                           interval: float = DEFAULT_INTERVAL,
                           logger: Optional[Logger] = None,
-                          threadpool=None) -> ConvergenceLoop:
+                          run_blocking: Optional[RunBlocking] = None,
+                          slow: Optional[RunBlocking] = None) -> ConvergenceLoop:
     """
     The loop of one agent: discovery through ``backend`` (its ``IBlockDeviceBackend``) and
     ``filesystems`` (``LocalFilesystems()`` in the agent) under ``mount_root``,
-    ``calculate_changes``, and a ``Runner``; every blocking call runs in ``threadpool``
-    (default: the reactor's). ``desire(view, now)`` builds ``Desired`` from what is
+    ``calculate_changes``, and a ``Runner``; discovery and the quick steps run with
+    ``run_blocking`` (default: in the reactor's thread pool), the slow ones (the
+    runner's ``SLOW_CHANGES``) with ``slow`` (default: ``run_blocking``). ``desire(view, now)`` builds ``Desired`` from what is
     passed to ``update`` (default: ``view_desire(backend.node_uuid)``, for ``AgentView``s).
     Call ``start()``, then ``update(view)`` with the view loaded from disk and on every
     push; ``report_state`` gets a ``pmap`` of ``DatasetReport`` by dataset id.
     """
+    view_desired = desire is None
     if desire is None:
         desire = view_desire(backend.node_uuid)
     mount_root = os.path.realpath(mount_root)
-    run_blocking = threaded(reactor, threadpool)
-    runner = Runner(backend, filesystems, run_blocking, logger=logger)
+    if run_blocking is None:
+        run_blocking = in_reactor_pool(reactor)
+    runner = Runner(backend, filesystems, run_blocking, logger=logger, slow=slow)
 
     def discover() -> Deferred:
         return run_blocking(discover_now, backend, filesystems, mount_root)
 
     return ConvergenceLoop(reactor, discover, calculate_changes, runner.run, report_state,
                            desire=desire, interval=interval, logger=logger,
-                           node_uuid=backend.node_uuid)
+                           node_uuid=backend.node_uuid,
+                           affects=diff_affects(backend.node_uuid) if view_desired else None,
+                           background=runs_apart)
+
+
+#: The changes that run while the loop goes on (``ConvergenceLoop``'s ``background``): a
+#: volume's creation or destruction, which may take long (a cloud volume) and touch no
+#: device of this node, so that a move or a mount never waits behind a burst of them.
+BACKGROUND_CHANGES = (CreateVolume, DestroyVolume)
+
+
+def runs_apart(leaf) -> bool:
+    """Whether ``leaf`` runs while the loop goes on (``BACKGROUND_CHANGES``)."""
+    return isinstance(leaf, BACKGROUND_CHANGES)
+
+
+def diff_affects(node_uuid: str) -> Callable:
+    """
+    The ``affects(desired, change, now)`` of ``node_uuid``'s loop over ``AgentView``s
+    (pure): whether ``change`` may make the desired state differ from ``desired``. A
+    ``Diff`` is judged on its own datasets and nodes, at the cost of their number: each
+    changed dataset must come out as the same ``DesiredDataset`` (a renewal of a live lease
+    does), each node with the same alive flag, and no removed dataset may be in
+    ``desired``. Anything else (a snapshot) may.
+    """
+    def affects(desired, change, now: float) -> bool:
+        if not isinstance(change, Diff):
+            return True
+        if any(dataset_id in desired.datasets for dataset_id in change.removed):
+            return True
+        partial = desired_from_view(node_uuid, AgentView(
+            epoch=change.epoch, version=change.version,
+            datasets={d.dataset_id: d for d in change.datasets},
+            nodes={n.uuid: n for n in change.nodes}), now)
+        return (any(desired.datasets.get(i) != d for i, d in partial.datasets.items())
+                or any(desired.nodes.get(u) != alive for u, alive in partial.nodes.items()))
+    return affects

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import attr
 from pyrsistent import PMap, pmap
@@ -29,8 +29,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from pyflock.common._files import write_atomically
 from pyflock.common._logging import log_event
-
+from pyflock.common._threads import RunBlocking
 _log = Logger()
 
 #: Version of the JSON file's layout.
@@ -239,30 +240,15 @@ def docker_volume_mounts(containers: Iterable[Any], driver: str = "pyflock") -> 
     return result
 
 
-def write_atomically(path: str, data: bytes) -> None:
+def write_mount_table(path: str, data: bytes) -> None:
     """
-    Replace the file at ``path`` with ``data`` so that a crash leaves either the old or the
-    new content: write a temporary file, fsync it, rename it over ``path``, fsync the folder.
-    Blocks: call it in a thread.
+    Replace the counts file at ``path`` with ``data`` atomically and durably
+    (``pyflock.common._files.write_atomically``), creating its folder (mode 0700) if
+    missing; ``MountsWriteError`` naming the file if that fails. Blocks.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    temporary = f"{path}.tmp"
     try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        write_atomically(path, data)
     except OSError as e:
         raise MountsWriteError(f"cannot write the mount counts to {path}: {e.strerror or e}"
                                ) from e
@@ -288,13 +274,10 @@ def read_mount_table(path: str) -> MountTable:
         return MountTable()
 
 
-RunBlocking = Callable[..., Deferred]
-
-
 class MountCounts:
     """
     The live mount table, written to ``path`` after every change by ``run_blocking(f,
-    *args)`` (a thread in the agent; see ``in_thread``). Writes are serial and coalesced: a
+    *args)`` (the plugin's thread pool in the agent; see ``pyflock.common._threads``). Writes are serial and coalesced: a
     change made while a write is in flight goes out with the next write. Each change
     returns a Deferred that fires once a write including it is on disk, or fails with
     ``MountsWriteError`` (the in-memory table stays right; the next change retries).
@@ -384,7 +367,7 @@ class MountCounts:
         self._writing = True
         version = self._attempted = self._version
         data = json.dumps(self.table.to_json(), indent=1).encode("utf-8") + b"\n"
-        d = self._run_blocking(write_atomically, self.path, data)
+        d = self._run_blocking(write_mount_table, self.path, data)
         d.addBoth(self._wrote, version)
 
     def _wrote(self, result: Any, version: int) -> None:
@@ -406,21 +389,6 @@ class MountCounts:
         self._write()
 
 
-def in_thread(reactor: Any) -> RunBlocking:
-    """A ``run_blocking`` that calls functions in ``reactor``'s thread pool."""
-    from twisted.internet.threads import deferToThreadPool
-
-    def run(f: Callable, *args: Any) -> Deferred:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-    return run
-
-
-def synchronously(f: Callable, *args: Any) -> Deferred:
-    """A ``run_blocking`` that calls ``f`` at once (tests, and tools without a reactor)."""
-    from twisted.internet.defer import maybeDeferred
-    return maybeDeferred(f, *args)
-
-
 __all__ = ["FORMAT_VERSION", "MountCounts", "MountTable", "MountsWriteError",
-           "RECONCILED_PREFIX", "VolumeMounts", "docker_volume_mounts", "in_thread",
-           "read_mount_table", "synchronously", "write_atomically"]
+           "RECONCILED_PREFIX", "VolumeMounts", "docker_volume_mounts", "read_mount_table",
+           "write_mount_table"]

@@ -1,10 +1,13 @@
 """
 Running changes: the only part of convergence that touches the world.
 
-``Runner(backend, filesystems, run_blocking).run(change)`` runs a change value from
-``pyflock.agent._convergence`` and returns a Deferred. Every leaf is one blocking function
-(backend calls, mkfs, mount) handed to ``run_blocking``: in the agent ``threaded(reactor)``,
-so that nothing blocks the reactor thread; in unit tests ``run_now``.
+``Runner(backend, filesystems, run_blocking, slow=...).run(change)`` runs a change value
+from ``pyflock.agent._convergence`` and returns a Deferred. Every leaf is one blocking
+function (backend calls, mkfs, mount) handed to a ``RunBlocking``
+(``pyflock.common._threads``): the quick steps a move is made of (attach, detach, mount,
+unmount) to ``run_blocking``, the bulk ones (``SLOW_CHANGES``: create, mkfs, destroy) to
+``slow``. In the agent these are two bounded thread pools, so that a move never waits
+behind a burst of creations; in unit tests ``run_now``.
 
 ``IFilesystems`` is the node's filesystem IO (probe, mkfs, mount, unmount, the mount
 table), with ``LocalFilesystems``, the real one over ``pyflock.agent._fs`` (the tests' fake,
@@ -16,10 +19,9 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Optional
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -38,6 +40,7 @@ from pyflock.agent._discovery import (
 from pyflock.agent._fs import CommandFailed, FilesystemError, read_mountinfo
 from pyflock.agent import _fs
 from pyflock.common._logging import log_event
+from pyflock.common._threads import RunBlocking, run_now
 
 #: Errors that are part of life (a busy device, a volume another node still holds, the
 #: world changing between discovery and a change): logged without a traceback.
@@ -198,36 +201,25 @@ class LocalFilesystems:
 # ---------------------------------------------------------------------------------------
 # Running
 
-#: Runs a blocking function with arguments and returns a Deferred of its result.
-RunBlocking = Callable[..., Deferred]
-
-
-def threaded(reactor, threadpool=None) -> RunBlocking:
-    """Run blocking functions in ``threadpool`` (default: the reactor's)."""
-    def run_blocking(f, *args, **kwargs) -> Deferred:
-        pool = threadpool if threadpool is not None else reactor.getThreadPool()
-        return deferToThreadPool(reactor, pool, f, *args, **kwargs)
-    return run_blocking
-
-
-def run_now(f, *args, **kwargs) -> Deferred:
-    """Run a function right away in this thread (for fakes that never block, in tests)."""
-    return maybeDeferred(f, *args, **kwargs)
+#: The changes that may take long (a volume's creation, mkfs, its destruction): they run
+#: in their own lane, so that the quick steps of a move never wait behind them.
+SLOW_CHANGES = (CreateVolume, CreateFilesystem, FinishFilesystem, DestroyVolume)
 
 
 class Runner:
     """
     Runs changes on one node: ``backend`` is its ``IBlockDeviceBackend``, ``filesystems``
-    its ``IFilesystems``; ``run_blocking`` runs each blocking step (``threaded(reactor)``
-    in the agent). Each leaf logs ``pyflock:agent:change-done`` or
-    ``pyflock:agent:change-failed``.
+    its ``IFilesystems``; ``run_blocking`` runs each blocking step, and ``slow`` (default:
+    ``run_blocking``) those of ``SLOW_CHANGES``. Each leaf logs
+    ``pyflock:agent:change-done`` or ``pyflock:agent:change-failed``.
     """
 
     def __init__(self, backend, filesystems, run_blocking: RunBlocking,
-                 logger: Optional[Logger] = None):
+                 logger: Optional[Logger] = None, slow: Optional[RunBlocking] = None):
         self.backend = backend
         self.filesystems = filesystems
         self._run_blocking = run_blocking
+        self._run_slow = run_blocking if slow is None else slow
         self._log = logger if logger is not None else Logger()
         self._leaves = {
             CreateVolume: self._create_volume,
@@ -253,7 +245,8 @@ class Runner:
         leaf = self._leaves.get(type(change))
         if leaf is None:
             return maybeDeferred(_unknown_change, change)
-        d = self._run_blocking(leaf, change)
+        lane = self._run_slow if isinstance(change, SLOW_CHANGES) else self._run_blocking
+        d = lane(leaf, change)
         d.addCallbacks(self._done, self._failed, callbackArgs=(change,),
                        errbackArgs=(change,))
         return d
@@ -376,3 +369,7 @@ def log_failure(logger: Logger, event_type: str, failure: Failure, **fields) -> 
     logger.failure(event_type + " {event_fields}", failure, LogLevel.error,
                    event_type=event_type,
                    event_fields=" ".join(f"{k}={v}" for k, v in fields.items()), **fields)
+
+
+__all__ = ["EXPECTED_ERRORS", "ChangesFailed", "IFilesystems", "LocalFilesystems",
+           "Runner", "SLOW_CHANGES", "StaleChange", "log_failure", "run_now"]

@@ -19,16 +19,18 @@ import sys
 from typing import Optional, Sequence
 
 import treq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.error import ConnectError
 from twisted.logger import Logger, LogLevel
-from twisted.web.client import Agent
+from twisted.web.client import Agent, ResponseFailed, ResponseNeverReceived
 
 from pyflock.agent._backends import LoopbackBackend
 from pyflock.agent._channel import AgentChannel, control_endpoint
 from pyflock.agent._config import AgentConfig, ConfigError, boot_id, compute_era, load_config
 from pyflock.agent._loop import node_convergence_loop
-from pyflock.agent._mounts import MountCounts, docker_volume_mounts, in_thread
+from pyflock.agent._mounts import MountCounts, docker_volume_mounts
 from pyflock.agent._plugin import (
     DockerPlugin, LocalStates, PluginBackend, PluginSocketError, agent_view_source,
     is_mountpoint_in, listen_plugin, plugin_site,
@@ -38,12 +40,20 @@ from pyflock.agent._view import VIEW_FILE, ViewFile
 from pyflock.common._ca import CertificateError, common_name_of, load_certificate
 from pyflock.common._client import ControlClient
 from pyflock.common._logging import log_event, start_json_logging
+from pyflock.common._threads import Pools
 from pyflock.common._tls import ClusterTLS, Identity
 
 _log = Logger()
 
 #: How long the plugin's REST calls may take before they count as failed.
 API_TIMEOUT = 30.0
+
+#: The agent's thread pools and their sizes: ``backend`` for discovery and the quick steps
+#: of convergence (attach, detach, mount, unmount), ``bulk`` for its slow ones (create,
+#: mkfs, destroy), so that a move never waits behind a burst of creations; ``plugin`` for
+#: the Docker plugin's mount checks and the mount-count and view files, so that dockerd's
+#: calls never wait behind convergence.
+THREAD_POOLS = {"backend": 4, "bulk": 4, "plugin": 4}
 
 
 class StartupError(Exception):
@@ -72,19 +82,41 @@ def make_backend(config: AgentConfig, node_uuid: str):
                        f"use loopback.")
 
 
+#: What a dockerd that is down, starting or stuck makes a request fail with.
+DOCKERD_UNANSWERED = (ConnectError, ConnectionError, CancelledError, ResponseFailed,
+                      ResponseNeverReceived, TimeoutError, DeferredTimeoutError)
+
+#: Seconds dockerd has to answer ``running_volume_mounts``.
+DOCKERD_TIMEOUT = 5.0
+
+
 async def running_volume_mounts(reactor, docker_socket: str) -> Optional[dict]:
     """
     The pyflock volumes that running containers hold, by name (from dockerd's API), or
-    None when dockerd does not answer.
+    None when dockerd does not answer (down, starting, or not within ``DOCKERD_TIMEOUT``)
+    or answers with an error or a document that is not JSON; each of those is logged.
+    Any other exception is a bug and propagates.
     """
     agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(reactor, docker_socket))
     try:
-        response = await treq.get("http://docker/containers/json", agent=agent, timeout=5)
-        if response.code != 200:
-            return None
-        return docker_volume_mounts(json.loads(await response.content()))
-    except Exception:
+        response = await treq.get("http://docker/containers/json", agent=agent,
+                                  timeout=DOCKERD_TIMEOUT)
+        body = await response.content()
+    except DOCKERD_UNANSWERED as e:
+        log_event(_log, "pyflock:agent:dockerd-unanswered", LogLevel.warn,
+                  socket=docker_socket, reason=str(e) or type(e).__name__)
         return None
+    if response.code != 200:
+        log_event(_log, "pyflock:agent:dockerd-unanswered", LogLevel.warn,
+                  socket=docker_socket, reason=f"HTTP {response.code}")
+        return None
+    try:
+        containers = json.loads(body)
+    except ValueError as e:
+        log_event(_log, "pyflock:agent:dockerd-unanswered", LogLevel.warn,
+                  socket=docker_socket, reason=f"the container list is not JSON: {e}")
+        return None
+    return docker_volume_mounts(containers)
 
 
 class _UnixEndpoints:
@@ -130,7 +162,10 @@ async def run(reactor, config: AgentConfig) -> None:
         raise StartupError(str(e))
     os.makedirs(config.state_path, mode=0o700, exist_ok=True)
     os.makedirs(config.mount_root, mode=0o755, exist_ok=True)
-    view_file = ViewFile(os.path.join(config.state_path, VIEW_FILE), reactor)
+    pools = Pools.with_reactor(reactor, THREAD_POOLS)
+    plugin_io = pools.run_blocking("plugin")
+    view_file = ViewFile(os.path.join(config.state_path, VIEW_FILE), reactor,
+                         run_in_thread=plugin_io)
     view = await view_file.load()
 
     states = LocalStates()
@@ -142,7 +177,8 @@ async def run(reactor, config: AgentConfig) -> None:
             channel.report_state(reports.values())
 
     loop = node_convergence_loop(reactor, backend, LocalFilesystems(), config.mount_root,
-                                 report)
+                                 report, run_blocking=pools.run_blocking("backend"),
+                                 slow=pools.run_blocking("bulk"))
     loop.start()
     # Converge from the stored view at once, but take nothing over from nodes it calls
     # dead: the first snapshot from the control service says who is alive now.
@@ -151,7 +187,7 @@ async def run(reactor, config: AgentConfig) -> None:
     plugin: Optional[DockerPlugin] = None
 
     def on_view(new_view):
-        loop.update(new_view)
+        loop.update(new_view, channel.change)
         if plugin is not None:
             plugin.view_updated()
         if not first_view.called:
@@ -159,13 +195,14 @@ async def run(reactor, config: AgentConfig) -> None:
 
     channel = AgentChannel(reactor, channel_endpoint, node_uuid, era, on_view,
                            address=config.address, peer_port=config.peer_port, view=view,
-                           save_view=view_file.save)
+                           save_view=lambda new_view: view_file.save(new_view,
+                                                                     channel.change))
     channel.start()
 
     client = ControlClient(http, f"https://{config.control_hostname}:{config.control_api_port}",
                            reactor=reactor, timeout=API_TIMEOUT)
-    # The plugin's blocking IO (mount checks, mount-count writes) runs here.
-    plugin_io = in_thread(reactor)
+    # The plugin's blocking IO (view file, mount checks, mount-count writes) runs in the
+    # plugin pool (plugin_io above), never behind the backend's or bulk pool's work.
     plugin_backend = PluginBackend(node_uuid, client,
                                    agent_view_source(lambda: channel.view, reactor), states,
                                    is_mountpoint_in(plugin_io))
@@ -240,17 +277,25 @@ def release(config: AgentConfig) -> list[str]:
     return problems
 
 
+#: The agent's configuration file unless ``--config`` names another.
+DEFAULT_CONFIG = "/etc/pyflock/agent.yml"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyflock-agent",
                                      description="The pyflock node agent.")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"the agent configuration file (default {DEFAULT_CONFIG})")
     sub = parser.add_subparsers(dest="command")
-    for p in (parser, sub.add_parser("run", help="run the agent (the default)"),
+    for p in (sub.add_parser("run", help="run the agent (the default)"),
               sub.add_parser("era", help="print this node's era"),
               sub.add_parser("release", help="unmount and detach this node's datasets "
                                              "(with the agent stopped); they come back at "
                                              "the next start")):
-        p.add_argument("--config", default="/etc/pyflock/agent.yml",
-                       help="the agent configuration file (default /etc/pyflock/agent.yml)")
+        # SUPPRESS: a subcommand's parser sets ``config`` only when the option follows
+        # it, so a --config given before the subcommand is not overwritten by a default.
+        p.add_argument("--config", default=argparse.SUPPRESS,
+                       help=f"the agent configuration file (default {DEFAULT_CONFIG})")
     return parser
 
 

@@ -47,6 +47,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pyflock.common._files import fsync_path as _fsync
 from pyflock.common._model import Configuration, Dataset, Lease
 from pyflock.common._records import metadata_of
 from pyflock.control._store import (
@@ -154,14 +155,6 @@ def _translate_open_error(path: str, error: Exception) -> StoreError:
     if isinstance(error, sqlite3.DatabaseError):
         return _damaged(path, message)
     return _unopenable(path, message or repr(error))
-
-
-def _fsync(path: str, directory: bool = False) -> None:
-    fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prepare_folder(folder: str) -> None:

@@ -40,6 +40,7 @@ from pyflock.agent._backends._interface import (
     check_node_uuid, is_valid_dataset_id, round_size,
 )
 from pyflock.agent._fs import CommandFailed, run_command
+from pyflock.common._files import fsync_path, replace_atomically, write_atomically
 
 #: The loopback backend's allocation unit.
 ALLOCATION_UNIT = MiB
@@ -271,14 +272,6 @@ def release_loop_device(device: str, backing_file: str) -> None:
         os.close(fd)
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @implementer(IBlockDeviceBackend)
 class LoopbackBackend:
     """
@@ -327,22 +320,14 @@ class LoopbackBackend:
                 raise VolumeExists(dataset_id)
             self._remove_record(dataset_id)
             temporary = os.path.join(self._volumes_path, f".{dataset_id}.img.tmp")
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                         0o600)
             try:
-                os.ftruncate(fd, size)
-                os.fsync(fd)
+                replace_atomically(path, lambda fd: os.ftruncate(fd, size), temporary)
             except (OSError, OverflowError) as e:
-                os.unlink(temporary)
                 if isinstance(e, OverflowError) or e.errno == errno.EFBIG:
                     raise InvalidVolumeRequest(
                         f"volume size {size} is too large for the filesystem holding "
                         f"{self.root_path}") from None
                 raise
-            finally:
-                os.close(fd)
-            os.rename(temporary, path)
-            _fsync_directory(self._volumes_path)
         return BlockVolume(dataset_id=dataset_id, size=size)
 
     def attach_volume(self, dataset_id: str, node_uuid: str) -> BlockVolume:
@@ -391,11 +376,7 @@ class LoopbackBackend:
                 raise VolumeBusy(dataset_id, remaining)
             # The data went through the loop device into the file's page cache; make it
             # durable before another node may take the volume.
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path)
             self._remove_record(dataset_id)
 
     def destroy_volume(self, dataset_id: str) -> None:
@@ -408,7 +389,7 @@ class LoopbackBackend:
             # Record first: a crash in between leaves an ordinary unattached volume.
             self._remove_record(dataset_id)
             os.unlink(self._volume_file(dataset_id))
-            _fsync_directory(self._volumes_path)
+            fsync_path(self._volumes_path, directory=True)
 
     def get_device_path(self, dataset_id: str) -> str:
         """The loop device of a volume attached to this node."""
@@ -498,21 +479,15 @@ class LoopbackBackend:
         temporary = os.path.join(self._records_path, f".{record.dataset_id}.json.tmp")
         data = json.dumps({"version": RECORD_VERSION, "dataset_id": record.dataset_id,
                            "node_uuid": record.node_uuid, "device": record.device})
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data.encode("utf-8") + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temporary, self._record_file(record.dataset_id))
-        _fsync_directory(self._records_path)
+        write_atomically(self._record_file(record.dataset_id),
+                         data.encode("utf-8") + b"\n", temporary=temporary)
 
     def _remove_record(self, dataset_id: str) -> None:
         try:
             os.unlink(self._record_file(dataset_id))
         except FileNotFoundError:
             return
-        _fsync_directory(self._records_path)
+        fsync_path(self._records_path, directory=True)
 
 
 def _live_devices_of(path: str) -> tuple[str, ...]:

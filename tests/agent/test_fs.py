@@ -11,7 +11,8 @@ import tempfile
 import pytest
 
 from pyflock.agent._fs import (
-    ROOT_MODE, CommandFailed, FilesystemError, MountInfo, filesystem_type, finish_filesystem,
+    COMMAND_TIMEOUTS, DEFAULT_COMMAND_TIMEOUT, ROOT_MODE, CommandFailed, CommandTimedOut,
+    FilesystemError, MountInfo, command_timeout, filesystem_type, finish_filesystem,
     has_filesystem, is_mounted, make_filesystem, mount, mounted_device,
     parse_debugfs_listing, parse_mountinfo, probe_filesystem, read_mountinfo, root_entries,
     run_command, unmount,
@@ -138,6 +139,39 @@ def test_command_missing():
     """A command that is not installed raises ``CommandFailed`` saying so."""
     with pytest.raises(CommandFailed, match="`no-such-command-pf` is not installed"):
         run_command(["no-such-command-pf"])
+
+
+def test_timeouts_by_kind():
+    """Each kind of command has its own deadline: an ``umount`` gets far less than mkfs."""
+    assert command_timeout(["/usr/bin/umount", "/mnt/x"]) == COMMAND_TIMEOUTS["umount"]
+    assert command_timeout(["mkfs.ext4", "-q", "/dev/loop0"]) == COMMAND_TIMEOUTS["mkfs.ext4"]
+    assert COMMAND_TIMEOUTS["umount"] < COMMAND_TIMEOUTS["mkfs.ext4"]
+    assert command_timeout(["something-else"]) == DEFAULT_COMMAND_TIMEOUT
+
+
+def test_hung_command_is_killed(tmp_path):
+    """A command past its deadline is killed and raises ``CommandTimedOut`` naming it."""
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; echo 'stuck here' >&2; exec sleep 30"
+    with pytest.raises(CommandTimedOut) as e:
+        run_command(["sh", "-c", script], timeout=0.5)
+    assert isinstance(e.value, CommandFailed)
+    assert str(e.value) == (f"`sh -c {script}` did not finish within 0.5 s and was killed: "
+                            f"stuck here")
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pidfile.read_text()), 0)
+
+
+def test_kind_timeout_applies(monkeypatch):
+    """Without an explicit timeout, the command's kind sets its deadline."""
+    monkeypatch.setitem(COMMAND_TIMEOUTS, "sleep", 0.3)
+    with pytest.raises(CommandTimedOut, match="within 0.3 s"):
+        run_command(["sleep", "30"])
+
+
+def test_command_input():
+    """A command is given its ``input`` on stdin."""
+    assert run_command(["cat"], input="some input") == "some input"
 
 
 def test_missing_device():

@@ -21,9 +21,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._mounts import (
     RECONCILED_PREFIX, MountCounts, MountsWriteError, MountTable, VolumeMounts,
-    docker_volume_mounts, in_thread, read_mount_table, synchronously, write_atomically,
+    docker_volume_mounts, read_mount_table, write_mount_table,
 )
 from pyflock.common._logging import events_of
+from pyflock.common._threads import in_reactor_pool, run_now
 
 X = "0e4c01a3" * 8
 Y = "7d2f9b11" * 8
@@ -327,10 +328,10 @@ class FileTests(SynchronousTestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def test_write_atomically(self):
+    def test_write_mount_table(self):
         """The file holds the new content, mode 0600, and no temporary file is left."""
-        write_atomically(self.path, b"one")
-        write_atomically(self.path, b"two")
+        write_mount_table(self.path, b"one")
+        write_mount_table(self.path, b"two")
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), b"two")
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
@@ -342,7 +343,7 @@ class FileTests(SynchronousTestCase):
         open(blocker, "w").close()
         path = os.path.join(blocker, "mounts.json")
         with self.assertRaises(MountsWriteError) as caught:
-            write_atomically(path, b"x")
+            write_mount_table(path, b"x")
         self.assertIn(f"cannot write the mount counts to {path}", str(caught.exception))
 
     def test_missing_file(self):
@@ -360,10 +361,10 @@ class FileTests(SynchronousTestCase):
 
     def test_load_saved(self):
         """Counts saved by one ``MountCounts`` are loaded by the next."""
-        counts = MountCounts(self.path, synchronously)
+        counts = MountCounts(self.path, run_now)
         self.successResultOf(counts.mount("v1", X, D1))
         self.successResultOf(counts.mount("v1", X, D1))
-        loaded = MountCounts.load(self.path, synchronously)
+        loaded = MountCounts.load(self.path, run_now)
         self.assertEqual((loaded.table, loaded.count("v1")), (counts.table, 2))
 
 
@@ -485,23 +486,23 @@ class MountCountsTests(SynchronousTestCase):
 
     def test_settled_counts_survive_restart(self):
         """Counts saved after settling and remounting are loaded by the next agent."""
-        counts = MountCounts(self.path, synchronously)
+        counts = MountCounts(self.path, run_now)
         self.successResultOf(counts.mount("v1", X, D1))
         self.successResultOf(counts.mount("v2", Y, D2))
         self.successResultOf(counts.remount("v1", X, D1))
         self.successResultOf(counts.settle({"v2": 1}, [("v1", X)]))
-        loaded = MountCounts.load(self.path, synchronously)
+        loaded = MountCounts.load(self.path, run_now)
         self.assertEqual(loaded.table, counts.table)
         self.assertEqual((loaded.count("v1"), loaded.count("v2"), loaded.table.dataset_id("v2")),
                          (1, 1, D2))
 
 
 @pytest_twisted.ensureDeferred
-async def test_in_thread(tmp_path):
-    """With ``in_thread``, the file is written by the reactor's thread pool."""
+async def test_in_reactor_pool(tmp_path):
+    """With ``in_reactor_pool``, the file is written by the reactor's thread pool."""
     from twisted.internet import reactor
     path = str(tmp_path / "mounts.json")
-    counts = MountCounts(path, in_thread(reactor))
+    counts = MountCounts(path, in_reactor_pool(reactor))
     await counts.mount("v1", X, D1)
     await counts.mount("v2", Y, None)
     assert read_mount_table(path) == counts.table

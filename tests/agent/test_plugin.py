@@ -26,13 +26,13 @@ from twisted.logger import LogLevel, capturedLogs, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from pyflock.agent._mounts import MountCounts, synchronously
+from pyflock.agent._mounts import MountCounts
 from pyflock.agent._plugin import (
     ClusterView, DockerPlugin, IPluginBackend, LocalState, LocalStates, PluginBackend,
     PluginSocketError, ViewDataset, agent_view_source, is_mountpoint_in, listen_plugin,
     plugin_site,
 )
-from pyflock.agent._mounts import in_thread
+from pyflock.common._threads import in_reactor_pool, run_now
 from pyflock.common._client import ControlClient, DatasetConfiguration, LeaseInfo, NodeInfo
 from pyflock.common._logging import events_of
 from pyflock.control.testing import NODE_A, NODE_B, APIHarness
@@ -138,7 +138,7 @@ class Node:
         self.backend = PluginBackend(self.uuid, self.client, self.view, self.states,
                                      self.convergence.is_mountpoint)
         self.counts_path = counts_path
-        self.mounts = MountCounts(counts_path, synchronously)
+        self.mounts = MountCounts(counts_path, run_now)
         # Most tests look at the lease right after the last Unmount: no grace here, and
         # ``finish`` runs the release; ``ReleaseGraceTests`` test the grace itself.
         self.plugin = DockerPlugin(self.backend, self.mounts, harness.clock, release_grace=0)
@@ -798,7 +798,7 @@ class LeaseRenewalTests(PluginTestCase):
         self.a.plugin.stop()
         self.clock.advance(59)
         restarted = DockerPlugin(self.a.backend, MountCounts.load(self.a.counts_path,
-                                                                  synchronously), self.clock,
+                                                                  run_now), self.clock,
                                  release_grace=0)
         self.addCleanup(restarted.stop)
         restarted.start()
@@ -1333,7 +1333,7 @@ class BackendTests(SynchronousTestCase):
 async def test_is_mountpoint_in_thread(tmp_path):
     """The real mount check, in a thread: ``/`` is a mount point, a fresh folder is not."""
     from twisted.internet import reactor
-    check = is_mountpoint_in(in_thread(reactor))
+    check = is_mountpoint_in(in_reactor_pool(reactor))
     assert await check("/") is True
     assert await check(str(tmp_path)) is False
 

@@ -36,14 +36,15 @@ from pyflock.agent._discovery import (
     FilesystemCondition, classify, discover, discover_raw, filesystem_condition,
 )
 from pyflock.agent._fs import (
-    FilesystemError, is_mounted, mounted_device, read_mountinfo, run_command,
+    CommandTimedOut, FilesystemError, is_mounted, mounted_device, read_mountinfo, run_command,
 )
 from pyflock.agent._loop import node_convergence_loop
 from pyflock.agent._runner import (
-    ChangesFailed, IFilesystems, LocalFilesystems, Runner, StaleChange, run_now, threaded,
+    ChangesFailed, IFilesystems, LocalFilesystems, Runner, StaleChange, run_now,
 )
 from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
+from pyflock.common._threads import in_reactor_pool
 from pyflock.common._wire import DatasetEntry, DatasetReport, NodeEntry
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 
@@ -368,6 +369,43 @@ class RunnerTests(SynchronousTestCase):
         self.assertIn("ZeroDivisionError", failed["log_failure"].getTraceback())
 
 
+    def test_slow_changes_have_their_own_lane(self):
+        """Creations, mkfs and destructions go to ``slow``; the steps of a move do not."""
+        lanes = []
+
+        def lane(name):
+            def run(f, *args):
+                lanes.append((name, type(args[0]).__name__))
+                return run_now(f, *args)
+            return run
+        runner = Runner(self.a, self.fs, lane("quick"), slow=lane("slow"))
+        self.successResultOf(runner.run(sequentially([
+            CreateVolume("ds", SIZE), AttachVolume("ds", NODE_A)])))
+        device = self.a.get_device_path("ds")
+        self.successResultOf(runner.run(sequentially([
+            CreateFilesystem("ds", device), MountFilesystem("ds", device, "/m/ds"),
+            UnmountFilesystem("ds", "/m/ds"), DetachVolume("ds", NODE_A),
+            DestroyVolume("ds")])))
+        self.assertEqual([("slow", "CreateVolume"), ("quick", "AttachVolume"),
+                          ("slow", "CreateFilesystem"), ("quick", "MountFilesystem"),
+                          ("quick", "UnmountFilesystem"), ("quick", "DetachVolume"),
+                          ("slow", "DestroyVolume")], lanes)
+
+    def test_timed_out_command_is_expected(self):
+        """A command killed at its deadline fails the change with a warning, no traceback."""
+        class Hung(MemoryFilesystems):
+            def unmount(self, path):
+                raise CommandTimedOut(["umount", path], 120.0)
+        runner = Runner(self.a, Hung(self.disks, self.a), run_now,
+                        logger=Logger(observer=self.events.append))
+        failure = self.failureResultOf(runner.run(UnmountFilesystem("ds", "/m/ds")))
+        failure.trap(CommandTimedOut)
+        [failed] = events_of(self.events, "pyflock:agent:change-failed")
+        self.assertEqual((LogLevel.warn, "CommandTimedOut"),
+                         (failed["log_level"], failed["error_type"]))
+        self.assertNotIn("log_failure", failed)
+
+
 @pytest.mark.integration
 class LoopbackRunnerTests(SynchronousTestCase):
     """
@@ -453,7 +491,7 @@ class Node:
         self.agent_backend = OffReactor(self.backend, world.on_reactor)
         self.agent_fs = OffReactor(LocalFilesystems(), world.on_reactor)
         self.mount_root = os.path.join(world.mounts, node_uuid[:8])
-        self.run_blocking = threaded(reactor)
+        self.run_blocking = in_reactor_pool(reactor)
         self.events = world.events
         self.runner = Runner(self.agent_backend, self.agent_fs, self.run_blocking,
                              logger=Logger(observer=world.events.append))

@@ -1,6 +1,7 @@
 """
 The agent's view of the cluster: lookups, snapshots and diffs, and its file on disk
-(atomic replacement, reloading, coalesced saves, unreadable files).
+(a base and appended diffs, compaction, torn tails, atomic replacement, reloading,
+batched saves, unreadable files).
 """
 
 import json
@@ -17,8 +18,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._view import (
-    VIEW_FILE, AgentView, ViewFile, ViewFileError, ViewOutOfStep, read_view,
-    view_from_bytes, view_to_bytes, write_view,
+    VIEW_FILE, AgentView, ViewFile, ViewFileError, ViewOutOfStep, diff_to_bytes,
+    parse_view_log, read_view, view_from_bytes, view_to_bytes, write_view,
 )
 from pyflock.common._records import DatasetEntry, Lease
 from pyflock.common._wire import Diff, NodeEntry, Snapshot
@@ -104,6 +105,21 @@ class AgentViewTests(SynchronousTestCase):
         self.assertEqual(view.to_snapshot(), snapshot)
 
 
+class HeldRuns(list):
+    """A ``run_in_thread`` whose calls wait, in order, until the test runs them."""
+
+    def run(self, f, *args):
+        """Hold the call of ``f``; its Deferred fires when it is run."""
+        d = Deferred()
+        self.append((d, f, args))
+        return d
+
+    def finish(self):
+        """Run the oldest held call and fire its Deferred with the result."""
+        d, f, args = self.pop(0)
+        d.callback(f(*args))
+
+
 class ViewFileTests(SynchronousTestCase):
     """The view file: format, atomic replacement and reading back."""
 
@@ -118,7 +134,7 @@ class ViewFileTests(SynchronousTestCase):
         write_view(self.path, view)
         self.assertEqual(read_view(self.path), view)
         self.assertEqual(stat.S_IMODE(self.path.stat().st_mode), 0o600)
-        self.assertEqual(json.loads(self.path.read_bytes())["format"], 1)
+        self.assertEqual(json.loads(self.path.read_bytes())["format"], 2)
         self.assertEqual(os.listdir(self.folder), [VIEW_FILE])
 
     def test_file_without_holders(self):
@@ -177,18 +193,9 @@ class ViewFileTests(SynchronousTestCase):
 
     def test_saves_coalesced(self):
         """While a write runs, only the newest waiting view is written next."""
-        runs = []
-
-        def run(f, *args):
-            d = Deferred()
-            runs.append((d, f, args))
-            return d
-
-        def finish():
-            d, f, args = runs.pop(0)
-            d.callback(f(*args))
-
-        view_file = ViewFile(self.path, Clock(), run_in_thread=run)
+        runs = HeldRuns()
+        finish = runs.finish
+        view_file = ViewFile(self.path, Clock(), run_in_thread=runs.run)
         views = [AgentView.from_snapshot(Snapshot(epoch="e", version=v)) for v in (1, 2, 3)]
         saved = [view_file.save(v) for v in views]
         self.assertEqual(len(runs), 1)
@@ -215,6 +222,146 @@ class ViewFileTests(SynchronousTestCase):
         """The file's content decodes to the view it encodes."""
         view = AgentView.from_snapshot(SNAPSHOT)
         self.assertEqual(view_from_bytes(view_to_bytes(view)), view)
+
+
+def renewal(view, dataset_id=DS1, expiration=2000.0):
+    """The diff that renews ``dataset_id``'s lease in ``view``, and the view after it."""
+    old = view.dataset(dataset_id)
+    diff = Diff(epoch=view.epoch, version=view.version + 1, datasets=(
+        DatasetEntry(dataset_id=old.dataset_id, primary=old.primary,
+                     maximum_size=old.maximum_size, metadata=old.metadata,
+                     lease=Lease(old.dataset_id, A, expiration),
+                     holders=old.holders),))
+    return diff, view.apply(diff)
+
+
+class ViewLogTests(SynchronousTestCase):
+    """A push costs the bytes of its diff; the file stays readable after any crash."""
+
+    def setUp(self):
+        self.folder = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.path = self.folder / VIEW_FILE
+        self.view = AgentView.from_snapshot(SNAPSHOT)
+
+    def view_file(self, **kwargs):
+        """A ``ViewFile`` writing at once, loaded from the file."""
+        view_file = ViewFile(self.path, Clock(), run_in_thread=lambda f, *a: f(*a), **kwargs)
+        self.successResultOf(view_file.load())
+        return view_file
+
+    def test_diff_appended(self):
+        """A diff following the saved view adds its line to the file and nothing else."""
+        view_file = self.view_file()
+        self.successResultOf(view_file.save(self.view, SNAPSHOT))
+        before = self.path.read_bytes()
+        diff, after = renewal(self.view)
+        self.successResultOf(view_file.save(after, diff))
+        self.assertEqual(self.path.read_bytes(), before + diff_to_bytes(diff))
+        self.assertEqual(read_view(self.path), after)
+
+    def test_appends_after_load(self):
+        """An agent that loaded a file with diffs appends to it after a restart."""
+        diff, after = renewal(self.view)
+        write_view(self.path, self.view)
+        self.successResultOf(self.view_file().save(after, diff))
+        diff2, after2 = renewal(after, expiration=3000.0)
+        view_file = self.view_file()
+        before = self.path.read_bytes()
+        self.successResultOf(view_file.save(after2, diff2))
+        self.assertEqual(self.path.read_bytes(), before + diff_to_bytes(diff2))
+        self.assertEqual(read_view(self.path), after2)
+
+    def test_gap_writes_base(self):
+        """A view that no diff links to the saved one (a snapshot, a gap) is a new base."""
+        view_file = self.view_file()
+        self.successResultOf(view_file.save(self.view, SNAPSHOT))
+        _, after = renewal(self.view)
+        diff2, after2 = renewal(after, expiration=3000.0)
+        self.successResultOf(view_file.save(after2, diff2))
+        self.assertEqual(self.path.read_bytes(), view_to_bytes(after2))
+
+    def test_compaction(self):
+        """Once the diffs outweigh the base, the next save writes a base alone."""
+        view_file = self.view_file(compact_after=0)
+        self.successResultOf(view_file.save(self.view, SNAPSHOT))
+        base = len(self.path.read_bytes())
+        view = self.view
+        sizes = []
+        for n in range(40):
+            diff, view = renewal(view, expiration=2000.0 + n)
+            self.successResultOf(view_file.save(view, diff))
+            sizes.append(len(self.path.read_bytes()))
+        self.assertLessEqual(max(sizes), 2 * base + len(diff_to_bytes(diff)))
+        self.assertIn(len(view_to_bytes(view)), sizes)  # compacted at least once
+        self.assertEqual(read_view(self.path), view)
+
+    def test_torn_tail(self):
+        """A line torn by a crash is ignored, and the next append replaces it."""
+        write_view(self.path, self.view)
+        diff, after = renewal(self.view)
+        with open(self.path, "ab") as f:
+            f.write(diff_to_bytes(diff)[:20])
+        self.assertEqual(read_view(self.path), self.view)
+        self.successResultOf(self.view_file().save(after, diff))
+        self.assertEqual(self.path.read_bytes(), view_to_bytes(self.view) + diff_to_bytes(diff))
+
+    def test_out_of_step_line_ends_the_log(self):
+        """A diff line that does not follow ends the readable part, which is returned."""
+        _, after = renewal(self.view)
+        diff2, _ = renewal(after, expiration=3000.0)
+        content = view_to_bytes(self.view) + diff_to_bytes(diff2)
+        log = parse_view_log(content)
+        self.assertEqual((log.view, log.length), (self.view, len(view_to_bytes(self.view))))
+
+    def test_format_1_file(self):
+        """A file of format 1 (a base alone, no newline) is read."""
+        content = json.dumps({"format": 1, "view": json.loads(
+            view_to_bytes(self.view))["view"]}).encode()
+        self.path.write_bytes(content)
+        self.assertEqual(read_view(self.path), self.view)
+
+    def test_saves_batched(self):
+        """Diffs saved while a write runs go out together in one append."""
+        runs = HeldRuns()
+        finish = runs.finish
+        write_view(self.path, self.view)
+        view_file = ViewFile(self.path, Clock(), run_in_thread=runs.run)
+        view_file.load()
+        finish()
+        view, saves, diffs = self.view, [], []
+        for n in range(3):
+            diff, view = renewal(view, expiration=2000.0 + n)
+            diffs.append(diff)
+            saves.append(view_file.save(view, diff))
+        finish()
+        self.successResultOf(saves[0])
+        self.assertEqual(len(runs), 1)
+        finish()
+        for d in saves[1:]:
+            self.successResultOf(d)
+        self.assertEqual(self.path.read_bytes(),
+                         view_to_bytes(self.view) + b"".join(map(diff_to_bytes, diffs)))
+
+    def test_failed_append_then_base(self):
+        """After a failed append, saves waiting behind it are written as a new base."""
+        runs = HeldRuns()
+        write_view(self.path, self.view)
+        view_file = ViewFile(self.path, Clock(), run_in_thread=runs.run)
+        view_file.load()
+        runs.finish()
+        diff, view = renewal(self.view)
+        first = view_file.save(view, diff)
+        diff2, view2 = renewal(view, expiration=3000.0)
+        second = view_file.save(view2, diff2)
+        d, f, args = runs.pop(0)
+        d.errback(OSError(5, "Input/output error"))
+        self.failureResultOf(first, OSError)
+        d, f, args = runs.pop(0)
+        self.assertEqual((f, args), (write_view, (self.path, view2)))
+        d.callback(f(*args))
+        self.successResultOf(second)
+        self.assertEqual(read_view(self.path), view2)
 
 
 @pytest_twisted.ensureDeferred
