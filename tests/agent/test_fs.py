@@ -16,14 +16,14 @@ from pyflock.agent._fs import (
     parse_debugfs_listing, parse_mountinfo, probe_filesystem, read_mountinfo, root_entries,
     run_command, unmount,
 )
+from tests.harness.requirements import ROOT
 
 SIZE = 64 * 1024 * 1024
 
 
 def needs_root(test):
-    """Mark ``test`` as an integration test on real loop devices, skipped unless root."""
-    test = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")(test)
-    return pytest.mark.integration(test)
+    """Mark ``test`` as an integration test on real loop devices that needs root."""
+    return pytest.mark.integration(ROOT(test))
 
 
 @pytest.fixture

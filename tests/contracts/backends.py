@@ -30,6 +30,7 @@ from pyflock.agent._backends._loopback import (
 )
 from pyflock.agent._backends._memory import MemoryBlockStore
 from pyflock.agent._fs import has_filesystem, make_filesystem
+from tests.harness.requirements import require_root
 
 #: Two node uuids the suite attaches volumes to.
 NODE_A = "0b0c7e62-9a4f-4d36-9d54-2a1f7d3c0a01"
@@ -66,11 +67,10 @@ def memory_harness(test_case: SynchronousTestCase) -> BackendHarness:
 def loopback_root(test_case: SynchronousTestCase) -> str:
     """
     A fresh root folder for loopback backends, removed after the test together with every
-    loop device backed by a file in it (detached by name). Skips the test unless run as
-    root.
+    loop device backed by a file in it (detached by name). Needs root (``require_root``:
+    the test fails under ``$CI`` without it, and is skipped otherwise).
     """
-    if os.geteuid() != 0:
-        test_case.skipTest("loop devices need root")
+    require_root()
     root = tempfile.mkdtemp(prefix="pf-loop-")
     test_case.addCleanup(shutil.rmtree, root)
     test_case.addCleanup(detach_loop_devices_under, root)
