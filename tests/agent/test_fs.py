@@ -125,6 +125,7 @@ def test_read_own_mountinfo():
     assert "/" in [m.mount_point for m in read_mountinfo()]
 
 
+@pytest.mark.integration
 def test_command_failed_carries_stderr():
     """A failing command raises ``CommandFailed`` with its exit code and stderr."""
     with pytest.raises(CommandFailed) as e:
@@ -134,6 +135,7 @@ def test_command_failed_carries_stderr():
                             "code 3: it broke")
 
 
+@pytest.mark.integration
 def test_command_missing():
     """A command that is not installed raises ``CommandFailed`` saying so."""
     with pytest.raises(CommandFailed, match="`no-such-command-pf` is not installed"):

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from klein import Klein
 from pyrsistent import pmap
 from treq.client import HTTPClient
@@ -815,6 +816,7 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual("A    BB\nccc  d\n", format_table(["A", "BB"], [["ccc", "d"]]))
 
 
+@pytest.mark.integration
 def test_console_script(tmp_path):
     """The installed ``pyflock`` reports a refused connection in one line, exit status 3."""
     from tests.harness.certificates import make_cluster_certificates

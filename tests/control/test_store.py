@@ -564,6 +564,7 @@ def _acknowledged_then_kill(folder, wanted: int) -> list[str]:
     return output.decode().split("\n")[:-1]
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_acknowledged_writes_survive_kill(tmp_path):
     """Every write acknowledged before the process is killed with SIGKILL is stored."""
