@@ -2,14 +2,16 @@
 Hooks for the whole suite: the ``required`` mark (``tests.harness.requirements``) is checked
 before a test's fixtures run, so a test that cannot run on this machine fails under ``$CI``
 and is skipped, saying why, otherwise; a unit test (no ``integration`` or ``e2e`` marker)
-that starts a process fails; and tests marked ``runs_last`` run after all others, with the
-``whole_suite`` fixture telling them whether this run can judge the whole suite (checks of
-what the other tests exercised, such as every documented API response).
+that starts a process or listens on a socket fails; and tests marked ``runs_last`` run
+after all others, with the ``whole_suite`` fixture telling them whether this run can judge
+the whole suite (checks of what the other tests exercised, such as every documented API
+response).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -84,14 +86,15 @@ def pytest_runtest_setup(item):
 
 
 class ProcessInUnitTest(AssertionError):
-    """A unit test (no ``integration`` or ``e2e`` marker) tried to start a process."""
+    """A unit test (no ``integration`` or ``e2e`` marker) tried to start a process or to
+    listen on a socket."""
 
 
 def _refuse_processes(spawned: list) -> list:
-    """Make every way to start a process raise ``ProcessInUnitTest`` (noted in ``spawned``);
-    the (owner, name, original) triples to put back."""
+    """Make every way to start a process or listen on a socket raise ``ProcessInUnitTest``
+    (noted in ``spawned``); the (owner, name, original) triples to put back."""
     targets = [(subprocess.Popen, "_execute_child"), (os, "fork"), (os, "posix_spawn"),
-               (os, "posix_spawnp")]
+               (os, "posix_spawnp"), (socket.socket, "listen")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in targets
              if hasattr(owner, name)]
 
@@ -99,7 +102,8 @@ def _refuse_processes(spawned: list) -> list:
         def refused(*args, **kwargs):
             spawned.append(name)
             raise ProcessInUnitTest(
-                f"a unit test started a process ({name}): mark it pytest.mark.integration")
+                f"a unit test started a process or a server ({name}): mark it "
+                f"pytest.mark.integration")
         return refused
 
     for owner, name, _ in saved:
@@ -107,10 +111,23 @@ def _refuse_processes(spawned: list) -> list:
     return saved
 
 
+#: Whether a test's call failed (then its teardown does not report the same process again).
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Note whether the test's call failed."""
+    outcome = yield
+    if call.when == "call":
+        item.stash[_CALL_FAILED] = outcome.get_result().failed
+
+
 @pytest.fixture(autouse=True)
 def _unit_tests_start_no_process(request):
-    """A test without the ``integration`` or ``e2e`` marker that starts a process fails,
-    even if the code under test swallowed the error (``make test-unit`` stays pure)."""
+    """A test without the ``integration`` or ``e2e`` marker that starts a process or listens
+    on a socket (a real server) fails, even if the code under test swallowed the error
+    (``make test-unit`` stays pure)."""
     if any(request.node.get_closest_marker(m) for m in REAL_WORLD_MARKERS):
         yield
         return
@@ -121,6 +138,6 @@ def _unit_tests_start_no_process(request):
     finally:
         for owner, name, original in saved:
             setattr(owner, name, original)
-    if spawned:
-        pytest.fail(f"this unit test started processes ({', '.join(spawned)}): mark it "
-                    f"pytest.mark.integration", pytrace=False)
+    if spawned and not request.node.stash.get(_CALL_FAILED, False):
+        pytest.fail(f"this unit test started processes or servers ({', '.join(spawned)}): "
+                    f"mark it pytest.mark.integration", pytrace=False)

@@ -5,6 +5,7 @@ start a process; a check of the whole suite knows when a run is partial (tests/c
 """
 
 import os
+import socket
 import subprocess
 from types import SimpleNamespace
 
@@ -62,8 +63,9 @@ def test_unwritable_folder(tmp_path):
     (tmp_path / "f").write_text("x")
 
 
-def test_unit_test_cannot_start_a_process():
-    """Every way to start a process raises ``ProcessInUnitTest`` and is noted."""
+def test_unit_test_cannot_start_a_process_or_server():
+    """Every way to start a process, and listening on a socket, raise
+    ``ProcessInUnitTest`` and are noted."""
     spawned = []
     saved = _refuse_processes(spawned)
     try:
@@ -71,10 +73,13 @@ def test_unit_test_cannot_start_a_process():
             subprocess.run(["true"])
         with pytest.raises(ProcessInUnitTest):
             os.posix_spawnp("true", ["true"], os.environ)
+        with socket.socket() as server, pytest.raises(ProcessInUnitTest):
+            server.bind(("127.0.0.1", 0))
+            server.listen()
     finally:
         for owner, name, original in saved:
             setattr(owner, name, original)
-    assert spawned == ["_execute_child", "posix_spawnp"]
+    assert spawned == ["_execute_child", "posix_spawnp", "listen"]
 
 
 def _session(tmp_path, items=(), deselected=(), keyword="", args=("tests",)):
