@@ -8,7 +8,10 @@ that ``ADAPTERS`` turns into a section (a module with an interface of its own, s
 store_write_rate.py, which also runs alone). They run one after another, each in its own
 scratch folder; their sections go into the markdown report in this order, their JSON into
 ``bench/results/latest.json``. To add a benchmark, write such a module and append its name
-to ``BENCHMARKS``. A benchmark that fails is reported as failed (and the run exits 1)
+to ``BENCHMARKS``. Every timed case runs at least ``_harness.REPEATS`` (3) times: run it
+with ``_harness.repeat`` (``repeat_blocking`` in a thread), summarize each number with
+``_harness.Repeats`` (median, min, max; ``Repeats.target`` judges a goal on the median),
+and put every run in the section's ``results``. A benchmark that fails is reported as failed (and the run exits 1)
 without stopping the others.
 """
 
