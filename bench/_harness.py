@@ -1,8 +1,11 @@
 """
 What the benchmarks share: the record a benchmark module returns (``Section``, with its
-``Target``s), a real ``pyflock-control`` process on 127.0.0.1 with fresh certificates
-(``start_control_service``), a child process awaited with a deadline (``spawn_and_wait``),
-percentiles and latency summaries, and a description of the machine.
+``Target``s), the repeats of a timed case (``repeat``, ``repeat_blocking``: every timed case
+runs at least ``REPEATS`` times, and ``Repeats`` reports the median with the smallest and
+largest and judges a target on the median), a real ``pyflock-control`` process on
+127.0.0.1 with fresh certificates (``start_control_service``), a child process awaited with
+a deadline (``spawn_and_wait``), percentiles and latency summaries, and a description of
+the machine.
 
 A benchmark module is any module in ``bench/`` with
 ``async def benchmark(reactor, context: Context) -> Section``; ``bench/run.py`` lists them.
@@ -16,11 +19,12 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 import attr
 import twisted
@@ -29,7 +33,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 
-from tests.harness.certificates import ClusterCertificates, make_cluster_certificates
+if TYPE_CHECKING:
+    # Imported when used, so that a module run alone (store_write_rate.py) needs only bench/.
+    from tests.harness.certificates import ClusterCertificates
 
 #: The API user whose certificate the benchmark clients present.
 BENCH_USER = "bench"
@@ -39,6 +45,11 @@ START_TIMEOUT = 60.0
 
 #: Seconds a control service may take to stop after SIGTERM before it is killed.
 STOP_TIMEOUT = 15.0
+
+#: The least number of times every timed case runs: its report is the median of them.
+REPEATS = 3
+
+_T = TypeVar("_T")
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -53,6 +64,87 @@ class Target:
     def to_json(self) -> dict:
         """This target as JSON."""
         return attr.asdict(self)
+
+
+@attr.s(frozen=True)
+class Repeats:
+    """
+    One number measured in every repeat of a timed case (seconds, a rate, a ratio):
+    reported as the median with the smallest and the largest, and judged on the median.
+    """
+
+    values: tuple = attr.ib(converter=tuple)
+
+    @values.validator
+    def _some(self, attribute, values) -> None:
+        if not values:
+            raise ValueError("a case that ran no times has no median")
+
+    @classmethod
+    def of(cls, runs: Sequence[dict], key: str) -> "Repeats":
+        """The values of ``key`` in each run's results."""
+        return cls(run[key] for run in runs)
+
+    @property
+    def median(self) -> float:
+        """The median of the repeats (what tables show and targets judge)."""
+        return statistics.median(self.values)
+
+    @property
+    def minimum(self) -> float:
+        """The smallest repeat."""
+        return min(self.values)
+
+    @property
+    def maximum(self) -> float:
+        """The largest repeat."""
+        return max(self.values)
+
+    def describe(self, render: Callable[[float], str] = str) -> str:
+        """``median (min–max)`` for a table, each value written by ``render``."""
+        return f"{render(self.median)} ({render(self.minimum)}–{render(self.maximum)})"
+
+    def to_json(self, digits: int = 4) -> dict:
+        """The median, min and max, and every repeat in the order they ran."""
+        return {"median": round(self.median, digits), "min": round(self.minimum, digits),
+                "max": round(self.maximum, digits),
+                "repeats": [round(v, digits) for v in self.values]}
+
+    def target(self, what: str, goal: str, met: Callable[[float], bool],
+               render: Callable[[float], str] = str) -> "Target":
+        """A target met when ``met(median)`` holds; it shows the median, min and max."""
+        return Target(what=what, goal=goal, measured=self.describe(render),
+                      met=bool(met(self.median)))
+
+
+def _check_times(times: int) -> None:
+    if times < REPEATS:
+        raise ValueError(f"a timed case runs at least {REPEATS} times, not {times}")
+
+
+async def repeat(case: Callable[[int], Awaitable[_T]], times: int = REPEATS,
+                 log: Optional[Callable[[str], None]] = None, what: str = "") -> list[_T]:
+    """Run the timed ``case(i)`` for i = 0 .. ``times`` - 1 (at least ``REPEATS``), one
+    after another; its results in order."""
+    _check_times(times)
+    results = []
+    for i in range(times):
+        results.append(await case(i))
+        if log is not None:
+            log(f"{what or 'case'}: run {i + 1} of {times} done")
+    return results
+
+
+def repeat_blocking(case: Callable[[int], _T], times: int = REPEATS,
+                    log: Optional[Callable[[str], None]] = None, what: str = "") -> list[_T]:
+    """``repeat`` for a blocking ``case`` (one run in a thread, as docker_run.py's)."""
+    _check_times(times)
+    results = []
+    for i in range(times):
+        results.append(case(i))
+        if log is not None:
+            log(f"{what or 'case'}: run {i + 1} of {times} done")
+    return results
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -293,6 +385,7 @@ class ControlService:
 
 def make_certificates(workdir: Path) -> ClusterCertificates:
     """A fresh cluster CA in ``workdir/certificates`` with two nodes and user ``bench``."""
+    from tests.harness.certificates import make_cluster_certificates
     folder = workdir / "certificates"
     folder.mkdir(parents=True)
     return make_cluster_certificates(folder, nodes=2, users=(BENCH_USER,),
@@ -349,8 +442,9 @@ def format_ms(seconds: Optional[float]) -> str:
 
 
 __all__ = [
-    "BENCH_USER", "Context", "ControlService", "Profiler", "Section", "Target", "describe_machine",
-    "format_ms", "latency_stats", "load_average", "machine_cpu_seconds", "make_certificates",
-    "own_cpu_seconds", "percentile", "process_cpu_seconds", "spawn_and_wait",
+    "BENCH_USER", "REPEATS", "Context", "ControlService", "Profiler", "Repeats", "Section",
+    "Target", "describe_machine", "format_ms", "latency_stats", "load_average",
+    "machine_cpu_seconds", "make_certificates", "own_cpu_seconds", "percentile",
+    "process_cpu_seconds", "repeat", "repeat_blocking", "spawn_and_wait",
     "start_control_service",
 ]

@@ -51,8 +51,8 @@ from twisted.python.filepath import FilePath
 from twisted.web.client import HTTPConnectionPool
 
 from _harness import (
-    BENCH_USER, Context, Profiler, Section, Target, format_ms, latency_stats, load_average,
-    percentile, process_cpu_seconds, spawn_and_wait,
+    BENCH_USER, Context, Profiler, Repeats, Section, format_ms, latency_stats, load_average,
+    percentile, process_cpu_seconds, repeat, spawn_and_wait,
 )
 from tests.harness.agents import LocalCluster, loop_devices_under, mounts_under
 from tests.harness.dockerd import release_inherited_loop_mounts
@@ -347,39 +347,47 @@ async def measure(reactor, workdir: Path, log: Callable[[str], None],
                 profilers.append(Profiler(process.pid, PROFILE_SECONDS,
                                           profile_dir / f"agent_convergence-{name}.txt"))
 
-        sequential = []
-        for i in range(SEQUENTIAL_CREATES):
-            sequential.append(await driver.create((node_a, node_b)[i % 2]))
-        log("create -> mounted, one at a time: " + _line([s.to_mounted for s in sequential]))
+        async def one_round(index: int) -> dict:
+            """Creates one at a time, creates at once, moves, then every dataset deleted."""
+            sequential = []
+            for i in range(SEQUENTIAL_CREATES):
+                sequential.append(await driver.create((node_a, node_b)[i % 2]))
+            log("create -> mounted, one at a time: "
+                + _line([s.to_mounted for s in sequential]))
 
-        began = time.time()
-        concurrent = await gatherResults([ensure(driver.create((node_a, node_b)[i % 2]))
-                                          for i in range(CONCURRENT_CREATES)])
-        all_mounted = max(s.mounted for s in concurrent) - began
-        log(f"{CONCURRENT_CREATES} creates at once: all mounted after {all_mounted:.3f} s")
+            began = time.time()
+            concurrent = await gatherResults([ensure(driver.create((node_a, node_b)[i % 2]))
+                                              for i in range(CONCURRENT_CREATES)])
+            all_mounted = max(s.mounted for s in concurrent) - began
+            log(f"{CONCURRENT_CREATES} creates at once: all mounted after "
+                f"{all_mounted:.3f} s")
 
-        moves = []
-        for sample in sequential[:MOVES]:
-            target = node_b if sample.node == node_a else node_a
-            moves.append(await driver.move(sample.dataset_id, target))
-        log("move -> mounted: " + _line([s.to_mounted for s in moves]))
+            moves = []
+            for sample in sequential[:MOVES]:
+                target = node_b if sample.node == node_a else node_a
+                moves.append(await driver.move(sample.dataset_id, target))
+            log("move -> mounted: " + _line([s.to_mounted for s in moves]))
 
-        # The agents unmount, detach and destroy everything, as an operator would.
-        every = [s.dataset_id for s in sequential + concurrent]
-        deleted_seconds = await driver.delete_all(every)
-        log(f"{len(every)} deletes at once: gone from the state API after "
-            f"{deleted_seconds:.2f} s")
+            # The agents unmount, detach and destroy everything, as an operator would.
+            every = [s.dataset_id for s in sequential + concurrent]
+            deleted_seconds = await driver.delete_all(every)
+            log(f"{len(every)} deletes at once: gone from the state API after "
+                f"{deleted_seconds:.2f} s")
+            return {"sequential": sequential, "concurrent": concurrent,
+                    "all_mounted_seconds": all_mounted, "moves": moves,
+                    "deleted": len(every), "deleted_seconds": deleted_seconds}
+
+        rounds = await repeat(one_round, log=log, what="round")
+        sequential = [s for r in rounds for s in r["sequential"]]
+        moves = [s for r in rounds for s in r["moves"]]
         for profiler in profilers:
             profiler.wait()
         if watcher.failure:
             raise RuntimeError(f"the state API failed: {watcher.failure}")
         agent_events = [e for a in cluster.agents for e in a.log_events()]
         results.update({
-            "sequential": [attr.asdict(s) for s in sequential],
-            "concurrent": [attr.asdict(s) for s in concurrent],
-            "all_mounted_seconds": all_mounted,
-            "moves": [attr.asdict(s) for s in moves],
-            "deleted": len(every), "deleted_seconds": deleted_seconds,
+            "rounds": [{key: [attr.asdict(s) for s in value] if isinstance(value, list)
+                        else value for key, value in r.items()} for r in rounds],
             "create_phases": breakdown(sequential, agent_events),
             "move_phases": breakdown(moves, agent_events),
             "busy_detaches": sum(1 for e in agent_events
@@ -542,23 +550,44 @@ def _phase_table(phases: list) -> str:
     return "\n".join(lines)
 
 
+def _p50_to_mounted(samples: list) -> float:
+    return percentile([s.to_mounted for s in samples], 50)
+
+
+def _round_row(index: int, round_: dict) -> str:
+    return (f"| {index + 1} | {format_ms(_p50_to_mounted(round_['sequential']))} | "
+            f"{round_['all_mounted_seconds']:.2f} s | "
+            f"{format_ms(_p50_to_mounted(round_['moves']))} | "
+            f"{round_['deleted_seconds']:.2f} s |")
+
+
 def _section(raw: dict) -> Section:
-    """The report section of the child's raw results."""
-    sequential, concurrent = _samples(raw["sequential"]), _samples(raw["concurrent"])
-    moves = _samples(raw["moves"])
-    all_mounted, deleted_seconds = raw["all_mounted_seconds"], raw["deleted_seconds"]
-    create_p50 = percentile([s.to_mounted for s in sequential], 50)
-    move_p50 = percentile([s.to_mounted for s in moves], 50)
+    """The report section of the child's raw results (every round)."""
+    rounds = [dict(r, sequential=_samples(r["sequential"]),
+                   concurrent=_samples(r["concurrent"]), moves=_samples(r["moves"]))
+              for r in raw["rounds"]]
+    sequential = [s for r in rounds for s in r["sequential"]]
+    concurrent = [s for r in rounds for s in r["concurrent"]]
+    moves = [s for r in rounds for s in r["moves"]]
+    per_round = len(rounds[0]["sequential"]), len(rounds[0]["concurrent"]), \
+        len(rounds[0]["moves"])
+    create_p50 = Repeats(_p50_to_mounted(r["sequential"]) for r in rounds)
+    all_mounted = Repeats(r["all_mounted_seconds"] for r in rounds)
+    move_p50 = Repeats(_p50_to_mounted(r["moves"]) for r in rounds)
+    deleted_seconds = Repeats(r["deleted_seconds"] for r in rounds)
     targets = (
-        Target(what=f"create -> mounted, p50 of {len(sequential)} one at a time",
-               goal=f"< {format_ms(CREATE_P50_GOAL)}", measured=format_ms(create_p50),
-               met=create_p50 < CREATE_P50_GOAL),
-        Target(what=f"{len(concurrent)} creates at once, all mounted",
-               goal=f"< {CONCURRENT_GOAL:.0f} s", measured=f"{all_mounted:.2f} s",
-               met=all_mounted < CONCURRENT_GOAL),
-        Target(what=f"move -> mounted on the new node, p50 of {len(moves)}",
-               goal=f"< {format_ms(MOVE_P50_GOAL)}", measured=format_ms(move_p50),
-               met=move_p50 < MOVE_P50_GOAL),
+        create_p50.target(
+            what=f"create -> mounted, p50 of {per_round[0]} one at a time",
+            goal=f"< {format_ms(CREATE_P50_GOAL)}", render=format_ms,
+            met=lambda p50: p50 < CREATE_P50_GOAL),
+        all_mounted.target(
+            what=f"{per_round[1]} creates at once, all mounted",
+            goal=f"< {CONCURRENT_GOAL:.0f} s", render=lambda v: f"{v:.2f} s",
+            met=lambda seconds: seconds < CONCURRENT_GOAL),
+        move_p50.target(
+            what=f"move -> mounted on the new node, p50 of {per_round[2]}",
+            goal=f"< {format_ms(MOVE_P50_GOAL)}", render=format_ms,
+            met=lambda p50: p50 < MOVE_P50_GOAL),
     )
     load_before = ", ".join(map(str, raw["load_before"]))
     load_after = ", ".join(map(str, raw["load_after"]))
@@ -569,14 +598,17 @@ def _section(raw: dict) -> Section:
         "state_requests": raw["state_requests"],
         "create_to_mounted": latency_stats([s.to_mounted for s in sequential]),
         "create_to_answer": latency_stats([s.to_answer for s in sequential]),
+        "rounds": len(rounds),
+        "create_p50_seconds_per_round": create_p50.to_json(),
+        "move_p50_seconds_per_round": move_p50.to_json(),
         "concurrent_creates": {"count": len(concurrent),
-                               "all_mounted_seconds": round(all_mounted, 3),
+                               "all_mounted_seconds": all_mounted.to_json(),
                                "to_mounted": latency_stats([s.to_mounted for s in concurrent]),
                                "to_answer": latency_stats([s.to_answer for s in concurrent])},
         "move_to_mounted": latency_stats([s.to_mounted for s in moves]),
         "move_to_answer": latency_stats([s.to_answer for s in moves]),
-        "delete_all": {"count": raw["deleted"],
-                       "gone_seconds": round(deleted_seconds, 3)},
+        "delete_all": {"count": rounds[0]["deleted"],
+                       "gone_seconds": deleted_seconds.to_json()},
         "busy_detaches": raw["busy_detaches"],
         "create_breakdown_ms": {n: round(s * 1000, 1) for n, s in raw["create_phases"]},
         "move_breakdown_ms": {n: round(s * 1000, 1) for n, s in raw["move_phases"]},
@@ -599,23 +631,35 @@ the service logs that a node's report changed, so it sees a dataset mounted at m
 state request (a few ms) after the service knew ({raw["state_requests"]} state requests
 in all). Load average (1, 5, 15 min) before: {load_before}; after: {load_after}.
 
-- *create*: `POST /v1/configuration/datasets`, {len(sequential)} datasets one after the
+The measurement runs in {len(rounds)} rounds, one after another on the same cluster; each
+round:
+
+- *create*: `POST /v1/configuration/datasets`, {per_round[0]} datasets one after the
   other, alternating between the two nodes;
-- *{len(concurrent)} at once*: {len(concurrent)} creates sent together (alternating
-  nodes): all were mounted {all_mounted:.2f} s after the first was sent;
+- *{per_round[1]} at once*: {per_round[1]} creates sent together (alternating
+  nodes): all were mounted {all_mounted.describe(lambda v: f"{v:.2f} s")} (median
+  (min–max) of the rounds) after the first was sent;
 - *move*: `POST /v1/configuration/datasets/<id>` with the other node as primary,
-  {len(moves)} moves one after the other: unmount and detach on the old node, attach and
+  {per_round[2]} moves one after the other: unmount and detach on the old node, attach and
   mount on the new one;
-- *delete*: at the end, all {raw["deleted"]} datasets deleted at once: the agents
-  unmounted, detached and destroyed them, and the state API showed none
-  {deleted_seconds:.2f} s after the first `DELETE` was sent.
+- *delete*: at the end, all {rounds[0]["deleted"]} datasets of the round deleted at once:
+  the agents unmounted, detached and destroyed them, and the state API showed none
+  {deleted_seconds.describe(lambda v: f"{v:.2f} s")} after the first `DELETE` was sent.
+
+Each round:
+
+| round | create -> mounted, p50 | {per_round[1]} at once, all mounted | move -> mounted, p50 | delete all, gone |
+|---:|---:|---:|---:|---:|
+{chr(10).join(_round_row(i, r) for i, r in enumerate(rounds))}
+
+Every sample of every round:
 
 | from request to | samples | p50 | p90 | p99 | max |
 |---|---:|---:|---:|---:|---:|
 {_row("create: answer (201)", [s.to_answer for s in sequential])}
 {_row("create: mounted", [s.to_mounted for s in sequential])}
-{_row(f"{len(concurrent)} at once: answer (201)", [s.to_answer for s in concurrent])}
-{_row(f"{len(concurrent)} at once: mounted", [s.to_mounted for s in concurrent])}
+{_row(f"{per_round[1]} at once: answer (201)", [s.to_answer for s in concurrent])}
+{_row(f"{per_round[1]} at once: mounted", [s.to_mounted for s in concurrent])}
 {_row("move: answer (200)", [s.to_answer for s in moves])}
 {_row("move: mounted on the new node", [s.to_mounted for s in moves])}
 

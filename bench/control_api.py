@@ -26,9 +26,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.client import HTTPConnectionPool
 
 from _harness import (
-    BENCH_USER, Context, ControlService, Profiler, Section, Target, format_ms,
-    load_average, machine_cpu_seconds, make_certificates, own_cpu_seconds, percentile,
-    start_control_service,
+    BENCH_USER, REPEATS, Context, ControlService, Profiler, Repeats, Section, Target,
+    format_ms, load_average, machine_cpu_seconds, make_certificates, own_cpu_seconds,
+    percentile, repeat, start_control_service,
 )
 from pyflock.common._model import Dataset
 from pyflock.common._tls import treq_client
@@ -261,55 +261,98 @@ async def run_case(service: ControlService, clients: Sequence, name: str,
         load_after=tuple(round(x, 2) for x in load_average()))
 
 
-def _cases_table(cases: list[CaseResult]) -> str:
-    lines = ["| operation | clients | requests | req/s | p50 | p99 | max | "
+def _tally(runs: list[CaseResult], alongside: bool) -> list[Tally]:
+    return [run.alongside if alongside else run.main for run in runs]
+
+
+def _rates(runs: list[CaseResult], alongside: bool = False) -> Repeats:
+    """Successful requests per second in each run."""
+    return Repeats(run.rate(t) for run, t in zip(runs, _tally(runs, alongside)))
+
+
+def _latencies(runs: list[CaseResult], p: float, alongside: bool = False) -> Repeats:
+    """The ``p``-th percentile latency of each run (runs without a success left out)."""
+    return Repeats(t.percentile(p) for t in _tally(runs, alongside) if t.latencies)
+
+
+def _cell(repeats: Repeats) -> str:
+    return repeats.describe(format_ms)
+
+
+def _rate_cell(repeats: Repeats) -> str:
+    return repeats.describe(lambda v: f"{v:.0f}")
+
+
+def _cores(runs: list[CaseResult]) -> str:
+    """The median CPU cores used by the service, the clients and the rest of the machine."""
+    return ", ".join(f"{Repeats(getattr(r, kind) / r.seconds for r in runs).median:.2f}"
+                     for kind in ("server_cpu_seconds", "client_cpu_seconds",
+                                  "other_cpu_seconds"))
+
+
+def _cases_table(cases: list[list[CaseResult]]) -> str:
+    lines = ["| operation | clients | requests (median) | req/s | p50 | p99 | max | "
              "server CPU / request | CPU cores used: service, clients, rest of machine "
-             "| errors |",
+             "| errors (all runs) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for case in cases:
-        t = case.main
+    for runs in cases:
+        t = runs[0].main
         lines.append(
-            f"| {t.operation} | {t.clients} | {t.requests} | {case.rate(t):.0f} | "
-            f"{format_ms(t.percentile(50))} | {format_ms(t.percentile(99))} | "
-            f"{format_ms(max(t.latencies) if t.latencies else None)} | "
-            f"{format_ms(case.server_cpu_seconds / max(1, case.requests))} | "
-            f"{case.cores()} | {t.errors} |")
+            f"| {t.operation} | {t.clients} | "
+            f"{Repeats(r.main.requests for r in runs).median:.0f} | "
+            f"{_rate_cell(_rates(runs))} | {_cell(_latencies(runs, 50))} | "
+            f"{_cell(_latencies(runs, 99))} | {_cell(_latencies(runs, 100))} | "
+            f"{_cell(Repeats(r.server_cpu_seconds / max(1, r.requests) for r in runs))} | "
+            f"{_cores(runs)} | {sum(r.main.errors for r in runs)} |")
     return "\n".join(lines)
 
 
-def _mixed_table(case: CaseResult) -> str:
-    lines = ["| requests | clients | requests | req/s | p50 | p99 | max | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for t in (case.main, case.alongside):
+def _mixed_table(runs: list[CaseResult]) -> str:
+    lines = ["| requests | clients | req/s | p50 | p99 | max | errors (all runs) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for alongside in (False, True):
+        t = _tally(runs, alongside)
         lines.append(
-            f"| {t.operation} | {t.clients} | {t.requests} | {case.rate(t):.0f} | "
-            f"{format_ms(t.percentile(50))} | {format_ms(t.percentile(99))} | "
-            f"{format_ms(max(t.latencies) if t.latencies else None)} | {t.errors} |")
-    return "\n".join(lines) + (f"\n\nCPU cores used: service, clients, rest of machine: "
-                               f"{case.cores()}.")
+            f"| {t[0].operation} | {t[0].clients} | {_rate_cell(_rates(runs, alongside))} | "
+            f"{_cell(_latencies(runs, 50, alongside))} | "
+            f"{_cell(_latencies(runs, 99, alongside))} | "
+            f"{_cell(_latencies(runs, 100, alongside))} | {sum(x.errors for x in t)} |")
+    return "\n".join(lines) + (f"\n\nCPU cores used (median): service, clients, rest of "
+                               f"machine: {_cores(runs)}.")
 
 
-def _targets(cases: list[CaseResult]) -> tuple[Target, ...]:
-    by_key = {(c.main.operation, c.main.clients): c for c in cases}
+def _targets(cases: list[list[CaseResult]]) -> tuple[Target, ...]:
+    """The goals, each judged on the median of the case's runs."""
+    by_key = {(runs[0].main.operation, runs[0].main.clients): runs for runs in cases}
     targets = []
     for clients in CLIENTS:
-        case = by_key.get(("list", clients))
-        if case is not None and case.main.latencies:
-            p50 = case.main.percentile(50)
-            targets.append(Target(
+        runs = by_key.get(("list", clients))
+        if runs is not None and all(r.main.latencies for r in runs):
+            errors = sum(r.main.errors for r in runs)
+            targets.append(_latencies(runs, 50).target(
                 what=f"list {DATASETS:,} datasets, p50, {clients} client"
                      f"{'s' if clients > 1 else ''}",
-                goal=f"< {format_ms(LIST_P50_GOAL)}", measured=format_ms(p50),
-                met=p50 < LIST_P50_GOAL and case.main.errors == 0))
+                goal=f"< {format_ms(LIST_P50_GOAL)}", render=format_ms,
+                met=lambda p50: p50 < LIST_P50_GOAL and errors == 0))
     for operation in ("create", "move"):
-        case = by_key.get((operation, max(CLIENTS)))
-        if case is not None:
-            rate = case.rate(case.main)
-            targets.append(Target(
+        runs = by_key.get((operation, max(CLIENTS)))
+        if runs is not None:
+            errors = sum(r.main.errors for r in runs)
+            targets.append(_rates(runs).target(
                 what=f"durable {operation}s per second, {max(CLIENTS)} clients",
-                goal=f">= {WRITES_PER_SECOND_GOAL:.0f}/s", measured=f"{rate:.0f}/s",
-                met=rate >= WRITES_PER_SECOND_GOAL and case.main.errors == 0))
+                goal=f">= {WRITES_PER_SECOND_GOAL:.0f}/s", render=lambda v: f"{v:.0f}/s",
+                met=lambda rate: rate >= WRITES_PER_SECOND_GOAL and errors == 0))
     return tuple(targets)
+
+
+def _runs_json(runs: list[CaseResult]) -> dict:
+    """A case over its runs: the medians (min, max, repeats) and every run."""
+    t = runs[0].main
+    return {"operation": t.operation, "clients": t.clients,
+            "requests_per_second": _rates(runs).to_json(1),
+            "p50_ms": Repeats(v * 1000 for v in _latencies(runs, 50).values).to_json(2),
+            "p99_ms": Repeats(v * 1000 for v in _latencies(runs, 99).values).to_json(2),
+            "runs": [r.to_json() for r in runs]}
 
 
 def _summary(case: CaseResult) -> str:
@@ -342,7 +385,7 @@ async def benchmark(reactor, context: Context) -> Section:
     clients = [treq_client(reactor, certificates.path, BENCH_USER, pool=pool)
                for pool in pools]
     operations = Operations(service.base_url, node_a, node_b, ids)
-    cases: list[CaseResult] = []
+    cases: list[list[CaseResult]] = []
 
     def profile_path(name: str) -> Optional[Path]:
         if context.profile_dir is None:
@@ -363,17 +406,25 @@ async def benchmark(reactor, context: Context) -> Section:
             raise RuntimeError(f"the service lists {listed} datasets, not {DATASETS}")
         for name in ("list", "move", "create"):
             for count in CLIENTS:
-                case = await run_case(service, clients[:count], name,
-                                      getattr(operations, name),
-                                      profile=profile_path(f"{name}-{count}"))
-                context.log(_summary(case))
-                cases.append(case)
+                async def one_run(i: int, name=name, count=count) -> CaseResult:
+                    # Only the first run is profiled (a profile costs CPU of its own).
+                    case = await run_case(
+                        service, clients[:count], name, getattr(operations, name),
+                        profile=profile_path(f"{name}-{count}") if i == 0 else None)
+                    context.log(_summary(case))
+                    return case
+                cases.append(await repeat(one_run))
         movers = max(CLIENTS) - 1
-        mixed = await run_case(service, clients[:1], "list", operations.list,
-                               alongside=clients[1:1 + movers], alongside_name="move",
-                               alongside_operation=operations.move,
-                               profile=profile_path(f"list-1-with-{movers}-moving"))
-        context.log(_summary(mixed))
+
+        async def one_mixed_run(i: int) -> CaseResult:
+            case = await run_case(
+                service, clients[:1], "list", operations.list,
+                alongside=clients[1:1 + movers], alongside_name="move",
+                alongside_operation=operations.move,
+                profile=profile_path(f"list-1-with-{movers}-moving") if i == 0 else None)
+            context.log(_summary(case))
+            return case
+        mixed = await repeat(one_mixed_run)
     finally:
         await gatherResults([pool.closeCachedConnections() for pool in pools])
         await service.stop()
@@ -384,9 +435,9 @@ async def benchmark(reactor, context: Context) -> Section:
         "preload_seconds": round(preload_seconds, 3),
         "startup_seconds": round(service.startup_seconds, 3),
         "list_response_bytes": list_bytes, "case_seconds": CASE_SECONDS,
-        "max_requests_per_case": MAX_REQUESTS,
-        "cases": [c.to_json() for c in cases],
-        "list_while_moving": mixed.to_json(),
+        "max_requests_per_case": MAX_REQUESTS, "repeats": REPEATS,
+        "cases": [_runs_json(runs) for runs in cases],
+        "list_while_moving": {"runs": [run.to_json() for run in mixed]},
         "targets": [t.to_json() for t in targets],
     }
     markdown = f"""## Control service REST API
@@ -405,8 +456,9 @@ service then loaded them in {service.startup_seconds:.2f} s from spawn to listen
 
 A create or move is answered only once SQLite has committed it with `synchronous=FULL`,
 so every one counted is durable. Each case runs for {CASE_SECONDS:.0f} s (or
-{MAX_REQUESTS:,} requests), in the order shown, so the creates add to the
-{DATASETS:,} datasets. Latency runs from sending the request to having read the whole
+{MAX_REQUESTS:,} requests), {REPEATS} times in a row, in the order shown, so the creates
+add to the {DATASETS:,} datasets. Each cell is the median of the {REPEATS} runs with the
+smallest and the largest: median (min–max). Latency runs from sending the request to having read the whole
 answer. *Server CPU / request* is the service process's CPU time (all its threads) in
 the case divided by the requests answered. *CPU cores used* are CPU seconds per second of
 wall time of the service, of the clients' process, and of everything else on the machine
@@ -417,7 +469,7 @@ means the machine, not the service, set the pace.
 
 ### Listing while datasets move
 
-One client lists while {movers} others move datasets, for {CASE_SECONDS:.0f} s: each
+One client lists while {movers} others move datasets, for {CASE_SECONDS:.0f} s, {REPEATS} times: each
 move changes the configuration, so lists cannot be answered from the cached answer of an
 unchanged configuration.
 

@@ -8,7 +8,10 @@ that ``ADAPTERS`` turns into a section (a module with an interface of its own, s
 store_write_rate.py, which also runs alone). They run one after another, each in its own
 scratch folder; their sections go into the markdown report in this order, their JSON into
 ``bench/results/latest.json``. To add a benchmark, write such a module and append its name
-to ``BENCHMARKS``. A benchmark that fails is reported as failed (and the run exits 1)
+to ``BENCHMARKS``. Every timed case runs at least ``_harness.REPEATS`` (3) times: run it
+with ``_harness.repeat`` (``repeat_blocking`` in a thread), summarize each number with
+``_harness.Repeats`` (median, min, max; ``Repeats.target`` judges a goal on the median),
+and put every run in the section's ``results``. A benchmark that fails is reported as failed (and the run exits 1)
 without stopping the others.
 """
 
@@ -33,7 +36,7 @@ for folder in (BENCH, BENCH.parent):
         sys.path.insert(0, str(folder))
 
 from _harness import (  # noqa: E402
-    Context, Section, describe_machine, format_ms, load_average,
+    REPEATS, Context, Repeats, Section, describe_machine, format_ms, load_average,
 )
 
 #: The benchmark modules, in the order they run and appear in the report.
@@ -48,15 +51,20 @@ async def _store_write_rate(reactor, context: Context) -> Section:
     """bench/store_write_rate.py's measurement of the store alone, as a report section."""
     import store_write_rate
     options = argparse.Namespace(data_dir=str(context.workdir), preload=10_000,
-                                 seconds=STORE_CASE_SECONDS)
+                                 seconds=STORE_CASE_SECONDS, repeats=REPEATS)
     results = await store_write_rate.run(reactor, options)
-    rows = [f"| {c['writers']} | {c['writes']} | {c['ops_per_second']:.0f} | "
-            f"{format_ms(c['p50_latency_ms'] / 1000)} | "
-            f"{format_ms(c['p99_latency_ms'] / 1000)} | {c['writes_per_transaction']} |"
+
+    def ms(summary: dict) -> str:
+        return Repeats(summary["repeats"]).describe(lambda v: format_ms(v / 1000))
+
+    rows = [f"| {c['writers']} | "
+            f"{Repeats(c['ops_per_second']['repeats']).describe(lambda v: f'{v:.0f}')} | "
+            f"{ms(c['p50_latency_ms'])} | {ms(c['p99_latency_ms'])} | "
+            f"{c['writes_per_transaction']['median']} |"
             for c in results["cases"]]
     for case in results["cases"]:
-        context.log(f"store, {case['writers']} writers: {case['ops_per_second']:.0f} "
-                    f"writes/s")
+        context.log(f"store, {case['writers']} writers: "
+                    f"{case['ops_per_second']['median']:.0f} writes/s (median)")
     markdown = "\n".join([
         "## Configuration store: durable write rate",
         "",
@@ -65,12 +73,13 @@ async def _store_write_rate(reactor, context: Context) -> Section:
         "`StoreWrite`s from closed-loop writers, each waiting until its write is durable "
         "(WAL, `synchronous=FULL`) before the next; concurrent writes share a transaction "
         f"(group commit). SQLite {results['machine']['sqlite']}, each case "
-        f"{STORE_CASE_SECONDS:.0f} s. This bounds the REST API's durable create/move "
-        "rate from above: the difference is the cost of HTTP, TLS and the service's "
-        "Python code.",
+        f"{STORE_CASE_SECONDS:.0f} s, run {REPEATS} times: each cell is the median of the "
+        "runs (smallest–largest). This bounds the REST API's durable "
+        "create/move rate from above: the difference is the cost of HTTP, TLS and the "
+        "service's Python code.",
         "",
-        "| writers | writes | writes/s | p50 | p99 | writes per transaction |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| writers | writes/s | p50 | p99 | writes per transaction (median) |",
+        "|---:|---:|---:|---:|---:|",
         *rows,
     ])
     return Section(name="store_write_rate", markdown=markdown, results=results)
@@ -152,9 +161,11 @@ def render(date: datetime, machine: dict, sections: list[Section],
         "and `docker run` with a pyflock volume against Docker's own local driver, on "
         "real dockerd. `make bench` runs every "
         "benchmark in `bench/` and rewrites this page and `bench/results/latest.json`. "
-        "The numbers come from a single run on the machine below, which other work may "
-        "have shared: the load average at the start and end of the run is recorded to "
-        "show that.",
+        f"Every timed case runs at least {REPEATS} times: tables and targets give the "
+        "median of the runs with the smallest and the largest (median (min–max)), a target is met or not "
+        "by the median, and `bench/results/latest.json` keeps every run. The numbers "
+        "come from the machine below, which other work may have shared: the load "
+        "average at the start and end of the run is recorded to show that.",
         "",
         "## Machine",
         "",
@@ -177,7 +188,7 @@ def render(date: datetime, machine: dict, sections: list[Section],
     ]
     targets = [(s.name, t) for s in sections for t in s.targets]
     if targets:
-        lines += ["| benchmark | what | goal | measured | met |",
+        lines += ["| benchmark | what | goal | measured: median (min–max) | met (median) |",
                   "|---|---|---|---|---|"]
         lines += [f"| {name} | {_cell(t.what)} | {_cell(t.goal)} | {_cell(t.measured)} | "
                   f"{'yes' if t.met else '**no**'} |" for name, t in targets]

@@ -3,10 +3,11 @@ Durable writes per second of the SQLite configuration store.
 
 Preloads a store with 10,000 datasets, then for a few seconds per case writes one dataset
 per ``StoreWrite``: with one writer waiting for each write, and with 16 writers (16 writes
-in flight at a time). Prints a table and, with ``--json OUT``, writes the numbers with the
-machine they were measured on.
+in flight at a time). Each case runs ``--repeats`` times (at least 3); the table gives the
+median of the runs with the smallest and largest. Prints a table and, with ``--json OUT``,
+writes the numbers of every run with the machine they were measured on.
 
-    python bench/store_write_rate.py --json bench/results/store_write_rate.json
+    python bench/store_write_rate.py --json /tmp/store_write_rate.json
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 
 from twisted.internet import defer, task
 
+from _harness import REPEATS, Repeats, repeat
 from pyflock.common._model import Dataset
 from pyflock.control._sqlite_store import open_sqlite_store
 from pyflock.control._store import StoreWrite
@@ -101,6 +103,21 @@ async def _case(store, writers: int, seconds: float, first_id: int) -> dict:
     }
 
 
+#: The cases: this many closed-loop writers.
+WRITERS = (1, 16)
+
+#: The numbers of a case that are summarized over its runs (median, min, max).
+SUMMARIZED = ("writes", "ops_per_second", "p50_latency_ms", "p99_latency_ms",
+              "writes_per_transaction")
+
+
+def summarize(writers: int, runs: list[dict]) -> dict:
+    """A case over its runs: each number's median, min, max and repeats, and every run."""
+    return {"writers": writers,
+            **{key: Repeats.of(runs, key).to_json() for key in SUMMARIZED},
+            "runs": runs}
+
+
 async def run(reactor, options) -> dict:
     """Preload a store in a fresh folder and measure each case; the results."""
     folder = tempfile.mkdtemp(prefix="pyflock-bench-", dir=options.data_dir)
@@ -112,10 +129,14 @@ async def run(reactor, options) -> dict:
                                          generation=options.preload))
             cases = []
             next_id = options.preload
-            for writers in (1, 16):
-                result = await _case(store, writers, options.seconds, next_id)
-                next_id += result["writes"]
-                cases.append(result)
+            for writers in WRITERS:
+                async def one_run(i: int) -> dict:
+                    nonlocal next_id
+                    result = await _case(store, writers, options.seconds, next_id)
+                    next_id += result["writes"]
+                    return result
+                runs = await repeat(one_run, options.repeats)
+                cases.append(summarize(writers, runs))
         finally:
             await store.close()
     finally:
@@ -125,6 +146,7 @@ async def run(reactor, options) -> dict:
         "description": "durable single-dataset StoreWrites per second, SQLite store "
                        "(WAL, synchronous=FULL, group commit)",
         "preloaded_datasets": options.preload,
+        "repeats": options.repeats,
         "cases": cases,
         "machine": {
             "nproc": os.cpu_count(),
@@ -138,12 +160,16 @@ async def run(reactor, options) -> dict:
 
 
 def _table(results: dict) -> str:
-    lines = [f"{'writers':>7} {'writes':>7} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-             f"{'writes/txn':>10}"]
+    lines = [f"median (min-max) of {results['repeats']} runs per case",
+             f"{'writers':>7} {'ops/s':>20} {'p50 ms':>20} {'p99 ms':>20} {'writes/txn':>10}"]
+
+    def cell(summary: dict) -> str:
+        return f"{summary['median']:g} ({summary['min']:g}-{summary['max']:g})"
+
     for case in results["cases"]:
-        lines.append(f"{case['writers']:>7} {case['writes']:>7} {case['ops_per_second']:>9} "
-                     f"{case['p50_latency_ms']:>8} {case['p99_latency_ms']:>8} "
-                     f"{case['writes_per_transaction']:>10}")
+        lines.append(f"{case['writers']:>7} {cell(case['ops_per_second']):>20} "
+                     f"{cell(case['p50_latency_ms']):>20} {cell(case['p99_latency_ms']):>20} "
+                     f"{case['writes_per_transaction']['median']:>10}")
     machine = results["machine"]
     lines.append(f"{machine['nproc']} x {machine['cpu_model']}, {machine['filesystem']}, "
                  f"{results['preloaded_datasets']} datasets preloaded, {results['date']}")
@@ -156,6 +182,8 @@ def main(argv=None) -> None:
     parser.add_argument("--json", metavar="OUT", help="also write the results here as JSON")
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="how long each case runs (default 3)")
+    parser.add_argument("--repeats", type=int, default=REPEATS,
+                        help=f"runs of each case, at least {REPEATS} (default {REPEATS})")
     parser.add_argument("--preload", type=int, default=10_000,
                         help="datasets in the store before measuring (default 10000)")
     parser.add_argument("--data-dir", default="/var/tmp",
@@ -166,6 +194,8 @@ def main(argv=None) -> None:
         parser.error(f"--data-dir {options.data_dir} is not a folder")
     if options.seconds <= 0 or options.preload < 0:
         parser.error("--seconds must be positive and --preload not negative")
+    if options.repeats < REPEATS:
+        parser.error(f"--repeats must be at least {REPEATS}")
 
     async def measure(reactor) -> None:
         results = await run(reactor, options)

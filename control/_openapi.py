@@ -17,9 +17,10 @@ _JSON = "application/json"
 
 _ERRORS = {
     400: "Malformed input: bad JSON, a schema violation (see `errors`) or a bad id.",
-    403: "The certificate may not do this (a node acting for another node).",
-    404: "No such dataset, lease, node or route.",
-    405: "The dataset is deleted, or the method is not allowed on this route.",
+    403: "The certificate may not do this (a node acting for another node, or a "
+         "certificate that is neither a user's nor a node's).",
+    404: "No such dataset, lease or node.",
+    405: "The dataset is deleted.",
     409: "Conflict: id or name taken, or a lease held by another node (then the error's "
          "``holder`` is that node's uuid).",
     412: "X-If-Configuration-Matches did not match the current configuration tag.",
@@ -45,7 +46,9 @@ def _op(summary: str, ok: dict, errors: tuple[int, ...] = (), body: Optional[dic
         if ok_headers:
             response["headers"] = ok_headers
         responses[str(code)] = response
-    for code in sorted(set(errors) | {400, 403, 404, 405}):
+    # Every route refuses a certificate that is neither a user's nor a node's (403); each
+    # operation lists the other errors it can answer (a test checks each is exercised).
+    for code in sorted(set(errors) | {403}):
         responses[str(code)] = {"description": _ERRORS[code],
                                 "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
     op = {"summary": summary, "responses": responses}
@@ -80,17 +83,19 @@ def build_openapi(version: str) -> dict:
                        {200: ("Datasets.", s.array_of(ref["Dataset"]))},
                        ok_headers=_TAG_HEADER),
             "post": _op("Create a dataset.",
-                        {201: ("The new dataset.", ref["Dataset"])}, (409, 412, 503),
+                        {201: ("The new dataset.", ref["Dataset"])}, (400, 409, 412, 503),
                         body=s.CREATE_DATASET, params=(_IF_MATCHES,),
                         ok_headers=_TAG_HEADER),
         },
         "/v1/configuration/datasets/{dataset_id}": {
             "post": _op("Move a dataset (set `primary`) and/or replace its metadata.",
-                        {200: ("The updated dataset.", ref["Dataset"])}, (409, 412, 503),
+                        {200: ("The updated dataset.", ref["Dataset"])},
+                        (400, 404, 405, 409, 412, 503),
                         body=s.UPDATE_DATASET, params=(_DATASET_ID, _IF_MATCHES),
                         ok_headers=_TAG_HEADER),
             "delete": _op("Delete a dataset (idempotent).",
-                          {200: ("The deleted dataset.", ref["Dataset"])}, (409, 412, 503),
+                          {200: ("The deleted dataset.", ref["Dataset"])},
+                          (400, 404, 409, 412, 503),
                           params=(_DATASET_ID, _IF_MATCHES), ok_headers=_TAG_HEADER),
         },
         "/v1/state/datasets": {"get": _op(
@@ -100,20 +105,21 @@ def build_openapi(version: str) -> dict:
             "Every known node.", {200: ("Nodes.", s.array_of(ref["Node"]))})},
         "/v1/state/nodes/by_era/{era}": {"get": _op(
             "The node whose current era is given.",
-            {200: ("The node.", s.NODE_BY_ERA)}, params=(_ERA,))},
+            {200: ("The node.", s.NODE_BY_ERA)}, (400, 404), params=(_ERA,))},
         "/v1/state/nodes/{node_uuid}": {"delete": _op(
             "pyflock addition: forget a dead node that is the primary of no live dataset "
             "and holds no lease (user certificates only; 409 says what holds it).",
-            {200: ("The forgotten node.", ref["Node"])}, (409,), params=(_NODE_UUID,))},
+            {200: ("The forgotten node.", ref["Node"])}, (400, 404, 409),
+            params=(_NODE_UUID,))},
         "/v1/configuration/leases": {
             "get": _op("Every valid lease.", {200: ("Leases.", s.array_of(ref["Lease"]))}),
             "post": _op("Take (201) or renew (200) a lease.",
                         {200: ("The renewed lease.", ref["Lease"]),
-                         201: ("The new lease.", ref["Lease"])}, (409, 503),
+                         201: ("The new lease.", ref["Lease"])}, (400, 404, 409, 503),
                         body=s.ACQUIRE_LEASE),
         },
         "/v1/configuration/leases/{dataset_id}": {"delete": _op(
-            "Release a lease.", {200: ("The released lease.", ref["Lease"])}, (503,),
+            "Release a lease.", {200: ("The released lease.", ref["Lease"])}, (400, 404, 503),
             params=(_DATASET_ID,))},
     }
     return {

@@ -18,12 +18,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.harness.agents import AgentProcess, LocalCluster, write_agent_config
+from tests.harness.requirements import ROOT
 from pyflock.common._model import MINIMUM_SIZE
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and mounts need root"),
-]
+pytestmark = [pytest.mark.integration, ROOT]
 
 DATASETS = "/v1/configuration/datasets"
 STATE = "/v1/state/datasets"

@@ -17,14 +17,14 @@ from pyflock.agent._fs import (
     parse_debugfs_listing, parse_mountinfo, probe_filesystem, read_mountinfo, root_entries,
     run_command, unmount,
 )
+from tests.harness.requirements import ROOT
 
 SIZE = 64 * 1024 * 1024
 
 
 def needs_root(test):
-    """Mark ``test`` as an integration test on real loop devices, skipped unless root."""
-    test = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")(test)
-    return pytest.mark.integration(test)
+    """Mark ``test`` as an integration test on real loop devices that needs root."""
+    return pytest.mark.integration(ROOT(test))
 
 
 @pytest.fixture
@@ -126,6 +126,7 @@ def test_read_own_mountinfo():
     assert "/" in [m.mount_point for m in read_mountinfo()]
 
 
+@pytest.mark.integration
 def test_command_failed_carries_stderr():
     """A failing command raises ``CommandFailed`` with its exit code and stderr."""
     with pytest.raises(CommandFailed) as e:
@@ -135,6 +136,7 @@ def test_command_failed_carries_stderr():
                             "code 3: it broke")
 
 
+@pytest.mark.integration
 def test_command_missing():
     """A command that is not installed raises ``CommandFailed`` saying so."""
     with pytest.raises(CommandFailed, match="`no-such-command-pf` is not installed"):
@@ -149,6 +151,7 @@ def test_timeouts_by_kind():
     assert command_timeout(["something-else"]) == DEFAULT_COMMAND_TIMEOUT
 
 
+@pytest.mark.integration
 def test_hung_command_is_killed(tmp_path):
     """A command past its deadline is killed and raises ``CommandTimedOut`` naming it."""
     pidfile = tmp_path / "pid"
@@ -162,6 +165,7 @@ def test_hung_command_is_killed(tmp_path):
         os.kill(int(pidfile.read_text()), 0)
 
 
+@pytest.mark.integration
 def test_kind_timeout_applies(monkeypatch):
     """Without an explicit timeout, the command's kind sets its deadline."""
     monkeypatch.setitem(COMMAND_TIMEOUTS, "sleep", 0.3)
@@ -169,6 +173,7 @@ def test_kind_timeout_applies(monkeypatch):
         run_command(["sleep", "30"])
 
 
+@pytest.mark.integration
 def test_command_input():
     """A command is given its ``input`` on stdin."""
     assert run_command(["cat"], input="some input") == "some input"

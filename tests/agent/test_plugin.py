@@ -1371,6 +1371,7 @@ def _dockerd_call(path: str, endpoint: str, body: bytes, host="") -> tuple:
         connection.close()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_real_unix_socket():
     """Over a real unix socket (mode 0600, a stale socket replaced, a live one refused,

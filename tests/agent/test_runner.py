@@ -47,6 +47,7 @@ from pyflock.common._logging import events_of
 from pyflock.common._threads import in_reactor_pool
 from pyflock.common._wire import DatasetEntry, DatasetReport, NodeEntry
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
+from tests.harness.requirements import ROOT
 
 NODE_A = "0b0c7e62-9a4f-4d36-9d54-2a1f7d3c0a01"
 NODE_B = "5d3f2c8e-1b6a-4f7e-8c2d-9e0a4b6c0b02"
@@ -458,7 +459,7 @@ class LoopbackRunnerTests(SynchronousTestCase):
 # ---------------------------------------------------------------------------------------
 # Real loop devices, real mounts, the real reactor and its threads
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")
+needs_root = ROOT
 
 
 class OffReactor:

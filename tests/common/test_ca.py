@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from uuid import UUID
@@ -25,8 +26,11 @@ from pyflock.common._ca import (
 )
 from pyflock.common._ca_script import main
 from tests.harness.certificates import make_cluster_certificates
+from tests.harness.files import unwritable
+from tests.harness.requirements import required
 
-CONSOLE_SCRIPT = Path("/work/main/.venv/bin/pyflock-ca")
+#: The pyflock-ca script installed next to the Python running the tests.
+CONSOLE_SCRIPT = Path(sys.executable).parent / "pyflock-ca"
 OPENSSL = shutil.which("openssl")
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -317,17 +321,12 @@ def test_output_path_is_a_file(ca):
         create_api_certificate(folder, folder / "cluster.crt", "alice")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
 def test_unwritable_output_folder(ca, tmp_path_factory):
     """An output folder that cannot be written is refused, naming the file."""
     folder, _ = ca
-    out = tmp_path_factory.mktemp("ro")
-    out.chmod(0o500)
-    try:
+    with unwritable(tmp_path_factory.mktemp("ro")) as out:
         with pytest.raises(OutputPathError, match="cannot write .*alice"):
             create_api_certificate(folder, out, "alice")
-    finally:
-        out.chmod(0o700)
 
 
 @pytest.mark.parametrize("user", [
@@ -451,7 +450,8 @@ def test_cli_usage_errors_exit_with_2(capsys):
     assert "usage: pyflock-ca" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="pyflock-ca is not installed")
+@pytest.mark.integration
+@required(CONSOLE_SCRIPT.exists(), f"{CONSOLE_SCRIPT} is not installed: make install")
 def test_console_script(tmp_path):
     """The installed pyflock-ca script issues certificates and reports errors plainly."""
     def run(*argv):
@@ -480,7 +480,8 @@ def openssl_verify(folder, certificate, purpose=None):
                           timeout=60)
 
 
-@pytest.mark.skipif(OPENSSL is None, reason="no openssl binary")
+@pytest.mark.integration
+@required(OPENSSL, "needs the openssl command: apt-get install openssl")
 def test_openssl_strict_verification(tmp_path):
     """``openssl verify -x509_strict`` accepts every certificate for its purposes."""
     certs = make_cluster_certificates(tmp_path, nodes=1, users=("alice",))
@@ -497,7 +498,8 @@ def test_openssl_strict_verification(tmp_path):
                                             result.stderr)
 
 
-@pytest.mark.skipif(OPENSSL is None, reason="no openssl binary")
+@pytest.mark.integration
+@required(OPENSSL, "needs the openssl command: apt-get install openssl")
 def test_openssl_refuses_wrong_purposes_and_other_cas(tmp_path):
     """OpenSSL refuses a user certificate as a server, and any certificate of another CA."""
     ours = tmp_path / "ours"

@@ -401,6 +401,7 @@ class UnreachableTests(SynchronousTestCase):
         self.assertRaises(ValueError, ControlClient, self.http, "/v1")
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_refused_over_real_socket():
     """A real connection to a closed local port fails with ``ControlUnreachable``."""
@@ -480,6 +481,7 @@ async def _version_over_tls(tmp_path, client_certificates, host, server_trusts=N
         await port.stopListening()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_version_over_tls(tmp_path):
     """Over real mutual TLS with the cluster's certificates, ``version`` answers."""
@@ -487,6 +489,7 @@ async def test_version_over_tls(tmp_path):
     assert VersionInfo(flocker="0.1.0", pyflock="0.1.0") == version
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_other_cluster_over_tls(tmp_path):
     """Certificates of another cluster fail the handshake with a readable reason."""
@@ -502,6 +505,7 @@ async def test_other_cluster_over_tls(tmp_path):
     assert "is that folder for this cluster?" in str(info.value)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_wrong_host_over_tls(tmp_path):
     """A control certificate that does not name the host dialled fails readably."""
@@ -511,6 +515,7 @@ async def test_wrong_host_over_tls(tmp_path):
     assert "not issued for 'localhost'" in str(info.value)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_client_refused_over_tls(tmp_path):
     """A server that does not trust the client's certificate fails the call readably."""

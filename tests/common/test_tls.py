@@ -281,6 +281,7 @@ async def get(reactor, port, policy, host="127.0.0.1"):
         await pool.closeCachedConnections()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_user_certificate_is_seen_as_user(reactor, certs):
     """A client presenting alice's certificate is seen as Identity(user, alice)."""
@@ -302,6 +303,7 @@ async def test_user_certificate_is_seen_as_user(reactor, certs):
     assert resource.seen == [Identity.user("alice")] * 2
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_node_certificate_is_seen_as_node(reactor, certs):
     """A client presenting a node's certificate (node.crt) is seen as that node."""
@@ -337,6 +339,7 @@ class TLS12Policy:
                 "lowerMaximumSecurityTo": TLSVersion.TLSv1_2})
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_tls_1_2_client(reactor, certs):
     """A client limited to TLS 1.2 still authenticates with its certificate."""
@@ -350,6 +353,7 @@ async def test_tls_1_2_client(reactor, certs):
     assert body == {"kind": "user", "name": "alice"}
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_odd_certificate_of_our_ca_is_nobody(reactor, certs):
     """A certificate of our CA whose common name is no identity is let in as nobody."""
@@ -365,6 +369,7 @@ async def test_odd_certificate_of_our_ca_is_nobody(reactor, certs):
     assert resource.seen == [None]
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_other_cluster_uuid_is_nobody(reactor, certs):
     """peer_identity gives None when the certificate's OU is not our cluster's."""
@@ -385,6 +390,7 @@ async def refused(reactor, port, policy, reason):
     assert reason in repr([failure.value for failure in error.value.reasons])
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_client_without_certificate_is_refused(reactor, certs):
     """A client that presents no certificate never reaches the application."""
@@ -399,6 +405,7 @@ async def test_client_without_certificate_is_refused(reactor, certs):
     assert resource.seen == []
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_client_of_another_cluster_is_refused(reactor, certs, other):
     """A client presenting another cluster's certificate never reaches the application."""
@@ -414,6 +421,7 @@ async def test_client_of_another_cluster_is_refused(reactor, certs, other):
     assert resource.seen == []
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_server_only_certificate_cannot_be_a_client(reactor, certs):
     """The control certificate (serverAuth only) is refused as a client certificate."""
@@ -428,6 +436,7 @@ async def test_server_only_certificate_cannot_be_a_client(reactor, certs):
     assert resource.seen == []
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_client_refuses_server_with_another_hostname(reactor, certs, tmp_path_factory):
     """The client refuses a server of our CA whose certificate names another host."""
@@ -445,6 +454,7 @@ async def test_client_refuses_server_with_another_hostname(reactor, certs, tmp_p
     assert resource.seen == []
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_client_checks_dns_names(reactor, certs, tmp_path_factory):
     """A server whose certificate carries the DNS name the client used is accepted."""
@@ -462,6 +472,7 @@ async def test_client_checks_dns_names(reactor, certs, tmp_path_factory):
     assert body == {"kind": "user", "name": "bob"}
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_client_refuses_server_of_another_ca(reactor, certs, other):
     """The client refuses a server whose certificate another CA issued for its address."""
@@ -520,6 +531,7 @@ async def exchange(reactor, port, options):
     return await collector.done
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_peer_nodes_check_each_others_identity(reactor, certs):
     """A node connecting to a peer node by expected identity sees it, and is seen."""
@@ -535,6 +547,7 @@ async def test_peer_nodes_check_each_others_identity(reactor, certs):
         await stop(port)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_peer_with_another_identity_is_refused(reactor, certs):
     """A node expecting one peer refuses a server that is another node of the cluster."""
@@ -552,6 +565,7 @@ async def test_peer_with_another_identity_is_refused(reactor, certs):
     assert f"the server is node-{second}, not node-{first}" in str(error.value)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_agent_channel_style_connection(reactor, certs):
     """A node reaching the control service by address sees its identity over raw TLS."""
@@ -717,6 +731,7 @@ def admitters(listener):
     (AGENT_CHANNEL, "alice", "the agent channel accepts only node-* certificates; this "
                              "connection presented user-alice"),
 ])
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_listener_admits_by_role(reactor, certs, role, client, expected):
     """Over real TLS a listener admits the kinds its role names (a node refused by users')."""
@@ -733,6 +748,7 @@ async def test_listener_admits_by_role(reactor, certs, role, client, expected):
         await stop(port)
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_rest_role_identities_over_https(reactor, certs):
     """A site's ``identities()`` sees a node on the REST API and nobody on a user port."""
@@ -764,6 +780,7 @@ async def test_rest_role_identities_over_https(reactor, certs):
         assert seen.pop() == expected
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_client_refuses_a_revoked_server(reactor, certs):
     """A client whose check calls the server's certificate revoked refuses it."""

@@ -30,6 +30,7 @@ from pyflock.agent._backends._loopback import (
 )
 from pyflock.agent._backends._memory import MemoryBlockStore
 from pyflock.agent._fs import has_filesystem, make_filesystem
+from tests.harness.requirements import require_commands, require_root
 
 #: Two node uuids the suite attaches volumes to.
 NODE_A = "0b0c7e62-9a4f-4d36-9d54-2a1f7d3c0a01"
@@ -66,11 +67,11 @@ def memory_harness(test_case: SynchronousTestCase) -> BackendHarness:
 def loopback_root(test_case: SynchronousTestCase) -> str:
     """
     A fresh root folder for loopback backends, removed after the test together with every
-    loop device backed by a file in it (detached by name). Skips the test unless run as
-    root.
+    loop device backed by a file in it (detached by name). Needs root (``require_root``:
+    the test fails under ``$CI`` without it, and is skipped otherwise).
     """
-    if os.geteuid() != 0:
-        test_case.skipTest("loop devices need root")
+    require_root()
+    require_commands("losetup", "mkfs.ext4")
     root = tempfile.mkdtemp(prefix="pf-loop-")
     test_case.addCleanup(shutil.rmtree, root)
     test_case.addCleanup(detach_loop_devices_under, root)
@@ -309,7 +310,9 @@ def make_iblockdevicebackend_tests(
         def test_data_moves(self) -> None:
             """Bytes written through the device on one node are read back on the next."""
             if not self.harness.real_devices:
-                self.skipTest("this backend's devices are not real")
+                self.skipTest("not about the machine: this backend's device paths are "
+                              "not block devices a test can write bytes to (the loopback "
+                              "run of this suite checks that the bytes move)")
             volume = self.new_volume()
             device = self.a.attach_volume(volume.dataset_id, NODE_A).device_path
             data = os.urandom(4096)

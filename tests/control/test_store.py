@@ -32,6 +32,7 @@ from pyflock.control._store import (
     RETAINED_REVISIONS, HistoryGone, MemoryConfigurationStore, StoreError, StoreWrite,
     apply_write,
 )
+from tests.harness.files import unwritable
 from tests.contracts.store import (
     NODE_A, dataset_id, loaded, make_iconfigurationstore_tests, memory_store_opener,
     sample_change, using,
@@ -435,18 +436,8 @@ async def test_unwritable_file_refused(tmp_path):
     """A store file that cannot be written is refused at open, naming it and the fix."""
     await make_store(tmp_path, datasets=1)
     path = tmp_path / FILENAME
-    if os.geteuid() == 0:
-        # Mode bits do not stop root; the immutable attribute does.
-        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-            pytest.skip("chattr +i is not available here")
-    else:
-        path.chmod(0o400)
-    try:
+    with unwritable(path):
         message = await refusal(tmp_path)
-    finally:
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-        path.chmod(0o600)
     assert str(path) in message and "readable and writable" in message
 
 

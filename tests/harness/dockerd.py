@@ -188,14 +188,10 @@ def require_e2e() -> None:
     with the full explanation when the environment variable ``CI`` is set (a machine
     meant to run them must not pass silently), and skip with it when it is not.
     """
-    import pytest
+    from tests.harness.requirements import require
 
     availability = docker_available()
-    if availability:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(availability.explain(), pytrace=False)
-    pytest.skip(availability.explain())
+    require(availability, "" if availability else availability.explain())
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0,
