@@ -21,6 +21,10 @@ class ConfigurationError(Exception):
     """Base class of the refusals the model raises."""
 
 
+class InconsistentConfiguration(Exception):
+    """A configuration breaks its own invariants: a bug, never a user's mistake."""
+
+
 class DatasetNotFound(ConfigurationError):
     """No dataset (live or deleted) has this id."""
 
@@ -133,12 +137,20 @@ class Configuration(PClass):
                    generation=generation)
 
     def check(self) -> None:
-        """Assert the name index matches the datasets (for tests; O(n))."""
+        """
+        Check the invariants: the name index matches the datasets and every lease is on a
+        live dataset; ``InconsistentConfiguration`` otherwise (O(n): tests and tools).
+        """
         expected = {d.name: d.dataset_id for d in self.datasets.values()
                     if not d.deleted and d.name is not None}
-        assert dict(self.names) == expected, (dict(self.names), expected)
+        if dict(self.names) != expected:
+            raise InconsistentConfiguration(
+                f"the name index {dict(self.names)} does not match the datasets' names "
+                f"{expected}")
         for dataset_id in self.leases:
-            assert dataset_id in self.datasets and not self.datasets[dataset_id].deleted
+            if dataset_id not in self.datasets or self.datasets[dataset_id].deleted:
+                raise InconsistentConfiguration(
+                    f"dataset {dataset_id} is leased but is not a live dataset")
 
     def live(self, dataset_id: str) -> Dataset:
         """The live dataset with this id, or raise ``DatasetNotFound``/``DatasetDeleted``."""

@@ -137,7 +137,8 @@ class APIHarness:
         self.clock = clock or Clock()
         self.clock.advance(1_000_000)
         self.store = store or MemoryConfigurationStore(config)
-        self.configuration = ConfigurationService(self.store, self.clock, self.store.config)
+        self.configuration = ConfigurationService(self.store, self.clock, self.store.config,
+                                                  self.store.revision, self.store.store_id)
         self.cluster = ClusterStateService(self.clock)
         self.openapi = build_openapi(__version__)
 

@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pyflock.common._model import (
-    Configuration, Dataset, DatasetDeleted, DatasetIdTaken, DatasetNotFound, LeaseHeld,
-    LeaseNotFound, NameTaken,
+    Configuration, Dataset, DatasetDeleted, DatasetIdTaken, DatasetNotFound,
+    InconsistentConfiguration, LeaseHeld, LeaseNotFound, NameTaken,
 )
+from pyflock.common._records import Lease
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"
 B = "bbbbbbbb-0000-4000-8000-000000000002"
@@ -88,3 +89,13 @@ def test_name_index_invariant(ops):
                 LeaseNotFound):
             pass
         c.check()
+
+
+def test_check_finds_broken_invariants():
+    """``check`` raises ``InconsistentConfiguration`` (not an assert, gone under -O) for a
+    name index that disagrees with the datasets and for a lease on no live dataset."""
+    c = Configuration().create(named(0, "db"))
+    with pytest.raises(InconsistentConfiguration, match="name index"):
+        c.set(names=c.names.set("other", IDS[1])).check()
+    with pytest.raises(InconsistentConfiguration, match="not a live dataset"):
+        Configuration.from_records([], [Lease(IDS[2], A, None)], 0).check()
