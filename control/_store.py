@@ -29,7 +29,7 @@ a revision compares it with the one its revision came from (a different one: loa
 from __future__ import annotations
 
 import secrets
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
@@ -131,24 +131,24 @@ class IConfigurationStore(Interface):
         """Finish pending writes and release the store; fires when done."""
 
 
+def _with_rows(rows, changes) -> Any:
+    """``rows`` (a pyrsistent map by dataset id) with each changed row set, or removed
+    where the change holds None."""
+    evolver = rows.evolver()
+    for dataset_id, row in changes:
+        if row is not None:
+            evolver[dataset_id] = row
+        elif dataset_id in evolver:
+            del evolver[dataset_id]
+    return evolver.persistent()
+
+
 def apply_write(config: Configuration, change: StoreWrite) -> Configuration:
     """The configuration that results from applying ``change``'s rows to ``config``."""
-    datasets = config.datasets.evolver()
-    for dataset_id, dataset in change.datasets:
-        if dataset is None:
-            if dataset_id in datasets:
-                del datasets[dataset_id]
-        else:
-            datasets[dataset_id] = dataset
-    leases = config.leases.evolver()
-    for dataset_id, lease in change.leases:
-        if lease is None:
-            if dataset_id in leases:
-                del leases[dataset_id]
-        else:
-            leases[dataset_id] = lease
-    return Configuration.from_records(datasets.persistent().values(),
-                                      leases.persistent().values(), change.generation)
+    datasets = _with_rows(config.datasets, change.datasets)
+    leases = _with_rows(config.leases, change.leases)
+    return Configuration.from_records(datasets.values(),
+                                      leases.values(), change.generation)
 
 
 def check_history(since: int, oldest: int, current: int) -> None:
