@@ -166,7 +166,7 @@ async def run(reactor, config: AgentConfig) -> None:
     # The plugin's blocking IO (mount checks, mount-count writes) runs here.
     plugin_io = in_thread(reactor)
     plugin_backend = PluginBackend(node_uuid, client,
-                                   agent_view_source(lambda: channel.view, reactor), states,
+                                   agent_view_source(lambda: channel.view), states,
                                    is_mountpoint_in(plugin_io))
     mounts = MountCounts.load(os.path.join(config.state_path, "plugin-mounts.json"),
                               plugin_io)

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from pyflock.common._logging import log_event
 from pyflock.common._records import DatasetEntry
 from pyflock.common._wire import (
-    BadMessage, Diff, NodeEntry, Snapshot, ViewVersion, decode, encode,
+    BadMessage, Diff, Node, Snapshot, ViewVersion, decode, encode,
 )
 
 #: The view file's name under the agent's data path.
@@ -55,7 +55,7 @@ class AgentView(PClass):
     epoch = field(type=(str, type(None)), initial=None)
     version = field(type=int, initial=0)
     datasets = pmap_field(str, DatasetEntry)
-    nodes = pmap_field(str, NodeEntry)
+    nodes = pmap_field(str, Node)
     names = pmap_field(str, str)
 
     def presuming_alive(self) -> "AgentView":
@@ -81,7 +81,7 @@ class AgentView(PClass):
         dataset_id = self.names.get(name)
         return None if dataset_id is None else self.datasets[dataset_id]
 
-    def node(self, uuid: str) -> Optional[NodeEntry]:
+    def node(self, uuid: str) -> Optional[Node]:
         """The node with this uuid, if any."""
         return self.nodes.get(uuid)
 

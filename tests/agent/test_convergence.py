@@ -11,7 +11,7 @@ from pyrsistent import pmap
 
 from pyflock.agent._backends import BlockVolume, MemoryBlockStore
 from pyflock.agent._convergence import (
-    NOTHING, TRANSITIONS, AttachVolume, CreateFilesystem, CreateVolume, DatasetStatus,
+    NOTHING, TRANSITIONS, AttachVolume, CreateFilesystem, CreateVolume,
     Desired, DesiredDataset, DesiredState, DestroyVolume, DetachVolume, Discovered,
     DiscoveredDataset, DiscoveredState, FinishFilesystem, InParallel, MountFilesystem,
     RemoveMountPoint, Sequentially, UnmountFilesystem, calculate_changes, dataset_states,
@@ -25,7 +25,7 @@ from pyflock.agent._discovery import (
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView
 from pyflock.common import Dataset, Lease
-from pyflock.common._wire import DatasetEntry, NodeEntry
+from pyflock.common._records import DatasetEntry, DatasetReport, Node
 
 NODE = "node-a"
 OTHER = "node-b"
@@ -305,7 +305,7 @@ def test_desired_from_view():
                               lease=Lease("a", OTHER, expiration=20.0)),
             "b": DatasetEntry("b", OTHER, lease=Lease("b", OTHER, expiration=5.0)),
             "c": DatasetEntry("c", OTHER, deleted=True)},
-        nodes={NODE: NodeEntry(NODE, "10.0.0.1"), OTHER: NodeEntry(OTHER, "10.0.0.2",
+        nodes={NODE: Node(NODE, "10.0.0.1"), OTHER: Node(OTHER, "10.0.0.2",
                                                                     alive=False)})
     expected = desired(DesiredDataset("a", NODE, SIZE, lease_holder=OTHER),
                        DesiredDataset("b", OTHER), DesiredDataset("c", OTHER, deleted=True),
@@ -320,23 +320,23 @@ def test_no_view_no_desire():
 
 
 @pytest.mark.parametrize("wanted,state,expected", [
-    (WANTED[DesiredState.MOUNTED], S.MOUNTED, DatasetStatus(DS, "mounted", PATH, SIZE)),
-    (WANTED[DesiredState.MOUNTED], S.NON_EXISTENT, DatasetStatus(DS, "creating", None, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.MOUNTED, DatasetReport(DS, "mounted", PATH, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.NON_EXISTENT, DatasetReport(DS, "creating", None, SIZE)),
     (WANTED[DesiredState.MOUNTED], S.ATTACHED_NO_FILESYSTEM,
-     DatasetStatus(DS, "attaching", None, SIZE)),
-    (WANTED[DesiredState.MOUNTED], S.UNATTACHED, DatasetStatus(DS, "attaching", None, SIZE)),
-    (WANTED[DesiredState.MOUNTED], S.ATTACHED, DatasetStatus(DS, "attaching", None, SIZE)),
+     DatasetReport(DS, "attaching", None, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.UNATTACHED, DatasetReport(DS, "attaching", None, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.ATTACHED, DatasetReport(DS, "attaching", None, SIZE)),
     (WANTED[DesiredState.MOUNTED], S.ATTACHED_ELSEWHERE,
-     DatasetStatus(DS, "moving", None, SIZE)),
-    (WANTED[DesiredState.NOT_HERE], S.MOUNTED, DatasetStatus(DS, "moving", None, SIZE)),
-    (WANTED[DesiredState.NOT_HERE], S.ATTACHED, DatasetStatus(DS, "moving", None, SIZE)),
+     DatasetReport(DS, "moving", None, SIZE)),
+    (WANTED[DesiredState.NOT_HERE], S.MOUNTED, DatasetReport(DS, "moving", None, SIZE)),
+    (WANTED[DesiredState.NOT_HERE], S.ATTACHED, DatasetReport(DS, "moving", None, SIZE)),
     (WANTED[DesiredState.NOT_HERE], S.UNATTACHED, None),
     (WANTED[DesiredState.NOT_HERE], S.ATTACHED_ELSEWHERE, None),
-    (WANTED[DesiredState.DESTROYED], S.MOUNTED, DatasetStatus(DS, "deleting", None, SIZE)),
-    (WANTED[DesiredState.DESTROYED], S.UNATTACHED, DatasetStatus(DS, "deleting", None, SIZE)),
+    (WANTED[DesiredState.DESTROYED], S.MOUNTED, DatasetReport(DS, "deleting", None, SIZE)),
+    (WANTED[DesiredState.DESTROYED], S.UNATTACHED, DatasetReport(DS, "deleting", None, SIZE)),
     (WANTED[DesiredState.DESTROYED], S.NON_EXISTENT, None),
     (DesiredDataset(DS, primary=OTHER, deleted=True), S.ATTACHED,
-     DatasetStatus(DS, "deleting", None, SIZE)),
+     DatasetReport(DS, "deleting", None, SIZE)),
     (None, S.MOUNTED, None),
 ])
 def test_dataset_states(wanted, state, expected):

@@ -13,7 +13,7 @@ from pyrsistent import pmap
 
 from pyflock.agent._backends import MemoryBlockStore, MiB
 from pyflock.agent._convergence import (
-    NOTHING, CreateVolume, DatasetStatus, calculate_changes, in_parallel, view_desire,
+    NOTHING, CreateVolume, calculate_changes, in_parallel, view_desire,
 )
 from pyflock.agent._discovery import discover
 from pyflock.agent._loop import ConvergenceLoop, ConvergenceStalled
@@ -21,7 +21,7 @@ from pyflock.agent._runner import Runner, run_now
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
-from pyflock.common._wire import DatasetEntry, NodeEntry
+from pyflock.common._records import DatasetEntry, DatasetReport, Node
 
 CHANGE = in_parallel([CreateVolume("ds")])
 
@@ -454,7 +454,7 @@ class MemoryNodesTests(SynchronousTestCase):
         for dataset_id, node in (extra or {}).items():
             datasets[dataset_id] = DatasetEntry(dataset_id, node, 64 * MiB)
         view = AgentView(epoch="e", version=self.version, datasets=datasets,
-                         nodes={n: NodeEntry(n, "127.0.0.1") for n in [NODE_A, NODE_B]})
+                         nodes={n: Node(n, "127.0.0.1") for n in [NODE_A, NODE_B]})
         for node in order:
             self.nodes[node][0].update(view)
 
@@ -466,7 +466,7 @@ class MemoryNodesTests(SynchronousTestCase):
         self.assertEqual(
             ["creating", "attaching", "mounted"],
             [r["ds"].state for r in reports])
-        self.assertEqual(DatasetStatus("ds", "mounted", "/mnt/node-a/ds", 64 * MiB),
+        self.assertEqual(DatasetReport("ds", "mounted", "/mnt/node-a/ds", 64 * MiB),
                          reports[-1]["ds"])
         self.assertEqual(["CreateVolume", "AttachVolume", "CreateFilesystem",
                           "MountFilesystem"],

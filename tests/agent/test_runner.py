@@ -44,7 +44,7 @@ from pyflock.agent._runner import (
 )
 from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
-from pyflock.common._wire import DatasetEntry, DatasetReport, NodeEntry
+from pyflock.common._records import DatasetEntry, DatasetReport, Node as NodeValue
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 
 NODE_A = "0b0c7e62-9a4f-4d36-9d54-2a1f7d3c0a01"
@@ -578,7 +578,7 @@ async def test_create_mounted_and_writable(reactor, world):
     loop.start()
     loop.update(AgentView(epoch="e", version=1,
                           datasets={"ds": DatasetEntry("ds", NODE_A, SIZE)},
-                          nodes={NODE_A: NodeEntry(NODE_A, "127.0.0.1")}))
+                          nodes={NODE_A: NodeValue(NODE_A, "127.0.0.1")}))
     status = await mounted.addTimeout(60, reactor)
     await loop.stop()
     path = node.path("ds")
