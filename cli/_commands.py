@@ -89,10 +89,10 @@ async def _list(client: IControlClient, args: argparse.Namespace, out: IO[str]) 
         for d in datasets:
             state, path = dataset_state(d, states_of.get(d.dataset_id, []))
             lease = lease_of.get(d.dataset_id)
-            result.append(dict(dataset_to_json(d), state=state, path=path,
-                               lease=None if lease is None else
-                               {"node_uuid": lease.node_uuid,
-                                "expires": lease.remaining(client.seconds())}))
+            if lease is not None:
+                lease = lease_to_json(lease, client.seconds())
+                del lease["dataset_id"]
+            result.append(dict(dataset_to_json(d), state=state, path=path, lease=lease))
         print_json(out, result)
         return EXIT_OK
     short = short_ids(d.dataset_id for d in listing.datasets)

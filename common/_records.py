@@ -30,8 +30,8 @@ from attr.validators import instance_of, optional
 from pyrsistent import CheckedPMap, pmap
 
 from pyflock.common._jsonread import (
-    Malformed, as_object, read, read_list, read_natural, read_number, read_uuid, unique,
-    uuid_value,
+    Malformed, as_object, read, read_list, read_natural, read_number, read_port, read_uuid,
+    unique, uuid_value,
 )
 from pyflock.common._limits import (
     DATASET_STATES, MAXIMUM_BYTES, MAXIMUM_LEASE, MAXIMUM_METADATA_ENTRIES,
@@ -334,7 +334,7 @@ def node_from_json(obj: Any, where: str = "node") -> Node:
     """The node of its agent-channel JSON object."""
     obj = as_object(obj, where)
     return Node(read_uuid(obj, "uuid", where), read(obj, "host", (str,), where),
-                read_natural(obj, "peer_port", where, optional=True, low=1, high=65535),
+                read_port(obj, "peer_port", where),
                 read(obj, "alive", (bool,), where))
 
 

@@ -22,7 +22,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import Int32StringReceiver
 
 from pyflock.common._jsonread import (
-    Malformed, read, read_list, read_natural, read_uuid, unique, uuid_value,
+    Malformed, read, read_list, read_natural, read_port, read_uuid, unique, uuid_value,
 )
 from pyflock.common._limits import DATASET_STATES
 from pyflock.common._logging import log_event
@@ -209,10 +209,6 @@ def _reject_constant(name: str):
     raise BadMessage(f"{name} is not a JSON number pyflock accepts")
 
 
-def _port(obj: dict, key: str, where: str) -> Optional[int]:
-    return read_natural(obj, key, where, optional=True, low=1, high=65535)
-
-
 def _version(obj: dict, key: str, where: str) -> Optional[ViewVersion]:
     value = read(obj, key, (dict,), where, optional=True)
     if value is None:
@@ -228,7 +224,7 @@ def _hello(obj: dict) -> Hello:
     if not address or not era:
         raise BadMessage("hello.address and hello.era must not be empty")
     return Hello(node_uuid=read_uuid(obj, "node_uuid", "hello"), era=era, address=address,
-                 peer_port=_port(obj, "peer_port", "hello"),
+                 peer_port=read_port(obj, "peer_port", "hello"),
                  known=_version(obj, "known", "hello"))
 
 
