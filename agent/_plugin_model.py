@@ -93,6 +93,11 @@ class BadRequest(PluginError):
 # -- the agent's view, as the plugin reads it --------------------------------------------
 
 
+def _as_pmap(value: Any) -> PMap:
+    # The agent's view already holds a persistent map of its entries: taken as it is.
+    return value if isinstance(value, PMap) else pmap(value)
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class ClusterView:
     """
@@ -101,8 +106,8 @@ class ClusterView:
     so) and each node's host by uuid. A value; build a new one per change.
     """
 
-    datasets: PMap = attr.ib(default=pmap(), converter=pmap)
-    nodes: PMap = attr.ib(default=pmap(), converter=pmap)
+    datasets: PMap = attr.ib(default=pmap(), converter=_as_pmap)
+    nodes: PMap = attr.ib(default=pmap(), converter=_as_pmap)
 
     @property
     def names(self) -> PMap:

@@ -95,7 +95,7 @@ class BackendTests(SynchronousTestCase):
         source = agent_view_source(lambda: agent_view)
         view = source()
         self.assertIs(source(), view)
-        self.assertIs(view.datasets["d1"], agent_view.datasets["d1"])
+        self.assertIs(view.datasets, agent_view.datasets)
         self.assertEqual((view.by_name("v1").lease_holder(100.0),
                           view.by_name("v2").lease_holder(100.0),
                           view.by_name("v1").lease_holder(150.0)), (B, None, None))
