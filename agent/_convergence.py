@@ -642,15 +642,6 @@ def is_waiting(desired: Desired, discovered: Discovered) -> bool:
 # ---------------------------------------------------------------------------------------
 # Reported state
 
-#: One dataset as this node reports it: ``state`` is ``creating`` (no volume yet),
-#: ``attaching`` (attaching, making its filesystem, mounting), ``mounted``, ``moving`` (held
-#: by another node on its way here, or leaving this node) or ``deleting``; ``path`` is set
-#: once it is mounted; ``maximum_size`` is the volume's size in bytes (the configured size
-#: until the volume exists). It is the ``DatasetReport`` value the agent channel sends, so
-#: reports go to ``AgentChannel.report_state`` as they are.
-DatasetStatus = DatasetReport
-
-
 _COMING = frozenset({_D.ATTACHED_ELSEWHERE, _D.ATTACHED_TO_DEAD_NODE})
 
 
@@ -675,9 +666,13 @@ def _status(desired: Desired, found: DiscoveredDataset) -> Optional[str]:
 
 def dataset_states(desired: Desired, discovered: Discovered):
     """
-    What this node reports (pure): a ``pmap`` of dataset id to ``DatasetStatus`` for the
+    What this node reports (pure): a ``pmap`` of dataset id to ``DatasetReport`` for the
     datasets this node is the primary of, holds, or destroys; unknown datasets and those
-    with nothing here are left out.
+    with nothing here are left out. ``state`` is ``creating`` (no volume yet),
+    ``attaching`` (attaching, making its filesystem, mounting), ``mounted``, ``moving``
+    (held by another node on its way here, or leaving this node) or ``deleting``; ``path``
+    is set once mounted; ``maximum_size`` is the volume's size (the configured size until
+    the volume exists). The agent channel sends these as they are.
     """
     states = {}
     for dataset_id in sorted(set(desired.datasets) | set(discovered.datasets)):
@@ -687,7 +682,7 @@ def dataset_states(desired: Desired, discovered: Discovered):
             continue
         wanted = desired.datasets.get(dataset_id)
         size = found.size if found.size is not None else wanted.maximum_size
-        states[dataset_id] = DatasetStatus(
+        states[dataset_id] = DatasetReport(
             dataset_id=dataset_id, state=status, maximum_size=size,
             path=found.mount_point if status == "mounted" else None)
     return pmap(states)
@@ -952,7 +947,7 @@ _PEER_STATUS = {
 def peer_dataset_states(desired: Desired, discovered: Discovered):
     """
     What this node reports on a peer-to-peer backend (pure): a ``pmap`` of dataset id to
-    ``DatasetStatus`` for the complete copies it holds and the datasets it creates.
+    ``DatasetReport`` for the complete copies it holds and the datasets it creates.
     """
     states = {}
     for dataset_id in sorted(set(desired.datasets) | set(discovered.datasets)):
@@ -962,7 +957,7 @@ def peer_dataset_states(desired: Desired, discovered: Discovered):
         if status is None:
             continue
         wanted = desired.datasets[dataset_id]
-        states[dataset_id] = DatasetStatus(
+        states[dataset_id] = DatasetReport(
             dataset_id=dataset_id, state=status,
             maximum_size=found.size if found.size is not None else wanted.maximum_size,
             path=found.mount_point if status == "mounted" else None)

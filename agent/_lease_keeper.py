@@ -12,7 +12,8 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredLock, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from pyflock.common._client import Conflict, LeaseInfo, NotAllowed, NotFound
+from pyflock.common._client import Conflict, NotAllowed, NotFound
+from pyflock.common._records import Lease
 from pyflock.common._logging import log_event
 
 _log = Logger()
@@ -50,7 +51,7 @@ class LeaseKeeper:
         def go() -> Deferred:
             d = self._client.acquire_lease(dataset_id, self._node, self._duration)
 
-            def taken(lease: LeaseInfo) -> LeaseInfo:
+            def taken(lease: Lease) -> Lease:
                 if dataset_id not in self.held:
                     log_event(_log, "pyflock:plugin:lease-acquired", dataset_id=dataset_id,
                               node_uuid=self._node, expires=self._duration)

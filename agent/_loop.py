@@ -146,7 +146,7 @@ class ConvergenceLoop:
     - ``calculate(desired, discovered)`` returns the next change (pure);
     - ``run(change)`` runs it and returns a Deferred;
     - ``report_state(states)`` is called with ``describe(desired, discovered)`` whenever
-      that changes (a ``pmap`` of ``DatasetStatus`` by default); it may return a Deferred;
+      that changes (a ``pmap`` of ``DatasetReport`` by default); it may return a Deferred;
     - ``desire(view, now)`` turns the latest ``update``'s argument into the ``desired``
       that ``calculate`` takes, at the reactor's ``now`` (by default the argument is used
       as it is); while it returns None (no view yet) nothing is done;

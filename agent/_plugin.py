@@ -38,7 +38,7 @@ from pyflock.agent._plugin_http import PluginApp, listen_plugin, plugin_site
 from pyflock.agent._plugin_model import (
     LEASE_DURATION, MOUNT_TIMEOUT, MOUNTED, OVERLAY_TTL, PROFILES, RELEASE_GRACE,
     RENEW_INTERVAL, REQUEST_TIMEOUT, SETTLE_RETRY, SETTLE_TIMEOUT, VOLUME_NAME, BadRequest,
-    ClusterView, LocalState, NoSuchVolume, PluginError, PluginSocketError, ViewDataset,
+    ClusterView, LocalState, NoSuchVolume, PluginError, PluginSocketError,
     check_volume_name, no_answer, node_label, parse_create_options, unreachable,
 )
 from pyflock.agent._plugin_runner import MountRunner, fetch_by_name, saved, within
@@ -47,6 +47,7 @@ from pyflock.common._client import (
     NotFound,
 )
 from pyflock.common._logging import log_event
+from pyflock.common._records import DatasetEntry
 
 _log = Logger()
 
@@ -222,9 +223,9 @@ class DockerPlugin:
 
     # -- Get, List, Path: from the view, never from the control service -----------------
 
-    def _describe(self, volume: ViewDataset, world: World, status: bool) -> dict:
+    def _describe(self, volume: DatasetEntry, world: World, status: bool) -> dict:
         return describe(volume, self._backend.local_state(volume.dataset_id), self._node,
-                        world.view, self._core.uses_here(volume.name, world), status)
+                        world, self._core.uses_here(volume.name, world), status)
 
     def get(self, body: dict) -> dict:
         """Get: the volume from the agent's view (never asks the control service)."""
@@ -369,7 +370,7 @@ __all__ = [
     "BadRequest", "ClusterView", "DockerPlugin", "IPluginBackend", "LEASE_DURATION",
     "LocalState", "LocalStates", "MOUNTED", "MOUNT_TIMEOUT", "NoSuchVolume", "PROFILES",
     "PluginBackend", "PluginCore", "PluginError", "PluginSocketError", "RENEW_INTERVAL",
-    "SETTLE_TIMEOUT", "VOLUME_NAME", "ViewDataset",
+    "SETTLE_TIMEOUT", "VOLUME_NAME",
     "agent_view_source", "check_volume_name", "is_mountpoint_in", "listen_plugin",
     "parse_create_options", "plugin_site",
 ]

@@ -41,7 +41,7 @@ class LocalStates:
         """
         Record a whole report: ``states`` maps every dataset this node has anything to do
         with to a status with ``state`` and ``path`` (the convergence loop's
-        ``DatasetStatus``); datasets left out are no longer here.
+        ``DatasetReport``); datasets left out are no longer here.
         """
         for dataset_id in [i for i in self._states if i not in states]:
             self.report_state(dataset_id, None)
@@ -132,7 +132,7 @@ class PluginBackend:
         return maybeDeferred(self.mountpoint_check, path)
 
 
-def agent_view_source(current: Callable[[], Any], reactor: Any) -> Callable[[], ClusterView]:
+def agent_view_source(current: Callable[[], Any]) -> Callable[[], ClusterView]:
     """
     A ``view`` callable for ``PluginBackend`` from ``current()``, which returns the agent's
     latest ``AgentView``: each new view is converted once, when the plugin first reads it.
@@ -142,7 +142,7 @@ def agent_view_source(current: Callable[[], Any], reactor: Any) -> Callable[[], 
     def view() -> ClusterView:
         latest = current()
         if latest is not cache[0]:
-            cache[:] = [latest, ClusterView.from_agent_view(latest, reactor.seconds())]
+            cache[:] = [latest, ClusterView.from_agent_view(latest)]
         return cache[1]
     return view
 

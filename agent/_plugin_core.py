@@ -39,10 +39,11 @@ from twisted.internet.defer import CancelledError
 from pyflock.agent._mounts import MountTable
 from pyflock.agent._plugin_model import (
     LEASE_DURATION, LEASE_RETRY_MARGIN, MOUNT_TIMEOUT, MOUNTED, OVERLAY_TTL, RELEASE_GRACE,
-    ClusterView, LocalState, PluginError, ViewDataset, check_volume_name,
+    ClusterView, LocalState, PluginError, check_volume_name,
     deleted_while_mounting, in_use_elsewhere, parse_create_options, unreachable,
 )
-from pyflock.common._client import ControlError, ControlUnreachable, DatasetConfiguration
+from pyflock.common._client import ControlError, ControlUnreachable
+from pyflock.common._records import Dataset, DatasetEntry
 from pyflock.common._sizes import format_size
 
 
@@ -66,7 +67,7 @@ class World:
 class Created:
     """``CreateDataset`` succeeded with this record."""
 
-    config: DatasetConfiguration
+    config: Dataset
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -78,7 +79,7 @@ class NameTaken:
 class Fetched:
     """``FetchByName`` answered: the live dataset of that name, or None."""
 
-    config: Optional[DatasetConfiguration]
+    config: Optional[Dataset]
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -305,7 +306,7 @@ class MountAttempt:
     mount_id: str
     deadline: float
     state: Optional[State] = None
-    volume: Optional[ViewDataset] = None
+    volume: Optional[DatasetEntry] = None
     path: Optional[str] = None
     lease_until: float = 0.0
     retried: bool = False
@@ -413,7 +414,7 @@ class MountAttempt:
         self.state = State.CREATING
         return [CreateDataset(self.name)]
 
-    def _lease(self, volume: ViewDataset, world: World) -> list:
+    def _lease(self, volume: DatasetEntry, world: World) -> list:
         self.volume = volume
         self.lease_until = world.now + self.core.release_grace + LEASE_RETRY_MARGIN
         return self._take_lease()
@@ -461,7 +462,7 @@ class Overlay:
 
     def __init__(self, ttl: float = OVERLAY_TTL):
         self._ttl = ttl
-        self._created: dict[str, tuple[ViewDataset, float]] = {}
+        self._created: dict[str, tuple[DatasetEntry, float]] = {}
         self._removed: dict[str, float] = {}
 
     def _tidy(self, view: ClusterView, now: float) -> None:
@@ -474,7 +475,7 @@ class Overlay:
             if expiry <= now or current is None or current.deleted:
                 del self._removed[dataset_id]
 
-    def find(self, view: ClusterView, now: float, name: str) -> Optional[ViewDataset]:
+    def find(self, view: ClusterView, now: float, name: str) -> Optional[DatasetEntry]:
         """The live dataset called ``name``: the view, corrected by our own changes."""
         self._tidy(view, now)
         found = view.by_name(name)
@@ -484,7 +485,7 @@ class Overlay:
             return self._created[name][0]
         return found
 
-    def volumes(self, view: ClusterView, now: float) -> dict[str, ViewDataset]:
+    def volumes(self, view: ClusterView, now: float) -> dict[str, DatasetEntry]:
         """Every live dataset by name: the view, corrected by our own changes."""
         self._tidy(view, now)
         volumes = {name: v for name, v in view.names.items()
@@ -493,9 +494,9 @@ class Overlay:
             volumes.setdefault(name, record)
         return volumes
 
-    def created(self, config: DatasetConfiguration, now: float) -> ViewDataset:
+    def created(self, config: Dataset, now: float) -> DatasetEntry:
         """Remember a dataset this node created (or fetched); its view record."""
-        record = ViewDataset.from_configuration(config)
+        record = DatasetEntry.of(config)
         self._created[record.name] = (record, now + self._ttl)
         self._removed.pop(record.dataset_id, None)
         return record
@@ -536,7 +537,7 @@ class PluginCore:
 
     # -- what is where ----------------------------------------------------------------
 
-    def find(self, name: str, world: World) -> Optional[ViewDataset]:
+    def find(self, name: str, world: World) -> Optional[DatasetEntry]:
         """The live dataset called ``name``, as far as this node knows."""
         return self.overlay.find(world.view, world.now, name)
 
@@ -643,7 +644,7 @@ class PluginCore:
             return None
         return self.dataset_of(name, world)
 
-    def removable(self, name: str, world: World) -> Optional[ViewDataset]:
+    def removable(self, name: str, world: World) -> Optional[DatasetEntry]:
         """The dataset a Remove deletes (None: no such volume, nothing to do);
         ``PluginError`` while it is in use here."""
         uses = self.uses_here(name, world)
@@ -654,9 +655,9 @@ class PluginCore:
         return self.find(name, world)
 
 
-def describe(volume: ViewDataset, local: Optional[LocalState], node_uuid: str,
-             view: ClusterView, uses: int, status: bool) -> dict:
-    """The ``Volume`` object of Get (with ``Status``) and List (without)."""
+def describe(volume: DatasetEntry, local: Optional[LocalState], node_uuid: str,
+             world: World, uses: int, status: bool) -> dict:
+    """The ``Volume`` object of Get (with ``Status``) and List (without) in ``world``."""
     result: dict[str, Any] = {"Name": volume.name}
     path = mounted_path(local)
     if path:
@@ -671,12 +672,12 @@ def describe(volume: ViewDataset, local: Optional[LocalState], node_uuid: str,
         result["Status"] = {
             "dataset_id": volume.dataset_id,
             "primary": volume.primary,
-            "primary_host": view.nodes.get(volume.primary) or "",
+            "primary_host": world.view.nodes.get(volume.primary) or "",
             "size": "default" if volume.maximum_size is None
                     else format_size(volume.maximum_size),
             "profile": volume.metadata.get("profile", ""),
             "state": where,
-            "lease": volume.lease or "",
+            "lease": volume.lease_holder(world.now) or "",
             "mounts_here": uses,
         }
     return result

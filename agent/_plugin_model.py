@@ -1,7 +1,7 @@
 """
 The Docker plugin's vocabulary, without IO: its limits and timings, the errors that reach
 the Docker user as ``Err``, the agent's view as the plugin reads it (``ClusterView`` of
-``ViewDataset``), a dataset's state on this node, Create's options, and the refusals'
+``DatasetEntry``), a dataset's state on this node, Create's options, and the refusals'
 wording. ``pyflock.agent._plugin_core`` decides with these; the shell acts.
 """
 
@@ -14,8 +14,9 @@ from typing import Any, Iterable, Mapping, Optional
 import attr
 from pyrsistent import PMap, pmap
 
-from pyflock.common._client import ControlUnreachable, DatasetConfiguration, LeaseInfo, NodeInfo
-from pyflock.common._model import MINIMUM_SIZE
+from pyflock.common._client import ControlUnreachable
+from pyflock.common._limits import MINIMUM_SIZE
+from pyflock.common._records import Dataset, DatasetEntry, Lease, Node
 from pyflock.common._sizes import parse_size
 
 #: Docker's rule for local volume names, which pyflock applies to the volumes it creates.
@@ -92,40 +93,21 @@ class BadRequest(PluginError):
 # -- the agent's view, as the plugin reads it --------------------------------------------
 
 
-@attr.s(frozen=True, auto_attribs=True)
-class ViewDataset:
-    """One dataset as the agent's view has it: where it lives, its name and lease holder."""
-
-    dataset_id: str
-    primary: str
-    maximum_size: Optional[int] = None
-    metadata: PMap = attr.ib(default=pmap(), converter=pmap)
-    deleted: bool = False
-    lease: Optional[str] = None
-
-    @property
-    def name(self) -> Optional[str]:
-        """``metadata.name``: the Docker volume name."""
-        return self.metadata.get("name")
-
-    @classmethod
-    def from_configuration(cls, config: DatasetConfiguration,
-                           lease: Optional[str] = None) -> "ViewDataset":
-        """The view record of a REST API dataset record."""
-        return cls(dataset_id=config.dataset_id, primary=config.primary,
-                   maximum_size=config.maximum_size, metadata=config.metadata,
-                   deleted=config.deleted, lease=lease)
+def _as_pmap(value: Any) -> PMap:
+    # The agent's view already holds a persistent map of its entries: taken as it is.
+    return value if isinstance(value, PMap) else pmap(value)
 
 
 @attr.s(frozen=True, auto_attribs=True)
 class ClusterView:
     """
-    What the plugin needs of the agent's view of the cluster: every dataset by id (deleted
-    ones may be included) and each node's host by uuid. A value; build a new one per change.
+    What the plugin needs of the agent's view of the cluster: every ``DatasetEntry`` by id
+    (deleted ones may be included; a lease counts while ``entry.lease_holder(now)`` says
+    so) and each node's host by uuid. A value; build a new one per change.
     """
 
-    datasets: PMap = attr.ib(default=pmap(), converter=pmap)
-    nodes: PMap = attr.ib(default=pmap(), converter=pmap)
+    datasets: PMap = attr.ib(default=pmap(), converter=_as_pmap)
+    nodes: PMap = attr.ib(default=pmap(), converter=_as_pmap)
 
     @property
     def names(self) -> PMap:
@@ -137,46 +119,31 @@ class ClusterView:
             object.__setattr__(self, "_names", cached)
         return cached
 
-    def by_name(self, name: str) -> Optional[ViewDataset]:
+    def by_name(self, name: str) -> Optional[DatasetEntry]:
         """The live dataset called ``name``, if any."""
         return self.names.get(name)
 
     @classmethod
-    def from_records(cls, datasets: Iterable[DatasetConfiguration],
-                     leases: Iterable[LeaseInfo] = (),
-                     nodes: Iterable[NodeInfo] = ()) -> "ClusterView":
+    def from_records(cls, datasets: Iterable[Dataset], leases: Iterable[Lease] = (),
+                     nodes: Iterable[Node] = ()) -> "ClusterView":
         """The view of REST API records (datasets, leases, nodes)."""
-        holders = {lease.dataset_id: lease.node_uuid for lease in leases}
-        return cls(datasets={d.dataset_id: ViewDataset.from_configuration(
-                       d, holders.get(d.dataset_id)) for d in datasets},
+        leases_by_id = {lease.dataset_id: lease for lease in leases}
+        return cls(datasets={d.dataset_id: DatasetEntry.of(d, leases_by_id.get(d.dataset_id))
+                             for d in datasets},
                    nodes={n.uuid: n.host for n in nodes})
 
     @classmethod
-    def from_agent_view(cls, view: Any, now: float) -> "ClusterView":
-        """
-        The view of the agent's ``AgentView`` (``pyflock.agent._view``) at time ``now``:
-        a lease counts while its absolute expiration is in the future.
-        """
-        def holder(lease: Any) -> Optional[str]:
-            if lease is None or (lease.expiration is not None and lease.expiration <= now):
-                return None
-            return lease.node_uuid
-        return cls(datasets={d.dataset_id: ViewDataset(
-                       dataset_id=d.dataset_id, primary=d.primary,
-                       maximum_size=d.maximum_size, metadata=d.metadata, deleted=d.deleted,
-                       lease=holder(d.lease))
-                       for d in view.datasets.values()},
+    def from_agent_view(cls, view: Any) -> "ClusterView":
+        """The view of the agent's ``AgentView`` (``pyflock.agent._view``)."""
+        return cls(datasets=view.datasets,
                    nodes={n.uuid: n.host for n in view.nodes.values()})
 
     @classmethod
-    def from_configuration(cls, config: Any, now: float,
+    def from_configuration(cls, config: Any,
                            nodes: Mapping[str, str] = pmap()) -> "ClusterView":
-        """The view of a ``pyflock.common.Configuration`` at time ``now``."""
-        return cls(datasets={d.dataset_id: ViewDataset(
-                       dataset_id=d.dataset_id, primary=d.primary,
-                       maximum_size=d.maximum_size, metadata=d.metadata, deleted=d.deleted,
-                       lease=config.leases.holder(now, d.dataset_id))
-                       for d in config.datasets.values()},
+        """The view of a ``pyflock.common.Configuration``."""
+        return cls(datasets={d.dataset_id: DatasetEntry.of(d, config.leases.get(d.dataset_id))
+                             for d in config.datasets.values()},
                    nodes=nodes)
 
 

@@ -204,7 +204,7 @@ async def run(reactor, config: AgentConfig) -> None:
     # The plugin's blocking IO (view file, mount checks, mount-count writes) runs in the
     # plugin pool (plugin_io above), never behind the backend's or bulk pool's work.
     plugin_backend = PluginBackend(node_uuid, client,
-                                   agent_view_source(lambda: channel.view, reactor), states,
+                                   agent_view_source(lambda: channel.view), states,
                                    is_mountpoint_in(plugin_io))
     mounts = MountCounts.load(os.path.join(config.state_path, "plugin-mounts.json"),
                               plugin_io)

@@ -27,7 +27,7 @@ from pyflock.common._logging import log_event
 from pyflock.common._records import DatasetEntry
 from pyflock.common._threads import in_reactor_pool
 from pyflock.common._wire import (
-    BadMessage, Diff, NodeEntry, Snapshot, ViewVersion, decode, encode,
+    BadMessage, Diff, Node, Snapshot, ViewVersion, decode, encode,
 )
 
 #: The view file's name under the agent's data path.
@@ -59,7 +59,7 @@ class AgentView(PClass):
     epoch = field(type=(str, type(None)), initial=None)
     version = field(type=int, initial=0)
     datasets = pmap_field(str, DatasetEntry)
-    nodes = pmap_field(str, NodeEntry)
+    nodes = pmap_field(str, Node)
     names = pmap_field(str, str)
 
     def presuming_alive(self) -> "AgentView":
@@ -85,7 +85,7 @@ class AgentView(PClass):
         dataset_id = self.names.get(name)
         return None if dataset_id is None else self.datasets[dataset_id]
 
-    def node(self, uuid: str) -> Optional[NodeEntry]:
+    def node(self, uuid: str) -> Optional[Node]:
         """The node with this uuid, if any."""
         return self.nodes.get(uuid)
 

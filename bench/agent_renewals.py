@@ -47,8 +47,9 @@ from pyflock.agent._view import (
     VIEW_FILE, AgentView, ViewFile, diff_to_bytes, view_to_bytes, write_view,
 )
 from pyflock.common._threads import Pools, run_now
+from pyflock.common._records import Lease, Node
 from pyflock.common._wire import (
-    DatasetEntry, Diff, LeaseEntry, NodeEntry, Snapshot, Welcome, encode,
+    DatasetEntry, Diff, Snapshot, Welcome, encode,
 )
 from tests.harness.endpoints import StringEndpoint
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
@@ -102,12 +103,13 @@ def _cluster(node: str) -> Snapshot:
     datasets = []
     for n in range(DATASETS):
         primary = node if n < HELD else others[n % OTHER_NODES]
+        dataset_id = str(uuid4())
         datasets.append(DatasetEntry(
-            dataset_id=str(uuid4()), primary=primary, maximum_size=64 * MiB,
+            dataset_id=dataset_id, primary=primary, maximum_size=64 * MiB,
             metadata={"name": f"volume-{n}"},
-            lease=LeaseEntry(primary, LEASE_SECONDS) if n < HELD else None,
+            lease=Lease(dataset_id, primary, LEASE_SECONDS) if n < HELD else None,
             holders=(primary,)))
-    nodes = [NodeEntry(uuid=u, host="127.0.0.1") for u in [node, *others]]
+    nodes = [Node(uuid=u, host="127.0.0.1") for u in [node, *others]]
     return Snapshot(epoch="bench", version=1, datasets=tuple(datasets), nodes=tuple(nodes))
 
 
@@ -154,7 +156,7 @@ def _renewals(view: AgentView, held: list, count: int, now: float) -> list[bytes
         dataset = view.dataset(held[n % len(held)])
         renewed = now + n + 1 + LEASE_SECONDS
         payloads.append(encode(Diff(epoch=view.epoch, version=view.version + n + 1, datasets=(
-            attr.evolve(dataset, lease=LeaseEntry(dataset.primary, renewed)),))))
+            attr.evolve(dataset, lease=Lease(dataset.dataset_id, dataset.primary, renewed)),))))
     return payloads
 
 
@@ -243,7 +245,7 @@ async def benchmark(reactor, context: Context) -> Section:
         sample = AgentView.from_snapshot(_cluster(str(uuid4())))
         some = next(iter(sample.datasets.values()))
         diff = diff_to_bytes(Diff(epoch="bench", version=2, datasets=(
-            attr.evolve(some, lease=LeaseEntry(some.primary, 100.0)),)))
+            attr.evolve(some, lease=Lease(some.dataset_id, some.primary, 100.0)),)))
         compaction = _compaction(context.workdir, sample, diff)
     finally:
         pools.stop()

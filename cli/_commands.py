@@ -23,7 +23,7 @@ from pyflock.cli._parser import (
 from pyflock.cli._settings import Settings, resolve_settings
 from pyflock.common._client import ControlError, ControlUnreachable, IControlClient
 from pyflock.common._records import (
-    Dataset, DatasetReport, Lease, dataset_to_json, lease_to_json,
+    Dataset, DatasetReport, Lease, dataset_to_json, lease_to_json, node_to_api_json,
 )
 from pyflock.common._sizes import format_size
 
@@ -54,7 +54,7 @@ async def _list_nodes(client: IControlClient, args: argparse.Namespace,
     nodes, listing = await _gather(client.list_nodes(), client.list_datasets())
     nodes = sorted(nodes, key=lambda n: (n.host, n.uuid))
     if args.json:
-        print_json(out, [n.to_json() for n in nodes])
+        print_json(out, [node_to_api_json(n) for n in nodes])
         return EXIT_OK
     counts: dict[str, int] = {}
     for dataset in listing.datasets:
@@ -89,10 +89,10 @@ async def _list(client: IControlClient, args: argparse.Namespace, out: IO[str]) 
         for d in datasets:
             state, path = dataset_state(d, states_of.get(d.dataset_id, []))
             lease = lease_of.get(d.dataset_id)
-            result.append(dict(dataset_to_json(d), state=state, path=path,
-                               lease=None if lease is None else
-                               {"node_uuid": lease.node_uuid,
-                                "expires": lease.remaining(client.seconds())}))
+            if lease is not None:
+                lease = lease_to_json(lease, client.seconds())
+                del lease["dataset_id"]
+            result.append(dict(dataset_to_json(d), state=state, path=path, lease=lease))
         print_json(out, result)
         return EXIT_OK
     short = short_ids(d.dataset_id for d in listing.datasets)
@@ -270,7 +270,7 @@ async def _node_forget(client: IControlClient, args: argparse.Namespace,
     label = NodeLabels(nodes, [uuid]).label(uuid)
     node = await client.forget_node(uuid)
     if args.json:
-        print_json(out, node.to_json())
+        print_json(out, node_to_api_json(node))
     else:
         seen = (f", last seen {seconds_text(node.last_seen)} ago"
                 if isinstance(node.last_seen, (int, float)) else "")

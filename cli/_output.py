@@ -13,8 +13,7 @@ from typing import IO, TYPE_CHECKING, Any, Iterable, Optional, Sequence
 from pyflock.cli._parser import CLIError
 
 if TYPE_CHECKING:
-    from pyflock.common._client import NodeInfo
-    from pyflock.common._records import Dataset, DatasetReport
+    from pyflock.common._records import Dataset, DatasetReport, Node
 
 
 def _is_uuid(text: str) -> bool:
@@ -70,7 +69,7 @@ def resolve_dataset(text: str, datasets: Sequence[Dataset]
                    "shows them")
 
 
-def resolve_node(text: str, nodes: Sequence[NodeInfo]) -> str:
+def resolve_node(text: str, nodes: Sequence[Node]) -> str:
     """
     The uuid of the node ``text`` names: a known node's uuid, any well-formed uuid (a node
     may be named before its agent first connects), a node's address, or a unique prefix
@@ -126,7 +125,7 @@ def seconds_text(value: Optional[float]) -> str:
 class NodeLabels:
     """How to show node uuids: a short id, and the address when the node is known."""
 
-    def __init__(self, nodes: Sequence[NodeInfo], also: Iterable[str] = ()):
+    def __init__(self, nodes: Sequence[Node], also: Iterable[str] = ()):
         self._hosts = {n.uuid: n.host for n in nodes}
         self._short = short_ids([n.uuid for n in nodes] + list(also))
 

@@ -4,8 +4,8 @@ A client for the control service's REST API v1, over any treq-like HTTP object.
 ``ControlClient(http, base_url)`` speaks the API of docs/api.md; ``http`` is a
 ``treq.client.HTTPClient`` (``pyflock.common._tls.treq_client`` makes one with the
 cluster's certificates) or, in tests, a ``treq.testing.StubTreq``. Every method returns a
-Deferred of a frozen value: the ``Dataset``, ``Lease`` and ``DatasetReport`` of
-``pyflock.common._records`` (read with their codecs), or ``NodeInfo``, ``VersionInfo``,
+Deferred of a frozen value: the ``Dataset``, ``Lease``, ``DatasetReport`` and ``Node`` of
+``pyflock.common._records`` (read with their codecs), or ``VersionInfo``,
 ``DatasetListing``. A lease's ``expiration`` is measured on the client's clock (its
 ``reactor``): the API's ``expires``, seconds left, counted from when the answer came.
 Refusals arrive as ``ControlError`` subclasses chosen by status code; a control service
@@ -29,7 +29,8 @@ from zope.interface import Interface, implementer
 
 from pyflock.common._jsonread import Malformed, as_object, read
 from pyflock.common._records import (
-    Dataset, DatasetReport, Lease, dataset_from_json, lease_from_json, report_from_api_json,
+    Dataset, DatasetReport, Lease, Node, dataset_from_json, lease_from_json,
+    node_from_api_json, report_from_api_json,
 )
 
 #: The API's version prefix; ``base_url`` is the service root without it.
@@ -118,12 +119,6 @@ _ERRORS_BY_CODE: dict[int, type[ControlError]] = {
 
 _MISSING = object()
 
-#: Transitional names of the values, for ``agent/_plugin.py`` until it imports them from
-#: ``pyflock.common._records``: a configured dataset and a lease.
-DatasetConfiguration = Dataset
-LeaseInfo = Lease
-
-
 @attr.s(frozen=True, auto_attribs=True)
 class VersionInfo:
     """What ``GET /v1/version`` answers; ``pyflock`` is None from a Flocker server."""
@@ -149,30 +144,6 @@ class DatasetListing:
 
     datasets: tuple[Dataset, ...]
     tag: Optional[str]
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class NodeInfo:
-    """A node the control service knows: uuid, address, and liveness when reported."""
-
-    uuid: str
-    host: str
-    alive: Optional[bool] = None
-    last_seen: Optional[float | str] = None
-
-    @classmethod
-    def from_json(cls, obj: Any) -> "NodeInfo":
-        """The record of one API JSON object."""
-        obj = as_object(obj, "node")
-        return cls(uuid=read(obj, "uuid", (str,), "node"),
-                   host=read(obj, "host", (str,), "node"),
-                   alive=read(obj, "alive", (bool,), "node", True, None),
-                   last_seen=read(obj, "last_seen", (int, float, str), "node", True, None))
-
-    def to_json(self) -> dict:
-        """The API JSON object of this record."""
-        return {"uuid": self.uuid, "host": self.host, "alive": self.alive,
-                "last_seen": self.last_seen}
 
 
 class IControlClient(Interface):
@@ -204,7 +175,7 @@ class IControlClient(Interface):
     def state_datasets() -> "Deferred[tuple[DatasetReport, ...]]":
         """The datasets as the nodes report them."""
 
-    def list_nodes() -> "Deferred[tuple[NodeInfo, ...]]":
+    def list_nodes() -> "Deferred[tuple[Node, ...]]":
         """The nodes the control service knows."""
 
     def node_by_era(era) -> "Deferred[str]":
@@ -219,7 +190,7 @@ class IControlClient(Interface):
     def release_lease(dataset_id) -> "Deferred[Lease]":
         """Drop the dataset's lease."""
 
-    def forget_node(node_uuid) -> "Deferred[NodeInfo]":
+    def forget_node(node_uuid) -> "Deferred[Node]":
         """Forget a dead node that holds no dataset and no lease (pyflock addition)."""
 
 
@@ -427,9 +398,9 @@ class ControlClient:
         """The datasets as the nodes report them (a dataset being moved may be absent)."""
         return self._get_list("/state/datasets", report_from_api_json)
 
-    def list_nodes(self) -> "Deferred[tuple[NodeInfo, ...]]":
+    def list_nodes(self) -> "Deferred[tuple[Node, ...]]":
         """The nodes the control service knows."""
-        return self._get_list("/state/nodes", NodeInfo.from_json)
+        return self._get_list("/state/nodes", node_from_api_json)
 
     def list_leases(self) -> "Deferred[tuple[Lease, ...]]":
         """Every lease, with the seconds each has left."""
@@ -472,14 +443,14 @@ class ControlClient:
             return self._parse("DELETE", path, self._lease, answer)
         return Deferred.fromCoroutine(go())
 
-    def forget_node(self, node_uuid: str) -> "Deferred[NodeInfo]":
+    def forget_node(self, node_uuid: str) -> "Deferred[Node]":
         """Forget dead node ``node_uuid`` (``Conflict`` while it is alive or holds a dataset
         or lease, ``NotFound`` if unknown), answering the node forgotten."""
         path = "/state/nodes/" + quote(node_uuid, safe="")
 
-        async def go() -> NodeInfo:
+        async def go() -> Node:
             _, answer = await self._call("DELETE", path)
-            return self._parse("DELETE", path, NodeInfo.from_json, answer)
+            return self._parse("DELETE", path, node_from_api_json, answer)
         return Deferred.fromCoroutine(go())
 
 

@@ -89,6 +89,11 @@ def read_natural(obj: dict, key: str, where: str, optional: bool = False, low: i
     return value
 
 
+def read_port(obj: dict, key: str, where: str) -> Optional[int]:
+    """``obj[key]``, a TCP port number (1 to 65535) or null."""
+    return read_natural(obj, key, where, optional=True, low=1, high=65535)
+
+
 def read_number(obj: dict, key: str, where: str, optional: bool = False, low: float = 0,
                 high: Optional[float] = None, default: Any = REQUIRED) -> Optional[float]:
     """``obj[key]``, a number from ``low`` to ``high`` (None: any that fits a float), as a
@@ -123,4 +128,4 @@ def unique(items: tuple, key: Callable[[Any], Any], where: str) -> tuple:
 
 
 __all__ = ["Malformed", "REQUIRED", "as_object", "read", "read_list", "read_natural",
-           "read_number", "read_uuid", "unique", "uuid_value"]
+           "read_number", "read_port", "read_uuid", "unique", "uuid_value"]

@@ -10,10 +10,12 @@ The values pyflock passes around for one dataset, and their one JSON codec each.
   latest report lists it (``holders``). The agent channel pushes these; the agent's view
   holds them.
 - ``DatasetReport``: one dataset as a node reports it (state there, mount path, size).
+- ``Node``: a node as the control service tells clients and agents of it (uuid, host,
+  peer port, whether it is alive, seconds since it was last heard).
 
 Each value has its codec here: ``*_to_json`` gives the JSON object, ``*_from_json`` checks
 every field and raises ``Malformed`` saying where and what is wrong. The REST API and the
-agent channel give a lease and a report in different JSON objects (the API's are
+agent channel give a lease, a report and a node in different JSON objects (the API's are
 Flocker's); both forms are here, next to each other. The limits checked are those of
 ``pyflock.common._limits``.
 """
@@ -28,8 +30,8 @@ from attr.validators import instance_of, optional
 from pyrsistent import CheckedPMap, pmap
 
 from pyflock.common._jsonread import (
-    Malformed, as_object, read, read_list, read_natural, read_number, read_uuid, unique,
-    uuid_value,
+    Malformed, as_object, read, read_list, read_natural, read_number, read_port, read_uuid,
+    unique, uuid_value,
 )
 from pyflock.common._limits import (
     DATASET_STATES, MAXIMUM_BYTES, MAXIMUM_LEASE, MAXIMUM_METADATA_ENTRIES,
@@ -124,13 +126,8 @@ class Lease:
         return max(0.0, self.expiration - now)
 
 
-#: The dataset id of a lease made without one (``pyflock.common._wire.LeaseEntry``, kept
-#: until tests/agent/test_plugin.py stops using it): the entry holding it names it.
-UNBOUND = ""
-
-
 def _check_lease(instance: Any, attribute: Any, lease: Optional[Lease]) -> None:
-    if lease is not None and lease.dataset_id not in (instance.dataset_id, UNBOUND):
+    if lease is not None and lease.dataset_id != instance.dataset_id:
         raise ValueError(f"the lease on {lease.dataset_id} is not dataset "
                          f"{instance.dataset_id}'s")
 
@@ -150,11 +147,6 @@ class DatasetEntry(Dataset):
     lease: Optional[Lease] = attr.ib(default=None, validator=[
         optional(instance_of(Lease)), _check_lease])
     holders: tuple = attr.ib(default=(), converter=_sorted_tuple)
-
-    def __attrs_post_init__(self) -> None:
-        if self.lease is not None and self.lease.dataset_id == UNBOUND:
-            object.__setattr__(self, "lease", attr.evolve(self.lease,
-                                                          dataset_id=self.dataset_id))
 
     @classmethod
     def of(cls, dataset: Dataset, lease: Optional[Lease] = None,
@@ -183,6 +175,22 @@ class DatasetReport:
     path: Optional[str] = None
     maximum_size: Optional[int] = None
     node_uuid: Optional[str] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Node:
+    """
+    A node as the control service tells clients and agents of it: its uuid, the host its
+    peers reach it at (and their port, on the agent channel), whether it is alive (None:
+    not known, from a Flocker service) and, in the REST API, the seconds since it was last
+    heard (``last_seen``; a Flocker service may give text).
+    """
+
+    uuid: str = attr.ib(validator=_text)
+    host: str = attr.ib(validator=_text)
+    peer_port: Optional[int] = None
+    alive: Optional[bool] = attr.ib(default=True, validator=optional(instance_of(bool)))
+    last_seen: Optional[float | str] = None
 
 
 # -- Dataset -------------------------------------------------------------------------------
@@ -313,10 +321,42 @@ def report_from_api_json(obj: Any, where: str = "dataset state") -> DatasetRepor
         None if primary is None else uuid_value(primary, f"{where}.primary"))
 
 
+# -- Node ----------------------------------------------------------------------------------
+
+
+def node_to_json(node: Node) -> dict:
+    """The agent channel's JSON object of a node (where its peers reach it)."""
+    return {"uuid": node.uuid, "host": node.host, "peer_port": node.peer_port,
+            "alive": node.alive}
+
+
+def node_from_json(obj: Any, where: str = "node") -> Node:
+    """The node of its agent-channel JSON object."""
+    obj = as_object(obj, where)
+    return Node(read_uuid(obj, "uuid", where), read(obj, "host", (str,), where),
+                read_port(obj, "peer_port", where),
+                read(obj, "alive", (bool,), where))
+
+
+def node_to_api_json(node: Node) -> dict:
+    """The REST API's JSON object of a node (Flocker's, with ``alive`` and ``last_seen``)."""
+    return {"uuid": node.uuid, "host": node.host, "alive": node.alive,
+            "last_seen": node.last_seen}
+
+
+def node_from_api_json(obj: Any, where: str = "node") -> Node:
+    """The node of the REST API's JSON object (``alive`` and ``last_seen`` may be absent)."""
+    obj = as_object(obj, where)
+    return Node(read(obj, "uuid", (str,), where), read(obj, "host", (str,), where),
+                alive=read(obj, "alive", (bool,), where, True, None),
+                last_seen=read(obj, "last_seen", (int, float, str), where, True, None))
+
+
 __all__ = [
-    "Dataset", "DatasetEntry", "DatasetReport", "Lease", "Malformed", "Metadata",
-    "SIZE_RULE", "UNBOUND", "metadata_of", "dataset_entry_from_json", "dataset_entry_to_json",
+    "Dataset", "DatasetEntry", "DatasetReport", "Lease", "Malformed", "Metadata", "Node",
+    "SIZE_RULE", "metadata_of", "dataset_entry_from_json", "dataset_entry_to_json",
     "dataset_from_json", "dataset_to_json", "lease_from_json", "lease_to_json",
+    "node_from_api_json", "node_from_json", "node_to_api_json", "node_to_json",
     "report_from_api_json", "report_from_json", "report_to_api_json", "report_to_json",
     "valid_size",
 ]

@@ -26,13 +26,13 @@ from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import Int32StringReceiver
 
 from pyflock.common._jsonread import (
-    Malformed, as_object, read, read_list, read_natural, read_uuid, unique, uuid_value,
+    Malformed, read, read_list, read_natural, read_port, read_uuid, unique, uuid_value,
 )
 from pyflock.common._limits import DATASET_STATES
 from pyflock.common._logging import log_event
 from pyflock.common._records import (
-    UNBOUND, DatasetEntry, DatasetReport, Lease, dataset_entry_from_json,
-    dataset_entry_to_json, report_from_json, report_to_json,
+    DatasetEntry, DatasetReport, Node, dataset_entry_from_json, dataset_entry_to_json,
+    node_from_json, node_to_json, report_from_json, report_to_json,
 )
 
 #: The newest agent-channel protocol this code speaks (docs/architecture.md, "Evolving the
@@ -92,25 +92,9 @@ def negotiate(theirs: tuple[int, int],
 # -- the view's parts ----------------------------------------------------------------------
 
 
-def LeaseEntry(node_uuid: str, expiration: Optional[float] = None) -> Lease:  # noqa: N802
-    """
-    Transitional, until tests/agent/test_plugin.py uses ``Lease``: the lease of
-    ``node_uuid`` on the dataset of the ``DatasetEntry`` it is given to.
-    """
-    return Lease(UNBOUND, node_uuid, expiration)
-
-# A view's datasets are ``DatasetEntry`` values and a state report's are ``DatasetReport``
-# values (pyflock.common._records, with their codecs); the nodes and versions are here.
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class NodeEntry:
-    """A node as agents see it: where its peers reach it and whether it is alive."""
-
-    uuid: str
-    host: str
-    peer_port: Optional[int] = None
-    alive: bool = True
+# A view's datasets are ``DatasetEntry`` values, its nodes ``Node`` values and a state
+# report's datasets ``DatasetReport`` values (pyflock.common._records, with their codecs);
+# the versions are here.
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -235,12 +219,6 @@ def _version_json(view: Optional[ViewVersion]):
     return None if view is None else {"epoch": view.epoch, "version": view.version}
 
 
-def node_entry_to_json(entry: NodeEntry) -> dict:
-    """The JSON object of a view node."""
-    return {"uuid": entry.uuid, "host": entry.host, "peer_port": entry.peer_port,
-            "alive": entry.alive}
-
-
 def message_to_json(message: Message) -> dict:
     """The JSON object of ``message``."""
     if isinstance(message, Hello):
@@ -260,12 +238,12 @@ def message_to_json(message: Message) -> dict:
     if isinstance(message, Snapshot):
         return {"type": "snapshot", "epoch": message.epoch, "version": message.version,
                 "datasets": [dataset_entry_to_json(d) for d in message.datasets],
-                "nodes": [node_entry_to_json(n) for n in message.nodes]}
+                "nodes": [node_to_json(n) for n in message.nodes]}
     if isinstance(message, Diff):
         return {"type": "diff", "epoch": message.epoch, "version": message.version,
                 "datasets": [dataset_entry_to_json(d) for d in message.datasets],
                 "removed": list(message.removed),
-                "nodes": [node_entry_to_json(n) for n in message.nodes]}
+                "nodes": [node_to_json(n) for n in message.nodes]}
     if isinstance(message, StateReport):
         return {"type": "state", "node_uuid": message.node_uuid,
                 "datasets": [report_to_json(r) for r in message.datasets],
@@ -290,10 +268,6 @@ def _reject_constant(name: str):
     raise BadMessage(f"{name} is not a JSON number pyflock accepts")
 
 
-def _port(obj: dict, key: str, where: str) -> Optional[int]:
-    return read_natural(obj, key, where, optional=True, low=1, high=65535)
-
-
 def _version(obj: dict, key: str, where: str) -> Optional[ViewVersion]:
     value = read(obj, key, (dict,), where, optional=True)
     if value is None:
@@ -304,28 +278,20 @@ def _version(obj: dict, key: str, where: str) -> Optional[ViewVersion]:
                        version=read_natural(value, "version", where))
 
 
-def node_entry_from_json(obj, where: str = "node") -> NodeEntry:
-    """A view node from its JSON object; ``BadMessage`` saying what is wrong."""
-    obj = as_object(obj, where)
-    return NodeEntry(uuid=read_uuid(obj, "uuid", where), host=read(obj, "host", (str,), where),
-                     peer_port=_port(obj, "peer_port", where),
-                     alive=read(obj, "alive", (bool,), where))
-
-
 def _hello(obj: dict) -> Hello:
     address = read(obj, "address", (str,), "hello")
     era = read(obj, "era", (str,), "hello")
     if not address or not era:
         raise BadMessage("hello.address and hello.era must not be empty")
     return Hello(node_uuid=read_uuid(obj, "node_uuid", "hello"), era=era, address=address,
-                 peer_port=_port(obj, "peer_port", "hello"),
+                 peer_port=read_port(obj, "peer_port", "hello"),
                  known=_version(obj, "known", "hello"), protocols=_hello_protocols(obj))
 
 
 def _snapshot(obj: dict) -> Snapshot:
     datasets = tuple(dataset_entry_from_json(d, f"snapshot.datasets[{i}]")
                      for i, d in enumerate(read_list(obj, "datasets", "snapshot")))
-    nodes = tuple(node_entry_from_json(n, f"snapshot.nodes[{i}]")
+    nodes = tuple(node_from_json(n, f"snapshot.nodes[{i}]")
                   for i, n in enumerate(read_list(obj, "nodes", "snapshot")))
     return Snapshot(epoch=read(obj, "epoch", (str,), "snapshot"),
                     version=read_natural(obj, "version", "snapshot"),
@@ -338,7 +304,7 @@ def _diff(obj: dict) -> Diff:
                      for i, d in enumerate(read_list(obj, "datasets", "diff")))
     removed = tuple(uuid_value(r, f"diff.removed[{i}]")
                     for i, r in enumerate(read_list(obj, "removed", "diff")))
-    nodes = tuple(node_entry_from_json(n, f"diff.nodes[{i}]")
+    nodes = tuple(node_from_json(n, f"diff.nodes[{i}]")
                   for i, n in enumerate(read_list(obj, "nodes", "diff")))
     return Diff(epoch=read(obj, "epoch", (str,), "diff"),
                 version=read_natural(obj, "version", "diff", low=1),
@@ -582,10 +548,10 @@ class MessageProtocol(Int32StringReceiver):
 
 __all__ = [
     "BadMessage", "DATASET_STATES", "DatasetEntry", "DatasetReport", "Diff", "Error",
-    "Heartbeat", "Hello", "LeaseEntry", "MAX_MESSAGE", "Message", "MessageProtocol",
-    "MESSAGE_KEYS", "NodeEntry", "OLDEST_PROTOCOL", "PROTOCOL_VERSION", "ProtocolMismatch",
+    "Heartbeat", "Hello", "MAX_MESSAGE", "Message", "MessageProtocol",
+    "MESSAGE_KEYS", "Node", "OLDEST_PROTOCOL", "PROTOCOL_VERSION", "ProtocolMismatch",
     "Snapshot", "StateReport", "check_keys", "describe_protocols", "negotiate",
     "SyncRequest", "ViewVersion", "Welcome", "dataset_entry_from_json",
-    "dataset_entry_to_json", "decode", "encode", "message_to_json", "node_entry_from_json",
-    "node_entry_to_json",
+    "dataset_entry_to_json", "decode", "encode", "message_to_json", "node_from_json",
+    "node_to_json",
 ]

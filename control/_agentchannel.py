@@ -38,7 +38,7 @@ from pyflock.common._records import DatasetEntry
 from pyflock.common._tls import Admission
 from pyflock.common._wire import (
     MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, Diff, Error, Heartbeat,
-    Hello, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
+    Hello, MessageProtocol, Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
     ViewVersion, Welcome, describe_protocols, encode, negotiate,
 )
 from pyflock.control._clusterstate import ClusterState, ClusterStateService, NodeState
@@ -211,7 +211,7 @@ class AgentChannelServer:
         self.epoch = epoch or uuid4().hex
         self.version = 0
         self._datasets: dict[str, DatasetEntry] = {}
-        self._nodes: dict[str, NodeEntry] = {}
+        self._nodes: dict[str, Node] = {}
         # dataset id -> the nodes whose latest report lists it (datasets not configured
         # too: a report may come before the create's commit reaches us).
         self._holders: dict[str, frozenset[str]] = {}
@@ -288,7 +288,7 @@ class AgentChannelServer:
     # -- pushing ------------------------------------------------------------------------
 
     def _publish(self, datasets: Iterable[DatasetEntry] = (), removed: Iterable[str] = (),
-                 nodes: Iterable[NodeEntry] = ()) -> None:
+                 nodes: Iterable[Node] = ()) -> None:
         """Bump the version and push what changed to every agent."""
         self.version += 1
         payload = encode(Diff(epoch=self.epoch, version=self.version,
@@ -360,7 +360,7 @@ class AgentChannelServer:
                 changed.append(entry)
         return changed
 
-    def _set_node(self, entry: NodeEntry, datasets: Iterable[DatasetEntry] = ()) -> None:
+    def _set_node(self, entry: Node, datasets: Iterable[DatasetEntry] = ()) -> None:
         """Push a node's entry if it changed, with dataset entries changed alongside."""
         datasets = tuple(datasets)
         nodes = [entry] if self._nodes.get(entry.uuid) != entry else []
@@ -402,7 +402,7 @@ class AgentChannelServer:
         # Acknowledgements count from this connection's first report on.
         self._acks.pop(uuid, None)
         self._heard(uuid)
-        self._set_node(NodeEntry(uuid=uuid, host=hello.address, peer_port=hello.peer_port,
+        self._set_node(Node(uuid=uuid, host=hello.address, peer_port=hello.peer_port,
                                  alive=True),
                        self._set_holdings(uuid, () if known is None else known.datasets,
                                           datasets))
@@ -479,7 +479,7 @@ class AgentChannelServer:
         if connection is not None:
             connection.close("silent", f"nothing heard from this node for "
                                        f"{self.node_expiry} s")
-        self._set_node(NodeEntry(uuid=uuid, host=node.host, peer_port=node.peer_port,
+        self._set_node(Node(uuid=uuid, host=node.host, peer_port=node.peer_port,
                                  alive=False), released)
         log_event(_log, "pyflock:control:node-dead", node_uuid=uuid,
                   wiped=len(node.datasets), silent=self.node_expiry)

@@ -22,7 +22,9 @@ from pyflock.common._model import (
     ConfigurationError, Dataset, DatasetDeleted, DatasetIdTaken, DatasetNotFound,
     LeaseHeld, LeaseNotFound, NameTaken,
 )
-from pyflock.common._records import dataset_to_json, lease_to_json, report_to_api_json
+from pyflock.common._records import (
+    Node, dataset_to_json, lease_to_json, node_to_api_json, report_to_api_json,
+)
 from pyflock.control import _schema as schema
 from pyflock.control._clusterstate import ClusterStateService, ForgetRefused, NodeUnknown
 from pyflock.control._persistence import ConfigurationService, StoreUnavailable
@@ -364,11 +366,14 @@ class ControlAPI:
     def state_nodes(self, request):
         """Every known node, whether it is alive and when it was last heard from."""
         self._caller(request)
-        now = self._configuration.now()
         return self._json(request, [
-            {"uuid": n.uuid, "host": n.host, "alive": self._cluster.is_alive(n),
-             "last_seen": max(0.0, now - n.last_seen)}
+            self._node_json(n, self._cluster.is_alive(n))
             for n in self._cluster.state.nodes.values()])
+
+    def _node_json(self, node, alive: bool) -> dict:
+        return node_to_api_json(Node(
+            node.uuid, node.host, alive=alive,
+            last_seen=max(0.0, self._configuration.now() - node.last_seen)))
 
     @app.route("/v1/state/nodes/by_era/<era>", methods=["GET"])
     def node_by_era(self, request, era):
@@ -446,6 +451,4 @@ class ControlAPI:
             raise APIError(404, e.description)
         except ForgetRefused as e:
             raise APIError(409, e.description)
-        return self._json(request, {"uuid": node.uuid, "host": node.host, "alive": False,
-                                    "last_seen": max(0.0, self._configuration.now()
-                                                     - node.last_seen)})
+        return self._json(request, self._node_json(node, alive=False))

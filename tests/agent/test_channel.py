@@ -32,7 +32,7 @@ from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView, ViewFile
 from pyflock.common._model import MINIMUM_SIZE, Dataset
 from pyflock.common._tls import AGENT_CHANNEL, ClusterTLS
-from pyflock.common._wire import DatasetReport, Diff, NodeEntry, Snapshot, decode, encode
+from pyflock.common._wire import DatasetReport, Diff, Node, Snapshot, decode, encode
 from pyflock.control._agentchannel import AgentChannelServer, holders_of, view_datasets
 from pyflock.control._clusterstate import ClusterState
 from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
@@ -210,7 +210,7 @@ class ChannelTests(ChannelHarness):
         self.assertEqual([type(m) for m in a.loopback.take()], [Snapshot, Diff])
         self.assertInStep(a)
         self.assertEqual(a.view.by_name("db").dataset_id, DS)
-        self.assertEqual(a.view.node(B), NodeEntry(uuid=B, host="127.0.0.10",
+        self.assertEqual(a.view.node(B), Node(uuid=B, host="127.0.0.10",
                                                    peer_port=4525, alive=True))
         now = self.clock.seconds()
 
@@ -244,7 +244,7 @@ class ChannelTests(ChannelHarness):
         """A configured address and peer port are what peers are told."""
         self.channel(address="10.1.2.3", peer_port=14525)
         self.assertEqual(self.server.snapshot().nodes,
-                         (NodeEntry(uuid=A, host="10.1.2.3", peer_port=14525),))
+                         (Node(uuid=A, host="10.1.2.3", peer_port=14525),))
 
     def test_out_of_step_resyncs(self):
         """A diff that does not follow the agent's view makes it ask for a snapshot."""

@@ -14,7 +14,7 @@ from pyflock.agent._convergence import (
     NOTHING, PEER_LEAF_CHANGES, PEER_TRANSITIONS, TRANSITIONS, TRANSITIONS_BY_KIND,
     BackendKind, CreateDataset, DestroyDataset, PeerState, ReceiveDataset,
     calculate_peer_changes, copy_source, peer_dataset_states, peer_desired_state,
-    peer_found, AttachVolume, CreateFilesystem, CreateVolume, DatasetStatus,
+    peer_found, AttachVolume, CreateFilesystem, CreateVolume,
     Desired, DesiredDataset, DesiredState, DestroyVolume, DetachVolume, Discovered,
     DiscoveredDataset, DiscoveredState, FinishFilesystem, InParallel, MountFilesystem,
     RemoveMountPoint, Sequentially, UnmountFilesystem, calculate_changes, dataset_states,
@@ -28,7 +28,7 @@ from pyflock.agent._discovery import (
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView
 from pyflock.common import Dataset, Lease
-from pyflock.common._wire import DatasetEntry, NodeEntry
+from pyflock.common._records import DatasetEntry, DatasetReport, Node
 
 NODE = "node-a"
 OTHER = "node-b"
@@ -308,7 +308,7 @@ def test_desired_from_view():
                               lease=Lease("a", OTHER, expiration=20.0)),
             "b": DatasetEntry("b", OTHER, lease=Lease("b", OTHER, expiration=5.0)),
             "c": DatasetEntry("c", OTHER, deleted=True)},
-        nodes={NODE: NodeEntry(NODE, "10.0.0.1"), OTHER: NodeEntry(OTHER, "10.0.0.2",
+        nodes={NODE: Node(NODE, "10.0.0.1"), OTHER: Node(OTHER, "10.0.0.2",
                                                                     alive=False)})
     expected = desired(DesiredDataset("a", NODE, SIZE, lease_holder=OTHER),
                        DesiredDataset("b", OTHER), DesiredDataset("c", OTHER, deleted=True),
@@ -323,23 +323,23 @@ def test_no_view_no_desire():
 
 
 @pytest.mark.parametrize("wanted,state,expected", [
-    (WANTED[DesiredState.MOUNTED], S.MOUNTED, DatasetStatus(DS, "mounted", PATH, SIZE)),
-    (WANTED[DesiredState.MOUNTED], S.NON_EXISTENT, DatasetStatus(DS, "creating", None, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.MOUNTED, DatasetReport(DS, "mounted", PATH, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.NON_EXISTENT, DatasetReport(DS, "creating", None, SIZE)),
     (WANTED[DesiredState.MOUNTED], S.ATTACHED_NO_FILESYSTEM,
-     DatasetStatus(DS, "attaching", None, SIZE)),
-    (WANTED[DesiredState.MOUNTED], S.UNATTACHED, DatasetStatus(DS, "attaching", None, SIZE)),
-    (WANTED[DesiredState.MOUNTED], S.ATTACHED, DatasetStatus(DS, "attaching", None, SIZE)),
+     DatasetReport(DS, "attaching", None, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.UNATTACHED, DatasetReport(DS, "attaching", None, SIZE)),
+    (WANTED[DesiredState.MOUNTED], S.ATTACHED, DatasetReport(DS, "attaching", None, SIZE)),
     (WANTED[DesiredState.MOUNTED], S.ATTACHED_ELSEWHERE,
-     DatasetStatus(DS, "moving", None, SIZE)),
-    (WANTED[DesiredState.NOT_HERE], S.MOUNTED, DatasetStatus(DS, "moving", None, SIZE)),
-    (WANTED[DesiredState.NOT_HERE], S.ATTACHED, DatasetStatus(DS, "moving", None, SIZE)),
+     DatasetReport(DS, "moving", None, SIZE)),
+    (WANTED[DesiredState.NOT_HERE], S.MOUNTED, DatasetReport(DS, "moving", None, SIZE)),
+    (WANTED[DesiredState.NOT_HERE], S.ATTACHED, DatasetReport(DS, "moving", None, SIZE)),
     (WANTED[DesiredState.NOT_HERE], S.UNATTACHED, None),
     (WANTED[DesiredState.NOT_HERE], S.ATTACHED_ELSEWHERE, None),
-    (WANTED[DesiredState.DESTROYED], S.MOUNTED, DatasetStatus(DS, "deleting", None, SIZE)),
-    (WANTED[DesiredState.DESTROYED], S.UNATTACHED, DatasetStatus(DS, "deleting", None, SIZE)),
+    (WANTED[DesiredState.DESTROYED], S.MOUNTED, DatasetReport(DS, "deleting", None, SIZE)),
+    (WANTED[DesiredState.DESTROYED], S.UNATTACHED, DatasetReport(DS, "deleting", None, SIZE)),
     (WANTED[DesiredState.DESTROYED], S.NON_EXISTENT, None),
     (DesiredDataset(DS, primary=OTHER, deleted=True), S.ATTACHED,
-     DatasetStatus(DS, "deleting", None, SIZE)),
+     DatasetReport(DS, "deleting", None, SIZE)),
     (None, S.MOUNTED, None),
 ])
 def test_dataset_states(wanted, state, expected):
@@ -615,15 +615,15 @@ def test_peer_other_node_discovery_refused():
 
 
 @pytest.mark.parametrize("wanted,state,expected", [
-    (peer_wanted(), None, DatasetStatus(DS, "creating", None, SIZE)),
-    (peer_wanted(), P.MOUNTED, DatasetStatus(DS, "mounted", PATH, SIZE)),
-    (peer_wanted(), P.UNMOUNTED, DatasetStatus(DS, "attaching", None, SIZE)),
+    (peer_wanted(), None, DatasetReport(DS, "creating", None, SIZE)),
+    (peer_wanted(), P.MOUNTED, DatasetReport(DS, "mounted", PATH, SIZE)),
+    (peer_wanted(), P.UNMOUNTED, DatasetReport(DS, "attaching", None, SIZE)),
     # Receiving is no holding: the old copy must stay until the new one is complete.
     (peer_wanted(holders=[OTHER]), None, None),
     (peer_wanted(holders=[OTHER]), P.PARTIAL, None),
-    (peer_wanted(OTHER), P.MOUNTED, DatasetStatus(DS, "moving", None, SIZE)),
-    (peer_wanted(OTHER), P.UNMOUNTED, DatasetStatus(DS, "moving", None, SIZE)),
-    (peer_wanted(OTHER, deleted=True), P.UNMOUNTED, DatasetStatus(DS, "deleting", None, SIZE)),
+    (peer_wanted(OTHER), P.MOUNTED, DatasetReport(DS, "moving", None, SIZE)),
+    (peer_wanted(OTHER), P.UNMOUNTED, DatasetReport(DS, "moving", None, SIZE)),
+    (peer_wanted(OTHER, deleted=True), P.UNMOUNTED, DatasetReport(DS, "deleting", None, SIZE)),
     (peer_wanted(OTHER, deleted=True), None, None),
     (None, P.MOUNTED, None),
 ])

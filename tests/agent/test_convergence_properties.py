@@ -14,10 +14,10 @@ from pyrsistent import pmap
 
 from pyflock.agent._backends import MemoryBlockStore, VolumeBusy
 from pyflock.agent._convergence import (
-    DatasetStatus, Desired, DesiredDataset, calculate_changes, dataset_states, is_nothing,
-    summarize,
+    Desired, DesiredDataset, calculate_changes, dataset_states, is_nothing, summarize,
 )
 from pyflock.agent._discovery import FilesystemCondition, discover
+from pyflock.common._records import DatasetReport
 from pyflock.agent._runner import Runner, run_now
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from twisted.logger import Logger
@@ -188,7 +188,7 @@ class Cluster:
             assert set() == leftover, (node, leftover)
             discovered = discover(self.backends[node], self.fs[node], root(node))
             assert pmap({
-                i: DatasetStatus(i, "mounted", f"{root(node)}/{i}", SIZE)
+                i: DatasetReport(i, "mounted", f"{root(node)}/{i}", SIZE)
                 for i, d in self.world["datasets"].items()
                 if d["configured"] and not d["deleted"] and d["primary"] == node
             }) == dataset_states(self.desired[node], discovered)

@@ -13,7 +13,7 @@ from pyrsistent import pmap
 
 from pyflock.agent._backends import MemoryBlockStore, MiB
 from pyflock.agent._convergence import (
-    NOTHING, AttachVolume, CreateVolume, DatasetStatus, calculate_changes, in_parallel, view_desire,
+    NOTHING, AttachVolume, CreateVolume, calculate_changes, in_parallel, view_desire,
 )
 from pyflock.agent._discovery import discover
 from pyflock.agent._loop import (
@@ -23,7 +23,8 @@ from pyflock.agent._runner import Runner, run_now
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
-from pyflock.common._wire import DatasetEntry, Diff, LeaseEntry, NodeEntry, Snapshot
+from pyflock.common._records import DatasetEntry, DatasetReport, Lease, Node
+from pyflock.common._wire import Diff, Snapshot
 
 CHANGE = in_parallel([CreateVolume("ds")])
 
@@ -520,7 +521,7 @@ class MemoryNodesTests(SynchronousTestCase):
         for dataset_id, node in (extra or {}).items():
             datasets[dataset_id] = DatasetEntry(dataset_id, node, 64 * MiB)
         view = AgentView(epoch="e", version=self.version, datasets=datasets,
-                         nodes={n: NodeEntry(n, "127.0.0.1") for n in [NODE_A, NODE_B]})
+                         nodes={n: Node(n, "127.0.0.1") for n in [NODE_A, NODE_B]})
         for node in order:
             self.nodes[node][0].update(view)
 
@@ -532,7 +533,7 @@ class MemoryNodesTests(SynchronousTestCase):
         self.assertEqual(
             ["creating", "attaching", "mounted"],
             [r["ds"].state for r in reports])
-        self.assertEqual(DatasetStatus("ds", "mounted", "/mnt/node-a/ds", 64 * MiB),
+        self.assertEqual(DatasetReport("ds", "mounted", "/mnt/node-a/ds", 64 * MiB),
                          reports[-1]["ds"])
         self.assertEqual(["CreateVolume", "AttachVolume", "CreateFilesystem",
                           "MountFilesystem"],
@@ -611,17 +612,17 @@ class MemoryNodesTests(SynchronousTestCase):
 def lease_view(version, expiration, holder=NODE_A, primary=NODE_A, extra=()):
     """A view of dataset ``ds`` on ``primary`` leased to ``holder`` until ``expiration``."""
     datasets = {"ds": DatasetEntry("ds", primary, 64 * MiB,
-                                   lease=LeaseEntry(holder, expiration))}
+                                   lease=Lease("ds", holder, expiration))}
     for dataset_id in extra:
         datasets[dataset_id] = DatasetEntry(dataset_id, NODE_B, 64 * MiB)
     return AgentView(epoch="e", version=version, datasets=datasets,
-                     nodes={n: NodeEntry(n, "127.0.0.1") for n in [NODE_A, NODE_B]})
+                     nodes={n: Node(n, "127.0.0.1") for n in [NODE_A, NODE_B]})
 
 
 def lease_diff(version, expiration, holder=NODE_A, primary=NODE_A):
     """The diff that sets ``ds``'s lease (and primary) at ``version``."""
     return Diff(epoch="e", version=version, datasets=(
-        DatasetEntry("ds", primary, 64 * MiB, lease=LeaseEntry(holder, expiration)),))
+        DatasetEntry("ds", primary, 64 * MiB, lease=Lease("ds", holder, expiration)),))
 
 
 class DiffAffectsTests(SynchronousTestCase):
@@ -656,7 +657,7 @@ class DiffAffectsTests(SynchronousTestCase):
         self.assertFalse(self.affects(self.desired, Diff(epoch="e", version=2,
                                                          removed=("other",)), 10.0))
         self.assertTrue(self.affects(self.desired, Diff(epoch="e", version=2, nodes=(
-            NodeEntry(NODE_B, "127.0.0.1", alive=False),)), 10.0))
+            Node(NODE_B, "127.0.0.1", alive=False),)), 10.0))
         self.assertTrue(self.affects(self.desired, Snapshot(epoch="e", version=2), 10.0))
 
 
@@ -758,7 +759,7 @@ class BackgroundTests(SynchronousTestCase):
         def push(version, datasets):
             view = AgentView(epoch="e", version=version, datasets={
                 i: DatasetEntry(i, primary, 64 * MiB) for i, primary in datasets.items()},
-                nodes={n: NodeEntry(n, "127.0.0.1") for n in (NODE_A, NODE_B)})
+                nodes={n: Node(n, "127.0.0.1") for n in (NODE_A, NODE_B)})
             for node in (NODE_B, NODE_A):
                 nodes[node][0].update(view)
         push(1, {"moved": NODE_B})

@@ -16,24 +16,20 @@ import tempfile
 
 import pytest
 import pytest_twisted
-from pyrsistent import pmap
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, capturedLogs, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface.verify import verifyObject
 
 from pyflock.agent._mounts import MountCounts
 from pyflock.agent._plugin import (
-    ClusterView, DockerPlugin, IPluginBackend, LocalState, LocalStates, PluginBackend,
-    PluginSocketError, ViewDataset, agent_view_source, is_mountpoint_in, listen_plugin,
+    ClusterView, DockerPlugin, LocalStates, PluginBackend, PluginSocketError, listen_plugin,
     plugin_site,
 )
-from pyflock.common._threads import in_reactor_pool, run_now
-from pyflock.common._client import ControlClient, DatasetConfiguration, LeaseInfo, NodeInfo
+from pyflock.common._threads import run_now
+from pyflock.common._client import ControlClient
 from pyflock.common._logging import events_of
 from pyflock.control.testing import NODE_A, NODE_B, APIHarness
 
@@ -150,8 +146,7 @@ class Node:
         """The agent's view: the committed configuration, unless a test froze it."""
         if self.frozen_view is not None:
             return self.frozen_view
-        return ClusterView.from_configuration(self.harness.configuration.committed,
-                                              self.harness.clock.seconds(), HOSTS)
+        return ClusterView.from_configuration(self.harness.configuration.committed, HOSTS)
 
     def freeze_view(self) -> None:
         """Stop the view from following the control service (a push that has not come)."""
@@ -1235,107 +1230,6 @@ class RemoveTests(PluginTestCase):
         self.a.ok("VolumeDriver.Remove", {"Name": "v1"})
         self.a.ok("VolumeDriver.Create", {"Name": "v1"})
         self.assertNotEqual(self.dataset("v1").dataset_id, first)
-
-
-class BackendTests(SynchronousTestCase):
-    """``PluginBackend`` and ``LocalStates``: the contract the plugin relies on."""
-
-    def setUp(self):
-        self.states = LocalStates()
-        self.view = ClusterView()
-        self.backend = PluginBackend(A, ControlClient(StubTreq(None), CONTROL),
-                                     lambda: self.view, self.states, lambda path: path == "/m")
-
-    def test_provides_interface(self):
-        """``PluginBackend`` provides ``IPluginBackend``."""
-        verifyObject(IPluginBackend, self.backend)
-
-    def test_wait_fires_on_report(self):
-        """``wait_mounted`` fires with the path when the loop reports the dataset mounted."""
-        d = self.backend.wait_mounted("d1")
-        self.states.report_state("d1", "attaching")
-        self.assertNoResult(d)
-        self.states.report_state("d1", "mounted", "/m")
-        self.assertEqual(self.successResultOf(d), "/m")
-        self.assertEqual(self.backend.local_state("d1").state, "mounted")
-
-    def test_wait_when_already_mounted(self):
-        """``wait_mounted`` fires at once for a dataset already mounted."""
-        self.states.report_state("d1", "mounted", "/m")
-        self.assertEqual(self.successResultOf(self.backend.wait_mounted("d1")), "/m")
-
-    def test_wait_cancel(self):
-        """A cancelled wait is forgotten."""
-        d = self.backend.wait_mounted("d1")
-        d.cancel()
-        self.failureResultOf(d)
-        self.assertEqual(self.states.waiting(), 0)
-        self.states.report_state("d1", "mounted", "/m")
-
-    def test_forget(self):
-        """A dataset reported gone has no state and no mount path."""
-        self.states.report_state("d1", "mounted", "/m")
-        self.states.report_state("d1", None)
-        self.assertIsNone(self.backend.local_state("d1"))
-        self.assertNoResult(self.backend.wait_mounted("d1"))
-
-    def test_is_mountpoint(self):
-        """``is_mountpoint`` answers through a Deferred."""
-        self.assertEqual((self.successResultOf(self.backend.is_mountpoint("/m")),
-                          self.successResultOf(self.backend.is_mountpoint("/x"))),
-                         (True, False))
-
-    def test_report_all(self):
-        """A whole report from the convergence loop sets each dataset's state, forgets
-        those left out, and wakes the waits for those now mounted."""
-        from pyflock.agent._convergence import DatasetStatus
-        self.states.report_state("gone", "mounted", "/g")
-        d = self.backend.wait_mounted("d1")
-        self.states.report_all(pmap({
-            "d1": DatasetStatus("d1", "mounted", "/m"),
-            "d2": DatasetStatus("d2", "moving")}))
-        self.assertEqual(self.successResultOf(d), "/m")
-        self.assertEqual(self.backend.local_state("d2"), LocalState("moving"))
-        self.assertIsNone(self.backend.local_state("gone"))
-
-    def test_agent_view_source(self):
-        """The agent's ``AgentView`` becomes a ``ClusterView`` (live leases only), converted
-        once per new view."""
-        from pyflock.agent._view import AgentView
-        from pyflock.common._wire import DatasetEntry, LeaseEntry, NodeEntry, Snapshot
-        clock = Clock()
-        clock.advance(100)
-        agent_view = AgentView.from_snapshot(Snapshot(epoch="e1", version=1, datasets=(
-            DatasetEntry("d1", A, metadata={"name": "v1"}, lease=LeaseEntry(B, 150.0)),
-            DatasetEntry("d2", B, metadata={"name": "v2"}, lease=LeaseEntry(B, 50.0)),
-            DatasetEntry("d3", B, metadata={"name": "v1"}, deleted=True)),
-            nodes=(NodeEntry(A, "10.0.0.1"),)))
-        source = agent_view_source(lambda: agent_view, clock)
-        view = source()
-        self.assertIs(source(), view)
-        self.assertEqual((view.by_name("v1").lease, view.by_name("v2").lease), (B, None))
-        self.assertEqual((view.by_name("v1").dataset_id, dict(view.nodes)),
-                         ("d1", {A: "10.0.0.1"}))
-        self.assertIsNone(view.by_name("v3"))
-
-    def test_view_from_records(self):
-        """A view built from REST records indexes live datasets by name with their lease."""
-        view = ClusterView.from_records(
-            [DatasetConfiguration("d1", A, metadata={"name": "v1"}),
-             DatasetConfiguration("d2", B, metadata={"name": "v1"}, deleted=True)],
-            [LeaseInfo("d1", B, 10.0)], [NodeInfo(A, "10.0.0.1")])
-        self.assertEqual(view.by_name("v1"), ViewDataset("d1", A, metadata={"name": "v1"},
-                                                         lease=B))
-        self.assertEqual(dict(view.nodes), {A: "10.0.0.1"})
-
-
-@pytest_twisted.ensureDeferred
-async def test_is_mountpoint_in_thread(tmp_path):
-    """The real mount check, in a thread: ``/`` is a mount point, a fresh folder is not."""
-    from twisted.internet import reactor
-    check = is_mountpoint_in(in_reactor_pool(reactor))
-    assert await check("/") is True
-    assert await check(str(tmp_path)) is False
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

@@ -17,11 +17,10 @@ from pyflock.agent._plugin_core import (
     WaitView, World, describe, mounted_path,
 )
 from pyflock.agent._plugin_model import (
-    LEASE_RETRY_MARGIN, ClusterView, LocalState, PluginError, ViewDataset,
+    LEASE_RETRY_MARGIN, ClusterView, LocalState, PluginError,
 )
-from pyflock.common._client import (
-    ControlUnreachable, DatasetConfiguration, InvalidRequest,
-)
+from pyflock.common._client import ControlUnreachable, InvalidRequest
+from pyflock.common._records import Dataset, DatasetEntry, Lease
 
 NODE = "0b41c2b0-5fd6-4e2c-9a8f-42a5b0f3c1d2"
 OTHER = "7c5e1f00-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
@@ -34,9 +33,9 @@ TIMEOUT = 100.0
 GRACE = 0.5
 LEASE_UNTIL = GRACE + LEASE_RETRY_MARGIN
 
-V1 = ViewDataset(dataset_id=ID, primary=NODE, metadata={"name": "v1"})
-ELSEWHERE = ViewDataset(dataset_id=ID, primary=OTHER, metadata={"name": "v1"})
-NEW = DatasetConfiguration(dataset_id=NEW_ID, primary=NODE, metadata={"name": "v1"})
+V1 = DatasetEntry(dataset_id=ID, primary=NODE, metadata={"name": "v1"})
+ELSEWHERE = DatasetEntry(dataset_id=ID, primary=OTHER, metadata={"name": "v1"})
+NEW = Dataset(dataset_id=NEW_ID, primary=NODE, metadata={"name": "v1"})
 VIEW = ClusterView(datasets={ID: V1}, nodes={NODE: "10.0.0.1", OTHER: "10.0.0.2"})
 EMPTY = ClusterView(nodes={NODE: "10.0.0.1", OTHER: "10.0.0.2"})
 
@@ -369,8 +368,9 @@ def test_release_after_last_unmount():
 def test_remove_own_idle_volume():
     """Remove of a volume idle here (its own idle lease included) deletes its dataset."""
     core = new_core()
-    leased = ClusterView(datasets={ID: ViewDataset(dataset_id=ID, primary=NODE,
-                                                   metadata={"name": "v1"}, lease=NODE)})
+    leased = ClusterView(datasets={ID: DatasetEntry(dataset_id=ID, primary=NODE,
+                                                    metadata={"name": "v1"},
+                                                    lease=Lease(ID, NODE, 60.0))})
     assert core.removable("v1", world(view=leased)).dataset_id == ID
 
 
@@ -449,16 +449,17 @@ def test_remount_action():
 
 
 def test_describe():
-    """Get's record: where the volume is, its size, lease and uses here."""
+    """Get's record: where the volume is, its size, lease (while valid) and uses here."""
     local = LocalState("mounted", PATH)
-    leased = attr_evolve(V1, lease=NODE, maximum_size=1024 ** 3)
-    assert describe(leased, local, NODE, VIEW, 2, status=True) == {
+    leased = attr_evolve(V1, lease=Lease(ID, NODE, 60.0), maximum_size=1024 ** 3)
+    assert describe(leased, local, NODE, world(), 2, status=True) == {
         "Name": "v1", "Mountpoint": PATH,
         "Status": {"dataset_id": ID, "primary": NODE, "primary_host": "10.0.0.1",
                    "size": "1G", "profile": "", "state": "mounted", "lease": NODE,
                    "mounts_here": 2}}
-    assert describe(ELSEWHERE, None, NODE, VIEW, 0, status=True)["Status"]["state"] == \
+    assert describe(leased, local, NODE, world(60.0), 2, status=True)["Status"]["lease"] == ""
+    assert describe(ELSEWHERE, None, NODE, world(), 0, status=True)["Status"]["state"] == \
         "on another node"
-    assert describe(V1, None, NODE, VIEW, 0, status=True)["Status"]["state"] == "pending"
-    assert describe(V1, None, NODE, VIEW, 0, status=False) == {"Name": "v1"}
+    assert describe(V1, None, NODE, world(), 0, status=True)["Status"]["state"] == "pending"
+    assert describe(V1, None, NODE, world(), 0, status=False) == {"Name": "v1"}
     assert mounted_path(LocalState("attaching")) is None

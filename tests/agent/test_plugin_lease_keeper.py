@@ -10,7 +10,8 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._lease_keeper import LeaseKeeper
-from pyflock.common._client import Conflict, LeaseInfo, NotFound
+from pyflock.common._client import Conflict, NotFound
+from pyflock.common._records import Lease
 from pyflock.common._logging import events_of
 
 NODE = "0b41c2b0-5fd6-4e2c-9a8f-42a5b0f3c1d2"
@@ -51,13 +52,13 @@ class LeaseKeeperTests(SynchronousTestCase):
         self.keeper.acquire(DS)
         released = self.keeper.release_if_idle(DS)
         self.assertEqual(self.client.calls, [("acquire", DS)])
-        pending.callback(LeaseInfo(DS, NODE, 60.0))
+        pending.callback(Lease(DS, NODE, 60.0))
         self.successResultOf(released)
         self.assertEqual(self.client.calls, [("acquire", DS), ("release", DS)])
 
     def test_no_release_while_in_use(self):
         """A dataset in use again keeps its lease."""
-        self.client.answers = [succeed(LeaseInfo(DS, NODE, 60.0))]
+        self.client.answers = [succeed(Lease(DS, NODE, 60.0))]
         self.keeper.acquire(DS)
         self.in_use.add(DS)
         self.successResultOf(self.keeper.release_if_idle(DS))
@@ -65,7 +66,7 @@ class LeaseKeeperTests(SynchronousTestCase):
 
     def test_release_of_gone_lease_is_quiet(self):
         """A lease already gone (404) is released without a warning."""
-        self.client.answers = [succeed(LeaseInfo(DS, NODE, 60.0)),
+        self.client.answers = [succeed(Lease(DS, NODE, 60.0)),
                                fail(NotFound(404, "Lease not found."))]
         self.keeper.acquire(DS)
         with capturedLogs() as events:

@@ -12,8 +12,9 @@ from pyflock.agent._channel import AgentChannel
 from pyflock.agent._loop import node_convergence_loop
 from pyflock.agent._view import ViewFile, diff_to_bytes, read_view
 from pyflock.common._threads import run_now
+from pyflock.common._records import Lease, Node
 from pyflock.common._wire import (
-    DatasetEntry, Diff, LeaseEntry, NodeEntry, Snapshot, Welcome, encode,
+    DatasetEntry, Diff, Snapshot, Welcome, encode,
 )
 from tests.harness.endpoints import StringEndpoint
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
@@ -24,7 +25,7 @@ DS = "11111111-0000-4000-8000-000000000001"
 
 def entry(expiration):
     """Dataset ``DS`` on ``NODE``, leased by it until ``expiration``."""
-    return DatasetEntry(DS, NODE, 64 * MiB, lease=LeaseEntry(NODE, expiration))
+    return DatasetEntry(DS, NODE, 64 * MiB, lease=Lease(DS, NODE, expiration))
 
 
 class RenewalTests(SynchronousTestCase):
@@ -53,7 +54,7 @@ class RenewalTests(SynchronousTestCase):
         endpoint.protocol.stringReceived(encode(Welcome(epoch="e", version=1)))
         endpoint.protocol.stringReceived(encode(Snapshot(
             epoch="e", version=1, datasets=(entry(60.0),),
-            nodes=(NodeEntry(NODE, "127.0.0.1"),))))
+            nodes=(Node(NODE, "127.0.0.1"),))))
         self.assertEqual({"/mnt/" + DS}, set(fs.table))
         before, rediscovered = open(path, "rb").read(), len(discoveries)
         renewal = Diff(epoch="e", version=2, datasets=(entry(80.0),))

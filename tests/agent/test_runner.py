@@ -45,7 +45,7 @@ from pyflock.agent._runner import (
 from pyflock.agent._view import AgentView
 from pyflock.common._logging import events_of
 from pyflock.common._threads import in_reactor_pool
-from pyflock.common._wire import DatasetEntry, DatasetReport, NodeEntry
+from pyflock.common._records import DatasetEntry, DatasetReport, Node as NodeValue
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from tests.harness.requirements import ROOT
 
@@ -617,7 +617,7 @@ async def test_create_mounted_and_writable(reactor, world):
     loop.start()
     loop.update(AgentView(epoch="e", version=1,
                           datasets={"ds": DatasetEntry("ds", NODE_A, SIZE)},
-                          nodes={NODE_A: NodeEntry(NODE_A, "127.0.0.1")}))
+                          nodes={NODE_A: NodeValue(NODE_A, "127.0.0.1")}))
     status = await mounted.addTimeout(60, reactor)
     await loop.stop()
     path = node.path("ds")

@@ -22,7 +22,7 @@ from pyflock.agent._view import (
     parse_view_log, read_view, view_from_bytes, view_to_bytes, write_view,
 )
 from pyflock.common._records import DatasetEntry, Lease
-from pyflock.common._wire import Diff, NodeEntry, Snapshot
+from pyflock.common._wire import Diff, Node, Snapshot
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"
 B = "bbbbbbbb-0000-4000-8000-000000000002"
@@ -42,8 +42,8 @@ SNAPSHOT = Snapshot(epoch="run-1", version=4, datasets=(
           lease=Lease(DS1, node_uuid=A, expiration=1000.5), holders=(B, A)),
     entry(DS2, "logs", primary=B),
     entry(DS3, "old", deleted=True),
-), nodes=(NodeEntry(uuid=A, host="10.0.0.1", peer_port=4525),
-          NodeEntry(uuid=B, host="10.0.0.2", peer_port=4525, alive=False)))
+), nodes=(Node(uuid=A, host="10.0.0.1", peer_port=4525),
+          Node(uuid=B, host="10.0.0.2", peer_port=4525, alive=False)))
 
 
 class AgentViewTests(SynchronousTestCase):
@@ -72,13 +72,13 @@ class AgentViewTests(SynchronousTestCase):
         """A diff changes, adds and removes datasets and nodes, keeping names indexed."""
         diff = Diff(epoch="run-1", version=5,
                     datasets=(entry(DS1, "db", deleted=True), entry(DS2, "db", primary=A)),
-                    removed=(DS3,), nodes=(NodeEntry(uuid=B, host="10.0.0.9"),))
+                    removed=(DS3,), nodes=(Node(uuid=B, host="10.0.0.9"),))
         view = self.view.apply(diff)
         self.assertEqual(view.version, 5)
         self.assertEqual(view.by_name("db").dataset_id, DS2)
         self.assertIsNone(view.by_name("logs"))
         self.assertIsNone(view.dataset(DS3))
-        self.assertEqual(view.node(B), NodeEntry(uuid=B, host="10.0.0.9"))
+        self.assertEqual(view.node(B), Node(uuid=B, host="10.0.0.9"))
         self.assertEqual(self.view.by_name("db").dataset_id, DS1, "the old view is unchanged")
 
     def test_names_swapped(self):
@@ -377,9 +377,9 @@ async def test_view_file_in_threads(tmp_path):
 def test_presuming_alive():
     """A stored view acted on before the control service answers presumes every node
     alive, so that no dataset is taken over from a node that may be back."""
-    from pyflock.common._wire import NodeEntry
+    from pyflock.common._wire import Node
     from pyflock.agent._view import AgentView
-    view = AgentView(nodes={"n1": NodeEntry(uuid="n1", host="h", alive=False),
-                            "n2": NodeEntry(uuid="n2", host="g", alive=True)})
+    view = AgentView(nodes={"n1": Node(uuid="n1", host="h", alive=False),
+                            "n2": Node(uuid="n2", host="g", alive=True)})
     assert [n.alive for n in view.presuming_alive().nodes.values()] == [True, True]
     assert view.nodes["n1"].alive is False

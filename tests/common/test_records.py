@@ -17,10 +17,11 @@ from pyflock.common._limits import (
     MINIMUM_SIZE,
 )
 from pyflock.common._records import (
-    Dataset, DatasetEntry, DatasetReport, Lease, Malformed, Metadata, dataset_entry_from_json,
-    dataset_entry_to_json, dataset_from_json, dataset_to_json, lease_from_json,
-    lease_to_json, report_from_api_json, report_from_json, report_to_api_json,
-    report_to_json, metadata_of,
+    Dataset, DatasetEntry, DatasetReport, Lease, Malformed, Metadata, Node,
+    dataset_entry_from_json, dataset_entry_to_json, dataset_from_json, dataset_to_json,
+    lease_from_json, lease_to_json, metadata_of, node_from_api_json, node_from_json,
+    node_to_api_json, node_to_json, report_from_api_json, report_from_json, report_to_api_json,
+    report_to_json,
 )
 from pyflock.control import _schema as schema
 
@@ -253,6 +254,49 @@ def test_report_states():
                                 ).state == "resizing"
     assert report_from_api_json({"dataset_id": DS, "primary": A, "maximum_size": None}
                                 ) == DatasetReport(DS, node_uuid=A)
+
+
+# -- Node ----------------------------------------------------------------------------------
+
+
+hosts = st.text(min_size=1, max_size=50)
+
+
+@given(uuids, hosts, st.none() | st.integers(1, 65535), st.booleans())
+def test_node_round_trip(uuid, host, port, alive):
+    """A node's agent-channel JSON reads back to the same node, peer port included."""
+    node = Node(uuid, host, port, alive)
+    assert node_from_json(json_trip(node_to_json(node))) == node
+
+
+@given(uuids, hosts, st.none() | st.booleans(),
+       st.none() | st.floats(0, 1e9) | st.text(max_size=20))
+def test_node_api_round_trip(uuid, host, alive, last_seen):
+    """A node's REST API JSON reads back to the same node (no peer port there)."""
+    node = Node(uuid, host, alive=alive, last_seen=last_seen)
+    assert node_from_api_json(json_trip(node_to_api_json(node))) == node
+
+
+def test_node_json_shapes():
+    """The agent channel gives where peers reach the node; the API, liveness and when it
+    was last heard (Flocker's nodes give neither: unknown)."""
+    node = Node(A, "10.0.0.1", 4525, False, 2.5)
+    assert node_to_json(node) == {"uuid": A, "host": "10.0.0.1", "peer_port": 4525,
+                                  "alive": False}
+    assert node_to_api_json(node) == {"uuid": A, "host": "10.0.0.1", "alive": False,
+                                      "last_seen": 2.5}
+    assert node_from_api_json({"uuid": A, "host": "h"}) == Node(A, "h", alive=None)
+
+
+def test_node_refused():
+    """A malformed node is refused, saying which field and why."""
+    good = node_to_json(Node(A, "h", 4525))
+    refused(node_from_json, dict(good, peer_port=0), "node.peer_port must be between 1")
+    refused(node_from_json, dict(good, uuid="x"), "node.uuid must be a lower-case UUID")
+    refused(node_from_json, {"uuid": A, "host": "h", "peer_port": None}, "node lacks 'alive'")
+    refused(node_from_api_json, {"uuid": A}, "node lacks 'host'")
+    with pytest.raises(TypeError):
+        Node(A, "h", alive="yes")
 
 
 # -- one set of limits ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pyflock.common._model import MINIMUM_SIZE, Dataset, Lease
 from pyflock.common._tls import AGENT_CHANNEL, client_tls_options, tls_client_endpoint
 from pyflock.common._wire import (
     PROTOCOL_VERSION, BadMessage, DatasetEntry, DatasetReport, Diff, Error, Heartbeat,
-    Hello, MessageProtocol, NodeEntry, ProtocolMismatch, Snapshot, StateReport,
+    Hello, MessageProtocol, Node, ProtocolMismatch, Snapshot, StateReport,
     SyncRequest, ViewVersion, Welcome, decode, encode, message_to_json,
 )
 from pyflock.control._agentchannel import (
@@ -52,9 +52,9 @@ MESSAGES = [
     Welcome(epoch="e", version=7),
     Error(code="identity", reason="why"),
     Snapshot(epoch="e", version=7, datasets=(ENTRY, DatasetEntry(dataset_id=DS2, primary=B)),
-             nodes=(NodeEntry(uuid=A, host="10.0.0.5", peer_port=4525, alive=True),)),
+             nodes=(Node(uuid=A, host="10.0.0.5", peer_port=4525, alive=True),)),
     Diff(epoch="e", version=8, datasets=(ENTRY,), removed=(DS2,),
-         nodes=(NodeEntry(uuid=B, host="h", alive=False),)),
+         nodes=(Node(uuid=B, host="h", alive=False),)),
     StateReport(node_uuid=A, datasets=(
         DatasetReport(dataset_id=DS, state="mounted", path="/m/x", maximum_size=1024),
         DatasetReport(dataset_id=DS2, state="creating")), view=ViewVersion("e", 8)),
@@ -285,7 +285,7 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual({d.dataset_id: d for d in snapshot.datasets},
                          view_datasets(self.configuration.committed,
                                        holders_of(self.h.cluster.state)))
-        self.assertEqual(snapshot.nodes, (NodeEntry(uuid=A, host="127.0.0.7",
+        self.assertEqual(snapshot.nodes, (Node(uuid=A, host="127.0.0.7",
                                                     peer_port=4525, alive=True),))
         self.assertFalse(agent.closed)
 
@@ -453,7 +453,7 @@ class ServerTests(SynchronousTestCase):
         agent, _ = self.connect()
         self.connect(NODE_B)
         [diff] = agent.received()
-        self.assertEqual(diff.nodes, (NodeEntry(uuid=B, host="127.0.0.7", peer_port=4525),))
+        self.assertEqual(diff.nodes, (Node(uuid=B, host="127.0.0.7", peer_port=4525),))
 
     def test_heartbeats_sent(self):
         """Every heartbeat interval each agent gets the current view version."""
@@ -606,7 +606,7 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual(nodes, {A: False, B: True})
         diffs = [m for m in other.received() if isinstance(m, Diff)]
         self.assertEqual([d.nodes for d in diffs],
-                         [(NodeEntry(uuid=A, host="127.0.0.7", peer_port=4525,
+                         [(Node(uuid=A, host="127.0.0.7", peer_port=4525,
                                      alive=False),)])
         error = agent.received()[-1]
         self.assertEqual((error.code, agent.closed), ("silent", True))
