@@ -4,6 +4,10 @@ hands the diff it applied (``channel.change``) to the view file, which appends i
 the convergence loop, which judges it alone and sleeps on.
 """
 
+import os
+import shutil
+import tempfile
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -42,7 +46,9 @@ class RenewalTests(SynchronousTestCase):
         fs.mounts = lambda root: discoveries.append(root) or fs_mounts(root)
         loop = node_convergence_loop(clock, backend, fs, "/mnt", lambda states: None,
                                      interval=3600.0, run_blocking=run_now)
-        path = self.mktemp()
+        folder = tempfile.mkdtemp(prefix="pyflock-renewals-")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "view.json")
         view_file = ViewFile(path, clock, run_in_thread=run_now)
         endpoint = StringEndpoint()
         channel = AgentChannel(
