@@ -123,6 +123,10 @@ class TokenBook:
         self._records[record.token_id] = record
         return record
 
+    def restore(self, record: TokenRecord) -> None:
+        """Put back ``record`` (a revocation the store failed to keep)."""
+        self._records[record.token_id] = record
+
     def revoke(self, token_id: str) -> TokenRecord:
         """Forget token ``token_id``: its record, or ``TokenUnknown``."""
         try:
@@ -158,7 +162,11 @@ class TokenService:
         token, record, dropped = self.book.create(self.now(), ttl, uses)
         for token_id in dropped:
             await self._store.write_token(token_id, None)
-        await self._store.write_token(record.token_id, record)
+        try:
+            await self._store.write_token(record.token_id, record)
+        except BaseException:
+            self.book.revoke(record.token_id)
+            raise
         return token, record
 
     def redeem(self, token: JoinToken) -> Deferred:
@@ -173,7 +181,11 @@ class TokenService:
     async def revoke(self, token_id: str) -> TokenRecord:
         """Revoke ``token_id`` (``TokenUnknown`` if no such token), once durable."""
         record = self.book.revoke(token_id)
-        await self._store.write_token(token_id, None)
+        try:
+            await self._store.write_token(token_id, None)
+        except BaseException:
+            self.book.restore(record)
+            raise
         return record
 
 
