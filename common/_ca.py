@@ -714,3 +714,11 @@ def sign_node_request(authority: SigningAuthority, request: x509.CertificateSign
         [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], [], now)
     authority.index.record(certificate, now, issued_by)
     return certificate
+
+
+#: Write a certificate and its key as ``<base>.crt`` (0644) and ``<base>.key`` (0600),
+#: never over an existing file (``OutputExists``); on failure neither is left behind.
+write_pair = _write_pair
+
+#: Create a new file with a mode and its data, fsynced; never over an existing one.
+write_new_file = _write_new

@@ -22,10 +22,13 @@ import hashlib
 import hmac
 import re
 import secrets
+from typing import Optional
 
 import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from pyflock.common._jsonread import as_object, read, read_natural, read_number
 
 #: The first part of every token; a later format gets a new one.
 TOKEN_PREFIX = "pyflock-join1"
@@ -114,7 +117,45 @@ def parse_token(text: str) -> JoinToken:
     return JoinToken(pin=pin, token_id=token_id, secret=secret)
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class TokenInfo:
+    """
+    A join token as the REST API shows it: ``token_id``, ``created`` and ``expires``
+    (seconds on the control service's clock), ``uses``, ``used``, ``state`` (``usable``,
+    ``expired``, ``used-up``), and ``token``, the whole token, only when just created.
+    """
+
+    token_id: str
+    created: float
+    expires: float
+    uses: int
+    used: int
+    state: str
+    token: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, value) -> "TokenInfo":
+        """The token a ``/v1/tokens`` answer describes; ``Malformed`` if it is not one."""
+        obj = as_object(value, "token")
+        return cls(token_id=read(obj, "token_id", (str,), "token"),
+                   created=read_number(obj, "created", "token"),
+                   expires=read_number(obj, "expires", "token"),
+                   uses=read_natural(obj, "uses", "token"),
+                   used=read_natural(obj, "used", "token"),
+                   state=read(obj, "state", (str,), "token"),
+                   token=read(obj, "token", (str,), "token", default=None))
+
+    def to_json(self) -> dict:
+        """The token as the REST API shows it."""
+        value = {"token_id": self.token_id, "created": self.created,
+                 "expires": self.expires, "uses": self.uses, "used": self.used,
+                 "state": self.state}
+        if self.token is not None:
+            value["token"] = self.token
+        return value
+
+
 __all__ = [
-    "DEFAULT_JOIN_PORT", "InvalidToken", "JoinToken", "TOKEN_PREFIX", "authority_pin",
+    "DEFAULT_JOIN_PORT", "InvalidToken", "JoinToken", "TOKEN_PREFIX", "TokenInfo", "authority_pin",
     "parse_token", "secret_hash", "secret_matches", "valid_token_id",
 ]

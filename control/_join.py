@@ -35,6 +35,7 @@ from twisted.web.server import Site
 from pyflock.common._ca import CertificateError, InvalidRequest, parse_signing_request
 from pyflock.common._logging import log_event
 from pyflock.common._tokens import InvalidToken, parse_token
+from pyflock.control._store import StoreError
 from pyflock.control._tokens import FailureLimiter, TokenRefused, TokenService
 
 #: The largest join request body: a token and a P-256 request are well under 2 KiB.
@@ -138,6 +139,9 @@ class JoinService:
             await self._tokens.redeem(token)
         except TokenRefused as e:
             raise self._refuse(source, token.token_id, str(e))
+        except StoreError as e:
+            raise _Answer(503, f"the control service could not record the token's use "
+                               f"({e}); try again")
         node_uuid = str(uuid4())
         try:
             certificate = await self._sign(signing_request, node_uuid)
