@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from pyflock.common._ca import CertificateError, InvalidRequest, parse_signing_request
 from pyflock.common._logging import log_event
@@ -42,6 +42,45 @@ from pyflock.control._tokens import FailureLimiter, TokenRefused, TokenService
 MAX_JOIN_BODY = 16 * 1024
 
 _log = Logger()
+
+
+#: Seconds a join connection may stay idle before it is closed.
+JOIN_IDLE_TIMEOUT = 30.0
+
+
+class _LimitedRequest(Request):
+    """
+    A request whose body may not pass ``MAX_JOIN_BODY``: anyone may reach the join port,
+    so a larger body (announced, or sent chunked) closes the connection at once, before
+    it is kept in memory or on disk.
+    """
+
+    _received = 0
+    _cut = False
+
+    def gotLength(self, length) -> None:
+        """Close the connection at once when the announced body is too large."""
+        if length is not None and length > MAX_JOIN_BODY:
+            self._cut_off()
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Keep the chunk unless the body passes the limit with it."""
+        self._received += len(data)
+        if self._received > MAX_JOIN_BODY:
+            self._cut_off()
+        if not self._cut:
+            super().handleContentChunk(data)
+
+    def _cut_off(self) -> None:
+        """Drop the connection (once)."""
+        if not self._cut:
+            self._cut = True
+            log_event(_log, "pyflock:control:join-refused", LogLevel.warn,
+                      source=self.getClientAddress().host, token_id=None,
+                      reason=f"the request body passes {MAX_JOIN_BODY} bytes")
+            self.channel.transport.loseConnection()
 
 
 class _Answer(Exception):
@@ -75,9 +114,12 @@ class JoinService:
         self._sign = sign
         self._limiter = limiter
 
-    def site(self) -> Site:
-        """The join service as a twisted.web site."""
-        site = Site(self.app.resource(), parsePOSTFormSubmission=False)
+    def site(self, reactor=None) -> Site:
+        """The join service as a twisted.web site, timing out idle connections on
+        ``reactor`` (the global one if None)."""
+        site = Site(self.app.resource(), requestFactory=_LimitedRequest,
+                    timeout=JOIN_IDLE_TIMEOUT, parsePOSTFormSubmission=False,
+                    reactor=reactor)
         site.displayTracebacks = False
         site.noisy = False
         site.log = lambda request: None

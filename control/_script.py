@@ -132,7 +132,7 @@ async def start_joins(reactor, options: argparse.Namespace, tls: ClusterTLS, sto
                                                 node_uuid),
         FailureLimiter(reactor))
     try:
-        port = await endpoint.listen(service.site())
+        port = await endpoint.listen(service.site(reactor))
     except Exception as e:
         raise StartupError(f"cannot listen on {options.join_port}: {e}")
     address = port.getHost()

@@ -12,7 +12,9 @@ import os
 from cryptography import x509
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._join import check_certificate, signing_request
@@ -21,7 +23,7 @@ from pyflock.common._ca import (
     sign_node_request,
 )
 from pyflock.common._tokens import authority_pin
-from pyflock.control._join import JoinService
+from pyflock.control._join import JOIN_IDLE_TIMEOUT, MAX_JOIN_BODY, JoinService
 from pyflock.control._store import MemoryConfigurationStore
 from pyflock.control._tokens import FailureLimiter, TokenService
 
@@ -43,7 +45,7 @@ class JoinServiceTests(SynchronousTestCase):
         self.tokens = self.successResultOf(Deferred.fromCoroutine(TokenService.load(
             self.store, self.clock, authority_pin(self.authority.certificate))))
         self.sign_error = None
-        service = JoinService(self.tokens, self.authority.certificate, self.sign,
+        self.service = service = JoinService(self.tokens, self.authority.certificate, self.sign,
                               FailureLimiter(self.clock, limit=3, window=60.0))
         self.http = StubTreq(service.app.resource())
 
@@ -137,6 +139,40 @@ class JoinServiceTests(SynchronousTestCase):
         code, answer, _ = self.join(self.token())
         self.assertEqual(503, code)
         self.assertIn("cannot write the CA's index", answer["description"])
+
+
+    def connect(self):
+        """The join site's protocol on a fake connection from 10.0.0.9; its transport."""
+        protocol = self.service.site(self.clock).buildProtocol(
+            IPv4Address("TCP", "10.0.0.9", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 40000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_announced_large_body_cut(self):
+        """A body announced larger than the limit closes the connection at once."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /v1/join HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: %d\r\n\r\n" % (MAX_JOIN_BODY + 1))
+        self.assertTrue(transport.disconnecting)
+
+    def test_chunked_large_body_cut(self):
+        """A chunked body is cut off as soon as it passes the limit."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /v1/join HTTP/1.1\r\nHost: x\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * 4096
+        for _ in range(MAX_JOIN_BODY // len(chunk)):
+            protocol.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"1\r\nx\r\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_idle_connection_closed(self):
+        """A connection that sends nothing is closed after the idle timeout."""
+        protocol, transport = self.connect()
+        self.clock.advance(JOIN_IDLE_TIMEOUT)
+        self.assertTrue(transport.disconnecting)
 
 
 class IndexTests(SynchronousTestCase):
