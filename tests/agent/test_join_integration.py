@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,17 +45,21 @@ def _new_host(folder: Path, control_host: str) -> Path:
     return config
 
 
-def _join(config: Path, control: ControlProcess, token: str):
-    """Run ``pyflock-agent join``; the completed process."""
-    return run_to_completion([
-        script_path("pyflock-agent"), "join", "--config", str(config),
-        "--control-service", f"{control.host}:{control.join_port}", "--token", token])
+def _join(config: Path, control: ControlProcess, token: str, stdin: bool = False):
+    """Run ``pyflock-agent join`` (the token on stdin with ``stdin``); the process."""
+    argv = [script_path("pyflock-agent"), "join", "--config", str(config),
+            "--control-service", f"{control.host}:{control.join_port}",
+            "--token", "-" if stdin else token]
+    if stdin:
+        return subprocess.run(argv, input=token + "\n", capture_output=True, text=True,
+                              timeout=60)
+    return run_to_completion(argv)
 
 
 @pytest_twisted.ensureDeferred
 async def test_join(tmp_path, reactor):
     """
-    A host joins with a one-use token: node.key (0600), node.crt and cluster.crt in a new
+    A host joins with a one-use token given on stdin: node.key (0600), node.crt and cluster.crt in a new
     0700 folder, and the REST API accepts the new certificate; the same token then fails
     on a second host in one line, and a token pinning another CA is refused before it is
     sent; neither writes anything.
@@ -74,7 +79,7 @@ async def test_join(tmp_path, reactor):
         token = created.json["token"]
 
         first = _new_host(tmp_path / "host1", host)
-        joined = _join(first, control, token)
+        joined = _join(first, control, token, stdin=True)
         assert joined.returncode == 0, joined.stderr
         folder = first.parent / "certs"
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
