@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 from cryptography import x509
 from treq.testing import StubTreq
@@ -30,12 +32,18 @@ from pyflock.control._tokens import FailureLimiter, TokenService
 URL = "https://control.example:4526/v1/join"
 
 
+def _folder(testcase) -> str:
+    """A new temporary folder, removed after ``testcase``."""
+    folder = tempfile.mkdtemp(prefix="pyflock-join-")
+    testcase.addCleanup(shutil.rmtree, folder, True)
+    return folder
+
+
 class JoinServiceTests(SynchronousTestCase):
     """What the join port answers."""
 
     def setUp(self):
-        folder = self.mktemp()
-        os.makedirs(folder)
+        folder = _folder(self)
         initialize(folder, "test")
         self.authority = load_signing_authority(f"{folder}/cluster.crt",
                                                 f"{folder}/cluster.key")
@@ -180,8 +188,7 @@ class IndexTests(SynchronousTestCase):
 
     def test_torn_line_ignored_and_cut(self):
         """A torn last line is ignored, and the next entry replaces it."""
-        folder = self.mktemp()
-        os.makedirs(folder)
+        folder = _folder(self)
         initialize(folder, "test")
         authority = load_signing_authority(f"{folder}/cluster.crt", f"{folder}/cluster.key")
         key, csr = signing_request()
