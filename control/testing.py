@@ -7,7 +7,8 @@ through ``treq.testing.StubTreq``. Every answer is checked against the service's
 document, so a test written against the harness fails where the real service would
 disagree. Use ``harness.client()`` for an ``IControlClient`` (the same ``ControlClient``
 that talks to a real ``pyflock-control``), ``report_node`` to play a node agent's report,
-and ``clock.advance`` to let time pass (leases run out, nodes die)::
+and ``clock.advance`` to let time pass (leases run out, nodes die, join tokens expire;
+``APIHarness(joins=False)`` plays a control service without the CA key)::
 
     from pyflock.control.testing import APIHarness
 
