@@ -15,9 +15,14 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
+from twisted.internet.defer import Deferred
+
+from pyflock.agent._channel import AgentChannel, control_endpoint
+from pyflock.agent._view import ViewFile
 from pyflock.common._ca import (
     CertificateIndex, common_name_of, initialize, load_certificate,
 )
+from pyflock.common._tls import ClusterTLS
 from pyflock.common._tokens import authority_pin, parse_token
 from tests.harness.certificates import make_cluster_certificates
 from tests.harness.control import APIClient, ControlProcess
@@ -56,11 +61,35 @@ def _join(config: Path, control: ControlProcess, token: str, stdin: bool = False
     return run_to_completion(argv)
 
 
+async def _agent_channel_admits(reactor, control: ControlProcess, folder: Path,
+                                node_uuid: str, tmp_path: Path) -> None:
+    """The agent channel admits the joined node's certificate: its view names the node."""
+    views = []
+    seen: Deferred = Deferred()
+
+    def on_view(view):
+        views.append(view)
+        if view.nodes and not seen.called:
+            seen.callback(view)
+    view_file = ViewFile(tmp_path / "joined-view.json", reactor)
+    channel = AgentChannel(
+        reactor, control_endpoint(reactor, control.host, control.agent_port,
+                                  ClusterTLS.load(folder, "node")),
+        node_uuid, "era-joined", on_view, save_view=view_file.save, heartbeat=0.5,
+        timeout=2.0, retry_policy=lambda failures: 0.2)
+    channel.start()
+    try:
+        view = await seen.addTimeout(30, reactor)
+        assert node_uuid in view.nodes
+    finally:
+        await channel.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_join(tmp_path, reactor):
     """
     A host joins with a one-use token given on stdin: node.key (0600), node.crt and cluster.crt in a new
-    0700 folder, and the REST API accepts the new certificate; the same token then fails
+    0700 folder, and the REST API and the agent channel accept the new certificate; the same token then fails
     on a second host in one line, and a token pinning another CA is refused before it is
     sent; neither writes anything.
     """
@@ -96,6 +125,7 @@ async def test_join(tmp_path, reactor):
         assert name.startswith("node-") and f"as node {name[5:]}" in joined.stdout
         issued = CertificateIndex.beside(cluster.path / "cluster.key").entries()
         assert [(e.common_name, e.issued_by) for e in issued][-1] == (name, "join")
+        await _agent_channel_admits(reactor, control, folder, name[5:], tmp_path)
 
         second = _new_host(tmp_path / "host2", host)
         refused = _join(second, control, token)
