@@ -132,6 +132,16 @@ class JoinService:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"description": answer.description}).encode("utf-8")
 
+    @app.handle_errors(Exception)
+    def _internal(self, request, failure):
+        log_event(_log, "pyflock:control:join-failed", LogLevel.error,
+                  source=request.getClientAddress().host, token_id=None,
+                  reason=failure.getTraceback())
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"description": "internal error; the control service's log has "
+                                          "details"}).encode("utf-8")
+
     @app.route("/v1/join/authority", methods=["GET"])
     def authority(self, request):
         """The cluster's CA certificate (PEM), for the host to check against its pin."""

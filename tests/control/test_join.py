@@ -141,6 +141,13 @@ class JoinServiceTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(200, self.join(self.token())[0])
 
+    def test_bug_answers_500(self):
+        """A signer that fails unexpectedly answers a JSON 500, no traceback."""
+        self.sign_error = ZeroDivisionError("bug")
+        code, answer, _ = self.join(self.token())
+        self.assertEqual(500, code)
+        self.assertNotIn("Traceback", answer["description"])
+
     def test_signing_fails(self):
         """A certificate that cannot be issued answers 503 saying why."""
         self.sign_error = OutputPathError("cannot write the CA's index")
