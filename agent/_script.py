@@ -3,6 +3,7 @@
 
     pyflock-agent [run] --config /etc/pyflock/agent.yml
     pyflock-agent era --config /etc/pyflock/agent.yml
+    pyflock-agent join --control-service HOST[:JOINPORT] --token TOKEN [--config FILE]
 
 It loads its stored view of the cluster, starts converging from it at once, connects to
 the control service's agent channel, and serves the Docker plugin socket. Stopping it
@@ -296,7 +297,47 @@ def _parser() -> argparse.ArgumentParser:
         # it, so a --config given before the subcommand is not overwritten by a default.
         p.add_argument("--config", default=argparse.SUPPRESS,
                        help=f"the agent configuration file (default {DEFAULT_CONFIG})")
+    _add_join_parser(sub)
     return parser
+
+
+# -- joining (issue 10) ------------------------------------------------------------------------
+
+def _add_join_parser(sub) -> None:
+    """The ``join`` subcommand's options."""
+    join = sub.add_parser(
+        "join", help="join the cluster with a join token: make this node's key, get its "
+                     "certificate and write node.crt, node.key and cluster.crt",
+        description="Join a cluster with a token from `pyflock token create`. The key is "
+                    "made here and never leaves this host; the files go into agent.yml's "
+                    "certificates folder.")
+    join.add_argument("--control-service", required=True, metavar="HOST[:JOINPORT]",
+                      help="the control service's host name or address, as its "
+                           "certificate names it, and its join port (default 4526)")
+    join.add_argument("--token", required=True, metavar="TOKEN",
+                      help="the join token ('-' reads it from standard input)")
+    join.add_argument("--config", default=argparse.SUPPRESS,
+                      help=f"the agent configuration file (default {DEFAULT_CONFIG})")
+
+
+def _join(options: argparse.Namespace, config: AgentConfig) -> None:
+    """Run ``pyflock-agent join`` and exit: 0 and one line on stdout, or 1 and why."""
+    from pathlib import Path
+
+    from pyflock.agent._join import JoinError, join
+    token = sys.stdin.readline().strip() if options.token == "-" else options.token
+
+    async def joining(reactor):
+        try:
+            joined = await join(reactor, options.control_service, token,
+                                Path(config.certificates))
+        except JoinError as e:
+            print(f"pyflock-agent join: {e}", file=sys.stderr)
+            raise SystemExit(1)
+        print(f"Joined cluster {joined.cluster_uuid} as node {joined.node_uuid}: wrote "
+              f"node.crt, node.key and cluster.crt into {joined.folder}.")
+    from twisted.internet.task import react
+    react(lambda reactor: Deferred.fromCoroutine(joining(reactor)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -304,6 +345,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     options = _parser().parse_args(argv)
     try:
         config = load_config(options.config)
+        if options.command == "join":
+            return _join(options, config)
         if options.command == "era":
             print(compute_era(boot_id(), node_uuid_of(config)))
             return

@@ -422,6 +422,7 @@ async def start_control_service(reactor, certificates: ClusterCertificates,
         "run", "--data-path", str(data_path),
         "--port", "tcp:0:interface=127.0.0.1",
         "--agent-port", "tcp:0:interface=127.0.0.1",
+        "--join-port", "tcp:0:interface=127.0.0.1",
         "--certificates-directory", str(certificates.path), *extra_arguments]
     began = time.perf_counter()
     transport, event = await spawn_and_wait(reactor, protocol, command,

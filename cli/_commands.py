@@ -278,6 +278,44 @@ async def _node_forget(client: IControlClient, args: argparse.Namespace,
     return EXIT_OK
 
 
+# -- join tokens (issue 10) ------------------------------------------------------------------
+
+async def _token_create(client: IControlClient, args: argparse.Namespace,
+                        out: IO[str]) -> int:
+    info = await client.create_token(args.ttl, args.uses)
+    if args.json:
+        print_json(out, info.to_json())
+    else:
+        # The token alone, so that TOKEN=$(pyflock token create) works in scripts.
+        out.write(f"{info.token}\n")
+    return EXIT_OK
+
+
+async def _token_list(client: IControlClient, args: argparse.Namespace,
+                      out: IO[str]) -> int:
+    tokens = sorted(await client.list_tokens(), key=lambda t: (t.created, t.token_id))
+    if args.json:
+        print_json(out, [t.to_json() for t in tokens])
+        return EXIT_OK
+    now = client.seconds()
+    rows = [[t.token_id, t.state, f"{t.used}/{t.uses}",
+             ("in " + seconds_text(t.expires - now)) if t.expires > now
+             else seconds_text(now - t.expires) + " ago"] for t in tokens]
+    out.write(format_table(["ID", "STATE", "USED", "EXPIRES"], rows))
+    return EXIT_OK
+
+
+async def _token_revoke(client: IControlClient, args: argparse.Namespace,
+                        out: IO[str]) -> int:
+    info = await client.revoke_token(args.token_id)
+    if args.json:
+        print_json(out, info.to_json())
+    else:
+        out.write(f"Revoked join token {info.token_id} ({info.used} of {info.uses} "
+                  f"use(s) made).\n")
+    return EXIT_OK
+
+
 _COMMANDS: dict[tuple[str, Optional[str]], Callable[..., Any]] = {
     ("version", None): _version,
     ("list-nodes", None): _list_nodes,
@@ -289,6 +327,9 @@ _COMMANDS: dict[tuple[str, Optional[str]], Callable[..., Any]] = {
     ("leases", "acquire"): _leases_acquire,
     ("leases", "release"): _leases_release,
     ("node", "forget"): _node_forget,
+    ("token", "create"): _token_create,
+    ("token", "list"): _token_list,
+    ("token", "revoke"): _token_revoke,
 }
 
 

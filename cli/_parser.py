@@ -236,7 +236,56 @@ def _parser(stdout: IO[str], stderr: IO[str]) -> _Parser:
                   "forget a dead node that is the primary of no dataset and holds no lease")
     sub.add_argument("node", metavar="NODE",
                      help="node uuid, unique uuid prefix or address")
+    _add_token_commands(commands, command)
     return parser
+
+
+# -- join tokens (issue 10) ------------------------------------------------------------------
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_argument(text: str) -> float:
+    """A duration: seconds, or a number with a unit s, m, h or d (``90m``, ``1h``)."""
+    number, unit = text, "s"
+    if text[-1:].lower() in _DURATION_UNITS:
+        number, unit = text[:-1], text[-1].lower()
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration of at least 1 second (write 3600, 90m, 1h or 2d)")
+    return seconds
+
+
+def _uses_argument(text: str) -> int:
+    """A number of uses, at least 1."""
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of uses, 1 or "
+                                         f"more")
+    return int(text)
+
+
+def _add_token_commands(commands: Any, command: Any) -> None:
+    """``pyflock token create|list|revoke``."""
+    token = commands.add_parser(
+        "token", help="create, list and revoke join tokens",
+        description="A join token lets a new host join the cluster with "
+                    "`pyflock-agent join`: the host makes its own key and gets its "
+                    "certificate from the control service. Only its hash is stored.")
+    token_commands = token.add_subparsers(dest="subcommand", metavar="COMMAND",
+                                          required=True)
+    sub = command(token_commands, "create",
+                  "create a join token and print it alone on stdout")
+    sub.add_argument("--ttl", type=_duration_argument, metavar="DURATION",
+                     help="how long it is valid: seconds or 90m, 1h, 2d (default 1h)")
+    sub.add_argument("--uses", type=_uses_argument, metavar="N",
+                     help="how many hosts may join with it (default 1)")
+    command(token_commands, "list", "list join tokens (never their secrets)")
+    sub = command(token_commands, "revoke", "revoke a join token")
+    sub.add_argument("token_id", metavar="ID", help="the token's id, as listed")
 
 
 

@@ -12,7 +12,9 @@ Every refusal is a ``CertificateError`` whose message is one line a person can a
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
+import json
 import os
 import re
 from datetime import datetime, timedelta, timezone
@@ -26,6 +28,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pyflock.common._files import append_durably, fsync_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -406,27 +410,25 @@ def initialize(path: PathLike, name: str, *,
                             common_name=name, cluster_uuid=cluster_uuid)
 
 
-def _issue(ca_path: PathLike, out_path: PathLike, base_name: str, common_name: str,
-           usages: list, alt_names: list, now: Optional[datetime]) -> CertificateFiles:
-    """Issue a leaf certificate for ``common_name`` and write it as ``base_name.crt/.key``."""
-    authority = _load_authority(ca_path)
-    folder = _folder(out_path, "output")
-    now = _now(now)
-    not_after = min(now + CERTIFICATE_LIFETIME,
-                    authority.certificate.not_valid_after_utc)
-    key = _new_key()
+def _authority_identifier(authority: _Authority) -> x509.AuthorityKeyIdentifier:
+    """The authority key identifier of certificates ``authority`` issues."""
     try:
-        authority_identifier = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
             authority.certificate.extensions.get_extension_for_class(
                 x509.SubjectKeyIdentifier).value)
     except x509.ExtensionNotFound:
-        authority_identifier = x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            authority.key.public_key())
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key())
+
+
+def _build_leaf(authority: _Authority, public_key, common_name: str, usages: list,
+                alt_names: list, now: datetime) -> x509.Certificate:
+    """A leaf certificate for ``common_name`` and ``public_key``, signed by ``authority``."""
+    not_after = min(now + CERTIFICATE_LIFETIME, authority.certificate.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_subject(common_name, authority.cluster_uuid))
         .issuer_name(authority.certificate.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _CLOCK_SKEW)
         .not_valid_after(not_after)
@@ -436,14 +438,35 @@ def _issue(ca_path: PathLike, out_path: PathLike, base_name: str, common_name: s
             data_encipherment=False, key_agreement=False, key_cert_sign=False,
             crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
                        critical=False)
-        .add_extension(authority_identifier, critical=False)
+        .add_extension(_authority_identifier(authority), critical=False)
     )
     if alt_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names),
                                         critical=False)
-    certificate = builder.sign(authority.key, hashes.SHA256())
+    return builder.sign(authority.key, hashes.SHA256())
+
+
+def _issue(ca_path: PathLike, out_path: PathLike, base_name: str, common_name: str,
+           usages: list, alt_names: list, now: Optional[datetime]) -> CertificateFiles:
+    """
+    Issue a leaf certificate for ``common_name``, record it in the CA's index and write
+    it as ``base_name.crt/.key``.
+    """
+    authority = _load_authority(ca_path)
+    folder = _folder(out_path, "output")
+    for suffix in (".crt", ".key"):
+        if os.path.lexists(folder / f"{base_name}{suffix}"):
+            raise OutputExists(folder / f"{base_name}{suffix}")
+    now = _now(now)
+    key = _new_key()
+    certificate = _build_leaf(authority, key.public_key(), common_name, usages, alt_names,
+                              now)
+    # Recorded before it is written: the index may name a certificate never installed,
+    # never miss one that was.
+    CertificateIndex.beside(Path(ca_path) / AUTHORITY_KEY).record(
+        certificate, now, ISSUED_BY_CA)
     certificate_path, key_path = _write_pair(folder, base_name, certificate, key)
     return CertificateFiles(certificate_path=certificate_path, key_path=key_path,
                             common_name=common_name, cluster_uuid=authority.cluster_uuid)
@@ -483,3 +506,219 @@ def create_api_certificate(ca_path: PathLike, out_path: PathLike, user: str, *,
     validate_user_name(user)
     return _issue(ca_path, out_path, user, f"user-{user}",
                   [ExtendedKeyUsageOID.CLIENT_AUTH], [], now)
+
+
+# -- the CA's index of issued certificates ------------------------------------------------
+
+#: The index's file name, in the folder of the CA key (``cluster.key``).
+INDEX_FILE = "issued.jsonl"
+
+#: Who issued a certificate: ``pyflock-ca``, or the control service's join service.
+ISSUED_BY_CA = "pyflock-ca"
+ISSUED_BY_JOIN = "join"
+
+
+def _timestamp(moment: datetime) -> str:
+    """``moment`` as ISO 8601 UTC with seconds, ``2026-12-04T16:00:00Z``."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class IssuedCertificate:
+    """
+    One certificate the CA issued, as its index keeps it: ``serial`` (an integer; hex in
+    the file), ``subject`` (RFC 4514), ``common_name``, ``not_after`` and ``issued_at``
+    (aware UTC datetimes) and ``issued_by`` (``pyflock-ca`` or ``join``).
+    """
+
+    serial: int
+    subject: str
+    common_name: Optional[str]
+    not_after: datetime
+    issued_at: datetime
+    issued_by: str
+
+    @classmethod
+    def of(cls, certificate: x509.Certificate, issued_at: datetime,
+           issued_by: str) -> "IssuedCertificate":
+        """The index entry of ``certificate``, issued at ``issued_at`` by ``issued_by``."""
+        return cls(serial=certificate.serial_number,
+                   subject=certificate.subject.rfc4514_string(),
+                   common_name=common_name_of(certificate),
+                   not_after=certificate.not_valid_after_utc,
+                   issued_at=_now(issued_at).replace(microsecond=0),
+                   issued_by=issued_by)
+
+    def to_json(self) -> dict:
+        """The entry as one line of the index holds it."""
+        return {"kind": "issued", "serial": format(self.serial, "x"),
+                "subject": self.subject, "common_name": self.common_name,
+                "not_after": _timestamp(self.not_after),
+                "issued_at": _timestamp(self.issued_at), "issued_by": self.issued_by}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "IssuedCertificate":
+        """The entry of one ``issued`` line; ValueError or KeyError if it is malformed."""
+        def moment(text: str) -> datetime:
+            return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
+                tzinfo=timezone.utc)
+        return cls(serial=int(value["serial"], 16), subject=value["subject"],
+                   common_name=value["common_name"], not_after=moment(value["not_after"]),
+                   issued_at=moment(value["issued_at"]), issued_by=value["issued_by"])
+
+
+class CertificateIndex:
+    """
+    The CA's index of every certificate it issued (``pyflock-ca`` and the join service):
+    ``issued.jsonl`` beside ``cluster.key``, one JSON object per line with a ``kind``.
+    Lines are only ever appended (under an exclusive lock, fsynced), so that ``pyflock-ca``
+    and a running control service may both issue. Today every line is ``issued``; later
+    kinds (a revocation naming a serial) are appended beside them, and readers skip kinds
+    they do not know. A torn last line, left by a crash, is ignored and cut off by the
+    next append. Blocking: call it in a thread from a reactor.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+
+    @classmethod
+    def beside(cls, key_path: PathLike) -> "CertificateIndex":
+        """The index of the CA whose key is ``key_path``."""
+        return cls(Path(key_path).parent / INDEX_FILE)
+
+    def _lines(self, data: bytes) -> list[dict]:
+        """The complete lines of ``data``, parsed; ``CertificateFileError`` if garbled."""
+        objects = []
+        for number, line in enumerate(data.split(b"\n")[:-1], 1):
+            try:
+                value = json.loads(line)
+                if not isinstance(value, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                raise CertificateFileError(
+                    self.path, f"line {number} is not a JSON object: the index is "
+                               f"damaged") from None
+            objects.append(value)
+        return objects
+
+    def entries(self) -> list[IssuedCertificate]:
+        """Every certificate recorded, in the order issued (none if there is no index)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise CertificateFileError(self.path, f"cannot read the index: "
+                                                  f"{e.strerror or e}") from None
+        entries = []
+        for number, value in enumerate(self._lines(data), 1):
+            if value.get("kind") != "issued":
+                continue
+            try:
+                entries.append(IssuedCertificate.from_json(value))
+            except (KeyError, ValueError, TypeError, AttributeError):
+                raise CertificateFileError(
+                    self.path, f"line {number} is not a certificate entry: the index is "
+                               f"damaged") from None
+        return entries
+
+    def record(self, certificate: x509.Certificate, issued_at: datetime,
+               issued_by: str) -> IssuedCertificate:
+        """Append ``certificate`` durably; its entry. ``OutputPathError`` if it cannot."""
+        entry = IssuedCertificate.of(certificate, issued_at, issued_by)
+        line = json.dumps(entry.to_json(), sort_keys=True).encode("utf-8") + b"\n"
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise OutputPathError(f"cannot write the CA's index {self.path}: "
+                                  f"{e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, size, 0) if size else b""
+            complete = data.rfind(b"\n") + 1
+            append_durably(self.path, line, at=complete if complete != size else None)
+            if size == 0:
+                fsync_path(self.path.parent, directory=True)
+        except OSError as e:
+            raise OutputPathError(f"cannot write the CA's index {self.path}: "
+                                  f"{e.strerror or e}") from None
+        finally:
+            os.close(fd)
+        return entry
+
+
+# -- signing a node's request (the join service) -------------------------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SigningAuthority:
+    """A CA that signs: its certificate, key, cluster uuid and index."""
+
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    cluster_uuid: str
+    index: CertificateIndex
+
+
+def load_signing_authority(certificate_path: PathLike,
+                           key_path: PathLike) -> SigningAuthority:
+    """
+    The CA ``certificate_path`` (``cluster.crt``) with its key ``key_path`` and the index
+    beside the key; ``CertificateFileError`` if they are missing or do not match.
+    """
+    certificate = load_certificate(certificate_path)
+    key = load_private_key(key_path)
+    check_key_matches(certificate, key, key_path, certificate_path)
+    cluster_uuid = read_cluster_uuid(certificate_path)
+    return SigningAuthority(certificate=certificate, key=key, cluster_uuid=cluster_uuid,
+                            index=CertificateIndex.beside(key_path))
+
+
+class InvalidRequest(CertificateError):
+    """A certificate signing request is malformed, badly signed or has an unusable key."""
+
+
+def parse_signing_request(pem: Union[str, bytes]) -> x509.CertificateSigningRequest:
+    """The PEM request ``pem`` if it is well signed with a P-256 key, else ``InvalidRequest``."""
+    data = pem.encode("ascii", "replace") if isinstance(pem, str) else pem
+    try:
+        request = x509.load_pem_x509_csr(data)
+        valid = request.is_signature_valid
+        public_key = request.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidRequest("the certificate signing request is not a PEM "
+                             "request") from None
+    if not valid:
+        raise InvalidRequest("the certificate signing request's signature is not valid")
+    if not (isinstance(public_key, ec.EllipticCurvePublicKey)
+            and isinstance(public_key.curve, ec.SECP256R1)):
+        raise InvalidRequest("the certificate signing request's key is not an ECDSA "
+                             "P-256 key")
+    return request
+
+
+def sign_node_request(authority: SigningAuthority, request: x509.CertificateSigningRequest,
+                      node_uuid: Union[str, UUID], *, now: Optional[datetime] = None,
+                      issued_by: str = ISSUED_BY_JOIN) -> x509.Certificate:
+    """
+    A node certificate for ``node_uuid`` with the key of ``request`` (whose subject is
+    ignored), recorded in the CA's index before it is returned. Blocking.
+    """
+    node_uuid = _parse_uuid(node_uuid, "node uuid")
+    now = _now(now)
+    inner = _Authority(certificate=authority.certificate, key=authority.key,
+                       cluster_uuid=authority.cluster_uuid)
+    certificate = _build_leaf(
+        inner, request.public_key(), f"node-{node_uuid}",
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], [], now)
+    authority.index.record(certificate, now, issued_by)
+    return certificate
+
+
+#: Write a certificate and its key as ``<base>.crt`` (0644) and ``<base>.key`` (0600),
+#: never over an existing file (``OutputExists``); on failure neither is left behind.
+write_pair = _write_pair
+
+#: Create a new file with a mode and its data, fsynced; never over an existing one.
+write_new_file = _write_new

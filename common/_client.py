@@ -28,6 +28,7 @@ from twisted.web.client import ResponseFailed
 from zope.interface import Interface, implementer
 
 from pyflock.common._jsonread import Malformed, as_object, read
+from pyflock.common._tokens import TokenInfo
 from pyflock.common._records import (
     Dataset, DatasetReport, Lease, Node, dataset_from_json, lease_from_json,
     node_from_api_json, report_from_api_json,
@@ -190,6 +191,15 @@ class IControlClient(Interface):
     def release_lease(dataset_id) -> "Deferred[Lease]":
         """Drop the dataset's lease."""
 
+    def create_token(ttl=None, uses=None) -> "Deferred[TokenInfo]":
+        """A new join token (``token`` holds the whole token); user certificates only."""
+
+    def list_tokens() -> "Deferred[tuple[TokenInfo, ...]]":
+        """Every join token, without secrets."""
+
+    def revoke_token(token_id) -> "Deferred[TokenInfo]":
+        """Revoke join token ``token_id`` (``NotFound`` if there is none)."""
+
     def forget_node(node_uuid) -> "Deferred[Node]":
         """Forget a dead node that holds no dataset and no lease (pyflock addition)."""
 
@@ -241,6 +251,9 @@ def _describe(error: BaseException, host: str) -> str:
         return "the connection closed before an answer arrived"
     text = str(error).strip()
     return text or type(error).__name__
+
+#: One readable line saying why no answer arrived from a host (``join`` uses it too).
+describe_failure = _describe
 
 _UNREACHABLE = (ConnectError, DNSLookupError, ResponseFailed, CancelledError,
                 ConnectingCancelledError, SSL.Error, ConnectionError)
@@ -451,6 +464,33 @@ class ControlClient:
         async def go() -> Node:
             _, answer = await self._call("DELETE", path)
             return self._parse("DELETE", path, node_from_api_json, answer)
+        return Deferred.fromCoroutine(go())
+
+    # -- join tokens (issue 10) -----------------------------------------------------------
+
+    def create_token(self, ttl: Optional[float] = None,
+                     uses: Optional[int] = None) -> "Deferred[TokenInfo]":
+        """A new join token valid ``ttl`` seconds for ``uses`` joins (the service's
+        defaults where None); its ``token`` is the only copy of the secret."""
+        body = {key: value for key, value in (("ttl", ttl), ("uses", uses))
+                if value is not None}
+
+        async def go() -> TokenInfo:
+            response, answer = await self._call("POST", "/tokens", body, expected=(201,))
+            return self._parse("POST", "/tokens", TokenInfo.from_json, answer, 201)
+        return Deferred.fromCoroutine(go())
+
+    def list_tokens(self) -> "Deferred[tuple[TokenInfo, ...]]":
+        """Every join token, without secrets."""
+        return self._get_list("/tokens", TokenInfo.from_json)
+
+    def revoke_token(self, token_id: str) -> "Deferred[TokenInfo]":
+        """Revoke join token ``token_id``, answering the token revoked."""
+        path = "/tokens/" + quote(token_id, safe="")
+
+        async def go() -> TokenInfo:
+            _, answer = await self._call("DELETE", path)
+            return self._parse("DELETE", path, TokenInfo.from_json, answer)
         return Deferred.fromCoroutine(go())
 
 

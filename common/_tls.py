@@ -202,8 +202,9 @@ AGENT_CHANNEL = Role("agent channel", ("node",))
 #: Peer data transfer (4525): nodes only (which node, the move decides).
 PEER_TRANSFER = Role("peer transfer", ("node",))
 
-# The join port (4526) takes clients without a certificate: it will get a server context
-# of its own that requests none, and no Role (its exchange checks a token instead).
+# The join port (4526) takes clients without a certificate: it has a server context of its
+# own that requests none (``ClusterTLS.join_listener``), and no Role (its exchange checks a
+# token instead).
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -449,6 +450,19 @@ class ClusterTLS:
         return Listener(tls_server_endpoint(reactor, port, self.server_options()),
                         role, self.check)
 
+    def join_listener(self, reactor, port: Union[int, str]) -> IStreamServerEndpoint:
+        """
+        The join port's TLS endpoint on ``port``: server-authenticated only (this
+        certificate), requesting no client certificate, TLS 1.2 or later; a joining host
+        has no certificate yet, and proves itself with a token inside.
+        """
+        credentials = self._credentials
+        options = CertificateOptions(
+            privateKey=credentials.key, certificate=credentials.certificate,
+            raiseMinimumTo=MINIMUM_TLS_VERSION)
+        options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
+        return tls_server_endpoint(reactor, port, options)
+
     def client_options(self, expected: Identity, hostname: Optional[str] = None
                        ) -> IOpenSSLClientConnectionCreator:
         """
@@ -570,6 +584,32 @@ class ClusterTLSPolicy:
         return self._creators[host]
 
 
+@implementer(IPolicyForHTTPS)
+class JoinPolicy:
+    """
+    ``IPolicyForHTTPS`` of a host that joins and has no certificate yet: with
+    ``authority`` (the CA certificate it checked against its token's pin), only the
+    control service of that CA reached by the URL's host name; without, any server (only
+    for fetching the CA certificate, whose pin the caller checks before trusting it).
+    """
+
+    def __init__(self, authority: Optional[x509.Certificate] = None):
+        self._authority = authority
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        """The client connection creator for ``https://hostname:port``."""
+        if self._authority is None:
+            return CertificateOptions(raiseMinimumTo=MINIMUM_TLS_VERSION)
+        host = hostname.decode("ascii") if isinstance(hostname, bytes) else hostname
+        host = host.strip("[]")
+        cluster_uuid = cluster_uuid_of(self._authority) or ""
+        options = CertificateOptions(
+            trustRoot=trustRootFromCertificates([_twisted_certificate(self._authority)]),
+            raiseMinimumTo=MINIMUM_TLS_VERSION)
+        return _ServerCheckingCreator(options, Identity.control(), PeerCheck(cluster_uuid),
+                                      host)
+
+
 # -- the same, from a certificates folder in one call --------------------------------------
 
 
@@ -680,7 +720,7 @@ def tls_client_endpoint(reactor, host: str, port: int,
 
 __all__ = [
     "AGENT_CHANNEL", "Admission", "ClusterTLS", "ClusterTLSPolicy", "ConnectionIdentities",
-    "Identity", "Listener", "MINIMUM_TLS_VERSION", "PEER_TRANSFER", "PeerCheck", "PeerRefused", "REST_API",
+    "Identity", "JoinPolicy", "Listener", "MINIMUM_TLS_VERSION", "PEER_TRANSFER", "PeerCheck", "PeerRefused", "REST_API",
     "Role", "client_tls_options", "never_revoked",
     "client_tls_policy", "identity_of_certificate", "peer_identity", "read_cluster_uuid",
     "server_tls_options", "tcp_server_endpoint", "tls_client_endpoint",

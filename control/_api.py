@@ -28,6 +28,11 @@ from pyflock.common._records import (
 from pyflock.control import _schema as schema
 from pyflock.control._clusterstate import ClusterStateService, ForgetRefused, NodeUnknown
 from pyflock.control._persistence import ConfigurationService, StoreUnavailable
+from pyflock.control._store import StoreError
+from pyflock.control._tokens import (
+    DEFAULT_TTL, DEFAULT_USES, TokenService, TokenUnknown,
+)
+from pyflock.common._tokens import valid_token_id
 
 __version__ = "0.1.0"
 
@@ -40,6 +45,7 @@ _CREATE = schema.validator(schema.CREATE_DATASET)
 _UPDATE = schema.validator(schema.UPDATE_DATASET)
 _ACQUIRE = schema.validator(schema.ACQUIRE_LEASE)
 _UUID = schema.validator(schema.UUID)
+_CREATE_TOKEN = schema.validator(schema.CREATE_TOKEN)
 
 
 class APIError(Exception):
@@ -145,8 +151,10 @@ class ControlAPI:
     app = Klein()
 
     def __init__(self, configuration: ConfigurationService, cluster: ClusterStateService,
-                 identify: Callable[[IRequest], object], openapi: Optional[dict] = None):
+                 identify: Callable[[IRequest], object], openapi: Optional[dict] = None,
+                 tokens: Optional[TokenService] = None):
         self._configuration = configuration
+        self._tokens = tokens
         self._cluster = cluster
         self._identify = identify
         self._openapi = openapi
@@ -452,3 +460,61 @@ class ControlAPI:
         except ForgetRefused as e:
             raise APIError(409, e.description)
         return self._json(request, self._node_json(node, alive=False))
+
+    # -- pyflock addition: join tokens (issue 10) -----------------------------------------
+
+    def _token_service(self, request) -> TokenService:
+        """The token service, for a user certificate only; 409 when joins are off."""
+        identity = self._caller(request)
+        if identity.kind != "user":
+            log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
+                      action="manage join tokens")
+            raise APIError(403, "Only a user certificate may manage join tokens; node "
+                                "certificates may not.")
+        if self._tokens is None:
+            raise APIError(409, "This control service serves no joins: it has no CA key. "
+                                "Start it with --ca-key (default: cluster.key in its "
+                                "certificates folder).")
+        return self._tokens
+
+    @staticmethod
+    def _token_stored(error: StoreError) -> APIError:
+        """The 503 of a token change the store failed."""
+        return APIError(503, f"The configuration store failed to keep the join token "
+                             f"({error}); retry.")
+
+    @app.route("/v1/tokens", methods=["GET"])
+    def list_tokens(self, request):
+        """Every join token, without secrets (user certificates only)."""
+        tokens = self._token_service(request)
+        now = tokens.now()
+        return self._json(request, [r.to_json(now) for r in tokens.book.records()])
+
+    @app.route("/v1/tokens", methods=["POST"])
+    async def create_token(self, request):
+        """Create a join token; the only answer that ever shows its secret."""
+        tokens = self._token_service(request)
+        body = self._body(request, _CREATE_TOKEN)
+        try:
+            token, record = await tokens.create(body.get("ttl", DEFAULT_TTL),
+                                                body.get("uses", DEFAULT_USES))
+        except StoreError as e:
+            raise self._token_stored(e)
+        log_event(_log, "pyflock:control:token-created", token_id=record.token_id,
+                  expires=record.expires, uses=record.uses)
+        return self._json(request, dict(record.to_json(tokens.now()), token=str(token)), 201)
+
+    @app.route("/v1/tokens/<token_id>", methods=["DELETE"])
+    async def revoke_token(self, request, token_id):
+        """Revoke a join token (user certificates only)."""
+        tokens = self._token_service(request)
+        if not valid_token_id(token_id):
+            raise APIError(400, f"{token_id!r} is not a token id: 16 lower-case hex digits.")
+        try:
+            record = await tokens.revoke(token_id)
+        except TokenUnknown as e:
+            raise APIError(404, f"No join token has the id {e.args[0]}.")
+        except StoreError as e:
+            raise self._token_stored(e)
+        log_event(_log, "pyflock:control:token-revoked", token_id=token_id)
+        return self._json(request, record.to_json(tokens.now()))

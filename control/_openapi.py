@@ -69,6 +69,46 @@ _ERA = _path_param("era", "A node's era (changes when the node reboots).", {"typ
 _NODE_UUID = _path_param("node_uuid", "The node's UUID.", s.UUID)
 
 
+_TOKEN_ID = _path_param("token_id", "The token's id (16 hex digits).",
+                        {"type": "string"})
+
+#: What the join-token routes' errors mean (they differ from the datasets' ones).
+_TOKEN_ERRORS = {
+    403: "Only a user certificate may manage join tokens.",
+    404: "No join token has this id.",
+    409: "This control service serves no joins: it was started without the CA key "
+         "(--ca-key).",
+}
+
+
+def _token_op(summary: str, ok: dict, errors: tuple[int, ...] = (),
+              body: Optional[dict] = None, params: tuple = ()) -> dict:
+    """An operation of the join-token routes (user certificates only)."""
+    op = _op(summary, ok, errors + (409,), body=body, params=params)
+    for code, description in _TOKEN_ERRORS.items():
+        if str(code) in op["responses"]:
+            op["responses"][str(code)]["description"] = description
+    return op
+
+
+def _token_paths() -> dict:
+    """The join-token routes (issue 10)."""
+    token = {"$ref": "#/components/schemas/Token"}
+    return {
+        "/v1/tokens": {
+            "get": _token_op("pyflock addition: every join token (never their secrets).",
+                             {200: ("Join tokens.", s.array_of(token))}),
+            "post": _token_op("pyflock addition: create a join token; the answer is the "
+                              "only place its secret is ever shown.",
+                              {201: ("The new token.", s.NEW_TOKEN)}, (400, 503),
+                              body=s.CREATE_TOKEN),
+        },
+        "/v1/tokens/{token_id}": {"delete": _token_op(
+            "pyflock addition: revoke a join token.", {200: ("The revoked token.", token)},
+            (400, 404, 503), params=(_TOKEN_ID,))},
+    }
+
+
 def build_openapi(version: str) -> dict:
     """The OpenAPI document for this version of the service."""
     ref = {name: {"$ref": f"#/components/schemas/{name}"}
@@ -121,6 +161,7 @@ def build_openapi(version: str) -> dict:
         "/v1/configuration/leases/{dataset_id}": {"delete": _op(
             "Release a lease.", {200: ("The released lease.", ref["Lease"])}, (400, 404, 503),
             params=(_DATASET_ID,))},
+        **_token_paths(),
     }
     return {
         "openapi": "3.1.0",
@@ -130,7 +171,7 @@ def build_openapi(version: str) -> dict:
         "paths": paths,
         "components": {"schemas": {
             "Dataset": s.DATASET, "DatasetState": s.DATASET_STATE, "Node": s.NODE,
-            "Lease": s.LEASE, "Error": s.ERROR}},
+            "Lease": s.LEASE, "Error": s.ERROR, "Token": s.TOKEN}},
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fastjsonschema
 from jsonschema import Draft202012Validator
 
+from pyflock.control._tokens import DEFAULT_TTL, DEFAULT_USES, MAXIMUM_TTL, MAXIMUM_USES
 from pyflock.common._limits import (
     DATASET_STATES, MAXIMUM_BYTES, MAXIMUM_LEASE, MAXIMUM_METADATA_ENTRIES,
     MAXIMUM_METADATA_TEXT, MINIMUM_SIZE, SIZE_MULTIPLE,
@@ -110,6 +111,37 @@ ERROR = {
                                                     "another node: that node's uuid.")},
     "additionalProperties": False,
 }
+
+
+# -- join tokens (issue 10) ----------------------------------------------------------------
+
+CREATE_TOKEN = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "ttl": {"type": "number", "minimum": 1, "maximum": MAXIMUM_TTL,
+                "description": f"Seconds the token is valid (default {DEFAULT_TTL:g}, at "
+                               f"most {MAXIMUM_TTL:g}: 30 days)."},
+        "uses": {"type": "integer", "minimum": 1, "maximum": MAXIMUM_USES,
+                 "description": f"How many hosts may join with it (default "
+                                f"{DEFAULT_USES})."}},
+}
+
+TOKEN = {
+    "type": "object", "additionalProperties": False,
+    "required": ["token_id", "created", "expires", "uses", "used", "state"],
+    "properties": {
+        "token_id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+        "created": {"type": "number", "description": "Seconds since the epoch."},
+        "expires": {"type": "number", "description": "Seconds since the epoch."},
+        "uses": {"type": "integer", "description": "Joins the token allows."},
+        "used": {"type": "integer", "description": "Joins made with it so far."},
+        "state": {"enum": ["usable", "expired", "used-up"]}},
+}
+
+NEW_TOKEN = {**TOKEN, "required": TOKEN["required"] + ["token"],
+             "properties": {**TOKEN["properties"], "token": {
+                 "type": "string", "description": "The token itself, shown only here: "
+                                                  "the CA pin, the token id and the secret."}}}
 
 
 def array_of(schema: dict) -> dict:

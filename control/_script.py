@@ -5,6 +5,7 @@
                           [--certificates-directory DIR] [--lease-grace SECONDS]
                           [--heartbeat SECONDS] [--node-expiry SECONDS]
                           [--forget-dead-nodes SECONDS]
+                          [--join-port PORT] [--ca-key FILE]
     pyflock-control backup --data-path DIR FILE
 """
 
@@ -13,12 +14,20 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
-from pyflock.common._ca import CertificateError
+from pyflock.common._ca import (
+    AUTHORITY_CERTIFICATE, AUTHORITY_KEY, CertificateError, load_signing_authority,
+    sign_node_request,
+)
+from pyflock.common._threads import in_reactor_pool
+from pyflock.common._tokens import DEFAULT_JOIN_PORT, authority_pin
+from pyflock.control._join import JoinService
+from pyflock.control._tokens import FailureLimiter, TokenService
 from pyflock.common._logging import log_event, start_json_logging
 from pyflock.common._tls import AGENT_CHANNEL, REST_API, ClusterTLS
 from pyflock.control._agentchannel import DEFAULT_HEARTBEAT, AgentChannelServer
@@ -78,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
                        default=DEFAULT_FORGET_DEAD_NODES,
                        help=f"forget a node dead this many seconds that holds no dataset "
                             f"and no lease (default {DEFAULT_FORGET_DEAD_NODES:g}: 7 days)")
+        p.add_argument("--join-port", default=str(DEFAULT_JOIN_PORT),
+                       help=f"join port, where new hosts trade a join token for their "
+                            f"certificate: a number or a tcp: endpoint (default "
+                            f"{DEFAULT_JOIN_PORT}; server-authenticated TLS only)")
+        p.add_argument("--ca-key", metavar="FILE", default=None,
+                       help="the cluster CA's key, to sign joining nodes' certificates "
+                            "(default: cluster.key in the certificates folder; without "
+                            "it, no joins are served)")
     b = sub.add_parser("backup", help="copy the store consistently while the service runs")
     b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
     b.add_argument("file", help="the new backup file (never overwritten)")
@@ -86,6 +103,42 @@ def _parser() -> argparse.ArgumentParser:
 
 class StartupError(Exception):
     """The service cannot start; the message says why and what to do."""
+
+
+# -- joins (issue 10) ------------------------------------------------------------------------
+
+async def start_joins(reactor, options: argparse.Namespace, tls: ClusterTLS, store):
+    """
+    The token service and the join port's listening port, or (None, None) when there is
+    no CA key (said in the log); ``StartupError`` when the key given cannot be used.
+    """
+    folder = Path(options.certificates_directory)
+    key_path = Path(options.ca_key) if options.ca_key else folder / AUTHORITY_KEY
+    if options.ca_key is None and not key_path.exists():
+        log_event(_log, "pyflock:control:joins-off", LogLevel.warn,
+                  reason=f"no CA key at {key_path}: no joins are served and no join "
+                         f"tokens can be made; give the CA key with --ca-key to serve them")
+        return None, None
+    try:
+        authority = load_signing_authority(folder / AUTHORITY_CERTIFICATE, key_path)
+        endpoint = tls.join_listener(reactor, options.join_port)
+    except (CertificateError, ValueError) as e:
+        raise StartupError(f"cannot serve joins: {e}")
+    tokens = await TokenService.load(store, reactor, authority_pin(authority.certificate))
+    run_blocking = in_reactor_pool(reactor)
+    service = JoinService(
+        tokens, authority.certificate,
+        lambda request, node_uuid: run_blocking(sign_node_request, authority, request,
+                                                node_uuid),
+        FailureLimiter(reactor))
+    try:
+        port = await endpoint.listen(service.site(reactor))
+    except Exception as e:
+        raise StartupError(f"cannot listen on {options.join_port}: {e}")
+    address = port.getHost()
+    log_event(_log, "pyflock:control:joins-on", address=f"{address.host}:{address.port}",
+              ca_key=str(key_path), index=str(authority.index.path))
+    return tokens, port
 
 
 async def run(reactor, options: argparse.Namespace) -> None:
@@ -121,8 +174,13 @@ async def run(reactor, options: argparse.Namespace) -> None:
     configuration.start_lease_expiry()
     cluster = ClusterStateService(reactor, node_expiry=options.node_expiry,
                                   forget_after=options.forget_dead_nodes)
+    try:
+        tokens, join_port = await start_joins(reactor, options, tls, store)
+    except StartupError:
+        await configuration.stop()
+        raise
     api = ControlAPI(configuration, cluster, api_listener.identities(),
-                     build_openapi(__version__))
+                     build_openapi(__version__), tokens=tokens)
     site = APISite(api.resource())
     channel = AgentChannelServer(configuration, cluster, reactor,
                                  identify=agent_listener.admit,
@@ -131,6 +189,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
     try:
         agent_port = await agent_listener.endpoint.listen(channel.factory())
     except Exception as e:
+        if join_port is not None:
+            await join_port.stopListening()
         await channel.stop()
         await configuration.stop()
         raise StartupError(f"cannot listen on {options.agent_port}: {e}")
@@ -138,6 +198,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
         port = await api_listener.endpoint.listen(site)
     except Exception as e:
         await agent_port.stopListening()
+        if join_port is not None:
+            await join_port.stopListening()
         await channel.stop()
         await configuration.stop()
         raise StartupError(f"cannot listen on {options.port}: {e}")
@@ -154,6 +216,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
         cluster.stop_forgetting()
         await port.stopListening()
         await agent_port.stopListening()
+        if join_port is not None:
+            await join_port.stopListening()
         await channel.stop()
         await configuration.stop()
         log_event(_log, "pyflock:control:stopped")

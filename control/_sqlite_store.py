@@ -23,6 +23,9 @@ Layout of ``configuration.sqlite3`` (schema version ``SCHEMA_VERSION``, kept in
   drops the entries at or before ``revision - retained`` (``RETAINED_REVISIONS`` unless
   told) and raises ``compacted`` to match, so the table holds at most the existing rows
   plus the rows removed in the retained revisions.
+- ``tokens(token_id, secret_hash, created REAL, expires REAL, uses, used)``: the join
+  tokens (``TokenRecord``), the SHA-256 of each secret only; outside revisions (schema
+  version 3)
 
 To restore a backup, stop pyflock-control, remove ``configuration.sqlite3`` and its
 ``-wal``/``-shm`` files, and copy the backup file to ``configuration.sqlite3``.
@@ -50,6 +53,7 @@ from zope.interface import implementer
 from pyflock.common._files import fsync_path as _fsync
 from pyflock.common._model import Configuration, Dataset, Lease
 from pyflock.common._records import metadata_of
+from pyflock.control._tokens import TokenRecord
 from pyflock.control._store import (
     RETAINED_REVISIONS, HistoryGone, IConfigurationStore, StoreChanges, StoreError,
     StoreSnapshot, StoreWrite, check_history, new_store_id, oldest_kept,
@@ -109,8 +113,22 @@ def _schema_2(db: sqlite3.Connection) -> None:
                "('store_id', ?)", (new_store_id(),))
 
 
+def _schema_3(db: sqlite3.Connection) -> None:
+    """Join tokens: the hash of each secret, never the secret."""
+    db.execute("""
+        CREATE TABLE tokens (
+            token_id TEXT PRIMARY KEY NOT NULL,
+            secret_hash TEXT NOT NULL,
+            created REAL NOT NULL,
+            expires REAL NOT NULL,
+            uses INTEGER NOT NULL CHECK (uses >= 1),
+            used INTEGER NOT NULL CHECK (used >= 0)
+        ) WITHOUT ROWID""")
+
+
 #: ``MIGRATIONS[n]`` takes a store from schema version ``n`` to ``n + 1``; append only.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1, _schema_2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _schema_1, _schema_2, _schema_3)
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -444,6 +462,33 @@ def _read_changes(db: sqlite3.Connection, path: str, since: int) -> StoreChanges
                         store_id=meta["store_id"])
 
 
+_TOKEN_COLUMNS = "token_id, secret_hash, created, expires, uses, used"
+
+
+def _read_tokens(db: sqlite3.Connection, path: str) -> tuple[TokenRecord, ...]:
+    """Every stored join token."""
+    rows = db.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens").fetchall()
+    try:
+        return tuple(TokenRecord(*row) for row in rows)
+    except TypeError as e:
+        raise _damaged(path, f"a join token cannot be read: {e}") from e
+
+
+def _write_token(db: sqlite3.Connection, token_id: str, row: Optional[tuple]) -> None:
+    """Store (or with None remove) one join token in its own transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("DELETE FROM tokens WHERE token_id = ?", (token_id,))
+        if row is not None:
+            db.execute(f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                       row)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 @attr.s(slots=True, auto_attribs=True)
 class _Job:
     """One unit of work for the writer thread and the Deferreds waiting on it."""
@@ -497,6 +542,17 @@ class SQLiteConfigurationStore:
     def changes_since(self, revision: int) -> Deferred:
         """The rows changed after ``revision``, after every write submitted before this call."""
         return self._request("changes", revision)
+
+    def load_tokens(self) -> Deferred:
+        """Every stored join token, after every write submitted before this call."""
+        return self._request("tokens", None)
+
+    def write_token(self, token_id: str, record: Optional[TokenRecord]) -> Deferred:
+        """Store (or with None forget) a join token; fires with None when durable."""
+        row = None if record is None else (
+            record.token_id, record.secret_hash, float(record.created),
+            float(record.expires), int(record.uses), int(record.used))
+        return self._request("token", (token_id, row))
 
     def write(self, change: StoreWrite) -> Deferred:
         """
@@ -629,6 +685,21 @@ class SQLiteConfigurationStore:
             return _read_changes(db, self.path, since)
         except sqlite3.Error as e:
             raise _damaged(self.path, f"reading the changes failed: {e}") from e
+
+    def _do_tokens(self, _: None) -> tuple[TokenRecord, ...]:
+        db = self._usable()
+        try:
+            return _read_tokens(db, self.path)
+        except sqlite3.Error as e:
+            raise _damaged(self.path, f"reading the join tokens failed: {e}") from e
+
+    def _do_token(self, payload: tuple[str, Optional[tuple]]) -> None:
+        db = self._usable()
+        try:
+            _write_token(db, *payload)
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: writing a join token failed ({e}); it was "
+                             f"not changed.") from e
 
     def _do_write(self, batch: list[_Rows]) -> list[int]:
         db = self._usable()

@@ -130,6 +130,15 @@ class IConfigurationStore(Interface):
     def close() -> Deferred:
         """Finish pending writes and release the store; fires when done."""
 
+    def load_tokens() -> Deferred:
+        """Every stored join token; fires with a tuple of ``TokenRecord``."""
+
+    def write_token(token_id: str, record) -> Deferred:
+        """
+        Store ``record`` (a ``TokenRecord``) as token ``token_id``, or forget the token if
+        ``record`` is None; fires with None once durable, or fails with ``StoreError``.
+        """
+
 
 def _with_rows(rows, changes) -> Any:
     """``rows`` (a pyrsistent map by dataset id) with each changed row set, or removed
@@ -189,12 +198,14 @@ class MemoryConfigurationStore:
         self._oldest = revision
         # (kind, dataset id) -> the revision of its last change, oldest first.
         self._changed: dict[tuple[str, str], int] = {}
+        self.tokens: dict[str, Any] = {}
 
     def reopen(self) -> "MemoryConfigurationStore":
         """A new store holding what this one kept, history included, as after a restart."""
         store = MemoryConfigurationStore(self.config, self.revision, self._retained)
         store._oldest, store._changed = self._oldest, dict(self._changed)
         store.store_id = self.store_id
+        store.tokens = dict(self.tokens)
         return store
 
     def load(self) -> Deferred:
@@ -243,4 +254,19 @@ class MemoryConfigurationStore:
 
     def close(self) -> Deferred:
         """Nothing to release; fires at once."""
+        return succeed(None)
+
+    def load_tokens(self) -> Deferred:
+        """Fire with every token record."""
+        return succeed(tuple(self.tokens.values()))
+
+    def write_token(self, token_id: str, record) -> Deferred:
+        """Keep (or with None forget) a token, or fail with ``fail_next`` if set."""
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            return fail(error)
+        if record is None:
+            self.tokens.pop(token_id, None)
+        else:
+            self.tokens[token_id] = record
         return succeed(None)

@@ -7,7 +7,8 @@ through ``treq.testing.StubTreq``. Every answer is checked against the service's
 document, so a test written against the harness fails where the real service would
 disagree. Use ``harness.client()`` for an ``IControlClient`` (the same ``ControlClient``
 that talks to a real ``pyflock-control``), ``report_node`` to play a node agent's report,
-and ``clock.advance`` to let time pass (leases run out, nodes die)::
+and ``clock.advance`` to let time pass (leases run out, nodes die, join tokens expire;
+``APIHarness(joins=False)`` plays a control service without the CA key)::
 
     from pyflock.control.testing import APIHarness
 
@@ -42,6 +43,7 @@ from pyflock.control._clusterstate import ClusterStateService, NodeState
 from pyflock.control._openapi import build_openapi, match_path, response_validator
 from pyflock.control._persistence import ConfigurationService
 from pyflock.control._store import MemoryConfigurationStore
+from pyflock.control._tokens import TokenBook, TokenService
 
 ALICE = Identity.user("alice")
 NODE_A = Identity.node("aaaaaaaa-0000-4000-8000-000000000001")
@@ -132,8 +134,11 @@ class APIHarness:
     #: The base URL the harness's clients use (no request leaves the process).
     base_url = "https://control.example"
 
+    #: The CA pin of the harness's join tokens (it has no CA).
+    pin = "pyflockHarnessPinAAAAAAAAAAAAAAAAAAAAAAAAAA"
+
     def __init__(self, config: Configuration = Configuration(), clock: Optional[Clock] = None,
-                 store: Optional[MemoryConfigurationStore] = None):
+                 store: Optional[MemoryConfigurationStore] = None, joins: bool = True):
         self.clock = clock or Clock()
         self.clock.advance(1_000_000)
         self.store = store or MemoryConfigurationStore(config)
@@ -141,11 +146,15 @@ class APIHarness:
                                                   self.store.revision, self.store.store_id)
         self.cluster = ClusterStateService(self.clock)
         self.openapi = build_openapi(__version__)
+        #: The join tokens (``TokenService``), or None for a service that serves no joins.
+        self.tokens = (TokenService(self.store, self.clock, TokenBook(self.store.tokens.values(),
+                                                                      self.pin))
+                       if joins else None)
 
     def api(self, identity: Optional[Identity]) -> ControlAPI:
         """The API as ``identity`` sees it."""
         return ControlAPI(self.configuration, self.cluster, lambda request: identity,
-                          self.openapi)
+                          self.openapi, tokens=self.tokens)
 
     def request(self, testcase, method: str, path: str, body=None, *,
                 identity: Optional[Identity] = ALICE, headers: Optional[dict] = None,

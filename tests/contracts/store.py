@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
+import attr
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from zope.interface.verify import verifyObject
 
 from pyflock.common._model import Configuration, Dataset, Lease
+from pyflock.common._tokens import secret_hash
+from pyflock.control._tokens import TokenRecord
 from pyflock.control._store import (
     RETAINED_REVISIONS, HistoryGone, IConfigurationStore, MemoryConfigurationStore,
     StoreChanges, StoreSnapshot, StoreWrite, apply_write,
@@ -413,4 +416,59 @@ def make_iconfigurationstore_tests(make_opener: OpenerFactory) -> type:
                     await store.changes_since(revision + 1)
             await using(make_opener(tmp_path), check)
 
+        @pytest_twisted.ensureDeferred
+        async def test_no_tokens(self, tmp_path):
+            """A new store keeps no join token."""
+            tokens = await using(make_opener(tmp_path), lambda store: store.load_tokens())
+            assert tuple(tokens) == ()
+
+        @pytest_twisted.ensureDeferred
+        async def test_tokens_kept(self, tmp_path):
+            """Written join tokens (fractional times too) load back after a reopen."""
+            opener = make_opener(tmp_path)
+            first, second = sample_token("0000000000000001"), sample_token(
+                "00000000000000ff", used=2)
+
+            async def write(store):
+                await store.write_token(first.token_id, first)
+                await store.write_token(second.token_id, second)
+            await using(opener, write)
+            tokens = await using(opener, lambda store: store.load_tokens())
+            assert sorted(tokens, key=lambda t: t.token_id) == [first, second]
+
+        @pytest_twisted.ensureDeferred
+        async def test_token_updated_and_removed(self, tmp_path):
+            """A token written again is replaced; written as None it is gone, for good."""
+            opener = make_opener(tmp_path)
+            kept, gone = sample_token("000000000000000a"), sample_token("000000000000000b")
+
+            async def write(store):
+                await store.write_token(kept.token_id, kept)
+                await store.write_token(gone.token_id, gone)
+                await store.write_token(kept.token_id, attr.evolve(kept, used=1))
+                await store.write_token(gone.token_id, None)
+                await store.write_token("000000000000000c", None)
+            await using(opener, write)
+            tokens = await using(opener, lambda store: store.load_tokens())
+            assert list(tokens) == [attr.evolve(kept, used=1)]
+
+        @pytest_twisted.ensureDeferred
+        async def test_tokens_take_no_revision(self, tmp_path):
+            """Writing a token leaves the configuration's revision and change feed alone."""
+            async def check(store):
+                revision = await store.write(sample_change())
+                await store.write_token("0000000000000001", sample_token("0000000000000001"))
+                snapshot = await store.load()
+                changes = await store.changes_since(revision)
+                return revision, snapshot.revision, changes.change
+            revision, after, change = await using(make_opener(tmp_path), check)
+            assert after == revision
+            assert change.datasets == () and change.leases == ()
+
     return ConfigurationStoreContract
+
+
+def sample_token(token_id: str, used: int = 0) -> TokenRecord:
+    """A join token record with id ``token_id`` (the hash of a made-up secret)."""
+    return TokenRecord(token_id=token_id, secret_hash=secret_hash(f"secret-{token_id}"),
+                       created=1_700_000_000.25, expires=1_700_003_600.5, uses=3, used=used)

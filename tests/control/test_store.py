@@ -35,7 +35,7 @@ from pyflock.control._store import (
 from tests.harness.files import unwritable
 from tests.contracts.store import (
     NODE_A, dataset_id, loaded, make_iconfigurationstore_tests, memory_store_opener,
-    sample_change, using,
+    sample_change, sample_token, using,
 )
 
 
@@ -492,6 +492,22 @@ async def test_version_1_reads(tmp_path):
     assert config.datasets[dataset_id(2)].maximum_size == 64 * 1024 * 1024
     assert config.leases[dataset_id(1)] == Lease(dataset_id=dataset_id(1), node_uuid=NODE_A,
                                                  expiration=99.5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_version_1_gains_tokens(tmp_path):
+    """A version 1 store, upgraded, keeps no join token yet and then keeps one."""
+    _version_1_by_hand(tmp_path / FILENAME)
+    token = sample_token("0123456789abcdef")
+
+    async def upgrade(store):
+        assert tuple(await store.load_tokens()) == ()
+        await store.write_token(token.token_id, token)
+    await using(lambda: open_sqlite_store(_reactor(), tmp_path), upgrade)
+    tokens = await using(lambda: open_sqlite_store(_reactor(), tmp_path),
+                         lambda store: store.load_tokens())
+    assert list(tokens) == [token]
+    assert (await stored(tmp_path)).generation == 12
 
 
 @pytest_twisted.ensureDeferred

@@ -61,6 +61,8 @@ class ControlProcess(ServiceProcess):
         self._fixed_ports = port is not None
         self.port = port if port is not None else free_port(self.host)
         self.agent_port = agent_port if agent_port is not None else free_port(self.host)
+        #: The join port (served when the certificates folder holds cluster.key).
+        self.join_port = free_port(self.host)
         self.lease_grace = lease_grace
         self.extra_arguments = tuple(extra_arguments)
         super().__init__(
@@ -79,6 +81,7 @@ class ControlProcess(ServiceProcess):
             "--data-path", str(self.data_path),
             "--port", f"tcp:{self.port}:interface={self.host}",
             "--agent-port", f"tcp:{self.agent_port}:interface={self.host}",
+            "--join-port", f"tcp:{self.join_port}:interface={self.host}",
             "--certificates-directory", str(self.certificates_directory),
         ]
         if self.lease_grace is not None:
@@ -100,6 +103,7 @@ class ControlProcess(ServiceProcess):
                         or "cannot listen" not in e.stderr):
                     raise
                 self.port, self.agent_port = free_port(self.host), free_port(self.host)
+                self.join_port = free_port(self.host)
         raise AssertionError("unreachable")
 
     def backup(self, destination: PathLike, timeout: float = DEFAULT_TIMEOUT
