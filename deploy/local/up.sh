@@ -12,6 +12,7 @@ certs=$state/certs
 node=$state/node
 port=${PYFLOCK_PORT:-4523}
 agent_port=${PYFLOCK_AGENT_PORT:-4524}
+join_port=${PYFLOCK_JOIN_PORT:-4526}
 mkdir -p "$state/logs" "$certs" "$node/certs"
 chmod 700 "$state" "$certs" "$node/certs"
 say() { echo "up: $*"; }
@@ -62,6 +63,7 @@ if running "$state/control.pid" pyflock-control; then
 else
   nohup "$bin/pyflock-control" run --data-path "$state/control" \
     --port "tcp:$port:interface=127.0.0.1" --agent-port "tcp:$agent_port:interface=127.0.0.1" \
+    --join-port "tcp:$join_port:interface=127.0.0.1" \
     --certificates-directory "$certs" >>"$state/logs/control.log" 2>&1 </dev/null &
   echo $! >"$state/control.pid"
 fi
