@@ -390,7 +390,6 @@ class LoopbackBackend:
         and debugfs on each file, none attached); how many it made. Off the request path:
         the agent calls it in its bulk pool once its loop has settled.
         """
-        os.makedirs(self.root_path, exist_ok=True)
         return self._spares.top_up(self.default_size, self.spares)
 
     def attach_volume(self, dataset_id: str, node_uuid: str) -> BlockVolume:

@@ -29,8 +29,8 @@ from pyflock.agent._fs import make_filesystem
 from pyflock.common._files import fsync_path
 
 #: Spares kept of the backend's default size: enough for a burst of new volumes while the
-#: next ones are made.
-DEFAULT_SPARES = 2
+#: next ones are made (a 10 GiB spare takes about 4 MiB of disk).
+DEFAULT_SPARES = 3
 
 #: Seconds after which a spare's temporary file is taken as a crash's leftover.
 STALE_TEMPORARY = 600.0
@@ -74,8 +74,12 @@ class SpareFiles:
         return False
 
     def make(self, size: int) -> str:
-        """Make one finished spare of ``size`` bytes (blocking: mkfs and debugfs); its path."""
-        os.makedirs(self.path, exist_ok=True)
+        """Make one finished spare of ``size`` bytes (blocking: mkfs and debugfs); its path.
+        The folder is made if missing, but not its parent (the backend's root)."""
+        try:
+            os.mkdir(self.path)
+        except FileExistsError:
+            pass
         name = f"{size}-{uuid.uuid4().hex}.img"
         temporary = os.path.join(self.path, f".{name}.tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

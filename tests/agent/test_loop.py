@@ -17,7 +17,7 @@ from pyflock.agent._convergence import (
 )
 from pyflock.agent._discovery import discover
 from pyflock.agent._loop import (
-    ConvergenceLoop, ConvergenceStalled, diff_affects, node_convergence_loop,
+    SPARE_DELAY, ConvergenceLoop, ConvergenceStalled, diff_affects, node_convergence_loop,
 )
 from pyflock.agent._runner import Runner, run_now
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
@@ -732,7 +732,12 @@ class HeldLane(list):
         """Run every held call (and those they lead to) until none is left."""
         while self:
             d, f, args = self.pop(0)
-            d.callback(f(*args))
+            try:
+                result = f(*args)
+            except Exception:
+                d.errback()  # as a thread pool hands on an error
+            else:
+                d.callback(result)
 
 
 class BackgroundTests(SynchronousTestCase):
@@ -858,9 +863,12 @@ class SpareKeeperTests(SynchronousTestCase):
         return [getattr(f, "__name__", type(args[0]).__name__ if args else "?")
                 for _, f, args in self.lane]
 
-    def test_made_at_start_in_the_slow_lane_after_the_iteration(self):
-        """The first iteration's end asks for spares, in the slow lane, not before."""
+    def test_made_at_start_in_the_slow_lane_after_a_delay(self):
+        """The first iteration's end asks for spares ``SPARE_DELAY`` later, in the slow
+        lane, not before."""
         self.push(1)
+        self.assertEqual([], self.slow_calls())
+        self.clock.advance(SPARE_DELAY)
         self.assertEqual(["make_spares"], self.slow_calls())
         self.lane.release_all()
         self.assertEqual(1, self.spares.made)
@@ -868,33 +876,48 @@ class SpareKeeperTests(SynchronousTestCase):
                                events_of(self.events, "pyflock:agent:spares-made")])
 
     def test_again_only_after_a_creation(self):
-        """Iterations that create no volume make no spares; one that creates does, after
-        the volume is ready (the creation first, the spares once the loop is idle)."""
+        """Iterations that create no volume make no spares; one that creates does, once
+        the volume is mounted and ``SPARE_DELAY`` has passed."""
         self.push(1)
+        self.clock.advance(SPARE_DELAY)
         self.lane.release_all()
         self.clock.advance(self.loop.interval)
         self.assertEqual([], self.slow_calls())
         self.push(2, "ds")
         self.assertEqual(["_create_volume"], [f.__name__ for _, f, _ in self.lane])
         self.lane.release_all()
+        self.assertEqual(({"/mnt/a/ds"}, 1), (set(self.fs.table), self.spares.made))
+        self.clock.advance(SPARE_DELAY)
+        self.lane.release_all()
         self.assertEqual(2, self.spares.made)
-        self.assertEqual({"/mnt/a/ds"}, set(self.fs.table))
 
     def test_never_two_at_once(self):
         """While spares are being made, another iteration's end starts no second run."""
         self.push(1)
-        self.clock.advance(self.loop.interval)
+        self.clock.advance(SPARE_DELAY)
         self.push(2, "ds")
-        self.assertEqual(["make_spares"], self.slow_calls()[:1])
-        self.assertEqual(1, self.slow_calls().count("make_spares"))
+        self.lane.release_all()
+        self.clock.advance(SPARE_DELAY)
+        self.assertEqual(1, self.spares.made)
+        self.lane.release_all()
+        self.assertEqual(2, self.spares.made)
+
+    def test_stop_cancels_what_is_not_started(self):
+        """Stopping the loop cancels spares asked for but not started yet."""
+        self.push(1)
+        self.loop.stop()
+        self.clock.advance(SPARE_DELAY)
+        self.assertEqual(([], 0), (self.slow_calls(), self.spares.made))
 
     def test_failure_logged_and_retried(self):
         """A failure to make spares is logged; the next iteration's end tries again."""
         self.spares.errors.append(OSError("disk full"))
         self.push(1)
+        self.clock.advance(SPARE_DELAY)
         self.lane.release_all()
         [failed] = events_of(self.events, "pyflock:agent:spares-failed")
         self.assertEqual("disk full", failed["error"])
         self.clock.advance(self.loop.interval)
+        self.clock.advance(SPARE_DELAY)
         self.lane.release_all()
         self.assertEqual(1, self.spares.made)
