@@ -56,11 +56,7 @@ ALLOCATION_UNIT = MiB
 #: Version of the attachment record format.
 RECORD_VERSION = 1
 
-_LOOP_SET_FD = 0x4C00
 _LOOP_CLR_FD = 0x4C01
-_LOOP_CTL_GET_FREE = 0x4C82
-_LOOP_CONTROL = "/dev/loop-control"
-_BIND_ATTEMPTS = 16
 _DELETED = " (deleted)"
 _SYS_BLOCK = "/sys/block"
 _READ_SIZE = 65536
@@ -259,39 +255,6 @@ def _backing_file(device: str) -> Optional[str]:
     return _sysfs_backing_file(os.path.basename(device))
 
 
-def bind_loop_device(path: str) -> str:
-    """
-    Bind the file ``path`` to a free loop device and return the device's path: what
-    ``losetup -f --show PATH`` does, with three ioctls rather than a process. Another
-    process taking the free device first makes it try the next; where the loop control
-    device is missing (no devtmpfs), ``losetup`` does it.
-    """
-    file_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        try:
-            control = os.open(_LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return run_command(["losetup", "-f", "--show", path]).strip()
-        try:
-            for _ in range(_BIND_ATTEMPTS):
-                device = f"/dev/loop{fcntl.ioctl(control, _LOOP_CTL_GET_FREE)}"
-                fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    fcntl.ioctl(fd, _LOOP_SET_FD, file_fd)
-                    return device
-                except OSError as e:
-                    if e.errno != errno.EBUSY:
-                        raise
-                finally:
-                    os.close(fd)
-        finally:
-            os.close(control)
-    finally:
-        os.close(file_fd)
-    raise OSError(errno.EBUSY, f"no free loop device for {path} after {_BIND_ATTEMPTS} "
-                               f"attempts: others take them as fast as they are freed")
-
-
 def release_loop_device(device: str, backing_file: str) -> None:
     """
     Ask the kernel to detach ``device`` if (and only if) it is still backed by
@@ -404,8 +367,9 @@ class LoopbackBackend:
             # record explains; without a device the record is merely stale.
             self._write_record(AttachmentRecord(dataset_id, node_uuid, None))
             try:
-                device = bind_loop_device(self._volume_file(dataset_id))
-            except (CommandFailed, OSError):
+                device = run_command(
+                    ["losetup", "-f", "--show", self._volume_file(dataset_id)]).strip()
+            except CommandFailed:
                 self._remove_record(dataset_id)
                 raise
             self._write_record(AttachmentRecord(dataset_id, node_uuid, device))

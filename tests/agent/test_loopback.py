@@ -17,9 +17,7 @@ from pyflock.agent._backends import (
     AlreadyAttached, BlockVolume, InvalidVolumeRequest, Leftovers, LoopbackBackend,
     UnattachedVolume, UnknownVolume, VolumeBusy,
 )
-from pyflock.agent._backends._loopback import (
-    bind_loop_device, release_loop_device, scan_loop_devices,
-)
+from pyflock.agent._backends._loopback import release_loop_device, scan_loop_devices
 from tests.contracts.backends import (
     NODE_A, NODE_B, SIZE, detach_loop_devices_under, loopback_harness, loopback_root,
     make_iblockdevicebackend_tests,
@@ -384,18 +382,6 @@ class LoopbackBackendTests(SynchronousTestCase):
         self.assertEqual(SIZE, blocks * (1024 << log_block_size))  # the asked size
         self.assertEqual(1, backend.make_spares())
         self.assertEqual(2, len(os.listdir(spares)))
-
-    def test_bound_device_is_the_files(self) -> None:
-        """``bind_loop_device`` binds the file to a new device each time (never a taken
-        one), as sysfs then says."""
-        image = os.path.join(self.root, "disk.img")
-        with open(image, "wb") as f:
-            f.truncate(SIZE)
-        first, second = bind_loop_device(image), bind_loop_device(image)
-        for device in (first, second):
-            self.addCleanup(release_loop_device, device, os.path.realpath(image))
-        self.assertNotEqual(first, second)
-        self.assertEqual({first, second}, {d.device for d in self.devices_under_root()})
 
     def test_too_large(self) -> None:
         """A size no file can have is refused with ``InvalidVolumeRequest``, leaving nothing."""
