@@ -339,8 +339,9 @@ dockerd sends it, takes {get_p50} at p50 and {get_p99} at p99 ({get_count} reque
 
 Medians over the pyflock new-volume copy-up runs and the moves, from the agent's log
 (`pyflock:plugin:created`, and the `seconds` of each `pyflock:plugin:mount`). The first
-Mount is the copy-up one: it waits until the agent has made the dataset (sparse file, loop
-device, mkfs.ext4, mount), or until the volume has moved here.
+Mount is the copy-up one (the only one without copy-up): it waits until the agent has made
+the dataset (a spare file renamed into place, or a blank one formatted after attaching;
+then the loop device and the mount), or until the volume has moved here.
 
 | phase | median |
 |---|---:|
