@@ -103,3 +103,11 @@ def test_failed_make_leaves_nothing(tmp_path):
     with pytest.raises(Exception):
         spares.make(4096)
     assert [] == os.listdir(spares.path)
+
+
+@pytest.mark.integration
+def test_a_large_spare_writes_little(tmp_path):
+    """A 10 GiB spare takes less than 1 MiB of disk (no blocks reserved for growth), so
+    making one puts little on the disk the containers use."""
+    path = SpareFiles(str(tmp_path / "spares")).make(10 * 1024 ** 3)
+    assert os.stat(path).st_blocks * 512 < 1024 ** 2
