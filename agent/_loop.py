@@ -156,6 +156,9 @@ class ConvergenceLoop:
     - ``affects(desired, change, now)`` (optional) says whether ``change``, the diff an
       update came with, may change ``desired``: False spares computing the whole desired
       state (see ``diff_affects``);
+    - ``after_iteration()`` (optional) is called whenever an iteration ends, so that
+      work that must stay off the loop's path (making spare volumes) may follow it, and
+      ``on_stop()`` (optional) by ``stop()``, so that such work ends with the loop;
     - ``background(leaf)`` (optional) says whether a leaf change may run while the loop
       goes on: a part of a step (a member of its parallel group: one dataset's changes)
       holding such a leaf is started and not waited for, and its datasets are left out of
@@ -179,7 +182,9 @@ class ConvergenceLoop:
                  max_backoff: float = DEFAULT_MAX_BACKOFF,
                  max_steps: int = DEFAULT_MAX_STEPS, logger: Optional[Logger] = None,
                  node_uuid: Optional[str] = None, affects: Optional[Callable] = None,
-                 background: Optional[Callable] = None):
+                 background: Optional[Callable] = None,
+                 after_iteration: Optional[Callable[[], None]] = None,
+                 on_stop: Optional[Callable[[], None]] = None):
         self._reactor = reactor
         self._discover = discover
         self._calculate = calculate
@@ -190,6 +195,8 @@ class ConvergenceLoop:
         self._waiting = waiting
         self._affects = affects
         self._background = background
+        self._after_iteration = after_iteration
+        self._on_stop = on_stop
         self.interval = interval
         self.poll_interval = poll_interval
         self.backoff = backoff
@@ -288,6 +295,8 @@ class ConvergenceLoop:
         """Stop waking; the Deferred fires once the iteration under way (if any) ends."""
         self._stopped = True
         self._cancel_timer()
+        if self._on_stop is not None:
+            self._on_stop()
         if not self._busy:
             return succeed(None)
         d = Deferred()
@@ -345,6 +354,12 @@ class ConvergenceLoop:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)
+            if self._after_iteration is not None and not self._stopped:
+                try:
+                    self._after_iteration()
+                except Exception:
+                    log_failure(self._log, "pyflock:agent:after-iteration-failed",
+                                Failure(), node_uuid=self._node_uuid)
 
     async def _converge(self) -> Optional[Failure]:
         """
@@ -487,11 +502,89 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
     def discover() -> Deferred:
         return run_blocking(discover_now, backend, filesystems, mount_root)
 
-    return ConvergenceLoop(reactor, discover, calculate_changes, runner.run, report_state,
+    run = runner.run
+    spares = None
+    if callable(getattr(backend, "make_spares", None)):
+        spares = SpareKeeper(reactor, backend.make_spares,
+                             run_blocking if slow is None else slow,
+                             logger=logger, node_uuid=backend.node_uuid)
+        run = spares.watching(runner.run)
+    return ConvergenceLoop(reactor, discover, calculate_changes, run, report_state,
                            desire=desire, interval=interval, logger=logger,
                            node_uuid=backend.node_uuid,
                            affects=diff_affects(backend.node_uuid) if view_desired else None,
-                           background=runs_apart)
+                           background=runs_apart,
+                           after_iteration=None if spares is None else spares.top_up,
+                           on_stop=None if spares is None else spares.stop)
+
+
+#: Seconds between the end of the iteration that created a volume (or the agent's start)
+#: and the making of spares: by then the container that asked for the volume has
+#: started, so mkfs and its disk writes do not slow it down.
+SPARE_DELAY = 1.0
+
+
+class SpareKeeper:
+    """
+    Keeps a backend's spare volumes (``make_spares()``, blocking, run with ``run``: the
+    bulk pool) topped up off the request path: ``delay`` seconds after the agent starts,
+    and after every loop iteration in which a volume was created (and so may have taken a
+    spare), never two at a time. A failure is logged and tried again after the next
+    iteration.
+    """
+
+    def __init__(self, reactor, make_spares: Callable[[], object], run: RunBlocking,
+                 logger: Optional[Logger] = None, node_uuid: Optional[str] = None,
+                 delay: float = SPARE_DELAY):
+        self._reactor = reactor
+        self._make_spares = make_spares
+        self._run = run
+        self._log = logger if logger is not None else Logger()
+        self._node_uuid = node_uuid
+        self.delay = delay
+        self.wanted = True
+        self.running = False
+        self._timer = None
+
+    def watching(self, run: Callable[[object], Deferred]) -> Callable[[object], Deferred]:
+        """``run``, noting every change that creates a volume (spares are then wanted)."""
+        def watched(change) -> Deferred:
+            if any(isinstance(leaf, CreateVolume) for leaf in leaves(change)):
+                self.wanted = True
+            return run(change)
+        return watched
+
+    def top_up(self) -> None:
+        """Make spares ``delay`` seconds from now, if some may be missing and none are
+        being made or about to be."""
+        if self.wanted and not self.running and self._timer is None:
+            self._timer = self._reactor.callLater(self.delay, self._start)
+
+    def stop(self) -> None:
+        """Make no more spares (what is being made is finished)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.wanted = False
+
+    def _start(self) -> None:
+        self._timer = None
+        self.wanted, self.running = False, True
+        d = self._run(self._make_spares)
+        d.addCallbacks(self._made, self._failed)
+
+    def _made(self, made) -> None:
+        self.running = False
+        if made:
+            log_event(self._log, "pyflock:agent:spares-made", node_uuid=self._node_uuid,
+                      count=made)
+        self.top_up()
+
+    def _failed(self, failure: Failure) -> None:
+        self.running, self.wanted = False, True
+        log_event(self._log, "pyflock:agent:spares-failed", LogLevel.warn,
+                  node_uuid=self._node_uuid, error=failure.getErrorMessage(),
+                  error_type=failure.type.__name__)
 
 
 #: The changes that run while the loop goes on (``ConvergenceLoop``'s ``background``): a

@@ -7,6 +7,8 @@ Layout of the root (see docs/backends.md)::
     <root>/lock                          flock'd around every operation
     <root>/volumes/<dataset_id>.img      one sparse file per volume; its size is the volume's
     <root>/attachments/<dataset_id>.json {"version": 1, "dataset_id", "node_uuid", "device"}
+    <root>/spares/<size>-<random>.img    spare files holding a finished, empty ext4
+                                         (``pyflock.agent._backends._spares``)
 
 The kernel is the truth about attachments: a volume is attached while a loop device is
 backed by its file (loop devices are host-wide, seen alike from every mount namespace). The
@@ -20,6 +22,11 @@ each record and each loop device's ``backing_file`` once (sysfs, no device opene
 calls about one volume (``get_volume``, ``get_device_path``, attach, detach, destroy) read
 only that volume's file and record, and the loop devices only when the record does not
 name a live device of the file.
+
+A new volume of the default size is a spare file renamed into place when one is there
+(``make_spares`` keeps ``spares`` of them, off the request path), so that it needs no
+mkfs; otherwise it is a blank sparse file. Spares are files only: no loop device is ever
+attached to one.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pyflock.agent._backends._interface import (
     UnattachedVolume, UnknownVolume, VolumeBusy, VolumeExists, check_dataset_id,
     check_node_uuid, is_valid_dataset_id, round_size,
 )
+from pyflock.agent._backends._spares import DEFAULT_SPARES, SpareFiles
 from pyflock.agent._fs import CommandFailed, run_command
 from pyflock.common._files import fsync_path, replace_atomically, write_atomically
 
@@ -278,14 +286,18 @@ class LoopbackBackend:
     The loopback backend for node ``node_uuid`` over the shared folder ``root_path``.
     Several objects (one per agent, or one per simulated node in a process) may share a
     root; an exclusive ``flock`` on ``<root>/lock`` serialises their changes.
+    ``make_spares`` keeps ``spares`` pre-formatted files of ``default_size`` in the root.
     """
 
-    def __init__(self, root_path: str, node_uuid: str, default_size: int = 10 * GiB):
+    def __init__(self, root_path: str, node_uuid: str, default_size: int = 10 * GiB,
+                 spares: int = DEFAULT_SPARES):
         self.root_path = os.path.realpath(root_path)
         self.node_uuid = check_node_uuid(node_uuid)
         self.default_size = round_size(default_size, ALLOCATION_UNIT)
+        self.spares = spares
         self._volumes_path = os.path.join(self.root_path, "volumes")
         self._records_path = os.path.join(self.root_path, "attachments")
+        self._spares = SpareFiles(os.path.join(self.root_path, "spares"))
 
     def __repr__(self) -> str:
         return f"<LoopbackBackend {self.root_path} node={self.node_uuid}>"
@@ -311,7 +323,10 @@ class LoopbackBackend:
             return self._volume(dataset_id)
 
     def create_volume(self, dataset_id: str, size: Optional[int] = None) -> BlockVolume:
-        """Create a sparse volume file of ``size`` bytes (rounded up to 1 MiB)."""
+        """
+        Create a volume file of ``size`` bytes (rounded up to 1 MiB): a spare of that size
+        if there is one (it already holds a finished, empty ext4), else a blank sparse file.
+        """
         check_dataset_id(dataset_id)
         size = round_size(self.default_size if size is None else size, ALLOCATION_UNIT)
         with self._locked(exclusive=True):
@@ -319,6 +334,8 @@ class LoopbackBackend:
             if os.path.exists(path):
                 raise VolumeExists(dataset_id)
             self._remove_record(dataset_id)
+            if self._spares.take(size, path):
+                return BlockVolume(dataset_id=dataset_id, size=size)
             temporary = os.path.join(self._volumes_path, f".{dataset_id}.img.tmp")
             try:
                 replace_atomically(path, lambda fd: os.ftruncate(fd, size), temporary)
@@ -329,6 +346,14 @@ class LoopbackBackend:
                         f"{self.root_path}") from None
                 raise
         return BlockVolume(dataset_id=dataset_id, size=size)
+
+    def make_spares(self) -> int:
+        """
+        Make spare files of the default size until there are ``spares`` (blocking: mkfs
+        and debugfs on each file, none attached); how many it made. Off the request path:
+        the agent calls it in its bulk pool once its loop has settled.
+        """
+        return self._spares.top_up(self.default_size, self.spares)
 
     def attach_volume(self, dataset_id: str, node_uuid: str) -> BlockVolume:
         """Attach the volume's file to a new loop device owned by ``node_uuid``."""

@@ -5,6 +5,7 @@ and unmount on real loop devices (as root).
 
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 
@@ -12,8 +13,8 @@ import pytest
 
 from pyflock.agent._fs import (
     COMMAND_TIMEOUTS, DEFAULT_COMMAND_TIMEOUT, ROOT_MODE, CommandFailed, CommandTimedOut,
-    FilesystemError, MountInfo, command_timeout, filesystem_type, finish_filesystem,
-    has_filesystem, is_mounted, make_filesystem, mount, mounted_device,
+    FilesystemError, MountInfo, command_timeout, ext4_root_mode, filesystem_type,
+    finish_filesystem, finished_ext4_root, has_filesystem, is_mounted, make_filesystem, mount, mounted_device,
     parse_debugfs_listing, parse_mountinfo, probe_filesystem, read_mountinfo, root_entries,
     run_command, unmount,
 )
@@ -219,7 +220,80 @@ def test_probe(device):
     assert ["lost+found"] == sorted(n for n, _ in root if n not in (".", ".."))
     assert (filesystem_type(device), root_entries(device)) == (fstype, root)
     finish_filesystem(device)
-    assert ("ext4", ((".", 0o40777), ("..", 0o40777))) == probe_filesystem(device)
+    # A finished root is told from the root inode alone: only its own entry is given.
+    assert ("ext4", ((".", 0o40777),)) == probe_filesystem(device)
+    assert ((".", 0o40777), ("..", 0o40777)) == root_entries(device)
+
+
+def _ext4(block_size: int = 4096, incompat: int = 0x2C2, descriptor_size: int = 64,
+          table: int = 0x1_0000_0021, root_mode: int = 0o40777, magic: int = 0xEF53):
+    """A superblock and a ``read_at`` over a sparse image holding ``table`` (the inode
+    table of group 0, 64-bit when the descriptor has room) and the root inode's mode."""
+    superblock = bytearray(1024)
+    struct.pack_into("<I", superblock, 0x14, 0 if block_size > 1024 else 1)
+    struct.pack_into("<I", superblock, 0x18, block_size.bit_length() - 11)
+    struct.pack_into("<I", superblock, 0x28, 8192)
+    struct.pack_into("<H", superblock, 0x38, magic)
+    struct.pack_into("<I", superblock, 0x4C, 1)
+    struct.pack_into("<H", superblock, 0x58, 256)
+    struct.pack_into("<I", superblock, 0x60, incompat)
+    struct.pack_into("<H", superblock, 0xFE, descriptor_size)
+    descriptor = bytearray(64)
+    struct.pack_into("<I", descriptor, 0x8, table & 0xFFFF_FFFF)
+    struct.pack_into("<I", descriptor, 0x28, table >> 32)
+    first = 0 if block_size > 1024 else 1
+    image = {(first + 1) * block_size: bytes(descriptor),
+             table * block_size + 256: struct.pack("<H", root_mode)}
+
+    def read_at(offset: int, size: int) -> bytes:
+        return image.get(offset, b"")[:size]
+    return bytes(superblock), read_at
+
+
+def test_ext4_root_mode_64bit():
+    """The root's mode is read from the inode table a 64-bit group descriptor names."""
+    assert 0o40777 == ext4_root_mode(*_ext4())
+
+
+def test_ext4_root_mode_32bit_small_blocks():
+    """With 32-byte descriptors only the low half of the table's block counts; with 1 KiB
+    blocks the descriptors follow the superblock's block 1."""
+    assert 0o40700 == ext4_root_mode(*_ext4(block_size=1024, incompat=0x242,
+                                            descriptor_size=0, table=0x21,
+                                            root_mode=0o40700))
+
+
+@pytest.mark.parametrize("change", [dict(magic=0x1234), dict(incompat=0x2),
+                                    dict(incompat=0x2CA), dict(root_mode=0o100644)],
+                         ids=["not-ext", "no-extents", "journal-device", "root-not-dir"])
+def test_ext4_root_mode_refuses(change):
+    """No mode for what is not an ext4 with extents, a journal device, or a root inode
+    that is not a directory: the caller then probes with blkid and debugfs."""
+    assert ext4_root_mode(*_ext4(**change)) is None
+
+
+def test_ext4_root_mode_short_read():
+    """A superblock or a descriptor cut short gives no mode."""
+    superblock, read_at = _ext4()
+    assert ext4_root_mode(superblock[:512], read_at) is None
+    assert ext4_root_mode(superblock, lambda offset, size: b"") is None
+
+
+@pytest.mark.integration
+def test_finished_ext4_root(tmp_path):
+    """Only a finished ext4 is told without a command: a blank file, a fresh ext4 (root
+    as mkfs left it) and an ext3 all need the full probe."""
+    image = str(tmp_path / "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+    assert finished_ext4_root(image) is None
+    run_command(["mkfs.ext4", "-q", "-F", image])
+    assert finished_ext4_root(image) is None
+    finish_filesystem(image)
+    assert finished_ext4_root(image) == 0o40777
+    run_command(["mkfs.ext3", "-q", "-F", image])
+    assert finished_ext4_root(image) is None
+    assert finished_ext4_root(str(tmp_path / "missing.img")) is None
 
 
 def test_probe_missing_device():
@@ -301,11 +375,12 @@ def test_mount_escaped_path(device, tmp_path):
 
 @needs_root
 def test_mount_without_filesystem(device, mount_point):
-    """Mounting a device with no filesystem raises ``CommandFailed`` with mount's stderr."""
-    with pytest.raises(CommandFailed) as e:
+    """Mounting a device with no filesystem raises ``FilesystemError`` with the kernel's
+    reason, and mounts nothing."""
+    with pytest.raises(FilesystemError, match=f"cannot mount {device} at .* as ext4: "
+                                              f"Invalid argument .no such filesystem"):
         mount(device, mount_point)
-    assert e.value.argv[0] == "mount" and e.value.stderr.strip()
-    assert e.value.stderr.strip() in str(e.value)
+    assert not is_mounted(mount_point)
 
 
 @needs_root

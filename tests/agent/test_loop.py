@@ -17,7 +17,7 @@ from pyflock.agent._convergence import (
 )
 from pyflock.agent._discovery import discover
 from pyflock.agent._loop import (
-    ConvergenceLoop, ConvergenceStalled, diff_affects, node_convergence_loop,
+    SPARE_DELAY, ConvergenceLoop, ConvergenceStalled, diff_affects, node_convergence_loop,
 )
 from pyflock.agent._runner import Runner, run_now
 from tests.harness.memory import MemoryDisks, MemoryFilesystems
@@ -733,7 +733,12 @@ class HeldLane(list):
         """Run every held call (and those they lead to) until none is left."""
         while self:
             d, f, args = self.pop(0)
-            d.callback(f(*args))
+            try:
+                result = f(*args)
+            except Exception:
+                d.errback()  # as a thread pool hands on an error
+            else:
+                d.callback(result)
 
 
 class BackgroundTests(SynchronousTestCase):
@@ -774,3 +779,146 @@ class BackgroundTests(SynchronousTestCase):
         self.assertEqual({"/mnt/node-a/moved", "/mnt/node-a/new-1", "/mnt/node-a/new-2"},
                          set(a_fs.table))
         self.assertEqual((False, 0), (a_loop.busy, a_loop.failures))
+
+
+class AfterIterationTests(SynchronousTestCase):
+    """The ``after_iteration`` hook follows every iteration, never during one."""
+
+    def test_called_after_each_iteration(self):
+        """The hook runs once per iteration (the one ``start`` makes without a view too),
+        once it has ended (the loop is idle)."""
+        script = Script(changes=2)
+        seen = []
+        clock = Clock()
+        loop = ConvergenceLoop(clock, script.discover, script.calculate, script.run,
+                               script.report, describe=script.describe,
+                               waiting=lambda desired, discovered: False,
+                               after_iteration=lambda: seen.append((loop.busy,
+                                                                    len(script.ran))))
+        loop.start()
+        loop.update("v1")
+        self.assertEqual([(False, 0), (False, 2)], seen)
+        clock.advance(loop.interval)
+        self.assertEqual([(False, 0), (False, 2), (False, 2)], seen)
+
+    def test_hook_error_logged_loop_goes_on(self):
+        """An error in the hook is logged and the loop keeps converging."""
+        events, script = [], Script()
+        clock = Clock()
+        loop = ConvergenceLoop(clock, script.discover, script.calculate, script.run,
+                               script.report, describe=script.describe,
+                               waiting=lambda desired, discovered: False,
+                               logger=Logger(observer=events.append),
+                               after_iteration=lambda: 1 / 0)
+        loop.start()
+        loop.update("v1")
+        self.assertEqual(2, len(events_of(events, "pyflock:agent:after-iteration-failed")))
+        clock.advance(loop.interval)
+        self.assertEqual(2, script.discoveries)
+
+
+class SpareBackend:
+    """A memory backend that counts its ``make_spares`` calls (and may fail them)."""
+
+    def __init__(self):
+        self.backend = MemoryBlockStore().backend(NODE_A)
+        self.node_uuid = self.backend.node_uuid
+        self.made = 0
+        self.errors = []
+
+    def make_spares(self):
+        """Count a call, or raise the next of ``errors``."""
+        if self.errors:
+            raise self.errors.pop(0)
+        self.made += 1
+        return 1
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+class SpareKeeperTests(SynchronousTestCase):
+    """Spares are topped up off the loop's path: at start, then after creations only."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.spares = SpareBackend()
+        self.disks = MemoryDisks(self.spares.backend.store)
+        self.lane = HeldLane()
+        self.events = []
+        self.fs = MemoryFilesystems(self.disks, self.spares.backend)
+        self.loop = node_convergence_loop(
+            self.clock, self.spares, self.fs,
+            "/mnt/a", lambda states: None, run_blocking=run_now, slow=self.lane,
+            logger=Logger(observer=self.events.append))
+        self.loop.start()
+
+    def push(self, version, *datasets):
+        """Push a view asking for ``datasets`` on this node."""
+        self.loop.update(AgentView(epoch="e", version=version, datasets={
+            i: DatasetEntry(i, NODE_A, 64 * MiB) for i in datasets},
+            nodes={NODE_A: NodeEntry(NODE_A, "127.0.0.1")}))
+
+    def slow_calls(self):
+        """The names of what waits in the slow lane."""
+        return [getattr(f, "__name__", type(args[0]).__name__ if args else "?")
+                for _, f, args in self.lane]
+
+    def test_made_at_start_in_the_slow_lane_after_a_delay(self):
+        """The first iteration's end asks for spares ``SPARE_DELAY`` later, in the slow
+        lane, not before."""
+        self.push(1)
+        self.assertEqual([], self.slow_calls())
+        self.clock.advance(SPARE_DELAY)
+        self.assertEqual(["make_spares"], self.slow_calls())
+        self.lane.release_all()
+        self.assertEqual(1, self.spares.made)
+        self.assertEqual([1], [e["count"] for e in
+                               events_of(self.events, "pyflock:agent:spares-made")])
+
+    def test_again_only_after_a_creation(self):
+        """Iterations that create no volume make no spares; one that creates does, once
+        the volume is mounted and ``SPARE_DELAY`` has passed."""
+        self.push(1)
+        self.clock.advance(SPARE_DELAY)
+        self.lane.release_all()
+        self.clock.advance(self.loop.interval)
+        self.assertEqual([], self.slow_calls())
+        self.push(2, "ds")
+        self.assertEqual(["_create_volume"], [f.__name__ for _, f, _ in self.lane])
+        self.lane.release_all()
+        self.assertEqual(({"/mnt/a/ds"}, 1), (set(self.fs.table), self.spares.made))
+        self.clock.advance(SPARE_DELAY)
+        self.lane.release_all()
+        self.assertEqual(2, self.spares.made)
+
+    def test_never_two_at_once(self):
+        """While spares are being made, another iteration's end starts no second run."""
+        self.push(1)
+        self.clock.advance(SPARE_DELAY)
+        self.push(2, "ds")
+        self.lane.release_all()
+        self.clock.advance(SPARE_DELAY)
+        self.assertEqual(1, self.spares.made)
+        self.lane.release_all()
+        self.assertEqual(2, self.spares.made)
+
+    def test_stop_cancels_what_is_not_started(self):
+        """Stopping the loop cancels spares asked for but not started yet."""
+        self.push(1)
+        self.loop.stop()
+        self.clock.advance(SPARE_DELAY)
+        self.assertEqual(([], 0), (self.slow_calls(), self.spares.made))
+
+    def test_failure_logged_and_retried(self):
+        """A failure to make spares is logged; the next iteration's end tries again."""
+        self.spares.errors.append(OSError("disk full"))
+        self.push(1)
+        self.clock.advance(SPARE_DELAY)
+        self.lane.release_all()
+        [failed] = events_of(self.events, "pyflock:agent:spares-failed")
+        self.assertEqual("disk full", failed["error"])
+        self.clock.advance(self.loop.interval)
+        self.clock.advance(SPARE_DELAY)
+        self.lane.release_all()
+        self.assertEqual(1, self.spares.made)

@@ -5,6 +5,7 @@ layout of its root, the busy-detach trap, leftovers discovery and two nodes on o
 
 import json
 import os
+import struct
 import subprocess
 import threading
 import uuid
@@ -21,7 +22,9 @@ from tests.contracts.backends import (
     NODE_A, NODE_B, SIZE, detach_loop_devices_under, loopback_harness, loopback_root,
     make_iblockdevicebackend_tests,
 )
-from pyflock.agent._fs import is_mounted, make_filesystem, mount, unmount
+from pyflock.agent._fs import (
+    filesystem_type, is_mounted, make_filesystem, mount, probe_filesystem, unmount,
+)
 
 
 @pytest.mark.integration
@@ -350,6 +353,35 @@ class LoopbackBackendTests(SynchronousTestCase):
         """``default_size`` sets the size of volumes created without one, rounded up."""
         backend = LoopbackBackend(self.root, NODE_A, default_size=SIZE + 1)
         self.assertEqual(SIZE + 1024 * 1024, backend.create_volume(str(uuid.uuid4())).size)
+
+    def test_new_volume_takes_a_spare_of_its_size(self) -> None:
+        """``make_spares`` leaves finished ext4 files (none attached); a volume of their
+        size takes one (already a finished, empty ext4 of that size: mounted as is), one
+        of another size is a blank file, and the next ``make_spares`` tops up."""
+        backend = LoopbackBackend(self.root, NODE_A, default_size=SIZE, spares=2)
+        self.assertEqual(2, backend.make_spares())
+        self.assertEqual([], self.devices_under_root())
+        spares = os.path.join(self.root, "spares")
+        self.assertEqual(2, len(os.listdir(spares)))
+        dataset_id, other = str(uuid.uuid4()), str(uuid.uuid4())
+        self.assertEqual(BlockVolume(dataset_id, SIZE), backend.create_volume(dataset_id))
+        self.assertEqual(1, len(os.listdir(spares)))
+        backend.create_volume(other, 2 * SIZE)
+        self.assertEqual(1, len(os.listdir(spares)))
+        self.assertEqual(None, filesystem_type(os.path.join(self.root, "volumes",
+                                                            f"{other}.img")))
+        device = backend.attach_volume(dataset_id, NODE_A).device_path
+        self.addCleanup(backend.detach_volume, dataset_id)
+        self.assertEqual(("ext4", ((".", 0o40777),)), probe_filesystem(device))
+        path = self.mount(device, "mounted")
+        self.assertEqual([], os.listdir(path))
+        with open(device, "rb") as f:
+            superblock = f.read(2048)[1024:]
+        blocks, log_block_size = struct.unpack_from("<I", superblock, 4)[0], \
+            struct.unpack_from("<I", superblock, 0x18)[0]
+        self.assertEqual(SIZE, blocks * (1024 << log_block_size))  # the asked size
+        self.assertEqual(1, backend.make_spares())
+        self.assertEqual(2, len(os.listdir(spares)))
 
     def test_too_large(self) -> None:
         """A size no file can have is refused with ``InvalidVolumeRequest``, leaving nothing."""

@@ -25,7 +25,7 @@ from tests.contracts.backends import detach_loop_devices_under
 from pyflock.agent._config import DEFAULT_SOCKET
 from tests.harness.agents import agent_document, write_agent_config
 from tests.harness.dockerd import (
-    DockerCluster, DockerNode, NodeCleanupFailed, NodeCommand, wait_for,
+    DEFAULT_STORAGE_DRIVER, DockerCluster, DockerNode, NodeCleanupFailed, NodeCommand, wait_for,
 )
 from tests.harness.processes import free_port, read_events, script_path
 from tests.harness.certificates import ClusterCertificates, make_cluster_certificates
@@ -83,8 +83,10 @@ class PyflockDockerCluster:
 
     names = ("n1", "n2")
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, storage_driver: str = DEFAULT_STORAGE_DRIVER,
+                 default_size: str = DEFAULT_SIZE):
         self.workdir = workdir
+        self.storage_driver, self.default_size = storage_driver, default_size
         self.loopback_root = workdir / "loop"
         self.logs = workdir / "logs"
         self.certificates: Optional[ClusterCertificates] = None
@@ -107,7 +109,8 @@ class PyflockDockerCluster:
         self.control.start()
         self.rest = RestClient(self.control.host, self.control.port, self.certificates)
         self.docker = DockerCluster(self.names, workdir=self.workdir,
-                                    before_dockerd=self._agent_commands)
+                                    before_dockerd=self._agent_commands,
+                                    storage_driver=self.storage_driver)
         self.docker.start()
         for node in self.nodes:
             self.wait_agent_event(node, "pyflock:agent:channel-connected")
@@ -122,7 +125,7 @@ class PyflockDockerCluster:
             certificates=self.certificates.node_directory(node_uuid),
             data_path=node.directory / "pyflock", address=node.address,
             peer_port=free_port(node.address), root_path=self.loopback_root,
-            default_size=DEFAULT_SIZE, docker_socket=node.socket))
+            default_size=self.default_size, docker_socket=node.socket))
         return [NodeCommand(AGENT, [script_path("pyflock-agent"), "run", "--config", config],
                             ready_path=DEFAULT_SOCKET)]
 

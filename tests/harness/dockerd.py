@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Un
 import attr
 
 __all__ = [
-    "BUSYBOX_TAG", "KEEP_ENVIRONMENT_VARIABLE", "LOOP_MAJOR", "SHUTDOWN_TIMEOUT",
+    "BUSYBOX_TAG", "DEFAULT_STORAGE_DRIVER", "KEEP_ENVIRONMENT_VARIABLE", "LOOP_MAJOR", "SHUTDOWN_TIMEOUT",
     "START_TIMEOUT", "STOP_TIMEOUT", "Availability", "DockerCluster", "DockerCommandFailed", "DockerNode",
     "DockerUnavailable", "NodeCleanupFailed", "NodeCommand", "NodeStartFailed",
     "busybox_image", "busybox_tar", "close_nodes", "docker_available", "import_images",
@@ -75,6 +75,11 @@ REQUIRED_PROGRAMS = ("dockerd", "docker", "containerd", "runc", "unshare", "nsen
                      "mount", "umount", "sleep")
 
 BUSYBOX = "/bin/busybox"
+
+#: dockerd's storage driver in a simulated host: vfs works on any filesystem and needs no
+#: kernel module, which suits tests; benchmarks ask for overlay2, as ``make up``'s dockerd
+#: uses, since vfs copies the whole image into every container and slows each one down.
+DEFAULT_STORAGE_DRIVER = "vfs"
 
 #: The major device number of loop devices.
 LOOP_MAJOR = 7
@@ -311,8 +316,8 @@ class _StartedInside:
 
 class DockerNode(_StartedInside):
     """
-    One simulated Docker host: a private mount namespace, its own dockerd (vfs, no bridge,
-    no iptables) on ``<workdir>/<name>/docker.sock``, and the processes recorded in it.
+    One simulated Docker host: a private mount namespace, its own dockerd (storage driver
+    ``storage_driver``, by default vfs; no bridge, no iptables) on ``<workdir>/<name>/docker.sock``, and the processes recorded in it.
 
     Layout of ``directory`` (= ``workdir/name``): ``run-docker`` (the node's
     ``/run/docker``, so ``run-docker/plugins`` holds its plugin sockets), ``etc-docker``
@@ -326,7 +331,8 @@ class DockerNode(_StartedInside):
 
     def __init__(self, workdir: PathLike, name: str, address: Optional[str] = None,
                  before_dockerd: Iterable[Union[NodeCommand, Sequence[PathLike]]] = (),
-                 dockerd_args: Sequence[str] = (), start_timeout: float = START_TIMEOUT):
+                 dockerd_args: Sequence[str] = (), start_timeout: float = START_TIMEOUT,
+                 storage_driver: str = DEFAULT_STORAGE_DRIVER):
         self.name = name
         self.address = address
         self.directory = Path(workdir).absolute() / name
@@ -348,6 +354,7 @@ class DockerNode(_StartedInside):
         self.cgroup_parent = f"pf-{name}-{tag}"
         self.before_dockerd = _commands(before_dockerd)
         self.dockerd_args = tuple(dockerd_args)
+        self.storage_driver = storage_driver
         self.start_timeout = start_timeout
         self._holder: Optional[subprocess.Popen] = None
         self._namespace: Optional[tuple[int, int]] = None
@@ -417,7 +424,7 @@ class DockerNode(_StartedInside):
         except (FileNotFoundError, ValueError):
             pass
         argv = ["dockerd", "--iptables=false", "--ip-forward=false", "--ip-masq=false",
-                "--bridge=none", "--storage-driver=vfs", f"--data-root={self.data_root}",
+                "--bridge=none", f"--storage-driver={self.storage_driver}", f"--data-root={self.data_root}",
                 "--exec-root=/run/docker", f"--host={self.host}",
                 f"--pidfile={self.directory / 'docker.pid'}",
                 f"--cgroup-parent={self.cgroup_parent}",
@@ -823,19 +830,21 @@ class DockerCluster(_StartedInside):
     and stopped in parallel; node i gets loopback address ``127.0.0.<11+i>``.
     ``before_dockerd(node)`` returns the commands to start in a node before its dockerd.
     With ``image``, the busybox image is loaded into every node as ``busybox:local``.
+    ``storage_driver`` is every node's dockerd's (``DockerNode``).
     """
 
     def __init__(self, names: Sequence[str] = ("n1", "n2"), workdir: Optional[PathLike] = None,
                  before_dockerd: Optional[Callable[[DockerNode], Iterable[
                      Union[NodeCommand, Sequence[PathLike]]]]] = None,
                  image: bool = True, dockerd_args: Sequence[str] = (),
-                 first_address: int = 11):
+                 first_address: int = 11, storage_driver: str = DEFAULT_STORAGE_DRIVER):
         self._names = tuple(names)
         self._given_workdir = workdir
         self._before_dockerd = before_dockerd
         self._image = image
         self._dockerd_args = tuple(dockerd_args)
         self._first_address = first_address
+        self._storage_driver = storage_driver
         self._workdir_context = None
         self.workdir: Optional[Path] = None
         self.nodes: list[DockerNode] = []
@@ -858,7 +867,8 @@ class DockerCluster(_StartedInside):
             self.workdir = Path(self._given_workdir)
         for i, name in enumerate(self._names):
             node = DockerNode(self.workdir, name, f"127.0.0.{self._first_address + i}",
-                              dockerd_args=self._dockerd_args)
+                              dockerd_args=self._dockerd_args,
+                              storage_driver=self._storage_driver)
             if self._before_dockerd is not None:
                 node.before_dockerd = _commands(self._before_dockerd(node))
             self.nodes.append(node)
