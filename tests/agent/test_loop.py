@@ -857,7 +857,7 @@ class SpareKeeperTests(SynchronousTestCase):
         """Push a view asking for ``datasets`` on this node."""
         self.loop.update(AgentView(epoch="e", version=version, datasets={
             i: DatasetEntry(i, NODE_A, 64 * MiB) for i in datasets},
-            nodes={NODE_A: NodeEntry(NODE_A, "127.0.0.1")}))
+            nodes={NODE_A: Node(NODE_A, "127.0.0.1")}))
 
     def slow_calls(self):
         """The names of what waits in the slow lane."""
