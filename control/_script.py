@@ -31,7 +31,8 @@ from pyflock.control._tokens import FailureLimiter, TokenService
 from pyflock.common._logging import log_event, start_json_logging
 from pyflock.common._tls import AGENT_CHANNEL, REST_API, ClusterTLS
 from pyflock.control._agentchannel import DEFAULT_HEARTBEAT, AgentChannelServer
-from pyflock.control._api import APISite, ControlAPI, __version__
+from pyflock.control._api import ControlAPI, __version__
+from pyflock.control._api_base import APISite
 from pyflock.control._clusterstate import (
     DEFAULT_FORGET_DEAD_NODES, DEFAULT_NODE_EXPIRY, ClusterStateService,
 )

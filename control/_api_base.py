@@ -1,0 +1,191 @@
+"""
+What every route of the REST API shares: the Klein application, its JSON error answers
+(declared errors, unknown routes and methods, an unavailable store, internal errors), the
+caller's identity and what it may act for, body parsing and validation, URL checks, and the
+site that logs failed requests. ``ControlAPI`` (``pyflock.control._api``) adds the routes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+from urllib.parse import unquote_to_bytes
+
+from klein import Klein
+from twisted.logger import Logger, LogLevel
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from pyflock.common._logging import log_event
+from pyflock.control._persistence import StoreUnavailable
+
+#: Bodies larger than this are refused before parsing.
+MAX_BODY = 1024 * 1024
+
+_log = Logger()
+
+
+class APIError(Exception):
+    """An error response: status code, description and optional schema errors."""
+
+    def __init__(self, code: int, description: str, errors: Optional[list[str]] = None,
+                 holder: Optional[str] = None):
+        super().__init__(code, description)
+        self.code = code
+        self.description = description
+        self.errors = errors
+        self.holder = holder
+
+
+def _error_body(code: int, description: str, errors: Optional[list[str]] = None,
+                holder: Optional[str] = None) -> bytes:
+    body: dict = {"description": description}
+    if errors is not None:
+        body["errors"] = errors
+    if holder is not None:
+        body["holder"] = holder
+    return json.dumps(body).encode("utf-8")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _encode(body) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+class _ValidURLs(Resource):
+    """
+    Answers a URL that is not UTF-8 with a JSON 400 before Klein sees it (Klein's own
+    answer is plain text).
+    """
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Resource):
+        super().__init__()
+        self._wrapped = wrapped
+
+    def render(self, request):
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"application/json")
+            return _error_body(400, "The URL is not valid UTF-8: percent-encode UTF-8 "
+                                    "text, and name datasets by their UUID.")
+        return self._wrapped.render(request)
+
+
+class APISite(Site):
+    """
+    The HTTP site of the API: no form parsing (the API takes only JSON), and instead of
+    an access line per request, a structured event for each request that failed.
+    """
+
+    def __init__(self, resource):
+        super().__init__(resource, parsePOSTFormSubmission=False)
+        self.displayTracebacks = False
+        self.noisy = False
+
+    def log(self, request) -> None:
+        if request.code >= 400:
+            log_event(_log, "pyflock:control:request-error", method=request.method.decode(
+                "ascii", "replace"), path=request.path.decode("utf-8", "replace"),
+                code=request.code)
+
+
+class APIBase:
+    """
+    The Klein application the routes of ``ControlAPI`` hang on, with what they share.
+    ``identify(request)`` tells who is calling (from the TLS client certificate in
+    production).
+    """
+
+    app = Klein()
+
+    def __init__(self, identify: Callable[[IRequest], object]):
+        self._identify = identify
+
+    def resource(self) -> Resource:
+        """The API as a twisted.web resource."""
+        return _ValidURLs(self.app.resource())
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request, failure):
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json")
+        return _error_body(404, f"No such route: {request.path.decode('utf-8', 'replace')}. "
+                                f"See /v1/openapi.json for the API.")
+
+    @app.handle_errors(MethodNotAllowed)
+    def _not_allowed(self, request, failure):
+        allowed = ", ".join(getattr(failure.value, "valid_methods", None) or [])
+        request.setResponseCode(405)
+        request.setHeader(b"content-type", b"application/json")
+        if allowed:
+            request.setHeader(b"allow", allowed.encode("ascii"))
+        return _error_body(405, f"Method {request.method.decode('ascii', 'replace')} is not "
+                                f"allowed here; allowed: {allowed or 'none'}.")
+
+    @app.handle_errors(APIError)
+    def _api_error(self, request, failure):
+        error = failure.value
+        request.setResponseCode(error.code)
+        request.setHeader(b"content-type", b"application/json")
+        return _error_body(error.code, error.description, error.errors, error.holder)
+
+    @app.handle_errors(StoreUnavailable)
+    def _unavailable(self, request, failure):
+        request.setResponseCode(503)
+        request.setHeader(b"content-type", b"application/json")
+        return _error_body(503, f"The configuration store is unavailable "
+                                f"({failure.value}); the change may or may not have been "
+                                f"made: read the configuration, then retry.")
+
+    @app.handle_errors(Exception)
+    def _internal(self, request, failure):
+        log_event(_log, "pyflock:control:request-failed", LogLevel.error, traceback=failure.getTraceback(),
+                  path=request.path.decode("utf-8", "replace"))
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", b"application/json")
+        return _error_body(500, "Internal error; the control service's log has details.")
+
+    def _json(self, request, body, code: int = 200) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        return body if isinstance(body, bytes) else _encode(body)
+
+    def _caller(self, request):
+        identity = self._identify(request)
+        if identity is None or getattr(identity, "kind", None) not in ("user", "node"):
+            raise APIError(403, "This certificate may not use the API: use a user-* or "
+                                "node-* certificate signed by this cluster's CA.")
+        return identity
+
+    def _act_as(self, identity, node_uuid: Optional[str], what: str) -> None:
+        """Refuse unless ``identity`` may act for ``node_uuid``; nodes act only for themselves."""
+        if identity.kind == "node" and identity.node_uuid != node_uuid:
+            log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
+                      action=what)
+            raise APIError(403, f"Node {identity.node_uuid} may not {what}: a node "
+                                f"certificate acts only for its own node.")
+
+    def _body(self, request, validator) -> dict:
+        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+        if len(raw) > MAX_BODY:
+            raise APIError(400, f"The request body is larger than {MAX_BODY} bytes.")
+        try:
+            body = json.loads(raw, parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"The request body is not valid JSON: {e}.")
+        if not validator.is_valid(body):
+            raise APIError(400, "The provided JSON doesn't match the required schema.",
+                           validator.errors(body))
+        return body
