@@ -1,4 +1,5 @@
-"""The packages' layering (docs/architecture.md, "Code layout"): who may import whom."""
+"""The code's shape (docs/architecture.md, "Code layout"): who may import whom, and no class
+in agent/ or control/ over 350 lines."""
 
 import ast
 from pathlib import Path
@@ -48,3 +49,29 @@ def test_package_imports_only_what_it_may(package):
         if extra:
             wrong[str(path.relative_to(ROOT))] = sorted(extra)
     assert wrong == {}, f"imports the layering forbids (docs/architecture.md): {wrong}"
+
+
+#: The longest a class in ``agent/`` or ``control/`` may be (docs/architecture.md).
+MAX_CLASS_LINES = 350
+
+
+def long_classes(source: str, limit: int = MAX_CLASS_LINES) -> dict[str, int]:
+    """The classes of a module's source longer than ``limit`` lines, with their length."""
+    return {node.name: node.end_lineno - node.lineno + 1
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > limit}
+
+
+def test_long_classes_counts_lines():
+    """A class of 4 lines is over a limit of 3 and not over a limit of 4."""
+    source = "class A:\n    x = 1\n\n    y = 2\n"
+    assert (long_classes(source, 3), long_classes(source, 4)) == ({"A": 4}, {})
+
+
+@pytest.mark.parametrize("package", ["agent", "control"])
+def test_no_long_classes(package):
+    """No class in ``package`` is over ``MAX_CLASS_LINES`` lines: split it by concern."""
+    found = {f"{path.relative_to(ROOT)}:{name}": length
+             for path in sorted((ROOT / package).rglob("*.py"))
+             for name, length in long_classes(path.read_text()).items()}
+    assert found == {}, f"classes over {MAX_CLASS_LINES} lines: {found}"
