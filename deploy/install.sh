@@ -308,8 +308,10 @@ if [ "$control" = yes ]; then
 # Written by pyflock's deploy/install.sh; read by pyflock-control.service.
 PYFLOCK_CONTROL_OPTIONS="--data-path $data_dir/control --certificates-directory $certs --ca-key $certs/cluster.key"
 TXT
-  if [ "$(id -u)" = 0 ] && [ "$config_dir" = /etc/pyflock ]; then
-    write_file /root/.config/pyflock/cli.yml 0600 <<TXT
+  # The CLI's settings for root, unless root already has settings of its own.
+  cli_yml=${HOME:-/root}/.config/pyflock/cli.yml
+  if [ "$(id -u)" = 0 ] && { [ ! -f "$cli_yml" ] || grep -q "deploy/install.sh" "$cli_yml"; }; then
+    write_file "$cli_yml" 0600 <<TXT
 # Written by pyflock's deploy/install.sh: the CLI as the user admin.
 control-service: $hostname
 control-port: 4523
