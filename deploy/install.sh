@@ -40,6 +40,7 @@ Agent node:
   --region REGION    the ebs backend's region (default: from the instance metadata)
   --address ADDR     where peers reach this node (default: found by the agent)
   --no-docker        do not install docker.io when dockerd is missing
+  --plugin-socket P  the Docker plugin's socket (default /run/docker/plugins/pyflock.sock)
 
 Where things go:
   --config-dir DIR   configuration and certificates (default /etc/pyflock)
@@ -61,7 +62,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 spec=pyflock upgrade=no prefix=/opt/pyflock control=no agent=no hostname="" cluster_name=""
 cluster_uuid="" join="" token=${PYFLOCK_JOIN_TOKEN:-} backend=loopback region="" address=""
 docker=yes config_dir=/etc/pyflock data_dir=/var/lib/pyflock apt=yes systemd=auto
-run_dir=/run/pyflock start=yes stop=no
+run_dir=/run/pyflock start=yes stop=no plugin_socket=/run/docker/plugins/pyflock.sock
 units_dir=${PYFLOCK_UNITS_DIR:-/etc/systemd/system}
 defaults_dir=${PYFLOCK_DEFAULTS_DIR:-/etc/default}
 
@@ -69,7 +70,7 @@ need_value() { if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see -
 while [ $# -gt 0 ]; do
   case $1 in
     --from|--prefix|--hostname|--cluster-name|--cluster-uuid|--join|--token|--backend|\
-    --region|--address|--config-dir|--data-dir|--run-dir)
+    --region|--address|--config-dir|--data-dir|--run-dir|--plugin-socket)
       need_value "$@" ;;&
     --from) spec=$2; shift ;;
     --upgrade) upgrade=yes ;;
@@ -85,6 +86,7 @@ while [ $# -gt 0 ]; do
     --region) region=$2; shift ;;
     --address) address=$2; shift ;;
     --no-docker) docker=no ;;
+    --plugin-socket) plugin_socket=$2; shift ;;
     --config-dir) config_dir=$2; shift ;;
     --data-dir) data_dir=$2; shift ;;
     --no-apt) apt=no ;;
@@ -110,7 +112,7 @@ if [ -n "$join" ] && [ -z "$token" ]; then
   die "--join needs a token: --token TOKEN or PYFLOCK_JOIN_TOKEN (make one with 'pyflock token create')"
 fi
 if [ -n "$token" ] && [ -z "$join" ]; then die "--token goes with --join HOST"; fi
-for d in "$prefix" "$config_dir" "$data_dir" "$run_dir"; do
+for d in "$prefix" "$config_dir" "$data_dir" "$run_dir" "$plugin_socket"; do
   case $d in /*) ;; *) die "paths must be absolute: '$d'" ;; esac
 done
 if [ "$systemd" = auto ]; then
@@ -355,6 +357,7 @@ data-path: $data_dir
 mount-root: $data_dir/mounts
 $node
 dataset: $dataset
+plugin: {socket: $plugin_socket}
 YML
   write_file "$defaults_dir/pyflock-agent" 0644 <<TXT
 # Written by pyflock's deploy/install.sh; read by pyflock-agent.service.
@@ -372,7 +375,7 @@ TXT
   fi
   if [ "$start" = yes ]; then
     start_unit pyflock-agent
-    wait_for "the agent's Docker plugin socket" 120 pyflock-agent test -S /run/docker/plugins/pyflock.sock
+    wait_for "the agent's Docker plugin socket" 120 pyflock-agent test -S "$plugin_socket"
     say "agent running; Docker: docker run -v NAME:/data --volume-driver=pyflock IMAGE"
   fi
 fi
