@@ -3,7 +3,8 @@
 # packages it needs (apt), pyflock in its own virtualenv (/opt/pyflock), the systemd units,
 # and then either a control node (--control: CA, certificates, control service) or an agent
 # that joins a cluster with a token (--join HOST --token TOKEN). Idempotent: run it again
-# with the same options and it changes nothing; with a new --from it upgrades.
+# with the same options and it changes nothing (running services are left alone); with a
+# new --from it upgrades and restarts them (the agent's mounts stay).
 # Run with --help for the options; docs/install.md and docs/aws.md show it in use.
 set -euo pipefail
 
@@ -62,7 +63,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 spec=pyflock upgrade=no prefix=/opt/pyflock control=no agent=no hostname="" cluster_name=""
 cluster_uuid="" join="" token=${PYFLOCK_JOIN_TOKEN:-} backend=loopback region="" address=""
 docker=yes config_dir=/etc/pyflock data_dir=/var/lib/pyflock apt=yes systemd=auto
-run_dir=/run/pyflock start=yes stop=no plugin_socket=/run/docker/plugins/pyflock.sock
+run_dir=/run/pyflock start=yes stop=no changed=no plugin_socket=/run/docker/plugins/pyflock.sock
 units_dir=${PYFLOCK_UNITS_DIR:-/etc/systemd/system}
 defaults_dir=${PYFLOCK_DEFAULTS_DIR:-/etc/default}
 
@@ -157,8 +158,15 @@ pid_running() {  # unit
 start_unit() {  # unit
   if [ "$systemd" = yes ]; then
     systemctl enable "$1.service" >/dev/null 2>&1
-    systemctl restart "$1.service"
-    say "started $1 (systemd; journalctl -u $1)"
+    if [ "$changed" = yes ]; then
+      systemctl restart "$1.service"; say "(re)started $1 (systemd; journalctl -u $1)"
+    elif systemctl is-active -q "$1.service"; then
+      say "$1 already running (systemd)"
+    else
+      systemctl start "$1.service"; say "started $1 (systemd; journalctl -u $1)"
+    fi
+  elif pid_running "$1" && [ "$changed" = yes ]; then
+    stop_unit "$1"; start_unit "$1"
   elif pid_running "$1"; then
     say "$1 already running (pid $(cat "$run_dir/$1.pid"))"
   else
@@ -249,6 +257,7 @@ if [ "$upgrade" = yes ] || [ ! -x "$bin/pyflock-control" ] || [ "$(cat "$stamp" 
     tail -n 20 "$prefix/pip.log" >&2; die "pip install $requirement failed (log above, all of it in $prefix/pip.log)"
   fi
   echo "$requirement" >"$stamp"
+  changed=yes
 else
   say "$requirement already installed in $prefix"
 fi
@@ -258,16 +267,16 @@ done
 
 # -- units ------------------------------------------------------------------------------
 if [ "$systemd" = yes ]; then
-  changed=no
+  units_changed=no
   for unit in pyflock-control pyflock-agent; do
     if ! unit_text "$unit" | cmp -s - "$units_dir/$unit.service"; then
-      unit_text "$unit" >"$units_dir/$unit.service"; changed=yes
+      unit_text "$unit" >"$units_dir/$unit.service"; units_changed=yes; changed=yes
     fi
   done
-  if [ "$changed" = yes ]; then systemctl daemon-reload; say "installed the systemd units in $units_dir"; fi
+  if [ "$units_changed" = yes ]; then systemctl daemon-reload; say "installed the systemd units in $units_dir"; fi
 fi
 
-# Writes a file only when its text changes; says so. Mode 0600 for files that name secrets.
+# Writes a file only when its text changes; says so, and notes that the services restart.
 write_file() {  # path mode  (text on stdin)
   local text; text=$(cat)
   if [ "$(cat "$1" 2>/dev/null)" != "$text" ]; then
@@ -275,6 +284,7 @@ write_file() {  # path mode  (text on stdin)
     (umask 077; printf '%s\n' "$text" >"$1.new")
     chmod "$2" "$1.new"; mv "$1.new" "$1"
     say "wrote $1"
+    changed=yes
   fi
 }
 

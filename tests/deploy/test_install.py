@@ -219,7 +219,8 @@ def test_control_and_agent_on_one_host(host):
 
 def test_agent_joins_with_ebs_backend(host):
     """--join HOST:PORT with the token in PYFLOCK_JOIN_TOKEN writes agent.yml for the ebs
-    backend, joins at that port and starts the agent."""
+    backend, joins at that port and starts the agent; run again, it leaves the agent
+    running, and with a changed option it restarts it."""
     result = host.install("--join", "ctl.example:4600", "--backend", "ebs", "--region",
                           "eu-west-1", token="T0KEN")
     assert result.returncode == 0, result.stderr
@@ -230,6 +231,18 @@ def test_agent_joins_with_ebs_backend(host):
         f"pyflock-agent join --control-service ctl.example:4600 --token T0KEN "
         f"--config {host.config}/agent.yml"]
     assert host.running("pyflock-agent")
+
+    first = host.command_line("pyflock-agent"), (host.run_dir / "pyflock-agent.pid").read_text()
+    same = host.install("--join", "ctl.example:4600", "--backend", "ebs", "--region",
+                        "eu-west-1", token="T0KEN")
+    assert "pyflock-agent already running" in same.stdout
+    assert (host.command_line("pyflock-agent"), (host.run_dir / "pyflock-agent.pid").read_text()) == first
+    host.socket.unlink()  # the stub agent does not remove its socket when it stops
+    moved = host.install("--join", "ctl.example:4600", "--backend", "ebs", "--region",
+                         "eu-north-1", token="T0KEN")
+    assert moved.returncode == 0, moved.stderr
+    assert "stopped pyflock-agent" in moved.stdout
+    assert (host.run_dir / "pyflock-agent.pid").read_text() != first[1]
 
 
 def test_refused_join_starts_nothing(host):
