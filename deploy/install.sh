@@ -36,7 +36,7 @@ Agent node:
                      4526) and start pyflock-agent; HOST must be the name its certificate
                      gives (the control node's --hostname)
   --token TOKEN      the join token (`pyflock token create`); or set PYFLOCK_JOIN_TOKEN,
-                     which keeps it out of the process list
+                     which keeps it out of the process list; not needed once joined
   --backend NAME     the dataset backend: loopback (default) or ebs (on EC2)
   --region REGION    the ebs backend's region (default: from the instance metadata)
   --address ADDR     where peers reach this node (default: found by the agent)
@@ -109,7 +109,7 @@ fi
 if [ "$agent" = yes ] && [ "$control" = no ]; then
   die "--agent goes with --control; on an agent node use --join HOST --token TOKEN"
 fi
-if [ -n "$join" ] && [ -z "$token" ]; then
+if [ -n "$join" ] && [ -z "$token" ] && [ ! -f "$config_dir/node.crt" ]; then
   die "--join needs a token: --token TOKEN or PYFLOCK_JOIN_TOKEN (make one with 'pyflock token create')"
 fi
 if [ -n "$token" ] && [ -z "$join" ]; then die "--token goes with --join HOST"; fi

@@ -219,8 +219,8 @@ def test_control_and_agent_on_one_host(host):
 
 def test_agent_joins_with_ebs_backend(host):
     """--join HOST:PORT with the token in PYFLOCK_JOIN_TOKEN writes agent.yml for the ebs
-    backend, joins at that port and starts the agent; run again, it leaves the agent
-    running, and with a changed option it restarts it."""
+    backend, joins at that port and starts the agent; run again (no token needed once
+    joined), it leaves the agent running, and with a changed option it restarts it."""
     result = host.install("--join", "ctl.example:4600", "--backend", "ebs", "--region",
                           "eu-west-1", token="T0KEN")
     assert result.returncode == 0, result.stderr
@@ -234,7 +234,7 @@ def test_agent_joins_with_ebs_backend(host):
 
     first = host.command_line("pyflock-agent"), (host.run_dir / "pyflock-agent.pid").read_text()
     same = host.install("--join", "ctl.example:4600", "--backend", "ebs", "--region",
-                        "eu-west-1", token="T0KEN")
+                        "eu-west-1")
     assert "pyflock-agent already running" in same.stdout
     assert (host.command_line("pyflock-agent"), (host.run_dir / "pyflock-agent.pid").read_text()) == first
     host.socket.unlink()  # the stub agent does not remove its socket when it stops
