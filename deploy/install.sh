@@ -218,7 +218,6 @@ packages=(python3 python3-venv ca-certificates openssl)
 case $spec in git+*|*.git|*.git@*) packages+=(git) ;; esac
 if [ -n "$join" ] || [ "$agent" = yes ]; then
   packages+=(e2fsprogs util-linux mount)
-  [ "$backend" = ebs ] && packages+=(nvme-cli)
   if [ "$docker" = yes ] && ! command -v dockerd >/dev/null; then packages+=(docker.io); fi
 fi
 if [ "$apt" = yes ]; then

@@ -272,3 +272,20 @@ def test_stop_leaves_nothing_running(host):
                 break
             assert time.monotonic() < deadline, f"pid {pid} still running"
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ([], "bootstrap: give control, agent or rotate-token first"),
+    (["agent", "--stack", "s"], "bootstrap: --stack and --region are needed"),
+    (["control", "--stack", "s", "--region", "r"],
+     "bootstrap: control needs --cluster-uuid and --data-volume"),
+    (["agent", "--wrong"], "bootstrap: unknown option '--wrong'"),
+])
+def test_bootstrap_usage_errors(arguments, message):
+    """The bootstrap refuses a missing role or option with status 2 and the reason, before
+    it calls anything (no instance metadata, no AWS)."""
+    env = {**os.environ, "PYFLOCK_METADATA_URL": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(["bash", str(BOOTSTRAP), *arguments], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == message
