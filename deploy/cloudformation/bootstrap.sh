@@ -15,7 +15,7 @@
 # For tests, the environment may point it elsewhere: PYFLOCK_METADATA_URL (the instance
 # metadata service), PYFLOCK_AWS_ENDPOINT_URL (SSM and CloudFormation), PYFLOCK_CFN_SIGNAL
 # (a command run as `CMD STATUS REASON` instead of signalling), PYFLOCK_INSTALL_OPTIONS
-# (more options for install.sh, such as --no-systemd), PYFLOCK_PREFIX (the virtualenv,
+# (more options for install.sh, such as --no-systemd; the bootstrap's own come after them), PYFLOCK_PREFIX (the virtualenv,
 # default /opt/pyflock), PYFLOCK_ROOT (a folder prefixed to the paths it writes outside
 # install.sh) and PYFLOCK_DEVICE_FOLDER (instead of /dev).
 set -Eeuo pipefail
@@ -78,6 +78,8 @@ signal() {  # SUCCESS|FAILURE reason
   fi
 }
 failed() {  # line
+  # A command substitution that fails runs this trap too (set -E): the main shell signals.
+  [ "$BASHPID" = "$$" ] || return 0
   echo "bootstrap: failed at line $1 of $0" >&2
   signal FAILURE "bootstrap of the $role node failed at line $1 (see /var/log/cloud-init-output.log)"
 }
@@ -212,9 +214,9 @@ case $role in
       say "this data volume's CA was made for $(cat "$certs/control-hostname"), now $hostname: keeping the old name"
       hostname=$(cat "$certs/control-hostname")
     fi
-    bash "$install_sh" --from "$from" --prefix "$prefix" --control --hostname "$hostname" --cluster-name "$stack" \
-      --cluster-uuid "$cluster_uuid" --config-dir "$certs" --data-dir "$state" --no-docker \
-      "${install_options[@]}"
+    bash "$install_sh" "${install_options[@]}" --from "$from" --prefix "$prefix" --control \
+      --hostname "$hostname" --cluster-name "$stack" --cluster-uuid "$cluster_uuid" \
+      --config-dir "$certs" --data-dir "$state" --no-docker
     echo "$hostname" >"$certs/control-hostname"
     rotate_token
     aws_ ssm put-parameter --name "$parameters/api-url" --type String --overwrite \
@@ -237,8 +239,8 @@ case $role in
     PYFLOCK_JOIN_TOKEN=$(aws_ ssm get-parameter --name "$parameters/join-token" --with-decryption \
                            --query Parameter.Value --output text)
     export PYFLOCK_JOIN_TOKEN
-    bash "$install_sh" --from "$from" --prefix "$prefix" --join "$control_host" --backend ebs --region "$region" \
-      "${install_options[@]}"
+    bash "$install_sh" "${install_options[@]}" --from "$from" --prefix "$prefix" \
+      --join "$control_host" --backend ebs --region "$region"
     unset PYFLOCK_JOIN_TOKEN
     signal SUCCESS "agent $instance_id joined the cluster at $control_host"
     say "agent node ready" ;;

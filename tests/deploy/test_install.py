@@ -12,114 +12,22 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.harness.deploy_hosts import BOOTSTRAP, INSTALL, make_stub_host
 from tests.harness.requirements import require_commands
 
-ROOT = Path(__file__).resolve().parents[2]
-INSTALL = ROOT / "deploy" / "install.sh"
-BOOTSTRAP = ROOT / "deploy" / "cloudformation" / "bootstrap.sh"
-
 pytestmark = pytest.mark.integration
-
-#: Stub console scripts: each appends its name and arguments to $PYFLOCK_CALLS.
-STUBS = {
-    "pyflock-ca": r"""
-out=.
-for a in "$@"; do case $prev in -o) out=$a ;; esac; prev=$a; done
-case $1 in
-  initialize) touch cluster.crt cluster.key ;;
-  create-control-certificate) touch "control-$2.crt" "control-$2.key" ;;
-  create-api-certificate) touch "$out/$2.crt" "$out/$2.key" ;;
-esac
-""",
-    "pyflock-control": r"""
-trap 'exit 0' TERM
-while :; do sleep 1; done
-""",
-    "pyflock": r"""
-case " $* " in *" token create "*) echo TOKEN-MADE-HERE ;; esac
-""",
-    "pyflock-agent": r"""
-config=$(for a in "$@"; do [ "${prev:-}" = --config ] && echo "$a"; prev=$a; done)
-certs=$(sed -n 's/^certificates: //p' "$config")
-case $1 in
-  join)
-    case " $* " in *" --token bad "*) echo "pyflock-agent: the token is not valid" >&2; exit 1 ;; esac
-    touch "$certs/node.crt" "$certs/node.key" "$certs/cluster.crt" ;;
-  run)
-    socket=$(sed -n 's/^plugin: {socket: \(.*\)}$/\1/p' "$config")
-    python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])' "$socket"
-    trap 'exit 0' TERM
-    while :; do sleep 1; done ;;
-esac
-""",
-}
 
 
 @pytest.fixture
 def host(tmp_path):
-    """Folders for one host and a virtualenv of stubs that install.sh takes as installed;
-    every service it started is stopped afterwards."""
-    prefix = tmp_path / "opt"
-    (prefix / "bin").mkdir(parents=True)
-    (prefix / "bin" / "python").symlink_to("/usr/bin/python3")
-    (prefix / ".pyflock-requirement").write_text("pyflock\n")
-    for name, body in STUBS.items():
-        script = prefix / "bin" / name
-        script.write_text(f'#!/bin/bash\necho "{name} $*" >>"$PYFLOCK_CALLS"\n{body}')
-        script.chmod(0o755)
-    host = _Host(tmp_path, prefix)
+    """A stub host (tests.harness.deploy_hosts); every service started on it is stopped
+    afterwards."""
+    host = make_stub_host(tmp_path)
     yield host
     host.install("--stop")
-
-
-class _Host:
-    """One simulated host's folders and how to run install.sh on it."""
-
-    def __init__(self, tmp_path: Path, prefix: Path):
-        self.tmp_path, self.prefix = tmp_path, prefix
-        self.config = tmp_path / "etc"
-        self.run_dir = tmp_path / "run"
-        self.calls = tmp_path / "calls.log"
-        self.socket = tmp_path / "plugin.sock"
-
-    def install(self, *options: str, token: str = "") -> subprocess.CompletedProcess:
-        """Run install.sh without apt or systemd, in this host's folders."""
-        env = {**os.environ, "HOME": str(self.tmp_path), "PYFLOCK_CALLS": str(self.calls),
-               "PYFLOCK_DEFAULTS_DIR": str(self.tmp_path / "default")}
-        env.pop("PYFLOCK_JOIN_TOKEN", None)
-        if token:
-            env["PYFLOCK_JOIN_TOKEN"] = token
-        return subprocess.run(
-            ["bash", str(INSTALL), "--no-apt", "--no-systemd", "--prefix", str(self.prefix),
-             "--config-dir", str(self.config), "--data-dir", str(self.tmp_path / "data"),
-             "--run-dir", str(self.run_dir), "--plugin-socket", str(self.socket), *options],
-            capture_output=True, text=True, env=env, timeout=120)
-
-    def called(self, prefix: str) -> list[str]:
-        """The recorded calls starting with ``prefix``."""
-        lines = self.calls.read_text().splitlines() if self.calls.exists() else []
-        return [line for line in lines if line.startswith(prefix)]
-
-    def command_line(self, unit: str) -> list[str]:
-        """The arguments the running ``unit`` was started with (after the stub's shell)."""
-        pid = int((self.run_dir / f"{unit}.pid").read_text())
-        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-        return [a.decode() for a in arguments[1:]]
-
-    def running(self, unit: str) -> bool:
-        """Whether the pid file of ``unit`` names a live process."""
-        pid_file = self.run_dir / f"{unit}.pid"
-        if not pid_file.exists():
-            return False
-        try:
-            os.kill(int(pid_file.read_text()), 0)
-        except ProcessLookupError:
-            return False
-        return True
 
 
 def test_shellcheck_finds_nothing():
@@ -273,19 +181,3 @@ def test_stop_leaves_nothing_running(host):
             assert time.monotonic() < deadline, f"pid {pid} still running"
             time.sleep(0.05)
 
-
-@pytest.mark.parametrize("arguments, message", [
-    ([], "bootstrap: give control, agent or rotate-token first"),
-    (["agent", "--stack", "s"], "bootstrap: --stack and --region are needed"),
-    (["control", "--stack", "s", "--region", "r"],
-     "bootstrap: control needs --cluster-uuid and --data-volume"),
-    (["agent", "--wrong"], "bootstrap: unknown option '--wrong'"),
-])
-def test_bootstrap_usage_errors(arguments, message):
-    """The bootstrap refuses a missing role or option with status 2 and the reason, before
-    it calls anything (no instance metadata, no AWS)."""
-    env = {**os.environ, "PYFLOCK_METADATA_URL": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(["bash", str(BOOTSTRAP), *arguments], capture_output=True,
-                            text=True, env=env, timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.splitlines()[0] == message
