@@ -36,7 +36,7 @@ usage() { sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 role=${1:-}
 [ $# -gt 0 ] && shift
-stack="" region="" resource="" cluster_uuid="" from=pyflock data_volume=""
+stack="" region="" resource="" cluster_uuid="" from=pyflock data_volume="" instance_id=""
 while [ $# -gt 0 ]; do
   case $1 in
     --stack) stack=${2:-}; shift ;;

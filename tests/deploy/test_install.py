@@ -119,7 +119,7 @@ def test_control_and_agent_on_one_host(host):
 
     again = host.install("--control", "--agent", "--hostname", "10.0.0.9")
     assert again.returncode == 0, again.stderr
-    assert "this host has already joined" in again.stdout
+    assert "this host has already joined" in again.stdout, (result.stdout, again.stdout)
     assert len(host.called("pyflock-agent join")) == 1
     assert len(host.called("pyflock --control-service 10.0.0.9 --certs-path "
                            f"{config}/admin --user admin token")) == 1
