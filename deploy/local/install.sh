@@ -7,7 +7,7 @@ venv=${1:-.venv}
 cd "$(dirname "$0")/../.."
 
 packages=(docker.io containerd runc busybox-static btrfs-progs e2fsprogs util-linux mount
-          iproute2 etcd-server etcd-client openssl curl python3-venv)
+          iproute2 etcd-server etcd-client openssl curl python3-venv shellcheck)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
