@@ -76,6 +76,11 @@ class EBSOptions:
     default_size: int = 10 * GiB
     limits: WaitLimits = WaitLimits()
 
+    @classmethod
+    def from_config(cls, options: dict, default_size: int) -> "EBSOptions":
+        """The options of agent.yml's validated ``dataset`` section (less ``backend``)."""
+        return cls(default_size=default_size, **options)
+
 
 @attr.s(frozen=True, auto_attribs=True)
 class InstanceIdentity:

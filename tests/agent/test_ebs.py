@@ -86,6 +86,18 @@ class EBSBackendTests(SynchronousTestCase):
                          (identity.instance_id, identity.zone, identity.region))
         self.assertEqual(1, len(self.fake.tokens))
 
+    def test_instance_role_credentials_only(self) -> None:
+        """Requests are signed with the instance role's credentials from the metadata
+        service, even when the environment and a credentials file offer others."""
+        credentials = os.path.join(self.fake.root, "credentials")
+        with open(credentials, "w") as f:
+            f.write("[default]\naws_access_key_id = AKIAFILE\naws_secret_access_key = x\n")
+        self.patch(os, "environ", dict(os.environ, AWS_ACCESS_KEY_ID="AKIAENV",
+                                       AWS_SECRET_ACCESS_KEY="x",
+                                       AWS_SHARED_CREDENTIALS_FILE=credentials))
+        self.a.list_volumes()
+        self.assertEqual({"ASIAFAKE"}, self.fake.access_keys)
+
     def test_tags_are_the_truth(self) -> None:
         """A volume carries the cluster and dataset tags, and the node's while attached;
         another backend object with no memory of it sees the same."""

@@ -107,6 +107,7 @@ class FakeEC2:
         self.instances: dict = {}
         self.tokens: set = set()
         self.requests: list = []
+        self.access_keys: set = set()   # the access key ids requests were signed with
         self._client_tokens: dict = {}
         self._lock = threading.RLock()
         self._server: Optional[http.server.ThreadingHTTPServer] = None
@@ -130,6 +131,8 @@ class FakeEC2:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length).decode()
+                signed = self.headers.get("Authorization", "")
+                fake.access_keys.add(signed.partition("Credential=")[2].partition("/")[0])
                 status, text = fake.answer(dict(urllib.parse.parse_qsl(body)))
                 data = text.encode()
                 self.send_response(status)
@@ -152,9 +155,11 @@ class FakeEC2:
         """The metadata service of one simulated instance."""
         return f"{self.url}/metadata/{instance_id}"
 
-    def add_instance(self, zone: Optional[str] = None) -> str:
-        """A new running instance in ``zone`` (default: the region's first); its id."""
-        instance_id = "i-" + secrets.token_hex(8)
+    def add_instance(self, zone: Optional[str] = None,
+                     instance_id: Optional[str] = None) -> str:
+        """A new running instance in ``zone`` (default: the region's first); its id (a new
+        one unless ``instance_id``: an instance another service knows)."""
+        instance_id = instance_id or "i-" + secrets.token_hex(8)
         with self._lock:
             self.instances[instance_id] = FakeInstance(instance_id, zone or self.region + "a")
         return instance_id
