@@ -29,12 +29,13 @@ from botocore.utils import InstanceMetadataFetcher
 from zope.interface import implementer
 
 from pyflock.agent._backends._ebs_model import (
-    DEFAULT_ATTACHMENT_LIMIT, TAG_CLUSTER, TAG_DATASET, TAG_INSTANCE, TAG_NODE,
-    AttachmentLimitReached, Decision, Phase,
+    DEFAULT_ATTACHMENT_LIMIT, TAG_CLUSTER, TAG_DATASET, TAG_FSCK, TAG_INSTANCE, TAG_NODE,
+    AttachmentLimitReached, Decision, Phase, fsck_succeeded, may_force_detach,
     Goal, VolumeStuck, WaitLimits, attachment_of, block_volume, by_id_path,
     choose_device_name, creation_parameters, device_path_of, nvme_device_for, phase_of,
     pick_volume, tags_of, volume_size_gib, volumes_by_dataset, wait_decision,
 )
+from pyflock.agent._fs import CommandFailed, has_filesystem, run_command
 from pyflock.agent._backends._interface import (
     GiB, AlreadyAttached, BackendError, BlockVolume, IBlockDeviceBackend,
     InvalidVolumeRequest, UnattachedVolume, UnknownVolume, VolumeBusy, VolumeExists,
@@ -60,6 +61,11 @@ class EC2Error(BackendError):
 
 class WrongZone(BackendError):
     """The volume is in another availability zone than this node's instance."""
+
+
+class FilesystemDamaged(BackendError):
+    """A force-detached volume's filesystem did not pass ``e2fsck -f -p``; it was detached
+    again so that nothing mounts it, and needs a check by hand."""
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -159,6 +165,28 @@ def nvme_serials(sys_root: str = "/sys") -> dict:
     return serials
 
 
+def local_device(volume, attachment, device_folder: str, xen: bool,
+                 sys_root: str = "/sys") -> Optional[str]:
+    """
+    A described volume's device on this instance, found by its id (the by-id link, else
+    the NVMe namespace with its serial; on Xen the ``xvd`` name), if it is there with the
+    volume's size; None otherwise.
+    """
+    size = int(volume["Size"]) * GiB
+    volume_id = volume["VolumeId"]
+    if xen:
+        candidates = [device_path_of(device_folder, volume_id, attachment, True)]
+    else:
+        candidates = [by_id_path(device_folder, volume_id)]
+        name = nvme_device_for(volume_id, nvme_serials(sys_root))
+        if name is not None:
+            candidates.append(os.path.join(device_folder, name))
+    for path in candidates:
+        if os.path.exists(path) and block_device_size(path, sys_root) == size:
+            return path
+    return None
+
+
 @implementer(IBlockDeviceBackend)
 class EBSBackend:
     """
@@ -236,6 +264,11 @@ class EBSBackend:
                              TagSpecifications=[{"ResourceType": "volume", "Tags": tags}],
                              **parameters)
         volume = self._wait(created["VolumeId"], Goal.CREATED, dataset_id)
+        kept = self._find_raw(dataset_id)
+        if kept is not None and kept["VolumeId"] != volume["VolumeId"]:
+            # An earlier creation not yet described when we looked: keep one volume.
+            self._call("delete_volume", VolumeId=volume["VolumeId"])
+            raise VolumeExists(dataset_id)
         return self._block(volume)
 
     def attach_volume(self, dataset_id: str, node_uuid: str) -> BlockVolume:
@@ -262,6 +295,8 @@ class EBSBackend:
             with self._names_lock:
                 self._reserved.discard(name)
         path = self._wait_for_device(volume)
+        if TAG_FSCK in tags_of(volume):
+            self._check_filesystem(dataset_id, volume, path)
         return attr.evolve(self._block(volume), device_path=path)
 
     def detach_volume(self, dataset_id: str) -> None:
@@ -286,7 +321,9 @@ class EBSBackend:
         try:
             self._wait(volume["VolumeId"], Goal.DETACHED, dataset_id)
         except VolumeStuck:
-            raise VolumeBusy(dataset_id, (path,)) from None
+            if not may_force_detach(self._instance_state(attachment.instance_id), ours):
+                raise VolumeBusy(dataset_id, (path,)) from None
+            self._force_detach(dataset_id, volume, attachment)
         if ours and not self._until(lambda: self._local_device(volume, attachment) is None,
                                     self.options.limits.device):
             raise VolumeBusy(dataset_id, (path,))
@@ -440,21 +477,8 @@ class EBSBackend:
         return True
 
     def _local_device(self, volume, attachment) -> Optional[str]:
-        """The volume's device on this instance, found by its id, if present at its size."""
-        size = int(volume["Size"]) * GiB
-        folder, volume_id = self.options.device_folder, volume["VolumeId"]
-        if self._xen:
-            candidates = [device_path_of(folder, volume_id, attachment, True)]
-        else:
-            candidates = [by_id_path(folder, volume_id)]
-            name = nvme_device_for(volume_id, nvme_serials(self._sys_root))
-            if name is not None:
-                candidates.append(os.path.join(folder, name))
-        for path in candidates:
-            if os.path.exists(path) and \
-                    block_device_size(path, self._sys_root) == size:
-                return path
-        return None
+        return local_device(volume, attachment, self.options.device_folder, self._xen,
+                            self._sys_root)
 
     def _wait_for_device(self, volume) -> str:
         attachment = attachment_of(volume)
@@ -466,6 +490,44 @@ class EBSBackend:
                 f"device of its id and size {volume['Size']} GiB appeared under "
                 f"{self.options.device_folder} within {self.options.limits.device:g} s")
         return found[-1]
+
+    def _instance_state(self, instance_id: str) -> Optional[str]:
+        """The state EC2 reports for an instance (``terminated`` once it is not known)."""
+        try:
+            answer = self._call("describe_instances", InstanceIds=[instance_id])
+        except EC2Error as e:
+            if "InvalidInstanceID.NotFound" in str(e):
+                return "terminated"
+            raise
+        for reservation in answer.get("Reservations", ()):
+            for instance in reservation.get("Instances", ()):
+                return instance.get("State", {}).get("Name")
+        return "terminated"
+
+    def _force_detach(self, dataset_id: str, volume, attachment) -> None:
+        """Force the detach from a stopped or terminated instance, marking the volume so
+        that the next node checks its filesystem first."""
+        self._call("create_tags", Resources=[volume["VolumeId"]],
+                   Tags=[{"Key": TAG_FSCK, "Value": attachment.instance_id}])
+        self._call("detach_volume", VolumeId=volume["VolumeId"],
+                   InstanceId=attachment.instance_id, Device=attachment.device, Force=True)
+        self._wait(volume["VolumeId"], Goal.DETACHED, dataset_id)
+
+    def _check_filesystem(self, dataset_id: str, volume, path: str) -> None:
+        """``e2fsck -f -p`` a force-detached volume's filesystem before anything mounts it;
+        if it fails, detach the volume again and raise ``FilesystemDamaged``."""
+        try:
+            if has_filesystem(path):
+                run_command(["e2fsck", "-f", "-p", path])
+        except CommandFailed as e:
+            if not fsck_succeeded(e.returncode):
+                self.detach_volume(dataset_id)
+                raise FilesystemDamaged(
+                    f"the volume of dataset {dataset_id} ({volume['VolumeId']}) was "
+                    f"force-detached from a stopped instance and `e2fsck -f -p` could not "
+                    f"repair its filesystem ({e}); attach it by hand and run `e2fsck` on "
+                    f"it, then remove its {TAG_FSCK} tag") from None
+        self._call("delete_tags", Resources=[volume["VolumeId"]], Tags=[{"Key": TAG_FSCK}])
 
     def _forget_node(self, volume_id: str) -> None:
         self._call("delete_tags", Resources=[volume_id],

@@ -39,6 +39,13 @@ TAG_NODE = "pyflock-node"
 #: The tag naming the instance of that node, so a foreign attachment is told apart.
 TAG_INSTANCE = "pyflock-instance"
 
+#: The tag on a volume force-detached from a dead node's instance: the next node to attach
+#: it checks its filesystem (``e2fsck -f -p``) before anything mounts it, then removes the tag.
+TAG_FSCK = "pyflock-fsck"
+
+#: The instance states in which nothing runs that could still write to a volume.
+STOPPED_STATES = frozenset({"stopped", "terminated"})
+
 #: The largest volume EBS makes of the types pyflock uses (gp3 and io2): 16 TiB.
 MAX_SIZE_GIB = 16384
 
@@ -194,6 +201,21 @@ def wait_decision(goal: Goal, phase: Phase, elapsed: float, limit: float,
     if phase in passing and elapsed < limit:
         return Decision.WAIT
     return Decision.FAIL
+
+
+def may_force_detach(instance_state: Optional[str], ours: bool) -> bool:
+    """
+    Whether a detach that did not finish may be forced: only from another instance than
+    ours (the caller, convergence, asks for it only once that node is dead and its lease
+    has expired), and only once EC2 reports that instance stopped or terminated.
+    """
+    return not ours and instance_state in STOPPED_STATES
+
+
+def fsck_succeeded(returncode: int) -> bool:
+    """Whether ``e2fsck -p`` left a mountable filesystem: 0 clean, 1 errors corrected, 2
+    corrected (a reboot would be advised for a root filesystem)."""
+    return returncode in (0, 1, 2)
 
 
 def volume_size_gib(size: object) -> int:

@@ -14,11 +14,13 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._backends._ebs import (
-    EBSBackend, EBSOptions, WrongZone, read_instance_identity,
+    EBSBackend, EBSOptions, FilesystemDamaged, WrongZone, read_instance_identity,
 )
 from pyflock.agent._backends._ebs_model import (
-    TAG_CLUSTER, TAG_DATASET, TAG_INSTANCE, TAG_NODE, AttachmentLimitReached, WaitLimits,
+    TAG_CLUSTER, TAG_DATASET, TAG_FSCK, TAG_INSTANCE, TAG_NODE, AttachmentLimitReached,
+    WaitLimits,
 )
+from pyflock.agent._fs import has_filesystem, make_filesystem, run_command
 from pyflock.agent._backends._interface import GiB, AlreadyAttached, VolumeBusy
 from tests.contracts.backends import (
     NODE_A, NODE_B, BackendHarness, hold_in_namespace, make_iblockdevicebackend_tests,
@@ -226,3 +228,56 @@ class EBSBackendTests(SynchronousTestCase):
         self.fake.settings.report_delay = 0
         e = self.assertRaises(AlreadyAttached, self.a.attach_volume, dataset_id, NODE_A)
         self.assertIsNone(e.holder)
+
+
+@pytest.mark.integration
+class DeadNodeTests(SynchronousTestCase):
+    """Taking a volume from a dead node's instance: forced only once EC2 says it stopped,
+    and checked with ``e2fsck`` before the next node uses it."""
+
+    def setUp(self) -> None:
+        self.fake = start_fake(self)
+        self.dead_instance = self.fake.add_instance()
+        self.dead = backend_on(self.fake, NODE_A, self.dead_instance)
+        self.taker = backend_on(self.fake, NODE_B, self.fake.add_instance())
+        self.dataset_id = str(uuid.uuid4())
+        self.dead.create_volume(self.dataset_id, GiB)
+        self.device = self.dead.attach_volume(self.dataset_id, NODE_A).device_path
+        make_filesystem(self.device)
+        [self.volume] = self.fake.volumes.values()
+
+    def forced(self) -> list:
+        """The forced detaches asked of the fake."""
+        return [r for r in self.fake.requests
+                if r["Action"] == "DetachVolume" and r.get("Force") == "true"]
+
+    def test_running_instance_never_forced(self) -> None:
+        """While the instance runs, a stuck detach is ``VolumeBusy`` and never forced."""
+        hold_in_namespace(self, self.device, os.path.join(self.fake.root, "held"))
+        self.assertRaises(VolumeBusy, self.taker.detach_volume, self.dataset_id)
+        self.assertEqual([], self.forced())
+
+    def test_stopped_instance_forced_then_checked(self) -> None:
+        """Once the instance is stopped, a stuck detach is forced and the volume tagged;
+        the next attach runs ``e2fsck`` and removes the tag."""
+        hold_in_namespace(self, self.device, os.path.join(self.fake.root, "held"))
+        self.fake.set_instance_state(self.dead_instance, "stopped")
+        self.taker.detach_volume(self.dataset_id)
+        self.assertEqual(1, len(self.forced()))
+        self.assertEqual(self.dead_instance, self.volume.tags[TAG_FSCK])
+        attached = self.taker.attach_volume(self.dataset_id, NODE_B)
+        self.assertEqual(NODE_B, attached.attached_to)
+        self.assertNotIn(TAG_FSCK, self.volume.tags)
+        self.assertTrue(has_filesystem(attached.device_path))
+
+    def test_damaged_filesystem_not_handed_over(self) -> None:
+        """A force-detached volume whose filesystem ``e2fsck -p`` cannot repair is detached
+        again, its tag kept, and the attach raises ``FilesystemDamaged``."""
+        run_command(["debugfs", "-w", "-R", "clri <2>", self.device])
+        self.dead.detach_volume(self.dataset_id)
+        self.volume.tags[TAG_FSCK] = self.dead_instance
+        e = self.assertRaises(FilesystemDamaged, self.taker.attach_volume, self.dataset_id,
+                              NODE_B)
+        self.assertIn("e2fsck", str(e))
+        self.assertIsNone(self.taker.get_volume(self.dataset_id).attached_to)
+        self.assertIn(TAG_FSCK, self.volume.tags)

@@ -12,7 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from pyflock.agent._backends._ebs_model import (
     DEVICE_NAMES, MAX_SIZE_GIB, TAG_DATASET, TAG_INSTANCE, TAG_NODE,
     AttachmentLimitReached, Decision, Goal, Phase, WaitLimits, block_volume, by_id_path,
-    choose_device_name, creation_parameters, nvme_device_for, phase_of, pick_volume,
+    choose_device_name, creation_parameters, fsck_succeeded, may_force_detach,
+    nvme_device_for, phase_of, pick_volume,
     volume_size_gib, volumes_by_dataset, wait_decision, xen_device_path,
 )
 from pyflock.agent._backends._interface import GiB, BlockVolume, InvalidVolumeRequest
@@ -220,3 +221,20 @@ class BlockVolumeTests(SynchronousTestCase):
                                     described("vol-1", dataset="a"), untagged])
         self.assertEqual(["a", "b"], list(found))
 
+
+
+class DeadNodeDecisionTests(SynchronousTestCase):
+    """When a detach may be forced, and when a check passed."""
+
+    def test_force_only_stopped_other_instance(self) -> None:
+        """Only another instance, stopped or terminated, may lose its volume by force."""
+        self.assertEqual(
+            [True, True, False, False, False, False],
+            [may_force_detach("stopped", False), may_force_detach("terminated", False),
+             may_force_detach("running", False), may_force_detach("stopping", False),
+             may_force_detach(None, False), may_force_detach("stopped", True)])
+
+    def test_fsck_codes(self) -> None:
+        """``e2fsck -p`` exit codes 0 to 2 leave a mountable filesystem; 4 and 8 do not."""
+        self.assertEqual([True, True, True, False, False],
+                         [fsck_succeeded(c) for c in (0, 1, 2, 4, 8)])

@@ -108,6 +108,7 @@ class FakeEC2:
         self.tokens: set = set()
         self.requests: list = []
         self.access_keys: set = set()   # the access key ids requests were signed with
+        self.forced_loops: list = []     # (loop device, file) left by forced detaches
         self._client_tokens: dict = {}
         self._lock = threading.RLock()
         self._server: Optional[http.server.ThreadingHTTPServer] = None
@@ -164,6 +165,12 @@ class FakeEC2:
             self.instances[instance_id] = FakeInstance(instance_id, zone or self.region + "a")
         return instance_id
 
+    def set_instance_state(self, instance_id: str, state: str) -> None:
+        """Say an instance is ``stopped``, ``terminated`` or ``running`` (its attachments
+        stay as they are: a stuck detach stays stuck)."""
+        with self._lock:
+            self.instances[instance_id].state = state
+
     def close(self) -> None:
         """Stop serving; detach every loop device it attached and remove its files."""
         if self._server is not None:
@@ -172,6 +179,8 @@ class FakeEC2:
         with self._lock:
             for volume in self.volumes.values():
                 self._unplug(volume)
+            for loop, path in self.forced_loops:
+                release_loop_device(loop, path)
         shutil.rmtree(self.root)
 
     def lose_devices(self) -> None:
@@ -302,6 +311,16 @@ class FakeEC2:
     def _DetachVolume(self, p: dict, out: ET.Element) -> None:
         volume = self._volume(p["VolumeId"])
         attachment = volume.attachment
+        if p.get("Force") == "true" and attachment is not None:
+            # The device is yanked from the instance at once, whatever holds it (a loop
+            # device can only be marked to go when its last user lets go).
+            self._unplug(volume)
+            if attachment.loop is not None:
+                self.forced_loops.append((attachment.loop, volume.path))
+            attachment.state = "detaching"
+            self._attachment_xml(volume, out)
+            volume.attachment, volume.state = None, "available"
+            return
         if attachment is None or attachment.state == "detaching":
             raise EC2Refusal("IncorrectState",
                              f"Volume '{volume.volume_id}' is in the "
