@@ -67,6 +67,13 @@ class FilesystemDamaged(BackendError):
     """A force-detached volume's filesystem did not pass ``e2fsck -f -p``; it was detached
     again so that nothing mounts it, and needs a check by hand."""
 
+    def __str__(self) -> str:
+        dataset_id, volume_id, problem = self.args
+        return (f"the volume of dataset {dataset_id} ({volume_id}) was force-detached from "
+                f"a stopped instance and `e2fsck -f -p` could not repair its filesystem "
+                f"({problem}); attach it by hand and run `e2fsck` on it, then remove its "
+                f"{TAG_FSCK} tag")
+
 
 @attr.s(frozen=True, auto_attribs=True)
 class EBSOptions:
@@ -184,6 +191,18 @@ def local_device(volume, attachment, device_folder: str, xen: bool,
     for path in candidates:
         if os.path.exists(path) and block_device_size(path, sys_root) == size:
             return path
+    return None
+
+
+def repair_filesystem(path: str) -> Optional[str]:
+    """``e2fsck -f -p`` the filesystem on ``path``, if it has one; None when it is fine or
+    was repaired, else what went wrong."""
+    try:
+        if has_filesystem(path):
+            run_command(["e2fsck", "-f", "-p", path])
+    except CommandFailed as e:
+        if not fsck_succeeded(e.returncode):
+            return str(e)
     return None
 
 
@@ -306,7 +325,7 @@ class EBSBackend:
         if attachment is None:
             if TAG_NODE not in tags_of(volume):
                 raise UnattachedVolume(dataset_id)
-            self._forget_node(volume["VolumeId"])
+            self._forget_node(volume)
             return
         ours = attachment.instance_id == self.identity.instance_id
         path = device_path_of(self.options.device_folder, volume["VolumeId"], attachment,
@@ -327,7 +346,7 @@ class EBSBackend:
         if ours and not self._until(lambda: self._local_device(volume, attachment) is None,
                                     self.options.limits.device):
             raise VolumeBusy(dataset_id, (path,))
-        self._forget_node(volume["VolumeId"])
+        self._forget_node(volume)
 
     def destroy_volume(self, dataset_id: str) -> None:
         """Delete an unattached volume; returns once EC2 reports it deleting."""
@@ -514,24 +533,23 @@ class EBSBackend:
         self._wait(volume["VolumeId"], Goal.DETACHED, dataset_id)
 
     def _check_filesystem(self, dataset_id: str, volume, path: str) -> None:
-        """``e2fsck -f -p`` a force-detached volume's filesystem before anything mounts it;
-        if it fails, detach the volume again and raise ``FilesystemDamaged``."""
-        try:
-            if has_filesystem(path):
-                run_command(["e2fsck", "-f", "-p", path])
-        except CommandFailed as e:
-            if not fsck_succeeded(e.returncode):
-                self.detach_volume(dataset_id)
-                raise FilesystemDamaged(
-                    f"the volume of dataset {dataset_id} ({volume['VolumeId']}) was "
-                    f"force-detached from a stopped instance and `e2fsck -f -p` could not "
-                    f"repair its filesystem ({e}); attach it by hand and run `e2fsck` on "
-                    f"it, then remove its {TAG_FSCK} tag") from None
-        self._call("delete_tags", Resources=[volume["VolumeId"]], Tags=[{"Key": TAG_FSCK}])
+        """Repair a force-detached volume's filesystem before anything mounts it; if it
+        cannot be, detach the volume again and raise ``FilesystemDamaged``."""
+        problem = repair_filesystem(path)
+        if problem is not None:
+            self.detach_volume(dataset_id)
+            raise FilesystemDamaged(dataset_id, volume["VolumeId"], problem)
+        self._call("delete_tags", Resources=[volume["VolumeId"]],
+                   Tags=[{"Key": TAG_FSCK, "Value": tags_of(volume)[TAG_FSCK]}])
 
-    def _forget_node(self, volume_id: str) -> None:
-        self._call("delete_tags", Resources=[volume_id],
-                   Tags=[{"Key": TAG_NODE}, {"Key": TAG_INSTANCE}])
+    def _forget_node(self, volume) -> None:
+        """Remove the node tags the volume had when we looked; only if they still have
+        those values (EC2 deletes a tag given with a value only if it matches), so that a
+        node that attached it since keeps its own."""
+        tags = tags_of(volume)
+        self._call("delete_tags", Resources=[volume["VolumeId"]],
+                   Tags=[{"Key": k, "Value": tags[k]} for k in (TAG_NODE, TAG_INSTANCE)
+                         if k in tags])
 
 
 def _read(path: str) -> str:

@@ -115,6 +115,19 @@ class EBSBackendTests(SynchronousTestCase):
         self.a.detach_volume(dataset_id)
         self.assertNotIn(TAG_NODE, volume.tags)
 
+    def test_late_tag_cleanup_keeps_new_holder(self) -> None:
+        """The old node's tag clean-up, late after its detach (EC2 says available before
+        it ends), leaves the tags of a node that attached the volume meanwhile."""
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, GiB)
+        self.a.attach_volume(dataset_id, NODE_A)
+        [described] = self.a.client.describe_volumes()["Volumes"]
+        self.a.detach_volume(dataset_id)
+        b = backend_on(self.fake, NODE_B, self.fake.add_instance())
+        attached = b.attach_volume(dataset_id, NODE_B)
+        self.a._forget_node(described)  # what the old node's detach does last
+        self.assertEqual([attached], self.a.list_volumes())
+
     def test_other_cluster_invisible(self) -> None:
         """Volumes of another cluster are not listed."""
         self.a.create_volume(str(uuid.uuid4()), GiB)

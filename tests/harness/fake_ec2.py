@@ -347,7 +347,9 @@ class FakeEC2:
         for key in [k for k in p if k.startswith("ResourceId.")]:
             volume = self._volume(p[key])
             for tag in _indexed(p, "Tag"):
-                volume.tags.pop(tag["Key"], None)
+                # Given with a value, a tag is deleted only if its value matches.
+                if "Value" not in tag or volume.tags.get(tag["Key"]) == tag["Value"]:
+                    volume.tags.pop(tag["Key"], None)
         _sub(out, "return", "true")
 
     def _DescribeInstances(self, p: dict, out: ET.Element) -> None:
