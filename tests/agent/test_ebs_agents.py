@@ -69,8 +69,10 @@ def wait_mounted(cluster: LocalCluster, dataset_id: str, node: int) -> str:
                 (agent.node_uuid, "mounted", mount_point) and os.path.ismount(mount_point):
             return mount_point
         time.sleep(0.2)
+    failed = [e for a in cluster.agents for e in a.log_events("pyflock:agent:change-failed")]
     raise TimeoutError(f"{dataset_id} not mounted on node {node + 1} within {TIMEOUT} s: "
-                       f"{cli_json(cluster, 'list')}")
+                       f"{cli_json(cluster, 'list')}; failed changes: {failed}; volumes: "
+                       f"{cluster.fake.volumes}")
 
 
 def sha256_of(path: str) -> str:
@@ -95,7 +97,7 @@ def test_create_write_move_read_delete(ebs_cluster):
         f.flush()
         os.fsync(f.fileno())
 
-    cli_json(cluster, "move", "--to", cluster.node_uuids[1], "--wait", dataset_id)
+    cli_json(cluster, "move", "--to", cluster.node_uuids[1], dataset_id)
     second = wait_mounted(cluster, dataset_id, 1)
     assert sha256_of(os.path.join(second, "data")) == hashlib.sha256(data).hexdigest()
     assert not os.path.ismount(first)
