@@ -29,6 +29,7 @@ DEFAULT_SIZE = 10 * 1024 ** 3
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 _PATH = {"type": "string", "minLength": 1, "pattern": "^/"}
 _SIZE = {"type": ["string", "integer"]}
+_URL = {"type": "string", "pattern": "^https?://"}
 
 SCHEMA = {
     "type": "object",
@@ -59,9 +60,15 @@ SCHEMA = {
                                          "default_size": _SIZE},
                           "additionalProperties": False}},
                 {"if": {"properties": {"backend": {"const": "ebs"}}},
-                 "then": {"required": ["region", "zone"],
-                          "properties": {"backend": True, "region": {"type": "string"},
-                                         "zone": {"type": "string"}, "default_size": _SIZE},
+                 "then": {"properties": {"backend": True, "default_size": _SIZE,
+                                         "region": {"type": "string", "minLength": 1},
+                                         "encrypted": {"type": "boolean"},
+                                         "kms_key_id": {"type": "string", "minLength": 1},
+                                         "attachment_limit": {"type": "integer",
+                                                              "minimum": 2, "maximum": 128},
+                                         # For tests: a fake EC2 and metadata service.
+                                         "endpoint_url": _URL, "metadata_url": _URL,
+                                         "device_folder": _PATH},
                           "additionalProperties": False}},
             ]},
         "plugin": {"type": "object", "additionalProperties": False,

@@ -75,6 +75,7 @@ class CommandTimedOut(CommandFailed):
 COMMAND_TIMEOUTS = {
     "blkid": 30.0,
     "debugfs": 60.0,
+    "e2fsck": 600.0,
     "losetup": 30.0,
     "mkfs.ext4": 600.0,
     "mount": 60.0,

@@ -79,8 +79,14 @@ def make_backend(config: AgentConfig, node_uuid: str):
     if config.backend == "loopback":
         return LoopbackBackend(config.backend_options["root_path"], node_uuid,
                                default_size=config.default_size)
+    if config.backend == "ebs":
+        from pyflock.agent._backends._ebs import EBSBackend, EBSOptions
+        from pyflock.common._ca import read_cluster_uuid
+        cluster = read_cluster_uuid(config.certificates)
+        return EBSBackend(cluster, node_uuid, EBSOptions.from_config(
+            config.backend_options, config.default_size))
     raise StartupError(f"dataset.backend: {config.backend!r} is not available yet; "
-                       f"use loopback.")
+                       f"use loopback or ebs.")
 
 
 #: What a dockerd that is down, starting or stuck makes a request fail with.

@@ -42,6 +42,17 @@ plugin: {socket: /s.sock}
         {"root_path": "/l"}, "/m", "/d/agent")
 
 
+def test_ebs_needs_no_zone():
+    """The ebs backend needs no key: zone and region come from the instance metadata."""
+    config = parse_config({**MINIMAL, "dataset": {"backend": "ebs"}})
+    assert (config.backend, config.backend_options) == ("ebs", {})
+    full = {"backend": "ebs", "region": "eu-west-1", "encrypted": True, "kms_key_id": "k",
+            "attachment_limit": 20, "endpoint_url": "http://127.0.0.1:1",
+            "metadata_url": "http://127.0.0.1:2/metadata/i-1", "device_folder": "/tmp/dev"}
+    config = parse_config({**MINIMAL, "dataset": full})
+    assert config.backend_options == {k: v for k, v in full.items() if k != "backend"}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"dataset": {"backend": "zfs"}}, "dataset.backend: 'zfs' is not one of"),
     ({"version": 2}, "version: 1 was expected"),
@@ -49,7 +60,9 @@ plugin: {socket: /s.sock}
     ({"control-service": {"hostname": "x", "port": 70000}}, "control-service.port"),
     ({"data-path": "relative"}, "data-path: 'relative' must be an absolute path"),
     ({"dataset": {"backend": "loopback", "pool": "/x"}}, "'pool' was unexpected"),
-    ({"dataset": {"backend": "ebs"}}, "'region' is a required property"),
+    ({"dataset": {"backend": "ebs", "zone": "us-east-1a"}}, "'zone' was unexpected"),
+    ({"dataset": {"backend": "ebs", "endpoint_url": "ftp://x"}}, "dataset.endpoint_url"),
+    ({"dataset": {"backend": "ebs", "attachment_limit": 1}}, "dataset.attachment_limit"),
     ({"dataset": {"backend": "loopback", "default_size": "lots"}}, "dataset.default_size"),
     ({"surprise": 1}, "'surprise' was unexpected"),
 ])

@@ -98,3 +98,23 @@ class RunningVolumeMountsTests(SynchronousTestCase):
         self.patch(_script, "docker_volume_mounts", broken)
         failure = self.failureResultOf(self.mounts(succeed(_Response(200, b"[]"))))
         failure.trap(TypeError)
+
+
+def test_make_backend_ebs(tmp_path):
+    """``dataset: {backend: ebs}`` makes an ebs backend of the certificate's cluster and the
+    file's options, without a network call (the instance is looked up on first use)."""
+    from pyflock.agent._backends._ebs import EBSBackend
+    from pyflock.agent._config import parse_config
+    from tests.harness.certificates import make_cluster_certificates
+    certificates = make_cluster_certificates(tmp_path, nodes=1)
+    node_uuid = certificates.node_uuids[0]
+    config = parse_config({
+        "version": 1, "control-service": {"hostname": "control.example"},
+        "certificates": str(certificates.node_directory(node_uuid)),
+        "dataset": {"backend": "ebs", "region": "eu-west-1", "device_folder": "/tmp/dev",
+                    "default_size": "2G"}})
+    backend = _script.make_backend(config, node_uuid)
+    assert isinstance(backend, EBSBackend)
+    assert (backend.cluster_id, backend.node_uuid, backend.options.region,
+            backend.options.device_folder, backend.options.default_size) == (
+        certificates.cluster_uuid, node_uuid, "eu-west-1", "/tmp/dev", 2 * 1024 ** 3)

@@ -47,13 +47,15 @@ class BackendHarness:
     backend over one shared store; ``hold(backend, dataset_id)`` keeps the attached volume's
     device in use as a container would and returns a function that lets go; ``lose_devices``
     makes every device vanish as a reboot does; ``real_devices`` says whether device paths
-    are real block devices the suite can write to.
+    are real block devices the suite can write to; ``size`` is a size the backend makes
+    exactly (a multiple of its allocation unit: 64 MiB, or 1 GiB for EBS).
     """
 
     backend_for: Callable[[str], IBlockDeviceBackend]
     hold: Callable[[IBlockDeviceBackend, str], Callable[[], None]]
     lose_devices: Callable[[], None]
     real_devices: bool = False
+    size: int = SIZE
 
 
 def memory_harness(test_case: SynchronousTestCase) -> BackendHarness:
@@ -153,9 +155,10 @@ def make_iblockdevicebackend_tests(
             self.harness = harness_factory(self)
             self.a = self.harness.backend_for(NODE_A)
             self.b = self.harness.backend_for(NODE_B)
+            self.size = self.harness.size
 
-        def new_volume(self, size: int = SIZE) -> BlockVolume:
-            return self.a.create_volume(str(uuid.uuid4()), size)
+        def new_volume(self, size: int = 0) -> BlockVolume:
+            return self.a.create_volume(str(uuid.uuid4()), size or self.size)
 
         def volume(self, backend: IBlockDeviceBackend, dataset_id: str) -> BlockVolume:
             [volume] = [v for v in backend.list_volumes() if v.dataset_id == dataset_id]
@@ -170,9 +173,9 @@ def make_iblockdevicebackend_tests(
             self.assertEqual((NODE_A, NODE_B), (self.a.node_uuid, self.b.node_uuid))
 
         def test_allocation_unit(self) -> None:
-            """The allocation unit is a positive number of bytes dividing 64 MiB."""
+            """The allocation unit is a positive number of bytes dividing the harness's size."""
             unit = self.a.allocation_unit()
-            self.assertTrue(isinstance(unit, int) and unit > 0 and SIZE % unit == 0, unit)
+            self.assertTrue(isinstance(unit, int) and unit > 0 and self.size % unit == 0, unit)
 
         def test_empty(self) -> None:
             """A fresh store has no volumes."""
@@ -181,8 +184,8 @@ def make_iblockdevicebackend_tests(
         def test_create(self) -> None:
             """A created volume is returned and listed, unattached, with its size."""
             dataset_id = str(uuid.uuid4())
-            volume = self.a.create_volume(dataset_id, SIZE)
-            expected = BlockVolume(dataset_id=dataset_id, size=SIZE)
+            volume = self.a.create_volume(dataset_id, self.size)
+            expected = BlockVolume(dataset_id=dataset_id, size=self.size)
             self.assertEqual((expected, [expected]), (volume, self.a.list_volumes()))
 
         def test_created_visible_from_other_node(self) -> None:
@@ -193,9 +196,9 @@ def make_iblockdevicebackend_tests(
         def test_size_rounded_up(self) -> None:
             """Sizes are rounded up to the allocation unit; exact multiples are kept."""
             unit = self.a.allocation_unit()
-            volumes = [self.new_volume(SIZE + 1), self.new_volume(SIZE)]
-            self.assertEqual([SIZE + unit, SIZE], [v.size for v in volumes])
-            self.assertEqual(sorted([SIZE, SIZE + unit]),
+            volumes = [self.new_volume(self.size + 1), self.new_volume(self.size)]
+            self.assertEqual([self.size + unit, self.size], [v.size for v in volumes])
+            self.assertEqual(sorted([self.size, self.size + unit]),
                              sorted(v.size for v in self.a.list_volumes()))
 
         def test_default_size(self) -> None:
@@ -211,13 +214,15 @@ def make_iblockdevicebackend_tests(
         def test_create_existing(self) -> None:
             """Creating a volume whose dataset already has one raises ``VolumeExists``."""
             volume = self.new_volume()
-            e = self.assertRaises(VolumeExists, self.b.create_volume, volume.dataset_id, SIZE)
+            e = self.assertRaises(VolumeExists, self.b.create_volume, volume.dataset_id,
+                                  self.size)
             self.assertEqual(volume.dataset_id, e.dataset_id)
 
         def test_invalid_requests(self) -> None:
             """Malformed ids and sizes raise ``InvalidVolumeRequest`` and create nothing."""
-            for dataset_id, size in [("../etc", SIZE), ("", SIZE), ("a/b", SIZE),
-                                     (str(uuid.uuid4()), 0), (str(uuid.uuid4()), -1),
+            for dataset_id, size in [("../etc", self.size), ("", self.size),
+                                     ("a/b", self.size), (str(uuid.uuid4()), 0),
+                                     (str(uuid.uuid4()), -1),
                                      (str(uuid.uuid4()), 1.5)]:
                 self.assertRaises(InvalidVolumeRequest, self.a.create_volume, dataset_id, size)
             self.assertRaises(InvalidVolumeRequest, self.a.attach_volume, "../x", NODE_A)
@@ -227,7 +232,7 @@ def make_iblockdevicebackend_tests(
             """An attached volume has a device path and is listed as held by its node."""
             volume = self.new_volume()
             attached = self.a.attach_volume(volume.dataset_id, NODE_A)
-            self.assertEqual((volume.dataset_id, SIZE, NODE_A),
+            self.assertEqual((volume.dataset_id, self.size, NODE_A),
                              (attached.dataset_id, attached.size, attached.attached_to))
             self.assertTrue(attached.device_path)
             self.assertEqual([attached], self.b.list_volumes())
@@ -317,14 +322,14 @@ def make_iblockdevicebackend_tests(
             device = self.a.attach_volume(volume.dataset_id, NODE_A).device_path
             data = os.urandom(4096)
             with open(device, "r+b") as f:
-                f.seek(SIZE - 8192)
+                f.seek(self.size - 8192)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             self.a.detach_volume(volume.dataset_id)
             device = self.b.attach_volume(volume.dataset_id, NODE_B).device_path
             with open(device, "rb") as f:
-                f.seek(SIZE - 8192)
+                f.seek(self.size - 8192)
                 self.assertEqual(data, f.read(4096))
 
         def test_destroy(self) -> None:
@@ -336,7 +341,7 @@ def make_iblockdevicebackend_tests(
             self.b.destroy_volume(volume.dataset_id)
             self.assertEqual([other], self.a.list_volumes())
             self.assertRaises(UnknownVolume, self.a.attach_volume, volume.dataset_id, NODE_A)
-            again = self.a.create_volume(volume.dataset_id, SIZE)
+            again = self.a.create_volume(volume.dataset_id, self.size)
             self.assertEqual(volume, again)
 
         def test_destroy_attached_refused(self) -> None:

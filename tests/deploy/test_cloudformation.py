@@ -85,7 +85,7 @@ def test_agent_role_scoped_by_cluster_tag():
     assert found["TagOnCreate"]["Condition"] == {
         "StringEquals": {"ec2:CreateAction": "CreateVolume"}}
     assert found["MarkClusterVolumes"]["Condition"]["ForAllValues:StringEquals"] == {
-        "aws:TagKeys": ["pyflock-node", "pyflock-instance"]}
+        "aws:TagKeys": ["pyflock-node", "pyflock-instance", "pyflock-fsck"]}
     for sid in ("MarkClusterVolumes", "AttachClusterVolumesToClusterInstances",
                 "DeleteClusterVolumes"):
         assert found[sid]["Condition"]["StringEquals"] == {
