@@ -270,16 +270,16 @@ def parse_mount_log(content: bytes) -> MountLog:
     The counts a file's content holds (pure); ``ValueError`` saying what is wrong if its
     base is unreadable. Lines are applied up to the first torn or malformed one.
     """
-    try:
-        # Version 1: one indented document (or a version 2 base alone).
-        return MountLog(MountTable.from_json(json.loads(content)))
-    except ValueError:
-        pass
     lines = whole_lines(content)
     first = next(lines, None)
-    if first is None:
-        raise ValueError("no whole first line")
-    table = MountTable.from_json(json.loads(first[0]))
+    try:
+        document = None if first is None else json.loads(first[0])
+    except ValueError:
+        document = None
+    if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
+        # Version 1: the whole table as one indented document.
+        return MountLog(MountTable.from_json(json.loads(content)))
+    table = MountTable.from_json(document)
     base = length = first[1]
     for line, end in lines:
         try:

@@ -555,6 +555,15 @@ class LogTests(SynchronousTestCase):
         self.assertEqual(self.calls, ["append_mount_lines"])
         self.assertEqual(read_mount_table(self.path), MountTable().mount("v1", X, D1))
 
+    def test_loaded_base_appends(self):
+        """A file that is a base alone (as reconciling leaves it) is appended to at once."""
+        counts = MountCounts(self.path, run_now)
+        self.successResultOf(counts.reconcile({"v1": 1}))
+        loaded = MountCounts.load(self.path, self.run_logged)
+        self.successResultOf(loaded.mount("v2", Y, D2))
+        self.assertEqual(self.calls, ["append_mount_lines"])
+        self.assertEqual(read_mount_table(self.path), counts.table.mount("v2", Y, D2))
+
     def test_version_1_file_loads(self):
         """An older agent's file (version 1, one indented document) loads, and its first
         change writes a version 2 base in its place."""
