@@ -8,14 +8,22 @@ actions and feeds their results back.
 
 One ``MountAttempt`` per Mount in progress walks (state: event -> next state, action)::
 
-    start            view names it -> LEASING (TakeLease); else CREATING (CreateDataset)
-    CREATING         Created -> LEASING; NameTaken -> FETCHING_TAKEN (FetchByName)
-    FETCHING_TAKEN   Fetched(found) -> LEASING; Fetched(None) -> FAILED
-    FETCHING         Fetched(found) -> LEASING; Fetched(None) -> CREATING
+    start            view names it -> LEASING (TakeLease), or PIPELINED if its primary is
+                     this node; else CREATING (CreateDataset)
+    CREATING         Created -> PIPELINED (the new dataset is here); NameTaken ->
+                     FETCHING_TAKEN (FetchByName)
+    FETCHING_TAKEN   Fetched(found) -> LEASING or PIPELINED; Fetched(None) -> FAILED
+    FETCHING         Fetched(found) -> LEASING or PIPELINED; Fetched(None) -> CREATING
     LEASING          LeaseTaken -> MOVING (AskMove); LeaseRefused -> WAITING_VIEW
                      (WaitView) until the retry deadline, then FAILED; LeaseGone ->
                      FETCHING the first time, then FAILED
-    WAITING_VIEW     ViewPushed, or Timer at the retry deadline -> LEASING
+    PIPELINED        (TakeLease, AskMove and WaitMounted at once) each result is kept
+                     until all three are in, then -> CHECKING (CheckMountpoint); a move's
+                     answer counts only once the lease is taken: LeaseTaken after a
+                     MoveRefused asks again (AskMove, once), after a MoveGone -> FAILED;
+                     MoveRefused or MoveGone after LeaseTaken -> FAILED; LeaseRefused and
+                     LeaseGone go as in LEASING, abandoning (Abandon) what is still out
+    WAITING_VIEW     ViewPushed, or Timer at the retry deadline -> LEASING or PIPELINED
     MOVING           Moved -> WAITING_MOUNTED (WaitMounted); MoveRefused, MoveGone -> FAILED
     WAITING_MOUNTED  Mounted -> CHECKING (CheckMountpoint)
     CHECKING         Checked(True) -> COUNTING (CountMount); Checked(False) -> FAILED
@@ -26,6 +34,19 @@ and FAILED from any live state on a refusal, ``Failed``, ``HungUp`` or the Mount
 unless another use holds it. Events for a finished attempt are ignored (the late answers of
 cancelled IO); an IO result a state does not wait for is a bug and raises
 ``UnexpectedEvent``.
+
+Why PIPELINED is as safe as LEASING then MOVING: when the dataset's primary is already
+this node, the move changes nothing and the wait for the agent's mount does not depend on
+the lease, so the three go out at once and the Mount answers only once all three
+succeeded (then the mount point is checked and counted as always). The control service
+checks a lease and a move atomically against the same configuration: a move is refused
+unless its target holds the lease or no one does, so a move that races the lease is
+accepted only where the sequential one would be, and one refused because another node
+held the lease then is asked again once the lease is ours (the sequential order would have
+asked it only then). A refused or vanished lease fails or waits exactly as in LEASING,
+releasing what was taken; a ``Mounted`` that arrives before ``LeaseTaken`` and ``Moved``
+is remembered, not acted on. When the primary is elsewhere the order stays: the lease
+first, then the move (which the lease makes possible).
 """
 
 from __future__ import annotations
@@ -242,6 +263,14 @@ class ReleaseIfIdle:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class Abandon:
+    """Stop the IO of these action types (``AskMove``, ``WaitMounted``) still out for
+    this Mount and drop their results: a pipelined Mount gone back to the lease."""
+
+    actions: tuple
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class SetTimer:
     """Feed a ``Timer`` at time ``at``."""
 
@@ -274,6 +303,7 @@ class State(enum.Enum):
     FETCHING = "fetching"
     FETCHING_TAKEN = "fetching-taken"
     LEASING = "leasing"
+    PIPELINED = "pipelined"
     WAITING_VIEW = "waiting-view"
     MOVING = "moving"
     WAITING_MOUNTED = "waiting-mounted"
@@ -289,11 +319,20 @@ _AWAITS: dict[State, tuple[type, ...]] = {
     State.FETCHING: (Fetched,),
     State.FETCHING_TAKEN: (Fetched,),
     State.LEASING: (LeaseTaken, LeaseRefused, LeaseGone),
+    State.PIPELINED: (LeaseTaken, LeaseRefused, LeaseGone, Moved, MoveRefused, MoveGone,
+                      Mounted),
     State.WAITING_VIEW: (),
     State.MOVING: (Moved, MoveRefused, MoveGone),
     State.WAITING_MOUNTED: (Mounted,),
     State.CHECKING: (Checked,),
     State.COUNTING: (Counted,),
+}
+
+
+#: The action whose answer each pipelined event is.
+_ANSWERS: dict[type, type] = {
+    LeaseTaken: TakeLease, LeaseRefused: TakeLease, LeaseGone: TakeLease,
+    Moved: AskMove, MoveRefused: AskMove, MoveGone: AskMove, Mounted: WaitMounted,
 }
 
 
@@ -311,6 +350,14 @@ class MountAttempt:
     lease_until: float = 0.0
     retried: bool = False
     counted: bool = False
+    #: PIPELINED: the IO still out (``TakeLease``, ``AskMove``, ``WaitMounted``), whether
+    #: the lease and the move are done, a move's answer kept until the lease is taken,
+    #: and whether the move was asked again.
+    pending: frozenset = frozenset()
+    leased: bool = False
+    moved: bool = False
+    early_move: Any = None
+    asked_again: bool = False
 
     @property
     def dataset_id(self) -> Optional[str]:
@@ -350,7 +397,54 @@ class MountAttempt:
             return self._take_lease() if self.state is State.WAITING_VIEW else []
         if not isinstance(event, _AWAITS[self.state]):
             raise UnexpectedEvent(f"a Mount in state {self.state.value} got {event!r}")
+        if self.state is State.PIPELINED:
+            return self._pipelined(event, world)
         return self._next(event, world)
+
+    def _pipelined(self, event: Any, world: World) -> list:
+        """PIPELINED: keep each result until the three are in (see the module's table)."""
+        kind = _ANSWERS[type(event)]
+        if kind not in self.pending:
+            raise UnexpectedEvent(f"a pipelined Mount got {event!r} twice")
+        self.pending -= {kind}
+        if isinstance(event, (LeaseRefused, LeaseGone)):
+            abandon = [Abandon(tuple(sorted(self.pending, key=lambda t: t.__name__)))] \
+                if self.pending else []
+            self.pending, self.early_move = frozenset(), None
+            self.state = State.LEASING
+            actions = self._next(event, world)
+            return actions if self.finished else abandon + actions
+        if isinstance(event, Mounted):
+            self.path = event.path
+        elif isinstance(event, LeaseTaken):
+            self.leased = True
+            early, self.early_move = self.early_move, None
+            if early is not None:
+                return self._move_answered(early, world)
+        else:
+            return self._move_answered(event, world)
+        return self._pipeline_done()
+
+    def _move_answered(self, event: Any, world: World) -> list:
+        """A move's answer in PIPELINED: kept until the lease is taken, then acted on."""
+        if not self.leased:
+            self.early_move = event
+            return []
+        if isinstance(event, Moved):
+            self.moved = True
+            return self._pipeline_done()
+        if isinstance(event, MoveRefused) and not self.asked_again:
+            # Refused before our lease landed (another node held it then): ask again now.
+            self.asked_again = True
+            self.pending |= {AskMove}
+            return [AskMove(self.dataset_id, self.volume.primary)]
+        return self._next(event, world)
+
+    def _pipeline_done(self) -> list:
+        if self.leased and self.moved and self.path is not None:
+            self.state = State.CHECKING
+            return [CheckMountpoint(self.path)]
+        return []
 
     def _next(self, event: Any, world: World) -> list:
         if isinstance(event, Created):
@@ -420,6 +514,14 @@ class MountAttempt:
         return self._take_lease()
 
     def _take_lease(self) -> list:
+        if self.volume.primary == self.core.node_uuid:
+            # Here already: the lease, the move and the wait at once (see PIPELINED).
+            self.state = State.PIPELINED
+            self.pending = frozenset((TakeLease, AskMove, WaitMounted))
+            self.leased = self.moved = self.asked_again = False
+            self.early_move, self.path = None, None
+            return [TakeLease(self.dataset_id), AskMove(self.dataset_id, self.volume.primary),
+                    WaitMounted(self.dataset_id)]
         self.state = State.LEASING
         return [TakeLease(self.dataset_id)]
 
@@ -691,7 +793,7 @@ def mounted_path(local: Optional[LocalState]) -> Optional[str]:
 
 
 __all__ = [
-    "Answer", "AskMove", "CheckMountpoint", "Checked", "CountMount", "CreateDataset",
+    "Abandon", "Answer", "AskMove", "CheckMountpoint", "Checked", "CountMount", "CreateDataset",
     "Created", "Failed", "FetchByName", "Fetched", "HungUp", "LeaseGone", "LeaseRefused",
     "LeaseTaken", "MountAttempt", "Mounted", "MoveGone", "MoveRefused", "Moved", "NameTaken",
     "NewVolume", "Overlay", "PluginCore", "Refuse", "ReleaseIfIdle", "SetTimer", "State",

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from pyflock.agent._lease_keeper import LeaseKeeper
 from pyflock.agent._mounts import MountCounts, MountsWriteError
 from pyflock.agent._plugin_core import (
-    Answer, AskMove, CheckMountpoint, Checked, CountMount, Counted, CreateDataset, Created,
+    Abandon, Answer, AskMove, CheckMountpoint, Checked, CountMount, Counted, CreateDataset, Created,
     Failed, FetchByName, Fetched, HungUp, LeaseGone, LeaseRefused, LeaseTaken, Mounted,
     MoveGone, MoveRefused, Moved, NameTaken, PluginCore, Refuse, ReleaseIfIdle, SetTimer,
     TakeLease, Timer, Uncount, WaitMounted, WaitView, World,
@@ -48,9 +48,10 @@ class MountRunner:
         self._reactor = reactor
         self._world = world
         self._keys = itertools.count()
-        # Per Mount in progress, by key: its answer and what it was, its IO, its timers.
+        # Per Mount in progress, by key: its answer and what it was, its IO still out (by
+        # action type: a pipelined Mount has several), its timers.
         self._answers: dict[Hashable, tuple[Deferred, str, str, float]] = {}
-        self._io: dict[Hashable, Deferred] = {}
+        self._io: dict[Hashable, dict[type, Deferred]] = {}
         self._timers: dict[Hashable, list] = {}
 
     def mount(self, body: dict) -> Deferred:
@@ -79,6 +80,7 @@ class MountRunner:
         self._run(key, self._core.handle(key, event, self._world()))
 
     def _run(self, key: Hashable, actions: list) -> None:
+        started: list[tuple[type, Deferred]] = []
         for action in actions:
             if isinstance(action, (Answer, Refuse)):
                 self._finish(key, action)
@@ -90,10 +92,29 @@ class MountRunner:
                 saved(self._mounts.unmount(action.name, action.mount_id))
             elif isinstance(action, ReleaseIfIdle):
                 self._leases.release_if_idle(action.dataset_id)
+            elif isinstance(action, Abandon):
+                out = self._io.get(key, {})
+                for kind in action.actions:
+                    io = out.pop(kind, None)
+                    if io is not None:
+                        io.cancel()
             else:
                 io = self._perform(action)
-                self._io[key] = io
-                io.addCallback(lambda event: self._feed(key, event))
+                self._io.setdefault(key, {})[type(action)] = io
+                started.append((type(action), io))
+        # Only now hear the results (some came at once): the IO started together is all
+        # registered, so a result that abandons the rest finds it.
+        for kind, io in started:
+            io.addCallback(self._arrived, key, kind, io)
+
+    def _arrived(self, event: Any, key: Hashable, kind: type, io: Deferred) -> None:
+        """An IO result: fed to its Mount unless that IO was abandoned or the Mount
+        answered (its IO is then cancelled, and the cancellation is no event)."""
+        out = self._io.get(key)
+        if out is None or out.get(kind) is not io:
+            return
+        del out[kind]
+        self._feed(key, event)
 
     def _timer(self, key: Hashable, at: float) -> None:
         def fire() -> None:
@@ -111,8 +132,7 @@ class MountRunner:
         for call in self._timers.pop(key, []):
             if call.active():
                 call.cancel()
-        io = self._io.pop(key, None)
-        if io is not None:
+        for io in self._io.pop(key, {}).values():
             io.cancel()
         answer, name, mount_id, started = self._answers.pop(key)
         seconds = round(self._reactor.seconds() - started, 3)

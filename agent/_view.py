@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pyflock.common._files import append_durably, write_atomically
+from pyflock.common._files import append_durably, whole_lines, write_atomically
 from pyflock.common._logging import log_event
 from pyflock.common._records import DatasetEntry
 from pyflock.common._threads import in_reactor_pool
@@ -208,18 +208,15 @@ def parse_view_log(content: bytes, where: str = "the view file") -> ViewLog:
     base = len(content) if end < 0 else end + 1
     view = _base_from_bytes(content[:base], where)
     length = base
-    while length < len(content):
-        end = content.find(b"\n", length)
-        if end < 0:
-            break  # torn by a crash mid-append
+    for line, end in whole_lines(content, base):
         try:
-            diff = decode(content[length:end])
+            diff = decode(line)
             if not isinstance(diff, Diff):
                 break
             view = view.apply(diff)
         except (BadMessage, ViewOutOfStep):
             break
-        length = end + 1
+        length = end
     return ViewLog(view=view, length=length, base=base, appended=length - base)
 
 

@@ -1,14 +1,15 @@
 """
 Durable file writes, the one place pyflock fsyncs: replace a file atomically
-(``write_atomically``, ``replace_atomically``), append to one durably (``append_durably``), and fsync a file or a
-folder (``fsync_path``). Everything here blocks: call it in a thread
+(``write_atomically``, ``replace_atomically``), append to one durably (``append_durably``)
+and read such an append log back (``whole_lines``), and fsync a file or a folder
+(``fsync_path``). Everything here that touches a file blocks: call it in a thread
 (``pyflock.common._threads``), never on the reactor.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 Path = Union[str, "os.PathLike[str]"]
 
@@ -85,4 +86,20 @@ def append_durably(path: Path, data: bytes, at: Optional[int] = None) -> int:
         os.close(fd)
 
 
-__all__ = ["append_durably", "fsync_path", "replace_atomically", "write_atomically"]
+def whole_lines(content: bytes, start: int = 0) -> Iterator[tuple[bytes, int]]:
+    """
+    Each whole line of an append log's ``content`` from offset ``start``, without its
+    newline, with the offset just past it; a last line without its newline (torn by a
+    crash in ``append_durably``) is left out. Pure. A reader stops at the first line it
+    cannot use and appends again at the offset before it (``append_durably``'s ``at``).
+    """
+    while start < len(content):
+        end = content.find(b"\n", start)
+        if end < 0:
+            return
+        yield content[start:end], end + 1
+        start = end + 1
+
+
+__all__ = ["append_durably", "fsync_path", "replace_atomically", "whole_lines",
+           "write_atomically"]

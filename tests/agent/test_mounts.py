@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._mounts import (
     RECONCILED_PREFIX, MountCounts, MountsWriteError, MountTable, VolumeMounts,
-    docker_volume_mounts, read_mount_table, write_mount_table,
+    append_mount_lines, docker_volume_mounts, read_mount_table, write_mount_table,
 )
 from pyflock.common._logging import events_of
 from pyflock.common._threads import in_reactor_pool, run_now
@@ -278,8 +278,8 @@ class SettleTests(SynchronousTestCase):
     def test_from_json_refuses_malformed(self):
         """Malformed documents are refused saying what is wrong."""
         cases = [
-            ([], "not a version 1 mount counts document"),
-            ({"version": 2, "volumes": {}}, "not a version 1"),
+            ([], "not a mount counts document of version 1 or 2"),
+            ({"version": 3, "volumes": {}}, "not a mount counts document"),
             ({"version": 1}, "'volumes' is not an object"),
             ({"version": 1, "volumes": {"v1": {}}}, "volume 'v1' has no 'mounts' object"),
             ({"version": 1, "volumes": {"v1": {"mounts": {X: 0}}}},
@@ -506,3 +506,167 @@ async def test_in_reactor_pool(tmp_path):
     await counts.mount("v1", X, D1)
     await counts.mount("v2", Y, None)
     assert read_mount_table(path) == counts.table
+
+
+class LogTests(SynchronousTestCase):
+    """The file as a log: one synced append per change, a base now and then, old files
+    read, torn tails ignored and cut off."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="pyflock-mounts-")
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.path = os.path.join(self.folder, "mounts.json")
+        self.calls: list = []
+
+    def run_logged(self, f, *args):
+        """``run_now``, noting which file function each write used."""
+        self.calls.append(f.__name__)
+        return run_now(f, *args)
+
+    def content(self) -> bytes:
+        """The file's bytes now."""
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def test_change_appends_one_line(self):
+        """After the first base, a Mount or Unmount appends its volume's line, in place
+        (same inode: no rename), and the file reads back as the table."""
+        counts = MountCounts(self.path, self.run_logged)
+        self.successResultOf(counts.mount("v1", X, D1))
+        inode, before = os.stat(self.path).st_ino, self.content()
+        self.successResultOf(counts.mount("v2", Y, D2))
+        self.successResultOf(counts.unmount("v1", X))
+        self.assertEqual(self.calls, ["write_mount_table", "append_mount_lines",
+                                      "append_mount_lines"])
+        self.assertEqual(os.stat(self.path).st_ino, inode)
+        added = self.content()[len(before):].splitlines()
+        self.assertEqual([json.loads(line) for line in added], [
+            {"volume": "v2", "dataset_id": D2, "mounts": {Y: 1}},
+            {"volume": "v1", "dataset_id": None, "mounts": {}}])
+        self.assertEqual(read_mount_table(self.path), counts.table)
+
+    def test_loaded_log_appends(self):
+        """An agent that loads a log appends to it at once, no new base."""
+        counts = MountCounts(self.path, run_now)
+        self.successResultOf(counts.mount("v1", X, D1))
+        self.successResultOf(counts.mount("v1", Y, D1))
+        loaded = MountCounts.load(self.path, self.run_logged)
+        self.successResultOf(loaded.unmount("v1", Y))
+        self.assertEqual(self.calls, ["append_mount_lines"])
+        self.assertEqual(read_mount_table(self.path), MountTable().mount("v1", X, D1))
+
+    def test_loaded_base_appends(self):
+        """A file that is a base alone (as reconciling leaves it) is appended to at once."""
+        counts = MountCounts(self.path, run_now)
+        self.successResultOf(counts.reconcile({"v1": 1}))
+        loaded = MountCounts.load(self.path, self.run_logged)
+        self.successResultOf(loaded.mount("v2", Y, D2))
+        self.assertEqual(self.calls, ["append_mount_lines"])
+        self.assertEqual(read_mount_table(self.path), counts.table.mount("v2", Y, D2))
+
+    def test_version_1_file_loads(self):
+        """An older agent's file (version 1, one indented document) loads, and its first
+        change writes a version 2 base in its place."""
+        old = {"version": 1, "volumes": {"v1": {"dataset_id": D1, "mounts": {X: 2}}}}
+        with open(self.path, "w") as f:
+            f.write(json.dumps(old, indent=1) + "\n")
+        loaded = MountCounts.load(self.path, self.run_logged)
+        self.assertEqual(loaded.table.mount_count("v1", X), 2)
+        self.successResultOf(loaded.unmount("v1", X))
+        self.assertEqual(self.calls, ["write_mount_table"])
+        self.assertEqual(json.loads(self.content().splitlines()[0])["version"], 2)
+        self.assertEqual(read_mount_table(self.path).mount_count("v1", X), 1)
+
+    def test_torn_tail_ignored_then_cut_off(self):
+        """A line torn by a crash mid-append is not read (that change was never
+        acknowledged), and the next append overwrites it."""
+        counts = MountCounts(self.path, run_now)
+        self.successResultOf(counts.mount("v1", X, D1))
+        self.successResultOf(counts.mount("v1", Y, D1))
+        whole = self.content()
+        with open(self.path, "ab") as f:
+            f.write(b'{"volume":"v1","dataset_id":null,"mou')
+        loaded = MountCounts.load(self.path, run_now)
+        self.assertEqual(loaded.table, counts.table)
+        self.successResultOf(loaded.mount("v2", Z, D2))
+        self.assertEqual(self.content()[:len(whole)], whole)
+        self.assertEqual(read_mount_table(self.path), counts.table.mount("v2", Z, D2))
+
+    def test_malformed_line_ends_the_log(self):
+        """A line that is not a volume's entry ends what is read, like a torn one."""
+        counts = MountCounts(self.path, run_now)
+        self.successResultOf(counts.mount("v1", X, D1))
+        with open(self.path, "ab") as f:
+            f.write(b'{"volume":"v2","mounts":{"x":0}}\n'
+                    b'{"volume":"v3","dataset_id":null,"mounts":{"y":1}}\n')
+        self.assertEqual(read_mount_table(self.path), counts.table)
+
+    def test_acknowledged_count_survives_a_crash(self):
+        """A count whose Deferred fired is on disk: a new agent (after ``kill -9``: no
+        flush, no close) reads it."""
+        counts = MountCounts(self.path, run_now)
+        for name, mount_id in (("v1", X), ("v1", X), ("v2", Y)):
+            self.successResultOf(counts.mount(name, mount_id, D1))
+        self.successResultOf(counts.unmount("v1", X))
+        self.assertEqual(MountCounts.load(self.path, run_now).table, counts.table)
+
+    def test_whole_table_changes_write_a_base(self):
+        """Reconciling and settling rewrite the base."""
+        counts = MountCounts(self.path, self.run_logged)
+        self.successResultOf(counts.mount("v1", X, D1))
+        self.successResultOf(counts.reconcile({"v1": 1, "v2": 1}))
+        self.successResultOf(counts.settle({"v2": 1}, []))
+        self.assertEqual(self.calls, ["write_mount_table"] * 3)
+        self.assertEqual(len(self.content().splitlines()), 1)
+        self.assertEqual(read_mount_table(self.path), counts.table)
+
+    def test_compacted_once_lines_outweigh_the_base(self):
+        """Once the appended lines outweigh the base (and the threshold), the next save
+        writes a new base in their place, so the file stays small."""
+        counts = MountCounts(self.path, self.run_logged, compact_after=0)
+        self.successResultOf(counts.mount("v1", X, D1))
+        for _ in range(3):
+            self.successResultOf(counts.mount("v1", X, D1))
+            self.successResultOf(counts.unmount("v1", X))
+        self.assertIn("append_mount_lines", self.calls)
+        self.assertEqual(self.calls.count("write_mount_table"), 4)
+        self.assertLess(len(self.content()), 3 * len(counts.table.base_line()))
+        self.assertEqual(read_mount_table(self.path), counts.table)
+
+    def test_failed_append_then_base(self):
+        """After a failed write what the file holds is unknown: the next write is a base
+        with every change."""
+        runner = ManualRunner()
+        counts = MountCounts(self.path, runner)
+        counts.mount("v1", X, D1)
+        runner.run_next()
+        failed = counts.mount("v2", Y, D2)
+        self.assertEqual(runner.calls[0][1].__name__, "append_mount_lines")
+        runner.run_next(MountsWriteError("disk full"))
+        self.failureResultOf(failed, MountsWriteError)
+        d = counts.mount("v3", Z, D1)
+        self.assertEqual(runner.calls[0][1].__name__, "write_mount_table")
+        runner.run_next()
+        self.successResultOf(d)
+        self.assertEqual(read_mount_table(self.path), counts.table)
+
+    def test_coalesced_lines(self):
+        """Changes made during a write are appended together by the next one."""
+        runner = ManualRunner()
+        counts = MountCounts(self.path, runner)
+        first = counts.mount("v1", X, D1)
+        second, third = counts.mount("v2", Y, D2), counts.mount("v1", Y, D1)
+        runner.run_next()
+        self.successResultOf(first)
+        [(_, f, args)] = runner.calls
+        self.assertEqual((f.__name__, args[1].count(b"\n")), ("append_mount_lines", 2))
+        runner.run_next()
+        self.successResultOf(second)
+        self.successResultOf(third)
+        self.assertEqual(read_mount_table(self.path), counts.table)
+
+    def test_append_error_names_the_file(self):
+        """An append that fails raises ``MountsWriteError`` naming the file."""
+        with self.assertRaises(MountsWriteError) as caught:
+            append_mount_lines(self.path, b"x\n", 0)
+        self.assertIn(f"cannot write the mount counts to {self.path}", str(caught.exception))

@@ -553,6 +553,40 @@ class MountTests(PluginTestCase):
         self.assertEqual(answer["Err"], "")
         self.assertEqual(self.lease_holder("v1"), A)
 
+    def test_pipelined_when_here(self):
+        """Mount of a volume whose dataset is here sends the lease and the move at once,
+        and answers once both are done and the agent has mounted it."""
+        self.a.ok("VolumeDriver.Create", {"Name": "v1"})
+        self.a.link.hold = True
+        d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.a.docker.flush()
+        held = sorted(url.split("/configuration/")[-1].split("/")[0]
+                      for _, _, url, _ in self.a.link.held)
+        self.assertEqual(held, ["datasets", "leases"])
+        self.assertNoResult(d)
+        self.a.link.release(newest_first=True)
+        answer = self.a.finish(d)
+        self.assertEqual(answer["Mountpoint"],
+                         self.a.convergence.path(self.dataset("v1").dataset_id))
+        self.assertEqual((self.lease_holder("v1"), self.a.mounts.count("v1")), (A, 1))
+
+    def test_pipelined_lease_let_go_in_time(self):
+        """A pipelined Mount refused by another node's lease drops its wait for the agent
+        while it waits for the view, then mounts once that lease is released."""
+        self.a.convergence.block_all = True
+        self.a.ok("VolumeDriver.Create", {"Name": "v1"})
+        dataset_id = self.dataset("v1").dataset_id
+        self.successResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
+        d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.a.docker.flush()
+        self.assertNoResult(d)
+        self.assertEqual((self.a.plugin.view_waiters(), self.a.states.waiting()), (1, 0))
+        self.a.convergence.block_all = False
+        self.successResultOf(self.b.client.release_lease(dataset_id))
+        answer = self.a.finish(d)
+        self.assertEqual(answer["Err"], "")
+        self.assertEqual((self.lease_holder("v1"), self.a.states.waiting()), (A, 0))
+
     def test_creates_missing_dataset(self):
         """Mount of a volume dockerd knows but the cluster does not creates it here."""
         answer = self.mount("gone")

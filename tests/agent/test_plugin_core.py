@@ -10,7 +10,7 @@ from twisted.internet.defer import CancelledError
 
 from pyflock.agent._mounts import MountTable
 from pyflock.agent._plugin_core import (
-    Answer, AskMove, CheckMountpoint, Checked, CountMount, Counted, CreateDataset, Created,
+    Abandon, Answer, AskMove, CheckMountpoint, Checked, CountMount, Counted, CreateDataset, Created,
     Failed, FetchByName, Fetched, HungUp, LeaseGone, LeaseRefused, LeaseTaken, Mounted,
     MoveGone, MoveRefused, Moved, NameTaken, NewVolume, PluginCore, Refuse, ReleaseIfIdle,
     SetTimer, State, TakeLease, Timer, Uncount, UnexpectedEvent, ViewPushed, WaitMounted,
@@ -37,6 +37,7 @@ V1 = DatasetEntry(dataset_id=ID, primary=NODE, metadata={"name": "v1"})
 ELSEWHERE = DatasetEntry(dataset_id=ID, primary=OTHER, metadata={"name": "v1"})
 NEW = Dataset(dataset_id=NEW_ID, primary=NODE, metadata={"name": "v1"})
 VIEW = ClusterView(datasets={ID: V1}, nodes={NODE: "10.0.0.1", OTHER: "10.0.0.2"})
+AWAY = ClusterView(datasets={ID: ELSEWHERE}, nodes={NODE: "10.0.0.1", OTHER: "10.0.0.2"})
 EMPTY = ClusterView(nodes={NODE: "10.0.0.1", OTHER: "10.0.0.2"})
 
 
@@ -61,11 +62,12 @@ def plain(actions: list) -> list:
 ROUTES = {
     State.CREATING: (EMPTY, []),
     State.FETCHING_TAKEN: (EMPTY, [NameTaken()]),
-    State.LEASING: (VIEW, []),
-    State.FETCHING: (VIEW, [LeaseGone()]),
-    State.WAITING_VIEW: (VIEW, [LeaseRefused(OTHER)]),
-    State.MOVING: (VIEW, [LeaseTaken()]),
-    State.WAITING_MOUNTED: (VIEW, [LeaseTaken(), Moved()]),
+    State.LEASING: (AWAY, []),
+    State.FETCHING: (AWAY, [LeaseGone()]),
+    State.WAITING_VIEW: (AWAY, [LeaseRefused(OTHER)]),
+    State.PIPELINED: (VIEW, []),
+    State.MOVING: (AWAY, [LeaseTaken()]),
+    State.WAITING_MOUNTED: (AWAY, [LeaseTaken(), Moved()]),
     State.CHECKING: (VIEW, [LeaseTaken(), Moved(), Mounted(PATH)]),
     State.COUNTING: (VIEW, [LeaseTaken(), Moved(), Mounted(PATH), Checked(True)]),
     State.DONE: (VIEW, [LeaseTaken(), Moved(), Mounted(PATH), Checked(True), Counted()]),
@@ -104,14 +106,16 @@ RESULTS = {
 }
 
 #: (state, result) -> (actions at time 0, state after); pairs absent here are refused.
+PIPELINE_NEW = [TakeLease(NEW_ID), AskMove(NEW_ID, NODE), WaitMounted(NEW_ID)]
+
 TRANSITIONS = {
-    (State.CREATING, "created"): ([TakeLease(NEW_ID)], State.LEASING),
+    (State.CREATING, "created"): (PIPELINE_NEW, State.PIPELINED),
     (State.CREATING, "name-taken"): ([FetchByName("v1")], State.FETCHING_TAKEN),
-    (State.FETCHING_TAKEN, "fetched"): ([TakeLease(NEW_ID)], State.LEASING),
+    (State.FETCHING_TAKEN, "fetched"): (PIPELINE_NEW, State.PIPELINED),
     (State.FETCHING_TAKEN, "fetched-none"): (refused(None), State.FAILED),
-    (State.FETCHING, "fetched"): ([TakeLease(NEW_ID)], State.LEASING),
+    (State.FETCHING, "fetched"): (PIPELINE_NEW, State.PIPELINED),
     (State.FETCHING, "fetched-none"): ([CreateDataset("v1")], State.CREATING),
-    (State.LEASING, "lease-taken"): ([AskMove(ID, NODE)], State.MOVING),
+    (State.LEASING, "lease-taken"): ([AskMove(ID, OTHER)], State.MOVING),
     (State.LEASING, "lease-refused"): ([WaitView(LEASE_UNTIL)], State.WAITING_VIEW),
     (State.LEASING, "lease-gone"): ([FetchByName("v1")], State.FETCHING),
     (State.MOVING, "moved"): ([WaitMounted(ID)], State.WAITING_MOUNTED),
@@ -134,7 +138,10 @@ def state_of(core: PluginCore) -> State:
 @pytest.mark.parametrize("result", list(RESULTS), ids=str)
 def test_every_result_in_every_state(state, result):
     """Each IO result in each state: its transition, ignored once answered, else
-    ``UnexpectedEvent``."""
+    ``UnexpectedEvent`` (PIPELINED's own table is ``PIPELINE_TRANSITIONS``)."""
+    if state is State.PIPELINED:
+        test_every_result_in_every_pipeline_step("start", result)
+        return
     core = in_state(state)
     view = ROUTES[state][0]
     if state in (State.DONE, State.FAILED):
@@ -147,6 +154,207 @@ def test_every_result_in_every_state(state, result):
         with pytest.raises(UnexpectedEvent):
             core.handle("m", RESULTS[result], world(view=view))
 
+
+
+# -- PIPELINED: the lease, the move and the wait at once ----------------------------------
+
+#: The steps of a pipelined Mount: the results fed since it started (view VIEW: the
+#: dataset's primary is this node).
+STEPS = {
+    "start": [],
+    "leased": [LeaseTaken()],
+    "moved": [Moved()],
+    "move-refused": [MoveRefused(OTHER)],
+    "move-gone": [MoveGone()],
+    "mounted": [Mounted(PATH)],
+    "leased-moved": [LeaseTaken(), Moved()],
+    "moved-leased": [Moved(), LeaseTaken()],
+    "leased-mounted": [LeaseTaken(), Mounted(PATH)],
+    "moved-mounted": [Moved(), Mounted(PATH)],
+    "asked-again": [MoveRefused(OTHER), LeaseTaken()],
+    "asked-again-mounted": [MoveRefused(OTHER), LeaseTaken(), Mounted(PATH)],
+    "move-refused-mounted": [MoveRefused(OTHER), Mounted(PATH)],
+    "move-gone-mounted": [MoveGone(), Mounted(PATH)],
+}
+
+BOTH = Abandon((AskMove, WaitMounted))
+MOUNT_OUT = Abandon((WaitMounted,))
+MOVE_OUT = Abandon((AskMove,))
+ASK_AGAIN = [AskMove(ID, NODE)]
+WAIT_VIEW = [WaitView(LEASE_UNTIL)]
+FETCH = [FetchByName("v1")]
+CHECK = [CheckMountpoint(PATH)]
+P, W, F, C, X = (State.PIPELINED, State.WAITING_VIEW, State.FETCHING, State.CHECKING,
+                 State.FAILED)
+
+#: (step, result) -> (actions at time 0, state after); pairs absent are UnexpectedEvent.
+PIPELINE_TRANSITIONS = {
+    ("start", "lease-taken"): ([], P),
+    ("start", "lease-refused"): ([BOTH] + WAIT_VIEW, W),
+    ("start", "lease-gone"): ([BOTH] + FETCH, F),
+    ("start", "moved"): ([], P),
+    ("start", "move-refused"): ([], P),
+    ("start", "move-gone"): ([], P),
+    ("start", "mounted"): ([], P),
+    ("leased", "moved"): ([], P),
+    ("leased", "move-refused"): (ASK_AGAIN, P),
+    ("leased", "move-gone"): (refused(), X),
+    ("leased", "mounted"): ([], P),
+    ("moved", "lease-taken"): ([], P),
+    ("moved", "lease-refused"): ([MOUNT_OUT] + WAIT_VIEW, W),
+    ("moved", "lease-gone"): ([MOUNT_OUT] + FETCH, F),
+    ("moved", "mounted"): ([], P),
+    ("move-refused", "lease-taken"): (ASK_AGAIN, P),
+    ("move-refused", "lease-refused"): ([MOUNT_OUT] + WAIT_VIEW, W),
+    ("move-refused", "lease-gone"): ([MOUNT_OUT] + FETCH, F),
+    ("move-refused", "mounted"): ([], P),
+    ("move-gone", "lease-taken"): (refused(), X),
+    ("move-gone", "lease-refused"): ([MOUNT_OUT] + WAIT_VIEW, W),
+    ("move-gone", "lease-gone"): ([MOUNT_OUT] + FETCH, F),
+    ("move-gone", "mounted"): ([], P),
+    ("mounted", "lease-taken"): ([], P),
+    ("mounted", "lease-refused"): ([MOVE_OUT] + WAIT_VIEW, W),
+    ("mounted", "lease-gone"): ([MOVE_OUT] + FETCH, F),
+    ("mounted", "moved"): ([], P),
+    ("mounted", "move-refused"): ([], P),
+    ("mounted", "move-gone"): ([], P),
+    ("leased-moved", "mounted"): (CHECK, C),
+    ("moved-leased", "mounted"): (CHECK, C),
+    ("leased-mounted", "moved"): (CHECK, C),
+    ("leased-mounted", "move-refused"): (ASK_AGAIN, P),
+    ("leased-mounted", "move-gone"): (refused(), X),
+    ("moved-mounted", "lease-taken"): (CHECK, C),
+    ("moved-mounted", "lease-refused"): (WAIT_VIEW, W),
+    ("moved-mounted", "lease-gone"): (FETCH, F),
+    ("asked-again", "moved"): ([], P),
+    ("asked-again", "move-refused"): (refused(), X),
+    ("asked-again", "move-gone"): (refused(), X),
+    ("asked-again", "mounted"): ([], P),
+    ("asked-again-mounted", "moved"): (CHECK, C),
+    ("asked-again-mounted", "move-refused"): (refused(), X),
+    ("asked-again-mounted", "move-gone"): (refused(), X),
+    ("move-refused-mounted", "lease-taken"): (ASK_AGAIN, P),
+    ("move-refused-mounted", "lease-refused"): (WAIT_VIEW, W),
+    ("move-refused-mounted", "lease-gone"): (FETCH, F),
+    ("move-gone-mounted", "lease-taken"): (refused(), X),
+    ("move-gone-mounted", "lease-refused"): (WAIT_VIEW, W),
+    ("move-gone-mounted", "lease-gone"): (FETCH, F),
+}
+
+
+def at_step(step: str, now: float = 0.0) -> PluginCore:
+    """A core whose Mount "m" of the local volume v1 is pipelined and at ``step``."""
+    core = new_core()
+    assert core.mount("m", "v1", MOUNT, world(now, view=VIEW)) == [
+        SetTimer(now + TIMEOUT), TakeLease(ID), AskMove(ID, NODE), WaitMounted(ID)]
+    for event in STEPS[step]:
+        core.handle("m", event, world(now, view=VIEW))
+    assert state_of(core) is State.PIPELINED
+    return core
+
+
+@pytest.mark.parametrize("step", list(STEPS), ids=str)
+@pytest.mark.parametrize("result", list(RESULTS), ids=str)
+def test_every_result_in_every_pipeline_step(step, result):
+    """Each IO result at each step of a pipelined Mount: its transition, else
+    ``UnexpectedEvent`` (a result it does not wait for, or one it has had)."""
+    core = at_step(step)
+    if (step, result) not in PIPELINE_TRANSITIONS:
+        with pytest.raises(UnexpectedEvent):
+            core.handle("m", RESULTS[result], world())
+        return
+    actions, after = PIPELINE_TRANSITIONS[step, result]
+    assert plain(core.handle("m", RESULTS[result], world())) == actions
+    assert state_of(core) is (None if after is State.FAILED else after)
+
+
+@pytest.mark.parametrize("step", list(STEPS), ids=str)
+def test_hang_up_at_every_pipeline_step(step):
+    """dockerd hanging up fails a pipelined Mount at any step: release, refuse."""
+    core = at_step(step)
+    assert plain(core.handle("m", HungUp(), world())) == refused(error=CancelledError)
+    assert core.attempt("m") is None
+
+
+@pytest.mark.parametrize("step", list(STEPS), ids=str)
+def test_failure_at_every_pipeline_step(step):
+    """An IO failure at any step of a pipelined Mount refuses it, releasing the lease."""
+    core = at_step(step)
+    actions = core.handle("m", Failed(ControlUnreachable("control", 4523, "refused")),
+                          world())
+    assert plain(actions) == refused()
+    assert "cannot reach" in str(actions[-1].error)
+
+
+@pytest.mark.parametrize("step", list(STEPS), ids=str)
+def test_timers_at_every_pipeline_step(step):
+    """At any step of a pipelined Mount, an early timer changes nothing and the deadline
+    fails it."""
+    core = at_step(step)
+    assert core.handle("m", Timer(LEASE_UNTIL), world(now=LEASE_UNTIL)) == []
+    assert state_of(core) is State.PIPELINED
+    actions = core.handle("m", Timer(TIMEOUT, "attaching"), world(now=TIMEOUT))
+    assert plain(actions) == refused()
+    assert "(state here: attaching)" in str(actions[-1].error)
+
+
+@pytest.mark.parametrize("step", list(STEPS), ids=str)
+def test_view_push_at_every_pipeline_step(step):
+    """A view push does nothing to a pipelined Mount."""
+    core = at_step(step)
+    assert core.view_pushed(world()) == {}
+    assert core.handle("m", ViewPushed(), world()) == []
+    assert state_of(core) is State.PIPELINED
+
+
+@pytest.mark.parametrize("step", ["start", "moved", "mounted", "moved-mounted"], ids=str)
+def test_pipelined_lease_refused_after_the_retry_deadline(step):
+    """A pipelined lease refused after the retry window fails at once (nothing to abandon:
+    the answer stops all IO), naming the holder's host."""
+    core = at_step(step)
+    actions = core.handle("m", LeaseRefused(OTHER), world(now=LEASE_UNTIL))
+    assert plain(actions) == refused()
+    assert f"in use on node {OTHER} (host 10.0.0.2)" in str(actions[-1].error)
+
+
+def test_pipelined_lease_gone_twice():
+    """A pipelined dataset gone again after the control service named it fails."""
+    core = at_step("start")
+    core.handle("m", LeaseGone(), world())
+    assert core.handle("m", Fetched(NEW), world()) == PIPELINE_NEW
+    actions = core.handle("m", LeaseGone(), world())
+    assert plain(actions) == refused(NEW_ID)
+    assert "deleted from the cluster while it was being mounted" in str(actions[-1].error)
+
+
+def test_pipelined_wait_then_pipelined_again():
+    """A pipelined lease refused in the window waits for the view, then pipelines again
+    from scratch (the early results of the first round are forgotten)."""
+    core = at_step("moved-mounted")
+    core.handle("m", LeaseRefused(OTHER), world())
+    assert core.view_pushed(world(now=0.1)) == {
+        "m": [TakeLease(ID), AskMove(ID, NODE), WaitMounted(ID)]}
+    assert core.handle("m", LeaseTaken(), world(now=0.1)) == []
+    assert core.handle("m", Moved(), world(now=0.1)) == []
+    assert core.handle("m", Mounted(NEW_PATH), world(now=0.1)) == [
+        CheckMountpoint(NEW_PATH)]
+
+
+def test_pipelined_mount_answers():
+    """A pipelined Mount whose three results are in checks, counts and answers."""
+    core = at_step("moved-mounted")
+    assert core.handle("m", LeaseTaken(), world()) == CHECK
+    assert core.handle("m", Checked(True), world()) == [CountMount("v1", MOUNT, ID)]
+    assert core.handle("m", Counted(), world()) == [Answer(PATH, ID)]
+    assert core.attempt("m") is None
+
+
+def test_new_volume_is_pipelined():
+    """A Mount that creates its volume pipelines the rest: the new dataset is here."""
+    core = new_core()
+    assert core.mount("m", "v1", MOUNT, world(view=EMPTY)) == [
+        SetTimer(TIMEOUT), CreateDataset("v1")]
+    assert core.handle("m", Created(NEW), world(view=EMPTY)) == PIPELINE_NEW
 
 @pytest.mark.parametrize("state", LIVE, ids=lambda s: s.value)
 def test_hang_up_in_every_state(state):
@@ -256,8 +464,8 @@ def test_view_push_frees_the_lease():
     """Refused, then a push (the holder let go): the retried lease is taken, the Mount
     goes on."""
     core = in_state(State.WAITING_VIEW)
-    assert core.view_pushed(world(now=0.1)) == {"m": [TakeLease(ID)]}
-    assert core.handle("m", LeaseTaken(), world(now=0.1)) == [AskMove(ID, NODE)]
+    assert core.view_pushed(world(now=0.1, view=AWAY)) == {"m": [TakeLease(ID)]}
+    assert core.handle("m", LeaseTaken(), world(now=0.1, view=AWAY)) == [AskMove(ID, OTHER)]
 
 
 def test_refused_lease_after_the_retry_deadline():
@@ -281,7 +489,8 @@ def test_refused_by_an_unknown_holder():
 def test_lease_gone_twice():
     """A dataset gone again after the control service named it fails the Mount."""
     core = in_state(State.FETCHING)
-    assert core.handle("m", Fetched(NEW), world()) == [TakeLease(NEW_ID)]
+    moved_away = attr_evolve(NEW, primary=OTHER)
+    assert core.handle("m", Fetched(moved_away), world()) == [TakeLease(NEW_ID)]
     actions = core.handle("m", LeaseGone(), world())
     assert plain(actions) == refused(NEW_ID)
     assert "deleted from the cluster while it was being mounted" in str(actions[-1].error)
@@ -310,9 +519,12 @@ def test_mount_moves_from_elsewhere():
 
 
 def test_mount_starts_with_its_deadline():
-    """A Mount asks for its deadline timer first, then leases the viewed volume."""
-    assert new_core().mount("m", "v1", MOUNT, world(now=5.0)) == [
+    """A Mount asks for its deadline timer first, then leases the viewed volume (and,
+    when it is here already, asks for the move and waits for it at once)."""
+    assert new_core().mount("m", "v1", MOUNT, world(now=5.0, view=AWAY)) == [
         SetTimer(5.0 + TIMEOUT), TakeLease(ID)]
+    assert new_core().mount("m", "v1", MOUNT, world(now=5.0)) == [
+        SetTimer(5.0 + TIMEOUT), TakeLease(ID), AskMove(ID, NODE), WaitMounted(ID)]
 
 
 def test_mount_of_a_bad_name_not_in_the_view():

@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from pyflock.common._files import (
-    append_durably, fsync_path, replace_atomically, write_atomically,
+    append_durably, fsync_path, replace_atomically, whole_lines, write_atomically,
 )
 
 
@@ -72,3 +72,12 @@ def test_fsync_path(tmp_path):
     fsync_path(tmp_path, directory=True)
     with pytest.raises(FileNotFoundError):
         fsync_path(tmp_path / "missing")
+
+
+def test_whole_lines():
+    """An append log's whole lines with the offsets past them; a torn last line is left
+    out."""
+    assert list(whole_lines(b"base\none\ntwo\ntor")) == [
+        (b"base", 5), (b"one", 9), (b"two", 13)]
+    assert list(whole_lines(b"base\none\n", 5)) == [(b"one", 9)]
+    assert list(whole_lines(b"")) == []
