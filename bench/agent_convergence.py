@@ -50,6 +50,11 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.filepath import FilePath
 from twisted.web.client import HTTPConnectionPool
 
+# Run as a child process (``main``) this script has only bench/ on its path: the tests'
+# harnesses need the repository root too, as bench/run.py gives it.
+if str(Path(__file__).resolve().parent.parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from _harness import (
     BENCH_USER, Context, Profiler, Repeats, Section, format_ms, latency_stats, load_average,
     percentile, process_cpu_seconds, repeat, spawn_and_wait,
