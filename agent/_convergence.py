@@ -102,7 +102,8 @@ ATTACHED_HERE = frozenset({
 class DesiredDataset:
     """
     One dataset as configured: its primary node, size in bytes (None: the backend's
-    default), whether it is deleted, the node holding a live lease on it (if any), and
+    default), its storage profile (metadata ``profile``: gold, silver, bronze, or None),
+    whether it is deleted, the node holding a live lease on it (if any), and
     the other nodes that report holding it. The table never reads ``holders``: the
     discovery is the truth about who holds a volume. They are here so that the desired
     state changes when another node takes or lets go of the dataset, which wakes a node
@@ -115,6 +116,7 @@ class DesiredDataset:
     deleted: bool = False
     lease_holder: Optional[str] = None
     holders: tuple = ()
+    profile: Optional[str] = None
 
 
 class Desired(PClass):
@@ -183,6 +185,7 @@ def desired_from_configuration(node_uuid: str, datasets: Iterable, leases: Itera
         records[dataset.dataset_id] = DesiredDataset(
             dataset_id=dataset.dataset_id, primary=dataset.primary,
             maximum_size=dataset.maximum_size, deleted=bool(dataset.deleted),
+            profile=dataset.metadata.get("profile"),
             lease_holder=None if dataset.deleted else lease_holders.get(dataset.dataset_id),
             holders=tuple(sorted(n for n in holders.get(dataset.dataset_id, ())
                                  if n != node_uuid)))
@@ -265,10 +268,12 @@ class Discovered(PClass):
 
 @attr.s(frozen=True, auto_attribs=True)
 class CreateVolume:
-    """Create the dataset's volume, ``size`` bytes (None: the backend's default)."""
+    """Create the dataset's volume, ``size`` bytes (None: the backend's default), of the
+    dataset's storage ``profile`` (None: the backend's default)."""
 
     dataset_id: str
     size: Optional[int] = None
+    profile: Optional[str] = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -436,7 +441,8 @@ def wait(node_uuid, wanted, found):
 
 def create(node_uuid, wanted, found):
     """Create the volume, of the configured size."""
-    return CreateVolume(dataset_id=found.dataset_id, size=wanted.maximum_size)
+    return CreateVolume(dataset_id=found.dataset_id, size=wanted.maximum_size,
+                        profile=wanted.profile)
 
 
 def attach(node_uuid, wanted, found):

@@ -297,7 +297,7 @@ class Runner:
 
     def _create_volume(self, change: CreateVolume) -> None:
         try:
-            self.backend.create_volume(change.dataset_id, change.size)
+            self.backend.create_volume(change.dataset_id, change.size, change.profile)
         except VolumeExists:
             pass  # made by an earlier attempt whose answer was lost: what we wanted
 

@@ -143,11 +143,14 @@ class IBlockDeviceBackend(Interface):
     def list_volumes() -> list:
         """Every volume in the store, as ``BlockVolume`` records sorted by dataset id."""
 
-    def create_volume(dataset_id: str, size: Optional[int] = None) -> BlockVolume:
+    def create_volume(dataset_id: str, size: Optional[int] = None,
+                      profile: Optional[str] = None) -> BlockVolume:
         """
         Create an unattached volume of ``size`` bytes (None: the backend's default size)
-        rounded up to the allocation unit. Raises ``VolumeExists`` or
-        ``InvalidVolumeRequest``.
+        rounded up to the allocation unit. ``profile`` is the dataset's storage profile
+        (gold, silver, bronze; None: the default): a backend with volume types maps it to
+        one, a backend without them ignores it (its docs say so). Raises ``VolumeExists``
+        or ``InvalidVolumeRequest``.
         """
 
     def attach_volume(dataset_id: str, node_uuid: str) -> BlockVolume:

@@ -322,10 +322,12 @@ class LoopbackBackend:
         with self._locked(exclusive=False):
             return self._volume(dataset_id)
 
-    def create_volume(self, dataset_id: str, size: Optional[int] = None) -> BlockVolume:
+    def create_volume(self, dataset_id: str, size: Optional[int] = None,
+                      profile: Optional[str] = None) -> BlockVolume:
         """
         Create a volume file of ``size`` bytes (rounded up to 1 MiB): a spare of that size
         if there is one (it already holds a finished, empty ext4), else a blank sparse file.
+        Files have no storage profiles: ``profile`` is ignored.
         """
         check_dataset_id(dataset_id)
         size = round_size(self.default_size if size is None else size, ALLOCATION_UNIT)

@@ -108,8 +108,10 @@ class MemoryBackend:
             return [self._record(dataset_id, volume)
                     for dataset_id, volume in sorted(self.store._volumes.items())]
 
-    def create_volume(self, dataset_id: str, size: Optional[int] = None) -> BlockVolume:
-        """Create an unattached volume of ``size`` bytes (rounded up)."""
+    def create_volume(self, dataset_id: str, size: Optional[int] = None,
+                      profile: Optional[str] = None) -> BlockVolume:
+        """Create an unattached volume of ``size`` bytes (rounded up); the memory store
+        has no storage profiles, so ``profile`` is ignored."""
         check_dataset_id(dataset_id)
         size = round_size(self.default_size if size is None else size, self._allocation_unit)
         with self.store._lock:

@@ -167,6 +167,18 @@ def test_new_dataset_has_nothing_discovered():
         desired(WANTED[DesiredState.MOUNTED]), discovered())
 
 
+def test_new_dataset_keeps_its_profile():
+    """A dataset's storage profile (metadata ``profile``) goes with the creation of its
+    volume, from the configuration to the change the backend runs."""
+    wanted = desired_from_configuration(
+        NODE, datasets=[Dataset(dataset_id=DS, primary=NODE, maximum_size=SIZE,
+                                metadata={"profile": "gold"})],
+        leases=[], nodes={NODE: True}, now=0.0)
+    assert wanted.datasets[DS].profile == "gold"
+    assert in_parallel([sequentially([CreateVolume(DS, SIZE, "gold"), ATTACH])]) == \
+        calculate_changes(wanted, discovered())
+
+
 def test_converged():
     """A dataset mounted where it should be, and nothing else, gives ``NOTHING``."""
     change = calculate_changes(desired(WANTED[DesiredState.MOUNTED]),

@@ -355,12 +355,25 @@ class RunnerTests(SynchronousTestCase):
         failure.trap(TypeError)
         self.assertIn("not a change", str(failure.value))
 
+    def test_create_passes_profile(self):
+        """``CreateVolume`` hands the dataset's size and storage profile to the backend."""
+        calls = []
+
+        class Recording:
+            node_uuid = NODE_A
+
+            def create_volume(self, dataset_id, size, profile=None):
+                calls.append((dataset_id, size, profile))
+        runner = Runner(Recording(), self.fs, run_now)
+        self.successResultOf(runner.run(CreateVolume("ds", SIZE, "silver")))
+        self.assertEqual([("ds", SIZE, "silver")], calls)
+
     def test_unexpected_error_logged_with_traceback(self):
         """An unexpected error is logged at error level with its traceback."""
         class Broken:
             node_uuid = NODE_A
 
-            def create_volume(self, dataset_id, size):
+            def create_volume(self, dataset_id, size, profile=None):
                 raise ZeroDivisionError("oops")
         runner = Runner(Broken(), self.fs, run_now,
                         logger=Logger(observer=self.events.append))

@@ -188,6 +188,13 @@ def make_iblockdevicebackend_tests(
             expected = BlockVolume(dataset_id=dataset_id, size=self.size)
             self.assertEqual((expected, [expected]), (volume, self.a.list_volumes()))
 
+        def test_create_with_profile(self) -> None:
+            """Every backend takes a storage profile: one with volume types maps it, the
+            others ignore it; either way the volume is made with its size."""
+            dataset_id = str(uuid.uuid4())
+            volume = self.a.create_volume(dataset_id, self.size, profile="gold")
+            self.assertEqual(BlockVolume(dataset_id=dataset_id, size=self.size), volume)
+
         def test_created_visible_from_other_node(self) -> None:
             """A volume created through one node is listed by every node."""
             volume = self.new_volume()
