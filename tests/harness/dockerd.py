@@ -87,6 +87,9 @@ LOOP_MAJOR = 7
 #: Where a node's namespace has folders of its own (bind mounts of the node's folders).
 _NODE_MOUNT_POINTS = ("/run/docker", "/etc/docker", "/run/containerd")
 
+#: Seconds a killed dockerd's containerd gets to die before the harness kills it.
+CONTAINERD_EXIT_TIMEOUT = 5.0
+
 _POLL = 0.05
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 _SOCKET_PATH_LIMIT = 107
@@ -415,14 +418,7 @@ class DockerNode(_StartedInside):
         self._require_namespace()
         # A pid file left by a killed dockerd would make the next one refuse to start.
         (self.directory / "docker.pid").unlink(missing_ok=True)
-        # A killed dockerd's containerd dies with it, but this machine's init may leave it
-        # a zombie for a while, and dockerd would wait for that "running" containerd.
-        containerd_pid = self.run_docker / "containerd" / "containerd.pid"
-        try:
-            if not _alive(int(containerd_pid.read_text().strip())):
-                containerd_pid.unlink()
-        except (FileNotFoundError, ValueError):
-            pass
+        self._forget_old_containerd()
         argv = ["dockerd", "--iptables=false", "--ip-forward=false", "--ip-masq=false",
                 "--bridge=none", f"--storage-driver={self.storage_driver}", f"--data-root={self.data_root}",
                 "--exec-root=/run/docker", f"--host={self.host}",
@@ -430,6 +426,27 @@ class DockerNode(_StartedInside):
                 f"--cgroup-parent={self.cgroup_parent}",
                 f"--shutdown-timeout={SHUTDOWN_TIMEOUT}", *self.dockerd_args]
         self._dockerd = self._spawn(_DOCKERD, argv, None)
+
+    def _forget_old_containerd(self) -> None:
+        """
+        Make sure no containerd of an earlier dockerd is left for the next one to wait for.
+        A killed dockerd's containerd gets SIGKILL with it (its parent-death signal), but it
+        may still be dying when the next dockerd starts, or linger as a zombie this
+        machine's init has not reaped: dockerd counts either as running, waits for its
+        socket, and gives up ("timeout waiting for containerd to start"). So wait until it
+        is gone (kill it if it outlives the wait), then drop its pid file.
+        """
+        containerd_pid = self.run_docker / "containerd" / "containerd.pid"
+        try:
+            pid = int(containerd_pid.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return
+        deadline = time.monotonic() + CONTAINERD_EXIT_TIMEOUT
+        while _is_live_containerd(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _is_live_containerd(pid):
+            _kill_and_wait([pid])
+        containerd_pid.unlink(missing_ok=True)
 
     def _wait_dockerd(self, timeout: Optional[float] = None) -> None:
         deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
@@ -954,6 +971,17 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+def _is_live_containerd(pid: int) -> bool:
+    """Whether ``pid`` is a containerd still running (not a zombie, not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() != "containerd":
+                return False
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return _alive(pid)
 
 
 def _kill_and_wait(pids: Iterable[int], timeout: float = STOP_TIMEOUT) -> None:
