@@ -260,16 +260,7 @@ def read_cluster_uuid(path: PathLike) -> str:
     return cluster_uuid
 
 
-@attr.s(frozen=True, auto_attribs=True)
-class _Authority:
-    """The loaded CA: its certificate, key and cluster UUID."""
-
-    certificate: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
-    cluster_uuid: str
-
-
-def _load_authority(ca_path: PathLike) -> _Authority:
+def _load_authority(ca_path: PathLike) -> "SigningAuthority":
     """The CA in ``ca_path``, or ``AuthorityNotFound`` naming what is wrong."""
     folder = Path(ca_path)
     if not folder.is_dir():
@@ -291,7 +282,8 @@ def _load_authority(ca_path: PathLike) -> _Authority:
         raise AuthorityNotFound(
             certificate_path, "no cluster UUID (organizational unit) in the CA "
                               "certificate; it was not made by pyflock-ca")
-    return _Authority(certificate=certificate, key=key, cluster_uuid=cluster_uuid)
+    return SigningAuthority(certificate=certificate, key=key, cluster_uuid=cluster_uuid,
+                            index=CertificateIndex.beside(key_path))
 
 
 def _subject(common_name: str, cluster_uuid: str) -> x509.Name:
@@ -410,7 +402,7 @@ def initialize(path: PathLike, name: str, *,
                             common_name=name, cluster_uuid=cluster_uuid)
 
 
-def _authority_identifier(authority: _Authority) -> x509.AuthorityKeyIdentifier:
+def _authority_identifier(authority: "SigningAuthority") -> x509.AuthorityKeyIdentifier:
     """The authority key identifier of certificates ``authority`` issues."""
     try:
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
@@ -420,7 +412,7 @@ def _authority_identifier(authority: _Authority) -> x509.AuthorityKeyIdentifier:
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key())
 
 
-def _build_leaf(authority: _Authority, public_key, common_name: str, usages: list,
+def _build_leaf(authority: "SigningAuthority", public_key, common_name: str, usages: list,
                 alt_names: list, now: datetime) -> x509.Certificate:
     """A leaf certificate for ``common_name`` and ``public_key``, signed by ``authority``."""
     not_after = min(now + CERTIFICATE_LIFETIME, authority.certificate.not_valid_after_utc)
@@ -465,8 +457,7 @@ def _issue(ca_path: PathLike, out_path: PathLike, base_name: str, common_name: s
                               now)
     # Recorded before it is written: the index may name a certificate never installed,
     # never miss one that was.
-    CertificateIndex.beside(Path(ca_path) / AUTHORITY_KEY).record(
-        certificate, now, ISSUED_BY_CA)
+    authority.index.record(certificate, now, ISSUED_BY_CA)
     certificate_path, key_path = _write_pair(folder, base_name, certificate, key)
     return CertificateFiles(certificate_path=certificate_path, key_path=key_path,
                             common_name=common_name, cluster_uuid=authority.cluster_uuid)
@@ -653,7 +644,8 @@ class CertificateIndex:
 
 @attr.s(frozen=True, auto_attribs=True)
 class SigningAuthority:
-    """A CA that signs: its certificate, key, cluster uuid and index."""
+    """A loaded CA that signs: its certificate, key, cluster uuid and the index of what it
+    issued (``pyflock-ca`` and the join service both sign through one)."""
 
     certificate: x509.Certificate
     key: ec.EllipticCurvePrivateKey
@@ -707,10 +699,8 @@ def sign_node_request(authority: SigningAuthority, request: x509.CertificateSign
     """
     node_uuid = _parse_uuid(node_uuid, "node uuid")
     now = _now(now)
-    inner = _Authority(certificate=authority.certificate, key=authority.key,
-                       cluster_uuid=authority.cluster_uuid)
     certificate = _build_leaf(
-        inner, request.public_key(), f"node-{node_uuid}",
+        authority, request.public_key(), f"node-{node_uuid}",
         [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], [], now)
     authority.index.record(certificate, now, issued_by)
     return certificate
