@@ -286,12 +286,7 @@ class ControlAPI(APIBase):
     @app.route("/v1/state/nodes/<node_uuid>", methods=["DELETE"])
     def forget_node(self, request, node_uuid):
         """Forget a dead node that holds no dataset and no lease (user certificates only)."""
-        identity = self._caller(request)
-        if identity.kind != "user":
-            log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
-                      action="forget a node")
-            raise APIError(403, "Only a user certificate may forget a node; node "
-                                "certificates may not.")
+        self._user_only(request, "forget a node")
         if not _UUID.is_valid(node_uuid):
             raise APIError(400, f"{node_uuid!r} is not a node uuid.")
         try:
@@ -306,12 +301,7 @@ class ControlAPI(APIBase):
 
     def _token_service(self, request) -> TokenService:
         """The token service, for a user certificate only; 409 when joins are off."""
-        identity = self._caller(request)
-        if identity.kind != "user":
-            log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
-                      action="manage join tokens")
-            raise APIError(403, "Only a user certificate may manage join tokens; node "
-                                "certificates may not.")
+        self._user_only(request, "manage join tokens")
         if self._tokens is None:
             raise APIError(409, "This control service serves no joins: it has no CA key. "
                                 "Start it with --ca-key (default: cluster.key in its "

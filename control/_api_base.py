@@ -177,6 +177,16 @@ class APIBase:
             raise APIError(403, f"Node {identity.node_uuid} may not {what}: a node "
                                 f"certificate acts only for its own node.")
 
+    def _user_only(self, request, what: str):
+        """The caller, who must hold a user certificate to ``what``; 403 for a node."""
+        identity = self._caller(request)
+        if identity.kind != "user":
+            log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
+                      action=what)
+            raise APIError(403, f"Only a user certificate may {what}; node certificates "
+                                f"may not.")
+        return identity
+
     def _body(self, request, validator) -> dict:
         raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
         if len(raw) > MAX_BODY:
