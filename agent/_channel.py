@@ -3,7 +3,7 @@ The agent channel's client: keeps a connection to the control service, applies t
 pushes, and reports what this node holds.
 
 On every connection the agent says hello (its node uuid, era, the address and port its
-peers reach it at, and the view version it has); the control service answers with a
+peers reach it at, the view version it has, and its availability zone if it has one); the control service answers with a
 welcome, then a snapshot unless the agent's view is current, then a diff on every change.
 The agent reports its whole state whenever it changes and sends a heartbeat every few
 seconds; a control service silent for ``timeout`` is given up on. Lost or refused
@@ -110,12 +110,14 @@ class AgentChannel:
     and ``over_tls``). ``on_view(view)`` is called with every new ``AgentView``;
     ``save_view(view)`` (e.g. ``ViewFile.save``) stores it and fires once it is durable.
     ``view`` is where to start from (the stored view); ``address`` where peers reach this
-    node (default: the local address of the connection to the control service).
+    node (default: the local address of the connection to the control service); ``zone``
+    its availability zone, if it has one (the ebs backend's), said in every hello.
     """
 
     def __init__(self, reactor, endpoint: IStreamClientEndpoint, node_uuid: str, era: str,
                  on_view: Callable[[AgentView], object], *,
                  address: Optional[str] = None, peer_port: Optional[int] = DEFAULT_PEER_PORT,
+                 zone: Optional[str] = None,
                  view: AgentView = AgentView(),
                  save_view: Optional[Callable[[AgentView], Deferred]] = None,
                  heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_TIMEOUT,
@@ -127,6 +129,7 @@ class AgentChannel:
         self.era = era
         self.address = address
         self.peer_port = peer_port
+        self.zone = zone
         self.heartbeat = heartbeat
         self.timeout = timeout
         self.max_message = max_message
@@ -224,7 +227,8 @@ class AgentChannel:
         self._connection = connection
         address = self.address or connection.transport.getHost().host
         connection.send(Hello(node_uuid=self.node_uuid, era=self.era, address=address,
-                              peer_port=self.peer_port, known=self.view.current))
+                              peer_port=self.peer_port, known=self.view.current,
+                              zone=self.zone))
         self._silence = self.reactor.callLater(self.timeout, self._silent, connection)
 
     def _connection_lost(self, connection: _ControlConnection, reason) -> None:

@@ -27,7 +27,7 @@ from twisted.internet.error import ConnectError
 from twisted.logger import Logger, LogLevel
 from twisted.web.client import Agent, ResponseFailed, ResponseNeverReceived
 
-from pyflock.agent._backends import LoopbackBackend
+from pyflock.agent._backends import BackendError, LoopbackBackend
 from pyflock.agent._channel import AgentChannel, control_endpoint
 from pyflock.agent._config import AgentConfig, ConfigError, boot_id, compute_era, load_config
 from pyflock.agent._loop import node_convergence_loop
@@ -87,6 +87,17 @@ def make_backend(config: AgentConfig, node_uuid: str):
             config.backend_options, config.default_size))
     raise StartupError(f"dataset.backend: {config.backend!r} is not available yet; "
                        f"use loopback or ebs.")
+
+
+async def backend_zone(backend, run_blocking) -> Optional[str]:
+    """The node's availability zone, for backends that have one (ebs: its instance's);
+    ``StartupError`` if the backend cannot tell (no metadata service)."""
+    if not hasattr(backend, "availability_zone"):
+        return None
+    try:
+        return await run_blocking(backend.availability_zone)
+    except BackendError as e:
+        raise StartupError(str(e))
 
 
 #: What a dockerd that is down, starting or stuck makes a request fail with.
@@ -170,6 +181,7 @@ async def run(reactor, config: AgentConfig) -> None:
     os.makedirs(config.state_path, mode=0o700, exist_ok=True)
     os.makedirs(config.mount_root, mode=0o755, exist_ok=True)
     pools = Pools.with_reactor(reactor, THREAD_POOLS)
+    zone = await backend_zone(backend, pools.run_blocking("backend"))
     plugin_io = pools.run_blocking("plugin")
     view_file = ViewFile(os.path.join(config.state_path, VIEW_FILE), reactor,
                          run_in_thread=plugin_io)
@@ -202,6 +214,7 @@ async def run(reactor, config: AgentConfig) -> None:
 
     channel = AgentChannel(reactor, channel_endpoint, node_uuid, era, on_view,
                            address=config.address, peer_port=config.peer_port, view=view,
+                           zone=zone,
                            save_view=lambda new_view: view_file.save(new_view,
                                                                      channel.change))
     channel.start()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import traceback
-from typing import IO, Any, Callable, Mapping, Optional
+from typing import IO, Any, Callable, Mapping, Optional, Sequence
 
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.task import deferLater
@@ -21,9 +21,11 @@ from pyflock.cli._parser import (
     _PROG, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CLIError, version_text,
 )
 from pyflock.cli._settings import Settings, resolve_settings
-from pyflock.common._client import ControlError, ControlUnreachable, IControlClient
+from pyflock.common._client import (
+    Conflict, ControlError, ControlUnreachable, IControlClient,
+)
 from pyflock.common._records import (
-    Dataset, DatasetReport, Lease, dataset_to_json, lease_to_json, node_to_api_json,
+    Dataset, DatasetReport, Lease, Node, dataset_to_json, lease_to_json, node_to_api_json,
 )
 from pyflock.common._sizes import format_size
 
@@ -70,7 +72,13 @@ async def _list_nodes(client: IControlClient, args: argparse.Namespace,
             seen = node.last_seen or "-"
         rows.append([short[node.uuid], node.host, alive, seen,
                      str(counts.get(node.uuid, 0))])
-    out.write(format_table(["NODE", "ADDRESS", "ALIVE", "LAST SEEN", "DATASETS"], rows))
+    headers = ["NODE", "ADDRESS", "ALIVE", "LAST SEEN", "DATASETS"]
+    if any(node.zone is not None for node in nodes):
+        # Only clusters whose nodes have zones (ebs) show them.
+        headers.append("ZONE")
+        for row, node in zip(rows, nodes):
+            row.append(node.zone or "-")
+    out.write(format_table(headers, rows))
     return EXIT_OK
 
 
@@ -146,7 +154,13 @@ async def _move(client: IControlClient, args: argparse.Namespace, out: IO[str]) 
     listing, nodes = await _gather(client.list_datasets(), client.list_nodes())
     dataset_id, before = resolve_dataset(args.dataset, listing.datasets)
     target = resolve_node(args.to, nodes)
-    dataset = await client.move_dataset(dataset_id, target)
+    try:
+        dataset = await client.move_dataset(dataset_id, target)
+    except Conflict as e:
+        if e.zones is None or before is None:
+            raise
+        raise CLIError(f"{e.description}\n{copy_hint(before, target, nodes)}",
+                       EXIT_FAILED) from None
     names = NodeLabels(nodes, [target] + ([before.primary] if before else []))
     if before is not None and before.primary == target:
         sentence = (f"Dataset {dataset_label(dataset)} is already on node "
@@ -164,6 +178,22 @@ async def _move(client: IControlClient, args: argparse.Namespace, out: IO[str]) 
     if args.json:
         print_json(out, dataset_to_json(dataset))
     return EXIT_OK
+
+
+def copy_hint(dataset: Dataset, target: str, nodes: Sequence[Node]) -> str:
+    """How to copy ``dataset`` to node ``target`` in another availability zone: no host can
+    attach both volumes, so the data streams from a container on one to one on the other."""
+    hosts = {n.uuid: n.host for n in nodes}
+    name = dataset.name or "NAME"
+    size = "" if dataset.maximum_size is None else \
+        f" --size {format_size(dataset.maximum_size)}"
+    return (f"To copy the data instead, make a dataset in the target's zone and stream the "
+            f"files across (stop the containers using {name} first):\n"
+            f"  {_PROG} create --node {target}{size} --name {name}-copy\n"
+            f"  ssh {hosts.get(dataset.primary, 'SOURCE-NODE')} docker run --rm -v "
+            f"{name}:/from --volume-driver=pyflock busybox tar -C /from -cf - . |\n"
+            f"    ssh {hosts.get(target, 'TARGET-NODE')} docker run -i --rm -v "
+            f"{name}-copy:/to --volume-driver=pyflock busybox tar -C /to -xf -")
 
 
 #: How often ``move --wait`` asks the control service where the dataset is.

@@ -81,13 +81,15 @@ class NotAllowed(ControlError):
 class Conflict(ControlError):
     """
     409: the dataset id or name is taken, or another node holds the dataset's lease;
-    ``holder`` is then that node's uuid (the answer's ``holder`` field), else None.
+    ``holder`` is then that node's uuid (the answer's ``holder`` field), else None; or a
+    move crosses availability zones: ``zones`` is then ``(source, target)``, else None.
     """
 
     def __init__(self, code: Optional[int], description: str, errors: Sequence[str] = (),
-                 holder: Optional[str] = None):
+                 holder: Optional[str] = None, zones: Optional[tuple[str, str]] = None):
         super().__init__(code, description, errors)
         self.holder = holder
+        self.zones = zones
 
 
 class ConfigurationChanged(ControlError):
@@ -505,8 +507,13 @@ def _error(code: int, method: str, url: str, parsed: Any, content: bytes) -> Con
         errors = parsed.get("errors")
         errors = [str(e) for e in errors] if isinstance(errors, list) else []
         holder = parsed.get("holder")
+        zones = parsed.get("zones")
+        zones = (zones.get("source"), zones.get("target")) if isinstance(zones, dict) \
+            else ()
         if kind is Conflict and isinstance(holder, str):
             return Conflict(code, parsed["description"], errors, holder=holder.lower())
+        if kind is Conflict and len(zones) == 2 and all(isinstance(z, str) for z in zones):
+            return Conflict(code, parsed["description"], errors, zones=zones)
         return kind(code, parsed["description"], errors)
     text = content[:200].decode("utf-8", "replace").strip()
     return kind(code, f"{method} {url} failed with HTTP {code}"

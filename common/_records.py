@@ -11,7 +11,7 @@ The values pyflock passes around for one dataset, and their one JSON codec each.
   holds them.
 - ``DatasetReport``: one dataset as a node reports it (state there, mount path, size).
 - ``Node``: a node as the control service tells clients and agents of it (uuid, host,
-  peer port, whether it is alive, seconds since it was last heard).
+  peer port, whether it is alive, seconds since it was last heard, availability zone).
 
 Each value has its codec here: ``*_to_json`` gives the JSON object, ``*_from_json`` checks
 every field and raises ``Malformed`` saying where and what is wrong. The REST API and the
@@ -183,7 +183,8 @@ class Node:
     A node as the control service tells clients and agents of it: its uuid, the host its
     peers reach it at (and their port, on the agent channel), whether it is alive (None:
     not known, from a Flocker service) and, in the REST API, the seconds since it was last
-    heard (``last_seen``; a Flocker service may give text).
+    heard (``last_seen``; a Flocker service may give text) and its availability zone
+    (``zone``; None: not known, or a node outside any cloud zone).
     """
 
     uuid: str = attr.ib(validator=_text)
@@ -191,6 +192,7 @@ class Node:
     peer_port: Optional[int] = None
     alive: Optional[bool] = attr.ib(default=True, validator=optional(instance_of(bool)))
     last_seen: Optional[float | str] = None
+    zone: Optional[str] = attr.ib(default=None, validator=optional(_text))
 
 
 # -- Dataset -------------------------------------------------------------------------------
@@ -339,17 +341,20 @@ def node_from_json(obj: Any, where: str = "node") -> Node:
 
 
 def node_to_api_json(node: Node) -> dict:
-    """The REST API's JSON object of a node (Flocker's, with ``alive`` and ``last_seen``)."""
+    """The REST API's JSON object of a node (Flocker's, with ``alive``, ``last_seen`` and
+    ``zone``)."""
     return {"uuid": node.uuid, "host": node.host, "alive": node.alive,
-            "last_seen": node.last_seen}
+            "last_seen": node.last_seen, "zone": node.zone}
 
 
 def node_from_api_json(obj: Any, where: str = "node") -> Node:
-    """The node of the REST API's JSON object (``alive`` and ``last_seen`` may be absent)."""
+    """The node of the REST API's JSON object (``alive``, ``last_seen`` and ``zone`` may be
+    absent)."""
     obj = as_object(obj, where)
     return Node(read(obj, "uuid", (str,), where), read(obj, "host", (str,), where),
                 alive=read(obj, "alive", (bool,), where, True, None),
-                last_seen=read(obj, "last_seen", (int, float, str), where, True, None))
+                last_seen=read(obj, "last_seen", (int, float, str), where, True, None),
+                zone=read(obj, "zone", (str,), where, True, None))
 
 
 __all__ = [

@@ -18,6 +18,7 @@ speaks from then on (``negotiate``); within a version a key it does not have is 
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional, Union
 
 import attr
@@ -36,11 +37,14 @@ from pyflock.common._records import (
 )
 
 #: The newest agent-channel protocol this code speaks (docs/architecture.md, "Evolving the
-#: agent channel"): 2 added the hello's ``protocols``.
-PROTOCOL_VERSION = 2
+#: agent channel"): 2 added the hello's ``protocols``; 3 the hello's ``zone``.
+PROTOCOL_VERSION = 3
 
 #: The oldest it still speaks: the previous one, so agents are upgraded one at a time.
 OLDEST_PROTOCOL = PROTOCOL_VERSION - 1
+
+#: What a node's availability zone may be called (``eu-west-1a``, ``us-west-2-lax-1a``).
+ZONE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 #: Frames longer than this are refused (a snapshot of ~100,000 datasets fits).
 MAX_MESSAGE = 32 * 1024 * 1024
@@ -119,8 +123,9 @@ def _check_protocols(instance, attribute, value) -> None:
 @attr.s(frozen=True, auto_attribs=True)
 class Hello:
     """
-    Agent -> control, first: who it is, where peers reach it, what view it has, and the
-    protocol versions it speaks (``protocols``: oldest, newest).
+    Agent -> control, first: who it is, where peers reach it, what view it has, the
+    protocol versions it speaks (``protocols``: oldest, newest) and, from version 3, its
+    availability zone (``zone``; None: it has none, e.g. loopback nodes).
     """
 
     node_uuid: str
@@ -130,6 +135,7 @@ class Hello:
     known: Optional[ViewVersion] = None
     protocols: tuple = attr.ib(default=(OLDEST_PROTOCOL, PROTOCOL_VERSION),
                                converter=tuple, validator=_check_protocols)
+    zone: Optional[str] = None
 
     @property
     def protocol(self) -> int:
@@ -228,6 +234,8 @@ def message_to_json(message: Message) -> dict:
                  "known": _version_json(message.known)}
         if message.protocol >= 2:
             hello["protocols"] = list(message.protocols)
+        if message.protocol >= 3:  # version 3: the zone
+            hello["zone"] = message.zone
         return hello
     if isinstance(message, Welcome):
         return {"type": "welcome", "protocol": message.protocol, "epoch": message.epoch,
@@ -285,7 +293,17 @@ def _hello(obj: dict) -> Hello:
         raise BadMessage("hello.address and hello.era must not be empty")
     return Hello(node_uuid=read_uuid(obj, "node_uuid", "hello"), era=era, address=address,
                  peer_port=read_port(obj, "peer_port", "hello"),
-                 known=_version(obj, "known", "hello"), protocols=_hello_protocols(obj))
+                 known=_version(obj, "known", "hello"), protocols=_hello_protocols(obj),
+                 zone=_zone(obj))
+
+
+def _zone(obj: dict) -> Optional[str]:
+    """A hello's ``zone`` (version 3; absent from older hellos): a short name or null."""
+    zone = read(obj, "zone", (str,), "hello", optional=True, default=None)
+    if zone is not None and not ZONE_NAME.fullmatch(zone):
+        raise BadMessage(f"hello.zone must be an availability zone name (letters, digits, "
+                         f"'.', '_' and '-', at most 64), not {zone[:70]!r}")
+    return zone
 
 
 def _snapshot(obj: dict) -> Snapshot:
@@ -385,8 +403,9 @@ _V1_KEYS = {
 #: The keys of each message type in each version this code speaks. Within a version a
 #: message with another key is refused; a new key means a new version.
 MESSAGE_KEYS = {
-    1: _V1_KEYS,
     2: dict(_V1_KEYS, hello=_V1_KEYS["hello"] | {"protocols"}),
+    # Version 3: the hello's ``zone`` (issue 10).
+    3: dict(_V1_KEYS, hello=_V1_KEYS["hello"] | {"protocols", "zone"}),
 }
 
 _VIEW_VERSION_KEYS = frozenset({"epoch", "version"})
@@ -551,7 +570,7 @@ __all__ = [
     "Heartbeat", "Hello", "MAX_MESSAGE", "Message", "MessageProtocol",
     "MESSAGE_KEYS", "Node", "OLDEST_PROTOCOL", "PROTOCOL_VERSION", "ProtocolMismatch",
     "Snapshot", "StateReport", "check_keys", "describe_protocols", "negotiate",
-    "SyncRequest", "ViewVersion", "Welcome", "dataset_entry_from_json",
+    "SyncRequest", "ViewVersion", "Welcome", "ZONE_NAME", "dataset_entry_from_json",
     "dataset_entry_to_json", "decode", "encode", "message_to_json", "node_from_json",
     "node_to_json",
 ]

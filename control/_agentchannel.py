@@ -398,7 +398,7 @@ class AgentChannelServer:
             else pmap()
         self.cluster.update(self.cluster.state.update_node(NodeState(
             uuid=uuid, host=hello.address, era=hello.era, last_seen=now,
-            peer_port=hello.peer_port, datasets=datasets)))
+            peer_port=hello.peer_port, zone=hello.zone, datasets=datasets)))
         # Acknowledgements count from this connection's first report on.
         self._acks.pop(uuid, None)
         self._heard(uuid)
@@ -417,7 +417,8 @@ class AgentChannelServer:
         if snapshot:
             self._send_snapshot(connection)
         log_event(_log, "pyflock:control:agent-connected", node_uuid=uuid, era=hello.era,
-                  host=hello.address, peer_port=hello.peer_port, snapshot=snapshot,
+                  host=hello.address, peer_port=hello.peer_port, zone=hello.zone,
+                  snapshot=snapshot,
                   version=self.version, protocol=connection.protocol_version)
 
     def _heard(self, uuid: str) -> None:

@@ -20,7 +20,9 @@ from pyflock.common._records import (
     Node, dataset_to_json, lease_to_json, node_to_api_json, report_to_api_json,
 )
 from pyflock.control import _schema as schema
-from pyflock.control._clusterstate import ClusterStateService, ForgetRefused, NodeUnknown
+from pyflock.control._clusterstate import (
+    ClusterStateService, ForgetRefused, NodeUnknown, ZoneMismatch, check_same_zone,
+)
 from pyflock.control._api_base import APIBase, APIError, _encode
 from pyflock.control._persistence import ConfigurationService
 from pyflock.control._store import StoreError
@@ -173,8 +175,17 @@ class ControlAPI(APIBase):
         self._check_tag(request)
         now = self._configuration.now()
         before = self._configuration.pending.datasets.get(dataset_id)
-        config = await self._change(request, dataset_id, lambda c: c.update(
-            now, dataset_id, primary=primary, metadata=body.get("metadata")))
+
+        def update(c):
+            changed = c.update(now, dataset_id, primary=primary, metadata=body.get("metadata"))
+            check_same_zone(self._cluster.state, dataset_id, c.datasets[dataset_id].primary,
+                            changed.datasets[dataset_id].primary)
+            return changed
+        try:
+            config = await self._change(request, dataset_id, update)
+        except ZoneMismatch as e:
+            raise APIError(409, e.description, zones={"source": e.source_zone,
+                                                      "target": e.target_zone})
         dataset = config.datasets[dataset_id]
         if before is not None and before.primary != dataset.primary:
             log_event(_log, "pyflock:control:dataset-moved", dataset_id=dataset_id,
@@ -222,7 +233,7 @@ class ControlAPI(APIBase):
     def _node_json(self, node, alive: bool) -> dict:
         return node_to_api_json(Node(
             node.uuid, node.host, alive=alive,
-            last_seen=max(0.0, self._configuration.now() - node.last_seen)))
+            last_seen=max(0.0, self._configuration.now() - node.last_seen), zone=node.zone))
 
     @app.route("/v1/state/nodes/by_era/<era>", methods=["GET"])
     def node_by_era(self, request, era):

@@ -31,21 +31,24 @@ class APIError(Exception):
     """An error response: status code, description and optional schema errors."""
 
     def __init__(self, code: int, description: str, errors: Optional[list[str]] = None,
-                 holder: Optional[str] = None):
+                 holder: Optional[str] = None, zones: Optional[dict] = None):
         super().__init__(code, description)
         self.code = code
         self.description = description
         self.errors = errors
         self.holder = holder
+        self.zones = zones
 
 
 def _error_body(code: int, description: str, errors: Optional[list[str]] = None,
-                holder: Optional[str] = None) -> bytes:
+                holder: Optional[str] = None, zones: Optional[dict] = None) -> bytes:
     body: dict = {"description": description}
     if errors is not None:
         body["errors"] = errors
     if holder is not None:
         body["holder"] = holder
+    if zones is not None:
+        body["zones"] = zones
     return json.dumps(body).encode("utf-8")
 
 
@@ -139,7 +142,8 @@ class APIBase:
         error = failure.value
         request.setResponseCode(error.code)
         request.setHeader(b"content-type", b"application/json")
-        return _error_body(error.code, error.description, error.errors, error.holder)
+        return _error_body(error.code, error.description, error.errors, error.holder,
+                           error.zones)
 
     @app.handle_errors(StoreUnavailable)
     def _unavailable(self, request, failure):

@@ -95,19 +95,55 @@ def check_forgettable(node: "NodeState", now: float, expiry: float,
 
 
 class NodeState(PClass):
-    """What one node last reported (its datasets' ``DatasetReport`` by id), and when."""
+    """What one node last reported (its datasets' ``DatasetReport`` by id), and when; its
+    availability zone as its hello said (None: not known, or a node outside any zone)."""
 
     uuid = field(type=str, mandatory=True)
     host = field(type=str, mandatory=True)
     era = field(type=(str, type(None)), initial=None)
     last_seen = field(type=float, mandatory=True, factory=float)
     peer_port = field(type=(int, type(None)), initial=None)
+    zone = field(type=(str, type(None)), initial=None)
     datasets = pmap_field(str, DatasetReport)
 
     def alive(self, now: float, expiry: float) -> bool:
         """Whether the node has been heard from less than ``expiry`` seconds before ``now``."""
         # Strict, so that a node is dead at the very moment its expiry timer fires.
         return now - self.last_seen < expiry
+
+
+class ZoneMismatch(Exception):
+    """
+    A dataset on ``source`` (in zone ``source_zone``) cannot move to ``target`` (in
+    ``target_zone``): its volume lives in one availability zone.
+    """
+
+    def __init__(self, dataset_id: str, source: str, source_zone: str, target: str,
+                 target_zone: str):
+        super().__init__(dataset_id, source, source_zone, target, target_zone)
+        self.dataset_id, self.source, self.target = dataset_id, source, target
+        self.source_zone, self.target_zone = source_zone, target_zone
+
+    @property
+    def description(self) -> str:
+        """The refusal, naming both nodes and both zones."""
+        return (f"Dataset {self.dataset_id} is on node {self.source} in zone "
+                f"{self.source_zone}; node {self.target} is in zone {self.target_zone}, and "
+                f"an EBS volume cannot move between zones: create a dataset on node "
+                f"{self.target} and copy the data instead.")
+
+
+def check_same_zone(state: "ClusterState", dataset_id: str, source: str,
+                    target: str) -> None:
+    """
+    Raise ``ZoneMismatch`` if moving ``dataset_id`` from node ``source`` to ``target``
+    crosses availability zones; a move is allowed while either zone is unknown (pure).
+    """
+    if source == target:
+        return
+    zones = [getattr(state.nodes.get(uuid), "zone", None) for uuid in (source, target)]
+    if None not in zones and zones[0] != zones[1]:
+        raise ZoneMismatch(dataset_id, source, zones[0], target, zones[1])
 
 
 class ClusterState(PClass):

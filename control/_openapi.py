@@ -21,8 +21,9 @@ _ERRORS = {
          "certificate that is neither a user's nor a node's).",
     404: "No such dataset, lease or node.",
     405: "The dataset is deleted.",
-    409: "Conflict: id or name taken, or a lease held by another node (then the error's "
-         "``holder`` is that node's uuid).",
+    409: "Conflict: id or name taken, a lease held by another node (then the error's "
+         "``holder`` is that node's uuid), or a move between availability zones (then "
+         "its ``zones`` names both).",
     412: "X-If-Configuration-Matches did not match the current configuration tag.",
     503: "The configuration store failed a write; retry shortly.",
 }

@@ -75,6 +75,10 @@ NODE = {
         "uuid": UUID, "host": {"type": "string"},
         "alive": {"type": "boolean", "description": "Heard from within the node expiry."},
         "last_seen": {"type": "number", "description": "Seconds since it was last heard."},
+        "zone": {"type": ["string", "null"],
+                 "description": "Its availability zone, as its agent reported it; null: "
+                                "not known (not heard since the control service started, "
+                                "or a node outside any cloud zone)."},
     },
     "additionalProperties": False,
 }
@@ -108,7 +112,14 @@ ERROR = {
                    # A 409 refused because another node holds the dataset's lease names
                    # that node here, for programs (the description is for people).
                    "holder": dict(UUID, description="On a 409 for a lease held by "
-                                                    "another node: that node's uuid.")},
+                                                    "another node: that node's uuid."),
+                   "zones": {"type": "object", "required": ["source", "target"],
+                             "additionalProperties": False,
+                             "description": "On a 409 for a move between availability "
+                                            "zones: the zone of the node holding the "
+                                            "dataset and the target node's.",
+                             "properties": {"source": {"type": "string"},
+                                            "target": {"type": "string"}}}},
     "additionalProperties": False,
 }
 

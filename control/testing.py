@@ -182,12 +182,15 @@ class APIHarness:
                              self.base_url, reactor=self.clock)
 
     def report_node(self, node_uuid: str, host: str, datasets: Iterable[DatasetReport] = (),
-                    silent: float = 0.0, era: Optional[str] = None) -> None:
+                    silent: float = 0.0, era: Optional[str] = None,
+                    zone: Optional[str] = None) -> None:
         """
-        Play node ``node_uuid``'s agent reporting from ``host`` that it holds ``datasets``,
-        last heard from ``silent`` seconds ago (dead once that reaches the node expiry).
+        Play node ``node_uuid``'s agent reporting from ``host`` (in availability zone
+        ``zone``, if any) that it holds ``datasets``, last heard from ``silent`` seconds
+        ago (dead once that reaches the node expiry).
         """
         self.cluster.update(self.cluster.state.update_node(NodeState(
-            uuid=node_uuid, host=host, era=era, last_seen=self.clock.seconds() - silent,
+            uuid=node_uuid, host=host, era=era, zone=zone,
+            last_seen=self.clock.seconds() - silent,
             datasets={d.dataset_id: attr.evolve(d, node_uuid=node_uuid)
                       for d in datasets})))

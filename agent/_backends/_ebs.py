@@ -253,6 +253,11 @@ class EBSBackend:
             if self._xen is None:
                 self._xen = _read(os.path.join(self._sys_root, "hypervisor", "type")) == "xen"
 
+    def availability_zone(self) -> str:
+        """This node's availability zone (from the metadata service, once), which the agent
+        reports to the control service."""
+        return self.identity.zone
+
     def allocation_unit(self) -> int:
         """EBS sizes are whole GiB."""
         return GiB

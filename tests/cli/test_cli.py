@@ -224,9 +224,11 @@ class ReadTests(CLITestCase):
         """``list-nodes --json`` gives the API's node objects."""
         _, out, _ = self.cli("list-nodes", "--json")
         self.assertEqual([
-            {"uuid": NODE_1, "host": "10.0.0.1", "alive": True, "last_seen": 1.25},
-            {"uuid": NODE_2, "host": "10.0.0.2", "alive": True, "last_seen": 3},
-            {"uuid": NODE_3, "host": "10.0.0.2", "alive": False, "last_seen": 125},
+            {"uuid": NODE_1, "host": "10.0.0.1", "alive": True, "last_seen": 1.25,
+             "zone": None},
+            {"uuid": NODE_2, "host": "10.0.0.2", "alive": True, "last_seen": 3, "zone": None},
+            {"uuid": NODE_3, "host": "10.0.0.2", "alive": False, "last_seen": 125,
+             "zone": None},
         ], sorted(json.loads(out), key=lambda n: n["uuid"]))
 
     def test_leases_list(self):
@@ -497,7 +499,7 @@ class NodeForgetTests(CLITestCase):
         """``--json`` prints the forgotten node's API object."""
         _, out, _ = self.cli("node", "forget", NODE_3, "--json")
         self.assertEqual({"uuid": NODE_3, "host": "10.0.0.2", "alive": False,
-                          "last_seen": 125}, json.loads(out))
+                          "last_seen": 125, "zone": None}, json.loads(out))
 
     def test_forget_ambiguous_address(self):
         """An address shared by a live and a dead node is refused, listing both."""

@@ -259,7 +259,7 @@ class RequestTests(SynchronousTestCase):
 
     def test_records_round_trip(self):
         """The API codecs of a node and a version give back what they read."""
-        node = {"uuid": NODE, "host": "h", "alive": False, "last_seen": 3}
+        node = {"uuid": NODE, "host": "h", "alive": False, "last_seen": 3, "zone": "z-1a"}
         self.assertEqual(node, node_to_api_json(node_from_api_json(node)))
         version = {"flocker": "1", "pyflock": "2"}
         self.assertEqual(version, VersionInfo.from_json(version).to_json())

@@ -270,21 +270,21 @@ def test_node_round_trip(uuid, host, port, alive):
 
 
 @given(uuids, hosts, st.none() | st.booleans(),
-       st.none() | st.floats(0, 1e9) | st.text(max_size=20))
-def test_node_api_round_trip(uuid, host, alive, last_seen):
+       st.none() | st.floats(0, 1e9) | st.text(max_size=20), st.none() | hosts)
+def test_node_api_round_trip(uuid, host, alive, last_seen, zone):
     """A node's REST API JSON reads back to the same node (no peer port there)."""
-    node = Node(uuid, host, alive=alive, last_seen=last_seen)
+    node = Node(uuid, host, alive=alive, last_seen=last_seen, zone=zone)
     assert node_from_api_json(json_trip(node_to_api_json(node))) == node
 
 
 def test_node_json_shapes():
-    """The agent channel gives where peers reach the node; the API, liveness and when it
-    was last heard (Flocker's nodes give neither: unknown)."""
-    node = Node(A, "10.0.0.1", 4525, False, 2.5)
+    """The agent channel gives where peers reach the node; the API, liveness, when it
+    was last heard and its zone (Flocker's nodes give none: unknown)."""
+    node = Node(A, "10.0.0.1", 4525, False, 2.5, "eu-west-1a")
     assert node_to_json(node) == {"uuid": A, "host": "10.0.0.1", "peer_port": 4525,
                                   "alive": False}
     assert node_to_api_json(node) == {"uuid": A, "host": "10.0.0.1", "alive": False,
-                                      "last_seen": 2.5}
+                                      "last_seen": 2.5, "zone": "eu-west-1a"}
     assert node_from_api_json({"uuid": A, "host": "h"}) == Node(A, "h", alive=None)
 
 

@@ -495,7 +495,8 @@ class ServerTests(SynchronousTestCase):
                            "state": "creating"}])
         self.clock.advance(3)
         self.assertEqual(self.get("/v1/state/nodes"), [
-            {"uuid": A, "host": "127.0.0.7", "alive": True, "last_seen": 3.0}])
+            {"uuid": A, "host": "127.0.0.7", "alive": True, "last_seen": 3.0,
+             "zone": None}])
         self.assertEqual(self.get("/v1/state/nodes/by_era/boot-1"), {"uuid": A})
 
     def test_heartbeat_refreshes_last_seen_only(self):

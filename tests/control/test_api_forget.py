@@ -31,7 +31,7 @@ class ForgetNodeTests(SynchronousTestCase):
         """A user forgets a dead node: 200 with the node, which is no longer listed."""
         r = self.forget(A.upper())
         self.assertEqual((200, {"uuid": A, "host": "10.0.0.1", "alive": False,
-                                "last_seen": 40.0}), (r.code, r.json))
+                                "last_seen": 40.0, "zone": None}), (r.code, r.json))
         listed = self.h.request(self, "GET", "/v1/state/nodes").json
         self.assertEqual([B], [n["uuid"] for n in listed])
 
