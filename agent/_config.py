@@ -31,6 +31,12 @@ _PATH = {"type": "string", "minLength": 1, "pattern": "^/"}
 _SIZE = {"type": ["string", "integer"]}
 _URL = {"type": "string", "pattern": "^https?://"}
 
+#: The ebs backend's ``wait_limits``: seconds each wait may last (``WaitLimits``).
+_WAIT_LIMITS = {"type": "object", "additionalProperties": False,
+                "properties": {name: {"type": "number", "exclusiveMinimum": 0}
+                               for name in ("created", "attached", "detached", "deleted",
+                                            "device", "interval")}}
+
 SCHEMA = {
     "type": "object",
     "required": ["version", "control-service", "dataset"],
@@ -66,9 +72,11 @@ SCHEMA = {
                                          "kms_key_id": {"type": "string", "minLength": 1},
                                          "attachment_limit": {"type": "integer",
                                                               "minimum": 2, "maximum": 128},
-                                         # For tests: a fake EC2 and metadata service.
+                                         # For tests: a fake EC2 and metadata service,
+                                         # and shorter waits.
                                          "endpoint_url": _URL, "metadata_url": _URL,
-                                         "device_folder": _PATH},
+                                         "device_folder": _PATH,
+                                         "wait_limits": _WAIT_LIMITS},
                           "additionalProperties": False}},
             ]},
         "plugin": {"type": "object", "additionalProperties": False,

@@ -92,7 +92,9 @@ class EBSOptions:
     @classmethod
     def from_config(cls, options: dict, default_size: int) -> "EBSOptions":
         """The options of agent.yml's validated ``dataset`` section (less ``backend``)."""
-        return cls(default_size=default_size, **options)
+        options = dict(options)
+        limits = WaitLimits(**options.pop("wait_limits", {}))
+        return cls(default_size=default_size, limits=limits, **options)
 
 
 @attr.s(frozen=True, auto_attribs=True)
