@@ -36,12 +36,12 @@ NODE_EXPIRY = 6
 DETACH_LIMIT = 2
 
 
-def ebs_cluster_on(tmp_path, control_arguments=(), **options):
+def ebs_cluster_on(tmp_path, control_arguments=(), zones=(None, None), **options):
     """
     A started ``LocalCluster`` of two agents whose agent.yml names the ebs backend (with
     ``options``) on one fake EC2, an instance each (``cluster.instances``, in the order of
-    the agents), and that fake (``cluster.fake``); a generator: it stops and detaches
-    everything once resumed.
+    the agents; in ``zones``, by default the region's first), and that fake
+    (``cluster.fake``); a generator: it stops and detaches everything once resumed.
     """
     require_commands("losetup", "mkfs.ext4", "e2fsck")
     fake = FakeEC2().start()
@@ -50,8 +50,8 @@ def ebs_cluster_on(tmp_path, control_arguments=(), **options):
         cluster = LocalCluster(tmp_path / "cluster", nodes=2,
                                control_arguments=list(control_arguments))
         cluster.fake, cluster.instances = fake, []
-        for agent in cluster.agents:
-            instance = fake.add_instance()
+        for agent, zone in zip(cluster.agents, zones):
+            instance = fake.add_instance(zone)
             cluster.instances.append(instance)
             document = yaml.safe_load(agent.config_path.read_text())
             document["dataset"] = dict(
@@ -71,6 +71,12 @@ def ebs_cluster_on(tmp_path, control_arguments=(), **options):
 def ebs_cluster(tmp_path):
     """Two agents on the fake EC2, with the ebs backend's default waits."""
     yield from ebs_cluster_on(tmp_path)
+
+
+@pytest.fixture
+def two_zone_cluster(tmp_path):
+    """Two agents on the fake EC2, on instances in us-east-1a and us-east-1b."""
+    yield from ebs_cluster_on(tmp_path, zones=("us-east-1a", "us-east-1b"))
 
 
 @pytest.fixture
@@ -139,6 +145,26 @@ def test_create_write_move_read_delete(ebs_cluster):
     while cluster.fake.volumes and time.monotonic() < deadline:
         time.sleep(0.2)
     assert cluster.fake.volumes == {}
+
+
+def test_zones_reported_and_cross_zone_move_refused(two_zone_cluster):
+    """Each agent reports its instance's zone, which ``list-nodes`` shows; a move to the
+    other zone is refused naming both zones, with how to copy instead, and the dataset
+    stays mounted where it was."""
+    cluster = two_zone_cluster
+    first, second = cluster.node_uuids
+    assert {n["uuid"]: n["zone"] for n in cli_json(cluster, "list-nodes")} == \
+        {first: "us-east-1a", second: "us-east-1b"}
+    dataset_id = cli_json(cluster, "create", "--node", first, "--size", "64M",
+                          "--name", "zoned")["dataset_id"]
+    wait_mounted(cluster, dataset_id, 0)
+    refused = cluster.run_cli("move", "--to", second, dataset_id)
+    assert refused.returncode != 0
+    assert (f"is on node {first} in zone us-east-1a; node {second} is in zone us-east-1b"
+            in refused.stderr), refused.stderr
+    assert "docker run" in refused.stderr
+    [entry] = cli_json(cluster, "list")
+    assert (entry["primary"], entry["state"]) == (first, "mounted")
 
 
 def wait_for(condition, what: str, timeout: float = TIMEOUT):
