@@ -187,8 +187,8 @@ def copy_hint(dataset: Dataset, target: str, nodes: Sequence[Node]) -> str:
     name = dataset.name or "NAME"
     size = "" if dataset.maximum_size is None else \
         f" --size {format_size(dataset.maximum_size)}"
-    return (f"To copy the data instead, make a dataset in the target's zone and stream the "
-            f"files across (stop the containers using {name} first):\n"
+    return (f"To copy it: make a dataset in the target's zone and stream the files across "
+            f"(stop the containers using {name} first):\n"
             f"  {_PROG} create --node {target}{size} --name {name}-copy\n"
             f"  ssh {hosts.get(dataset.primary, 'SOURCE-NODE')} docker run --rm -v "
             f"{name}:/from --volume-driver=pyflock busybox tar -C /from -cf - . |\n"

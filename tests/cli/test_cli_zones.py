@@ -44,8 +44,8 @@ class ZoneTests(CLITestCase):
                          "eu-west-1b", "cannot move between zones"):
             self.assertIn(fragment, first)
         self.assertEqual([
-            "To copy the data instead, make a dataset in the target's zone and stream the "
-            "files across (stop the containers using pgdata first):",
+            "To copy it: make a dataset in the target's zone and stream the files across "
+            "(stop the containers using pgdata first):",
             f"  pyflock create --node {NODE_2} --size 10G --name pgdata-copy",
             "  ssh 10.0.0.1 docker run --rm -v pgdata:/from --volume-driver=pyflock "
             "busybox tar -C /from -cf - . |",
