@@ -127,9 +127,11 @@ class Moved:
 
 @attr.s(frozen=True, auto_attribs=True)
 class MoveRefused:
-    """``AskMove`` was refused (409): ``holder`` holds the lease."""
+    """``AskMove`` was refused (409): ``holder`` holds the lease; or, with no holder,
+    ``reason`` says why (the volume's zone is not this node's)."""
 
     holder: Optional[str]
+    reason: Optional[str] = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -480,6 +482,9 @@ class MountAttempt:
             self.state = State.WAITING_MOUNTED
             return [WaitMounted(self.dataset_id)]
         if isinstance(event, MoveRefused):
+            if event.holder is None and event.reason is not None:
+                return self._fail(PluginError(f"cannot mount volume {self.name} on this "
+                                              f"node: {event.reason}"), world)
             return self._fail(self._elsewhere(event.holder, world), world)
         if isinstance(event, MoveGone):
             return self._fail(deleted_while_mounting(self.name), world)

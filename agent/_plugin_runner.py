@@ -197,6 +197,8 @@ def _outcome(failure: Failure, events: dict) -> Any:
     ``Conflict``'s event gets the 409's ``holder``); any other error is ``Failed``."""
     for kinds, event in events.items():
         if failure.check(*(kinds if isinstance(kinds, tuple) else (kinds,))):
+            if event is MoveRefused and failure.value.zones is not None:
+                return MoveRefused(None, failure.value.description)
             if event in (LeaseRefused, MoveRefused):
                 return event(failure.value.holder)
             return event()
