@@ -588,8 +588,11 @@ class LoopbackBackend:
         temporary = os.path.join(self._records_path, f".{record.dataset_id}.json.tmp")
         data = json.dumps({"version": RECORD_VERSION, "dataset_id": record.dataset_id,
                            "node_uuid": record.node_uuid, "device": record.device})
+        # Not fsynced: a record describes a loop device, which a power loss takes away
+        # too, so a record lost with it, or left naming a device gone, is what any
+        # record becomes after a reboot: stale, and treated as such.
         write_atomically(self._record_file(record.dataset_id),
-                         data.encode("utf-8") + b"\n", temporary=temporary)
+                         data.encode("utf-8") + b"\n", temporary=temporary, sync=False)
 
     def _remove_record(self, dataset_id: str) -> None:
         try:
