@@ -11,9 +11,12 @@ agent restarts (dockerd sends no new ``Activate`` to a restarted plugin).
 The file is a log of JSON lines, as the agent's view file is: a base (the whole table,
 ``{"version": 2, "volumes": ...}``), then one line per volume changed since, its new entry
 (``{"volume": NAME, "dataset_id": ..., "mounts": {...}}``, no mounts: none left), appended
-and fdatasync'd (``append_durably``), so that a Mount or Unmount costs one small synced
-append instead of a rewrite, a rename and a folder fsync. A change is acknowledged to
-dockerd only once its line is on disk, so a count dockerd was told survives ``kill -9``.
+(``append_durably`` with ``sync=False``), so that a Mount or Unmount costs one small write
+instead of a rewrite, a rename and a folder fsync. A change is acknowledged to dockerd only
+once its line is in the file, so a count dockerd was told survives ``kill -9`` of the agent.
+The appends are not fsynced: a power loss or kernel crash that could lose one also ends
+every mount and container, and the counts are then corrected from what runs (below)
+before they matter.
 Reconciling and settling rewrite the base (atomically), and so does a save once the
 appended lines outweigh it. A crash in the middle of an append leaves a torn last line,
 which reading ignores (that change was never acknowledged) and the next append cuts off.
@@ -341,11 +344,11 @@ def write_mount_table(path: str, data: bytes) -> None:
 def append_mount_lines(path: str, data: bytes, at: int) -> int:
     """
     Append log ``data`` to the counts file at ``path`` at offset ``at`` (cutting off a torn
-    tail), durably (``append_durably``); its new length. ``MountsWriteError`` naming the
+    tail), without an fsync (see the module's docstring); its new length. ``MountsWriteError`` naming the
     file if that fails. Blocks.
     """
     try:
-        return append_durably(path, data, at=at)
+        return append_durably(path, data, at=at, sync=False)
     except OSError as e:
         raise MountsWriteError(f"cannot write the mount counts to {path}: {e.strerror or e}"
                                ) from e

@@ -93,7 +93,8 @@ class DockerPlugin:
                                      self._world)
 
     def _world(self) -> World:
-        return World(self._reactor.seconds(), self._backend.view(), self._mounts.table)
+        return World(self._reactor.seconds(), self._backend.view(), self._mounts.table,
+                     frozenset(self._leases.held))
 
     def _in_use(self) -> set[str]:
         return self._core.datasets_in_use(self._world())

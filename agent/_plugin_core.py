@@ -9,7 +9,9 @@ actions and feeds their results back.
 One ``MountAttempt`` per Mount in progress walks (state: event -> next state, action)::
 
     start            view names it -> LEASING (TakeLease), or PIPELINED if its primary is
-                     this node; else CREATING (CreateDataset)
+                     this node, or WAITING_MOUNTED (WaitMounted) if this node holds its
+                     lease already (dockerd's start Mount after the copy-up one); else
+                     CREATING (CreateDataset)
     CREATING         Created -> PIPELINED (the new dataset is here); NameTaken ->
                      FETCHING_TAKEN (FetchByName)
     FETCHING_TAKEN   Fetched(found) -> LEASING or PIPELINED; Fetched(None) -> FAILED
@@ -47,6 +49,15 @@ asked it only then). A refused or vanished lease fails or waits exactly as in LE
 releasing what was taken; a ``Mounted`` that arrives before ``LeaseTaken`` and ``Moved``
 is remembered, not acted on. When the primary is elsewhere the order stays: the lease
 first, then the move (which the lease makes possible).
+
+Why a Mount of a volume whose lease this node holds may skip both (dockerd's start Mount,
+a moment after the copy-up Mount and Unmount, inside the release grace): its primary is
+this node and the lease keeper holds a live lease on it and has started no release, so a
+lease request would only renew that lease, and a move here would change nothing. From the
+Mount's start it is a use: the keeper renews the lease and does not release it, so another
+node cannot take the volume until the Mount fails or its count ends. If the keeper does not
+hold the lease (never taken, lost, being released) or the view does not show it live, the
+Mount goes the usual way.
 """
 
 from __future__ import annotations
@@ -74,11 +85,13 @@ class UnexpectedEvent(Exception):
 
 @attr.s(frozen=True, auto_attribs=True)
 class World:
-    """What the core reads of the world at one event: the time, the view, the counts."""
+    """What the core reads of the world at one event: the time, the view, the counts, and
+    the datasets whose lease this node holds (taken, and no release started)."""
 
     now: float
     view: ClusterView
     table: MountTable
+    held: frozenset = frozenset()
 
 
 # -- events: what happened ----------------------------------------------------------------
@@ -372,10 +385,15 @@ class MountAttempt:
         return self.state in (State.DONE, State.FAILED)
 
     def start(self, world: World) -> list:
-        """The first actions: lease the volume the view names, or create it here."""
+        """The first actions: lease the volume the view names, or create it here; wait
+        only for its mount if it is mounted here already, under this node's live lease."""
         found = self.core.find(self.name, world)
         if found is None:
             return self._create(world)
+        if self.core.held_here(found, world):
+            self.volume = found
+            self.state = State.WAITING_MOUNTED
+            return [WaitMounted(found.dataset_id)]
         return self._lease(found, world)
 
     def handle(self, event: Any, world: World) -> list:
@@ -662,6 +680,16 @@ class PluginCore:
         result.update(a.dataset_id for a in self._attempts.values())
         result.discard(None)
         return result  # type: ignore[return-value]
+
+    def held_here(self, volume: DatasetEntry, world: World) -> bool:
+        """Whether this node holds ``volume`` already: its primary is this node, and its
+        lease this node's (the lease keeper holds it and started no release of it; the
+        view agrees that it is live), as after dockerd's copy-up Mount. A Mount of it then
+        needs no lease and no move: while the Mount is in progress it is a use, so the
+        lease is renewed and not released."""
+        return (volume.dataset_id in world.held
+                and volume.primary == self.node_uuid
+                and volume.lease_holder(world.now) == self.node_uuid)
 
     def uses_here(self, name: str, world: World) -> int:
         """The mounts of volume ``name`` here, counting the Mounts in progress."""

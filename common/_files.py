@@ -1,5 +1,6 @@
 """
-Durable file writes, the one place pyflock fsyncs: replace a file atomically
+Durable file writes, the one place pyflock fsyncs (or, for what a power loss takes away
+anyway, deliberately does not: ``sync=False``): replace a file atomically
 (``write_atomically``, ``replace_atomically``), append to one durably (``append_durably``)
 and read such an append log back (``whole_lines``), and fsync a file or a folder
 (``fsync_path``). Everything here that touches a file blocks: call it in a thread
@@ -31,12 +32,17 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def replace_atomically(path: Path, fill: Callable[[int], None],
-                       temporary: Optional[Path] = None, mode: int = 0o600) -> None:
+                       temporary: Optional[Path] = None, mode: int = 0o600,
+                       sync: bool = True) -> None:
     """
     Replace the file at ``path`` with what ``fill(fd)`` writes into a new file, so that a
     crash leaves either the old or the new file: ``fill`` the file ``temporary`` (default
     ``<path>.tmp``, same folder), fsync it, rename it over ``path``, fsync the folder. On
     failure the temporary file is removed and the error raised.
+
+    With ``sync=False``, no fsync: the replacement is still atomic and every process sees
+    it at once, so a crash of the writer loses nothing, but a power loss may. Only for
+    what a power loss takes away anyway (a record of a loop device, a count of mounts).
     """
     path = os.fspath(path)
     temporary = f"{path}.tmp" if temporary is None else os.fspath(temporary)
@@ -44,7 +50,8 @@ def replace_atomically(path: Path, fill: Callable[[int], None],
     try:
         try:
             fill(fd)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temporary, path)
@@ -54,22 +61,24 @@ def replace_atomically(path: Path, fill: Callable[[int], None],
         except FileNotFoundError:
             pass
         raise
-    # The rename is durable only once the folder is.
-    fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
+    if sync:
+        # The rename is durable only once the folder is.
+        fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
 
 
 def write_atomically(path: Path, data: bytes, temporary: Optional[Path] = None,
-                     mode: int = 0o600) -> None:
+                     mode: int = 0o600, sync: bool = True) -> None:
     """Replace the file at ``path`` with ``data`` (``replace_atomically``)."""
-    replace_atomically(path, lambda fd: _write_all(fd, data), temporary, mode)
+    replace_atomically(path, lambda fd: _write_all(fd, data), temporary, mode, sync)
 
 
-def append_durably(path: Path, data: bytes, at: Optional[int] = None) -> int:
+def append_durably(path: Path, data: bytes, at: Optional[int] = None,
+                   sync: bool = True) -> int:
     """
     Write ``data`` at the end of the existing file ``path`` (or at offset ``at``, cutting
     off what follows: a torn tail left by a crash) and fsync it; returns the file's new
     length. A crash leaves a prefix of ``data`` at most, so a reader must recognise a torn
-    last record.
+    last record. ``sync=False`` skips the fsync, as ``replace_atomically``'s does.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -78,9 +87,10 @@ def append_durably(path: Path, data: bytes, at: Optional[int] = None) -> int:
             os.ftruncate(fd, at)
         os.lseek(fd, end, os.SEEK_SET)
         _write_all(fd, data)
-        # fdatasync flushes the new size with the data: the append is readable after a
-        # crash, and the folder entry did not change.
-        os.fdatasync(fd)
+        if sync:
+            # fdatasync flushes the new size with the data: the append is readable after
+            # a crash, and the folder entry did not change.
+            os.fdatasync(fd)
         return end + len(data)
     finally:
         os.close(fd)

@@ -36,6 +36,7 @@ import errno
 import fcntl
 import json
 import os
+import struct
 from typing import Iterator, Optional
 
 import attr
@@ -47,7 +48,6 @@ from pyflock.agent._backends._interface import (
     check_node_uuid, is_valid_dataset_id, round_size,
 )
 from pyflock.agent._backends._spares import DEFAULT_SPARES, SpareFiles
-from pyflock.agent._fs import CommandFailed, run_command
 from pyflock.common._files import fsync_path, replace_atomically, write_atomically
 
 #: The loopback backend's allocation unit.
@@ -56,7 +56,20 @@ ALLOCATION_UNIT = MiB
 #: Version of the attachment record format.
 RECORD_VERSION = 1
 
+_LOOP_SET_FD = 0x4C00
 _LOOP_CLR_FD = 0x4C01
+_LOOP_SET_STATUS64 = 0x4C04
+_LOOP_CONFIGURE = 0x4C0A
+_LOOP_CTL_GET_FREE = 0x4C82
+#: ``struct loop_info64``: device, inode, rdevice, offset, sizelimit, number, encrypt
+#: type, encrypt key size, flags, file name, crypt name, encrypt key, init[2].
+_LOOP_INFO64 = "5Q4I64s64s32s2Q"
+#: ``struct loop_config``: fd, block size, ``loop_info64``, reserved[8].
+_LOOP_CONFIG = struct.Struct("=2I" + _LOOP_INFO64 + "8Q")
+_LOOP_STATUS = struct.Struct("=" + _LOOP_INFO64)
+#: Free devices tried before giving up: another process may bind the free device the
+#: kernel named before this one does.
+_ATTACH_TRIES = 20
 _DELETED = " (deleted)"
 _SYS_BLOCK = "/sys/block"
 _READ_SIZE = 65536
@@ -255,6 +268,76 @@ def _backing_file(device: str) -> Optional[str]:
     return _sysfs_backing_file(os.path.basename(device))
 
 
+class LoopAttachFailed(Exception):
+    """The kernel would not bind a loop device to a volume file; says which and why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"cannot attach {self.path} to a loop device: {self.reason}"
+
+
+def attach_loop_device(path: str) -> str:
+    """
+    Bind a free loop device to the file ``path`` (read-write, as ``losetup -f`` does) and
+    return the device's path, with ioctls rather than a ``losetup`` process: the free
+    device from ``/dev/loop-control``, bound with ``LOOP_CONFIGURE`` (``LOOP_SET_FD`` on
+    kernels before 5.8). A device someone else bound first is passed over for the next
+    free one. ``LoopAttachFailed`` if none can be bound.
+    """
+    name = os.fsencode(path)[:63]
+    try:
+        file_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise LoopAttachFailed(path, e.strerror or str(e)) from None
+    try:
+        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(_ATTACH_TRIES):
+                device = f"/dev/loop{fcntl.ioctl(control, _LOOP_CTL_GET_FREE)}"
+                try:
+                    if _bind(device, file_fd, name):
+                        return device
+                except FileNotFoundError:
+                    continue  # the device node is not there yet: ask for another
+        finally:
+            os.close(control)
+    except OSError as e:
+        raise LoopAttachFailed(path, e.strerror or str(e)) from None
+    finally:
+        os.close(file_fd)
+    raise LoopAttachFailed(path, f"every free loop device was taken by someone else "
+                                 f"first, {_ATTACH_TRIES} times in a row")
+
+
+def _bind(device: str, file_fd: int, name: bytes) -> bool:
+    """Bind ``device`` to ``file_fd``; False if another process bound it first."""
+    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        info = (0,) * 9 + (name, b"", b"", 0, 0)
+        try:
+            fcntl.ioctl(fd, _LOOP_CONFIGURE, _LOOP_CONFIG.pack(file_fd, 0, *info, *(0,) * 8))
+            return True
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return False
+            if e.errno not in (errno.EINVAL, errno.ENOTTY):
+                raise
+        # A kernel without LOOP_CONFIGURE: bind, then name the file.
+        try:
+            fcntl.ioctl(fd, _LOOP_SET_FD, file_fd)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return False
+            raise
+        fcntl.ioctl(fd, _LOOP_SET_STATUS64, _LOOP_STATUS.pack(*info))
+        return True
+    finally:
+        os.close(fd)
+
+
 def release_loop_device(device: str, backing_file: str) -> None:
     """
     Ask the kernel to detach ``device`` if (and only if) it is still backed by
@@ -365,13 +448,12 @@ class LoopbackBackend:
             volume = self._volume(dataset_id)
             if volume.device_path is not None:
                 raise AlreadyAttached(dataset_id, volume.attached_to, volume.device_path)
-            # Recorded before losetup, so a crash in between never leaves a device no
+            # Recorded before the device is bound, so a crash in between never leaves a device no
             # record explains; without a device the record is merely stale.
             self._write_record(AttachmentRecord(dataset_id, node_uuid, None))
             try:
-                device = run_command(
-                    ["losetup", "-f", "--show", self._volume_file(dataset_id)]).strip()
-            except CommandFailed:
+                device = attach_loop_device(self._volume_file(dataset_id))
+            except LoopAttachFailed:
                 self._remove_record(dataset_id)
                 raise
             self._write_record(AttachmentRecord(dataset_id, node_uuid, device))
@@ -506,8 +588,11 @@ class LoopbackBackend:
         temporary = os.path.join(self._records_path, f".{record.dataset_id}.json.tmp")
         data = json.dumps({"version": RECORD_VERSION, "dataset_id": record.dataset_id,
                            "node_uuid": record.node_uuid, "device": record.device})
+        # Not fsynced: a record describes a loop device, which a power loss takes away
+        # too, so a record lost with it, or left naming a device gone, is what any
+        # record becomes after a reboot: stale, and treated as such.
         write_atomically(self._record_file(record.dataset_id),
-                         data.encode("utf-8") + b"\n", temporary=temporary)
+                         data.encode("utf-8") + b"\n", temporary=temporary, sync=False)
 
     def _remove_record(self, dataset_id: str) -> None:
         try:

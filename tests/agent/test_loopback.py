@@ -17,7 +17,9 @@ from pyflock.agent._backends import (
     AlreadyAttached, BlockVolume, InvalidVolumeRequest, Leftovers, LoopbackBackend,
     UnattachedVolume, UnknownVolume, VolumeBusy,
 )
-from pyflock.agent._backends._loopback import release_loop_device, scan_loop_devices
+from pyflock.agent._backends._loopback import (
+    LoopAttachFailed, attach_loop_device, release_loop_device, scan_loop_devices,
+)
 from tests.contracts.backends import (
     NODE_A, NODE_B, SIZE, detach_loop_devices_under, loopback_harness, loopback_root,
     make_iblockdevicebackend_tests,
@@ -61,6 +63,64 @@ class LoopbackBackendTests(SynchronousTestCase):
     def devices_under_root(self) -> list:
         prefix = os.path.realpath(self.root) + "/"
         return [d for d in scan_loop_devices() if d.backing_file.startswith(prefix)]
+
+    def attached(self, path: str) -> str:
+        """``attach_loop_device(path)``, detached at cleanup."""
+        device = attach_loop_device(path)
+        self.addCleanup(release_loop_device, device, os.path.realpath(path))
+        return device
+
+    def test_attach_binds_read_write(self) -> None:
+        """A loop device bound by ioctls is read-write, backed by the file, named after it
+        as ``losetup`` shows it, and what is written through it lands in the file."""
+        path = os.path.join(self.root, "direct.img")
+        with open(path, "wb") as f:
+            f.truncate(SIZE)
+        device = self.attached(path)
+        listing = subprocess.run(["losetup", "--list", "--noheadings", "--raw",
+                                  "--output", "RO,BACK-FILE", device], check=True,
+                                 capture_output=True, text=True).stdout.split()
+        self.assertEqual(["0", os.path.realpath(path)], listing)
+        with open(device, "r+b") as f:
+            f.seek(4096)
+            f.write(b"through the device")
+        with open(path, "rb") as f:
+            f.seek(4096)
+            self.assertEqual(b"through the device", f.read(18))
+
+    def test_attach_in_parallel_gets_distinct_devices(self) -> None:
+        """Attaches racing for the free device (threads here, as several agents on one
+        machine would) each end with a device of their own."""
+        paths = []
+        for i in range(12):
+            paths.append(os.path.join(self.root, f"race-{i}.img"))
+            with open(paths[-1], "wb") as f:
+                f.truncate(SIZE)
+        devices, errors = {}, []
+
+        def attach(path: str) -> None:
+            try:
+                devices[path] = self.attached(path)
+            except Exception as e:  # reported below
+                errors.append(e)
+        threads = [threading.Thread(target=attach, args=(p,)) for p in paths]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual([], errors)
+        self.assertEqual(len(paths), len(set(devices.values())))
+        for path, device in devices.items():
+            self.assertEqual(os.path.realpath(path),
+                             {d.device: d.backing_file for d in scan_loop_devices()}[device])
+
+    def test_attach_missing_file_says_which(self) -> None:
+        """Attaching a file that is not there fails naming the file, binding nothing."""
+        path = os.path.join(self.root, "missing.img")
+        with self.assertRaises(LoopAttachFailed) as caught:
+            attach_loop_device(path)
+        self.assertIn(path, str(caught.exception))
+        self.assertEqual([], self.devices_under_root())
 
     def test_layout(self) -> None:
         """A volume is a sparse file; an attachment, a JSON record naming node and device."""

@@ -42,9 +42,9 @@ EMPTY = ClusterView(nodes={NODE: "10.0.0.1", OTHER: "10.0.0.2"})
 
 
 def world(now: float = 0.0, view: ClusterView = VIEW,
-          table: MountTable = MountTable()) -> World:
+          table: MountTable = MountTable(), held: frozenset = frozenset()) -> World:
     """A snapshot of the world at ``now``."""
-    return World(now, view, table)
+    return World(now, view, table, held)
 
 
 def new_core() -> PluginCore:
@@ -355,6 +355,53 @@ def test_new_volume_is_pipelined():
     assert core.mount("m", "v1", MOUNT, world(view=EMPTY)) == [
         SetTimer(TIMEOUT), CreateDataset("v1")]
     assert core.handle("m", Created(NEW), world(view=EMPTY)) == PIPELINE_NEW
+
+def _leased(holder: str = NODE, expiration: float = 60.0, primary: str = NODE) -> ClusterView:
+    """VIEW with v1 on ``primary`` leased by ``holder`` until ``expiration``."""
+    entry = DatasetEntry(dataset_id=ID, primary=primary, metadata={"name": "v1"},
+                         lease=Lease(ID, holder, expiration))
+    return ClusterView(datasets={ID: entry}, nodes=VIEW.nodes)
+
+
+HELD = frozenset({ID})
+
+
+def test_start_mount_under_own_lease_only_waits():
+    """A Mount of a volume whose lease this node holds and the view shows live (dockerd's
+    start Mount after the copy-up one) asks for no lease and no move: it waits, checks,
+    counts."""
+    core, now = new_core(), world(view=_leased(), held=HELD)
+    assert core.mount("m", "v1", MOUNT, now) == [SetTimer(TIMEOUT), WaitMounted(ID)]
+    assert core.attempt("m").state is State.WAITING_MOUNTED
+    assert core.uses_here("v1", now) == 1
+    assert core.handle("m", Mounted(PATH), now) == CHECK
+    assert core.handle("m", Checked(True), now) == [CountMount("v1", MOUNT, ID)]
+    assert core.handle("m", Counted(), now) == [Answer(PATH, ID)]
+
+
+@pytest.mark.parametrize("view, held, now", [
+    (_leased(), frozenset(), 0.0),                    # the keeper does not hold it
+    (_leased(), frozenset({NEW_ID}), 0.0),            # the keeper holds another
+    (_leased(holder=OTHER), HELD, 0.0),               # the view: another node's lease
+    (_leased(), HELD, 60.0),                          # the view: our lease ran out
+    (VIEW, HELD, 0.0),                                # the view: no lease (yet)
+], ids=["not-held", "other-held", "other-holder", "expired", "no-lease"])
+def test_start_mount_fast_only_under_own_live_lease(view, held, now):
+    """Unless the keeper holds the lease and the view shows it this node's and live, a
+    Mount takes the lease (pipelined) as any other."""
+    core = new_core()
+    actions = core.mount("m", "v1", MOUNT, world(now, view=view, held=held))
+    assert core.attempt("m").state is State.PIPELINED
+    assert TakeLease(ID) in actions
+
+
+def test_start_mount_fast_never_when_primary_elsewhere():
+    """A Mount of a volume whose primary is elsewhere leases first, even if the lease is
+    this node's."""
+    core = new_core()
+    actions = core.mount("m", "v1", MOUNT, world(view=_leased(primary=OTHER), held=HELD))
+    assert actions == [SetTimer(TIMEOUT), TakeLease(ID)]
+
 
 @pytest.mark.parametrize("state", LIVE, ids=lambda s: s.value)
 def test_hang_up_in_every_state(state):

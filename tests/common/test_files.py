@@ -81,3 +81,29 @@ def test_whole_lines():
         (b"base", 5), (b"one", 9), (b"two", 13)]
     assert list(whole_lines(b"base\none\n", 5)) == [(b"one", 9)]
     assert list(whole_lines(b"")) == []
+
+
+def _count_syncs(monkeypatch) -> list:
+    """Record every fsync and fdatasync from here on (they still run)."""
+    calls: list = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def spy(fd, real=real, name=name):
+            calls.append(name)
+            return real(fd)
+        monkeypatch.setattr(os, name, spy)
+    return calls
+
+
+def test_unsynced_writes_skip_every_fsync(tmp_path, monkeypatch):
+    """``sync=False`` replaces and appends as before, with no fsync of file or folder."""
+    calls = _count_syncs(monkeypatch)
+    path = tmp_path / "record"
+    write_atomically(path, b"one\n", sync=False)
+    assert append_durably(path, b"two\n", sync=False) == 8
+    assert path.read_bytes() == b"one\ntwo\n"
+    assert calls == []
+    write_atomically(path, b"three\n")
+    append_durably(path, b"four\n")
+    assert calls == ["fsync", "fsync", "fdatasync"]
