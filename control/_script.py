@@ -121,6 +121,12 @@ async def start_joins(reactor, options: argparse.Namespace, tls: ClusterTLS, sto
                   reason=f"no CA key at {key_path}: no joins are served and no join "
                          f"tokens can be made; give the CA key with --ca-key to serve them")
         return None, None
+    if options.ca_key is None:
+        log_event(_log, "pyflock:control:ca-key-beside-certificates", LogLevel.warn,
+                  ca_key=str(key_path),
+                  reason="the CA key lies in the control service's certificates folder: "
+                         "move it to a folder of its own and give it with --ca-key "
+                         "(docs/security.md, Where the keys belong)")
     try:
         authority = load_signing_authority(folder / AUTHORITY_CERTIFICATE, key_path)
         endpoint = tls.join_listener(reactor, options.join_port)
