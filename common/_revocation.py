@@ -90,6 +90,7 @@ class CRLWatcher:
         self._interval = interval
         self._now = now
         self._seen: object = object()
+        self._warned = False
         self._poll: Optional[LoopingCall] = None
         self._previous_handler = None
 
@@ -115,9 +116,12 @@ class CRLWatcher:
             signal.SIGHUP, lambda number, frame: reactor.callFromThread(self.reload))
 
     def _look(self) -> None:
-        """Reload if the file changed since it was last loaded."""
+        """Reload if the file changed since it was last loaded; warn (once) when the list
+        in force runs past its next update."""
         if _file_version(self.path) != self._seen:
             self.reload()
+        elif not self._warned and self.revocations.current.expired(self._now()):
+            self._warn_expired(self.revocations.current)
 
     def reload(self) -> None:
         """Load the file now; keep the list in force if it cannot be loaded."""
@@ -132,16 +136,23 @@ class CRLWatcher:
 
     def _apply(self, revocations: RevocationList) -> None:
         """Put ``revocations`` in force, saying so (and warning if it is expired)."""
+        self._warned = False
         if revocations.expired(self._now()):
-            log_event(_log, "pyflock:crl:expired", LogLevel.warn, path=str(self.path),
-                      next_update=revocations.next_update.isoformat(),
-                      reason="the revocation list is past its next update; it is applied "
-                             "all the same: sign it anew with `pyflock-ca crl`")
+            self._warn_expired(revocations)
         log_event(_log, "pyflock:crl:loaded", path=str(self.path),
                   revoked=len(revocations.serials),
                   next_update=(None if revocations.next_update is None
                                else revocations.next_update.isoformat()))
         self.revocations.replace(revocations)
+
+
+    def _warn_expired(self, revocations: RevocationList) -> None:
+        """Say that ``revocations`` is past its next update, and applied all the same."""
+        self._warned = True
+        log_event(_log, "pyflock:crl:expired", LogLevel.warn, path=str(self.path),
+                  next_update=revocations.next_update.isoformat(),
+                  reason="the revocation list is past its next update; it is applied "
+                         "all the same: sign it anew with `pyflock-ca crl`")
 
 
 class _TrackingFactory(Factory):

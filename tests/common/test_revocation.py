@@ -86,6 +86,23 @@ def test_expired_list_applies_with_a_warning(certs):
     watcher.stop()
 
 
+def test_list_running_out_is_warned_once(certs):
+    """A list in force that passes its next update is warned about once, still applied."""
+    revoke(certs.path, certs.path, user="bob")
+    now = [datetime.now(timezone.utc)]
+    clock = Clock()
+    watcher, revocations = _watcher(certs, clock, now=lambda: now[0])
+    watcher.start()
+    with capturedLogs() as events:
+        clock.advance(1)
+        now[0] += CRL_LIFETIME + timedelta(seconds=1)
+        for _ in range(3):
+            clock.advance(1)
+    assert len(events_of(events, "pyflock:crl:expired")) == 1
+    assert revocations.current.serials == {_serial(certs, "bob")}
+    watcher.stop()
+
+
 def test_bad_list_at_start_is_an_error(certs):
     """A list that is not the CA's stops the start, naming the file."""
     (certs.path / CRL_FILE).write_bytes(b"garbage")
