@@ -36,8 +36,8 @@ import errno
 import fcntl
 import json
 import os
-import stat
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 
 import attr
 from zope.interface import implementer
@@ -206,14 +206,14 @@ class UnsafeRoot(BackendError):
         self.path = path
 
 
-def _check_kind(path: str, kind: Callable[[int], bool], what: str) -> os.stat_result:
-    """``lstat(path)`` if ``kind`` accepts its mode (``stat.S_ISREG``...), else
+def _check_kind(path: str, folder: bool = False) -> os.stat_result:
+    """``lstat(path)`` if ``path`` is a regular file (a folder, with ``folder``), else
     ``UnsafeRoot``; symbolic links are never followed."""
     result = os.lstat(path)
-    if stat.S_ISLNK(result.st_mode):
+    if S_ISLNK(result.st_mode):
         raise UnsafeRoot(path, "a symbolic link")
-    if not kind(result.st_mode):
-        raise UnsafeRoot(path, f"not a {what}")
+    if not (S_ISDIR if folder else S_ISREG)(result.st_mode):
+        raise UnsafeRoot(path, "not a folder" if folder else "not a regular file")
     return result
 
 
@@ -224,7 +224,7 @@ def _folder(path: str) -> None:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
-    _check_kind(path, stat.S_ISDIR, "folder")
+    _check_kind(path, folder=True)
 
 
 def _read(path: str) -> bytes:
@@ -423,7 +423,7 @@ class LoopbackBackend:
             path = self._volume_file(dataset_id)
             if not os.path.lexists(path):
                 raise UnknownVolume(dataset_id)
-            _check_kind(path, stat.S_ISREG, "regular file")
+            _check_kind(path)
             devices = _live_devices_of(path)
             if not devices:
                 if _read_record(self._record_file(dataset_id), dataset_id) is None:
@@ -492,7 +492,7 @@ class LoopbackBackend:
     def _volume(self, dataset_id: str) -> BlockVolume:
         path = self._volume_file(dataset_id)
         try:
-            size = _check_kind(path, stat.S_ISREG, "regular file").st_size
+            size = _check_kind(path).st_size
         except FileNotFoundError:
             raise UnknownVolume(dataset_id) from None
         record = _read_record(self._record_file(dataset_id), dataset_id)
@@ -519,7 +519,7 @@ class LoopbackBackend:
                     status = os.lstat(path)
                 except FileNotFoundError:
                     continue
-                if not stat.S_ISREG(status.st_mode):
+                if not S_ISREG(status.st_mode):
                     continue  # a symbolic link is no volume (attach refuses it too)
                 volumes[name[:-4]] = status.st_size
                 files[name[:-4]] = path

@@ -17,9 +17,7 @@ from pyflock.agent._backends import (
     AlreadyAttached, BlockVolume, InvalidVolumeRequest, Leftovers, LoopbackBackend,
     UnattachedVolume, UnknownVolume, VolumeBusy, VolumeExists,
 )
-from pyflock.agent._backends._loopback import (
-    UnsafeRoot, release_loop_device, scan_loop_devices,
-)
+from pyflock.agent._backends._loopback import release_loop_device, scan_loop_devices
 from tests.contracts.backends import (
     NODE_A, NODE_B, SIZE, detach_loop_devices_under, loopback_harness, loopback_root,
     make_iblockdevicebackend_tests,
@@ -27,6 +25,7 @@ from tests.contracts.backends import (
 from pyflock.agent._fs import (
     filesystem_type, is_mounted, make_filesystem, mount, probe_filesystem, unmount,
 )
+from pyflock.agent._backends._loopback import UnsafeRoot
 
 
 @pytest.mark.integration
