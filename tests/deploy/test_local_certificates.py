@@ -20,6 +20,7 @@ from pyflock.common._ca import (
     load_signing_authority,
 )
 from tests.harness.control import ControlProcess, read_events
+from tests.harness.requirements import require_commands
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +44,14 @@ def _files(folder: Path) -> list[str]:
 def _mode(path: Path) -> int:
     """The permission bits of ``path``."""
     return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_shellcheck_finds_nothing():
+    """shellcheck reports nothing on the certificates script and up.sh, which runs it."""
+    require_commands("shellcheck")
+    result = subprocess.run(["shellcheck", str(SCRIPT), str(SCRIPT.parent / "up.sh")],
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (0, "")
 
 
 def test_keys_apart(tmp_path):
