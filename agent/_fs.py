@@ -31,6 +31,17 @@ import attr
 #: Mode of a fresh filesystem's root: anyone may write there (see docs/backends.md).
 ROOT_MODE = 0o777
 
+#: Mode of the folder every dataset is mounted under: root only, so that no other host
+#: user reaches what containers wrote (docs/security.md, "Volumes on the host").
+MOUNT_ROOT_MODE = 0o700
+
+# mount(2) flags (<sys/mount.h>).
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND = 0x1, 0x2, 0x4, 0x20, 0x1000
+
+#: Every dataset is mounted ``nosuid,nodev``: a setuid program or a device file a
+#: container wrote gives nobody on the host anything.
+MOUNT_FLAGS = _MS_NOSUID | _MS_NODEV
+
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 # What os.fsdecode uses, looked up once.
@@ -264,6 +275,9 @@ def _blkid_argv(device: str) -> list[str]:
     return ["blkid", "-p", "-o", "value", "-s", "TYPE", device]
 
 
+_FSTYPE = re.compile(r"[A-Za-z0-9_.+-]+\Z")
+
+
 def _blkid_answer(argv: Sequence[str], returncode: int, stdout: str,
                   stderr: str) -> Optional[str]:
     # blkid exits 2 when it identifies nothing: the normal answer for a fresh device.
@@ -271,13 +285,23 @@ def _blkid_answer(argv: Sequence[str], returncode: int, stdout: str,
         return None
     if returncode != 0:
         raise CommandFailed(argv, returncode, stderr)
-    return stdout.strip() or None
+    # ``-o value -s TYPE`` prints the type alone on its line; anything else (several
+    # lines, odd characters) is not an answer to guess from.
+    answer = stdout[:-1] if stdout.endswith("\n") else stdout
+    if not answer:
+        return None
+    if not _FSTYPE.match(answer):
+        raise FilesystemError(f"unexpected answer from `{' '.join(argv)}`: {answer!r}")
+    return answer
 
 
 def _start(argv: list[str], stdin: Optional[int] = None) -> subprocess.Popen:
+    # Output is decoded as file names are (os.fsdecode): a name a container wrote in a
+    # volume's root, as debugfs prints it, may be any bytes.
     try:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None else stdin,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                encoding=_FS_ENCODING, errors=_FS_ERRORS)
     except FileNotFoundError as e:
         raise CommandFailed(argv, 127, str(e)) from None
 
@@ -338,14 +362,31 @@ def root_entries(device: str) -> tuple[tuple[str, int], ...]:
     return parse_debugfs_listing(run_command(_DEBUGFS_LS_ROOT + [device]))
 
 
+# ``ls -p`` prints ``/inode/mode/uid/gid/name/size/`` and a newline per entry; the name is
+# printed as it is, so it may hold newlines, but never a "/" (the size is empty for a
+# folder). Read entry after entry from the start, a name cannot pass for another entry.
+_DEBUGFS_ENTRY = re.compile(r"/(\d+)/([0-7]+)/(\d+)/(\d+)/([^/]*)/(\d*)/\n")
+
+
 def parse_debugfs_listing(listing: str) -> tuple[tuple[str, int], ...]:
-    """The ``(name, mode)`` pairs of what ``debugfs -R 'ls -p DIR'`` printed (pure)."""
-    # ``ls -p`` prints one ``/inode/mode/uid/gid/name/size/`` line per entry.
+    """
+    The ``(name, mode)`` pairs of what ``debugfs -R 'ls -p DIR'`` printed (pure); names
+    may hold newlines. Lines not starting with "/" between entries (a banner) are
+    skipped; ``FilesystemError`` for an entry that cannot be read.
+    """
     entries = []
-    for line in listing.splitlines():
-        parts = line.split("/")
-        if len(parts) >= 7 and parts[0] == "" and parts[2]:
-            entries.append((parts[5], int(parts[2], 8)))
+    position = 0
+    while position < len(listing):
+        if listing[position] != "/":  # a banner, or the blank line debugfs ends with
+            end = listing.find("\n", position)
+            position = len(listing) if end < 0 else end + 1
+            continue
+        match = _DEBUGFS_ENTRY.match(listing, position)
+        if match is None:
+            raise FilesystemError(f"unexpected output from debugfs ls -p: "
+                                  f"{listing[position:position + 200]!r}")
+        entries.append((match.group(5), int(match.group(2), 8)))
+        position = match.end()
     return tuple(entries)
 
 
@@ -446,14 +487,33 @@ def mounted_device(path: str) -> Optional[str]:
     return None if mount is None else mount.source
 
 
+def prepare_mount_root(path: str) -> None:
+    """Create the folder datasets are mounted under, or make an existing one, mode
+    ``MOUNT_ROOT_MODE`` (root only)."""
+    os.makedirs(path, mode=MOUNT_ROOT_MODE, exist_ok=True)
+    os.chmod(path, MOUNT_ROOT_MODE)
+
+
+def _hardened(mount: MountInfo) -> bool:
+    """Whether ``mount`` is ``nosuid,nodev``."""
+    options = set(mount.options.split(","))
+    return {"nosuid", "nodev"} <= options
+
+
 def mount(device: str, path: str, fstype: str = "ext4") -> None:
     """
-    Mount ``device`` at ``path`` (created if missing). Does nothing if ``device`` is
-    already mounted there; raises ``FilesystemError`` if something else is.
+    Mount ``device`` at ``path`` (created if missing) with ``MOUNT_FLAGS`` (nosuid,
+    nodev). Does nothing if ``device`` is already mounted there, but for adding those
+    flags to a mount without them (made by an older version); raises ``FilesystemError``
+    if something else is mounted there.
     """
     current = _top_mount(path)
     if current is not None:
         if _same_device(device, current):
+            if not _hardened(current):
+                read_only = _MS_RDONLY if "ro" in current.options.split(",") else 0
+                _mount_call("none", path, None,
+                            _MS_REMOUNT | _MS_BIND | MOUNT_FLAGS | read_only)
             return
         raise FilesystemError(
             f"cannot mount {device} at {path}: {current.source} is already mounted there; "
@@ -466,14 +526,17 @@ def mount(device: str, path: str, fstype: str = "ext4") -> None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _mount_call(device: str, path: str, fstype: str) -> None:
+def _mount_call(device: str, path: str, fstype: Optional[str],
+                flags: int = MOUNT_FLAGS) -> None:
     """
-    mount(2) of ``device`` at ``path`` as ``fstype``, with no flags or options (what
-    ``mount -t FSTYPE DEVICE PATH`` asks of the kernel); ``FilesystemError`` naming the
-    kernel's reason if it refuses. Like any mount, the call may take as long as the
-    kernel does (a journal replay): a hung device would hang ``mount`` alike.
+    mount(2) of ``device`` at ``path`` as ``fstype`` with ``flags`` (by default
+    ``MOUNT_FLAGS``: what ``mount -t FSTYPE -o nosuid,nodev DEVICE PATH`` asks of the
+    kernel); ``FilesystemError`` naming the kernel's reason if it refuses. Like any
+    mount, the call may take as long as the kernel does (a journal replay): a hung device
+    would hang ``mount`` alike.
     """
-    if _libc.mount(os.fsencode(device), os.fsencode(path), fstype.encode(), 0, None) == 0:
+    kind = None if fstype is None else fstype.encode()
+    if _libc.mount(os.fsencode(device), os.fsencode(path), kind, flags, None) == 0:
         return
     error = ctypes.get_errno()
     hint = {errno.EINVAL: " (no such filesystem on the device, or a damaged one)",

@@ -31,6 +31,7 @@ from pyflock.agent._backends import BackendError, LoopbackBackend
 from pyflock.agent._channel import AgentChannel, control_endpoint
 from pyflock.agent._config import AgentConfig, ConfigError, boot_id, compute_era, load_config
 from pyflock.agent._loop import node_convergence_loop
+from pyflock.agent._fs import prepare_mount_root
 from pyflock.agent._mounts import MountCounts, docker_volume_mounts
 from pyflock.agent._plugin import (
     DockerPlugin, LocalStates, PluginBackend, PluginSocketError, agent_view_source,
@@ -179,7 +180,7 @@ async def run(reactor, config: AgentConfig) -> None:
     except (CertificateError, OSError, ValueError) as e:
         raise StartupError(str(e))
     os.makedirs(config.state_path, mode=0o700, exist_ok=True)
-    os.makedirs(config.mount_root, mode=0o755, exist_ok=True)
+    prepare_mount_root(config.mount_root)  # 0700: only root reaches the volumes
     pools = Pools.with_reactor(reactor, THREAD_POOLS)
     zone = await backend_zone(backend, pools.run_blocking("backend"))
     plugin_io = pools.run_blocking("plugin")

@@ -550,12 +550,9 @@ class IssuedCertificate:
     @classmethod
     def from_json(cls, value: dict) -> "IssuedCertificate":
         """The entry of one ``issued`` line; ValueError or KeyError if it is malformed."""
-        def moment(text: str) -> datetime:
-            return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
-                tzinfo=timezone.utc)
         return cls(serial=int(value["serial"], 16), subject=value["subject"],
-                   common_name=value["common_name"], not_after=moment(value["not_after"]),
-                   issued_at=moment(value["issued_at"]), issued_by=value["issued_by"])
+                   common_name=value["common_name"], not_after=_moment(value["not_after"]),
+                   issued_at=_moment(value["issued_at"]), issued_by=value["issued_by"])
 
 
 class CertificateIndex:
@@ -563,8 +560,8 @@ class CertificateIndex:
     The CA's index of every certificate it issued (``pyflock-ca`` and the join service):
     ``issued.jsonl`` beside ``cluster.key``, one JSON object per line with a ``kind``.
     Lines are only ever appended (under an exclusive lock, fsynced), so that ``pyflock-ca``
-    and a running control service may both issue. Today every line is ``issued``; later
-    kinds (a revocation naming a serial) are appended beside them, and readers skip kinds
+    and a running control service may both issue. A line is ``issued`` (a certificate
+    issued) or ``revoked`` (``pyflock-ca revoke``: a serial revoked); readers skip kinds
     they do not know. A torn last line, left by a crash, is ignored and cut off by the
     next append. Blocking: call it in a thread from a reactor.
     """
@@ -592,8 +589,8 @@ class CertificateIndex:
             objects.append(value)
         return objects
 
-    def entries(self) -> list[IssuedCertificate]:
-        """Every certificate recorded, in the order issued (none if there is no index)."""
+    def _of_kind(self, kind: str, parse, what: str) -> list:
+        """Every line of ``kind``, parsed by ``parse``, in order (none without an index)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -603,21 +600,38 @@ class CertificateIndex:
                                                   f"{e.strerror or e}") from None
         entries = []
         for number, value in enumerate(self._lines(data), 1):
-            if value.get("kind") != "issued":
+            if value.get("kind") != kind:
                 continue
             try:
-                entries.append(IssuedCertificate.from_json(value))
+                entries.append(parse(value))
             except (KeyError, ValueError, TypeError, AttributeError):
                 raise CertificateFileError(
-                    self.path, f"line {number} is not a certificate entry: the index is "
+                    self.path, f"line {number} is not a {what} entry: the index is "
                                f"damaged") from None
         return entries
+
+    def entries(self) -> list[IssuedCertificate]:
+        """Every certificate recorded, in the order issued (none if there is no index)."""
+        return self._of_kind("issued", IssuedCertificate.from_json, "certificate")
+
+    def revocations(self) -> list["RevokedCertificate"]:
+        """Every revocation recorded, in the order revoked (none if there is no index)."""
+        return self._of_kind("revoked", RevokedCertificate.from_json, "revocation")
 
     def record(self, certificate: x509.Certificate, issued_at: datetime,
                issued_by: str) -> IssuedCertificate:
         """Append ``certificate`` durably; its entry. ``OutputPathError`` if it cannot."""
         entry = IssuedCertificate.of(certificate, issued_at, issued_by)
-        line = json.dumps(entry.to_json(), sort_keys=True).encode("utf-8") + b"\n"
+        self._append(entry.to_json())
+        return entry
+
+    def record_revocation(self, entry: "RevokedCertificate") -> None:
+        """Append the revocation ``entry`` durably; ``OutputPathError`` if it cannot."""
+        self._append(entry.to_json())
+
+    def _append(self, value: dict) -> None:
+        """Append ``value`` as one line, locked and fsynced, after the last whole line."""
+        line = json.dumps(value, sort_keys=True).encode("utf-8") + b"\n"
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -636,7 +650,53 @@ class CertificateIndex:
                                   f"{e.strerror or e}") from None
         finally:
             os.close(fd)
-        return entry
+
+
+def _moment(text: str) -> datetime:
+    """The aware UTC datetime of an index timestamp (``_timestamp``'s form)."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RevokedCertificate:
+    """
+    One revocation, as the index keeps it: the certificate's ``serial``, ``common_name``
+    and ``not_after`` (after which the CRL may leave it out), and ``revoked_at``.
+    """
+
+    serial: int
+    common_name: Optional[str]
+    not_after: datetime
+    revoked_at: datetime
+
+    @classmethod
+    def of(cls, certificate: x509.Certificate, revoked_at: datetime) -> "RevokedCertificate":
+        """The revocation of ``certificate`` at ``revoked_at``."""
+        return cls(serial=certificate.serial_number,
+                   common_name=common_name_of(certificate),
+                   not_after=certificate.not_valid_after_utc,
+                   revoked_at=_now(revoked_at).replace(microsecond=0))
+
+    @classmethod
+    def of_entry(cls, entry: IssuedCertificate,
+                 revoked_at: datetime) -> "RevokedCertificate":
+        """The revocation of the issued certificate ``entry`` at ``revoked_at``."""
+        return cls(serial=entry.serial, common_name=entry.common_name,
+                   not_after=entry.not_after,
+                   revoked_at=_now(revoked_at).replace(microsecond=0))
+
+    def to_json(self) -> dict:
+        """The revocation as one line of the index holds it."""
+        return {"kind": "revoked", "serial": format(self.serial, "x"),
+                "common_name": self.common_name, "not_after": _timestamp(self.not_after),
+                "revoked_at": _timestamp(self.revoked_at)}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "RevokedCertificate":
+        """The revocation of one ``revoked`` line; ValueError or KeyError if malformed."""
+        return cls(serial=int(value["serial"], 16), common_name=value["common_name"],
+                   not_after=_moment(value["not_after"]),
+                   revoked_at=_moment(value["revoked_at"]))
 
 
 # -- signing a node's request (the join service) -------------------------------------------

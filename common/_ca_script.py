@@ -16,6 +16,7 @@ from pyflock.common._ca import (
     CertificateError, create_api_certificate, create_control_certificate,
     create_node_certificate, initialize,
 )
+from pyflock.common._crl import CRL_LIFETIME, list_revoked, resign_crl, revoke
 
 
 def _add_paths(parser: argparse.ArgumentParser, reads_ca: bool = True) -> None:
@@ -75,6 +76,33 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("user", metavar="USER",
                          help="user name: letters, digits, '_', '.', '-'")
     _add_paths(command)
+
+    command = commands.add_parser(
+        "revoke", help="revoke a node's, a user's or one certificate: writes cluster.crl",
+        description="Revoke every certificate the CA issued to a node or a user, or one "
+                    "certificate file, then sign the revocation list cluster.crl anew into "
+                    "the output folder (the control service's certificates folder, beside "
+                    "cluster.crt). The control service applies it within seconds.")
+    target = command.add_mutually_exclusive_group(required=True)
+    target.add_argument("--node", metavar="UUID", help="revoke this node's certificates")
+    target.add_argument("--user", metavar="NAME", help="revoke this user's certificates")
+    target.add_argument("certificate", metavar="CERTFILE", nargs="?",
+                        help="revoke the certificate in this file")
+    _add_paths(command)
+
+    command = commands.add_parser(
+        "crl", help="sign cluster.crl anew (it is valid for "
+                    f"{CRL_LIFETIME.days} days)",
+        description=f"Sign the revocation list cluster.crl anew from the CA's index into "
+                    f"the output folder. A list is valid for {CRL_LIFETIME.days} days: "
+                    f"re-sign it before then (an expired list still counts, with a "
+                    f"warning in the control service's log).")
+    _add_paths(command)
+
+    command = commands.add_parser(
+        "list-revoked", help="show the certificates revoked",
+        description="Show every certificate revoked, from the CA's index.")
+    _add_paths(command)
     return parser
 
 
@@ -104,6 +132,39 @@ def _run(options: argparse.Namespace) -> None:
                                        options.user)
         print(f"Created {files.certificate_path} and {files.key_path} for user "
               f"{options.user}.")
+    elif options.command == "revoke":
+        _revoke(options)
+    elif options.command == "crl":
+        path, listed = resign_crl(options.inputpath, options.outputpath)
+        print(f"Wrote {path}: {listed} certificate(s) revoked, valid for "
+              f"{CRL_LIFETIME.days} days.")
+    elif options.command == "list-revoked":
+        _list_revoked(options.inputpath)
+
+
+def _revoke(options: argparse.Namespace) -> None:
+    """``pyflock-ca revoke``: revoke, then say what was revoked and where the list is."""
+    done = revoke(options.inputpath, options.outputpath, node=options.node,
+                  user=options.user, certificate_path=options.certificate)
+    for entry in done.new:
+        print(f"Revoked {entry.common_name} (serial {entry.serial:x}).")
+    for entry in done.already:
+        print(f"{entry.common_name} (serial {entry.serial:x}) was already revoked.")
+    print(f"Wrote {done.crl_path}: {done.listed} certificate(s) revoked, valid for "
+          f"{CRL_LIFETIME.days} days. Install it beside cluster.crt on the control service "
+          f"if this is not its certificates folder.")
+
+
+def _list_revoked(ca_path: str) -> None:
+    """``pyflock-ca list-revoked``: one line per revocation, oldest first."""
+    entries = list_revoked(ca_path)
+    if not entries:
+        print("No certificate is revoked.")
+        return
+    print(f"{'REVOKED AT':<21} {'SERIAL':<41} COMMON NAME")
+    for entry in entries:
+        name = (entry.common_name or "?").encode("unicode_escape").decode("ascii")
+        print(f"{entry.revoked_at:%Y-%m-%dT%H:%M:%SZ}  {entry.serial:<41x} {name}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -37,7 +37,7 @@ def replace_atomically(path: Path, fill: Callable[[int], None],
     """
     Replace the file at ``path`` with what ``fill(fd)`` writes into a new file, so that a
     crash leaves either the old or the new file: ``fill`` the file ``temporary`` (default
-    ``<path>.tmp``, same folder), fsync it, rename it over ``path``, fsync the folder. On
+    ``<path>.tmp``, same folder; created anew with ``O_EXCL|O_NOFOLLOW``), fsync it, rename it over ``path``, fsync the folder. On
     failure the temporary file is removed and the error raised.
 
     With ``sync=False``, no fsync: the replacement is still atomic and every process sees
@@ -46,7 +46,14 @@ def replace_atomically(path: Path, fill: Callable[[int], None],
     """
     path = os.fspath(path)
     temporary = f"{path}.tmp" if temporary is None else os.fspath(temporary)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    # A new file, never one found there: a crash's leftover is removed, and a symbolic
+    # link planted under the name is neither followed nor written through.
+    try:
+        os.unlink(temporary)
+    except FileNotFoundError:
+        pass
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, mode)
     try:
         try:
             fill(fd)

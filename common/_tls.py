@@ -255,12 +255,34 @@ class PeerCheck:
     def _judge(self, certificate: x509.Certificate
                ) -> tuple[Optional[Identity], Optional[str]]:
         """The certificate's identity, and why it counts for nothing (revoked), if it does."""
-        identity = identity_of_certificate(certificate, self.cluster_uuid)
-        if self._is_revoked(certificate):
-            name = identity.common_name if identity else common_name_of(certificate)
-            return identity, (f"the certificate {name} (serial "
-                              f"{certificate.serial_number:x}) is revoked")
-        return identity, None
+        return (identity_of_certificate(certificate, self.cluster_uuid),
+                self.revocation(certificate))
+
+    def revocation(self, certificate) -> Optional[str]:
+        """Why ``certificate`` (pyOpenSSL or cryptography) counts for nothing: it is
+        revoked; None if it is not."""
+        certificate = _cryptography(certificate)
+        if not self._is_revoked(certificate):
+            return None
+        return (f"the certificate {common_name_of(certificate)} (serial "
+                f"{certificate.serial_number:x}) is revoked")
+
+    def verify_client(self, connection, certificate, error_number, depth, ok) -> bool:
+        """
+        A server's OpenSSL verify callback: the chain as OpenSSL judged it, and a revoked
+        client certificate refused in the handshake, before any request is read.
+        """
+        if depth != 0 or not ok:
+            return ok
+        try:
+            reason = self.revocation(certificate)
+        except BaseException:
+            _log.failure("while checking a client certificate's revocation")
+            return False
+        if reason is not None:
+            _log.warn("pyflock:tls:revoked-refused {reason}", reason=reason,
+                      event_type="pyflock:tls:revoked-refused")
+        return reason is None
 
     def admit_certificate(self, certificate, role: Role) -> Admission:
         """Whether the peer presenting ``certificate`` (None: none) may use ``role``."""
@@ -442,6 +464,11 @@ class ClusterTLS:
             # A connection's client certificate never changes (ConnectionIdentities
             # caches what it admitted).
             options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
+            # A revoked client certificate fails the handshake (Twisted's own callback,
+            # replaced here, accepts whatever OpenSSL accepted).
+            options.getContext().set_verify(
+                SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
+                self.check.verify_client)
             self._server_options = options
         return self._server_options
 

@@ -21,9 +21,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 
 from pyflock.common._ca import (
-    AUTHORITY_CERTIFICATE, AUTHORITY_KEY, CertificateError, load_signing_authority,
-    sign_node_request,
+    AUTHORITY_CERTIFICATE, AUTHORITY_KEY, CertificateError, load_certificate,
+    load_signing_authority, sign_node_request,
 )
+from pyflock.common._revocation import OpenConnections, Revocations, watch_revocations
 from pyflock.common._threads import in_reactor_pool
 from pyflock.common._tokens import DEFAULT_JOIN_PORT, authority_pin
 from pyflock.control._join import JoinService
@@ -120,6 +121,12 @@ async def start_joins(reactor, options: argparse.Namespace, tls: ClusterTLS, sto
                   reason=f"no CA key at {key_path}: no joins are served and no join "
                          f"tokens can be made; give the CA key with --ca-key to serve them")
         return None, None
+    if options.ca_key is None:
+        log_event(_log, "pyflock:control:ca-key-beside-certificates", LogLevel.warn,
+                  ca_key=str(key_path),
+                  reason="the CA key lies in the control service's certificates folder: "
+                         "move it to a folder of its own and give it with --ca-key "
+                         "(docs/security.md, Where the keys belong)")
     try:
         authority = load_signing_authority(folder / AUTHORITY_CERTIFICATE, key_path)
         endpoint = tls.join_listener(reactor, options.join_port)
@@ -145,12 +152,18 @@ async def start_joins(reactor, options: argparse.Namespace, tls: ClusterTLS, sto
 async def run(reactor, options: argparse.Namespace) -> None:
     """Start the control service and run until the reactor stops."""
     start_json_logging(sys.stdout)
+    revocations = Revocations()
     try:
-        tls = ClusterTLS.load(options.certificates_directory, "control-service")
+        tls = ClusterTLS.load(options.certificates_directory, "control-service",
+                              is_revoked=revocations.is_revoked)
         api_listener = tls.listener(reactor, options.port, REST_API)
         agent_listener = tls.listener(reactor, options.agent_port, AGENT_CHANNEL)
+        # cluster.crl: at start, on SIGHUP, on every change; revoked peers are cut off.
+        crl = watch_revocations(reactor, options.certificates_directory, load_certificate(
+            Path(options.certificates_directory) / AUTHORITY_CERTIFICATE), revocations)
     except (CertificateError, ValueError) as e:
         raise StartupError(str(e))
+    connections = OpenConnections(tls.check, revocations)
     try:
         store = await open_sqlite_store(reactor, options.data_path)
     except StoreError as e:
@@ -188,7 +201,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
                                  heartbeat=options.heartbeat)
     channel.start()
     try:
-        agent_port = await agent_listener.endpoint.listen(channel.factory())
+        agent_port = await agent_listener.endpoint.listen(
+            connections.track(channel.factory(), AGENT_CHANNEL))
     except Exception as e:
         if join_port is not None:
             await join_port.stopListening()
@@ -196,7 +210,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
         await configuration.stop()
         raise StartupError(f"cannot listen on {options.agent_port}: {e}")
     try:
-        port = await api_listener.endpoint.listen(site)
+        port = await api_listener.endpoint.listen(connections.track(site, REST_API))
     except Exception as e:
         await agent_port.stopListening()
         if join_port is not None:
@@ -214,6 +228,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
               datasets=len(configuration.committed.datasets), cluster_uuid=tls.cluster_uuid)
 
     async def shutdown():
+        crl.stop()
         cluster.stop_forgetting()
         await port.stopListening()
         await agent_port.stopListening()

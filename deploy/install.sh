@@ -302,22 +302,25 @@ if [ "$control" = yes ]; then
   [ -n "$hostname" ] || hostname=$(main_address)
   [ -n "$cluster_name" ] || cluster_name=$(hostname -s 2>/dev/null || echo pyflock)
   mkdir -p "$certs" && chmod 700 "$certs"
+  ca=$certs/ca  # the CA key in a folder of its own, not the service's (docs/security.md)
   if [ ! -f "$certs/cluster.crt" ]; then
-    (cd "$certs"
+    (mkdir -p "$ca" && chmod 700 "$ca" && cd "$ca"
      "$bin/pyflock-ca" initialize "$cluster_name" ${cluster_uuid:+--cluster-uuid "$cluster_uuid"} >/dev/null
      "$bin/pyflock-ca" create-control-certificate "$hostname" >/dev/null
-     mv "control-$hostname.crt" control-service.crt
-     mv "control-$hostname.key" control-service.key
-     mkdir -p admin && chmod 700 admin
-     "$bin/pyflock-ca" create-api-certificate admin -o admin >/dev/null
-     cp cluster.crt admin/cluster.crt) || die "making the cluster CA in $certs failed"
-    say "made the cluster CA, the control certificate for $hostname and the user certificate admin in $certs"
+     mv "control-$hostname.crt" ../control-service.crt
+     mv "control-$hostname.key" ../control-service.key
+     mkdir -p ../admin && chmod 700 ../admin
+     "$bin/pyflock-ca" create-api-certificate admin -o ../admin >/dev/null
+     cp cluster.crt ../cluster.crt && cp cluster.crt ../admin/cluster.crt) \
+      || die "making the cluster CA in $ca failed"
+    say "made the cluster CA in $ca, the control certificate for $hostname in $certs and the user certificate admin in $certs/admin"
   else
     say "the cluster CA is already in $certs (kept)"
   fi
+  [ -f "$ca/cluster.key" ] || ca=$certs  # installed when the CA key lay beside the service's
   write_file "$defaults_dir/pyflock-control" 0644 <<TXT
 # Written by pyflock's deploy/install.sh; read by pyflock-control.service.
-PYFLOCK_CONTROL_OPTIONS="--data-path $data_dir/control --certificates-directory $certs --ca-key $certs/cluster.key"
+PYFLOCK_CONTROL_OPTIONS="--data-path $data_dir/control --certificates-directory $certs --ca-key $ca/cluster.key"
 TXT
   # The CLI's settings for root, unless root already has settings of its own.
   cli_yml=${HOME:-/root}/.config/pyflock/cli.yml

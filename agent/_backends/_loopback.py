@@ -38,12 +38,14 @@ import json
 import os
 import struct
 from typing import Iterator, Optional
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 
 import attr
 from zope.interface import implementer
 
 from pyflock.agent._backends._interface import (
-    GiB, MiB, AlreadyAttached, BlockVolume, IBlockDeviceBackend, InvalidVolumeRequest,
+    GiB, MiB, AlreadyAttached, BackendError, BlockVolume, IBlockDeviceBackend,
+    InvalidVolumeRequest,
     UnattachedVolume, UnknownVolume, VolumeBusy, VolumeExists, check_dataset_id,
     check_node_uuid, is_valid_dataset_id, round_size,
 )
@@ -206,9 +208,41 @@ def find_leftovers(snapshot: LoopbackSnapshot, node_uuid: str) -> Leftovers:
     )
 
 
+class UnsafeRoot(BackendError):
+    """Something in the backend's root is a symbolic link (or not what it should be):
+    refused, since root would otherwise write or attach whatever it points to."""
+
+    def __init__(self, path: str, what: str):
+        super().__init__(f"{path} is {what}; the loopback root must hold only the "
+                         f"folders and regular files pyflock made there (no symbolic "
+                         f"links): remove it")
+        self.path = path
+
+
+def _check_kind(path: str, folder: bool = False) -> os.stat_result:
+    """``lstat(path)`` if ``path`` is a regular file (a folder, with ``folder``), else
+    ``UnsafeRoot``; symbolic links are never followed."""
+    result = os.lstat(path)
+    if S_ISLNK(result.st_mode):
+        raise UnsafeRoot(path, "a symbolic link")
+    if not (S_ISDIR if folder else S_ISREG)(result.st_mode):
+        raise UnsafeRoot(path, "not a folder" if folder else "not a regular file")
+    return result
+
+
+def _folder(path: str) -> None:
+    """Make the folder ``path`` (mode 0700) if missing; ``UnsafeRoot`` if it is a
+    symbolic link or no folder."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    _check_kind(path, folder=True)
+
+
 def _read(path: str) -> bytes:
     # Plain descriptors, not open(): each discovery reads a few hundred small files.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         data = os.read(fd, _READ_SIZE)
         # A sysfs attribute comes whole in one read, and a short read of a regular file
@@ -416,7 +450,7 @@ class LoopbackBackend:
         size = round_size(self.default_size if size is None else size, ALLOCATION_UNIT)
         with self._locked(exclusive=True):
             path = self._volume_file(dataset_id)
-            if os.path.exists(path):
+            if os.path.lexists(path):
                 raise VolumeExists(dataset_id)
             self._remove_record(dataset_id)
             if self._spares.take(size, path):
@@ -469,8 +503,9 @@ class LoopbackBackend:
         check_dataset_id(dataset_id)
         with self._locked(exclusive=True):
             path = self._volume_file(dataset_id)
-            if not os.path.exists(path):
+            if not os.path.lexists(path):
                 raise UnknownVolume(dataset_id)
+            _check_kind(path)
             devices = _live_devices_of(path)
             if not devices:
                 if _read_record(self._record_file(dataset_id), dataset_id) is None:
@@ -518,10 +553,16 @@ class LoopbackBackend:
 
     @contextlib.contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
-        os.makedirs(self._volumes_path, exist_ok=True)
-        os.makedirs(self._records_path, exist_ok=True)
-        fd = os.open(os.path.join(self.root_path, "lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.makedirs(self.root_path, mode=0o700, exist_ok=True)
+        for folder in (self._volumes_path, self._records_path, self._spares.path):
+            _folder(folder)
+        lock = os.path.join(self.root_path, "lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeRoot(lock, "a symbolic link") from None
+            raise
         try:
             # flock, not lockf: it excludes other open files in the same process too, so
             # two backend objects (or threads) in one process exclude each other.
@@ -533,7 +574,7 @@ class LoopbackBackend:
     def _volume(self, dataset_id: str) -> BlockVolume:
         path = self._volume_file(dataset_id)
         try:
-            size = os.stat(path).st_size
+            size = _check_kind(path).st_size
         except FileNotFoundError:
             raise UnknownVolume(dataset_id) from None
         record = _read_record(self._record_file(dataset_id), dataset_id)
@@ -557,9 +598,12 @@ class LoopbackBackend:
                 temporary.append(path)
             elif name.endswith(".img") and is_valid_dataset_id(name[:-4]):
                 try:
-                    volumes[name[:-4]] = os.stat(path).st_size
+                    status = os.lstat(path)
                 except FileNotFoundError:
                     continue
+                if not S_ISREG(status.st_mode):
+                    continue  # a symbolic link is no volume (attach refuses it too)
+                volumes[name[:-4]] = status.st_size
                 files[name[:-4]] = path
         records, unreadable = {}, []
         for name in sorted(os.listdir(self._records_path)):

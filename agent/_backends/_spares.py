@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 import uuid
 from typing import Callable, Optional
@@ -61,7 +62,7 @@ class SpareFiles:
         backend's exclusive lock.
         """
         for name in sorted(self._names()):
-            if spare_size(name) != size:
+            if spare_size(name) != size or not _regular(os.path.join(self.path, name)):
                 continue
             try:
                 os.rename(os.path.join(self.path, name), destination)
@@ -77,19 +78,20 @@ class SpareFiles:
         """Make one finished spare of ``size`` bytes (blocking: mkfs and debugfs); its path.
         The folder is made if missing, but not its parent (the backend's root)."""
         try:
-            os.mkdir(self.path)
+            os.mkdir(self.path, 0o700)
         except FileExistsError:
             pass
         name = f"{size}-{uuid.uuid4().hex}.img"
         temporary = os.path.join(self.path, f".{name}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
         try:
             try:
                 os.ftruncate(fd, size)
             finally:
                 os.close(fd)
             make_filesystem(temporary)
-            fd = os.open(temporary, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(temporary, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
@@ -132,6 +134,14 @@ class SpareFiles:
             return os.listdir(self.path)
         except FileNotFoundError:
             return []
+
+
+def _regular(path: str) -> bool:
+    """Whether ``path`` is a regular file (a symbolic link is not)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _unlink(path: str) -> None:

@@ -8,13 +8,15 @@ state=${1:?usage: up.sh STATE_DIR}
 cd "$(dirname "$0")/../.."
 venv=${PYFLOCK_VENV:-.venv}
 bin=$(cd "$venv" && pwd)/bin
-certs=$state/certs
+ca=$state/ca        # the cluster CA: cluster.key and its index, for pyflock-ca and joins only
+certs=$state/certs  # the control service's certificates folder (no CA key)
+cli=$state/cli      # the CLI's: cluster.crt and the admin user's certificate and key
 node=$state/node
 port=${PYFLOCK_PORT:-4523}
 agent_port=${PYFLOCK_AGENT_PORT:-4524}
 join_port=${PYFLOCK_JOIN_PORT:-4526}
-mkdir -p "$state/logs" "$certs" "$node/certs"
-chmod 700 "$state" "$certs" "$node/certs"
+mkdir -p "$state/logs"
+chmod 700 "$state"
 say() { echo "up: $*"; }
 
 # A recorded pid counts only while it is still that program (pids are reused after a reboot).
@@ -39,23 +41,8 @@ wait_until() {  # what pidfile log command...
   echo "up: $what did not come up within 30 s; see $log" >&2; exit 1
 }
 
-# -- certificates -------------------------------------------------------------------------
-if [ ! -f "$certs/cluster.crt" ]; then
-  (cd "$certs"
-   "$bin/pyflock-ca" initialize local >/dev/null
-   "$bin/pyflock-ca" create-control-certificate 127.0.0.1 >/dev/null
-   mv control-127.0.0.1.crt control-service.crt
-   mv control-127.0.0.1.key control-service.key
-   "$bin/pyflock-ca" create-api-certificate admin >/dev/null)
-  say "created a cluster CA and certificates in $certs"
-fi
-if [ ! -f "$node/certs/node.crt" ]; then
-  uuid=$("$bin/pyflock-ca" create-node-certificate -i "$certs" -o "$node/certs" 2>/dev/null)
-  mv "$node/certs/$uuid.crt" "$node/certs/node.crt"
-  mv "$node/certs/$uuid.key" "$node/certs/node.key"
-  cp "$certs/cluster.crt" "$node/certs/cluster.crt"
-  say "created this node's certificate (node $uuid)"
-fi
+# -- certificates: each key in the folder of whoever uses it (docs/security.md) -----------
+deploy/local/certificates.sh "$state" "$bin"
 
 # -- control service ----------------------------------------------------------------------
 if running "$state/control.pid" pyflock-control; then
@@ -64,7 +51,8 @@ else
   nohup "$bin/pyflock-control" run --data-path "$state/control" \
     --port "tcp:$port:interface=127.0.0.1" --agent-port "tcp:$agent_port:interface=127.0.0.1" \
     --join-port "tcp:$join_port:interface=127.0.0.1" \
-    --certificates-directory "$certs" >>"$state/logs/control.log" 2>&1 </dev/null &
+    --certificates-directory "$certs" --ca-key "$ca/cluster.key" \
+    >>"$state/logs/control.log" 2>&1 </dev/null &
   echo $! >"$state/control.pid"
 fi
 config_home=${XDG_CONFIG_HOME:-$HOME/.config}/pyflock
@@ -73,7 +61,7 @@ cat >"$config_home/cli.yml" <<YML
 # Written by pyflock's make up.
 control-service: 127.0.0.1
 control-port: $port
-certs-path: $certs
+certs-path: $cli
 user: admin
 YML
 wait_until "the control service" "$state/control.pid" "$state/logs/control.log" \

@@ -13,7 +13,8 @@ import pytest
 
 from pyflock.agent._fs import (
     COMMAND_TIMEOUTS, DEFAULT_COMMAND_TIMEOUT, ROOT_MODE, CommandFailed, CommandTimedOut,
-    FilesystemError, MountInfo, command_timeout, ext4_root_mode, filesystem_type,
+    FilesystemError, MOUNT_ROOT_MODE, MountInfo, _blkid_answer, _mount_call,
+    command_timeout, prepare_mount_root, ext4_root_mode, filesystem_type,
     finish_filesystem, finished_ext4_root, has_filesystem, is_mounted, make_filesystem, mount, mounted_device,
     parse_debugfs_listing, parse_mountinfo, probe_filesystem, read_mountinfo, root_entries,
     run_command, unmount,
@@ -120,6 +121,31 @@ def test_parse_debugfs_listing():
                "/12/100644/1000/1000/a file/5/\n\n")
     assert ((".", 0o40755), ("..", 0o40755), ("lost+found", 0o40700),
             ("a file", 0o100644)) == parse_debugfs_listing("debugfs 1.47.0\n" + listing)
+
+
+def test_parse_debugfs_listing_names_with_newlines():
+    """A name holding newlines (even what looks like an entry) is one entry."""
+    listing = ("/2/040755/0/0/.//\n/12/100644/0/0/a\nb/0/\n/14/100644/0/0/x\n/0/\n"
+               "/15/100644/0/0/\udcff\n12\n/7/\n\n")
+    assert parse_debugfs_listing(listing) == (
+        (".", 0o40755), ("a\nb", 0o100644), ("x\n", 0o100644), ("\udcff\n12\n", 0o100644))
+
+
+def test_parse_debugfs_listing_refuses_a_garbled_entry():
+    """An entry that cannot be read is an error, never a shorter listing."""
+    with pytest.raises(FilesystemError, match="unexpected output from debugfs"):
+        parse_debugfs_listing("/2/040755/0/0/.//\n/12/100644/0/0/cut")
+
+
+def test_blkid_answer():
+    """blkid's one-line answer is the type; several lines or odd text are refused."""
+    argv = ["blkid"]
+    assert _blkid_answer(argv, 0, "ext4\n", "") == "ext4"
+    assert _blkid_answer(argv, 0, "", "") is None
+    assert _blkid_answer(argv, 2, "", "") is None
+    for odd in ("ext4\nxfs\n", "ext4\n\n", "a b\n"):
+        with pytest.raises(FilesystemError, match="unexpected answer from `blkid`"):
+            _blkid_answer(argv, 0, odd, "")
 
 
 def test_read_own_mountinfo():
@@ -336,6 +362,57 @@ def test_mount(device, mount_point):
     assert not is_mounted(mount_point)
     mount(device, mount_point)
     assert (is_mounted(mount_point), mounted_device(mount_point)) == (True, device)
+
+
+@needs_root
+def test_mounts_are_nosuid_nodev(device, mount_point, tmp_path):
+    """A dataset's mount is nosuid,nodev: a setuid-root copy of id run by nobody from it
+    does not run as root."""
+    make_filesystem(device)
+    mount(device, mount_point)
+    [info] = [m for m in read_mountinfo() if m.mount_point == os.path.realpath(mount_point)]
+    assert {"nosuid", "nodev"} <= set(info.options.split(","))
+    program = os.path.join(mount_point, "id")
+    shutil.copy(shutil.which("id"), program)
+    os.chmod(program, 0o4755)
+    ran = subprocess.run([program, "-u"], capture_output=True, text=True, check=True,
+                         user=65534, group=65534, extra_groups=[])
+    assert ran.stdout.strip() == "65534"
+
+
+@needs_root
+def test_mount_adds_nosuid_to_an_older_mount(device, mount_point):
+    """A dataset mounted without nosuid,nodev (an older version) gets them, not a second
+    mount."""
+    make_filesystem(device)
+    os.makedirs(mount_point)
+    _mount_call(device, mount_point, "ext4", 0)
+    mount(device, mount_point)
+    target = os.path.realpath(mount_point)
+    infos = [m for m in read_mountinfo() if m.mount_point == target]
+    assert len(infos) == 1 and {"nosuid", "nodev"} <= set(infos[0].options.split(","))
+
+
+def test_prepare_mount_root(tmp_path):
+    """The mount root is made, or made again, mode 0700."""
+    root = tmp_path / "mounts"
+    prepare_mount_root(str(root))
+    root.chmod(0o755)
+    prepare_mount_root(str(root))
+    assert root.stat().st_mode & 0o7777 == MOUNT_ROOT_MODE == 0o700
+
+
+@needs_root
+def test_root_entries_with_odd_names(device, mount_point):
+    """Names with newlines and bytes that are no UTF-8 are listed as they are."""
+    make_filesystem(device)
+    mount(device, mount_point)
+    for name in (b"a\nb", b"x\n", b"\xff\xfe", b"\n\n"):
+        with open(os.path.join(os.fsencode(mount_point), name), "wb"):
+            pass
+    unmount(mount_point)
+    names = sorted(name for name, _ in root_entries(device))
+    assert names == sorted([".", "..", "a\nb", "x\n", os.fsdecode(b"\xff\xfe"), "\n\n"])
 
 
 @needs_root

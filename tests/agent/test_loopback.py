@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._backends import (
     AlreadyAttached, BlockVolume, InvalidVolumeRequest, Leftovers, LoopbackBackend,
-    UnattachedVolume, UnknownVolume, VolumeBusy,
+    UnattachedVolume, UnknownVolume, VolumeBusy, VolumeExists,
 )
 from pyflock.agent._backends._loopback import (
     LoopAttachFailed, attach_loop_device, release_loop_device, scan_loop_devices,
@@ -27,6 +27,7 @@ from tests.contracts.backends import (
 from pyflock.agent._fs import (
     filesystem_type, is_mounted, make_filesystem, mount, probe_filesystem, unmount,
 )
+from pyflock.agent._backends._loopback import UnsafeRoot
 
 
 @pytest.mark.integration
@@ -449,3 +450,79 @@ class LoopbackBackendTests(SynchronousTestCase):
                               str(uuid.uuid4()), 2 ** 63)
         self.assertIn("too large", str(e))
         self.assertEqual([], os.listdir(os.path.join(self.root, "volumes")))
+
+
+@pytest.mark.integration
+class LoopbackRootSafetyTests(SynchronousTestCase):
+    """Symbolic links planted in the loopback root are never followed (issue 8, point 8)."""
+
+    def setUp(self) -> None:
+        self.root = loopback_root(self)
+        self.backend = LoopbackBackend(self.root, NODE_A)
+        self.backend.list_volumes()  # makes the root's folders
+        self.victim = os.path.join(self.root, "victim")
+        with open(self.victim, "wb") as f:
+            f.write(b"precious")
+
+    def test_temporary_file_symlink_not_followed(self) -> None:
+        """A symlink at a temporary file's name is replaced, its target left untouched."""
+        dataset_id = str(uuid.uuid4())
+        os.symlink(self.victim, os.path.join(self.root, "volumes", f".{dataset_id}.img.tmp"))
+        os.symlink(self.victim,
+                   os.path.join(self.root, "attachments", f".{dataset_id}.json.tmp"))
+        self.backend.create_volume(dataset_id, SIZE)
+        device = self.backend.attach_volume(dataset_id, NODE_A).device_path
+        self.addCleanup(release_loop_device, device,
+                        os.path.join(os.path.realpath(self.root), "volumes",
+                                     f"{dataset_id}.img"))
+        with open(self.victim, "rb") as f:
+            self.assertEqual(b"precious", f.read())
+        image = os.path.join(self.root, "volumes", f"{dataset_id}.img")
+        self.assertFalse(os.path.islink(image))
+        self.assertEqual(SIZE, os.stat(image).st_size)
+        self.backend.detach_volume(dataset_id)
+
+    def test_symlinked_image_refused(self) -> None:
+        """An image that is a symlink is no volume: not listed, not attached, not found."""
+        dataset_id = str(uuid.uuid4())
+        os.symlink(self.victim, os.path.join(self.root, "volumes", f"{dataset_id}.img"))
+        self.assertEqual([], self.backend.list_volumes())
+        for call in (self.backend.get_volume, self.backend.detach_volume):
+            e = self.assertRaises(UnsafeRoot, call, dataset_id)
+            self.assertIn("symbolic link", str(e))
+        self.assertRaises(UnsafeRoot, self.backend.attach_volume, dataset_id, NODE_A)
+        self.assertRaises(VolumeExists, self.backend.create_volume, dataset_id, SIZE)
+        self.assertEqual([], self.devices_under_root())
+
+    def test_symlinked_folders_and_lock_refused(self) -> None:
+        """A folder or the lock of the root replaced by a symlink stops every call."""
+        elsewhere = os.path.join(self.root, "elsewhere")
+        os.mkdir(elsewhere)
+        for name in ("attachments", "lock"):
+            path = os.path.join(self.root, name)
+            moved = path + ".moved"
+            os.rename(path, moved)
+            os.symlink(elsewhere if name != "lock" else self.victim, path)
+            e = self.assertRaises(UnsafeRoot, self.backend.list_volumes)
+            self.assertIn(path, str(e))
+            os.unlink(path)
+            os.rename(moved, path)
+        self.assertEqual([], self.backend.list_volumes())
+
+    def test_symlinked_spare_not_taken(self) -> None:
+        """A spare that is a symlink is not renamed into a volume."""
+        os.symlink(self.victim, os.path.join(self.root, "spares", f"{SIZE}-{'0' * 32}.img"))
+        dataset_id = str(uuid.uuid4())
+        self.backend.create_volume(dataset_id, SIZE)
+        self.assertFalse(os.path.islink(
+            os.path.join(self.root, "volumes", f"{dataset_id}.img")))
+
+    def test_root_folders_are_private(self) -> None:
+        """The root's folders are made mode 0700."""
+        for name in ("volumes", "attachments", "spares"):
+            self.assertEqual(0o700, os.stat(os.path.join(self.root, name)).st_mode & 0o777)
+
+    def devices_under_root(self) -> list:
+        """The loop devices backed by files in the root."""
+        prefix = os.path.realpath(self.root) + "/"
+        return [d for d in scan_loop_devices() if d.backing_file.startswith(prefix)]

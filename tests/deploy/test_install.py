@@ -78,12 +78,14 @@ def test_control_node(host):
     assert host.called("pyflock-ca") == [
         "pyflock-ca initialize c1 --cluster-uuid 0b7e4c7e-1111-4c1e-9d1e-5b1b2b3b4b5b",
         "pyflock-ca create-control-certificate 10.0.0.9",
-        "pyflock-ca create-api-certificate admin -o admin"]
+        "pyflock-ca create-api-certificate admin -o ../admin"]
+    # The CA key in a folder of its own, not the control service's (issue 8, point 9).
     assert sorted(p.name for p in host.config.iterdir()) == [
-        "admin", "cluster.crt", "cluster.key", "control-service.crt", "control-service.key"]
+        "admin", "ca", "cluster.crt", "control-service.crt", "control-service.key"]
+    assert (host.config / "ca" / "cluster.key").exists()
     assert host.command_line("pyflock-control") == [
         str(host.prefix / "bin" / "pyflock-control"), "run", "--data-path", f"{data}/control",
-        "--certificates-directory", config, "--ca-key", f"{config}/cluster.key"]
+        "--certificates-directory", config, "--ca-key", f"{config}/ca/cluster.key"]
     assert "control service answering at https://10.0.0.9:4523" in result.stdout
 
     again = host.install("--control", "--hostname", "10.0.0.9")
