@@ -323,7 +323,7 @@ def attach_loop_device(path: str) -> str:
     """
     name = os.fsencode(path)[:63]
     try:
-        file_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        file_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:
         raise LoopAttachFailed(path, e.strerror or str(e)) from None
     try:
