@@ -387,6 +387,8 @@ class ChannelTests(ChannelHarness):
 
     def test_report_state(self):
         """Reported state reaches the cluster state; a report made offline is sent later."""
+        self.create()
+        self.create(DS2, name="logs")
         a = self.channel(start=False)
         reports = [DatasetReport(dataset_id=DS, state="mounted", path="/m/ds")]
         a.report_state(reports)

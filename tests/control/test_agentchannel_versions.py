@@ -1,7 +1,7 @@
 """
 Evolving the agent channel (docs/architecture.md): the handshake settles a version both
-sides speak, an agent of today's wire format (version 1) is still served, a too-new agent
-is refused naming both sides' versions, and within a version unknown keys are refused.
+sides speak, an agent of the previous version (2) is still served, a too-old or too-new
+agent is refused naming both sides' versions, and within a version unknown keys are refused.
 """
 
 import json
@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._channel import AgentChannel, _ConnectionFactory
+from pyflock.common._model import Dataset
 from pyflock.common._tls import AGENT_CHANNEL
 from pyflock.common._wire import (
     MESSAGE_KEYS, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, Error, Hello,
@@ -28,22 +29,26 @@ DS = "11111111-2222-4333-8444-555555555555"
 V1_HELLO = (b'{"type":"hello","protocol":1,"node_uuid":"' + A.encode() + b'","era":"e1",'
             b'"address":"127.0.0.7","peer_port":4525,"known":null}')
 
+#: A hello exactly as an agent of protocol version 2 sends it, byte for byte.
+V2_HELLO = (b'{"type":"hello","protocol":2,"node_uuid":"' + A.encode() + b'","era":"e1",'
+            b'"address":"127.0.0.7","peer_port":4525,"known":null,"protocols":[1,2]}')
+
 #: What this code speaks.
 OURS = (OLDEST_PROTOCOL, PROTOCOL_VERSION)
 
 
 def test_this_code_speaks_the_current_and_previous_version():
     """The control service (and agent) speak the current version and the one before."""
-    assert OURS == (PROTOCOL_VERSION - 1, PROTOCOL_VERSION) == (1, 2)
-    assert set(MESSAGE_KEYS) == {1, 2}
+    assert OURS == (PROTOCOL_VERSION - 1, PROTOCOL_VERSION) == (2, 3)
+    assert set(MESSAGE_KEYS) == {2, 3}
 
 
 @pytest.mark.parametrize("theirs, ours, chosen", [
-    ((1, 1), OURS, 1),
     ((1, 2), OURS, 2),
-    ((2, 3), OURS, 2),
-    ((1, 2), (1, 1), 1),
-    ((2, 2), (2, 3), 2),
+    ((2, 3), OURS, 3),
+    ((3, 4), OURS, 3),
+    ((2, 3), (2, 2), 2),
+    ((3, 3), (3, 4), 3),
 ])
 def test_negotiate_picks_the_newest_shared_version(theirs, ours, chosen):
     """The connection speaks the newest version both sides speak."""
@@ -51,8 +56,9 @@ def test_negotiate_picks_the_newest_shared_version(theirs, ours, chosen):
 
 
 @pytest.mark.parametrize("theirs, ours, named", [
-    ((3, 4), OURS, "protocols 3 to 4, this side speaks protocols 1 to 2"),
-    ((2, 2), (1, 1), "protocol 2, this side speaks protocols 1 to 2"),
+    ((4, 5), OURS, "protocols 4 to 5, this side speaks protocols 2 to 3"),
+    ((1, 1), OURS, "protocol 1, this side speaks protocols 2 to 3"),
+    ((3, 3), (2, 2), "protocol 3, this side speaks protocols 2 to 3"),
 ])
 def test_negotiate_refuses_disjoint_versions(theirs, ours, named):
     """Versions that share none are a ``ProtocolMismatch`` naming the peer's versions."""
@@ -62,12 +68,19 @@ def test_negotiate_refuses_disjoint_versions(theirs, ours, named):
     assert named in str(error.value)
 
 
-def test_version_1_hello_decodes_as_speaking_only_1():
-    """Today's hello (no ``protocols``) is an agent that speaks version 1 alone."""
-    hello = decode(V1_HELLO)
+def test_version_1_hello_is_a_mismatch():
+    """pyflock 1's hello (no ``protocols``) speaks version 1 alone: no longer spoken."""
+    with pytest.raises(ProtocolMismatch) as error:
+        decode(V1_HELLO)
+    assert (error.value.theirs_oldest, error.value.theirs) == (1, 1)
+
+
+def test_version_2_hello_decodes_as_speaking_1_to_2():
+    """A version 2 agent's hello decodes, and encodes back byte for byte."""
+    hello = decode(V2_HELLO)
     assert hello == Hello(node_uuid=A, era="e1", address="127.0.0.7", peer_port=4525,
-                          protocols=(1, 1))
-    assert encode(hello) == V1_HELLO
+                          protocols=(1, 2))
+    assert encode(hello) == V2_HELLO
 
 
 def test_new_hello_names_its_range():
@@ -83,11 +96,9 @@ def hello_json(drop=(), **changes) -> bytes:
 
 
 @pytest.mark.parametrize("payload, expected", [
-    (V1_HELLO.replace(b'"known"', b'"protocols":[1,1],"known"'),
-     "hello has unknown keys 'protocols'"),
     (hello_json(extra=1), "hello has unknown keys 'extra'"),
-    (hello_json(protocols=[2, 1]), "hello.protocols must be [oldest, newest]"),
-    (hello_json(protocols=[1, 3]), "ending with hello.protocol (2)"),
+    (hello_json(protocols=[3, 2]), "hello.protocols must be [oldest, newest]"),
+    (hello_json(protocols=[1, 2]), "ending with hello.protocol (3)"),
     (hello_json(protocols=[1]), "hello.protocols must be"),
     (hello_json(protocols=[True, 2]), "hello.protocols must be"),
     (hello_json(known={"epoch": "e", "version": 1, "more": 2}),
@@ -103,17 +114,25 @@ def test_unknown_keys_are_refused_within_a_version(payload, expected):
     assert expected in str(error.value)
 
 
-def test_unknown_keys_are_refused_in_version_1_too():
-    """A connection settled on version 1 refuses a key version 1 does not have."""
+def test_unknown_keys_are_refused_in_version_2_too():
+    """A connection settled on version 2 refuses a key version 2 does not have."""
     with pytest.raises(BadMessage, match="heartbeat has unknown keys 'x'"):
-        decode(b'{"type":"heartbeat","view":null,"x":0}', 1)
+        decode(b'{"type":"heartbeat","view":null,"x":0}', 2)
+
+
+def test_pages_are_version_3():
+    """A snapshot page (``more``) is version 3: version 2 refuses the key."""
+    page = encode(Snapshot(epoch="e", version=1, more=True))
+    assert decode(page, 3).more is True
+    with pytest.raises(BadMessage, match="snapshot has unknown keys 'more'"):
+        decode(page, 2)
 
 
 @pytest.mark.parametrize("payload, theirs", [
-    (hello_json(("era",), protocol=4, protocols=[3, 4], shape="new"), (3, 4)),
+    (hello_json(("era",), protocol=5, protocols=[4, 5], shape="new"), (4, 5)),
     (b'{"type":"hello","protocol":"two"}', ("two", "two")),
     (b'{"type":"hello"}', (None, None)),
-    (b'{"type":"welcome","protocol":3,"epoch":"e","version":1}', (3, 3)),
+    (b'{"type":"welcome","protocol":4,"epoch":"e","version":1}', (4, 4)),
     (b'{"type":"welcome","protocol":0,"epoch":"e","version":1}', (0, 0)),
 ])
 def test_handshakes_of_versions_we_do_not_speak(payload, theirs):
@@ -125,13 +144,13 @@ def test_handshakes_of_versions_we_do_not_speak(payload, theirs):
 
 def test_newer_agent_hello_is_read_by_our_keys():
     """A newer agent that also speaks our newest version is read, its new keys left."""
-    hello = decode(hello_json(protocol=3, protocols=[2, 3], shape="new"))
-    assert hello.protocols == (2, 3) and negotiate(hello.protocols) == 2
+    hello = decode(hello_json(protocol=4, protocols=[3, 4], shape="new"))
+    assert hello.protocols == (3, 4) and negotiate(hello.protocols) == 3
 
 
 def test_other_versions_errors_are_read():
     """An error's shape never changes: one with a key of another version is still read."""
-    error = decode(b'{"type":"error","code":"c","reason":"r","protocol":9,"more":1}', 1)
+    error = decode(b'{"type":"error","code":"c","reason":"r","protocol":9,"more":1}', 2)
     assert error == Error(code="c", reason="r", protocol=9)
 
 
@@ -146,19 +165,30 @@ class NegotiationTests(SynchronousTestCase):
         self.server.start()
         self.addCleanup(self.server.stop)
 
-    def test_old_agent_is_served_version_1(self):
-        """An agent sending today's version-1 hello is welcomed in 1 and reports its state."""
+    def test_previous_agent_is_served_version_2(self):
+        """An agent sending a version-2 hello is welcomed in 2 and reports its state."""
+        self.successResultOf(self.h.configuration.change([DS], lambda c: c.create(
+            Dataset(dataset_id=DS, primary=A))))
         agent = RawAgent(self.server, NODE_A)
-        welcome, snapshot = agent.send_raw(V1_HELLO)
+        welcome, snapshot = agent.send_raw(V2_HELLO)
         self.assertEqual(welcome, Welcome(epoch=self.server.epoch,
-                                          version=self.server.version, protocol=1))
+                                          version=self.server.version, protocol=2))
         self.assertIsInstance(snapshot, Snapshot)
-        self.assertEqual(agent.protocol.protocol_version, 1)
+        self.assertEqual(agent.protocol.protocol_version, 2)
         report = (b'{"type":"state","node_uuid":"' + A.encode() + b'","datasets":[{'
                   b'"dataset_id":"' + DS.encode() + b'","state":"mounted","path":"/m",'
                   b'"maximum_size":null}],"view":null}')
-        self.assertEqual(agent.send_raw(report), [])
+        [diff] = agent.send_raw(report)
+        self.assertEqual(diff.datasets[0].holders, (A,))
         self.assertEqual(set(self.h.cluster.state.nodes[A].datasets), {DS})
+
+    def test_version_1_agent_is_refused_naming_both_versions(self):
+        """pyflock 1's agent (version 1) is refused, told to upgrade."""
+        agent = RawAgent(self.server, NODE_A)
+        [error] = agent.send_raw(V1_HELLO)
+        self.assertEqual(error.code, "protocol-version")
+        self.assertIn("the agent speaks agent-channel protocol 1, this control service "
+                      "speaks protocols 2 to 3", error.reason)
 
     def test_new_agent_is_served_the_newest_version(self):
         """An agent speaking the current and previous version gets the current one."""
@@ -170,10 +200,10 @@ class NegotiationTests(SynchronousTestCase):
     def test_too_new_agent_is_refused_naming_both_versions(self):
         """An agent speaking only newer versions is refused, told both sides' versions."""
         agent = RawAgent(self.server, NODE_A)
-        [error] = agent.send_raw(hello_json(protocol=4, protocols=[3, 4]))
+        [error] = agent.send_raw(hello_json(protocol=5, protocols=[4, 5]))
         self.assertEqual(error.code, "protocol-version")
-        self.assertIn("the agent speaks agent-channel protocols 3 to 4, this control "
-                      "service speaks protocols 1 to 2: upgrade the control service first",
+        self.assertIn("the agent speaks agent-channel protocols 4 to 5, this control "
+                      "service speaks protocols 2 to 3: upgrade the control service first",
                       error.reason)
         self.assertTrue(agent.closed)
         self.assertEqual(dict(self.h.cluster.state.nodes), {})
@@ -181,7 +211,7 @@ class NegotiationTests(SynchronousTestCase):
     def test_unknown_key_after_the_handshake_is_refused(self):
         """Once welcomed, a message with a key its version lacks closes the connection."""
         agent = RawAgent(self.server, NODE_A)
-        agent.send_raw(V1_HELLO)
+        agent.send_raw(V2_HELLO)
         [error] = agent.send_raw(b'{"type":"sync","since":3}')
         self.assertEqual(error.code, "bad-message")
         self.assertIn("sync has unknown keys 'since'", error.reason)
@@ -208,16 +238,16 @@ class AgentSideTests(SynchronousTestCase):
     def test_welcome_settles_the_version(self):
         """The welcome's version is the one the connection decodes by from then on."""
         channel, protocol, transport, _ = self.make()
-        protocol.dataReceived(frame(encode(Welcome(epoch="e", version=0, protocol=1))))
-        self.assertEqual((channel.connected, protocol.protocol_version), (True, 1))
+        protocol.dataReceived(frame(encode(Welcome(epoch="e", version=0, protocol=2))))
+        self.assertEqual((channel.connected, protocol.protocol_version), (True, 2))
         channel._heartbeats.stop()
 
     def test_welcome_to_a_version_not_spoken_is_refused(self):
         """A welcome choosing a version the agent does not speak is refused, naming both."""
         _, protocol, transport, _ = self.make()
-        protocol.dataReceived(frame(b'{"type":"welcome","protocol":3,"epoch":"e",'
+        protocol.dataReceived(frame(b'{"type":"welcome","protocol":4,"epoch":"e",'
                                     b'"version":0}'))
         [error] = frames(transport)
         self.assertEqual(error.code, "protocol-version")
         self.assertEqual(error.reason, "the control service answered agent-channel "
-                                       "protocol 3, this agent speaks protocols 1 to 2")
+                                       "protocol 4, this agent speaks protocols 2 to 3")
