@@ -9,6 +9,7 @@ non-ASCII metadata gets all of it, in pages within the page size.
 import re
 import socket
 import ssl
+import struct
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,8 @@ from pyflock.agent._channel import AgentChannel, control_endpoint
 from pyflock.common._limits import SNAPSHOT_PAGE
 from pyflock.common._tls import ClusterTLS, client_tls_options, tls_client_endpoint
 from pyflock.common._wire import (
-    DatasetReport, Hello, MessageProtocol, Snapshot, StateReport, SyncRequest, Welcome,
-    encode, frame, join_pages,
+    DatasetReport, Heartbeat, Hello, MessageProtocol, Snapshot, StateReport, SyncRequest,
+    Welcome, decode, encode, frame, join_pages,
 )
 
 pytestmark = pytest.mark.integration
@@ -209,5 +210,99 @@ async def test_big_cluster_snapshot_arrives_whole_in_pages(reactor, tmp_path):
         assert control.log_events("pyflock:agent:view-out-of-step") == []
     finally:
         await (channel.stop() if channel is not None else succeed(None))
+        await client.close()
+        control.close()
+
+
+def read_message(sock: ssl.SSLSocket, protocol: int = 3):
+    """The next message on a blocking socket (``ConnectionError`` once it is closed)."""
+    def exactly(count):
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+    (length,) = struct.unpack("!I", exactly(4))
+    return decode(exactly(length), protocol)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_node_small_attacks(reactor, tmp_path):
+    """
+    Against a real control service, a node certificate's huge frame, false address and
+    made-up datasets are refused or ignored, saying why; never acknowledging a view holds
+    back a purge only until the deadline; and the REST API refuses metadata over 8 KiB.
+    """
+    from tests.harness.certificates import make_cluster_certificates
+    from tests.harness.control import APIClient, ControlProcess, free_address
+
+    folder = tmp_path / "certs"
+    folder.mkdir()
+    host, _ = free_address()
+    cluster = make_cluster_certificates(folder, nodes=1, control_host=host)
+    [a] = cluster.node_uuids
+    control = ControlProcess(tmp_path / "data", folder, host=host,
+                             log_directory=tmp_path / "logs", extra_arguments=[
+                                 "--node-expiry", "2", "--purge-deadline", "3"])
+    client = APIClient(reactor, control.url, folder, "alice")
+    sockets = []
+
+    def connect():
+        sock = hostile_socket(cluster.node_directory(a), host, control.agent_port)
+        sockets.append(sock)
+        return sock
+    try:
+        control.start()
+        response = await client.post("/v1/configuration/datasets", {
+            "primary": a, "metadata": {f"k{i}": "\U0001f600" * 200 for i in range(16)}})
+        assert response.code == 400 and "8192 bytes" in response.json["errors"][0]
+
+        sock = connect()
+        sock.sendall(struct.pack("!I", 2 * 1024 * 1024))
+        error = read_message(sock)
+        assert (error.code, error.reason) == ("too-large", "a message of 2097152 bytes "
+                                                          "exceeds the limit of 1048576 bytes")
+
+        sock = connect()
+        sock.sendall(frame(encode(Hello(node_uuid=a, era="e", address=host))
+                           .replace(host.encode(), b"evil host")))
+        error = read_message(sock)
+        assert error.code == "bad-message" and "must be an IP address" in error.reason
+
+        sock = connect()
+        sock.sendall(frame(encode(Hello(node_uuid=a, era="e", address=host))))
+        assert isinstance(read_message(sock), Welcome)
+        made_up = [f"{n:08x}-0000-4000-8000-000000000000" for n in range(500)]
+        sock.sendall(frame(encode(StateReport(node_uuid=a, datasets=tuple(
+            DatasetReport(dataset_id=i, state="mounted") for i in made_up)))))
+        event = await control.wait_for_event(reactor,
+                                             "pyflock:control:report-unknown-datasets")
+        assert (event["node_uuid"], event["count"]) == (a, 500)
+        assert (await client.get("/v1/state/datasets")).json == []
+
+        # The node stays alive and never acknowledges a view; past the start's grace
+        # (one node expiry), the deletion is purged only at the deadline.
+        for _ in range(7):
+            sock.sendall(frame(encode(Heartbeat(view=None))))
+            await deferLater(reactor, 0.3, lambda: None)
+        response = await client.post("/v1/configuration/datasets", {"primary": a})
+        dataset_id = response.json["dataset_id"]
+        assert (await client.delete(f"/v1/configuration/datasets/{dataset_id}")).code == 200
+        deleted = reactor.seconds()
+        purged = None
+        while purged is None and reactor.seconds() - deleted < 10:
+            sock.sendall(frame(encode(Heartbeat(view=None))))
+            await deferLater(reactor, 0.3, lambda: None)
+            if [e for e in control.log_events("pyflock:control:dataset-purged")
+                    if e["dataset_id"] == dataset_id]:
+                purged = reactor.seconds() - deleted
+        assert purged is not None and 3 <= purged < 5, purged
+        assert control.log_events("pyflock:control:node-dead") == []
+        assert control.stop() == 0
+    finally:
+        for sock in sockets:
+            sock.close()
         await client.close()
         control.close()
