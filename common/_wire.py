@@ -409,8 +409,18 @@ def _diff(obj: dict) -> Diff:
                 nodes=unique(nodes, lambda n: n.uuid, "diff.nodes"))
 
 
+#: The keys of a dataset in a state report (every version).
+_REPORT_KEYS = frozenset({"dataset_id", "state", "path", "maximum_size"})
+
+
+def _report(value, where: str):
+    if isinstance(value, dict):
+        check_keys(value, _REPORT_KEYS, where)
+    return report_from_json(value, where)
+
+
 def _state(obj: dict) -> StateReport:
-    reports = tuple(report_from_json(r, f"state.datasets[{i}]")
+    reports = tuple(_report(r, f"state.datasets[{i}]")
                     for i, r in enumerate(read_list(obj, "datasets", "state")))
     return StateReport(node_uuid=read_uuid(obj, "node_uuid", "state"),
                        datasets=unique(reports, lambda r: r.dataset_id, "state.datasets"),

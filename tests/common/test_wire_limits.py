@@ -164,6 +164,19 @@ def test_hello_address_must_be_a_host():
             raise AssertionError(f"{address!r} accepted")
 
 
+def test_unknown_keys_of_a_reported_dataset_refused():
+    """A dataset in a state report with a key it does not have is refused, by name."""
+    report = {"type": "state", "node_uuid": A, "view": None, "datasets": [{
+        "dataset_id": dataset_id(1), "state": "mounted", "path": None,
+        "maximum_size": None, "padding": "x"}]}
+    try:
+        decode(json.dumps(report).encode(), 3)
+    except BadMessage as e:
+        assert "state.datasets[0] has unknown keys 'padding'" in str(e)
+    else:
+        raise AssertionError("accepted")
+
+
 def test_metadata_byte_limits():
     """Flocker's limits hold; on top, 8 KiB of UTF-8 per dataset at most."""
     assert metadata_problem({"k" * 256: "\U0001f600" * 256}) is None  # 1,280 bytes
