@@ -301,6 +301,7 @@ def snapshot_pages(snapshot: Snapshot, budget: int = SNAPSHOT_PAGE) -> list[byte
     a ``snapshot`` of some of its datasets and nodes, every page but the last with
     ``more``. A snapshot within the budget is one page, as ``encode`` gives it.
     """
+    # Each item is marked as a dataset or a node by a byte, which counts for its comma.
     items = ([b'd' + _dumps(dataset_entry_to_json(d)) for d in snapshot.datasets]
              + [b'n' + _dumps(node_to_json(n)) for n in snapshot.nodes])
     head = (b'{"type":"snapshot","epoch":' + _dumps(snapshot.epoch) + b',"version":'
@@ -342,9 +343,11 @@ def split_diff(diff: Diff, budget: int = SNAPSHOT_PAGE) -> list[Diff]:
     bytes each, so that no frame outgrows the limit however much changed at once; a diff
     within the budget is itself (pure).
     """
-    items = ([("datasets", d, len(_dumps(dataset_entry_to_json(d)))) for d in diff.datasets]
+    # Each item's size counts the comma after it.
+    items = ([("datasets", d, len(_dumps(dataset_entry_to_json(d))) + 1)
+              for d in diff.datasets]
              + [("removed", r, 40) for r in diff.removed]
-             + [("nodes", n, len(_dumps(node_to_json(n)))) for n in diff.nodes])
+             + [("nodes", n, len(_dumps(node_to_json(n))) + 1) for n in diff.nodes])
     groups = group_by_size((size for _, _, size in items), budget - 200)
     diffs = []
     for number, group in enumerate(groups):

@@ -313,9 +313,11 @@ class AgentChannelServer:
         one frame as several diffs, a version each)."""
         diff = Diff(epoch=self.epoch, version=self.version + 1, datasets=tuple(datasets),
                     removed=tuple(removed), nodes=tuple(nodes))
-        for part in split_diff(diff, self.page_size):
+        payload = encode(diff)
+        parts = [(diff, payload)] if len(payload) <= self.page_size else [
+            (part, encode(part)) for part in split_diff(diff, self.page_size)]
+        for part, payload in parts:
             self.version = part.version
-            payload = encode(part)
             for connection in self._connections.values():
                 connection.send_payload(payload)
 

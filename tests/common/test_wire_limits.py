@@ -261,3 +261,12 @@ class BackpressureTests(SynchronousTestCase):
         [event] = [e for e in self.events
                    if e.get("event_type") == "pyflock:peer:channel-overflow"]
         self.assertEqual(event["limit"], 1000)
+
+
+def test_many_small_items_stay_within_the_page():
+    """Pages and split diffs of many small items stay within the budget, commas included."""
+    entries = tuple(DatasetEntry(dataset_id=dataset_id(i), primary=A) for i in range(3000))
+    pages = snapshot_pages(Snapshot(epoch="e", version=1, datasets=entries), 64 * 1024)
+    assert len(pages) > 3 and max(map(len, pages)) <= 64 * 1024
+    diffs = split_diff(Diff(epoch="e", version=2, datasets=entries), 64 * 1024)
+    assert len(diffs) > 3 and max(len(encode(d)) for d in diffs) <= 64 * 1024
