@@ -270,3 +270,18 @@ def test_many_small_items_stay_within_the_page():
     assert len(pages) > 3 and max(map(len, pages)) <= 64 * 1024
     diffs = split_diff(Diff(epoch="e", version=2, datasets=entries), 64 * 1024)
     assert len(diffs) > 3 and max(len(encode(d)) for d in diffs) <= 64 * 1024
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=0, max_value=256), max_size=40),
+       nodes=st.integers(min_value=0, max_value=10),
+       budget=st.integers(min_value=2000, max_value=20_000))
+def test_pages_join_back_to_the_snapshot(sizes, nodes, budget):
+    """Any snapshot's pages decode and join back to it, each page within the budget."""
+    snapshot = Snapshot(epoch="e", version=4, datasets=tuple(
+        DatasetEntry(dataset_id=dataset_id(i), primary=A, metadata={"k": "é" * size})
+        for i, size in enumerate(sizes)), nodes=tuple(
+        Node(uuid=dataset_id(1000 + i), host=f"h{i}") for i in range(nodes)))
+    pages = snapshot_pages(snapshot, budget)
+    assert max(map(len, pages)) <= budget
+    assert join_pages([decode(page, 3) for page in pages]) == snapshot
