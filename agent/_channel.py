@@ -30,7 +30,7 @@ from pyflock.common._tls import ClusterTLS, Identity, tls_client_endpoint
 from pyflock.common._wire import (
     MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, DatasetReport, Diff, Error,
     Heartbeat, Hello, MessageProtocol, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
-    ViewVersion, Welcome, describe_protocols,
+    ViewVersion, Welcome, describe_protocols, join_pages,
 )
 from pyflock.agent._view import AgentView, ViewOutOfStep
 
@@ -72,6 +72,8 @@ class _ControlConnection(MessageProtocol):
         self.refused: Optional[Error] = None
         self.syncing = False
         self.sent_state: Optional[tuple] = None
+        #: The pages of a snapshot received so far (protocol 3), until its last page.
+        self.pages: list[Snapshot] = []
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -270,8 +272,16 @@ class AgentChannel:
                                  f"not {type(message).__name__}")
             self._welcomed(connection, message)
         elif isinstance(message, Snapshot):
+            connection.pages.append(message)
+            if message.more:
+                return
+            pages, connection.pages = connection.pages, []
+            snapshot = join_pages(pages)
             connection.syncing = False
-            self._set_view(self.view.apply(message), message)
+            self._set_view(self.view.apply(snapshot), snapshot)
+        elif connection.pages:
+            raise BadMessage(f"a {type(message).__name__} came before the last page of a "
+                             f"snapshot")
         elif isinstance(message, Diff):
             if connection.syncing:
                 return

@@ -17,6 +17,7 @@ import attr
 import yaml
 from jsonschema import Draft202012Validator
 
+from pyflock.common._jsonread import is_host
 from pyflock.common._sizes import parse_size
 
 DEFAULT_CERTIFICATES = "/etc/pyflock"
@@ -135,6 +136,9 @@ def parse_config(document) -> AgentConfig:
         default_size = parse_size(str(dataset.pop("default_size", DEFAULT_SIZE)))
     except ValueError as e:
         raise ConfigError(f"dataset.default_size: {e}")
+    if node.get("address") is not None and not is_host(node["address"]):
+        raise ConfigError(f"node.address: {node['address']!r} must be an IP address or a "
+                          f"host name (the control service refuses anything else)")
     data_path = document.get("data-path", DEFAULT_DATA_PATH)
     if backend == "loopback":
         dataset.setdefault("root_path", os.path.join(data_path, "loopback"))

@@ -7,11 +7,13 @@ what is wrong, never with a ``KeyError`` or ``TypeError`` from deep inside.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from typing import Any, Callable, Optional
 from uuid import UUID
 
-from pyflock.common._limits import MAXIMUM_TEXT
+from pyflock.common._limits import MAXIMUM_HOST_NAME, MAXIMUM_TEXT
 
 
 class Malformed(ValueError):
@@ -79,6 +81,31 @@ def read_uuid(obj: dict, key: str, where: str) -> str:
     return uuid_value(read(obj, key, (str,), where), f"{where}.{key}")
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def is_host(text: str) -> bool:
+    """Whether ``text`` is an IP address (v4 or v6) or a host name (RFC 1123)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    name = text[:-1] if text.endswith(".") else text
+    # A name whose last label is a number would be a malformed IPv4 address.
+    return (0 < len(name) <= MAXIMUM_HOST_NAME and not name.rsplit(".", 1)[-1].isdigit()
+            and all(_HOST_LABEL.fullmatch(label) for label in name.split(".")))
+
+
+def read_host(obj: dict, key: str, where: str) -> str:
+    """``obj[key]``, an IP address or a host name."""
+    value = read(obj, key, (str,), where)
+    if not is_host(value):
+        raise Malformed(f"{where}.{key} must be an IP address or a host name, not "
+                        f"{value[:80]!r}")
+    return value
+
+
 def read_natural(obj: dict, key: str, where: str, optional: bool = False, low: int = 0,
                  high: Optional[int] = None, default: Any = REQUIRED) -> Optional[int]:
     """``obj[key]``, an integer from ``low`` to ``high`` (None: no upper bound)."""
@@ -127,5 +154,5 @@ def unique(items: tuple, key: Callable[[Any], Any], where: str) -> tuple:
     return items
 
 
-__all__ = ["Malformed", "REQUIRED", "as_object", "read", "read_list", "read_natural",
-           "read_number", "read_port", "read_uuid", "unique", "uuid_value"]
+__all__ = ["Malformed", "REQUIRED", "as_object", "is_host", "read", "read_host", "read_list",
+           "read_natural", "read_number", "read_port", "read_uuid", "unique", "uuid_value"]

@@ -2,7 +2,7 @@
 The agent channel's messages and their encoding, shared by the control service and agents.
 
 Each message is one JSON object, sent as a frame with a 4-byte big-endian length prefix
-(``Int32StringReceiver``); ``"type"`` says which message it is. ``encode`` and ``decode``
+(``FrameReader`` reassembles them); ``"type"`` says which message it is. ``encode`` and ``decode``
 turn the values below into frames' payloads and back, and ``decode`` checks every field, so
 the rest of the code only ever sees well-formed values. ``MessageProtocol`` is the framing
 both ends share: a peer's bad message gets an ``error`` message and a disconnect.
@@ -19,17 +19,24 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Optional, Union
+import struct
+from collections import deque
+from typing import Iterable, Optional, Union
 
 import attr
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
-from twisted.protocols.basic import Int32StringReceiver
+from zope.interface import implementer
 
 from pyflock.common._jsonread import (
-    Malformed, read, read_list, read_natural, read_port, read_uuid, unique, uuid_value,
+    Malformed, read, read_host, read_list, read_natural, read_port, read_uuid, unique,
+    uuid_value,
 )
-from pyflock.common._limits import DATASET_STATES
+from pyflock.common._limits import (
+    AGENT_MESSAGE_LIMIT, DATASET_STATES, MAX_MESSAGE, SEND_LIMIT, SNAPSHOT_PAGE,
+)
 from pyflock.common._logging import log_event
 from pyflock.common._records import (
     DatasetEntry, DatasetReport, Node, dataset_entry_from_json, dataset_entry_to_json,
@@ -37,7 +44,8 @@ from pyflock.common._records import (
 )
 
 #: The newest agent-channel protocol this code speaks (docs/architecture.md, "Evolving the
-#: agent channel"): 2 added the hello's ``protocols``; 3 the hello's ``zone``.
+#: agent channel"): 2 added the hello's ``protocols``; 3 the hello's ``zone`` (issue 10)
+#: and snapshots in pages (the snapshot's ``more``, issue 8).
 PROTOCOL_VERSION = 3
 
 #: The oldest it still speaks: the previous one, so agents are upgraded one at a time.
@@ -46,8 +54,8 @@ OLDEST_PROTOCOL = PROTOCOL_VERSION - 1
 #: What a node's availability zone may be called (``eu-west-1a``, ``us-west-2-lax-1a``).
 ZONE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-#: Frames longer than this are refused (a snapshot of ~100,000 datasets fits).
-MAX_MESSAGE = 32 * 1024 * 1024
+#: The first version whose snapshots may come in pages (issue 8).
+PAGED_SNAPSHOTS = 3
 
 _log = Logger()
 
@@ -166,12 +174,16 @@ class Error:
 
 @attr.s(frozen=True, auto_attribs=True)
 class Snapshot:
-    """Control -> agent: the whole view at ``version``."""
+    """
+    Control -> agent: the whole view at ``version``, or (from version 3 on) one page of
+    it: ``more`` says that further pages of the same view follow.
+    """
 
     epoch: str
     version: int
     datasets: tuple = ()
     nodes: tuple = ()
+    more: bool = False
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -244,9 +256,12 @@ def message_to_json(message: Message) -> dict:
         return {"type": "error", "code": message.code, "reason": message.reason,
                 "protocol": message.protocol}
     if isinstance(message, Snapshot):
-        return {"type": "snapshot", "epoch": message.epoch, "version": message.version,
-                "datasets": [dataset_entry_to_json(d) for d in message.datasets],
-                "nodes": [node_to_json(n) for n in message.nodes]}
+        snapshot = {"type": "snapshot", "epoch": message.epoch, "version": message.version,
+                    "datasets": [dataset_entry_to_json(d) for d in message.datasets],
+                    "nodes": [node_to_json(n) for n in message.nodes]}
+        if message.more:
+            snapshot["more"] = True  # version 3: a page (never sent to version 2)
+        return snapshot
     if isinstance(message, Diff):
         return {"type": "diff", "epoch": message.epoch, "version": message.version,
                 "datasets": [dataset_entry_to_json(d) for d in message.datasets],
@@ -263,10 +278,93 @@ def message_to_json(message: Message) -> dict:
     raise TypeError(f"not an agent-channel message: {message!r}")
 
 
+def _dumps(value) -> bytes:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
 def encode(message: Message) -> bytes:
     """The payload of the frame that carries ``message``."""
-    return json.dumps(message_to_json(message), separators=(",", ":"),
-                      allow_nan=False).encode("utf-8")
+    return _dumps(message_to_json(message))
+
+
+def group_by_size(sizes: Iterable[int], budget: int) -> list[range]:
+    """
+    Consecutive index ranges of ``sizes`` whose sums stay within ``budget``; an item
+    larger than the budget gets a range of its own (pure). No items: one empty range.
+    """
+    groups, start, total = [], 0, 0
+    sizes = list(sizes)
+    for i, size in enumerate(sizes):
+        if i > start and total + size > budget:
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += size
+    groups.append(range(start, len(sizes)))
+    return groups
+
+
+def snapshot_pages(snapshot: Snapshot, budget: int = SNAPSHOT_PAGE) -> list[bytes]:
+    """
+    The payloads of ``snapshot`` sent in pages of about ``budget`` bytes (version 3): each
+    a ``snapshot`` of some of its datasets and nodes, every page but the last with
+    ``more``. A snapshot within the budget is one page, as ``encode`` gives it.
+    """
+    # Each item is marked as a dataset or a node by a byte, which counts for its comma.
+    items = ([b'd' + _dumps(dataset_entry_to_json(d)) for d in snapshot.datasets]
+             + [b'n' + _dumps(node_to_json(n)) for n in snapshot.nodes])
+    head = (b'{"type":"snapshot","epoch":' + _dumps(snapshot.epoch) + b',"version":'
+            + _dumps(snapshot.version) + b',"datasets":[')
+    groups = group_by_size((len(item) for item in items), budget - len(head) - 40)
+    pages = []
+    for number, group in enumerate(groups):
+        page = [items[i] for i in group]
+        datasets = b",".join(item[1:] for item in page if item[:1] == b'd')
+        nodes = b",".join(item[1:] for item in page if item[:1] == b'n')
+        more = b',"more":true' if number < len(groups) - 1 else b''
+        pages.append(head + datasets + b'],"nodes":[' + nodes + b']' + more + b'}')
+    return pages
+
+
+def join_pages(pages: list[Snapshot]) -> Snapshot:
+    """
+    The snapshot whose pages are ``pages``, in order, the last without ``more`` (pure);
+    ``BadMessage`` if they are not pages of one view or name a dataset or node twice.
+    """
+    first, last = pages[0], pages[-1]
+    if last.more or not all(p.more for p in pages[:-1]):
+        raise BadMessage("a paged snapshot's pages all have more, but its last")
+    if any((p.epoch, p.version) != (first.epoch, first.version) for p in pages):
+        raise BadMessage(f"a page of another view came before the last page of version "
+                         f"{first.version} of epoch {first.epoch}")
+    if len(pages) == 1:
+        return first
+    datasets = tuple(d for p in pages for d in p.datasets)
+    nodes = tuple(n for p in pages for n in p.nodes)
+    return Snapshot(epoch=first.epoch, version=first.version,
+                    datasets=unique(datasets, lambda d: d.dataset_id, "snapshot.datasets"),
+                    nodes=unique(nodes, lambda n: n.uuid, "snapshot.nodes"))
+
+
+def split_diff(diff: Diff, budget: int = SNAPSHOT_PAGE) -> list[Diff]:
+    """
+    ``diff`` as consecutive diffs (versions ``diff.version``, +1, ...) of about ``budget``
+    bytes each, so that no frame outgrows the limit however much changed at once; a diff
+    within the budget is itself (pure).
+    """
+    # Each item's size counts the comma after it.
+    items = ([("datasets", d, len(_dumps(dataset_entry_to_json(d))) + 1)
+              for d in diff.datasets]
+             + [("removed", r, 40) for r in diff.removed]
+             + [("nodes", n, len(_dumps(node_to_json(n))) + 1) for n in diff.nodes])
+    groups = group_by_size((size for _, _, size in items), budget - 200)
+    diffs = []
+    for number, group in enumerate(groups):
+        parts: dict = {"datasets": [], "removed": [], "nodes": []}
+        for i in group:
+            parts[items[i][0]].append(items[i][1])
+        diffs.append(Diff(epoch=diff.epoch, version=diff.version + number,
+                          **{k: tuple(v) for k, v in parts.items()}))
+    return diffs
 
 
 # -- from JSON, checking every field -------------------------------------------------------
@@ -287,10 +385,10 @@ def _version(obj: dict, key: str, where: str) -> Optional[ViewVersion]:
 
 
 def _hello(obj: dict) -> Hello:
-    address = read(obj, "address", (str,), "hello")
     era = read(obj, "era", (str,), "hello")
-    if not address or not era:
-        raise BadMessage("hello.address and hello.era must not be empty")
+    if not era:
+        raise BadMessage("hello.era must not be empty")
+    address = read_host(obj, "address", "hello")
     return Hello(node_uuid=read_uuid(obj, "node_uuid", "hello"), era=era, address=address,
                  peer_port=read_port(obj, "peer_port", "hello"),
                  known=_version(obj, "known", "hello"), protocols=_hello_protocols(obj),
@@ -314,7 +412,8 @@ def _snapshot(obj: dict) -> Snapshot:
     return Snapshot(epoch=read(obj, "epoch", (str,), "snapshot"),
                     version=read_natural(obj, "version", "snapshot"),
                     datasets=unique(datasets, lambda d: d.dataset_id, "snapshot.datasets"),
-                    nodes=unique(nodes, lambda n: n.uuid, "snapshot.nodes"))
+                    nodes=unique(nodes, lambda n: n.uuid, "snapshot.nodes"),
+                    more=read(obj, "more", (bool,), "snapshot", default=False))
 
 
 def _diff(obj: dict) -> Diff:
@@ -331,8 +430,18 @@ def _diff(obj: dict) -> Diff:
                 nodes=unique(nodes, lambda n: n.uuid, "diff.nodes"))
 
 
+#: The keys of a dataset in a state report (every version).
+_REPORT_KEYS = frozenset({"dataset_id", "state", "path", "maximum_size"})
+
+
+def _report(value, where: str):
+    if isinstance(value, dict):
+        check_keys(value, _REPORT_KEYS, where)
+    return report_from_json(value, where)
+
+
 def _state(obj: dict) -> StateReport:
-    reports = tuple(report_from_json(r, f"state.datasets[{i}]")
+    reports = tuple(_report(r, f"state.datasets[{i}]")
                     for i, r in enumerate(read_list(obj, "datasets", "state")))
     return StateReport(node_uuid=read_uuid(obj, "node_uuid", "state"),
                        datasets=unique(reports, lambda r: r.dataset_id, "state.datasets"),
@@ -400,12 +509,17 @@ _V1_KEYS = {
     "sync": frozenset({"type"}),
 }
 
+_V2_KEYS = dict(_V1_KEYS, hello=_V1_KEYS["hello"] | {"protocols"})
+
 #: The keys of each message type in each version this code speaks. Within a version a
 #: message with another key is refused; a new key means a new version.
 MESSAGE_KEYS = {
-    2: dict(_V1_KEYS, hello=_V1_KEYS["hello"] | {"protocols"}),
-    # Version 3: the hello's ``zone`` (issue 10).
-    3: dict(_V1_KEYS, hello=_V1_KEYS["hello"] | {"protocols", "zone"}),
+    2: _V2_KEYS,
+    # Version 3: the hello's ``zone`` (issue 10); a snapshot may be a page, ``more`` (true:
+    # more pages of this view follow; absent on the last page or a snapshot in one page;
+    # issue 8).
+    3: dict(_V2_KEYS, hello=_V2_KEYS["hello"] | {"zone"},
+            snapshot=_V2_KEYS["snapshot"] | {"more"}),
 }
 
 _VIEW_VERSION_KEYS = frozenset({"epoch", "version"})
@@ -476,31 +590,116 @@ def _check_message_keys(obj: dict, kind: str, protocol: Optional[int]) -> None:
 
 # -- framing -------------------------------------------------------------------------------
 
+_PREFIX = struct.Struct("!I")
 
-class MessageProtocol(Int32StringReceiver):
+
+class FrameTooLarge(BadMessage):
+    """A frame's length prefix announces more than the limit (``length`` bytes)."""
+
+    def __init__(self, length: int, limit: int):
+        super().__init__(f"a message of {length} bytes exceeds the limit of {limit} bytes")
+        self.length = length
+        self.limit = limit
+
+
+def frame(payload: bytes) -> bytes:
+    """``payload`` with its 4-byte big-endian length prefix, as sent."""
+    return _PREFIX.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """
+    Reassembles length-prefixed frames from a stream's chunks in linear time: chunks are
+    kept as they came and each frame is joined once (``Int32StringReceiver`` concatenates
+    its buffer with every chunk, quadratic in a frame's size). A length prefix over
+    ``limit`` is refused (``FrameTooLarge``) before any of the frame is kept.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0  # bytes of the first chunk already taken
+        self._buffered = 0
+        self._length: Optional[int] = None  # of the frame being read, once known
+
+    def _take(self, count: int) -> bytes:
+        pieces = []
+        while count:
+            chunk = self._chunks[0]
+            available = len(chunk) - self._offset
+            if available <= count:
+                pieces.append(chunk[self._offset:] if self._offset else chunk)
+                self._chunks.popleft()
+                self._offset = 0
+                count -= available
+            else:
+                pieces.append(chunk[self._offset:self._offset + count])
+                self._offset += count
+                count = 0
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The payloads of the frames ``data`` completes, in order."""
+        if data:
+            self._chunks.append(data)
+            self._buffered += len(data)
+        payloads = []
+        while True:
+            if self._length is None:
+                if self._buffered < _PREFIX.size:
+                    return payloads
+                (length,) = _PREFIX.unpack(self._take(_PREFIX.size))
+                self._buffered -= _PREFIX.size
+                if length > self.limit:
+                    raise FrameTooLarge(length, self.limit)
+                self._length = length
+            if self._buffered < self._length:
+                return payloads
+            payloads.append(self._take(self._length))
+            self._buffered -= self._length
+            self._length = None
+
+
+@implementer(IPushProducer)
+class MessageProtocol(Protocol):
     """
     Length-prefixed JSON messages over a stream. Subclasses implement
     ``message_received(message)``; a bad frame from the peer (or a handler raising
     ``BadMessage``) gets an ``error`` message and a disconnect, never an exception.
+
+    Frames from the peer are at most ``max_message`` bytes. What is sent goes out as the
+    transport takes it: the protocol is the transport's producer, so while the transport's
+    buffer is full what is sent waits here (``send_stream`` produces its frames only as
+    they go out), and a peer that lets more than ``send_limit`` bytes wait is dropped
+    (``overflowed``): a peer that does not read cannot make this side hold its data.
     """
 
     #: Subclasses name their side in log events ("control" or "agent").
     side = "peer"
 
-    def __init__(self, max_message: int = MAX_MESSAGE):
+    def __init__(self, max_message: int = MAX_MESSAGE, send_limit: int = SEND_LIMIT):
         self.MAX_LENGTH = max_message
+        self.send_limit = send_limit
         self.closing = False
         self.connected = False
         #: The protocol version the handshake settled on (None until it has).
         self.protocol_version: Optional[int] = None
         self._lost: list[Deferred] = []
+        self._reader = FrameReader(max_message)
+        self._paused = False
+        # Frames (bytes) and streams of frames (iterators) not yet given to the transport.
+        self._waiting: deque = deque()
+        self._waiting_bytes = 0
+        self._streams = 0
 
     def connectionMade(self) -> None:
         self.connected = True
+        self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason) -> None:
         self.connected = False
         self.closing = True
+        self._forget_waiting()
         waiting, self._lost = self._lost, []
         for d in waiting:
             d.callback(None)
@@ -520,6 +719,20 @@ class MessageProtocol(Int32StringReceiver):
     def bad_message(self, error: BadMessage) -> None:
         """A frame from the peer was malformed; by default: tell it why and hang up."""
         self.fail("bad-message", str(error))
+
+    def dataReceived(self, data: bytes) -> None:
+        """Reassemble frames and hand each on; refuse one announced over the limit."""
+        if self.closing:
+            return
+        try:
+            payloads = self._reader.feed(data)
+        except FrameTooLarge as e:
+            self.lengthLimitExceeded(e.length)
+            return
+        for payload in payloads:
+            if self.closing:
+                return
+            self.stringReceived(payload)
 
     def stringReceived(self, payload: bytes) -> None:
         """Decode one frame and hand the message on; refuse it if it is malformed."""
@@ -544,15 +757,83 @@ class MessageProtocol(Int32StringReceiver):
         self.fail("too-large", f"a message of {length} bytes exceeds the limit of "
                                f"{self.MAX_LENGTH} bytes")
 
+    # -- sending, as fast as the peer reads --------------------------------------------
+
     def send(self, message: Message) -> None:
         """Send one message (nothing once closing)."""
-        if not self.closing:
-            self.sendString(encode(message))
+        self.send_payload(encode(message))
 
     def send_payload(self, payload: bytes) -> None:
         """Send a payload already ``encode``-d (to encode a broadcast once)."""
-        if not self.closing:
-            self.sendString(payload)
+        if self.closing:
+            return
+        data = frame(payload)
+        if not self._paused and not self._waiting:
+            self.transport.write(data)
+            return
+        self._waiting.append(data)
+        self._waiting_bytes += len(data)
+        if self._waiting_bytes > self.send_limit:
+            self.overflowed()
+
+    def send_stream(self, payloads: Iterable[bytes]) -> None:
+        """Send ``payloads`` in order, each made only when the transport takes it."""
+        if self.closing:
+            return
+        self._waiting.append(iter(payloads))
+        self._streams += 1
+        self._flush()
+
+    @property
+    def streaming(self) -> bool:
+        """Whether a ``send_stream`` has frames not yet given to the transport."""
+        return self._streams > 0
+
+    @property
+    def unsent(self) -> int:
+        """Bytes of sent frames waiting for the transport (streams' frames not made yet)."""
+        return self._waiting_bytes
+
+    def _flush(self) -> None:
+        while self._waiting and not self._paused and not self.closing:
+            item = self._waiting[0]
+            if isinstance(item, bytes):
+                self._waiting.popleft()
+                self._waiting_bytes -= len(item)
+                self.transport.write(item)
+                continue
+            payload = next(item, None)
+            if payload is None:
+                self._waiting.popleft()
+                self._streams -= 1
+            else:
+                self.transport.write(frame(payload))
+
+    def _forget_waiting(self) -> None:
+        self._waiting.clear()
+        self._waiting_bytes = self._streams = 0
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: keep what is sent until it asks again."""
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        """The transport takes data again: give it what waits."""
+        self._paused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        """The connection is going: what waits will never be sent."""
+        self._forget_waiting()
+
+    def overflowed(self) -> None:
+        """More than ``send_limit`` bytes wait for a peer that does not read: drop it."""
+        log_event(_log, f"pyflock:{self.side}:channel-overflow", LogLevel.warn,
+                  unsent=self._waiting_bytes, limit=self.send_limit,
+                  peer=str(self.transport.getPeer()))
+        self.closing = True
+        self._forget_waiting()
+        self.transport.abortConnection()
 
     def fail(self, code: str, reason: str) -> None:
         """Tell the peer why, then close the connection; later frames are ignored."""
@@ -560,17 +841,21 @@ class MessageProtocol(Int32StringReceiver):
             return
         log_event(_log, f"pyflock:{self.side}:channel-error-sent", LogLevel.warn, code=code,
                   reason=reason, peer=str(self.transport.getPeer()))
-        self.send(Error(code=code, reason=reason))
+        # What waits for a slow reader is dropped; the error goes next (it may still
+        # wait in the transport's buffer, which closing leaves to drain).
+        self._forget_waiting()
+        self.transport.write(frame(encode(Error(code=code, reason=reason))))
         self.closing = True
         self.transport.loseConnection()
 
 
 __all__ = [
-    "BadMessage", "DATASET_STATES", "DatasetEntry", "DatasetReport", "Diff", "Error",
-    "Heartbeat", "Hello", "MAX_MESSAGE", "Message", "MessageProtocol",
-    "MESSAGE_KEYS", "Node", "OLDEST_PROTOCOL", "PROTOCOL_VERSION", "ProtocolMismatch",
+    "AGENT_MESSAGE_LIMIT", "BadMessage", "DATASET_STATES", "DatasetEntry", "DatasetReport",
+    "Diff", "Error", "FrameReader", "FrameTooLarge", "Heartbeat", "Hello", "MAX_MESSAGE",
+    "Message", "MessageProtocol", "MESSAGE_KEYS", "Node", "OLDEST_PROTOCOL",
+    "PAGED_SNAPSHOTS", "PROTOCOL_VERSION", "ProtocolMismatch", "SEND_LIMIT", "SNAPSHOT_PAGE",
     "Snapshot", "StateReport", "check_keys", "describe_protocols", "negotiate",
     "SyncRequest", "ViewVersion", "Welcome", "ZONE_NAME", "dataset_entry_from_json",
-    "dataset_entry_to_json", "decode", "encode", "message_to_json", "node_from_json",
-    "node_to_json",
+    "dataset_entry_to_json", "decode", "encode", "frame", "group_by_size", "join_pages",
+    "message_to_json", "node_from_json", "node_to_json", "snapshot_pages", "split_diff",
 ]

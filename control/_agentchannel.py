@@ -15,7 +15,16 @@ Only ``node-*`` certificates are accepted, and a node speaks only for itself. A 
 for the cluster state's expiry is dead: what it reported is wiped and agents see it dead.
 Deleted datasets are purged from the configuration once no live node holds them, judged
 only on reports made by agents that had stored a view in which the dataset was deleted,
-and never during the first ``node_expiry`` seconds of a run, while agents reconnect.
+and never during the first ``node_expiry`` seconds of a run, while agents reconnect; a
+node holds a purge back at most ``purge_deadline`` seconds.
+
+A node that does not read cannot make the server hold its data (issue 8): a connection
+sends as fast as its agent reads (``MessageProtocol`` is its transport's producer), has at
+most one snapshot under way (a ``sync`` meanwhile is ignored: the snapshot under way is
+the current view or is followed by the diffs since), and is dropped once more than
+``send_limit`` bytes wait for it. An agent's frames are at most ``agent_message_limit``
+bytes; snapshots go in pages (protocol version 3) and big diffs as several, so that no
+frame to an agent outgrows the limit, however big the cluster.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from pyflock.common._logging import log_event
@@ -37,11 +46,15 @@ from pyflock.common._model import Configuration
 from pyflock.common._records import DatasetEntry
 from pyflock.common._tls import Admission
 from pyflock.common._wire import (
-    MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, Diff, Error, Heartbeat,
-    Hello, MessageProtocol, Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
-    ViewVersion, Welcome, describe_protocols, encode, negotiate,
+    AGENT_MESSAGE_LIMIT, MAX_MESSAGE, OLDEST_PROTOCOL, PAGED_SNAPSHOTS, PROTOCOL_VERSION,
+    SEND_LIMIT, SNAPSHOT_PAGE, BadMessage, Diff, Error, Heartbeat, Hello, MessageProtocol,
+    Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest, ViewVersion, Welcome,
+    describe_protocols, encode, negotiate, snapshot_pages, split_diff,
 )
-from pyflock.control._clusterstate import ClusterState, ClusterStateService, NodeState
+from pyflock.control._clusterstate import (
+    DEFAULT_PURGE_DEADLINE, ClusterState, ClusterStateService, NodeState, Tombstone,
+    purgeable,
+)
 from pyflock.control._persistence import ConfigurationService
 
 #: Seconds between heartbeats (DESIGN.md).
@@ -76,7 +89,7 @@ class _AgentConnection(MessageProtocol):
     side = "control"
 
     def __init__(self, server: "AgentChannelServer"):
-        super().__init__(server.max_message)
+        super().__init__(server.agent_message_limit, server.send_limit)
         self._server = server
         self._admission: Optional[Admission] = None
         self.node_uuid: Optional[str] = None
@@ -167,7 +180,10 @@ class _AgentConnection(MessageProtocol):
         elif isinstance(message, StateReport):
             self._server._report(self, message)
         elif isinstance(message, SyncRequest):
-            self._server._send_snapshot(self)
+            # One snapshot under way at most: it, and the diffs queued behind it, bring
+            # the agent to the current view anyway.
+            if not self.streaming:
+                self._server._send_snapshot(self)
         elif isinstance(message, Hello):
             raise BadMessage("a connection says hello only once")
         else:
@@ -195,38 +211,44 @@ class AgentChannelServer:
     a connection presented, as an ``Admission`` (the agent channel ``Listener``'s ``admit``
     in production: ``ClusterTLS.listener(reactor, port, AGENT_CHANNEL)``); ``factory()`` is
     what to listen with (``listener.endpoint.listen(server.factory())``). Node expiry is the
-    cluster state's ``node_expiry``, so that the REST API and the channel agree.
+    cluster state's ``node_expiry``, so that the REST API and the channel agree. Limits
+    (issue 8): an agent's frames are at most ``agent_message_limit`` bytes, an agent that
+    lets more than ``send_limit`` bytes wait is dropped, snapshots go in pages of about
+    ``page_size`` bytes, and a node holds a purge back at most ``purge_deadline`` seconds.
     """
 
     def __init__(self, configuration: ConfigurationService, cluster: ClusterStateService,
                  reactor, *, identify: Callable[[object], object],
-                 heartbeat: float = DEFAULT_HEARTBEAT, max_message: int = MAX_MESSAGE,
+                 heartbeat: float = DEFAULT_HEARTBEAT,
+                 agent_message_limit: int = AGENT_MESSAGE_LIMIT,
+                 send_limit: int = SEND_LIMIT, page_size: int = SNAPSHOT_PAGE,
+                 purge_deadline: float = DEFAULT_PURGE_DEADLINE,
                  epoch: Optional[str] = None):
         self.configuration = configuration
         self.cluster = cluster
         self.reactor = reactor
         self.identify = identify
         self.heartbeat = heartbeat
-        self.max_message = max_message
+        self.agent_message_limit = agent_message_limit
+        self.send_limit = send_limit
+        self.page_size = page_size
+        self.purge_deadline = purge_deadline
         self.epoch = epoch or uuid4().hex
         self.version = 0
         self._datasets: dict[str, DatasetEntry] = {}
         self._nodes: dict[str, Node] = {}
-        # dataset id -> the nodes whose latest report lists it (datasets not configured
-        # too: a report may come before the create's commit reaches us).
+        # dataset id -> the nodes whose latest report lists it
         self._holders: dict[str, frozenset[str]] = {}
-        # dataset id -> view version in which it was first seen deleted
-        self._tombstones: dict[str, int] = {}
+        self._purger = _Purger(self)
         # node uuid -> the latest view version of this epoch it acknowledged as stored
         self._acks: dict[str, int] = {}
-        self._purging: set[str] = set()
         self._connections: dict[str, _AgentConnection] = {}
         self._open: set[_AgentConnection] = set()
         self._expiry: dict[str, object] = {}
         self._heartbeats: Optional[LoopingCall] = None
-        self._snapshot_cache: tuple[int, bytes] = (-1, b"")
+        # (version, {paged: payloads}): agents reconnecting together share one encoding
+        self._snapshot_cache: tuple[int, dict[bool, list[bytes]]] = (-1, {})
         self._running = False
-        self._purge_grace = None
 
     @property
     def node_expiry(self) -> float:
@@ -243,13 +265,10 @@ class AgentChannelServer:
         self._holders = holders_of(self.cluster.state)
         self._datasets = view_datasets(config, self._holders)
         self.version = 1
-        self._tombstones = {i: self.version for i, d in config.datasets.items() if d.deleted}
+        self._purger.start(config, self.version)
         self._running = True
         self.configuration.subscribe(self._configuration_changed)
         self.cluster.on_forget(self._forget_node)
-        # Until every node alive has had time to reconnect and report, nobody knows who
-        # holds what: purge nothing before then.
-        self._purge_grace = self.reactor.callLater(self.node_expiry, self._grace_over)
         self._heartbeats = LoopingCall(self._send_heartbeats)
         self._heartbeats.clock = self.reactor
         self._heartbeats.start(self.heartbeat, now=False)
@@ -259,8 +278,9 @@ class AgentChannelServer:
         self._running = False
         if self._heartbeats is not None and self._heartbeats.running:
             self._heartbeats.stop()
-        for call in list(self._expiry.values()) + [self._purge_grace]:
-            if call is not None and call.active():
+        self._purger.stop()
+        for call in self._expiry.values():
+            if call.active():
                 call.cancel()
         self._expiry.clear()
         waiting = []
@@ -289,19 +309,40 @@ class AgentChannelServer:
 
     def _publish(self, datasets: Iterable[DatasetEntry] = (), removed: Iterable[str] = (),
                  nodes: Iterable[Node] = ()) -> None:
-        """Bump the version and push what changed to every agent."""
-        self.version += 1
-        payload = encode(Diff(epoch=self.epoch, version=self.version,
-                              datasets=tuple(datasets), removed=tuple(removed),
-                              nodes=tuple(nodes)))
-        for connection in self._connections.values():
-            connection.send_payload(payload)
+        """Bump the version and push what changed to every agent (a change too big for
+        one frame as several diffs, a version each)."""
+        diff = Diff(epoch=self.epoch, version=self.version + 1, datasets=tuple(datasets),
+                    removed=tuple(removed), nodes=tuple(nodes))
+        payload = encode(diff)
+        parts = [(diff, payload)] if len(payload) <= self.page_size else [
+            (part, encode(part)) for part in split_diff(diff, self.page_size)]
+        for part, payload in parts:
+            self.version = part.version
+            for connection in self._connections.values():
+                connection.send_payload(payload)
+
+    def _snapshot_payloads(self, paged: bool) -> list[bytes]:
+        """The current snapshot's payloads: pages (version 3 on), or one frame."""
+        if self._snapshot_cache[0] != self.version:
+            self._snapshot_cache = (self.version, {})
+        cache = self._snapshot_cache[1]
+        if paged not in cache:
+            cache[paged] = (snapshot_pages(self.snapshot(), self.page_size) if paged
+                            else [encode(self.snapshot())])
+        return cache[paged]
 
     def _send_snapshot(self, connection: _AgentConnection) -> None:
-        if self._snapshot_cache[0] != self.version:
-            # Agents reconnecting together after a restart share one encoding.
-            self._snapshot_cache = (self.version, encode(self.snapshot()))
-        connection.send_payload(self._snapshot_cache[1])
+        paged = (connection.protocol_version or PROTOCOL_VERSION) >= PAGED_SNAPSHOTS
+        payloads = self._snapshot_payloads(paged)
+        if not paged and len(payloads[0]) > MAX_MESSAGE:
+            # Version 2 cannot page: its agent would refuse the frame anyway.
+            connection.close("too-large", f"the snapshot of this cluster is "
+                                          f"{len(payloads[0])} bytes, over the "
+                                          f"{MAX_MESSAGE} bytes agent-channel protocol 2 "
+                                          f"can carry: upgrade this agent (protocol 3 "
+                                          f"sends snapshots in pages)")
+            return
+        connection.send_stream(payloads)
 
     def _send_heartbeats(self) -> None:
         payload = encode(Heartbeat(view=self.current))
@@ -319,7 +360,7 @@ class AgentChannelServer:
             if dataset is None:
                 if self._datasets.pop(dataset_id, None) is not None:
                     removed.append(dataset_id)
-                self._tombstones.pop(dataset_id, None)
+                self._purger.tombstones.pop(dataset_id, None)
                 continue
             entry = DatasetEntry.of(dataset, config.leases.get(dataset_id),
                                     self._holders.get(dataset_id, ()))
@@ -329,12 +370,7 @@ class AgentChannelServer:
         if not changed and not removed:
             return
         self._publish(datasets=changed, removed=removed)
-        new_tombstones = False
-        for entry in changed:
-            if entry.deleted and entry.dataset_id not in self._tombstones:
-                self._tombstones[entry.dataset_id] = self.version
-                new_tombstones = True
-        if new_tombstones:
+        if self._purger.deleted([e.dataset_id for e in changed if e.deleted], self.version):
             self._purge_unheld()
 
     def _set_holdings(self, uuid: str, before: Iterable[str],
@@ -437,8 +473,14 @@ class AgentChannelServer:
                                          f"not node {report.node_uuid}'s")
             return
         node = self.cluster.state.nodes[uuid]
+        unknown = [r.dataset_id for r in report.datasets if r.dataset_id not in self._datasets]
+        if unknown:
+            # Only configured datasets (deleted ones included) may be held: anything else
+            # would take memory, and the holders of a dataset not created yet.
+            log_event(_log, "pyflock:control:report-unknown-datasets", LogLevel.warn,
+                      node_uuid=uuid, count=len(unknown), dataset_ids=sorted(unknown)[:10])
         datasets = pmap({r.dataset_id: attr.evolve(r, node_uuid=uuid)
-                         for r in report.datasets})
+                         for r in report.datasets if r.dataset_id in self._datasets})
         if datasets != node.datasets:
             self.cluster.update(self.cluster.state.update_node(node.set(datasets=datasets)))
             log_event(_log, "pyflock:control:node-state", node_uuid=uuid,
@@ -465,7 +507,7 @@ class AgentChannelServer:
         pushed keep it, dead, until their next snapshot: a Diff cannot remove a node)."""
         self._nodes.pop(uuid, None)
         self._acks.pop(uuid, None)
-        self._snapshot_cache = (-1, b"")
+        self._snapshot_cache = (-1, {})
 
     def _expire(self, uuid: str) -> None:
         """Nothing heard from ``uuid`` for ``node_expiry``: it is dead."""
@@ -486,30 +528,74 @@ class AgentChannelServer:
                   wiped=len(node.datasets), silent=self.node_expiry)
         self._purge_unheld()
 
-    # -- purging deleted datasets -------------------------------------------------------
+    def _purge_unheld(self) -> None:
+        self._purger.check(self._acks)
+
+
+class _Purger:
+    """
+    Purges the deleted datasets no live node holds (see the module's docstring): keeps
+    when each was first seen deleted, the grace after a start, and the deadline.
+    """
+
+    def __init__(self, server: AgentChannelServer):
+        self._server = server
+        # dataset id -> when it was first seen deleted (view version, time)
+        self.tombstones: dict[str, Tombstone] = {}
+        self._purging: set[str] = set()
+        self._calls: set = set()
+        self._grace = None
+
+    def start(self, config: Configuration, version: int) -> None:
+        """Every deleted dataset of ``config`` is a tombstone; purge nothing for an expiry."""
+        self.deleted([i for i, d in config.datasets.items() if d.deleted], version)
+        # Until every node alive has had time to reconnect and report, nobody knows who
+        # holds what: purge nothing before then.
+        self._grace = self._server.reactor.callLater(self._server.node_expiry,
+                                                     self._grace_over)
+
+    def stop(self) -> None:
+        """Cancel every timer."""
+        for call in list(self._calls) + [self._grace]:
+            if call is not None and call.active():
+                call.cancel()
+
+    def deleted(self, dataset_ids, version: int) -> bool:
+        """Datasets seen deleted at view ``version``; whether any was not seen before."""
+        new = [i for i in dataset_ids if i not in self.tombstones]
+        now = self._server.reactor.seconds()
+        for dataset_id in new:
+            self.tombstones[dataset_id] = Tombstone(version, now)
+        if new:
+            # Look again once these deletions pass the purge deadline.
+            def passed():
+                self._calls.discard(call)
+                self._server._purge_unheld()
+            call = self._server.reactor.callLater(self._server.purge_deadline, passed)
+            self._calls.add(call)
+        return bool(new)
 
     def _grace_over(self) -> None:
-        self._purge_grace = None
-        self._purge_unheld()
+        self._grace = None
+        self._server._purge_unheld()
 
-    def _purge_unheld(self) -> None:
-        """Purge the deleted datasets no live node holds, on the word of every live node."""
-        if not self._tombstones or self._purge_grace is not None or not self._running:
+    def check(self, acks: dict[str, int]) -> None:
+        """Purge the deleted datasets no live node holds, on the word of every live node
+        (a node that has not stored a view showing the deletion may still act on the
+        dataset without having reported it yet), or held back past the deadline."""
+        server = self._server
+        if not self.tombstones or self._grace is not None or not server._running:
             return
-        live = [n for n in self.cluster.state.nodes.values() if self.cluster.is_alive(n)]
-        for dataset_id, deleted_at in list(self._tombstones.items()):
-            if dataset_id in self._purging:
-                continue
-            # A node that has not stored a view showing the deletion may still act on the
-            # dataset without having reported it yet.
-            if any(dataset_id in n.datasets or self._acks.get(n.uuid, -1) < deleted_at
-                   for n in live):
-                continue
-            self._purge(dataset_id)
+        cluster = server.cluster
+        live = [n for n in cluster.state.nodes.values() if cluster.is_alive(n)]
+        for dataset_id in purgeable(self.tombstones, live, acks, server.reactor.seconds(),
+                                    server.purge_deadline):
+            if dataset_id not in self._purging:
+                self._purge(dataset_id)
 
     def _purge(self, dataset_id: str) -> None:
         self._purging.add(dataset_id)
-        d = self.configuration.change([dataset_id], lambda c: c.purge(dataset_id))
+        d = self._server.configuration.change([dataset_id], lambda c: c.purge(dataset_id))
 
         def purged(_):
             log_event(_log, "pyflock:control:dataset-purged", dataset_id=dataset_id)

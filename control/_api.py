@@ -11,6 +11,7 @@ from uuid import uuid4
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from pyflock.common._limits import metadata_problem
 from pyflock.common._logging import log_event
 from pyflock.common._model import (
     ConfigurationError, Dataset, DatasetDeleted, DatasetIdTaken, DatasetNotFound,
@@ -40,6 +41,14 @@ _UPDATE = schema.validator(schema.UPDATE_DATASET)
 _ACQUIRE = schema.validator(schema.ACQUIRE_LEASE)
 _UUID = schema.validator(schema.UUID)
 _CREATE_TOKEN = schema.validator(schema.CREATE_TOKEN)
+
+
+def _check_metadata(body: dict) -> None:
+    """400 if the body's metadata is over the UTF-8 byte limits (issue 8, docs/api.md)."""
+    problem = metadata_problem(body.get("metadata") or {})
+    if problem is not None:
+        raise APIError(400, "The provided JSON doesn't match the required schema.",
+                       [f"metadata: {problem}"])
 
 
 def _translate(error: ConfigurationError) -> APIError:
@@ -146,6 +155,7 @@ class ControlAPI(APIBase):
         """Create a dataset on its primary node."""
         identity = self._caller(request)
         body = self._body(request, _CREATE)
+        _check_metadata(body)
         primary = body["primary"].lower()
         self._act_as(identity, primary, "create a dataset on another node")
         self._check_tag(request)
@@ -164,6 +174,7 @@ class ControlAPI(APIBase):
         identity = self._caller(request)
         dataset_id = self._dataset_id(dataset_id)
         body = self._body(request, _UPDATE)
+        _check_metadata(body)
         primary = body["primary"].lower() if "primary" in body else None
         if identity.kind == "node":
             try:

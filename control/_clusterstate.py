@@ -10,8 +10,9 @@ node that holds no dataset (as primary) and no lease may be forgotten: by a user
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
+import attr
 from pyrsistent import PClass, field, pmap_field
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
@@ -27,6 +28,8 @@ DEFAULT_NODE_EXPIRY = 30.0
 DEFAULT_FORGET_DEAD_NODES = 7 * 24 * 3600.0
 #: At most this many seconds between two looks for dead nodes to forget.
 FORGET_SWEEP_INTERVAL = 60.0
+#: A live node holds back the purge of a deleted dataset at most this long (issue 8).
+DEFAULT_PURGE_DEADLINE = 3600.0
 
 _log = Logger()
 
@@ -173,6 +176,35 @@ class ClusterState(PClass):
     def holders(self, dataset_id: str) -> list[str]:
         """The nodes that report holding ``dataset_id``."""
         return [n.uuid for n in self.nodes.values() if dataset_id in n.datasets]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Tombstone:
+    """A deleted dataset not yet purged: the view ``version`` in which it was first seen
+    deleted, and when (``seen``, seconds)."""
+
+    version: int
+    seen: float
+
+
+def purgeable(tombstones: Mapping[str, Tombstone], live: Iterable[NodeState],
+              acks: Mapping[str, int], now: float, deadline: float) -> list[str]:
+    """
+    The deleted datasets that may be purged at ``now`` (pure). A live node holds one back
+    while it reports holding it, or while it has not acknowledged (``acks``: the latest
+    view version each node stored) a view showing it deleted; but not once ``deadline``
+    seconds have passed since the deletion was seen: a node that never acknowledges, or
+    keeps reporting a deleted dataset, cannot keep it from being purged for ever.
+    """
+    live = list(live)
+    result = []
+    for dataset_id, tombstone in tombstones.items():
+        if now - tombstone.seen < deadline and any(
+                dataset_id in node.datasets or acks.get(node.uuid, -1) < tombstone.version
+                for node in live):
+            continue
+        result.append(dataset_id)
+    return result
 
 
 class ClusterStateService:

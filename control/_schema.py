@@ -10,8 +10,9 @@ from jsonschema import Draft202012Validator
 
 from pyflock.control._tokens import DEFAULT_TTL, DEFAULT_USES, MAXIMUM_TTL, MAXIMUM_USES
 from pyflock.common._limits import (
-    DATASET_STATES, MAXIMUM_BYTES, MAXIMUM_LEASE, MAXIMUM_METADATA_ENTRIES,
-    MAXIMUM_METADATA_TEXT, MINIMUM_SIZE, SIZE_MULTIPLE,
+    DATASET_STATES, MAXIMUM_BYTES, MAXIMUM_LEASE, MAXIMUM_METADATA_BYTES,
+    MAXIMUM_METADATA_ENTRIES, MAXIMUM_METADATA_TEXT, MAXIMUM_METADATA_TEXT_BYTES,
+    MINIMUM_SIZE, SIZE_MULTIPLE,
 )
 
 UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -31,7 +32,9 @@ METADATA = {
     "propertyNames": {"minLength": 1, "maxLength": MAXIMUM_METADATA_TEXT},
     "additionalProperties": {"type": "string", "maxLength": MAXIMUM_METADATA_TEXT},
     "description": f"Up to {MAXIMUM_METADATA_ENTRIES} string pairs, keys and values at "
-                   f"most {MAXIMUM_METADATA_TEXT} characters. `name` is the dataset's "
+                   f"most {MAXIMUM_METADATA_TEXT} characters ({MAXIMUM_METADATA_TEXT_BYTES} "
+                   f"bytes in UTF-8), {MAXIMUM_METADATA_BYTES} bytes in all. `name` is the "
+                   "dataset's "
                    "unique name (its Docker volume name).",
 }
 

@@ -35,8 +35,9 @@ from pyflock.control._agentchannel import DEFAULT_HEARTBEAT, AgentChannelServer
 from pyflock.control._api import ControlAPI, __version__
 from pyflock.control._api_base import APISite
 from pyflock.control._clusterstate import (
-    DEFAULT_FORGET_DEAD_NODES, DEFAULT_NODE_EXPIRY, ClusterStateService,
+    DEFAULT_FORGET_DEAD_NODES, DEFAULT_NODE_EXPIRY, DEFAULT_PURGE_DEADLINE, ClusterStateService,
 )
+from pyflock.common._limits import AGENT_MESSAGE_LIMIT, SEND_LIMIT
 from pyflock.control._openapi import build_openapi
 from pyflock.control._persistence import DEFAULT_LEASE_RESTART_GRACE, ConfigurationService
 from pyflock.control._sqlite_store import backup, open_sqlite_store
@@ -49,6 +50,13 @@ DEFAULT_DATA_PATH = "/var/lib/pyflock/control"
 #: The cyclic garbage collector's thresholds in the control service (Python's: 700, 10, 10).
 GC_THRESHOLDS = (50_000, 20, 100)
 DEFAULT_CERTIFICATES = "/etc/pyflock"
+
+
+def _positive_bytes(text: str) -> int:
+    """A whole number of bytes greater than zero, for argparse."""
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of bytes")
+    return int(text)
 
 
 def _positive_seconds(text: str) -> float:
@@ -89,6 +97,17 @@ def _parser() -> argparse.ArgumentParser:
                        default=DEFAULT_FORGET_DEAD_NODES,
                        help=f"forget a node dead this many seconds that holds no dataset "
                             f"and no lease (default {DEFAULT_FORGET_DEAD_NODES:g}: 7 days)")
+        # Agent channel limits (issue 8, docs/security.md).
+        p.add_argument("--agent-message-limit", type=_positive_bytes, metavar="BYTES",
+                       default=AGENT_MESSAGE_LIMIT, help=f"refuse agents' messages longer "
+                       f"than this (default {AGENT_MESSAGE_LIMIT})")
+        p.add_argument("--agent-send-limit", type=_positive_bytes, metavar="BYTES",
+                       default=SEND_LIMIT, help=f"drop an agent that lets more than this "
+                       f"wait unread (default {SEND_LIMIT})")
+        p.add_argument("--purge-deadline", type=_positive_seconds, metavar="SECONDS",
+                       default=DEFAULT_PURGE_DEADLINE, help=f"a node holds back the purge "
+                       f"of a deleted dataset at most this long (default "
+                       f"{DEFAULT_PURGE_DEADLINE:g})")
         p.add_argument("--join-port", default=str(DEFAULT_JOIN_PORT),
                        help=f"join port, where new hosts trade a join token for their "
                             f"certificate: a number or a tcp: endpoint (default "
@@ -198,7 +217,10 @@ async def run(reactor, options: argparse.Namespace) -> None:
     site = APISite(api.resource())
     channel = AgentChannelServer(configuration, cluster, reactor,
                                  identify=agent_listener.admit,
-                                 heartbeat=options.heartbeat)
+                                 heartbeat=options.heartbeat,
+                                 agent_message_limit=options.agent_message_limit,
+                                 send_limit=options.agent_send_limit,
+                                 purge_deadline=options.purge_deadline)
     channel.start()
     try:
         agent_port = await agent_listener.endpoint.listen(

@@ -16,6 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.testing import StringTransport
 from pyrsistent import pmap
 from twisted.logger import Logger, globalLogPublisher
 from twisted.test import iosim
@@ -23,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from pyflock.agent._backends import MemoryBlockStore
-from pyflock.agent._channel import AgentChannel, control_endpoint
+from pyflock.agent._channel import AgentChannel, _ConnectionFactory, control_endpoint
 from pyflock.agent._convergence import calculate_changes, view_desire
 from pyflock.agent._discovery import discover
 from pyflock.agent._loop import ConvergenceLoop
@@ -32,7 +33,11 @@ from tests.harness.memory import MemoryDisks, MemoryFilesystems
 from pyflock.agent._view import AgentView, ViewFile
 from pyflock.common._model import MINIMUM_SIZE, Dataset
 from pyflock.common._tls import AGENT_CHANNEL, ClusterTLS
-from pyflock.common._wire import DatasetReport, Diff, Node, Snapshot, decode, encode
+from pyflock.common._wire import (
+    DatasetReport, Diff, Error, Heartbeat, Node, Snapshot, ViewVersion, Welcome, decode,
+    encode, frame,
+)
+from tests.control.test_agentchannel import frames
 from pyflock.control._agentchannel import AgentChannelServer, holders_of, view_datasets
 from pyflock.control._clusterstate import ClusterState
 from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
@@ -387,6 +392,8 @@ class ChannelTests(ChannelHarness):
 
     def test_report_state(self):
         """Reported state reaches the cluster state; a report made offline is sent later."""
+        self.create()
+        self.create(DS2, name="logs")
         a = self.channel(start=False)
         reports = [DatasetReport(dataset_id=DS, state="mounted", path="/m/ds")]
         a.report_state(reports)
@@ -551,6 +558,57 @@ class ConvergenceOverChannelTests(ChannelHarness):
 
 
 # -- over real TLS, with a real pyflock-control ----------------------------------------------
+
+
+class PagedSnapshotTests(ChannelHarness):
+    """A snapshot in pages (protocol 3, issue 8) becomes the agent's view at its last page."""
+
+    def start_server(self):
+        """A server sending pages of 4 KiB."""
+        server = AgentChannelServer(self.configuration, self.h.cluster, self.clock,
+                                    identify=lambda transport: AGENT_CHANNEL.admit(
+                                        self.identity[transport.getPeer().host]),
+                                    page_size=4096)
+        server.start()
+        return server
+
+    def test_pages_make_one_view(self):
+        """Fifty datasets come in many pages and make one view, the control service's."""
+        def transform(config):
+            for number in range(50):
+                config = config.create(Dataset(
+                    dataset_id=f"{number:08x}-0000-4000-8000-000000000000", primary=A,
+                    metadata={"name": f"v{number}", "note": "\u00e9" * 250}))
+            return config
+        ids = [f"{number:08x}-0000-4000-8000-000000000000" for number in range(50)]
+        self.successResultOf(self.configuration.change(ids, transform))
+        channel = self.channel()
+        pages = channel.loopback.take(Snapshot)
+        self.assertGreater(len(pages), 5)
+        self.assertEqual(len(channel.views), 1)
+        self.assertInStep(channel)
+
+    def test_other_message_before_the_last_page_refused(self):
+        """Anything but a page before the last page of a snapshot is a bad message."""
+        channel = self.channel(start=False)
+        channel._connection = connection = channel_connection(channel)
+        transport = connection.transport
+        connection.dataReceived(frame(encode(Welcome(epoch="e", version=1))))
+        connection.dataReceived(frame(encode(Snapshot(epoch="e", version=1, more=True))))
+        connection.dataReceived(frame(encode(Heartbeat(view=ViewVersion("e", 1)))))
+        errors = [m for m in frames(transport) if isinstance(m, Error)]
+        self.assertEqual([e.code for e in errors], ["bad-message"])
+        self.assertIn("before the last page of a snapshot", errors[0].reason)
+        channel._heartbeats.stop()
+
+
+def channel_connection(channel):
+    """A connection of ``channel`` on a StringTransport, its hello already taken."""
+    protocol = _ConnectionFactory(channel).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    transport.clear()
+    return protocol
 
 
 @pytest.fixture

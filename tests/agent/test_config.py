@@ -65,6 +65,8 @@ def test_ebs_needs_no_zone():
     ({"dataset": {"backend": "ebs", "attachment_limit": 1}}, "dataset.attachment_limit"),
     ({"dataset": {"backend": "loopback", "default_size": "lots"}}, "dataset.default_size"),
     ({"surprise": 1}, "'surprise' was unexpected"),
+    ({"node": {"address": "my host"}}, "node.address: 'my host' must be an IP address or a "
+                                       "host name"),
 ])
 def test_bad_file_names_key(change, message):
     """A bad key is refused with the key and the reason."""

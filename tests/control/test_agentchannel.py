@@ -483,6 +483,8 @@ class ServerTests(SynchronousTestCase):
 
     def test_report_shown_by_api(self):
         """A report appears in /v1/state/datasets and the node in /v1/state/nodes."""
+        self.create()
+        self.create(DS2, name="logs")
         agent, _ = self.connect(era="boot-1")
         agent.send(StateReport(node_uuid=A, datasets=(
             DatasetReport(dataset_id=DS, state="mounted", path="/m/ds",
@@ -545,13 +547,17 @@ class ServerTests(SynchronousTestCase):
                          view_datasets(self.configuration.committed,
                                        holders_of(self.h.cluster.state)))
 
-    def test_holders_of_dataset_reported_before_created(self):
-        """A dataset reported before its creation reaches the server has its holders."""
+    def test_report_of_unknown_dataset_ignored(self):
+        """A report naming a dataset the configuration lacks holds nothing of it (issue 8):
+        it is not stored, nor a holder of the dataset once created."""
         a, _ = self.connect()
         self.states(a, A, ds="creating")
-        self.assertEqual(a.received(), [])
+        self.assertEqual((a.received(), self.get("/v1/state/datasets")), ([], []))
+        self.assertFalse(a.closed)
         self.create()
         [diff] = a.received()
+        self.assertEqual(diff.datasets[0].holders, ())
+        [diff] = self.states(a, A, ds="mounted")
         self.assertEqual(diff.datasets[0].holders, (A,))
 
     def test_holders_in_snapshot(self):
@@ -592,6 +598,7 @@ class ServerTests(SynchronousTestCase):
 
     def test_silent_node_dies(self):
         """A silent node is dead after the expiry: state wiped, agents told, hung up on."""
+        self.create()
         agent, _ = self.connect()
         agent.send(StateReport(node_uuid=A, datasets=(
             DatasetReport(dataset_id=DS, state="mounted", path="/m"),)))
@@ -630,6 +637,7 @@ class ServerTests(SynchronousTestCase):
 
     def test_reconnect_within_expiry_keeps_state(self):
         """A node reconnecting before it expires keeps its reported state meanwhile."""
+        self.create()
         agent, _ = self.connect()
         agent.send(StateReport(node_uuid=A, datasets=(
             DatasetReport(dataset_id=DS, state="mounted", path="/m"),)))

@@ -13,6 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._channel import AgentChannel, _ConnectionFactory
+from pyflock.common._model import Dataset
 from pyflock.common._tls import AGENT_CHANNEL
 from pyflock.common._wire import (
     MESSAGE_KEYS, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, Error, Hello,
@@ -159,6 +160,14 @@ def test_unknown_keys_are_refused_in_version_2_too():
         decode(b'{"type":"heartbeat","view":null,"x":0}', 2)
 
 
+def test_pages_are_version_3():
+    """A snapshot page (``more``) is version 3: version 2 refuses the key."""
+    page = encode(Snapshot(epoch="e", version=1, more=True))
+    assert decode(page, 3).more is True
+    with pytest.raises(BadMessage, match="snapshot has unknown keys 'more'"):
+        decode(page, 2)
+
+
 @pytest.mark.parametrize("payload, theirs", [
     (hello_json(("era",), protocol=5, protocols=[4, 5], shape="new"), (4, 5)),
     (V1_HELLO, (1, 1)),
@@ -201,6 +210,8 @@ class NegotiationTests(SynchronousTestCase):
     def test_version_2_agent_is_served_version_2_without_zone(self):
         """An agent of version 2 (no zone) is welcomed in 2 and reports its state; its
         node has no zone."""
+        self.successResultOf(self.h.configuration.change([DS], lambda c: c.create(
+            Dataset(dataset_id=DS, primary=A))))
         agent = RawAgent(self.server, NODE_A)
         welcome, snapshot = agent.send_raw(V2_HELLO)
         self.assertEqual(welcome, Welcome(epoch=self.server.epoch,
@@ -210,7 +221,8 @@ class NegotiationTests(SynchronousTestCase):
         report = (b'{"type":"state","node_uuid":"' + A.encode() + b'","datasets":[{'
                   b'"dataset_id":"' + DS.encode() + b'","state":"mounted","path":"/m",'
                   b'"maximum_size":null}],"view":null}')
-        self.assertEqual(agent.send_raw(report), [])
+        [diff] = agent.send_raw(report)
+        self.assertEqual(diff.datasets[0].holders, (A,))
         self.assertEqual(set(self.h.cluster.state.nodes[A].datasets), {DS})
         self.assertIsNone(self.h.cluster.state.nodes[A].zone)
         [node] = self.h.request(self, "GET", "/v1/state/nodes").json

@@ -96,6 +96,19 @@ class DatasetTests(SynchronousTestCase):
         self.assertEqual(self.create(metadata={"name": "old"}).code, 201)
         self.assertEqual(self.create(metadata={"name": "new"}).code, 409)
 
+    def test_metadata_byte_limits(self):
+        """Metadata over 8 KiB of UTF-8 (within Flocker's character limits) answers 400
+        naming the limit, on create and update; 8 KiB exactly is taken (issue 8)."""
+        full = {f"{i:03d}" + "k" * 253: "v" * 256 for i in range(16)}
+        self.assertEqual(self.create(dataset_id=DS, metadata=full).code, 201)
+        accented = {f"{i:03d}" + "é" * 253: "é" * 256 for i in range(16)}
+        for r in [self.create(metadata=accented),
+                  self.req("POST", f"/v1/configuration/datasets/{DS}",
+                           {"metadata": accented})]:
+            self.assertEqual(r.code, 400)
+            self.assertIn("metadata must be at most 8192 bytes in UTF-8", r.json["errors"][0])
+        self.assertEqual(dict(self.h.store.config.datasets[DS].metadata), full)
+
     def test_move_unknown(self):
         """Moving an unknown dataset answers 404."""
         r = self.req("POST", f"/v1/configuration/datasets/{DS}", {"primary": B})
