@@ -1,0 +1,229 @@
+"""
+The etcd store on real etcd processes (``tests/harness/etcd.py``): the store contract
+suite on one member, and the etcd store's own promises: group commit within etcd's
+limits, one writer wins a compare-and-swap race, a new store object sees everything, and
+a member that stops answering is left for another within 2 s (three members).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+
+from pyflock.common._model import Configuration, Dataset, Lease
+from pyflock.control._etcd_model import MAX_TXN_OPS, REVISION_SCALE
+from pyflock.control._etcd_store import open_etcd_store
+from pyflock.control._store import RETAINED_REVISIONS, StoreError, StoreWrite, apply_write
+from tests.contracts.store import (
+    NODE_A, NODE_B, dataset_id, loaded, make_iconfigurationstore_tests, sample_change, using,
+)
+from tests.harness.etcd import EtcdCluster
+
+pytestmark = pytest.mark.integration
+
+#: The endpoints of the module's one-member cluster, for the contract's openers.
+_SINGLE: dict = {}
+
+
+def _reactor():
+    from twisted.internet import reactor
+    return reactor
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_etcd(tmp_path_factory):
+    """One etcd member for the whole module, killed and removed at the end."""
+    cluster = EtcdCluster(1, tmp_path_factory.mktemp("etcd-logs")).start()
+    _SINGLE["endpoints"] = cluster.endpoints
+    yield cluster
+    cluster.close()
+
+
+def prefix_of(folder) -> str:
+    """A prefix of its own for each test folder."""
+    return f"/pyflock-test/{hashlib.sha1(str(folder).encode()).hexdigest()[:16]}/"
+
+
+def etcd_store_opener(folder, retained: int = RETAINED_REVISIONS, endpoints=None,
+                      timeout=None):
+    """An opener of etcd stores under the prefix of ``folder`` on the module's member."""
+    return lambda: Deferred.fromCoroutine(open_etcd_store(
+        _reactor(), endpoints or _SINGLE["endpoints"], prefix_of(folder),
+        retained=retained, timeout=timeout))
+
+
+TestEtcdStoreContract = make_iconfigurationstore_tests(etcd_store_opener)
+
+
+def creating(n: int, generation: int) -> StoreWrite:
+    """A write creating dataset number ``n``."""
+    dataset = Dataset(dataset_id=dataset_id(n), primary=NODE_A, metadata={"name": f"v{n}"})
+    return StoreWrite(datasets=((dataset.dataset_id, dataset),), generation=generation)
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_writes_share_transactions(tmp_path):
+    """
+    200 writes submitted at once commit in a few transactions within etcd's limits, each
+    at a revision of its own, and all of them load back.
+    """
+    async def write_all(store):
+        revisions = await gatherResults([store.write(creating(n, n)) for n in range(200)])
+        return revisions, store.transactions
+
+    revisions, transactions = await using(etcd_store_opener(tmp_path), write_all)
+    assert revisions == sorted(set(revisions))
+    assert transactions <= 10
+    config = await using(etcd_store_opener(tmp_path), loaded)
+    assert len(config.datasets) == 200 and config.generation == 199
+
+
+@pytest_twisted.ensureDeferred
+async def test_big_lease_change_is_split(tmp_path):
+    """
+    A lease-only write of 300 leases (as when they all expire) is committed over several
+    transactions and loads back whole.
+    """
+    ids = range(300)
+    creates = StoreWrite(datasets=tuple((dataset_id(n), Dataset(
+        dataset_id=dataset_id(n), primary=NODE_A)) for n in ids[:60]), generation=1)
+    leases = StoreWrite(leases=tuple((dataset_id(n), Lease(
+        dataset_id=dataset_id(n), node_uuid=NODE_B, expiration=5.0)) for n in ids[:60]),
+        generation=1)
+    more_datasets = [StoreWrite(datasets=tuple((dataset_id(n), Dataset(
+        dataset_id=dataset_id(n), primary=NODE_A)) for n in ids[k:k + 60]), generation=1)
+        for k in range(60, 300, 60)]
+    expire = StoreWrite(leases=tuple((dataset_id(n), None) for n in ids), generation=1)
+
+    async def write(store):
+        for change in [creates, leases, *more_datasets]:
+            await store.write(change)
+        before = store.transactions
+        await store.write(expire)
+        return store.transactions - before
+
+    transactions = await using(etcd_store_opener(tmp_path), write)
+    assert transactions == -(-300 // (MAX_TXN_OPS - 2))
+    config = await using(etcd_store_opener(tmp_path), loaded)
+    assert len(config.datasets) == 300 and not config.leases
+
+
+@pytest_twisted.ensureDeferred
+async def test_big_dataset_change_is_refused(tmp_path):
+    """A write of more dataset rows than one transaction carries fails, writing nothing."""
+    change = StoreWrite(datasets=tuple((dataset_id(n), Dataset(
+        dataset_id=dataset_id(n), primary=NODE_A)) for n in range(MAX_TXN_OPS)), generation=1)
+
+    async def write(store):
+        with pytest.raises(StoreError, match="at most 128 operations.*Nothing was written"):
+            await store.write(change)
+        return await loaded(store)
+
+    assert await using(etcd_store_opener(tmp_path), write) == Configuration()
+
+
+@pytest_twisted.ensureDeferred
+async def test_compare_and_swap_race(tmp_path):
+    """
+    Two store objects loaded at one revision write at once: exactly one write commits, the
+    other fails with ``StoreError`` and nothing of it is stored; after a load, the loser
+    writes again.
+    """
+    opener = etcd_store_opener(tmp_path)
+    await using(opener, lambda store: store.write(sample_change()))
+    first, second = await opener(), await opener()
+    try:
+        await first.load()
+        await second.load()
+        outcomes = await DeferredList([first.write(creating(7, 100)),
+                                       second.write(creating(8, 100))], consumeErrors=True)
+        assert sorted(ok for ok, _ in outcomes) == [False, True]
+        loser = [store for (ok, _), store in zip(outcomes, (first, second)) if not ok][0]
+        assert [r.value for ok, r in outcomes if not ok][0].__class__ is StoreError
+        config = await loaded(first)
+        assert (dataset_id(7) in config.datasets) != (dataset_id(8) in config.datasets)
+        await loser.load()
+        await loser.write(creating(9, 101))
+        assert dataset_id(9) in (await loaded(first)).datasets
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_store_object_sees_everything(tmp_path):
+    """
+    A second store object on the same prefix, opened while the first is still open, loads
+    every write, the revision and the store id, and answers the change feed from a
+    revision the first one wrote.
+    """
+    opener = etcd_store_opener(tmp_path)
+    first = await opener()
+    try:
+        middle = await first.write(sample_change())
+        last = await first.write(creating(5, 60))
+        snapshot = await first.load()
+        other = await opener()
+        try:
+            again = await other.load()
+            changes = await other.changes_since(middle)
+        finally:
+            await other.close()
+    finally:
+        await first.close()
+    assert again == snapshot and again.revision == last
+    assert changes.change.datasets == ((dataset_id(5), creating(5, 60).datasets[0][1]),)
+    assert apply_write(apply_write(Configuration(), sample_change()),
+                       changes.change) == again.configuration
+
+
+@pytest_twisted.ensureDeferred
+async def test_revisions_scale_etcd_revisions(tmp_path):
+    """The revision a lone write fires with is its etcd revision times REVISION_SCALE."""
+    async def write(store):
+        revision = await store.write(creating(1, 1))
+        return revision, store._meta.revision
+    revision, etcd_revision = await using(etcd_store_opener(tmp_path), write)
+    assert revision == etcd_revision * REVISION_SCALE
+
+
+@pytest.fixture(scope="module")
+def three_etcd(tmp_path_factory):
+    """Three etcd members for the failover test, killed and removed at the end."""
+    cluster = EtcdCluster(3, tmp_path_factory.mktemp("etcd3-logs")).start()
+    yield cluster
+    cluster.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopped_member_is_left_within_2_seconds(tmp_path, three_etcd):
+    """
+    With the member a store uses stopped (SIGSTOP, a follower), a write commits through
+    another member within 2 s, and so do the next ones at once.
+    """
+    leader = three_etcd.leader()
+    follower = next(m for m in three_etcd.members if m is not leader)
+    endpoints = [follower.url] + [m.url for m in three_etcd.members if m is not follower]
+    opener = etcd_store_opener(tmp_path, endpoints=endpoints, timeout=1.0)
+    store = await opener()
+    try:
+        await store.write(creating(1, 1))
+        follower.pause()
+        try:
+            started = time.monotonic()
+            await store.write(creating(2, 2))
+            failover = time.monotonic() - started
+            started = time.monotonic()
+            await store.write(creating(3, 3))
+            following = time.monotonic() - started
+        finally:
+            follower.resume()
+        assert failover < 2.0
+        assert following < 0.5
+        assert len((await loaded(store)).datasets) == 3
+    finally:
+        await store.close()
