@@ -6,6 +6,9 @@
                           [--heartbeat SECONDS] [--node-expiry SECONDS]
                           [--forget-dead-nodes SECONDS]
                           [--join-port PORT] [--ca-key FILE]
+                          [--store sqlite|etcd] [--etcd-endpoints URL[,URL...]]
+                          [--etcd-prefix PREFIX] [--etcd-ca FILE]
+                          [--etcd-cert FILE --etcd-key FILE]
     pyflock-control backup --data-path DIR FILE
 """
 
@@ -38,7 +41,8 @@ from pyflock.control._clusterstate import (
 )
 from pyflock.control._openapi import build_openapi
 from pyflock.control._persistence import DEFAULT_LEASE_RESTART_GRACE, ConfigurationService
-from pyflock.control._sqlite_store import backup, open_sqlite_store
+from pyflock.control._sqlite_store import backup
+from pyflock.control._stores import add_store_arguments, open_store, store_description
 from pyflock.control._store import StoreError
 
 _log = Logger()
@@ -96,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="the cluster CA's key, to sign joining nodes' certificates "
                             "(default: cluster.key in the certificates folder; without "
                             "it, no joins are served)")
+        add_store_arguments(p)
     b = sub.add_parser("backup", help="copy the store consistently while the service runs")
     b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
     b.add_argument("file", help="the new backup file (never overwritten)")
@@ -152,7 +157,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
     except (CertificateError, ValueError) as e:
         raise StartupError(str(e))
     try:
-        store = await open_sqlite_store(reactor, options.data_path)
+        store = await open_store(reactor, options)
     except StoreError as e:
         raise StartupError(str(e))
     # Loading builds tens of thousands of records that cannot form cycles; the cyclic
@@ -210,7 +215,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
     log_event(_log, "pyflock:control:started", version=__version__,
               address=f"{address.host}:{address.port}",
               agent_address=f"{agent_address.host}:{agent_address.port}",
-              epoch=channel.epoch, data_path=options.data_path,
+              epoch=channel.epoch, data_path=store_description(options),
               datasets=len(configuration.committed.datasets), cluster_uuid=tls.cluster_uuid)
 
     async def shutdown():
