@@ -13,7 +13,7 @@ import pytest_twisted
 
 from tests.harness.certificates import make_cluster_certificates
 from tests.harness.control import APIClient, ControlProcess, ControlProcessExited, free_address
-from tests.harness.etcd import EtcdCluster
+from tests.harness.etcd import etcd_cluster_fixture
 from tests.harness.processes import free_port
 
 pytestmark = pytest.mark.integration
@@ -21,12 +21,7 @@ pytestmark = pytest.mark.integration
 DATASETS = "/v1/configuration/datasets"
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    """One etcd member for the module, killed and removed at the end."""
-    cluster = EtcdCluster(1, tmp_path_factory.mktemp("etcd-logs")).start()
-    yield cluster
-    cluster.close()
+etcd = etcd_cluster_fixture(1)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pyflock.control._store import RETAINED_REVISIONS, StoreError, StoreWrite, a
 from tests.contracts.store import (
     NODE_A, NODE_B, dataset_id, loaded, make_iconfigurationstore_tests, sample_change, using,
 )
-from tests.harness.etcd import EtcdCluster
+from tests.harness.etcd import etcd_cluster_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +34,13 @@ def _reactor():
     return reactor
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_etcd(tmp_path_factory):
-    """One etcd member for the whole module, killed and removed at the end."""
-    cluster = EtcdCluster(1, tmp_path_factory.mktemp("etcd-logs")).start()
-    _SINGLE["endpoints"] = cluster.endpoints
-    yield cluster
-    cluster.close()
+single_etcd = etcd_cluster_fixture(1)
+
+
+@pytest.fixture(autouse=True)
+def single_endpoints(single_etcd):
+    """The one-member cluster's endpoints, for the contract's openers."""
+    _SINGLE["endpoints"] = single_etcd.endpoints
 
 
 def prefix_of(folder) -> str:
@@ -191,12 +191,7 @@ async def test_revisions_scale_etcd_revisions(tmp_path):
     assert revision == etcd_revision * REVISION_SCALE
 
 
-@pytest.fixture(scope="module")
-def three_etcd(tmp_path_factory):
-    """Three etcd members for the failover test, killed and removed at the end."""
-    cluster = EtcdCluster(3, tmp_path_factory.mktemp("etcd3-logs")).start()
-    yield cluster
-    cluster.close()
+three_etcd = etcd_cluster_fixture(3)
 
 
 @pytest_twisted.ensureDeferred

@@ -21,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+import pytest
+
 from tests.harness.processes import ServiceProcess, free_port
 from tests.harness.requirements import require_commands
 
@@ -163,4 +165,15 @@ class EtcdCluster:
         self.close()
 
 
-__all__ = ["EtcdCluster", "EtcdMember", "require_etcd"]
+def etcd_cluster_fixture(size: int, scope: str = "module"):
+    """A pytest fixture: a started ``EtcdCluster`` of ``size`` members, closed after."""
+    @pytest.fixture(scope=scope)
+    def cluster(tmp_path_factory):
+        """A started etcd cluster, killed and removed at teardown."""
+        started = EtcdCluster(size, tmp_path_factory.mktemp(f"etcd{size}-logs")).start()
+        yield started
+        started.close()
+    return cluster
+
+
+__all__ = ["EtcdCluster", "EtcdMember", "etcd_cluster_fixture", "require_etcd"]
