@@ -115,11 +115,13 @@ def _is_member_failure(error: BaseException) -> bool:
 class EtcdGateway:
     """
     Calls to etcd's gateway at ``endpoints`` (base URLs); ``endpoint`` is the member in
-    use. ``close`` drops the kept connections.
+    use. ``close`` drops the kept connections. ``http`` (a treq-like client) replaces the
+    real one in tests.
     """
 
     def __init__(self, reactor: Any, endpoints: Sequence[str], tls: Optional[EtcdTLS] = None,
-                 timeout: float = DEFAULT_TIMEOUT, deadline: float = DEFAULT_DEADLINE):
+                 timeout: float = DEFAULT_TIMEOUT, deadline: float = DEFAULT_DEADLINE,
+                 http: Any = None):
         self._reactor = reactor
         self.endpoints = tuple(endpoints)
         self._current = 0
@@ -130,7 +132,7 @@ class EtcdGateway:
         policy = _EtcdPolicy(tls) if tls is not None and (tls.ca or tls.cert) else None
         agent = Agent(reactor, connectTimeout=timeout, pool=self._pool,
                       **({"contextFactory": policy} if policy is not None else {}))
-        self._http = treq.client.HTTPClient(agent)
+        self._http = http if http is not None else treq.client.HTTPClient(agent)
 
     @property
     def endpoint(self) -> str:
