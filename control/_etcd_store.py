@@ -41,8 +41,8 @@ from pyflock.common._logging import log_event
 from pyflock.common._model import Configuration
 from pyflock.control._etcd_client import EtcdError, EtcdGateway, EtcdTLS, EtcdUnavailable
 from pyflock.control._etcd_model import (
-    COMPACTED_CODE, MAX_TXN_BYTES, MAX_TXN_OPS, PAGE, REVISION_SCALE, SCHEMA_VERSION, EtcdDataError, KeyValue, Keys, b64,
-    Meta, batch_of, decode_rows, decode_token, encode_token, etcd_floor, get, header_revision,
+    COMPACTED_CODE, MAX_TXN_BYTES, MAX_TXN_OPS, PAGE, REVISION_SCALE, SCHEMA_VERSION,
+    EtcdDataError, KeyValue, Keys, Meta, b64, batch_of, decode_rows, decode_token, encode_token, etcd_floor, get, header_revision,
     init_request, more, prefix_end, prune_requests, raise_oldest_request, range_request,
     read_first_page, responses, splittable, split, store_revision, take_batch, txn,
     write_outcome, write_request,
@@ -314,8 +314,8 @@ class EtcdConfigurationStore:
             raise StoreError(
                 f"{self.where}: this change writes {batch.operations()} keys "
                 f"({batch.size()} bytes); one etcd transaction carries at most "
-                f"{MAX_TXN_OPS} operations and {MAX_TXN_BYTES} bytes, and only a change of leases alone may be split over "
-                f"several. Nothing was written.")
+                f"{MAX_TXN_OPS} operations and {MAX_TXN_BYTES} bytes, and only a change "
+                f"of leases alone may be split over several. Nothing was written.")
         self._schedule_pruning()
         return revisions
 
