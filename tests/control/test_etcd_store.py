@@ -222,3 +222,37 @@ async def test_stopped_member_is_left_within_2_seconds(tmp_path, three_etcd):
         assert len((await loaded(store)).datasets) == 3
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_survive_killing_the_etcd_leader(tmp_path, three_etcd):
+    """
+    With 8 writers writing through one store, kill -9 of the etcd leader (the member the
+    store uses): writes resume through the others, and every acknowledged one is stored.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    leader = three_etcd.leader()
+    endpoints = [leader.url] + [m.url for m in three_etcd.members if m is not leader]
+    store = await etcd_store_opener(tmp_path, endpoints=endpoints, timeout=1.0)()
+    acknowledged: list[int] = []
+
+    async def writer(first: int):
+        for n in range(first, first + 15):
+            await store.write(creating(n, n))
+            acknowledged.append(n)
+
+    try:
+        writers = gatherResults([Deferred.fromCoroutine(writer(100 * w)) for w in range(8)])
+        while len(acknowledged) < 20:
+            await deferLater(reactor, 0.01, lambda: None)
+        leader.kill9()
+        await writers
+    finally:
+        await store.close()
+        if not leader.running:
+            leader.spawn()
+    other = [m.url for m in three_etcd.members if m is not leader]
+    config = await using(etcd_store_opener(tmp_path, endpoints=other), loaded)
+    assert len(acknowledged) == 120
+    assert {dataset_id(n) for n in acknowledged} <= set(config.datasets)
