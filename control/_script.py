@@ -10,6 +10,7 @@
                           [--etcd-prefix PREFIX] [--etcd-ca FILE]
                           [--etcd-cert FILE --etcd-key FILE]
     pyflock-control backup --data-path DIR FILE
+    pyflock-control migrate --from-data-path DIR --etcd-endpoints URL[,URL...] [--etcd-*]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pyflock.control._clusterstate import (
 from pyflock.control._openapi import build_openapi
 from pyflock.control._persistence import DEFAULT_LEASE_RESTART_GRACE, ConfigurationService
 from pyflock.control._sqlite_store import backup
+from pyflock.control._migrate import add_migrate_parser, migrate_main
 from pyflock.control._stores import add_store_arguments, open_store, store_description
 from pyflock.control._store import StoreError
 
@@ -104,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("backup", help="copy the store consistently while the service runs")
     b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
     b.add_argument("file", help="the new backup file (never overwritten)")
+    add_migrate_parser(sub)
     return parser
 
 
@@ -235,6 +238,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``pyflock-control``."""
     options = _parser().parse_args(argv)
+    if options.command == "migrate":
+        return migrate_main(options)
     if options.command == "backup":
         try:
             backup(options.data_path, options.file)

@@ -1,7 +1,8 @@
 """
 ``pyflock-control run --store etcd`` as a real process on a real etcd member: it serves
 the REST API from etcd, keeps what it acknowledged across kill -9, skips an endpoint that
-refuses connections, and refuses bad etcd options with a clear message.
+refuses connections, and refuses bad etcd options with a clear message; ``pyflock-control
+migrate`` copies an SQLite store into etcd.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ from uuid import uuid4
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 
+from pyflock.common._model import Configuration
+from pyflock.control._etcd_store import open_etcd_store
+from pyflock.control._sqlite_store import open_sqlite_store
+from pyflock.control._store import apply_write
+from tests.contracts.store import sample_change, sample_token, using
 from tests.harness.certificates import make_cluster_certificates
 from tests.harness.control import APIClient, ControlProcess, ControlProcessExited, free_address
 from tests.harness.etcd import etcd_cluster_fixture
-from tests.harness.processes import free_port
+from tests.harness.processes import free_port, run_to_completion, script_path
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +90,39 @@ def test_bad_etcd_options(tmp_path, cluster, arguments, message):
             control.start()
     assert raised.value.returncode == 1 and message in raised.value.stderr
     assert "Traceback" not in raised.value.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_migrate_sqlite_into_etcd(tmp_path, etcd):
+    """
+    ``pyflock-control migrate`` copies an SQLite store (datasets, tombstones, leases, the
+    generation, join tokens) into an empty etcd prefix; a second run refuses the prefix,
+    now not empty, and a missing SQLite store is refused too.
+    """
+    from twisted.internet import reactor
+    change = sample_change()
+    token = sample_token("0000000000000001")
+
+    async def fill(store):
+        await store.write(change)
+        await store.write_token(token.token_id, token)
+    await using(lambda: open_sqlite_store(reactor, tmp_path / "data"), fill)
+    prefix = f"/m-{uuid4().hex[:8]}/"
+    command = [script_path("pyflock-control"), "migrate", "--from-data-path",
+               str(tmp_path / "data"), "--etcd-endpoints", ",".join(etcd.endpoints),
+               "--etcd-prefix", prefix]
+    done = await deferToThread(run_to_completion, command)
+    assert done.returncode == 0, done.stderr
+    assert "migrated 4 datasets, 2 leases and 1 join tokens" in done.stdout
+
+    async def read(store):
+        return (await store.load()).configuration, await store.load_tokens()
+    config, tokens = await using(lambda: Deferred.fromCoroutine(
+        open_etcd_store(reactor, etcd.endpoints, prefix)), read)
+    assert config == apply_write(Configuration(), change) and tokens == (token,)
+
+    again = await deferToThread(run_to_completion, command)
+    assert again.returncode == 1 and "only into an empty prefix" in again.stderr
+    missing = await deferToThread(run_to_completion, command[:3] + [
+        str(tmp_path / "nothing")] + command[4:])
+    assert missing.returncode == 1 and "there is no configuration store" in missing.stderr
