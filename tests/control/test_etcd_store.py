@@ -256,3 +256,37 @@ async def test_writes_survive_killing_the_etcd_leader(tmp_path, three_etcd):
     config = await using(etcd_store_opener(tmp_path, endpoints=other), loaded)
     assert len(acknowledged) == 120
     assert {dataset_id(n) for n in acknowledged} <= set(config.datasets)
+
+
+@pytest_twisted.ensureDeferred
+async def test_old_tombstones_are_pruned(tmp_path):
+    """
+    A removed row stays as a tombstone while the history it is in is kept, and is deleted
+    from etcd once that history is older than the store keeps; a row written again since
+    is kept.
+    """
+    from pyflock.control._etcd_model import range_request
+
+    async def keys_of(store, *dataset_ids):
+        found = []
+        for i in dataset_ids:
+            answer = await store._gateway.call("kv/range", range_request(
+                store.keys.dataset(i)))
+            found += [i] if answer.get("kvs") else []
+        return found
+
+    async def check(store):
+        await store.write(creating(1, 1))
+        await store.write(creating(2, 2))
+        await store.write(StoreWrite(datasets=((dataset_id(1), None), (dataset_id(2), None)),
+                                     generation=3))
+        await store.write(creating(2, 4))
+        kept = await keys_of(store, dataset_id(1), dataset_id(2))
+        for n in range(10):
+            await store.write(creating(10 + n, 5 + n))
+        await store.load()
+        return kept, await keys_of(store, dataset_id(1), dataset_id(2))
+
+    kept, later = await using(etcd_store_opener(tmp_path, retained=5), check)
+    assert kept == [dataset_id(1), dataset_id(2)]
+    assert later == [dataset_id(2)]
