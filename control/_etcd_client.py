@@ -176,7 +176,9 @@ class EtcdGateway:
         try:
             answer = json.loads(content)
         except ValueError:
-            raise ValueError(f"HTTP {code}, not JSON: {content[:200]!r}") from None
+            hint = (" (is etcd's v3 JSON gateway on? etcd started with --config-file needs "
+                    "enable-grpc-gateway: true; docs/ha.md)") if code == 404 else ""
+            raise ValueError(f"HTTP {code}, not JSON: {content[:200]!r}{hint}") from None
         if not isinstance(answer, dict):
             raise ValueError(f"HTTP {code}, not a JSON object: {content[:200]!r}")
         if "error" in answer or code != 200:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
+from itertools import islice
 from typing import Any, Optional, Sequence
 
 import attr
@@ -138,7 +139,7 @@ class EtcdConfigurationStore:
         jobs = [self._queue.popleft()]
         if jobs[0].kind == "write":
             queued = [jobs[0].payload]
-            for job in list(self._queue)[:REVISION_SCALE - 1]:
+            for job in islice(self._queue, REVISION_SCALE - 1):
                 if job.kind != "write":
                     break
                 queued.append(job.payload)

@@ -262,3 +262,24 @@ class GatewayTests(SynchronousTestCase):
             self.http.flush()
         failure = self.failureResultOf(d, EtcdUnavailable)
         assert "http://a" in str(failure.value) and "http://b" in str(failure.value)
+
+
+class GatewayOffTests(SynchronousTestCase):
+    """A member whose gateway is off is named as such."""
+
+    def test_404_says_the_gateway_may_be_off(self):
+        """A 404 that is not JSON fails, after the deadline, saying how to turn the gateway on."""
+        class Off(Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                request.setResponseCode(404)
+                return b"404 page not found\n"
+        clock, http = Clock(), StubTreq(Off())
+        gateway = EtcdGateway(clock, ["http://a"], timeout=1.0, deadline=0.5, http=http)
+        d = Deferred.fromCoroutine(gateway.call("kv/range", {}))
+        for _ in range(3):
+            http.flush()
+            clock.advance(0.2)
+        failure = self.failureResultOf(d, EtcdUnavailable)
+        assert "enable-grpc-gateway: true" in str(failure.value)
