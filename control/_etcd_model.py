@@ -259,10 +259,12 @@ def etcd_floor(revision: int) -> int:
 @attr.s(frozen=True, auto_attribs=True)
 class Meta:
     """What the meta keys say: the latest write's etcd revision (0: none yet), the
-    generation, the oldest kept etcd revision, the store id and schema."""
+    generation and the etcd revision it was last written at (the configuration tag's
+    revision), the oldest kept etcd revision, the store id and schema."""
 
     revision: int = 0
     generation: int = 0
+    generation_revision: int = 0
     oldest: int = 0
     store_id: Optional[str] = None
     schema: Optional[int] = None
@@ -276,7 +278,8 @@ class Meta:
                 if kv.key == keys.revision:
                     meta = attr.evolve(meta, revision=kv.mod_revision)
                 elif kv.key == keys.generation:
-                    meta = attr.evolve(meta, generation=int(kv.value))
+                    meta = attr.evolve(meta, generation=int(kv.value),
+                                       generation_revision=kv.mod_revision)
                 elif kv.key == keys.oldest:
                     meta = attr.evolve(meta, oldest=int(kv.value))
                 elif kv.key == keys.store_id:

@@ -86,6 +86,15 @@ class EtcdConfigurationStore:
         self.transactions = 0
 
     @property
+    def tag_revision(self) -> int:
+        """
+        The etcd mod revision of the generation key as of this store's last load or write:
+        it changes with every dataset change and never with a lease-only one, the same on
+        every replica (for the configuration tag, issue 9 point 2).
+        """
+        return self._meta.generation_revision
+
+    @property
     def where(self) -> str:
         """The prefix and members, for messages."""
         return (f"etcd prefix {self.keys.prefix.decode('utf-8', 'replace')!r} at "
@@ -331,8 +340,10 @@ class EtcdConfigurationStore:
                 f"{self.where}: another writer changed the configuration since this "
                 f"control service read it (at etcd revision {self._meta.revision}); nothing "
                 f"of this change was written. The configuration is reloaded.")
-        self._meta = attr.evolve(self._meta, revision=committed,
-                                 generation=batch.generation)
+        self._meta = attr.evolve(
+            self._meta, revision=committed, generation=batch.generation,
+            generation_revision=committed if batch.writes_generation
+            else self._meta.generation_revision)
         self.transactions += 1
         return committed
 

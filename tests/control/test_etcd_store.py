@@ -290,3 +290,27 @@ async def test_old_tombstones_are_pruned(tmp_path):
     kept, later = await using(etcd_store_opener(tmp_path, retained=5), check)
     assert kept == [dataset_id(1), dataset_id(2)]
     assert later == [dataset_id(2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tag_revision_moves_with_datasets_only(tmp_path):
+    """
+    The generation key's mod revision changes with a dataset change, not with a lease
+    change, and another store object loads the same one.
+    """
+    lease = Lease(dataset_id=dataset_id(1), node_uuid=NODE_B)
+
+    async def write(store):
+        await store.write(creating(1, 1))
+        after_create = store.tag_revision
+        await store.write(StoreWrite(leases=((dataset_id(1), lease),), generation=1))
+        after_lease = store.tag_revision
+        await store.write(creating(2, 2))
+        return after_create, after_lease, store.tag_revision
+
+    created, leased, changed = await using(etcd_store_opener(tmp_path), write)
+
+    async def reload(store):
+        await store.load()
+        return store.tag_revision
+    assert created == leased < changed == await using(etcd_store_opener(tmp_path), reload)
