@@ -377,12 +377,15 @@ class EtcdConfigurationStore:
 
 async def open_etcd_store(reactor: Any, endpoints: Sequence[str], prefix: str = "/pyflock/",
                           tls: Optional[EtcdTLS] = None, retained: int = RETAINED_REVISIONS,
-                          timeout: Optional[float] = None) -> EtcdConfigurationStore:
+                          timeout: Optional[float] = None,
+                          deadline: Optional[float] = None) -> EtcdConfigurationStore:
     """
-    Open (or create) the store under ``prefix`` on the etcd members at ``endpoints``;
-    fails with ``StoreError`` when it cannot be used.
+    Open (or create) the store under ``prefix`` on the etcd members at ``endpoints``
+    (``timeout`` and ``deadline``: see ``EtcdGateway``); fails with ``StoreError`` when it
+    cannot be used.
     """
-    options = {} if timeout is None else {"timeout": timeout}
+    options = {name: value for name, value in (("timeout", timeout), ("deadline", deadline))
+               if value is not None}
     gateway = EtcdGateway(reactor, endpoints, tls, **options)
     store = EtcdConfigurationStore(gateway, prefix, retained)
     try:

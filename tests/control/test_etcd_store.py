@@ -12,8 +12,10 @@ import time
 
 import pytest
 import pytest_twisted
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 
+from pyflock.common._ca import _issue, parse_hostname
 from pyflock.common._model import Configuration, Dataset, Lease
 from pyflock.control._etcd_model import MAX_TXN_OPS, REVISION_SCALE
 from pyflock.control._etcd_store import open_etcd_store
@@ -21,7 +23,8 @@ from pyflock.control._store import RETAINED_REVISIONS, StoreError, StoreWrite, a
 from tests.contracts.store import (
     NODE_A, NODE_B, dataset_id, loaded, make_iconfigurationstore_tests, sample_change, using,
 )
-from tests.harness.etcd import etcd_cluster_fixture
+from tests.harness.certificates import make_cluster_certificates
+from tests.harness.etcd import EtcdCluster, EtcdServerTLS, etcd_cluster_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -314,3 +317,36 @@ async def test_tag_revision_moves_with_datasets_only(tmp_path):
         await store.load()
         return store.tag_revision
     assert created == leased < changed == await using(etcd_store_opener(tmp_path), reload)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_to_etcd(tmp_path):
+    """
+    Over TLS with client certificates, the store writes and loads given the CA and a
+    client certificate, and cannot open without the client certificate.
+    """
+    from pyflock.control._etcd_client import EtcdTLS
+    (tmp_path / "certs").mkdir()
+    certificates = make_cluster_certificates(tmp_path / "certs", nodes=0,
+                                             users=("pyflock",), control_host="127.0.0.1")
+    folder = certificates.path
+    # etcd's gateway presents the server's certificate to etcd itself: it needs both usages.
+    _issue(folder, folder, "etcd", "etcd",
+           [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+           [parse_hostname("127.0.0.1")], None)
+    server = EtcdServerTLS(certificate=folder / "etcd.crt",
+                           key=folder / "etcd.key", ca=folder / "cluster.crt",
+                           client_certificate=folder / "pyflock.crt",
+                           client_key=folder / "pyflock.key")
+    with EtcdCluster(1, tmp_path / "logs", tls=server).start() as cluster:
+        assert cluster.endpoints[0].startswith("https://")
+        tls = EtcdTLS(str(server.ca), str(server.client_certificate), str(server.client_key))
+
+        def opener(tls):
+            return lambda: Deferred.fromCoroutine(open_etcd_store(
+                _reactor(), cluster.endpoints, "/tls/", tls, timeout=1.0, deadline=1.5))
+        await using(opener(tls), lambda store: store.write(creating(1, 1)))
+        config = await using(opener(tls), loaded)
+        assert dataset_id(1) in config.datasets
+        with pytest.raises(StoreError, match="no etcd member answered"):
+            await opener(EtcdTLS(str(server.ca)))()

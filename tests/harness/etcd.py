@@ -5,6 +5,9 @@ ports and their data on tmpfs (``/dev/shm``), with etcd's stock flags except the
 cluster needs (names, URLs, the initial cluster); the v3 JSON gateway is on by default
 when etcd is started with flags. ``close`` kills every member and removes its data.
 
+``EtcdCluster(..., tls=EtcdServerTLS(...))`` serves clients over TLS only, asking for
+client certificates signed by the given CA (``--client-cert-auth``); peers stay on http.
+
 ``require_etcd()`` makes a test fail under ``$CI`` and skip loudly otherwise when etcd is
 not installed (``deploy/local/install.sh`` installs ``etcd-server``).
 """
@@ -15,12 +18,14 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Optional
 
+import attr
 import pytest
 
 from tests.harness.processes import ServiceProcess, free_port
@@ -38,14 +43,34 @@ def require_etcd() -> None:
     require_commands("etcd")
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class EtcdServerTLS:
+    """PEM files for TLS on etcd's client port: its certificate and key, the CA of client
+    certificates, and a client certificate and key for the harness's own checks."""
+
+    certificate: Path
+    key: Path
+    ca: Path
+    client_certificate: Path
+    client_key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """An SSL context trusting ``ca`` and presenting the client certificate."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_certificate), str(self.client_key))
+        return context
+
+
 class EtcdMember(ServiceProcess):
     """One etcd member ``name`` of a cluster whose members are ``initial_cluster``."""
 
     program = "etcd"
     what = "etcd member"
 
-    def __init__(self, name: str, data_dir: Path, log_directory: Path, token: str):
+    def __init__(self, name: str, data_dir: Path, log_directory: Path, token: str,
+                 tls: Optional[EtcdServerTLS] = None):
         super().__init__(name, log_directory)
+        self.tls = tls
         self.data_dir = data_dir
         self.client_port = free_port("127.0.0.1")
         self.peer_port = free_port("127.0.0.1")
@@ -55,7 +80,8 @@ class EtcdMember(ServiceProcess):
     @property
     def url(self) -> str:
         """The member's client URL (the gateway is under ``/v3``)."""
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -71,7 +97,9 @@ class EtcdMember(ServiceProcess):
                 "--initial-advertise-peer-urls", self.peer_url,
                 "--initial-cluster", self.initial_cluster,
                 "--initial-cluster-token", self.token,
-                "--initial-cluster-state", "new"]
+                "--initial-cluster-state", "new"] + ([] if self.tls is None else [
+                    "--cert-file", str(self.tls.certificate), "--key-file", str(self.tls.key),
+                    "--client-cert-auth", "--trusted-ca-file", str(self.tls.ca)])
 
     def pause(self) -> None:
         """Stop the member with SIGSTOP, as a long GC pause or a hung host would."""
@@ -85,7 +113,9 @@ class EtcdMember(ServiceProcess):
         """``/v3/maintenance/status`` of this member, or None if it does not answer."""
         try:
             request = urllib.request.Request(f"{self.url}/v3/maintenance/status", data=b"{}")
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            context = None if self.tls is None else self.tls.client_context()
+            with urllib.request.urlopen(request, timeout=timeout,
+                                        context=context) as response:
                 return json.loads(response.read())
         except (OSError, ValueError):
             return None
@@ -103,13 +133,14 @@ class EtcdMember(ServiceProcess):
 class EtcdCluster:
     """``size`` etcd members started together; ``endpoints`` are their client URLs."""
 
-    def __init__(self, size: int, log_directory: os.PathLike):
+    def __init__(self, size: int, log_directory: os.PathLike,
+                 tls: Optional[EtcdServerTLS] = None):
         require_etcd()
         root = TMPFS if os.path.isdir(TMPFS) else None
         self.data_root = Path(tempfile.mkdtemp(prefix="pyflock-etcd-", dir=root))
         token = self.data_root.name
         self.members = [EtcdMember(f"m{i}", self.data_root / f"m{i}",
-                                   Path(log_directory), token) for i in range(size)]
+                                   Path(log_directory), token, tls) for i in range(size)]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for member in self.members:
             member.initial_cluster = initial
@@ -176,4 +207,4 @@ def etcd_cluster_fixture(size: int, scope: str = "module"):
     return cluster
 
 
-__all__ = ["EtcdCluster", "EtcdMember", "etcd_cluster_fixture", "require_etcd"]
+__all__ = ["EtcdCluster", "EtcdMember", "EtcdServerTLS", "etcd_cluster_fixture", "require_etcd"]
