@@ -350,3 +350,54 @@ async def test_tls_to_etcd(tmp_path):
         assert dataset_id(1) in config.datasets
         with pytest.raises(StoreError, match="no etcd member answered"):
             await opener(EtcdTLS(str(server.ca)))()
+
+
+async def put_raw(key: bytes, value: bytes) -> None:
+    """Put one key straight into the module's etcd member."""
+    from pyflock.control._etcd_client import EtcdGateway
+    from pyflock.control._etcd_model import b64
+    gateway = EtcdGateway(_reactor(), _SINGLE["endpoints"])
+    try:
+        await gateway.call("kv/put", {"key": b64(key), "value": b64(value)})
+    finally:
+        await gateway.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_stores_initialise_a_prefix_once(tmp_path):
+    """Two stores opened at once on an empty prefix make one store id between them."""
+    opener = etcd_store_opener(tmp_path)
+    first, second = await gatherResults([opener(), opener()])
+    try:
+        assert first.store_id == second.store_id != ""
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_foreign_prefix_refused(tmp_path):
+    """A prefix holding keys but no pyflock store is refused, saying how many and what to do."""
+    await put_raw(prefix_of(tmp_path).encode() + b"someone/else", b"x")
+    with pytest.raises(StoreError, match="holds 1 keys but no pyflock store.*--etcd-prefix"):
+        await etcd_store_opener(tmp_path)()
+
+
+@pytest_twisted.ensureDeferred
+async def test_newer_schema_refused(tmp_path):
+    """A store written by a newer schema is refused, naming both versions."""
+    await using(etcd_store_opener(tmp_path), lambda store: store.load())
+    await put_raw(prefix_of(tmp_path).encode() + b"store/schema", b"99")
+    with pytest.raises(StoreError, match="schema version 99.*versions up to 1"):
+        await etcd_store_opener(tmp_path)()
+
+
+@pytest_twisted.ensureDeferred
+async def test_damaged_row_fails_the_load(tmp_path):
+    """A row that cannot be read fails the load with ``StoreError`` naming its key."""
+    async def damage(store):
+        await store.write(creating(1, 1))
+        await put_raw(store.keys.dataset(dataset_id(1)), b"{not json")
+        with pytest.raises(StoreError, match=f"damaged.*dataset/{dataset_id(1)}"):
+            await store.load()
+    await using(etcd_store_opener(tmp_path), damage)
