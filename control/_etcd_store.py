@@ -207,7 +207,7 @@ class EtcdConfigurationStore:
                         f"--etcd-prefix, or remove those keys if they are not needed.")
                 # Two replicas starting at once on an empty prefix: one initialises it.
                 await self._gateway.call("kv/txn", init_request(keys, new_store_id()))
-            await self._do_meta()
+            self._know(await self._read_meta())
         except (EtcdError, EtcdUnavailable, EtcdDataError) as e:
             raise StoreError(f"{self.where}: cannot open the configuration store: {e}") from e
         if self._meta.schema is not None and self._meta.schema > SCHEMA_VERSION:
@@ -216,13 +216,13 @@ class EtcdConfigurationStore:
                              f"up to {SCHEMA_VERSION}. Run a pyflock-control at least as "
                              f"new as the one that wrote it.")
 
-    async def _do_meta(self) -> None:
+    async def _read_meta(self) -> Meta:
         """Read the store and meta keys alone."""
         keys = self.keys
         answer = await self._gateway.call("kv/txn", txn(success=[
             get(keys.prefix + b"store/", prefix_end(keys.prefix + b"store/")),
             get(keys.config, keys.rows)]))
-        self._know(Meta.of(keys, [kv for found in responses(answer) for kv in found]))
+        return Meta.of(keys, [kv for found in responses(answer) for kv in found])
 
     def _know(self, meta: Meta) -> None:
         self._meta = meta
@@ -360,7 +360,10 @@ class EtcdConfigurationStore:
             answer = await self._gateway.call(
                 "kv/txn", raise_oldest_request(self.keys, seen, oldest))
             if not answer.get("succeeded"):
-                await self._do_meta()
+                # Another store pruned first. Only the oldest revision is taken from what
+                # is read: the compare of writes stays on what this store loaded.
+                found = await self._read_meta()
+                self._meta = attr.evolve(self._meta, oldest=found.oldest)
                 return
             self._meta = attr.evolve(self._meta, oldest=oldest)
             rows = await self._pages(self.keys.rows, prefix_end(self.keys.rows),
