@@ -401,3 +401,36 @@ async def test_damaged_row_fails_the_load(tmp_path):
         with pytest.raises(StoreError, match=f"damaged.*dataset/{dataset_id(1)}"):
             await store.load()
     await using(etcd_store_opener(tmp_path), damage)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_services_cannot_both_take_a_name(tmp_path):
+    """
+    Two configuration services on one prefix create datasets of one name at once: one
+    wins, the other's write fails and it reloads, after which it refuses the name.
+    """
+    from pyflock.common._model import NameTaken
+    from pyflock.control._persistence import ConfigurationService, StoreUnavailable
+    from twisted.internet.task import deferLater
+    reactor = _reactor()
+    opener = etcd_store_opener(tmp_path)
+    services = [await ConfigurationService.load(await opener(), reactor) for _ in range(2)]
+    try:
+        def named(n):
+            dataset = Dataset(dataset_id=dataset_id(n), primary=NODE_A,
+                              metadata={"name": "db"})
+            return dataset.dataset_id, lambda config: config.create(dataset)
+        outcomes = await DeferredList([s.change([named(n)[0]], named(n)[1])
+                                       for n, s in enumerate(services)], consumeErrors=True)
+        assert sorted(ok for ok, _ in outcomes) == [False, True]
+        loser = services[[ok for ok, _ in outcomes].index(False)]
+        assert outcomes[services.index(loser)][1].check(StoreUnavailable)
+        for _ in range(100):
+            if "db" in loser.committed.names:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        with pytest.raises(NameTaken):
+            loser.change([named(5)[0]], named(5)[1])
+    finally:
+        for service in services:
+            await service.stop()
