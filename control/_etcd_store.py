@@ -80,6 +80,7 @@ class EtcdConfigurationStore:
         self._retained = retained
         self._queue: deque[_Job] = deque()
         self._busy = False
+        self._delivering = False
         self._closed = False
         self._meta = Meta()
         self.store_id = ""
@@ -143,7 +144,7 @@ class EtcdConfigurationStore:
 
     def _pump(self) -> None:
         """Start the next job; consecutive writes become one batch."""
-        if self._busy or not self._queue:
+        if self._busy or self._delivering or not self._queue:
             return
         jobs = [self._queue.popleft()]
         if jobs[0].kind == "write":
@@ -164,10 +165,18 @@ class EtcdConfigurationStore:
             result = Failure(StoreError(f"{self.where}: unexpected error: {result.value!r}"))
         results = result if jobs[0].kind == "write" and not isinstance(result, Failure) \
             else [result] * len(jobs)
-        for job, outcome in zip(jobs, results):
-            for waiting in job.waiting:
-                waiting.callback(outcome) if not isinstance(outcome, Failure) else \
-                    waiting.errback(outcome)
+        # What the callbacks submit leaves together once they have all run, so that
+        # writers that write again on success share one transaction.
+        self._delivering = True
+        try:
+            for job, outcome in zip(jobs, results):
+                for waiting in job.waiting:
+                    if isinstance(outcome, Failure):
+                        waiting.errback(outcome)
+                    else:
+                        waiting.callback(outcome)
+        finally:
+            self._delivering = False
         self._pump()
 
     async def _run(self, jobs: list[_Job]) -> Any:

@@ -434,3 +434,21 @@ async def test_two_services_cannot_both_take_a_name(tmp_path):
     finally:
         for service in services:
             await service.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_writers_writing_again_share_transactions(tmp_path):
+    """
+    32 writers that each write again as soon as their write is acknowledged share one
+    transaction per round: 5 rounds take about 5 transactions, not 10.
+    """
+    async def write_all(store):
+        async def writer(w):
+            for i in range(5):
+                await store.write(creating(100 * w + i, i))
+        await store.write(creating(99999, 0))
+        before = store.transactions
+        await gatherResults([Deferred.fromCoroutine(writer(w)) for w in range(32)])
+        return store.transactions - before
+
+    assert await using(etcd_store_opener(tmp_path), write_all) <= 6
