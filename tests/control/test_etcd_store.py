@@ -201,7 +201,7 @@ three_etcd = etcd_cluster_fixture(3)
 async def test_stopped_member_is_left_within_2_seconds(tmp_path, three_etcd):
     """
     With the member a store uses stopped (SIGSTOP, a follower), a write commits through
-    another member within 2 s, and so do the next ones at once.
+    another member within 2 s, and the next one goes there at once (within the timeout).
     """
     leader = three_etcd.leader()
     follower = next(m for m in three_etcd.members if m is not leader)
@@ -221,7 +221,7 @@ async def test_stopped_member_is_left_within_2_seconds(tmp_path, three_etcd):
         finally:
             follower.resume()
         assert failover < 2.0
-        assert following < 0.5
+        assert following < 1.0
         assert len((await loaded(store)).datasets) == 3
     finally:
         await store.close()
