@@ -283,3 +283,55 @@ class GatewayOffTests(SynchronousTestCase):
             clock.advance(0.2)
         failure = self.failureResultOf(d, EtcdUnavailable)
         assert "enable-grpc-gateway: true" in str(failure.value)
+
+
+class _ScriptedGateway:
+    """A gateway answering each call with the next scripted answer (or raising it)."""
+
+    endpoints = ("http://scripted",)
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.calls: list[tuple[str, dict]] = []
+
+    async def call(self, path, body):
+        """The next answer, or raise it if it is an exception."""
+        self.calls.append((path, body))
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def close(self):
+        """Nothing to close."""
+
+
+def _kv(key: bytes, value: bytes, revision: int) -> dict:
+    return {"key": b64(key), "value": b64(value), "mod_revision": str(revision),
+            "create_revision": str(revision)}
+
+
+class PagedLoadTests(SynchronousTestCase):
+    """A load reads page after page at one revision, and starts again after compaction."""
+
+    def test_compaction_during_paging_restarts_the_read(self):
+        """A page refused as compacted makes the load start again from the first page."""
+        from pyflock.control._etcd_store import EtcdConfigurationStore
+        first_page = {"header": {"revision": "50"}, "responses": [
+            {"response_range": {"kvs": [_kv(KEYS.store_id, b"abc", 2)]}},
+            {"response_range": {"kvs": [_kv(KEYS.generation, b"3", 40)]}},
+            {"response_range": {"kvs": [_kv(KEYS.dataset(dataset_id(1)),
+                                            encode_dataset(Dataset(dataset_id=dataset_id(1),
+                                                                   primary=NODE_A)), 40)],
+                                "more": True}}]}
+        second_page = {"kvs": [_kv(KEYS.dataset(dataset_id(2)), encode_dataset(
+            Dataset(dataset_id=dataset_id(2), primary=NODE_B)), 41)]}
+        gateway = _ScriptedGateway([
+            first_page, EtcdError(11, "mvcc: required revision has been compacted", "x"),
+            first_page, second_page])
+        store = EtcdConfigurationStore(gateway, "/p")
+        snapshot = self.successResultOf(store.load())
+        assert set(snapshot.configuration.datasets) == {dataset_id(1), dataset_id(2)}
+        assert snapshot.configuration.generation == 3 and snapshot.store_id == "abc"
+        assert [path for path, _ in gateway.calls] == ["kv/txn", "kv/range"] * 2
+        assert gateway.calls[-1][1]["revision"] == "50"
