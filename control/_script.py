@@ -6,7 +6,11 @@
                           [--heartbeat SECONDS] [--node-expiry SECONDS]
                           [--forget-dead-nodes SECONDS]
                           [--join-port PORT] [--ca-key FILE]
+                          [--store sqlite|etcd] [--etcd-endpoints URL[,URL...]]
+                          [--etcd-prefix PREFIX] [--etcd-ca FILE]
+                          [--etcd-cert FILE --etcd-key FILE]
     pyflock-control backup --data-path DIR FILE
+    pyflock-control migrate --from-data-path DIR --etcd-endpoints URL[,URL...] [--etcd-*]
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ from pyflock.control._clusterstate import (
 from pyflock.common._limits import AGENT_MESSAGE_LIMIT, SEND_LIMIT
 from pyflock.control._openapi import build_openapi
 from pyflock.control._persistence import DEFAULT_LEASE_RESTART_GRACE, ConfigurationService
-from pyflock.control._sqlite_store import backup, open_sqlite_store
+from pyflock.control._sqlite_store import backup
+from pyflock.control._migrate import add_migrate_parser, migrate_main
+from pyflock.control._stores import add_store_arguments, open_store, store_description
 from pyflock.control._store import StoreError
 
 _log = Logger()
@@ -116,9 +122,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="the cluster CA's key, to sign joining nodes' certificates "
                             "(default: cluster.key in the certificates folder; without "
                             "it, no joins are served)")
+        add_store_arguments(p)
     b = sub.add_parser("backup", help="copy the store consistently while the service runs")
     b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
     b.add_argument("file", help="the new backup file (never overwritten)")
+    add_migrate_parser(sub)
     return parser
 
 
@@ -184,7 +192,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
         raise StartupError(str(e))
     connections = OpenConnections(tls.check, revocations)
     try:
-        store = await open_sqlite_store(reactor, options.data_path)
+        store = await open_store(reactor, options)
     except StoreError as e:
         raise StartupError(str(e))
     # Loading builds tens of thousands of records that cannot form cycles; the cyclic
@@ -246,7 +254,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
     log_event(_log, "pyflock:control:started", version=__version__,
               address=f"{address.host}:{address.port}",
               agent_address=f"{agent_address.host}:{agent_address.port}",
-              epoch=channel.epoch, data_path=options.data_path,
+              epoch=channel.epoch, data_path=store_description(options),
               datasets=len(configuration.committed.datasets), cluster_uuid=tls.cluster_uuid)
 
     async def shutdown():
@@ -267,6 +275,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``pyflock-control``."""
     options = _parser().parse_args(argv)
+    if options.command == "migrate":
+        return migrate_main(options)
     if options.command == "backup":
         try:
             backup(options.data_path, options.file)

@@ -1,0 +1,77 @@
+"""
+Which configuration store ``pyflock-control`` uses: its command-line options (``--store
+sqlite|etcd``, ``--etcd-*``) and opening the store they name. SQLite, in ``--data-path``,
+is the default; etcd needs ``--etcd-endpoints`` (docs/ha.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from pyflock.control._etcd_client import EtcdTLS, parse_endpoints
+from pyflock.control._etcd_store import open_etcd_store
+from pyflock.control._sqlite_store import open_sqlite_store
+from pyflock.control._store import StoreError
+
+DEFAULT_ETCD_PREFIX = "/pyflock/"
+
+
+def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options naming an etcd cluster and the prefix of the store in it."""
+    parser.add_argument("--etcd-endpoints", metavar="URL[,URL...]", default=None,
+                        help="etcd members' client URLs, e.g. http://10.0.0.1:2379,"
+                             "http://10.0.0.2:2379 (their v3 JSON gateway is used)")
+    parser.add_argument("--etcd-prefix", default=DEFAULT_ETCD_PREFIX,
+                        help=f"the prefix of the store's keys in etcd (default "
+                             f"{DEFAULT_ETCD_PREFIX})")
+    parser.add_argument("--etcd-ca", metavar="FILE", default=None,
+                        help="the CA certificate (PEM) that signed the etcd members' "
+                             "certificates, for https:// endpoints")
+    parser.add_argument("--etcd-cert", metavar="FILE", default=None,
+                        help="a client certificate (PEM) for etcd's client "
+                             "certificate authentication")
+    parser.add_argument("--etcd-key", metavar="FILE", default=None,
+                        help="the client certificate's key (PEM)")
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--store`` and the etcd options."""
+    parser.add_argument("--store", choices=("sqlite", "etcd"), default="sqlite",
+                        help="where the configuration is kept: sqlite (in --data-path, "
+                             "the default) or etcd (--etcd-endpoints; docs/ha.md)")
+    add_etcd_arguments(parser)
+
+
+def etcd_options(options: argparse.Namespace) -> tuple[tuple[str, ...], EtcdTLS]:
+    """The endpoints and TLS files the options give; ``StoreError`` saying what is wrong."""
+    if not options.etcd_endpoints:
+        raise StoreError("the etcd store needs --etcd-endpoints URL[,URL...], the client "
+                         "URLs of the etcd members (e.g. http://10.0.0.1:2379)")
+    try:
+        endpoints = parse_endpoints(options.etcd_endpoints)
+    except ValueError as e:
+        raise StoreError(f"--etcd-endpoints: {e}") from None
+    if bool(options.etcd_cert) != bool(options.etcd_key):
+        raise StoreError("--etcd-cert and --etcd-key go together: give both, or neither")
+    for flag, path in (("--etcd-ca", options.etcd_ca), ("--etcd-cert", options.etcd_cert),
+                       ("--etcd-key", options.etcd_key)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise StoreError(f"{flag} {path}: the file does not exist or is not readable")
+    return endpoints, EtcdTLS(options.etcd_ca, options.etcd_cert, options.etcd_key)
+
+
+async def open_store(reactor: Any, options: argparse.Namespace) -> Any:
+    """The store ``options`` name, open; ``StoreError`` when it cannot be used."""
+    if getattr(options, "store", "sqlite") == "etcd":
+        endpoints, tls = etcd_options(options)
+        return await open_etcd_store(reactor, endpoints, options.etcd_prefix, tls)
+    return await open_sqlite_store(reactor, options.data_path)
+
+
+def store_description(options: argparse.Namespace) -> str:
+    """Where the store is, for the log."""
+    if getattr(options, "store", "sqlite") == "etcd":
+        return f"etcd {options.etcd_endpoints} prefix {options.etcd_prefix}"
+    return options.data_path
