@@ -243,7 +243,7 @@ class AgentChannelServer:
         self._holders = holders_of(self.cluster.state)
         self._datasets = view_datasets(config, self._holders)
         self.version = 1
-        self._tombstones = {i: self.version for i, d in config.datasets.items() if d.deleted}
+        self._tombstones = {i: self.version for i, d in config.datasets.items() if d.purging}
         self._running = True
         self.configuration.subscribe(self._configuration_changed)
         self.cluster.on_forget(self._forget_node)
@@ -331,7 +331,7 @@ class AgentChannelServer:
         self._publish(datasets=changed, removed=removed)
         new_tombstones = False
         for entry in changed:
-            if entry.deleted and entry.dataset_id not in self._tombstones:
+            if entry.purging and entry.dataset_id not in self._tombstones:
                 self._tombstones[entry.dataset_id] = self.version
                 new_tombstones = True
         if new_tombstones:

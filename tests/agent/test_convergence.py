@@ -87,6 +87,8 @@ WANTED = {
     DesiredState.NOT_HERE: DesiredDataset(DS, primary=OTHER, maximum_size=SIZE),
     DesiredState.DESTROYED: DesiredDataset(DS, primary=NODE, maximum_size=SIZE,
                                            deleted=True),
+    DesiredState.RETAINED: DesiredDataset(DS, primary=NODE, maximum_size=SIZE,
+                                          deleted=True, retained=True),
     DesiredState.IGNORED: None,
 }
 
@@ -141,6 +143,10 @@ EXPECTED = {
         S.MOUNT_POINT_TAKEN: NOTHING,
     },
 }
+
+
+# Kept: let go of like a dataset whose primary is elsewhere, and never destroyed.
+EXPECTED[DesiredState.RETAINED] = EXPECTED[DesiredState.NOT_HERE]
 
 
 def test_table_covers_every_pair():
@@ -530,6 +536,13 @@ PEER_EXPECTED = {
         P.SUPERSEDED: DESTROY_COPY, P.MOUNTED: sequentially([UNMOUNT, DestroyDataset(DS)]),
         P.MOUNTED_ASTRAY: UNMOUNT_STRAYS, P.STRAY_MOUNT: UNMOUNT,
         P.MOUNT_POINT_TAKEN: NOTHING,
+    },
+    # Kept: every complete copy stays, unmounted; never destroyed.
+    DesiredState.RETAINED: {
+        P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: DESTROY_COPY,
+        P.PARTIAL_NO_SOURCE: DESTROY_COPY, P.UNMOUNTED: TIDY, P.SUPERSEDED: TIDY,
+        P.MOUNTED: sequentially([UNMOUNT, TIDY]), P.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
+        P.STRAY_MOUNT: UNMOUNT, P.MOUNT_POINT_TAKEN: NOTHING,
     },
     DesiredState.IGNORED: {
         P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: NOTHING,
