@@ -965,6 +965,9 @@ def calculate_peer_changes(desired: Desired, discovered: Discovered):
     return in_parallel(changes)
 
 
+_DELETING = {_P.UNMOUNTED: "deleting", _P.SUPERSEDED: "deleting", _P.MOUNTED: "deleting",
+             _P.MOUNTED_ASTRAY: "deleting"}
+
 #: What a node reports of a dataset on a peer-to-peer backend, by desired and found state
 #: (absent: nothing). A partial copy is never reported: see the holders rule above.
 _PEER_STATUS = {
@@ -973,8 +976,9 @@ _PEER_STATUS = {
                            _P.MOUNTED_ASTRAY: "attaching"},
     DesiredState.NOT_HERE: {_P.UNMOUNTED: "moving", _P.SUPERSEDED: "moving",
                             _P.MOUNTED: "moving", _P.MOUNTED_ASTRAY: "moving"},
-    DesiredState.DESTROYED: {_P.UNMOUNTED: "deleting", _P.SUPERSEDED: "deleting",
-                             _P.MOUNTED: "deleting", _P.MOUNTED_ASTRAY: "deleting"},
+    DesiredState.DESTROYED: _DELETING,
+    # A kept copy is reported, so that a restore onto another node copies it from here.
+    DesiredState.RETAINED: _DELETING,
 }
 
 

@@ -149,6 +149,24 @@ def test_retained_copy_kept_until_purged():
     assert cluster.holding_complete() == set()
 
 
+def test_claimed_then_deleted_restores_from_the_kept_copy():
+    """A dataset moved to node B and deleted before B had its copy (the plugin's Remove of
+    a volume living elsewhere) keeps A's copy; restored, B receives it from A intact."""
+    cluster = Cluster(primary=A)
+    finish(cluster)
+    cluster.nodes[A].backend.write_file(DS, "data", b"precious")
+    cluster.primary = B
+    cluster.deleted = cluster.retained = True
+    finish(cluster)
+    assert cluster.holding_complete() == {A}
+    cluster.deleted = cluster.retained = False
+    cluster.step(B)                       # B first: it knows of A's copy from A's reports
+    finish(cluster)
+    b = cluster.nodes[B]
+    assert (b.mounted, b.backend.read_file(DS, "data")) == ({DS}, b"precious")
+    assert cluster.nodes[A].backend.list_datasets() == []
+
+
 def finish(cluster: Cluster) -> None:
     """Step both nodes until neither has anything left to do (a bounded number of rounds)."""
     for _ in range(10):
