@@ -3,8 +3,12 @@ The REST API's recycle bin: DELETE keeps a dataset's data for the retention peri
 ``POST .../restore`` brings it back, ``?purge=true`` (user certificates only) lets it go.
 """
 
+import contextlib
+import io
+
 from twisted.trial.unittest import SynchronousTestCase
 
+from pyflock.control._script import _parser
 from pyflock.control._store import StoreError
 from pyflock.control.testing import NODE_A, APIHarness
 
@@ -133,3 +137,22 @@ class RestoreTests(SynchronousTestCase):
         self.assertFalse(self.h.configuration.committed.datasets[DS].purging)
         self.h.clock.advance(2)
         self.assertTrue(self.h.configuration.committed.datasets[DS].purging)
+
+
+class RetentionFlagTests(SynchronousTestCase):
+    """``pyflock-control --deleted-retention SECONDS``."""
+
+    def test_default_and_zero(self):
+        """Without the flag deleted data is kept an hour; 0 (off) and other values parse."""
+        self.assertEqual(3600.0, _parser().parse_args(["run"]).deleted_retention)
+        for text, value in (("0", 0.0), ("90.5", 90.5)):
+            self.assertEqual(value, _parser().parse_args(
+                ["run", "--deleted-retention", text]).deleted_retention)
+
+    def test_refuses_bad_values(self):
+        """A negative, infinite or non-numeric retention is refused with a clear error."""
+        for text in ("-1", "inf", "an hour"):
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                self.assertRaises(SystemExit, _parser().parse_args,
+                                  ["run", "--deleted-retention", text])
+            self.assertIn(f"{text!r} is not a number of seconds, 0 or more", err.getvalue())
