@@ -358,6 +358,8 @@ def test_no_view_no_desire():
     (WANTED[DesiredState.DESTROYED], S.NON_EXISTENT, None),
     (DesiredDataset(DS, primary=OTHER, deleted=True), S.ATTACHED,
      DatasetReport(DS, "deleting", None, SIZE)),
+    (WANTED[DesiredState.RETAINED], S.MOUNTED, DatasetReport(DS, "deleting", None, SIZE)),
+    (WANTED[DesiredState.RETAINED], S.UNATTACHED, None),
     (None, S.MOUNTED, None),
 ])
 def test_dataset_states(wanted, state, expected):
@@ -365,6 +367,19 @@ def test_dataset_states(wanted, state, expected):
     datasets = () if wanted is None else (wanted,)
     states = dataset_states(desired(*datasets), discovered(TYPICAL[state]))
     assert (pmap() if expected is None else pmap({DS: expected})) == states
+
+
+def test_retained_from_configuration():
+    """A deleted dataset whose data is kept (``retained_until``) is RETAINED on its
+    primary too; once its data may go, its primary destroys it."""
+    kept = Dataset(dataset_id=DS, primary=NODE, maximum_size=SIZE, deleted=True,
+                   retained_until=100.0)
+    wanted = desired_from_configuration(NODE, [kept], [], {NODE: True}, now=200.0)
+    assert wanted.state_of(DS) is DesiredState.RETAINED
+    assert peer_desired_state(wanted, DS) is DesiredState.RETAINED
+    going = Dataset(dataset_id=DS, primary=NODE, maximum_size=SIZE, deleted=True)
+    wanted = desired_from_configuration(NODE, [going], [], {NODE: True}, now=0.0)
+    assert wanted.state_of(DS) is DesiredState.DESTROYED
 
 
 def test_waiting():
