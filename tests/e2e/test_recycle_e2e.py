@@ -52,3 +52,20 @@ def test_volume_rm_then_restore(pyflock, nodes):
     for volume, gone in ((name, taker), (old, dataset_id)):
         n1.docker("volume", "rm", volume)
         assert pyflock.rest.request("DELETE", f"{DATASETS}/{gone}?purge=true")[0] == 200
+
+
+def test_volume_prune_leaves_pyflock_volumes(pyflock, nodes):
+    """``docker volume prune --all`` removes only dockerd's own ``local`` volumes: an
+    unused pyflock volume stays a live dataset, listed, its data untouched."""
+    n1, _ = nodes
+    name = volume_name("unpruned")
+    n1.docker("volume", "create", "-d", "pyflock", name)
+    run(n1, name, "sh", "-c", "echo kept > /data/file && sync")
+    prune = n1.docker("volume", "prune", "--all", "--force", check=False)
+    if prune.returncode != 0:        # a dockerd older than 23 has no --all
+        n1.docker("volume", "prune", "--force")
+    assert ("pyflock", name) in listed(n1)
+    dataset_id = pyflock.dataset(name)["dataset_id"]
+    assert run(n1, name, "cat", "/data/file").stdout.strip() == "kept"
+    n1.docker("volume", "rm", name)
+    assert pyflock.rest.request("DELETE", f"{DATASETS}/{dataset_id}?purge=true")[0] == 200
