@@ -133,7 +133,8 @@ class ControlAPI(APIBase):
 
     @app.route("/v1/configuration/datasets", methods=["GET"])
     def list_datasets(self, request):
-        """Every live dataset, and deleted ones that some node still holds."""
+        """Every live dataset, every deleted one whose data is kept, and deleted ones
+        whose data goes that some node still holds."""
         self._caller(request)
         config = self._configuration.committed
         key = (config.generation, self._cluster.version, id(config))
