@@ -128,6 +128,16 @@ class RestoreTests(SynchronousTestCase):
         self.assertEqual(restarted.configuration.committed.datasets[DS].retained_until, until)
         self.assertEqual(restarted.request(self, "POST", RESTORE).code, 200)
 
+    def test_retention_kept_across_store_recovery(self):
+        """After a failed store write and the reload that follows, the retention of a
+        dataset deleted before still ends on time."""
+        self.req("DELETE", f"{DATASETS}/{DS}")
+        self.h.store.fail_next = StoreError("disk full")
+        self.assertEqual(self.req("POST", DATASETS, {"primary": A}).code, 503)
+        self.h.clock.advance(3600)
+        self.successResultOf(self.h.configuration.release_retained())
+        self.assertTrue(self.h.configuration.committed.datasets[DS].purging)
+
     def test_expiry_clock_lets_data_go(self):
         """The service's expiry clock, the one that expires leases, ends retentions too."""
         self.req("DELETE", f"{DATASETS}/{DS}")
