@@ -129,11 +129,12 @@ class RestoreTests(SynchronousTestCase):
         self.assertEqual(restarted.request(self, "POST", RESTORE).code, 200)
 
     def test_retention_kept_across_store_recovery(self):
-        """After a failed store write and the reload that follows, the retention of a
-        dataset deleted before still ends on time."""
+        """A restore the store failed to keep leaves the dataset deleted after the reload
+        that follows, and its retention still ends on time."""
         self.req("DELETE", f"{DATASETS}/{DS}")
         self.h.store.fail_next = StoreError("disk full")
-        self.assertEqual(self.req("POST", DATASETS, {"primary": A}).code, 503)
+        self.assertEqual(self.req("POST", RESTORE).code, 503)
+        self.assertTrue(self.h.configuration.committed.datasets[DS].deleted)
         self.h.clock.advance(3600)
         self.successResultOf(self.h.configuration.release_retained())
         self.assertTrue(self.h.configuration.committed.datasets[DS].purging)
