@@ -51,6 +51,9 @@ class DesiredState(enum.Enum):
     NOT_HERE = "not-here"
     #: Deleted, and this node destroys it: unmounted, detached, destroyed, nothing left.
     DESTROYED = "destroyed"
+    #: Deleted but kept for a while, restorable: unmounted and detached on every node
+    #: (as ``NOT_HERE``), its volume or copy never destroyed.
+    RETAINED = "retained"
     #: Unknown to the configuration: left alone.
     IGNORED = "ignored"
 
@@ -103,7 +106,8 @@ class DesiredDataset:
     """
     One dataset as configured: its primary node, size in bytes (None: the backend's
     default), its storage profile (metadata ``profile``: gold, silver, bronze, or None),
-    whether it is deleted, the node holding a live lease on it (if any), and
+    whether it is deleted (and if so whether its data is still kept: ``retained``), the
+    node holding a live lease on it (if any), and
     the other nodes that report holding it. The table never reads ``holders``: the
     discovery is the truth about who holds a volume. They are here so that the desired
     state changes when another node takes or lets go of the dataset, which wakes a node
@@ -117,6 +121,7 @@ class DesiredDataset:
     lease_holder: Optional[str] = None
     holders: tuple = ()
     profile: Optional[str] = None
+    retained: bool = False
 
 
 class Desired(PClass):
@@ -149,6 +154,8 @@ class Desired(PClass):
         dataset = self.datasets.get(dataset_id)
         if dataset is None:
             return DesiredState.IGNORED
+        if dataset.deleted and dataset.retained:
+            return DesiredState.RETAINED
         if dataset.deleted:
             if self.destroyer(dataset) == self.node_uuid:
                 return DesiredState.DESTROYED
@@ -185,6 +192,7 @@ def desired_from_configuration(node_uuid: str, datasets: Iterable, leases: Itera
         records[dataset.dataset_id] = DesiredDataset(
             dataset_id=dataset.dataset_id, primary=dataset.primary,
             maximum_size=dataset.maximum_size, deleted=bool(dataset.deleted),
+            retained=dataset.retained_until is not None,
             profile=dataset.metadata.get("profile"),
             lease_holder=None if dataset.deleted else lease_holders.get(dataset.dataset_id),
             holders=tuple(sorted(n for n in holders.get(dataset.dataset_id, ())
@@ -539,6 +547,21 @@ def let_go(node_uuid, wanted, found):
 
 _D = DiscoveredState
 
+#: The row of a dataset that must not be here: mounted nowhere, attached nowhere here.
+_LET_GO_ROW: Mapping[DiscoveredState, Transition] = {
+    _D.NON_EXISTENT: tidy,
+    _D.UNATTACHED: tidy,
+    _D.ATTACHED_ELSEWHERE: tidy,
+    _D.ATTACHED_TO_DEAD_NODE: tidy,
+    _D.ATTACHED_NO_FILESYSTEM: detach,
+    _D.ATTACHED_UNFINISHED_FILESYSTEM: detach,
+    _D.ATTACHED: detach,
+    _D.MOUNTED: let_go,
+    _D.MOUNTED_ASTRAY: unmount_strays,
+    _D.STRAY_MOUNT: unmount,
+    _D.MOUNT_POINT_TAKEN: wait,
+}
+
 #: ``TRANSITIONS[desired state][discovered state]``: the next step for one dataset.
 TRANSITIONS: Mapping[DesiredState, Mapping[DiscoveredState, Transition]] = {
     DesiredState.MOUNTED: {
@@ -554,19 +577,7 @@ TRANSITIONS: Mapping[DesiredState, Mapping[DiscoveredState, Transition]] = {
         _D.STRAY_MOUNT: unmount,
         _D.MOUNT_POINT_TAKEN: wait,
     },
-    DesiredState.NOT_HERE: {
-        _D.NON_EXISTENT: tidy,
-        _D.UNATTACHED: tidy,
-        _D.ATTACHED_ELSEWHERE: tidy,
-        _D.ATTACHED_TO_DEAD_NODE: tidy,
-        _D.ATTACHED_NO_FILESYSTEM: detach,
-        _D.ATTACHED_UNFINISHED_FILESYSTEM: detach,
-        _D.ATTACHED: detach,
-        _D.MOUNTED: let_go,
-        _D.MOUNTED_ASTRAY: unmount_strays,
-        _D.STRAY_MOUNT: unmount,
-        _D.MOUNT_POINT_TAKEN: wait,
-    },
+    DesiredState.NOT_HERE: _LET_GO_ROW,
     DesiredState.DESTROYED: {
         _D.NON_EXISTENT: tidy,
         _D.UNATTACHED: destroy,
@@ -580,6 +591,9 @@ TRANSITIONS: Mapping[DesiredState, Mapping[DiscoveredState, Transition]] = {
         _D.STRAY_MOUNT: unmount,
         _D.MOUNT_POINT_TAKEN: wait,
     },
+    # Deleted but kept: let go of everywhere, as for a dataset whose primary is elsewhere,
+    # so that the volume stays whole and unattached until restored or purged.
+    DesiredState.RETAINED: _LET_GO_ROW,
     # Unknown datasets may be the configuration's future (a view not yet received) or
     # someone else's: their volumes and mounts stay, but their devices never squat other
     # datasets' mount points, and an empty directory is no loss.
@@ -665,7 +679,7 @@ def _status(desired: Desired, found: DiscoveredDataset) -> Optional[str]:
         return "attaching"
     if state is DesiredState.DESTROYED:
         return None if found.state is _D.NON_EXISTENT else "deleting"
-    if state is DesiredState.NOT_HERE and here:
+    if state in (DesiredState.NOT_HERE, DesiredState.RETAINED) and here:
         return "deleting" if wanted.deleted else "moving"
     return None
 
@@ -848,6 +862,19 @@ PEER_TRANSITIONS: Mapping[DesiredState, Mapping[PeerState, Transition]] = {
         _P.STRAY_MOUNT: unmount,
         _P.MOUNT_POINT_TAKEN: wait,
     },
+    # Deleted but kept: every copy stays, unmounted; partial copies, never complete, go.
+    DesiredState.RETAINED: {
+        _P.NON_EXISTENT: tidy,
+        _P.HELD_ELSEWHERE: tidy,
+        _P.PARTIAL: destroy_copy,
+        _P.PARTIAL_NO_SOURCE: destroy_copy,
+        _P.UNMOUNTED: tidy,
+        _P.SUPERSEDED: tidy,
+        _P.MOUNTED: freeze,
+        _P.MOUNTED_ASTRAY: unmount_strays,
+        _P.STRAY_MOUNT: unmount,
+        _P.MOUNT_POINT_TAKEN: wait,
+    },
     DesiredState.DESTROYED: {
         _P.NON_EXISTENT: tidy,
         _P.HELD_ELSEWHERE: tidy,
@@ -882,10 +909,11 @@ TRANSITIONS_BY_KIND = {BackendKind.BLOCK_DEVICE: TRANSITIONS,
 def peer_desired_state(desired: Desired, dataset_id: str) -> DesiredState:
     """
     What this node wants for ``dataset_id`` on a peer-to-peer backend (pure): as
-    ``Desired.state_of``, except that every node destroys its own copy of a deleted one.
+    ``Desired.state_of``, except that every node destroys its own copy of a deleted one
+    once it is no longer retained.
     """
     dataset = desired.datasets.get(dataset_id)
-    if dataset is not None and dataset.deleted:
+    if dataset is not None and dataset.deleted and not dataset.retained:
         return DesiredState.DESTROYED
     return desired.state_of(dataset_id)
 
@@ -937,6 +965,9 @@ def calculate_peer_changes(desired: Desired, discovered: Discovered):
     return in_parallel(changes)
 
 
+_DELETING = {_P.UNMOUNTED: "deleting", _P.SUPERSEDED: "deleting", _P.MOUNTED: "deleting",
+             _P.MOUNTED_ASTRAY: "deleting"}
+
 #: What a node reports of a dataset on a peer-to-peer backend, by desired and found state
 #: (absent: nothing). A partial copy is never reported: see the holders rule above.
 _PEER_STATUS = {
@@ -945,8 +976,9 @@ _PEER_STATUS = {
                            _P.MOUNTED_ASTRAY: "attaching"},
     DesiredState.NOT_HERE: {_P.UNMOUNTED: "moving", _P.SUPERSEDED: "moving",
                             _P.MOUNTED: "moving", _P.MOUNTED_ASTRAY: "moving"},
-    DesiredState.DESTROYED: {_P.UNMOUNTED: "deleting", _P.SUPERSEDED: "deleting",
-                             _P.MOUNTED: "deleting", _P.MOUNTED_ASTRAY: "deleting"},
+    DesiredState.DESTROYED: _DELETING,
+    # A kept copy is reported, so that a restore onto another node copies it from here.
+    DesiredState.RETAINED: _DELETING,
 }
 
 

@@ -10,12 +10,13 @@ import argparse
 import traceback
 from typing import IO, Any, Callable, Mapping, Optional, Sequence
 
+import attr
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.task import deferLater
 
 from pyflock.cli._output import (
     NodeLabels, dataset_label, dataset_state, format_table, print_json, resolve_dataset,
-    resolve_node, seconds_text, short_ids,
+    resolve_node, seconds_text, short_ids, utc_text,
 )
 from pyflock.cli._parser import (
     _PROG, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CLIError, version_text,
@@ -230,10 +231,26 @@ async def _wait_mounted(client: IControlClient, dataset_id: str, target: str,
 async def _destroy(client: IControlClient, args: argparse.Namespace, out: IO[str]) -> int:
     listing = await client.list_datasets()
     dataset_id, _ = resolve_dataset(args.dataset, listing.datasets)
-    dataset = await client.delete_dataset(dataset_id)
-    return _show_dataset(out, args, dataset,
-                         f"Deleted dataset {dataset_label(dataset)}; its node removes "
-                         "the data.")
+    dataset = await client.delete_dataset(dataset_id, purge=args.now)
+    if dataset.retained_until is None:
+        sentence = f"Deleted dataset {dataset_label(dataset)}; its node removes the data."
+    else:
+        sentence = (f"Deleted dataset {dataset_label(dataset)}; its data is kept until "
+                    f"{utc_text(dataset.retained_until)}: 'pyflock restore "
+                    f"{dataset.dataset_id}' brings it back, 'pyflock destroy --now "
+                    f"{dataset.dataset_id}' destroys it at once.")
+    return _show_dataset(out, args, dataset, sentence)
+
+
+async def _restore(client: IControlClient, args: argparse.Namespace, out: IO[str]) -> int:
+    listing = await client.list_datasets()
+    # Among the deleted datasets kept, the latest deleted first when names repeat.
+    kept = sorted((d for d in listing.datasets if d.retained_until is not None),
+                  key=lambda d: -d.retained_until)
+    as_live = [attr.evolve(d, deleted=False, retained_until=None) for d in kept]
+    dataset_id, _ = resolve_dataset(args.dataset, as_live)
+    dataset = await client.restore_dataset(dataset_id, name=args.name)
+    return _show_dataset(out, args, dataset, f"Restored dataset {dataset_label(dataset)}.")
 
 
 async def _leases_list(client: IControlClient, args: argparse.Namespace,
@@ -353,6 +370,7 @@ _COMMANDS: dict[tuple[str, Optional[str]], Callable[..., Any]] = {
     ("create", None): _create,
     ("move", None): _move,
     ("destroy", None): _destroy,
+    ("restore", None): _restore,
     ("leases", "list"): _leases_list,
     ("leases", "acquire"): _leases_acquire,
     ("leases", "release"): _leases_release,

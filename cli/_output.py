@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import uuid as _uuid
+from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from pyflock.cli._parser import CLIError
@@ -122,6 +123,11 @@ def seconds_text(value: Optional[float]) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def utc_text(seconds: float) -> str:
+    """An absolute time (seconds since the epoch) as UTC text to the second."""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
 class NodeLabels:
     """How to show node uuids: a short id, and the address when the node is known."""
 
@@ -139,7 +145,8 @@ def dataset_state(dataset: Dataset,
                    states: Sequence[DatasetReport]) -> tuple[str, Optional[str]]:
     """What the dataset is doing, as far as the nodes report it, and its mount path."""
     if dataset.deleted:
-        return "deleted", None
+        return ("deleted" if dataset.retained_until is None else
+                f"deleted, kept until {utc_text(dataset.retained_until)}"), None
     here = [s for s in states if s.node_uuid == dataset.primary]
     if here:
         state = here[0]

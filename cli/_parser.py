@@ -183,7 +183,8 @@ def _parser(stdout: IO[str], stderr: IO[str]) -> _Parser:
     command(commands, "list-nodes", "list the cluster's nodes")
     sub = command(commands, "list", "list datasets with their size, node, state and lease")
     sub.add_argument("--all", action="store_true",
-                     help="also list deleted datasets that nodes still hold")
+                     help="also list deleted datasets: those whose data is still kept show "
+                          "until when ('pyflock restore' brings them back)")
     sub = command(commands, "create", "create a dataset on a node")
     sub.add_argument("--node", required=True, metavar="NODE",
                      help="node uuid, unique uuid prefix or address")
@@ -204,9 +205,18 @@ def _parser(stdout: IO[str], stderr: IO[str]) -> _Parser:
                           "its progress")
     sub.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                      help="with --wait: give up after this long (default 300)")
-    sub = command(commands, "destroy", "delete a dataset and its data")
+    sub = command(commands, "destroy", "delete a dataset; its data is kept for the control "
+                                       "service's retention period (default an hour)")
     sub.add_argument("dataset", metavar="DATASET",
                      help="dataset uuid, unique uuid prefix or name")
+    sub.add_argument("--now", action="store_true",
+                     help="destroy the data at once, never restorable (also purges a "
+                          "dataset already deleted)")
+    sub = command(commands, "restore", "bring back a deleted dataset whose data is kept")
+    sub.add_argument("dataset", metavar="DATASET",
+                     help="deleted dataset's uuid, unique uuid prefix or former name")
+    sub.add_argument("--name", metavar="NEW",
+                     help="restore it under this name (when its old one was taken since)")
 
     leases = commands.add_parser(
         "leases", help="list, acquire and release leases",

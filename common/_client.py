@@ -92,6 +92,10 @@ class Conflict(ControlError):
         self.zones = zones
 
 
+class Gone(ControlError):
+    """410: the deleted dataset's data is no longer kept; it cannot be restored."""
+
+
 class ConfigurationChanged(ControlError):
     """412: the configuration changed since the tag given as ``if_matches``."""
 
@@ -116,6 +120,7 @@ _ERRORS_BY_CODE: dict[int, type[ControlError]] = {
     404: NotFound,
     405: NotAllowed,
     409: Conflict,
+    410: Gone,
     412: ConfigurationChanged,
 }
 
@@ -172,8 +177,11 @@ class IControlClient(Interface):
                         if_matches=None) -> "Deferred[Dataset]":
         """Replace the dataset's metadata."""
 
-    def delete_dataset(dataset_id, if_matches=None) -> "Deferred[Dataset]":
-        """Mark the dataset deleted."""
+    def delete_dataset(dataset_id, if_matches=None, purge=False) -> "Deferred[Dataset]":
+        """Mark the dataset deleted (its data kept for a while unless ``purge``)."""
+
+    def restore_dataset(dataset_id, name=None, if_matches=None) -> "Deferred[Dataset]":
+        """Bring back a deleted dataset whose data is kept (under ``name`` if given)."""
 
     def state_datasets() -> "Deferred[tuple[DatasetReport, ...]]":
         """The datasets as the nodes report them."""
@@ -396,10 +404,20 @@ class ControlClient:
         return self._dataset_call("POST", _dataset_path(dataset_id),
                                   {"metadata": dict(metadata)}, if_matches)
 
-    def delete_dataset(self, dataset_id: str,
-                       if_matches: Optional[str] = None) -> "Deferred[Dataset]":
-        """Mark the dataset deleted; its node then destroys the data."""
-        return self._dataset_call("DELETE", _dataset_path(dataset_id), None, if_matches)
+    def delete_dataset(self, dataset_id: str, if_matches: Optional[str] = None,
+                       purge: bool = False) -> "Deferred[Dataset]":
+        """Mark the dataset deleted; its node keeps the data for the control service's
+        retention period (``retained_until``), or destroys it at once if ``purge``."""
+        path = _dataset_path(dataset_id) + ("?purge=true" if purge else "")
+        return self._dataset_call("DELETE", path, None, if_matches)
+
+    def restore_dataset(self, dataset_id: str, name: Optional[str] = None,
+                        if_matches: Optional[str] = None) -> "Deferred[Dataset]":
+        """Bring back a deleted dataset whose data is still kept, under ``name`` if given
+        (``Conflict`` if its name is taken, ``Gone`` once its data went)."""
+        body = None if name is None else {"metadata": {"name": name}}
+        return self._dataset_call("POST", _dataset_path(dataset_id) + "/restore", body,
+                                  if_matches)
 
     def _dataset_call(self, method: str, path: str, body: Any, if_matches: Optional[str],
                       expected: tuple[int, ...] = (200,)) -> "Deferred[Dataset]":

@@ -41,6 +41,20 @@ class DatasetDeleted(ConfigurationError):
         self.dataset_id = dataset_id
 
 
+class DatasetGone(DatasetDeleted):
+    """The deleted dataset's data is no longer kept (retention over, or purged): it
+    cannot be restored."""
+
+
+class DatasetNotDeleted(ConfigurationError):
+    """The dataset is live: there is nothing to restore (nor to rename by restoring)."""
+
+    @property
+    def dataset_id(self) -> str:
+        """The live dataset's id."""
+        return self.args[0]
+
+
 class DatasetIdTaken(ConfigurationError):
     """A dataset with this id already exists (deleted datasets included)."""
 
@@ -187,7 +201,7 @@ class Configuration(PClass):
         if dataset.dataset_id in self.datasets:
             raise DatasetIdTaken(dataset.dataset_id)
         self._check_name(dataset.name, dataset.dataset_id)
-        return self._put(None, attr.evolve(dataset, deleted=False))
+        return self._put(None, attr.evolve(dataset, deleted=False, retained_until=None))
 
     def update(self, now: float, dataset_id: str, primary: Optional[str] = None,
                metadata: Optional[dict] = None) -> "Configuration":
@@ -209,30 +223,67 @@ class Configuration(PClass):
             return self
         return self._put(dataset, new)
 
-    def delete(self, now: float, dataset_id: str,
-               allowed_holder: Optional[str] = None) -> "Configuration":
+    def delete(self, now: float, dataset_id: str, allowed_holder: Optional[str] = None,
+               retain_until: Optional[float] = None) -> "Configuration":
         """
-        Mark a dataset deleted, freeing its name. Refused while a lease is held on it,
-        except by ``allowed_holder`` (whose lease goes with the dataset). Deleting a deleted
-        dataset changes nothing.
+        Mark a dataset deleted, freeing its name, its data kept until ``retain_until``
+        (None: its data goes now). Refused while a lease is held on it, except by
+        ``allowed_holder`` (whose lease goes with the dataset). Deleting a deleted dataset
+        changes nothing, except that deleting a retained one with ``retain_until`` None
+        lets its data go now (purge).
         """
         dataset = self.datasets.get(dataset_id)
         if dataset is None:
             raise DatasetNotFound(dataset_id)
         if dataset.deleted:
-            return self
+            if dataset.retained_until is None or retain_until is not None:
+                return self
+            return self._put(dataset, attr.evolve(dataset, retained_until=None))
         holder = self.leases.holder(now, dataset_id)
         if holder is not None and holder != allowed_holder:
             raise LeaseHeld(dataset_id, holder)
-        config = self._put(dataset, attr.evolve(dataset, deleted=True))
+        config = self._put(dataset, attr.evolve(dataset, deleted=True,
+                                                retained_until=retain_until))
         if dataset_id in config.leases:
             config = config.set(leases=config.leases.remove(dataset_id))
         return config
 
-    def purge(self, dataset_id: str) -> "Configuration":
-        """Forget a deleted dataset entirely (once no node holds it any more)."""
+    def restore(self, dataset_id: str, name: Optional[str] = None) -> "Configuration":
+        """
+        Bring back a deleted dataset whose data is still kept, under its old name or
+        ``name``: ``DatasetGone`` once its data goes, ``NameTaken`` if the name is another
+        live dataset's. Restoring a live dataset changes nothing (``DatasetNotDeleted``
+        if it is given another name).
+        """
         dataset = self.datasets.get(dataset_id)
-        if dataset is None or not dataset.deleted:
+        if dataset is None:
+            raise DatasetNotFound(dataset_id)
+        if dataset.purging:
+            raise DatasetGone(dataset_id)
+        if not dataset.deleted and name not in (None, dataset.name):
+            raise DatasetNotDeleted(dataset_id)
+        new = dataset
+        if name is not None:
+            new = attr.evolve(new, metadata=new.metadata.set("name", name))
+        self._check_name(new.name, dataset_id)
+        new = attr.evolve(new, deleted=False, retained_until=None)
+        return self if new == dataset else self._put(dataset, new)
+
+    def release_retained(self, dataset_ids: Iterable[str], now: float) -> "Configuration":
+        """Let the data go of those of ``dataset_ids`` whose retention is over at ``now``."""
+        config = self
+        for dataset_id in dataset_ids:
+            dataset = config.datasets.get(dataset_id)
+            if (dataset is not None and dataset.retained_until is not None
+                    and dataset.retained_until <= now):
+                config = config._put(dataset, attr.evolve(dataset, retained_until=None))
+        return config
+
+    def purge(self, dataset_id: str) -> "Configuration":
+        """Forget a deleted dataset whose data goes entirely (once no node holds it any
+        more); a retained one stays."""
+        dataset = self.datasets.get(dataset_id)
+        if dataset is None or not dataset.purging:
             return self
         return self.set(datasets=self.datasets.remove(dataset_id))
 
@@ -255,6 +306,7 @@ class Configuration(PClass):
 
 __all__ = [
     "MINIMUM_SIZE", "Configuration", "ConfigurationError", "Dataset", "DatasetDeleted",
+    "DatasetGone", "DatasetNotDeleted",
     "DatasetIdTaken", "DatasetNotFound", "Lease", "LeaseHeld", "LeaseNotFound", "Leases",
     "NameTaken",
 ]

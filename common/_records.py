@@ -1,7 +1,8 @@
 """
 The values pyflock passes around for one dataset, and their one JSON codec each.
 
-- ``Dataset``: a dataset as configured (id, primary node, size limit, metadata, deleted).
+- ``Dataset``: a dataset as configured (id, primary node, size limit, metadata, deleted,
+  and for a deleted one the time until which its data is kept: ``retained_until``).
   The configuration model, the REST API, its client and the agent channel all use it.
 - ``Lease``: a node's claim on a dataset; ``expiration`` is an absolute time (None:
   never). The REST API speaks of ``expires``, the seconds left: its codec maps one to the
@@ -81,6 +82,15 @@ def _check_size(instance: Any, attribute: Any, value: Any) -> None:
 _text = instance_of(str)
 
 
+def _optional_float(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+def _check_retained(instance: Any, attribute: Any, value: Optional[float]) -> None:
+    if value is not None and not instance.deleted:
+        raise ValueError("only a deleted dataset is retained")
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class Dataset:
     """One dataset as configured: where it should live, how big and what it is called."""
@@ -90,15 +100,20 @@ class Dataset:
     maximum_size: Optional[int] = attr.ib(default=None, validator=_check_size)
     metadata: Metadata = attr.ib(default=Metadata(), converter=metadata_of)
     deleted: bool = attr.ib(default=False, validator=instance_of(bool))
+    #: Deleted but restorable: its data is kept until this absolute time. None: live, or
+    #: deleted with its data going now (``purging``).
+    retained_until: Optional[float] = attr.ib(default=None, converter=_optional_float,
+                                              validator=_check_retained)
 
     @property
     def name(self) -> Optional[str]:
         """The dataset's ``metadata.name``, its Docker volume name, if it has one."""
         return self.metadata.get("name")
 
-
-def _optional_float(value: Any) -> Optional[float]:
-    return None if value is None else float(value)
+    @property
+    def purging(self) -> bool:
+        """Whether the dataset is deleted and its data may go (no longer retained)."""
+        return self.deleted and self.retained_until is None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -153,7 +168,7 @@ class DatasetEntry(Dataset):
            holders: Any = ()) -> "DatasetEntry":
         """The entry of ``dataset`` with its lease (if any) and holders."""
         return cls(dataset.dataset_id, dataset.primary, dataset.maximum_size,
-                   dataset.metadata, dataset.deleted, lease, holders)
+                   dataset.metadata, dataset.deleted, dataset.retained_until, lease, holders)
 
     def lease_holder(self, now: float) -> Optional[str]:
         """The node holding a lease on the dataset still valid at ``now``, if any."""
@@ -199,10 +214,14 @@ class Node:
 
 
 def dataset_to_json(dataset: Dataset) -> dict:
-    """The JSON object of a configured dataset (the REST API's, Flocker's)."""
-    return {"dataset_id": dataset.dataset_id, "primary": dataset.primary,
-            "maximum_size": dataset.maximum_size, "metadata": dict(dataset.metadata),
-            "deleted": dataset.deleted}
+    """The JSON object of a configured dataset (the REST API's, Flocker's; a retained
+    deleted dataset's also tells ``retained_until``)."""
+    obj = {"dataset_id": dataset.dataset_id, "primary": dataset.primary,
+           "maximum_size": dataset.maximum_size, "metadata": dict(dataset.metadata),
+           "deleted": dataset.deleted}
+    if dataset.retained_until is not None:
+        obj["retained_until"] = dataset.retained_until
+    return obj
 
 
 def _read_metadata(obj: dict, where: str) -> dict:
@@ -224,9 +243,12 @@ def _dataset_fields(obj: Any, where: str) -> tuple:
     size = read(obj, "maximum_size", (int,), where, optional=True, default=None)
     if not valid_size(size):
         raise Malformed(f"{where}.{SIZE_RULE}, not {size}")
+    deleted = read(obj, "deleted", (bool,), where, default=False)
+    retained = read_number(obj, "retained_until", where, optional=True, default=None)
+    if retained is not None and not deleted:
+        raise Malformed(f"{where}.retained_until is for deleted datasets only")
     return (obj, read_uuid(obj, "dataset_id", where), read_uuid(obj, "primary", where),
-            size, _read_metadata(obj, where),
-            read(obj, "deleted", (bool,), where, default=False))
+            size, _read_metadata(obj, where), deleted, retained)
 
 
 def dataset_from_json(obj: Any, where: str = "dataset") -> Dataset:

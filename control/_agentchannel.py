@@ -370,7 +370,7 @@ class AgentChannelServer:
         if not changed and not removed:
             return
         self._publish(datasets=changed, removed=removed)
-        if self._purger.deleted([e.dataset_id for e in changed if e.deleted], self.version):
+        if self._purger.deleted([e.dataset_id for e in changed if e.purging], self.version):
             self._purge_unheld()
 
     def _set_holdings(self, uuid: str, before: Iterable[str],
@@ -547,8 +547,9 @@ class _Purger:
         self._grace = None
 
     def start(self, config: Configuration, version: int) -> None:
-        """Every deleted dataset of ``config`` is a tombstone; purge nothing for an expiry."""
-        self.deleted([i for i, d in config.datasets.items() if d.deleted], version)
+        """Every dataset of ``config`` whose data may go is a tombstone; purge nothing for
+        an expiry."""
+        self.deleted([i for i, d in config.datasets.items() if d.purging], version)
         # Until every node alive has had time to reconnect and report, nobody knows who
         # holds what: purge nothing before then.
         self._grace = self._server.reactor.callLater(self._server.node_expiry,

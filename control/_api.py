@@ -14,8 +14,8 @@ from twisted.web.iweb import IRequest
 from pyflock.common._limits import metadata_problem
 from pyflock.common._logging import log_event
 from pyflock.common._model import (
-    ConfigurationError, Dataset, DatasetDeleted, DatasetIdTaken, DatasetNotFound,
-    LeaseHeld, LeaseNotFound, NameTaken,
+    ConfigurationError, Dataset, DatasetDeleted, DatasetGone, DatasetIdTaken,
+    DatasetNotDeleted, DatasetNotFound, LeaseHeld, LeaseNotFound, NameTaken,
 )
 from pyflock.common._records import (
     Node, dataset_to_json, lease_to_json, node_to_api_json, report_to_api_json,
@@ -41,6 +41,7 @@ _UPDATE = schema.validator(schema.UPDATE_DATASET)
 _ACQUIRE = schema.validator(schema.ACQUIRE_LEASE)
 _UUID = schema.validator(schema.UUID)
 _CREATE_TOKEN = schema.validator(schema.CREATE_TOKEN)
+_RESTORE = schema.validator(schema.RESTORE_DATASET)
 
 
 def _check_metadata(body: dict) -> None:
@@ -55,6 +56,12 @@ def _translate(error: ConfigurationError) -> APIError:
     """The declared response for a refusal of the model."""
     if isinstance(error, DatasetNotFound):
         return APIError(404, "Dataset not found.")
+    if isinstance(error, DatasetGone):
+        return APIError(410, "The dataset's data is no longer kept (its retention is over "
+                             "or it was purged): it cannot be restored.")
+    if isinstance(error, DatasetNotDeleted):
+        return APIError(409, "The dataset is not deleted: rename it by changing its "
+                             "metadata instead.")
     if isinstance(error, DatasetDeleted):
         return APIError(405, "The dataset has been deleted.")
     if isinstance(error, DatasetIdTaken):
@@ -70,6 +77,14 @@ def _translate(error: ConfigurationError) -> APIError:
     if isinstance(error, LeaseNotFound):
         return APIError(404, "Lease not found.")
     raise error
+
+
+def _purge_arg(request) -> bool:
+    """The ``purge`` query argument of a DELETE: ``true`` or ``false`` (default)."""
+    values = request.args.get(b"purge", [b"false"])
+    if len(values) != 1 or values[0] not in (b"true", b"false"):
+        raise APIError(400, "purge must be given once, as true or false.")
+    return values[0] == b"true"
 
 
 class ControlAPI(APIBase):
@@ -129,7 +144,8 @@ class ControlAPI(APIBase):
 
     @app.route("/v1/configuration/datasets", methods=["GET"])
     def list_datasets(self, request):
-        """Every live dataset, and deleted ones that some node still holds."""
+        """Every live dataset, every deleted one whose data is kept, and deleted ones
+        whose data goes that some node still holds."""
         self._caller(request)
         config = self._configuration.committed
         key = (config.generation, self._cluster.version, id(config))
@@ -139,7 +155,7 @@ class ControlAPI(APIBase):
             # Re-encode only the datasets that changed since the last listing.
             previous, encoded = self._encoded, {}
             for dataset_id, dataset in config.datasets.items():
-                if dataset.deleted and dataset_id not in held:
+                if dataset.purging and dataset_id not in held:
                     continue
                 cached = previous.get(dataset_id)
                 if cached is None or cached[0] is not dataset:
@@ -207,9 +223,13 @@ class ControlAPI(APIBase):
 
     @app.route("/v1/configuration/datasets/<dataset_id>", methods=["DELETE"])
     async def delete_dataset(self, request, dataset_id):
-        """Delete a dataset; refused while another node leases it. Idempotent."""
+        """Delete a dataset, its data kept for the retention period unless ``purge=true``
+        (user certificates only); refused while another node leases it. Idempotent."""
         identity = self._caller(request)
         dataset_id = self._dataset_id(dataset_id)
+        purge = _purge_arg(request)
+        if purge:
+            identity = self._user_only(request, "purge a dataset")
         allowed_holder = None
         if identity.kind == "node":
             current = self._configuration.pending.datasets.get(dataset_id)
@@ -220,10 +240,32 @@ class ControlAPI(APIBase):
             allowed_holder = identity.node_uuid
         self._check_tag(request)
         now = self._configuration.now()
+        retain_until = self._configuration.retain_until(purge)
         config = await self._change(request, dataset_id, lambda c: c.delete(
-            now, dataset_id, allowed_holder=allowed_holder))
-        log_event(_log, "pyflock:control:dataset-deleted", dataset_id=dataset_id)
-        return self._json(request, dataset_to_json(config.datasets[dataset_id]))
+            now, dataset_id, allowed_holder=allowed_holder, retain_until=retain_until))
+        dataset = config.datasets[dataset_id]
+        log_event(_log, "pyflock:control:dataset-deleted", dataset_id=dataset_id,
+                  retained_until=dataset.retained_until)
+        return self._json(request, dataset_to_json(dataset))
+
+    @app.route("/v1/configuration/datasets/<dataset_id>/restore", methods=["POST"])
+    async def restore_dataset(self, request, dataset_id):
+        """Bring back a deleted dataset whose data is still kept (user certificates
+        only), optionally under a new ``metadata.name``."""
+        self._user_only(request, "restore a dataset")
+        dataset_id = self._dataset_id(dataset_id)
+        empty = request.content is None or not request.content.read(1)
+        if not empty:
+            request.content.seek(0)
+        body = {} if empty else self._body(request, _RESTORE)
+        name = body.get("metadata", {}).get("name")
+        self._check_tag(request)
+        config = await self._change(request, dataset_id,
+                                    lambda c: c.restore(dataset_id, name))
+        dataset = config.datasets[dataset_id]
+        log_event(_log, "pyflock:control:dataset-restored", dataset_id=dataset_id,
+                  name=dataset.name)
+        return self._json(request, dataset_to_json(dataset))
 
     @app.route("/v1/state/datasets", methods=["GET"])
     def state_datasets(self, request):

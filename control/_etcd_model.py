@@ -35,7 +35,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import attr
 
-from pyflock.common._records import Dataset, Lease, metadata_of
+from pyflock.common._records import (
+    Dataset, Lease, dataset_from_json, dataset_to_json,
+)
 from pyflock.control._store import StoreWrite
 from pyflock.control._tokens import TokenRecord
 
@@ -164,18 +166,17 @@ def encode_dataset(dataset: Optional[Dataset]) -> bytes:
     """A dataset's stored value; empty (a tombstone) for None."""
     if dataset is None:
         return b""
-    return _canonical({"primary": dataset.primary, "maximum_size": dataset.maximum_size,
-                       "metadata": dict(dataset.metadata), "deleted": dataset.deleted})
+    fields = dataset_to_json(dataset)
+    del fields["dataset_id"]  # the key names it
+    return _canonical(fields)
 
 
 def decode_dataset(dataset_id: str, value: bytes) -> Optional[Dataset]:
     """The dataset a stored value holds; None for a tombstone."""
     if not value:
         return None
-    fields = json.loads(value)
-    return Dataset(dataset_id=dataset_id, primary=fields["primary"],
-                   maximum_size=fields["maximum_size"],
-                   metadata=metadata_of(fields["metadata"]), deleted=fields["deleted"])
+    return dataset_from_json(dict(json.loads(value), dataset_id=dataset_id),
+                             f"stored dataset {dataset_id}")
 
 
 def encode_lease(lease: Optional[Lease]) -> bytes:

@@ -24,6 +24,7 @@ _ERRORS = {
     409: "Conflict: id or name taken, a lease held by another node (then the error's "
          "``holder`` is that node's uuid), or a move between availability zones (then "
          "its ``zones`` names both).",
+    410: "The deleted dataset's data is no longer kept: it cannot be restored.",
     412: "X-If-Configuration-Matches did not match the current configuration tag.",
     503: "The configuration store failed a write; retry shortly.",
 }
@@ -68,6 +69,24 @@ def _path_param(name: str, description: str, schema: dict) -> dict:
 _DATASET_ID = _path_param("dataset_id", "The dataset's UUID.", s.UUID)
 _ERA = _path_param("era", "A node's era (changes when the node reboots).", {"type": "string"})
 _NODE_UUID = _path_param("node_uuid", "The node's UUID.", s.UUID)
+
+
+_PURGE = {"name": "purge", "in": "query", "required": False,
+          "description": "pyflock addition: `true` lets the data go now rather than "
+                         "after the retention period (user certificates only: 403 for a "
+                         "node).",
+          "schema": {"type": "string", "enum": ["true", "false"]}}
+
+
+def _restore_op() -> dict:
+    """pyflock addition: restoring a deleted dataset (user certificates only)."""
+    op = _op("pyflock addition: restore a deleted dataset whose data is still kept, "
+             "optionally under a new `metadata.name` (user certificates only).",
+             {200: ("The restored dataset.", {"$ref": "#/components/schemas/Dataset"})},
+             (400, 404, 409, 410, 412, 503), body=s.RESTORE_DATASET,
+             params=(_DATASET_ID, _IF_MATCHES), ok_headers=_TAG_HEADER)
+    op["requestBody"]["required"] = False
+    return op
 
 
 _TOKEN_ID = _path_param("token_id", "The token's id (16 hex digits).",
@@ -120,7 +139,8 @@ def build_openapi(version: str) -> dict:
         "/v1/openapi.json": {"get": _op("This document.",
                                         {200: ("The OpenAPI document.", {"type": "object"})})},
         "/v1/configuration/datasets": {
-            "get": _op("Every live dataset, and deleted ones some node still holds.",
+            "get": _op("Every live dataset, every deleted one whose data is kept "
+                       "(`retained_until`), and deleted ones some node still holds.",
                        {200: ("Datasets.", s.array_of(ref["Dataset"]))},
                        ok_headers=_TAG_HEADER),
             "post": _op("Create a dataset.",
@@ -134,11 +154,14 @@ def build_openapi(version: str) -> dict:
                         (400, 404, 405, 409, 412, 503),
                         body=s.UPDATE_DATASET, params=(_DATASET_ID, _IF_MATCHES),
                         ok_headers=_TAG_HEADER),
-            "delete": _op("Delete a dataset (idempotent).",
+            "delete": _op("Delete a dataset (idempotent); its data is kept, restorable, "
+                          "for the control service's --deleted-retention unless "
+                          "`purge=true`.",
                           {200: ("The deleted dataset.", ref["Dataset"])},
                           (400, 404, 409, 412, 503),
-                          params=(_DATASET_ID, _IF_MATCHES), ok_headers=_TAG_HEADER),
+                          params=(_DATASET_ID, _IF_MATCHES, _PURGE), ok_headers=_TAG_HEADER),
         },
+        "/v1/configuration/datasets/{dataset_id}/restore": {"post": _restore_op()},
         "/v1/state/datasets": {"get": _op(
             "Datasets as the live nodes report them.",
             {200: ("Dataset states.", s.array_of(ref["DatasetState"]))})},

@@ -9,6 +9,11 @@ renew it before it expires.
 
 The service also keeps the store revision of ``committed`` and the store's id, so that a
 reader (the agent channel, later) can ask the store what changed since then.
+
+Deleted datasets are kept for ``retention`` seconds (``Dataset.retained_until``, stored
+like every other field, so a restart loses nothing); the same clock that expires leases
+lets their data go once that time passes, from an index of the retained datasets kept up
+to date with every change (O(change), never a scan of the cluster).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from pyflock.control._store import (
 #: After a restart, no lease expires sooner than this: a full renewal interval (20 s,
 #: DESIGN.md) plus time for agents to reconnect.
 DEFAULT_LEASE_RESTART_GRACE = 30.0
+
+#: How long a deleted dataset's data is kept, restorable, unless told (one hour).
+DEFAULT_RETENTION = 3600.0
 
 #: Seconds between attempts to reload the store after a failed write.
 RECOVERY_RETRY = 1.0
@@ -57,8 +65,11 @@ class ConfigurationService:
     """
 
     def __init__(self, store: IConfigurationStore, reactor: IReactorTime,
-                 config: Configuration, revision: int = 0, store_id: str = ""):
+                 config: Configuration, revision: int = 0, store_id: str = "",
+                 retention: float = DEFAULT_RETENTION):
         self._store = store
+        self.retention = retention
+        self._retained = _index_retained({}, config, config.datasets)
         self._reactor = reactor
         self.committed = config
         self.pending = config
@@ -77,11 +88,14 @@ class ConfigurationService:
 
     @classmethod
     def load(cls, store: IConfigurationStore, reactor: IReactorTime,
-             lease_grace: float = DEFAULT_LEASE_RESTART_GRACE) -> Deferred:
-        """Read the stored configuration; fires with a service ready to take changes."""
+             lease_grace: float = DEFAULT_LEASE_RESTART_GRACE,
+             retention: float = DEFAULT_RETENTION) -> Deferred:
+        """Read the stored configuration; fires with a service ready to take changes,
+        keeping deleted datasets for ``retention`` seconds (0: not at all)."""
         def loaded(snapshot: StoreSnapshot) -> "ConfigurationService":
             config = _extend_leases(snapshot.configuration, reactor.seconds() + lease_grace)
-            return cls(store, reactor, config, snapshot.revision, snapshot.store_id)
+            return cls(store, reactor, config, snapshot.revision, snapshot.store_id,
+                       retention)
         return store.load().addCallback(loaded)
 
     @property
@@ -101,6 +115,13 @@ class ConfigurationService:
     def now(self) -> float:
         """The current time on the service's clock."""
         return self._reactor.seconds()
+
+    def retain_until(self, purge: bool = False) -> Optional[float]:
+        """Until when a dataset deleted now keeps its data: None if ``purge`` or if the
+        retention is 0 (its data goes at once)."""
+        if purge or self.retention <= 0:
+            return None
+        return self.now() + self.retention
 
     def subscribe(self, listener: Listener) -> None:
         """
@@ -152,6 +173,7 @@ class ConfigurationService:
         self._in_flight += 1
         self._latest = []
         write = StoreWrite.of(new, dataset_ids)
+        _index_retained(self._retained, new, (i for i, _ in write.datasets))
         d = self._store.write(write)
         d.addBoth(self._written, new, tuple(i for i, _ in write.datasets), self._latest)
         return d
@@ -200,6 +222,7 @@ class ConfigurationService:
 
             def done(revision: int):
                 self.committed = self.pending = config
+                self._retained = _index_retained({}, config, config.datasets)
                 self.revision, self.store_id = revision, snapshot.store_id
                 self._broken = None
                 self._notify(None)
@@ -226,11 +249,28 @@ class ConfigurationService:
                       node_uuid=lease.node_uuid)
         return self.change(expired, lambda c: c.expire_leases(now))
 
-    def start_lease_expiry(self, interval: float = 1.0) -> None:
-        """Expire leases every ``interval`` seconds until ``stop``."""
-        self._expiry = LoopingCall(lambda: self.expire_leases().addErrback(
+    def release_retained(self) -> Deferred:
+        """Let the data of the deleted datasets whose retention is over go, durably."""
+        now = self.now()
+        due = [i for i, until in self._retained.items() if until <= now]
+        if not due:
+            return succeed(self.pending)
+        for dataset_id in due:
+            log_event(_log, "pyflock:control:dataset-retention-over", dataset_id=dataset_id)
+        return self.change(due, lambda c: c.release_retained(due, now))
+
+    def _expire(self) -> None:
+        self.expire_leases().addErrback(
             lambda f: log_event(_log, "pyflock:control:lease-expiry-failed", LogLevel.warn,
-                                reason=str(f.value))))
+                                reason=str(f.value)))
+        self.release_retained().addErrback(
+            lambda f: log_event(_log, "pyflock:control:retention-expiry-failed",
+                                LogLevel.warn, reason=str(f.value)))
+
+    def start_lease_expiry(self, interval: float = 1.0) -> None:
+        """Expire leases, and the retention of deleted datasets, every ``interval``
+        seconds until ``stop``."""
+        self._expiry = LoopingCall(self._expire)
         self._expiry.clock = self._reactor
         self._expiry.start(interval, now=False)
 
@@ -245,6 +285,18 @@ class ConfigurationService:
         return self._store.close()
 
 
+def _index_retained(index: dict, config: Configuration, dataset_ids: Iterable[str]) -> dict:
+    """``index`` (dataset id -> until when its deleted data is kept) brought up to date
+    with ``config`` for ``dataset_ids``, in place."""
+    for dataset_id in dataset_ids:
+        dataset = config.datasets.get(dataset_id)
+        if dataset is not None and dataset.retained_until is not None:
+            index[dataset_id] = dataset.retained_until
+        else:
+            index.pop(dataset_id, None)
+    return index
+
+
 def _extend_leases(config: Configuration, earliest: float) -> Configuration:
     """Push every expiring lease's expiration to at least ``earliest``."""
     leases = config.leases.evolver()
@@ -255,4 +307,4 @@ def _extend_leases(config: Configuration, earliest: float) -> Configuration:
 
 
 __all__ = ["ConfigurationService", "StoreUnavailable", "StoreError", "HistoryGone",
-           "DEFAULT_LEASE_RESTART_GRACE"]
+           "DEFAULT_LEASE_RESTART_GRACE", "DEFAULT_RETENTION"]

@@ -44,7 +44,23 @@ DATASET = {
     "properties": {
         "dataset_id": UUID, "primary": UUID, "maximum_size": MAXIMUM_SIZE,
         "metadata": METADATA, "deleted": {"type": "boolean"},
+        "retained_until": {
+            "type": "number",
+            "description": "pyflock addition, deleted datasets only: until when (seconds "
+                           "since the epoch) the dataset's data is kept and it can be "
+                           "restored. Absent once its data goes."},
     },
+    "additionalProperties": False,
+}
+
+RESTORE_DATASET = {
+    "type": "object",
+    "properties": {"metadata": {
+        "type": "object", "properties": {"name": {
+            "type": "string", "minLength": 1, "maxLength": MAXIMUM_METADATA_TEXT}},
+        "additionalProperties": False,
+        "description": "Only `name`: the name to restore the dataset under, when its "
+                       "old one has been taken meanwhile."}},
     "additionalProperties": False,
 }
 

@@ -43,7 +43,9 @@ from pyflock.control._clusterstate import (
 )
 from pyflock.common._limits import AGENT_MESSAGE_LIMIT, SEND_LIMIT
 from pyflock.control._openapi import build_openapi
-from pyflock.control._persistence import DEFAULT_LEASE_RESTART_GRACE, ConfigurationService
+from pyflock.control._persistence import (
+    DEFAULT_LEASE_RESTART_GRACE, DEFAULT_RETENTION, ConfigurationService,
+)
 from pyflock.control._sqlite_store import backup
 from pyflock.control._migrate import add_migrate_parser, migrate_main
 from pyflock.control._stores import add_store_arguments, open_store, store_description
@@ -73,6 +75,17 @@ def _positive_seconds(text: str) -> float:
         value = 0.0
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _retention_seconds(text: str) -> float:
+    """A retention in seconds, zero (off) or more, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
     return value
 
 
@@ -114,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
                        default=DEFAULT_PURGE_DEADLINE, help=f"a node holds back the purge "
                        f"of a deleted dataset at most this long (default "
                        f"{DEFAULT_PURGE_DEADLINE:g})")
+        p.add_argument("--deleted-retention", type=_retention_seconds, metavar="SECONDS",
+                       default=DEFAULT_RETENTION,
+                       help=f"keep a deleted dataset's data this long, restorable (default "
+                            f"{DEFAULT_RETENTION:g}: an hour; 0: delete at once)")
         p.add_argument("--join-port", default=str(DEFAULT_JOIN_PORT),
                        help=f"join port, where new hosts trade a join token for their "
                             f"certificate: a number or a tcp: endpoint (default "
@@ -200,7 +217,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
     # so the process may go without it until the configuration is loaded.
     gc.disable()
     try:
-        configuration = await ConfigurationService.load(store, reactor, options.lease_grace)
+        configuration = await ConfigurationService.load(
+            store, reactor, options.lease_grace, options.deleted_retention)
     except StoreError as e:
         await store.close()
         raise StartupError(str(e))

@@ -12,7 +12,9 @@ Layout of ``configuration.sqlite3`` (schema version ``SCHEMA_VERSION``, kept in
 ``PRAGMA user_version``; ``PRAGMA application_id`` marks the file as pyflock's):
 
 - ``datasets(dataset_id, primary_node, maximum_size INTEGER|NULL, metadata JSON text,
-  deleted 0/1)``
+  deleted 0/1, retained_until REAL|NULL)``: ``retained_until``, absolute seconds since the
+  epoch, is until when a deleted dataset's data is kept (schema version 4; the deleted
+  datasets of an older store have NULL: their data was already going)
 - ``leases(dataset_id, node_uuid, expiration REAL|NULL)``: absolute seconds since the epoch
 - ``meta(key, value)``: ``generation``; ``revision``, the revision of the last write;
   ``compacted``, the oldest revision ``changes_since`` answers for; ``store_id``, text,
@@ -126,9 +128,15 @@ def _schema_3(db: sqlite3.Connection) -> None:
         ) WITHOUT ROWID""")
 
 
+def _schema_4(db: sqlite3.Connection) -> None:
+    """Deleted datasets kept for a while: until when (NULL: live, or data going now)."""
+    db.execute("ALTER TABLE datasets ADD COLUMN retained_until REAL "
+               "CHECK (retained_until IS NULL OR deleted = 1)")
+
+
 #: ``MIGRATIONS[n]`` takes a store from schema version ``n`` to ``n + 1``; append only.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _schema_1, _schema_2, _schema_3)
+    _schema_1, _schema_2, _schema_3, _schema_4)
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -312,7 +320,7 @@ def _encode(change: StoreWrite) -> _Rows:
         (dataset_id, None if d is None else (
             dataset_id, d.primary, d.maximum_size,
             json.dumps(dict(d.metadata), sort_keys=True, separators=(",", ":")),
-            1 if d.deleted else 0))
+            1 if d.deleted else 0, d.retained_until))
         for dataset_id, d in change.datasets)
     leases = tuple(
         (dataset_id, None if lease is None else (
@@ -322,11 +330,12 @@ def _encode(change: StoreWrite) -> _Rows:
 
 
 _UPSERT_DATASET = """
-    INSERT INTO datasets (dataset_id, primary_node, maximum_size, metadata, deleted)
-    VALUES (?, ?, ?, ?, ?)
+    INSERT INTO datasets (dataset_id, primary_node, maximum_size, metadata, deleted,
+        retained_until)
+    VALUES (?, ?, ?, ?, ?, ?)
     ON CONFLICT (dataset_id) DO UPDATE SET primary_node = excluded.primary_node,
         maximum_size = excluded.maximum_size, metadata = excluded.metadata,
-        deleted = excluded.deleted"""
+        deleted = excluded.deleted, retained_until = excluded.retained_until"""
 _DELETE_DATASET = "DELETE FROM datasets WHERE dataset_id = ?"
 _UPSERT_LEASE = """
     INSERT INTO leases (dataset_id, node_uuid, expiration) VALUES (?, ?, ?)
@@ -340,7 +349,7 @@ _UPSERT_CHANGE = """
 _PRUNE_CHANGES = "DELETE FROM changes WHERE revision <= ?"
 _META = ("SELECT key, value FROM meta "
          "WHERE key IN ('generation', 'revision', 'compacted', 'store_id')")
-_DATASET_COLUMNS = "primary_node, maximum_size, metadata, deleted"
+_DATASET_COLUMNS = "primary_node, maximum_size, metadata, deleted, retained_until"
 _LEASE_COLUMNS = "node_uuid, expiration"
 
 
@@ -390,13 +399,15 @@ def _metadata(text: str) -> Any:
 
 
 def _dataset(path: str, dataset_id: str, primary: Optional[str], maximum_size: Any,
-             metadata: Optional[str], deleted: Any) -> Optional[Dataset]:
+             metadata: Optional[str], deleted: Any,
+             retained_until: Any) -> Optional[Dataset]:
     """The dataset a row holds, None for no row (``primary`` NULL from an outer join)."""
     if primary is None:
         return None
     try:
         return Dataset(dataset_id=dataset_id, primary=primary, maximum_size=maximum_size,
-                       metadata=_metadata(metadata), deleted=bool(deleted))
+                       metadata=_metadata(metadata), deleted=bool(deleted),
+                       retained_until=retained_until)
     except Exception as e:
         raise _damaged(path, f"dataset {dataset_id!r} cannot be read: {e}") from e
 

@@ -41,7 +41,7 @@ from pyflock.common._tls import Identity
 from pyflock.control._api import ControlAPI, __version__
 from pyflock.control._clusterstate import ClusterStateService, NodeState
 from pyflock.control._openapi import build_openapi, match_path, response_validator
-from pyflock.control._persistence import ConfigurationService
+from pyflock.control._persistence import DEFAULT_RETENTION, ConfigurationService
 from pyflock.control._store import MemoryConfigurationStore
 from pyflock.control._tokens import TokenBook, TokenService
 
@@ -138,12 +138,14 @@ class APIHarness:
     pin = "pyflockHarnessPinAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
     def __init__(self, config: Configuration = Configuration(), clock: Optional[Clock] = None,
-                 store: Optional[MemoryConfigurationStore] = None, joins: bool = True):
+                 store: Optional[MemoryConfigurationStore] = None, joins: bool = True,
+                 retention: float = DEFAULT_RETENTION):
         self.clock = clock or Clock()
         self.clock.advance(1_000_000)
         self.store = store or MemoryConfigurationStore(config)
         self.configuration = ConfigurationService(self.store, self.clock, self.store.config,
-                                                  self.store.revision, self.store.store_id)
+                                                  self.store.revision, self.store.store_id,
+                                                  retention)
         self.cluster = ClusterStateService(self.clock)
         self.openapi = build_openapi(__version__)
         #: The join tokens (``TokenService``), or None for a service that serves no joins.

@@ -44,10 +44,13 @@ def cluster(tmp_path_factory):
     """
     One control service and three agents for the whole module (starting them is the
     slow part); a node silent for 10 s is dead, so tombstones are purged soon after a
-    start. The agents' ``losetup`` and ``umount`` can be stopped at gates.
+    start; deleted datasets are not kept (the recycle bin has its own module,
+    ``test_retention_integration``). The agents' ``losetup`` and ``umount`` can be
+    stopped at gates.
     """
     local = LocalCluster(tmp_path_factory.mktemp("agents"), nodes=3,
-                         control_arguments=["--node-expiry", "10"],
+                         control_arguments=["--node-expiry", "10",
+                                            "--deleted-retention", "0"],
                          gated_commands=("losetup", "umount"))
     try:
         local.start()

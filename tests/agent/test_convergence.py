@@ -87,6 +87,8 @@ WANTED = {
     DesiredState.NOT_HERE: DesiredDataset(DS, primary=OTHER, maximum_size=SIZE),
     DesiredState.DESTROYED: DesiredDataset(DS, primary=NODE, maximum_size=SIZE,
                                            deleted=True),
+    DesiredState.RETAINED: DesiredDataset(DS, primary=NODE, maximum_size=SIZE,
+                                          deleted=True, retained=True),
     DesiredState.IGNORED: None,
 }
 
@@ -141,6 +143,10 @@ EXPECTED = {
         S.MOUNT_POINT_TAKEN: NOTHING,
     },
 }
+
+
+# Kept: let go of like a dataset whose primary is elsewhere, and never destroyed.
+EXPECTED[DesiredState.RETAINED] = EXPECTED[DesiredState.NOT_HERE]
 
 
 def test_table_covers_every_pair():
@@ -352,6 +358,8 @@ def test_no_view_no_desire():
     (WANTED[DesiredState.DESTROYED], S.NON_EXISTENT, None),
     (DesiredDataset(DS, primary=OTHER, deleted=True), S.ATTACHED,
      DatasetReport(DS, "deleting", None, SIZE)),
+    (WANTED[DesiredState.RETAINED], S.MOUNTED, DatasetReport(DS, "deleting", None, SIZE)),
+    (WANTED[DesiredState.RETAINED], S.UNATTACHED, None),
     (None, S.MOUNTED, None),
 ])
 def test_dataset_states(wanted, state, expected):
@@ -359,6 +367,19 @@ def test_dataset_states(wanted, state, expected):
     datasets = () if wanted is None else (wanted,)
     states = dataset_states(desired(*datasets), discovered(TYPICAL[state]))
     assert (pmap() if expected is None else pmap({DS: expected})) == states
+
+
+def test_retained_from_configuration():
+    """A deleted dataset whose data is kept (``retained_until``) is RETAINED on its
+    primary too; once its data may go, its primary destroys it."""
+    kept = Dataset(dataset_id=DS, primary=NODE, maximum_size=SIZE, deleted=True,
+                   retained_until=100.0)
+    wanted = desired_from_configuration(NODE, [kept], [], {NODE: True}, now=200.0)
+    assert wanted.state_of(DS) is DesiredState.RETAINED
+    assert peer_desired_state(wanted, DS) is DesiredState.RETAINED
+    going = Dataset(dataset_id=DS, primary=NODE, maximum_size=SIZE, deleted=True)
+    wanted = desired_from_configuration(NODE, [going], [], {NODE: True}, now=0.0)
+    assert wanted.state_of(DS) is DesiredState.DESTROYED
 
 
 def test_waiting():
@@ -530,6 +551,13 @@ PEER_EXPECTED = {
         P.SUPERSEDED: DESTROY_COPY, P.MOUNTED: sequentially([UNMOUNT, DestroyDataset(DS)]),
         P.MOUNTED_ASTRAY: UNMOUNT_STRAYS, P.STRAY_MOUNT: UNMOUNT,
         P.MOUNT_POINT_TAKEN: NOTHING,
+    },
+    # Kept: every complete copy stays, unmounted; never destroyed.
+    DesiredState.RETAINED: {
+        P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: DESTROY_COPY,
+        P.PARTIAL_NO_SOURCE: DESTROY_COPY, P.UNMOUNTED: TIDY, P.SUPERSEDED: TIDY,
+        P.MOUNTED: sequentially([UNMOUNT, TIDY]), P.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
+        P.STRAY_MOUNT: UNMOUNT, P.MOUNT_POINT_TAKEN: NOTHING,
     },
     DesiredState.IGNORED: {
         P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: NOTHING,

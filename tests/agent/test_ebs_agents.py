@@ -121,7 +121,8 @@ def sha256_of(path: str) -> str:
 
 def test_create_write_move_read_delete(ebs_cluster):
     """A dataset made on node 1 is an EBS volume in the fake, mounted there; its data
-    moves with it to node 2; once deleted, its volume is gone from the fake."""
+    moves with it to node 2; deleted, its volume is detached but kept, and restored it
+    mounts again with its data; destroyed ``--now``, its volume is gone from the fake."""
     cluster = ebs_cluster
     created = cli_json(cluster, "create", "--node", cluster.node_uuids[0], "--size", "64M",
                        "--name", "ebs-data")
@@ -141,6 +142,18 @@ def test_create_write_move_read_delete(ebs_cluster):
     assert not os.path.ismount(first)
 
     cli_json(cluster, "destroy", dataset_id)
+    deadline = time.monotonic() + TIMEOUT
+    while [v.state for v in cluster.fake.volumes.values()] != ["available"] \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [(v.state, v.attachment) for v in cluster.fake.volumes.values()] == [
+        ("available", None)]
+    assert not os.path.ismount(second)
+    cli_json(cluster, "restore", dataset_id)
+    again = wait_mounted(cluster, dataset_id, 1)
+    assert sha256_of(os.path.join(again, "data")) == hashlib.sha256(data).hexdigest()
+
+    cli_json(cluster, "destroy", "--now", dataset_id)
     deadline = time.monotonic() + TIMEOUT
     while cluster.fake.volumes and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -511,13 +511,15 @@ class MemoryNodesTests(SynchronousTestCase):
             loop.start()
             self.nodes[node] = (loop, fs, reports)
 
-    def configure(self, primary, deleted=False, order=(NODE_A, NODE_B), extra=None):
+    def configure(self, primary, deleted=False, order=(NODE_A, NODE_B), extra=None,
+                  retained_until=None):
         """
         Push a view with dataset ``ds`` on ``primary`` (and ``extra`` datasets, id to
         primary) to both nodes, in ``order``.
         """
         self.version = getattr(self, "version", 0) + 1
-        datasets = {"ds": DatasetEntry("ds", primary, 64 * MiB, deleted=deleted)}
+        datasets = {"ds": DatasetEntry("ds", primary, 64 * MiB, deleted=deleted,
+                                       retained_until=retained_until)}
         for dataset_id, node in (extra or {}).items():
             datasets[dataset_id] = DatasetEntry(dataset_id, node, 64 * MiB)
         view = AgentView(epoch="e", version=self.version, datasets=datasets,
@@ -607,6 +609,23 @@ class MemoryNodesTests(SynchronousTestCase):
         self.assertEqual((set(), {}), (self.nodes[NODE_A][1].directories,
                                        self.nodes[NODE_A][1].table))
         self.assertEqual(pmap(), self.nodes[NODE_A][2][-1])
+
+
+    def test_retained_delete_keeps_volume(self):
+        """A deleted dataset whose data is retained is unmounted and detached but kept,
+        mounts again, never recreated, when restored, and goes once no longer retained."""
+        self.configure(NODE_A)
+        self.configure(NODE_A, deleted=True, retained_until=5000.0)
+        fs, backend = self.nodes[NODE_A][1], self.store.backend(NODE_A)
+        self.assertEqual(({}, [("ds", None)]), (fs.table, [
+            (v.dataset_id, v.attached_to) for v in backend.list_volumes()]))
+        self.configure(NODE_A)
+        self.assertEqual({"/mnt/node-a/ds"}, set(fs.table))
+        self.assertEqual(["CreateVolume", "CreateFilesystem"], [
+            e["change"] for e in events_of(self.events, "pyflock:agent:change-done")
+            if e["change"] in ("CreateVolume", "CreateFilesystem", "DestroyVolume")])
+        self.configure(NODE_A, deleted=True)
+        self.assertEqual([], backend.list_volumes())
 
 
 def lease_view(version, expiration, holder=NODE_A, primary=NODE_A, extra=()):

@@ -59,13 +59,16 @@ class Cluster:
         self.nodes = {n: Node(MemoryPeerBackend(n)) for n in (A, B)}
         self.primary = primary
         self.reports = {n: pmap() for n in self.nodes}
+        #: Whether the dataset is deleted, and if so whether its data is still kept.
+        self.deleted = self.retained = False
 
     def desired(self, node: str) -> Desired:
         """What ``node`` wants, with the holders the latest reports give."""
         holders = tuple(sorted(n for n, r in self.reports.items() if DS in r and n != node))
         return Desired(node_uuid=node, nodes=pmap({A: True, B: True}), datasets=pmap({
             DS: DesiredDataset(DS, primary=self.primary, maximum_size=SIZE,
-                               holders=holders)}))
+                               holders=holders, deleted=self.deleted,
+                               retained=self.retained)}))
 
     def step(self, node: str) -> bool:
         """One discover-calculate-run round on ``node``, then its report; whether it acted."""
@@ -128,11 +131,48 @@ def test_move_copies_then_lets_go():
     assert set(cluster.reports[B]) == {DS} and cluster.reports[A] == pmap()
 
 
+def test_retained_copy_kept_until_purged():
+    """A deleted dataset still retained keeps its copy, unmounted, and comes back intact
+    when restored; once its data may go, every copy is destroyed."""
+    cluster = Cluster(primary=A)
+    finish(cluster)
+    a = cluster.nodes[A]
+    a.backend.write_file(DS, "data", b"precious")
+    cluster.deleted = cluster.retained = True
+    finish(cluster)
+    assert (a.mounted, a.backend.read_file(DS, "data")) == (set(), b"precious")
+    cluster.deleted = cluster.retained = False
+    finish(cluster)
+    assert (a.mounted, a.backend.read_file(DS, "data")) == ({DS}, b"precious")
+    cluster.deleted, cluster.retained = True, False
+    finish(cluster)
+    assert cluster.holding_complete() == set()
+
+
+def test_claimed_then_deleted_restores_from_the_kept_copy():
+    """A dataset moved to node B and deleted before B had its copy (the plugin's Remove of
+    a volume living elsewhere) keeps A's copy; restored, B receives it from A intact."""
+    cluster = Cluster(primary=A)
+    finish(cluster)
+    cluster.nodes[A].backend.write_file(DS, "data", b"precious")
+    cluster.primary = B
+    cluster.deleted = cluster.retained = True
+    finish(cluster)
+    assert cluster.holding_complete() == {A}
+    cluster.deleted = cluster.retained = False
+    cluster.step(B)                       # B first: it knows of A's copy from A's reports
+    finish(cluster)
+    b = cluster.nodes[B]
+    assert (b.mounted, b.backend.read_file(DS, "data")) == ({DS}, b"precious")
+    assert cluster.nodes[A].backend.list_datasets() == []
+
+
 def finish(cluster: Cluster) -> None:
     """Step both nodes until neither has anything left to do (a bounded number of rounds)."""
     for _ in range(10):
         acted = [cluster.step(n) for n in (A, B)]
-        assert cluster.holding_complete(), "some node always holds a complete copy"
+        assert cluster.holding_complete() or cluster.deleted and not cluster.retained, \
+            "some node always holds a complete copy until the data may go"
         if not any(acted):
             return
     raise AssertionError("the nodes did not converge in 10 rounds")

@@ -424,11 +424,11 @@ class ChangeTests(CLITestCase):
                                 "no dataset has the id, id prefix or name 'old'")
 
     def test_destroy(self):
-        """``destroy NAME`` deletes that dataset and says so."""
-        code, out, err = self.cli("destroy", "web")
+        """``destroy --now NAME`` deletes that dataset, its data at once, and says so."""
+        code, out, err = self.cli("destroy", "--now", "web")
         self.assertEqual((EXIT_OK, ""), (code, err))
         self.assertEqual(f"Deleted dataset {WEB} (web); its node removes the data.\n", out)
-        self.assertTrue(self.configuration.datasets[WEB].deleted)
+        self.assertTrue(self.configuration.datasets[WEB].purging)
 
     def test_destroy_json(self):
         """``destroy --json`` prints the deleted dataset's object."""
@@ -658,7 +658,7 @@ class ErrorTests(CLITestCase):
         code, out, err = self.cli("--help")
         self.assertEqual((EXIT_OK, ""), (code, err))
         for command in ("version", "list-nodes", "list", "create", "move", "destroy",
-                        "leases", "node"):
+                        "restore", "leases", "node"):
             self.assertIn(command, out)
         code, out, _ = self.cli("leases", "acquire", "--help")
         self.assertEqual(EXIT_OK, code)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pyflock.common._model import (
-    Configuration, Dataset, DatasetDeleted, DatasetIdTaken, DatasetNotFound,
+    Configuration, Dataset, DatasetDeleted, DatasetIdTaken, DatasetNotDeleted, DatasetNotFound,
     InconsistentConfiguration, LeaseHeld, LeaseNotFound, NameTaken,
 )
 from pyflock.common._records import Lease
@@ -58,7 +58,8 @@ def test_generation_not_changed_by_leases():
 
 
 operations = st.lists(st.tuples(
-    st.sampled_from(["create", "rename", "move", "delete", "lease", "release", "purge"]),
+    st.sampled_from(["create", "rename", "move", "delete", "lease", "release", "purge",
+                     "bin", "restore", "retention-over"]),
     st.integers(0, 3), st.sampled_from([None, "a", "b"]), st.sampled_from([A, B])),
     max_size=30)
 
@@ -83,10 +84,16 @@ def test_name_index_invariant(ops):
                 c = c.acquire_lease(0, IDS[i], node, None)
             elif op == "release":
                 c = c.release_lease(IDS[i], node)
+            elif op == "bin":
+                c = c.delete(0, IDS[i], allowed_holder=node, retain_until=10)
+            elif op == "restore":
+                c = c.restore(IDS[i], name)
+            elif op == "retention-over":
+                c = c.release_retained(IDS, 10)
             else:
                 c = c.purge(IDS[i])
         except (DatasetIdTaken, NameTaken, DatasetNotFound, DatasetDeleted, LeaseHeld,
-                LeaseNotFound):
+                LeaseNotFound, DatasetNotDeleted):
             pass
         c.check()
 

@@ -79,6 +79,9 @@ def sample_change() -> StoreWrite:
     config = config.delete(0.0, dataset_id(3))
     config = config.create(Dataset(dataset_id=dataset_id(4), primary=NODE_B,
                                    maximum_size=64 * 1024 * 1024, metadata={"name": ""}))
+    config = config.create(Dataset(dataset_id=dataset_id(5), primary=NODE_A,
+                                   metadata={"name": "binned"}))
+    config = config.delete(0.0, dataset_id(5), retain_until=1003600.5)
     config = config.acquire_lease(1000.0, dataset_id(1), NODE_A, 60.25)
     config = config.acquire_lease(1000.0, dataset_id(2), NODE_B, None)
     return StoreWrite.of(config, config.datasets.keys())
@@ -114,6 +117,11 @@ def model_steps() -> list:
         (lambda c: c.purge(dataset_id(1)), dataset_id(1)),
         (lambda c: c.acquire_lease(40.0, dataset_id(3), NODE_B, None), dataset_id(3)),
         (lambda c: c.release_lease(dataset_id(3), NODE_B), dataset_id(3)),
+        (lambda c: c.delete(50.0, dataset_id(3), retain_until=110.0), dataset_id(3)),
+        (lambda c: c.restore(dataset_id(3)), dataset_id(3)),
+        (lambda c: c.delete(60.0, dataset_id(3), retain_until=120.0), dataset_id(3)),
+        (lambda c: c.release_retained([dataset_id(3)], 120.0), dataset_id(3)),
+        (lambda c: c.purge(dataset_id(3)), dataset_id(3)),
     ]
 
 
@@ -187,7 +195,8 @@ def make_iconfigurationstore_tests(make_opener: OpenerFactory) -> type:
             config = await using(opener, loaded)
             expected = apply_write(Configuration(), change)
             assert config == expected
-            assert config.datasets[dataset_id(3)].deleted
+            assert config.datasets[dataset_id(3)].purging
+            assert config.datasets[dataset_id(5)].retained_until == 1003600.5
             assert config.leases[dataset_id(1)].expiration == 1060.25
             assert config.leases[dataset_id(2)].expiration is None
             assert dict(config.names) == {"pgdata": dataset_id(1), "": dataset_id(4)}

@@ -134,7 +134,9 @@ class DatasetTests(SynchronousTestCase):
         self.assertEqual(self.req("DELETE", f"/v1/configuration/datasets/{DS}").code, 404)
 
     def test_deleted_unheld_not_listed(self):
-        """A deleted dataset that no node holds disappears from the list at once."""
+        """With retention off, a deleted dataset that no node holds disappears from the
+        list at once."""
+        self.h = APIHarness(retention=0)
         self.create(dataset_id=DS)
         self.req("DELETE", f"/v1/configuration/datasets/{DS}")
         self.assertEqual(self.req("GET", "/v1/configuration/datasets").json, [])

@@ -50,12 +50,16 @@ def test_keys_under():
         Keys.under("")
 
 
-@given(primary=text, size=st.none() | st.integers(2 ** 16, 2 ** 52).map(lambda n: n * 1024),
-       metadata=st.dictionaries(text, text, max_size=4), deleted=st.booleans())
-def test_dataset_round_trip(primary, size, metadata, deleted):
-    """Any dataset decodes as it was encoded."""
-    dataset = Dataset(dataset_id=dataset_id(1), primary=primary or "p", maximum_size=size,
-                      metadata=metadata, deleted=deleted)
+@given(primary=st.uuids().map(str),
+       size=st.none() | st.integers(2 ** 16, 2 ** 52).map(lambda n: n * 1024),
+       metadata=st.dictionaries(st.text(min_size=1, max_size=256), st.text(max_size=256),
+                                max_size=4),
+       deleted=st.booleans(), retained=st.none() | st.floats(0, 2 ** 40))
+def test_dataset_round_trip(primary, size, metadata, deleted, retained):
+    """Any dataset decodes as it was encoded, a deleted one's ``retained_until`` too."""
+    dataset = Dataset(dataset_id=dataset_id(1), primary=primary, maximum_size=size,
+                      metadata=metadata, deleted=deleted,
+                      retained_until=retained if deleted else None)
     assert decode_dataset(dataset.dataset_id, encode_dataset(dataset)) == dataset
 
 

@@ -166,6 +166,11 @@ async def test_every_endpoint_over_tls(controls, clients, cluster):
     deleted = await alice.delete(f"{DATASETS}/{ds}")
     assert (deleted.code, deleted.json["deleted"]) == (200, True)
     assert (await alice.post(f"{DATASETS}/{ds}", {"primary": a})).code == 405
+    # Kept for the retention period, listed as deleted, until purged.
+    assert [(d["dataset_id"], d["deleted"], d["retained_until"])
+            for d in (await alice.get(DATASETS)).json] == [
+        (ds, True, deleted.json["retained_until"])]
+    assert (await alice.delete(f"{DATASETS}/{ds}?purge=true")).code == 200
     assert (await alice.get(DATASETS)).json == []
     assert (await create(alice, a, metadata={"name": "db"})).code == 201
 
@@ -400,7 +405,8 @@ async def test_configuration_survives_restart(controls, clients, cluster):
     control.start()
     after = await alice.get(DATASETS)
     assert by_id(after.json) == by_id(before.json)
-    assert set(by_id(after.json)) == {kept, moved}
+    assert set(by_id(after.json)) == {kept, moved, gone}
+    assert by_id(after.json)[gone]["deleted"] and by_id(after.json)[gone]["retained_until"]
     assert by_id(after.json)[moved]["primary"] == b
     # A tag read before the restart never matches after it.
     stale_tag = before.headers["x-configuration-tag"]

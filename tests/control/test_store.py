@@ -495,6 +495,20 @@ async def test_version_1_reads(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_older_deleted_datasets_are_not_retained(tmp_path):
+    """Upgraded to schema 4, an older store's deleted datasets keep no data: theirs was
+    already going; its live ones have nothing retained; a retained one is then kept."""
+    _version_1_by_hand(tmp_path / FILENAME)
+    config = await stored(tmp_path)
+    assert config.datasets[dataset_id(2)].purging
+    assert config.datasets[dataset_id(1)].retained_until is None
+    binned = config.delete(5.0, dataset_id(1), NODE_A, retain_until=3605.0)
+    await using(lambda: open_sqlite_store(_reactor(), tmp_path),
+                lambda store: store.write(StoreWrite.of(binned, [dataset_id(1)])))
+    assert (await stored(tmp_path)).datasets[dataset_id(1)].retained_until == 3605.0
+
+
+@pytest_twisted.ensureDeferred
 async def test_version_1_gains_tokens(tmp_path):
     """A version 1 store, upgraded, keeps no join token yet and then keeps one."""
     _version_1_by_hand(tmp_path / FILENAME)
