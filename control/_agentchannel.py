@@ -60,7 +60,29 @@ from pyflock.control._persistence import ConfigurationService
 #: Seconds between heartbeats (DESIGN.md).
 DEFAULT_HEARTBEAT = 5.0
 
+#: The first agent-channel version whose agents keep a deleted dataset's data while it is
+#: retained (the entry's ``retained_until``); older agents destroy what is shown deleted.
+#: Version 3 also brought paged snapshots: one snapshot encoding serves both.
+RETAINED_VISIBLE = PAGED_SNAPSHOTS
+
 _log = Logger()
+
+
+def hide_retained(message):
+    """
+    ``message`` (a snapshot or a diff) as an agent before ``RETAINED_VISIBLE`` must see it:
+    without the deleted datasets whose data is still kept. Such an agent reads no
+    ``retained_until`` and would destroy a dataset it sees deleted, while it leaves alone
+    one its view does not have; so in a diff a kept dataset is one purged from its view.
+    Restored, it comes back; once its data may go, it comes deleted, as before.
+    """
+    kept = [d.dataset_id for d in message.datasets if d.deleted and not d.purging]
+    if not kept:
+        return message
+    datasets = tuple(d for d in message.datasets if d.dataset_id not in kept)
+    if isinstance(message, Diff):
+        return attr.evolve(message, datasets=datasets, removed=message.removed + tuple(kept))
+    return attr.evolve(message, datasets=datasets)
 
 
 def view_datasets(config: Configuration,
@@ -318,8 +340,14 @@ class AgentChannelServer:
             (part, encode(part)) for part in split_diff(diff, self.page_size)]
         for part, payload in parts:
             self.version = part.version
+            older = None  # the part as agents before RETAINED_VISIBLE see it
             for connection in self._connections.values():
-                connection.send_payload(payload)
+                if (connection.protocol_version or PROTOCOL_VERSION) < RETAINED_VISIBLE:
+                    if older is None:
+                        older = encode(hide_retained(part))
+                    connection.send_payload(older)
+                else:
+                    connection.send_payload(payload)
 
     def _snapshot_payloads(self, paged: bool) -> list[bytes]:
         """The current snapshot's payloads: pages (version 3 on), or one frame."""
@@ -327,8 +355,9 @@ class AgentChannelServer:
             self._snapshot_cache = (self.version, {})
         cache = self._snapshot_cache[1]
         if paged not in cache:
+            # Paging and retained datasets came in the same version (3).
             cache[paged] = (snapshot_pages(self.snapshot(), self.page_size) if paged
-                            else [encode(self.snapshot())])
+                            else [encode(hide_retained(self.snapshot()))])
         return cache[paged]
 
     def _send_snapshot(self, connection: _AgentConnection) -> None:

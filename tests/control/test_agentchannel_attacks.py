@@ -289,7 +289,9 @@ async def test_hostile_node_small_attacks(reactor, tmp_path):
             await deferLater(reactor, 0.3, lambda: None)
         response = await client.post("/v1/configuration/datasets", {"primary": a})
         dataset_id = response.json["dataset_id"]
-        assert (await client.delete(f"/v1/configuration/datasets/{dataset_id}")).code == 200
+        # Purged at once (not kept in the recycle bin): its data may go now.
+        assert (await client.delete(
+            f"/v1/configuration/datasets/{dataset_id}?purge=true")).code == 200
         deleted = reactor.seconds()
         purged = None
         while purged is None and reactor.seconds() - deleted < 10:

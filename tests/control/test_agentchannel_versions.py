@@ -20,7 +20,7 @@ from pyflock.common._wire import (
     ProtocolMismatch, Snapshot, StateReport, Welcome, decode, encode, negotiate,
 )
 from pyflock.control._agentchannel import AgentChannelServer
-from pyflock.control.testing import NODE_A, APIHarness
+from pyflock.control.testing import NODE_A, NODE_B, APIHarness
 from tests.control.test_agentchannel import RawAgent, frame, frames
 
 A = NODE_A.node_uuid
@@ -227,6 +227,31 @@ class NegotiationTests(SynchronousTestCase):
         self.assertIsNone(self.h.cluster.state.nodes[A].zone)
         [node] = self.h.request(self, "GET", "/v1/state/nodes").json
         self.assertIsNone(node["zone"])
+
+    def test_version_2_agent_never_sees_a_kept_dataset(self):
+        """A version-2 agent (which would destroy a dataset it sees deleted) is not shown a
+        deleted dataset whose data is kept: purged from its view, back when restored; a
+        version-3 agent sees it deleted with ``retained_until``."""
+        self.successResultOf(self.h.configuration.change([DS], lambda c: c.create(
+            Dataset(dataset_id=DS, primary=A))))
+        old, new = RawAgent(self.server, NODE_A), RawAgent(self.server, NODE_B)
+        old.send_raw(V2_HELLO)
+        new.hello()
+        old.received()  # the new node
+        now = self.h.clock.seconds()
+        self.successResultOf(self.h.configuration.change(
+            [DS], lambda c: c.delete(now, DS, retain_until=now + 60)))
+        [diff] = old.received()
+        self.assertEqual((diff.datasets, diff.removed), ((), (DS,)))
+        [diff] = new.received()
+        self.assertEqual([(d.dataset_id, d.deleted, d.retained_until) for d in diff.datasets],
+                         [(DS, True, now + 60)])
+        again = RawAgent(self.server, NODE_A)  # replaces ``old``
+        _, snapshot = again.send_raw(V2_HELLO)
+        self.assertEqual(snapshot.datasets, ())
+        self.successResultOf(self.h.configuration.change([DS], lambda c: c.restore(DS)))
+        [diff] = again.received()
+        self.assertEqual([(d.dataset_id, d.deleted) for d in diff.datasets], [(DS, False)])
 
     def test_version_3_agent_zone_is_kept_and_shown(self):
         """A version-3 agent's zone is kept on its node and shown by the REST API."""
