@@ -881,14 +881,13 @@ class MessageProtocol(Protocol):
 
 
 __all__ = [
-    "AGENT_MESSAGE_LIMIT", "BadMessage", "CRLUpdate", "DATASET_STATES", "DatasetEntry",
-    "DatasetReport",
+    "AGENT_MESSAGE_LIMIT", "BadMessage", "DATASET_STATES", "DatasetEntry", "DatasetReport",
     "Diff", "Error", "FrameReader", "FrameTooLarge", "Heartbeat", "Hello", "MAX_MESSAGE",
     "Message", "MessageProtocol", "MESSAGE_KEYS", "Node", "OLDEST_PROTOCOL",
-    "PAGED_SNAPSHOTS", "PROTOCOL_VERSION", "ProtocolMismatch", "REVOCATION_LISTS",
-    "SEND_LIMIT", "SNAPSHOT_PAGE",
+    "PAGED_SNAPSHOTS", "PROTOCOL_VERSION", "ProtocolMismatch", "SEND_LIMIT", "SNAPSHOT_PAGE",
     "Snapshot", "StateReport", "check_keys", "describe_protocols", "negotiate",
     "SyncRequest", "ViewVersion", "Welcome", "ZONE_NAME", "dataset_entry_from_json",
     "dataset_entry_to_json", "decode", "encode", "frame", "group_by_size", "join_pages",
     "message_to_json", "node_from_json", "node_to_json", "snapshot_pages", "split_diff",
+    "CRLUpdate", "REVOCATION_LISTS",  # issue 8
 ]

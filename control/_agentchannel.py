@@ -51,10 +51,11 @@ from pyflock.common._records import DatasetEntry
 from pyflock.common._tls import Admission
 from pyflock.common._wire import (
     AGENT_MESSAGE_LIMIT, MAX_MESSAGE, OLDEST_PROTOCOL, PAGED_SNAPSHOTS, PROTOCOL_VERSION,
-    REVOCATION_LISTS, SEND_LIMIT, SNAPSHOT_PAGE, BadMessage, CRLUpdate, Diff, Error, Heartbeat, Hello, MessageProtocol,
+    SEND_LIMIT, SNAPSHOT_PAGE, BadMessage, Diff, Error, Heartbeat, Hello, MessageProtocol,
     Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest, ViewVersion, Welcome,
     describe_protocols, encode, negotiate, snapshot_pages, split_diff,
 )
+from pyflock.common._wire import CRLUpdate, REVOCATION_LISTS  # issue 8
 from pyflock.control._clusterstate import (
     DEFAULT_PURGE_DEADLINE, ClusterState, ClusterStateService, NodeState, Tombstone,
     purgeable,
