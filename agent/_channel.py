@@ -12,6 +12,9 @@ connections are retried with exponential backoff; nothing polls.
 Each new view goes to ``on_view`` at once and to ``save_view`` (the view file); the agent
 tells the control service which view version it has stored, and only that one, because the
 control service purges deleted datasets on the strength of it.
+
+From protocol 3 the control service also sends the cluster's revocation list; each goes to
+``on_crl`` (``NodeRevocations.received``, which checks and stores it; issue 8).
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from twisted.logger import Logger
 from pyflock.common._logging import log_event
 from pyflock.common._tls import ClusterTLS, Identity, tls_client_endpoint
 from pyflock.common._wire import (
-    MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, DatasetReport, Diff, Error,
-    Heartbeat, Hello, MessageProtocol, ProtocolMismatch, Snapshot, StateReport, SyncRequest,
-    ViewVersion, Welcome, describe_protocols, join_pages,
+    MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, CRLUpdate, DatasetReport,
+    Diff, Error, Heartbeat, Hello, MessageProtocol, ProtocolMismatch, Snapshot, StateReport,
+    SyncRequest, ViewVersion, Welcome, describe_protocols, join_pages,
 )
 from pyflock.agent._view import AgentView, ViewOutOfStep
 
@@ -114,6 +117,7 @@ class AgentChannel:
     ``view`` is where to start from (the stored view); ``address`` where peers reach this
     node (default: the local address of the connection to the control service); ``zone``
     its availability zone, if it has one (the ebs backend's), said in every hello.
+    ``on_crl(pem)`` is called with each revocation list the control service sends.
     """
 
     def __init__(self, reactor, endpoint: IStreamClientEndpoint, node_uuid: str, era: str,
@@ -124,7 +128,8 @@ class AgentChannel:
                  save_view: Optional[Callable[[AgentView], Deferred]] = None,
                  heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_TIMEOUT,
                  retry_policy: Optional[Callable[[int], float]] = None,
-                 max_message: int = MAX_MESSAGE):
+                 max_message: int = MAX_MESSAGE,
+                 on_crl: Optional[Callable[[str], object]] = None):
         self.reactor = reactor
         self.endpoint = endpoint
         self.node_uuid = node_uuid
@@ -141,6 +146,7 @@ class AgentChannel:
         self.change: Union[Snapshot, Diff, None] = None
         self._on_view = on_view
         self._save_view = save_view
+        self._on_crl = on_crl  # issue 8
         self._retry_policy = retry_policy or default_retry_policy()
         # The latest view version known to be stored (the starting view came from disk).
         self.stored: Optional[ViewVersion] = view.current
@@ -295,6 +301,8 @@ class AgentChannel:
             if not connection.syncing and message.view != self.view.current:
                 self._resync(connection, f"the control service is at {message.view}, this "
                                          f"agent at {self.view.current}")
+        elif isinstance(message, CRLUpdate):  # issue 8 (protocol 3)
+            self._crl_received(message)
         else:
             raise BadMessage(f"the control service does not send "
                              f"{type(message).__name__} messages")
@@ -332,6 +340,16 @@ class AgentChannel:
         connection.sent_state = self._state
         connection.send(StateReport(node_uuid=self.node_uuid, datasets=self._state,
                                     view=self.stored))
+
+    def _crl_received(self, update: CRLUpdate) -> None:
+        """Hand a revocation list on to ``on_crl`` (issue 8)."""
+        if self._on_crl is None:
+            return
+        try:
+            self._on_crl(update.crl)
+        except Exception:
+            _log.failure("the revocation list callback failed",
+                         event_type="pyflock:agent:crl-callback-failed")
 
     # -- the view -----------------------------------------------------------------------
 

@@ -39,9 +39,13 @@ from pyflock.agent._plugin import (
 )
 from pyflock.agent._runner import LocalFilesystems
 from pyflock.agent._view import VIEW_FILE, ViewFile
-from pyflock.common._ca import CertificateError, common_name_of, load_certificate
+from pyflock.agent._revocations import NodeRevocations
+from pyflock.common._ca import (
+    AUTHORITY_CERTIFICATE, CertificateError, common_name_of, load_certificate,
+)
 from pyflock.common._client import ControlClient
 from pyflock.common._logging import log_event, start_json_logging
+from pyflock.common._revocation import Revocations
 from pyflock.common._threads import Pools
 from pyflock.common._tls import ClusterTLS, Identity
 
@@ -173,7 +177,10 @@ async def run(reactor, config: AgentConfig) -> None:
     era = compute_era(boot_id(), node_uuid)
     try:
         backend = make_backend(config, node_uuid)
-        tls = ClusterTLS.load(config.certificates, "node")
+        # issue 8: the revocation list the control service sends (NodeRevocations).
+        revocations = Revocations()
+        tls = ClusterTLS.load(config.certificates, "node", is_revoked=revocations.is_revoked)
+        authority = load_certificate(os.path.join(config.certificates, AUTHORITY_CERTIFICATE))
         channel_endpoint = control_endpoint(reactor, config.control_hostname,
                                             config.control_port, tls)
         http = tls.treq_client(reactor)
@@ -187,6 +194,9 @@ async def run(reactor, config: AgentConfig) -> None:
     view_file = ViewFile(os.path.join(config.state_path, VIEW_FILE), reactor,
                          run_in_thread=plugin_io)
     view = await view_file.load()
+    # Revoked peers are refused from the start, with the list stored last time.
+    node_crl = NodeRevocations(config.state_path, authority, revocations, plugin_io)
+    await node_crl.load()
 
     states = LocalStates()
     channel: Optional[AgentChannel] = None
@@ -215,7 +225,7 @@ async def run(reactor, config: AgentConfig) -> None:
 
     channel = AgentChannel(reactor, channel_endpoint, node_uuid, era, on_view,
                            address=config.address, peer_port=config.peer_port, view=view,
-                           zone=zone,
+                           zone=zone, on_crl=node_crl.received,
                            save_view=lambda new_view: view_file.save(new_view,
                                                                      channel.change))
     channel.start()

@@ -48,11 +48,13 @@ class RevocationList:
     """
     A CRL as read: the revoked ``serials``, and when it was signed (``last_update``) and
     should be replaced (``next_update``); both None for the empty list of a missing file.
+    ``pem`` is the list itself, as PEM text (None for a missing file), to pass on to agents.
     """
 
     serials: frozenset = frozenset()
     last_update: Optional[datetime] = None
     next_update: Optional[datetime] = None
+    pem: Optional[str] = None
 
     def is_revoked(self, certificate: x509.Certificate) -> bool:
         """Whether ``certificate`` (issued by this cluster's CA) is revoked."""
@@ -91,7 +93,8 @@ def parse_crl(data: bytes, authority: x509.Certificate,
         raise CertificateFileError(path, "the revocation list's signature is not the "
                                          "cluster CA's")
     return RevocationList(serials=frozenset(r.serial_number for r in crl),
-                          last_update=crl.last_update_utc, next_update=crl.next_update_utc)
+                          last_update=crl.last_update_utc, next_update=crl.next_update_utc,
+                          pem=crl.public_bytes(serialization.Encoding.PEM).decode("ascii"))
 
 
 def read_crl(path: PathLike, authority: x509.Certificate) -> RevocationList:

@@ -45,7 +45,8 @@ from pyflock.common._records import (
 
 #: The newest agent-channel protocol this code speaks (docs/architecture.md, "Evolving the
 #: agent channel"): 2 added the hello's ``protocols``; 3 the hello's ``zone`` (issue 10)
-#: and snapshots in pages (the snapshot's ``more``, issue 8).
+#: and snapshots in pages (the snapshot's ``more``, issue 8), and the ``revocations``
+#: message (issue 8; added before version 3 was released).
 PROTOCOL_VERSION = 3
 
 #: The oldest it still speaks: the previous one, so agents are upgraded one at a time.
@@ -56,6 +57,9 @@ ZONE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 #: The first version whose snapshots may come in pages (issue 8).
 PAGED_SNAPSHOTS = 3
+
+#: The first version that carries the revocation list (``CRLUpdate``, issue 8).
+REVOCATION_LISTS = 3
 
 _log = Logger()
 
@@ -227,7 +231,20 @@ class SyncRequest:
     """Agent -> control: my view is out of step, send me a snapshot."""
 
 
-Message = Union[Hello, Welcome, Error, Snapshot, Diff, StateReport, Heartbeat, SyncRequest]
+# -- issue 8: the revocation list (version 3) --
+@attr.s(frozen=True, auto_attribs=True)
+class CRLUpdate:
+    """
+    Control -> agent, from version 3: the cluster's revocation list (``cluster.crl``, PEM
+    text, ``crl``), after the welcome (and snapshot) and whenever the control service
+    loads a new one; never sent while it has none. The agent checks its signature.
+    """
+
+    crl: str
+
+
+Message = Union[Hello, Welcome, Error, Snapshot, Diff, StateReport, Heartbeat, SyncRequest,
+                CRLUpdate]
 
 
 # -- to JSON -------------------------------------------------------------------------------
@@ -275,6 +292,8 @@ def message_to_json(message: Message) -> dict:
         return {"type": "heartbeat", "view": _version_json(message.view)}
     if isinstance(message, SyncRequest):
         return {"type": "sync"}
+    if isinstance(message, CRLUpdate):  # version 3 (issue 8)
+        return {"type": "revocations", "crl": message.crl}
     raise TypeError(f"not an agent-channel message: {message!r}")
 
 
@@ -448,6 +467,14 @@ def _state(obj: dict) -> StateReport:
                        view=_version(obj, "view", "state"))
 
 
+def _crl_update(obj: dict) -> CRLUpdate:
+    """A ``revocations`` message (version 3): ``crl``, PEM text (ASCII, not empty)."""
+    crl = read(obj, "crl", (str,), "revocations")
+    if not crl or not crl.isascii():
+        raise BadMessage("revocations.crl must be a PEM revocation list (ASCII text)")
+    return CRLUpdate(crl=crl)
+
+
 _DECODERS = {
     "hello": _hello,
     "welcome": lambda o: Welcome(epoch=read(o, "epoch", (str,), "welcome"),
@@ -461,6 +488,7 @@ _DECODERS = {
     "state": _state,
     "heartbeat": lambda o: Heartbeat(view=_version(o, "view", "heartbeat")),
     "sync": lambda o: SyncRequest(),
+    "revocations": _crl_update,
 }
 
 
@@ -517,9 +545,10 @@ MESSAGE_KEYS = {
     2: _V2_KEYS,
     # Version 3: the hello's ``zone`` (issue 10); a snapshot may be a page, ``more`` (true:
     # more pages of this view follow; absent on the last page or a snapshot in one page;
-    # issue 8).
+    # issue 8); and the ``revocations`` message (the cluster's CRL, issue 8).
     3: dict(_V2_KEYS, hello=_V2_KEYS["hello"] | {"zone"},
-            snapshot=_V2_KEYS["snapshot"] | {"more"}),
+            snapshot=_V2_KEYS["snapshot"] | {"more"},
+            revocations=frozenset({"type", "crl"})),
 }
 
 _VIEW_VERSION_KEYS = frozenset({"epoch", "version"})
@@ -585,6 +614,8 @@ def _check_message_keys(obj: dict, kind: str, protocol: Optional[int]) -> None:
     elif kind == "error":
         return
     keys = MESSAGE_KEYS[PROTOCOL_VERSION if protocol is None else protocol]
+    if kind not in keys:  # a message type newer than the connection's version
+        raise BadMessage(f"{kind} messages are not part of agent-channel protocol {protocol}")
     check_keys(obj, keys[kind], kind)
 
 
@@ -858,4 +889,5 @@ __all__ = [
     "SyncRequest", "ViewVersion", "Welcome", "ZONE_NAME", "dataset_entry_from_json",
     "dataset_entry_to_json", "decode", "encode", "frame", "group_by_size", "join_pages",
     "message_to_json", "node_from_json", "node_to_json", "snapshot_pages", "split_diff",
+    "CRLUpdate", "REVOCATION_LISTS",  # issue 8
 ]

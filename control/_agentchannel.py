@@ -25,6 +25,10 @@ the current view or is followed by the diffs since), and is dropped once more th
 ``send_limit`` bytes wait for it. An agent's frames are at most ``agent_message_limit``
 bytes; snapshots go in pages (protocol version 3) and big diffs as several, so that no
 frame to an agent outgrows the limit, however big the cluster.
+
+Agents of protocol 3 are also sent the cluster's revocation list (``publish_crl``): after
+the welcome and snapshot, and again whenever the control service loads a new one, so that
+their own listeners refuse revoked certificates too (issue 8).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from pyflock.common._wire import (
     Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest, ViewVersion, Welcome,
     describe_protocols, encode, negotiate, snapshot_pages, split_diff,
 )
+from pyflock.common._wire import CRLUpdate, REVOCATION_LISTS  # issue 8
 from pyflock.control._clusterstate import (
     DEFAULT_PURGE_DEADLINE, ClusterState, ClusterStateService, NodeState, Tombstone,
     purgeable,
@@ -271,6 +276,7 @@ class AgentChannelServer:
         # (version, {paged: payloads}): agents reconnecting together share one encoding
         self._snapshot_cache: tuple[int, dict[bool, list[bytes]]] = (-1, {})
         self._running = False
+        self._crl = _CRLPublisher(self)  # issue 8
 
     @property
     def node_expiry(self) -> float:
@@ -481,10 +487,16 @@ class AgentChannelServer:
         snapshot = hello.known != self.current
         if snapshot:
             self._send_snapshot(connection)
+        self._crl.send(connection)  # issue 8: after the snapshot's pages
         log_event(_log, "pyflock:control:agent-connected", node_uuid=uuid, era=hello.era,
                   host=hello.address, peer_port=hello.peer_port, zone=hello.zone,
                   snapshot=snapshot,
                   version=self.version, protocol=connection.protocol_version)
+
+    def publish_crl(self, pem: Optional[str]) -> None:
+        """Issue 8: send the revocation list ``pem`` (PEM text; None: none) to agents of
+        protocol 3, now and on connecting (``_CRLPublisher``)."""
+        self._crl.publish(pem)
 
     def _heard(self, uuid: str) -> None:
         """The node spoke: it is alive for another ``node_expiry`` seconds."""
@@ -559,6 +571,40 @@ class AgentChannelServer:
 
     def _purge_unheld(self) -> None:
         self._purger.check(self._acks)
+
+
+class _CRLPublisher:
+    """
+    Issue 8: the revocation list agents of protocol 3 are sent, as the payload of a
+    ``revocations`` message (None while the control service has none).
+    """
+
+    def __init__(self, server: AgentChannelServer):
+        self._server = server
+        self.payload: Optional[bytes] = None
+
+    def publish(self, pem: Optional[str]) -> None:
+        """Put ``pem`` in force and send it to every agent of protocol 3 now; a list
+        already sent is not sent again, and none (None) is not sent at all."""
+        payload = None if pem is None else encode(CRLUpdate(crl=pem))
+        if payload is not None and len(payload) > MAX_MESSAGE:
+            log_event(_log, "pyflock:control:crl-too-large", LogLevel.error,
+                      size=len(payload), limit=MAX_MESSAGE)
+            payload = None
+        if payload == self.payload:
+            return
+        self.payload = payload
+        sent = sum(self.send(c) for c in self._server._connections.values())
+        log_event(_log, "pyflock:control:crl-published", agents=sent,
+                  empty=payload is None)
+
+    def send(self, connection: _AgentConnection) -> bool:
+        """Send the list in force to ``connection`` if there is one and its version
+        carries it; whether it did."""
+        if self.payload is None or connection.protocol_version < REVOCATION_LISTS:
+            return False
+        connection.send_payload(self.payload)
+        return True
 
 
 class _Purger:

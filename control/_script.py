@@ -248,6 +248,10 @@ async def run(reactor, options: argparse.Namespace) -> None:
                                  send_limit=options.agent_send_limit,
                                  purge_deadline=options.purge_deadline)
     channel.start()
+    # issue 8: agents get cluster.crl, now and on each change (after revoked connections
+    # are closed: OpenConnections subscribed first).
+    channel.publish_crl(revocations.current.pem)
+    revocations.subscribe(lambda crl: channel.publish_crl(crl.pem))
     try:
         agent_port = await agent_listener.endpoint.listen(
             connections.track(channel.factory(), AGENT_CHANNEL))
