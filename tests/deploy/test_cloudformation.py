@@ -198,6 +198,15 @@ def role_statements(iam, role: str, policy: str) -> list[dict]:
     return document["Statement"]
 
 
+def test_software_sources_are_required():
+    """Where the nodes get pyflock and its scripts has no default: the user names a
+    release of their own, never a package or repository that is not there."""
+    parameters = template()["Parameters"]
+    for name in ("PyflockSource", "ScriptsUrl"):
+        assert "Default" not in parameters[name]
+        assert parameters[name]["MinLength"] == 1
+
+
 def create_stack(url: str) -> tuple[dict, dict]:
     """Create the stack on moto (the AMI from a test SSM parameter) and return its
     resources by logical id (physical ids)."""
@@ -213,6 +222,10 @@ def create_stack(url: str) -> tuple[dict, dict]:
         StackName="flock", TemplateBody=json.dumps(body), Capabilities=["CAPABILITY_IAM"],
         Parameters=[{"ParameterKey": "AllowedCidr", "ParameterValue": "203.0.113.0/24"},
                     {"ParameterKey": "ImageId", "ParameterValue": "/test/debian-12"},
+                    {"ParameterKey": "PyflockSource",
+                     "ParameterValue": "https://example.com/pyflock-0.1.0-py3-none-any.whl"},
+                    {"ParameterKey": "ScriptsUrl",
+                     "ParameterValue": "https://example.com/pyflock-0.1.0/deploy"},
                     {"ParameterKey": "AgentCount", "ParameterValue": "3"}])
     stack = cloudformation.describe_stacks(StackName="flock")["Stacks"][0]
     assert stack["StackStatus"] == "CREATE_COMPLETE", stack
