@@ -16,24 +16,31 @@ import pytest
 
 from tests.harness.dockerd import BUSYBOX_TAG, require_e2e
 from tests.harness.requirements import require_commands
-from tests.harness.sim_hosts import sim_cluster, build_wheel
+from tests.harness.sim_hosts import STACK, aws_cli, build_wheel, sim_cluster
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory):
-    """A wheel of pyflock built once per session from the checkout."""
+    """A wheel of pyflock built once per session from the checkout, its dependencies'
+    wheels beside it."""
+    require_e2e()
     return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
+@pytest.fixture(scope="session")
+def aws(tmp_path_factory):
+    """A folder with the AWS CLI when none is on PATH (else None)."""
+    return aws_cli(tmp_path_factory.mktemp("aws"))
+
+
 @pytest.fixture(scope="module")
-def booted(wheel):
+def booted(wheel, aws):
     """The simulated cluster after the control host's bootstrap and then both agent hosts'
     (at once); with each bootstrap's exit status."""
-    require_e2e()
-    require_commands("ip", "aws", "curl", "openssl", "mkfs.ext4")
-    with sim_cluster(wheel) as cluster:
+    require_commands("ip", "curl", "openssl", "mkfs.ext4", "blkid", "mountpoint")
+    with sim_cluster(wheel, aws_folder=aws) as cluster:
         statuses = cluster.bootstrap([cluster.control])
         if statuses["ctl"] == 0:
             statuses.update(cluster.bootstrap(cluster.agents))
@@ -51,15 +58,23 @@ def logs(host) -> str:
 
 def test_control_node_boots_and_signals(booted):
     """The control bootstrap mounts its data volume, sets up the CA and control service
-    from the wheel, puts the join token into SSM and signals SUCCESS with the API URL."""
+    from the wheel, puts the join token (a SecureString), the CA pin, its address and the
+    API URL into SSM under /pyflock/<stack>/ and signals SUCCESS with the API URL."""
     cluster, statuses = booted
     assert statuses["ctl"] == 0, logs(cluster.control)
     assert "ctl SUCCESS control service answering at https://10.77.0.11:4523" \
         in cluster.recorded_signals()
     version = cluster.cli("version")
     assert version.returncode == 0, version.stderr
-    mounts = cluster.control.namespace_mounts()
-    assert "/var/lib/pyflock" in mounts
+    assert "/var/lib/pyflock" in cluster.control.namespace_mounts()
+    parameters = cluster.ssm_parameters()
+    assert set(parameters) == {f"/pyflock/{STACK}/{name}" for name in
+                               ("join-token", "ca-pin", "control-hostname", "api-url")}
+    assert parameters[f"/pyflock/{STACK}/api-url"] == ("String", "https://10.77.0.11:4523")
+    assert parameters[f"/pyflock/{STACK}/control-hostname"] == ("String", "10.77.0.11")
+    kind, token = parameters[f"/pyflock/{STACK}/join-token"]
+    assert kind == "SecureString" and len(token) > 40
+    assert parameters[f"/pyflock/{STACK}/ca-pin"][1].startswith("sha256:")
 
 
 def test_agents_join_and_signal(booted):

@@ -96,6 +96,22 @@ def build_wheel(directory: Path) -> Path:
     return wheel
 
 
+def aws_cli(directory: Path) -> Optional[Path]:
+    """None when an ``aws`` command is on PATH; else a folder in ``directory`` holding one:
+    AWS CLI v1 (what Debian's awscli package is, which the bootstrap installs on a node)
+    pip-installed into a virtualenv of its own."""
+    if shutil.which("aws"):
+        return None
+    venv = directory / "awscli"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "awscli"], check=True,
+                   capture_output=True, timeout=600)
+    folder = directory / "bin"
+    folder.mkdir()
+    (folder / "aws").symlink_to(venv / "bin" / "aws")
+    return folder
+
+
 def _ip(*arguments: str) -> None:
     subprocess.run(["ip", *arguments], check=True, capture_output=True, text=True)
 
@@ -238,8 +254,9 @@ class SimCluster:
     ``wheel`` is what the bootstrap installs.
     """
 
-    def __init__(self, workdir: Path, wheel: Path, agents: int = 2):
-        self.workdir, self.wheel = workdir, wheel
+    def __init__(self, workdir: Path, wheel: Path, agents: int = 2,
+                 aws_folder: Optional[Path] = None):
+        self.workdir, self.wheel, self.aws_folder = workdir, wheel, aws_folder
         self.tag = uuid.uuid4().hex[:6]
         self.network = SimNetwork(self.tag)
         self.fake = FakeEC2(FakeSettings(create_delay=0.05, attach_delay=0.05,
@@ -338,8 +355,9 @@ class SimCluster:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("AWS_", "DOCKER_", "PYFLOCK_", "VIRTUAL_ENV"))}
         venv_bin = str(Path(sys.executable).parent)
-        env["PATH"] = ":".join(p for p in env.get("PATH", "/usr/bin:/bin").split(":")
-                               if p != venv_bin)
+        env["PATH"] = ":".join([*([str(self.aws_folder)] if self.aws_folder else []),
+                                *(p for p in env.get("PATH", "/usr/bin:/bin").split(":")
+                                  if p != venv_bin)])
         recorder = self.workdir / f"signal-{host.name}"
         recorder.write_text(f'#!/bin/sh\necho "{host.name} $*" >>{self.signals}\n')
         recorder.chmod(0o755)
@@ -390,6 +408,19 @@ class SimCluster:
         """The signals recorded, one ``HOST STATUS REASON`` line each."""
         return self.signals.read_text().splitlines() if self.signals.exists() else []
 
+    def ssm_parameters(self) -> dict[str, tuple[str, str]]:
+        """Every SSM parameter in moto_server: its name's (type, decrypted value)."""
+        import boto3
+
+        with network_namespace(self.network.path(self.network.hub)):
+            ssm = boto3.client("ssm", region_name=REGION,
+                               endpoint_url=f"http://{HUB_ADDRESS}:{MOTO_PORT}",
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+            pages = ssm.get_paginator("get_parameters_by_path").paginate(
+                Path="/", Recursive=True, WithDecryption=True)
+            return {p["Name"]: (p["Type"], p["Value"])
+                    for page in pages for p in page["Parameters"]}
+
     def cli(self, *arguments: str) -> subprocess.CompletedProcess:
         """``pyflock`` on the control host as admin (the settings install.sh wrote)."""
         return self.control.run_in_namespace(
@@ -433,11 +464,12 @@ class SimCluster:
 
 
 @contextmanager
-def sim_cluster(wheel: Path, agents: int = 2) -> Iterator[SimCluster]:
+def sim_cluster(wheel: Path, agents: int = 2,
+                aws_folder: Optional[Path] = None) -> Iterator[SimCluster]:
     """A started ``SimCluster`` in a fresh short ``/tmp`` folder, closed and removed
     afterwards (kept, with its logs, when ``$PYFLOCK_E2E_KEEP`` is set)."""
     workdir = Path(tempfile.mkdtemp(prefix="pfs-", dir="/tmp"))
-    cluster = SimCluster(workdir, wheel, agents)
+    cluster = SimCluster(workdir, wheel, agents, aws_folder)
     try:
         cluster.start()
         yield cluster
