@@ -1,8 +1,9 @@
 """
 The CloudFormation bootstrap run for real on simulated hosts (issue 10, point 7;
 tests.harness.sim_hosts): a control host and two agent hosts, each with a network and
-mount namespace and a root folder of its own, boot as the template's UserData would boot
-them. deploy/cloudformation/bootstrap.sh installs pyflock through deploy/install.sh from a
+mount namespace and a root folder of its own, run their launch template's UserData from
+the template, which fetches the deploy scripts over https from a local ScriptsUrl and runs
+deploy/cloudformation/bootstrap.sh. That installs pyflock through deploy/install.sh from a
 wheel built from this checkout (no systemd: the units' own commands), with its SSM calls
 going to moto_server, its instance metadata to fake metadata services, its data volume and
 the agents' ebs backend to the fake EC2, and cfn-signal replaced by a recorder. Then a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.harness.deploy_hosts import BOOTSTRAP
 from tests.harness.dockerd import BUSYBOX_TAG, require_e2e
 from tests.harness.requirements import require_commands
 from tests.harness.sim_hosts import STACK, aws_cli, build_wheel, sim_cluster
@@ -57,7 +59,8 @@ def logs(host) -> str:
 
 
 def test_control_node_boots_and_signals(booted):
-    """The control bootstrap mounts its data volume, sets up the CA and control service
+    """The control UserData fetches the scripts; the bootstrap mounts its data volume, sets
+    up the CA and control service
     from the wheel, puts the join token (a SecureString), the CA pin, its address and the
     API URL into SSM under /pyflock/<stack>/ and signals SUCCESS with the API URL."""
     cluster, statuses = booted
@@ -67,6 +70,8 @@ def test_control_node_boots_and_signals(booted):
     version = cluster.cli("version")
     assert version.returncode == 0, version.stderr
     assert "/var/lib/pyflock" in cluster.control.namespace_mounts()
+    fetched = cluster.control.root / "opt" / "pyflock-deploy" / "cloudformation" / "bootstrap.sh"
+    assert fetched.read_text() == BOOTSTRAP.read_text()
     parameters = cluster.ssm_parameters()
     assert set(parameters) == {f"/pyflock/{STACK}/{name}" for name in
                                ("join-token", "ca-pin", "control-hostname", "api-url")}

@@ -229,11 +229,21 @@ class MetadataService:
                 pass
 
         self._server = ThreadingHTTPServer((host, 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        serve_in_thread(self._server)
         return f"http://{host}:{self._server.server_address[1]}"
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        stop_serving(self._server)
+
+
+def serve_in_thread(server: ThreadingHTTPServer) -> None:
+    """Serve ``server`` in a daemon thread."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
+def stop_serving(server: Optional[ThreadingHTTPServer]) -> None:
+    """Stop ``server`` (if started) and close its socket."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()

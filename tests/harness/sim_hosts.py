@@ -3,19 +3,20 @@ Simulated EC2 hosts on this machine for running deploy/cloudformation/bootstrap.
 (issue 10, point 7): each host is a ``tests.harness.dockerd.DockerNode`` (a private mount
 namespace, optionally its own dockerd) that also has a network namespace of its own, joined
 by a veth to a bridge in a hub namespace on the private subnet ``10.77.0.0/24``, and a root
-folder of its own whose ``opt/pyflock``, ``etc/pyflock``, ``var/lib/pyflock``,
-``run/pyflock``, ``etc/default`` and ``etc/fstab`` are bind-mounted over the system's inside
+folder of its own whose ``opt/pyflock``, ``opt/pyflock-deploy``, ``etc/pyflock``,
+``var/lib/pyflock``, ``run/pyflock``, ``etc/default`` and ``etc/fstab`` are bind-mounted over
+the system's inside
 the host's namespace, so the scripts run unchanged with their default paths. Nothing is
 added to the root network namespace: the hub holds the bridge and the services the hosts
 call (the fake EC2 and its metadata service, a metadata service for the control node,
-``moto_server`` for SSM); the test process makes their listening sockets inside the hub
-(``network_namespace``).
+``moto_server`` for SSM, the deploy scripts over https); the test process makes their
+listening sockets inside the hub (``network_namespace``).
 
 ``SimCluster`` puts it together: a wheel of pyflock built from the checkout
 (``build_wheel``), the services, a control host and agent hosts (each a fake EC2 instance
 with a device folder of its own), the control node's data volume attached from the fake EC2,
-``cfn-signal`` replaced by a recorder (``signals``), and ``bootstrap`` running the script
-in a host as cloud-init would. ``close`` stops the services the scripts started (install.sh
+``cfn-signal`` replaced by a recorder (``signals``), and ``bootstrap`` running a host's
+UserData from the template (``user_data``) as cloud-init would. ``close`` stops the services the scripts started (install.sh
 --stop), every host (processes, dockerd, mounts), the services, the network namespaces,
 the loop devices, and removes the empty mount points it made. Needs root.
 """
@@ -23,9 +24,12 @@ the loop devices, and removes the empty mount points it made. Needs root.
 from __future__ import annotations
 
 import ctypes
+import http.server
 import os
+import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -35,7 +39,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from tests.harness.deploy_hosts import BOOTSTRAP, INSTALL, ROOT, MetadataService
+from tests.harness.deploy_hosts import (
+    INSTALL, ROOT, MetadataService, serve_in_thread, stop_serving,
+)
 from tests.harness.dockerd import (
     BUSYBOX_TAG, DockerNode, NodeCleanupFailed, busybox_tar, close_nodes, import_images,
     start_nodes,
@@ -54,8 +60,13 @@ STACK = "flock"
 REGION = "us-east-1"
 
 #: Folders (and a file) each host has of its own: bind mounts of its root folder's copies.
-HOST_FOLDERS = ("/opt/pyflock", "/etc/pyflock", "/var/lib/pyflock", "/run/pyflock",
-                "/etc/default")
+HOST_FOLDERS = ("/opt/pyflock", "/opt/pyflock-deploy", "/etc/pyflock", "/var/lib/pyflock",
+                "/run/pyflock", "/etc/default")
+
+TEMPLATE = ROOT / "deploy" / "cloudformation" / "pyflock-cluster.yaml"
+
+#: The launch template whose UserData boots each role.
+LAUNCH_TEMPLATES = {"control": "ControlLaunchTemplate", "agent": "AgentLaunchTemplate"}
 
 #: Seconds the bootstraps may take (pip installs pyflock into a new virtualenv in each).
 BOOTSTRAP_TIMEOUT = 240.0
@@ -110,6 +121,57 @@ def aws_cli(directory: Path) -> Optional[Path]:
     folder.mkdir()
     (folder / "aws").symlink_to(venv / "bin" / "aws")
     return folder
+
+
+def user_data(role: str, values: dict[str, str]) -> str:
+    """The UserData script of ``role``'s launch template in the template, its ``Fn::Sub``
+    variables replaced by ``values`` (every one must be given)."""
+    from cfnlint.decode import decode_str
+
+    decoded, problems = decode_str(TEMPLATE.read_text())
+    if problems:
+        raise ValueError(f"the template does not parse: {problems}")
+    data = decoded["Resources"][LAUNCH_TEMPLATES[role]]["Properties"]["LaunchTemplateData"]
+    sub = data["UserData"]["Fn::Base64"]["Fn::Sub"]
+    text = sub[0] if isinstance(sub, list) else sub
+    missing = set(re.findall(r"\$\{([^}!]+)\}", text)) - set(values)
+    if missing:
+        raise KeyError(f"no value for {sorted(missing)} in the {role} UserData")
+    return re.sub(r"\$\{([^}!]+)\}", lambda m: values[m.group(1)], str(text))
+
+
+class ScriptsServer:
+    """The checkout's deploy/ folder over https (what ``ScriptsUrl`` names), with a
+    certificate for ``host`` made here; ``ca_file`` is what curl must trust."""
+
+    def __init__(self, directory: Path, host: str):
+        self.host, self.ca_file = host, directory / "scripts.crt"
+        key = directory / "scripts.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj",
+                        f"/CN={host}", "-addext", f"subjectAltName=IP:{host}", "-keyout",
+                        str(key), "-out", str(self.ca_file)], check=True, capture_output=True)
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(str(self.ca_file), str(key))
+        self._server: Optional[http.server.ThreadingHTTPServer] = None
+
+    def start(self) -> str:
+        """Serve (make the socket inside the network namespace it must be in); the URL."""
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(ROOT / "deploy"), **kwargs)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer((self.host, 0), Handler)
+        self._server.socket = self._context.wrap_socket(self._server.socket, server_side=True)
+        serve_in_thread(self._server)
+        return f"https://{self.host}:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        stop_serving(self._server)
 
 
 def _ip(*arguments: str) -> None:
@@ -270,6 +332,8 @@ class SimCluster:
         self.signals = workdir / "signals"
         self.cluster_uuid = str(uuid.uuid4())
         self.data_volume = ""
+        self.scripts: Optional[ScriptsServer] = None
+        self.scripts_url = ""
         self._mount_points = mount_points(HOST_FOLDERS)
         self._made_mount_points = False
 
@@ -295,8 +359,10 @@ class SimCluster:
         self.agents = [self._host(f"a{i + 1}", 12 + i) for i in range(self.agent_count)]
         self.metadata = MetadataService({"instance-id": self.control.instance_id,
                                          "local-ipv4": self.control.address})
+        self.scripts = ScriptsServer(self.workdir, HUB_ADDRESS)
         with network_namespace(hub):
             self.metadata_url = self.metadata.start(HUB_ADDRESS)
+            self.scripts_url = self.scripts.start()
         start_nodes(self.hosts)
         for host in self.hosts:
             host.mount_root()
@@ -376,24 +442,29 @@ class SimCluster:
             "PYFLOCK_AWS_ENDPOINT_URL": f"http://{HUB_ADDRESS}:{MOTO_PORT}",
             "PYFLOCK_METADATA_URL": metadata, "PYFLOCK_CFN_SIGNAL": str(recorder),
             "PYFLOCK_INSTALL_OPTIONS": " ".join(options),
-            "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(self.wheel.parent)})
+            "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(self.wheel.parent),
+            "CURL_CA_BUNDLE": str(self.scripts.ca_file)})
         return env
 
-    def bootstrap_arguments(self, host: SimHost) -> list[str]:
-        """The arguments the template's UserData gives bootstrap.sh on ``host``."""
-        common = ["--stack", STACK, "--region", REGION, "--from", str(self.wheel)]
-        if host is self.control:
-            return ["control", *common, "--resource", "ControlInstance", "--cluster-uuid",
-                    self.cluster_uuid, "--data-volume", self.data_volume]
-        return ["agent", *common, "--resource", "AgentGroup"]
+    def user_data(self, host: SimHost) -> str:
+        """The UserData the template gives ``host``: the stack's values filled in, the
+        scripts from ``ScriptsServer`` and pyflock from the wheel."""
+        role = "control" if host is self.control else "agent"
+        return user_data(role, {
+            "AWS::StackName": STACK, "AWS::Region": REGION, "ScriptsUrl": self.scripts_url,
+            "PyflockSource": str(self.wheel), "ClusterUuid": self.cluster_uuid,
+            "ControlDataVolume": self.data_volume})
 
     def bootstrap(self, hosts: Sequence[SimHost]) -> dict[str, int]:
-        """Run bootstrap.sh on ``hosts`` at once; each host's exit status (its output in
+        """Run the template's UserData on ``hosts`` at once, as cloud-init would (it
+        fetches the scripts and runs bootstrap.sh); each host's exit status (its output in
         the host's ``logs/bootstrap.log``)."""
-        running = {host.name: host.spawn("bootstrap", ["bash", BOOTSTRAP,
-                                                       *self.bootstrap_arguments(host)],
-                                         self.environment(host))
-                   for host in hosts}
+        running = {}
+        for host in hosts:
+            script = host.directory / "user-data"
+            script.write_text(self.user_data(host))
+            running[host.name] = host.spawn("bootstrap", ["bash", script],
+                                            self.environment(host))
         deadline = time.monotonic() + BOOTSTRAP_TIMEOUT
         statuses = {}
         for name, process in running.items():
@@ -446,6 +517,8 @@ class SimCluster:
             self.moto.wait(30)
         if self.metadata is not None:
             self.metadata.stop()
+        if self.scripts is not None:
+            self.scripts.stop()
         self.fake.close()
         self.network.close()
         if self._made_mount_points:
