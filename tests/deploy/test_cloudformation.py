@@ -22,6 +22,7 @@ from cfnlint.api import ManualArgs, lint, lint_file
 from cfnlint.decode import decode_str
 
 from tests.harness.processes import free_port, script_path
+from tests.harness.sim_hosts import user_data
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "deploy" / "cloudformation" / "pyflock-cluster.yaml"
@@ -205,6 +206,20 @@ def test_software_sources_are_required():
     for name in ("PyflockSource", "ScriptsUrl"):
         assert "Default" not in parameters[name]
         assert parameters[name]["MinLength"] == 1
+
+
+def test_user_data_fetches_scripts_then_bootstraps():
+    """Each launch template's UserData, its variables filled in, fetches the deploy
+    scripts from ScriptsUrl and then runs the bootstrap of its role from them."""
+    values = {"AWS::StackName": "flock", "AWS::Region": "eu-west-1", "ClusterUuid": "u",
+              "ScriptsUrl": "https://example.com/d", "PyflockSource": "pyflock.whl",
+              "ControlDataVolume": "vol-1"}
+    for role in ("control", "agent"):
+        text = user_data(role, values)
+        assert '"https://example.com/d/$f"' in text and "${" not in text
+        fetch, run = text.index("curl "), text.index(f"exec bash cloudformation/bootstrap.sh {role} ")
+        assert fetch < run
+        assert "--from 'pyflock.whl'" in text
 
 
 def create_stack(url: str) -> tuple[dict, dict]:

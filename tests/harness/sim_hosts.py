@@ -292,10 +292,23 @@ class SimHost(DockerNode):
                                     start_new_session=True)
 
 
+def mounted_in_any_namespace(path: str) -> bool:
+    """Whether ``path`` is a mount point in the mount namespace of any process."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/mountinfo") as mountinfo:
+                if any(line.split()[4] == path for line in mountinfo):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 @contextmanager
 def mount_points(paths: Sequence[str]) -> Iterator[None]:
     """Make the folders in ``paths`` that are missing (bind mounts need them); afterwards
-    remove those made here that are still empty."""
+    remove those made here that are still empty and no other run's hosts mount over
+    (removing it would unmount theirs)."""
     made = [path for path in paths if not os.path.exists(path)]
     for path in made:
         os.makedirs(path)
@@ -303,10 +316,11 @@ def mount_points(paths: Sequence[str]) -> Iterator[None]:
         yield
     finally:
         for path in reversed(made):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
+            if not mounted_in_any_namespace(path):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
 
 
 class SimCluster:
