@@ -335,9 +335,8 @@ class SimCluster:
         self.workdir, self.wheel, self.aws_folder = workdir, wheel, aws_folder
         self.tag = uuid.uuid4().hex[:6]
         self.network = SimNetwork(self.tag)
-        self.fake = FakeEC2(FakeSettings(create_delay=0.05, attach_delay=0.05,
-                                         detach_delay=0.05, visibility_delay=0.0,
-                                         report_delay=0.0), region=REGION)
+        # The fake's default delays: states and eventual consistency as EC2 has them.
+        self.fake = FakeEC2(FakeSettings(), region=REGION)
         self.metadata: Optional[MetadataService] = None
         self.moto: Optional[subprocess.Popen] = None
         self.control: Optional[SimHost] = None
