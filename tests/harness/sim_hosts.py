@@ -525,19 +525,47 @@ class SimCluster:
             close_nodes(self.hosts)
         except NodeCleanupFailed as e:
             problems.append(str(e))
-        if self.moto is not None and self.moto.poll() is None:
-            self.moto.terminate()
-            self.moto.wait(30)
-        if self.metadata is not None:
-            self.metadata.stop()
-        if self.scripts is not None:
-            self.scripts.stop()
-        self.fake.close()
-        self.network.close()
+        for what, step in (("moto_server", self._stop_moto),
+                           ("metadata service", self.metadata and self.metadata.stop),
+                           ("scripts server", self.scripts and self.scripts.stop),
+                           ("fake EC2", self.fake.close), ("network", self.network.close)):
+            try:
+                if step:
+                    step()
+            except Exception as e:
+                problems.append(f"stopping the {what}: {e!r}")
         if self._made_mount_points:
             self._mount_points.__exit__(None, None, None)
+        # A killed namespace's mounts, and so its loop devices, go a moment later.
+        deadline = time.monotonic() + 15
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        problems += self.leftovers()
         if problems:
             raise NodeCleanupFailed("\n".join(problems))
+
+    def _stop_moto(self) -> None:
+        if self.moto is not None and self.moto.poll() is None:
+            self.moto.terminate()
+            try:
+                self.moto.wait(30)
+            except subprocess.TimeoutExpired:
+                self.moto.kill()
+                self.moto.wait()
+
+    def leftovers(self) -> list[str]:
+        """What of the cluster outside its hosts is still there: network namespaces, loop
+        devices of the fake EC2's volumes, moto_server. Empty after ``close``."""
+        found = [f"network namespace {name} exists" for name in subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+            if name.startswith(f"pfs-{self.tag}-")]
+        loops = subprocess.run(["losetup", "--list", "--noheadings", "--output",
+                                "NAME,BACK-FILE"], capture_output=True, text=True).stdout
+        found += [f"loop device {line.split()[0]} is attached" for line in loops.splitlines()
+                  if len(line.split()) > 1 and line.split()[1].startswith(self.fake.root)]
+        if self.moto is not None and self.moto.poll() is None:
+            found.append(f"moto_server (pid {self.moto.pid}) is running")
+        return found
 
     def _stop_services(self, host: SimHost) -> Optional[subprocess.CompletedProcess]:
         if host.holder_pid is None:
