@@ -42,6 +42,11 @@ Agent node:
   --address ADDR     where peers reach this node (default: found by the agent)
   --no-docker        do not install docker.io when dockerd is missing
   --plugin-socket P  the Docker plugin's socket (default /run/docker/plugins/pyflock.sock)
+  --docker-socket P  dockerd's API socket, whose mounts the agent counts
+                     (default /var/run/docker.sock)
+  --ec2-endpoint-url URL, --metadata-url URL, --device-folder DIR
+                     the ebs backend's EC2 endpoint, instance metadata service and
+                     device folder instead of AWS's and /dev (tests: a fake EC2)
 
 Where things go:
   --config-dir DIR   configuration and certificates (default /etc/pyflock)
@@ -64,6 +69,7 @@ spec=pyflock upgrade=no prefix=/opt/pyflock control=no agent=no hostname="" clus
 cluster_uuid="" join="" token=${PYFLOCK_JOIN_TOKEN:-} backend=loopback region="" address=""
 docker=yes config_dir=/etc/pyflock data_dir=/var/lib/pyflock apt=yes systemd=auto
 run_dir=/run/pyflock start=yes stop=no changed=no plugin_socket=/run/docker/plugins/pyflock.sock
+docker_socket="" ec2_endpoint_url="" metadata_url="" device_folder=""
 units_dir=${PYFLOCK_UNITS_DIR:-/etc/systemd/system}
 defaults_dir=${PYFLOCK_DEFAULTS_DIR:-/etc/default}
 
@@ -71,7 +77,8 @@ need_value() { if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see -
 while [ $# -gt 0 ]; do
   case $1 in
     --from|--prefix|--hostname|--cluster-name|--cluster-uuid|--join|--token|--backend|\
-    --region|--address|--config-dir|--data-dir|--run-dir|--plugin-socket)
+    --region|--address|--config-dir|--data-dir|--run-dir|--plugin-socket|--docker-socket|\
+    --ec2-endpoint-url|--metadata-url|--device-folder)
       need_value "$@" ;;&
     --from) spec=$2; shift ;;
     --upgrade) upgrade=yes ;;
@@ -88,6 +95,10 @@ while [ $# -gt 0 ]; do
     --address) address=$2; shift ;;
     --no-docker) docker=no ;;
     --plugin-socket) plugin_socket=$2; shift ;;
+    --docker-socket) docker_socket=$2; shift ;;
+    --ec2-endpoint-url) ec2_endpoint_url=$2; shift ;;
+    --metadata-url) metadata_url=$2; shift ;;
+    --device-folder) device_folder=$2; shift ;;
     --config-dir) config_dir=$2; shift ;;
     --data-dir) data_dir=$2; shift ;;
     --no-apt) apt=no ;;
@@ -113,7 +124,11 @@ if [ -n "$join" ] && [ -z "$token" ] && [ ! -f "$config_dir/node.crt" ]; then
   die "--join needs a token: --token TOKEN or PYFLOCK_JOIN_TOKEN (make one with 'pyflock token create')"
 fi
 if [ -n "$token" ] && [ -z "$join" ]; then die "--token goes with --join HOST"; fi
-for d in "$prefix" "$config_dir" "$data_dir" "$run_dir" "$plugin_socket"; do
+if [ "$backend" != ebs ] && [ -n "$ec2_endpoint_url$metadata_url$device_folder" ]; then
+  die "--ec2-endpoint-url, --metadata-url and --device-folder go with --backend ebs"
+fi
+for d in "$prefix" "$config_dir" "$data_dir" "$run_dir" "$plugin_socket" ${docker_socket:+"$docker_socket"} \
+         ${device_folder:+"$device_folder"}; do
   case $d in /*) ;; *) die "paths must be absolute: '$d'" ;; esac
 done
 if [ "$systemd" = auto ]; then
@@ -356,7 +371,8 @@ if [ -n "$join" ]; then
   node=""
   [ -z "$address" ] || node="node: {address: $address}"
   if [ "$backend" = ebs ]; then
-    dataset="{backend: ebs${region:+, region: $region}}"
+    dataset="{backend: ebs${region:+, region: $region}${ec2_endpoint_url:+, endpoint_url: $ec2_endpoint_url}"
+    dataset="$dataset${metadata_url:+, metadata_url: $metadata_url}${device_folder:+, device_folder: $device_folder}}"
   else
     dataset="{backend: loopback, root_path: $data_dir/loopback, default_size: 10G}"
   fi
@@ -369,7 +385,7 @@ data-path: $data_dir
 mount-root: $data_dir/mounts
 $node
 dataset: $dataset
-plugin: {socket: $plugin_socket}
+plugin: {socket: $plugin_socket${docker_socket:+, docker: $docker_socket}}
 YML
   write_file "$defaults_dir/pyflock-agent" 0644 <<TXT
 # Written by pyflock's deploy/install.sh; read by pyflock-agent.service.

@@ -345,7 +345,7 @@ class EBSBackend:
                 if "IncorrectState" not in str(e):
                     raise
         try:
-            self._wait(volume["VolumeId"], Goal.DETACHED, dataset_id)
+            self._wait(volume["VolumeId"], Goal.DETACHED, dataset_id, attachment.instance_id)
         except VolumeStuck:
             if not may_force_detach(self._instance_state(attachment.instance_id), ours):
                 raise VolumeBusy(dataset_id, (path,)) from None
@@ -473,8 +473,10 @@ class EBSBackend:
                 names.add(attachment.device)
         return names
 
-    def _wait(self, volume_id: str, goal: Goal, dataset_id: str):
-        """Look at the volume until ``wait_decision`` says done or fail (bounded)."""
+    def _wait(self, volume_id: str, goal: Goal, dataset_id: str,
+              detached_from: Optional[str] = None):
+        """Look at the volume until ``wait_decision`` says done or fail (bounded); a detach
+        from instance ``detached_from`` is done once the volume is attached elsewhere."""
         start, limit = self._clock(), self.options.limits.of(goal)
         while True:
             found = self._describe([], (volume_id,))
@@ -484,7 +486,10 @@ class EBSBackend:
             instance_ok = goal is not Goal.ATTACHED or (
                 attachment is not None
                 and attachment.instance_id == self.identity.instance_id)
-            decision = wait_decision(goal, phase, self._clock() - start, limit, instance_ok)
+            elsewhere = attachment is not None and detached_from not in (
+                None, attachment.instance_id)
+            decision = wait_decision(goal, phase, self._clock() - start, limit, instance_ok,
+                                     elsewhere)
             if decision is Decision.DONE:
                 return volume
             if decision is Decision.FAIL:
@@ -537,7 +542,7 @@ class EBSBackend:
                    Tags=[{"Key": TAG_FSCK, "Value": attachment.instance_id}])
         self._call("detach_volume", VolumeId=volume["VolumeId"],
                    InstanceId=attachment.instance_id, Device=attachment.device, Force=True)
-        self._wait(volume["VolumeId"], Goal.DETACHED, dataset_id)
+        self._wait(volume["VolumeId"], Goal.DETACHED, dataset_id, attachment.instance_id)
 
     def _check_filesystem(self, dataset_id: str, volume, path: str) -> None:
         """Repair a force-detached volume's filesystem before anything mounts it; if it

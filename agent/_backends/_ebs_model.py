@@ -189,12 +189,16 @@ def phase_of(volume: Optional[Mapping]) -> Phase:
 
 
 def wait_decision(goal: Goal, phase: Phase, elapsed: float, limit: float,
-                  instance_ok: bool = True) -> Decision:
+                  instance_ok: bool = True, attached_elsewhere: bool = False) -> Decision:
     """
     One step of a wait for ``goal``: DONE when ``phase`` reaches it (for ATTACHED, on our
-    instance: ``instance_ok``), WAIT while it passes through and ``elapsed`` is within
+    instance: ``instance_ok``; for DETACHED, also once the volume is attached to another
+    instance than the one it was detached from: ``attached_elsewhere``, the next node was
+    quicker than our look), WAIT while it passes through and ``elapsed`` is within
     ``limit``, FAIL otherwise.
     """
+    if goal is Goal.DETACHED and attached_elsewhere:
+        return Decision.DONE
     done, passing = WAITS[goal]
     if phase in done and instance_ok:
         return Decision.DONE

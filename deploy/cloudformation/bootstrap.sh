@@ -106,27 +106,35 @@ need_aws_cli() {
 
 # The sha256 of the CA's public key (SubjectPublicKeyInfo), as join tokens carry it.
 ca_pin() {
-  echo "sha256:$(openssl x509 -in "$certs/cluster.crt" -pubkey -noout |
+  printf '%s' "sha256:$(openssl x509 -in "$certs/cluster.crt" -pubkey -noout |
                  openssl pkey -pubin -outform der | openssl dgst -sha256 -r | cut -d' ' -f1)"
 }
 
-# A new multi-use join token into SSM (a SecureString, passed as a 0600 file, never on a
-# command line), the CA pin
-# and the control node's name beside it. Tokens last two days and are replaced daily, so a
-# node joining at the moment of a replacement still holds a valid one.
-rotate_token() {
-  local file admin_host
-  admin_host=$(cat "$certs/control-hostname")
-  file=$(mktemp "${TMPDIR:-/tmp}/pyflock-token.XXXXXX")  # mode 0600
-  "$prefix/bin/pyflock" --control-service "$admin_host" --certs-path "$certs/admin" --user admin \
-    token create --ttl 48h --uses 10000 >"$file"
-  aws_ ssm put-parameter --name "$parameters/join-token" --type SecureString --overwrite \
-    --value "file://$file" >/dev/null
+# The value on stdin into SSM as $parameters/NAME. It goes through a 0600 file
+# (file://), never a command line (the join token is secret), and AWS CLI v1 would fetch
+# a value that looks like a URL (the API URL, https://...) instead of storing it.
+put_parameter() {  # name type
+  local file
+  file=$(mktemp "${TMPDIR:-/tmp}/pyflock-parameter.XXXXXX")  # mode 0600
+  cat >"$file"
+  if ! aws_ ssm put-parameter --name "$parameters/$1" --type "$2" --overwrite \
+         --value "file://$file" >/dev/null; then
+    rm -f "$file"; return 1
+  fi
   rm -f "$file"
-  aws_ ssm put-parameter --name "$parameters/ca-pin" --type String --overwrite \
-    --value "$(ca_pin)" >/dev/null
-  aws_ ssm put-parameter --name "$parameters/control-hostname" --type String --overwrite \
-    --value "$admin_host" >/dev/null
+}
+
+# A new multi-use join token into SSM (a SecureString), the CA pin and the control node's
+# name beside it. Tokens last two days and are replaced daily, so a node joining at the
+# moment of a replacement still holds a valid one.
+rotate_token() {
+  local token admin_host
+  admin_host=$(cat "$certs/control-hostname")
+  token=$("$prefix/bin/pyflock" --control-service "$admin_host" --certs-path "$certs/admin" \
+            --user admin token create --ttl 48h --uses 10000)
+  printf '%s' "$token" | put_parameter join-token SecureString
+  ca_pin | put_parameter ca-pin String
+  printf '%s' "$admin_host" | put_parameter control-hostname String
   say "a new join token is in SSM at $parameters/join-token"
 }
 
@@ -219,8 +227,7 @@ case $role in
       --config-dir "$certs" --data-dir "$state" --no-docker
     echo "$hostname" >"$certs/control-hostname"
     rotate_token
-    aws_ ssm put-parameter --name "$parameters/api-url" --type String --overwrite \
-      --value "https://$hostname:4523" >/dev/null
+    printf '%s' "https://$hostname:4523" | put_parameter api-url String
     install_rotation_timer
     signal SUCCESS "control service answering at https://$hostname:4523"
     say "control node ready" ;;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 
 import pytest
@@ -229,6 +230,32 @@ class EBSBackendTests(SynchronousTestCase):
         self.assertEqual("detaching", volume.attachment.state)
         b = backend_on(self.fake, NODE_B, self.fake.add_instance())
         self.assertRaises(AlreadyAttached, b.attach_volume, dataset_id, NODE_B)
+
+    def test_detach_done_when_next_instance_was_quicker(self) -> None:
+        """A detach returns, raising nothing, when another instance attached the volume
+        before the detaching node looked again (it waits for no "available" it will never
+        see), and leaves that attachment alone."""
+        dataset_id = str(uuid.uuid4())
+        self.a.create_volume(dataset_id, GiB)
+        self.a.attach_volume(dataset_id, NODE_A)
+        other = self.fake.add_instance(device_folder=os.path.join(self.fake.root, "other"))
+        [volume] = self.fake.volumes.values()
+
+        def sleep(seconds: float) -> None:
+            # Between two of the detaching node's looks, the other instance takes it.
+            time.sleep(seconds)
+            self.fake.answer({"Action": "DescribeVolumes"})
+            if volume.state == "available":
+                self.fake.answer({"Action": "AttachVolume", "VolumeId": volume.volume_id,
+                                  "InstanceId": other, "Device": "/dev/sdg"})
+                # Until EC2 reports the new attachment, it would still say "available".
+                time.sleep(2 * self.fake.settings.report_delay)
+
+        a = EBSBackend(CLUSTER, NODE_A, EBSOptions(
+            endpoint_url=self.fake.url, metadata_url=self.fake.metadata_url(self.instance),
+            device_folder=self.fake.device_folder, limits=QUICK), sleep=sleep)
+        a.detach_volume(dataset_id)
+        self.assertEqual(other, volume.attachment.instance_id)
 
     def test_foreign_attachment(self) -> None:
         """A volume attached by hand to an instance its tags do not name has no node."""

@@ -131,6 +131,13 @@ class WaitTests(SynchronousTestCase):
         self.assertEqual(Decision.FAIL, wait_decision(Goal.ATTACHED, Phase.IN_USE, 0, 9,
                                                       instance_ok=False))
 
+    def test_detached_once_attached_elsewhere(self) -> None:
+        """A detach is done once the volume is in use on another instance (the next node
+        attached it between two looks), not only when it is available."""
+        for phase in (Phase.ATTACHING, Phase.IN_USE):
+            self.assertEqual(Decision.DONE, wait_decision(Goal.DETACHED, phase, 0, 9,
+                                                          attached_elsewhere=True))
+
     def test_limits(self) -> None:
         """Each goal has its own limit."""
         limits = WaitLimits(created=1, attached=2, detached=3, deleted=4)

@@ -115,8 +115,8 @@ def mounted_state(tmp_path):
 
 def test_control_node_stores_token_and_signals(host, metadata, mounted_state):
     """The control bootstrap, its data volume mounted, sets up the control node through
-    install.sh on that volume under its public name, puts the join token (from a file,
-    never an argument), the CA pin, its name and the API URL into SSM under
+    install.sh on that volume under its public name, puts the join token, the CA pin, its
+    name and the API URL (each from a file, never an argument) into SSM under
     /pyflock/<stack>/, and signals SUCCESS."""
     service, url = metadata
     name = "ec2-198-51-100-7.eu-west-1.compute.amazonaws.com"
@@ -131,12 +131,14 @@ def test_control_node_stores_token_and_signals(host, metadata, mounted_state):
     assert "pyflock-ca initialize flock --cluster-uuid 5f0c8c36-2f4e-4d0b-9a7e-0d6f1c2b3a4d" \
         in host.called("pyflock-ca")
     parameters = host.ssm / "pyflock" / "flock"
-    assert (parameters / "join-token").read_text() == "TOKEN-MADE-HERE\n"
-    assert (parameters / "control-hostname").read_text() == name + "\n"
-    assert (parameters / "api-url").read_text() == f"https://{name}:4523\n"
+    assert (parameters / "join-token").read_text() == "TOKEN-MADE-HERE"
+    assert (parameters / "control-hostname").read_text() == name
+    assert (parameters / "api-url").read_text() == f"https://{name}:4523"
     pin = (parameters / "ca-pin").read_text().strip()
     assert pin.startswith("sha256:") and len(pin) == len("sha256:") + 64
     puts = [c for c in host.called("aws") if "put-parameter" in c]
-    assert [c for c in puts if "join-token" in c][0].split("--value ")[1].startswith("file://")
+    # Every value from a file: AWS CLI v1 fetches a --value that looks like a URL.
+    assert len(puts) == 4
+    assert all(c.split("--value ")[1].startswith("file://") for c in puts)
     assert not any("TOKEN-MADE-HERE" in c for c in host.called("aws"))
     assert host.running("pyflock-control")

@@ -22,6 +22,7 @@ from cfnlint.api import ManualArgs, lint, lint_file
 from cfnlint.decode import decode_str
 
 from tests.harness.processes import free_port, script_path
+from tests.harness.sim_hosts import user_data
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "deploy" / "cloudformation" / "pyflock-cluster.yaml"
@@ -198,6 +199,29 @@ def role_statements(iam, role: str, policy: str) -> list[dict]:
     return document["Statement"]
 
 
+def test_software_sources_are_required():
+    """Where the nodes get pyflock and its scripts has no default: the user names a
+    release of their own, never a package or repository that is not there."""
+    parameters = template()["Parameters"]
+    for name in ("PyflockSource", "ScriptsUrl"):
+        assert "Default" not in parameters[name]
+        assert parameters[name]["MinLength"] == 1
+
+
+def test_user_data_fetches_scripts_then_bootstraps():
+    """Each launch template's UserData, its variables filled in, fetches the deploy
+    scripts from ScriptsUrl and then runs the bootstrap of its role from them."""
+    values = {"AWS::StackName": "flock", "AWS::Region": "eu-west-1", "ClusterUuid": "u",
+              "ScriptsUrl": "https://example.com/d", "PyflockSource": "pyflock.whl",
+              "ControlDataVolume": "vol-1"}
+    for role in ("control", "agent"):
+        text = user_data(role, values)
+        assert '"https://example.com/d/$f"' in text and "${" not in text
+        fetch, run = text.index("curl "), text.index(f"exec bash cloudformation/bootstrap.sh {role} ")
+        assert fetch < run
+        assert "--from 'pyflock.whl'" in text
+
+
 def create_stack(url: str) -> tuple[dict, dict]:
     """Create the stack on moto (the AMI from a test SSM parameter) and return its
     resources by logical id (physical ids)."""
@@ -213,6 +237,10 @@ def create_stack(url: str) -> tuple[dict, dict]:
         StackName="flock", TemplateBody=json.dumps(body), Capabilities=["CAPABILITY_IAM"],
         Parameters=[{"ParameterKey": "AllowedCidr", "ParameterValue": "203.0.113.0/24"},
                     {"ParameterKey": "ImageId", "ParameterValue": "/test/debian-12"},
+                    {"ParameterKey": "PyflockSource",
+                     "ParameterValue": "https://example.com/pyflock-0.1.0-py3-none-any.whl"},
+                    {"ParameterKey": "ScriptsUrl",
+                     "ParameterValue": "https://example.com/pyflock-0.1.0/deploy"},
                     {"ParameterKey": "AgentCount", "ParameterValue": "3"}])
     stack = cloudformation.describe_stacks(StackName="flock")["Stacks"][0]
     assert stack["StackStatus"] == "CREATE_COMPLETE", stack

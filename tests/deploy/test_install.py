@@ -46,6 +46,9 @@ def test_shellcheck_finds_nothing():
     (["--prefix", "opt/pyflock"], "paths must be absolute: 'opt/pyflock'"),
     (["--from"], "--from needs a value"),
     (["--bogus"], "unknown option '--bogus'"),
+    (["--metadata-url", "http://127.0.0.1:9"],
+     "--ec2-endpoint-url, --metadata-url and --device-folder go with --backend ebs"),
+    (["--backend", "ebs", "--device-folder", "dev"], "paths must be absolute: 'dev'"),
 ])
 def test_bad_options_get_one_line(tmp_path, options, message):
     """A wrong option gets one line on stderr naming the problem, status 1, and nothing
@@ -64,7 +67,9 @@ def test_help_lists_every_option():
                             timeout=60)
     assert result.returncode == 0
     for option in ("--from", "--control", "--join", "--token", "--backend", "--no-systemd",
-                   "--stop", "--prefix", "--config-dir", "--data-dir", "--plugin-socket"):
+                   "--stop", "--prefix", "--config-dir", "--data-dir", "--plugin-socket",
+                   "--docker-socket", "--ec2-endpoint-url", "--metadata-url",
+                   "--device-folder"):
         assert option in result.stdout
 
 
@@ -153,6 +158,22 @@ def test_agent_joins_with_ebs_backend(host):
     assert moved.returncode == 0, moved.stderr
     assert "stopped pyflock-agent" in moved.stdout
     assert (host.run_dir / "pyflock-agent.pid").read_text() != first[1]
+
+
+def test_agent_settings_for_tests_and_docker(host):
+    """--docker-socket, and for the ebs backend --ec2-endpoint-url, --metadata-url and
+    --device-folder (a fake EC2 in tests), go into agent.yml."""
+    result = host.install("--join", "ctl.example", "--backend", "ebs", "--region", "us-east-1",
+                          "--ec2-endpoint-url", "http://10.0.0.1:5000", "--metadata-url",
+                          "http://10.0.0.1:5000/metadata/i-1", "--device-folder", "/tmp/dev",
+                          "--docker-socket", "/tmp/docker.sock", "--no-start", token="T0KEN")
+    assert result.returncode == 0, result.stderr
+    agent_yml = (host.config / "agent.yml").read_text()
+    assert ("dataset: {backend: ebs, region: us-east-1, endpoint_url: http://10.0.0.1:5000, "
+            "metadata_url: http://10.0.0.1:5000/metadata/i-1, device_folder: /tmp/dev}"
+            ) in agent_yml
+    assert f"plugin: {{socket: {host.socket}, docker: /tmp/docker.sock}}" in agent_yml
+    assert not host.running("pyflock-agent")
 
 
 def test_refused_join_starts_nothing(host):

@@ -182,7 +182,7 @@ class StubHost:
 
 class MetadataService:
     """
-    The instance metadata service with IMDSv2 on 127.0.0.1: ``PUT /latest/api/token``
+    The instance metadata service with IMDSv2 (on 127.0.0.1 unless told): ``PUT /latest/api/token``
     gives a session token, and ``GET /latest/meta-data/KEY`` answers ``values[KEY]`` only
     with that token (401 without it, 404 for an unknown key). Every request is noted in
     ``requests`` as (method, path, whether it carried the token).
@@ -195,8 +195,8 @@ class MetadataService:
         self.requests: list[tuple[str, str, bool]] = []
         self._server: Optional[ThreadingHTTPServer] = None
 
-    def start(self) -> str:
-        """Start serving; the base URL."""
+    def start(self, host: str = "127.0.0.1") -> str:
+        """Start serving on ``host``; the base URL."""
         service = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -228,12 +228,22 @@ class MetadataService:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._server = ThreadingHTTPServer((host, 0), Handler)
+        serve_in_thread(self._server)
+        return f"http://{host}:{self._server.server_address[1]}"
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        stop_serving(self._server)
+
+
+def serve_in_thread(server: ThreadingHTTPServer) -> None:
+    """Serve ``server`` in a daemon thread."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
+def stop_serving(server: Optional[ThreadingHTTPServer]) -> None:
+    """Stop ``server`` (if started) and close its socket."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()

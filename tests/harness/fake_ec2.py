@@ -88,6 +88,7 @@ class FakeInstance:
     instance_id: str
     zone: str
     state: str = "running"
+    device_folder: Optional[str] = None   # None: the service's shared one
 
 
 class FakeEC2:
@@ -115,8 +116,8 @@ class FakeEC2:
 
     # Serving.
 
-    def start(self) -> "FakeEC2":
-        """Serve on 127.0.0.1 at a free port, in a thread."""
+    def start(self, host: str = "127.0.0.1") -> "FakeEC2":
+        """Serve on ``host`` at a free port, in a thread."""
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -142,7 +143,7 @@ class FakeEC2:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = http.server.ThreadingHTTPServer((host, 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -150,19 +151,24 @@ class FakeEC2:
     @property
     def url(self) -> str:
         """The EC2 endpoint (boto3's ``endpoint_url``)."""
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
 
     def metadata_url(self, instance_id: str) -> str:
         """The metadata service of one simulated instance."""
         return f"{self.url}/metadata/{instance_id}"
 
-    def add_instance(self, zone: Optional[str] = None,
-                     instance_id: Optional[str] = None) -> str:
+    def add_instance(self, zone: Optional[str] = None, instance_id: Optional[str] = None,
+                     device_folder: Optional[str] = None) -> str:
         """A new running instance in ``zone`` (default: the region's first); its id (a new
-        one unless ``instance_id``: an instance another service knows)."""
+        one unless ``instance_id``: an instance another service knows). Its volumes' links
+        go under ``device_folder`` (made if missing) instead of the shared one."""
         instance_id = instance_id or "i-" + secrets.token_hex(8)
+        if device_folder is not None:
+            os.makedirs(os.path.join(device_folder, "disk", "by-id"), exist_ok=True)
         with self._lock:
-            self.instances[instance_id] = FakeInstance(instance_id, zone or self.region + "a")
+            self.instances[instance_id] = FakeInstance(instance_id, zone or self.region + "a",
+                                                       device_folder=device_folder)
         return instance_id
 
     def set_instance_state(self, instance_id: str, state: str) -> None:
@@ -419,7 +425,9 @@ class FakeEC2:
             pass
 
     def _link(self, volume: FakeVolume) -> str:
-        return os.path.join(self.device_folder, "disk", "by-id",
+        instance = self.instances.get(volume.attachment.instance_id)
+        folder = (instance and instance.device_folder) or self.device_folder
+        return os.path.join(folder, "disk", "by-id",
                             BY_ID_PREFIX + nvme_serial(volume.volume_id))
 
     # Answers.
