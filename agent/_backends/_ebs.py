@@ -149,6 +149,32 @@ def _ec2_error(error: Exception) -> EC2Error:
     return EC2Error(f"EC2 refused the call: {error}")
 
 
+def ec2_call(client, operation: str, **parameters):
+    """``client.<operation>(**parameters)``, its failures as ``EC2Error`` (blocking)."""
+    try:
+        return getattr(client, operation)(**parameters)
+    except ClientError as e:
+        raise EC2Error(f"EC2 {operation} failed: {_code(e)}: "
+                       f"{e.response.get('Error', {}).get('Message', '')}") from None
+    except BotoCoreError as e:
+        raise _ec2_error(e) from None
+
+
+def describe_volumes(client, filters: list, volume_ids: tuple = ()) -> list:
+    """Every volume matching ``filters`` (and ``volume_ids``), all pages; none if a volume
+    id is unknown (blocking)."""
+    pages = client.get_paginator("describe_volumes").paginate(
+        Filters=filters, **({"VolumeIds": list(volume_ids)} if volume_ids else {}))
+    try:
+        return [v for page in pages for v in page["Volumes"]]
+    except ClientError as e:
+        if _code(e) == "InvalidVolume.NotFound":
+            return []
+        raise _ec2_error(e) from None
+    except BotoCoreError as e:
+        raise _ec2_error(e) from None
+
+
 def block_device_size(path: str, sys_root: str = "/sys") -> Optional[int]:
     """The size in bytes of the block device at ``path`` (a link is followed), from sysfs;
     None if there is no such device."""
@@ -266,7 +292,7 @@ class EBSBackend:
 
     def list_volumes(self) -> list[BlockVolume]:
         """Every volume tagged with this cluster, sorted by dataset id."""
-        found = volumes_by_dataset(self._describe([self._cluster_filter()]))
+        found = volumes_by_dataset(describe_volumes(self.client, [self._cluster_filter()]))
         return [self._block(v) for v in found.values()]
 
     def get_volume(self, dataset_id: str) -> BlockVolume:
@@ -285,7 +311,7 @@ class EBSBackend:
         tags = [{"Key": TAG_CLUSTER, "Value": self.cluster_id},
                 {"Key": TAG_DATASET, "Value": dataset_id},
                 {"Key": "Name", "Value": f"pyflock-{dataset_id}"}]
-        created = self._call("create_volume", AvailabilityZone=self.identity.zone,
+        created = ec2_call(self.client, "create_volume", AvailabilityZone=self.identity.zone,
                              ClientToken=f"pyflock-{uuid.uuid4()}",
                              TagSpecifications=[{"ResourceType": "volume", "Tags": tags}],
                              **parameters)
@@ -293,7 +319,7 @@ class EBSBackend:
         kept = self._find_raw(dataset_id)
         if kept is not None and kept["VolumeId"] != volume["VolumeId"]:
             # An earlier creation not yet described when we looked: keep one volume.
-            self._call("delete_volume", VolumeId=volume["VolumeId"])
+            ec2_call(self.client, "delete_volume", VolumeId=volume["VolumeId"])
             raise VolumeExists(dataset_id)
         return self._block(volume)
 
@@ -311,7 +337,7 @@ class EBSBackend:
         volume_id, instance = volume["VolumeId"], self.identity.instance_id
         if volume.get("AvailabilityZone") not in (None, self.identity.zone):
             raise self._wrong_zone(dataset_id, volume)
-        self._call("create_tags", Resources=[volume_id],
+        ec2_call(self.client, "create_tags", Resources=[volume_id],
                    Tags=[{"Key": TAG_NODE, "Value": self.node_uuid},
                          {"Key": TAG_INSTANCE, "Value": instance}])
         name = self._attach_with_free_name(dataset_id, volume)
@@ -339,7 +365,7 @@ class EBSBackend:
                               self._xen)
         if attachment.state not in ("detaching", "busy"):
             try:
-                self._call("detach_volume", VolumeId=volume["VolumeId"],
+                ec2_call(self.client, "detach_volume", VolumeId=volume["VolumeId"],
                            InstanceId=attachment.instance_id, Device=attachment.device)
             except EC2Error as e:
                 if "IncorrectState" not in str(e):
@@ -360,7 +386,7 @@ class EBSBackend:
         volume = self._find(dataset_id)
         self._refuse_attached(volume)
         try:
-            self._call("delete_volume", VolumeId=volume["VolumeId"])
+            ec2_call(self.client, "delete_volume", VolumeId=volume["VolumeId"])
         except EC2Error as e:
             if "VolumeInUse" in str(e):
                 self._refuse_attached(self._find(dataset_id))
@@ -386,21 +412,9 @@ class EBSBackend:
     def _cluster_filter(self) -> dict:
         return {"Name": f"tag:{TAG_CLUSTER}", "Values": [self.cluster_id]}
 
-    def _describe(self, filters: list, volume_ids: tuple = ()) -> list:
-        pages = self.client.get_paginator("describe_volumes").paginate(
-            Filters=filters, **({"VolumeIds": list(volume_ids)} if volume_ids else {}))
-        try:
-            return [v for page in pages for v in page["Volumes"]]
-        except ClientError as e:
-            if _code(e) == "InvalidVolume.NotFound":
-                return []
-            raise _ec2_error(e) from None
-        except BotoCoreError as e:
-            raise _ec2_error(e) from None
-
     def _find_raw(self, dataset_id: str):
         check_dataset_id(dataset_id)
-        return pick_volume(self._describe(
+        return pick_volume(describe_volumes(self.client, 
             [self._cluster_filter(), {"Name": f"tag:{TAG_DATASET}", "Values": [dataset_id]}]))
 
     def _find(self, dataset_id: str):
@@ -408,15 +422,6 @@ class EBSBackend:
         if volume is None:
             raise UnknownVolume(dataset_id)
         return volume
-
-    def _call(self, operation: str, **parameters):
-        try:
-            return getattr(self.client, operation)(**parameters)
-        except ClientError as e:
-            raise EC2Error(f"EC2 {operation} failed: {_code(e)}: "
-                           f"{e.response.get('Error', {}).get('Message', '')}") from None
-        except BotoCoreError as e:
-            raise _ec2_error(e) from None
 
     def _refuse_attached(self, volume) -> None:
         block = self._block(volume)
@@ -439,7 +444,7 @@ class EBSBackend:
                                           self.identity.instance_id)
                 self._reserved.add(name)
             try:
-                self._call("attach_volume", VolumeId=volume["VolumeId"], Device=name,
+                ec2_call(self.client, "attach_volume", VolumeId=volume["VolumeId"], Device=name,
                            InstanceId=self.identity.instance_id)
                 return name
             except EC2Error as e:
@@ -460,13 +465,14 @@ class EBSBackend:
                        f"{dataset_id} on {self.identity.instance_id}; try again")
 
     def _instance_device_names(self) -> set:
-        answer = self._call("describe_instances", InstanceIds=[self.identity.instance_id])
+        answer = ec2_call(self.client, "describe_instances",
+                          InstanceIds=[self.identity.instance_id])
         names = set()
         for reservation in answer.get("Reservations", ()):
             for instance in reservation.get("Instances", ()):
                 names.update(m["DeviceName"] for m in instance.get("BlockDeviceMappings", ()))
         # Attachments not yet in the instance's mappings (eventual consistency).
-        for volume in self._describe([{"Name": "attachment.instance-id",
+        for volume in describe_volumes(self.client, [{"Name": "attachment.instance-id",
                                        "Values": [self.identity.instance_id]}]):
             attachment = attachment_of(volume)
             if attachment is not None and attachment.instance_id == self.identity.instance_id:
@@ -479,7 +485,7 @@ class EBSBackend:
         from instance ``detached_from`` is done once the volume is attached elsewhere."""
         start, limit = self._clock(), self.options.limits.of(goal)
         while True:
-            found = self._describe([], (volume_id,))
+            found = describe_volumes(self.client, [], (volume_id,))
             volume = found[0] if found else None
             phase = phase_of(volume)
             attachment = attachment_of(volume) if volume else None
@@ -525,7 +531,7 @@ class EBSBackend:
     def _instance_state(self, instance_id: str) -> Optional[str]:
         """The state EC2 reports for an instance (``terminated`` once it is not known)."""
         try:
-            answer = self._call("describe_instances", InstanceIds=[instance_id])
+            answer = ec2_call(self.client, "describe_instances", InstanceIds=[instance_id])
         except EC2Error as e:
             if "InvalidInstanceID.NotFound" in str(e):
                 return "terminated"
@@ -538,9 +544,9 @@ class EBSBackend:
     def _force_detach(self, dataset_id: str, volume, attachment) -> None:
         """Force the detach from a stopped or terminated instance, marking the volume so
         that the next node checks its filesystem first."""
-        self._call("create_tags", Resources=[volume["VolumeId"]],
+        ec2_call(self.client, "create_tags", Resources=[volume["VolumeId"]],
                    Tags=[{"Key": TAG_FSCK, "Value": attachment.instance_id}])
-        self._call("detach_volume", VolumeId=volume["VolumeId"],
+        ec2_call(self.client, "detach_volume", VolumeId=volume["VolumeId"],
                    InstanceId=attachment.instance_id, Device=attachment.device, Force=True)
         self._wait(volume["VolumeId"], Goal.DETACHED, dataset_id, attachment.instance_id)
 
@@ -551,7 +557,7 @@ class EBSBackend:
         if problem is not None:
             self.detach_volume(dataset_id)
             raise FilesystemDamaged(dataset_id, volume["VolumeId"], problem)
-        self._call("delete_tags", Resources=[volume["VolumeId"]],
+        ec2_call(self.client, "delete_tags", Resources=[volume["VolumeId"]],
                    Tags=[{"Key": TAG_FSCK, "Value": tags_of(volume)[TAG_FSCK]}])
 
     def _forget_node(self, volume) -> None:
@@ -559,7 +565,7 @@ class EBSBackend:
         those values (EC2 deletes a tag given with a value only if it matches), so that a
         node that attached it since keeps its own."""
         tags = tags_of(volume)
-        self._call("delete_tags", Resources=[volume["VolumeId"]],
+        ec2_call(self.client, "delete_tags", Resources=[volume["VolumeId"]],
                    Tags=[{"Key": k, "Value": tags[k]} for k in (TAG_NODE, TAG_INSTANCE)
                          if k in tags])
 
