@@ -51,6 +51,7 @@ from pyflock.agent._backends._interface import (
 )
 from pyflock.agent._backends._spares import DEFAULT_SPARES, SpareFiles
 from pyflock.common._files import fsync_path, replace_atomically, write_atomically
+from pyflock.common._gates import gate
 
 #: The loopback backend's allocation unit.
 ALLOCATION_UNIT = MiB
@@ -332,7 +333,9 @@ def attach_loop_device(path: str) -> str:
             for _ in range(_ATTACH_TRIES):
                 device = f"/dev/loop{fcntl.ioctl(control, _LOOP_CTL_GET_FREE)}"
                 try:
+                    gate("loop-attach")  # tests kill the agent here: nothing bound yet
                     if _bind(device, file_fd, name):
+                        gate("loop-attached")  # or here: bound, not yet recorded
                         return device
                 except FileNotFoundError:
                     continue  # the device node is not there yet: ask for another

@@ -45,13 +45,13 @@ def cluster(tmp_path_factory):
     One control service and three agents for the whole module (starting them is the
     slow part); a node silent for 10 s is dead, so tombstones are purged soon after a
     start; deleted datasets are not kept (the recycle bin has its own module,
-    ``test_retention_integration``). The agents' ``losetup`` and ``umount`` can be
-    stopped at gates.
+    ``test_retention_integration``). The agents' ``umount`` and their binding of a loop
+    device (``pyflock.common._gates``) can be stopped at gates.
     """
     local = LocalCluster(tmp_path_factory.mktemp("agents"), nodes=3,
                          control_arguments=["--node-expiry", "10",
                                             "--deleted-retention", "0"],
-                         gated_commands=("losetup", "umount"))
+                         gated_commands=("umount",))
     try:
         local.start()
         yield local
@@ -301,14 +301,15 @@ def last_changes(agent: AgentProcess, count: int = 2) -> list:
 
 
 #: How each crash scenario goes: which agent is killed (the dataset's old primary or its
-#: new one), the command it is stopped at (None: killed right after the move request),
-#: what becomes of that command after the kill ("release": it runs anyway; "kill": it
-#: never does), and what the host must then show: (devices, recorded node, mounted on).
+#: new one), the command or in-process gate it is stopped at (None: killed right after
+#: the move request), what becomes of that command after the kill ("release": it runs
+#: anyway; "kill": it never does, as an in-process gate dies with its agent), and what
+#: the host must then show: (devices, recorded node, mounted on).
 KILL_SCENARIOS = {
     "old-right-after-request": ("old", None, None, None),
     "old-while-unmounting": ("old", "umount", "release", (1, "old", ())),
-    "new-attaching-before-device": ("new", "losetup", "kill", (0, "new", ())),
-    "new-attaching-after-device": ("new", "losetup", "release", (1, "new", ())),
+    "new-attaching-before-device": ("new", "loop-attach", "kill", (0, "new", ())),
+    "new-attaching-after-device": ("new", "loop-attached", "kill", (1, "new", ())),
 }
 
 

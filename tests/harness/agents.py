@@ -42,6 +42,7 @@ from tests.contracts.backends import detach_loop_devices_under
 from pyflock.agent._config import AgentConfig, load_config
 from pyflock.agent._fs import read_mountinfo
 from pyflock.common._ca import PathLike, common_name_of, load_certificate
+from pyflock.common._gates import GATES_VARIABLE
 from tests.harness.processes import (
     DEFAULT_TIMEOUT, ServiceProcess, ServiceProcessExited, free_port, run_to_completion,
     script_path,
@@ -220,29 +221,28 @@ _GATE_SCRIPT = """#!/bin/sh
 # A pyflock test gate (tests.harness.agents.CommandGates): while the FIFO
 # $PYFLOCK_TEST_GATES/{name} exists, stop before running {real} and wait to be let through.
 gate="$PYFLOCK_TEST_GATES/{name}"
-if [ -n "$PYFLOCK_TEST_GATES" ] && [ -p "$gate" ] && {condition}; then
+if [ -n "$PYFLOCK_TEST_GATES" ] && [ -p "$gate" ]; then
     echo $$ > "$gate.pid.tmp" && mv "$gate.pid.tmp" "$gate.pid"
     read _ < "$gate"
 fi
 exec {real} "$@"
 """
 
-#: When a gated command stops: ``losetup`` only when it attaches (``losetup -f ...``).
-_GATE_CONDITIONS = {"losetup": '[ "$1" = "-f" ]'}
-
 
 class CommandGates:
     """
     Stop an agent half-way through an operation, to kill it there: wrappers, in
-    ``<folder>/bin``, of the ``commands`` the agent runs (``losetup`` attaches, ``umount``)
-    that, while a gate is closed, stop just before running the real command, say so and
-    wait to be let through. Give an agent ``environment(name)`` (its ``PATH`` and gate
-    folder), then ``close(name, command)``, make it act, ``wait_reached``, kill the agent,
-    and ``release`` (the command then runs, after the agent died) or ``kill`` (it never
-    runs). Gates that are open cost one ``sh`` per command.
+    ``<folder>/bin``, of the ``commands`` the agent runs (``umount``) that, while a gate is
+    closed, stop just before running the real command, say so and wait to be let through;
+    and the gates inside pyflock (``pyflock.common._gates``: ``loop-attach`` just before
+    a loop device is bound, ``loop-attached`` just after), which stop the agent itself the
+    same way. Give an agent ``environment(name)`` (its ``PATH`` and gate folder), then
+    ``close(name, command)``, make it act, ``wait_reached``, kill the agent, and
+    ``release`` (a wrapped command then runs, after the agent died) or ``kill`` (it never
+    runs). Gates that are open cost one ``sh`` per wrapped command.
     """
 
-    def __init__(self, folder: PathLike, commands: Sequence[str] = ("losetup", "umount")):
+    def __init__(self, folder: PathLike, commands: Sequence[str] = ("umount",)):
         self.folder = Path(folder)
         self._bin = self.folder / "bin"
         self._bin.mkdir(parents=True, exist_ok=True)
@@ -252,7 +252,7 @@ class CommandGates:
                 raise FileNotFoundError(f"{command} is not installed")
             script = self._bin / command
             script.write_text(_GATE_SCRIPT.format(
-                name=command, real=real, condition=_GATE_CONDITIONS.get(command, "true")))
+                name=command, real=real))
             script.chmod(0o755)
 
     def _gate(self, name: str, command: str) -> Path:
@@ -262,7 +262,7 @@ class CommandGates:
         """The environment variables that put agent ``name`` behind these gates."""
         (self.folder / "gates" / name).mkdir(parents=True, exist_ok=True)
         return {"PATH": f"{self._bin}:{os.environ.get('PATH', os.defpath)}",
-                "PYFLOCK_TEST_GATES": str(self.folder / "gates" / name)}
+                GATES_VARIABLE: str(self.folder / "gates" / name)}
 
     def close(self, name: str, command: str) -> None:
         """From now on, agent ``name``'s next ``command`` stops at the gate."""
