@@ -249,7 +249,7 @@ class ControlAPI(APIBase):
         body = self._body(request, _ACQUIRE)
         dataset_id = body["dataset_id"].lower()
         node_uuid = body["node_uuid"].lower()
-        self._act_as(identity, node_uuid, "take a lease for another node")
+        self._node_lease(identity, node_uuid, body["expires"])
         now = self._configuration.now()
         renewed = self._configuration.pending.leases.holder(now, dataset_id) == node_uuid
         try:

@@ -24,6 +24,10 @@ from pyflock.control._persistence import StoreUnavailable
 #: Bodies larger than this are refused before parsing.
 MAX_BODY = 1024 * 1024
 
+#: The shortest and longest lease a node certificate may take, in seconds (issue 8): a
+#: node cannot pin a dataset for longer than this without renewing it.
+NODE_LEASE_BOUNDS = (1, 300)
+
 _log = Logger()
 
 
@@ -186,6 +190,21 @@ class APIBase:
             raise APIError(403, f"Only a user certificate may {what}; node certificates "
                                 f"may not.")
         return identity
+
+    def _node_lease(self, identity, node_uuid: str, expires) -> None:
+        """Refuse a node's lease unless it is its own and ``expires`` is within
+        ``NODE_LEASE_BOUNDS`` (never null); user certificates are not bound."""
+        if identity.kind != "node":
+            return
+        self._act_as(identity, node_uuid, "take a lease for another node")
+        low, high = NODE_LEASE_BOUNDS
+        if expires is None or not low <= expires <= high:
+            log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
+                      action="take an unbounded lease", expires=expires)
+            given = "null (forever)" if expires is None else expires
+            raise APIError(403, f"A node certificate may take a lease of {low} to {high} "
+                                f"seconds only, not {given}: renew it while the dataset "
+                                f"is in use.")
 
     def _body(self, request, validator) -> dict:
         raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
