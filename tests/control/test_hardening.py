@@ -10,9 +10,13 @@ import json
 import pytest
 import pytest_twisted
 
-from tests.control.test_integration import (  # noqa: F401 (fixtures)
-    clients, cluster, controls, create, curl, reactor,
-)
+from tests.control import test_integration as integration
+
+# The fixtures of the control service's integration tests: a cluster's certificates, real
+# control processes and API clients.
+reactor, cluster = integration.reactor, integration.cluster
+controls, clients = integration.controls, integration.clients
+create, curl = integration.create, integration.curl
 
 pytestmark = pytest.mark.integration
 
