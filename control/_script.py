@@ -6,6 +6,8 @@
                           [--heartbeat SECONDS] [--node-expiry SECONDS]
                           [--forget-dead-nodes SECONDS]
                           [--join-port PORT] [--ca-key FILE]
+                          [--max-connections N] [--tls-handshake-timeout SECONDS]
+                          [--tls-recheck SECONDS]
     pyflock-control backup --data-path DIR FILE
 """
 
@@ -29,6 +31,9 @@ from pyflock.common._tokens import DEFAULT_JOIN_PORT, authority_pin
 from pyflock.control._join import JoinService
 from pyflock.control._tokens import FailureLimiter, TokenService
 from pyflock.common._logging import log_event, start_json_logging
+from pyflock.common._connections import (
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_RECHECK, ConnectionLimits,
+)
 from pyflock.common._tls import AGENT_CHANNEL, REST_API, ClusterTLS
 from pyflock.control._agentchannel import DEFAULT_HEARTBEAT, AgentChannelServer
 from pyflock.control._api import ControlAPI, __version__
@@ -59,6 +64,39 @@ def _positive_seconds(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def _positive_count(text: str) -> int:
+    """A whole number greater than zero, for argparse."""
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number greater than 0")
+    return int(text)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    """The options of issue 8's limits on connections and requests."""
+    p.add_argument("--max-connections", type=_positive_count, metavar="N",
+                   default=DEFAULT_MAX_CONNECTIONS,
+                   help=f"open connections each port (REST API, agent channel, join) "
+                        f"accepts at most; more are closed at once (default "
+                        f"{DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--tls-handshake-timeout", type=_positive_seconds, metavar="SECONDS",
+                   default=DEFAULT_HANDSHAKE_TIMEOUT,
+                   help=f"a client that has not completed the TLS handshake this many "
+                        f"seconds after connecting is dropped (default "
+                        f"{DEFAULT_HANDSHAKE_TIMEOUT:g})")
+    p.add_argument("--tls-recheck", type=_positive_seconds, metavar="SECONDS",
+                   default=DEFAULT_RECHECK,
+                   help=f"seconds between re-checks of the certificates of open "
+                        f"connections; an expired or revoked one is closed (default "
+                        f"{DEFAULT_RECHECK:g})")
+
+
+def connection_limits(options: argparse.Namespace) -> ConnectionLimits:
+    """The guards of every listening port, from the command line."""
+    return ConnectionLimits(max_connections=options.max_connections,
+                            handshake_timeout=options.tls_handshake_timeout,
+                            recheck=options.tls_recheck)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="the cluster CA's key, to sign joining nodes' certificates "
                             "(default: cluster.key in the certificates folder; without "
                             "it, no joins are served)")
+        _add_limits(p)
     b = sub.add_parser("backup", help="copy the store consistently while the service runs")
     b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
     b.add_argument("file", help="the new backup file (never overwritten)")
@@ -122,7 +161,7 @@ async def start_joins(reactor, options: argparse.Namespace, tls: ClusterTLS, sto
         return None, None
     try:
         authority = load_signing_authority(folder / AUTHORITY_CERTIFICATE, key_path)
-        endpoint = tls.join_listener(reactor, options.join_port)
+        endpoint = tls.join_listener(reactor, options.join_port, connection_limits(options))
     except (CertificateError, ValueError) as e:
         raise StartupError(f"cannot serve joins: {e}")
     tokens = await TokenService.load(store, reactor, authority_pin(authority.certificate))
@@ -147,8 +186,9 @@ async def run(reactor, options: argparse.Namespace) -> None:
     start_json_logging(sys.stdout)
     try:
         tls = ClusterTLS.load(options.certificates_directory, "control-service")
-        api_listener = tls.listener(reactor, options.port, REST_API)
-        agent_listener = tls.listener(reactor, options.agent_port, AGENT_CHANNEL)
+        limits = connection_limits(options)
+        api_listener = tls.listener(reactor, options.port, REST_API, limits)
+        agent_listener = tls.listener(reactor, options.agent_port, AGENT_CHANNEL, limits)
     except (CertificateError, ValueError) as e:
         raise StartupError(str(e))
     try:

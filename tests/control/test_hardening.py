@@ -6,9 +6,14 @@ node flooding the cluster with datasets and writes.
 """
 
 import json
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
+
+from pyflock.common._ca import CERTIFICATE_LIFETIME, create_node_certificate
 
 from tests.control import test_integration as integration
 
@@ -60,3 +65,77 @@ async def test_node_cannot_pin_a_dataset(controls, clients, cluster):
     assert (await node.delete(LEASES + "/" + ds)).code == 200
     r = await alice.post(LEASES, {"dataset_id": ds, "node_uuid": b, "expires": None})
     assert r.code == 201 and r.json["expires"] is None
+
+
+# point 7: TLS 1.2 with AEAD suites only, TLS 1.3; certificates re-checked
+
+
+def s_client(cluster, control, *arguments, certificate="alice", port=None, stdin=b""):
+    """Run ``openssl s_client`` against the REST API (or ``port``) presenting
+    ``certificate``; (exit code, output)."""
+    command = ["openssl", "s_client", "-brief",
+               "-connect", f"{control.host}:{port or control.port}",
+               "-CAfile", str(cluster.path / "cluster.crt"),
+               "-cert", str(cluster.path / f"{certificate}.crt"),
+               "-key", str(cluster.path / f"{certificate}.key"), *arguments]
+    done = subprocess.run(command, input=stdin, capture_output=True, timeout=30)
+    return done.returncode, (done.stdout + done.stderr).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("cipher", ["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384",
+                                    "ECDHE-ECDSA-AES128-SHA256"])
+def test_weak_tls12_suites_refused(controls, cluster, cipher):
+    """openssl s_client offering only a CBC suite with TLS 1.2 fails the handshake on the
+    REST API and on the agent channel."""
+    control = controls()
+    control.start()
+    for port in (control.port, control.agent_port):
+        rc, output = s_client(cluster, control, "-tls1_2", "-cipher", cipher, port=port)
+        assert rc != 0, output
+        assert "handshake failure" in output or "no cipher" in output, output
+
+
+@pytest.mark.parametrize("arguments, protocol", [
+    (["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"], "TLSv1.2"),
+    (["-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-GCM-SHA384"], "TLSv1.2"),
+    (["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"], "TLSv1.2"),
+    (["-tls1_3"], "TLSv1.3"),
+])
+def test_aead_suites_accepted(controls, cluster, arguments, protocol):
+    """openssl s_client with an AEAD suite of TLS 1.2, or TLS 1.3, completes the
+    handshake and gets an answer from the REST API."""
+    control = controls()
+    control.start()
+    request = b"GET /v1/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    rc, output = s_client(cluster, control, *arguments, "-ign_eof", stdin=request)
+    assert rc == 0, output
+    assert f"Protocol version: {protocol}" in output, output
+    assert '"flocker"' in output, output
+
+
+def test_expired_certificate_connection_closed(tmp_path, controls, cluster):
+    """A node connection opened with a certificate about to expire is closed by the
+    periodic re-check once it has expired (``--tls-recheck``), with a logged reason."""
+    now = datetime.now(timezone.utc)
+    node = create_node_certificate(cluster.path, tmp_path,
+                                   now=now - CERTIFICATE_LIFETIME + timedelta(seconds=4))
+    control = controls(extra_arguments=["--tls-recheck", "0.5"])
+    control.start()
+    command = ["openssl", "s_client", "-brief", "-ign_eof",
+               "-connect", f"{control.host}:{control.agent_port}",
+               "-CAfile", str(cluster.path / "cluster.crt"),
+               "-cert", str(tmp_path / f"{node}.crt"), "-key", str(tmp_path / f"{node}.key")]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        started = time.monotonic()
+        process.wait(timeout=15)  # s_client ends when the server closes the connection
+        elapsed = time.monotonic() - started
+    finally:
+        process.kill()
+        process.wait()
+    output = process.stdout.read().decode("utf-8", "replace")
+    assert "CONNECTION ESTABLISHED" in output, output
+    assert elapsed > 2, output
+    [event] = control.log_events("pyflock:tls:connection-closed")
+    assert f"node-{node}" in event["reason"] and "expired" in event["reason"]
