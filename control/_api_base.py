@@ -15,7 +15,7 @@ from klein import Klein
 from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from pyflock.common._logging import log_event
@@ -57,6 +57,30 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def parse_json(raw: bytes):
+    """
+    The JSON value of a request body, or ``APIError`` 400 saying why it is not one:
+    malformed, NaN or Infinity, nested too deeply for the parser, or holding a string
+    with a lone surrogate (which is no Unicode text, and could be neither stored nor
+    answered).
+    """
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}.")
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "The request body is not valid Unicode: a string holds a lone "
+                            "surrogate (a \\ud800-\\udfff escape that is not half of a "
+                            "pair).")
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.")
+    return body
+
+
 def _encode(body) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
@@ -85,14 +109,67 @@ class _ValidURLs(Resource):
         return self._wrapped.render(request)
 
 
-class APISite(Site):
+class _LimitedRequest(Request):
     """
-    The HTTP site of the API: no form parsing (the API takes only JSON), and instead of
-    an access line per request, a structured event for each request that failed.
+    A request whose body may not pass its site's ``max_body``: a larger one announced by
+    ``Content-Length`` is answered 413 as soon as the headers are in, a chunked one when
+    it passes the limit; either way the connection is closed, nothing more of the body is
+    kept, and the request is never processed.
     """
 
-    def __init__(self, resource):
-        super().__init__(resource, parsePOSTFormSubmission=False)
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length) -> None:
+        """Refuse at once a body announced larger than the limit."""
+        if length is not None and length > self.channel.site.max_body:
+            # No "100 Continue" after the refusal.
+            self.requestHeaders.removeHeader(b"expect")
+            self._refuse(length)
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Keep the chunk unless the body passes the limit with it."""
+        self._received += len(data)
+        if self._received > self.channel.site.max_body:
+            self._refuse(None)
+        if not self._refused:
+            super().handleContentChunk(data)
+
+    def process(self) -> None:
+        """Process the request, unless its body was refused."""
+        if not self._refused:
+            super().process()
+
+    def _refuse(self, length) -> None:
+        """Answer 413 straight on the connection and close it (once)."""
+        if self._refused:
+            return
+        self._refused = True
+        limit = self.channel.site.max_body
+        log_event(_log, "pyflock:control:request-too-large", LogLevel.warn,
+                  peer=str(self.channel.transport.getPeer()), length=length, limit=limit)
+        body = _error_body(413, f"The request body is larger than {limit} bytes.")
+        # The request line may still be unread by the Request (it is set when the body is
+        # complete), so the answer is written as Twisted answers a malformed request.
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.channel.loseConnection()
+
+
+class APISite(Site):
+    """
+    The HTTP site of the API: no form parsing (the API takes only JSON), request bodies
+    of at most ``max_body`` bytes, and instead of an access line per request, a
+    structured event for each request that failed.
+    """
+
+    def __init__(self, resource, max_body: int = MAX_BODY):
+        super().__init__(resource, requestFactory=_LimitedRequest,
+                         parsePOSTFormSubmission=False)
+        self.max_body = max_body
         self.displayTracebacks = False
         self.noisy = False
 
@@ -209,11 +286,8 @@ class APIBase:
     def _body(self, request, validator) -> dict:
         raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
         if len(raw) > MAX_BODY:
-            raise APIError(400, f"The request body is larger than {MAX_BODY} bytes.")
-        try:
-            body = json.loads(raw, parse_constant=_refuse_constant)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"The request body is not valid JSON: {e}.")
+            raise APIError(413, f"The request body is larger than {MAX_BODY} bytes.")
+        body = parse_json(raw)
         if not validator.is_valid(body):
             raise APIError(400, "The provided JSON doesn't match the required schema.",
                            validator.errors(body))

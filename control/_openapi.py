@@ -24,6 +24,8 @@ _ERRORS = {
     409: "Conflict: id or name taken, or a lease held by another node (then the error's "
          "``holder`` is that node's uuid).",
     412: "X-If-Configuration-Matches did not match the current configuration tag.",
+    413: "The request body is larger than 1 MiB (answered as soon as Content-Length says "
+         "so, or when a chunked body passes it; the connection is then closed).",
     503: "The configuration store failed a write; retry shortly.",
 }
 
@@ -46,9 +48,10 @@ def _op(summary: str, ok: dict, errors: tuple[int, ...] = (), body: Optional[dic
         if ok_headers:
             response["headers"] = ok_headers
         responses[str(code)] = response
-    # Every route refuses a certificate that is neither a user's nor a node's (403); each
-    # operation lists the other errors it can answer (a test checks each is exercised).
-    for code in sorted(set(errors) | {403}):
+    # Every route refuses a certificate that is neither a user's nor a node's (403), and
+    # every route with a body one that is too large (413); each operation lists the
+    # other errors it can answer (a test checks each is exercised).
+    for code in sorted(set(errors) | {403} | ({413} if body is not None else set())):
         responses[str(code)] = {"description": _ERRORS[code],
                                 "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
     op = {"summary": summary, "responses": responses}

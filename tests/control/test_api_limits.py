@@ -3,8 +3,13 @@ The REST API's limits in memory (issue 8): bounded node leases, body size and JS
 cannot be parsed safely, the per-node dataset quota and write rate, and the audit trail.
 """
 
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 
+from pyflock.control._api import __version__
+from pyflock.control._api_base import MAX_BODY, APISite
+from pyflock.control._openapi import build_openapi
 from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
 
 A = NODE_A.node_uuid
@@ -14,17 +19,24 @@ DATASETS = "/v1/configuration/datasets"
 LEASES = "/v1/configuration/leases"
 
 
-class NodeLeaseTests(SynchronousTestCase):
-    """A node certificate takes only its own leases, of 1 to 300 seconds."""
+class HarnessTest(SynchronousTestCase):
+    """A test of the API in memory (``self.h``)."""
 
     def setUp(self):
         self.h = APIHarness()
-        self.assertEqual(self.req("POST", DATASETS, {"primary": A, "dataset_id": DS}).code,
-                         201)
 
     def req(self, *args, **kwargs):
         """One request through the harness."""
         return self.h.request(self, *args, **kwargs)
+
+
+class NodeLeaseTests(HarnessTest):
+    """A node certificate takes only its own leases, of 1 to 300 seconds."""
+
+    def setUp(self):
+        super().setUp()
+        self.assertEqual(self.req("POST", DATASETS, {"primary": A, "dataset_id": DS}).code,
+                         201)
 
     def lease(self, expires, identity=NODE_A, node=A):
         """Ask for ``node``'s lease on DS lasting ``expires`` as ``identity``."""
@@ -61,3 +73,103 @@ class NodeLeaseTests(SynchronousTestCase):
         """A user certificate may take a lease for any node that never expires."""
         self.assertEqual(self.lease(None, identity=ALICE, node=B).code, 201)
         self.assertEqual(self.lease(86400, identity=ALICE, node=B).code, 200)
+
+
+class BodyTests(HarnessTest):
+    """Bodies too large, nested too deeply or holding lone surrogates are refused clearly."""
+
+    def test_every_body_route_refuses_large_bodies(self):
+        """Every documented operation with a request body answers 413 to a body of 1 MiB
+        and one byte, and changes nothing."""
+        raw = b" " * (MAX_BODY + 1)
+        for template, operations in build_openapi(__version__)["paths"].items():
+            path = template.replace("{dataset_id}", DS).replace("{token_id}", "0" * 16)
+            for method, operation in operations.items():
+                if "requestBody" not in operation:
+                    continue
+                with self.subTest(method=method, path=template):
+                    r = self.req(method.upper(), path, raw=raw)
+                    self.assertEqual(r.code, 413)
+                    self.assertIn("larger than 1048576 bytes", r.json["description"])
+        self.assertEqual(dict(self.h.store.config.datasets), {})
+
+    def test_deep_nesting_is_bad_input(self):
+        """``[`` x 200,000 answers 400 (not 500) on every route with a body."""
+        for path in (DATASETS, f"{DATASETS}/{DS}", LEASES):
+            for raw in (b"[" * 200_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+                with self.subTest(path=path, raw=raw[:5]):
+                    r = self.req("POST", path, raw=raw)
+                    self.assertEqual(r.code, 400)
+                    self.assertIn("nested too deeply", r.json["description"])
+
+    def test_lone_surrogates_are_bad_input(self):
+        """A string with a lone surrogate escape, as key or value, answers 400 and is not
+        kept; a proper surrogate pair is text like any other."""
+        for raw in [b'{"primary": "%s", "metadata": {"name": "\\ud800"}}',
+                    b'{"primary": "%s", "metadata": {"x\\udfffy": "v"}}',
+                    b'{"primary": "%s", "metadata": {"name": "a\\ud83d"}}']:
+            with self.subTest(raw=raw):
+                r = self.req("POST", DATASETS, raw=raw % A.encode())
+                self.assertEqual(r.code, 400)
+                self.assertIn("lone surrogate", r.json["description"])
+        self.assertEqual(dict(self.h.store.config.datasets), {})
+        r = self.req("POST", DATASETS,
+                     raw=b'{"primary": "%s", "metadata": {"name": "\\ud83d\\ude00"}}' % A.encode())
+        self.assertEqual((r.code, r.json["metadata"]), (201, {"name": "\U0001F600"}))
+
+
+class _Echo(Resource):
+    """A resource that counts the requests it renders."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.rendered = 0
+
+    def render(self, request):
+        """Count and answer."""
+        self.rendered += 1
+        return b"{}"
+
+
+class LimitedRequestTests(SynchronousTestCase):
+    """The API site answers 413 as soon as a body is known to pass its limit."""
+
+    def setUp(self):
+        self.resource = _Echo()
+        self.site = APISite(self.resource, max_body=100)
+        self.channel = self.site.buildProtocol(None)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def test_announced_length(self):
+        """A Content-Length over the limit is answered 413 before any body is sent, even
+        when the client expects "100 Continue"; the request is never processed."""
+        self.channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n"
+                                  b"Expect: 100-continue\r\n\r\n")
+        answer = self.transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertNotIn(b"100 Continue", answer)
+        self.assertIn(b"larger than 100 bytes", answer)
+        self.assertTrue(self.transport.disconnecting)
+        self.channel.dataReceived(b"x" * 101)
+        self.assertEqual(self.resource.rendered, 0)
+
+    def test_chunked_body_cut_off(self):
+        """A chunked body is cut off with 413 when it passes the limit."""
+        self.channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: h\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n")
+        self.channel.dataReceived(b"40\r\n" + b"a" * 64 + b"\r\n")
+        self.assertEqual(self.transport.value(), b"")
+        self.channel.dataReceived(b"40\r\n" + b"a" * 64 + b"\r\n0\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.resource.rendered, 0)
+
+    def test_within_limit(self):
+        """A body within the limit is processed as usual."""
+        self.channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n"
+                                  b"\r\n" + b"x" * 100)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(self.resource.rendered, 1)

@@ -6,6 +6,7 @@ node flooding the cluster with datasets and writes.
 """
 
 import json
+import socket
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone
@@ -139,3 +140,99 @@ def test_expired_certificate_connection_closed(tmp_path, controls, cluster):
     assert elapsed > 2, output
     [event] = control.log_events("pyflock:tls:connection-closed")
     assert f"node-{node}" in event["reason"] and "expired" in event["reason"]
+
+
+# point 6: HTTP limits
+
+
+def test_large_bodies_refused_early(tmp_path, controls, cluster):
+    """curl sending a 2 MiB body, announced or chunked, gets 413 and the service keeps
+    answering; nothing of it is kept."""
+    control = controls()
+    control.start()
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (2 * 1024 * 1024))
+    url = control.url + DATASETS
+    for extra in ([], ["-H", "Transfer-Encoding: chunked"]):
+        rc, status, body = curl(cluster, url, "-X", "POST", "-H",
+                                "Content-Type: application/json", *extra,
+                                "--data-binary", f"@{big}")
+        assert status == 413, (rc, body)
+        assert "larger than 1048576 bytes" in json.loads(body)["description"]
+    assert len(control.log_events("pyflock:control:request-too-large")) == 2
+    rc, status, body = curl(cluster, url)
+    assert (rc, status, json.loads(body)) == (0, 200, [])
+
+
+def test_hostile_json_is_bad_input(tmp_path, controls, cluster):
+    """curl posting ``[`` x 200,000 or a lone surrogate gets 400, with no traceback in
+    the log."""
+    control = controls()
+    control.start()
+    a = cluster.node_uuids[0]
+    attack = tmp_path / "attack.json"
+    for raw, reason in [("[" * 200_000, "nested too deeply"),
+                        ('{"primary": "%s", "metadata": {"name": "\\ud800"}}' % a,
+                         "lone surrogate")]:
+        attack.write_text(raw)
+        rc, status, body = curl(cluster, control.url + DATASETS, "-X", "POST", "-H",
+                                "Content-Type: application/json", "--data-binary",
+                                f"@{attack}")
+        assert (rc, status) == (0, 400), body
+        assert reason in json.loads(body)["description"]
+    assert control.log_events("pyflock:control:request-failed") == []
+
+
+def closed_within(sock, seconds):
+    """Whether the server closes ``sock`` within ``seconds`` (reading what it sends)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_connection_cap(controls, cluster):
+    """With ``--max-connections 3``, a 4th idle connection to the REST API or the join
+    port is closed at once, and one is accepted again when another closes."""
+    control = controls(extra_arguments=["--max-connections", "3"])
+    control.start()
+    for port in (control.port, control.join_port):
+        held = [socket.create_connection((control.host, port)) for _ in range(3)]
+        try:
+            extra = socket.create_connection((control.host, port))
+            assert closed_within(extra, 5)
+            extra.close()
+            held.pop().close()
+            time.sleep(0.5)
+            again = socket.create_connection((control.host, port))
+            assert not closed_within(again, 0.5)
+            again.close()
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.5)
+    assert control.log_events("pyflock:tls:connections-full")
+    rc, status, _ = curl(cluster, control.url + DATASETS)
+    assert (rc, status) == (0, 200)
+
+
+def test_handshake_timeout(controls, cluster):
+    """A client that connects and never speaks TLS is dropped after
+    ``--tls-handshake-timeout`` seconds, on the REST API, the agent channel and the join
+    port."""
+    control = controls(extra_arguments=["--tls-handshake-timeout", "1"])
+    control.start()
+    for port in (control.port, control.agent_port, control.join_port):
+        sock = socket.create_connection((control.host, port))
+        try:
+            started = time.monotonic()
+            assert closed_within(sock, 10)
+            assert 0.8 < time.monotonic() - started < 5
+        finally:
+            sock.close()
+    assert len(control.log_events("pyflock:tls:handshake-timeout")) == 3
