@@ -8,6 +8,7 @@ site that logs failed requests. ``ControlAPI`` (``pyflock.control._api``) adds t
 from __future__ import annotations
 
 import json
+import math
 from typing import Callable, Optional
 from urllib.parse import unquote_to_bytes
 
@@ -20,6 +21,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from pyflock.common._logging import log_event
 from pyflock.control._persistence import StoreUnavailable
+from pyflock.control._ratelimit import NodeLimits, WriteRateLimiter, live_datasets_on
 
 #: Bodies larger than this are refused before parsing.
 MAX_BODY = 1024 * 1024
@@ -35,12 +37,13 @@ class APIError(Exception):
     """An error response: status code, description and optional schema errors."""
 
     def __init__(self, code: int, description: str, errors: Optional[list[str]] = None,
-                 holder: Optional[str] = None):
+                 holder: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(code, description)
         self.code = code
         self.description = description
         self.errors = errors
         self.holder = holder
+        self.headers = headers or {}
 
 
 def _error_body(code: int, description: str, errors: Optional[list[str]] = None,
@@ -177,20 +180,33 @@ class APISite(Site):
         if request.code >= 400:
             log_event(_log, "pyflock:control:request-error", method=request.method.decode(
                 "ascii", "replace"), path=request.path.decode("utf-8", "replace"),
-                code=request.code)
+                code=request.code, certificate=_certificate_of(request))
+
+
+def _certificate_of(request) -> Optional[str]:
+    """The common name of the certificate a request was made with, once ``_caller`` has
+    accepted it (else None)."""
+    identity = getattr(request, "pyflock_caller", None)
+    return None if identity is None else identity.common_name
 
 
 class APIBase:
     """
     The Klein application the routes of ``ControlAPI`` hang on, with what they share.
     ``identify(request)`` tells who is calling (from the TLS client certificate in
-    production).
+    production); ``node_limits`` bounds what node certificates may make and how fast,
+    counted by ``write_limiter`` (a new one if None; share one between instances that
+    serve the same cluster).
     """
 
     app = Klein()
 
-    def __init__(self, identify: Callable[[IRequest], object]):
+    def __init__(self, identify: Callable[[IRequest], object],
+                 node_limits: NodeLimits = NodeLimits(),
+                 write_limiter: Optional[WriteRateLimiter] = None):
         self._identify = identify
+        self._node_limits = node_limits
+        self._node_writes = write_limiter or WriteRateLimiter(node_limits.writes)
 
     def resource(self) -> Resource:
         """The API as a twisted.web resource."""
@@ -220,6 +236,8 @@ class APIBase:
         error = failure.value
         request.setResponseCode(error.code)
         request.setHeader(b"content-type", b"application/json")
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
         return _error_body(error.code, error.description, error.errors, error.holder)
 
     @app.handle_errors(StoreUnavailable)
@@ -248,7 +266,42 @@ class APIBase:
         if identity is None or getattr(identity, "kind", None) not in ("user", "node"):
             raise APIError(403, "This certificate may not use the API: use a user-* or "
                                 "node-* certificate signed by this cluster's CA.")
+        request.pyflock_caller = identity
         return identity
+
+    def _audit(self, request, event_type: str, **fields) -> None:
+        """Log a change (``event_type``, ``fields``) naming the certificate that made it:
+        the audit trail of who created, moved, deleted or restored what."""
+        log_event(_log, event_type, certificate=_certificate_of(request), **fields)
+
+    def _node_write(self, identity, now: float) -> None:
+        """Count a dataset write of a node certificate at ``now``; 429 with Retry-After
+        when it writes faster than its limit. User certificates are not limited."""
+        if identity.kind != "node":
+            return
+        wait = self._node_writes.take(identity.node_uuid, now)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            policy = self._node_limits.writes
+            raise APIError(429, f"Node {identity.node_uuid} changes datasets faster than "
+                                f"{policy.rate:g} per second (bursts of {policy.burst}): "
+                                f"retry in {seconds} s.",
+                           headers={b"retry-after": str(seconds).encode("ascii")})
+
+    def _node_quota(self, identity, configuration) -> None:
+        """Refuse (403) a node certificate's create when its node is already the primary
+        of its quota of live datasets. User certificates have no quota."""
+        if identity.kind != "node":
+            return
+        quota = self._node_limits.dataset_quota
+        count = live_datasets_on(configuration, identity.node_uuid)
+        if count >= quota:
+            log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
+                      action="create a dataset past its quota", quota=quota)
+            raise APIError(403, f"Node {identity.node_uuid} is already the primary of "
+                                f"{count} live datasets, its quota: a node certificate may "
+                                f"create no more; delete some, or create it with a user "
+                                f"certificate.")
 
     def _act_as(self, identity, node_uuid: Optional[str], what: str) -> None:
         """Refuse unless ``identity`` may act for ``node_uuid``; nodes act only for themselves."""

@@ -7,7 +7,8 @@
                           [--forget-dead-nodes SECONDS]
                           [--join-port PORT] [--ca-key FILE]
                           [--max-connections N] [--tls-handshake-timeout SECONDS]
-                          [--tls-recheck SECONDS]
+                          [--tls-recheck SECONDS] [--node-dataset-quota N]
+                          [--node-write-rate PER_SECOND] [--node-write-burst N]
     pyflock-control backup --data-path DIR FILE
 """
 
@@ -42,6 +43,10 @@ from pyflock.control._clusterstate import (
     DEFAULT_FORGET_DEAD_NODES, DEFAULT_NODE_EXPIRY, ClusterStateService,
 )
 from pyflock.control._openapi import build_openapi
+from pyflock.control._ratelimit import (
+    DEFAULT_NODE_DATASET_QUOTA, DEFAULT_NODE_WRITE_BURST, DEFAULT_NODE_WRITE_RATE, NodeLimits,
+    TokenBucketPolicy,
+)
 from pyflock.control._persistence import DEFAULT_LEASE_RESTART_GRACE, ConfigurationService
 from pyflock.control._sqlite_store import backup, open_sqlite_store
 from pyflock.control._store import StoreError
@@ -73,23 +78,40 @@ def _positive_count(text: str) -> int:
     return int(text)
 
 
+#: The options of issue 8's limits: (flag, type, metavar, default, help with {default}).
+_LIMIT_OPTIONS = (
+    ("--max-connections", _positive_count, "N", DEFAULT_MAX_CONNECTIONS,
+     "open connections each port (REST API, agent channel, join) accepts at most; more "
+     "are closed at once"),
+    ("--tls-handshake-timeout", _positive_seconds, "SECONDS", DEFAULT_HANDSHAKE_TIMEOUT,
+     "a client that has not completed the TLS handshake this many seconds after "
+     "connecting is dropped"),
+    ("--tls-recheck", _positive_seconds, "SECONDS", DEFAULT_RECHECK,
+     "seconds between re-checks of the certificates of open connections; an expired or "
+     "revoked one is closed"),
+    ("--node-dataset-quota", _positive_count, "N", DEFAULT_NODE_DATASET_QUOTA,
+     "a node certificate may create datasets while its node is the primary of fewer live "
+     "datasets than this (user certificates: no limit)"),
+    ("--node-write-rate", _positive_seconds, "PER_SECOND", DEFAULT_NODE_WRITE_RATE,
+     "dataset creates, moves and deletes a node certificate may make per second; more "
+     "answer 429"),
+    ("--node-write-burst", _positive_count, "N", DEFAULT_NODE_WRITE_BURST,
+     "how many of them it may make at once after a quiet spell"),
+)
+
+
 def _add_limits(p: argparse.ArgumentParser) -> None:
-    """The options of issue 8's limits on connections and requests."""
-    p.add_argument("--max-connections", type=_positive_count, metavar="N",
-                   default=DEFAULT_MAX_CONNECTIONS,
-                   help=f"open connections each port (REST API, agent channel, join) "
-                        f"accepts at most; more are closed at once (default "
-                        f"{DEFAULT_MAX_CONNECTIONS})")
-    p.add_argument("--tls-handshake-timeout", type=_positive_seconds, metavar="SECONDS",
-                   default=DEFAULT_HANDSHAKE_TIMEOUT,
-                   help=f"a client that has not completed the TLS handshake this many "
-                        f"seconds after connecting is dropped (default "
-                        f"{DEFAULT_HANDSHAKE_TIMEOUT:g})")
-    p.add_argument("--tls-recheck", type=_positive_seconds, metavar="SECONDS",
-                   default=DEFAULT_RECHECK,
-                   help=f"seconds between re-checks of the certificates of open "
-                        f"connections; an expired or revoked one is closed (default "
-                        f"{DEFAULT_RECHECK:g})")
+    """The options of issue 8's limits on connections and node certificates."""
+    for flag, kind, metavar, default, text in _LIMIT_OPTIONS:
+        p.add_argument(flag, type=kind, metavar=metavar, default=default,
+                       help=f"{text} (default {default:g})")
+
+
+def node_limits(options: argparse.Namespace) -> NodeLimits:
+    """The limits on node certificates, from the command line."""
+    return NodeLimits(dataset_quota=options.node_dataset_quota,
+                      writes=TokenBucketPolicy(options.node_write_rate,
+                                               options.node_write_burst))
 
 
 def connection_limits(options: argparse.Namespace) -> ConnectionLimits:
@@ -221,7 +243,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
         await configuration.stop()
         raise
     api = ControlAPI(configuration, cluster, api_listener.identities(),
-                     build_openapi(__version__), tokens=tokens)
+                     build_openapi(__version__), tokens=tokens,
+                     node_limits=node_limits(options))
     site = APISite(api.resource())
     channel = AgentChannelServer(configuration, cluster, reactor,
                                  identify=agent_listener.admit,

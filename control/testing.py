@@ -42,6 +42,7 @@ from pyflock.control._api import ControlAPI, __version__
 from pyflock.control._clusterstate import ClusterStateService, NodeState
 from pyflock.control._openapi import build_openapi, match_path, response_validator
 from pyflock.control._persistence import ConfigurationService
+from pyflock.control._ratelimit import NodeLimits, WriteRateLimiter
 from pyflock.control._store import MemoryConfigurationStore
 from pyflock.control._tokens import TokenBook, TokenService
 
@@ -138,7 +139,8 @@ class APIHarness:
     pin = "pyflockHarnessPinAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
     def __init__(self, config: Configuration = Configuration(), clock: Optional[Clock] = None,
-                 store: Optional[MemoryConfigurationStore] = None, joins: bool = True):
+                 store: Optional[MemoryConfigurationStore] = None, joins: bool = True,
+                 node_limits: NodeLimits = NodeLimits()):
         self.clock = clock or Clock()
         self.clock.advance(1_000_000)
         self.store = store or MemoryConfigurationStore(config)
@@ -146,6 +148,9 @@ class APIHarness:
                                                   self.store.revision, self.store.store_id)
         self.cluster = ClusterStateService(self.clock)
         self.openapi = build_openapi(__version__)
+        #: The limits on node certificates, and the one count of their writes.
+        self.node_limits = node_limits
+        self.write_limiter = WriteRateLimiter(node_limits.writes)
         #: The join tokens (``TokenService``), or None for a service that serves no joins.
         self.tokens = (TokenService(self.store, self.clock, TokenBook(self.store.tokens.values(),
                                                                       self.pin))
@@ -154,7 +159,8 @@ class APIHarness:
     def api(self, identity: Optional[Identity]) -> ControlAPI:
         """The API as ``identity`` sees it."""
         return ControlAPI(self.configuration, self.cluster, lambda request: identity,
-                          self.openapi, tokens=self.tokens)
+                          self.openapi, tokens=self.tokens, node_limits=self.node_limits,
+                          write_limiter=self.write_limiter)
 
     def request(self, testcase, method: str, path: str, body=None, *,
                 identity: Optional[Identity] = ALICE, headers: Optional[dict] = None,

@@ -4,12 +4,14 @@ cannot be parsed safely, the per-node dataset quota and write rate, and the audi
 """
 
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from pyflock.control._api import __version__
 from pyflock.control._api_base import MAX_BODY, APISite
 from pyflock.control._openapi import build_openapi
+from pyflock.control._ratelimit import NodeLimits, TokenBucketPolicy
 from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
 
 A = NODE_A.node_uuid
@@ -173,3 +175,84 @@ class LimitedRequestTests(SynchronousTestCase):
                                   b"\r\n" + b"x" * 100)
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))
         self.assertEqual(self.resource.rendered, 1)
+
+
+class NodeLimitTests(HarnessTest):
+    """A node certificate's dataset quota and write rate; users have neither."""
+
+    def setUp(self):
+        self.h = APIHarness(node_limits=NodeLimits(
+            dataset_quota=3, writes=TokenBucketPolicy(rate=2, burst=5)))
+
+    def create(self, identity=NODE_A, primary=A):
+        """Create a dataset on ``primary`` as ``identity``."""
+        return self.req("POST", DATASETS, {"primary": primary}, identity=identity)
+
+    def test_quota(self):
+        """A node creates datasets until it is primary of its quota of live ones; after
+        a delete it may create again; a user may always create there."""
+        created = [self.create().json["dataset_id"] for _ in range(3)]
+        r = self.create()
+        self.assertEqual(r.code, 403)
+        self.assertIn("quota", r.json["description"])
+        self.assertEqual(self.create(identity=ALICE).code, 201)
+        self.clock.advance(10)
+        self.assertEqual(self.req("DELETE", f"{DATASETS}/{created[0]}",
+                                  identity=NODE_A).code, 200)
+        self.assertEqual(self.create(identity=NODE_B, primary=B).code, 201)
+        self.assertEqual(self.create().code, 403)  # the user's dataset counts: 3 live
+
+    @property
+    def clock(self):
+        """The harness's clock."""
+        return self.h.clock
+
+    def test_rate_limited_with_retry_after(self):
+        """Past its burst, a node's creates, moves and deletes answer 429 with
+        Retry-After until the bucket refills; the refusal changes nothing."""
+        self.h = APIHarness(node_limits=NodeLimits(writes=TokenBucketPolicy(rate=2,
+                                                                            burst=5)))
+        ds = [self.create().json["dataset_id"] for _ in range(4)]
+        self.assertEqual(self.req("POST", f"{DATASETS}/{ds[0]}", {"primary": A},
+                                  identity=NODE_A).code, 200)
+        for method, path, body in [("POST", DATASETS, {"primary": A}),
+                                   ("POST", f"{DATASETS}/{ds[1]}", {"primary": A}),
+                                   ("DELETE", f"{DATASETS}/{ds[2]}", None)]:
+            with self.subTest(method=method, path=path):
+                r = self.req(method, path, body, identity=NODE_A)
+                self.assertEqual(r.code, 429)
+                self.assertEqual(r.headers["retry-after"], "1")
+                self.assertIn("2 per second", r.json["description"])
+        self.assertEqual(len(self.h.store.config.datasets), 4)
+        self.clock.advance(0.5)
+        self.assertEqual(self.req("DELETE", f"{DATASETS}/{ds[2]}", identity=NODE_A).code,
+                         200)
+
+    def test_leases_and_users_unlimited(self):
+        """Lease renewals by a node, and every write of a user, are never limited."""
+        ds = self.create().json["dataset_id"]
+        for _ in range(20):
+            r = self.req("POST", LEASES, {"dataset_id": ds, "node_uuid": A, "expires": 60},
+                         identity=NODE_A)
+            self.assertIn(r.code, (200, 201))
+        for _ in range(20):
+            self.assertEqual(self.create(identity=ALICE, primary=B).code, 201)
+
+    def test_audit_trail_names_certificate(self):
+        """Every change is logged naming the certificate that made it."""
+        with capturedLogs() as events:
+            ds = self.create().json["dataset_id"]
+            self.req("POST", f"{DATASETS}/{ds}", {"primary": B})
+            self.req("POST", LEASES, {"dataset_id": ds, "node_uuid": B, "expires": 60},
+                     identity=NODE_B)
+            self.req("DELETE", f"{LEASES}/{ds}", identity=NODE_B)
+            self.req("DELETE", f"{DATASETS}/{ds}")
+        audit = [(e["event_type"], e["certificate"], e["dataset_id"]) for e in events
+                 if "certificate" in e and "dataset_id" in e]
+        self.assertEqual(audit, [
+            ("pyflock:control:dataset-created", f"node-{A}", ds),
+            ("pyflock:control:dataset-moved", "user-alice", ds),
+            ("pyflock:control:lease-acquired", f"node-{B}", ds),
+            ("pyflock:control:lease-released", f"node-{B}", ds),
+            ("pyflock:control:dataset-deleted", "user-alice", ds),
+        ])

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
 
 from pyflock.common._ca import CERTIFICATE_LIFETIME, create_node_certificate
 
@@ -236,3 +237,41 @@ def test_handshake_timeout(controls, cluster):
         finally:
             sock.close()
     assert len(control.log_events("pyflock:tls:handshake-timeout")) == 3
+
+
+# point 10: one node cannot exhaust the cluster
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_flood_is_limited(controls, clients, cluster):
+    """A node certificate firing 60 creates at once gets 429 with Retry-After past its
+    burst, and 403 past its dataset quota; a user is served meanwhile; every write is
+    logged naming its certificate."""
+    control = controls(extra_arguments=["--node-write-rate", "2", "--node-write-burst",
+                                        "20", "--node-dataset-quota", "12"])
+    control.start()
+    a, b = cluster.node_uuids
+    node = clients(control, a)
+    alice = clients(control)
+    await node.fetch_openapi()
+    await alice.fetch_openapi()
+    started = time.monotonic()
+    answers = await gatherResults([
+        Deferred.fromCoroutine(node.post(DATASETS, {"primary": a})) for _ in range(60)])
+    elapsed = time.monotonic() - started
+    codes = [r.code for r in answers]
+    assert codes.count(201) == 12, codes
+    assert codes.count(403) + 12 <= 20 + 2 * elapsed + 1, codes
+    limited = [r for r in answers if r.code == 429]
+    assert len(limited) >= 60 - 20 - 2 * elapsed - 1, codes
+    assert all(int(r.headers["retry-after"]) >= 1 for r in limited)
+    assert all("quota" in r.json["description"] for r in answers if r.code == 403)
+    for _ in range(30):
+        assert (await create(alice, a)).code == 201
+    listed = await alice.get(DATASETS)
+    assert len(listed.json) == 42
+    created = control.log_events("pyflock:control:dataset-created")
+    by = {}
+    for event in created:
+        by[event["certificate"]] = by.get(event["certificate"], 0) + 1
+    assert by == {f"node-{a}": 12, "user-alice": 30}
