@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from pyflock.common._ca import CERTIFICATE_LIFETIME, create_node_certificate
 
 from tests.control import test_integration as integration
+from tests.harness.processes import script_path
 
 # The fixtures of the control service's integration tests: a cluster's certificates, real
 # control processes and API clients.
@@ -275,3 +276,33 @@ async def test_node_flood_is_limited(controls, clients, cluster):
     for event in created:
         by[event["certificate"]] = by.get(event["certificate"], 0) + 1
     assert by == {f"node-{a}": 12, "user-alice": 30}
+
+
+# point 11: CLI output is safe
+
+
+def test_cli_shows_hostile_names_harmlessly(tmp_path, controls, cluster):
+    """A node certificate names a dataset with terminal escapes, a newline and a
+    bidirectional override (curl); the real ``pyflock list`` shows them escaped, one line
+    per dataset, and ``list --json`` keeps them exact."""
+    control = controls()
+    control.start()
+    a = cluster.node_uuids[0]
+    hostile = "\x1b]0;owned\x07\x1b[2Jx\nFAKE  ROW\u202etxt"
+    body = tmp_path / "hostile.json"
+    body.write_text(json.dumps({"primary": a, "metadata": {"name": hostile, "k\x1b": "v"}}))
+    rc, status, answer = curl(cluster, control.url + DATASETS, "-X", "POST", "-H",
+                              "Content-Type: application/json", "--data-binary",
+                              f"@{body}", certificate=a)
+    assert (rc, status) == (0, 201), answer
+    command = [script_path("pyflock"), "--control-service", control.host,
+               "--control-port", str(control.port), "--certs-path", str(cluster.path),
+               "--user", "alice", "list"]
+    shown = subprocess.run(command, capture_output=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout.decode("utf-8")
+    assert out.count("\n") == 2, out
+    assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
+    assert "\\x1b]0;owned\\x07\\x1b[2Jx\\x0aFAKE  ROW\\u202etxt" in out
+    listed = subprocess.run(command + ["--json"], capture_output=True, timeout=60)
+    assert json.loads(listed.stdout)[0]["metadata"]["name"] == hostile
