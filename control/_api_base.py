@@ -21,7 +21,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from pyflock.common._logging import log_event
 from pyflock.control._persistence import StoreUnavailable
-from pyflock.control._ratelimit import NodeLimits, WriteRateLimiter, live_datasets_on
+from pyflock.control._ratelimit import NodeLimits, QuotaCounts, WriteRateLimiter
 
 #: Bodies larger than this are refused before parsing.
 MAX_BODY = 1024 * 1024
@@ -207,6 +207,7 @@ class APIBase:
         self._identify = identify
         self._node_limits = node_limits
         self._node_writes = write_limiter or WriteRateLimiter(node_limits.writes)
+        self._quota_counts = QuotaCounts()
 
     def resource(self) -> Resource:
         """The API as a twisted.web resource."""
@@ -294,8 +295,8 @@ class APIBase:
         if identity.kind != "node":
             return
         quota = self._node_limits.dataset_quota
-        count = live_datasets_on(configuration, identity.node_uuid)
-        if count >= quota:
+        count = self._quota_counts.at_quota(configuration, identity.node_uuid, quota)
+        if count is not None:
             log_event(_log, "pyflock:control:request-refused", node_uuid=identity.node_uuid,
                       action="create a dataset past its quota", quota=quota)
             raise APIError(403, f"Node {identity.node_uuid} is already the primary of "

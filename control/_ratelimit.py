@@ -104,6 +104,32 @@ def live_datasets_on(configuration, node_uuid: str) -> int:
                if dataset.primary == node_uuid and not dataset.deleted)
 
 
+class QuotaCounts:
+    """
+    Whether a node is at its dataset quota, counting a configuration's datasets
+    (``live_datasets_on``, O(datasets)) only when the answer could have changed: each
+    generation changes one dataset, so a node counted ``n`` at generation ``g`` has at
+    most ``n + (h - g)`` at generation ``h``.
+    """
+
+    def __init__(self):
+        self._counted: dict[str, tuple[int, int]] = {}
+
+    def at_quota(self, configuration, node_uuid: str, quota: int) -> Optional[int]:
+        """The node's count of live datasets if it is at least ``quota``, else None."""
+        generation = configuration.generation
+        cached = self._counted.get(node_uuid)
+        if cached is not None:
+            count, counted_at = cached
+            if counted_at == generation:
+                return count if count >= quota else None
+            if counted_at < generation and count + (generation - counted_at) < quota:
+                return None
+        count = live_datasets_on(configuration, node_uuid)
+        self._counted[node_uuid] = (count, generation)
+        return count if count >= quota else None
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class NodeLimits:
     """
@@ -123,5 +149,6 @@ class NodeLimits:
 
 
 __all__ = ["Bucket", "DEFAULT_NODE_DATASET_QUOTA", "DEFAULT_NODE_WRITE_BURST",
-           "DEFAULT_NODE_WRITE_RATE", "NodeLimits", "TokenBucketPolicy", "WriteRateLimiter",
+           "DEFAULT_NODE_WRITE_RATE", "NodeLimits", "QuotaCounts", "TokenBucketPolicy",
+           "WriteRateLimiter",
            "live_datasets_on"]

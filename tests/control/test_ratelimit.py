@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from pyflock.common._model import Configuration, Dataset
 from pyflock.control._ratelimit import (
-    NodeLimits, TokenBucketPolicy, WriteRateLimiter, live_datasets_on,
+    NodeLimits, QuotaCounts, TokenBucketPolicy, WriteRateLimiter, live_datasets_on,
 )
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"
@@ -87,3 +87,26 @@ def test_live_datasets_on():
                                        primary=primary))
     config = config.delete(0.0, "11111111-2222-4333-8444-000000000000")
     assert (live_datasets_on(config, A), live_datasets_on(config, B)) == (2, 1)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["create", "delete", "move"]),
+                          st.sampled_from([A, B]), st.integers(0, 30), st.booleans()),
+                max_size=80),
+       st.integers(1, 6))
+def test_quota_counts_agree_with_counting(steps, quota):
+    """Whatever changes happen between checks, ``QuotaCounts`` answers what counting the
+    configuration answers."""
+    config, counts = Configuration(), QuotaCounts()
+    for action, node, number, check in steps:
+        dataset_id = f"11111111-2222-4333-8444-{number:012d}"
+        existing = config.datasets.get(dataset_id)
+        if action == "create" and existing is None:
+            config = config.create(Dataset(dataset_id=dataset_id, primary=node))
+        elif action == "delete" and existing is not None and not existing.deleted:
+            config = config.delete(0.0, dataset_id)
+        elif action == "move" and existing is not None and not existing.deleted:
+            config = config.update(0.0, dataset_id, primary=node)
+        for checked in (A, B) if check else ():
+            expected = live_datasets_on(config, checked)
+            assert counts.at_quota(config, checked, quota) == (
+                expected if expected >= quota else None)
