@@ -89,10 +89,10 @@ def s_client(cluster, control, *arguments, certificate="alice", port=None, stdin
                                     "ECDHE-ECDSA-AES128-SHA256"])
 def test_weak_tls12_suites_refused(controls, cluster, cipher):
     """openssl s_client offering only a CBC suite with TLS 1.2 fails the handshake on the
-    REST API and on the agent channel."""
+    REST API, the agent channel and the join port."""
     control = controls()
     control.start()
-    for port in (control.port, control.agent_port):
+    for port in (control.port, control.agent_port, control.join_port):
         rc, output = s_client(cluster, control, "-tls1_2", "-cipher", cipher, port=port)
         assert rc != 0, output
         assert "handshake failure" in output or "no cipher" in output, output
@@ -167,8 +167,8 @@ def test_large_bodies_refused_early(tmp_path, controls, cluster):
 
 
 def test_hostile_json_is_bad_input(tmp_path, controls, cluster):
-    """curl posting ``[`` x 200,000 or a lone surrogate gets 400, with no traceback in
-    the log."""
+    """curl posting ``[`` x 200,000 or a lone surrogate to the REST API, or ``[`` x
+    16,000 to the join port, gets 400, with no traceback in the log."""
     control = controls()
     control.start()
     a = cluster.node_uuids[0]
@@ -182,7 +182,13 @@ def test_hostile_json_is_bad_input(tmp_path, controls, cluster):
                                 f"@{attack}")
         assert (rc, status) == (0, 400), body
         assert reason in json.loads(body)["description"]
+    attack.write_text("[" * 16_000)  # the join port reads at most 16 KiB
+    join = f"https://{control.host}:{control.join_port}/v1/join"
+    rc, status, body = curl(cluster, join, "-X", "POST", "--data-binary", f"@{attack}",
+                            certificate=None)
+    assert (rc, status) == (0, 400), body
     assert control.log_events("pyflock:control:request-failed") == []
+    assert control.log_events("pyflock:control:join-failed") == []
 
 
 def closed_within(sock, seconds):
