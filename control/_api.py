@@ -156,8 +156,8 @@ class ControlAPI(APIBase):
                           primary=primary, maximum_size=None if size is None else int(size),
                           metadata=body.get("metadata", {}))
         await self._change(request, dataset.dataset_id, lambda c: c.create(dataset))
-        self._audit(request, "pyflock:control:dataset-created", dataset_id=dataset.dataset_id,
-                  primary=primary, name=dataset.name)
+        self._audit(request, "pyflock:control:dataset-created",
+                    dataset_id=dataset.dataset_id, primary=primary, name=dataset.name)
         return self._json(request, dataset_to_json(dataset), 201)
 
     @app.route("/v1/configuration/datasets/<dataset_id>", methods=["POST"])
@@ -183,7 +183,7 @@ class ControlAPI(APIBase):
         dataset = config.datasets[dataset_id]
         if before is not None and before.primary != dataset.primary:
             self._audit(request, "pyflock:control:dataset-moved", dataset_id=dataset_id,
-                      source=before.primary, target=dataset.primary)
+                        source=before.primary, target=dataset.primary)
         elif before != dataset:
             self._audit(request, "pyflock:control:dataset-updated", dataset_id=dataset_id)
         return self._json(request, dataset_to_json(dataset))
@@ -284,7 +284,7 @@ class ControlAPI(APIBase):
             self._act_as(identity, lease.node_uuid, "release another node's lease")
         await self._change(request, dataset_id, lambda c: c.release_lease(dataset_id))
         self._audit(request, "pyflock:control:lease-released", dataset_id=dataset_id,
-                  node_uuid=lease.node_uuid)
+                    node_uuid=lease.node_uuid)
         return self._json(request, lease_to_json(lease, now))
 
     # -- pyflock addition: forgetting a dead node (issue 7) ------------------------------
