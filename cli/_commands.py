@@ -16,7 +16,7 @@ from twisted.internet.task import deferLater
 
 from pyflock.cli._output import (
     NodeLabels, dataset_label, dataset_state, format_table, print_json, resolve_dataset,
-    resolve_node, seconds_text, short_ids, utc_text,
+    resolve_node, seconds_text, short_ids, utc_text, visible,
 )
 from pyflock.cli._parser import (
     _PROG, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CLIError, version_text,
@@ -406,10 +406,13 @@ async def execute(args: argparse.Namespace,
             origin = settings.origins.get("control-service")
             raise CLIError(f"{e} (control service from {origin})", EXIT_UNREACHABLE) from None
     except CLIError as e:
-        stderr.write(f"{_PROG}: error: {e.message}\n")
+        # The CLI's own messages may run over several lines (a hint below the error);
+        # what each line quotes is made visible.
+        stderr.write(f"{_PROG}: error: "
+                     + "\n".join(visible(line) for line in e.message.split("\n")) + "\n")
         return e.code
     except ControlError as e:
-        stderr.write(f"{_PROG}: error: {_control_error_line(e)}\n")
+        stderr.write(f"{_PROG}: error: {visible(_control_error_line(e))}\n")
         return EXIT_FAILED
     except Exception as e:
         if env.get("PYFLOCK_DEBUG"):

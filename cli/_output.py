@@ -1,12 +1,16 @@
 """
 How the CLI names things and shows them: datasets and nodes by uuid, unique prefix, name
-or address; aligned tables; durations.
+or address; aligned tables; durations. Every text that comes from the cluster (names,
+addresses, paths, the control service's errors) is shown through ``visible``, so no
+dataset name can move the cursor, recolour the terminal or hide text (issue 8).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import unicodedata
 import uuid as _uuid
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Iterable, Optional, Sequence
@@ -15,6 +19,34 @@ from pyflock.cli._parser import CLIError
 
 if TYPE_CHECKING:
     from pyflock.common._records import Dataset, DatasetReport, Node
+
+
+#: The characters ``visible`` escapes: Unicode's control (Cc: C0, DEL, C1 including ESC and
+#: CSI), format (Cf: bidirectional overrides, zero-width characters), surrogate (Cs),
+#: private-use (Co) and unassigned (Cn) characters, and line and paragraph separators.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+# Printable ASCII only: the fast path, for the text nearly every name is.
+_PLAIN = re.compile(r"[\x20-\x7e]*\Z")
+
+
+def _escape(character: str) -> str:
+    """``character`` as a Python-style escape: ``\\x1b``, ``\\u202e``, ``\\U000e0001``."""
+    code = ord(character)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def visible(text: str) -> str:
+    """``text`` with every control, format or otherwise invisible character written as an
+    escape (``\\x1b``), so a terminal shows it instead of obeying it."""
+    if _PLAIN.match(text):
+        return text
+    return "".join(_escape(c) if unicodedata.category(c) in _HIDDEN_CATEGORIES else c
+                   for c in text)
 
 
 def _is_uuid(text: str) -> bool:
@@ -39,7 +71,8 @@ def short_ids(uuids: Iterable[str], minimum: int = 8) -> dict[str, str]:
 
 
 def dataset_label(dataset: Dataset) -> str:
-    return dataset.dataset_id + (f" ({dataset.name})" if dataset.name else "")
+    """A dataset's id, and its name (made ``visible``) when it has one."""
+    return dataset.dataset_id + (f" ({visible(dataset.name)})" if dataset.name else "")
 
 
 def resolve_dataset(text: str, datasets: Sequence[Dataset]
@@ -88,7 +121,7 @@ def resolve_node(text: str, nodes: Sequence[Node]) -> str:
         if len(matches) == 1:
             return matches[0].uuid
         if matches:
-            candidates = ", ".join(f"{n.uuid} ({n.host})" for n in
+            candidates = ", ".join(f"{n.uuid} ({visible(n.host)})" for n in
                                    sorted(matches, key=lambda n: n.uuid))
             raise CLIError(f"{text!r} is the {kind} of {len(matches)} nodes: {candidates}; "
                            "give the node's uuid or a longer prefix of it")
@@ -99,8 +132,9 @@ def resolve_node(text: str, nodes: Sequence[Node]) -> str:
 # -- output ---------------------------------------------------------------------------
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """``rows`` under ``headers`` in left-aligned columns two spaces apart."""
-    rows = [list(map(str, row)) for row in rows]
+    """``rows`` under ``headers`` in left-aligned columns two spaces apart, every cell
+    made ``visible``."""
+    rows = [[visible(str(cell)) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in [list(headers)] + rows]
@@ -138,7 +172,7 @@ class NodeLabels:
     def label(self, uuid: str) -> str:
         short = self._short.get(uuid, uuid[:8])
         host = self._hosts.get(uuid)
-        return f"{short} ({host})" if host else short
+        return f"{short} ({visible(host)})" if host else short
 
 
 def dataset_state(dataset: Dataset,

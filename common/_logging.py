@@ -67,7 +67,10 @@ class JSONLinesObserver:
 def _drop_factory_chatter(event: dict) -> PredicateResult:
     """Twisted's "Starting/Stopping factory" lines say nothing an operator can use."""
     text = event.get("log_text") or event.get("log_format") or ""
-    if isinstance(text, str) and text.startswith(("Starting factory", "Stopping factory")):
+    # ThrottlingFactory says this of every connection refused at the cap (pyflock logs one
+    # pyflock:tls:connections-full event instead).
+    if isinstance(text, str) and text.startswith(("Starting factory", "Stopping factory",
+                                                  "Max connection count reached")):
         return PredicateResult.no
     return PredicateResult.maybe
 

@@ -41,15 +41,15 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator, IStreamClientEndpoint, IStreamServerEndpoint,
 )
 from twisted.internet.ssl import (
-    Certificate, CertificateOptions, TLSVersion, trustRootFromCertificates,
+    AcceptableCiphers, Certificate, CertificateOptions, TLSVersion, trustRootFromCertificates,
 )
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from pyflock.common._connections import ConnectionLimits, guarded_tls_factory
 from pyflock.common._ca import (
     AUTHORITY_CERTIFICATE, CertificateFileError, PathLike, USER_NAME, check_key_matches,
     cluster_uuid_of, common_name_of, load_certificate, load_private_key,
@@ -60,6 +60,25 @@ _log = Logger()
 
 #: The oldest TLS version pyflock speaks or accepts.
 MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
+
+#: The TLS 1.2 cipher suites pyflock speaks or accepts (issue 8): forward secrecy (ECDHE)
+#: and authenticated encryption (AES-GCM, ChaCha20-Poly1305) only; no CBC, no SHA-1 MACs.
+#: TLS 1.3's suites are all of that kind, and OpenSSL's defaults for them are kept.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+_ACCEPTABLE_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
+
+
+def tls_options(**kwargs) -> CertificateOptions:
+    """
+    ``CertificateOptions(**kwargs)`` with pyflock's settings: TLS 1.2 or later, the AEAD
+    suites of ``TLS12_CIPHERS``, no renegotiation. Every TLS context of pyflock is one.
+    """
+    options = CertificateOptions(raiseMinimumTo=MINIMUM_TLS_VERSION,
+                                 acceptableCiphers=_ACCEPTABLE_CIPHERS, **kwargs)
+    options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
+    return options
+
 
 _KINDS = ("user", "node", "control")
 
@@ -284,6 +303,26 @@ class PeerCheck:
                       event_type="pyflock:tls:revoked-refused")
         return reason is None
 
+    def still_acceptable(self, certificate, now: float) -> Optional[str]:
+        """
+        Why the peer of an open connection, which presented ``certificate``, may no
+        longer stay connected at ``now`` (POSIX seconds), or None while it may: the
+        certificate has expired (or is not valid yet), or is revoked. Listeners ask
+        this every ``ConnectionLimits.recheck`` seconds; the place for any later check
+        of a certificate that was accepted once (the CRL joins through ``is_revoked``).
+        """
+        certificate = _cryptography(certificate)
+        identity, revoked = self._judge(certificate)
+        if revoked is not None:
+            return revoked
+        name = identity.common_name if identity else common_name_of(certificate)
+        if now >= certificate.not_valid_after_utc.timestamp():
+            return (f"the certificate {name} expired at "
+                    f"{certificate.not_valid_after_utc.isoformat()}")
+        if now < certificate.not_valid_before_utc.timestamp():
+            return f"the certificate {name} is not valid yet"
+        return None
+
     def admit_certificate(self, certificate, role: Role) -> Admission:
         """Whether the peer presenting ``certificate`` (None: none) may use ``role``."""
         if certificate is None:
@@ -457,13 +496,12 @@ class ClusterTLS:
         """
         if self._server_options is None:
             credentials = self._credentials
-            options = CertificateOptions(
+            # A trust root makes Twisted verify the peer and require its certificate; no
+            # renegotiation, so a connection's client certificate never changes
+            # (ConnectionIdentities caches what it admitted).
+            options = tls_options(
                 privateKey=credentials.key, certificate=credentials.certificate,
-                # A trust root makes Twisted verify the peer and require its certificate.
-                trustRoot=self._trust(), raiseMinimumTo=MINIMUM_TLS_VERSION)
-            # A connection's client certificate never changes (ConnectionIdentities
-            # caches what it admitted).
-            options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
+                trustRoot=self._trust())
             # A revoked client certificate fails the handshake (Twisted's own callback,
             # replaced here, accepts whatever OpenSSL accepted).
             options.getContext().set_verify(
@@ -472,23 +510,27 @@ class ClusterTLS:
             self._server_options = options
         return self._server_options
 
-    def listener(self, reactor, port: Union[int, str], role: Role) -> Listener:
-        """The TLS listener on ``port`` (see ``tcp_server_endpoint``) admitting ``role``."""
-        return Listener(tls_server_endpoint(reactor, port, self.server_options()),
+    def listener(self, reactor, port: Union[int, str], role: Role,
+                 limits: ConnectionLimits = ConnectionLimits()) -> Listener:
+        """
+        The TLS listener on ``port`` (see ``tcp_server_endpoint``) admitting ``role``,
+        guarded by ``limits``: its peers' certificates are re-judged every
+        ``limits.recheck`` seconds (``PeerCheck.still_acceptable``).
+        """
+        return Listener(tls_server_endpoint(reactor, port, self.server_options(), limits,
+                                            self.check.still_acceptable),
                         role, self.check)
 
-    def join_listener(self, reactor, port: Union[int, str]) -> IStreamServerEndpoint:
+    def join_listener(self, reactor, port: Union[int, str],
+                      limits: ConnectionLimits = ConnectionLimits()) -> IStreamServerEndpoint:
         """
         The join port's TLS endpoint on ``port``: server-authenticated only (this
         certificate), requesting no client certificate, TLS 1.2 or later; a joining host
         has no certificate yet, and proves itself with a token inside.
         """
         credentials = self._credentials
-        options = CertificateOptions(
-            privateKey=credentials.key, certificate=credentials.certificate,
-            raiseMinimumTo=MINIMUM_TLS_VERSION)
-        options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
-        return tls_server_endpoint(reactor, port, options)
+        options = tls_options(privateKey=credentials.key, certificate=credentials.certificate)
+        return tls_server_endpoint(reactor, port, options, limits)
 
     def client_options(self, expected: Identity, hostname: Optional[str] = None
                        ) -> IOpenSSLClientConnectionCreator:
@@ -501,9 +543,8 @@ class ClusterTLS:
         if (expected.kind == "control") != (hostname is not None):
             raise ValueError("give the host name of the control service, and only of it")
         credentials = self._credentials
-        options = CertificateOptions(
-            privateKey=credentials.key, certificate=credentials.certificate,
-            trustRoot=self._trust(), raiseMinimumTo=MINIMUM_TLS_VERSION)
+        options = tls_options(privateKey=credentials.key, certificate=credentials.certificate,
+                              trustRoot=self._trust())
         return _ServerCheckingCreator(options, expected, self.check, hostname)
 
     def client_endpoint(self, reactor, host: str, port: int,
@@ -626,13 +667,12 @@ class JoinPolicy:
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         """The client connection creator for ``https://hostname:port``."""
         if self._authority is None:
-            return CertificateOptions(raiseMinimumTo=MINIMUM_TLS_VERSION)
+            return tls_options()
         host = hostname.decode("ascii") if isinstance(hostname, bytes) else hostname
         host = host.strip("[]")
         cluster_uuid = cluster_uuid_of(self._authority) or ""
-        options = CertificateOptions(
-            trustRoot=trustRootFromCertificates([_twisted_certificate(self._authority)]),
-            raiseMinimumTo=MINIMUM_TLS_VERSION)
+        options = tls_options(
+            trustRoot=trustRootFromCertificates([_twisted_certificate(self._authority)]))
         return _ServerCheckingCreator(options, Identity.control(), PeerCheck(cluster_uuid),
                                       host)
 
@@ -689,11 +729,13 @@ class _TLSServerEndpoint:
     _wrapped: IStreamServerEndpoint
     _options: object
     _clock: object
+    _limits: ConnectionLimits = ConnectionLimits()
+    _judge: Optional[Callable] = None
 
     def listen(self, protocolFactory):
-        """Listen on the wrapped endpoint, every connection wrapped in TLS."""
-        return self._wrapped.listen(
-            TLSMemoryBIOFactory(self._options, False, protocolFactory, clock=self._clock))
+        """Listen on the wrapped endpoint, every connection wrapped in TLS and guarded."""
+        return self._wrapped.listen(guarded_tls_factory(
+            self._options, protocolFactory, self._clock, self._limits, self._judge))
 
 
 def _check_port_number(number: int, given) -> int:
@@ -730,13 +772,16 @@ def tcp_server_endpoint(reactor, port: Union[int, str]) -> IStreamServerEndpoint
     return endpoint
 
 
-def tls_server_endpoint(reactor, port: Union[int, str],
-                        options) -> IStreamServerEndpoint:
+def tls_server_endpoint(reactor, port: Union[int, str], options,
+                        limits: ConnectionLimits = ConnectionLimits(),
+                        judge: Optional[Callable] = None) -> IStreamServerEndpoint:
     """
     A server endpoint on ``port`` (see ``tcp_server_endpoint``) where every connection
-    speaks TLS with ``options`` (from ``server_tls_options``).
+    speaks TLS with ``options`` (from ``server_tls_options``), guarded by ``limits``
+    (``pyflock.common._connections``); with ``judge``, peers are re-judged periodically.
     """
-    return _TLSServerEndpoint(tcp_server_endpoint(reactor, port), options, reactor)
+    return _TLSServerEndpoint(tcp_server_endpoint(reactor, port), options, reactor, limits,
+                              judge)
 
 
 def tls_client_endpoint(reactor, host: str, port: int,
@@ -748,7 +793,7 @@ def tls_client_endpoint(reactor, host: str, port: int,
 __all__ = [
     "AGENT_CHANNEL", "Admission", "ClusterTLS", "ClusterTLSPolicy", "ConnectionIdentities",
     "Identity", "JoinPolicy", "Listener", "MINIMUM_TLS_VERSION", "PEER_TRANSFER", "PeerCheck", "PeerRefused", "REST_API",
-    "Role", "client_tls_options", "never_revoked",
+    "Role", "TLS12_CIPHERS", "client_tls_options", "never_revoked", "tls_options",
     "client_tls_policy", "identity_of_certificate", "peer_identity", "read_cluster_uuid",
     "server_tls_options", "tcp_server_endpoint", "tls_client_endpoint",
     "tls_server_endpoint", "treq_client",

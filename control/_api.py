@@ -12,7 +12,6 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from pyflock.common._limits import metadata_problem
-from pyflock.common._logging import log_event
 from pyflock.common._model import (
     ConfigurationError, Dataset, DatasetDeleted, DatasetGone, DatasetIdTaken,
     DatasetNotDeleted, DatasetNotFound, LeaseHeld, LeaseNotFound, NameTaken,
@@ -26,6 +25,7 @@ from pyflock.control._clusterstate import (
 )
 from pyflock.control._api_base import APIBase, APIError, _encode
 from pyflock.control._persistence import ConfigurationService
+from pyflock.control._ratelimit import NodeLimits, WriteRateLimiter
 from pyflock.control._store import StoreError
 from pyflock.control._tokens import (
     DEFAULT_TTL, DEFAULT_USES, TokenService, TokenUnknown,
@@ -98,8 +98,10 @@ class ControlAPI(APIBase):
 
     def __init__(self, configuration: ConfigurationService, cluster: ClusterStateService,
                  identify: Callable[[IRequest], object], openapi: Optional[dict] = None,
-                 tokens: Optional[TokenService] = None):
-        super().__init__(identify)
+                 tokens: Optional[TokenService] = None,
+                 node_limits: NodeLimits = NodeLimits(),
+                 write_limiter: Optional[WriteRateLimiter] = None):
+        super().__init__(identify, node_limits, write_limiter)
         self._configuration = configuration
         self._tokens = tokens
         self._cluster = cluster
@@ -170,24 +172,27 @@ class ControlAPI(APIBase):
     async def create_dataset(self, request):
         """Create a dataset on its primary node."""
         identity = self._caller(request)
+        self._node_write(identity, self._configuration.now())
         body = self._body(request, _CREATE)
         _check_metadata(body)
         primary = body["primary"].lower()
         self._act_as(identity, primary, "create a dataset on another node")
+        self._node_quota(identity, self._configuration.pending)
         self._check_tag(request)
         size = body.get("maximum_size")
         dataset = Dataset(dataset_id=body.get("dataset_id", str(uuid4())).lower(),
                           primary=primary, maximum_size=None if size is None else int(size),
                           metadata=body.get("metadata", {}))
         await self._change(request, dataset.dataset_id, lambda c: c.create(dataset))
-        log_event(_log, "pyflock:control:dataset-created", dataset_id=dataset.dataset_id,
-                  primary=primary, name=dataset.name)
+        self._audit(request, "pyflock:control:dataset-created",
+                    dataset_id=dataset.dataset_id, primary=primary, name=dataset.name)
         return self._json(request, dataset_to_json(dataset), 201)
 
     @app.route("/v1/configuration/datasets/<dataset_id>", methods=["POST"])
     async def update_dataset(self, request, dataset_id):
         """Move a dataset by setting its primary, and/or replace its metadata."""
         identity = self._caller(request)
+        self._node_write(identity, self._configuration.now())
         dataset_id = self._dataset_id(dataset_id)
         body = self._body(request, _UPDATE)
         _check_metadata(body)
@@ -215,10 +220,10 @@ class ControlAPI(APIBase):
                                                       "target": e.target_zone})
         dataset = config.datasets[dataset_id]
         if before is not None and before.primary != dataset.primary:
-            log_event(_log, "pyflock:control:dataset-moved", dataset_id=dataset_id,
-                      source=before.primary, target=dataset.primary)
+            self._audit(request, "pyflock:control:dataset-moved", dataset_id=dataset_id,
+                        source=before.primary, target=dataset.primary)
         elif before != dataset:
-            log_event(_log, "pyflock:control:dataset-updated", dataset_id=dataset_id)
+            self._audit(request, "pyflock:control:dataset-updated", dataset_id=dataset_id)
         return self._json(request, dataset_to_json(dataset))
 
     @app.route("/v1/configuration/datasets/<dataset_id>", methods=["DELETE"])
@@ -226,6 +231,7 @@ class ControlAPI(APIBase):
         """Delete a dataset, its data kept for the retention period unless ``purge=true``
         (user certificates only); refused while another node leases it. Idempotent."""
         identity = self._caller(request)
+        self._node_write(identity, self._configuration.now())
         dataset_id = self._dataset_id(dataset_id)
         purge = _purge_arg(request)
         if purge:
@@ -244,8 +250,8 @@ class ControlAPI(APIBase):
         config = await self._change(request, dataset_id, lambda c: c.delete(
             now, dataset_id, allowed_holder=allowed_holder, retain_until=retain_until))
         dataset = config.datasets[dataset_id]
-        log_event(_log, "pyflock:control:dataset-deleted", dataset_id=dataset_id,
-                  retained_until=dataset.retained_until)
+        self._audit(request, "pyflock:control:dataset-deleted", dataset_id=dataset_id,
+                    retained_until=dataset.retained_until)
         return self._json(request, dataset_to_json(dataset))
 
     @app.route("/v1/configuration/datasets/<dataset_id>/restore", methods=["POST"])
@@ -263,8 +269,8 @@ class ControlAPI(APIBase):
         config = await self._change(request, dataset_id,
                                     lambda c: c.restore(dataset_id, name))
         dataset = config.datasets[dataset_id]
-        log_event(_log, "pyflock:control:dataset-restored", dataset_id=dataset_id,
-                  name=dataset.name)
+        self._audit(request, "pyflock:control:dataset-restored", dataset_id=dataset_id,
+                    name=dataset.name)
         return self._json(request, dataset_to_json(dataset))
 
     @app.route("/v1/state/datasets", methods=["GET"])
@@ -313,7 +319,7 @@ class ControlAPI(APIBase):
         body = self._body(request, _ACQUIRE)
         dataset_id = body["dataset_id"].lower()
         node_uuid = body["node_uuid"].lower()
-        self._act_as(identity, node_uuid, "take a lease for another node")
+        self._node_lease(identity, node_uuid, body["expires"])
         now = self._configuration.now()
         renewed = self._configuration.pending.leases.holder(now, dataset_id) == node_uuid
         try:
@@ -323,9 +329,9 @@ class ControlAPI(APIBase):
             if e.code == 405:
                 raise APIError(404, "Dataset not found.")
             raise
-        log_event(_log, "pyflock:control:lease-renewed" if renewed
-                  else "pyflock:control:lease-acquired",
-                  dataset_id=dataset_id, node_uuid=node_uuid)
+        self._audit(request, "pyflock:control:lease-renewed" if renewed
+                    else "pyflock:control:lease-acquired",
+                    dataset_id=dataset_id, node_uuid=node_uuid)
         return self._json(request, lease_to_json(config.leases[dataset_id], now),
                           200 if renewed else 201)
 
@@ -341,8 +347,8 @@ class ControlAPI(APIBase):
         if identity.kind == "node":
             self._act_as(identity, lease.node_uuid, "release another node's lease")
         await self._change(request, dataset_id, lambda c: c.release_lease(dataset_id))
-        log_event(_log, "pyflock:control:lease-released", dataset_id=dataset_id,
-                  node_uuid=lease.node_uuid)
+        self._audit(request, "pyflock:control:lease-released", dataset_id=dataset_id,
+                    node_uuid=lease.node_uuid)
         return self._json(request, lease_to_json(lease, now))
 
     # -- pyflock addition: forgetting a dead node (issue 7) ------------------------------
@@ -395,8 +401,8 @@ class ControlAPI(APIBase):
                                                 body.get("uses", DEFAULT_USES))
         except StoreError as e:
             raise self._token_stored(e)
-        log_event(_log, "pyflock:control:token-created", token_id=record.token_id,
-                  expires=record.expires, uses=record.uses)
+        self._audit(request, "pyflock:control:token-created", token_id=record.token_id,
+                    expires=record.expires, uses=record.uses)
         return self._json(request, dict(record.to_json(tokens.now()), token=str(token)), 201)
 
     @app.route("/v1/tokens/<token_id>", methods=["DELETE"])
@@ -411,5 +417,5 @@ class ControlAPI(APIBase):
             raise APIError(404, f"No join token has the id {e.args[0]}.")
         except StoreError as e:
             raise self._token_stored(e)
-        log_event(_log, "pyflock:control:token-revoked", token_id=token_id)
+        self._audit(request, "pyflock:control:token-revoked", token_id=token_id)
         return self._json(request, record.to_json(tokens.now()))

@@ -162,7 +162,7 @@ class JoinService:
             raise _Answer(400, f"the join request is larger than {MAX_JOIN_BODY} bytes")
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise _Answer(400, "the join request is not JSON") from None
         if not (isinstance(body, dict) and isinstance(body.get("token"), str)
                 and isinstance(body.get("csr"), str)):

@@ -17,8 +17,9 @@ _JSON = "application/json"
 
 _ERRORS = {
     400: "Malformed input: bad JSON, a schema violation (see `errors`) or a bad id.",
-    403: "The certificate may not do this (a node acting for another node, or a "
-         "certificate that is neither a user's nor a node's).",
+    403: "The certificate may not do this (a node acting for another node, taking a lease "
+         "of more than 300 s, or creating past its dataset quota; or a certificate that "
+         "is neither a user's nor a node's).",
     404: "No such dataset, lease or node.",
     405: "The dataset is deleted.",
     409: "Conflict: id or name taken, a lease held by another node (then the error's "
@@ -26,12 +27,21 @@ _ERRORS = {
          "its ``zones`` names both).",
     410: "The deleted dataset's data is no longer kept: it cannot be restored.",
     412: "X-If-Configuration-Matches did not match the current configuration tag.",
+    413: "The request body is larger than 1 MiB (answered as soon as Content-Length says "
+         "so, or when a chunked body passes it; the connection is then closed).",
+    429: "A node certificate changes datasets faster than its limit (20 a second, bursts "
+         "of 100 by default); retry after the seconds of the Retry-After header. User "
+         "certificates are not limited.",
     503: "The configuration store failed a write; retry shortly.",
 }
 
 _TAG_HEADER = {"X-Configuration-Tag": {
     "description": "The configuration generation after this request.",
     "schema": {"type": "string"}}}
+
+_RETRY_AFTER = {"Retry-After": {
+    "description": "Whole seconds to wait before retrying.",
+    "schema": {"type": "integer", "minimum": 1}}}
 
 _IF_MATCHES = {"name": "X-If-Configuration-Matches", "in": "header", "required": False,
                "description": "Apply the change only if the configuration tag still "
@@ -48,11 +58,14 @@ def _op(summary: str, ok: dict, errors: tuple[int, ...] = (), body: Optional[dic
         if ok_headers:
             response["headers"] = ok_headers
         responses[str(code)] = response
-    # Every route refuses a certificate that is neither a user's nor a node's (403); each
-    # operation lists the other errors it can answer (a test checks each is exercised).
-    for code in sorted(set(errors) | {403}):
+    # Every route refuses a certificate that is neither a user's nor a node's (403), and
+    # every route with a body one that is too large (413); each operation lists the
+    # other errors it can answer (a test checks each is exercised).
+    for code in sorted(set(errors) | {403} | ({413} if body is not None else set())):
         responses[str(code)] = {"description": _ERRORS[code],
                                 "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        if code == 429:
+            responses[str(code)]["headers"] = _RETRY_AFTER
     op = {"summary": summary, "responses": responses}
     if body is not None:
         op["requestBody"] = {"required": True, "content": {_JSON: {"schema": body}}}
@@ -144,21 +157,22 @@ def build_openapi(version: str) -> dict:
                        {200: ("Datasets.", s.array_of(ref["Dataset"]))},
                        ok_headers=_TAG_HEADER),
             "post": _op("Create a dataset.",
-                        {201: ("The new dataset.", ref["Dataset"])}, (400, 409, 412, 503),
+                        {201: ("The new dataset.", ref["Dataset"])},
+                        (400, 409, 412, 429, 503),
                         body=s.CREATE_DATASET, params=(_IF_MATCHES,),
                         ok_headers=_TAG_HEADER),
         },
         "/v1/configuration/datasets/{dataset_id}": {
             "post": _op("Move a dataset (set `primary`) and/or replace its metadata.",
                         {200: ("The updated dataset.", ref["Dataset"])},
-                        (400, 404, 405, 409, 412, 503),
+                        (400, 404, 405, 409, 412, 429, 503),
                         body=s.UPDATE_DATASET, params=(_DATASET_ID, _IF_MATCHES),
                         ok_headers=_TAG_HEADER),
             "delete": _op("Delete a dataset (idempotent); its data is kept, restorable, "
                           "for the control service's --deleted-retention unless "
                           "`purge=true`.",
                           {200: ("The deleted dataset.", ref["Dataset"])},
-                          (400, 404, 409, 412, 503),
+                          (400, 404, 409, 412, 429, 503),
                           params=(_DATASET_ID, _IF_MATCHES, _PURGE), ok_headers=_TAG_HEADER),
         },
         "/v1/configuration/datasets/{dataset_id}/restore": {"post": _restore_op()},

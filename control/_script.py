@@ -9,6 +9,9 @@
                           [--store sqlite|etcd] [--etcd-endpoints URL[,URL...]]
                           [--etcd-prefix PREFIX] [--etcd-ca FILE]
                           [--etcd-cert FILE --etcd-key FILE]
+                          [--max-connections N] [--tls-handshake-timeout SECONDS]
+                          [--tls-recheck SECONDS] [--node-dataset-quota N]
+                          [--node-write-rate PER_SECOND] [--node-write-burst N]
     pyflock-control backup --data-path DIR FILE
     pyflock-control migrate --from-data-path DIR --etcd-endpoints URL[,URL...] [--etcd-*]
 """
@@ -34,6 +37,9 @@ from pyflock.common._tokens import DEFAULT_JOIN_PORT, authority_pin
 from pyflock.control._join import JoinService
 from pyflock.control._tokens import FailureLimiter, TokenService
 from pyflock.common._logging import log_event, start_json_logging
+from pyflock.common._connections import (
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_RECHECK, ConnectionLimits,
+)
 from pyflock.common._tls import AGENT_CHANNEL, REST_API, ClusterTLS
 from pyflock.control._agentchannel import DEFAULT_HEARTBEAT, AgentChannelServer
 from pyflock.control._api import ControlAPI, __version__
@@ -43,6 +49,10 @@ from pyflock.control._clusterstate import (
 )
 from pyflock.common._limits import AGENT_MESSAGE_LIMIT, SEND_LIMIT
 from pyflock.control._openapi import build_openapi
+from pyflock.control._ratelimit import (
+    DEFAULT_NODE_DATASET_QUOTA, DEFAULT_NODE_WRITE_BURST, DEFAULT_NODE_WRITE_RATE, NodeLimits,
+    TokenBucketPolicy,
+)
 from pyflock.control._persistence import (
     DEFAULT_LEASE_RESTART_GRACE, DEFAULT_RETENTION, ConfigurationService,
 )
@@ -87,6 +97,56 @@ def _retention_seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
     return value
+
+
+def _positive_count(text: str) -> int:
+    """A whole number greater than zero, for argparse."""
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number greater than 0")
+    return int(text)
+
+
+#: The options of issue 8's limits: (flag, type, metavar, default, help with {default}).
+_LIMIT_OPTIONS = (
+    ("--max-connections", _positive_count, "N", DEFAULT_MAX_CONNECTIONS,
+     "open connections each port (REST API, agent channel, join) accepts at most; more "
+     "are closed at once"),
+    ("--tls-handshake-timeout", _positive_seconds, "SECONDS", DEFAULT_HANDSHAKE_TIMEOUT,
+     "a client that has not completed the TLS handshake this many seconds after "
+     "connecting is dropped"),
+    ("--tls-recheck", _positive_seconds, "SECONDS", DEFAULT_RECHECK,
+     "seconds between re-checks of the certificates of open connections; an expired or "
+     "revoked one is closed"),
+    ("--node-dataset-quota", _positive_count, "N", DEFAULT_NODE_DATASET_QUOTA,
+     "a node certificate may create datasets while its node is the primary of fewer live "
+     "datasets than this (user certificates: no limit)"),
+    ("--node-write-rate", _positive_seconds, "PER_SECOND", DEFAULT_NODE_WRITE_RATE,
+     "dataset creates, moves and deletes a node certificate may make per second; more "
+     "answer 429"),
+    ("--node-write-burst", _positive_count, "N", DEFAULT_NODE_WRITE_BURST,
+     "how many of them it may make at once after a quiet spell"),
+)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    """The options of issue 8's limits on connections and node certificates."""
+    for flag, kind, metavar, default, text in _LIMIT_OPTIONS:
+        p.add_argument(flag, type=kind, metavar=metavar, default=default,
+                       help=f"{text} (default {default:g})")
+
+
+def node_limits(options: argparse.Namespace) -> NodeLimits:
+    """The limits on node certificates, from the command line."""
+    return NodeLimits(dataset_quota=options.node_dataset_quota,
+                      writes=TokenBucketPolicy(options.node_write_rate,
+                                               options.node_write_burst))
+
+
+def connection_limits(options: argparse.Namespace) -> ConnectionLimits:
+    """The guards of every listening port, from the command line."""
+    return ConnectionLimits(max_connections=options.max_connections,
+                            handshake_timeout=options.tls_handshake_timeout,
+                            recheck=options.tls_recheck)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: cluster.key in the certificates folder; without "
                             "it, no joins are served)")
         add_store_arguments(p)
+        _add_limits(p)
     b = sub.add_parser("backup", help="copy the store consistently while the service runs")
     b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
     b.add_argument("file", help="the new backup file (never overwritten)")
@@ -173,7 +234,7 @@ async def start_joins(reactor, options: argparse.Namespace, tls: ClusterTLS, sto
                          "(docs/security.md, Where the keys belong)")
     try:
         authority = load_signing_authority(folder / AUTHORITY_CERTIFICATE, key_path)
-        endpoint = tls.join_listener(reactor, options.join_port)
+        endpoint = tls.join_listener(reactor, options.join_port, connection_limits(options))
     except (CertificateError, ValueError) as e:
         raise StartupError(f"cannot serve joins: {e}")
     tokens = await TokenService.load(store, reactor, authority_pin(authority.certificate))
@@ -200,8 +261,9 @@ async def run(reactor, options: argparse.Namespace) -> None:
     try:
         tls = ClusterTLS.load(options.certificates_directory, "control-service",
                               is_revoked=revocations.is_revoked)
-        api_listener = tls.listener(reactor, options.port, REST_API)
-        agent_listener = tls.listener(reactor, options.agent_port, AGENT_CHANNEL)
+        limits = connection_limits(options)
+        api_listener = tls.listener(reactor, options.port, REST_API, limits)
+        agent_listener = tls.listener(reactor, options.agent_port, AGENT_CHANNEL, limits)
         # cluster.crl: at start, on SIGHUP, on every change; revoked peers are cut off.
         crl = watch_revocations(reactor, options.certificates_directory, load_certificate(
             Path(options.certificates_directory) / AUTHORITY_CERTIFICATE), revocations)
@@ -239,7 +301,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
         await configuration.stop()
         raise
     api = ControlAPI(configuration, cluster, api_listener.identities(),
-                     build_openapi(__version__), tokens=tokens)
+                     build_openapi(__version__), tokens=tokens,
+                     node_limits=node_limits(options))
     site = APISite(api.resource())
     channel = AgentChannelServer(configuration, cluster, reactor,
                                  identify=agent_listener.admit,

@@ -42,6 +42,7 @@ from pyflock.control._api import ControlAPI, __version__
 from pyflock.control._clusterstate import ClusterStateService, NodeState
 from pyflock.control._openapi import build_openapi, match_path, response_validator
 from pyflock.control._persistence import DEFAULT_RETENTION, ConfigurationService
+from pyflock.control._ratelimit import NodeLimits, WriteRateLimiter
 from pyflock.control._store import MemoryConfigurationStore
 from pyflock.control._tokens import TokenBook, TokenService
 
@@ -139,7 +140,8 @@ class APIHarness:
 
     def __init__(self, config: Configuration = Configuration(), clock: Optional[Clock] = None,
                  store: Optional[MemoryConfigurationStore] = None, joins: bool = True,
-                 retention: float = DEFAULT_RETENTION):
+                 retention: float = DEFAULT_RETENTION,
+                 node_limits: NodeLimits = NodeLimits()):
         self.clock = clock or Clock()
         self.clock.advance(1_000_000)
         self.store = store or MemoryConfigurationStore(config)
@@ -148,6 +150,9 @@ class APIHarness:
                                                   retention)
         self.cluster = ClusterStateService(self.clock)
         self.openapi = build_openapi(__version__)
+        #: The limits on node certificates, and the one count of their writes.
+        self.node_limits = node_limits
+        self.write_limiter = WriteRateLimiter(node_limits.writes)
         #: The join tokens (``TokenService``), or None for a service that serves no joins.
         self.tokens = (TokenService(self.store, self.clock, TokenBook(self.store.tokens.values(),
                                                                       self.pin))
@@ -156,7 +161,8 @@ class APIHarness:
     def api(self, identity: Optional[Identity]) -> ControlAPI:
         """The API as ``identity`` sees it."""
         return ControlAPI(self.configuration, self.cluster, lambda request: identity,
-                          self.openapi, tokens=self.tokens)
+                          self.openapi, tokens=self.tokens, node_limits=self.node_limits,
+                          write_limiter=self.write_limiter)
 
     def request(self, testcase, method: str, path: str, body=None, *,
                 identity: Optional[Identity] = ALICE, headers: Optional[dict] = None,

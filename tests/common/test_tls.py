@@ -120,8 +120,10 @@ def test_server_endpoint_ports(port, expected_port, interface):
     endpoint.listen(factory)
     [(number, listening, _, listening_interface)] = reactor.tcpServers
     assert (number, listening_interface) == (expected_port, interface)
-    assert isinstance(listening, TLSMemoryBIOFactory)
-    assert listening.wrappedFactory is factory
+    # The connection cap (a ThrottlingFactory) wraps the TLS factory.
+    tls = listening.wrappedFactory
+    assert isinstance(tls, TLSMemoryBIOFactory)
+    assert tls.wrappedFactory is factory
 
 
 def test_tcp_endpoint_is_plain():

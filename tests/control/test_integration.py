@@ -126,9 +126,9 @@ async def test_every_endpoint_over_tls(controls, clients, cluster):
     assert (await create(alice, b, 409, dataset_id=ds)).json["description"]
     bad = await create(alice, a, 400, maximum_size="big")
     assert bad.json["errors"]
-    for raw in (b"{not json", b"[" * (1024 * 1024 + 1)):
+    for raw, code in ((b"{not json", 400), (b"[" * (1024 * 1024 + 1), 413)):
         r = await alice.request("POST", DATASETS, raw=raw)
-        assert r.code == 400 and r.json["description"]
+        assert r.code == code and r.json["description"]
     listed = await alice.get(DATASETS)
     assert (listed.json, listed.headers["x-configuration-tag"]) == ([created.json], tag1)
 

@@ -125,7 +125,8 @@ class JoinServiceTests(SynchronousTestCase):
     def test_bad_requests(self):
         """Bodies that are not the join request, or bad requests, answer 400."""
         token = self.token()
-        for body in (b"[", {"token": token}, {"token": token, "csr": "nonsense"}):
+        for body in (b"[", b"[" * 16_000, {"token": token},
+                     {"token": token, "csr": "nonsense"}):
             with self.subTest(body=body):
                 self.assertEqual(400, self.post(body)[0])
         self.assertEqual(0, self.tokens.book.records()[0].used)

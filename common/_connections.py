@@ -1,0 +1,170 @@
+"""
+What keeps the connections of a TLS listener from exhausting the process (issue 8): a cap
+on open connections, a deadline for the TLS handshake, and a periodic re-check of each
+peer's certificate on long-lived connections (expired, or revoked once ``cluster.crl``
+is read), closing those it no longer accepts.
+
+``guarded_tls_factory`` wraps a protocol factory in TLS with these guards; the cap is
+Twisted's ``ThrottlingFactory``, the deadline its ``TimeoutMixin``. Which certificate is
+still acceptable is decided elsewhere (``PeerCheck.still_acceptable`` in ``_tls``), passed
+in as ``judge(certificate, now)``: this module only applies the verdict.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import attr
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.policies import ThrottlingFactory, TimeoutMixin
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+
+from pyflock.common._logging import log_event
+
+_log = Logger()
+
+#: At most this many connections are open on one listener; more are closed at once.
+DEFAULT_MAX_CONNECTIONS = 1000
+
+#: Seconds a client has to complete the TLS handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+#: Seconds between re-checks of the peer certificates of open connections.
+DEFAULT_RECHECK = 60.0
+
+#: ``judge(certificate, now)``: why a peer presenting ``certificate`` (pyOpenSSL's) may no
+#: longer stay connected at ``now`` (POSIX seconds), or None while it may.
+Judge = Callable[[object, float], Optional[str]]
+
+
+def _positive(instance, attribute, value) -> None:
+    """attrs validator: a number greater than zero."""
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be greater than zero, not {value!r}")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ConnectionLimits:
+    """
+    The guards of one listener: at most ``max_connections`` open connections, the TLS
+    handshake done within ``handshake_timeout`` seconds, and peer certificates re-judged
+    every ``recheck`` seconds.
+    """
+
+    max_connections: int = attr.ib(default=DEFAULT_MAX_CONNECTIONS, validator=_positive)
+    handshake_timeout: float = attr.ib(default=DEFAULT_HANDSHAKE_TIMEOUT, validator=_positive)
+    recheck: float = attr.ib(default=DEFAULT_RECHECK, validator=_positive)
+
+
+class _DeadlineTLSProtocol(TimeoutMixin, BufferingTLSTransport):
+    """A server TLS connection aborted unless its handshake completes in time."""
+
+    def makeConnection(self, transport) -> None:
+        """Start the handshake's clock, then the handshake."""
+        self.callLater = self.factory.clock.callLater
+        self.setTimeout(self.factory.limits.handshake_timeout)
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Feed TLS; once the handshake is done, its clock stops."""
+        super().dataReceived(data)
+        if self._handshakeDone and self.timeOut is not None:
+            self.setTimeout(None)
+
+    def connectionLost(self, reason) -> None:
+        """Stop the clock with the connection."""
+        self.setTimeout(None)
+        super().connectionLost(reason)
+
+    def timeoutConnection(self) -> None:
+        """Drop a client that did not finish the handshake in time."""
+        log_event(_log, "pyflock:tls:handshake-timeout", LogLevel.warn,
+                  peer=str(self.transport.getPeer()),
+                  seconds=self.factory.limits.handshake_timeout)
+        self.transport.abortConnection()
+
+    @property
+    def handshake_done(self) -> bool:
+        """Whether the TLS handshake has completed."""
+        return self._handshakeDone
+
+
+class _GuardedTLSFactory(TLSMemoryBIOFactory):
+    """
+    Server TLS over ``wrapped`` with a handshake deadline and, every ``limits.recheck``
+    seconds while it listens, ``judge`` asked about each connection's peer certificate.
+    """
+
+    protocol = _DeadlineTLSProtocol
+
+    def __init__(self, options, wrapped, clock, limits: ConnectionLimits,
+                 judge: Optional[Judge]):
+        super().__init__(options, False, wrapped, clock=clock)
+        self.clock = clock
+        self.limits = limits
+        self._judge = judge
+        self._recheck: Optional[LoopingCall] = None
+
+    def startFactory(self) -> None:
+        """Start re-checking peers (when there is a judge)."""
+        super().startFactory()
+        if self._judge is not None:
+            self._recheck = LoopingCall(self.recheck)
+            self._recheck.clock = self.clock
+            self._recheck.start(self.limits.recheck, now=False)
+
+    def stopFactory(self) -> None:
+        """Stop re-checking peers."""
+        if self._recheck is not None and self._recheck.running:
+            self._recheck.stop()
+        super().stopFactory()
+
+    def recheck(self) -> None:
+        """Close every connection whose peer certificate the judge no longer accepts."""
+        now = self.clock.seconds()
+        for protocol in list(self.protocols):
+            if not protocol.handshake_done:
+                continue
+            certificate = protocol.getPeerCertificate()
+            if certificate is None:
+                continue
+            reason = self._judge(certificate, now)
+            if reason is not None:
+                log_event(_log, "pyflock:tls:connection-closed", LogLevel.warn,
+                          peer=str(protocol.transport.getPeer()), reason=reason)
+                protocol.abortConnection()
+
+
+class _ConnectionCap(ThrottlingFactory):
+    """``ThrottlingFactory``'s connection cap, saying in the log when it refuses."""
+
+    _refusing = False
+
+    def buildProtocol(self, addr):
+        """The wrapped protocol, or None (the connection is closed) at the cap."""
+        protocol = super().buildProtocol(addr)
+        if protocol is None and not self._refusing:
+            self._refusing = True
+            log_event(_log, "pyflock:tls:connections-full", LogLevel.warn,
+                      max_connections=self.maxConnectionCount, peer=str(addr))
+        return protocol
+
+    def unregisterProtocol(self, p) -> None:
+        """Count a closed connection; below the cap again, the next refusal is logged."""
+        super().unregisterProtocol(p)
+        self._refusing = False
+
+
+def guarded_tls_factory(options, wrapped, clock, limits: ConnectionLimits = ConnectionLimits(),
+                        judge: Optional[Judge] = None) -> ThrottlingFactory:
+    """
+    A server factory speaking TLS with ``options`` over ``wrapped``, guarded by
+    ``limits``; with ``judge``, peers are re-judged periodically (on ``clock``).
+    """
+    return _ConnectionCap(_GuardedTLSFactory(options, wrapped, clock, limits, judge),
+                          maxConnectionCount=limits.max_connections)
+
+
+__all__ = ["ConnectionLimits", "DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS",
+           "DEFAULT_RECHECK", "Judge", "guarded_tls_factory"]

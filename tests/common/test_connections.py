@@ -1,0 +1,134 @@
+"""
+The guards of every TLS listener (issue 8), in memory: the AEAD-only cipher list, the
+connection cap, the handshake deadline, and the periodic re-check of peer certificates.
+"""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from OpenSSL import SSL
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from pyflock.common._ca import CERTIFICATE_LIFETIME, create_node_certificate, load_certificate
+from pyflock.common._connections import ConnectionLimits, guarded_tls_factory
+from pyflock.common._tls import ClusterTLS, PeerCheck, tls_options
+from tests.harness.certificates import make_cluster_certificates
+
+ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    """A test cluster's certificates."""
+    return make_cluster_certificates(tmp_path, nodes=1)
+
+
+def test_cipher_list_is_aead_only():
+    """The TLS 1.2 suites pyflock offers are ECDHE with AES-GCM or ChaCha20-Poly1305 only."""
+    connection = SSL.Connection(tls_options().getContext(), None)
+    names = connection.get_cipher_list()
+    tls12 = [n for n in names if not n.startswith("TLS_")]
+    assert tls12 and all(n.startswith("ECDHE-") and ("GCM" in n or "CHACHA20" in n)
+                         for n in tls12), names
+    assert "ECDHE-ECDSA-AES128-SHA" not in names
+
+
+def test_still_acceptable(certificates, tmp_path):
+    """A certificate is acceptable until it expires; a revoked one never is."""
+    issued = datetime.now(timezone.utc)
+    node = create_node_certificate(certificates.path, tmp_path, now=issued)
+    certificate = load_certificate(tmp_path / f"{node}.crt")
+    check = PeerCheck(certificates.cluster_uuid)
+    end = (issued + CERTIFICATE_LIFETIME).timestamp()
+    assert check.still_acceptable(certificate, issued.timestamp()) is None
+    reason = check.still_acceptable(certificate, end + 1)
+    assert f"node-{node}" in reason and "expired" in reason
+    assert "not valid yet" in check.still_acceptable(
+        certificate, (issued - timedelta(days=1)).timestamp())
+    revoked = PeerCheck(certificates.cluster_uuid, is_revoked=lambda c: True)
+    assert "revoked" in revoked.still_acceptable(certificate, issued.timestamp())
+
+
+def guarded(certificates, clock, limits, judge=None):
+    """A guarded TLS factory of the control service's server options, on ``clock``."""
+    options = ClusterTLS.load(certificates.path, "control-service").server_options()
+    return guarded_tls_factory(options, Factory.forProtocol(Protocol), clock, limits, judge)
+
+
+def connect(factory):
+    """A new connection to ``factory`` over a string transport; (protocol, transport)."""
+    protocol = factory.buildProtocol(ADDRESS)
+    if protocol is None:
+        return None, None
+    transport = StringTransport(peerAddress=ADDRESS)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_handshake_deadline(certificates):
+    """A client that sends nothing is aborted when the handshake deadline passes."""
+    clock = Clock()
+    factory = guarded(certificates, clock, ConnectionLimits(handshake_timeout=10))
+    factory.doStart()
+    _, transport = connect(factory)
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+    factory.doStop()
+
+
+def test_connection_cap(certificates):
+    """At the cap, new connections are refused until one closes."""
+    clock = Clock()
+    factory = guarded(certificates, clock, ConnectionLimits(max_connections=2))
+    factory.doStart()
+    first, _ = connect(factory)
+    connect(factory)
+    assert connect(factory) == (None, None)
+    first.connectionLost(None)
+    assert connect(factory)[0] is not None
+    factory.doStop()
+
+
+class _Connection:
+    """A connection whose handshake is done, as the re-check sees it."""
+
+    handshake_done = True
+    aborted = False
+    transport = StringTransport(peerAddress=ADDRESS)
+
+    def getPeerCertificate(self):
+        """The peer's certificate (a stand-in)."""
+        return "certificate"
+
+    def abortConnection(self):
+        """Record the abort."""
+        self.aborted = True
+
+
+def test_recheck_closes_refused_peers(certificates):
+    """Every ``recheck`` seconds while listening, the judge is asked about each connection
+    whose handshake is done, and those it refuses are aborted; not after the listener
+    stopped."""
+    clock = Clock()
+    asked = []
+
+    def judge(certificate, now):
+        asked.append((certificate, now))
+        return "expired" if now >= 10 else None
+    factory = guarded(certificates, clock, ConnectionLimits(recheck=5), judge=judge)
+    factory.doStart()
+    connect(factory)  # handshake not done: never judged
+    connection = _Connection()
+    factory.wrappedFactory.protocols[connection] = 1
+    clock.advance(5)
+    assert (asked, connection.aborted) == ([("certificate", 5.0)], False)
+    clock.advance(5)
+    assert (asked[-1], connection.aborted) == (("certificate", 10.0), True)
+    factory.doStop()
+    clock.advance(20)
+    assert len(asked) == 2
