@@ -49,7 +49,7 @@ from pyflock.control._etcd_model import (
     write_outcome, write_request,
 )
 from pyflock.control._store import (
-    RETAINED_REVISIONS, HistoryGone, IConfigurationStore, StoreChanges, StoreError,
+    RETAINED_REVISIONS, HistoryGone, IConfigurationStore, StoreChanges, StoreConflict, StoreError,
     StoreSnapshot, StoreWrite, check_history, new_store_id,
 )
 
@@ -114,6 +114,18 @@ class EtcdConfigurationStore:
     def changes_since(self, revision: int) -> Deferred:
         """The rows changed after ``revision``, after every write submitted before."""
         return self._request("changes", revision)
+
+    def catch_up(self, revision: int) -> Deferred:
+        """
+        Like ``changes_since``, and from now on writes compare with what it read: call it
+        only with no write of this store in flight, and apply what it answers.
+        """
+        return self._request("catch_up", revision)
+
+    @property
+    def gateway(self) -> EtcdGateway:
+        """The gateway this store talks through (the watch and health check use it)."""
+        return self._gateway
 
     def load_tokens(self) -> Deferred:
         """Every stored join token."""
@@ -288,16 +300,21 @@ class EtcdConfigurationStore:
         self._know(meta)
         return StoreSnapshot(config, store_revision(meta.revision), self.store_id)
 
-    async def _do_changes(self, since: int) -> StoreChanges:
+    async def _do_changes(self, since: int, know: bool = False) -> StoreChanges:
         def check(meta: Meta) -> None:
             check_history(since, store_revision(meta.oldest_kept(self._retained)),
                           store_revision(meta.revision))
         meta, rows = await self._read(etcd_floor(since), check)
         datasets, leases = decode_rows(self.keys, rows)
+        if know:
+            self._know(meta)
         change = StoreWrite(datasets=tuple(datasets.items()), leases=tuple(leases.items()),
                             generation=meta.generation)
         return StoreChanges(since=since, revision=store_revision(meta.revision),
                             change=change, store_id=meta.store_id or self.store_id)
+
+    async def _do_catch_up(self, since: int) -> StoreChanges:
+        return await self._do_changes(since, know=True)
 
     async def _do_tokens(self, _: None) -> tuple:
         kvs = await self._pages(self.keys.tokens, prefix_end(self.keys.tokens))
@@ -345,7 +362,7 @@ class EtcdConfigurationStore:
             "kv/txn", write_request(self.keys, batch, self._meta.revision, nonce))
         committed = write_outcome(self.keys, answer, nonce)
         if committed is None:
-            raise StoreError(
+            raise StoreConflict(
                 f"{self.where}: another writer changed the configuration since this "
                 f"control service read it (at etcd revision {self._meta.revision}); nothing "
                 f"of this change was written. The configuration is reloaded.")

@@ -46,7 +46,9 @@ from pyflock.control._openapi import build_openapi
 from pyflock.control._persistence import DEFAULT_LEASE_RESTART_GRACE, ConfigurationService
 from pyflock.control._sqlite_store import backup
 from pyflock.control._migrate import add_migrate_parser, migrate_main
-from pyflock.control._stores import add_store_arguments, open_store, store_description
+from pyflock.control._stores import (
+    add_store_arguments, open_store, start_following, store_description,
+)
 from pyflock.control._store import StoreError
 
 _log = Logger()
@@ -213,6 +215,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     configuration.start_lease_expiry()
+    start_following(reactor, configuration, store, options)
     cluster = ClusterStateService(reactor, node_expiry=options.node_expiry,
                                   forget_after=options.forget_dead_nodes)
     try:
