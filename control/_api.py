@@ -106,7 +106,8 @@ class ControlAPI(APIBase):
 
     def _check_tag(self, request) -> None:
         expected = request.getHeader(b"x-if-configuration-matches")
-        if expected is not None and expected.decode("latin-1") != self._configuration.pending_tag:
+        if expected is not None and not self._configuration.tag_may_match(
+                expected.decode("latin-1")):
             raise _tag_mismatch()
 
     async def _change(self, request, dataset_id: str, transform):

@@ -204,8 +204,11 @@ class EtcdFollower:
                 self._service.reload()
             self._abort()
         elif message.kind == "error":
+            # Say, no leader: this member is cut off; watch through the next one.
+            endpoint = self._gateway.endpoint
             log_event(_log, "pyflock:control:etcd-watch-failed", LogLevel.warn,
-                      endpoint=self._gateway.endpoint, reason=message.reason)
+                      endpoint=endpoint, reason=message.reason)
+            self._gateway.skip(endpoint)
             self._abort()
 
     def _abort(self) -> None:

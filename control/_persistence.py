@@ -78,7 +78,118 @@ class _Change:
                 change.done.callback(outcome)
 
 
-class ConfigurationService:
+class _Following:
+    """
+    The part of ``ConfigurationService`` that follows a store other replicas write (etcd):
+    it catches up with their writes (``notice``, ``reload``), between its own, and refuses
+    changes while the store may not see the latest writes (``unhealthy``).
+    """
+
+    def tag_may_match(self, expected: str) -> bool:
+        """Whether a change made on tag ``expected`` may be accepted (then ``change``
+        decides); False when it is surely outdated."""
+        return expected == self.pending_tag or self._newer_tag(expected)
+
+    def _newer_tag(self, expected: str) -> bool:
+        """Whether ``expected`` is a tag of this shared store newer than ours."""
+        store_id, _, revision = expected.rpartition("-")
+        return (self._follows and store_id == self.store_id and revision.isdigit()
+                and int(revision) > self._tag_revision)
+
+    def follow_with(self, follower) -> None:
+        """Keep the configuration current with ``follower`` (stopped with the service)."""
+        self._follower = follower
+
+    def notice(self, revision: int) -> None:
+        """Another writer may have written up to store ``revision``: catch up with it."""
+        if revision > self._seen:
+            self._seen = revision
+        self._maybe_sync()
+
+    def reload(self) -> None:
+        """Read the whole configuration again (the change feed cannot tell what changed)."""
+        self._reload_wanted = True
+        self._maybe_sync()
+
+    def healthy(self) -> None:
+        """The store answers: take changes again (after catching up)."""
+        if self._unhealthy is not None:
+            log_event(_log, "pyflock:control:store-healthy")
+            self._unhealthy = None
+            self._reload_wanted = True
+            self._maybe_sync()
+
+    def unhealthy(self, reason: str) -> None:
+        """The store may not see the latest writes: refuse changes until ``healthy``."""
+        if self._unhealthy is None:
+            log_event(_log, "pyflock:control:store-unhealthy", LogLevel.warn, reason=reason)
+        self._unhealthy = reason
+
+    def _maybe_sync(self) -> None:
+        """Catch up with other writers once no write of ours is in flight."""
+        if (self._syncing or self._in_flight or self._broken is not None or self._stopped
+                or not self._follows):
+            return
+        if not (self._reload_wanted or self._catch_up_wanted or self._rebasing
+                or self._seen > self.revision):
+            return
+        self._syncing = True
+        full, self._reload_wanted, self._catch_up_wanted = self._reload_wanted, False, False
+        d = self._store.load() if full else self._store.catch_up(self.revision)
+        d.addCallbacks(self._caught_up, self._sync_failed)
+
+    def _caught_up(self, result) -> None:
+        if isinstance(result, StoreSnapshot):
+            config, touched = result.configuration, None
+        else:
+            change = result.change
+            config = apply_write(self.committed, change)
+            touched = tuple(dict.fromkeys([i for i, _ in change.datasets]
+                                          + [i for i, _ in change.leases]))
+        changed = result.revision != self.revision or touched is None
+        self.committed = self.pending = config
+        self.revision, self.store_id = result.revision, result.store_id
+        self._learn_tag()
+        self._syncing = False
+        if changed:
+            self._notify(touched)
+        self._rebasing = False
+        waiting, self._retrying, self._held = self._retrying + self._held, [], []
+        for request in waiting:
+            if self._syncing or self._rebasing:
+                self._held.append(request)
+                continue
+            try:
+                self._submit(request)
+            except Exception:
+                request.finish(Failure())
+        self._maybe_sync()
+
+    def _sync_failed(self, failure: Failure) -> None:
+        self._syncing = False
+        if failure.check(HistoryGone):
+            self._reload_wanted = True
+            return self._maybe_sync()
+        if self._broken is None:
+            self._broken = f"configuration store read failed: {failure.value}"
+            log_event(_log, "pyflock:control:store-read-failed", LogLevel.error,
+                      reason=str(failure.value))
+        self._rebasing = False
+        self._fail_waiting(StoreUnavailable(self._broken))
+        self._recover()
+
+    def _fail_waiting(self, error: Exception) -> None:
+        """Fail every change held for a catch-up."""
+        waiting, self._retrying, self._held = self._retrying + self._held, [], []
+        self._rebasing = False
+        for request in waiting:
+            request.finish(Failure(error))
+
+    def _learn_tag(self) -> None:
+        self._tag_revision = getattr(self._store, "tag_revision", 0)
+
+
+class ConfigurationService(_Following):
     """
     Holds the desired configuration and applies changes to it durably.
 
@@ -114,6 +225,7 @@ class ConfigurationService:
         self._syncing = False
         self._rebasing = False
         self._reload_wanted = False
+        self._catch_up_wanted = False
         self._unhealthy: Optional[str] = None
         self._retrying: list[_Change] = []
         self._held: list[_Change] = []
@@ -201,6 +313,12 @@ class ConfigurationService:
         request = _Change(tuple(dataset_ids), transform, expected_tag)
         if self._syncing or self._rebasing:
             self._held.append(request)
+        elif expected_tag is not None and expected_tag != self.pending_tag and (
+                self._newer_tag(expected_tag)):
+            # A tag from a replica that is ahead of this one: catch up, then check it.
+            self._held.append(request)
+            self._catch_up_wanted = True
+            self._maybe_sync()
         else:
             self._submit(request)
         return request.done
@@ -229,14 +347,20 @@ class ConfigurationService:
                  waiting: list["_Change"], request: "_Change") -> None:
         self._in_flight -= 1
         if (isinstance(result, Failure) and result.check(StoreConflict) and self._follows
-                and self._broken is None and request.attempts < MAX_REBASES):
+                and self._broken is None):
             # Another replica wrote first: nothing of this was written. Apply it again
             # once the configuration caught up with that writer.
             log_event(_log, "pyflock:control:change-rebased", reason=str(result.value))
-            request.attempts += 1
-            request.waiters += waiting
             self._rebasing = True
-            self._retrying.append(request)
+            request.waiters += waiting
+            if request.attempts < MAX_REBASES:
+                request.attempts += 1
+                self._retrying.append(request)
+            else:
+                request.finish(Failure(StoreUnavailable(
+                    f"other replicas changed the configuration {request.attempts + 1} "
+                    f"times while this change was being written; nothing of it was "
+                    f"written")))
             self._maybe_sync()
             return
         outcome = self._settle(result, config, touched)
@@ -267,99 +391,6 @@ class ConfigurationService:
         self._notify(touched)
         return config
 
-    # -- following a shared store ---------------------------------------------------------
-
-    def follow_with(self, follower) -> None:
-        """Keep the configuration current with ``follower`` (stopped with the service)."""
-        self._follower = follower
-
-    def notice(self, revision: int) -> None:
-        """Another writer may have written up to store ``revision``: catch up with it."""
-        if revision > self._seen:
-            self._seen = revision
-        self._maybe_sync()
-
-    def reload(self) -> None:
-        """Read the whole configuration again (the change feed cannot tell what changed)."""
-        self._reload_wanted = True
-        self._maybe_sync()
-
-    def healthy(self) -> None:
-        """The store answers: take changes again (after catching up)."""
-        if self._unhealthy is not None:
-            log_event(_log, "pyflock:control:store-healthy")
-            self._unhealthy = None
-            self._reload_wanted = True
-            self._maybe_sync()
-
-    def unhealthy(self, reason: str) -> None:
-        """The store may not see the latest writes: refuse changes until ``healthy``."""
-        if self._unhealthy is None:
-            log_event(_log, "pyflock:control:store-unhealthy", LogLevel.warn, reason=reason)
-        self._unhealthy = reason
-
-    def _maybe_sync(self) -> None:
-        """Catch up with other writers once no write of ours is in flight."""
-        if (self._syncing or self._in_flight or self._broken is not None or self._stopped
-                or not self._follows):
-            return
-        if not (self._reload_wanted or self._rebasing or self._seen > self.revision):
-            return
-        self._syncing = True
-        full, self._reload_wanted = self._reload_wanted, False
-        d = self._store.load() if full else self._store.catch_up(self.revision)
-        d.addCallbacks(self._caught_up, self._sync_failed)
-
-    def _caught_up(self, result) -> None:
-        if isinstance(result, StoreSnapshot):
-            config, touched = result.configuration, None
-        else:
-            change = result.change
-            config = apply_write(self.committed, change)
-            touched = tuple(dict.fromkeys([i for i, _ in change.datasets]
-                                          + [i for i, _ in change.leases]))
-        changed = result.revision != self.revision or touched is None
-        self.committed = self.pending = config
-        self.revision, self.store_id = result.revision, result.store_id
-        self._learn_tag()
-        self._syncing = False
-        if changed:
-            self._notify(touched)
-        self._rebasing = False
-        waiting, self._retrying, self._held = self._retrying + self._held, [], []
-        for request in waiting:
-            if self._syncing or self._rebasing:
-                self._held.append(request)
-                continue
-            try:
-                self._submit(request)
-            except Exception:
-                request.finish(Failure())
-        self._maybe_sync()
-
-    def _sync_failed(self, failure: Failure) -> None:
-        self._syncing = False
-        if failure.check(HistoryGone):
-            self._reload_wanted = True
-            return self._maybe_sync()
-        if self._broken is None:
-            self._broken = f"configuration store read failed: {failure.value}"
-            log_event(_log, "pyflock:control:store-read-failed", LogLevel.error,
-                      reason=str(failure.value))
-        self._rebasing = False
-        self._fail_waiting(StoreUnavailable(self._broken))
-        self._recover()
-
-    def _fail_waiting(self, error: Exception) -> None:
-        """Fail every change held for a catch-up."""
-        waiting, self._retrying, self._held = self._retrying + self._held, [], []
-        self._rebasing = False
-        for request in waiting:
-            request.finish(Failure(error))
-
-    def _learn_tag(self) -> None:
-        self._tag_revision = getattr(self._store, "tag_revision", 0)
-
     def _recover(self) -> None:
         """Reload from the store, the truth after a failed write, skipping a generation."""
         self._retry = None
@@ -379,6 +410,7 @@ class ConfigurationService:
                 self._notify(None)
                 log_event(_log, "pyflock:control:store-recovered",
                           generation=config.generation)
+                self._maybe_sync()
             return d.addCallback(done)
 
         def still_broken(failure):
