@@ -12,7 +12,7 @@ from typing import Any
 
 from pyflock.control._etcd_client import EtcdTLS, parse_endpoints
 from pyflock.control._etcd_store import EtcdConfigurationStore, open_etcd_store
-from pyflock.control._etcd_watch import DEFAULT_CHECK_INTERVAL, follow
+from pyflock.control._etcd_watch import DEFAULT_CHECK_DEADLINE, DEFAULT_CHECK_INTERVAL, follow
 from pyflock.control._sqlite_store import open_sqlite_store
 from pyflock.control._store import StoreError
 
@@ -53,8 +53,10 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-check-interval", type=_positive,
                         default=DEFAULT_CHECK_INTERVAL, metavar="SECONDS",
                         help=f"seconds between checks that the etcd member in use still "
-                             f"answers linearizable reads; a replica whose member does not "
-                             f"refuses changes (default {DEFAULT_CHECK_INTERVAL:g})")
+                             f"answers linearizable reads; a replica whose members do not "
+                             f"answer within {DEFAULT_CHECK_DEADLINE:g} s (or the interval, "
+                             f"if longer) refuses changes (default "
+                             f"{DEFAULT_CHECK_INTERVAL:g})")
 
 
 def etcd_options(options: argparse.Namespace) -> tuple[tuple[str, ...], EtcdTLS]:
@@ -88,7 +90,8 @@ def start_following(reactor: Any, configuration: Any, store: Any,
     """On etcd, keep ``configuration`` current with what other replicas write."""
     if isinstance(store, EtcdConfigurationStore):
         interval = getattr(options, "etcd_check_interval", DEFAULT_CHECK_INTERVAL)
-        follow(reactor, configuration, store, interval=interval, deadline=interval)
+        follow(reactor, configuration, store, interval=interval,
+               deadline=max(interval, DEFAULT_CHECK_DEADLINE))
 
 
 def store_description(options: argparse.Namespace) -> str:
