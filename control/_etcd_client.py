@@ -104,6 +104,13 @@ class _EtcdPolicy:
         return ssl.optionsForClientTLS(hostname.decode("ascii"), **options)
 
 
+def describe(error: BaseException) -> str:
+    """A one-line account of ``error`` (a failed response names its first reason)."""
+    if isinstance(error, ResponseFailed) and error.reasons:
+        return f"response failed: {error.reasons[0].getErrorMessage()}"
+    return str(error) or type(error).__name__
+
+
 def _is_member_failure(error: BaseException) -> bool:
     """Whether ``error`` says the member is unreachable or cannot serve (try another)."""
     if isinstance(error, EtcdError):
@@ -155,11 +162,11 @@ class EtcdGateway:
                 except Exception as e:
                     if not _is_member_failure(e):
                         raise
-                    failures.append(f"{endpoint}: {e or type(e).__name__}")
+                    failures.append(f"{endpoint}: {describe(e)}")
                     self._current = (self._current + 1) % len(self.endpoints)
                     log_event(_log, "pyflock:control:etcd-member-failed", LogLevel.warn,
                               endpoint=endpoint, next=self.endpoint, path=path,
-                              reason=str(e) or type(e).__name__)
+                              reason=describe(e))
                 if self._reactor.seconds() - started > deadline:
                     raise EtcdUnavailable(
                         f"no etcd member answered /v3/{path} within {deadline:g} s "
@@ -206,7 +213,7 @@ class EtcdGateway:
             response = await d
         except Exception as e:
             self.skip(endpoint)
-            raise EtcdUnavailable(f"{endpoint}: {e or type(e).__name__}") from e
+            raise EtcdUnavailable(f"{endpoint}: {describe(e)}") from e
         if response.code != 200:
             content = await response.content()
             self.skip(endpoint)

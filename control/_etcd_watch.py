@@ -29,6 +29,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger, LogLevel
 
 from pyflock.common._logging import log_event
+from pyflock.control._etcd_client import describe
 from pyflock.control._etcd_model import (
     KeyValue, Keys, b64, header_revision, range_request, store_revision,
 )
@@ -163,7 +164,7 @@ class EtcdFollower:
                 await self._watch_once()
             except Exception as e:
                 log_event(_log, "pyflock:control:etcd-watch-failed", LogLevel.warn,
-                          endpoint=self._gateway.endpoint, reason=str(e) or type(e).__name__)
+                          endpoint=self._gateway.endpoint, reason=describe(e))
             if not self._stopped:
                 await deferLater(self._reactor, WATCH_RETRY, lambda: None)
 

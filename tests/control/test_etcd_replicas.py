@@ -288,3 +288,32 @@ async def test_replica_serves_the_right_configuration_after_compaction(
     first = await clients[0].get(DATASETS)
     await until_tag(clients[1], first.headers["x-configuration-tag"])
     assert by_id((await clients[1].get(DATASETS)).json) == by_id(first.json)
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_on_a_member_without_leader_ends(replicas, clients, etcd):
+    """
+    Members 0 and 1 stop, so member 2 has no leader: replica 2's watch, which asks for a
+    leader, ends with etcd's error instead of hanging, and changes are refused with 503;
+    once the members run again, replica 2 takes changes.
+    """
+    cluster, processes = replicas
+    reactor = _reactor()
+    two = processes[1]
+
+    def no_leader(event: dict) -> bool:
+        return "leader" in str(event.get("reason", ""))
+    seen = len([e for e in two.log_events("pyflock:control:etcd-watch-failed")
+                if no_leader(e)])
+    for member in etcd.members[:2]:
+        member.pause()
+    try:
+        await two.wait_for_event(reactor, "pyflock:control:etcd-watch-failed", no_leader,
+                                 timeout=20, after=seen)
+        refused = await clients[1].post(DATASETS, creation(cluster, "leaderless"))
+        assert refused.code == 503, refused
+    finally:
+        for member in etcd.members[:2]:
+            member.resume()
+    taken = await post_through(clients[1], creation(cluster, "led again"), timeout=20)
+    assert taken.code in (201, 409), taken
