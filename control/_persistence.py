@@ -37,8 +37,9 @@ DEFAULT_LEASE_RESTART_GRACE = 30.0
 #: Seconds between attempts to reload the store after a failed write.
 RECOVERY_RETRY = 1.0
 
-#: How many times a change that another writer beat is applied again on a shared store.
-MAX_REBASES = 2
+#: How many times a change that another writer beat is applied again on a shared store
+#: (under steady writes through two replicas a change may lose several rounds in a row).
+MAX_REBASES = 10
 
 Listener = Callable[[Configuration, Optional[tuple[str, ...]]], None]
 
