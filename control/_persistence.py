@@ -37,9 +37,10 @@ DEFAULT_LEASE_RESTART_GRACE = 30.0
 #: Seconds between attempts to reload the store after a failed write.
 RECOVERY_RETRY = 1.0
 
-#: How many times a change that another writer beat is applied again on a shared store
-#: (under steady writes through two replicas a change may lose several rounds in a row).
-MAX_REBASES = 10
+#: Seconds during which a change that other writers beat is applied again on a shared
+#: store (under steady writes through two replicas a change may lose many rounds in a
+#: row: each of them is one transaction of the other replica's).
+REBASE_TIMEOUT = 10.0
 
 Listener = Callable[[Configuration, Optional[tuple[str, ...]]], None]
 
@@ -69,6 +70,7 @@ class _Change:
     done: Deferred = attr.Factory(Deferred)
     waiters: list = attr.Factory(list)
     attempts: int = 0
+    started: float = 0.0
 
     def finish(self, outcome) -> None:
         """Fire ``done`` and the waiters with ``outcome`` (a configuration or a Failure)."""
@@ -304,14 +306,14 @@ class ConfigurationService(_Following):
         With ``expected_tag``, a pending configuration of another tag raises
         ``TagMismatch``. A change that changes nothing fires once the changes before it
         are durable. On a shared store, a change that another writer beat is applied
-        again on the configuration that writer left (``MAX_REBASES`` times at most), so
+        again on the configuration that writer left (for ``REBASE_TIMEOUT`` at most), so
         its Deferred may also fail with those errors.
         """
         if self._broken is not None:
             return fail(StoreUnavailable(self._broken))
         if self._unhealthy is not None:
             return fail(StoreUnavailable(self._unhealthy))
-        request = _Change(tuple(dataset_ids), transform, expected_tag)
+        request = _Change(tuple(dataset_ids), transform, expected_tag, started=self.now())
         if self._syncing or self._rebasing:
             self._held.append(request)
         elif expected_tag is not None and expected_tag != self.pending_tag and (
@@ -354,14 +356,14 @@ class ConfigurationService(_Following):
             log_event(_log, "pyflock:control:change-rebased", reason=str(result.value))
             self._rebasing = True
             request.waiters += waiting
-            if request.attempts < MAX_REBASES:
+            if self.now() - request.started < REBASE_TIMEOUT:
                 request.attempts += 1
                 self._retrying.append(request)
             else:
                 request.finish(Failure(StoreUnavailable(
                     f"other replicas changed the configuration {request.attempts + 1} "
-                    f"times while this change was being written; nothing of it was "
-                    f"written")))
+                    f"times in {REBASE_TIMEOUT:g} s while this change was being written; "
+                    f"nothing of it was written")))
             self._maybe_sync()
             return
         outcome = self._settle(result, config, touched)

@@ -455,3 +455,31 @@ async def test_writers_writing_again_share_transactions(tmp_path):
         return store.transactions - before
 
     assert await using(etcd_store_opener(tmp_path), write_all) <= 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_write_tells_what_changed(tmp_path):
+    """
+    A write refused because another store wrote reads that writer's changes; the next
+    ``catch_up`` answers them as ``changes_since`` would, after which writes go through.
+    """
+    opener = etcd_store_opener(tmp_path)
+    first, second = await opener(), await opener()
+    try:
+        loaded_at = (await first.load()).revision
+        await second.load()
+        await second.write(creating(1, 1))
+        with pytest.raises(StoreConflict):
+            await first.write(creating(2, 1))
+        expected = await second.changes_since(loaded_at)
+        calls = []
+        real = first.gateway.call
+        first.gateway.call = lambda *a, **k: calls.append(a) or real(*a, **k)
+        caught = await first.catch_up(loaded_at)
+        assert calls == [] and caught == expected
+        del first.gateway.call
+        await first.write(creating(2, 2))
+        assert {dataset_id(1), dataset_id(2)} <= set((await loaded(second)).datasets)
+    finally:
+        await first.close()
+        await second.close()

@@ -14,7 +14,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.common._model import Dataset, NameTaken
-from pyflock.control._persistence import ConfigurationService, StoreUnavailable, TagMismatch
+from pyflock.control._persistence import (
+    REBASE_TIMEOUT, ConfigurationService, StoreUnavailable, TagMismatch,
+)
 from pyflock.control._store import MemoryConfigurationStore, StoreConflict, StoreWrite
 
 NODE = "aaaaaaaa-0000-4000-8000-000000000001"
@@ -71,7 +73,8 @@ class FollowTests(SynchronousTestCase):
 
     def setUp(self):
         self.store = SharedStore()
-        self.service = self.successResultOf(ConfigurationService.load(self.store, Clock()))
+        self.clock = Clock()
+        self.service = self.successResultOf(ConfigurationService.load(self.store, self.clock))
         self.heard: list = []
         self.service.subscribe(lambda config, ids: self.heard.append(ids))
 
@@ -136,14 +139,20 @@ class FollowTests(SynchronousTestCase):
         self.successResultOf(self.create(1))
 
     def test_repeated_conflicts_answer_unavailable(self):
-        """A change beaten again and again fails with StoreUnavailable, nothing written."""
+        """
+        A change beaten again and again, a second apart, is applied again for
+        REBASE_TIMEOUT, then fails with StoreUnavailable, nothing written.
+        """
         real = self.store.catch_up
 
         def catch_up_then_beaten(revision):
             d = real(revision)
             self.store.known = -1
+            self.clock.advance(1)
             return d
         self.store.catch_up = catch_up_then_beaten
         self.store.known = -1
         self.failureResultOf(self.create(1), StoreUnavailable)
         self.assertEqual(dict(self.store.config.datasets), {})
+        # One catch-up a second until the timeout, and one after the last refusal.
+        self.assertEqual(self.store.catch_ups, REBASE_TIMEOUT + 1)
