@@ -137,6 +137,7 @@ class EtcdFollower:
         self._checking = False
         self._checks: Optional[LoopingCall] = None
         self._watching: Optional[Deferred] = None
+        self._watch_endpoint: Optional[str] = None
         self.compactions = 0
 
     def start(self) -> None:
@@ -177,6 +178,7 @@ class EtcdFollower:
         response = await self._gateway.stream("watch", watch_request(self._keys, start),
                                               HAS_LEADER)
         stream = self._stream = _Lines(self._line)
+        self._watch_endpoint = endpoint
         response.deliverBody(stream)
         if self._stopped:
             stream.abort()
@@ -231,18 +233,18 @@ class EtcdFollower:
         return d.addBoth(done)
 
     async def _check(self) -> None:
-        endpoint = self._gateway.endpoint
         try:
             answer = await self._gateway.call("kv/range", range_request(self._keys.revision),
                                               deadline=self._deadline)
         except Exception as e:
-            reason = (f"the etcd member {endpoint} did not answer a linearizable read "
-                      f"within {self._deadline:g} s ({e}); it may be cut off from the "
-                      f"majority, so this replica takes no changes until it answers")
+            reason = (f"no etcd member ({', '.join(self._gateway.endpoints)}) answered a "
+                      f"linearizable read within {self._deadline:g} s ({e}); a member may "
+                      f"be cut off from the majority, so this replica takes no changes "
+                      f"until one answers")
             self._service.unhealthy(reason)
             self._abort()
             return
-        if self._gateway.endpoint != endpoint:
+        if self._watch_endpoint not in (None, self._gateway.endpoint):
             self._abort()  # the calls moved to another member: so does the watch
         self._service.healthy()
         found = [KeyValue.of(kv) for kv in answer.get("kvs", [])]

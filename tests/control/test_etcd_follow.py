@@ -165,7 +165,7 @@ async def test_failed_check_refuses_changes_until_the_member_answers(tmp_path, e
             await follower.check()
         finally:
             etcd.members[0].resume()
-        with pytest.raises(StoreUnavailable, match="did not answer a linearizable read"):
+        with pytest.raises(StoreUnavailable, match="answered a linearizable read"):
             await service.change(*creating("refused"))
         await follower.check()
         await service.change(*creating("taken"))
