@@ -9,6 +9,12 @@ renew it before it expires.
 
 The service also keeps the store revision of ``committed`` and the store's id, so that a
 reader (the agent channel, later) can ask the store what changed since then.
+
+On a store that other replicas write too (etcd, ``catch_up``), the service follows it
+(``_Following``; the watch in ``_etcd_watch`` calls ``notice``): between its own writes it
+applies what the others wrote and tells its listeners as after its own changes; a write
+the store refuses because another replica wrote first (``StoreConflict``) is applied
+again, transform and tag check included, on the configuration that replica left.
 """
 
 from __future__ import annotations
