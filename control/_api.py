@@ -24,7 +24,7 @@ from pyflock.control._clusterstate import (
     ClusterStateService, ForgetRefused, NodeUnknown, ZoneMismatch, check_same_zone,
 )
 from pyflock.control._api_base import APIBase, APIError, _encode
-from pyflock.control._persistence import ConfigurationService
+from pyflock.control._persistence import ConfigurationService, TagMismatch
 from pyflock.control._ratelimit import NodeLimits, WriteRateLimiter
 from pyflock.control._store import StoreError
 from pyflock.control._tokens import (
@@ -50,6 +50,13 @@ def _check_metadata(body: dict) -> None:
     if problem is not None:
         raise APIError(400, "The provided JSON doesn't match the required schema.",
                        [f"metadata: {problem}"])
+
+
+def _tag_mismatch() -> APIError:
+    """The 412 of a change made on a configuration that has changed since."""
+    return APIError(412, "The configuration tag does not match the current "
+                         "configuration: it changed since you read it. Read it again "
+                         "and retry.")
 
 
 def _translate(error: ConfigurationError) -> APIError:
@@ -116,17 +123,22 @@ class ControlAPI(APIBase):
 
     def _check_tag(self, request) -> None:
         expected = request.getHeader(b"x-if-configuration-matches")
-        if expected is not None and expected.decode("latin-1") != self._configuration.pending_tag:
-            raise APIError(412, "The configuration tag does not match the current "
-                                "configuration: it changed since you read it. Read it "
-                                "again and retry.")
+        if expected is not None and not self._configuration.tag_may_match(
+                expected.decode("latin-1")):
+            raise _tag_mismatch()
 
     async def _change(self, request, dataset_id: str, transform):
+        expected = request.getHeader(b"x-if-configuration-matches")
         try:
-            d = self._configuration.change([dataset_id], transform)
+            # Checked again inside the change: on etcd it may be applied again after
+            # another replica's write, against the configuration that write left.
+            config = await self._configuration.change(
+                [dataset_id], transform,
+                expected_tag=None if expected is None else expected.decode("latin-1"))
+        except TagMismatch:
+            raise _tag_mismatch()
         except ConfigurationError as e:
             raise _translate(e)
-        config = await d
         request.setHeader(b"x-configuration-tag", self._configuration.tag.encode("ascii"))
         return config
 

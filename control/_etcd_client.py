@@ -104,6 +104,13 @@ class _EtcdPolicy:
         return ssl.optionsForClientTLS(hostname.decode("ascii"), **options)
 
 
+def describe(error: BaseException) -> str:
+    """A one-line account of ``error`` (a failed response names its first reason)."""
+    if isinstance(error, ResponseFailed) and error.reasons:
+        return f"response failed: {error.reasons[0].getErrorMessage()}"
+    return str(error) or type(error).__name__
+
+
 def _is_member_failure(error: BaseException) -> bool:
     """Whether ``error`` says the member is unreachable or cannot serve (try another)."""
     if isinstance(error, EtcdError):
@@ -139,9 +146,13 @@ class EtcdGateway:
         """The member calls go to now."""
         return self.endpoints[self._current]
 
-    async def call(self, path: str, body: dict) -> dict:
-        """POST ``body`` to ``/v3/<path>`` on a member that answers; its JSON answer."""
+    async def call(self, path: str, body: dict, deadline: Optional[float] = None) -> dict:
+        """
+        POST ``body`` to ``/v3/<path>`` on a member that answers; its JSON answer.
+        ``deadline`` replaces the gateway's own for this call.
+        """
         started = self._reactor.seconds()
+        deadline = self._deadline if deadline is None else deadline
         failures: list[str] = []
         while True:
             for _ in range(len(self.endpoints)):
@@ -151,14 +162,14 @@ class EtcdGateway:
                 except Exception as e:
                     if not _is_member_failure(e):
                         raise
-                    failures.append(f"{endpoint}: {e or type(e).__name__}")
+                    failures.append(f"{endpoint}: {describe(e)}")
                     self._current = (self._current + 1) % len(self.endpoints)
                     log_event(_log, "pyflock:control:etcd-member-failed", LogLevel.warn,
                               endpoint=endpoint, next=self.endpoint, path=path,
-                              reason=str(e) or type(e).__name__)
-                if self._reactor.seconds() - started > self._deadline:
+                              reason=describe(e))
+                if self._reactor.seconds() - started > deadline:
                     raise EtcdUnavailable(
-                        f"no etcd member answered /v3/{path} within {self._deadline:g} s "
+                        f"no etcd member answered /v3/{path} within {deadline:g} s "
                         f"(tried {', '.join(self.endpoints)}); last errors: "
                         + "; ".join(failures[-len(self.endpoints):]))
             await deferLater(self._reactor, ROUND_PAUSE, lambda: None)
@@ -186,6 +197,34 @@ class EtcdGateway:
                             str(answer.get("message") or answer.get("error") or
                                 f"HTTP {code}"), endpoint)
         return answer
+
+    async def stream(self, path: str, body: dict, headers: dict) -> Any:
+        """
+        POST ``body`` to ``/v3/<path>`` on the member in use and fire with the response
+        once its headers came (its body not read: a stream); a member that does not
+        answer within the timeout is left for the next one (``EtcdUnavailable``).
+        """
+        endpoint = self.endpoint
+        all_headers = {b"Content-Type": [b"application/json"], **headers}
+        d = self._http.post(f"{endpoint}/v3/{path}", data=json.dumps(body).encode("ascii"),
+                            headers=all_headers, unbuffered=True)
+        d.addTimeout(self._timeout * 2, self._reactor)
+        try:
+            response = await d
+        except Exception as e:
+            self.skip(endpoint)
+            raise EtcdUnavailable(f"{endpoint}: {describe(e)}") from e
+        if response.code != 200:
+            content = await response.content()
+            self.skip(endpoint)
+            raise EtcdUnavailable(f"{endpoint} answered /v3/{path} with HTTP "
+                                  f"{response.code}: {content[:200]!r}")
+        return response
+
+    def skip(self, endpoint: str) -> None:
+        """Leave ``endpoint`` for the next member, unless calls already moved on."""
+        if self.endpoint == endpoint:
+            self._current = (self._current + 1) % len(self.endpoints)
 
     async def close(self) -> None:
         """Drop the kept connections."""

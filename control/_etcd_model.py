@@ -38,7 +38,7 @@ import attr
 from pyflock.common._records import (
     Dataset, Lease, dataset_from_json, dataset_to_json,
 )
-from pyflock.control._store import StoreWrite
+from pyflock.control._store import StoreChanges, StoreWrite
 from pyflock.control._tokens import TokenRecord
 
 #: The schema version of the keys this code writes under a prefix.
@@ -462,14 +462,31 @@ def write_request(keys: Keys, batch: Batch, expected: int, nonce: str) -> dict:
     """
     The transaction writing ``batch`` if the latest write is still the one at etcd revision
     ``expected`` (0: none), marked with ``nonce``; else it reads the revision key, to tell
-    a conflict from an earlier attempt of its own that committed.
+    a conflict from an earlier attempt of its own that committed, and what changed
+    (``conflict_reads``).
     """
     success = [put(k, v) for k, v in batch.rows]
     if batch.writes_generation:
         success.append(put(keys.generation, str(batch.generation).encode("ascii")))
     success.append(put(keys.revision, nonce.encode("ascii")))
+    # On failure it also reads what the other writers changed (the meta keys and a page
+    # of rows), so that the writer can catch up without another round trip.
     return txn(compares=[compare(keys.revision, "MOD", "EQUAL", expected)],
-               success=success, failure=[get(keys.revision)])
+               success=success, failure=[
+                   get(keys.revision), get(keys.config, keys.rows),
+                   get(keys.rows, prefix_end(keys.rows), limit=PAGE,
+                       min_mod_revision=expected + 1)])
+
+
+def conflict_reads(keys: Keys, answer: dict) -> Optional[tuple[Meta, list[KeyValue]]]:
+    """
+    What a write refused for another writer's read on failure: the meta keys and every
+    row changed since; None when the rows were more than one page (read them apart).
+    """
+    found = responses(answer)
+    if len(found) < 3 or more(answer, 2):
+        return None
+    return Meta.of(keys, found[1]), found[2]
 
 
 def write_outcome(keys: Keys, answer: dict, nonce: str) -> Optional[int]:
@@ -484,6 +501,25 @@ def write_outcome(keys: Keys, answer: dict, nonce: str) -> Optional[int]:
     if found and found[0].value == nonce.encode("ascii"):
         return found[0].mod_revision
     return None
+
+
+def conflict_changes(keys: Keys, answer: dict, since: int, retained: int, store_id: str
+                     ) -> Optional[tuple[Meta, StoreChanges]]:
+    """
+    What a write expecting etcd revision ``since`` and refused read: the meta and the
+    changes since (None if it could not read them all, or they reach past the history
+    kept, ``retained`` revisions).
+    """
+    found = conflict_reads(keys, answer)
+    if found is None or since < found[0].oldest_kept(retained):
+        return None
+    meta, rows = found
+    datasets, leases = decode_rows(keys, rows)
+    return meta, StoreChanges(
+        since=store_revision(since), revision=store_revision(meta.revision),
+        change=StoreWrite(datasets=tuple(datasets.items()), leases=tuple(leases.items()),
+                          generation=meta.generation),
+        store_id=store_id)
 
 
 def prune_requests(keys: Keys, tombstones: Sequence[KeyValue], oldest: int,

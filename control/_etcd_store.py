@@ -43,13 +43,13 @@ from pyflock.common._model import Configuration
 from pyflock.control._etcd_client import EtcdError, EtcdGateway, EtcdTLS, EtcdUnavailable
 from pyflock.control._etcd_model import (
     COMPACTED_CODE, MAX_TXN_BYTES, MAX_TXN_OPS, PAGE, REVISION_SCALE, SCHEMA_VERSION,
-    EtcdDataError, KeyValue, Keys, Meta, b64, batch_of, decode_rows, decode_token, encode_token, etcd_floor, get, header_revision,
+    EtcdDataError, KeyValue, Keys, Meta, b64, batch_of, conflict_changes, decode_rows, decode_token, encode_token, etcd_floor, get, header_revision,
     init_request, more, prefix_end, prune_requests, raise_oldest_request, range_request,
     read_first_page, responses, splittable, split, store_revision, take_batch, txn,
     write_outcome, write_request,
 )
 from pyflock.control._store import (
-    RETAINED_REVISIONS, HistoryGone, IConfigurationStore, StoreChanges, StoreError,
+    RETAINED_REVISIONS, HistoryGone, IConfigurationStore, StoreChanges, StoreConflict, StoreError,
     StoreSnapshot, StoreWrite, check_history, new_store_id,
 )
 
@@ -85,6 +85,9 @@ class EtcdConfigurationStore:
         self._meta = Meta()
         self.store_id = ""
         self.transactions = 0
+        # What the latest refused write read of the other writers' changes: the meta and
+        # the changes since this store's revision, for the next ``catch_up``.
+        self._conflict: Optional[tuple[Meta, StoreChanges]] = None
 
     @property
     def tag_revision(self) -> int:
@@ -114,6 +117,18 @@ class EtcdConfigurationStore:
     def changes_since(self, revision: int) -> Deferred:
         """The rows changed after ``revision``, after every write submitted before."""
         return self._request("changes", revision)
+
+    def catch_up(self, revision: int) -> Deferred:
+        """
+        Like ``changes_since``, and from now on writes compare with what it read: call it
+        only with no write of this store in flight, and apply what it answers.
+        """
+        return self._request("catch_up", revision)
+
+    @property
+    def gateway(self) -> EtcdGateway:
+        """The gateway this store talks through (the watch and health check use it)."""
+        return self._gateway
 
     def load_tokens(self) -> Deferred:
         """Every stored join token."""
@@ -286,18 +301,30 @@ class EtcdConfigurationStore:
         except Exception as e:
             raise EtcdDataError(f"the rows do not form a valid configuration: {e}") from e
         self._know(meta)
+        self._conflict = None
         return StoreSnapshot(config, store_revision(meta.revision), self.store_id)
 
-    async def _do_changes(self, since: int) -> StoreChanges:
+    async def _do_changes(self, since: int, know: bool = False) -> StoreChanges:
         def check(meta: Meta) -> None:
             check_history(since, store_revision(meta.oldest_kept(self._retained)),
                           store_revision(meta.revision))
         meta, rows = await self._read(etcd_floor(since), check)
         datasets, leases = decode_rows(self.keys, rows)
+        if know:
+            self._know(meta)
         change = StoreWrite(datasets=tuple(datasets.items()), leases=tuple(leases.items()),
                             generation=meta.generation)
         return StoreChanges(since=since, revision=store_revision(meta.revision),
                             change=change, store_id=meta.store_id or self.store_id)
+
+    async def _do_catch_up(self, since: int) -> StoreChanges:
+        conflict, self._conflict = self._conflict, None
+        if conflict is not None and conflict[1].since == since:
+            # The refused write read them already, at one revision: no round trip.
+            self._know(attr.evolve(conflict[0], store_id=self.store_id,
+                                   schema=self._meta.schema))
+            return conflict[1]
+        return await self._do_changes(since, know=True)
 
     async def _do_tokens(self, _: None) -> tuple:
         kvs = await self._pages(self.keys.tokens, prefix_end(self.keys.tokens))
@@ -345,10 +372,13 @@ class EtcdConfigurationStore:
             "kv/txn", write_request(self.keys, batch, self._meta.revision, nonce))
         committed = write_outcome(self.keys, answer, nonce)
         if committed is None:
-            raise StoreError(
+            self._conflict = conflict_changes(self.keys, answer, self._meta.revision,
+                                              self._retained, self.store_id)
+            raise StoreConflict(
                 f"{self.where}: another writer changed the configuration since this "
                 f"control service read it (at etcd revision {self._meta.revision}); nothing "
                 f"of this change was written. The configuration is reloaded.")
+        self._conflict = None
         self._meta = attr.evolve(
             self._meta, revision=committed, generation=batch.generation,
             generation_revision=committed if batch.writes_generation

@@ -58,7 +58,9 @@ from pyflock.control._persistence import (
 )
 from pyflock.control._sqlite_store import backup
 from pyflock.control._migrate import add_migrate_parser, migrate_main
-from pyflock.control._stores import add_store_arguments, open_store, store_description
+from pyflock.control._stores import (
+    add_store_arguments, open_store, start_following, store_description,
+)
 from pyflock.control._store import StoreError
 
 _log = Logger()
@@ -293,6 +295,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     configuration.start_lease_expiry()
+    start_following(reactor, configuration, store, options)
     cluster = ClusterStateService(reactor, node_expiry=options.node_expiry,
                                   forget_after=options.forget_dead_nodes)
     try:

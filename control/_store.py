@@ -47,6 +47,10 @@ class StoreError(Exception):
     """The store cannot be opened or written; the message names the file and the cause."""
 
 
+class StoreConflict(StoreError):
+    """Another writer changed the store since this one read it; nothing was written."""
+
+
 class HistoryGone(Exception):
     """
     The store cannot tell what changed since ``revision``: it is older than the history

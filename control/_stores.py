@@ -11,7 +11,8 @@ import os
 from typing import Any
 
 from pyflock.control._etcd_client import EtcdTLS, parse_endpoints
-from pyflock.control._etcd_store import open_etcd_store
+from pyflock.control._etcd_store import EtcdConfigurationStore, open_etcd_store
+from pyflock.control._etcd_watch import DEFAULT_CHECK_DEADLINE, DEFAULT_CHECK_INTERVAL, follow
 from pyflock.control._sqlite_store import open_sqlite_store
 from pyflock.control._store import StoreError
 
@@ -36,12 +37,26 @@ def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the client certificate's key (PEM)")
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     """``--store`` and the etcd options."""
     parser.add_argument("--store", choices=("sqlite", "etcd"), default="sqlite",
                         help="where the configuration is kept: sqlite (in --data-path, "
                              "the default) or etcd (--etcd-endpoints; docs/ha.md)")
     add_etcd_arguments(parser)
+    parser.add_argument("--etcd-check-interval", type=_positive,
+                        default=DEFAULT_CHECK_INTERVAL, metavar="SECONDS",
+                        help=f"seconds between checks that the etcd member in use still "
+                             f"answers linearizable reads; a replica whose members do not "
+                             f"answer within {DEFAULT_CHECK_DEADLINE:g} s (or the interval, "
+                             f"if longer) refuses changes (default "
+                             f"{DEFAULT_CHECK_INTERVAL:g})")
 
 
 def etcd_options(options: argparse.Namespace) -> tuple[tuple[str, ...], EtcdTLS]:
@@ -68,6 +83,15 @@ async def open_store(reactor: Any, options: argparse.Namespace) -> Any:
         endpoints, tls = etcd_options(options)
         return await open_etcd_store(reactor, endpoints, options.etcd_prefix, tls)
     return await open_sqlite_store(reactor, options.data_path)
+
+
+def start_following(reactor: Any, configuration: Any, store: Any,
+                    options: argparse.Namespace) -> None:
+    """On etcd, keep ``configuration`` current with what other replicas write."""
+    if isinstance(store, EtcdConfigurationStore):
+        interval = getattr(options, "etcd_check_interval", DEFAULT_CHECK_INTERVAL)
+        follow(reactor, configuration, store, interval=interval,
+               deadline=max(interval, DEFAULT_CHECK_DEADLINE))
 
 
 def store_description(options: argparse.Namespace) -> str:

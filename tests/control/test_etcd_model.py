@@ -339,3 +339,23 @@ class PagedLoadTests(SynchronousTestCase):
         assert snapshot.configuration.generation == 3 and snapshot.store_id == "abc"
         assert [path for path, _ in gateway.calls] == ["kv/txn", "kv/range"] * 2
         assert gateway.calls[-1][1]["revision"] == "50"
+
+
+def test_conflict_reads_tell_what_changed():
+    """
+    A refused write's answer gives the meta keys and the rows changed since, unless the
+    rows filled more than one page.
+    """
+    from pyflock.control._etcd_model import conflict_reads
+    request = write_request(KEYS, batch_of(KEYS, [dataset_write(1)], 0), 7, "n1")
+    assert request["failure"][2]["request_range"]["min_mod_revision"] == "8"
+    row = {"key": b64(KEYS.dataset("d")), "value": b64(b""), "mod_revision": "9"}
+    answer = {"responses": [
+        {"response_range": {"kvs": []}},
+        {"response_range": {"kvs": [{"key": b64(KEYS.revision), "value": b64(b"x"),
+                                     "mod_revision": "9"}]}},
+        {"response_range": {"kvs": [row]}}]}
+    meta, rows = conflict_reads(KEYS, answer)
+    assert meta.revision == 9 and [r.key for r in rows] == [KEYS.dataset("d")]
+    answer["responses"][2]["response_range"]["more"] = True
+    assert conflict_reads(KEYS, answer) is None

@@ -19,7 +19,9 @@ from pyflock.common._ca import _issue, parse_hostname
 from pyflock.common._model import Configuration, Dataset, Lease
 from pyflock.control._etcd_model import MAX_TXN_OPS, REVISION_SCALE
 from pyflock.control._etcd_store import open_etcd_store
-from pyflock.control._store import RETAINED_REVISIONS, StoreError, StoreWrite, apply_write
+from pyflock.control._store import (
+    RETAINED_REVISIONS, StoreConflict, StoreError, StoreWrite, apply_write,
+)
 from tests.contracts.store import (
     NODE_A, NODE_B, dataset_id, loaded, make_iconfigurationstore_tests, sample_change, using,
 )
@@ -146,7 +148,7 @@ async def test_compare_and_swap_race(tmp_path):
                                        second.write(creating(8, 100))], consumeErrors=True)
         assert sorted(ok for ok, _ in outcomes) == [False, True]
         loser = [store for (ok, _), store in zip(outcomes, (first, second)) if not ok][0]
-        assert [r.value for ok, r in outcomes if not ok][0].__class__ is StoreError
+        assert [r.value for ok, r in outcomes if not ok][0].__class__ is StoreConflict
         config = await loaded(first)
         assert (dataset_id(7) in config.datasets) != (dataset_id(8) in config.datasets)
         await loser.load()
@@ -407,10 +409,11 @@ async def test_damaged_row_fails_the_load(tmp_path):
 async def test_two_services_cannot_both_take_a_name(tmp_path):
     """
     Two configuration services on one prefix create datasets of one name at once: one
-    wins, the other's write fails and it reloads, after which it refuses the name.
+    wins; the other's write is beaten, it catches up and applies the change again, which
+    is refused (``NameTaken``); after that it refuses the name at once.
     """
     from pyflock.common._model import NameTaken
-    from pyflock.control._persistence import ConfigurationService, StoreUnavailable
+    from pyflock.control._persistence import ConfigurationService
     from twisted.internet.task import deferLater
     reactor = _reactor()
     opener = etcd_store_opener(tmp_path)
@@ -424,7 +427,7 @@ async def test_two_services_cannot_both_take_a_name(tmp_path):
                                        for n, s in enumerate(services)], consumeErrors=True)
         assert sorted(ok for ok, _ in outcomes) == [False, True]
         loser = services[[ok for ok, _ in outcomes].index(False)]
-        assert outcomes[services.index(loser)][1].check(StoreUnavailable)
+        assert outcomes[services.index(loser)][1].check(NameTaken)
         for _ in range(100):
             if "db" in loser.committed.names:
                 break
@@ -452,3 +455,31 @@ async def test_writers_writing_again_share_transactions(tmp_path):
         return store.transactions - before
 
     assert await using(etcd_store_opener(tmp_path), write_all) <= 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_write_tells_what_changed(tmp_path):
+    """
+    A write refused because another store wrote reads that writer's changes; the next
+    ``catch_up`` answers them as ``changes_since`` would, after which writes go through.
+    """
+    opener = etcd_store_opener(tmp_path)
+    first, second = await opener(), await opener()
+    try:
+        loaded_at = (await first.load()).revision
+        await second.load()
+        await second.write(creating(1, 1))
+        with pytest.raises(StoreConflict):
+            await first.write(creating(2, 1))
+        expected = await second.changes_since(loaded_at)
+        calls = []
+        real = first.gateway.call
+        first.gateway.call = lambda *a, **k: calls.append(a) or real(*a, **k)
+        caught = await first.catch_up(loaded_at)
+        assert calls == [] and caught == expected
+        del first.gateway.call
+        await first.write(creating(2, 2))
+        assert {dataset_id(1), dataset_id(2)} <= set((await loaded(second)).datasets)
+    finally:
+        await first.close()
+        await second.close()

@@ -109,6 +109,17 @@ class EtcdMember(ServiceProcess):
         """Let a paused member run again (SIGCONT)."""
         os.kill(self.pid, signal.SIGCONT)
 
+    def restart(self, timeout: float = START_TIMEOUT) -> None:
+        """Start a member that was killed again, on its data, and wait until it has a leader."""
+        self.spawn()
+        deadline = time.monotonic() + timeout
+        while not (self.status() or {}).get("leader"):
+            if not self.running:
+                raise self.exited(self.returncode, self.stderr)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd member {self.name} not back within {timeout} s")
+            time.sleep(0.05)
+
     def status(self, timeout: float = 1.0) -> Optional[dict]:
         """``/v3/maintenance/status`` of this member, or None if it does not answer."""
         try:
