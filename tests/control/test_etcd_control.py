@@ -113,7 +113,7 @@ async def test_migrate_sqlite_into_etcd(tmp_path, etcd):
                "--etcd-prefix", prefix]
     done = await deferToThread(run_to_completion, command)
     assert done.returncode == 0, done.stderr
-    assert "migrated 4 datasets, 2 leases and 1 join tokens" in done.stdout
+    assert "migrated 5 datasets, 2 leases and 1 join tokens" in done.stdout
 
     async def read(store):
         return (await store.load()).configuration, await store.load_tokens()
