@@ -242,14 +242,19 @@ class EBSBackendTests(SynchronousTestCase):
         [volume] = self.fake.volumes.values()
 
         def sleep(seconds: float) -> None:
-            # Between two of the detaching node's looks, the other instance takes it.
+            # Between two of the detaching node's looks (it waits in here meanwhile), the
+            # volume becomes available and the other instance takes it at once.
             time.sleep(seconds)
-            self.fake.answer({"Action": "DescribeVolumes"})
-            if volume.state == "available":
-                self.fake.answer({"Action": "AttachVolume", "VolumeId": volume.volume_id,
-                                  "InstanceId": other, "Device": "/dev/sdg"})
-                # Until EC2 reports the new attachment, it would still say "available".
-                time.sleep(2 * self.fake.settings.report_delay)
+            if volume.attachment is not None and volume.attachment.instance_id == other:
+                return
+            deadline = time.monotonic() + 10
+            while volume.state != "available" and time.monotonic() < deadline:
+                time.sleep(0.005)
+                self.fake.answer({"Action": "DescribeVolumes"})
+            self.fake.answer({"Action": "AttachVolume", "VolumeId": volume.volume_id,
+                              "InstanceId": other, "Device": "/dev/sdg"})
+            # Until EC2 reports the new attachment, it would still say "available".
+            time.sleep(2 * self.fake.settings.report_delay)
 
         a = EBSBackend(CLUSTER, NODE_A, EBSOptions(
             endpoint_url=self.fake.url, metadata_url=self.fake.metadata_url(self.instance),
