@@ -22,7 +22,7 @@ import argparse
 import gc
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
@@ -72,40 +72,34 @@ GC_THRESHOLDS = (50_000, 20, 100)
 DEFAULT_CERTIFICATES = "/etc/pyflock"
 
 
-def _positive_bytes(text: str) -> int:
-    """A whole number of bytes greater than zero, for argparse."""
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of bytes")
-    return int(text)
+def _whole_number(noun: str) -> Callable[[str], int]:
+    """An argparse type: a whole number greater than zero, called ``noun`` when refused."""
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit() and int(text) > 0):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}")
+        return int(text)
+    return parse
 
 
-def _positive_seconds(text: str) -> float:
-    """A number of seconds greater than zero, for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
+def _seconds(zero: bool, noun: str) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds, greater than zero (or, with
+    ``zero``, zero or more), called ``noun`` when refused."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not (0 <= value if zero else 0 < value) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}")
+        return value
+    return parse
 
 
-def _retention_seconds(text: str) -> float:
-    """A retention in seconds, zero (off) or more, for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
-    return value
-
-
-def _positive_count(text: str) -> int:
-    """A whole number greater than zero, for argparse."""
-    if not (text.isascii() and text.isdigit() and int(text) > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number greater than 0")
-    return int(text)
+_positive_bytes = _whole_number("a positive number of bytes")
+_positive_count = _whole_number("a whole number greater than 0")
+_positive_seconds = _seconds(False, "a positive number of seconds")
+#: A retention: 0 turns it off.
+_retention_seconds = _seconds(True, "a number of seconds, 0 or more")
 
 
 #: The options of issue 8's limits: (flag, type, metavar, default, help with {default}).
