@@ -159,6 +159,37 @@ class Keys:
         """The key of a join token."""
         return self.tokens + token_id.encode("utf-8")
 
+    @property
+    def replicas(self) -> bytes:
+        """The prefix of the replicas' own keys, each bound to its replica's etcd lease."""
+        return self.prefix + b"replicas/"
+
+    def replica(self, name: str) -> bytes:
+        """The key a replica announces itself with (``--replica-name``)."""
+        return self.replicas + name.encode("utf-8")
+
+    @property
+    def reports(self) -> bytes:
+        """The prefix of agents' state reports, published by the replica they talk to."""
+        return self.prefix + b"state/nodes/"
+
+    def report(self, node_uuid: str) -> bytes:
+        """The key of one node's state report."""
+        return self.reports + node_uuid.encode("utf-8")
+
+    @property
+    def election(self) -> bytes:
+        """
+        The prefix of the leader campaign: one key per candidate, bound to its etcd lease;
+        the key with the lowest create revision leads.
+        """
+        return self.prefix + b"election/"
+
+    @property
+    def crl(self) -> bytes:
+        """The cluster's certificate revocation list (DER), shared by every replica."""
+        return self.prefix + b"crl"
+
 
 # -- rows ------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from typing import Any
 
 from pyflock.control._etcd_client import EtcdTLS, parse_endpoints
@@ -57,6 +58,22 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
                              f"answer within {DEFAULT_CHECK_DEADLINE:g} s (or the interval, "
                              f"if longer) refuses changes (default "
                              f"{DEFAULT_CHECK_INTERVAL:g})")
+    add_replica_argument(parser)
+
+
+def add_replica_argument(parser: argparse.ArgumentParser) -> None:
+    """``--replica-name``: how this replica is known to the others and to ``status``."""
+    parser.add_argument("--replica-name", default=None, metavar="NAME",
+                        help="this replica's name among the control service's replicas, "
+                             "unique in the cluster (default: HOSTNAME:API-PORT)")
+
+
+def replica_name(options: argparse.Namespace) -> str:
+    """This replica's name: ``--replica-name``, else the host's name and the API port."""
+    name = getattr(options, "replica_name", None)
+    if name:
+        return name
+    return f"{socket.gethostname()}:{str(getattr(options, 'port', '4523')).split(':')[-1]}"
 
 
 def etcd_options(options: argparse.Namespace) -> tuple[tuple[str, ...], EtcdTLS]:
