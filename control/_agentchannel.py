@@ -277,6 +277,7 @@ class AgentChannelServer:
         self._snapshot_cache: tuple[int, dict[bool, list[bytes]]] = (-1, {})
         self._running = False
         self._crl = _CRLPublisher(self)  # issue 8
+        self._pending = _PendingPush(reactor, self._push_pending)
 
     @property
     def node_expiry(self) -> float:
@@ -307,6 +308,7 @@ class AgentChannelServer:
         if self._heartbeats is not None and self._heartbeats.running:
             self._heartbeats.stop()
         self._purger.stop()
+        self._pending.cancel()
         for call in self._expiry.values():
             if call.active():
                 call.cancel()
@@ -386,6 +388,11 @@ class AgentChannelServer:
 
     def _configuration_changed(self, config: Configuration,
                                touched: Optional[tuple[str, ...]]) -> None:
+        if self._running:
+            self._pending.add(config, touched)
+
+    def _push_pending(self, config: Configuration,
+                      touched: Optional[tuple[str, ...]]) -> None:
         if not self._running:
             return
         ids = set(config.datasets) | set(self._datasets) if touched is None else touched
@@ -571,6 +578,44 @@ class AgentChannelServer:
 
     def _purge_unheld(self) -> None:
         self._purger.check(self._acks)
+
+
+class _PendingPush:
+    """
+    Configuration changes waiting for their push to agents. The push waits one reactor
+    turn: the REST answer that made a change goes out first (its client is waiting on it;
+    agents are not), and the changes of one turn go out as one diff.
+    """
+
+    def __init__(self, reactor,
+                 push: Callable[[Configuration, Optional[tuple[str, ...]]], None]):
+        self._reactor = reactor
+        self._push = push
+        self._call = None
+        self._config: Optional[Configuration] = None
+        # In the order they changed; None: any dataset may have changed.
+        self._touched: Optional[dict[str, None]] = {}
+
+    def add(self, config: Configuration, touched: Optional[tuple[str, ...]]) -> None:
+        """``config`` is the newest; ``touched`` (None: all) changed in it."""
+        self._config = config
+        if touched is None or self._touched is None:
+            self._touched = None
+        else:
+            self._touched.update(dict.fromkeys(touched))
+        if self._call is None:
+            self._call = self._reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        config, touched = self._config, self._touched
+        self._call, self._config, self._touched = None, None, {}
+        self._push(config, None if touched is None else tuple(touched))
+
+    def cancel(self) -> None:
+        """Drop what waits (the server stops)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call, self._config, self._touched = None, None, {}
 
 
 class _CRLPublisher:

@@ -251,8 +251,10 @@ class ServerTests(SynchronousTestCase):
         return server
 
     def change(self, dataset_id, transform):
-        """Change the configuration; return the new one."""
-        return self.successResultOf(self.configuration.change([dataset_id], transform))
+        """Change the configuration and let its push go out; return the new one."""
+        config = self.successResultOf(self.configuration.change([dataset_id], transform))
+        self.clock.advance(0)
+        return config
 
     def create(self, dataset_id=DS, primary=A, name="db"):
         """Create a dataset."""
@@ -396,6 +398,19 @@ class ServerTests(SynchronousTestCase):
 
     # pushes
 
+    def test_push_waits_one_turn_and_coalesces(self):
+        """Changes go to agents a reactor turn after they are made, those of one turn as one diff."""
+        agent, _ = self.connect()
+        version = self.server.version
+        for dataset_id, name in ((DS, "db"), (DS2, "logs")):
+            self.successResultOf(self.configuration.change([dataset_id], lambda c: c.create(
+                Dataset(dataset_id=dataset_id, primary=A, metadata={"name": name}))))
+        self.assertEqual(agent.received(), [])
+        self.clock.advance(0)
+        [diff] = agent.received()
+        self.assertEqual((diff.version, [d.dataset_id for d in diff.datasets]),
+                         (version + 1, [DS, DS2]))
+
     def test_changes_pushed_as_diffs(self):
         """A create, a move and a lease renewal each arrive at once as a one-dataset diff."""
         self.create()
@@ -442,6 +457,7 @@ class ServerTests(SynchronousTestCase):
         self.h.store.fail_next = StoreError("disk full")
         self.failureResultOf(self.configuration.change(
             [DS3], lambda c: c.create(Dataset(dataset_id=DS3, primary=A))))
+        self.h.clock.advance(0)
         [diff] = agent.received()
         self.assertEqual([d.dataset_id for d in diff.datasets], [DS2])
         self.assertEqual({d.dataset_id: d for d in self.server.snapshot().datasets},
@@ -667,6 +683,7 @@ class ServerTests(SynchronousTestCase):
         self.assertIn(DS, self.configuration.committed.datasets)
         self.report(a, A)
         self.assertNotIn(DS, self.configuration.committed.datasets)
+        self.clock.advance(0)
         diffs = [m for m in b.received() if isinstance(m, Diff)]
         self.assertEqual(diffs[-1].removed, (DS,))
         self.assertNotIn(DS, self.server.snapshot().datasets)

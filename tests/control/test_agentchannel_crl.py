@@ -55,6 +55,7 @@ class CRLPublishingTests(SynchronousTestCase):
                                                metadata={"name": dataset_id[:8]}))
             return config
         self.successResultOf(self.h.configuration.change(ids, create))
+        self.h.clock.advance(0)
         self.server.publish_crl(PEM)
         agent, messages = self.agent()
         self.assertGreater(kinds(messages).count(Snapshot), 2)

@@ -61,6 +61,7 @@ class LimitTests(SynchronousTestCase):
             return config
         self.successResultOf(self.h.configuration.change(
             [dataset_id(n) for n in numbers], transform))
+        self.h.clock.advance(0)
 
     def connect(self, identity=NODE_A):
         """A welcomed agent (protocol 3) and what it was sent first."""
@@ -177,6 +178,7 @@ class LimitTests(SynchronousTestCase):
             DatasetReport(dataset_id=dataset_id(1), state="deleting"),)))
         self.successResultOf(self.h.configuration.change(
             [dataset_id(1)], lambda c: c.delete(self.clock.seconds(), dataset_id(1))))
+        self.h.clock.advance(0)
         for _ in range(59):
             self.clock.advance(10)
             a.send(StateReport(node_uuid=A, view=self.server.current, datasets=(

@@ -54,12 +54,14 @@ class RetainedPurgeTests(SynchronousTestCase):
         seen_kept = self.server.current
         self.clock.advance(5)
         self.successResultOf(self.h.configuration.release_retained())
+        self.h.clock.advance(0)
         # A node that has not stored the view saying the data may go could still hold it
         # without knowing it must destroy it: no purge on its word.
         self.report(a, A, view=seen_kept)
         self.assertIn(DS, self.h.configuration.committed.datasets)
         self.report(a, A)
         self.assertNotIn(DS, self.h.configuration.committed.datasets)
+        self.h.clock.advance(0)
         self.assertEqual((), self.server.snapshot().datasets)
 
     def test_purge_at_once(self):

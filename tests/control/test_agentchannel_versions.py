@@ -212,6 +212,7 @@ class NegotiationTests(SynchronousTestCase):
         node has no zone."""
         self.successResultOf(self.h.configuration.change([DS], lambda c: c.create(
             Dataset(dataset_id=DS, primary=A))))
+        self.h.clock.advance(0)
         agent = RawAgent(self.server, NODE_A)
         welcome, snapshot = agent.send_raw(V2_HELLO)
         self.assertEqual(welcome, Welcome(epoch=self.server.epoch,
@@ -234,6 +235,7 @@ class NegotiationTests(SynchronousTestCase):
         version-3 agent sees it deleted with ``retained_until``."""
         self.successResultOf(self.h.configuration.change([DS], lambda c: c.create(
             Dataset(dataset_id=DS, primary=A))))
+        self.h.clock.advance(0)
         old, new = RawAgent(self.server, NODE_A), RawAgent(self.server, NODE_B)
         old.send_raw(V2_HELLO)
         new.hello()
@@ -241,6 +243,7 @@ class NegotiationTests(SynchronousTestCase):
         now = self.h.clock.seconds()
         self.successResultOf(self.h.configuration.change(
             [DS], lambda c: c.delete(now, DS, retain_until=now + 60)))
+        self.h.clock.advance(0)
         [diff] = old.received()
         self.assertEqual((diff.datasets, diff.removed), ((), (DS,)))
         [diff] = new.received()
@@ -250,6 +253,7 @@ class NegotiationTests(SynchronousTestCase):
         _, snapshot = again.send_raw(V2_HELLO)
         self.assertEqual(snapshot.datasets, ())
         self.successResultOf(self.h.configuration.change([DS], lambda c: c.restore(DS)))
+        self.h.clock.advance(0)
         [diff] = again.received()
         self.assertEqual([(d.dataset_id, d.deleted) for d in diff.datasets], [(DS, False)])
 
