@@ -289,7 +289,20 @@ class DockerPlugin:
         self._core.overlay.created(config, self._reactor.seconds())
         log_event(_log, "pyflock:plugin:created", name=name, dataset_id=config.dataset_id,
                   node_uuid=self._node, maximum_size=new.maximum_size, profile=new.profile)
+        self._lease_new(config.dataset_id)
         return {}
+
+    def _lease_new(self, dataset_id: str) -> None:
+        """Take a new volume's lease once the Create has answered, and release it after
+        the grace unless a Mount uses it: dockerd's first Mount follows its Create within
+        milliseconds and then finds the lease held (``PluginCore.held_here``) instead of
+        waiting for a lease and a move while the agent makes the dataset. A lease that
+        cannot be taken is left to the Mount, which takes it the usual way."""
+        def failed(failure: Failure) -> None:
+            log_event(_log, "pyflock:plugin:lease-early-failed", LogLevel.info,
+                      dataset_id=dataset_id, reason=failure.getErrorMessage())
+        d = within(self._reactor, self._leases.acquire(dataset_id), self._request_timeout)
+        d.addCallbacks(lambda _: self._release_later(dataset_id), failed)
 
     async def unmount(self, body: dict) -> dict:
         """Unmount: count one mount fewer; the last one releases the lease."""

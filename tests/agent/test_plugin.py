@@ -624,6 +624,7 @@ class MountTests(PluginTestCase):
         releases it."""
         self.a.ok("VolumeDriver.Create", {"Name": "v1"})
         self.mount("v1", MOUNT_X)
+        del self.events[:]  # the Create's own lease went after its grace (0 here)
         self.mount("v1", MOUNT_Y)
         self.unmount("v1", MOUNT_X)
         self.assertEqual(self.lease_holder("v1"), A)
@@ -1399,3 +1400,41 @@ class ReleaseGraceTests(PluginTestCase):
         self.assertEqual(self.lease_holder("v1"), A)
         self.clock.advance(1)
         self.assertIsNone(self.lease_holder("v1"))
+
+
+class NewVolumeLeaseTests(PluginTestCase):
+    """A Create takes the new volume's lease at once, so that dockerd's first Mount, a
+    moment later, finds it held; unused, it goes after the release grace."""
+
+    def setUp(self):
+        super().setUp()
+        from pyflock.agent._plugin import RELEASE_GRACE
+        self.grace = RELEASE_GRACE
+        self.plugin = DockerPlugin(self.a.backend, self.a.mounts, self.clock)
+        self.addCleanup(self.plugin.stop)
+        self.a.plugin = self.plugin
+        self.a.docker = StubTreq(self.plugin.resource())
+        self.a.ok("VolumeDriver.Create", {"Name": "v1"})
+
+    def test_create_takes_lease(self):
+        """Right after Create this node holds the new volume's lease; another node
+        cannot take it."""
+        self.assertEqual(self.lease_holder("v1"), A)
+        dataset_id = self.dataset("v1").dataset_id
+        self.failureResultOf(self.b.client.acquire_lease(dataset_id, B, 60))
+
+    def test_unused_lease_released_after_grace(self):
+        """A created volume that no Mount uses is released once the grace has passed."""
+        self.clock.advance(self.grace + 0.01)
+        self.assertIsNone(self.lease_holder("v1"))
+        self.assertEqual(len(events_of(self.events, "pyflock:plugin:lease-released")), 1)
+
+    def test_first_mount_asks_nothing(self):
+        """The first Mount within the grace needs no request to the control service:
+        it succeeds with the control service unreachable, and keeps the lease."""
+        self.a.link.down = True
+        answer = self.mount("v1")
+        self.assertEqual(answer["Err"], "", answer)
+        self.a.link.down = False
+        self.clock.advance(self.grace + 1)
+        self.assertEqual((self.a.mounts.count("v1"), self.lease_holder("v1")), (1, A))

@@ -9,6 +9,7 @@ refuses the certificates it lists; over the agent channel (in memory) the lists 
 from __future__ import annotations
 
 import base64
+import shutil
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -279,7 +280,8 @@ class ChannelCRLTests(ChannelHarness):
 
     def test_real_list_from_the_channel_is_applied(self):
         """Through the channel and ``NodeRevocations``, a list the CA signed revokes."""
-        tmp_path = Path(self.mktemp())
+        tmp_path = Path(tempfile.mkdtemp(prefix="pyflock-revocations-"))
+        self.addCleanup(shutil.rmtree, tmp_path)
         (tmp_path / "certs").mkdir(parents=True)
         certs = make_cluster_certificates(tmp_path / "certs", nodes=2)
         node = node_revocations(certs, tmp_path)
