@@ -480,7 +480,9 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
                           interval: float = DEFAULT_INTERVAL,
                           logger: Optional[Logger] = None,
                           run_blocking: Optional[RunBlocking] = None,
-                          slow: Optional[RunBlocking] = None) -> ConvergenceLoop:
+                          slow: Optional[RunBlocking] = None,
+                          on_mounted: Optional[Callable[[str, str], None]] = None
+                          ) -> ConvergenceLoop:
     """
     The loop of one agent: discovery through ``backend`` (its ``IBlockDeviceBackend``) and
     ``filesystems`` (``LocalFilesystems()`` in the agent) under ``mount_root``,
@@ -489,7 +491,8 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
     runner's ``SLOW_CHANGES``) with ``slow`` (default: ``run_blocking``). ``desire(view, now)`` builds ``Desired`` from what is
     passed to ``update`` (default: ``view_desire(backend.node_uuid)``, for ``AgentView``s).
     Call ``start()``, then ``update(view)`` with the view loaded from disk and on every
-    push; ``report_state`` gets a ``pmap`` of ``DatasetReport`` by dataset id.
+    push; ``report_state`` gets a ``pmap`` of ``DatasetReport`` by dataset id, and
+    ``on_mounted`` the ``Runner``'s word of each mount done.
     """
     view_desired = desire is None
     if desire is None:
@@ -497,7 +500,8 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
     mount_root = os.path.realpath(mount_root)
     if run_blocking is None:
         run_blocking = in_reactor_pool(reactor)
-    runner = Runner(backend, filesystems, run_blocking, logger=logger, slow=slow)
+    runner = Runner(backend, filesystems, run_blocking, logger=logger, slow=slow,
+                    on_mounted=on_mounted)
 
     def discover() -> Deferred:
         return run_blocking(discover_now, backend, filesystems, mount_root)

@@ -48,6 +48,13 @@ class LocalStates:
         for dataset_id, status in states.items():
             self.report_state(dataset_id, status.state, status.path)
 
+    def mounted_now(self, dataset_id: str, path: str) -> None:
+        """The agent has just mounted ``dataset_id`` at ``path``: wake the Mounts waiting
+        for it (each checks the mount point before it answers) without waiting for the
+        discovery that will report it; the recorded state stays the reported one."""
+        for d in self._waiters.pop(dataset_id, []):
+            d.callback(path)
+
     def get(self, dataset_id: str) -> Optional[LocalState]:
         """The last reported state of ``dataset_id`` here, if any."""
         return self._states.get(dataset_id)

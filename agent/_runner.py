@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import contextmanager
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger, LogLevel
@@ -211,12 +211,16 @@ class Runner:
     Runs changes on one node: ``backend`` is its ``IBlockDeviceBackend``, ``filesystems``
     its ``IFilesystems``; ``run_blocking`` runs each blocking step, and ``slow`` (default:
     ``run_blocking``) those of ``SLOW_CHANGES``. Each leaf logs
-    ``pyflock:agent:change-done`` or ``pyflock:agent:change-failed``.
+    ``pyflock:agent:change-done`` or ``pyflock:agent:change-failed``; ``on_mounted(dataset
+    id, mount point)``, if given, hears of each ``MountFilesystem`` done, before the next
+    discovery reports it (the Docker plugin's waiting Mount checks the mount itself).
     """
 
     def __init__(self, backend, filesystems, run_blocking: RunBlocking,
-                 logger: Optional[Logger] = None, slow: Optional[RunBlocking] = None):
+                 logger: Optional[Logger] = None, slow: Optional[RunBlocking] = None,
+                 on_mounted: Optional[Callable[[str, str], None]] = None):
         self.backend = backend
+        self._on_mounted = on_mounted
         self.filesystems = filesystems
         self._run_blocking = run_blocking
         self._run_slow = run_blocking if slow is None else slow
@@ -273,6 +277,8 @@ class Runner:
     def _done(self, _, change) -> None:
         log_event(self._log, "pyflock:agent:change-done", change=type(change).__name__,
                   node_uuid=self.backend.node_uuid, **_leaf_fields(change))
+        if self._on_mounted is not None and isinstance(change, MountFilesystem):
+            self._on_mounted(change.dataset_id, change.mount_point)
 
     def _failed(self, failure: Failure, change) -> Failure:
         fields = dict(change=type(change).__name__, node_uuid=self.backend.node_uuid,

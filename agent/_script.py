@@ -208,7 +208,8 @@ async def run(reactor, config: AgentConfig) -> None:
 
     loop = node_convergence_loop(reactor, backend, LocalFilesystems(), config.mount_root,
                                  report, run_blocking=pools.run_blocking("backend"),
-                                 slow=pools.run_blocking("bulk"))
+                                 slow=pools.run_blocking("bulk"),
+                                 on_mounted=states.mounted_now)
     loop.start()
     # Converge from the stored view at once, but take nothing over from nodes it calls
     # dead: the first snapshot from the control service says who is alive now.

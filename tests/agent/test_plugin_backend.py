@@ -46,6 +46,16 @@ class BackendTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), "/m")
         self.assertEqual(self.backend.local_state("d1").state, "mounted")
 
+    def test_wait_fires_on_mounted_now(self):
+        """``mounted_now`` (the agent has just mounted it) wakes the waits with the path
+        and leaves the reported state as the loop reported it."""
+        self.states.report_state("d1", "attaching")
+        d = self.backend.wait_mounted("d1")
+        self.states.mounted_now("d1", "/m")
+        self.assertEqual(self.successResultOf(d), "/m")
+        self.assertEqual(self.states.waiting(), 0)
+        self.assertEqual(self.backend.local_state("d1").state, "attaching")
+
     def test_wait_when_already_mounted(self):
         """``wait_mounted`` fires at once for a dataset already mounted."""
         self.states.report_state("d1", "mounted", "/m")

@@ -261,6 +261,22 @@ class RunnerTests(SynchronousTestCase):
                          (done[1]["change"], done[1]["node_uuid"], done[1]["dataset_id"],
                           done[1]["volume_node"]))
 
+    def test_on_mounted(self):
+        """``on_mounted`` hears of each mount done, with its dataset and mount point, and
+        of nothing else."""
+        heard = []
+        runner = Runner(self.a, self.fs, run_now, logger=Logger(observer=self.events.append),
+                        on_mounted=lambda *args: heard.append(args))
+        self.successResultOf(runner.run(CreateVolume("ds", SIZE)))
+        self.successResultOf(runner.run(AttachVolume("ds", NODE_A)))
+        device = self.a.get_device_path("ds")
+        self.successResultOf(runner.run(CreateFilesystem("ds", device)))
+        self.assertEqual(heard, [])
+        self.successResultOf(runner.run(MountFilesystem("ds", device, "/m/ds")))
+        self.assertEqual(heard, [("ds", "/m/ds")])
+        self.successResultOf(runner.run(UnmountFilesystem("ds", "/m/ds")))
+        self.assertEqual(heard, [("ds", "/m/ds")])
+
     def test_repeats_are_harmless(self):
         """Creating an existing volume and destroying a missing one succeed quietly."""
         self.run_change(CreateVolume("ds", SIZE))
