@@ -349,6 +349,7 @@ class AgentChannel:
                       **{"from": self.replica, "to": name})
         self.replica = name
         log_event(_log, "pyflock:agent:channel-connected", node_uuid=self.node_uuid,
+                  replica=name,
                   epoch=welcome.epoch, version=welcome.version, protocol=welcome.protocol,
                   snapshot=ViewVersion(welcome.epoch, welcome.version) != self.view.current)
         self._heartbeats = LoopingCall(self._send_heartbeat, connection)
