@@ -16,6 +16,7 @@ import argparse
 import fcntl
 import json
 import os
+import random
 import sys
 from typing import Optional, Sequence
 
@@ -233,9 +234,11 @@ async def run(reactor, config: AgentConfig) -> None:
                                                                      channel.change))
     channel.start()
 
+    # The plugin's calls start at a random replica, so that nodes spread over them.
     client = ControlClient(http, [f"https://{host}:{config.control_api_port}"
                                   for host in config.control_hostnames],
-                           reactor=reactor, timeout=API_TIMEOUT)
+                           reactor=reactor, timeout=API_TIMEOUT,
+                           first=random.randrange(len(config.control_hostnames)))
     # The plugin's blocking IO (view file, mount checks, mount-count writes) runs in the
     # plugin pool (plugin_io above), never behind the backend's or bulk pool's work.
     plugin_backend = PluginBackend(node_uuid, client,

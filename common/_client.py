@@ -323,11 +323,12 @@ class ControlClient:
     several replicas' URLs (a sequence), through ``http``, a treq-like object. With
     ``timeout`` (seconds, each attempt; required with several replicas) and ``reactor``, a
     request that gets no answer in time fails with ``ControlUnreachable``. ``reactor`` is
-    also the clock of the leases returned (the global reactor's when not given).
+    also the clock of the leases returned (the global reactor's when not given). ``first``
+    is the index of the replica tried first (so that many clients spread over them).
     """
 
     def __init__(self, http: Any, base_url: Union[str, Sequence[str]], *,
-                 reactor: Any = None, timeout: Optional[float] = None):
+                 reactor: Any = None, timeout: Optional[float] = None, first: int = 0):
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         parsed = []
         for text in urls:
@@ -344,7 +345,7 @@ class ControlClient:
                              "for each attempt, so that a replica that never answers is left")
         self._http = http
         self._urls = tuple(parsed)
-        self._order = ReplicaOrder(count=len(parsed))
+        self._order = ReplicaOrder(count=len(parsed), current=first % len(parsed))
         self._reactor = reactor
         self._timeout = timeout
 

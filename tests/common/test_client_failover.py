@@ -86,6 +86,14 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(self.network.sent, ["c1.example", "c2.example", "c2.example"])
         self.assertEqual(self.client.host, "c2.example")
 
+    def test_first_replica_chosen(self):
+        """``first`` picks the replica tried first; the others follow in order."""
+        network = Network([pair(C2, b"get", "/version", {"flocker": "1"})])
+        client = ControlClient(network, [C1, C2], reactor=Clock(), timeout=5, first=1)
+        with network.sequence.consume(self.fail):
+            self.successResultOf(client.version())
+        self.assertEqual(network.sent, ["c2.example"])
+
     def test_503_read_goes_to_the_next(self):
         """A replica answering 503 to a read is left for the next."""
         [listing] = self.run_calls(
