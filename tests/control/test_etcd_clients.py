@@ -28,6 +28,7 @@ from pyflock.common._client import AnswerLost, ControlError
 from pyflock.common._model import MINIMUM_SIZE
 from tests.agent.test_agents_integration import HolderSampler, checksum, poll, write_random
 from tests.harness.etcd import etcd_cluster_fixture
+from tests.harness.processes import run_to_completion, script_path
 from tests.harness.replicas import ReplicatedCluster
 from tests.harness.requirements import ROOT
 
@@ -86,7 +87,8 @@ async def test_kill9_replica_while_clients_write(reactor, cluster):
     """
     8 clients create datasets through all three replicas while the agents' replica is
     killed (-9): every create acknowledged is listed afterwards by both survivors, each
-    client goes on through the others, the agents switch replica and still converge.
+    client (and the CLI) goes on through the others, the agents switch replica and still
+    converge.
     """
     pools = [HTTPConnectionPool(reactor, persistent=True) for _ in range(WRITERS)]
     clients = [cluster.control_client(reactor, first=n % 3, pool=pools[n])
@@ -128,12 +130,22 @@ async def test_kill9_replica_while_clients_write(reactor, cluster):
         survivors = cluster.replicas[1:]
         for n, replica in enumerate(survivors, start=1):
             api = cluster.api_client(reactor, replica=n)
-            try:
+
+            async def missing():
                 listed = {d["dataset_id"] for d in (await api.get(
                     "/v1/configuration/datasets")).json}
+                return acknowledged - listed
+            try:
+                # A create acknowledged by the other survivor reaches this one by its
+                # watch within milliseconds: wait for that, not for anything lost.
+                try:
+                    await poll(reactor, lambda: Deferred.fromCoroutine(missing()).addCallback(
+                        lambda left: not left), "every acknowledged create listed", 5.0)
+                except TimeoutError:
+                    pass
+                assert await missing() == set(), f"lost by replica {replica.host}"
             finally:
                 await api.close()
-            assert acknowledged - listed == set(), f"lost by replica {replica.host}"
         switched = switch_times(cluster, killed_at)
         print(f"\n[ha] {WRITERS} writers: {len(acknowledged)} creates acknowledged "
               f"({before} before the kill), 0 of them missing on {len(survivors)} "
@@ -141,6 +153,14 @@ async def test_kill9_replica_while_clients_write(reactor, cluster):
               f"{len(refused)} refused; agents switched replica "
               f"{', '.join(f'{t * 1000:.0f}' for t in switched)} ms after the kill")
         assert all(count >= AFTER_KILL for count in after_kill)
+
+        # The CLI given every replica, the dead one first, answers through the others.
+        listed = run_to_completion([
+            script_path("pyflock"), "--control-service", ",".join(cluster.replica_hosts),
+            "--control-port", str(victim.port), "--certs-path", str(cluster.certificates.path),
+            "--user", "alice", "list"])
+        assert listed.returncode == 0, listed.stderr
+        assert "w0-1" in listed.stdout
 
         # The agents converge through their new replica.
         node = cluster.node_uuids[0]
