@@ -1,6 +1,7 @@
 """The pure core of replica order and backoff (``pyflock.common._replicas``)."""
 
 import pytest
+from hypothesis import given, strategies as st
 
 from pyflock.common._replicas import MAX_DELAY, ReplicaOrder, backoff
 
@@ -58,3 +59,19 @@ def test_pick_and_bad_orders():
         ReplicaOrder(count=0)
     with pytest.raises(ValueError, match="not one of"):
         ReplicaOrder(count=2, current=2)
+
+
+@given(count=st.integers(1, 9), start=st.floats(0, 1, exclude_max=True),
+       rounds=st.integers(1, 4))
+def test_every_round_visits_every_replica_once(count, start, rounds):
+    """Failing over round after round tries each replica once per round, in order, and
+    waits exactly once per round, after its last replica."""
+    order = ReplicaOrder.starting_at(count, start)
+    first = order.current
+    tried, waits = [], []
+    for _ in range(count * rounds):
+        tried.append(order.current)
+        order, delay = order.failed_over(0.5)
+        waits.append(delay > 0)
+    assert tried == [(first + n) % count for n in range(count * rounds)]
+    assert waits == ([False] * (count - 1) + [True]) * rounds
