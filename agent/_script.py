@@ -55,6 +55,11 @@ _log = Logger()
 #: How long the plugin's REST calls may take before they count as failed.
 API_TIMEOUT = 30.0
 
+#: With several control replicas, how long one attempt may take before the next replica
+#: is tried (as the agent channel leaves a replica silent for two heartbeats), so that a
+#: hung replica does not use up dockerd's patience.
+REPLICA_ATTEMPT_TIMEOUT = 10.0
+
 #: The agent's thread pools and their sizes: ``backend`` for discovery and the quick steps
 #: of convergence (attach, detach, mount, unmount), ``bulk`` for its slow ones (create,
 #: mkfs, destroy), so that a move never waits behind a burst of creations; ``plugin`` for
@@ -237,7 +242,9 @@ async def run(reactor, config: AgentConfig) -> None:
     # The plugin's calls start at a random replica, so that nodes spread over them.
     client = ControlClient(http, [f"https://{host}:{config.control_api_port}"
                                   for host in config.control_hostnames],
-                           reactor=reactor, timeout=API_TIMEOUT,
+                           reactor=reactor,
+                           timeout=API_TIMEOUT if len(config.control_hostnames) == 1
+                           else REPLICA_ATTEMPT_TIMEOUT,
                            first=random.randrange(len(config.control_hostnames)))
     # The plugin's blocking IO (view file, mount checks, mount-count writes) runs in the
     # plugin pool (plugin_io above), never behind the backend's or bulk pool's work.
