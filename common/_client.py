@@ -386,26 +386,31 @@ class ControlClient:
         if idempotent is None:
             idempotent = method == "GET"
         failures: list[ControlUnreachable] = []
+        # Each call walks the replicas from the one in use on its own, so that calls
+        # failing together neither skip a replica nor try one twice.
+        index = self._order.current
         while True:
+            replica = self._urls[index]
             try:
-                response, parsed, content = await self._attempt(method, path, body,
+                response, parsed, content = await self._attempt(replica, method, path, body,
                                                                 if_matches)
             except ControlUnreachable as e:
                 cause = e.__cause__
                 if len(self._urls) > 1 and not idempotent and not never_sent(cause):
                     raise AnswerLost(e.host, e.port, e.reason, method, path) from cause
                 failures.append(e)
-                self._order, _ = self._order.failed_over()
+                index = self._left(index)
                 if len(failures) >= len(self._urls):
                     raise (e if len(failures) == 1 else NoReplicaAnswered(failures)) \
                         from cause
                 continue
             if response.code == 503 and idempotent and len(failures) + 1 < len(self._urls):
-                failures.append(ControlUnreachable(self.host, self.port, "answered 503"))
-                self._order, _ = self._order.failed_over()
+                failures.append(ControlUnreachable(replica.host, replica.port,
+                                                   "answered 503"))
+                index = self._left(index)
                 continue
-            self._order = self._order.succeeded()
-            url = self._base + API_PREFIX + path
+            self._order = self._order.answered(index)
+            url = replica.to_text() + API_PREFIX + path
             if response.code in expected:
                 if parsed is _MISSING:
                     raise UnexpectedResponse(
@@ -414,10 +419,17 @@ class ControlClient:
                 return response, parsed
             raise _error(response.code, method, url, parsed, content)
 
-    async def _attempt(self, method: str, path: str, body: Any,
+    def _left(self, index: int) -> int:
+        """Replica ``index`` failed: the next to try; the client moves on from it too,
+        unless another call already did."""
+        if self._order.current == index:
+            self._order, _ = self._order.failed_over()
+        return (index + 1) % len(self._urls)
+
+    async def _attempt(self, replica: hyperlink.URL, method: str, path: str, body: Any,
                        if_matches: Optional[str]) -> tuple[Any, Any, bytes]:
-        """One request to the replica in use: its response, parsed body and raw body."""
-        url = self._base + API_PREFIX + path
+        """One request to ``replica``: its response, parsed body and raw body."""
+        url = replica.to_text() + API_PREFIX + path
         headers = {b"Accept": [b"application/json"]}
         data = None
         if body is not None:
@@ -433,10 +445,10 @@ class ControlClient:
                                                 **options)
             content = await response.content()
         except _UNREACHABLE as e:
-            reason = _describe(e, self.host)
+            reason = _describe(e, replica.host)
             if reason == _NO_ANSWER and self._timeout is not None:
                 reason = f"no answer within {self._timeout:g} seconds"
-            raise ControlUnreachable(self.host, self.port, reason) from e
+            raise ControlUnreachable(replica.host, replica.port, reason) from e
         try:
             parsed = json.loads(content) if content else None
         except ValueError:

@@ -57,6 +57,10 @@ class ReplicaOrder:
         """The current replica answered: a later failure starts a new round."""
         return attr.evolve(self, failed=0, rounds=0)
 
+    def answered(self, index: int) -> "ReplicaOrder":
+        """Replica ``index`` answered: use it from now on, starting a new round."""
+        return attr.evolve(self, current=index, failed=0, rounds=0)
+
     def failed_over(self, chance: float = 0.0) -> tuple["ReplicaOrder", float]:
         """
         The current replica closed, went silent or refused: the order moved on to the next

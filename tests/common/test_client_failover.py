@@ -230,3 +230,33 @@ async def _serve_plain_version(reactor):
     root.putChild(b"v1", v1)
     v1.putChild(b"version", Version())
     return await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(root))
+
+
+class ConcurrentFailoverTests(SynchronousTestCase):
+    """Calls that fail together each try every replica once."""
+
+    def test_two_calls_failing_together(self):
+        """Two reads in flight on a replica that fails both go to the other replica."""
+        from twisted.internet.defer import Deferred
+        pending = []
+
+        class Held(Network):
+            def request(self, method, url, **kwargs):
+                if url.startswith(C1):
+                    self.sent.append("c1.example")
+                    d = Deferred()
+                    pending.append(d)
+                    return d
+                return super().request(method, url, **kwargs)
+        network = Held([pair(C2, b"get", "/version", {"flocker": "1"}),
+                        pair(C2, b"get", "/version", {"flocker": "2"})])
+        client = ControlClient(network, [C1, C2], reactor=Clock(), timeout=5)
+        with network.sequence.consume(self.fail):
+            first, second = client.version(), client.version()
+            for d in pending:
+                d.errback(ConnectionRefusedError())
+            self.assertEqual(sorted([self.successResultOf(first).flocker,
+                                     self.successResultOf(second).flocker]), ["1", "2"])
+        self.assertEqual(network.sent, ["c1.example", "c1.example", "c2.example",
+                                        "c2.example"])
+        self.assertEqual(client.host, "c2.example")

@@ -75,3 +75,9 @@ def test_every_round_visits_every_replica_once(count, start, rounds):
         waits.append(delay > 0)
     assert tried == [(first + n) % count for n in range(count * rounds)]
     assert waits == ([False] * (count - 1) + [True]) * rounds
+
+
+def test_answered_moves_to_that_replica():
+    """A replica that answered becomes the current one, with a new round."""
+    order, _ = ReplicaOrder(count=3).failed_over()
+    assert order.answered(2) == ReplicaOrder(count=3, current=2)
