@@ -6,8 +6,15 @@ On every connection the agent says hello (its node uuid, era, the address and po
 peers reach it at, the view version it has, and its availability zone if it has one); the control service answers with a
 welcome, then a snapshot unless the agent's view is current, then a diff on every change.
 The agent reports its whole state whenever it changes and sends a heartbeat every few
-seconds; a control service silent for ``timeout`` is given up on. Lost or refused
-connections are retried with exponential backoff; nothing polls.
+seconds; a control service silent for ``timeout`` (two heartbeats) is given up on.
+
+Several control service replicas may be given (issue 9): the agent uses one (picked at
+random, so that agents spread over them), and moves to the next at once when its connection
+closes, is refused, or goes silent; only after every replica failed in a row does it wait,
+with jittered exponential backoff (``pyflock.common._replicas``). On the new replica it
+resumes from the view version it holds: its hello says that version, and the replica sends
+a snapshot when its view is of another version or epoch (each replica numbers its own
+views, so a switch brings a snapshot), nothing more when it is current. Nothing polls.
 
 Each new view goes to ``on_view`` at once and to ``save_view`` (the view file); the agent
 tells the control service which view version it has stored, and only that one, because the
@@ -19,9 +26,9 @@ From protocol 3 the control service also sends the cluster's revocation list; ea
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Union
+import random
+from typing import Callable, Iterable, Optional, Sequence, Union
 
-from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -29,6 +36,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pyflock.common._logging import log_event
+from pyflock.common._replicas import ReplicaOrder, backoff
 from pyflock.common._tls import ClusterTLS, Identity, tls_client_endpoint
 from pyflock.common._wire import (
     MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, CRLUpdate, DatasetReport,
@@ -43,15 +51,16 @@ DEFAULT_PEER_PORT = 4525
 #: Seconds between heartbeats (DESIGN.md).
 DEFAULT_HEARTBEAT = 5.0
 
-#: A control service silent this long is given up on and reconnected to.
-DEFAULT_TIMEOUT = 15.0
+#: A control service silent this long (two heartbeats) is left for another replica.
+DEFAULT_TIMEOUT = 2 * DEFAULT_HEARTBEAT
 
 _log = Logger()
 
 
 def default_retry_policy() -> Callable[[int], float]:
-    """Reconnect after about 1, 2, 4, ... seconds (at most 30), with up to 1 s of jitter."""
-    return backoffPolicy(initialDelay=0.5, factor=2.0, maxDelay=30.0)
+    """After the n-th full round of failed replicas, wait about 0.5, 1, 2, ... seconds (at
+    most 30), half of it random jitter."""
+    return lambda rounds: backoff(rounds, random.random())
 
 
 def control_endpoint(reactor, host: str, port: int, tls: ClusterTLS) -> IStreamClientEndpoint:
@@ -112,15 +121,20 @@ class _ConnectionFactory(Factory):
 class AgentChannel:
     """
     This node's channel to the control service at ``endpoint`` (see ``control_endpoint``
-    and ``over_tls``). ``on_view(view)`` is called with every new ``AgentView``;
+    and ``over_tls``), or at any of several replicas' endpoints (a sequence; ``names``
+    label them in logs). ``on_view(view)`` is called with every new ``AgentView``;
     ``save_view(view)`` (e.g. ``ViewFile.save``) stores it and fires once it is durable.
     ``view`` is where to start from (the stored view); ``address`` where peers reach this
     node (default: the local address of the connection to the control service); ``zone``
     its availability zone, if it has one (the ebs backend's), said in every hello.
     ``on_crl(pem)`` is called with each revocation list the control service sends.
+    ``retry_policy(rounds)`` is the wait after the n-th full round of failed replicas;
+    ``chance()`` a random number in [0, 1) (which replica comes first).
     """
 
-    def __init__(self, reactor, endpoint: IStreamClientEndpoint, node_uuid: str, era: str,
+    def __init__(self, reactor,
+                 endpoint: Union[IStreamClientEndpoint, Sequence[IStreamClientEndpoint]],
+                 node_uuid: str, era: str,
                  on_view: Callable[[AgentView], object], *,
                  address: Optional[str] = None, peer_port: Optional[int] = DEFAULT_PEER_PORT,
                  zone: Optional[str] = None,
@@ -129,9 +143,20 @@ class AgentChannel:
                  heartbeat: float = DEFAULT_HEARTBEAT, timeout: float = DEFAULT_TIMEOUT,
                  retry_policy: Optional[Callable[[int], float]] = None,
                  max_message: int = MAX_MESSAGE,
-                 on_crl: Optional[Callable[[str], object]] = None):
+                 on_crl: Optional[Callable[[str], object]] = None,
+                 names: Optional[Sequence[str]] = None,
+                 chance: Callable[[], float] = random.random):
         self.reactor = reactor
-        self.endpoint = endpoint
+        self.endpoints = tuple(endpoint) if isinstance(endpoint, (list, tuple)) \
+            else (endpoint,)
+        self.names = tuple(names) if names is not None else tuple(
+            f"replica-{number}" for number in range(len(self.endpoints)))
+        if len(self.names) != len(self.endpoints):
+            raise ValueError("give one name per control service endpoint")
+        self._chance = chance
+        self._order = ReplicaOrder.starting_at(len(self.endpoints), chance())
+        #: The name of the replica that last welcomed this agent (None before any).
+        self.replica: Optional[str] = None
         self.node_uuid = node_uuid
         self.era = era
         self.address = address
@@ -156,7 +181,6 @@ class AgentChannel:
         self._running = False
         self._attempt: Optional[Deferred] = None
         self._retry = None
-        self._failures = 0
         self._connection: Optional[_ControlConnection] = None
         self._heartbeats: Optional[LoopingCall] = None
         self._silence = None
@@ -167,6 +191,11 @@ class AgentChannel:
         """A channel to ``host:port`` over TLS with ``tls_options`` (``client_tls_options``)."""
         return cls(reactor, tls_client_endpoint(reactor, host, port, tls_options),
                    node_uuid, era, on_view, **kwargs)
+
+    @property
+    def endpoint(self) -> IStreamClientEndpoint:
+        """The endpoint of the replica this channel uses or tries next."""
+        return self._order.pick(self.endpoints)
 
     @property
     def connected(self) -> bool:
@@ -218,17 +247,21 @@ class AgentChannel:
             self._attempt = None
             if failure.check(CancelledError) or not self._running:
                 return
-            self._failures += 1
-            log_event(_log, "pyflock:agent:control-unreachable", reason=str(failure.value))
-            self._schedule_retry()
+            log_event(_log, "pyflock:agent:control-unreachable",
+                      replica=self._order.pick(self.names), reason=str(failure.value))
+            self._fail_over()
         attempt.addCallbacks(connected, failed)
 
-    def _schedule_retry(self) -> None:
+    def _fail_over(self) -> None:
+        """The replica in use closed, refused or went silent: try the next one, at once
+        unless every replica failed in a row (then after ``retry_policy``)."""
         if not self._running or self._retry is not None:
             return
-        delay = self._retry_policy(max(1, self._failures))
+        self._order, delay = self._order.failed_over()
+        if delay:
+            delay = self._retry_policy(self._order.rounds)
         log_event(_log, "pyflock:agent:channel-retry", delay=round(delay, 3),
-                  failures=self._failures)
+                  rounds=self._order.rounds, replica=self._order.pick(self.names))
         self._retry = self.reactor.callLater(delay, self._connect)
 
     def _connection_made(self, connection: _ControlConnection) -> None:
@@ -248,11 +281,9 @@ class AgentChannel:
         if self._silence is not None and self._silence.active():
             self._silence.cancel()
         self._silence = None
-        if not connection.welcomed:
-            self._failures += 1
         log_event(_log, "pyflock:agent:channel-lost", welcomed=connection.welcomed,
-                  reason=str(reason.value))
-        self._schedule_retry()
+                  replica=self._order.pick(self.names), reason=str(reason.value))
+        self._fail_over()
 
     def _silent(self, connection: _ControlConnection) -> None:
         self._silence = None
@@ -311,8 +342,14 @@ class AgentChannel:
         connection.welcomed = True
         # decode has refused a welcome to a version this agent does not speak.
         connection.protocol_version = welcome.protocol
-        self._failures = 0
+        self._order = self._order.succeeded()
+        name = self._order.pick(self.names)
+        if self.replica is not None and self.replica != name:
+            log_event(_log, "pyflock:agent:control-switched", node_uuid=self.node_uuid,
+                      **{"from": self.replica, "to": name})
+        self.replica = name
         log_event(_log, "pyflock:agent:channel-connected", node_uuid=self.node_uuid,
+                  replica=name,
                   epoch=welcome.epoch, version=welcome.version, protocol=welcome.protocol,
                   snapshot=ViewVersion(welcome.epoch, welcome.version) != self.view.current)
         self._heartbeats = LoopingCall(self._send_heartbeat, connection)

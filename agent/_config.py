@@ -31,6 +31,7 @@ _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 _PATH = {"type": "string", "minLength": 1, "pattern": "^/"}
 _SIZE = {"type": ["string", "integer"]}
 _URL = {"type": "string", "pattern": "^https?://"}
+_HOST = {"type": "string", "minLength": 1}
 
 #: The ebs backend's ``wait_limits``: seconds each wait may last (``WaitLimits``).
 _WAIT_LIMITS = {"type": "object", "additionalProperties": False,
@@ -46,7 +47,9 @@ SCHEMA = {
         "version": {"const": 1},
         "control-service": {
             "type": "object", "required": ["hostname"], "additionalProperties": False,
-            "properties": {"hostname": {"type": "string", "minLength": 1},
+            "properties": {"hostname": {"oneOf": [_HOST, {
+                               "type": "array", "items": _HOST, "minItems": 1,
+                               "uniqueItems": True}]},
                            "port": _PORT, "api-port": _PORT}},
         "certificates": _PATH,
         "data-path": _PATH,
@@ -93,9 +96,10 @@ class ConfigError(Exception):
 
 @attr.s(frozen=True, auto_attribs=True)
 class AgentConfig:
-    """A validated ``agent.yml``."""
+    """A validated ``agent.yml``; ``control_hostnames`` are the control service's replicas
+    (one name, or several: issue 9)."""
 
-    control_hostname: str
+    control_hostnames: tuple[str, ...]
     control_port: int = 4524
     control_api_port: int = 4523
     certificates: str = DEFAULT_CERTIFICATES
@@ -108,6 +112,11 @@ class AgentConfig:
     default_size: int = DEFAULT_SIZE
     plugin_socket: str = DEFAULT_SOCKET
     docker_socket: str = DEFAULT_DOCKER_SOCKET
+
+    @property
+    def control_hostname(self) -> str:
+        """The first control service replica's host name (for messages)."""
+        return self.control_hostnames[0]
 
     @property
     def state_path(self) -> str:
@@ -125,6 +134,9 @@ def parse_config(document) -> AgentConfig:
             if e.validator == "pattern" and e.validator_value == "^/":
                 lines.append(f"{where}: {e.instance!r} must be an absolute path "
                              f"(starting with /)")
+            elif e.validator == "oneOf" and where == "control-service.hostname":
+                lines.append(f"{where}: {e.instance!r} must be a host name or a list of "
+                             f"distinct host names (one per control service replica)")
             else:
                 lines.append(f"{where}: {e.message}")
         raise ConfigError("; ".join(lines))
@@ -139,11 +151,17 @@ def parse_config(document) -> AgentConfig:
     if node.get("address") is not None and not is_host(node["address"]):
         raise ConfigError(f"node.address: {node['address']!r} must be an IP address or a "
                           f"host name (the control service refuses anything else)")
+    hostnames = control["hostname"]
+    hostnames = (hostnames,) if isinstance(hostnames, str) else tuple(hostnames)
+    for name in hostnames:
+        if not is_host(name):
+            raise ConfigError(f"control-service.hostname: {name!r} must be an IP address or "
+                              f"a host name")
     data_path = document.get("data-path", DEFAULT_DATA_PATH)
     if backend == "loopback":
         dataset.setdefault("root_path", os.path.join(data_path, "loopback"))
     return AgentConfig(
-        control_hostname=control["hostname"], control_port=control.get("port", 4524),
+        control_hostnames=hostnames, control_port=control.get("port", 4524),
         control_api_port=control.get("api-port", 4523),
         certificates=document.get("certificates", DEFAULT_CERTIFICATES),
         data_path=data_path,

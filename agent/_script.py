@@ -16,6 +16,7 @@ import argparse
 import fcntl
 import json
 import os
+import random
 import sys
 from typing import Optional, Sequence
 
@@ -53,6 +54,11 @@ _log = Logger()
 
 #: How long the plugin's REST calls may take before they count as failed.
 API_TIMEOUT = 30.0
+
+#: With several control replicas, how long one attempt may take before the next replica
+#: is tried (as the agent channel leaves a replica silent for two heartbeats), so that a
+#: hung replica does not use up dockerd's patience.
+REPLICA_ATTEMPT_TIMEOUT = 10.0
 
 #: The agent's thread pools and their sizes: ``backend`` for discovery and the quick steps
 #: of convergence (attach, detach, mount, unmount), ``bulk`` for its slow ones (create,
@@ -181,8 +187,9 @@ async def run(reactor, config: AgentConfig) -> None:
         revocations = Revocations()
         tls = ClusterTLS.load(config.certificates, "node", is_revoked=revocations.is_revoked)
         authority = load_certificate(os.path.join(config.certificates, AUTHORITY_CERTIFICATE))
-        channel_endpoint = control_endpoint(reactor, config.control_hostname,
-                                            config.control_port, tls)
+        # issue 9: one endpoint per control service replica, in the configured order.
+        channel_endpoints = [control_endpoint(reactor, host, config.control_port, tls)
+                             for host in config.control_hostnames]
         http = tls.treq_client(reactor)
     except (CertificateError, OSError, ValueError) as e:
         raise StartupError(str(e))
@@ -224,15 +231,22 @@ async def run(reactor, config: AgentConfig) -> None:
         if not first_view.called:
             first_view.callback(None)
 
-    channel = AgentChannel(reactor, channel_endpoint, node_uuid, era, on_view,
+    channel = AgentChannel(reactor, channel_endpoints, node_uuid, era, on_view,
+                           names=[f"{host}:{config.control_port}"
+                                  for host in config.control_hostnames],
                            address=config.address, peer_port=config.peer_port, view=view,
                            zone=zone, on_crl=node_crl.received,
                            save_view=lambda new_view: view_file.save(new_view,
                                                                      channel.change))
     channel.start()
 
-    client = ControlClient(http, f"https://{config.control_hostname}:{config.control_api_port}",
-                           reactor=reactor, timeout=API_TIMEOUT)
+    # The plugin's calls start at a random replica, so that nodes spread over them.
+    client = ControlClient(http, [f"https://{host}:{config.control_api_port}"
+                                  for host in config.control_hostnames],
+                           reactor=reactor,
+                           timeout=API_TIMEOUT if len(config.control_hostnames) == 1
+                           else REPLICA_ATTEMPT_TIMEOUT,
+                           first=random.randrange(len(config.control_hostnames)))
     # The plugin's blocking IO (view file, mount checks, mount-count writes) runs in the
     # plugin pool (plugin_io above), never behind the backend's or bulk pool's work.
     plugin_backend = PluginBackend(node_uuid, client,
@@ -265,7 +279,8 @@ async def run(reactor, config: AgentConfig) -> None:
         raise StartupError(f"cannot serve the Docker plugin at {config.plugin_socket}: {e}")
     log_event(_log, "pyflock:agent:started", node_uuid=node_uuid, era=era,
               backend=config.backend, plugin_socket=config.plugin_socket,
-              control=f"{config.control_hostname}:{config.control_port}",
+              control=",".join(f"{host}:{config.control_port}"
+                               for host in config.control_hostnames),
               reconciled=in_use is not None)
 
     async def shutdown():

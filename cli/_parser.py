@@ -160,8 +160,9 @@ def _parser(stdout: IO[str], stderr: IO[str]) -> _Parser:
                "PYFLOCK_CONTROL_PORT, PYFLOCK_CERTS_PATH and PYFLOCK_USER, else "
                "~/.config/pyflock/cli.yml. Datasets are named by uuid, unique uuid prefix "
                "or name; nodes by uuid, unique uuid prefix or address.")
-    parser.add_argument("--control-service", metavar="HOST",
-                        help="host name or address of the control service")
+    parser.add_argument("--control-service", metavar="HOST[,HOST...]",
+                        help="host name or address of the control service, or of each of "
+                             "its replicas, separated by commas (tried in turn)")
     parser.add_argument("--control-port", metavar="PORT",
                         help=f"its REST API port (default {DEFAULT_PORT})")
     parser.add_argument("--certs-path", metavar="DIR",

@@ -32,6 +32,7 @@ class Settings:
     """
     Where the control service and the certificates are, and, for each setting, where its
     value came from (``--user``, ``PYFLOCK_USER``, a cli.yml path or ``default``).
+    ``control_service`` is one host, or several replicas' hosts separated by commas.
     """
 
     control_service: str
@@ -41,12 +42,22 @@ class Settings:
     origins: Mapping[str, str] = attr.ib(factory=dict, eq=False)
 
     @property
+    def control_services(self) -> tuple[str, ...]:
+        """The control service replicas' hosts, in the order given."""
+        return tuple(host.strip() for host in self.control_service.split(","))
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """The API root of each replica, ``https://HOST:PORT``."""
+        return tuple(f"https://[{host}]:{self.control_port}"
+                     if ":" in host and not host.startswith("[")
+                     else f"https://{host}:{self.control_port}"
+                     for host in self.control_services)
+
+    @property
     def base_url(self) -> str:
-        """The API root, ``https://HOST:PORT``."""
-        host = self.control_service
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"https://{host}:{self.control_port}"
+        """The API root of the first replica."""
+        return self.base_urls[0]
 
 
 def config_file_path(env: Mapping[str, str]) -> Optional[str]:
@@ -88,6 +99,10 @@ def _read_config_file(path: str) -> dict[str, Any]:
     for key, value in loaded.items():
         if value is None:
             continue
+        if key == "control-service" and isinstance(value, list) and value and all(
+                isinstance(host, str) and host for host in value):
+            # issue 9: the replicas, as a YAML list
+            value = ",".join(value)
         if isinstance(value, (dict, list, bool)):
             raise CLIError(f"{path}: {key} must be a single value, not {value!r}",
                            EXIT_UNREACHABLE)
@@ -139,6 +154,11 @@ def resolve_settings(flags: Mapping[str, Optional[str]], env: Mapping[str, str])
             "no API user given: use --user NAME (NAME.crt and NAME.key in the "
             f"certificates folder), set PYFLOCK_USER, or put 'user: NAME' in {shown_path}",
             EXIT_UNREACHABLE)
+    hosts = [host.strip() for host in values["control-service"].split(",")]
+    if not all(hosts) or any(" " in host for host in hosts):
+        raise CLIError(f"{origins['control-service']}: {values['control-service']!r} must be "
+                       f"a host, or several control service replicas' hosts separated by "
+                       f"commas (a,b,c)", EXIT_USAGE)
     port = DEFAULT_PORT
     if "control-port" in values:
         port = _port(values["control-port"], origins["control-port"])
@@ -191,6 +211,6 @@ def default_client_factory(reactor: Any, timeout: float = DEFAULT_TIMEOUT
             http = treq_client(reactor, settings.certs_path, settings.user)
         except CertificateError as e:
             raise CLIError(f"cannot use the certificates: {e}", EXIT_UNREACHABLE) from None
-        return ControlClient(http, settings.base_url, reactor=reactor, timeout=timeout)
+        return ControlClient(http, settings.base_urls, reactor=reactor, timeout=timeout)
     return make
 

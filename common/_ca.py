@@ -19,7 +19,7 @@ import os
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 from uuid import UUID, uuid4
 
 import attr
@@ -463,15 +463,23 @@ def _issue(ca_path: PathLike, out_path: PathLike, base_name: str, common_name: s
                             common_name=common_name, cluster_uuid=authority.cluster_uuid)
 
 
-def create_control_certificate(ca_path: PathLike, out_path: PathLike, hostname: str, *,
+def create_control_certificate(ca_path: PathLike, out_path: PathLike,
+                               hostname: Union[str, Sequence[str]], *,
                                now: Optional[datetime] = None) -> CertificateFiles:
     """
-    Issue the control service's certificate (CN ``control-service``, ``hostname`` as
-    subjectAltName, serverAuth) as ``out_path/control-<hostname>.crt/.key``.
+    Issue the control service's certificate (CN ``control-service``, serverAuth) with
+    ``hostname`` as subjectAltName, or each of several (the replicas' names and a DNS name
+    listing them all: issue 9), as ``out_path/control-<first hostname>.crt/.key``.
     """
-    alt_name = parse_hostname(hostname)
-    return _issue(ca_path, out_path, f"control-{hostname}", CONTROL_COMMON_NAME,
-                  [ExtendedKeyUsageOID.SERVER_AUTH], [alt_name], now)
+    hostnames = [hostname] if isinstance(hostname, str) else list(hostname)
+    if not hostnames:
+        raise InvalidName("give the control service's host name or address")
+    repeated = sorted({name for name in hostnames if hostnames.count(name) > 1})
+    if repeated:
+        raise InvalidName(f"{', '.join(repeated)} given more than once")
+    alt_names = [parse_hostname(name) for name in hostnames]
+    return _issue(ca_path, out_path, f"control-{hostnames[0]}", CONTROL_COMMON_NAME,
+                  [ExtendedKeyUsageOID.SERVER_AUTH], alt_names, now)
 
 
 def create_node_certificate(ca_path: PathLike, out_path: PathLike,

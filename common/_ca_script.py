@@ -54,10 +54,15 @@ def _parser() -> argparse.ArgumentParser:
         "create-control-certificate",
         help="issue the control service's certificate: control-HOSTNAME.crt/.key",
         description="Issue the control service's certificate for the host name or IP "
-                    "address that nodes and users connect to. Install the files as "
-                    "control-service.crt and control-service.key.")
-    command.add_argument("hostname", metavar="HOSTNAME",
-                         help="DNS name or IP address of the control service")
+                    "address that nodes and users connect to; with several control "
+                    "service replicas, give every name they are reached by (each "
+                    "replica's, and a DNS name listing them all): one certificate names "
+                    "them all and serves every replica, written as control-<first "
+                    "HOSTNAME>.crt/.key. Install the files as control-service.crt and "
+                    "control-service.key.")
+    command.add_argument("hostname", metavar="HOSTNAME", nargs="+",
+                         help="DNS name or IP address of the control service (or of each "
+                              "replica)")
     _add_paths(command)
 
     command = commands.add_parser(
@@ -118,7 +123,8 @@ def _run(options: argparse.Namespace) -> None:
         files = create_control_certificate(options.inputpath, options.outputpath,
                                            options.hostname)
         print(f"Created {files.certificate_path} and {files.key_path}. Install them on "
-              "the control service as control-service.crt and control-service.key.")
+              "the control service (on every replica, if there are several) as "
+              "control-service.crt and control-service.key.")
     elif options.command == "create-node-certificate":
         node_uuid = create_node_certificate(options.inputpath, options.outputpath,
                                             options.uuid)

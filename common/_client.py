@@ -11,12 +11,20 @@ Deferred of a frozen value: the ``Dataset``, ``Lease``, ``DatasetReport`` and ``
 Refusals arrive as ``ControlError`` subclasses chosen by status code; a control service
 that cannot be reached, or that fails the TLS handshake, as ``ControlUnreachable`` naming
 the host and port it tried.
+
+Given several replicas' URLs (issue 9), a call that finds its replica unreachable, or
+answered 503, goes to the next one at once, the client staying with the replica that
+answered; one full round of failures ends the call. A call is repeated on another replica
+only if it cannot have been carried out (its connection or TLS handshake failed) or if
+repeating it is harmless (GET; moves, metadata updates and lease renewals without
+``if_matches``); any other call whose answer was lost fails with ``AnswerLost``, saying it
+may have been carried out and how to check.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 from urllib.parse import quote
 
 import attr
@@ -24,10 +32,11 @@ import hyperlink
 from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
-from twisted.web.client import ResponseFailed
+from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseFailed
 from zope.interface import Interface, implementer
 
 from pyflock.common._jsonread import Malformed, as_object, read
+from pyflock.common._replicas import ReplicaOrder
 from pyflock.common._tokens import TokenInfo
 from pyflock.common._records import (
     Dataset, DatasetReport, Lease, Node, dataset_from_json, lease_from_json,
@@ -112,6 +121,31 @@ class ControlUnreachable(ControlError):
         self.host = host
         self.port = port
         self.reason = reason
+
+
+class NoReplicaAnswered(ControlUnreachable):
+    """Every control service replica given failed; ``failures`` says why, per replica."""
+
+    def __init__(self, failures: Sequence[ControlUnreachable]):
+        last = failures[-1]
+        super().__init__(last.host, last.port, last.reason)
+        self.failures = tuple(failures)
+        self.description = ("cannot reach any control service replica: "
+                            + "; ".join(f"{f.host}:{f.port}: {f.reason}" for f in failures))
+        self.args = (None, self.description, ())
+
+
+class AnswerLost(ControlUnreachable):
+    """A change was sent but its answer never came: it may have been carried out."""
+
+    def __init__(self, host: str, port: int, reason: str, method: str, path: str):
+        super().__init__(host, port, reason)
+        self.description = (
+            f"{method} {API_PREFIX}{path} was sent to the control service at {host}:{port} "
+            f"but no answer came ({reason}); it may have been carried out: read the "
+            f"configuration (pyflock list, or GET {API_PREFIX}/configuration/datasets and "
+            f"{API_PREFIX}/configuration/leases) before trying again")
+        self.args = (None, self.description, ())
 
 
 _ERRORS_BY_CODE: dict[int, type[ControlError]] = {
@@ -266,34 +300,71 @@ def _describe(error: BaseException, host: str) -> str:
 describe_failure = _describe
 
 _UNREACHABLE = (ConnectError, DNSLookupError, ResponseFailed, CancelledError,
-                ConnectingCancelledError, SSL.Error, ConnectionError)
+                ConnectingCancelledError, SSL.Error, ConnectionError, RequestNotSent,
+                RequestTransmissionFailed)
+
+
+def never_sent(error: BaseException) -> bool:
+    """Whether a request that failed with ``error`` cannot have reached the control
+    service's API: no connection, a failed TLS handshake, or a request cut short."""
+    if isinstance(error, (ConnectError, DNSLookupError, ConnectingCancelledError, SSL.Error,
+                          RequestNotSent, RequestTransmissionFailed)):
+        return True
+    if isinstance(error, ResponseFailed):
+        return any(isinstance(f.value, SSL.Error)
+                   or type(f.value).__name__ == "VerificationError" for f in error.reasons)
+    return False
 
 
 @implementer(IControlClient)
 class ControlClient:
     """
-    The REST API v1 at ``base_url`` (``https://HOST:PORT``, no ``/v1``) through ``http``,
-    a treq-like object. With ``timeout`` (seconds) and ``reactor``, a request that gets no
-    answer in time fails with ``ControlUnreachable``. ``reactor`` is also the clock of
-    the leases returned (the global reactor's when not given).
+    The REST API v1 at ``base_url`` (``https://HOST:PORT``, no ``/v1``), or at any of
+    several replicas' URLs (a sequence), through ``http``, a treq-like object. With
+    ``timeout`` (seconds, each attempt; required with several replicas) and ``reactor``, a
+    request that gets no answer in time fails with ``ControlUnreachable``. ``reactor`` is
+    also the clock of the leases returned (the global reactor's when not given). ``first``
+    is the index of the replica tried first (so that many clients spread over them).
     """
 
-    def __init__(self, http: Any, base_url: str, *, reactor: Any = None,
-                 timeout: Optional[float] = None):
-        url = hyperlink.URL.from_text(base_url.rstrip("/"))
-        if not url.host:
-            raise ValueError(f"the control service URL {base_url!r} names no host")
+    def __init__(self, http: Any, base_url: Union[str, Sequence[str]], *,
+                 reactor: Any = None, timeout: Optional[float] = None, first: int = 0):
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        parsed = []
+        for text in urls:
+            url = hyperlink.URL.from_text(text.rstrip("/"))
+            if not url.host:
+                raise ValueError(f"the control service URL {text!r} names no host")
+            parsed.append(url)
+        if not parsed:
+            raise ValueError("a control service client needs at least one URL")
         if timeout is not None and reactor is None:
             raise ValueError("a timeout needs the reactor that measures it")
+        if len(parsed) > 1 and timeout is None:
+            raise ValueError("a client of several control service replicas needs a timeout "
+                             "for each attempt, so that a replica that never answers is left")
         self._http = http
-        self._base = url.to_text()
-        self.host = url.host
-        self.port = url.port
+        self._urls = tuple(parsed)
+        self._order = ReplicaOrder(count=len(parsed), current=first % len(parsed))
         self._reactor = reactor
         self._timeout = timeout
 
+    @property
+    def _base(self) -> str:
+        return self._order.pick(self._urls).to_text()
+
+    @property
+    def host(self) -> str:
+        """The host of the replica in use (or tried next)."""
+        return self._order.pick(self._urls).host
+
+    @property
+    def port(self) -> int:
+        """The port of the replica in use (or tried next)."""
+        return self._order.pick(self._urls).port
+
     def __repr__(self) -> str:
-        return f"<ControlClient {self._base}>"
+        return f"<ControlClient {' '.join(url.to_text() for url in self._urls)}>"
 
     def seconds(self) -> float:
         """The client's clock (its ``reactor``'s): leases' ``expiration`` is measured on it."""
@@ -308,8 +379,57 @@ class ControlClient:
 
     async def _call(self, method: str, path: str, body: Any = None,
                     if_matches: Optional[str] = None,
-                    expected: tuple[int, ...] = (200,)) -> tuple[Any, Any]:
-        url = self._base + API_PREFIX + path
+                    expected: tuple[int, ...] = (200,),
+                    idempotent: Optional[bool] = None) -> tuple[Any, Any]:
+        """One request, on each replica in turn until one answers (see the module's
+        docstring); ``idempotent`` (GET's default) says whether repeating it is harmless."""
+        if idempotent is None:
+            idempotent = method == "GET"
+        failures: list[ControlUnreachable] = []
+        # Each call walks the replicas from the one in use on its own, so that calls
+        # failing together neither skip a replica nor try one twice.
+        index = self._order.current
+        while True:
+            replica = self._urls[index]
+            try:
+                response, parsed, content = await self._attempt(replica, method, path, body,
+                                                                if_matches)
+            except ControlUnreachable as e:
+                cause = e.__cause__
+                if len(self._urls) > 1 and not idempotent and not never_sent(cause):
+                    raise AnswerLost(e.host, e.port, e.reason, method, path) from cause
+                failures.append(e)
+                index = self._left(index)
+                if len(failures) >= len(self._urls):
+                    raise (e if len(failures) == 1 else NoReplicaAnswered(failures)) \
+                        from cause
+                continue
+            if response.code == 503 and idempotent and len(failures) + 1 < len(self._urls):
+                failures.append(ControlUnreachable(replica.host, replica.port,
+                                                   "answered 503"))
+                index = self._left(index)
+                continue
+            self._order = self._order.answered(index)
+            url = replica.to_text() + API_PREFIX + path
+            if response.code in expected:
+                if parsed is _MISSING:
+                    raise UnexpectedResponse(
+                        response.code, f"{method} {url} answered {response.code} with a "
+                        f"body that is not JSON: {content[:120]!r}")
+                return response, parsed
+            raise _error(response.code, method, url, parsed, content)
+
+    def _left(self, index: int) -> int:
+        """Replica ``index`` failed: the next to try; the client moves on from it too,
+        unless another call already did."""
+        if self._order.current == index:
+            self._order, _ = self._order.failed_over()
+        return (index + 1) % len(self._urls)
+
+    async def _attempt(self, replica: hyperlink.URL, method: str, path: str, body: Any,
+                       if_matches: Optional[str]) -> tuple[Any, Any, bytes]:
+        """One request to ``replica``: its response, parsed body and raw body."""
+        url = replica.to_text() + API_PREFIX + path
         headers = {b"Accept": [b"application/json"]}
         data = None
         if body is not None:
@@ -325,21 +445,15 @@ class ControlClient:
                                                 **options)
             content = await response.content()
         except _UNREACHABLE as e:
-            reason = _describe(e, self.host)
+            reason = _describe(e, replica.host)
             if reason == _NO_ANSWER and self._timeout is not None:
                 reason = f"no answer within {self._timeout:g} seconds"
-            raise ControlUnreachable(self.host, self.port, reason) from e
+            raise ControlUnreachable(replica.host, replica.port, reason) from e
         try:
             parsed = json.loads(content) if content else None
         except ValueError:
             parsed = _MISSING
-        if response.code in expected:
-            if parsed is _MISSING:
-                raise UnexpectedResponse(
-                    response.code, f"{method} {url} answered {response.code} with a body "
-                    f"that is not JSON: {content[:120]!r}")
-            return response, parsed
-        raise _error(response.code, method, url, parsed, content)
+        return response, parsed, content
 
     def _parse(self, method: str, path: str, make: Callable[[Any], Any], value: Any,
                code: int = 200) -> Any:
@@ -396,13 +510,14 @@ class ControlClient:
                      if_matches: Optional[str] = None) -> "Deferred[Dataset]":
         """Make ``primary`` the dataset's node; its data follows."""
         return self._dataset_call("POST", _dataset_path(dataset_id), {"primary": primary},
-                                  if_matches)
+                                  if_matches, idempotent=if_matches is None)
 
     def update_metadata(self, dataset_id: str, metadata: dict[str, str],
                         if_matches: Optional[str] = None) -> "Deferred[Dataset]":
         """Replace the dataset's metadata with ``metadata`` (a whole new mapping)."""
         return self._dataset_call("POST", _dataset_path(dataset_id),
-                                  {"metadata": dict(metadata)}, if_matches)
+                                  {"metadata": dict(metadata)}, if_matches,
+                                  idempotent=if_matches is None)
 
     def delete_dataset(self, dataset_id: str, if_matches: Optional[str] = None,
                        purge: bool = False) -> "Deferred[Dataset]":
@@ -420,9 +535,11 @@ class ControlClient:
                                   if_matches)
 
     def _dataset_call(self, method: str, path: str, body: Any, if_matches: Optional[str],
-                      expected: tuple[int, ...] = (200,)) -> "Deferred[Dataset]":
+                      expected: tuple[int, ...] = (200,),
+                      idempotent: bool = False) -> "Deferred[Dataset]":
         async def go() -> Dataset:
-            response, answer = await self._call(method, path, body, if_matches, expected)
+            response, answer = await self._call(method, path, body, if_matches, expected,
+                                                idempotent)
             return self._parse(method, path, dataset_from_json, answer,
                                response.code)
         return Deferred.fromCoroutine(go())
@@ -463,7 +580,9 @@ class ControlClient:
         body = {"dataset_id": dataset_id, "node_uuid": node_uuid, "expires": expires}
 
         async def go() -> Lease:
-            response, answer = await self._call("POST", path, body, expected=(200, 201))
+            # Taking or renewing one's own lease twice is the same as once.
+            response, answer = await self._call("POST", path, body, expected=(200, 201),
+                                                idempotent=True)
             return self._parse("POST", path, self._lease, answer, response.code)
         return Deferred.fromCoroutine(go())
 

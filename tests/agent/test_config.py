@@ -42,6 +42,15 @@ plugin: {socket: /s.sock}
         {"root_path": "/l"}, "/m", "/d/agent")
 
 
+def test_control_replicas_list():
+    """``control-service.hostname`` may list the replicas; one name is a list of one."""
+    config = parse_config({**MINIMAL, "control-service": {
+        "hostname": ["c1.example", "10.0.0.2", "c3.example"], "port": 14524}})
+    assert (config.control_hostnames, config.control_hostname, config.control_port) == (
+        ("c1.example", "10.0.0.2", "c3.example"), "c1.example", 14524)
+    assert parse_config(MINIMAL).control_hostnames == ("control.example",)
+
+
 def test_ebs_needs_no_zone():
     """The ebs backend needs no key: zone and region come from the instance metadata."""
     config = parse_config({**MINIMAL, "dataset": {"backend": "ebs"}})
@@ -65,6 +74,11 @@ def test_ebs_needs_no_zone():
     ({"dataset": {"backend": "ebs", "attachment_limit": 1}}, "dataset.attachment_limit"),
     ({"dataset": {"backend": "loopback", "default_size": "lots"}}, "dataset.default_size"),
     ({"surprise": 1}, "'surprise' was unexpected"),
+    ({"control-service": {"hostname": []}}, "control-service.hostname: .* must be a host "
+                                            "name or a list of distinct host names"),
+    ({"control-service": {"hostname": ["a", "a"]}}, "list of distinct host names"),
+    ({"control-service": {"hostname": ["a", "b c"]}}, "control-service.hostname: 'b c' must "
+                                                      "be an IP address or a host name"),
     ({"node": {"address": "my host"}}, "node.address: 'my host' must be an IP address or a "
                                        "host name"),
 ])

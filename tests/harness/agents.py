@@ -418,17 +418,14 @@ class LocalCluster:
         self.loopback_root.mkdir(exist_ok=True)
         self.certificates: ClusterCertificates = make_cluster_certificates(
             self.path / "certs", nodes=nodes, users=users, control_host=control_host)
-        self.control = ControlProcess(
-            self.path / "control", self.certificates.path, host=control_host,
-            log_directory=self.log_directory, extra_arguments=control_arguments)
+        self.control = self._make_control(control_host, control_arguments)
         for i, node_uuid in enumerate(self.certificates.node_uuids):
             name = f"n{i + 1}"
             folder = self.path / name
             folder.mkdir(exist_ok=True)
             address = f"127.0.0.{first_address + i}"
             parameters = dict(
-                control_hostname=control_host, control_port=self.control.agent_port,
-                control_api_port=self.control.port,
+                self._control_parameters(),
                 certificates=self.certificates.node_directory(node_uuid),
                 data_path=folder / "data", address=address, peer_port=free_port(address),
                 root_path=self.loopback_root, default_size=default_size,
@@ -439,6 +436,17 @@ class LocalCluster:
             self.agents.append(AgentProcess(folder / "agent.yml", name=name,
                                             log_directory=self.log_directory,
                                             environment=environment, **parameters))
+
+    def _make_control(self, control_host, control_arguments) -> ControlProcess:
+        """The control service process (``ReplicatedCluster`` makes several)."""
+        return ControlProcess(self.path / "control", self.certificates.path,
+                              host=control_host, log_directory=self.log_directory,
+                              extra_arguments=control_arguments)
+
+    def _control_parameters(self) -> dict:
+        """Where agents find the control service (``agent_document``'s parameters)."""
+        return dict(control_hostname=self.control.host, control_port=self.control.agent_port,
+                    control_api_port=self.control.port)
 
     def _socket_path(self, folder: Path, name: str, base: str) -> Path:
         path = folder / base
