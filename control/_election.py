@@ -246,7 +246,7 @@ class SoleLeader:
         """Always: the store's own lease grace after a start applies instead."""
         return True
 
-    def fenced(self) -> None:
+    def fenced(self, fence) -> None:
         """Never happens: writes carry no fence."""
 
 

@@ -100,10 +100,11 @@ class EtcdLeadership:
         """Call ``callback(leading)`` when this replica starts or stops leading."""
         self._listeners.append(callback)
 
-    def fenced(self) -> None:
-        """A leader-only write was refused by its fence: step down and campaign again."""
+    def fenced(self, fence) -> None:
+        """A leader-only write with ``fence`` was refused for it: step down (unless done
+        already) and campaign again."""
         log_event(_log, "pyflock:control:leader-fenced", LogLevel.warn, replica=self.name,
-                  fence_revision=self.fence.revision if self.fence else None)
+                  fence_revision=fence.revision, leading=self.leading)
         self._handle(WriteFenced())
 
     # -- running ---------------------------------------------------------------------------

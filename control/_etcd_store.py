@@ -399,40 +399,45 @@ class EtcdConfigurationStore:
         return committed
 
     def _schedule_pruning(self) -> None:
-        # With replicas, only the leader prunes (``leadership``, set by the service).
-        if self.leadership is not None and not self.leadership.leading:
+        # With replicas, only the leader prunes, with its fence (``leadership``).
+        leadership = self.leadership
+        if leadership is not None and not leadership.leading:
             return
         step = max(1, self._retained // 8)
         if (self._meta.revision - self._retained - self._meta.oldest >= step and not any(
                 job.kind == "prune" for job in self._queue)):
-            self._queue.append(_Job("prune", None, []))
+            self._queue.append(_Job("prune", getattr(leadership, "fence", None), []))
 
-    async def _do_prune(self, _: None) -> None:
+    async def _do_prune(self, fence: Any) -> None:
         """Raise the oldest kept revision, then delete the tombstones it leaves behind."""
-        seen, oldest = self._meta.oldest, self._meta.revision - self._retained
-        fence = self.leadership.fence if self.leadership is not None else None
-        if self.leadership is not None and fence is None:
+        await _prune(self, fence)
+
+
+async def _prune(store: EtcdConfigurationStore, fence: Any) -> None:
+    """
+    Raise ``store``'s oldest kept revision, then delete the tombstones it leaves behind,
+    each transaction with the leader's ``fence`` (None: the store has no leader election).
+    """
+    seen, oldest = store._meta.oldest, store._meta.revision - store._retained
+    keys, gateway = store.keys, store.gateway
+    try:
+        answer = await gateway.call("kv/txn", raise_oldest_request(keys, seen, oldest, fence))
+        if not answer.get("succeeded"):
+            # Another store pruned first (or the fence broke). Only the oldest revision is
+            # taken from what is read: the compare of writes stays on what the store loaded.
+            found = await store._read_meta()
+            store._meta = attr.evolve(store._meta, oldest=found.oldest)
             return
-        try:
-            answer = await self._gateway.call(
-                "kv/txn", raise_oldest_request(self.keys, seen, oldest, fence))
-            if not answer.get("succeeded"):
-                # Another store pruned first. Only the oldest revision is taken from what
-                # is read: the compare of writes stays on what this store loaded.
-                found = await self._read_meta()
-                self._meta = attr.evolve(self._meta, oldest=found.oldest)
-                return
-            self._meta = attr.evolve(self._meta, oldest=oldest)
-            rows = await self._pages(self.keys.rows, prefix_end(self.keys.rows),
-                                     min_mod_revision=seen + 1, max_mod_revision=oldest)
-            tombstones = [kv for kv in rows if not kv.value]
-            for request in prune_requests(self.keys, tombstones, oldest, fence=fence):
-                await self._gateway.call("kv/txn", request)
-            log_event(_log, "pyflock:control:etcd-pruned", oldest=oldest,
-                      tombstones=len(tombstones))
-        except Exception as e:
-            log_event(_log, "pyflock:control:etcd-prune-failed", LogLevel.warn,
-                      reason=str(e))
+        store._meta = attr.evolve(store._meta, oldest=oldest)
+        rows = await store._pages(keys.rows, prefix_end(keys.rows),
+                                  min_mod_revision=seen + 1, max_mod_revision=oldest)
+        tombstones = [kv for kv in rows if not kv.value]
+        for request in prune_requests(keys, tombstones, oldest, fence=fence):
+            await gateway.call("kv/txn", request)
+        log_event(_log, "pyflock:control:etcd-pruned", oldest=oldest,
+                  tombstones=len(tombstones))
+    except Exception as e:
+        log_event(_log, "pyflock:control:etcd-prune-failed", LogLevel.warn, reason=str(e))
 
 
 async def open_etcd_store(reactor: Any, endpoints: Sequence[str], prefix: str = "/pyflock/",

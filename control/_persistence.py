@@ -406,7 +406,7 @@ class ConfigurationService(_Following):
         if isinstance(result, Failure) and result.check(Fenced):
             # Nothing was written, but ``pending`` holds it, and writes accepted since
             # were built on it: read the whole configuration again once they are done.
-            self.leader.fenced()
+            self.leader.fenced(request.fence)
             self._reload_wanted = True
             for done in [request] + waiting:
                 done.finish(result)

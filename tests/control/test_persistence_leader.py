@@ -64,7 +64,7 @@ class Leadership:
         """Leading for ``grace`` seconds."""
         return self.leading and now - self.since >= grace
 
-    def fenced(self) -> None:
+    def fenced(self, fence) -> None:
         """Count, and step down."""
         self.fenced_calls += 1
         self.leading, self.fence = False, None
