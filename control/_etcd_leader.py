@@ -64,7 +64,9 @@ class EtcdLeadership:
         self.election = Election(ttl=ttl)
         self._listeners: list[Callable[[bool], None]] = []
         self._loop: Optional[LoopingCall] = None
-        self._busy = False
+        # etcd exchanges under way (a grant or campaign may start within another)
+        self._busy = 0
+        self._revoking: Optional[Deferred] = None
         self._stopped = False
         self._retention = compaction_retention
         self._samples: tuple[tuple[float, int], ...] = ()
@@ -122,15 +124,9 @@ class EtcdLeadership:
         for loop in (self._loop, self._compacting):
             if loop is not None and loop.running:
                 loop.stop()
-        lease = self.election.lease
         self._handle(Stopped())
-        if lease is None:
-            return Deferred.fromCoroutine(self._nothing())
-        return Deferred.fromCoroutine(self._revoke(lease))
-
-    @staticmethod
-    async def _nothing() -> None:
-        return None
+        revoking, self._revoking = self._revoking, None
+        return revoking if revoking is not None else Deferred.fromCoroutine(_nothing())
 
     def _handle(self, event) -> None:
         was = self.election.leading
@@ -152,7 +148,7 @@ class EtcdLeadership:
             if self._compacting is not None and self._compacting.running:
                 self._compacting.stop()
         elif isinstance(action, Revoke):
-            Deferred.fromCoroutine(self._revoke(action.lease))
+            self._revoking = Deferred.fromCoroutine(self._revoke(action.lease))
         elif isinstance(action, Grant) and not self._stopped:
             self._spawn(self._grant())
         elif isinstance(action, Campaign) and not self._stopped:
@@ -160,14 +156,17 @@ class EtcdLeadership:
 
     def _spawn(self, coroutine) -> None:
         """Run one etcd exchange at a time; its failure is logged, and retried on a tick."""
-        self._busy = True
+        self._busy += 1
         d = Deferred.fromCoroutine(coroutine)
 
         def failed(failure):
             log_event(_log, "pyflock:control:election-failed", LogLevel.warn,
                       replica=self.name, reason=describe(failure.value))
         d.addErrback(failed)
-        d.addBoth(lambda _: setattr(self, "_busy", False))
+        d.addBoth(self._done)
+
+    def _done(self, _) -> None:
+        self._busy -= 1
 
     def _tick(self) -> None:
         """Keep the lease alive; a follower (or a campaign that failed) reads again."""
@@ -261,6 +260,10 @@ class EtcdLeadership:
         except EtcdUnavailable as e:
             log_event(_log, "pyflock:control:etcd-compaction-failed", LogLevel.warn,
                       reason=str(e))
+
+
+async def _nothing() -> None:
+    return None
 
 
 __all__ = ["EtcdLeadership", "DEFAULT_LEADER_TTL", "DEFAULT_COMPACTION_RETENTION"]

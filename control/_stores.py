@@ -12,6 +12,7 @@ import socket
 from typing import Any
 
 from pyflock.control._etcd_client import EtcdTLS, parse_endpoints
+from pyflock.control._election import SoleLeader
 from pyflock.control._etcd_leader import (
     DEFAULT_COMPACTION_RETENTION, DEFAULT_LEADER_TTL, EtcdLeadership,
 )
@@ -133,6 +134,7 @@ def leadership_for(reactor: Any, configuration: Any, store: Any,
     service always leads.
     """
     if not isinstance(store, EtcdConfigurationStore):
+        configuration.lead_with(SoleLeader(replica_name(options)))
         return None
     leadership = EtcdLeadership(
         reactor, store.gateway, store.keys, replica_name(options),
