@@ -20,6 +20,7 @@ from pyflock.control._etcd_client import EtcdError, EtcdGateway
 from pyflock.control._etcd_leader import EtcdLeadership
 from pyflock.control._etcd_model import Keys, raise_oldest_request, range_request
 from pyflock.control._etcd_store import open_etcd_store
+from pyflock.control._script import _parser
 from pyflock.control._store import Fenced, StoreWrite
 from tests.harness.etcd import etcd_cluster_fixture
 
@@ -146,3 +147,13 @@ async def test_leader_compacts_history(etcd):
     finally:
         await close([leader])
         await Deferred.fromCoroutine(gateway.close())
+
+
+@pytest.mark.parametrize("option", ["--leader-ttl", "--etcd-compaction-retention"])
+def test_option_refuses_a_non_positive_number(option, capsys):
+    """``--leader-ttl`` and ``--etcd-compaction-retention`` refuse 0, saying why."""
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["run", option, "0"])
+    assert "0 is not a positive number of seconds" in capsys.readouterr().err
+    assert getattr(_parser().parse_args(["run", option, "2.5"]),
+                   option[2:].replace("-", "_")) == 2.5
