@@ -240,6 +240,7 @@ class SoleLeader:
     state = LEADING
 
     def __init__(self, name: str = ""):
+        self.name = name
         self.leader = name or None
 
     def settled(self, now: float, grace: float) -> bool:

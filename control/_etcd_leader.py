@@ -31,8 +31,10 @@ from pyflock.control._election import (
 )
 from pyflock.control._etcd_client import EtcdError, EtcdGateway, EtcdUnavailable, describe
 from pyflock.control._etcd_model import (
-    COMPACTED_CODE, Keys, compare, get, header_revision, prefix_end, put, responses, txn,
+    COMPACTED_CODE, Keys, compare, fence_broken, fence_compares, get, header_revision,
+    prefix_end, put, responses, txn,
 )
+from pyflock.control._store import Fenced
 
 #: The default TTL of a replica's etcd lease: a dead leader is replaced within about this.
 DEFAULT_LEADER_TTL = 10.0
@@ -108,6 +110,27 @@ class EtcdLeadership:
         log_event(_log, "pyflock:control:leader-fenced", LogLevel.warn, replica=self.name,
                   fence_revision=fence.revision, leading=self.leading)
         self._handle(WriteFenced())
+
+    async def write_fenced(self, gateway: EtcdGateway, request: dict) -> dict:
+        """
+        Send the ``kv/txn`` ``request`` (a leader-only write of another part of the service)
+        through ``gateway`` with the leader's fence added to its compares; its answer.
+        ``Fenced`` (and this replica steps down) when it no longer leads or the fence no
+        longer holds; a refusal for the request's own compares answers as etcd did.
+        """
+        fence = self.fence
+        if fence is None:
+            raise Fenced(f"replica {self.name} does not lead; nothing was written")
+        answer = await gateway.call("kv/txn", dict(
+            request, compare=list(request.get("compare", [])) + fence_compares(fence),
+            failure=list(request.get("failure", [])) + [get(fence.key)]))
+        if fence_broken(answer, fence):
+            self.fenced(fence)
+            raise Fenced(f"replica {self.name} no longer leads (its campaign key, created "
+                         f"at etcd revision {fence.revision}, is gone); nothing was written")
+        if not answer.get("succeeded"):
+            answer = dict(answer, responses=answer.get("responses", [])[:-1])
+        return answer
 
     # -- running ---------------------------------------------------------------------------
 

@@ -511,9 +511,9 @@ class ConfigurationService(_Following):
 
     def release_retained(self) -> Deferred:
         """Let the data of the deleted datasets whose retention is over go, durably, if
-        this replica leads."""
+        this replica leads and has led for the lease grace."""
         now = self.now()
-        if not self.leader.leading:
+        if not self.leader.settled(now, self.lease_grace):
             return succeed(self.pending)
         due = [i for i, until in self._retained.items() if until <= now]
         if not due:

@@ -18,7 +18,7 @@ from twisted.internet.task import deferLater
 from pyflock.common._model import Dataset, Lease
 from pyflock.control._etcd_client import EtcdError, EtcdGateway
 from pyflock.control._etcd_leader import EtcdLeadership
-from pyflock.control._etcd_model import Keys, raise_oldest_request, range_request
+from pyflock.control._etcd_model import Keys, put, raise_oldest_request, range_request, txn
 from pyflock.control._etcd_store import open_etcd_store
 from pyflock.control._script import _parser
 from pyflock.control._store import Fenced, StoreWrite
@@ -120,6 +120,35 @@ async def test_write_with_a_broken_fence_is_refused(etcd):
     finally:
         await close([leader])
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fenced_transactions_of_other_parts(etcd):
+    """``write_fenced`` writes while leading; refuses, writing nothing, once the lease is
+    gone, and at once on a replica that does not lead."""
+    prefix = f"/fenced-txn-{uuid4().hex[:8]}/"
+    keys = Keys.under(prefix)
+    made = candidates(etcd, prefix, 2)
+    try:
+        await until(lambda: all(m.leader for m in made), "both know the leader")
+        leader = next(m for m in made if m.leading)
+        follower = next(m for m in made if not m.leading)
+
+        def putting(value: bytes) -> dict:
+            return txn(success=[put(keys.prefix + b"dead/n1", value)])
+        answer = await leader.write_fenced(leader._gateway, putting(b"1"))
+        assert answer.get("succeeded")
+        with pytest.raises(Fenced):
+            await follower.write_fenced(follower._gateway, putting(b"2"))
+        await leader._gateway.call("lease/revoke", {"ID": str(leader.election.lease)})
+        with pytest.raises(Fenced):
+            await leader.write_fenced(leader._gateway, putting(b"3"))
+        assert not leader.leading
+        stored = await leader._gateway.call("kv/range", range_request(
+            keys.prefix + b"dead/n1"))
+        assert [kv["value"] for kv in stored["kvs"]] == ["MQ=="]
+    finally:
+        await close(made)
 
 
 @pytest_twisted.ensureDeferred
