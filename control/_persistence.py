@@ -15,9 +15,9 @@ like every other field, so a restart loses nothing); the same clock that expires
 lets their data go once that time passes, from an index of the retained datasets kept up
 to date with every change (O(change), never a scan of the cluster).
 
-Timed work (lease expiry, the end of retention) runs only while ``leader`` leads
-(``_election``; on SQLite, ``SOLE_LEADER``: always), lease expiry only once it has led for
-the lease grace, and its writes carry the leader's fence: a write the store refuses for
+Timed work (lease expiry, the end of retention) runs only once ``leader`` has led for the
+lease grace (``_election``; on SQLite, ``SOLE_LEADER``: always, from the start), and its
+writes carry the leader's fence: a write the store refuses for
 it (``Fenced``) wrote nothing; the service steps down and reloads.
 
 On a store that other replicas write too (etcd, ``catch_up``), the service follows it
