@@ -16,7 +16,9 @@ for the cluster state's expiry is dead: what it reported is wiped and agents see
 Deleted datasets are purged from the configuration once no live node holds them, judged
 only on reports made by agents that had stored a view in which the dataset was deleted,
 and never during the first ``node_expiry`` seconds of a run, while agents reconnect; a
-node holds a purge back at most ``purge_deadline`` seconds.
+node holds a purge back at most ``purge_deadline`` seconds. With replicas, only the leader
+purges (the configuration service's ``leader``), once it has led for ``node_expiry``
+seconds, with its fence.
 
 A node that does not read cannot make the server hold its data (issue 8): a connection
 sends as fast as its agent reads (``MessageProtocol`` is its transport's producer), has at
@@ -382,6 +384,8 @@ class AgentChannelServer:
         connection.send_stream(payloads)
 
     def _send_heartbeats(self) -> None:
+        # A replica that has just become leader purges what waited meanwhile.
+        self._purge_unheld()
         payload = encode(Heartbeat(view=self.current))
         for connection in self._connections.values():
             connection.send_payload(payload)
@@ -707,6 +711,9 @@ class _Purger:
         server = self._server
         if not self.tombstones or self._grace is not None or not server._running:
             return
+        leader = server.configuration.leader
+        if not leader.settled(server.reactor.seconds(), server.node_expiry):
+            return
         cluster = server.cluster
         live = [n for n in cluster.state.nodes.values() if cluster.is_alive(n)]
         for dataset_id in purgeable(self.tombstones, live, acks, server.reactor.seconds(),
@@ -716,7 +723,9 @@ class _Purger:
 
     def _purge(self, dataset_id: str) -> None:
         self._purging.add(dataset_id)
-        d = self._server.configuration.change([dataset_id], lambda c: c.purge(dataset_id))
+        configuration = self._server.configuration
+        d = configuration.change([dataset_id], lambda c: c.purge(dataset_id),
+                                 fence=configuration.leader.fence)
 
         def purged(_):
             log_event(_log, "pyflock:control:dataset-purged", dataset_id=dataset_id)

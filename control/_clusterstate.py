@@ -279,10 +279,14 @@ class ClusterStateService:
                 continue
         return forgotten
 
-    def start_forgetting(self, configuration: Callable[[], Configuration]) -> None:
-        """Forget long-dead nodes (``forget_dead``) now and then until ``stop_forgetting``;
-        ``configuration()`` is the configuration to judge their holdings by."""
+    def start_forgetting(self, configuration: Callable[[], Configuration],
+                         leading: Callable[[], bool] = lambda: True) -> None:
+        """Forget long-dead nodes (``forget_dead``) now and then until ``stop_forgetting``,
+        while ``leading()`` (with replicas, only the leader does); ``configuration()`` is
+        the configuration to judge their holdings by."""
         def sweep() -> None:
+            if not leading():
+                return
             try:
                 self.forget_dead(configuration())
             except Exception as e:

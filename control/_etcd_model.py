@@ -485,16 +485,24 @@ def splittable(change: StoreWrite, known_generation: int) -> bool:
 def split(change: StoreWrite, rows_per_part: int = MAX_TXN_OPS - 2) -> list[StoreWrite]:
     """A lease-only write as several, each with at most ``rows_per_part`` leases."""
     leases = change.leases
-    return [StoreWrite(leases=leases[i:i + rows_per_part], generation=change.generation)
+    return [StoreWrite(leases=leases[i:i + rows_per_part], generation=change.generation,
+                       fence=change.fence)
             for i in range(0, len(leases), rows_per_part)]
 
 
-def write_request(keys: Keys, batch: Batch, expected: int, nonce: str) -> dict:
+def fence_compares(fence: Any) -> list[dict]:
+    """The compare a leader-only write carries: the leader's campaign key still exists,
+    created at the fence's revision (none without a fence)."""
+    return [] if fence is None else [compare(fence.key, "CREATE", "EQUAL", fence.revision)]
+
+
+def write_request(keys: Keys, batch: Batch, expected: int, nonce: str,
+                  fence: Any = None) -> dict:
     """
     The transaction writing ``batch`` if the latest write is still the one at etcd revision
-    ``expected`` (0: none), marked with ``nonce``; else it reads the revision key, to tell
-    a conflict from an earlier attempt of its own that committed, and what changed
-    (``conflict_reads``).
+    ``expected`` (0: none), marked with ``nonce``, and ``fence`` (if any) holds; else it
+    reads the revision key, to tell a conflict from an earlier attempt of its own that
+    committed, what changed (``conflict_reads``), and the fence's key (``fence_broken``).
     """
     success = [put(k, v) for k, v in batch.rows]
     if batch.writes_generation:
@@ -502,11 +510,22 @@ def write_request(keys: Keys, batch: Batch, expected: int, nonce: str) -> dict:
     success.append(put(keys.revision, nonce.encode("ascii")))
     # On failure it also reads what the other writers changed (the meta keys and a page
     # of rows), so that the writer can catch up without another round trip.
-    return txn(compares=[compare(keys.revision, "MOD", "EQUAL", expected)],
+    return txn(compares=[compare(keys.revision, "MOD", "EQUAL", expected)]
+               + fence_compares(fence),
                success=success, failure=[
                    get(keys.revision), get(keys.config, keys.rows),
                    get(keys.rows, prefix_end(keys.rows), limit=PAGE,
-                       min_mod_revision=expected + 1)])
+                       min_mod_revision=expected + 1)]
+               + ([get(fence.key)] if fence is not None else []))
+
+
+def fence_broken(answer: dict, fence: Any) -> bool:
+    """Whether a refused write with ``fence`` was refused because the fence no longer
+    holds (its key, read last on failure, is gone or was created at another revision)."""
+    if fence is None or answer.get("succeeded"):
+        return False
+    found = responses(answer)[-1]
+    return not found or found[0].create_revision != fence.revision
 
 
 def conflict_reads(keys: Keys, answer: dict) -> Optional[tuple[Meta, list[KeyValue]]]:
@@ -554,19 +573,23 @@ def conflict_changes(keys: Keys, answer: dict, since: int, retained: int, store_
 
 
 def prune_requests(keys: Keys, tombstones: Sequence[KeyValue], oldest: int,
-                   per_txn: int = MAX_TXN_OPS // 2) -> list[dict]:
+                   per_txn: int = MAX_TXN_OPS // 2, fence: Any = None) -> list[dict]:
     """
     Transactions deleting ``tombstones`` that are still at or before etcd revision
-    ``oldest`` (one rewritten since makes its transaction do nothing).
+    ``oldest`` (one rewritten since, or a ``fence`` broken, makes its transaction do
+    nothing).
     """
-    return [txn(compares=[compare(kv.key, "MOD", "LESS", oldest + 1) for kv in part],
+    return [txn(compares=[compare(kv.key, "MOD", "LESS", oldest + 1) for kv in part]
+                + fence_compares(fence),
                 success=[delete(kv.key) for kv in part])
             for part in (tombstones[i:i + per_txn]
                          for i in range(0, len(tombstones), per_txn))]
 
 
-def raise_oldest_request(keys: Keys, seen: int, oldest: int) -> dict:
-    """The transaction raising the oldest kept revision from ``seen`` to ``oldest``."""
+def raise_oldest_request(keys: Keys, seen: int, oldest: int, fence: Any = None) -> dict:
+    """The transaction raising the oldest kept revision from ``seen`` to ``oldest``, while
+    ``fence`` (if any) holds."""
     current = [compare(keys.oldest, "VALUE", "EQUAL", str(seen).encode("ascii"))] if seen \
         else [compare(keys.oldest, "CREATE", "EQUAL", 0)]
-    return txn(compares=current, success=[put(keys.oldest, str(oldest).encode("ascii"))])
+    return txn(compares=current + fence_compares(fence),
+               success=[put(keys.oldest, str(oldest).encode("ascii"))])

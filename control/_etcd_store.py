@@ -43,13 +43,15 @@ from pyflock.common._model import Configuration
 from pyflock.control._etcd_client import EtcdError, EtcdGateway, EtcdTLS, EtcdUnavailable
 from pyflock.control._etcd_model import (
     COMPACTED_CODE, MAX_TXN_BYTES, MAX_TXN_OPS, PAGE, REVISION_SCALE, SCHEMA_VERSION,
-    EtcdDataError, KeyValue, Keys, Meta, b64, batch_of, conflict_changes, decode_rows, decode_token, encode_token, etcd_floor, get, header_revision,
+    EtcdDataError, KeyValue, Keys, Meta, b64, batch_of, conflict_changes, decode_rows,
+    decode_token, encode_token, etcd_floor, fence_broken, get, header_revision,
     init_request, more, prefix_end, prune_requests, raise_oldest_request, range_request,
     read_first_page, responses, splittable, split, store_revision, take_batch, txn,
     write_outcome, write_request,
 )
 from pyflock.control._store import (
-    RETAINED_REVISIONS, HistoryGone, IConfigurationStore, StoreChanges, StoreConflict, StoreError,
+    RETAINED_REVISIONS, Fenced, HistoryGone, IConfigurationStore, StoreChanges, StoreConflict,
+    StoreError,
     StoreSnapshot, StoreWrite, check_history, new_store_id,
 )
 
@@ -88,6 +90,9 @@ class EtcdConfigurationStore:
         # What the latest refused write read of the other writers' changes: the meta and
         # the changes since this store's revision, for the next ``catch_up``.
         self._conflict: Optional[tuple[Meta, StoreChanges]] = None
+        # The replica's part in the leader election (``_etcd_leader``), if any: then only
+        # the leader prunes, with its fence.
+        self.leadership: Any = None
 
     @property
     def tag_revision(self) -> int:
@@ -162,10 +167,11 @@ class EtcdConfigurationStore:
         if self._busy or self._delivering or not self._queue:
             return
         jobs = [self._queue.popleft()]
-        if jobs[0].kind == "write":
+        if jobs[0].kind == "write" and jobs[0].payload.fence is None:
             queued = [jobs[0].payload]
             for job in islice(self._queue, REVISION_SCALE - 1):
-                if job.kind != "write":
+                # A leader-only write goes alone: its fence must not refuse others.
+                if job.kind != "write" or job.payload.fence is not None:
                     break
                 queued.append(job.payload)
             count = take_batch(self.keys, queued, self._meta.generation)
@@ -176,7 +182,7 @@ class EtcdConfigurationStore:
 
     def _finished(self, result: Any, jobs: list[_Job]) -> None:
         self._busy = False
-        if isinstance(result, Failure) and not result.check(StoreError, HistoryGone):
+        if isinstance(result, Failure) and not result.check(StoreError, HistoryGone, Fenced):
             result = Failure(StoreError(f"{self.where}: unexpected error: {result.value!r}"))
         results = result if jobs[0].kind == "write" and not isinstance(result, Failure) \
             else [result] * len(jobs)
@@ -347,14 +353,15 @@ class EtcdConfigurationStore:
     async def _write(self, changes: Sequence[StoreWrite]) -> list[int]:
         """Commit ``changes`` (in one transaction, unless one alone is split); revisions."""
         batch = batch_of(self.keys, changes, self._meta.generation)
+        fence = changes[0].fence
         if batch.fits():
-            committed = await self._commit(batch)
+            committed = await self._commit(batch, fence)
             revisions = [store_revision(committed, len(changes) - 1 - i)
                          for i in range(len(changes))]
         elif len(changes) == 1 and splittable(changes[0], self._meta.generation):
             for part in split(changes[0]):
                 committed = await self._commit(batch_of(self.keys, [part],
-                                                        self._meta.generation))
+                                                        self._meta.generation), fence)
             revisions = [store_revision(committed)]
         else:
             raise StoreError(
@@ -365,12 +372,17 @@ class EtcdConfigurationStore:
         self._schedule_pruning()
         return revisions
 
-    async def _commit(self, batch) -> int:
-        """Commit one transaction if nobody else wrote since; its etcd revision."""
+    async def _commit(self, batch, fence=None) -> int:
+        """Commit one transaction if nobody else wrote since (and ``fence``, if any,
+        holds); its etcd revision."""
         nonce = secrets.token_hex(8)
         answer = await self._gateway.call(
-            "kv/txn", write_request(self.keys, batch, self._meta.revision, nonce))
+            "kv/txn", write_request(self.keys, batch, self._meta.revision, nonce, fence))
         committed = write_outcome(self.keys, answer, nonce)
+        if committed is None and fence_broken(answer, fence):
+            raise Fenced(f"{self.where}: this replica no longer leads (its campaign key, "
+                         f"created at etcd revision {fence.revision}, is gone); nothing of "
+                         f"this leader-only change was written")
         if committed is None:
             self._conflict = conflict_changes(self.keys, answer, self._meta.revision,
                                               self._retained, self.store_id)
@@ -387,34 +399,45 @@ class EtcdConfigurationStore:
         return committed
 
     def _schedule_pruning(self) -> None:
+        # With replicas, only the leader prunes, with its fence (``leadership``).
+        leadership = self.leadership
+        if leadership is not None and not leadership.leading:
+            return
         step = max(1, self._retained // 8)
         if (self._meta.revision - self._retained - self._meta.oldest >= step and not any(
                 job.kind == "prune" for job in self._queue)):
-            self._queue.append(_Job("prune", None, []))
+            self._queue.append(_Job("prune", getattr(leadership, "fence", None), []))
 
-    async def _do_prune(self, _: None) -> None:
+    async def _do_prune(self, fence: Any) -> None:
         """Raise the oldest kept revision, then delete the tombstones it leaves behind."""
-        seen, oldest = self._meta.oldest, self._meta.revision - self._retained
-        try:
-            answer = await self._gateway.call(
-                "kv/txn", raise_oldest_request(self.keys, seen, oldest))
-            if not answer.get("succeeded"):
-                # Another store pruned first. Only the oldest revision is taken from what
-                # is read: the compare of writes stays on what this store loaded.
-                found = await self._read_meta()
-                self._meta = attr.evolve(self._meta, oldest=found.oldest)
-                return
-            self._meta = attr.evolve(self._meta, oldest=oldest)
-            rows = await self._pages(self.keys.rows, prefix_end(self.keys.rows),
-                                     min_mod_revision=seen + 1, max_mod_revision=oldest)
-            tombstones = [kv for kv in rows if not kv.value]
-            for request in prune_requests(self.keys, tombstones, oldest):
-                await self._gateway.call("kv/txn", request)
-            log_event(_log, "pyflock:control:etcd-pruned", oldest=oldest,
-                      tombstones=len(tombstones))
-        except Exception as e:
-            log_event(_log, "pyflock:control:etcd-prune-failed", LogLevel.warn,
-                      reason=str(e))
+        await _prune(self, fence)
+
+
+async def _prune(store: EtcdConfigurationStore, fence: Any) -> None:
+    """
+    Raise ``store``'s oldest kept revision, then delete the tombstones it leaves behind,
+    each transaction with the leader's ``fence`` (None: the store has no leader election).
+    """
+    seen, oldest = store._meta.oldest, store._meta.revision - store._retained
+    keys, gateway = store.keys, store.gateway
+    try:
+        answer = await gateway.call("kv/txn", raise_oldest_request(keys, seen, oldest, fence))
+        if not answer.get("succeeded"):
+            # Another store pruned first (or the fence broke). Only the oldest revision is
+            # taken from what is read: the compare of writes stays on what the store loaded.
+            found = await store._read_meta()
+            store._meta = attr.evolve(store._meta, oldest=found.oldest)
+            return
+        store._meta = attr.evolve(store._meta, oldest=oldest)
+        rows = await store._pages(keys.rows, prefix_end(keys.rows),
+                                  min_mod_revision=seen + 1, max_mod_revision=oldest)
+        tombstones = [kv for kv in rows if not kv.value]
+        for request in prune_requests(keys, tombstones, oldest, fence=fence):
+            await gateway.call("kv/txn", request)
+        log_event(_log, "pyflock:control:etcd-pruned", oldest=oldest,
+                  tombstones=len(tombstones))
+    except Exception as e:
+        log_event(_log, "pyflock:control:etcd-prune-failed", LogLevel.warn, reason=str(e))
 
 
 async def open_etcd_store(reactor: Any, endpoints: Sequence[str], prefix: str = "/pyflock/",

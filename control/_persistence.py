@@ -15,6 +15,11 @@ like every other field, so a restart loses nothing); the same clock that expires
 lets their data go once that time passes, from an index of the retained datasets kept up
 to date with every change (O(change), never a scan of the cluster).
 
+Timed work (lease expiry, the end of retention) runs only once ``leader`` has led for the
+lease grace (``_election``; on SQLite, ``SOLE_LEADER``: always, from the start), and its
+writes carry the leader's fence: a write the store refuses for
+it (``Fenced``) wrote nothing; the service steps down and reloads.
+
 On a store that other replicas write too (etcd, ``catch_up``), the service follows it
 (``_Following``; the watch in ``_etcd_watch`` calls ``notice``): between its own writes it
 applies what the others wrote and tells its listeners as after its own changes; a write
@@ -36,9 +41,10 @@ from twisted.python.failure import Failure
 
 from pyflock.common._logging import log_event
 from pyflock.common._model import Configuration
+from pyflock.control._election import SOLE_LEADER
 from pyflock.control._store import (
-    HistoryGone, IConfigurationStore, StoreConflict, StoreError, StoreSnapshot, StoreWrite,
-    apply_write,
+    Fenced, HistoryGone, IConfigurationStore, StoreConflict, StoreError, StoreSnapshot,
+    StoreWrite, apply_write,
 )
 
 #: After a restart, no lease expires sooner than this: a full renewal interval (20 s,
@@ -85,6 +91,7 @@ class _Change:
     waiters: list = attr.Factory(list)
     attempts: int = 0
     started: float = 0.0
+    fence: object = None
 
     def finish(self, outcome) -> None:
         """Fire ``done`` and the waiters with ``outcome`` (a configuration or a Failure)."""
@@ -223,9 +230,13 @@ class ConfigurationService(_Following):
 
     def __init__(self, store: IConfigurationStore, reactor: IReactorTime,
                  config: Configuration, revision: int = 0, store_id: str = "",
-                 retention: float = DEFAULT_RETENTION):
+                 retention: float = DEFAULT_RETENTION,
+                 lease_grace: float = DEFAULT_LEASE_RESTART_GRACE):
         self._store = store
         self.retention = retention
+        self.lease_grace = lease_grace
+        # Who runs the timed work (``lead_with``); alone, this service always leads.
+        self.leader = SOLE_LEADER
         self._retained = _index_retained({}, config, config.datasets)
         self._reactor = reactor
         self.committed = config
@@ -264,7 +275,7 @@ class ConfigurationService(_Following):
         def loaded(snapshot: StoreSnapshot) -> "ConfigurationService":
             config = _extend_leases(snapshot.configuration, reactor.seconds() + lease_grace)
             return cls(store, reactor, config, snapshot.revision, snapshot.store_id,
-                       retention)
+                       retention, lease_grace)
         return store.load().addCallback(loaded)
 
     @property
@@ -288,6 +299,13 @@ class ConfigurationService(_Following):
                 return self.tag
             return f"{self.store_id}-pending-{self.pending.generation}"
         return f"{self._epoch}-{self.pending.generation}"
+
+    def lead_with(self, leader) -> None:
+        """Run the timed work only while ``leader`` (an ``EtcdLeadership``) leads, with
+        its fence; the store prunes only then too."""
+        self.leader = leader
+        if hasattr(self._store, "leadership"):
+            self._store.leadership = leader
 
     def now(self) -> float:
         """The current time on the service's clock."""
@@ -329,7 +347,7 @@ class ConfigurationService(_Following):
 
     def change(self, dataset_ids: Iterable[str],
                transform: Callable[[Configuration], Configuration],
-               expected_tag: Optional[str] = None) -> Deferred:
+               expected_tag: Optional[str] = None, fence: object = None) -> Deferred:
         """
         Apply ``transform`` to the pending configuration and store the rows of
         ``dataset_ids``; fires with the new configuration once durable. ``transform`` may
@@ -338,13 +356,15 @@ class ConfigurationService(_Following):
         ``TagMismatch``. A change that changes nothing fires once the changes before it
         are durable. On a shared store, a change that another writer beat is applied
         again on the configuration that writer left (for ``REBASE_TIMEOUT`` at most), so
-        its Deferred may also fail with those errors.
+        its Deferred may also fail with those errors. A leader-only change carries the
+        leader's ``fence``; it fails with ``Fenced`` when the store refuses it for that.
         """
         if self._broken is not None:
             return fail(StoreUnavailable(self._broken))
         if self._unhealthy is not None:
             return fail(StoreUnavailable(self._unhealthy))
-        request = _Change(tuple(dataset_ids), transform, expected_tag, started=self.now())
+        request = _Change(tuple(dataset_ids), transform, expected_tag, started=self.now(),
+                          fence=fence)
         if self._syncing or self._rebasing:
             self._held.append(request)
         elif expected_tag is not None and expected_tag != self.pending_tag and (
@@ -374,6 +394,8 @@ class ConfigurationService(_Following):
         self._in_flight += 1
         self._latest = []
         write = StoreWrite.of(new, request.dataset_ids)
+        if request.fence is not None:
+            write = attr.evolve(write, fence=request.fence)
         _index_retained(self._retained, new, (i for i, _ in write.datasets))
         self._store.write(write).addBoth(
             self._written, new, tuple(i for i, _ in write.datasets), self._latest, request)
@@ -381,6 +403,16 @@ class ConfigurationService(_Following):
     def _written(self, result, config: Configuration, touched: tuple[str, ...],
                  waiting: list["_Change"], request: "_Change") -> None:
         self._in_flight -= 1
+        if isinstance(result, Failure) and result.check(Fenced):
+            # Nothing was written, but ``pending`` holds it, and writes accepted since
+            # were built on it: read the whole configuration again once they are done.
+            self.leader.fenced(request.fence)
+            self._reload_wanted = True
+            for done in [request] + waiting:
+                done.finish(result)
+            if self._in_flight == 0:
+                self._maybe_sync()
+            return
         if (isinstance(result, Failure) and result.check(StoreConflict) and self._follows
                 and self._broken is None):
             # Another replica wrote first: nothing of this was written. Apply it again
@@ -457,26 +489,39 @@ class ConfigurationService(_Following):
         self._store.load().addCallback(reloaded).addErrback(still_broken)
 
     def expire_leases(self) -> Deferred:
-        """Drop the leases that have run out, durably."""
+        """Drop the leases that have run out, durably, if this replica leads and has led
+        for the lease grace (a new leader gives holders time to renew)."""
         now = self.now()
+        if not self.leader.settled(now, self.lease_grace):
+            return succeed(self.pending)
         expired = [k for k, lease in self.pending.leases.items() if lease.expired(now)]
         if not expired:
             return succeed(self.pending)
-        for dataset_id in expired:
-            lease = self.pending.leases[dataset_id]
-            log_event(_log, "pyflock:control:lease-expired", dataset_id=dataset_id,
-                      node_uuid=lease.node_uuid)
-        return self.change(expired, lambda c: c.expire_leases(now))
+        holders = {i: self.pending.leases[i].node_uuid for i in expired}
+
+        def expired_now(config: Configuration) -> Configuration:
+            # Logged once durable: a write refused by the fence expired nothing.
+            for dataset_id, node_uuid in holders.items():
+                if dataset_id not in config.leases:
+                    log_event(_log, "pyflock:control:lease-expired", dataset_id=dataset_id,
+                              node_uuid=node_uuid)
+            return config
+        return self.change(expired, lambda c: c.expire_leases(now),
+                           fence=self.leader.fence).addCallback(expired_now)
 
     def release_retained(self) -> Deferred:
-        """Let the data of the deleted datasets whose retention is over go, durably."""
+        """Let the data of the deleted datasets whose retention is over go, durably, if
+        this replica leads and has led for the lease grace."""
         now = self.now()
+        if not self.leader.settled(now, self.lease_grace):
+            return succeed(self.pending)
         due = [i for i, until in self._retained.items() if until <= now]
         if not due:
             return succeed(self.pending)
         for dataset_id in due:
             log_event(_log, "pyflock:control:dataset-retention-over", dataset_id=dataset_id)
-        return self.change(due, lambda c: c.release_retained(due, now))
+        return self.change(due, lambda c: c.release_retained(due, now),
+                           fence=self.leader.fence)
 
     def _expire(self) -> None:
         self.expire_leases().addErrback(

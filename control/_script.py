@@ -8,7 +8,8 @@
                           [--join-port PORT] [--ca-key FILE]
                           [--store sqlite|etcd] [--etcd-endpoints URL[,URL...]]
                           [--etcd-prefix PREFIX] [--etcd-ca FILE]
-                          [--etcd-cert FILE --etcd-key FILE]
+                          [--etcd-cert FILE --etcd-key FILE] [--replica-name NAME]
+                          [--leader-ttl SECONDS] [--etcd-compaction-retention SECONDS]
                           [--max-connections N] [--tls-handshake-timeout SECONDS]
                           [--tls-recheck SECONDS] [--node-dataset-quota N]
                           [--node-write-rate PER_SECOND] [--node-write-burst N]
@@ -59,7 +60,7 @@ from pyflock.control._persistence import (
 from pyflock.control._sqlite_store import backup
 from pyflock.control._migrate import add_migrate_parser, migrate_main
 from pyflock.control._stores import (
-    add_store_arguments, open_store, start_following, store_description,
+    add_store_arguments, leadership_for, open_store, start_following, store_description,
 )
 from pyflock.control._store import StoreError
 
@@ -288,6 +289,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
     # with `make bench`: 16 clients create 446/s with Python's defaults.
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    leadership = leadership_for(reactor, configuration, store, options)
     configuration.start_lease_expiry()
     start_following(reactor, configuration, store, options)
     cluster = ClusterStateService(reactor, node_expiry=options.node_expiry,
@@ -330,7 +332,10 @@ async def run(reactor, options: argparse.Namespace) -> None:
         await channel.stop()
         await configuration.stop()
         raise StartupError(f"cannot listen on {options.port}: {e}")
-    cluster.start_forgetting(lambda: configuration.pending)
+    if leadership is not None:
+        leadership.start()
+    cluster.start_forgetting(lambda: configuration.pending,
+                             leading=lambda: configuration.leader.leading)
     address = port.getHost()
     agent_address = agent_port.getHost()
     log_event(_log, "pyflock:control:started", version=__version__,
@@ -347,6 +352,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
         if join_port is not None:
             await join_port.stopListening()
         await channel.stop()
+        if leadership is not None:
+            await leadership.stop()  # revoked: another replica leads at once
         await configuration.stop()
         log_event(_log, "pyflock:control:stopped")
     reactor.addSystemEventTrigger("before", "shutdown",

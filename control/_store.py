@@ -51,6 +51,13 @@ class StoreConflict(StoreError):
     """Another writer changed the store since this one read it; nothing was written."""
 
 
+class Fenced(StoreError):
+    """
+    A leader-only write was refused: its fence (the leader's campaign key, created at a
+    revision) no longer holds, so another replica may lead; nothing was written.
+    """
+
+
 class HistoryGone(Exception):
     """
     The store cannot tell what changed since ``revision``: it is older than the history
@@ -76,6 +83,10 @@ class StoreWrite:
     datasets: tuple[tuple[str, Optional[Dataset]], ...] = ()
     leases: tuple[tuple[str, Optional[Lease]], ...] = ()
     generation: int = 0
+    #: A leader-only write (lease expiry, purging) carries the leader's fence
+    #: (``_election.Fence``): a shared store (etcd) writes it only while the fence holds,
+    #: else fails with ``Fenced``; a store with one writer ignores it.
+    fence: Any = None
 
     @classmethod
     def of(cls, config: Configuration, dataset_ids: Iterable[str]) -> "StoreWrite":

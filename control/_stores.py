@@ -12,6 +12,10 @@ import socket
 from typing import Any
 
 from pyflock.control._etcd_client import EtcdTLS, parse_endpoints
+from pyflock.control._election import SoleLeader
+from pyflock.control._etcd_leader import (
+    DEFAULT_COMPACTION_RETENTION, DEFAULT_LEADER_TTL, EtcdLeadership,
+)
 from pyflock.control._etcd_store import EtcdConfigurationStore, open_etcd_store
 from pyflock.control._etcd_watch import DEFAULT_CHECK_DEADLINE, DEFAULT_CHECK_INTERVAL, follow
 from pyflock.control._sqlite_store import open_sqlite_store
@@ -59,6 +63,16 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
                              f"if longer) refuses changes (default "
                              f"{DEFAULT_CHECK_INTERVAL:g})")
     add_replica_argument(parser)
+    parser.add_argument("--leader-ttl", type=_positive, default=DEFAULT_LEADER_TTL,
+                        metavar="SECONDS",
+                        help=f"the TTL of the etcd lease behind this replica's campaign "
+                             f"to lead the timed work (lease expiry, purging, compaction); "
+                             f"a dead leader is replaced within about this (default "
+                             f"{DEFAULT_LEADER_TTL:g})")
+    parser.add_argument("--etcd-compaction-retention", type=_positive, metavar="SECONDS",
+                        default=DEFAULT_COMPACTION_RETENTION,
+                        help=f"seconds of etcd history the leader keeps when it compacts "
+                             f"etcd (default {DEFAULT_COMPACTION_RETENTION:g})")
 
 
 def add_replica_argument(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +123,26 @@ def start_following(reactor: Any, configuration: Any, store: Any,
         interval = getattr(options, "etcd_check_interval", DEFAULT_CHECK_INTERVAL)
         follow(reactor, configuration, store, interval=interval,
                deadline=max(interval, DEFAULT_CHECK_DEADLINE))
+
+
+def leadership_for(reactor: Any, configuration: Any, store: Any,
+                   options: argparse.Namespace) -> Any:
+    """
+    On etcd, the replica's part in the election of the leader (``_etcd_leader``): the
+    configuration service runs its timed work only while it leads. Call its ``start``
+    to campaign and its ``stop`` before closing the store. None when alone: the
+    service always leads.
+    """
+    if not isinstance(store, EtcdConfigurationStore):
+        configuration.lead_with(SoleLeader(replica_name(options)))
+        return None
+    leadership = EtcdLeadership(
+        reactor, store.gateway, store.keys, replica_name(options),
+        ttl=getattr(options, "leader_ttl", DEFAULT_LEADER_TTL),
+        compaction_retention=getattr(options, "etcd_compaction_retention",
+                                     DEFAULT_COMPACTION_RETENTION))
+    configuration.lead_with(leadership)
+    return leadership
 
 
 def store_description(options: argparse.Namespace) -> str:

@@ -5,18 +5,24 @@ the loopback backend, certificates, clean-up) with ``replicas`` control processe
 its own 127.0.0.x address with the same REST and agent-channel ports, so that the agents'
 ``agent.yml`` lists every replica's address under one port, as a real deployment would. The
 control certificate names every replica. Every agent starts on the first replica.
+``replicas_on_etcd(root, endpoints)`` makes bare replicas without agents: a cluster's
+certificates in ``root`` and one ``ControlProcess`` per entry of ``endpoints`` (the etcd
+client URLs that replica is given), on one fresh prefix and one 127.0.0.x address, each
+named ``replica<n>`` (``--replica-name``).
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Sequence
 from uuid import uuid4
 
 from pyflock.common._client import ControlClient
 from pyflock.common._tls import treq_client
 from tests.harness.agents import LocalCluster
-from tests.harness.control import APIClient, ControlProcess
+from tests.harness.certificates import make_cluster_certificates
+from tests.harness.control import APIClient, ControlProcess, free_address
 from tests.harness.processes import DEFAULT_TIMEOUT, free_port
 
 
@@ -102,4 +108,25 @@ class ReplicatedCluster(LocalCluster):
         return self.replica_of(event["replica"].rsplit(":", 1)[0])
 
 
-__all__ = ["ReplicatedCluster"]
+def replicas_on_etcd(root: Path, endpoints: Sequence[str], extra_arguments: Sequence[str] = (),
+                     **options) -> tuple:
+    """
+    (the cluster's certificates, the prefix, the replicas, not started): replica ``n``
+    talks to the etcd members ``endpoints[n]`` (``URL[,URL...]``); ``extra_arguments``
+    and ``options`` (``ControlProcess``'s) go to every replica.
+    """
+    folder = root / "certs"
+    folder.mkdir()
+    host, _ = free_address()
+    cluster = make_cluster_certificates(folder, nodes=1, users=("alice",), control_host=host)
+    prefix = f"/replicas-{uuid4().hex[:8]}/"
+    processes = [ControlProcess(root / f"data{n}", folder, host=host,
+                                log_directory=root / "logs", extra_arguments=[
+                                    "--store", "etcd", "--etcd-endpoints", members,
+                                    "--etcd-prefix", prefix, "--replica-name", f"replica{n}",
+                                    *extra_arguments], **options)
+                 for n, members in enumerate(endpoints)]
+    return cluster, prefix, processes
+
+
+__all__ = ["ReplicatedCluster", "replicas_on_etcd"]
