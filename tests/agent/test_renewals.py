@@ -64,7 +64,7 @@ class RenewalTests(SynchronousTestCase):
         self.assertEqual({"/mnt/" + DS}, set(fs.table))
         before, rediscovered = open(path, "rb").read(), len(discoveries)
         renewal = Diff(epoch="e", version=2, datasets=(entry(80.0),))
-        clock.advance(10)  # within the channel's silence timeout
+        clock.advance(5)  # within the channel's silence timeout (two heartbeats, 10 s)
         endpoint.protocol.stringReceived(encode(renewal))
         self.assertEqual(channel.change, renewal)
         self.assertEqual(open(path, "rb").read(), before + diff_to_bytes(renewal))
