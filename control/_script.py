@@ -12,7 +12,9 @@
                           [--max-connections N] [--tls-handshake-timeout SECONDS]
                           [--tls-recheck SECONDS] [--node-dataset-quota N]
                           [--node-write-rate PER_SECOND] [--node-write-burst N]
-    pyflock-control backup --data-path DIR FILE
+    pyflock-control backup --out FILE [--data-path DIR | --store etcd --etcd-*]
+    pyflock-control backup --data-path DIR FILE      (SQLite only: a copy of the file)
+    pyflock-control restore FILE [--data-path DIR | --store etcd --etcd-*]
     pyflock-control migrate --from-data-path DIR --etcd-endpoints URL[,URL...] [--etcd-*]
 """
 
@@ -58,6 +60,7 @@ from pyflock.control._persistence import (
 )
 from pyflock.control._sqlite_store import backup
 from pyflock.control._migrate import add_migrate_parser, migrate_main
+from pyflock.control._backup import add_backup_parsers, backup_main
 from pyflock.control._stores import (
     add_store_arguments, open_store, start_following, store_description,
 )
@@ -197,9 +200,7 @@ def _parser() -> argparse.ArgumentParser:
                             "it, no joins are served)")
         add_store_arguments(p)
         _add_limits(p)
-    b = sub.add_parser("backup", help="copy the store consistently while the service runs")
-    b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
-    b.add_argument("file", help="the new backup file (never overwritten)")
+    add_backup_parsers(sub, DEFAULT_DATA_PATH)
     add_migrate_parser(sub)
     return parser
 
@@ -359,6 +360,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     options = _parser().parse_args(argv)
     if options.command == "migrate":
         return migrate_main(options)
+    if options.command == "restore" or (options.command == "backup" and (
+            options.out or not options.file or options.store != "sqlite")):
+        return backup_main(options)
     if options.command == "backup":
         try:
             backup(options.data_path, options.file)
