@@ -77,13 +77,15 @@ class SharedRevocations:
         self._loop: Optional[LoopingCall] = None
         self._busy = False
 
-    def start(self) -> None:
-        """Put the file's list in force, then look at etcd now and every interval."""
+    def start(self) -> Deferred:
+        """Put the file's list in force, then look at etcd now (the Deferred fires when
+        done) and every interval."""
         self._in_force.replace(self._from_file.current)
         self._from_file.subscribe(lambda _: self.sync())
         self._loop = LoopingCall(self.sync)
         self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True)
+        self._loop.start(self._interval, now=False)
+        return self.sync()
 
     def stop(self) -> None:
         """Stop looking at etcd."""
@@ -145,7 +147,7 @@ async def _nothing() -> None:
     return None
 
 
-def share_revocations(clock: Any, store: Any, authority: x509.Certificate,
+async def share_revocations(clock: Any, store: Any, authority: x509.Certificate,
                       from_file: Revocations, in_force: Revocations,
                       interval: float = DEFAULT_CRL_POLL) -> Optional[SharedRevocations]:
     """
@@ -155,7 +157,7 @@ def share_revocations(clock: Any, store: Any, authority: x509.Certificate,
     if hasattr(store, "gateway"):
         shared = SharedRevocations(clock, store.gateway, store.keys, authority, from_file,
                                    in_force, interval)
-        shared.start()
+        await shared.start()
         return shared
     in_force.replace(from_file.current)
     from_file.subscribe(in_force.replace)

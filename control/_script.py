@@ -61,6 +61,7 @@ from pyflock.control._persistence import (
 from pyflock.control._sqlite_store import backup
 from pyflock.control._migrate import add_migrate_parser, migrate_main
 from pyflock.control._backup import add_backup_parsers, backup_main
+from pyflock.control._crl_sync import share_revocations
 from pyflock.control._stores import (
     add_store_arguments, open_store, start_following, store_description,
 )
@@ -255,6 +256,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
     """Start the control service and run until the reactor stops."""
     start_json_logging(sys.stdout)
     revocations = Revocations()
+    # cluster.crl as loaded; on etcd, the list in force is the newer of it and etcd's.
+    from_file = Revocations()
     try:
         tls = ClusterTLS.load(options.certificates_directory, "control-service",
                               is_revoked=revocations.is_revoked)
@@ -262,8 +265,9 @@ async def run(reactor, options: argparse.Namespace) -> None:
         api_listener = tls.listener(reactor, options.port, REST_API, limits)
         agent_listener = tls.listener(reactor, options.agent_port, AGENT_CHANNEL, limits)
         # cluster.crl: at start, on SIGHUP, on every change; revoked peers are cut off.
-        crl = watch_revocations(reactor, options.certificates_directory, load_certificate(
-            Path(options.certificates_directory) / AUTHORITY_CERTIFICATE), revocations)
+        authority = load_certificate(
+            Path(options.certificates_directory) / AUTHORITY_CERTIFICATE)
+        crl = watch_revocations(reactor, options.certificates_directory, authority, from_file)
     except (CertificateError, ValueError) as e:
         raise StartupError(str(e))
     connections = OpenConnections(tls.check, revocations)
@@ -271,6 +275,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
         store = await open_store(reactor, options)
     except StoreError as e:
         raise StartupError(str(e))
+    shared_crl = await share_revocations(reactor, store, authority, from_file, revocations)
     # Loading builds tens of thousands of records that cannot form cycles; the cyclic
     # collector would walk them again and again, doubling the time. Nothing else runs yet,
     # so the process may go without it until the configuration is loaded.
@@ -342,6 +347,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
 
     async def shutdown():
         crl.stop()
+        if shared_crl is not None:
+            shared_crl.stop()
         cluster.stop_forgetting()
         await port.stopListening()
         await agent_port.stopListening()
