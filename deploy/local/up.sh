@@ -57,6 +57,7 @@ start_control() {  # name pidfile host ports-suffix extra arguments...
     --join-port "tcp:$join:interface=$host" --ca-key "$ca/cluster.key" "$@" \
     >>"$state/logs/$name.log" 2>&1 </dev/null &
   echo $! >"$pidfile"
+  disown $!  # killing one below must not make bash report it
 }
 if [ -n "$ha" ]; then
   if running "$state/control.pid" pyflock-control; then
