@@ -5,8 +5,9 @@ durable creates per second through the REST API with 32 clients, and list latenc
 
 - *SQLite*: one ``pyflock-control`` on its embedded store (the baseline, as in
   control_api.py), all 32 clients on it.
-- *etcd*: two ``pyflock-control`` replicas on a three-member etcd cluster on 127.0.0.1
-  whose data is on disk (the scratch folder's filesystem, not tmpfs), 16 clients on each.
+- *etcd*: one, then two ``pyflock-control`` replicas on a three-member etcd cluster on
+  127.0.0.1 whose data is on disk (the scratch folder's filesystem, not tmpfs), the
+  clients spread evenly over the replicas (a new etcd cluster for each).
 
 Every create is answered only once its store made it durable (SQLite ``synchronous=FULL``;
 etcd: committed by a majority, each member fsyncing its log). The datasets are written
@@ -169,26 +170,27 @@ async def _run_sqlite(reactor, context: Context, certificates) -> dict:
         await service.stop()
 
 
-async def _run_etcd(reactor, context: Context, certificates) -> tuple[dict, list[str]]:
+async def _run_etcd(reactor, context: Context, certificates,
+                    replicas: int) -> tuple[dict, list[str]]:
     from tests.harness.etcd import EtcdCluster
-    (context.workdir / "etcd-logs").mkdir()
-    (context.workdir / "etcd-data").mkdir()
-    etcd = EtcdCluster(3, context.workdir / "etcd-logs",
-                       data_parent=context.workdir / "etcd-data").start()
+    folder = context.workdir / f"etcd-{replicas}"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "data").mkdir()
+    etcd = EtcdCluster(3, folder / "logs", data_parent=folder / "data").start()
     services = []
     pools: list = []
     try:
         await preload_etcd(reactor, etcd.endpoints, certificates.node_uuids[0])
-        for name in ("replica-1", "replica-2"):
+        for name in [f"replica-{i + 1}" for i in range(replicas)]:
             services.append(await start_control_service(
-                reactor, certificates, context.workdir / name, extra_arguments=[
+                reactor, certificates, folder / name, extra_arguments=[
                     "--store", "etcd", "--etcd-endpoints", ",".join(etcd.endpoints),
                     "--replica-name", name]))
         pools, clients = _clients(reactor, certificates, CLIENTS)
         urls = {id(http): services[i % len(services)].base_url
                 for i, http in enumerate(clients)}
-        replicas = Replicas(services, [m.pid for m in etcd.members])
-        return await measure(context, "etcd", replicas, clients, urls), list(etcd.endpoints)
+        return (await measure(context, f"etcd x{len(services)}", Replicas(
+            services, [m.pid for m in etcd.members]), clients, urls), list(etcd.endpoints))
     finally:
         await gatherResults([pool.closeCachedConnections() for pool in pools])
         for service in services:
@@ -201,7 +203,8 @@ async def benchmark(reactor, context: Context) -> Section:
     certificates = make_certificates(context.workdir)
     began = time.perf_counter()
     sqlite = await _run_sqlite(reactor, context, certificates)
-    etcd, endpoints = await _run_etcd(reactor, context, certificates)
+    one, _ = await _run_etcd(reactor, context, certificates, 1)
+    etcd, endpoints = await _run_etcd(reactor, context, certificates, 2)
     seconds = time.perf_counter() - began
     etcd_creates = _summary(etcd["create"], True)
     errors = sum(r.main.errors for r in etcd["create"])
@@ -224,9 +227,9 @@ async def benchmark(reactor, context: Context) -> Section:
 
 Measured in one run, one after the other, with {DATASETS:,} datasets preloaded into each
 store through its own API: *SQLite* is one `pyflock-control` on its embedded store with
-all {CLIENTS} clients on it; *etcd* is two `pyflock-control` replicas
+all {CLIENTS} clients on it; *etcd* is one, then two `pyflock-control` replicas
 (`--store etcd --replica-name ...`) on three etcd members on 127.0.0.1 whose data is on
-the scratch folder's disk (not tmpfs), {CLIENTS // 2} clients on each replica. Clients
+the scratch folder's disk (not tmpfs), the clients spread evenly over the replicas. Clients
 as in the REST API section (treq, mutual TLS, one keep-alive connection each, closed
 loop). *create*: `POST /v1/configuration/datasets` of a new named dataset, {CLIENTS}
 clients, answered once durable; *list*: `GET /v1/configuration/datasets` by one client.
@@ -235,6 +238,7 @@ Each case {CASE_SECONDS:.0f} s, {REPEATS} times: median (min–max).
 | store | setup | creates/s | create p50 | create p99 | list p50 | list p99 | errors |
 |---|---|---:|---:|---:|---:|---:|---:|
 {row("SQLite", "1 service", sqlite)}
+{row("etcd", "1 replica, 3 members on disk", one)}
 {row("etcd", "2 replicas, 3 members on disk", etcd)}
 
 Every configuration write through either replica compares one etcd key, so writes
@@ -246,6 +250,7 @@ is not measured here yet: it needs agents that follow replicas (issue 9, point 5
         "datasets": DATASETS, "clients": CLIENTS, "case_seconds": CASE_SECONDS,
         "repeats": REPEATS, "seconds": round(seconds, 1), "etcd_endpoints": endpoints,
         "sqlite": {name: _json(runs) for name, runs in sqlite.items()},
+        "etcd_one_replica": {name: _json(runs) for name, runs in one.items()},
         "etcd": {name: _json(runs) for name, runs in etcd.items()},
         "targets": [t.to_json() for t in targets],
     }
