@@ -242,7 +242,9 @@ Each case {CASE_SECONDS:.0f} s, {REPEATS} times: median (min–max).
 {row("etcd", "2 replicas, 3 members on disk", etcd)}
 
 Every configuration write through either replica compares one etcd key, so writes
-through the two replicas serialise on it (docs/ha.md, "Conflicts between replicas").
+through the two replicas serialise on it (docs/ha.md, "Conflicts between replicas"): a
+create whose transaction the other replica's writes beat is applied again, and one beaten
+many times in a row waits, which is what the p99 with two replicas shows.
 The time from kill -9 of the replica an agent uses to a completed move through another
 is not measured here yet: it needs agents that follow replicas (issue 9, point 5).
 """
