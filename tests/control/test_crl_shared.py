@@ -2,11 +2,14 @@
 The revocation list shared through etcd (issue 9, point 5), with two replicas' list
 keepers in one process on a real etcd member: a list loaded from the file of replica 1 is
 written to etcd and put in force on replica 2; an older file on replica 2 does not undo
-it; a list in etcd that the cluster CA did not sign is ignored.
+it; a list in etcd that the cluster CA did not sign is ignored; and with two real
+replicas, a user revoked in one replica's folder is refused by the other.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from datetime import datetime, timedelta, timezone
 from uuid import uuid4
 
@@ -18,7 +21,10 @@ from pyflock.common._crl import read_crl, revoke
 from pyflock.common._revocation import Revocations
 from pyflock.control._crl_sync import read_shared_crl, share_revocations, write_shared_crl
 from pyflock.control._etcd_store import open_etcd_store
+from tests.control.test_revocation_integration import _wait
 from tests.harness.certificates import make_cluster_certificates
+from tests.harness.control import APIClient, ControlProcess, read_events, script_path
+from tests.harness.processes import free_address
 from tests.harness.etcd import etcd_cluster_fixture
 
 pytestmark = pytest.mark.integration
@@ -108,3 +114,53 @@ async def test_a_list_not_signed_by_the_ca_is_ignored(tmp_path, etcd):
         assert replica.in_force.current.serials == frozenset()
     finally:
         await replica.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_replicas_share_a_revocation(tmp_path, etcd):
+    """
+    Two ``pyflock-control`` replicas on one etcd prefix, each with its own certificates
+    folder: ``pyflock-ca revoke --user bob`` into replica 1's folder makes replica 2 refuse
+    bob too (its folder never changes); alice goes on through both.
+    """
+    from twisted.internet import reactor
+    folder = tmp_path / "certs"
+    folder.mkdir()
+    host, _ = free_address()
+    make_cluster_certificates(folder, nodes=1, users=("alice", "bob"), control_host=host)
+    second = tmp_path / "certs-2"
+    second.mkdir()
+    for name in ("cluster.crt", "control-service.crt", "control-service.key"):
+        shutil.copy2(folder / name, second / name)
+    store = ["--store", "etcd", "--etcd-endpoints", ",".join(etcd.endpoints),
+             "--etcd-prefix", f"/crl-{uuid4().hex[:8]}/"]
+    replicas = [ControlProcess(tmp_path / f"data-{i}", path, host=host,
+                               log_directory=tmp_path / "logs",
+                               extra_arguments=store + ["--replica-name", f"r{i}"])
+                for i, path in enumerate((folder, second))]
+    clients = []
+    try:
+        for replica in replicas:
+            replica.start()
+        bob, alice = (APIClient(reactor, replicas[1].url, folder, user)
+                      for user in ("bob", "alice"))
+        clients = [bob, alice]
+        assert (await bob.get("/v1/version")).code == 200
+        done = subprocess.run([script_path("pyflock-ca"), "revoke", "-i", str(folder), "-o",
+                               str(folder), "--user", "bob"], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+
+        def from_etcd():
+            return [e for e in read_events(replicas[1].log_path, "pyflock:crl:in-force")
+                    if e.get("source") == "etcd"]
+        assert await _wait(reactor, from_etcd, 20.0)
+        with pytest.raises(Exception):
+            await bob.get("/v1/version")
+        assert (await alice.get("/v1/version")).code == 200
+    finally:
+        for client in clients:
+            await client.close()
+        for replica in replicas:
+            replica.close()
+
