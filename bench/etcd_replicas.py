@@ -246,7 +246,7 @@ through the two replicas serialise on it (docs/ha.md, "Conflicts between replica
 create whose transaction the other replica's writes beat is applied again, and one beaten
 many times in a row waits, which is what the p99 with two replicas shows.
 The time from kill -9 of the replica an agent uses to a completed move through another
-is not measured here yet: it needs agents that follow replicas (issue 9, point 5).
+is `bench/etcd_failover.py`'s: it runs once agents follow replicas (issue 9, point 5).
 """
     results = {
         "datasets": DATASETS, "clients": CLIENTS, "case_seconds": CASE_SECONDS,

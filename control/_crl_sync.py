@@ -20,6 +20,7 @@ from cryptography import x509
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from pyflock.common._ca import CertificateFileError
 from pyflock.common._crl import RevocationList, parse_crl
@@ -76,6 +77,8 @@ class SharedRevocations:
         self._shared_pem: Optional[bytes] = None
         self._loop: Optional[LoopingCall] = None
         self._busy = False
+        self._again = False
+        self._waiters: list[Deferred] = []
 
     def start(self) -> Deferred:
         """Put the file's list in force, then look at etcd now (the Deferred fires when
@@ -93,15 +96,33 @@ class SharedRevocations:
             self._loop.stop()
 
     def sync(self) -> Deferred:
-        """Read etcd's list, put the newest in force and publish the file's if newer."""
+        """
+        Read etcd's list, put the newest in force and publish the file's if newer; fires
+        when a look that began after this call is done (one in progress is followed by
+        another).
+        """
+        waiter: Deferred = Deferred()
+        self._waiters.append(waiter)
         if self._busy:
-            return Deferred.fromCoroutine(_nothing())
-        self._busy = True
+            self._again = True
+        else:
+            self._run()
+        return waiter
+
+    def _run(self) -> None:
+        self._busy, self._again = True, False
+        waiting, self._waiters = self._waiters, []
 
         def done(result):
             self._busy = False
-            return result
-        return Deferred.fromCoroutine(self._sync()).addBoth(done)
+            if isinstance(result, Failure):
+                log_event(_log, "pyflock:crl:shared-failed", LogLevel.error,
+                          reason=result.getErrorMessage())
+            for waiter in waiting:
+                waiter.callback(None)
+            if self._again:
+                self._run()
+        Deferred.fromCoroutine(self._sync()).addBoth(done)
 
     async def _sync(self) -> None:
         try:
@@ -141,10 +162,6 @@ class SharedRevocations:
                 log_event(_log, "pyflock:crl:unusable", LogLevel.error,
                           path="etcd " + self._keys.crl.decode(), reason=str(e))
             return None
-
-
-async def _nothing() -> None:
-    return None
 
 
 async def share_revocations(clock: Any, store: Any, authority: x509.Certificate,
