@@ -140,8 +140,16 @@ else
 fi
 wait_until "the agent" "$state/agent.pid" "$state/logs/agent.log" \
   test -S /run/docker/plugins/pyflock.sock
-wait_until "the agent's registration" "" "$state/logs/agent.log" \
-  sh -c "'$bin/pyflock' list-nodes --json | grep -q '\"alive\": true'"
+registered() {  # the agent is alive for some replica (each knows the agents it serves
+  # until replicas share agents' reports)
+  local host
+  for host in $control_hosts; do
+    "$bin/pyflock" --control-service "$host" list-nodes --json 2>/dev/null |
+      grep -q '"alive": true' && return 0
+  done
+  return 1
+}
+wait_until "the agent's registration" "" "$state/logs/agent.log" registered
 say "agent running; Docker plugin at /run/docker/plugins/pyflock.sock"
 
 # -- dockerd ------------------------------------------------------------------------------
@@ -180,9 +188,15 @@ prove() {  # what
 }
 prove ""
 if [ -n "$ha" ]; then
-  # Kill -9 the replica the agent would lose with its host: replica 1 when agents follow
-  # replicas (a list of hosts), else replica 2, the one the agent does not use.
-  if [ "$control_hosts" = 127.0.0.1 ]; then victim=2; else victim=1; fi
+  # Kill -9 the replica the agent is connected to (its log's latest channel-connected
+  # event names it) when agents follow replicas (a list of hosts); else replica 2, the one
+  # the agent does not use.
+  victim=2
+  if [ "$control_hosts" != 127.0.0.1 ]; then
+    used=$(grep '"pyflock:agent:channel-connected"' "$state/logs/agent.log" | tail -n 1 |
+      grep -o '"replica": "[0-9.]*' | grep -o '[0-9.]*$' || true)
+    if [ "$used" = 127.0.0.1 ]; then victim=1; fi
+  fi
   kill -9 "$(cat "$state/control-$victim.pid")"
   rm -f "$state/control-$victim.pid"
   say "killed replica $victim (kill -9)"
