@@ -23,17 +23,23 @@ import json
 import os
 import sys
 import tempfile
+from datetime import datetime, timezone
 from typing import Any, Optional
 
 import attr
 
 from pyflock.common._files import fsync_path, write_atomically
-from pyflock.common._jsonread import Malformed, as_object, read, read_list, read_natural
-from pyflock.common._jsonread import read_number, read_uuid
+from pyflock.common._jsonread import (
+    Malformed, as_object, read, read_list, read_natural, read_number, read_uuid,
+)
 from pyflock.common._model import Configuration, Lease
 from pyflock.common._records import dataset_from_json, dataset_to_json
-from pyflock.control._etcd_model import MAX_TXN_OPS
-from pyflock.control._sqlite_store import backup as copy_sqlite, open_sqlite_store, store_path
+from pyflock.control._crl_sync import read_shared_crl, write_shared_crl
+from pyflock.control._etcd_model import MAX_TXN_OPS, SCHEMA_VERSION as ETCD_SCHEMA
+from pyflock.control._sqlite_store import (
+    SCHEMA_VERSION as SQLITE_SCHEMA, backup as copy_sqlite, open_sqlite_store, store_path,
+)
+from pyflock.control._stores import add_store_choice, open_store, store_description
 from pyflock.control._store import StoreError, StoreWrite
 from pyflock.control._tokens import TokenRecord
 
@@ -170,9 +176,6 @@ def _is_etcd(store: Any) -> bool:
 
 async def read_store(store: Any, source: str) -> Backup:
     """Everything ``store`` holds durably, as a ``Backup`` from ``source``."""
-    from pyflock.control._etcd_model import SCHEMA_VERSION as ETCD_SCHEMA
-    from pyflock.control._sqlite_store import SCHEMA_VERSION as SQLITE_SCHEMA
-    from pyflock.control._crl_sync import read_shared_crl
     snapshot = await store.load()
     tokens = await store.load_tokens()
     crl = await read_shared_crl(store.gateway, store.keys) if _is_etcd(store) else None
@@ -185,7 +188,6 @@ async def restore_into(store: Any, backup: Backup, where: str) -> None:
     Fill the empty ``store`` (at ``where``) with ``backup`` and check it by reading it
     back; ``StoreError`` if it is not empty (then nothing is written) or the copy differs.
     """
-    from pyflock.control._crl_sync import read_shared_crl, write_shared_crl
     there = await store.load()
     crl_there = await read_shared_crl(store.gateway, store.keys) if _is_etcd(store) else None
     if there.revision or there.configuration != Configuration() or crl_there or (
@@ -256,7 +258,6 @@ def read_backup_file(path: str) -> Backup:
 
 def add_backup_parsers(subparsers: Any, default_data_path: str) -> None:
     """The ``backup`` and ``restore`` commands' parsers."""
-    from pyflock.control._stores import add_store_choice
     backup = subparsers.add_parser(
         "backup", help="write a backup of the store (either kind) while the service runs")
     backup.add_argument("--out", metavar="FILE", default=None,
@@ -277,7 +278,6 @@ def add_backup_parsers(subparsers: Any, default_data_path: str) -> None:
 
 async def _open(reactor: Any, options: argparse.Namespace) -> tuple[Any, str]:
     """The store the options name, open, and a description of it."""
-    from pyflock.control._stores import open_store, store_description
     return await open_store(reactor, options), store_description(options)
 
 
@@ -341,7 +341,6 @@ def run_command(name: str, work: Any) -> None:
 
 def backup_main(options: argparse.Namespace) -> None:
     """``backup --out FILE`` or ``restore FILE``; exits 1 with the reason on failure."""
-    from datetime import datetime, timezone
     if options.command == "restore":
         return run_command("restore", lambda reactor: restore(reactor, options))
     if not options.out or options.file:
