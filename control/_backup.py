@@ -35,11 +35,16 @@ from pyflock.common._jsonread import (
 from pyflock.common._model import Configuration, Lease
 from pyflock.common._records import dataset_from_json, dataset_to_json
 from pyflock.control._crl_sync import read_shared_crl, write_shared_crl
-from pyflock.control._etcd_model import MAX_TXN_OPS, SCHEMA_VERSION as ETCD_SCHEMA
+from pyflock.control._etcd_client import EtcdError, EtcdGateway, EtcdUnavailable
+from pyflock.control._etcd_model import (
+    MAX_TXN_OPS, SCHEMA_VERSION as ETCD_SCHEMA, Keys, range_request,
+)
 from pyflock.control._sqlite_store import (
     SCHEMA_VERSION as SQLITE_SCHEMA, backup as copy_sqlite, open_sqlite_store, store_path,
 )
-from pyflock.control._stores import add_store_choice, open_store, store_description
+from pyflock.control._stores import (
+    add_store_choice, etcd_options, open_store, store_description,
+)
 from pyflock.control._store import StoreError, StoreWrite
 from pyflock.control._tokens import TokenRecord
 
@@ -281,6 +286,25 @@ async def _open(reactor: Any, options: argparse.Namespace) -> tuple[Any, str]:
     return await open_store(reactor, options), store_description(options)
 
 
+async def _check_etcd_store(reactor: Any, options: argparse.Namespace) -> None:
+    """``StoreError`` unless the etcd prefix holds a store (so that a mistyped prefix is
+    not made into an empty store and backed up)."""
+    endpoints, tls = etcd_options(options)
+    gateway = EtcdGateway(reactor, endpoints, tls)
+    key = Keys.under(options.etcd_prefix).store_id
+    try:
+        answer = await gateway.call("kv/range", range_request(key))
+    except (EtcdError, EtcdUnavailable) as e:
+        raise StoreError(f"etcd at {', '.join(endpoints)}: cannot read {key.decode()!r}: "
+                         f"{e}") from e
+    finally:
+        await gateway.close()
+    if not answer.get("kvs"):
+        raise StoreError(f"there is no pyflock store under the etcd prefix "
+                         f"{options.etcd_prefix!r} at {', '.join(endpoints)} (no "
+                         f"{key.decode()!r}). Check --etcd-prefix and --etcd-endpoints.")
+
+
 async def _sqlite_snapshot(reactor: Any, data_path: str) -> Backup:
     """A consistent online read of the SQLite store: a copy is taken, then read."""
     with tempfile.TemporaryDirectory(prefix=".pyflock-backup-",
@@ -299,6 +323,7 @@ async def take_backup(reactor: Any, options: argparse.Namespace, taken: str) -> 
         raise BackupFileError(f"{options.out} already exists; a backup never overwrites a "
                               f"file. Choose a new file name.")
     if getattr(options, "store", "sqlite") == "etcd":
+        await _check_etcd_store(reactor, options)
         store, where = await _open(reactor, options)
         try:
             backup = await read_store(store, where)

@@ -181,8 +181,9 @@ async def test_etcd_backup_keeps_the_shared_crl(tmp_path, etcd):
 
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
-async def test_bad_files_and_paths(tmp_path):
-    """Not a backup, not JSON, a missing file or an existing --out: a message, exit 1."""
+async def test_bad_files_and_paths(tmp_path, etcd):
+    """Not a backup, not JSON, a missing file, an existing --out or an etcd prefix without
+    a store: a message, exit 1, nothing made."""
     (tmp_path / "notjson").write_text("{")
     (tmp_path / "other.json").write_text('{"hello": 1}')
     (tmp_path / "exists.json").write_text("")
@@ -197,6 +198,8 @@ async def test_bad_files_and_paths(tmp_path):
           str(tmp_path / "x.json")], "there is no configuration store here"),
         (["backup", "--data-path", str(tmp_path), "--out", str(tmp_path / "exists.json")],
          "never overwrites"),
+        (["backup", "--out", str(tmp_path / "y.json"), "--store", "etcd", "--etcd-endpoints",
+          ",".join(etcd.endpoints), "--etcd-prefix", "/typo/"], "no pyflock store under"),
     ]
     for arguments, message in cases:
         done = await control(*arguments)
