@@ -11,8 +11,11 @@ PYTEST_ARGS ?=
 install:
 	@deploy/local/install.sh $(VENV)
 
+# HA=1: three etcd members and two control replicas instead of one SQLite control service.
+HA ?=
+
 up: install
-	@PYFLOCK_VENV=$(VENV) deploy/local/up.sh $(STATE)
+	@PYFLOCK_VENV=$(VENV) PYFLOCK_HA=$(HA) deploy/local/up.sh $(STATE)
 
 down:
 	@PYFLOCK_VENV=$(VENV) deploy/local/down.sh $(STATE)

@@ -187,7 +187,7 @@ class Keys:
 
     @property
     def crl(self) -> bytes:
-        """The cluster's certificate revocation list (DER), shared by every replica."""
+        """The cluster's certificate revocation list (PEM), shared by every replica."""
         return self.prefix + b"crl"
 
 

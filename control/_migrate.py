@@ -14,14 +14,11 @@ import sys
 from typing import Any
 
 from pyflock.common._model import Configuration
-from pyflock.control._etcd_model import MAX_TXN_OPS
+from pyflock.control._backup import fill_writes
 from pyflock.control._etcd_store import open_etcd_store
 from pyflock.control._sqlite_store import open_sqlite_store, store_path
-from pyflock.control._store import StoreError, StoreWrite
+from pyflock.control._store import StoreError
 from pyflock.control._stores import add_etcd_arguments, etcd_options
-
-#: Datasets per write: a dataset row and a lease row each, within one transaction.
-DATASETS_PER_WRITE = (MAX_TXN_OPS - 2) // 2
 
 
 def add_migrate_parser(subparsers: Any) -> None:
@@ -32,14 +29,6 @@ def add_migrate_parser(subparsers: Any) -> None:
     parser.add_argument("--from-data-path", required=True, metavar="DIR",
                         help="the data path of the SQLite store to copy")
     add_etcd_arguments(parser)
-
-
-def migration_writes(config: Configuration) -> list[StoreWrite]:
-    """The writes that store ``config`` in an empty store, each within one transaction."""
-    ids = sorted(set(config.datasets) | set(config.leases))
-    writes = [StoreWrite.of(config, ids[i:i + DATASETS_PER_WRITE])
-              for i in range(0, len(ids), DATASETS_PER_WRITE)]
-    return writes or [StoreWrite(generation=config.generation)]
 
 
 async def migrate(reactor: Any, options: argparse.Namespace) -> str:
@@ -64,7 +53,7 @@ async def migrate(reactor: Any, options: argparse.Namespace) -> str:
                              f"tokens; migrate only into an empty prefix (choose another "
                              f"--etcd-prefix, or delete this one with etcdctl del --prefix "
                              f"if it is not in use). Nothing was written.")
-        for write in migration_writes(config):
+        for write in fill_writes(config):
             await target.write(write)
         for token in tokens:
             await target.write_token(token.token_id, token)

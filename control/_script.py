@@ -13,7 +13,9 @@
                           [--max-connections N] [--tls-handshake-timeout SECONDS]
                           [--tls-recheck SECONDS] [--node-dataset-quota N]
                           [--node-write-rate PER_SECOND] [--node-write-burst N]
-    pyflock-control backup --data-path DIR FILE
+    pyflock-control backup --out FILE [--data-path DIR | --store etcd --etcd-*]
+    pyflock-control backup --data-path DIR FILE      (SQLite only: a copy of the file)
+    pyflock-control restore FILE [--data-path DIR | --store etcd --etcd-*]
     pyflock-control migrate --from-data-path DIR --etcd-endpoints URL[,URL...] [--etcd-*]
 """
 
@@ -59,6 +61,8 @@ from pyflock.control._persistence import (
 )
 from pyflock.control._sqlite_store import backup
 from pyflock.control._migrate import add_migrate_parser, migrate_main
+from pyflock.control._backup import add_backup_parsers, backup_main
+from pyflock.control._crl_sync import share_revocations
 from pyflock.control._stores import (
     add_store_arguments, leadership_for, open_store, start_following, store_description,
 )
@@ -198,9 +202,7 @@ def _parser() -> argparse.ArgumentParser:
                             "it, no joins are served)")
         add_store_arguments(p)
         _add_limits(p)
-    b = sub.add_parser("backup", help="copy the store consistently while the service runs")
-    b.add_argument("--data-path", default=DEFAULT_DATA_PATH)
-    b.add_argument("file", help="the new backup file (never overwritten)")
+    add_backup_parsers(sub, DEFAULT_DATA_PATH)
     add_migrate_parser(sub)
     return parser
 
@@ -255,6 +257,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
     """Start the control service and run until the reactor stops."""
     start_json_logging(sys.stdout)
     revocations = Revocations()
+    # cluster.crl as loaded; on etcd, the list in force is the newer of it and etcd's.
+    from_file = Revocations()
     try:
         tls = ClusterTLS.load(options.certificates_directory, "control-service",
                               is_revoked=revocations.is_revoked)
@@ -262,8 +266,9 @@ async def run(reactor, options: argparse.Namespace) -> None:
         api_listener = tls.listener(reactor, options.port, REST_API, limits)
         agent_listener = tls.listener(reactor, options.agent_port, AGENT_CHANNEL, limits)
         # cluster.crl: at start, on SIGHUP, on every change; revoked peers are cut off.
-        crl = watch_revocations(reactor, options.certificates_directory, load_certificate(
-            Path(options.certificates_directory) / AUTHORITY_CERTIFICATE), revocations)
+        authority = load_certificate(
+            Path(options.certificates_directory) / AUTHORITY_CERTIFICATE)
+        crl = watch_revocations(reactor, options.certificates_directory, authority, from_file)
     except (CertificateError, ValueError) as e:
         raise StartupError(str(e))
     connections = OpenConnections(tls.check, revocations)
@@ -271,6 +276,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
         store = await open_store(reactor, options)
     except StoreError as e:
         raise StartupError(str(e))
+    shared_crl = await share_revocations(reactor, store, authority, from_file, revocations)
     # Loading builds tens of thousands of records that cannot form cycles; the cyclic
     # collector would walk them again and again, doubling the time. Nothing else runs yet,
     # so the process may go without it until the configuration is loaded.
@@ -346,6 +352,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
 
     async def shutdown():
         crl.stop()
+        if shared_crl is not None:
+            shared_crl.stop()
         cluster.stop_forgetting()
         await port.stopListening()
         await agent_port.stopListening()
@@ -366,6 +374,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     options = _parser().parse_args(argv)
     if options.command == "migrate":
         return migrate_main(options)
+    if options.command == "restore" or (options.command == "backup" and (
+            options.out or not options.file or options.store != "sqlite")):
+        return backup_main(options)
     if options.command == "backup":
         try:
             backup(options.data_path, options.file)

@@ -49,12 +49,17 @@ def _positive(text: str) -> float:
     return value
 
 
-def add_store_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--store`` and the etcd options."""
+def add_store_choice(parser: argparse.ArgumentParser) -> None:
+    """``--store`` and the options naming an etcd cluster."""
     parser.add_argument("--store", choices=("sqlite", "etcd"), default="sqlite",
                         help="where the configuration is kept: sqlite (in --data-path, "
                              "the default) or etcd (--etcd-endpoints; docs/ha.md)")
     add_etcd_arguments(parser)
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--store``, the etcd options and those of a running replica."""
+    add_store_choice(parser)
     parser.add_argument("--etcd-check-interval", type=_positive,
                         default=DEFAULT_CHECK_INTERVAL, metavar="SECONDS",
                         help=f"seconds between checks that the etcd member in use still "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stops what `make up` started (by recorded pid), then unmounts and detaches this node's
+# Stops what `make up` (or `make up HA=1`) started (by recorded pid), then unmounts and detaches this node's
 # datasets, leaving nothing mounted or attached. Keeps the state: certificates and datasets
 # come back with the next `make up`.
 set -euo pipefail
@@ -43,4 +43,8 @@ if [ -f "$state/node/agent.yml" ]; then
   fi
 fi
 stop "control service" "$state/control.pid" pyflock-control
+# make up HA=1: the replicas, then the etcd members under them.
+stop "control replica 1" "$state/control-1.pid" pyflock-control
+stop "control replica 2" "$state/control-2.pid" pyflock-control
+deploy/local/etcd.sh down "$state"
 exit "${status:-0}"

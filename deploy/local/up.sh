@@ -44,35 +44,87 @@ wait_until() {  # what pidfile log command...
 # -- certificates: each key in the folder of whoever uses it (docs/security.md) -----------
 deploy/local/certificates.sh "$state" "$bin"
 
-# -- control service ----------------------------------------------------------------------
-if running "$state/control.pid" pyflock-control; then
-  say "control service already running (pid $(cat "$state/control.pid"))"
+# -- control service: one on SQLite, or with HA=1 two replicas on three etcd members -----
+ha=${PYFLOCK_HA:-}
+control_hosts=127.0.0.1   # where agents and the CLI reach the control service
+start_control() {  # name pidfile host ports-suffix extra arguments...
+  local name=$1 pidfile=$2 host=$3 api=$4 agent=$5 join=$6; shift 6
+  if running "$pidfile" pyflock-control; then
+    say "$name already running (pid $(cat "$pidfile"))"; return
+  fi
+  nohup "$bin/pyflock-control" run \
+    --port "tcp:$api:interface=$host" --agent-port "tcp:$agent:interface=$host" \
+    --join-port "tcp:$join:interface=$host" --ca-key "$ca/cluster.key" "$@" \
+    >>"$state/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  disown $!  # killing one below must not make bash report it
+}
+if [ -n "$ha" ]; then
+  if running "$state/control.pid" pyflock-control; then
+    echo "up: a control service on SQLite runs (make up without HA=1); make down first" >&2; exit 1
+  fi
+  endpoints=$(deploy/local/etcd.sh up "$state")
+  say "etcd: three members at $endpoints (data in $state/etcd)"
+  # Both replicas are reached on one port at two loopback addresses, as agents expect
+  # (one port, a list of hosts), with one control certificate naming both. A pyflock-ca
+  # that issues it for one host only: the second replica listens on 127.0.0.1 with the
+  # ports + 10, and agents and the CLI know replica 1 alone.
+  hacerts=$state/ha-certs
+  mkdir -p "$hacerts" && chmod 700 "$hacerts"
+  if [ -f "$hacerts/control-service.crt" ] || "$bin/pyflock-ca" create-control-certificate \
+      -i "$ca" -o "$hacerts" 127.0.0.1 127.0.0.2 >/dev/null 2>&1; then
+    if [ -f "$hacerts/control-127.0.0.1.crt" ]; then
+      mv "$hacerts/control-127.0.0.1.crt" "$hacerts/control-service.crt"
+      mv "$hacerts/control-127.0.0.1.key" "$hacerts/control-service.key"
+    fi
+    cp "$ca/cluster.crt" "$hacerts/cluster.crt"
+    control_hosts="127.0.0.1 127.0.0.2"
+    replica2=(127.0.0.2 "$port" "$agent_port" "$join_port")
+  else
+    hacerts=$certs
+    replica2=(127.0.0.1 $((port + 10)) $((agent_port + 10)) $((join_port + 10)))
+  fi
+  store=(--store etcd --etcd-endpoints "$endpoints" --certificates-directory "$hacerts")
+  start_control control-1 "$state/control-1.pid" 127.0.0.1 "$port" "$agent_port" \
+    "$join_port" "${store[@]}" --replica-name replica-1
+  start_control control-2 "$state/control-2.pid" "${replica2[@]}" "${store[@]}" \
+    --replica-name replica-2
 else
-  nohup "$bin/pyflock-control" run --data-path "$state/control" \
-    --port "tcp:$port:interface=127.0.0.1" --agent-port "tcp:$agent_port:interface=127.0.0.1" \
-    --join-port "tcp:$join_port:interface=127.0.0.1" \
-    --certificates-directory "$certs" --ca-key "$ca/cluster.key" \
-    >>"$state/logs/control.log" 2>&1 </dev/null &
-  echo $! >"$state/control.pid"
+  if running "$state/control-1.pid" pyflock-control; then
+    echo "up: the HA control service runs (make up HA=1); make down first" >&2; exit 1
+  fi
+  start_control control "$state/control.pid" 127.0.0.1 "$port" "$agent_port" "$join_port" \
+    --data-path "$state/control" --certificates-directory "$certs"
 fi
 config_home=${XDG_CONFIG_HOME:-$HOME/.config}/pyflock
 mkdir -p "$config_home"
 cat >"$config_home/cli.yml" <<YML
 # Written by pyflock's make up.
-control-service: 127.0.0.1
+control-service: $(echo $control_hosts | tr ' ' ',')
 control-port: $port
 certs-path: $cli
 user: admin
 YML
-wait_until "the control service" "$state/control.pid" "$state/logs/control.log" \
-  "$bin/pyflock" version
-say "control service answering on https://127.0.0.1:$port"
+if [ -n "$ha" ]; then
+  wait_until "replica 1" "$state/control-1.pid" "$state/logs/control-1.log" \
+    "$bin/pyflock" --control-service 127.0.0.1 version
+  wait_until "replica 2" "$state/control-2.pid" "$state/logs/control-2.log" \
+    "$bin/pyflock" --control-service "${replica2[0]}" --control-port "${replica2[1]}" version
+  say "control replicas answering on https://127.0.0.1:$port and https://${replica2[0]}:${replica2[1]}"
+else
+  wait_until "the control service" "$state/control.pid" "$state/logs/control.log" \
+    "$bin/pyflock" version
+  say "control service answering on https://127.0.0.1:$port"
+fi
 
+hostnames() {  # one host as a string, several as a YAML list
+  if [ $# -eq 1 ]; then echo "$1"; else echo "[$(echo "$*" | sed 's/ /, /g')]"; fi
+}
 # -- agent and its Docker plugin (before dockerd, which then finds the plugin at once) ----
 cat >"$node/agent.yml" <<YML
 # Written by pyflock's make up.
 version: 1
-control-service: {hostname: 127.0.0.1, port: $agent_port, api-port: $port}
+control-service: {hostname: $(hostnames $control_hosts), port: $agent_port, api-port: $port}
 certificates: $node/certs
 data-path: $node/data
 node: {address: 127.0.0.1}
@@ -88,8 +140,16 @@ else
 fi
 wait_until "the agent" "$state/agent.pid" "$state/logs/agent.log" \
   test -S /run/docker/plugins/pyflock.sock
-wait_until "the agent's registration" "" "$state/logs/agent.log" \
-  sh -c "'$bin/pyflock' list-nodes --json | grep -q '\"alive\": true'"
+registered() {  # the agent is alive for some replica (each knows the agents it serves
+  # until replicas share agents' reports)
+  local host
+  for host in $control_hosts; do
+    "$bin/pyflock" --control-service "$host" list-nodes --json 2>/dev/null |
+      grep -q '"alive": true' && return 0
+  done
+  return 1
+}
+wait_until "the agent's registration" "" "$state/logs/agent.log" registered
 say "agent running; Docker plugin at /run/docker/plugins/pyflock.sock"
 
 # -- dockerd ------------------------------------------------------------------------------
@@ -117,13 +177,32 @@ if [ -z "$image" ]; then
     say "built the image busybox:local from busybox-static"
   fi
 fi
-check=pyflock-up-check
-docker run --rm -v "$check:/data" --volume-driver=pyflock "$image" \
-  sh -c 'echo "written by pyflock make up" > /data/proof' >/dev/null
-proof=$(docker run --rm -v "$check:/data" --volume-driver=pyflock "$image" cat /data/proof)
-docker volume rm "$check" >/dev/null
-[ "$proof" = "written by pyflock make up" ] || { echo "up: the proof run read '$proof'" >&2; exit 1; }
-say "proved: a container wrote to a pyflock volume and the next one read it back"
+prove() {  # what
+  local check=pyflock-up-check proof
+  docker run --rm -v "$check:/data" --volume-driver=pyflock "$image" \
+    sh -c 'echo "written by pyflock make up" > /data/proof' >/dev/null
+  proof=$(docker run --rm -v "$check:/data" --volume-driver=pyflock "$image" cat /data/proof)
+  docker volume rm "$check" >/dev/null
+  [ "$proof" = "written by pyflock make up" ] || { echo "up: the proof run read '$proof'" >&2; exit 1; }
+  say "proved$1: a container wrote to a pyflock volume and the next one read it back"
+}
+prove ""
+if [ -n "$ha" ]; then
+  # Kill -9 the replica the agent is connected to (its log's latest channel-connected
+  # event names it) when agents follow replicas (a list of hosts); else replica 2, the one
+  # the agent does not use.
+  victim=2
+  if [ "$control_hosts" != 127.0.0.1 ]; then
+    used=$(grep '"pyflock:agent:channel-connected"' "$state/logs/agent.log" | tail -n 1 |
+      grep -o '"replica": "[0-9.]*' | grep -o '[0-9.]*$' || true)
+    if [ "$used" = 127.0.0.1 ]; then victim=1; fi
+  fi
+  kill -9 "$(cat "$state/control-$victim.pid")"
+  rm -f "$state/control-$victim.pid"
+  say "killed replica $victim (kill -9)"
+  prove " again with replica $victim dead"
+  say "start it again with: make up HA=1"
+fi
 cat <<TXT
 up: pyflock is up. Try:
       docker run --rm -v demo:/data --volume-driver=pyflock $image sh -c 'echo hi > /data/f'

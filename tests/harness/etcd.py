@@ -145,9 +145,11 @@ class EtcdCluster:
     """``size`` etcd members started together; ``endpoints`` are their client URLs."""
 
     def __init__(self, size: int, log_directory: os.PathLike,
-                 tls: Optional[EtcdServerTLS] = None):
+                 tls: Optional[EtcdServerTLS] = None,
+                 data_parent: Optional[os.PathLike] = None):
         require_etcd()
-        root = TMPFS if os.path.isdir(TMPFS) else None
+        # data_parent: where member data goes instead of tmpfs (benchmarks: on disk).
+        root = data_parent or (TMPFS if os.path.isdir(TMPFS) else None)
         self.data_root = Path(tempfile.mkdtemp(prefix="pyflock-etcd-", dir=root))
         token = self.data_root.name
         self.members = [EtcdMember(f"m{i}", self.data_root / f"m{i}",
