@@ -66,24 +66,18 @@ if [ -n "$ha" ]; then
   endpoints=$(deploy/local/etcd.sh up "$state")
   say "etcd: three members at $endpoints (data in $state/etcd)"
   # Both replicas are reached on one port at two loopback addresses, as agents expect
-  # (one port, a list of hosts), with one control certificate naming both. A pyflock-ca
-  # that issues it for one host only: the second replica listens on 127.0.0.1 with the
-  # ports + 10, and agents and the CLI know replica 1 alone.
+  # (one port, a list of hosts), with one control certificate naming both.
   hacerts=$state/ha-certs
   mkdir -p "$hacerts" && chmod 700 "$hacerts"
-  if [ -f "$hacerts/control-service.crt" ] || "$bin/pyflock-ca" create-control-certificate \
-      -i "$ca" -o "$hacerts" 127.0.0.1 127.0.0.2 >/dev/null 2>&1; then
-    if [ -f "$hacerts/control-127.0.0.1.crt" ]; then
-      mv "$hacerts/control-127.0.0.1.crt" "$hacerts/control-service.crt"
-      mv "$hacerts/control-127.0.0.1.key" "$hacerts/control-service.key"
-    fi
-    cp "$ca/cluster.crt" "$hacerts/cluster.crt"
-    control_hosts="127.0.0.1 127.0.0.2"
-    replica2=(127.0.0.2 "$port" "$agent_port" "$join_port")
-  else
-    hacerts=$certs
-    replica2=(127.0.0.1 $((port + 10)) $((agent_port + 10)) $((join_port + 10)))
+  if [ ! -f "$hacerts/control-service.crt" ]; then
+    "$bin/pyflock-ca" create-control-certificate -i "$ca" -o "$hacerts" 127.0.0.1 127.0.0.2 \
+      >/dev/null
+    mv "$hacerts/control-127.0.0.1.crt" "$hacerts/control-service.crt"
+    mv "$hacerts/control-127.0.0.1.key" "$hacerts/control-service.key"
   fi
+  cp "$ca/cluster.crt" "$hacerts/cluster.crt"
+  control_hosts="127.0.0.1 127.0.0.2"
+  replica2=(127.0.0.2 "$port" "$agent_port" "$join_port")
   store=(--store etcd --etcd-endpoints "$endpoints" --certificates-directory "$hacerts")
   start_control control-1 "$state/control-1.pid" 127.0.0.1 "$port" "$agent_port" \
     "$join_port" "${store[@]}" --replica-name replica-1
