@@ -1,0 +1,522 @@
+"""
+A fleet of simulated agents in one process, against a real ``pyflock-control`` (issue 12).
+
+Each simulated agent is the real agent's ``AgentChannel`` (pyflock.agent._channel) over its
+own real mutual-TLS connection with its own node certificate from the cluster's CA: hello,
+welcome, snapshot (in pages), diffs, heartbeats, state reports, resyncs and reconnects with
+jittered backoff are the real agent's code and codec (pyflock.common._wire); only the
+convergence behind it is left out. A simulated agent reports that it holds, mounted, every
+live dataset whose primary it is, as a real agent does once it converged, so a change
+costs the control service what it costs with real agents: the diff, then the report, then
+the diff of the new holders.
+
+Node certificates are made in memory, fast: every simulated node shares one ECDSA key
+(the control service judges a certificate by its chain and common name only), so minting
+one is a signature, not a key generation.
+
+What it measures (printed as JSON by ``python bench/simulator.py``):
+
+- the time from starting every agent at once (a control service restart, as agents see it)
+  until each has its first snapshot, and how many had one within ``--sync-timeout``;
+- for each of ``--changes`` dataset creates through the REST API, the time until each agent
+  had the dataset in its view (p50, p99, max over agents and changes; and per change the time
+  until every agent had it);
+- the control service's RSS (now and peak, /proc/PID/status) and CPU seconds (/proc/PID/stat);
+- the bytes the agents received (on the wire: TLS included) per change.
+
+Without ``--control`` it starts a ``pyflock-control`` on SQLite whose store it preloads with
+``--datasets`` datasets; with ``--control HOST:API_PORT:AGENT_PORT,...`` (and
+``--certificates DIR``, holding the cluster's CA key and ``bench.crt/.key``) it uses running
+replicas, spreading agents over them round-robin, and creates the datasets through the
+REST API first.
+
+Run: ``.venv/bin/python bench/simulator.py --agents 500 --datasets 1000 --changes 20``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+from uuid import uuid4
+
+import attr
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import deferLater
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import implementer
+
+BENCH = Path(__file__).resolve().parent
+for _folder in (BENCH, BENCH.parent):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
+from _harness import (  # noqa: E402
+    BENCH_USER, latency_stats, own_cpu_seconds, percentile, process_cpu_seconds,
+    start_control_service,
+)
+# The real agent's channel and codec: the simulator has no wire format of its own.
+from pyflock.agent._channel import AgentChannel  # noqa: E402
+from pyflock.common._ca import _build_leaf, _load_authority, _new_key  # noqa: E402
+from pyflock.common._records import DatasetReport  # noqa: E402
+from pyflock.common._tls import ClusterTLS, Identity, PeerCheck  # noqa: E402
+from pyflock.common._tls import _Credentials, _twisted_certificate  # noqa: E402
+from pyflock.common._wire import Diff  # noqa: E402
+
+#: The size of every simulated dataset (never allocated: nothing converges).
+DATASET_SIZE = 1024 ** 3
+
+#: How long a change may take to reach every agent before it counts as lost.
+CHANGE_TIMEOUT = 30.0
+
+#: The agents' views count as settled when they agree for this long.
+SETTLE = 0.3
+
+
+def mint_node_credentials(ca_path: Path, count: int) -> list[tuple[str, ClusterTLS]]:
+    """``count`` new node uuids, each with a ``ClusterTLS`` presenting a node certificate
+    issued by the CA in ``ca_path`` (cluster.crt/.key); one key shared by all of them."""
+    authority = _load_authority(ca_path)
+    key = _new_key()
+    trust = _twisted_certificate(authority.certificate)
+    now = datetime.now(timezone.utc)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    nodes = []
+    for _ in range(count):
+        uuid = str(uuid4())
+        certificate = _build_leaf(authority, key.public_key(), f"node-{uuid}", usages, [], now)
+        credentials = _Credentials(authority=trust, certificate=certificate, key=key,
+                                   cluster_uuid=authority.cluster_uuid)
+        nodes.append((uuid, ClusterTLS(credentials, PeerCheck(authority.cluster_uuid))))
+    return nodes
+
+
+@attr.s(auto_attribs=True)
+class ByteCounter:
+    """Bytes a simulated agent's connections carried on the wire, and how many it made."""
+
+    received: int = 0
+    sent: int = 0
+    connections: int = 0
+
+
+class _CountingProtocol(ProtocolWrapper):
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.counter.received += len(data)
+        super().dataReceived(data)
+
+    def write(self, data: bytes) -> None:
+        self.factory.counter.sent += len(data)
+        super().write(data)
+
+    def writeSequence(self, data) -> None:
+        self.factory.counter.sent += sum(len(d) for d in data)
+        super().writeSequence(data)
+
+
+class _CountingFactory(WrappingFactory):
+    protocol = _CountingProtocol
+
+    def __init__(self, wrapped, counter: ByteCounter):
+        super().__init__(wrapped)
+        self.counter = counter
+
+
+@implementer(IStreamClientEndpoint)
+@attr.s(frozen=True, auto_attribs=True)
+class CountingEndpoint:
+    """A client endpoint counting the bytes of its connections into ``counter``."""
+
+    wrapped: IStreamClientEndpoint
+    counter: ByteCounter
+
+    def connect(self, factory):
+        """Connect ``factory``'s protocol through a counting wrapper."""
+        self.counter.connections += 1
+        return self.wrapped.connect(_CountingFactory(factory, self.counter)).addCallback(
+            lambda wrapper: wrapper.wrappedProtocol)
+
+
+@attr.s(auto_attribs=True)
+class Watch:
+    """One change being waited for: a dataset id, when it was made, and who has seen it."""
+
+    dataset_id: str
+    began: float
+    seen: dict = attr.Factory(dict)
+    done: Deferred = attr.Factory(Deferred)
+
+
+class SimulatedAgent:
+    """One simulated node: the real ``AgentChannel``, reporting the datasets it is primary of."""
+
+    def __init__(self, fleet: "Fleet", reactor, uuid: str, endpoint: IStreamClientEndpoint,
+                 counter: ByteCounter, heartbeat: float):
+        self.fleet = fleet
+        self.uuid = uuid
+        self.counter = counter
+        self.first_view: Optional[float] = None
+        self.held: frozenset = frozenset()
+        self.channel = AgentChannel(reactor, endpoint, uuid, "sim-" + uuid[:8], self._on_view,
+                                    address="127.0.0.1", heartbeat=heartbeat,
+                                    timeout=3 * heartbeat)
+
+    def start(self) -> None:
+        """Connect (and keep reconnecting), having nothing to report yet."""
+        self.channel.report_state(())
+        self.channel.start()
+
+    def _on_view(self, view) -> None:
+        fleet = self.fleet
+        if self.first_view is None:
+            self.first_view = time.perf_counter()
+            fleet.synced += 1
+            if fleet.synced == len(fleet.agents) and not fleet.all_synced.called:
+                fleet.all_synced.callback(None)
+        change = self.channel.change
+        if isinstance(change, Diff):
+            held = set(self.held)
+            for entry in change.datasets:
+                if entry.primary == self.uuid and not entry.deleted:
+                    held.add(entry.dataset_id)
+                else:
+                    held.discard(entry.dataset_id)
+            held.difference_update(change.removed)
+        else:
+            held = fleet.primaries(view).get(self.uuid, ())
+        held = frozenset(held)
+        if held != self.held:
+            self.held = held
+            self.channel.report_state(DatasetReport(dataset_id=i, state="mounted",
+                                                    maximum_size=DATASET_SIZE)
+                                      for i in held)
+        watch = fleet.watch
+        if watch is not None and self.uuid not in watch.seen \
+                and watch.dataset_id in view.datasets:
+            watch.seen[self.uuid] = time.perf_counter() - watch.began
+            if len(watch.seen) == len(fleet.agents) and not watch.done.called:
+                watch.done.callback(None)
+
+
+class Fleet:
+    """Every simulated agent of a run, and what they saw."""
+
+    def __init__(self, reactor, nodes: list[tuple[str, ClusterTLS]],
+                 agent_addresses: list[tuple[str, int]], heartbeat: float):
+        self.reactor = reactor
+        self.synced = 0
+        self.all_synced: Deferred = Deferred()
+        self.watch: Optional[Watch] = None
+        self._primaries: tuple = (None, {})
+        self.agents = []
+        for n, (uuid, tls) in enumerate(nodes):
+            host, port = agent_addresses[n % len(agent_addresses)]
+            counter = ByteCounter()
+            endpoint = wrapClientTLS(tls.client_options(Identity.control(), host),
+                                     CountingEndpoint(TCP4ClientEndpoint(reactor, host, port),
+                                                      counter))
+            self.agents.append(SimulatedAgent(self, reactor, uuid, endpoint, counter,
+                                              heartbeat))
+
+    def primaries(self, view) -> dict:
+        """The live datasets of ``view`` by primary node, worked out once per view version
+        (agents given the same snapshot share it)."""
+        version, by_node = self._primaries
+        if version != view.current:
+            by_node = {}
+            for entry in view.datasets.values():
+                if not entry.deleted:
+                    by_node.setdefault(entry.primary, []).append(entry.dataset_id)
+            self._primaries = (view.current, by_node)
+        return by_node
+
+    def start(self) -> None:
+        """Start every agent at once (as after a restart of the control service)."""
+        for agent in self.agents:
+            agent.start()
+
+    def stop(self) -> Deferred:
+        """Stop every agent; fires once their connections are closed."""
+        return gatherResults([a.channel.stop() for a in self.agents])
+
+    def bytes_received(self) -> int:
+        """Bytes every agent has received so far."""
+        return sum(a.counter.received for a in self.agents)
+
+    async def settled(self, timeout: float) -> bool:
+        """Wait until every agent's view is of one version for ``SETTLE`` seconds; whether
+        they got there within ``timeout``."""
+        deadline = time.perf_counter() + timeout
+        agreed_since = None
+        while time.perf_counter() < deadline:
+            versions = {a.channel.view.current for a in self.agents}
+            if len(versions) == 1:
+                agreed_since = agreed_since or time.perf_counter()
+                if time.perf_counter() - agreed_since >= SETTLE:
+                    return True
+            else:
+                agreed_since = None
+            await deferLater(self.reactor, 0.05, lambda: None)
+        return False
+
+
+def control_memory(pid: int) -> dict:
+    """The RSS and peak RSS of process ``pid``, in MiB (from /proc/PID/status)."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            values[name] = round(int(value.split()[0]) / 1024, 1)
+    return {"rss_mib": values.get("VmRSS"), "peak_rss_mib": values.get("VmHWM")}
+
+
+async def _with_timeout(reactor, waited: Deferred, timeout: float) -> bool:
+    """Wait for ``waited`` at most ``timeout`` seconds; whether it fired."""
+    timer = deferLater(reactor, timeout, lambda: None)
+    await DeferredList([waited, timer], fireOnOneCallback=True, consumeErrors=True)
+    if timer.called:
+        return waited.called
+    timer.cancel()
+    return True
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Replica:
+    """One control service the fleet uses: its REST API and agent channel addresses."""
+
+    host: str
+    api_port: int
+    agent_port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Replica":
+        """``HOST:API_PORT:AGENT_PORT``; ValueError saying what is wrong otherwise."""
+        parts = text.strip().split(":")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(f"{text!r}: give each control service as "
+                             f"HOST:API_PORT:AGENT_PORT, e.g. 127.0.0.1:4523:4524")
+        return cls(parts[0], int(parts[1]), int(parts[2]))
+
+    @property
+    def url(self) -> str:
+        """The REST API's root URL."""
+        return f"https://{self.host}:{self.api_port}"
+
+
+def _dataset_body(primary: str, n: int, dataset_id: Optional[str] = None) -> dict:
+    body = {"primary": primary, "maximum_size": DATASET_SIZE,
+            "metadata": {"name": f"sim-{n}"}}
+    if dataset_id is not None:
+        body["dataset_id"] = dataset_id
+    return body
+
+
+async def create_dataset(http, replica: Replica, body: dict) -> None:
+    """Create one dataset through the REST API; RuntimeError with the answer if refused."""
+    response = await http.post(f"{replica.url}/v1/configuration/datasets",
+                               data=json.dumps(body).encode(),
+                               headers={b"content-type": [b"application/json"]})
+    text = await response.text()
+    if response.code != 201:
+        raise RuntimeError(f"creating a dataset answered {response.code}: {text[:300]}")
+
+
+async def preload_store(reactor, data_path: Path, primaries: list[str], count: int) -> None:
+    """Write ``count`` datasets (primaries round-robin) into a new SQLite store at
+    ``data_path`` in one transaction, before the control service opens it."""
+    from pyflock.common._model import Dataset
+    from pyflock.control._sqlite_store import open_sqlite_store
+    from pyflock.control._store import StoreWrite
+    store = await open_sqlite_store(reactor, data_path)
+    try:
+        datasets = [Dataset(dataset_id=str(uuid4()), primary=primaries[n % len(primaries)],
+                            maximum_size=DATASET_SIZE, metadata={"name": f"sim-{n}"})
+                    for n in range(count)]
+        await store.write(StoreWrite(datasets=tuple((d.dataset_id, d) for d in datasets),
+                                     generation=count))
+    finally:
+        await store.close()
+
+
+async def preload_api(http, replicas: list[Replica], primaries: list[str], count: int,
+                      clients: int = 16) -> None:
+    """Create ``count`` datasets through the REST API with ``clients`` concurrent writers
+    spread over ``replicas`` (a store that is not this process's to write)."""
+    numbers = iter(range(count))
+
+    async def writer(w: int) -> None:
+        for n in numbers:
+            await create_dataset(http, replicas[(w + n) % len(replicas)],
+                                 _dataset_body(primaries[n % len(primaries)], n))
+    await gatherResults([Deferred.fromCoroutine(writer(w)) for w in range(clients)])
+
+
+async def measure_changes(reactor, fleet: Fleet, http, replicas: list[Replica],
+                          changes: int) -> dict:
+    """Create ``changes`` datasets one after another, each once the agents settled, and
+    time how long each took to reach every agent."""
+    latencies, everyone, missed = [], [], 0
+    received = fleet.bytes_received()
+    for n in range(changes):
+        agent = fleet.agents[n % len(fleet.agents)]
+        watch = Watch(dataset_id=str(uuid4()), began=time.perf_counter())
+        fleet.watch = watch
+        await create_dataset(http, replicas[n % len(replicas)],
+                             _dataset_body(agent.uuid, 1_000_000 + n, watch.dataset_id))
+        if await _with_timeout(reactor, watch.done, CHANGE_TIMEOUT):
+            everyone.append(max(watch.seen.values()))
+        else:
+            missed += 1
+        latencies.extend(watch.seen.values())
+        fleet.watch = None
+        await fleet.settled(CHANGE_TIMEOUT)
+    result = {"changes": changes, "changes_missed_by_some_agent": missed,
+              "bytes_received_per_change": round((fleet.bytes_received() - received)
+                                                 / max(1, changes))}
+    if latencies:
+        result["per_agent"] = latency_stats(latencies)
+    if everyone:
+        result["every_agent"] = latency_stats(everyone)
+    return result
+
+
+async def simulate(reactor, options: argparse.Namespace) -> dict:
+    """One run of the simulator with ``options`` (see ``parser``); its JSON summary."""
+    workdir = Path(options.workdir)
+    control = None
+    if options.control:
+        replicas = [Replica.parse(r) for r in options.control.split(",")]
+        certificates = Path(options.certificates)
+    else:
+        from _harness import make_certificates
+        certificates = make_certificates(workdir).path
+    began = time.perf_counter()
+    nodes = mint_node_credentials(certificates, options.agents)
+    certificates_seconds = time.perf_counter() - began
+    uuids = [uuid for uuid, _ in nodes]
+    http = ClusterTLS.load(certificates, BENCH_USER).treq_client(reactor)
+    if not options.control:
+        from tests.harness.certificates import ClusterCertificates
+        data_path = workdir / "control"
+        await preload_store(reactor, data_path, uuids, options.datasets)
+        control = await start_control_service(
+            reactor, ClusterCertificates(certificates, "", (), (BENCH_USER,), "127.0.0.1"),
+            data_path)
+        host, agent_port = control.agent_address.rsplit(":", 1)
+        replicas = [Replica(host, control.port, int(agent_port))]
+    else:
+        await preload_api(http, replicas, uuids, options.datasets)
+    result = {"agents": options.agents, "datasets": options.datasets,
+              "replicas": len(replicas), "store": "external" if options.control else "sqlite",
+              "certificates_seconds": round(certificates_seconds, 2)}
+    fleet = Fleet(reactor, nodes, [(r.host, r.agent_port) for r in replicas],
+                  options.heartbeat)
+    cpu_before = None if control is None else control.cpu_seconds()
+    try:
+        began = time.perf_counter()
+        fleet.start()
+        synced = await _with_timeout(reactor, fleet.all_synced, options.sync_timeout)
+        firsts = [a.first_view - began for a in fleet.agents if a.first_view is not None]
+        result["sync"] = {
+            "all_synced": synced, "synced_agents": len(firsts),
+            "timeout_seconds": options.sync_timeout,
+            "all_seconds": round(max(firsts), 3) if synced else None,
+            "per_agent": latency_stats(firsts) if firsts else None,
+            "reconnects": sum(a.counter.connections for a in fleet.agents) - options.agents,
+            "bytes_received_per_agent": round(fleet.bytes_received() / options.agents)}
+        if control is not None:
+            result["sync"]["control"] = dict(control_memory(control.pid),
+                                             cpu_seconds=round(control.cpu_seconds()
+                                                               - cpu_before, 2))
+        if synced and await fleet.settled(CHANGE_TIMEOUT):
+            cpu_before = None if control is None else control.cpu_seconds()
+            result["change"] = await measure_changes(reactor, fleet, http, replicas,
+                                                     options.changes)
+            if control is not None:
+                result["change"]["control"] = dict(
+                    control_memory(control.pid),
+                    cpu_seconds_per_change=round((control.cpu_seconds() - cpu_before)
+                                                 / max(1, options.changes), 3))
+            result["view_versions"] = len({a.channel.view.current for a in fleet.agents})
+        else:
+            result["change"] = None
+    finally:
+        await fleet.stop()
+        if control is not None:
+            await control.stop()
+    result["simulator_cpu_seconds"] = round(own_cpu_seconds(), 1)
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``bench/simulator.py``."""
+    p = argparse.ArgumentParser(
+        prog="bench/simulator.py",
+        description="Simulate N agents in one process (the real agent channel over real "
+                    "TLS) against pyflock-control; print a JSON summary.")
+    p.add_argument("--agents", type=_positive, default=500, help="simulated agents (500)")
+    p.add_argument("--datasets", type=_count, default=1000,
+                   help="datasets in the configuration before the agents connect (1000)")
+    p.add_argument("--changes", type=_count, default=20,
+                   help="dataset creates to time, one after another (20)")
+    p.add_argument("--sync-timeout", type=float, default=120.0,
+                   help="seconds every agent may take to have its first snapshot (120); "
+                        "past it the run reports how many had one and times no changes")
+    p.add_argument("--heartbeat", type=float, default=5.0,
+                   help="seconds between an agent's heartbeats (5, as real agents)")
+    p.add_argument("--control", default=None, metavar="HOST:API_PORT:AGENT_PORT,...",
+                   help="running control services to use (agents spread round-robin); "
+                        "default: start one on SQLite")
+    p.add_argument("--certificates", default=None, metavar="DIR",
+                   help="with --control: the folder with the cluster's cluster.crt/.key "
+                        f"and the API user's {BENCH_USER}.crt/.key")
+    p.add_argument("--workdir", default=None,
+                   help="scratch folder (default: a new temporary one, removed after)")
+    return p
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number such as 500")
+    return int(text)
+
+
+def main(argv=None) -> None:
+    """Run the simulator from the command line and print its JSON summary."""
+    import shutil
+    import tempfile
+    from twisted.internet.task import react
+    options = parser().parse_args(argv)
+    if options.control and not options.certificates:
+        parser().error("--control needs --certificates DIR (the cluster CA and "
+                       f"{BENCH_USER}.crt/.key)")
+    owned = options.workdir is None
+    if owned:
+        options.workdir = tempfile.mkdtemp(prefix="pyflock-sim-")
+
+    async def run(reactor):
+        try:
+            print(json.dumps(await simulate(reactor, options), indent=2), flush=True)
+        finally:
+            if owned:
+                shutil.rmtree(options.workdir, ignore_errors=True)
+    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+
+
+if __name__ == "__main__":
+    main()
