@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -60,7 +59,7 @@ for _folder in (BENCH, BENCH.parent):
         sys.path.insert(0, str(_folder))
 
 from _harness import (  # noqa: E402
-    BENCH_USER, latency_stats, own_cpu_seconds, percentile, process_cpu_seconds,
+    BENCH_USER, latency_stats, own_cpu_seconds,
     start_control_service,
 )
 # The real agent's channel and codec: the simulator has no wire format of its own.
