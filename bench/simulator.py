@@ -14,6 +14,14 @@ Node certificates are made in memory, fast: every simulated node shares one ECDS
 (the control service judges a certificate by its chain and common name only), so minting
 one is a signature, not a key generation.
 
+So that one process can play a thousand agents without being the bottleneck itself, the
+agents share what they would each compute alike (``Sharing``): a frame of the same bytes
+is decoded once by the real ``decode`` (a broadcast diff, a snapshot page encoded once per
+version), and a view built from the same message on the same view is built once
+(``SharedView``, the real ``AgentView``). Every agent still reads every byte over its own
+TLS connection, frames it, handles each message and keeps its own view, version,
+heartbeats and reconnects.
+
 What it measures (printed as JSON by ``python bench/simulator.py``):
 
 - the time from starting every agent at once (a control service restart, as agents see it)
@@ -39,6 +47,7 @@ import argparse
 import json
 import sys
 import time
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -64,6 +73,8 @@ from _harness import (  # noqa: E402
 )
 # The real agent's channel and codec: the simulator has no wire format of its own.
 from pyflock.agent._channel import AgentChannel  # noqa: E402
+from pyflock.agent._view import AgentView  # noqa: E402
+from pyflock.common import _wire  # noqa: E402
 from pyflock.common._ca import _build_leaf, _load_authority, _new_key  # noqa: E402
 from pyflock.common._records import DatasetReport  # noqa: E402
 from pyflock.common._tls import ClusterTLS, Identity, PeerCheck  # noqa: E402
@@ -78,6 +89,65 @@ CHANGE_TIMEOUT = 30.0
 
 #: The agents' views count as settled when they agree for this long.
 SETTLE = 0.3
+
+#: Views kept for sharing (the latest versions), and bytes of frames kept decoded.
+VIEWS_KEPT = 64
+DECODED_BUDGET = 64 * 1024 ** 2
+
+
+class SharedView(AgentView):
+    """The real ``AgentView``, whose ``apply`` returns the view already built from the same
+    view version and message (by epoch, version and kind) by another agent, if any."""
+
+    _built: "OrderedDict[tuple, AgentView]" = OrderedDict()
+
+    def apply(self, message):
+        """``AgentView.apply``, once per (view version, message) for the whole fleet."""
+        key = (type(message).__name__, message.epoch, message.version,
+               self.current if isinstance(message, Diff) else None)
+        view = SharedView._built.get(key)
+        if view is None:
+            view = super().apply(message)
+            SharedView._built[key] = view
+            while len(SharedView._built) > VIEWS_KEPT:
+                SharedView._built.popitem(last=False)
+        return view
+
+
+class Sharing:
+    """
+    While in force (``with Sharing():``), ``_wire.decode`` is memoized by frame: agents
+    that received the same bytes get the same (immutable) message; and ``SharedView`` starts
+    empty. Restored on leaving, so that nothing outside a run shares anything.
+    """
+
+    def __init__(self, budget: int = DECODED_BUDGET):
+        self._budget = budget
+        self._decoded: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._decode = _wire.decode
+
+    def decode(self, payload: bytes, protocol=None):
+        """The real ``decode``, once per (frame, protocol version)."""
+        key = (payload, protocol)
+        message = self._decoded.get(key)
+        if message is None:
+            message = self._decode(payload, protocol)
+            self._decoded[key] = message
+            self._bytes += len(payload)
+            while self._bytes > self._budget:
+                (old, _), _ = self._decoded.popitem(last=False)
+                self._bytes -= len(old)
+        return message
+
+    def __enter__(self) -> "Sharing":
+        SharedView._built.clear()
+        _wire.decode = self.decode
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _wire.decode = self._decode
+        SharedView._built.clear()
 
 
 def mint_node_credentials(ca_path: Path, count: int) -> list[tuple[str, ClusterTLS]]:
@@ -166,6 +236,7 @@ class SimulatedAgent:
         self.held: frozenset = frozenset()
         self.channel = AgentChannel(reactor, endpoint, uuid, "sim-" + uuid[:8], self._on_view,
                                     address="127.0.0.1", heartbeat=heartbeat,
+                                    view=SharedView(),
                                     timeout=3 * heartbeat)
 
     def start(self) -> None:
@@ -419,6 +490,8 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
     fleet = Fleet(reactor, nodes, [(r.host, r.agent_port) for r in replicas],
                   options.heartbeat)
     cpu_before = None if control is None else control.cpu_seconds()
+    sharing = Sharing()
+    sharing.__enter__()
     try:
         began = time.perf_counter()
         fleet.start()
@@ -449,6 +522,7 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
             result["change"] = None
     finally:
         await fleet.stop()
+        sharing.__exit__(None, None, None)
         if control is not None:
             await control.stop()
     result["simulator_cpu_seconds"] = round(own_cpu_seconds(), 1)

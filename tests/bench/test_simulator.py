@@ -70,3 +70,20 @@ async def test_small_fleet_converges(tmp_path):
     assert result["change"]["per_agent"]["count"] == 20 * 3
     assert result["view_versions"] == 1
     assert result["change"]["bytes_received_per_change"] > 0
+
+
+def test_sharing_decodes_a_frame_once_with_the_real_codec():
+    """Within ``Sharing`` the same frame decodes (with the real ``decode``) to one message
+    and the same message on the same view builds one view; leaving restores ``decode``."""
+    simulator = _load_simulator()
+    real = pyflock.common._wire.decode
+    snapshot = pyflock.common._wire.Snapshot(epoch="e", version=3)
+    frame = pyflock.common._wire.encode(snapshot)
+    with simulator.Sharing():
+        first = pyflock.common._wire.decode(frame, None)
+        assert first == snapshot
+        assert pyflock.common._wire.decode(frame, None) is first
+        view = simulator.SharedView()
+        assert view.apply(first) is simulator.SharedView().apply(first)
+        assert view.apply(first).current == pyflock.common._wire.ViewVersion("e", 3)
+    assert pyflock.common._wire.decode is real
