@@ -93,6 +93,13 @@ SETTLE = 0.3
 #: Views kept for sharing (the latest versions), and bytes of frames kept decoded.
 VIEWS_KEPT = 64
 DECODED_BUDGET = 64 * 1024 ** 2
+OBJECTS_KEPT = 500_000
+
+# How ``_wire.snapshot_pages`` lays out a page: a head naming epoch and version, then the
+# datasets and nodes (the body).
+_SNAPSHOT_HEAD = b'{"type":"snapshot","epoch":'
+_DATASETS = b',"datasets":['
+_EMPTY_BODY = b',"datasets":[],"nodes":[]}'
 
 
 class SharedView(AgentView):
@@ -116,37 +123,71 @@ class SharedView(AgentView):
 
 class Sharing:
     """
-    While in force (``with Sharing():``), ``_wire.decode`` is memoized by frame: agents
-    that received the same bytes get the same (immutable) message; and ``SharedView`` starts
-    empty. Restored on leaving, so that nothing outside a run shares anything.
+    While in force (``with Sharing():``), the real codec's decoding is memoized, so that
+    agents receiving the same bytes share the (immutable) result: a whole frame by its
+    bytes (a broadcast diff); a snapshot page whose datasets and nodes are bytes already
+    decoded, by decoding its head alone (it differs in epoch and version only: each agent
+    connecting bumps the version); and each dataset entry and node object by its JSON.
+    ``SharedView`` starts empty. Everything is restored on leaving.
     """
 
     def __init__(self, budget: int = DECODED_BUDGET):
         self._budget = budget
-        self._decoded: OrderedDict = OrderedDict()
+        self._frames: OrderedDict = OrderedDict()
         self._bytes = 0
-        self._decode = _wire.decode
+        self._objects: dict = {}
+        self._real = {name: getattr(_wire, name)
+                      for name in ("decode", "dataset_entry_from_json", "node_from_json")}
 
     def decode(self, payload: bytes, protocol=None):
-        """The real ``decode``, once per (frame, protocol version)."""
-        key = (payload, protocol)
-        message = self._decoded.get(key)
+        """The real ``decode``, once per frame, or per page body (see the class)."""
+        head, body = payload, b""
+        if payload.startswith(_SNAPSHOT_HEAD):
+            cut = payload.find(_DATASETS, len(_SNAPSHOT_HEAD))
+            if cut > 0:
+                head, body = payload[:cut], payload[cut:]
+        key = (body or payload, protocol)
+        message = self._frames.get(key)
         if message is None:
-            message = self._decode(payload, protocol)
-            self._decoded[key] = message
-            self._bytes += len(payload)
-            while self._bytes > self._budget:
-                (old, _), _ = self._decoded.popitem(last=False)
-                self._bytes -= len(old)
+            message = self._real["decode"](payload, protocol)
+            self._keep(key, message)
+        elif body:
+            # The real decoder reads the head; the body is the one decoded before.
+            header = self._real["decode"](head + _EMPTY_BODY, protocol)
+            message = attr.evolve(message, epoch=header.epoch, version=header.version)
         return message
+
+    def _keep(self, key: tuple, message) -> None:
+        self._frames[key] = message
+        self._bytes += len(key[0])
+        while self._bytes > self._budget:
+            (old, _), _ = self._frames.popitem(last=False)
+            self._bytes -= len(old)
+
+    def _object(self, name: str):
+        real = self._real[name]
+
+        def decode_object(obj, where=None):
+            key = (name, repr(obj))
+            value = self._objects.get(key)
+            if value is None:
+                value = real(obj) if where is None else real(obj, where)
+                if len(self._objects) >= OBJECTS_KEPT:
+                    self._objects.clear()
+                self._objects[key] = value
+            return value
+        return decode_object
 
     def __enter__(self) -> "Sharing":
         SharedView._built.clear()
         _wire.decode = self.decode
+        _wire.dataset_entry_from_json = self._object("dataset_entry_from_json")
+        _wire.node_from_json = self._object("node_from_json")
         return self
 
     def __exit__(self, *exc) -> None:
-        _wire.decode = self._decode
+        for name, real in self._real.items():
+            setattr(_wire, name, real)
         SharedView._built.clear()
 
 
@@ -239,10 +280,16 @@ class SimulatedAgent:
                                     view=SharedView(),
                                     timeout=3 * heartbeat)
 
-    def start(self) -> None:
-        """Connect (and keep reconnecting), having nothing to report yet."""
-        self.channel.report_state(())
+    def start(self, held) -> None:
+        """Connect (and keep reconnecting), reporting the datasets ``held`` at once, as an
+        agent whose node holds them does after a restart of the control service."""
+        self._report(frozenset(held))
         self.channel.start()
+
+    def _report(self, held: frozenset) -> None:
+        self.held = held
+        self.channel.report_state(DatasetReport(dataset_id=i, state="mounted",
+                                                maximum_size=DATASET_SIZE) for i in held)
 
     def _on_view(self, view) -> None:
         fleet = self.fleet
@@ -261,13 +308,13 @@ class SimulatedAgent:
                     held.discard(entry.dataset_id)
             held.difference_update(change.removed)
         else:
-            held = fleet.primaries(view).get(self.uuid, ())
+            # A snapshot: what this node holds and the view still has (O(held), not
+            # O(view): a thousand agents each read a snapshot of ten thousand datasets).
+            held = [i for i in self.held if view.datasets.get(i) is not None
+                    and view.datasets[i].primary == self.uuid and not view.datasets[i].deleted]
         held = frozenset(held)
         if held != self.held:
-            self.held = held
-            self.channel.report_state(DatasetReport(dataset_id=i, state="mounted",
-                                                    maximum_size=DATASET_SIZE)
-                                      for i in held)
+            self._report(held)
         watch = fleet.watch
         if watch is not None and self.uuid not in watch.seen \
                 and watch.dataset_id in view.datasets:
@@ -285,7 +332,6 @@ class Fleet:
         self.synced = 0
         self.all_synced: Deferred = Deferred()
         self.watch: Optional[Watch] = None
-        self._primaries: tuple = (None, {})
         self.agents = []
         for n, (uuid, tls) in enumerate(nodes):
             host, port = agent_addresses[n % len(agent_addresses)]
@@ -296,22 +342,11 @@ class Fleet:
             self.agents.append(SimulatedAgent(self, reactor, uuid, endpoint, counter,
                                               heartbeat))
 
-    def primaries(self, view) -> dict:
-        """The live datasets of ``view`` by primary node, worked out once per view version
-        (agents given the same snapshot share it)."""
-        version, by_node = self._primaries
-        if version != view.current:
-            by_node = {}
-            for entry in view.datasets.values():
-                if not entry.deleted:
-                    by_node.setdefault(entry.primary, []).append(entry.dataset_id)
-            self._primaries = (view.current, by_node)
-        return by_node
-
-    def start(self) -> None:
-        """Start every agent at once (as after a restart of the control service)."""
+    def start(self, held: dict) -> None:
+        """Start every agent at once (as after a restart of the control service), each
+        holding ``held[uuid]``."""
         for agent in self.agents:
-            agent.start()
+            agent.start(held.get(agent.uuid, ()))
 
     def stop(self) -> Deferred:
         """Stop every agent; fires once their connections are closed."""
@@ -399,33 +434,47 @@ async def create_dataset(http, replica: Replica, body: dict) -> None:
         raise RuntimeError(f"creating a dataset answered {response.code}: {text[:300]}")
 
 
-async def preload_store(reactor, data_path: Path, primaries: list[str], count: int) -> None:
-    """Write ``count`` datasets (primaries round-robin) into a new SQLite store at
+def plan_datasets(primaries: list[str], count: int) -> dict[str, list[str]]:
+    """``count`` new dataset ids by primary node, spread round-robin over ``primaries``."""
+    held: dict[str, list[str]] = {}
+    for n in range(count):
+        held.setdefault(primaries[n % len(primaries)], []).append(str(uuid4()))
+    return held
+
+
+def _numbered(held: dict[str, list[str]]):
+    """(n, dataset id, primary) for every planned dataset."""
+    pairs = ((i, p) for p, ids in held.items() for i in ids)
+    return ((n, i, p) for n, (i, p) in enumerate(pairs))
+
+
+async def preload_store(reactor, data_path: Path, held: dict[str, list[str]]) -> None:
+    """Write the datasets ``held`` (ids by primary) into a new SQLite store at
     ``data_path`` in one transaction, before the control service opens it."""
     from pyflock.common._model import Dataset
     from pyflock.control._sqlite_store import open_sqlite_store
     from pyflock.control._store import StoreWrite
     store = await open_sqlite_store(reactor, data_path)
     try:
-        datasets = [Dataset(dataset_id=str(uuid4()), primary=primaries[n % len(primaries)],
-                            maximum_size=DATASET_SIZE, metadata={"name": f"sim-{n}"})
-                    for n in range(count)]
+        datasets = [Dataset(dataset_id=i, primary=p, maximum_size=DATASET_SIZE,
+                            metadata={"name": f"sim-{n}"}) for n, i, p in _numbered(held)]
         await store.write(StoreWrite(datasets=tuple((d.dataset_id, d) for d in datasets),
-                                     generation=count))
+                                     generation=len(datasets)))
     finally:
         await store.close()
 
 
-async def preload_api(http, replicas: list[Replica], primaries: list[str], count: int,
+async def preload_api(http, replicas: list[Replica], held: dict[str, list[str]],
                       clients: int = 16) -> None:
-    """Create ``count`` datasets through the REST API with ``clients`` concurrent writers
-    spread over ``replicas`` (a store that is not this process's to write)."""
-    numbers = iter(range(count))
+    """Create the datasets ``held`` (ids by primary) through the REST API with
+    ``clients`` concurrent writers spread over ``replicas`` (a store that is not this
+    process's to write)."""
+    planned = _numbered(held)
 
     async def writer(w: int) -> None:
-        for n in numbers:
+        for n, dataset_id, primary in planned:
             await create_dataset(http, replicas[(w + n) % len(replicas)],
-                                 _dataset_body(primaries[n % len(primaries)], n))
+                                 _dataset_body(primary, n, dataset_id))
     await gatherResults([Deferred.fromCoroutine(writer(w)) for w in range(clients)])
 
 
@@ -471,19 +520,19 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
     began = time.perf_counter()
     nodes = mint_node_credentials(certificates, options.agents)
     certificates_seconds = time.perf_counter() - began
-    uuids = [uuid for uuid, _ in nodes]
+    held = plan_datasets([uuid for uuid, _ in nodes], options.datasets)
     http = ClusterTLS.load(certificates, BENCH_USER).treq_client(reactor)
     if not options.control:
         from tests.harness.certificates import ClusterCertificates
         data_path = workdir / "control"
-        await preload_store(reactor, data_path, uuids, options.datasets)
+        await preload_store(reactor, data_path, held)
         control = await start_control_service(
             reactor, ClusterCertificates(certificates, "", (), (BENCH_USER,), "127.0.0.1"),
             data_path)
         host, agent_port = control.agent_address.rsplit(":", 1)
         replicas = [Replica(host, control.port, int(agent_port))]
     else:
-        await preload_api(http, replicas, uuids, options.datasets)
+        await preload_api(http, replicas, held)
     result = {"agents": options.agents, "datasets": options.datasets,
               "replicas": len(replicas), "store": "external" if options.control else "sqlite",
               "certificates_seconds": round(certificates_seconds, 2)}
@@ -494,7 +543,7 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
     sharing.__enter__()
     try:
         began = time.perf_counter()
-        fleet.start()
+        fleet.start(held)
         synced = await _with_timeout(reactor, fleet.all_synced, options.sync_timeout)
         firsts = [a.first_view - began for a in fleet.agents if a.first_view is not None]
         result["sync"] = {

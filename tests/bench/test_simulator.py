@@ -8,12 +8,14 @@ import importlib.util
 import inspect
 import sys
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 import pytest_twisted
 
 import pyflock.agent._channel
 import pyflock.common._wire
+from pyflock.common._records import DatasetEntry
 from pyflock.common._wire import MessageProtocol
 
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "simulator.py"
@@ -72,18 +74,24 @@ async def test_small_fleet_converges(tmp_path):
     assert result["change"]["bytes_received_per_change"] > 0
 
 
-def test_sharing_decodes_a_frame_once_with_the_real_codec():
-    """Within ``Sharing`` the same frame decodes (with the real ``decode``) to one message
-    and the same message on the same view builds one view; leaving restores ``decode``."""
+def test_sharing_decodes_alike_frames_once_with_the_real_codec():
+    """Within ``Sharing`` frames decode (with the real codec) to what they say, a snapshot
+    page differing only in its version shares the decoded datasets, the same message on
+    the same view builds one view; leaving restores the codec."""
     simulator = _load_simulator()
-    real = pyflock.common._wire.decode
-    snapshot = pyflock.common._wire.Snapshot(epoch="e", version=3)
-    frame = pyflock.common._wire.encode(snapshot)
+    wire = pyflock.common._wire
+    real = wire.decode
+    entry = DatasetEntry(str(uuid4()), str(uuid4()), 2 ** 30, {"name": "a"})
+    pages = [wire.snapshot_pages(wire.Snapshot(epoch="e", version=v, datasets=(entry,)))
+             for v in (3, 4)]
     with simulator.Sharing():
-        first = pyflock.common._wire.decode(frame, None)
-        assert first == snapshot
-        assert pyflock.common._wire.decode(frame, None) is first
+        first, second = (wire.decode(page, 3) for [page] in pages)
+        assert (first.version, second.version) == (3, 4)
+        assert first.datasets == second.datasets == (entry,)
+        assert first.datasets is second.datasets
+        assert wire.decode(pages[0][0], 3) == first
         view = simulator.SharedView()
         assert view.apply(first) is simulator.SharedView().apply(first)
-        assert view.apply(first).current == pyflock.common._wire.ViewVersion("e", 3)
-    assert pyflock.common._wire.decode is real
+        assert view.apply(second).current == wire.ViewVersion("e", 4)
+    assert wire.decode is real
+    assert wire.decode(pages[1][0], 3) == second
