@@ -47,7 +47,7 @@ import argparse
 import json
 import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -59,6 +59,7 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import implementer
 
@@ -68,8 +69,7 @@ for _folder in (BENCH, BENCH.parent):
         sys.path.insert(0, str(_folder))
 
 from _harness import (  # noqa: E402
-    BENCH_USER, latency_stats, own_cpu_seconds,
-    start_control_service,
+    BENCH_USER, latency_stats, own_cpu_seconds, process_cpu_seconds,
 )
 # The real agent's channel and codec: the simulator has no wire format of its own.
 from pyflock.agent._channel import AgentChannel  # noqa: E402
@@ -80,6 +80,7 @@ from pyflock.common._records import DatasetReport  # noqa: E402
 from pyflock.common._tls import ClusterTLS, Identity, PeerCheck  # noqa: E402
 from pyflock.common._tls import _Credentials, _twisted_certificate  # noqa: E402
 from pyflock.common._wire import Diff  # noqa: E402
+from tests.harness.control import ControlProcess  # noqa: E402
 
 #: The size of every simulated dataset (never allocated: nothing converges).
 DATASET_SIZE = 1024 ** 3
@@ -91,7 +92,7 @@ CHANGE_TIMEOUT = 30.0
 SETTLE = 0.3
 
 #: Views kept for sharing (the latest versions), and bytes of frames kept decoded.
-VIEWS_KEPT = 64
+VIEWS_KEPT = 2048
 DECODED_BUDGET = 64 * 1024 ** 2
 OBJECTS_KEPT = 500_000
 
@@ -113,7 +114,9 @@ class SharedView(AgentView):
         key = (type(message).__name__, message.epoch, message.version,
                self.current if isinstance(message, Diff) else None)
         view = SharedView._built.get(key)
-        if view is None:
+        if view is not None:
+            SharedView._built.move_to_end(key)
+        else:
             view = super().apply(message)
             SharedView._built[key] = view
             while len(SharedView._built) > VIEWS_KEPT:
@@ -373,6 +376,23 @@ class Fleet:
         return False
 
 
+class EventCounts:
+    """Counts the agents' channel events by type (and refusal code, loss reason): why
+    connections were lost, refused or retried, for the summary."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("event_type")
+        if not kind or not kind.startswith("pyflock:agent:"):
+            return
+        detail = event.get("code") or event.get("reason")
+        if detail and kind != "pyflock:agent:channel-connected":
+            kind += f" ({str(detail)[:80]})"
+        self.counts[kind] += 1
+
+
 def control_memory(pid: int) -> dict:
     """The RSS and peak RSS of process ``pid``, in MiB (from /proc/PID/status)."""
     values = {}
@@ -523,14 +543,13 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
     held = plan_datasets([uuid for uuid, _ in nodes], options.datasets)
     http = ClusterTLS.load(certificates, BENCH_USER).treq_client(reactor)
     if not options.control:
-        from tests.harness.certificates import ClusterCertificates
         data_path = workdir / "control"
         await preload_store(reactor, data_path, held)
-        control = await start_control_service(
-            reactor, ClusterCertificates(certificates, "", (), (BENCH_USER,), "127.0.0.1"),
-            data_path)
-        host, agent_port = control.agent_address.rsplit(":", 1)
-        replicas = [Replica(host, control.port, int(agent_port))]
+        # Its log goes to a file: a pipe this busy process drains late would stall it.
+        control = ControlProcess(data_path, certificates, host="127.0.0.1",
+                                 log_directory=workdir)
+        control.start()
+        replicas = [Replica(control.host, control.port, control.agent_port)]
     else:
         await preload_api(http, replicas, held)
     result = {"agents": options.agents, "datasets": options.datasets,
@@ -538,9 +557,11 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
               "certificates_seconds": round(certificates_seconds, 2)}
     fleet = Fleet(reactor, nodes, [(r.host, r.agent_port) for r in replicas],
                   options.heartbeat)
-    cpu_before = None if control is None else control.cpu_seconds()
+    cpu_before = None if control is None else process_cpu_seconds(control.pid)
     sharing = Sharing()
     sharing.__enter__()
+    events = EventCounts()
+    globalLogPublisher.addObserver(events)
     try:
         began = time.perf_counter()
         fleet.start(held)
@@ -554,26 +575,29 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
             "reconnects": sum(a.counter.connections for a in fleet.agents) - options.agents,
             "bytes_received_per_agent": round(fleet.bytes_received() / options.agents)}
         if control is not None:
-            result["sync"]["control"] = dict(control_memory(control.pid),
-                                             cpu_seconds=round(control.cpu_seconds()
-                                                               - cpu_before, 2))
+            result["sync"]["control"] = dict(
+                control_memory(control.pid),
+                cpu_seconds=round(process_cpu_seconds(control.pid) - cpu_before, 2))
         if synced and await fleet.settled(CHANGE_TIMEOUT):
-            cpu_before = None if control is None else control.cpu_seconds()
+            cpu_before = None if control is None else process_cpu_seconds(control.pid)
             result["change"] = await measure_changes(reactor, fleet, http, replicas,
                                                      options.changes)
             if control is not None:
                 result["change"]["control"] = dict(
                     control_memory(control.pid),
-                    cpu_seconds_per_change=round((control.cpu_seconds() - cpu_before)
+                    cpu_seconds_per_change=round((process_cpu_seconds(control.pid)
+                                                  - cpu_before)
                                                  / max(1, options.changes), 3))
             result["view_versions"] = len({a.channel.view.current for a in fleet.agents})
         else:
             result["change"] = None
     finally:
+        result["agent_events"] = dict(events.counts.most_common(12))
+        globalLogPublisher.removeObserver(events)
         await fleet.stop()
         sharing.__exit__(None, None, None)
         if control is not None:
-            await control.stop()
+            control.stop()
     result["simulator_cpu_seconds"] = round(own_cpu_seconds(), 1)
     return result
 
