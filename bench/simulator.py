@@ -277,6 +277,8 @@ class SimulatedAgent:
         self.uuid = uuid
         self.counter = counter
         self.first_view: Optional[float] = None
+        #: Which of the fleet's control services it connects to.
+        self.replica = 0
         self.held: frozenset = frozenset()
         self.channel = AgentChannel(reactor, endpoint, uuid, "sim-" + uuid[:8], self._on_view,
                                     address="127.0.0.1", heartbeat=heartbeat,
@@ -342,8 +344,9 @@ class Fleet:
             endpoint = wrapClientTLS(tls.client_options(Identity.control(), host),
                                      CountingEndpoint(TCP4ClientEndpoint(reactor, host, port),
                                                       counter))
-            self.agents.append(SimulatedAgent(self, reactor, uuid, endpoint, counter,
-                                              heartbeat))
+            agent = SimulatedAgent(self, reactor, uuid, endpoint, counter, heartbeat)
+            agent.replica = n % len(agent_addresses)
+            self.agents.append(agent)
 
     def start(self, held: dict) -> None:
         """Start every agent at once (as after a restart of the control service), each
@@ -359,14 +362,19 @@ class Fleet:
         """Bytes every agent has received so far."""
         return sum(a.counter.received for a in self.agents)
 
+    def views(self) -> set:
+        """The distinct views the agents hold, by replica (each replica has an epoch and
+        versions of its own): one per replica once they agree."""
+        return {(a.replica, a.channel.view.current) for a in self.agents}
+
     async def settled(self, timeout: float) -> bool:
-        """Wait until every agent's view is of one version for ``SETTLE`` seconds; whether
-        they got there within ``timeout``."""
+        """Wait until the agents of each replica agree on one view version for ``SETTLE``
+        seconds; whether they got there within ``timeout``."""
         deadline = time.perf_counter() + timeout
         agreed_since = None
         while time.perf_counter() < deadline:
-            versions = {a.channel.view.current for a in self.agents}
-            if len(versions) == 1:
+            views = self.views()
+            if len(views) == len({replica for replica, _ in views}):
                 agreed_since = agreed_since or time.perf_counter()
                 if time.perf_counter() - agreed_since >= SETTLE:
                     return True
@@ -588,7 +596,7 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
                     cpu_seconds_per_change=round((process_cpu_seconds(control.pid)
                                                   - cpu_before)
                                                  / max(1, options.changes), 3))
-            result["view_versions"] = len({a.channel.view.current for a in fleet.agents})
+            result["views_per_replica"] = len(fleet.views()) / len(replicas)
         else:
             result["change"] = None
     finally:

@@ -70,7 +70,7 @@ async def test_small_fleet_converges(tmp_path):
     assert result["sync"]["synced_agents"] == 20
     assert result["change"]["changes_missed_by_some_agent"] == 0, result
     assert result["change"]["per_agent"]["count"] == 20 * 3
-    assert result["view_versions"] == 1
+    assert result["views_per_replica"] == 1
     assert result["change"]["bytes_received_per_change"] > 0
 
 
