@@ -656,9 +656,22 @@ def main(argv=None) -> None:
     import tempfile
     from twisted.internet.task import react
     options = parser().parse_args(argv)
-    if options.control and not options.certificates:
-        parser().error("--control needs --certificates DIR (the cluster CA and "
-                       f"{BENCH_USER}.crt/.key)")
+    if options.control:
+        if not options.certificates:
+            parser().error("--control needs --certificates DIR (the cluster CA and "
+                           f"{BENCH_USER}.crt/.key)")
+        try:
+            for replica in options.control.split(","):
+                Replica.parse(replica)
+        except ValueError as e:
+            parser().error(f"--control: {e}")
+        missing = [name for name in ("cluster.crt", "cluster.key", f"{BENCH_USER}.crt",
+                                     f"{BENCH_USER}.key")
+                   if not (Path(options.certificates) / name).is_file()]
+        if missing:
+            parser().error(f"--certificates {options.certificates}: no {', '.join(missing)}"
+                           f" there; give the folder of the cluster's CA (pyflock-ca "
+                           f"initialize) holding an API certificate for user {BENCH_USER}")
     owned = options.workdir is None
     if owned:
         options.workdir = tempfile.mkdtemp(prefix="pyflock-sim-")
