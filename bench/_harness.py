@@ -350,8 +350,6 @@ class ControlService:
     startup_seconds: float
     _transport: Any
     _protocol: _ControlProtocol
-    #: The agent channel's ``host:port``.
-    agent_address: str = ""
 
     @property
     def base_url(self) -> str:
@@ -433,8 +431,7 @@ async def start_control_service(reactor, certificates: ClusterCertificates,
     port = int(event["address"].rsplit(":", 1)[1])
     return ControlService(reactor=reactor, pid=transport.pid, port=port,
                           certificates=certificates, data_path=data_path,
-                          startup_seconds=startup, transport=transport, protocol=protocol,
-                          agent_address=event["agent_address"])
+                          startup_seconds=startup, transport=transport, protocol=protocol)
 
 
 def format_ms(seconds: Optional[float]) -> str:
