@@ -1,0 +1,67 @@
+"""
+Real btrfs pools for tests: each a sparse file in a fresh temporary folder, formatted and
+attached as a loop device by ``BtrfsPool`` itself, and released (unmounted, its loop
+device detached, its folder removed) when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+from pyflock.agent._backends._btrfs import BtrfsBackend
+from pyflock.agent._backends._btrfs_pool import BtrfsPool
+from pyflock.agent._backends._interface import MiB
+from tests.contracts.peer_backends import PeerHarness
+from tests.harness.requirements import require_commands, require_root
+
+__all__ = ["POOL_SIZE", "btrfs_backend", "btrfs_peer_harness", "new_pool"]
+
+#: Big enough for mkfs.btrfs and the contract suite's small files.
+POOL_SIZE = 160 * MiB
+
+
+def new_pool(test_case, size: Optional[int] = POOL_SIZE) -> BtrfsPool:
+    """A pool over a file not yet created (``size`` None: none will be), released at
+    the end of ``test_case``."""
+    require_root()
+    require_commands("btrfs", "mkfs.btrfs", "blkid")
+    folder = tempfile.mkdtemp(prefix="pyflock-btrfs-")
+    pool = BtrfsPool(os.path.join(folder, "pool.img"), os.path.join(folder, "mnt"), size)
+
+    def clean() -> None:
+        problems = pool.release()
+        shutil.rmtree(folder, ignore_errors=not problems)
+        assert not problems, problems
+    test_case.addCleanup(clean)
+    return pool
+
+
+def btrfs_backend(test_case, node_uuid: str, size: Optional[int] = POOL_SIZE) -> BtrfsBackend:
+    """A ``BtrfsBackend`` for ``node_uuid`` over a new pool of its own."""
+    return BtrfsBackend.open(new_pool(test_case, size), node_uuid, default_size=64 * MiB)
+
+
+def _write(backend, dataset_id: str, name: str, data: bytes) -> None:
+    with open(os.path.join(backend.get_dataset(dataset_id).path, name), "wb") as f:
+        f.write(data)
+
+
+def _remove(backend, dataset_id: str, name: str) -> None:
+    os.remove(os.path.join(backend.get_dataset(dataset_id).path, name))
+
+
+def _read(backend, dataset_id: str, name: str) -> Optional[bytes]:
+    try:
+        with open(os.path.join(backend.get_dataset(dataset_id).path, name), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def btrfs_peer_harness(test_case) -> PeerHarness:
+    """A contract-suite harness whose every node has its own loop-file btrfs pool."""
+    return PeerHarness(backend_for=lambda node_uuid: btrfs_backend(test_case, node_uuid),
+                       write=_write, remove=_remove, read=_read)
