@@ -181,8 +181,10 @@ class BtrfsBackend:
         found = self._found(dataset_id)
         if found.live is None:
             raise IncompleteCopy(dataset_id)
-        return parse_du_total(self._btrfs("filesystem", "du", "-s", "--raw",
-                                          self._path(live_path(dataset_id))))
+        live = self._path(live_path(dataset_id))
+        # du counts extents: data still in the page cache has none yet.
+        self._btrfs("filesystem", "sync", live)
+        return parse_du_total(self._btrfs("filesystem", "du", "-s", "--raw", live))
 
     def _pool_full(self, dataset_id: str) -> PoolFull:
         """The ``PoolFull`` error for ``dataset_id``, naming what holds the space."""

@@ -137,6 +137,8 @@ class BtrfsPool:
             os.chmod(self.mount_path, MOUNT_ROOT_MODE)
             # The pool's own mount is nosuid,nodev, so every bind of a dataset is too.
             mount(device, self.mount_path, "btrfs")
+        # The pool's root holds every snapshot: root only, like the mount root.
+        os.chmod(self.mount_path, MOUNT_ROOT_MODE)
         for folder in (DATASETS, STAGING):
             os.makedirs(os.path.join(self.mount_path, folder), mode=0o700, exist_ok=True)
         return self.mount_path

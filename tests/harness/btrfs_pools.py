@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
 from typing import Optional
 
@@ -17,7 +18,8 @@ from pyflock.agent._backends._interface import MiB
 from tests.contracts.peer_backends import PeerHarness
 from tests.harness.requirements import require_commands, require_root
 
-__all__ = ["POOL_SIZE", "btrfs_backend", "btrfs_peer_harness", "new_pool"]
+__all__ = ["POOL_SIZE", "btrfs_backend", "btrfs_peer_harness", "new_pool", "send_command",
+           "send_stream"]
 
 #: Big enough for mkfs.btrfs and the contract suite's small files.
 POOL_SIZE = 160 * MiB
@@ -65,3 +67,32 @@ def btrfs_peer_harness(test_case) -> PeerHarness:
     """A contract-suite harness whose every node has its own loop-file btrfs pool."""
     return PeerHarness(backend_for=lambda node_uuid: btrfs_backend(test_case, node_uuid),
                        write=_write, remove=_remove, read=_read)
+
+
+# -- crafted send streams ----------------------------------------------------------------
+
+def _crc32c(data: bytes) -> int:
+    """CRC-32C as ``btrfs send`` computes it: seed 0, no final inversion."""
+    crc = 0
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc
+
+
+#: Command and attribute numbers of send streams, version 1 (btrfs-progs send.h).
+SUBVOL, SNAPSHOT, MKFILE, SYMLINK, CLONE, END = 1, 2, 3, 8, 16, 21
+A_UUID, A_CTRANSID, A_INO, A_PATH, A_PATH_LINK, A_CLONE_UUID = 1, 2, 3, 15, 17, 20
+
+
+def send_command(command: int, *attributes: tuple) -> bytes:
+    """One send-stream command with ``(kind, bytes)`` attributes and its checksum."""
+    body = b"".join(struct.pack("<HH", kind, len(value)) + value for kind, value in attributes)
+    unchecked = struct.pack("<IHI", len(body), command, 0) + body
+    return struct.pack("<IHI", len(body), command, _crc32c(unchecked)) + body
+
+
+def send_stream(*commands: bytes) -> bytes:
+    """A version-1 send stream of ``commands`` (give the END command yourself)."""
+    return b"btrfs-stream\0" + struct.pack("<I", 1) + b"".join(commands)
