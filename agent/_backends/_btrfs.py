@@ -83,6 +83,38 @@ def _set_read_only(path: str, read_only: bool) -> None:
         os.close(fd)
 
 
+def _process_ids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _writes_to(pid: int, device: int) -> bool:
+    """Whether process ``pid`` has a file on ``device`` open for writing, or mapped
+    shared and writable; False if it went away meanwhile."""
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.stat(f"/proc/{pid}/fd/{fd}").st_dev != device:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    flags = next(int(line.split()[1], 8) for line in info
+                                 if line.startswith("flags:"))
+                if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                    return True
+            except (OSError, StopIteration):
+                continue  # closed meanwhile
+        with open(f"/proc/{pid}/maps") as maps:
+            shared = [line.split()[0] for line in maps if line.split()[1][1::2] == "ws"]
+        for area in shared:
+            try:
+                if os.stat(f"/proc/{pid}/map_files/{area}").st_dev == device:
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        return False  # the process exited
+    return False
+
+
 def _read_line(source: BinaryIO, limit: int) -> bytes:
     """The first line of ``source``, newline included, reading no further; at most
     ``limit`` bytes (what is there, without a newline, if the line is longer or cut)."""
@@ -261,6 +293,15 @@ class BtrfsBackend:
             _set_read_only(self._live(dataset_id), False)
             return self.get_dataset(dataset_id)
 
+    def writers(self, dataset_id: str) -> tuple[int, ...]:
+        """
+        The processes (in any mount namespace) holding a file of the complete copy open
+        for writing, or mapped shared and writable: a freeze does not stop them (btrfs
+        checks read-only when a file is opened), so a move waits for this to be empty.
+        """
+        device = os.stat(self._live(dataset_id)).st_dev  # each subvolume has its own
+        return tuple(pid for pid in _process_ids() if _writes_to(pid, device))
+
     def demote_dataset(self, dataset_id: str) -> PeerDataset:
         """Delete the (unmounted) live subvolume, keeping the snapshots; idempotent."""
         with self._lock:
@@ -326,12 +367,16 @@ class BtrfsBackend:
             try:
                 while chunk := process.stdout.read(CHUNK):
                     into.write(chunk)
+            except BaseException:
+                process.kill()  # the stream's reader went away: so does the sender
+                raise
             finally:
                 process.stdout.close()
-                if process.wait() != 0:
-                    errors.seek(0)
-                    said = errors.read().decode(errors="replace")
-                    raise CommandFailed(argv, process.returncode, said)
+                process.wait()
+            if process.returncode != 0:
+                errors.seek(0)
+                raise CommandFailed(argv, process.returncode,
+                                    errors.read().decode(errors="replace"))
         return name
 
     def import_dataset(self, dataset_id: str, source: BinaryIO) -> PeerDataset:

@@ -5,6 +5,7 @@ what only btrfs does (pools, frozen subvolumes, checked receives, a full pool).
 
 import errno
 import io
+import mmap
 import os
 import subprocess
 import tempfile
@@ -80,6 +81,35 @@ class BtrfsOnlyTests(SynchronousTestCase):
         self.assertEqual((None, received.uuid), (live.received_uuid, live.parent_uuid))
         self.assertTrue(_read_only(self.b.root + "/" + snapshot_path(dataset_id, done.latest)))
         self.assertFalse(done.frozen)
+
+    def test_moves_back_and_forth_send_deltas(self) -> None:
+        """Moved A to B, back to A and to B again (demoting and pruning to the newest
+        common snapshot each time), each move after the first sends about its delta."""
+        dataset_id = self.a.create_dataset(str(uuid.uuid4()), SIZE).dataset_id
+        bulk = os.urandom(8 * MiB)
+        with open(os.path.join(self.a.get_dataset(dataset_id).path, "bulk"), "wb") as f:
+            f.write(bulk)
+        sizes = []
+        old, new = self.a, self.b
+        for round_ in range(3):
+            base = new.get_dataset(dataset_id).latest if round_ else None
+            stream = io.BytesIO()
+            name = old.export_dataset(dataset_id, stream, base)
+            sizes.append(len(stream.getvalue()))
+            new.import_dataset(dataset_id, io.BytesIO(stream.getvalue()))
+            done = new.complete_dataset(dataset_id)
+            old.demote_dataset(dataset_id)
+            for node in (old, new):
+                self.assertEqual((name,), node.prune_snapshots(dataset_id, [name]).snapshots)
+            with open(os.path.join(done.path, f"delta{round_}"), "wb") as f:
+                f.write(os.urandom(64 * 1024))
+            old, new = new, old
+        self.assertGreater(sizes[0], 8 * MiB)
+        self.assertLess(max(sizes[1:]), 256 * 1024, sizes)
+        here = self.b.get_dataset(dataset_id)
+        with open(os.path.join(here.path, "bulk"), "rb") as f:
+            self.assertEqual(bulk, f.read())
+        self.assertEqual(["bulk", "delta0", "delta1", "delta2"], sorted(os.listdir(here.path)))
 
     def test_freeze_while_mounted(self) -> None:
         """A frozen dataset refuses new files through its mount; thawed, it takes them."""
@@ -249,3 +279,41 @@ def test_agent_script_wiring(tmp_path):
         assert _script.release(config) == []
     assert backend.pool.mounted_device() is None
     assert backend.pool._loop_devices() == []
+
+
+class WritersTests(SynchronousTestCase):
+    """Writers a freeze does not stop are found, so that a move can wait for them."""
+
+    def test_open_descriptor_outlives_freeze(self) -> None:
+        """A descriptor opened for writing before a freeze still writes (kernel 6.18);
+        ``writers`` names its process until it is closed."""
+        backend = btrfs_backend(self, NODE_A)
+        dataset_id = backend.create_dataset(str(uuid.uuid4()), SIZE).dataset_id
+        mounted = _live_mount(self, backend, dataset_id)
+        reader = open(os.path.join(mounted, "r"), "wb+")
+        reader.close()
+        reader = open(os.path.join(mounted, "r"), "rb")
+        self.addCleanup(reader.close)
+        self.assertEqual((), backend.writers(dataset_id))
+        with open(os.path.join(mounted, "w"), "wb", buffering=0) as writer:
+            backend.freeze_dataset(dataset_id)
+            self.assertEqual((os.getpid(),), backend.writers(dataset_id))
+            writer.write(b"after the freeze")
+        self.assertEqual((), backend.writers(dataset_id))
+        with open(os.path.join(mounted, "w"), "rb") as written:
+            self.assertEqual(b"after the freeze", written.read())
+
+    def test_shared_writable_mapping(self) -> None:
+        """A shared writable mapping of a file of the dataset counts as a writer."""
+        backend = btrfs_backend(self, NODE_A)
+        dataset_id = backend.create_dataset(str(uuid.uuid4()), SIZE).dataset_id
+        path = os.path.join(backend.get_dataset(dataset_id).path, "m")
+        with open(path, "wb") as f:
+            f.write(bytes(4096))
+        with open(path, "r+b") as f:
+            mapped = mmap.mmap(f.fileno(), 4096)
+        try:
+            self.assertEqual((os.getpid(),), backend.writers(dataset_id))
+        finally:
+            mapped.close()
+        self.assertEqual((), backend.writers(dataset_id))
