@@ -112,7 +112,8 @@ class BtrfsOnlyTests(SynchronousTestCase):
         self.assertEqual(["bulk", "delta0", "delta1", "delta2"], sorted(os.listdir(here.path)))
 
     def test_freeze_while_mounted(self) -> None:
-        """A frozen dataset refuses new files through its mount; thawed, it takes them."""
+        """A frozen dataset refuses new files through its mount; thawed, it takes them;
+        a bind of it is nosuid,nodev like the pool's mount."""
         dataset_id = self.a.create_dataset(str(uuid.uuid4()), SIZE).dataset_id
         mounted = _live_mount(self, self.a, dataset_id)
         self.a.freeze_dataset(dataset_id)
@@ -121,6 +122,8 @@ class BtrfsOnlyTests(SynchronousTestCase):
         self.assertEqual(errno.EROFS, raised.exception.errno)
         self.a.thaw_dataset(dataset_id)
         open(os.path.join(mounted, "new"), "wb").close()
+        mount = next(m for m in read_mountinfo() if m.mount_point == mounted)
+        self.assertLessEqual({"nosuid", "nodev"}, set(mount.options.split(",")))
 
     def test_demote_mounted_refused(self) -> None:
         """A mounted live dataset is not demoted: ``VolumeBusy`` names the mount."""
