@@ -172,9 +172,10 @@ class BtrfsOnlyTests(SynchronousTestCase):
         partial receive is discarded."""
         filler = self.b.create_dataset("filler", SIZE)
         with self.assertRaises(OSError):
+            # Allocated, not written: as full, and much faster.
             with open(os.path.join(filler.path, "big"), "wb") as f:
-                for _ in range(POOL_SIZE // MiB):
-                    f.write(b"\xff" * MiB)
+                for at in range(0, POOL_SIZE, 4 * MiB):
+                    os.posix_fallocate(f.fileno(), at, 4 * MiB)
         dataset_id = self.a.create_dataset(str(uuid.uuid4()), SIZE).dataset_id
         with open(os.path.join(self.a.get_dataset(dataset_id).path, "data"), "wb") as f:
             f.write(os.urandom(16 * MiB))
