@@ -261,7 +261,9 @@ class SendStreamChecker:
 
     def __init__(self, header: StreamHeader):
         self._header = header
-        self._buffer = bytearray()
+        # The start of a command (or of the stream) whose end has not come yet; the
+        # commands wholly inside a piece are checked where they are, without a copy.
+        self._pending = bytearray()
         self._started = False
         self._subvolume_seen = False
         self._ended = False
@@ -269,31 +271,52 @@ class SendStreamChecker:
     def _bad(self, why: str) -> BadStream:
         return BadStream(f"the stream for dataset {self._header.dataset_id} is refused: {why}")
 
+    def _needed(self) -> int:
+        """How many bytes ``_pending`` must hold to be one whole unit."""
+        if not self._started:
+            return _STREAM_HEADER.size
+        if len(self._pending) < _COMMAND.size:
+            return _COMMAND.size
+        return _COMMAND.size + _COMMAND.unpack_from(self._pending)[0]
+
     def feed(self, data: bytes) -> None:
         """Check the commands ``data`` completes; ``BadStream`` at a refused one."""
-        self._buffer += data
-        offset = 0
+        view = memoryview(data)
+        while view:
+            if not self._started or self._pending:
+                need = self._needed() - len(self._pending)
+                self._pending += view[:need]
+                view = view[need:]
+                if len(self._pending) == self._needed():
+                    self._unit(memoryview(self._pending))
+                    self._pending = bytearray()
+                continue
+            offset = 0
+            while len(view) - offset >= _COMMAND.size:
+                length, command, _ = _COMMAND.unpack_from(view, offset)
+                end = offset + _COMMAND.size + length
+                if end > len(view):
+                    break
+                self._unit(view[offset:end])
+                offset = end
+            self._pending = bytearray(view[offset:])
+            return
+
+    def _unit(self, unit: memoryview) -> None:
+        """Check the stream's header, or one whole command."""
         if not self._started:
-            if len(self._buffer) < _STREAM_HEADER.size:
-                return
-            magic, version = _STREAM_HEADER.unpack_from(self._buffer)
+            magic, version = _STREAM_HEADER.unpack_from(unit)
             if magic != _MAGIC or version != 1:
                 raise self._bad("not a version-1 btrfs send stream")
-            self._started, offset = True, _STREAM_HEADER.size
-        while len(self._buffer) - offset >= _COMMAND.size:
-            length, command, _ = _COMMAND.unpack_from(self._buffer, offset)
-            end = offset + _COMMAND.size + length
-            if end > len(self._buffer):
-                break
-            if self._ended:
-                raise self._bad("data after the end of the stream")
-            self._command(command, memoryview(self._buffer)[offset + _COMMAND.size:end])
-            offset = end
-        del self._buffer[:offset]
+            self._started = True
+            return
+        if self._ended:
+            raise self._bad("data after the end of the stream")
+        self._command(_COMMAND.unpack_from(unit)[1], unit[_COMMAND.size:])
 
     def finish(self) -> None:
         """The stream ended: ``BadStream`` unless it was whole."""
-        if not self._ended or self._buffer:
+        if not self._ended or self._pending:
             raise self._bad("it is truncated")
 
     def _command(self, command: int, body: memoryview) -> None:

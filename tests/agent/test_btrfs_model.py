@@ -106,7 +106,9 @@ def check(header, stream, piece=7):
 
 def test_checker_accepts_a_plain_stream():
     """A stream of one subvolume with relative paths passes, fed in any pieces."""
-    check(HEADER, send_stream(subvol(), mkfile(b"a/b"), send_command(END)))
+    stream = send_stream(subvol(), mkfile(b"a/b"), mkfile(b"c"), send_command(END))
+    for piece in (1, 7, 10, 30, len(stream)):
+        check(HEADER, stream, piece)
 
 
 @pytest.mark.parametrize("stream, message", [
@@ -126,10 +128,12 @@ def test_checker_accepts_a_plain_stream():
     (send_stream(send_command(SNAPSHOT, (A_PATH, b"s1"), (A_UUID, uuid.UUID(U1).bytes)),
                  send_command(END)), "not what its header says"),
 ])
-def test_checker_refuses(stream, message):
-    """Paths out of the dataset, foreign clones, extra or wrong subvolumes are refused."""
+@pytest.mark.parametrize("piece", [7, 1 << 20])
+def test_checker_refuses(stream, message, piece):
+    """Paths out of the dataset, foreign clones, extra or wrong subvolumes are refused,
+    whether the stream comes in small pieces or in one."""
     with pytest.raises(BadStream, match=message):
-        check(HEADER, stream)
+        check(HEADER, stream, piece)
 
 
 def test_checker_incremental_base():
