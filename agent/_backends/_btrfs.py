@@ -315,7 +315,7 @@ class BtrfsBackend:
             inner = "/" + live_path(dataset_id)
             mounted = tuple(m.mount_point for m in read_mountinfo()
                             if m.fstype == "btrfs" and m.root == inner
-                            and self.pool._is_ours(m.source))
+                            and self.pool.is_pool_device(m.source))
             if mounted:
                 raise VolumeBusy(dataset_id, mounted)
             self._btrfs("subvolume", "delete", self._path(live_path(dataset_id)))

@@ -98,7 +98,7 @@ class BtrfsPool:
             return "device"
         raise PoolRefused(self.pool_path, "it is neither a block device nor a file")
 
-    def _loop_devices(self) -> list[str]:
+    def loop_devices(self) -> list[str]:
         """The loop devices backed by the pool file."""
         return [d.device for d in scan_loop_devices(self.pool_path)
                 if d.backing_file == self.pool_path and not d.deleted]
@@ -110,9 +110,9 @@ class BtrfsPool:
                 return found.source
         return None
 
-    def _is_ours(self, device: str) -> bool:
+    def is_pool_device(self, device: str) -> bool:
         """Whether ``device`` is the pool (itself, or a loop device of the pool file)."""
-        return device == self.pool_path or device in self._loop_devices()
+        return device == self.pool_path or device in self.loop_devices()
 
     def open(self) -> str:
         """
@@ -120,7 +120,7 @@ class BtrfsPool:
         the mount path. ``PoolRefused`` says why ``pool_path`` cannot be a pool.
         """
         current = self.mounted_device()
-        if current is not None and not self._is_ours(current):
+        if current is not None and not self.is_pool_device(current):
             raise PoolRefused(self.pool_path, f"another btrfs ({current}) is mounted at "
                                               f"{self.mount_path}")
         if current is None:
@@ -131,7 +131,7 @@ class BtrfsPool:
             self._format_if_blank(kind)
             device = self.pool_path
             if kind == "file":
-                devices = self._loop_devices()
+                devices = self.loop_devices()
                 device = devices[0] if devices else attach_loop_device(self.pool_path)
             os.makedirs(self.mount_path, mode=MOUNT_ROOT_MODE, exist_ok=True)
             os.chmod(self.mount_path, MOUNT_ROOT_MODE)
@@ -190,7 +190,7 @@ class BtrfsPool:
             problems.append(f"{self.mount_path}: {e}")
             return problems
         if os.path.isfile(self.pool_path):
-            for device in self._loop_devices():
+            for device in self.loop_devices():
                 try:
                     release_loop_device(device, self.pool_path)
                 except OSError as e:

@@ -236,7 +236,7 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(device, pool.mounted_device())
         self.assertEqual([], backend.release())
         self.assertIsNone(pool.mounted_device())
-        self.assertEqual([], pool._loop_devices())
+        self.assertEqual([], pool.loop_devices())
         again = BtrfsBackend.open(pool, NODE_A)
         self.assertEqual([created], again.list_datasets())
         with open(os.path.join(created.path, "a"), "rb") as f:
@@ -282,7 +282,7 @@ def test_agent_script_wiring(tmp_path):
     finally:
         assert _script.release(config) == []
     assert backend.pool.mounted_device() is None
-    assert backend.pool._loop_devices() == []
+    assert backend.pool.loop_devices() == []
 
 
 class WritersTests(SynchronousTestCase):
