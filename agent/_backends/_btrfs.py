@@ -61,6 +61,19 @@ _SUBVOL_RDONLY = 1 << 1
 _FLAGS = struct.Struct("=Q")
 
 
+#: ``F_SETPIPE_SZ`` (fcntl(2)): a pipe of ``CHUNK`` bytes rather than 64 KiB takes a
+#: sixteenth of the wake-ups between ``btrfs send``/``receive`` and the agent.
+_F_SETPIPE_SZ = 1031
+
+
+def _widen_pipe(pipe) -> None:
+    """Make ``pipe`` hold ``CHUNK`` bytes, if the kernel allows it."""
+    try:
+        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, CHUNK)
+    except OSError:
+        pass  # over /proc/sys/fs/pipe-max-size for this user: the default still works
+
+
 def _read_only(path: str) -> bool:
     """Whether the subvolume at ``path`` is read-only."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -364,6 +377,7 @@ class BtrfsBackend:
         with tempfile.TemporaryFile() as errors:
             process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors,
                                        stdin=subprocess.DEVNULL)
+            _widen_pipe(process.stdout)
             try:
                 while chunk := process.stdout.read(CHUNK):
                     into.write(chunk)
@@ -422,6 +436,7 @@ class BtrfsBackend:
         with tempfile.TemporaryFile() as errors:
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                        stderr=errors)
+            _widen_pipe(process.stdin)
             try:
                 while chunk := source.read(CHUNK):
                     checker.feed(chunk)
