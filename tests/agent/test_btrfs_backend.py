@@ -111,6 +111,25 @@ class BtrfsOnlyTests(SynchronousTestCase):
             self.assertEqual(bulk, f.read())
         self.assertEqual(["bulk", "delta0", "delta1", "delta2"], sorted(os.listdir(here.path)))
 
+    def test_cut_stream_discarded_and_retried(self) -> None:
+        """A stream cut in the middle of its data (a broken connection) is discarded, the
+        copy stays at its last snapshot, and the same delta sent again is taken."""
+        dataset_id = self.moved()
+        base = self.b.get_dataset(dataset_id).latest
+        with open(os.path.join(self.a.get_dataset(dataset_id).path, "b"), "wb") as f:
+            f.write(os.urandom(2 * MiB))
+        stream = io.BytesIO()
+        self.a.export_dataset(dataset_id, stream, base)
+        whole = stream.getvalue()
+        before = self.b.get_dataset(dataset_id)
+        with self.assertRaises(BadStream):
+            self.b.import_dataset(dataset_id, io.BytesIO(whole[:len(whole) // 2]))
+        self.assertEqual(before, self.b.get_dataset(dataset_id))
+        self.assertEqual([], os.listdir(os.path.join(self.b.root, STAGING)))
+        self.b.import_dataset(dataset_id, io.BytesIO(whole))
+        with open(os.path.join(self.b.complete_dataset(dataset_id).path, "a"), "rb") as f:
+            self.assertEqual(b"alpha", f.read())
+
     def test_freeze_while_mounted(self) -> None:
         """A frozen dataset refuses new files through its mount; thawed, it takes them;
         a bind of it is nosuid,nodev like the pool's mount."""
