@@ -296,9 +296,10 @@ async def run(reactor, config: AgentConfig) -> None:
 def release(config: AgentConfig) -> list[str]:
     """
     Unmount and detach every dataset of this node (for ``make down`` and maintenance;
-    the agent must be stopped); a btrfs pool is unmounted and its loop device detached. The datasets stay in the cluster: the next agent start
-    attaches and mounts them again. Returns what it could not release, with the reason.
-    Blocking: runs outside any reactor.
+    the agent must be stopped); a btrfs pool is unmounted and its loop device detached.
+    The datasets stay in the cluster: the next agent start attaches (a pool: mounts) and
+    mounts them again. Returns what it could not release, with the reason. Blocking:
+    runs outside any reactor.
     """
     from pyflock.agent._backends import BackendError
     from pyflock.agent._fs import CommandFailed, read_mountinfo, unmount
