@@ -26,6 +26,7 @@ from tests.contracts.peer_backends import make_ipeerbackend_tests
 from tests.harness.btrfs_pools import (
     A_CTRANSID, A_INO, A_PATH, A_PATH_LINK, A_UUID, END, MKFILE, POOL_SIZE, SUBVOL, SYMLINK,
     btrfs_backend, btrfs_peer_harness, new_pool, send_command, send_stream,
+    shared_btrfs_backend,
 )
 from tests.harness.requirements import ROOT
 
@@ -57,8 +58,8 @@ class BtrfsOnlyTests(SynchronousTestCase):
     """What the btrfs backend does beyond the contract: btrfs's own rules."""
 
     def setUp(self) -> None:
-        self.a = btrfs_backend(self, NODE_A)
-        self.b = btrfs_backend(self, NODE_B)
+        self.a = shared_btrfs_backend(self, NODE_A)
+        self.b = shared_btrfs_backend(self, NODE_B)
 
     def moved(self, data: bytes = b"alpha") -> str:
         """A dataset on A holding file ``a``, bulk-sent to B (partial there)."""
@@ -189,6 +190,7 @@ class BtrfsOnlyTests(SynchronousTestCase):
     def test_pool_full(self) -> None:
         """A receive into a full pool is ``PoolFull`` naming what holds the space; the
         partial receive is discarded."""
+        self.b = btrfs_backend(self, NODE_B)  # a pool of its own, to be filled
         filler = self.b.create_dataset("filler", SIZE)
         with self.assertRaises(OSError):
             # Allocated, not written: as full, and much faster.
@@ -310,7 +312,7 @@ class WritersTests(SynchronousTestCase):
     def test_open_descriptor_outlives_freeze(self) -> None:
         """A descriptor opened for writing before a freeze still writes (kernel 6.18);
         ``writers`` names its process until it is closed."""
-        backend = btrfs_backend(self, NODE_A)
+        backend = shared_btrfs_backend(self, NODE_A)
         dataset_id = backend.create_dataset(str(uuid.uuid4()), SIZE).dataset_id
         mounted = _live_mount(self, backend, dataset_id)
         reader = open(os.path.join(mounted, "r"), "wb+")
@@ -328,7 +330,7 @@ class WritersTests(SynchronousTestCase):
 
     def test_shared_writable_mapping(self) -> None:
         """A shared writable mapping of a file of the dataset counts as a writer."""
-        backend = btrfs_backend(self, NODE_A)
+        backend = shared_btrfs_backend(self, NODE_A)
         dataset_id = backend.create_dataset(str(uuid.uuid4()), SIZE).dataset_id
         path = os.path.join(backend.get_dataset(dataset_id).path, "m")
         with open(path, "wb") as f:

@@ -6,6 +6,7 @@ device detached, its folder removed) when the test ends.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import struct
@@ -19,7 +20,7 @@ from tests.contracts.peer_backends import PeerHarness
 from tests.harness.requirements import require_commands, require_root
 
 __all__ = ["POOL_SIZE", "btrfs_backend", "btrfs_peer_harness", "new_pool", "send_command",
-           "send_stream"]
+           "send_stream", "shared_btrfs_backend"]
 
 #: Big enough for mkfs.btrfs and the contract suite's small files.
 POOL_SIZE = 160 * MiB
@@ -63,9 +64,47 @@ def _read(backend, dataset_id: str, name: str) -> Optional[bytes]:
         return None
 
 
+#: One pool per node uuid for the whole run, emptied before and after each test that
+#: uses it: making a pool (mkfs, loop device, mount) costs more than most tests.
+_SHARED: dict = {}
+
+
+def _empty(backend: BtrfsBackend) -> None:
+    """Destroy every copy in ``backend``'s pool."""
+    for copy in backend.list_datasets():
+        backend.destroy_dataset(copy.dataset_id)
+
+
+def _release_shared() -> None:
+    """Release the shared pools and remove their folders (at the end of the run)."""
+    for backend in _SHARED.values():
+        if not backend.release():
+            shutil.rmtree(os.path.dirname(backend.pool.pool_path), ignore_errors=True)
+    _SHARED.clear()
+
+
+def shared_btrfs_backend(test_case, node_uuid: str) -> BtrfsBackend:
+    """``node_uuid``'s backend over the run's pool for that node, empty, and emptied
+    again at the end of ``test_case``; the pools are released when the run ends."""
+    backend = _SHARED.get(node_uuid)
+    if backend is None:
+        require_root()
+        require_commands("btrfs", "mkfs.btrfs", "blkid")
+        folder = tempfile.mkdtemp(prefix="pyflock-btrfs-")
+        pool = BtrfsPool(os.path.join(folder, "pool.img"), os.path.join(folder, "mnt"),
+                         POOL_SIZE)
+        if not _SHARED:
+            atexit.register(_release_shared)
+        backend = _SHARED[node_uuid] = BtrfsBackend.open(pool, node_uuid,
+                                                         default_size=64 * MiB)
+    _empty(backend)
+    test_case.addCleanup(_empty, backend)
+    return backend
+
+
 def btrfs_peer_harness(test_case) -> PeerHarness:
     """A contract-suite harness whose every node has its own loop-file btrfs pool."""
-    return PeerHarness(backend_for=lambda node_uuid: btrfs_backend(test_case, node_uuid),
+    return PeerHarness(backend_for=lambda node_uuid: shared_btrfs_backend(test_case, node_uuid),
                        write=_write, remove=_remove, read=_read)
 
 
