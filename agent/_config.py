@@ -66,8 +66,9 @@ SCHEMA = {
                                          "default_size": _SIZE},
                           "additionalProperties": False}},
                 {"if": {"properties": {"backend": {"const": "btrfs"}}},
-                 "then": {"properties": {"backend": True, "pool": _PATH, "pool_size": _SIZE,
-                                         "default_size": _SIZE},
+                 "then": {"required": ["pool_path"],
+                          "properties": {"backend": True, "pool_path": _PATH,
+                                         "pool_size": _SIZE, "default_size": _SIZE},
                           "additionalProperties": False}},
                 {"if": {"properties": {"backend": {"const": "ebs"}}},
                  "then": {"properties": {"backend": True, "default_size": _SIZE,
@@ -124,8 +125,17 @@ class AgentConfig:
         return os.path.join(self.data_path, "agent")
 
 
+def _refuse_renamed_keys(document) -> None:
+    """``ConfigError`` for a key an earlier version read under another name."""
+    dataset = document.get("dataset") if isinstance(document, dict) else None
+    if isinstance(dataset, dict) and dataset.get("backend") == "btrfs" and "pool" in dataset:
+        raise ConfigError("dataset.pool: this key is now called pool_path (a block device, "
+                          "or a file the agent creates when pool_size is given); rename it")
+
+
 def parse_config(document) -> AgentConfig:
     """Validate a parsed YAML document into an ``AgentConfig`` or raise ``ConfigError``."""
+    _refuse_renamed_keys(document)
     errors = sorted(_VALIDATOR.iter_errors(document), key=lambda e: list(e.absolute_path))
     if errors:
         lines = []
@@ -160,6 +170,11 @@ def parse_config(document) -> AgentConfig:
     data_path = document.get("data-path", DEFAULT_DATA_PATH)
     if backend == "loopback":
         dataset.setdefault("root_path", os.path.join(data_path, "loopback"))
+    if backend == "btrfs" and "pool_size" in dataset:
+        try:
+            dataset["pool_size"] = parse_size(str(dataset["pool_size"]))
+        except ValueError as e:
+            raise ConfigError(f"dataset.pool_size: {e}")
     return AgentConfig(
         control_hostnames=hostnames, control_port=control.get("port", 4524),
         control_api_port=control.get("api-port", 4523),

@@ -90,6 +90,13 @@ def make_backend(config: AgentConfig, node_uuid: str):
     if config.backend == "loopback":
         return LoopbackBackend(config.backend_options["root_path"], node_uuid,
                                default_size=config.default_size)
+    if config.backend == "btrfs":
+        from pyflock.agent._backends._btrfs import BtrfsBackend
+        try:
+            return BtrfsBackend.open(btrfs_pool(config), node_uuid,
+                                     default_size=config.default_size)
+        except BackendError as e:
+            raise StartupError(str(e))
     if config.backend == "ebs":
         from pyflock.agent._backends._ebs import EBSBackend, EBSOptions
         from pyflock.common._ca import read_cluster_uuid
@@ -97,7 +104,15 @@ def make_backend(config: AgentConfig, node_uuid: str):
         return EBSBackend(cluster, node_uuid, EBSOptions.from_config(
             config.backend_options, config.default_size))
     raise StartupError(f"dataset.backend: {config.backend!r} is not available yet; "
-                       f"use loopback or ebs.")
+                       f"use loopback, btrfs or ebs.")
+
+
+def btrfs_pool(config: AgentConfig):
+    """The btrfs pool ``dataset.pool_path`` names, mounted under the data path."""
+    from pyflock.agent._backends._btrfs_pool import BtrfsPool
+    return BtrfsPool(config.backend_options["pool_path"],
+                     os.path.join(config.data_path, "btrfs-pool"),
+                     config.backend_options.get("pool_size"))
 
 
 async def backend_zone(backend, run_blocking) -> Optional[str]:
@@ -297,15 +312,17 @@ async def run(reactor, config: AgentConfig) -> None:
 def release(config: AgentConfig) -> list[str]:
     """
     Unmount and detach every dataset of this node (for ``make down`` and maintenance;
-    the agent must be stopped). The datasets stay in the cluster: the next agent start
-    attaches and mounts them again. Returns what it could not release, with the reason.
-    Blocking: runs outside any reactor.
+    the agent must be stopped); a btrfs pool is unmounted and its loop device detached.
+    The datasets stay in the cluster: the next agent start attaches (a pool: mounts) and
+    mounts them again. Returns what it could not release, with the reason. Blocking:
+    runs outside any reactor.
     """
     from pyflock.agent._backends import BackendError
     from pyflock.agent._fs import CommandFailed, read_mountinfo, unmount
     lock = lock_state(config)
     node_uuid = node_uuid_of(config)
-    backend = make_backend(config, node_uuid)
+    # A btrfs pool is only unmounted, never formatted or mounted, by a release.
+    backend = None if config.backend == "btrfs" else make_backend(config, node_uuid)
     root = os.path.realpath(config.mount_root) + "/"
     problems = []
     for mount in sorted(read_mountinfo(), key=lambda m: -len(m.mount_point)):
@@ -314,6 +331,10 @@ def release(config: AgentConfig) -> list[str]:
                 unmount(mount.mount_point)
             except (CommandFailed, OSError) as e:
                 problems.append(f"{mount.mount_point}: {e}")
+    if backend is None:
+        problems += btrfs_pool(config).release()
+        os.close(lock)
+        return problems
     for volume in backend.list_volumes():
         if volume.attached_to == node_uuid:
             try:

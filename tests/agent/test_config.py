@@ -62,7 +62,20 @@ def test_ebs_needs_no_zone():
     assert config.backend_options == {k: v for k, v in full.items() if k != "backend"}
 
 
+def test_btrfs_pool():
+    """The btrfs backend reads ``pool_path`` and ``pool_size`` (binary units)."""
+    config = parse_config({**MINIMAL, "dataset": {"backend": "btrfs", "pool_path": "/p.img",
+                                                  "pool_size": "20G"}})
+    assert (config.backend, config.backend_options) == (
+        "btrfs", {"pool_path": "/p.img", "pool_size": 20 * 1024 ** 3})
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"dataset": {"backend": "btrfs", "pool": "/x"}}, "dataset.pool: this key is now called "
+                                                      "pool_path"),
+    ({"dataset": {"backend": "btrfs"}}, "'pool_path' is a required property"),
+    ({"dataset": {"backend": "btrfs", "pool_path": "/x", "pool_size": "big"}},
+     "dataset.pool_size: not a size"),
     ({"dataset": {"backend": "zfs"}}, "dataset.backend: 'zfs' is not one of"),
     ({"version": 2}, "version: 1 was expected"),
     ({"control-service": {"port": 4524}}, "'hostname' is a required property"),
