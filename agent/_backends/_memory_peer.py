@@ -8,6 +8,7 @@ against it) so that convergence and transfer code can be tested without btrfs.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import threading
 from typing import BinaryIO, Optional
@@ -32,6 +33,7 @@ class _Copy:
     complete: bool
     files: dict = attr.ib(factory=dict)
     snapshots: list = attr.ib(factory=list)   # (name, files), oldest first
+    frozen: bool = False
 
 
 def _encode_files(files: dict) -> dict:
@@ -62,7 +64,14 @@ class MemoryPeerBackend:
         return PeerDataset(
             dataset_id=dataset_id, size=copy.size,
             path=f"/memory/{self.node_uuid}/{dataset_id}" if copy.complete else None,
-            snapshots=tuple(name for name, _ in copy.snapshots))
+            snapshots=tuple(name for name, _ in copy.snapshots),
+            frozen=copy.complete and copy.frozen)
+
+    def _complete_copy(self, dataset_id: str) -> _Copy:
+        copy = self._copy(dataset_id)
+        if not copy.complete:
+            raise IncompleteCopy(dataset_id)
+        return copy
 
     def _copy(self, dataset_id: str) -> _Copy:
         copy = self._copies.get(check_dataset_id(dataset_id))
@@ -165,8 +174,40 @@ class MemoryPeerBackend:
         with self._lock:
             copy = self._copy(dataset_id)
             if not copy.complete:
+                if not copy.snapshots:
+                    raise UnknownSnapshot(dataset_id, "(any)")
                 copy.files = dict(copy.snapshots[-1][1])
                 copy.complete = True
+            return self._record(dataset_id, copy)
+
+    def freeze_dataset(self, dataset_id: str) -> PeerDataset:
+        """Make the complete copy read-only: ``write_file`` fails from now on."""
+        with self._lock:
+            copy = self._complete_copy(dataset_id)
+            copy.frozen = True
+            return self._record(dataset_id, copy)
+
+    def thaw_dataset(self, dataset_id: str) -> PeerDataset:
+        """Make the complete copy writable again."""
+        with self._lock:
+            copy = self._complete_copy(dataset_id)
+            copy.frozen = False
+            return self._record(dataset_id, copy)
+
+    def demote_dataset(self, dataset_id: str) -> PeerDataset:
+        """Drop the writable copy, keeping its snapshots: the copy becomes partial."""
+        with self._lock:
+            copy = self._copy(dataset_id)
+            copy.complete = copy.frozen = False
+            copy.files = {}
+            return self._record(dataset_id, copy)
+
+    def prune_snapshots(self, dataset_id: str, keep) -> PeerDataset:
+        """Delete every snapshot not named in ``keep``."""
+        keep = set(keep)
+        with self._lock:
+            copy = self._copy(dataset_id)
+            copy.snapshots = [(n, f) for n, f in copy.snapshots if n in keep]
             return self._record(dataset_id, copy)
 
     def destroy_dataset(self, dataset_id: str) -> None:
@@ -180,15 +221,18 @@ class MemoryPeerBackend:
     def write_file(self, dataset_id: str, name: str, data: bytes) -> None:
         """Write ``data`` as file ``name`` of the complete copy (as a container would)."""
         with self._lock:
-            copy = self._copy(dataset_id)
-            if not copy.complete:
-                raise IncompleteCopy(dataset_id)
+            copy = self._complete_copy(dataset_id)
+            if copy.frozen:
+                raise OSError(errno.EROFS, f"dataset {dataset_id} is read-only (frozen)")
             copy.files[name] = bytes(data)
 
     def remove_file(self, dataset_id: str, name: str) -> None:
         """Remove file ``name`` from the complete copy."""
         with self._lock:
-            self._copy(dataset_id).files.pop(name)
+            copy = self._complete_copy(dataset_id)
+            if copy.frozen:
+                raise OSError(errno.EROFS, f"dataset {dataset_id} is read-only (frozen)")
+            copy.files.pop(name)
 
     def read_file(self, dataset_id: str, name: str) -> Optional[bytes]:
         """File ``name`` of the complete copy, or None if there is none."""

@@ -57,14 +57,17 @@ class BadStream(BackendError):
 class PeerDataset:
     """
     One dataset's copy on this node: its size in bytes (the quota), the path of its data
-    (None while the copy is partial: received snapshots, not yet completed), and its
-    snapshots, oldest first (the points a stream can start from, or continue).
+    (None while the copy is partial: received snapshots, not yet completed), its
+    snapshots, oldest first (the points a stream can start from, or continue), and
+    whether writes to the complete copy are stopped.
     """
 
     dataset_id: str
     size: int
     path: Optional[str] = None
     snapshots: tuple = ()
+    #: Whether the complete copy is read-only (``freeze_dataset``: a move's phase 2).
+    frozen: bool = False
 
     @property
     def complete(self) -> bool:
@@ -123,8 +126,36 @@ class IPeerBackend(Interface):
 
     def complete_dataset(dataset_id: str) -> PeerDataset:
         """
-        Make the partial copy's latest snapshot the writable dataset; a complete copy is
-        returned as it is. Raises ``UnknownVolume``.
+        Make the partial copy's latest snapshot the writable dataset, as a writable
+        snapshot of it (the received snapshot stays read-only, a base for later streams);
+        a complete copy is returned as it is. Raises ``UnknownVolume``.
+        """
+
+    def freeze_dataset(dataset_id: str) -> PeerDataset:
+        """
+        Make the complete copy read-only in place, also while it is mounted and in use
+        (writes fail from then on); idempotent. Raises ``UnknownVolume`` or
+        ``IncompleteCopy``.
+        """
+
+    def thaw_dataset(dataset_id: str) -> PeerDataset:
+        """
+        Make a frozen complete copy writable again (a cancelled move); idempotent.
+        Raises ``UnknownVolume`` or ``IncompleteCopy``.
+        """
+
+    def demote_dataset(dataset_id: str) -> PeerDataset:
+        """
+        Once a move is done, drop this node's writable copy (it must be unmounted) but
+        keep its snapshots: the copy becomes partial (path None) with its snapshots, so
+        that a later move back sends only what changed since the newest common snapshot.
+        A partial copy is returned as it is. Raises ``UnknownVolume``.
+        """
+
+    def prune_snapshots(dataset_id: str, keep) -> PeerDataset:
+        """
+        Delete every snapshot of the copy whose name is not in the iterable ``keep``.
+        Raises ``UnknownVolume``.
         """
 
     def destroy_dataset(dataset_id: str) -> None:

@@ -258,6 +258,101 @@ def make_ipeerbackend_tests(
                     self.b.import_dataset(dataset_id, io.BytesIO(payload))
             self.assertEqual([], self.b.list_datasets())
 
+        # -- freezing, demoting, pruning (a move's phase 2 and its end) -------------------
+
+        def test_freeze_stops_writes(self) -> None:
+            """A frozen copy refuses writes, keeps its data, and can still be exported."""
+            dataset_id = self.new_dataset().dataset_id
+            self.harness.write(self.a, dataset_id, "a", b"before")
+            frozen = self.a.freeze_dataset(dataset_id)
+            self.assertEqual((True, True), (frozen.frozen, frozen.complete))
+            self.assertEqual(frozen, self.a.freeze_dataset(dataset_id))
+            self.assertEqual(frozen, self.a.get_dataset(dataset_id))
+            with self.assertRaises(OSError):
+                self.harness.write(self.a, dataset_id, "a", b"after")
+            self.assertEqual(b"before", self.harness.read(self.a, dataset_id, "a"))
+            self.send(self.a, self.b, dataset_id)
+            self.b.complete_dataset(dataset_id)
+            self.assertEqual(b"before", self.harness.read(self.b, dataset_id, "a"))
+
+        def test_thaw_restores_writes(self) -> None:
+            """A thawed copy (a cancelled move) is writable again; thawing is idempotent."""
+            dataset_id = self.new_dataset().dataset_id
+            self.a.freeze_dataset(dataset_id)
+            thawed = self.a.thaw_dataset(dataset_id)
+            self.assertEqual(thawed, self.a.thaw_dataset(dataset_id))
+            self.assertFalse(thawed.frozen)
+            self.harness.write(self.a, dataset_id, "a", b"again")
+            self.assertEqual(b"again", self.harness.read(self.a, dataset_id, "a"))
+
+        def test_freeze_partial_refused(self) -> None:
+            """Only a complete copy can be frozen or thawed."""
+            dataset_id, _ = self.moved({})
+            for call in (self.b.freeze_dataset, self.b.thaw_dataset):
+                with self.assertRaises(IncompleteCopy):
+                    call(dataset_id)
+
+        def test_completed_copy_is_writable(self) -> None:
+            """A copy completed from a frozen sender's stream is writable, not frozen."""
+            dataset_id = self.new_dataset().dataset_id
+            self.a.freeze_dataset(dataset_id)
+            self.send(self.a, self.b, dataset_id)
+            completed = self.b.complete_dataset(dataset_id)
+            self.assertFalse(completed.frozen)
+            self.harness.write(self.b, dataset_id, "a", b"new home")
+
+        def test_demote_keeps_snapshots(self) -> None:
+            """A demoted copy is partial with its snapshots; a move back sends the delta."""
+            dataset_id, copy = self.moved({"a": b"alpha", "b": b"beta"})
+            self.b.complete_dataset(dataset_id)
+            demoted = self.a.demote_dataset(dataset_id)
+            self.assertEqual((False, None, False), (demoted.complete, demoted.path,
+                                                     demoted.frozen))
+            self.assertEqual(copy.snapshots, demoted.snapshots)
+            self.assertEqual(demoted, self.a.demote_dataset(dataset_id))
+            self.harness.write(self.b, dataset_id, "a", b"ALPHA")
+            self.send(self.b, self.a, dataset_id, demoted.latest)
+            back = self.a.complete_dataset(dataset_id)
+            self.assertTrue(back.complete)
+            self.assertEqual([b"ALPHA", b"beta"],
+                             [self.harness.read(self.a, dataset_id, n) for n in "ab"])
+
+        def test_demoted_copy_cannot_be_exported(self) -> None:
+            """A demoted copy holds no dataset to send."""
+            created = self.new_dataset()
+            self.a.export_dataset(created.dataset_id, io.BytesIO())
+            self.a.demote_dataset(created.dataset_id)
+            with self.assertRaises(IncompleteCopy):
+                self.a.export_dataset(created.dataset_id, io.BytesIO())
+
+        def test_prune_snapshots(self) -> None:
+            """Pruning deletes every snapshot not kept; the kept one still bases a stream."""
+            created = self.new_dataset()
+            names = [self.a.export_dataset(created.dataset_id, io.BytesIO())
+                     for _ in range(3)]
+            pruned = self.a.prune_snapshots(created.dataset_id, iter([names[1], "absent"]))
+            self.assertEqual((names[1],), pruned.snapshots)
+            self.assertEqual(pruned, self.a.get_dataset(created.dataset_id))
+            self.a.export_dataset(created.dataset_id, io.BytesIO(), names[1])
+            with self.assertRaises(UnknownSnapshot):
+                self.a.export_dataset(created.dataset_id, io.BytesIO(), names[0])
+
+        def test_prune_partial_copy(self) -> None:
+            """A partial copy's snapshots are pruned alike; it continues from the kept one."""
+            dataset_id, first = self.moved({"a": b"1"})
+            _, second = self.send(self.a, self.b, dataset_id, first.latest)
+            pruned = self.b.prune_snapshots(dataset_id, [second.latest])
+            self.assertEqual((second.latest,), pruned.snapshots)
+            self.send(self.a, self.b, dataset_id, second.latest)
+
+        def test_new_methods_unknown(self) -> None:
+            """Freeze, thaw, demote and prune name a missing copy as ``UnknownVolume``."""
+            missing = str(uuid.uuid4())
+            for call in (self.a.freeze_dataset, self.a.thaw_dataset, self.a.demote_dataset,
+                         lambda d: self.a.prune_snapshots(d, ())):
+                with self.assertRaises(UnknownVolume):
+                    call(missing)
+
         # -- destroying -------------------------------------------------------------------
 
         def test_destroy(self) -> None:
