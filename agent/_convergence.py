@@ -248,6 +248,9 @@ class DiscoveredDataset:
     #: Peer-to-peer backends only (``state`` a ``PeerState``): the latest snapshot of a
     #: partial copy here; ``device`` is then the folder of a complete copy's data.
     snapshot: Optional[str] = None
+    #: Peer-to-peer backends only: whether the complete copy is frozen (read-only: a
+    #: move's phase 2 stopped its writes).
+    frozen: bool = False
 
 
 class Discovered(PClass):
@@ -715,7 +718,10 @@ def dataset_states(desired: Desired, discovered: Discovered):
 # attaching it elsewhere: the rows above. A peer-to-peer backend (btrfs, a later issue)
 # keeps a copy per node and moves a dataset by copying it: the new primary receives it
 # from a node holding a complete copy (bulk while it is still in use there, then the
-# last delta once the old primary has unmounted it), instead of attaching it. Both kinds
+# last delta once the old primary froze it: ``pyflock.agent._peer_move``), instead of
+# attaching it. The old primary keeps its frozen copy mounted until the primary holds
+# the dataset, then unmounts it and demotes it to its last snapshot, the base of a move
+# back; a frozen copy whose node is the primary again (a cancelled move) is thawed. Both kinds
 # share the mount steps (``MountFilesystem``, ``UnmountFilesystem``,
 # ``RemoveMountPoint``; the mount states and their rows); a peer copy is a filesystem
 # when it is made, so it has no filesystem steps of its own.
@@ -778,8 +784,9 @@ class CreateDataset:
 class ReceiveDataset:
     """
     Copy the dataset from ``from_node``: its stream from ``base`` (the latest snapshot of
-    this node's partial copy; None: the whole dataset), imported here. The copy is
-    completed once a stream was taken while ``from_node`` had the dataset unmounted.
+    this node's partial copy; None: the whole dataset), imported here. The runner
+    makes the whole move (``pyflock.agent._peer_move``): phase-1 rounds, then the final
+    delta once ``from_node`` froze its copy, then it completes the copy here.
     """
 
     dataset_id: str
@@ -794,9 +801,27 @@ class DestroyDataset:
     dataset_id: str
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class DemoteDataset:
+    """
+    Drop this node's unmounted writable copy of a dataset that moved on, keeping only its
+    snapshot ``keep`` (the last one sent: the base of a move back).
+    """
+
+    dataset_id: str
+    keep: Optional[str] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ThawDataset:
+    """Make this node's frozen copy writable again: the move away from here was cancelled."""
+
+    dataset_id: str
+
+
 #: The leaf changes of peer-to-peer rows; each touches one dataset.
-PEER_LEAF_CHANGES = (CreateDataset, ReceiveDataset, DestroyDataset, MountFilesystem,
-                     UnmountFilesystem, RemoveMountPoint)
+PEER_LEAF_CHANGES = (CreateDataset, ReceiveDataset, DestroyDataset, DemoteDataset,
+                     ThawDataset, MountFilesystem, UnmountFilesystem, RemoveMountPoint)
 
 
 def create_copy(node_uuid, wanted, found):
@@ -816,14 +841,42 @@ def destroy_copy(node_uuid, wanted, found):
                         tidy(node_uuid, wanted, found)])
 
 
-def freeze(node_uuid, wanted, found):
-    """
-    Unmount the copy and remove its mount point, keeping the copy: the new primary takes
-    its last delta from it now that nothing writes to it.
-    """
+def unmount_and_keep(node_uuid, wanted, found):
+    """Unmount the copy and remove its mount point, keeping the copy (a retained one)."""
     return sequentially([unmount(node_uuid, wanted, found),
                          RemoveMountPoint(dataset_id=found.dataset_id,
                                           mount_point=found.mount_point)])
+
+
+def _primary_holds(wanted) -> bool:
+    """Whether the dataset's primary (another node) reports holding a complete copy."""
+    return wanted is not None and wanted.primary in wanted.holders
+
+
+def hand_over(node_uuid, wanted, found):
+    """
+    Keep the old primary's copy mounted while the new primary copies it (its transfer
+    freezes it for the last delta); once the new primary holds it, unmount it here.
+    """
+    if _primary_holds(wanted):
+        return unmount_and_keep(node_uuid, wanted, found)
+    return wait(node_uuid, wanted, found)
+
+
+def keep_mounted(node_uuid, wanted, found):
+    """
+    The primary's mounted copy: thaw it if a move away froze it and was cancelled before
+    any other node took the dataset (then only this copy counts).
+    """
+    if found.frozen and not (wanted is not None and wanted.holders):
+        return ThawDataset(dataset_id=found.dataset_id)
+    return wait(node_uuid, wanted, found)
+
+
+def demote(node_uuid, wanted, found):
+    """Demote this node's copy of a dataset the primary now holds to its last snapshot."""
+    return in_parallel([DemoteDataset(dataset_id=found.dataset_id, keep=found.snapshot),
+                        tidy(node_uuid, wanted, found)])
 
 
 def unmount_and_destroy(node_uuid, wanted, found):
@@ -844,7 +897,7 @@ PEER_TRANSITIONS: Mapping[DesiredState, Mapping[PeerState, Transition]] = {
         _P.PARTIAL_NO_SOURCE: wait,
         _P.UNMOUNTED: mount,
         _P.SUPERSEDED: mount,
-        _P.MOUNTED: wait,
+        _P.MOUNTED: keep_mounted,
         _P.MOUNTED_ASTRAY: unmount_strays,
         _P.STRAY_MOUNT: unmount,
         _P.MOUNT_POINT_TAKEN: wait,
@@ -852,12 +905,13 @@ PEER_TRANSITIONS: Mapping[DesiredState, Mapping[PeerState, Transition]] = {
     DesiredState.NOT_HERE: {
         _P.NON_EXISTENT: tidy,
         _P.HELD_ELSEWHERE: tidy,
-        _P.PARTIAL: destroy_copy,
-        _P.PARTIAL_NO_SOURCE: destroy_copy,
+        # A demoted copy, or a cancelled receive: the base of a later move here.
+        _P.PARTIAL: tidy,
+        _P.PARTIAL_NO_SOURCE: tidy,
         # The source the primary copies from: kept until the primary holds it.
         _P.UNMOUNTED: tidy,
-        _P.SUPERSEDED: destroy_copy,
-        _P.MOUNTED: freeze,
+        _P.SUPERSEDED: demote,
+        _P.MOUNTED: hand_over,
         _P.MOUNTED_ASTRAY: unmount_strays,
         _P.STRAY_MOUNT: unmount,
         _P.MOUNT_POINT_TAKEN: wait,
@@ -870,7 +924,7 @@ PEER_TRANSITIONS: Mapping[DesiredState, Mapping[PeerState, Transition]] = {
         _P.PARTIAL_NO_SOURCE: destroy_copy,
         _P.UNMOUNTED: tidy,
         _P.SUPERSEDED: tidy,
-        _P.MOUNTED: freeze,
+        _P.MOUNTED: unmount_and_keep,
         _P.MOUNTED_ASTRAY: unmount_strays,
         _P.STRAY_MOUNT: unmount,
         _P.MOUNT_POINT_TAKEN: wait,

@@ -12,7 +12,8 @@ from pyrsistent import pmap
 from pyflock.agent._backends import BlockVolume, MemoryBlockStore
 from pyflock.agent._convergence import (
     NOTHING, PEER_LEAF_CHANGES, PEER_TRANSITIONS, TRANSITIONS, TRANSITIONS_BY_KIND,
-    BackendKind, CreateDataset, DestroyDataset, PeerState, ReceiveDataset,
+    BackendKind, CreateDataset, DemoteDataset, DestroyDataset, PeerState, ReceiveDataset,
+    ThawDataset,
     calculate_peer_changes, copy_source, peer_dataset_states, peer_desired_state,
     peer_found, AttachVolume, CreateFilesystem, CreateVolume,
     Desired, DesiredDataset, DesiredState, DestroyVolume, DetachVolume, Discovered,
@@ -540,9 +541,12 @@ PEER_EXPECTED = {
         P.STRAY_MOUNT: UNMOUNT, P.MOUNT_POINT_TAKEN: NOTHING,
     },
     DesiredState.NOT_HERE: {
-        P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: DESTROY_COPY,
-        P.PARTIAL_NO_SOURCE: DESTROY_COPY, P.UNMOUNTED: TIDY, P.SUPERSEDED: DESTROY_COPY,
-        P.MOUNTED: sequentially([UNMOUNT, TIDY]), P.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
+        # A partial copy (demoted, or a cancelled receive) is kept: a move back's base.
+        P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: TIDY,
+        P.PARTIAL_NO_SOURCE: TIDY, P.UNMOUNTED: TIDY,
+        P.SUPERSEDED: in_parallel([DemoteDataset(DS), TIDY]),
+        # Kept mounted (frozen by the move's phase 2) until the primary holds it.
+        P.MOUNTED: NOTHING, P.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
         P.STRAY_MOUNT: UNMOUNT, P.MOUNT_POINT_TAKEN: NOTHING,
     },
     DesiredState.DESTROYED: {
@@ -613,16 +617,23 @@ def peer_wanted(primary=NODE, holders=(), deleted=False):
     (peer_wanted(holders=[OTHER]), P.UNMOUNTED, {"device": COPY}, MOUNT_COPY),
     # A dead holder is no source: the partial copy waits for one.
     (peer_wanted(holders=[DEAD]), P.PARTIAL, {"snapshot": SNAPSHOT}, NOTHING),
-    # The old primary freezes its copy, keeps it while the primary has none, and
-    # destroys it once the primary reports holding it.
-    (peer_wanted(OTHER), P.MOUNTED, {"device": COPY}, sequentially([UNMOUNT, TIDY])),
+    # The old primary keeps its copy mounted while the primary has none (its transfer
+    # freezes it), unmounts it once the primary reports holding it, then demotes it to
+    # its last snapshot.
+    (peer_wanted(OTHER), P.MOUNTED, {"device": COPY}, NOTHING),
+    (peer_wanted(OTHER, holders=[OTHER]), P.MOUNTED, {"device": COPY, "frozen": True},
+     sequentially([UNMOUNT, TIDY])),
     (peer_wanted(OTHER), P.UNMOUNTED, {"device": COPY}, NOTHING),
-    (peer_wanted(OTHER, holders=[OTHER]), P.UNMOUNTED, {"device": COPY},
-     DestroyDataset(DS)),
+    (peer_wanted(OTHER, holders=[OTHER]), P.UNMOUNTED,
+     {"device": COPY, "snapshot": SNAPSHOT}, DemoteDataset(DS, keep=SNAPSHOT)),
     (peer_wanted(DEAD, holders=[DEAD]), P.UNMOUNTED, {"device": COPY}, NOTHING),
-    # A partial copy of a dataset whose primary is another node is dropped.
-    (peer_wanted(OTHER, holders=[OTHER]), P.PARTIAL, {"snapshot": SNAPSHOT},
-     DestroyDataset(DS)),
+    # A partial copy of a dataset whose primary is another node is kept (a move back's
+    # base).
+    (peer_wanted(OTHER, holders=[OTHER]), P.PARTIAL, {"snapshot": SNAPSHOT}, NOTHING),
+    # The primary's frozen copy is thawed when the move away was cancelled, unless
+    # another node already took a complete copy.
+    (peer_wanted(), P.MOUNTED, {"device": COPY, "frozen": True}, ThawDataset(DS)),
+    (peer_wanted(holders=[OTHER]), P.MOUNTED, {"device": COPY, "frozen": True}, NOTHING),
     # Every node destroys its own copy of a deleted dataset, primary or not.
     (peer_wanted(OTHER, holders=[OTHER], deleted=True), P.UNMOUNTED, {"device": COPY},
      DestroyDataset(DS)),
