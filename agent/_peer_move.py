@@ -147,28 +147,8 @@ def receive_refusal(view: Optional[MoveView], here: str, sender: str,
     return None
 
 
-@attr.s(frozen=True, auto_attribs=True)
-class Progress:
-    """A move's progress as its sender counts it: bytes sent, and the estimated total."""
-
-    bytes_done: int = 0
-    bytes_total: Optional[int] = None
-
-    def sent(self, nbytes: int) -> "Progress":
-        """This progress after ``nbytes`` more were sent; the total grows to cover them."""
-        done = self.bytes_done + nbytes
-        total = None if self.bytes_total is None else max(self.bytes_total, done)
-        return Progress(done, total)
-
-    def expecting(self, nbytes: Optional[int]) -> "Progress":
-        """This progress with a new round of an estimated ``nbytes`` (None: unknown)."""
-        if nbytes is None:
-            return self
-        return Progress(self.bytes_done, self.bytes_done + nbytes)
-
-
 __all__ = [
-    "MovePolicy", "MoveState", "MoveView", "PHASE_COPY", "PHASE_FINAL", "Progress",
+    "MovePolicy", "MoveState", "MoveView", "PHASE_COPY", "PHASE_FINAL",
     "newest_common", "next_phase", "receive_refusal", "receiver_keeps", "round_done",
     "send_refusal",
 ]

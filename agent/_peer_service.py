@@ -24,11 +24,12 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from pyflock.agent._backends._peer import IPeerBackend
-from pyflock.agent._peer_move import PHASE_FINAL, MoveView, Progress, send_refusal
+from pyflock.agent._peer_move import PHASE_FINAL, MoveView, send_refusal
 from pyflock.agent._peer_protocol import (
     END_FRAME, MAX_LINE, ProtocolError, SendAnswer, Throttle, frames, parse_request,
 )
 from pyflock.agent._peer_rounds import prepare_send, send_stream
+from pyflock.common._records import Transfer
 from pyflock.common._threads import RunBlocking
 
 _log = Logger()
@@ -222,7 +223,7 @@ class PeerTransferService:
         d.addBoth(self._done, connection)
 
     def _sent(self, dataset_id: str, nbytes: int) -> None:
-        self.progress[dataset_id] = self.progress.get(dataset_id, Progress()).sent(nbytes)
+        self.progress[dataset_id] = self.progress.get(dataset_id, Transfer()).sent(nbytes)
 
     async def _send(self, connection: _SendingRound, request) -> None:
         dataset_id = request.dataset_id
@@ -231,7 +232,7 @@ class PeerTransferService:
         if answer.error is not None:
             connection.transport.loseConnection()
             return
-        self.progress[dataset_id] = self.progress.get(dataset_id, Progress()).expecting(
+        self.progress[dataset_id] = self.progress.get(dataset_id, Transfer()).expecting(
             answer.estimate)
         writer = _FrameWriter(self.reactor, connection, lambda n: self._sent(dataset_id, n))
         snapshot = await self._run_blocking(send_stream, self.backend, dataset_id, answer,
@@ -239,7 +240,7 @@ class PeerTransferService:
         await connection.send_frame(END_FRAME)
         connection.transport.loseConnection()
         if request.phase == PHASE_FINAL:
-            progress = self.progress.pop(dataset_id, Progress())
+            progress = self.progress.pop(dataset_id, Transfer())
             event = {"dataset_id": dataset_id, "to_node": connection.requester,
                      "snapshot": snapshot, "bytes_done": progress.bytes_done,
                      "bytes_total": progress.bytes_total}

@@ -7,9 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyflock.agent._peer_move import (
-    PHASE_COPY, PHASE_FINAL, MovePolicy, MoveState, MoveView, Progress, newest_common,
+    PHASE_COPY, PHASE_FINAL, MovePolicy, MoveState, MoveView, newest_common,
     next_phase, receive_refusal, receiver_keeps, round_done, send_refusal,
 )
+from pyflock.common._records import Transfer
 from pyflock.agent._peer_protocol import (
     END_FRAME, MAX_FRAME, Decoder, ProtocolError, SendAnswer, SendRequest, Throttle, frames,
     parse_answer, parse_request,
@@ -88,10 +89,10 @@ def test_receiver_takes_only_from_a_holder_as_primary():
 
 def test_progress_counts_and_estimates():
     """Progress adds the bytes sent; each round's estimate extends the total."""
-    progress = Progress().expecting(1000).sent(400)
-    assert progress == Progress(400, 1000)
-    assert progress.sent(700) == Progress(1100, 1100), "the total never falls behind"
-    assert Progress(5).expecting(None) == Progress(5)
+    progress = Transfer().expecting(1000).sent(400)
+    assert progress == Transfer(400, 1000)
+    assert progress.sent(700) == Transfer(1100, 1100), "the total never falls behind"
+    assert Transfer(5).expecting(None) == Transfer(5)
 
 
 def test_request_round_trip():
