@@ -53,7 +53,10 @@ SCHEMA = {
         "mount-root": _PATH,
         "node": {"type": "object", "additionalProperties": False,
                  "properties": {"address": {"type": "string", "minLength": 1},
-                                "peer-port": _PORT}},
+                                "peer-port": _PORT,
+                                # Bytes per second per transfer ("100M"), or no limit.
+                                "peer-bandwidth": _SIZE,
+                                "peer-transfers": {"type": "integer", "minimum": 1}}},
         "dataset": {
             "type": "object", "required": ["backend"],
             "properties": {"backend": {"enum": ["loopback", "btrfs", "ebs"]}},
@@ -103,6 +106,10 @@ class AgentConfig:
     mount_root: str = DEFAULT_DATA_PATH + "/mounts"
     address: Optional[str] = None
     peer_port: int = 4525
+    #: The peer transfer service's limits: bytes per second per transfer (None: none),
+    #: and transfers at once on this node, sending and receiving together.
+    peer_bandwidth: Optional[int] = None
+    peer_transfers: int = 2
     backend: str = "loopback"
     backend_options: dict = attr.ib(factory=dict)
     default_size: int = DEFAULT_SIZE
@@ -139,6 +146,11 @@ def parse_config(document) -> AgentConfig:
     if node.get("address") is not None and not is_host(node["address"]):
         raise ConfigError(f"node.address: {node['address']!r} must be an IP address or a "
                           f"host name (the control service refuses anything else)")
+    try:
+        bandwidth = node.get("peer-bandwidth")
+        bandwidth = None if bandwidth is None else parse_size(str(bandwidth))
+    except ValueError as e:
+        raise ConfigError(f"node.peer-bandwidth: {e} (bytes per second, as 100M)")
     data_path = document.get("data-path", DEFAULT_DATA_PATH)
     if backend == "loopback":
         dataset.setdefault("root_path", os.path.join(data_path, "loopback"))
@@ -149,6 +161,7 @@ def parse_config(document) -> AgentConfig:
         data_path=data_path,
         mount_root=document.get("mount-root", os.path.join(data_path, "mounts")),
         address=node.get("address"), peer_port=node.get("peer-port", 4525),
+        peer_bandwidth=bandwidth, peer_transfers=node.get("peer-transfers", 2),
         backend=backend, backend_options=dataset, default_size=default_size,
         plugin_socket=document.get("plugin", {}).get("socket", DEFAULT_SOCKET),
         docker_socket=document.get("plugin", {}).get("docker", DEFAULT_DOCKER_SOCKET))

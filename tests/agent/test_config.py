@@ -42,6 +42,16 @@ plugin: {socket: /s.sock}
         {"root_path": "/l"}, "/m", "/d/agent")
 
 
+def test_peer_transfer_limits():
+    """The peer transfer limits default to no bandwidth limit and 2 transfers at once;
+    a bandwidth is a size per second."""
+    config = parse_config(MINIMAL)
+    assert (config.peer_bandwidth, config.peer_transfers) == (None, 2)
+    config = parse_config({**MINIMAL, "node": {"peer-bandwidth": "100M",
+                                               "peer-transfers": 4}})
+    assert (config.peer_bandwidth, config.peer_transfers) == (100 * 1024 ** 2, 4)
+
+
 def test_ebs_needs_no_zone():
     """The ebs backend needs no key: zone and region come from the instance metadata."""
     config = parse_config({**MINIMAL, "dataset": {"backend": "ebs"}})
@@ -65,6 +75,8 @@ def test_ebs_needs_no_zone():
     ({"dataset": {"backend": "ebs", "attachment_limit": 1}}, "dataset.attachment_limit"),
     ({"dataset": {"backend": "loopback", "default_size": "lots"}}, "dataset.default_size"),
     ({"surprise": 1}, "'surprise' was unexpected"),
+    ({"node": {"peer-bandwidth": "fast"}}, "node.peer-bandwidth"),
+    ({"node": {"peer-transfers": 0}}, "node.peer-transfers: 0 is less than"),
     ({"node": {"address": "my host"}}, "node.address: 'my host' must be an IP address or a "
                                        "host name"),
 ])

@@ -1,0 +1,189 @@
+"""
+Agents' convergence on a peer-to-peer backend, end to end in one process: two nodes'
+``peer_convergence_loop``s over ``MemoryPeerBackend``s, their peer transfer services
+talking real mutual TLS on 127.0.0.x, and a tiny control service that pushes each
+change of the configuration, and of who holds what, to both as an ``AgentView``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import pytest_twisted
+from pyrsistent import pmap
+from twisted.internet.task import deferLater
+
+from pyflock.agent._backends import MemoryPeerBackend
+from pyflock.agent._backends._peer import PeerDataset
+from pyflock.agent._convergence import PeerState
+from pyflock.agent._peer_move import MovePolicy
+from pyflock.agent._peer_runner import (
+    PeerTransfers, classify_copies, peer_convergence_loop, with_transfers,
+)
+from pyflock.agent._peer_service import TransferSettings
+from pyflock.agent._view import AgentView
+from pyflock.common._records import Dataset, DatasetEntry, DatasetReport, Node, Transfer
+from pyflock.common._tls import ClusterTLS
+from tests.harness.certificates import make_cluster_certificates
+
+DS = "5f0c9a1e-7d2b-4c3e-8f1a-2b3c4d5e6f71"
+SIZE = 64 * 1024 * 1024
+
+
+def test_classify_copies():
+    """A partial copy, a mounted and an unmounted complete one, and a stray mount."""
+    copies = [PeerDataset("a", SIZE, None, ("s1",)),
+              PeerDataset("b", SIZE, "/p/b", ("s2",), frozen=True),
+              PeerDataset("c", SIZE, "/p/c")]
+    found = classify_copies("n", "/m", copies, frozenset({"b", "x"}), frozenset({"c"}))
+    assert {k: v.state for k, v in found.datasets.items()} == {
+        "a": PeerState.PARTIAL, "b": PeerState.MOUNTED, "c": PeerState.UNMOUNTED,
+        "x": PeerState.STRAY_MOUNT}
+    assert (found.datasets["a"].snapshot, found.datasets["b"].frozen,
+            found.datasets["c"].mount_point_left) == ("s1", True, True)
+
+
+def test_with_transfers():
+    """The progress of each dataset being sent joins its report, and only its."""
+    reports = pmap({"a": DatasetReport("a", "moving"), "b": DatasetReport("b", "mounted")})
+    joined = with_transfers(reports, {"a": Transfer(5, 10)})
+    assert (joined["a"].transfer, joined["b"].transfer) == (Transfer(5, 10), None)
+
+
+class Filesystems:
+    """A node's mount table, as ``IFilesystems`` gives it to the peer runner."""
+
+    def __init__(self):
+        self.mounted: dict = {}
+        self.directories: set = set()
+
+    def mounts(self, root):
+        """The mounts under ``root``."""
+        return [type("Mount", (), {"mount_point": p})() for p in self.mounted]
+
+    def empty_directories(self, root):
+        """Mount points left without a mount."""
+        return frozenset(os.path.basename(p) for p in self.directories - set(self.mounted))
+
+    def mount(self, device, path):
+        """Mount a copy's folder."""
+        self.mounted[path] = device
+        self.directories.add(path)
+
+    def unmount(self, path):
+        """Unmount whatever is at ``path``."""
+        self.mounted.pop(path, None)
+
+    def remove_mount_point(self, path):
+        """Remove the empty mount point."""
+        assert path not in self.mounted
+        self.directories.discard(path)
+
+
+class MiniControl:
+    """The configuration and who reports what, pushed to every node as an AgentView."""
+
+    def __init__(self):
+        self.version = 0
+        self.primary = None
+        self.nodes: dict = {}
+        self.reports: dict = {}
+        self.loops: dict = {}
+
+    def view(self) -> AgentView:
+        """The view every node gets now."""
+        datasets = {}
+        if self.primary is not None:
+            holders = [n for n, r in self.reports.items() if DS in r]
+            datasets[DS] = DatasetEntry.of(Dataset(DS, self.primary, SIZE), holders=holders)
+        return AgentView(epoch="e", version=self.version, datasets=pmap(datasets),
+                         nodes=pmap(self.nodes))
+
+    def push(self) -> None:
+        """Push the current view to every loop."""
+        self.version += 1
+        view = self.view()
+        for loop in self.loops.values():
+            loop.update(view)
+
+    def reporter(self, node):
+        """``report_state`` of ``node``'s loop."""
+        def report(reports):
+            self.reports[node] = reports
+            self.push()
+        return report
+
+    async def until(self, condition, reactor):
+        """Wait until ``condition()`` holds (looking every 10 ms, for at most 20 s)."""
+        for _ in range(2000):
+            if condition():
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError("the nodes did not get there")
+
+
+@pytest.fixture
+def reactor():
+    """The global reactor that pytest-twisted runs."""
+    from twisted.internet import reactor
+    return reactor
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_agents_move_a_dataset_and_back(reactor, tmp_path):
+    """Node A creates and mounts the dataset; moved to B, B mounts a copy with A's data
+    and A keeps only its last snapshot; moved back, A mounts it again with B's writes,
+    having received only the delta."""
+    certs = make_cluster_certificates(tmp_path, nodes=2)
+    control = MiniControl()
+    nodes = {}
+    ports = []
+    try:
+        for index, uuid in enumerate(certs.node_uuids):
+            backend = MemoryPeerBackend(uuid)
+            tls = ClusterTLS.load(certs.node_directory(uuid), "node")
+            transfers = PeerTransfers(reactor, backend, tls, current_view=control.view,
+                                      settings=TransferSettings(), policy=MovePolicy(
+                                          small_delta=4096))
+            host = f"127.0.0.{20 + index}"
+            port = await transfers.listen(host, 0)
+            ports.append(port)
+            control.nodes[uuid] = Node(uuid, host, port.getHost().port)
+            filesystems = Filesystems()
+            loop = peer_convergence_loop(reactor, backend, filesystems, "/m",
+                                         control.reporter(uuid), transfers,
+                                         poll_interval=0.05, interval=0.2)
+            control.loops[uuid] = loop
+            nodes[uuid] = (backend, filesystems, transfers)
+        a, b = certs.node_uuids
+        for loop in control.loops.values():
+            loop.start()
+        control.primary = a
+        control.push()
+        await control.until(lambda: "/m/" + DS in nodes[a][1].mounted, reactor)
+        nodes[a][0].write_file(DS, "data", b"x" * 100_000)
+
+        control.primary = b
+        control.push()
+        await control.until(lambda: "/m/" + DS in nodes[b][1].mounted and
+                            not nodes[a][0].get_dataset(DS).complete, reactor)
+        assert nodes[b][0].read_file(DS, "data") == b"x" * 100_000
+        assert nodes[a][0].get_dataset(DS).snapshots == nodes[b][0].get_dataset(DS).snapshots
+        [first] = nodes[a][2].service.finished
+        nodes[b][0].write_file(DS, "more", b"y" * 100)
+
+        control.primary = a
+        control.push()
+        await control.until(lambda: "/m/" + DS in nodes[a][1].mounted and
+                            not nodes[b][0].get_dataset(DS).complete, reactor)
+        assert (nodes[a][0].read_file(DS, "data"), nodes[a][0].read_file(DS, "more")) == (
+            b"x" * 100_000, b"y" * 100)
+        [back] = nodes[b][2].service.finished
+        assert back["bytes_done"] < first["bytes_done"] / 10, (back, first)
+    finally:
+        for loop in control.loops.values():
+            await loop.stop()
+        for port in ports:
+            await port.stopListening()
