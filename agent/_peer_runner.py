@@ -81,9 +81,10 @@ def discover_copies(backend: IPeerBackend, filesystems, mount_root: str) -> Disc
 
 
 def with_transfers(reports, progress: dict):
-    """This node's reports with the progress of each dataset it sends (pure)."""
+    """This node's reports with the progress of each dataset it is moving away (pure)."""
     return pmap({dataset_id: (attr.evolve(report, transfer=progress[dataset_id])
-                              if dataset_id in progress else report)
+                              if dataset_id in progress and report.state == "moving"
+                              else report)
                  for dataset_id, report in reports.items()})
 
 

@@ -201,6 +201,7 @@ class PeerTransferService:
         self._view_of = view_of
         self._run_blocking = run_blocking
         self.progress: dict = {}
+        self._sending_to: dict = {}
         #: Each move sent to its end, as its log event gives it (tests read it).
         self.finished: list = []
 
@@ -227,6 +228,10 @@ class PeerTransferService:
 
     async def _send(self, connection: _SendingRound, request) -> None:
         dataset_id = request.dataset_id
+        if self._sending_to.get(dataset_id) != connection.requester:
+            # A new move (or one redirected elsewhere): its progress starts again.
+            self._sending_to[dataset_id] = connection.requester
+            self.progress.pop(dataset_id, None)
         answer = await self._run_blocking(prepare_send, self.backend, request)
         connection.transport.write(answer.to_line())
         if answer.error is not None:
@@ -241,6 +246,7 @@ class PeerTransferService:
         connection.transport.loseConnection()
         if request.phase == PHASE_FINAL:
             progress = self.progress.pop(dataset_id, Transfer())
+            self._sending_to.pop(dataset_id, None)
             event = {"dataset_id": dataset_id, "to_node": connection.requester,
                      "snapshot": snapshot, "bytes_done": progress.bytes_done,
                      "bytes_total": progress.bytes_total}

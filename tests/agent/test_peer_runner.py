@@ -45,9 +45,10 @@ def test_classify_copies():
 
 
 def test_with_transfers():
-    """The progress of each dataset being sent joins its report, and only its."""
+    """The progress of each dataset being moved away joins its report, and only its (a
+    cancelled move's progress is not shown on the mounted dataset)."""
     reports = pmap({"a": DatasetReport("a", "moving"), "b": DatasetReport("b", "mounted")})
-    joined = with_transfers(reports, {"a": Transfer(5, 10)})
+    joined = with_transfers(reports, {"a": Transfer(5, 10), "b": Transfer(1, 2)})
     assert (joined["a"].transfer, joined["b"].transfer) == (Transfer(5, 10), None)
 
 

@@ -184,6 +184,21 @@ async def test_broken_connection_restarts_from_last_common_snapshot(cluster, rea
     assert sender.slots.used == 0
 
 
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_bandwidth_limit_and_busy_sender(cluster):
+    """A throttled sender still completes the move; a sender making its most transfers
+    at once answers that it is busy, and the move can be made once it is not."""
+    (a, sender, _), (b, _, receiver) = move(cluster, 0, 1)
+    sender.settings = TransferSettings(bandwidth=8 * 1024 * 1024)
+    sender.slots.used = sender.slots.limit
+    with pytest.raises(TransferRefused, match="already makes 2 transfers at once"):
+        await receiver.receive(DS, cluster.uuids[0])
+    sender.slots.used = 0
+    await receiver.receive(DS, cluster.uuids[0])
+    assert b.read_file(DS, "big") == bytes(range(256)) * 4096
+
+
 def abort_all(cluster) -> None:
     """Abort every connection to every node's peer port (a network failure)."""
     for port in cluster.ports:
