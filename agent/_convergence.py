@@ -721,7 +721,8 @@ def dataset_states(desired: Desired, discovered: Discovered):
 # last delta once the old primary froze it: ``pyflock.agent._peer_move``), instead of
 # attaching it. The old primary keeps its frozen copy mounted until the primary holds
 # the dataset, then unmounts it and demotes it to its last snapshot, the base of a move
-# back; a frozen copy whose node is the primary again (a cancelled move) is thawed. Both kinds
+# back; a frozen copy whose node is the primary again (a cancelled move) is thawed, or,
+# if the new node already took the dataset, demoted so that its changes come back. Both kinds
 # share the mount steps (``MountFilesystem``, ``UnmountFilesystem``,
 # ``RemoveMountPoint``; the mount states and their rows); a peer copy is a filesystem
 # when it is made, so it has no filesystem steps of its own.
@@ -729,10 +730,11 @@ def dataset_states(desired: Desired, discovered: Discovered):
 # Who holds what comes from the view's ``holders``: on a peer backend a node reports a
 # dataset only while it holds a complete copy of it (or creates it as its primary), never
 # a partial one, so that "the primary holds it" means the move is done and the old copy
-# may go. Known gaps, for the btrfs issue (they need the view to say which copy is the
-# current one, a new field and so a new protocol version): a dataset whose only copy is on
-# a dead node (wiped from the holders) looks never made, and its primary would create it
-# empty; a move back to a node that still holds an older copy would mount that copy.
+# may go, and never a frozen copy once another node reports a complete one (that copy
+# was made from the frozen one). A copy lets go only once frozen: only then can another
+# node hold all of its data. Known gap (it needs the view to say which copy is the current
+# one, a new field and so a new protocol version): a dataset whose only copy is on a dead
+# node (wiped from the holders) looks never made, and its primary would create it empty.
 
 
 class BackendKind(enum.Enum):
@@ -856,21 +858,44 @@ def _primary_holds(wanted) -> bool:
 def hand_over(node_uuid, wanted, found):
     """
     Keep the old primary's copy mounted while the new primary copies it (its transfer
-    freezes it for the last delta); once the new primary holds it, unmount it here.
+    freezes it for the last delta); once the new primary holds it, unmount it here. A copy
+    that is not frozen was never sent whole, so whatever the primary holds is older.
     """
-    if _primary_holds(wanted):
+    if found.frozen and _primary_holds(wanted):
         return unmount_and_keep(node_uuid, wanted, found)
     return wait(node_uuid, wanted, found)
+
+
+def _taken_elsewhere(wanted, found) -> bool:
+    """
+    Whether this node's copy is frozen and another node reports a complete copy: a move
+    away froze it and completed elsewhere (that copy was made from this one's last
+    snapshot, and may have been written since), so this one no longer counts.
+    """
+    return found.frozen and wanted is not None and bool(wanted.holders)
 
 
 def keep_mounted(node_uuid, wanted, found):
     """
     The primary's mounted copy: thaw it if a move away froze it and was cancelled before
-    any other node took the dataset (then only this copy counts).
+    any other node took the dataset (then only this copy counts); if another node took
+    it, let go of this copy to receive that one's changes back.
     """
-    if found.frozen and not (wanted is not None and wanted.holders):
+    if _taken_elsewhere(wanted, found):
+        return unmount_and_keep(node_uuid, wanted, found)
+    if found.frozen:
         return ThawDataset(dataset_id=found.dataset_id)
     return wait(node_uuid, wanted, found)
+
+
+def mount_copy(node_uuid, wanted, found):
+    """
+    Mount the primary's complete copy, unless it is frozen and another node took the
+    dataset: then demote it to its last snapshot, the base to receive that copy from.
+    """
+    if _taken_elsewhere(wanted, found):
+        return DemoteDataset(dataset_id=found.dataset_id, keep=found.snapshot)
+    return mount(node_uuid, wanted, found)
 
 
 def demote(node_uuid, wanted, found):
@@ -895,7 +920,7 @@ PEER_TRANSITIONS: Mapping[DesiredState, Mapping[PeerState, Transition]] = {
         _P.HELD_ELSEWHERE: receive,
         _P.PARTIAL: receive,
         _P.PARTIAL_NO_SOURCE: wait,
-        _P.UNMOUNTED: mount,
+        _P.UNMOUNTED: mount_copy,
         _P.SUPERSEDED: mount,
         _P.MOUNTED: keep_mounted,
         _P.MOUNTED_ASTRAY: unmount_strays,
@@ -997,7 +1022,9 @@ def peer_found(desired: Desired, discovered: Discovered,
         return attr.evolve(found, holder=source,
                            state=_P.PARTIAL if source else _P.PARTIAL_NO_SOURCE)
     wanted = desired.datasets.get(dataset_id)
-    if (found.state is _P.UNMOUNTED and wanted is not None
+    # Only a frozen copy can have been sent whole (a move's phase 2 froze it): a copy
+    # still writable here is newer than whatever the primary holds, and stays the source.
+    if (found.state is _P.UNMOUNTED and wanted is not None and found.frozen
             and wanted.primary != desired.node_uuid and wanted.primary in wanted.holders
             and not desired.is_dead(wanted.primary)):
         return attr.evolve(found, state=_P.SUPERSEDED)
@@ -1036,6 +1063,17 @@ _PEER_STATUS = {
 }
 
 
+def _superseded_frozen(desired: Desired, found: DiscoveredDataset) -> bool:
+    """
+    Whether this node's copy is frozen while another live node reports a complete one:
+    that copy was made from this one's last snapshot (and may have been written since),
+    so this one no longer counts and is not reported, lest a node copy from it.
+    """
+    wanted = desired.datasets.get(found.dataset_id)
+    return (found.frozen and wanted is not None
+            and any(not desired.is_dead(n) for n in wanted.holders))
+
+
 def peer_dataset_states(desired: Desired, discovered: Discovered):
     """
     What this node reports on a peer-to-peer backend (pure): a ``pmap`` of dataset id to
@@ -1046,7 +1084,7 @@ def peer_dataset_states(desired: Desired, discovered: Discovered):
         found = peer_found(desired, discovered, dataset_id)
         wanted_state = peer_desired_state(desired, dataset_id)
         status = _PEER_STATUS.get(wanted_state, {}).get(found.state)
-        if status is None:
+        if status is None or _superseded_frozen(desired, found):
             continue
         wanted = desired.datasets[dataset_id]
         states[dataset_id] = DatasetReport(

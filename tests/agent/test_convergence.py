@@ -625,7 +625,12 @@ def peer_wanted(primary=NODE, holders=(), deleted=False):
      sequentially([UNMOUNT, TIDY])),
     (peer_wanted(OTHER), P.UNMOUNTED, {"device": COPY}, NOTHING),
     (peer_wanted(OTHER, holders=[OTHER]), P.UNMOUNTED,
-     {"device": COPY, "snapshot": SNAPSHOT}, DemoteDataset(DS, keep=SNAPSHOT)),
+     {"device": COPY, "snapshot": SNAPSHOT, "frozen": True},
+     DemoteDataset(DS, keep=SNAPSHOT)),
+    # A copy that was never frozen was never sent whole: it is newer than what the
+    # primary holds, and stays (mounted, or as the source).
+    (peer_wanted(OTHER, holders=[OTHER]), P.MOUNTED, {"device": COPY}, NOTHING),
+    (peer_wanted(OTHER, holders=[OTHER]), P.UNMOUNTED, {"device": COPY}, NOTHING),
     (peer_wanted(DEAD, holders=[DEAD]), P.UNMOUNTED, {"device": COPY}, NOTHING),
     # A partial copy of a dataset whose primary is another node is kept (a move back's
     # base).
@@ -633,7 +638,13 @@ def peer_wanted(primary=NODE, holders=(), deleted=False):
     # The primary's frozen copy is thawed when the move away was cancelled, unless
     # another node already took a complete copy.
     (peer_wanted(), P.MOUNTED, {"device": COPY, "frozen": True}, ThawDataset(DS)),
-    (peer_wanted(holders=[OTHER]), P.MOUNTED, {"device": COPY, "frozen": True}, NOTHING),
+    # ... and if another node took it meanwhile, this copy lets go (unmount, demote to its
+    # last snapshot) to receive that one's changes back.
+    (peer_wanted(holders=[OTHER]), P.MOUNTED, {"device": COPY, "frozen": True},
+     sequentially([UNMOUNT, TIDY])),
+    (peer_wanted(holders=[OTHER]), P.UNMOUNTED,
+     {"device": COPY, "frozen": True, "snapshot": SNAPSHOT}, DemoteDataset(DS, SNAPSHOT)),
+    (peer_wanted(), P.UNMOUNTED, {"device": COPY, "frozen": True}, MOUNT_COPY),
     # Every node destroys its own copy of a deleted dataset, primary or not.
     (peer_wanted(OTHER, holders=[OTHER], deleted=True), P.UNMOUNTED, {"device": COPY},
      DestroyDataset(DS)),
@@ -648,11 +659,15 @@ def test_peer_changes_from_the_view(wanted, state, fields, expected):
 
 
 def test_peer_found_completes_discovery():
-    """``peer_found`` names the source to receive from, and a superseded copy."""
-    here = discovered(found(P.UNMOUNTED, device=COPY))
+    """``peer_found`` names the source to receive from, and a superseded copy: a frozen
+    one (a move's phase 2 sent all of it) whose primary reports a copy."""
+    here = discovered(found(P.UNMOUNTED, device=COPY, frozen=True))
     assert peer_found(desired(peer_wanted(holders=[OTHER])), discovered(), DS).holder == OTHER
     assert peer_found(desired(peer_wanted(OTHER, holders=[OTHER])), here, DS).state \
         is P.SUPERSEDED
+    writable = discovered(found(P.UNMOUNTED, device=COPY))
+    assert peer_found(desired(peer_wanted(OTHER, holders=[OTHER])), writable, DS).state \
+        is P.UNMOUNTED
     assert peer_found(desired(peer_wanted(OTHER)), here, DS).state is P.UNMOUNTED
     assert copy_source(desired(peer_wanted(holders=[OTHER, "node-0", DEAD])), DS) == "node-0"
     assert peer_desired_state(desired(peer_wanted(OTHER, deleted=True)), DS) \
@@ -683,4 +698,21 @@ def test_peer_dataset_states(wanted, state, expected):
     datasets = () if wanted is None else (wanted,)
     found_here = () if state is None else (found(state, size=SIZE, device=COPY),)
     states = peer_dataset_states(desired(*datasets), discovered(*found_here))
+    assert (pmap() if expected is None else pmap({DS: expected})) == states
+
+
+@pytest.mark.parametrize("wanted,expected", [
+    # The source of a move still under way, frozen for its phase 2: still the source.
+    (peer_wanted(OTHER), DatasetReport(DS, "moving", None, SIZE)),
+    # Another node completed a copy from it: this one no longer counts.
+    (peer_wanted(OTHER, holders=[OTHER]), None),
+    (peer_wanted(holders=[OTHER]), None),
+    # ... unless that node is dead.
+    (peer_wanted(DEAD, holders=[DEAD]), DatasetReport(DS, "moving", None, SIZE)),
+])
+def test_frozen_copy_reported_only_as_the_only_copy(wanted, expected):
+    """A frozen copy is reported only while no other live node reports a complete one,
+    so that no node copies from it once a newer copy exists."""
+    here = discovered(found(P.UNMOUNTED, size=SIZE, device=COPY, frozen=True))
+    states = peer_dataset_states(desired(wanted), here)
     assert (pmap() if expected is None else pmap({DS: expected})) == states

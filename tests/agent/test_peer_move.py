@@ -135,6 +135,20 @@ class Cluster:
         receive_move(backend, MovePolicy(small_delta=1000), MoveState(DS, leaf.from_node),
                      one_round)
 
+    def write(self, number: int, nodes=(A, B)) -> bool:
+        """A container writes ``number`` on each of ``nodes`` that has the dataset
+        mounted; whether a write was acknowledged (a frozen copy refuses it)."""
+        acknowledged = False
+        for name in nodes:
+            node = self.nodes[name]
+            if DS in node.mounted:
+                try:
+                    node.backend.write_file(DS, "data", str(number).encode())
+                    acknowledged = True
+                except OSError as e:
+                    assert e.errno == errno.EROFS
+        return acknowledged
+
     def writable(self) -> set:
         """The nodes holding a writable (complete, not frozen) copy."""
         return {n for n, node in self.nodes.items()
@@ -282,21 +296,45 @@ def test_any_schedule_of_a_move_keeps_the_data(before, after):
     finish(cluster)
     a = cluster.nodes[A]
     a.backend.write_file(DS, "data", b"0")
-    last = b"0"
     cluster.primary = B
-    for number, action in enumerate(after, 1):
-        if action == "write":
-            if DS in a.mounted:
-                try:
-                    a.backend.write_file(DS, "data", str(number).encode())
-                    last = str(number).encode()   # acknowledged
-                except OSError as e:
-                    assert e.errno == errno.EROFS
-        else:
-            cluster.step(action)
-        assert cluster.holding_complete(), "some node always holds a complete copy"
-        assert len(cluster.writable()) <= 1, "never two writable copies"
+    last = play(cluster, after, writers=[A]) or b"0"
     finish(cluster)
     b = cluster.nodes[B]
     assert DS in b.mounted and b.backend.read_file(DS, "data") == last
     assert not a.backend.get_dataset(DS).complete
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([A, B, "write", "move"]), max_size=30))
+def test_moves_back_and_forth_keep_every_write(actions):
+    """Moves cancelled, redirected back or made again at any point, with writes wherever
+    the dataset is mounted and writable: every acknowledged write survives on the final
+    primary, and there is never more than one writable copy."""
+    cluster = Cluster(primary=A)
+    finish(cluster)
+    last = play(cluster, actions)
+    finish(cluster)
+    home = cluster.nodes[cluster.primary]
+    assert DS in home.mounted and home.backend.read_file(DS, "data") == last
+    assert cluster.writable() == {cluster.primary}
+
+
+def play(cluster: Cluster, actions, writers=(A, B)):
+    """
+    Play ``actions`` on ``cluster``: a node's name is its step, "write" a container's
+    write on ``writers`` where mounted, "move" a change of primary; checking after each
+    that some node holds a complete copy and at most one a writable copy. The last
+    acknowledged write's data (None if none).
+    """
+    last = None
+    for number, action in enumerate(actions, 1):
+        if action == "move":
+            cluster.primary = B if cluster.primary == A else A
+        elif action == "write":
+            if cluster.write(number, writers):
+                last = str(number).encode()
+        else:
+            cluster.step(action)
+        assert cluster.holding_complete(), "some node always holds a complete copy"
+        assert len(cluster.writable()) <= 1, "never two writable copies"
+    return last
