@@ -51,12 +51,14 @@ class Cluster:
         self.ports: list = []
         self.uuids = list(certs.node_uuids[:count])
 
-    async def start(self, uuid: str, index: int, certificates=None, is_revoked=None):
-        """Start node ``uuid``'s service on 127.0.0.(2+index); its backend."""
+    async def start(self, uuid: str, index: int, certificates=None, is_revoked=None,
+                    backend=None):
+        """Start node ``uuid``'s service on 127.0.0.(2+index) over ``backend`` (a new
+        one by default: the node's storage); its backend."""
         folder = certificates or self.certs.node_directory(uuid)
         tls = (ClusterTLS.load(folder, "node") if is_revoked is None else
                ClusterTLS.load(folder, "node", is_revoked=is_revoked))
-        backend = HookedBackend(uuid)
+        backend = backend or HookedBackend(uuid)
         slots = Slots(2)
         host = f"127.0.0.{2 + index}"
         listener = tls.listener(self.reactor, f"tcp:0:interface={host}", PEER_TRANSFER)
@@ -196,6 +198,31 @@ async def test_bandwidth_limit_and_busy_sender(cluster):
         await receiver.receive(DS, cluster.uuids[0])
     sender.slots.used = 0
     await receiver.receive(DS, cluster.uuids[0])
+    assert b.read_file(DS, "big") == bytes(range(256)) * 4096
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_sender_crash_mid_round_then_restart(cluster):
+    """The sender dying mid-stream (its export fails after part of it went) fails the
+    move; restarted over the same storage, it completes it from the common snapshot."""
+    a_uuid = cluster.uuids[0]
+    (a, _, _), (b, _, receiver) = move(cluster, 0, 1)
+
+    def die_in_second_round(base, into):
+        if len(a.bases) == 2:
+            into.write(b'{"format": "pyflock-memory')
+            raise RuntimeError("killed -9")
+
+    a.on_export = die_in_second_round
+    with pytest.raises(ConnectionBroken):
+        await receiver.receive(DS, a_uuid)
+    partial = b.get_dataset(DS)
+    a.on_export = lambda base, into: None
+    a.bases = []
+    await cluster.start(a_uuid, 7, backend=a)      # the agent restarted: a new service
+    await receiver.receive(DS, a_uuid)
+    assert a.bases[0] == partial.latest
     assert b.read_file(DS, "big") == bytes(range(256)) * 4096
 
 
