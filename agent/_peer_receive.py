@@ -16,12 +16,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import blockingCallFromThread
+from twisted.protocols.policies import TimeoutMixin
 
 from pyflock.agent._backends._peer import IPeerBackend
 from pyflock.agent._peer_move import MovePolicy, MoveState, receive_refusal
 from pyflock.agent._peer_protocol import Decoder, MAX_FRAME, ProtocolError, parse_answer
 from pyflock.agent._peer_rounds import TransferRefused, prepare_receive, receive_move
-from pyflock.agent._peer_service import ConnectionBroken, Slots
+from pyflock.agent._peer_service import DEFAULT_IDLE_TIMEOUT, ConnectionBroken, Slots
 from pyflock.common._threads import RunBlocking
 from pyflock.common._tls import ClusterTLS, Identity
 
@@ -106,27 +107,41 @@ class _StreamReader:
             return self._ended and self._end is None
 
 
-class _ReceivingRound(Protocol):
-    """One connection to a sender: the request out, the answer and the stream in."""
+class _ReceivingRound(Protocol, TimeoutMixin):
+    """
+    One connection to a sender: the request out, the answer and the stream in; given up
+    as broken after ``idle_timeout`` seconds without data (while the import keeps up).
+    """
 
-    def __init__(self, request, reactor):
+    def __init__(self, request, reactor, idle_timeout: float):
         self._request = request
+        self._idle_timeout = idle_timeout
+        self.callLater = reactor.callLater
         self._decoder = Decoder()
         self.answered: Deferred = Deferred()
         self.reader = _StreamReader(reactor, self._pause, self._resume)
 
     def _pause(self) -> None:
+        # The import lags: the sender waits for it, which is no stall of the sender's.
+        self.setTimeout(None)
         if self.transport is not None:
             self.transport.pauseProducing()
 
     def _resume(self) -> None:
         if self.transport is not None and self.transport.connected:
+            self.setTimeout(self._idle_timeout)
             self.transport.resumeProducing()
 
     def connectionMade(self) -> None:
+        self.setTimeout(self._idle_timeout)
         self.transport.write(self._request.to_line())
 
+    def timeoutConnection(self) -> None:
+        self._broken(ConnectionBroken(f"no data from the sender for "
+                                      f"{self._idle_timeout:g} s"))
+
     def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
         try:
             items = self._decoder.feed(data)
         except ProtocolError as e:
@@ -145,13 +160,17 @@ class _ReceivingRound(Protocol):
                 self.reader.put(item)
 
     def _broken(self, error: Exception) -> None:
+        """Give the round up with ``error``, which the import and the answer's waiter see."""
         self.reader.end(error)
+        if not self.answered.called:
+            self.answered.errback(error)
         self.transport.abortConnection()
 
     def connectionLost(self, reason) -> None:
+        self.setTimeout(None)
         broken = ConnectionBroken(f"the connection closed before the stream ended: "
                                   f"{reason.getErrorMessage()}")
-        self.reader.end(broken)
+        self.reader.end(broken)         # nothing if it ended (or broke) already
         if not self.answered.called:
             self.answered.errback(broken)
 
@@ -166,7 +185,8 @@ class PeerReceiver:
 
     def __init__(self, reactor, backend: IPeerBackend, tls: ClusterTLS, *,
                  view_of: Callable, address_of: Callable, run_blocking: RunBlocking,
-                 slots: Slots, policy: MovePolicy = MovePolicy()):
+                 slots: Slots, policy: MovePolicy = MovePolicy(),
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
         self._reactor = reactor
         self._backend = backend
         self._tls = tls
@@ -175,6 +195,7 @@ class PeerReceiver:
         self._run_blocking = run_blocking
         self._slots = slots
         self._policy = policy
+        self._idle_timeout = idle_timeout
 
     def receive(self, dataset_id: str, from_node: str) -> Deferred:
         """
@@ -216,7 +237,7 @@ class PeerReceiver:
         host, port = address
         endpoint = self._tls.client_endpoint(self._reactor, host, port,
                                              Identity.node(from_node))
-        connection = _ReceivingRound(request, self._reactor)
+        connection = _ReceivingRound(request, self._reactor, self._idle_timeout)
 
         def failed(failure):
             self._slots.give_back()

@@ -110,7 +110,8 @@ class PeerTransfers:
             run_blocking=run_blocking, settings=settings, slots=self.slots)
         self.receiver = PeerReceiver(
             reactor, backend, tls, view_of=self.view_of, address_of=self.address_of,
-            run_blocking=run_blocking, slots=self.slots, policy=policy)
+            run_blocking=run_blocking, slots=self.slots, policy=policy,
+            idle_timeout=settings.idle_timeout)
 
     def view_of(self, dataset_id: str):
         """The ``MoveView`` of ``dataset_id`` in the current view."""

@@ -16,12 +16,13 @@ from typing import Callable, Optional
 import attr
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import TimeoutMixin
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from pyflock.agent._backends._peer import IPeerBackend
 from pyflock.agent._peer_move import PHASE_FINAL, MoveView, send_refusal
@@ -37,6 +38,10 @@ _log = Logger()
 #: At most this many transfers at once per node, unless configured (``node.peer-transfers``).
 DEFAULT_MAX_TRANSFERS = 2
 
+#: Seconds a round may go without a byte moving (either way) before it is given up as
+#: broken; generous, since a sender may scan a large tree before its stream goes on.
+DEFAULT_IDLE_TIMEOUT = 300.0
+
 
 class ConnectionBroken(Exception):
     """The connection of a round closed before its stream ended."""
@@ -46,12 +51,14 @@ class ConnectionBroken(Exception):
 class TransferSettings:
     """
     A node's transfer limits: at most ``max_transfers`` rounds at once (sending and
-    receiving together; a sender answers "busy" beyond it), and ``bandwidth`` bytes per
-    second per round (None: no limit).
+    receiving together; a sender answers "busy" beyond it), ``bandwidth`` bytes per
+    second per round (None: no limit), and ``idle_timeout`` seconds without progress
+    before a round is given up.
     """
 
     max_transfers: int = DEFAULT_MAX_TRANSFERS
     bandwidth: Optional[float] = None
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
 
 class Slots:
@@ -74,11 +81,12 @@ class Slots:
 
 
 @implementer(IPushProducer)
-class _SendingRound(Protocol):
+class _SendingRound(Protocol, TimeoutMixin):
     """One connection to the peer port: one round of a move, sent."""
 
     def __init__(self, service: "PeerTransferService"):
         self._service = service
+        self.callLater = service.reactor.callLater
         self._buffer = b""
         self._requested = False
         self._paused: Optional[Deferred] = None
@@ -88,6 +96,13 @@ class _SendingRound(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
+        self.setTimeout(self._service.settings.idle_timeout)
+
+    def timeoutConnection(self) -> None:
+        _log.warn("pyflock:peer:send-stalled no progress for {seconds} s",
+                  seconds=self.timeOut, requester=self.requester,
+                  event_type="pyflock:peer:send-stalled")
+        self.transport.abortConnection()
 
     # IPushProducer: the transport's buffer is full, or drained.
     def pauseProducing(self) -> None:
@@ -104,9 +119,11 @@ class _SendingRound(Protocol):
         self.resumeProducing()
 
     def connectionLost(self, reason) -> None:
+        self.setTimeout(None)
         self.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
         if self._requested:
             self.transport.abortConnection()      # nothing may follow the request
             return
@@ -151,6 +168,7 @@ class _SendingRound(Protocol):
             if self._lost:
                 raise ConnectionBroken("the receiver closed the connection")
             self.transport.write(frame)
+            self.resetTimeout()
             return self._paused
 
         return waited.addCallback(write)
@@ -258,8 +276,13 @@ class PeerTransferService:
         self.slots.give_back()
         if isinstance(result, Failure):
             # Abort, so that the receiver sees a broken round and discards it.
-            _log.failure("pyflock:peer:send-failed", result,
-                         event_type="pyflock:peer:send-failed")
+            if result.check(ConnectionBroken):
+                _log.warn("pyflock:peer:send-failed {error}", error=result.getErrorMessage(),
+                          requester=connection.requester,
+                          event_type="pyflock:peer:send-failed")
+            else:
+                _log.failure("pyflock:peer:send-failed", result, requester=connection.requester,
+                             event_type="pyflock:peer:send-failed")
             connection.transport.abortConnection()
         return None
 
@@ -274,6 +297,6 @@ def move_view(view, dataset_id: str) -> Optional[MoveView]:
 
 
 __all__ = [
-    "ConnectionBroken", "DEFAULT_MAX_TRANSFERS", "PeerTransferService", "Slots",
+    "ConnectionBroken", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_TRANSFERS", "PeerTransferService", "Slots",
     "TransferSettings", "move_view",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import blockingCallFromThread
 
 from pyflock.agent._backends import MemoryPeerBackend
@@ -224,6 +225,19 @@ async def test_sender_crash_mid_round_then_restart(cluster):
     await receiver.receive(DS, a_uuid)
     assert a.bases[0] == partial.latest
     assert b.read_file(DS, "big") == bytes(range(256)) * 4096
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_stalled_sender_is_given_up(cluster, reactor):
+    """A sender that answers nothing is given up after the idle timeout, slots freed."""
+    (a, sender, _), (b, _, receiver) = move(cluster, 0, 1)
+    stalled = Deferred()
+    sender._run_blocking = lambda f, *args: stalled       # the export never starts
+    receiver._idle_timeout = 0.2
+    with pytest.raises(ConnectionBroken, match="no data from the sender for 0.2 s"):
+        await receiver.receive(DS, cluster.uuids[0])
+    assert b.list_datasets() == [] and receiver._slots.used == 0
 
 
 def abort_all(cluster) -> None:
