@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from pyflock.agent._backends import MemoryPeerBackend
 from pyflock.agent._backends._peer import PeerDataset
 from pyflock.agent._convergence import PeerState
+from pyflock.agent._discovery import Mount
 from pyflock.agent._peer_move import MovePolicy
 from pyflock.agent._peer_runner import (
     PeerTransfers, classify_copies, peer_convergence_loop, with_transfers,
@@ -61,7 +62,7 @@ class Filesystems:
 
     def mounts(self, root):
         """The mounts under ``root``."""
-        return [type("Mount", (), {"mount_point": p})() for p in self.mounted]
+        return [Mount(path, device) for path, device in self.mounted.items()]
 
     def empty_directories(self, root):
         """Mount points left without a mount."""
