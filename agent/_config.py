@@ -146,11 +146,6 @@ def parse_config(document) -> AgentConfig:
     if node.get("address") is not None and not is_host(node["address"]):
         raise ConfigError(f"node.address: {node['address']!r} must be an IP address or a "
                           f"host name (the control service refuses anything else)")
-    try:
-        bandwidth = node.get("peer-bandwidth")
-        bandwidth = None if bandwidth is None else parse_size(str(bandwidth))
-    except ValueError as e:
-        raise ConfigError(f"node.peer-bandwidth: {e} (bytes per second, as 100M)")
     data_path = document.get("data-path", DEFAULT_DATA_PATH)
     if backend == "loopback":
         dataset.setdefault("root_path", os.path.join(data_path, "loopback"))
@@ -161,10 +156,19 @@ def parse_config(document) -> AgentConfig:
         data_path=data_path,
         mount_root=document.get("mount-root", os.path.join(data_path, "mounts")),
         address=node.get("address"), peer_port=node.get("peer-port", 4525),
-        peer_bandwidth=bandwidth, peer_transfers=node.get("peer-transfers", 2),
+        peer_bandwidth=_peer_bandwidth(node), peer_transfers=node.get("peer-transfers", 2),
         backend=backend, backend_options=dataset, default_size=default_size,
         plugin_socket=document.get("plugin", {}).get("socket", DEFAULT_SOCKET),
         docker_socket=document.get("plugin", {}).get("docker", DEFAULT_DOCKER_SOCKET))
+
+
+def _peer_bandwidth(node: dict) -> Optional[int]:
+    """``node.peer-bandwidth`` in bytes per second (None: no limit), or ``ConfigError``."""
+    bandwidth = node.get("peer-bandwidth")
+    try:
+        return None if bandwidth is None else parse_size(str(bandwidth))
+    except ValueError as e:
+        raise ConfigError(f"node.peer-bandwidth: {e} (bytes per second, as 100M)")
 
 
 def load_config(path: str) -> AgentConfig:
