@@ -41,6 +41,7 @@ class _StreamReader:
         self._reactor = reactor
         self._pause, self._resume = pause, resume
         self._chunks: deque = deque()
+        self._offset = 0
         self._queued = 0
         self._paused = False
         self._end: Optional[BaseException] = None
@@ -84,13 +85,19 @@ class _StreamReader:
                     if self._end is not None:
                         raise self._end
                     break
-                chunk = self._chunks.popleft()
-                if wanted is not None and got + len(chunk) > wanted:
-                    chunk, rest = chunk[:wanted - got], chunk[wanted - got:]
-                    self._chunks.appendleft(rest)
-                out.append(chunk)
-                got += len(chunk)
-                self._queued -= len(chunk)
+                head = self._chunks[0]
+                # The head chunk is consumed from ``_offset`` on, never copied whole (a
+                # reader taking one byte at a time costs one byte each).
+                take = len(head) - self._offset
+                if wanted is not None:
+                    take = min(take, wanted - got)
+                out.append(head[self._offset:self._offset + take])
+                self._offset += take
+                if self._offset == len(head):
+                    self._chunks.popleft()
+                    self._offset = 0
+                got += take
+                self._queued -= take
             resume = self._paused and self._queued <= _HIGH_WATER // 2
             self._paused = self._paused and not resume
         if resume:

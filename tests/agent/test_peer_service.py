@@ -14,7 +14,7 @@ from twisted.internet.threads import blockingCallFromThread
 
 from pyflock.agent._backends import MemoryPeerBackend
 from pyflock.agent._peer_move import MovePolicy, MoveView
-from pyflock.agent._peer_receive import PeerReceiver
+from pyflock.agent._peer_receive import PeerReceiver, _StreamReader
 from pyflock.agent._peer_rounds import TransferRefused
 from pyflock.agent._peer_service import (
     ConnectionBroken, PeerTransferService, Slots, TransferSettings,
@@ -308,3 +308,21 @@ async def test_revoked_certificate_refused(cluster):
         await cluster.nodes[c_uuid][2].receive(DS, a_uuid)
     assert not revoked.get_dataset(DS).frozen
     assert cluster.nodes[c_uuid][0].list_datasets() == []
+
+
+def test_stream_reader_reads_any_sizes():
+    """The import's reader gives the stream back whatever sizes it asks for, then b"";
+    a stream that broke raises once what arrived is read."""
+    reader = _StreamReader(None, lambda: None, lambda: None)
+    for chunk in (b"header\n", b"x" * 1000, b"yz"):
+        reader.put(chunk)
+    reader.end()
+    assert [reader.read(1) for _ in range(7)] == [bytes([c]) for c in b"header\n"]
+    assert reader.read(999) == b"x" * 999
+    assert reader.read() == b"xyz" and reader.read(5) == b"" and reader.complete()
+    broken = _StreamReader(None, lambda: None, lambda: None)
+    broken.put(b"ab")
+    broken.end(ConnectionBroken("cut"))
+    assert broken.read(2) == b"ab" and not broken.complete()
+    with pytest.raises(ConnectionBroken, match="cut"):
+        broken.read(1)
