@@ -36,7 +36,10 @@ def prepare_send(backend: IPeerBackend, request: SendRequest) -> SendAnswer:
     """
     The sender's answer to ``request`` (already allowed by its view): the newest common
     snapshot as base and the round's estimated size; for phase 2, the copy is frozen
-    first, so that the stream that follows is the last one.
+    first, so that the stream that follows is the last one. A backend whose freeze does
+    not stop writers that opened files before it (btrfs: ``writers``) has phase 2 refused
+    while any remain: their writes would miss the last snapshot. The copy stays frozen,
+    and the receiver asks again on its next step.
     """
     copy = _copy(backend, request.dataset_id)
     if copy is None or not copy.complete:
@@ -44,6 +47,14 @@ def prepare_send(backend: IPeerBackend, request: SendRequest) -> SendAnswer:
                                 f"{request.dataset_id}")
     if request.phase == PHASE_FINAL:
         copy = backend.freeze_dataset(request.dataset_id)
+        writers = getattr(backend, "writers", None)
+        pids = writers(request.dataset_id) if writers is not None else ()
+        if pids:
+            return SendAnswer(error=(
+                f"dataset {request.dataset_id} is frozen on node {backend.node_uuid} but "
+                f"{len(pids)} process(es) still hold its files open for writing (pids "
+                f"{', '.join(map(str, pids[:10]))}); the move waits until they stop "
+                f"(stop the containers using it there)"))
     base = newest_common(copy.snapshots, request.snapshots)
     estimate = getattr(backend, "estimate_export", None)
     return SendAnswer(base=base, estimate=estimate(request.dataset_id, base)

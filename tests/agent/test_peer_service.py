@@ -240,6 +240,22 @@ async def test_stalled_sender_is_given_up(cluster, reactor):
     assert b.list_datasets() == [] and receiver._slots.used == 0
 
 
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_final_round_waits_for_writers(cluster):
+    """While processes still write to the frozen copy (files opened before the freeze),
+    the final round is refused, saying why; once they stop, the move completes."""
+    (a, _, _), (b, _, receiver) = move(cluster, 0, 1)
+    a.writers = lambda dataset_id: (4242,)
+    with pytest.raises(TransferRefused, match=r"1 process\(es\) still hold its files open "
+                                              r"for writing \(pids 4242\)"):
+        await receiver.receive(DS, cluster.uuids[0])
+    assert a.get_dataset(DS).frozen and not b.get_dataset(DS).complete
+    a.writers = lambda dataset_id: ()
+    await receiver.receive(DS, cluster.uuids[0])
+    assert b.get_dataset(DS).complete
+
+
 def abort_all(cluster) -> None:
     """Abort every connection to every node's peer port (a network failure)."""
     for port in cluster.ports:
