@@ -18,7 +18,7 @@ from pyflock.agent._backends import MemoryPeerBackend
 from pyflock.agent._backends._peer import PeerDataset
 from pyflock.agent._convergence import PeerState
 from pyflock.agent._discovery import Mount
-from pyflock.agent._peer_move import MovePolicy
+from pyflock.agent._peer_move import MovePolicy, MoveView
 from pyflock.agent._peer_runner import (
     PeerTransfers, classify_copies, peer_convergence_loop, with_transfers,
 )
@@ -189,3 +189,21 @@ async def test_agents_move_a_dataset_and_back(reactor, tmp_path):
             await loop.stop()
         for port in ports:
             await port.stopListening()
+
+
+def test_transfers_judge_by_the_current_view(tmp_path):
+    """Both sides read the agent's current view: a dataset's move, and where a node's
+    peer port is (4525 when its record names none)."""
+    certs = make_cluster_certificates(tmp_path, nodes=1)
+    node = certs.node_uuids[0]
+    views = [AgentView()]
+    transfers = PeerTransfers(None, MemoryPeerBackend(node),
+                              ClusterTLS.load(certs.node_directory(node), "node"),
+                              current_view=lambda: views[-1], run_blocking=lambda *a: None)
+    assert (transfers.view_of(DS), transfers.address_of(node)) == (None, None)
+    views.append(AgentView(epoch="e", version=1, nodes=pmap({
+        node: Node(node, "10.0.0.9", None), "other": Node("other", "10.0.0.8", 14525)}),
+        datasets=pmap({DS: DatasetEntry.of(Dataset(DS, node, SIZE), holders=["other"])})))
+    assert transfers.view_of(DS) == MoveView(primary=node, holders=("other",))
+    assert transfers.address_of(node) == ("10.0.0.9", 4525)
+    assert transfers.address_of("other") == ("10.0.0.8", 14525)
