@@ -7,7 +7,9 @@ change of the configuration, and of who holds what, to both as an ``AgentView``.
 
 from __future__ import annotations
 
+import io
 import os
+import threading
 
 import pytest
 import pytest_twisted
@@ -51,6 +53,25 @@ def test_with_transfers():
     reports = pmap({"a": DatasetReport("a", "moving"), "b": DatasetReport("b", "mounted")})
     joined = with_transfers(reports, {"a": Transfer(5, 10), "b": Transfer(1, 2)})
     assert (joined["a"].transfer, joined["b"].transfer) == (Transfer(5, 10), None)
+
+
+class GatedBackend(MemoryPeerBackend):
+    """A memory backend whose exports stop halfway until ``gate`` is set (set at first)."""
+
+    def __init__(self, node_uuid):
+        super().__init__(node_uuid)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def export_dataset(self, dataset_id, into, base=None):
+        """Export, writing the stream's second half only once the gate is open."""
+        stream = io.BytesIO()
+        name = super().export_dataset(dataset_id, stream, base)
+        data = stream.getvalue()
+        into.write(data[:len(data) // 2])
+        assert self.gate.wait(20), "the test never opened the gate"
+        into.write(data[len(data) // 2:])
+        return name
 
 
 class Filesystems:
@@ -144,7 +165,7 @@ async def test_agents_move_a_dataset_and_back(reactor, tmp_path):
     ports = []
     try:
         for index, uuid in enumerate(certs.node_uuids):
-            backend = MemoryPeerBackend(uuid)
+            backend = GatedBackend(uuid)
             tls = ClusterTLS.load(certs.node_directory(uuid), "node")
             transfers = PeerTransfers(reactor, backend, tls, current_view=control.view,
                                       settings=TransferSettings(), policy=MovePolicy(
@@ -167,8 +188,16 @@ async def test_agents_move_a_dataset_and_back(reactor, tmp_path):
         await control.until(lambda: "/m/" + DS in nodes[a][1].mounted, reactor)
         nodes[a][0].write_file(DS, "data", b"x" * 100_000)
 
+        # The move's first round stops halfway: A reports how far it got.
+        nodes[a][0].gate.clear()
         control.primary = b
         control.push()
+        await control.until(lambda: DS in control.reports.get(a, {}) and
+                            control.reports[a][DS].transfer is not None, reactor)
+        moving = control.reports[a][DS]
+        assert moving.state == "moving"
+        assert 0 < moving.transfer.bytes_done < moving.transfer.bytes_total
+        nodes[a][0].gate.set()
         await control.until(lambda: "/m/" + DS in nodes[b][1].mounted and
                             not nodes[a][0].get_dataset(DS).complete, reactor)
         assert nodes[b][0].read_file(DS, "data") == b"x" * 100_000
