@@ -12,7 +12,7 @@ import threading
 from collections import deque
 from typing import Callable, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import blockingCallFromThread
@@ -203,6 +203,9 @@ class PeerReceiver:
         self._slots = slots
         self._policy = policy
         self._idle_timeout = idle_timeout
+        #: Open rounds, and the moves under way (``stop`` ends them).
+        self._rounds: set = set()
+        self._moves: set = set()
 
     def receive(self, dataset_id: str, from_node: str) -> Deferred:
         """
@@ -212,8 +215,27 @@ class PeerReceiver:
         """
         def one_round(request) -> int:
             return self._round(from_node, request)
-        return self._run_blocking(receive_move, self._backend, self._policy,
-                                  MoveState(dataset_id, from_node), one_round)
+        d = self._run_blocking(receive_move, self._backend, self._policy,
+                               MoveState(dataset_id, from_node), one_round)
+        # ``stop`` waits on this signal, never on ``d``, whose result is the caller's.
+        ended = Deferred()
+        self._moves.add(ended)
+
+        def end(result):
+            self._moves.discard(ended)
+            ended.callback(None)
+            return result
+        return d.addBoth(end)
+
+    def stop(self) -> Deferred:
+        """
+        Abort every round and wait for the moves under way to end (their threads see the
+        broken stream), so that the reactor can stop its threads.
+        """
+        for connection in list(self._rounds):
+            if connection.transport is not None:
+                connection.transport.abortConnection()
+        return DeferredList(list(self._moves))
 
     def _round(self, from_node: str, request) -> int:
         """One round, in the move's thread: its byte count."""
@@ -245,14 +267,17 @@ class PeerReceiver:
         endpoint = self._tls.client_endpoint(self._reactor, host, port,
                                              Identity.node(from_node))
         connection = _ReceivingRound(request, self._reactor, self._idle_timeout)
+        self._rounds.add(connection)
 
         def failed(failure):
+            self._rounds.discard(connection)
             self._slots.give_back()
             return failure
         return connectProtocol(endpoint, connection).addCallbacks(
             lambda _: connection, failed)
 
     def _close(self, connection: _ReceivingRound) -> None:
+        self._rounds.discard(connection)
         self._slots.give_back()
         if connection.transport is not None:
             connection.transport.loseConnection()

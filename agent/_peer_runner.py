@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import attr
 from pyrsistent import pmap
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger, LogLevel
 
 from pyflock.agent._backends._interface import UnknownVolume
@@ -108,6 +108,10 @@ class PeerTransfers:
         self.service = PeerTransferService(
             reactor, backend, view_of=self.view_of, admit=self._admit,
             run_blocking=run_blocking, settings=settings, slots=self.slots)
+        # Before the reactor stops its threads: they may wait for the reactor (a stream
+        # paced by the network), which would then wait for them forever.
+        if hasattr(reactor, "addSystemEventTrigger"):
+            reactor.addSystemEventTrigger("before", "shutdown", self.stop)
         self.receiver = PeerReceiver(
             reactor, backend, tls, view_of=self.view_of, address_of=self.address_of,
             run_blocking=run_blocking, slots=self.slots, policy=policy,
@@ -124,6 +128,11 @@ class PeerTransfers:
         if node is None:
             return None
         return node.host, node.peer_port or DEFAULT_PEER_PORT
+
+    def stop(self) -> Deferred:
+        """End every transfer under way, both sides (see ``PeerTransferService.stop``)."""
+        return DeferredList([self.service.stop(), self.receiver.stop()],
+                            consumeErrors=True)
 
     def _admit(self, transport):
         return self.listener.admit(transport)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import attr
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.internet.task import deferLater
@@ -95,6 +95,7 @@ class _SendingRound(Protocol, TimeoutMixin):
         self.requester: Optional[str] = None
 
     def connectionMade(self) -> None:
+        self._service.connections.add(self)
         self.transport.registerProducer(self, True)
         self.setTimeout(self._service.settings.idle_timeout)
 
@@ -119,6 +120,7 @@ class _SendingRound(Protocol, TimeoutMixin):
         self.resumeProducing()
 
     def connectionLost(self, reason) -> None:
+        self._service.connections.discard(self)
         self.setTimeout(None)
         self.stopProducing()
 
@@ -222,6 +224,9 @@ class PeerTransferService:
         self._sending_to: dict = {}
         #: Each move sent to its end, as its log event gives it (tests read it).
         self.finished: list = []
+        #: Open connections, and the sends under way (``stop`` ends them).
+        self.connections: set = set()
+        self._sending: set = set()
 
     def factory(self) -> Factory:
         """What the peer port listens with."""
@@ -240,6 +245,18 @@ class PeerTransferService:
             return
         d = Deferred.fromCoroutine(self._send(connection, request))
         d.addBoth(self._done, connection)
+        self._sending.add(d)
+        d.addBoth(lambda _: self._sending.discard(d))
+
+    def stop(self) -> Deferred:
+        """
+        Abort every connection and wait for the sends under way to end (their export
+        threads see the closed connection): the agent calls this before the reactor
+        stops, which would otherwise wait for those threads while they wait for it.
+        """
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
+        return DeferredList(list(self._sending), consumeErrors=True)
 
     def _sent(self, dataset_id: str, nbytes: int) -> None:
         self.progress[dataset_id] = self.progress.get(dataset_id, Transfer()).sent(nbytes)

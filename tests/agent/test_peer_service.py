@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
+import threading
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread
 
 from pyflock.agent._backends import MemoryPeerBackend
@@ -254,6 +257,32 @@ async def test_final_round_waits_for_writers(cluster):
     a.writers = lambda dataset_id: ()
     await receiver.receive(DS, cluster.uuids[0])
     assert b.get_dataset(DS).complete
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_stop_ends_transfers_under_way(cluster, reactor):
+    """Stopping both sides mid-stream (the agent shutting down) ends the move's threads:
+    the move fails as a broken round, nothing waits on, and no copy is completed."""
+    (a, sender, _), (b, _, receiver) = move(cluster, 0, 1)
+    started, stopped = threading.Event(), threading.Event()
+
+    def stall(base, into):
+        into.write(b'{"format": ')
+        started.set()
+        stopped.wait(20)                 # the rest is written after the stop
+
+    a.on_export = stall
+    moving = receiver.receive(DS, cluster.uuids[0])
+    while not started.is_set():
+        await deferLater(reactor, 0.01, lambda: None)
+    ends = DeferredList([sender.stop(), receiver.stop()])
+    stopped.set()
+    await ends
+    with pytest.raises(ConnectionBroken):
+        await moving
+    assert b.list_datasets() == []
+    assert sender.connections == set() and sender.slots.used == 0
 
 
 def abort_all(cluster) -> None:
