@@ -135,7 +135,9 @@ class Decoder:
     """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        # A bytearray: appending the network's small pieces, and dropping a frame from
+        # the front, copy each byte about once (bytes would copy the whole buffer each time).
+        self._buffer = bytearray()
         self._answered = False
         self._ended = False
 
@@ -144,21 +146,22 @@ class Decoder:
         self._buffer += data
         out: list = []
         if not self._answered:
-            line, found, rest = self._buffer.partition(b"\n")
-            if not found:
+            end = self._buffer.find(b"\n")
+            if end < 0:
                 if len(self._buffer) > MAX_LINE:
                     raise ProtocolError("the answer line is too long")
                 return out
-            self._answered, self._buffer = True, rest
-            out.append(line)
+            out.append(bytes(self._buffer[:end]))
+            del self._buffer[:end + 1]
+            self._answered = True
         while not self._ended and len(self._buffer) >= _LENGTH.size:
             (length,) = _LENGTH.unpack_from(self._buffer)
             if length > MAX_FRAME:
                 raise ProtocolError(f"a frame of {length} bytes is over {MAX_FRAME}")
             if len(self._buffer) < _LENGTH.size + length:
                 break
-            chunk = self._buffer[_LENGTH.size:_LENGTH.size + length]
-            self._buffer = self._buffer[_LENGTH.size + length:]
+            chunk = bytes(self._buffer[_LENGTH.size:_LENGTH.size + length])
+            del self._buffer[:_LENGTH.size + length]
             if length == 0:
                 self._ended = True
                 out.append(None)
