@@ -8,7 +8,9 @@ Wiring it into ``pyflock-agent`` is a few lines once the backend is chosen::
     transfers = PeerTransfers(reactor, backend, tls, current_view=lambda: view,
                               settings=TransferSettings(config.peer_transfers,
                                                         config.peer_bandwidth))
-    await transfers.listen(config.address, config.peer_port)
+    # node.address, or (when agent.yml names none) the address the agent channel
+    # reaches the control service from, as the control service records it.
+    await transfers.listen(config.address or channel_address, config.peer_port)
     loop = peer_convergence_loop(reactor, backend, LocalFilesystems(), config.mount_root,
                                  report_state, transfers)
 """
