@@ -56,7 +56,10 @@ SCHEMA = {
         "mount-root": _PATH,
         "node": {"type": "object", "additionalProperties": False,
                  "properties": {"address": {"type": "string", "minLength": 1},
-                                "peer-port": _PORT}},
+                                "peer-port": _PORT,
+                                # Bytes per second per transfer ("100M"), or no limit.
+                                "peer-bandwidth": _SIZE,
+                                "peer-transfers": {"type": "integer", "minimum": 1}}},
         "dataset": {
             "type": "object", "required": ["backend"],
             "properties": {"backend": {"enum": ["loopback", "btrfs", "ebs"]}},
@@ -108,6 +111,10 @@ class AgentConfig:
     mount_root: str = DEFAULT_DATA_PATH + "/mounts"
     address: Optional[str] = None
     peer_port: int = 4525
+    #: The peer transfer service's limits: bytes per second per transfer (None: none),
+    #: and transfers at once on this node, sending and receiving together.
+    peer_bandwidth: Optional[int] = None
+    peer_transfers: int = 2
     backend: str = "loopback"
     backend_options: dict = attr.ib(factory=dict)
     default_size: int = DEFAULT_SIZE
@@ -182,9 +189,19 @@ def parse_config(document) -> AgentConfig:
         data_path=data_path,
         mount_root=document.get("mount-root", os.path.join(data_path, "mounts")),
         address=node.get("address"), peer_port=node.get("peer-port", 4525),
+        peer_bandwidth=_peer_bandwidth(node), peer_transfers=node.get("peer-transfers", 2),
         backend=backend, backend_options=dataset, default_size=default_size,
         plugin_socket=document.get("plugin", {}).get("socket", DEFAULT_SOCKET),
         docker_socket=document.get("plugin", {}).get("docker", DEFAULT_DOCKER_SOCKET))
+
+
+def _peer_bandwidth(node: dict) -> Optional[int]:
+    """``node.peer-bandwidth`` in bytes per second (None: no limit), or ``ConfigError``."""
+    bandwidth = node.get("peer-bandwidth")
+    try:
+        return None if bandwidth is None else parse_size(str(bandwidth))
+    except ValueError as e:
+        raise ConfigError(f"node.peer-bandwidth: {e} (bytes per second, as 100M)")
 
 
 def load_config(path: str) -> AgentConfig:

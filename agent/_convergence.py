@@ -248,6 +248,9 @@ class DiscoveredDataset:
     #: Peer-to-peer backends only (``state`` a ``PeerState``): the latest snapshot of a
     #: partial copy here; ``device`` is then the folder of a complete copy's data.
     snapshot: Optional[str] = None
+    #: Peer-to-peer backends only: whether the complete copy is frozen (read-only: a
+    #: move's phase 2 stopped its writes).
+    frozen: bool = False
 
 
 class Discovered(PClass):
@@ -715,7 +718,11 @@ def dataset_states(desired: Desired, discovered: Discovered):
 # attaching it elsewhere: the rows above. A peer-to-peer backend (btrfs, a later issue)
 # keeps a copy per node and moves a dataset by copying it: the new primary receives it
 # from a node holding a complete copy (bulk while it is still in use there, then the
-# last delta once the old primary has unmounted it), instead of attaching it. Both kinds
+# last delta once the old primary froze it: ``pyflock.agent._peer_move``), instead of
+# attaching it. The old primary keeps its frozen copy mounted until the primary holds
+# the dataset, then unmounts it and demotes it to its last snapshot, the base of a move
+# back; a frozen copy whose node is the primary again (a cancelled move) is thawed, or,
+# if the new node already took the dataset, demoted so that its changes come back. Both kinds
 # share the mount steps (``MountFilesystem``, ``UnmountFilesystem``,
 # ``RemoveMountPoint``; the mount states and their rows); a peer copy is a filesystem
 # when it is made, so it has no filesystem steps of its own.
@@ -723,10 +730,11 @@ def dataset_states(desired: Desired, discovered: Discovered):
 # Who holds what comes from the view's ``holders``: on a peer backend a node reports a
 # dataset only while it holds a complete copy of it (or creates it as its primary), never
 # a partial one, so that "the primary holds it" means the move is done and the old copy
-# may go. Known gaps, for the btrfs issue (they need the view to say which copy is the
-# current one, a new field and so a new protocol version): a dataset whose only copy is on
-# a dead node (wiped from the holders) looks never made, and its primary would create it
-# empty; a move back to a node that still holds an older copy would mount that copy.
+# may go, and never a frozen copy once another node reports a complete one (that copy
+# was made from the frozen one). A copy lets go only once frozen: only then can another
+# node hold all of its data. Known gap (it needs the view to say which copy is the current
+# one, a new field and so a new protocol version): a dataset whose only copy is on a dead
+# node (wiped from the holders) looks never made, and its primary would create it empty.
 
 
 class BackendKind(enum.Enum):
@@ -778,8 +786,9 @@ class CreateDataset:
 class ReceiveDataset:
     """
     Copy the dataset from ``from_node``: its stream from ``base`` (the latest snapshot of
-    this node's partial copy; None: the whole dataset), imported here. The copy is
-    completed once a stream was taken while ``from_node`` had the dataset unmounted.
+    this node's partial copy; None: the whole dataset), imported here. The runner
+    makes the whole move (``pyflock.agent._peer_move``): phase-1 rounds, then the final
+    delta once ``from_node`` froze its copy, then it completes the copy here.
     """
 
     dataset_id: str
@@ -794,9 +803,27 @@ class DestroyDataset:
     dataset_id: str
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class DemoteDataset:
+    """
+    Drop this node's unmounted writable copy of a dataset that moved on, keeping only its
+    snapshot ``keep`` (the last one sent: the base of a move back).
+    """
+
+    dataset_id: str
+    keep: Optional[str] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ThawDataset:
+    """Make this node's frozen copy writable again: the move away from here was cancelled."""
+
+    dataset_id: str
+
+
 #: The leaf changes of peer-to-peer rows; each touches one dataset.
-PEER_LEAF_CHANGES = (CreateDataset, ReceiveDataset, DestroyDataset, MountFilesystem,
-                     UnmountFilesystem, RemoveMountPoint)
+PEER_LEAF_CHANGES = (CreateDataset, ReceiveDataset, DestroyDataset, DemoteDataset,
+                     ThawDataset, MountFilesystem, UnmountFilesystem, RemoveMountPoint)
 
 
 def create_copy(node_uuid, wanted, found):
@@ -816,14 +843,65 @@ def destroy_copy(node_uuid, wanted, found):
                         tidy(node_uuid, wanted, found)])
 
 
-def freeze(node_uuid, wanted, found):
-    """
-    Unmount the copy and remove its mount point, keeping the copy: the new primary takes
-    its last delta from it now that nothing writes to it.
-    """
+def unmount_and_keep(node_uuid, wanted, found):
+    """Unmount the copy and remove its mount point, keeping the copy (a retained one)."""
     return sequentially([unmount(node_uuid, wanted, found),
                          RemoveMountPoint(dataset_id=found.dataset_id,
                                           mount_point=found.mount_point)])
+
+
+def _primary_holds(wanted) -> bool:
+    """Whether the dataset's primary (another node) reports holding a complete copy."""
+    return wanted is not None and wanted.primary in wanted.holders
+
+
+def hand_over(node_uuid, wanted, found):
+    """
+    Keep the old primary's copy mounted while the new primary copies it (its transfer
+    freezes it for the last delta); once the new primary holds it, unmount it here. A copy
+    that is not frozen was never sent whole, so whatever the primary holds is older.
+    """
+    if found.frozen and _primary_holds(wanted):
+        return unmount_and_keep(node_uuid, wanted, found)
+    return wait(node_uuid, wanted, found)
+
+
+def _taken_elsewhere(wanted, found) -> bool:
+    """
+    Whether this node's copy is frozen and another node reports a complete copy: a move
+    away froze it and completed elsewhere (that copy was made from this one's last
+    snapshot, and may have been written since), so this one no longer counts.
+    """
+    return found.frozen and wanted is not None and bool(wanted.holders)
+
+
+def keep_mounted(node_uuid, wanted, found):
+    """
+    The primary's mounted copy: thaw it if a move away froze it and was cancelled before
+    any other node took the dataset (then only this copy counts); if another node took
+    it, let go of this copy to receive that one's changes back.
+    """
+    if _taken_elsewhere(wanted, found):
+        return unmount_and_keep(node_uuid, wanted, found)
+    if found.frozen:
+        return ThawDataset(dataset_id=found.dataset_id)
+    return wait(node_uuid, wanted, found)
+
+
+def mount_copy(node_uuid, wanted, found):
+    """
+    Mount the primary's complete copy, unless it is frozen and another node took the
+    dataset: then demote it to its last snapshot, the base to receive that copy from.
+    """
+    if _taken_elsewhere(wanted, found):
+        return DemoteDataset(dataset_id=found.dataset_id, keep=found.snapshot)
+    return mount(node_uuid, wanted, found)
+
+
+def demote(node_uuid, wanted, found):
+    """Demote this node's copy of a dataset the primary now holds to its last snapshot."""
+    return in_parallel([DemoteDataset(dataset_id=found.dataset_id, keep=found.snapshot),
+                        tidy(node_uuid, wanted, found)])
 
 
 def unmount_and_destroy(node_uuid, wanted, found):
@@ -842,9 +920,9 @@ PEER_TRANSITIONS: Mapping[DesiredState, Mapping[PeerState, Transition]] = {
         _P.HELD_ELSEWHERE: receive,
         _P.PARTIAL: receive,
         _P.PARTIAL_NO_SOURCE: wait,
-        _P.UNMOUNTED: mount,
+        _P.UNMOUNTED: mount_copy,
         _P.SUPERSEDED: mount,
-        _P.MOUNTED: wait,
+        _P.MOUNTED: keep_mounted,
         _P.MOUNTED_ASTRAY: unmount_strays,
         _P.STRAY_MOUNT: unmount,
         _P.MOUNT_POINT_TAKEN: wait,
@@ -852,12 +930,13 @@ PEER_TRANSITIONS: Mapping[DesiredState, Mapping[PeerState, Transition]] = {
     DesiredState.NOT_HERE: {
         _P.NON_EXISTENT: tidy,
         _P.HELD_ELSEWHERE: tidy,
-        _P.PARTIAL: destroy_copy,
-        _P.PARTIAL_NO_SOURCE: destroy_copy,
+        # A demoted copy, or a cancelled receive: the base of a later move here.
+        _P.PARTIAL: tidy,
+        _P.PARTIAL_NO_SOURCE: tidy,
         # The source the primary copies from: kept until the primary holds it.
         _P.UNMOUNTED: tidy,
-        _P.SUPERSEDED: destroy_copy,
-        _P.MOUNTED: freeze,
+        _P.SUPERSEDED: demote,
+        _P.MOUNTED: hand_over,
         _P.MOUNTED_ASTRAY: unmount_strays,
         _P.STRAY_MOUNT: unmount,
         _P.MOUNT_POINT_TAKEN: wait,
@@ -870,7 +949,7 @@ PEER_TRANSITIONS: Mapping[DesiredState, Mapping[PeerState, Transition]] = {
         _P.PARTIAL_NO_SOURCE: destroy_copy,
         _P.UNMOUNTED: tidy,
         _P.SUPERSEDED: tidy,
-        _P.MOUNTED: freeze,
+        _P.MOUNTED: unmount_and_keep,
         _P.MOUNTED_ASTRAY: unmount_strays,
         _P.STRAY_MOUNT: unmount,
         _P.MOUNT_POINT_TAKEN: wait,
@@ -943,7 +1022,9 @@ def peer_found(desired: Desired, discovered: Discovered,
         return attr.evolve(found, holder=source,
                            state=_P.PARTIAL if source else _P.PARTIAL_NO_SOURCE)
     wanted = desired.datasets.get(dataset_id)
-    if (found.state is _P.UNMOUNTED and wanted is not None
+    # Only a frozen copy can have been sent whole (a move's phase 2 froze it): a copy
+    # still writable here is newer than whatever the primary holds, and stays the source.
+    if (found.state is _P.UNMOUNTED and wanted is not None and found.frozen
             and wanted.primary != desired.node_uuid and wanted.primary in wanted.holders
             and not desired.is_dead(wanted.primary)):
         return attr.evolve(found, state=_P.SUPERSEDED)
@@ -982,6 +1063,17 @@ _PEER_STATUS = {
 }
 
 
+def _superseded_frozen(desired: Desired, found: DiscoveredDataset) -> bool:
+    """
+    Whether this node's copy is frozen while another live node reports a complete one:
+    that copy was made from this one's last snapshot (and may have been written since),
+    so this one no longer counts and is not reported, lest a node copy from it.
+    """
+    wanted = desired.datasets.get(found.dataset_id)
+    return (found.frozen and wanted is not None
+            and any(not desired.is_dead(n) for n in wanted.holders))
+
+
 def peer_dataset_states(desired: Desired, discovered: Discovered):
     """
     What this node reports on a peer-to-peer backend (pure): a ``pmap`` of dataset id to
@@ -992,7 +1084,7 @@ def peer_dataset_states(desired: Desired, discovered: Discovered):
         found = peer_found(desired, discovered, dataset_id)
         wanted_state = peer_desired_state(desired, dataset_id)
         status = _PEER_STATUS.get(wanted_state, {}).get(found.state)
-        if status is None:
+        if status is None or _superseded_frozen(desired, found):
             continue
         wanted = desired.datasets[dataset_id]
         states[dataset_id] = DatasetReport(

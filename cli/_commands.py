@@ -197,6 +197,19 @@ def copy_hint(dataset: Dataset, target: str, nodes: Sequence[Node]) -> str:
             f"{name}-copy:/to --volume-driver=pyflock busybox tar -C /to -xf -")
 
 
+def transfer_text(state) -> str:
+    """How far a peer-to-peer move of a reported dataset got (" (12.0 of 50.0 MiB sent,
+    24%)"), or "" when the node sends none."""
+    transfer = state.transfer
+    if transfer is None:
+        return ""
+    done = f"{transfer.bytes_done / 2 ** 20:.1f}"
+    if not transfer.bytes_total:
+        return f" ({done} MiB sent)"
+    percent = 100 * transfer.bytes_done // transfer.bytes_total
+    return f" ({done} of {transfer.bytes_total / 2 ** 20:.1f} MiB sent, {percent}%)"
+
+
 #: How often ``move --wait`` asks the control service where the dataset is.
 WAIT_INTERVAL = 0.1
 
@@ -209,8 +222,8 @@ async def _wait_mounted(client: IControlClient, dataset_id: str, target: str,
     last = None
     while True:
         states = [s for s in await client.state_datasets() if s.dataset_id == dataset_id]
-        progress = ", ".join(f"{s.state} on {names.label(s.node_uuid)}" for s in states) \
-            or "not reported by any node yet"
+        progress = ", ".join(f"{s.state} on {names.label(s.node_uuid)}{transfer_text(s)}"
+                             for s in states) or "not reported by any node yet"
         elapsed = clock.seconds() - started
         if progress != last and not args.json:
             out.write(f"  {elapsed:5.1f}s  {progress}\n")

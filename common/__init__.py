@@ -13,7 +13,7 @@ from pyflock.common._records import (
     DatasetEntry, DatasetReport, Malformed, Node, dataset_entry_from_json,
     dataset_entry_to_json, dataset_from_json, dataset_to_json, lease_from_json, lease_to_json,
     node_from_api_json, node_from_json, node_to_api_json, node_to_json, report_from_api_json,
-    report_from_json, report_to_api_json, report_to_json,
+    report_from_json, report_to_api_json, report_to_json, Transfer,
 )
 from pyflock.common._ca import CertificateError, read_cluster_uuid
 from pyflock.common._tls import (
@@ -30,5 +30,5 @@ __all__ = [
     "dataset_entry_to_json", "dataset_from_json", "dataset_to_json", "lease_from_json",
     "lease_to_json", "Node", "node_from_api_json", "node_from_json", "node_to_api_json",
     "node_to_json", "report_from_api_json", "report_from_json", "report_to_api_json",
-    "report_to_json",
+    "report_to_json", "Transfer",
 ]

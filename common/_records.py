@@ -10,7 +10,8 @@ The values pyflock passes around for one dataset, and their one JSON codec each.
 - ``DatasetEntry``: a ``Dataset`` as agents see it, with its ``Lease`` and the nodes whose
   latest report lists it (``holders``). The agent channel pushes these; the agent's view
   holds them.
-- ``DatasetReport``: one dataset as a node reports it (state there, mount path, size).
+- ``DatasetReport``: one dataset as a node reports it (state there, mount path, size,
+  and while a peer-to-peer backend sends it to another node, the move's ``Transfer``).
 - ``Node``: a node as the control service tells clients and agents of it (uuid, host,
   peer port, whether it is alive, seconds since it was last heard, availability zone).
 
@@ -178,11 +179,35 @@ class DatasetEntry(Dataset):
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class Transfer:
+    """
+    A move's progress as the node sending the dataset counts it: the bytes sent so far,
+    and the estimated total (None: no estimate yet); the total grows as rounds add to it.
+    """
+
+    bytes_done: int = 0
+    bytes_total: Optional[int] = None
+
+    def sent(self, nbytes: int) -> "Transfer":
+        """This progress after ``nbytes`` more were sent; the total grows to cover them."""
+        done = self.bytes_done + nbytes
+        return Transfer(done, None if self.bytes_total is None else max(self.bytes_total,
+                                                                         done))
+
+    def expecting(self, nbytes: Optional[int]) -> "Transfer":
+        """This progress with a new round of an estimated ``nbytes`` (None: unknown)."""
+        if nbytes is None:
+            return self
+        return Transfer(self.bytes_done, self.bytes_done + nbytes)
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class DatasetReport:
     """
     One dataset as a node reports it: what the node is doing with it (``state``: one of
     ``DATASET_STATES``; None from a Flocker service), its mount path there once mounted,
-    its size, and the reporting node (None in an agent's own report: its message names it).
+    its size, the reporting node (None in an agent's own report: its message names it),
+    and while it sends the dataset to another node (a peer-to-peer move), its ``Transfer``.
     """
 
     dataset_id: str = attr.ib(validator=_text)
@@ -190,6 +215,8 @@ class DatasetReport:
     path: Optional[str] = None
     maximum_size: Optional[int] = None
     node_uuid: Optional[str] = None
+    transfer: Optional[Transfer] = attr.ib(default=None,
+                                           validator=optional(instance_of(Transfer)))
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -301,10 +328,29 @@ def dataset_entry_from_json(obj: Any, where: str = "dataset") -> DatasetEntry:
 # -- DatasetReport -------------------------------------------------------------------------
 
 
+def transfer_to_json(transfer: Transfer) -> dict:
+    """The JSON object of a move's progress (agent channel and REST API alike)."""
+    return {"bytes_done": transfer.bytes_done, "bytes_total": transfer.bytes_total}
+
+
+def _read_transfer(obj: dict, where: str) -> Optional[Transfer]:
+    """The optional ``transfer`` object of a report, checked."""
+    value = read(obj, "transfer", (dict,), where, optional=True, default=None)
+    if value is None:
+        return None
+    where = f"{where}.transfer"
+    return Transfer(read_natural(value, "bytes_done", where),
+                    read_natural(value, "bytes_total", where, optional=True, default=None))
+
+
 def report_to_json(report: DatasetReport) -> dict:
-    """The agent channel's JSON object of one dataset in a node's state report."""
-    return {"dataset_id": report.dataset_id, "state": report.state, "path": report.path,
-            "maximum_size": report.maximum_size}
+    """The agent channel's JSON object of one dataset in a node's state report (with
+    ``transfer`` only while a move sends it: older control services never see it)."""
+    result = {"dataset_id": report.dataset_id, "state": report.state, "path": report.path,
+              "maximum_size": report.maximum_size}
+    if report.transfer is not None:
+        result["transfer"] = transfer_to_json(report.transfer)
+    return result
 
 
 def report_from_json(obj: Any, where: str = "report") -> DatasetReport:
@@ -317,7 +363,8 @@ def report_from_json(obj: Any, where: str = "report") -> DatasetReport:
                         f", not {state!r}")
     return DatasetReport(read_uuid(obj, "dataset_id", where), state,
                          read(obj, "path", (str,), where, optional=True),
-                         read_natural(obj, "maximum_size", where, optional=True))
+                         read_natural(obj, "maximum_size", where, optional=True),
+                         transfer=_read_transfer(obj, where))
 
 
 def report_to_api_json(report: DatasetReport) -> dict:
@@ -329,6 +376,8 @@ def report_to_api_json(report: DatasetReport) -> dict:
         result["state"] = report.state
     if report.path is not None and report.state in ("mounted", None):
         result["path"] = report.path
+    if report.transfer is not None:
+        result["transfer"] = transfer_to_json(report.transfer)
     return result
 
 
@@ -342,7 +391,8 @@ def report_from_api_json(obj: Any, where: str = "dataset state") -> DatasetRepor
         read(obj, "state", (str,), where, optional=True, default=None),
         read(obj, "path", (str,), where, optional=True, default=None),
         read_natural(obj, "maximum_size", where, optional=True, default=None),
-        None if primary is None else uuid_value(primary, f"{where}.primary"))
+        None if primary is None else uuid_value(primary, f"{where}.primary"),
+        _read_transfer(obj, where))
 
 
 # -- Node ----------------------------------------------------------------------------------
@@ -385,5 +435,6 @@ __all__ = [
     "dataset_from_json", "dataset_to_json", "lease_from_json", "lease_to_json",
     "node_from_api_json", "node_from_json", "node_to_api_json", "node_to_json",
     "report_from_api_json", "report_from_json", "report_to_api_json", "report_to_json",
+    "Transfer", "transfer_to_json",
     "valid_size",
 ]

@@ -84,6 +84,18 @@ DATASET_STATE = {
         "path": {"type": "string", "description": "Where the dataset is mounted."},
         "state": {"enum": list(DATASET_STATES),
                   "description": "What the node is doing with the dataset."},
+        "transfer": {
+            "type": "object", "required": ["bytes_done", "bytes_total"],
+            "description": "Only while a peer-to-peer backend (btrfs) moves the dataset "
+                           "from this node to its new primary: the bytes sent so far and "
+                           "the estimated total (null: no estimate yet). The total grows "
+                           "while the dataset is still written during the move.",
+            "properties": {
+                "bytes_done": {"type": "integer", "minimum": 0},
+                "bytes_total": {"type": ["integer", "null"], "minimum": 0},
+            },
+            "additionalProperties": False,
+        },
     },
     "additionalProperties": False,
 }

@@ -99,29 +99,39 @@ class MemoryPeerBackend:
             copy = self._copies[dataset_id] = _Copy(size=size, complete=True)
             return self._record(dataset_id, copy)
 
+    def _stream(self, dataset_id: str, copy: _Copy, base: Optional[str],
+                name: str) -> bytes:
+        """The stream from ``base`` to the copy's files now, as snapshot ``name``."""
+        if not copy.complete:
+            raise IncompleteCopy(dataset_id)
+        before: dict = {}
+        if base is not None:
+            found = [files for snapshot, files in copy.snapshots if snapshot == base]
+            if not found:
+                raise UnknownSnapshot(dataset_id, base)
+            before = found[0]
+        changed = {k: v for k, v in copy.files.items() if before.get(k) != v}
+        return json.dumps({
+            "format": STREAM_FORMAT, "dataset_id": dataset_id, "size": copy.size,
+            "base": base, "snapshot": name, "files": _encode_files(changed),
+            "removed": sorted(set(before) - set(copy.files))}).encode("utf-8")
+
     def export_dataset(self, dataset_id: str, into: BinaryIO,
                        base: Optional[str] = None) -> str:
         """Snapshot the copy and write a stream from ``base`` (None: whole) to it."""
         with self._lock:
             copy = self._copy(dataset_id)
-            if not copy.complete:
-                raise IncompleteCopy(dataset_id)
-            before: dict = {}
-            if base is not None:
-                found = [files for name, files in copy.snapshots if name == base]
-                if not found:
-                    raise UnknownSnapshot(dataset_id, base)
-                before = found[0]
+            name = f"{self.node_uuid}-{self._snapshots_taken + 1}"
+            stream = self._stream(dataset_id, copy, base, name)
             self._snapshots_taken += 1
-            name = f"{self.node_uuid}-{self._snapshots_taken}"
-            now = dict(copy.files)
-            copy.snapshots.append((name, now))
-            changed = {k: v for k, v in now.items() if before.get(k) != v}
-        into.write(json.dumps({
-            "format": STREAM_FORMAT, "dataset_id": dataset_id, "size": copy.size,
-            "base": base, "snapshot": name, "files": _encode_files(changed),
-            "removed": sorted(set(before) - set(now))}).encode("utf-8"))
+            copy.snapshots.append((name, dict(copy.files)))
+        into.write(stream)
         return name
+
+    def estimate_export(self, dataset_id: str, base: Optional[str] = None) -> int:
+        """The size in bytes of the stream ``export_dataset`` would write now."""
+        with self._lock:
+            return len(self._stream(dataset_id, self._copy(dataset_id), base, "estimate"))
 
     def import_dataset(self, dataset_id: str, source: BinaryIO) -> PeerDataset:
         """Read a stream into this node's partial copy of ``dataset_id``."""

@@ -117,3 +117,23 @@ def test_era_per_boot_and_node():
     b = "bbbbbbbb-0000-4000-8000-000000000002"
     assert compute_era("boot1", a) == compute_era("boot1", a)
     assert len({compute_era("boot1", a), compute_era("boot2", a), compute_era("boot1", b)}) == 3
+
+
+def test_peer_transfer_limits():
+    """The peer transfer limits default to no bandwidth limit and 2 transfers at once;
+    a bandwidth is a size per second."""
+    config = parse_config(MINIMAL)
+    assert (config.peer_bandwidth, config.peer_transfers) == (None, 2)
+    config = parse_config({**MINIMAL, "node": {"peer-bandwidth": "100M",
+                                               "peer-transfers": 4}})
+    assert (config.peer_bandwidth, config.peer_transfers) == (100 * 1024 ** 2, 4)
+
+
+@pytest.mark.parametrize("node, message", [
+    ({"peer-bandwidth": "fast"}, "node.peer-bandwidth"),
+    ({"peer-transfers": 0}, "node.peer-transfers: 0 is less than"),
+])
+def test_bad_peer_transfer_limits(node, message):
+    """A bandwidth that is no size, or fewer than one transfer, is refused naming the key."""
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**MINIMAL, "node": node})

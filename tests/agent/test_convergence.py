@@ -12,7 +12,8 @@ from pyrsistent import pmap
 from pyflock.agent._backends import BlockVolume, MemoryBlockStore
 from pyflock.agent._convergence import (
     NOTHING, PEER_LEAF_CHANGES, PEER_TRANSITIONS, TRANSITIONS, TRANSITIONS_BY_KIND,
-    BackendKind, CreateDataset, DestroyDataset, PeerState, ReceiveDataset,
+    BackendKind, CreateDataset, DemoteDataset, DestroyDataset, PeerState, ReceiveDataset,
+    ThawDataset,
     calculate_peer_changes, copy_source, peer_dataset_states, peer_desired_state,
     peer_found, AttachVolume, CreateFilesystem, CreateVolume,
     Desired, DesiredDataset, DesiredState, DestroyVolume, DetachVolume, Discovered,
@@ -540,9 +541,12 @@ PEER_EXPECTED = {
         P.STRAY_MOUNT: UNMOUNT, P.MOUNT_POINT_TAKEN: NOTHING,
     },
     DesiredState.NOT_HERE: {
-        P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: DESTROY_COPY,
-        P.PARTIAL_NO_SOURCE: DESTROY_COPY, P.UNMOUNTED: TIDY, P.SUPERSEDED: DESTROY_COPY,
-        P.MOUNTED: sequentially([UNMOUNT, TIDY]), P.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
+        # A partial copy (demoted, or a cancelled receive) is kept: a move back's base.
+        P.NON_EXISTENT: TIDY, P.HELD_ELSEWHERE: TIDY, P.PARTIAL: TIDY,
+        P.PARTIAL_NO_SOURCE: TIDY, P.UNMOUNTED: TIDY,
+        P.SUPERSEDED: in_parallel([DemoteDataset(DS), TIDY]),
+        # Kept mounted (frozen by the move's phase 2) until the primary holds it.
+        P.MOUNTED: NOTHING, P.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
         P.STRAY_MOUNT: UNMOUNT, P.MOUNT_POINT_TAKEN: NOTHING,
     },
     DesiredState.DESTROYED: {
@@ -613,16 +617,34 @@ def peer_wanted(primary=NODE, holders=(), deleted=False):
     (peer_wanted(holders=[OTHER]), P.UNMOUNTED, {"device": COPY}, MOUNT_COPY),
     # A dead holder is no source: the partial copy waits for one.
     (peer_wanted(holders=[DEAD]), P.PARTIAL, {"snapshot": SNAPSHOT}, NOTHING),
-    # The old primary freezes its copy, keeps it while the primary has none, and
-    # destroys it once the primary reports holding it.
-    (peer_wanted(OTHER), P.MOUNTED, {"device": COPY}, sequentially([UNMOUNT, TIDY])),
+    # The old primary keeps its copy mounted while the primary has none (its transfer
+    # freezes it), unmounts it once the primary reports holding it, then demotes it to
+    # its last snapshot.
+    (peer_wanted(OTHER), P.MOUNTED, {"device": COPY}, NOTHING),
+    (peer_wanted(OTHER, holders=[OTHER]), P.MOUNTED, {"device": COPY, "frozen": True},
+     sequentially([UNMOUNT, TIDY])),
     (peer_wanted(OTHER), P.UNMOUNTED, {"device": COPY}, NOTHING),
-    (peer_wanted(OTHER, holders=[OTHER]), P.UNMOUNTED, {"device": COPY},
-     DestroyDataset(DS)),
+    (peer_wanted(OTHER, holders=[OTHER]), P.UNMOUNTED,
+     {"device": COPY, "snapshot": SNAPSHOT, "frozen": True},
+     DemoteDataset(DS, keep=SNAPSHOT)),
+    # A copy that was never frozen was never sent whole: it is newer than what the
+    # primary holds, and stays (mounted, or as the source).
+    (peer_wanted(OTHER, holders=[OTHER]), P.MOUNTED, {"device": COPY}, NOTHING),
+    (peer_wanted(OTHER, holders=[OTHER]), P.UNMOUNTED, {"device": COPY}, NOTHING),
     (peer_wanted(DEAD, holders=[DEAD]), P.UNMOUNTED, {"device": COPY}, NOTHING),
-    # A partial copy of a dataset whose primary is another node is dropped.
-    (peer_wanted(OTHER, holders=[OTHER]), P.PARTIAL, {"snapshot": SNAPSHOT},
-     DestroyDataset(DS)),
+    # A partial copy of a dataset whose primary is another node is kept (a move back's
+    # base).
+    (peer_wanted(OTHER, holders=[OTHER]), P.PARTIAL, {"snapshot": SNAPSHOT}, NOTHING),
+    # The primary's frozen copy is thawed when the move away was cancelled, unless
+    # another node already took a complete copy.
+    (peer_wanted(), P.MOUNTED, {"device": COPY, "frozen": True}, ThawDataset(DS)),
+    # ... and if another node took it meanwhile, this copy lets go (unmount, demote to its
+    # last snapshot) to receive that one's changes back.
+    (peer_wanted(holders=[OTHER]), P.MOUNTED, {"device": COPY, "frozen": True},
+     sequentially([UNMOUNT, TIDY])),
+    (peer_wanted(holders=[OTHER]), P.UNMOUNTED,
+     {"device": COPY, "frozen": True, "snapshot": SNAPSHOT}, DemoteDataset(DS, SNAPSHOT)),
+    (peer_wanted(), P.UNMOUNTED, {"device": COPY, "frozen": True}, MOUNT_COPY),
     # Every node destroys its own copy of a deleted dataset, primary or not.
     (peer_wanted(OTHER, holders=[OTHER], deleted=True), P.UNMOUNTED, {"device": COPY},
      DestroyDataset(DS)),
@@ -637,11 +659,15 @@ def test_peer_changes_from_the_view(wanted, state, fields, expected):
 
 
 def test_peer_found_completes_discovery():
-    """``peer_found`` names the source to receive from, and a superseded copy."""
-    here = discovered(found(P.UNMOUNTED, device=COPY))
+    """``peer_found`` names the source to receive from, and a superseded copy: a frozen
+    one (a move's phase 2 sent all of it) whose primary reports a copy."""
+    here = discovered(found(P.UNMOUNTED, device=COPY, frozen=True))
     assert peer_found(desired(peer_wanted(holders=[OTHER])), discovered(), DS).holder == OTHER
     assert peer_found(desired(peer_wanted(OTHER, holders=[OTHER])), here, DS).state \
         is P.SUPERSEDED
+    writable = discovered(found(P.UNMOUNTED, device=COPY))
+    assert peer_found(desired(peer_wanted(OTHER, holders=[OTHER])), writable, DS).state \
+        is P.UNMOUNTED
     assert peer_found(desired(peer_wanted(OTHER)), here, DS).state is P.UNMOUNTED
     assert copy_source(desired(peer_wanted(holders=[OTHER, "node-0", DEAD])), DS) == "node-0"
     assert peer_desired_state(desired(peer_wanted(OTHER, deleted=True)), DS) \
@@ -672,4 +698,21 @@ def test_peer_dataset_states(wanted, state, expected):
     datasets = () if wanted is None else (wanted,)
     found_here = () if state is None else (found(state, size=SIZE, device=COPY),)
     states = peer_dataset_states(desired(*datasets), discovered(*found_here))
+    assert (pmap() if expected is None else pmap({DS: expected})) == states
+
+
+@pytest.mark.parametrize("wanted,expected", [
+    # The source of a move still under way, frozen for its phase 2: still the source.
+    (peer_wanted(OTHER), DatasetReport(DS, "moving", None, SIZE)),
+    # Another node completed a copy from it: this one no longer counts.
+    (peer_wanted(OTHER, holders=[OTHER]), None),
+    (peer_wanted(holders=[OTHER]), None),
+    # ... unless that node is dead.
+    (peer_wanted(DEAD, holders=[DEAD]), DatasetReport(DS, "moving", None, SIZE)),
+])
+def test_frozen_copy_reported_only_as_the_only_copy(wanted, expected):
+    """A frozen copy is reported only while no other live node reports a complete one,
+    so that no node copies from it once a newer copy exists."""
+    here = discovered(found(P.UNMOUNTED, size=SIZE, device=COPY, frozen=True))
+    states = peer_dataset_states(desired(wanted), here)
     assert (pmap() if expected is None else pmap({DS: expected})) == states

@@ -30,7 +30,7 @@ from twisted.web.client import Agent
 
 from pyflock.common._client import ControlClient, IControlClient
 from pyflock.common._model import Configuration, Dataset
-from pyflock.common._records import DatasetReport
+from pyflock.common._records import DatasetReport, Transfer
 from pyflock.control.testing import APIHarness
 from pyflock.cli._cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, run
 from pyflock.cli._output import format_table, short_ids
@@ -359,6 +359,10 @@ class ChangeTests(CLITestCase):
                 stderr, env, clock)
         self.assertNoResult(d)
         clock.advance(0.1)
+        # A peer-to-peer move: the sending node reports its progress.
+        self.harness.report_node(NODE_1, "10.0.0.1", [DatasetReport(
+            dataset_id=PGDATA, state="moving", transfer=Transfer(3 * 2 ** 19, 2 ** 22))])
+        clock.advance(0.1)
         self.harness.report_node(NODE_1, "10.0.0.1")
         self.harness.report_node(NODE_2, "10.0.0.2",
                                  [DatasetReport(dataset_id=PGDATA, state="attaching")])
@@ -369,10 +373,12 @@ class ChangeTests(CLITestCase):
         clock.advance(0.1)
         self.assertEqual(EXIT_OK, self.successResultOf(d), stderr.getvalue())
         lines = stdout.getvalue().splitlines()
-        self.assertEqual(["moving on 11111111 (10.0.0.1)", "attaching on 22222222 (10.0.0.2)",
+        self.assertEqual(["moving on 11111111 (10.0.0.1)",
+                          "moving on 11111111 (10.0.0.1) (1.5 of 4.0 MiB sent, 37%)",
+                          "attaching on 22222222 (10.0.0.2)",
                           "mounted on 22222222 (10.0.0.2)"],
-                         [line.split("s  ", 1)[1] for line in lines[1:4]])
-        self.assertEqual("Mounted on node 22222222 (10.0.0.2) at /m/x after 0.3s.", lines[4])
+                         [line.split("s  ", 1)[1] for line in lines[1:5]])
+        self.assertEqual("Mounted on node 22222222 (10.0.0.2) at /m/x after 0.4s.", lines[5])
 
     def test_move_wait_timeout(self):
         """``move --wait --timeout`` gives up with one line saying where the dataset is."""

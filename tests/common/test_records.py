@@ -21,7 +21,7 @@ from pyflock.common._records import (
     dataset_entry_from_json, dataset_entry_to_json, dataset_from_json, dataset_to_json,
     lease_from_json, lease_to_json, metadata_of, node_from_api_json, node_from_json,
     node_to_api_json, node_to_json, report_from_api_json, report_from_json, report_to_api_json,
-    report_to_json,
+    report_to_json, Transfer,
 )
 from pyflock.control import _schema as schema
 
@@ -219,9 +219,12 @@ def test_entry_refused():
 # -- DatasetReport -------------------------------------------------------------------------
 
 
+transfers = st.builds(Transfer, st.integers(0, 2 ** 62), st.none() | st.integers(0, 2 ** 62))
+
 reports = st.builds(DatasetReport, uuids, st.sampled_from(DATASET_STATES),
                     st.none() | st.text(min_size=1, max_size=100),
-                    st.none() | st.integers(0, 2 ** 62))
+                    st.none() | st.integers(0, 2 ** 62),
+                    transfer=st.none() | transfers)
 
 
 @given(reports)
@@ -243,6 +246,19 @@ def test_report_api_shape():
     report = DatasetReport(DS, "mounted", "/m/x", MINIMUM_SIZE, node_uuid=A)
     assert report_to_api_json(report) == {"dataset_id": DS, "primary": A, "state": "mounted",
                                           "maximum_size": MINIMUM_SIZE, "path": "/m/x"}
+
+
+def test_report_transfer_shape_and_checks():
+    """A move's progress is an object of two counts, given only while there is one;
+    negative or missing counts are refused saying where."""
+    report = DatasetReport(DS, "moving", transfer=Transfer(5, None), node_uuid=A)
+    assert report_to_api_json(report)["transfer"] == {"bytes_done": 5, "bytes_total": None}
+    assert "transfer" not in report_to_json(attr.evolve(report, transfer=None))
+    base = {"dataset_id": DS, "state": "moving", "path": None, "maximum_size": None}
+    refused(report_from_json, {**base, "transfer": {"bytes_done": -1}},
+            "report.transfer.bytes_done must be between")
+    refused(report_from_json, {**base, "transfer": {}}, "report.transfer lacks 'bytes_done'")
+    refused(report_from_json, {**base, "transfer": 3}, "report.transfer must be")
 
 
 def test_report_states():

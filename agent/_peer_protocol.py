@@ -1,0 +1,201 @@
+"""
+The peer transfer protocol's pure core: its messages, framing and bandwidth limit (no IO;
+``pyflock.agent._peer_service`` is the Twisted shell).
+
+One round of a move is one TLS connection to the sender's peer port:
+
+1. The receiver sends a request, one JSON line: ``{"version": 1, "dataset_id": ...,
+   "phase": 1 or 2, "snapshots": [the receiver's snapshots, oldest first]}``.
+2. The sender answers one JSON line: ``{"base": the newest common snapshot or null,
+   "estimate": bytes or null}``, or ``{"error": "why"}`` and closes.
+3. The stream follows in frames: a 4-byte big-endian length, then that many bytes; a
+   frame of length 0 ends it. A connection closed before that frame is a broken round,
+   and the receiver discards what it got.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Optional
+
+import attr
+
+#: The protocol version a request carries.
+PROTOCOL_VERSION = 1
+
+#: The longest request or answer line, in bytes (a request lists snapshot names).
+MAX_LINE = 64 * 1024
+
+#: The largest frame a sender makes and a receiver accepts.
+MAX_FRAME = 256 * 1024
+
+_LENGTH = struct.Struct(">I")
+
+#: The frame ending a stream.
+END_FRAME = _LENGTH.pack(0)
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the text says how."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SendRequest:
+    """A receiver's request for one round: the dataset, the phase, its snapshots."""
+
+    dataset_id: str
+    phase: int
+    snapshots: tuple = ()
+
+    def to_line(self) -> bytes:
+        """The request as one JSON line."""
+        return _line({"version": PROTOCOL_VERSION, "dataset_id": self.dataset_id,
+                      "phase": self.phase, "snapshots": list(self.snapshots)})
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SendAnswer:
+    """The sender's answer: the stream's base and estimated size, or why it refuses."""
+
+    base: Optional[str] = None
+    estimate: Optional[int] = None
+    error: Optional[str] = None
+
+    def to_line(self) -> bytes:
+        """The answer as one JSON line."""
+        if self.error is not None:
+            return _line({"error": self.error})
+        return _line({"base": self.base, "estimate": self.estimate})
+
+
+def _line(obj: dict) -> bytes:
+    """``obj`` as one JSON line."""
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _json_line(line: bytes, what: str) -> dict:
+    """A JSON object line, or ``ProtocolError`` naming ``what`` it should have been."""
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"the {what} is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"the {what} is not a JSON object")
+    return obj
+
+
+def _optional(obj: dict, key: str, kind: type, what: str):
+    """``obj[key]``, None or of ``kind`` (never a bool for int)."""
+    value = obj.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise ProtocolError(f"the {what}'s {key} is not a {kind.__name__}")
+    return value
+
+
+def parse_request(line: bytes) -> SendRequest:
+    """A request line as a ``SendRequest``; ``ProtocolError`` saying what is wrong."""
+    obj = _json_line(line, "request")
+    if obj.get("version") != PROTOCOL_VERSION:
+        raise ProtocolError(f"the request is of protocol version {obj.get('version')!r}; "
+                            f"this node speaks {PROTOCOL_VERSION}: upgrade both nodes")
+    dataset_id = obj.get("dataset_id")
+    snapshots = obj.get("snapshots", [])
+    if not isinstance(dataset_id, str) or not dataset_id:
+        raise ProtocolError("the request names no dataset_id")
+    if obj.get("phase") not in (1, 2):
+        raise ProtocolError("the request's phase is not 1 or 2")
+    if not isinstance(snapshots, list) or not all(isinstance(s, str) for s in snapshots):
+        raise ProtocolError("the request's snapshots are not a list of names")
+    return SendRequest(dataset_id, obj["phase"], tuple(snapshots))
+
+
+def parse_answer(line: bytes) -> SendAnswer:
+    """An answer line as a ``SendAnswer``; ``ProtocolError`` saying what is wrong."""
+    obj = _json_line(line, "answer")
+    error = _optional(obj, "error", str, "answer")
+    if error is not None:
+        return SendAnswer(error=error)
+    return SendAnswer(base=_optional(obj, "base", str, "answer"),
+                      estimate=_optional(obj, "estimate", int, "answer"))
+
+
+def frames(data: bytes) -> list:
+    """``data`` as frames of at most ``MAX_FRAME`` bytes, each with its length."""
+    return [_LENGTH.pack(len(chunk)) + chunk
+            for chunk in (data[i:i + MAX_FRAME] for i in range(0, len(data), MAX_FRAME))]
+
+
+class Decoder:
+    """
+    The receiving side's parser: ``feed(data)`` returns what arrived, in order: first
+    the answer line (``bytes``, once), then each frame's bytes, then ``None`` when the
+    stream has ended. ``ProtocolError`` for an over-long line or frame, or data after
+    the end.
+    """
+
+    def __init__(self) -> None:
+        # A bytearray: appending the network's small pieces, and dropping a frame from
+        # the front, copy each byte about once (bytes would copy the whole buffer each time).
+        self._buffer = bytearray()
+        self._answered = False
+        self._ended = False
+
+    def feed(self, data: bytes) -> list:
+        """What ``data`` completes, in order (see the class)."""
+        self._buffer += data
+        out: list = []
+        if not self._answered:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_LINE:
+                    raise ProtocolError("the answer line is too long")
+                return out
+            out.append(bytes(self._buffer[:end]))
+            del self._buffer[:end + 1]
+            self._answered = True
+        while not self._ended and len(self._buffer) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buffer)
+            if length > MAX_FRAME:
+                raise ProtocolError(f"a frame of {length} bytes is over {MAX_FRAME}")
+            if len(self._buffer) < _LENGTH.size + length:
+                break
+            chunk = bytes(self._buffer[_LENGTH.size:_LENGTH.size + length])
+            del self._buffer[:_LENGTH.size + length]
+            if length == 0:
+                self._ended = True
+                out.append(None)
+            else:
+                out.append(chunk)
+        if self._ended and self._buffer:
+            raise ProtocolError("data after the end of the stream")
+        return out
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Throttle:
+    """
+    A bandwidth limit as a token bucket: ``rate`` bytes per second (None: no limit),
+    ``burst`` bytes at once; ``available`` bytes may go at time ``at`` without waiting.
+    """
+
+    rate: Optional[float] = None
+    burst: int = MAX_FRAME * 4
+    available: float = 0.0
+    at: Optional[float] = None
+
+    def take(self, now: float, nbytes: int) -> tuple["Throttle", float]:
+        """The bucket after sending ``nbytes`` at ``now``, and the seconds to wait first."""
+        if self.rate is None:
+            return self, 0.0
+        available = self.burst if self.at is None else min(
+            self.burst, self.available + (now - self.at) * self.rate)
+        available -= nbytes
+        wait = 0.0 if available >= 0 else -available / self.rate
+        return attr.evolve(self, available=available, at=now), wait
+
+
+__all__ = [
+    "Decoder", "END_FRAME", "MAX_FRAME", "MAX_LINE", "PROTOCOL_VERSION", "ProtocolError",
+    "SendAnswer", "SendRequest", "Throttle", "frames", "parse_answer", "parse_request",
+]
