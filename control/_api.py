@@ -23,7 +23,9 @@ from pyflock.control import _schema as schema
 from pyflock.control._clusterstate import (
     ClusterStateService, ForgetRefused, NodeUnknown, ZoneMismatch, check_same_zone,
 )
-from pyflock.control._api_base import APIBase, APIError, _encode
+from pyflock.control._api_base import APIBase, APIError
+from pyflock.common._threads import RunBlocking, run_now
+from pyflock.control._lists import ListCache, answer, encode_items
 from pyflock.control._persistence import ConfigurationService, TagMismatch
 from pyflock.control._ratelimit import NodeLimits, WriteRateLimiter
 from pyflock.control._store import StoreError
@@ -94,6 +96,26 @@ def _purge_arg(request) -> bool:
     return values[0] == b"true"
 
 
+def _configuration_list(inputs, previous: dict) -> tuple[dict, bytes]:
+    """The body of ``GET /v1/configuration/datasets`` of ``(configuration, cluster
+    state)``: deleted datasets whose data goes are listed while a node still holds them."""
+    config, state = inputs
+    held = {d for n in state.nodes.values() for d in n.datasets}
+    return encode_items(((dataset_id, dataset) for dataset_id, dataset
+                         in config.datasets.items()
+                         if not dataset.purging or dataset_id in held),
+                        previous, dataset_to_json)
+
+
+def _state_list(inputs, previous: dict) -> tuple[dict, bytes]:
+    """The body of ``GET /v1/state/datasets`` of ``(cluster state, alive node uuids)``."""
+    state, alive = inputs
+    return encode_items((((node.uuid, report.dataset_id), report)
+                         for node in state.nodes.values() if node.uuid in alive
+                         for report in node.datasets.values()),
+                        previous, report_to_api_json)
+
+
 class ControlAPI(APIBase):
     """
     The Klein application of the REST API. ``identify(request)`` tells who is calling
@@ -107,14 +129,18 @@ class ControlAPI(APIBase):
                  identify: Callable[[IRequest], object], openapi: Optional[dict] = None,
                  tokens: Optional[TokenService] = None,
                  node_limits: NodeLimits = NodeLimits(),
-                 write_limiter: Optional[WriteRateLimiter] = None):
+                 write_limiter: Optional[WriteRateLimiter] = None,
+                 run_off_reactor: RunBlocking = run_now):
         super().__init__(identify, node_limits, write_limiter)
         self._configuration = configuration
         self._tokens = tokens
         self._cluster = cluster
         self._openapi = openapi
-        self._list_cache: tuple = (None, b"")
-        self._encoded: dict = {}
+        # The large lists are built (and gzipped) by ``run_off_reactor``: in the service,
+        # a thread, so that writes and the agent channel go on meanwhile.
+        self._run = run_off_reactor
+        self._configuration_list = ListCache(_configuration_list, run_off_reactor)
+        self._state_list = ListCache(_state_list, run_off_reactor)
 
     def _dataset_id(self, dataset_id: str) -> str:
         if not _UUID.is_valid(dataset_id):
@@ -157,28 +183,14 @@ class ControlAPI(APIBase):
         return self._json(request, self._openapi or {})
 
     @app.route("/v1/configuration/datasets", methods=["GET"])
-    def list_datasets(self, request):
+    async def list_datasets(self, request):
         """Every live dataset, every deleted one whose data is kept, and deleted ones
         whose data goes that some node still holds."""
         self._caller(request)
         config = self._configuration.committed
-        key = (config.generation, self._cluster.version, id(config))
-        if self._list_cache[0] != key:
-            state = self._cluster.state
-            held = {d for n in state.nodes.values() for d in n.datasets}
-            # Re-encode only the datasets that changed since the last listing.
-            previous, encoded = self._encoded, {}
-            for dataset_id, dataset in config.datasets.items():
-                if dataset.purging and dataset_id not in held:
-                    continue
-                cached = previous.get(dataset_id)
-                if cached is None or cached[0] is not dataset:
-                    cached = (dataset, _encode(dataset_to_json(dataset)))
-                encoded[dataset_id] = cached
-            self._encoded = encoded
-            self._list_cache = (key, b"[" + b",".join(e for _, e in encoded.values()) + b"]")
-        request.setHeader(b"x-configuration-tag", self._configuration.tag.encode("ascii"))
-        return self._json(request, self._list_cache[1])
+        return await answer(request, self._configuration_list, self._run,
+                            (config, self._cluster.version), (config, self._cluster.state),
+                            self._configuration.tag)
 
     @app.route("/v1/configuration/datasets", methods=["POST"])
     async def create_dataset(self, request):
@@ -286,12 +298,13 @@ class ControlAPI(APIBase):
         return self._json(request, dataset_to_json(dataset))
 
     @app.route("/v1/state/datasets", methods=["GET"])
-    def state_datasets(self, request):
+    async def state_datasets(self, request):
         """The datasets the live nodes report, with where they are mounted."""
         self._caller(request)
-        return self._json(request, [
-            report_to_api_json(report) for node in self._cluster.state.nodes.values()
-            if self._cluster.is_alive(node) for report in node.datasets.values()])
+        state = self._cluster.state
+        alive = frozenset(n.uuid for n in state.nodes.values() if self._cluster.is_alive(n))
+        return await answer(request, self._state_list, self._run,
+                            (self._cluster.version, alive), (state, alive))
 
     @app.route("/v1/state/nodes", methods=["GET"])
     def state_nodes(self, request):

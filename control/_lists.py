@@ -1,0 +1,272 @@
+"""
+The bodies of the REST API's large lists (``GET /v1/configuration/datasets`` and
+``GET /v1/state/datasets``): each built once per generation of what it lists, off the
+reactor thread, and shared by every request of that generation; a gzip copy made once,
+for the first request that accepts gzip; and written to each client in chunks, as fast
+as that client reads, so that a slow client holds no copy of its own.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Hashable, Iterable, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from pyflock.common._threads import RunBlocking, run_now
+from pyflock.control._api_base import _encode
+
+#: The zlib level of the gzip copies: measured in bench/control_api.py (docs/benchmarks.md);
+#: a copy is made once per generation, by the first reader who accepts gzip, who waits
+#: for it, so a fast level.
+GZIP_LEVEL = 1
+
+#: Bytes written to a connection at a time; the connection asks for more when it has
+#: sent them (a TLS record is 16 KiB).
+CHUNK = 256 * 1024
+
+_log = Logger()
+
+def _codings(header: bytes) -> dict[str, float]:
+    """The q-value of each coding an ``Accept-Encoding`` header names (lower case);
+    an element whose q-value is not a number from 0 to 1 is left out."""
+    weights: dict[str, float] = {}
+    for element in header.decode("latin-1").split(","):
+        coding, *params = [part.strip() for part in element.split(";")]
+        if not coding:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = -1.0
+        if 0.0 <= q <= 1.0:
+            weights[coding.lower()] = q
+    return weights
+
+
+def accepts_gzip(header: Optional[bytes]) -> bool:
+    """
+    Whether a request with this ``Accept-Encoding`` header (None: none) gets gzip: when
+    gzip (or x-gzip, or else ``*``) has a q-value above 0, at least that of ``identity``
+    if the client names identity; no header, or ``gzip;q=0``, gets the plain body.
+    """
+    if header is None:
+        return False
+    weights = _codings(header)
+    gzip = weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0)))
+    return gzip > 0.0 and gzip >= weights.get("identity", 0.0)
+
+
+def gzip_bytes(raw: bytes, level: int = GZIP_LEVEL) -> bytes:
+    """``raw`` in the gzip format (zlib releases the GIL while it compresses)."""
+    return zlib.compress(raw, level, wbits=31)
+
+
+def encode_items(items: Iterable[tuple[Hashable, object]], previous: dict,
+                 to_json: Callable[[object], object]) -> tuple[dict, bytes]:
+    """
+    The JSON array of ``to_json(item)`` for each ``(key, item)``, and the encoding of each
+    item by key, reusing from ``previous`` (such a dict) every item that is the very same
+    object as then: only what changed is encoded again.
+    """
+    encoded = {}
+    for key, item in items:
+        cached = previous.get(key)
+        if cached is None or cached[0] is not item:
+            cached = (item, _encode(to_json(item)))
+        encoded[key] = cached
+    return encoded, b"[" + b",".join(e for _, e in encoded.values()) + b"]"
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Keys match when each part is the very same object, or an equal plain value (so a
+    configuration is never compared dataset by dataset)."""
+    return len(a) == len(b) and all(
+        x is y or (isinstance(x, (int, str, frozenset)) and x == y) for x, y in zip(a, b))
+
+
+class _Shared:
+    """One result computed once, off the reactor, for every Deferred asked of it."""
+
+    def __init__(self):
+        self.result: Optional[object] = None
+        self._waiting: Optional[list[Deferred]] = None
+
+    def get(self, run: RunBlocking, f, *args) -> Deferred:
+        """A Deferred of ``f(*args)``, run by ``run`` only for the first caller."""
+        if self.result is not None:
+            return succeed(self.result)
+        d: Deferred = Deferred()
+        first = self._waiting is None
+        if first:
+            self._waiting = []
+        self._waiting.append(d)
+        if first:
+            run(f, *args).addBoth(self._done)
+        return d
+
+    def _done(self, result) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        if not isinstance(result, Failure):
+            self.result = result
+        for d in waiting:
+            d.callback(result) if not isinstance(result, Failure) else d.errback(result)
+
+
+class ListBody:
+    """One generation of a list: its JSON ``raw`` bytes and, once asked for, their gzip."""
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self._gzip = _Shared()
+
+    def gzipped(self, run: RunBlocking) -> Deferred:
+        """A Deferred of the gzip of ``raw``, compressed (by ``run``) for the first caller only."""
+        return self._gzip.get(run, gzip_bytes, self.raw)
+
+
+class ListCache:
+    """
+    The body of one list, built by ``build(inputs, previous) -> (encoded, raw)`` (see
+    ``encode_items``; ``previous`` is the ``encoded`` of the last build) run by ``run``
+    (a thread in the service). ``body(key, inputs, tag)`` answers a Deferred of
+    ``(ListBody, tag)``: at once if the body of ``key`` is built; else every request
+    waits for the one build of its key. One build runs at a time; requests for a newer
+    key meanwhile share the next build, of the newest key asked for (never an older
+    body: a client that just wrote reads its write).
+    """
+
+    def __init__(self, build: Callable[[object, dict], tuple[dict, bytes]],
+                 run: RunBlocking = run_now):
+        self._build = build
+        self._run = run
+        self._encoded: dict = {}
+        self._ready: Optional[tuple[tuple, ListBody, object]] = None
+        self._building: Optional[tuple[tuple, object, list[Deferred]]] = None
+        self._next: Optional[tuple[tuple, object, object, list[Deferred]]] = None
+        #: How many bodies were built (for tests and the benchmark's report).
+        self.builds = 0
+
+    def body(self, key: tuple, inputs, tag=None) -> Deferred:
+        """A Deferred of ``(ListBody, tag)`` for ``key``, built from ``inputs`` if needed."""
+        if self._ready is not None and _same_key(self._ready[0], key):
+            return succeed(self._ready[1:])
+        d: Deferred = Deferred()
+        if self._building is not None and _same_key(self._building[0], key):
+            self._building[2].append(d)
+        elif self._building is not None:
+            waiting = self._next[3] if self._next is not None else []
+            waiting.append(d)
+            self._next = (key, inputs, tag, waiting)
+        else:
+            self._start(key, inputs, tag, [d])
+        return d
+
+    def _start(self, key: tuple, inputs, tag, waiting: list[Deferred]) -> None:
+        self._building = (key, tag, waiting)
+        self.builds += 1
+        self._run(self._build, inputs, self._encoded).addBoth(self._built)
+
+    def _built(self, result) -> None:
+        key, tag, waiting = self._building
+        self._building = None
+        if isinstance(result, Failure):
+            _log.failure("Building a list failed", result)
+            answer = result
+        else:
+            self._encoded, raw = result
+            ready = self._ready
+            # An unchanged body (a state change the list does not show) keeps its gzip.
+            body = ready[1] if ready is not None and ready[1].raw == raw else ListBody(raw)
+            self._ready = (key, body, tag)
+            answer = (body, tag)
+        if self._next is not None:
+            following, self._next = self._next, None
+            self._start(*following)
+        for d in waiting:
+            d.errback(answer) if isinstance(answer, Failure) else d.callback(answer)
+
+
+@implementer(IPushProducer)
+class _BodyWriter:
+    """Writes one shared body to one request, a chunk whenever its connection has room."""
+
+    def __init__(self, request, data: bytes):
+        self._request = request
+        self._data = data
+        self._offset = 0
+        self._paused = False
+        self._stopped = False
+
+    def start(self) -> None:
+        """Register with the request and write until paused or done."""
+        self._request.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        """Write chunks until the connection is full, then wait to be resumed."""
+        self._paused = False
+        while not self._paused and not self._stopped:
+            if self._offset >= len(self._data):
+                self._stopped = True
+                self._request.unregisterProducer()
+                self._request.finish()
+                return
+            chunk = self._data[self._offset:self._offset + CHUNK]
+            self._offset += len(chunk)
+            self._request.write(chunk)
+
+    def pauseProducing(self) -> None:
+        """The connection is full: stop writing until resumed."""
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        """The connection is gone: write nothing more."""
+        self._stopped = True
+
+
+class BodyResource(Resource):
+    """The answer of a list: ``data`` (gzip-encoded if ``gzip``) with its length, written
+    by a producer so that the connection's buffer holds at most a chunk or so of it."""
+
+    isLeaf = True
+
+    def __init__(self, data: bytes, gzip: bool, headers: dict):
+        super().__init__()
+        self._data = data
+        self._gzip = gzip
+        self._headers = headers
+
+    def render(self, request):
+        """Set the headers and start writing the body."""
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"vary", b"Accept-Encoding")
+        if self._gzip:
+            request.setHeader(b"content-encoding", b"gzip")
+        for name, value in self._headers.items():
+            request.setHeader(name, value)
+        request.setHeader(b"content-length", b"%d" % len(self._data))
+        _BodyWriter(request, self._data).start()
+        return NOT_DONE_YET
+
+
+async def answer(request, cache: ListCache, run: RunBlocking, key: tuple, inputs,
+                 tag: Optional[str] = None) -> BodyResource:
+    """The answer to ``request`` of the list ``cache`` holds, for ``key``: gzip if the
+    request accepts it; ``tag``, if any, as its ``X-Configuration-Tag``."""
+    body, tag = await cache.body(key, inputs, tag)
+    headers = {} if tag is None else {b"x-configuration-tag": tag.encode("ascii")}
+    if accepts_gzip(request.getHeader(b"accept-encoding")):
+        return BodyResource(await body.gzipped(run), True, headers)
+    return BodyResource(body.raw, False, headers)
