@@ -8,6 +8,7 @@ as that client reads, so that a slow client holds no copy of its own.
 
 from __future__ import annotations
 
+import struct
 import zlib
 from typing import Callable, Hashable, Iterable, Optional
 
@@ -67,25 +68,64 @@ def accepts_gzip(header: Optional[bytes]) -> bool:
     return gzip > 0.0 and gzip >= weights.get("identity", 0.0)
 
 
-def gzip_bytes(raw: bytes, level: int = GZIP_LEVEL) -> bytes:
-    """``raw`` in the gzip format (zlib releases the GIL while it compresses)."""
-    return zlib.compress(raw, level, wbits=31)
+#: A list is kept in this many segments (by a hash of each item's key), compressed
+#: separately, so that a change recompresses only its segment (+4% size for 100,000
+#: datasets).
+SEGMENTS = 64
+
+#: gzip's header (no name, no time, unknown OS) and the last, empty deflate block.
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+_FINAL_BLOCK = b"\x03\x00"
+
+
+def _deflate(piece: bytes, level: int) -> bytes:
+    """``piece`` as raw deflate blocks ending on a byte boundary, referring to nothing
+    before it: such pieces join into one deflate stream."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return compressor.compress(piece) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+def gzip_pieces(pieces: list[bytes], previous: dict, level: int = GZIP_LEVEL
+                ) -> tuple[bytes, dict]:
+    """
+    The gzip of the concatenation of ``pieces``, compressing only the pieces that
+    ``previous`` (piece -> deflate) lacks; and that mapping for these pieces. zlib
+    releases the GIL while it compresses.
+    """
+    compressed = {}
+    crc, size = 0, 0
+    for piece in pieces:
+        deflated = previous.get(piece)
+        compressed[piece] = _deflate(piece, level) if deflated is None else deflated
+        crc = zlib.crc32(piece, crc)
+        size += len(piece)
+    trailer = struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+    return (_GZIP_HEADER + b"".join(compressed[p] for p in pieces) + _FINAL_BLOCK
+            + trailer), compressed
 
 
 def encode_items(items: Iterable[tuple[Hashable, object]], previous: dict,
-                 to_json: Callable[[object], object]) -> tuple[dict, bytes]:
+                 to_json: Callable[[object], object]) -> tuple[dict, list[bytes]]:
     """
-    The JSON array of ``to_json(item)`` for each ``(key, item)``, and the encoding of each
-    item by key, reusing from ``previous`` (such a dict) every item that is the very same
-    object as then: only what changed is encoded again.
+    The JSON array of ``to_json(item)`` for each ``(key, item)`` as pieces to join (the
+    items in ``SEGMENTS`` groups by key), and the encoding of each item by key, reusing
+    from ``previous`` (such a dict) every item that is the very same object as then:
+    only what changed is encoded again.
     """
     encoded = {}
+    segments: list[list[bytes]] = [[] for _ in range(SEGMENTS)]
     for key, item in items:
         cached = previous.get(key)
         if cached is None or cached[0] is not item:
             cached = (item, _encode(to_json(item)))
         encoded[key] = cached
-    return encoded, b"[" + b",".join(e for _, e in encoded.values()) + b"]"
+        segments[hash(key) % SEGMENTS].append(cached[1])
+    pieces = [b"["]
+    for segment in segments:
+        if segment:
+            pieces.append((b"," if len(pieces) > 1 else b"") + b",".join(segment))
+    pieces.append(b"]")
+    return encoded, pieces
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -124,20 +164,35 @@ class _Shared:
 
 
 class ListBody:
-    """One generation of a list: its JSON ``raw`` bytes and, once asked for, their gzip."""
+    """One generation of a list: its JSON ``raw`` bytes (the join of ``pieces``) and,
+    once asked for, their gzip, reusing the compressed pieces of ``reuse`` (piece ->
+    deflate) that are unchanged."""
 
-    def __init__(self, raw: bytes):
-        self.raw = raw
+    def __init__(self, pieces: list[bytes], reuse: Optional[dict] = None):
+        self.pieces = pieces
+        self.raw = b"".join(pieces)
+        self._reuse = reuse or {}
+        #: The deflate of each piece, once the gzip is made (for the next generation's).
+        self.compressed: Optional[dict] = None
         self._gzip = _Shared()
+
+    def reusable(self) -> dict:
+        """The compressed pieces the next generation's gzip may reuse."""
+        return self.compressed if self.compressed is not None else self._reuse
 
     def gzipped(self, run: RunBlocking) -> Deferred:
         """A Deferred of the gzip of ``raw``, compressed (by ``run``) for the first caller only."""
-        return self._gzip.get(run, gzip_bytes, self.raw)
+        return self._gzip.get(run, self._make_gzip)
+
+    def _make_gzip(self) -> bytes:
+        data, self.compressed = gzip_pieces(self.pieces, self._reuse)
+        self._reuse = {}
+        return data
 
 
 class ListCache:
     """
-    The body of one list, built by ``build(inputs, previous) -> (encoded, raw)`` (see
+    The body of one list, built by ``build(inputs, previous) -> (encoded, pieces)`` (see
     ``encode_items``; ``previous`` is the ``encoded`` of the last build) run by ``run``
     (a thread in the service). ``body(key, inputs, tag)`` answers a Deferred of
     ``(ListBody, tag)``: at once if the body of ``key`` is built; else every request
@@ -146,7 +201,7 @@ class ListCache:
     body: a client that just wrote reads its write).
     """
 
-    def __init__(self, build: Callable[[object, dict], tuple[dict, bytes]],
+    def __init__(self, build: Callable[[object, dict], tuple[dict, list[bytes]]],
                  run: RunBlocking = run_now):
         self._build = build
         self._run = run
@@ -184,10 +239,13 @@ class ListCache:
             _log.failure("Building a list failed", result)
             answer = result
         else:
-            self._encoded, raw = result
+            self._encoded, pieces = result
             ready = self._ready
             # An unchanged body (a state change the list does not show) keeps its gzip.
-            body = ready[1] if ready is not None and ready[1].raw == raw else ListBody(raw)
+            if ready is not None and ready[1].pieces == pieces:
+                body = ready[1]
+            else:
+                body = ListBody(pieces, ready[1].reusable() if ready is not None else None)
             self._ready = (key, body, tag)
             answer = (body, tag)
         if self._next is not None:
