@@ -104,28 +104,102 @@ def gzip_pieces(pieces: list[bytes], previous: dict, level: int = GZIP_LEVEL
             + trailer), compressed
 
 
-def encode_items(items: Iterable[tuple[Hashable, object]], previous: dict,
-                 to_json: Callable[[object], object]) -> tuple[dict, list[bytes]]:
+class Segments:
     """
-    The JSON array of ``to_json(item)`` for each ``(key, item)`` as pieces to join (the
-    items in ``SEGMENTS`` groups by key), and the encoding of each item by key, reusing
-    from ``previous`` (such a dict) every item that is the very same object as then:
-    only what changed is encoded again.
+    A list's items, each encoded once, grouped in ``SEGMENTS`` segments by a hash of its
+    key: rebuilt from every item (``rebuild``), or from the changed keys only
+    (``update``); ``pieces()`` joins them, reusing each unchanged segment's bytes. Used
+    by one build at a time.
     """
-    encoded = {}
-    segments: list[list[bytes]] = [[] for _ in range(SEGMENTS)]
-    for key, item in items:
-        cached = previous.get(key)
+
+    def __init__(self, to_json: Callable[[object], object]):
+        self._to_json = to_json
+        self._segments: list[dict] = [{} for _ in range(SEGMENTS)]
+        self._joined: list[Optional[bytes]] = [b""] * SEGMENTS
+
+    def _encoded(self, segment: dict, key: Hashable, item) -> tuple:
+        cached = segment.get(key)
         if cached is None or cached[0] is not item:
-            cached = (item, _encode(to_json(item)))
-        encoded[key] = cached
-        segments[hash(key) % SEGMENTS].append(cached[1])
-    pieces = [b"["]
-    for segment in segments:
-        if segment:
-            pieces.append((b"," if len(pieces) > 1 else b"") + b",".join(segment))
-    pieces.append(b"]")
-    return encoded, pieces
+            cached = (item, _encode(self._to_json(item)))
+        return cached
+
+    def rebuild(self, items: Iterable[tuple[Hashable, object]]) -> list[bytes]:
+        """The pieces of ``items``, reusing the encoding of every item that is the very
+        same object as before."""
+        segments: list[dict] = [{} for _ in range(SEGMENTS)]
+        for key, item in items:
+            index = hash(key) % SEGMENTS
+            segments[index][key] = self._encoded(self._segments[index], key, item)
+        self._segments, self._joined = segments, [None] * SEGMENTS
+        return self.pieces()
+
+    def update(self, changes: Iterable[tuple[Hashable, object]]) -> list[bytes]:
+        """The pieces after ``changes``: (key, item), an item of None removing the key."""
+        for key, item in changes:
+            index = hash(key) % SEGMENTS
+            segment = self._segments[index]
+            if item is None:
+                segment.pop(key, None)
+            else:
+                segment[key] = self._encoded(segment, key, item)
+            self._joined[index] = None
+        return self.pieces()
+
+    def pieces(self) -> list[bytes]:
+        """``[``, the non-empty segments between commas, ``]``: joined, the JSON array."""
+        pieces = [b"["]
+        for index, segment in enumerate(self._segments):
+            if self._joined[index] is None:
+                self._joined[index] = b",".join(e for _, e in segment.values())
+            if segment:
+                if len(pieces) > 1:
+                    pieces.append(b",")
+                pieces.append(self._joined[index])
+        pieces.append(b"]")
+        return pieces
+
+
+class ChangeLog:
+    """
+    The keys each change touched, numbered from 1 (``count`` is the last number): the
+    reactor ``record``s them, as a subscriber of the configuration; a build in a thread
+    asks ``between`` two numbers. Entries a build has passed are dropped.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self._first = 1
+        self._entries: list[Optional[tuple]] = []
+
+    def record(self, _config, keys: Optional[Iterable[Hashable]]) -> None:
+        """Note a change touching ``keys`` (None: anything)."""
+        self._entries.append(None if keys is None else tuple(keys))
+        self.count += 1
+
+    def between(self, base: int, upto: int) -> Optional[set]:
+        """The keys touched by changes ``base`` + 1 .. ``upto``, or None if one of them
+        may have touched anything (or was dropped); forgets changes up to ``upto``."""
+        if base + 1 < self._first:
+            return None
+        keys: Optional[set] = set()
+        for number in range(base + 1, upto + 1):
+            touched = self._entries[number - self._first]
+            if touched is None:
+                keys = None
+                break
+            keys.update(touched)
+        # Appends by the reactor meanwhile go to the end: dropping the front is safe.
+        del self._entries[:max(0, upto + 1 - self._first)]
+        self._first = max(self._first, upto + 1)
+        return keys
+
+
+def encode_items(items: Iterable[tuple[Hashable, object]], previous: Optional[Segments],
+                 to_json: Callable[[object], object]) -> tuple[Segments, list[bytes]]:
+    """The JSON array of ``to_json(item)`` for each ``(key, item)`` as pieces to join, and
+    the ``Segments`` holding them, reusing ``previous`` (of the last build, if any)."""
+    segments = previous if previous is not None else Segments(to_json)
+    return segments, segments.rebuild(items)
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -205,7 +279,7 @@ class ListCache:
                  run: RunBlocking = run_now):
         self._build = build
         self._run = run
-        self._encoded: dict = {}
+        self._encoded = None
         self._ready: Optional[tuple[tuple, ListBody, object]] = None
         self._building: Optional[tuple[tuple, object, list[Deferred]]] = None
         self._next: Optional[tuple[tuple, object, object, list[Deferred]]] = None
@@ -237,6 +311,7 @@ class ListCache:
         self._building = None
         if isinstance(result, Failure):
             _log.failure("Building a list failed", result)
+            self._encoded = None
             answer = result
         else:
             self._encoded, pieces = result

@@ -18,11 +18,12 @@ from twisted.web.http_headers import Headers
 from pyflock.common._model import Configuration, Dataset
 from pyflock.common._records import DatasetReport
 from pyflock.control._lists import (
-    CHUNK, ListCache, accepts_gzip, encode_items, gzip_pieces,
+    CHUNK, ChangeLog, ListCache, accepts_gzip, encode_items, gzip_pieces,
 )
-from pyflock.control.testing import ALICE, NODE_A, APIHarness
+from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
 
 A = NODE_A.node_uuid
+B = NODE_B.node_uuid
 DATASETS = "/v1/configuration/datasets"
 STATE = "/v1/state/datasets"
 
@@ -112,6 +113,29 @@ class ListAnswerTests(SynchronousTestCase):
         self.assertEqual(response.length, len(body))
         self.assertEqual(len(json.loads(body)), count)
 
+    def test_incremental_list_matches_full(self):
+        """After creates, moves, deletes and a purge, the list built from the changes
+        alone is the list built from scratch."""
+        self.create(40)
+        self.get(DATASETS)
+        ids = [d.dataset_id for d in self.successResultOf(self.client.list_datasets()).datasets]
+        for i, dataset_id in enumerate(ids[:12]):
+            if i % 3 == 0:
+                self.successResultOf(self.client.move_dataset(dataset_id, B))
+            elif i % 3 == 1:
+                self.successResultOf(self.client.delete_dataset(dataset_id))
+            else:
+                self.successResultOf(self.client.delete_dataset(dataset_id, purge=True))
+            self.get(DATASETS)
+        self.create(5, offset=100)
+        _, incremental = self.get(DATASETS)
+        self.api = self.h.api(ALICE)  # a new API builds its list from scratch
+        _, full = self.get(DATASETS)
+        self.assertEqual(sorted(json.dumps(d) for d in json.loads(incremental)),
+                         sorted(json.dumps(d) for d in json.loads(full)))
+        self.assertEqual(len(json.loads(full)), 45 - 4)
+        self.assertEqual(self.api._configuration_list.builds, 1)
+
     def test_state_list_follows_liveness(self):
         """The state list is rebuilt when a node dies, though nothing it reported changed."""
         self.h.report_node(A, "10.0.0.1", [DatasetReport(
@@ -174,19 +198,36 @@ class ListCacheTests(SynchronousTestCase):
 
     def test_unchanged_items_not_encoded_again(self):
         """A rebuild reuses the encoding of every item that is the same object."""
-        item = {"big": list(range(3))}
-        encoded, _ = encode_items([("a", item)], {}, lambda v: v)
-        again, pieces = encode_items([("a", item), ("b", 2)], encoded, lambda v: v)
-        self.assertIs(again["a"][1], encoded["a"][1])
+        item, seen = {"big": list(range(3))}, []
+
+        def to_json(value):
+            seen.append(value)
+            return value
+        segments, _ = encode_items([("a", item)], None, to_json)
+        _, pieces = encode_items([("a", item), ("b", 2)], segments, to_json)
+        self.assertEqual(seen, [item, 2])
         self.assertCountEqual(json.loads(b"".join(pieces)), [{"big": [0, 1, 2]}, 2])
+
+    def test_change_log(self):
+        """The keys changed between two numbers; unknown after a change of anything."""
+        log = ChangeLog()
+        log.record(None, ["a"])
+        log.record(None, ["b", "c"])
+        log.record(None, None)
+        log.record(None, ["d"])
+        self.assertEqual(log.between(0, 2), {"a", "b", "c"})
+        self.assertIsNone(log.between(2, 4))
+        log.record(None, ["e"])
+        self.assertEqual(log.between(4, 5), {"e"})
+        self.assertIsNone(log.between(0, 5))
 
     def test_gzip_recompresses_only_changes(self):
         """The next generation's gzip reuses every unchanged segment and decodes whole."""
         items = [(str(i), {"n": i}) for i in range(1000)]
-        _, pieces = encode_items(items, {}, lambda v: v)
+        _, pieces = encode_items(items, None, lambda v: v)
         first, compressed = gzip_pieces(pieces, {})
         items[7] = ("7", {"n": "changed"})
-        _, changed = encode_items(items, {}, lambda v: v)
+        _, changed = encode_items(items, None, lambda v: v)
         second, again = gzip_pieces(changed, compressed)
         fresh = [p for p in changed if again[p] is not compressed.get(p)]
         self.assertEqual(len(fresh), 1)
