@@ -17,7 +17,7 @@ from pyflock.common._model import (
     DatasetNotDeleted, DatasetNotFound, LeaseHeld, LeaseNotFound, NameTaken,
 )
 from pyflock.common._records import (
-    Node, dataset_to_json, lease_to_json, node_to_api_json, report_to_api_json,
+    Node, dataset_to_json, lease_to_json, node_to_api_json,
 )
 from pyflock.control import _schema as schema
 from pyflock.control._clusterstate import (
@@ -25,7 +25,7 @@ from pyflock.control._clusterstate import (
 )
 from pyflock.control._api_base import APIBase, APIError
 from pyflock.common._threads import RunBlocking, run_now
-from pyflock.control._lists import ChangeLog, ListCache, Segments, answer, encode_items
+from pyflock.control._lists import DatasetList, ListCache, answer, state_list
 from pyflock.control._persistence import ConfigurationService, TagMismatch
 from pyflock.control._ratelimit import NodeLimits, WriteRateLimiter
 from pyflock.control._store import StoreError
@@ -96,53 +96,6 @@ def _purge_arg(request) -> bool:
     return values[0] == b"true"
 
 
-class _DatasetList:
-    """
-    Builds the body of ``GET /v1/configuration/datasets`` from ``(configuration, cluster
-    state, its version, change number)``: after a change of the configuration alone, only
-    the datasets it touched are visited again. Deleted datasets whose data goes are
-    listed while a node still holds them.
-    """
-
-    def __init__(self, configuration: ConfigurationService):
-        self.changes = ChangeLog()
-        configuration.subscribe(self.changes.record)
-        self._segments = Segments(dataset_to_json)
-        self._base: Optional[tuple[int, int]] = None
-
-    def build(self, inputs, previous) -> tuple[Segments, list[bytes]]:
-        """The pieces of the list (in a thread; one build at a time)."""
-        config, state, version, number = inputs
-        base, self._base = self._base, None
-        touched = None
-        if base is not None and base[1] == version:
-            touched = self.changes.between(base[0], number)
-
-        def listed(dataset_id: str, dataset) -> bool:
-            return dataset is not None and (not dataset.purging or any(
-                dataset_id in node.datasets for node in state.nodes.values()))
-        if touched is None:
-            held = {d for n in state.nodes.values() for d in n.datasets}
-            pieces = self._segments.rebuild(
-                (dataset_id, dataset) for dataset_id, dataset in config.datasets.items()
-                if not dataset.purging or dataset_id in held)
-        else:
-            pieces = self._segments.update(
-                (i, d if listed(i, d) else None)
-                for i, d in ((i, config.datasets.get(i)) for i in touched))
-        self._base = (number, version)
-        return self._segments, pieces
-
-
-def _state_list(inputs, previous: dict) -> tuple[dict, bytes]:
-    """The body of ``GET /v1/state/datasets`` of ``(cluster state, alive node uuids)``."""
-    state, alive = inputs
-    return encode_items((((node.uuid, report.dataset_id), report)
-                         for node in state.nodes.values() if node.uuid in alive
-                         for report in node.datasets.values()),
-                        previous, report_to_api_json)
-
-
 class ControlAPI(APIBase):
     """
     The Klein application of the REST API. ``identify(request)`` tells who is calling
@@ -166,9 +119,9 @@ class ControlAPI(APIBase):
         # The large lists are built (and gzipped) by ``run_off_reactor``: in the service,
         # a thread, so that writes and the agent channel go on meanwhile.
         self._run = run_off_reactor
-        self._datasets = _DatasetList(configuration)
+        self._datasets = DatasetList(configuration)
         self._configuration_list = ListCache(self._datasets.build, run_off_reactor)
-        self._state_list = ListCache(_state_list, run_off_reactor)
+        self._state_list = ListCache(state_list, run_off_reactor)
 
     def _dataset_id(self, dataset_id: str) -> str:
         if not _UUID.is_valid(dataset_id):

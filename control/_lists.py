@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from pyflock.common._records import dataset_to_json, report_to_api_json
 from pyflock.common._threads import RunBlocking, run_now
 from pyflock.control._api_base import _encode
 
@@ -266,8 +267,9 @@ class ListBody:
 
 class ListCache:
     """
-    The body of one list, built by ``build(inputs, previous) -> (encoded, pieces)`` (see
-    ``encode_items``; ``previous`` is the ``encoded`` of the last build) run by ``run``
+    The body of one list, built by ``build(inputs, previous) -> (state, pieces)`` (see
+    ``encode_items``; ``previous`` is the state the last build returned, None at first
+    or after a failed build) run by ``run``
     (a thread in the service). ``body(key, inputs, tag)`` answers a Deferred of
     ``(ListBody, tag)``: at once if the body of ``key`` is built; else every request
     waits for the one build of its key. One build runs at a time; requests for a newer
@@ -275,7 +277,7 @@ class ListCache:
     body: a client that just wrote reads its write).
     """
 
-    def __init__(self, build: Callable[[object, dict], tuple[dict, list[bytes]]],
+    def __init__(self, build: Callable[[object, object], tuple[object, list[bytes]]],
                  run: RunBlocking = run_now):
         self._build = build
         self._run = run
@@ -328,6 +330,53 @@ class ListCache:
             self._start(*following)
         for d in waiting:
             d.errback(answer) if isinstance(answer, Failure) else d.callback(answer)
+
+
+class DatasetList:
+    """
+    Builds the body of ``GET /v1/configuration/datasets`` from ``(configuration, cluster
+    state, its version, change number)``: after a change of the configuration alone, only
+    the datasets it touched are visited again. Deleted datasets whose data goes are
+    listed while a node still holds them.
+    """
+
+    def __init__(self, configuration):
+        self.changes = ChangeLog()
+        configuration.subscribe(self.changes.record)
+        self._segments = Segments(dataset_to_json)
+        self._base: Optional[tuple[int, int]] = None
+
+    def build(self, inputs, previous) -> tuple[Segments, list[bytes]]:
+        """The pieces of the list (in a thread; one build at a time)."""
+        config, state, version, number = inputs
+        base, self._base = self._base, None
+        touched = None
+        if base is not None and base[1] == version:
+            touched = self.changes.between(base[0], number)
+
+        def listed(dataset_id: str, dataset) -> bool:
+            return dataset is not None and (not dataset.purging or any(
+                dataset_id in node.datasets for node in state.nodes.values()))
+        if touched is None:
+            held = {d for n in state.nodes.values() for d in n.datasets}
+            pieces = self._segments.rebuild(
+                (dataset_id, dataset) for dataset_id, dataset in config.datasets.items()
+                if not dataset.purging or dataset_id in held)
+        else:
+            pieces = self._segments.update(
+                (i, d if listed(i, d) else None)
+                for i, d in ((i, config.datasets.get(i)) for i in touched))
+        self._base = (number, version)
+        return self._segments, pieces
+
+
+def state_list(inputs, previous: dict) -> tuple[dict, bytes]:
+    """The body of ``GET /v1/state/datasets`` of ``(cluster state, alive node uuids)``."""
+    state, alive = inputs
+    return encode_items((((node.uuid, report.dataset_id), report)
+                         for node in state.nodes.values() if node.uuid in alive
+                         for report in node.datasets.values()),
+                        previous, report_to_api_json)
 
 
 @implementer(IPushProducer)
