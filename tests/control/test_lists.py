@@ -11,7 +11,7 @@ from uuid import uuid4
 import treq
 
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
@@ -182,6 +182,16 @@ class ListCacheTests(SynchronousTestCase):
         body, tag = self.successResultOf(first)
         self.assertIs(self.successResultOf(second)[0], body)
         self.assertEqual((body.raw, tag), (b"[1]", "t1"))
+
+    def test_gone_client_does_not_disturb_others(self):
+        """A request cancelled while it waits (its client left) leaves the build and the
+        other requests as they were."""
+        gone = self.cache.body((1,), [("a", 1)])
+        staying = self.cache.body((1,), [("a", 1)])
+        gone.cancel()
+        self.failureResultOf(gone, CancelledError)
+        self.finish()
+        self.assertEqual(self.successResultOf(staying)[0].raw, b"[1]")
 
     def test_newer_key_waits_for_its_own_build(self):
         """A request for a newer key during a build gets the newer body, never the older."""
