@@ -9,6 +9,7 @@ as that client reads, so that a slow client holds no copy of its own.
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from typing import Callable, Hashable, Iterable, Optional
 
@@ -164,35 +165,45 @@ class ChangeLog:
     """
     The keys each change touched, numbered from 1 (``count`` is the last number): the
     reactor ``record``s them, as a subscriber of the configuration; a build in a thread
-    asks ``between`` two numbers. Entries a build has passed are dropped.
+    asks ``between`` two numbers. Entries a build has passed are dropped, and the oldest
+    once there are more than ``limit`` (a build from before them starts afresh).
     """
 
-    def __init__(self):
+    def __init__(self, limit: int = 10_000):
         self.count = 0
+        self._limit = limit
         self._first = 1
         self._entries: list[Optional[tuple]] = []
+        self._lock = threading.Lock()
 
     def record(self, _config, keys: Optional[Iterable[Hashable]]) -> None:
         """Note a change touching ``keys`` (None: anything)."""
-        self._entries.append(None if keys is None else tuple(keys))
-        self.count += 1
+        with self._lock:
+            self._entries.append(None if keys is None else tuple(keys))
+            self.count += 1
+            if len(self._entries) > self._limit:
+                self._drop(self.count - self._limit // 2)
+
+    def _drop(self, upto: int) -> None:
+        """Forget the changes up to ``upto``."""
+        del self._entries[:max(0, upto + 1 - self._first)]
+        self._first = max(self._first, upto + 1)
 
     def between(self, base: int, upto: int) -> Optional[set]:
         """The keys touched by changes ``base`` + 1 .. ``upto``, or None if one of them
         may have touched anything (or was dropped); forgets changes up to ``upto``."""
-        if base + 1 < self._first:
-            return None
-        keys: Optional[set] = set()
-        for number in range(base + 1, upto + 1):
-            touched = self._entries[number - self._first]
-            if touched is None:
-                keys = None
-                break
-            keys.update(touched)
-        # Appends by the reactor meanwhile go to the end: dropping the front is safe.
-        del self._entries[:max(0, upto + 1 - self._first)]
-        self._first = max(self._first, upto + 1)
-        return keys
+        with self._lock:
+            if base + 1 < self._first or upto < base:
+                return None
+            keys: Optional[set] = set()
+            for number in range(base + 1, upto + 1):
+                touched = self._entries[number - self._first]
+                if touched is None:
+                    keys = None
+                    break
+                keys.update(touched)
+            self._drop(upto)
+            return keys
 
 
 def encode_items(items: Iterable[tuple[Hashable, object]], previous: Optional[Segments],

@@ -231,6 +231,15 @@ class ListCacheTests(SynchronousTestCase):
         self.assertEqual(log.between(4, 5), {"e"})
         self.assertIsNone(log.between(0, 5))
 
+    def test_change_log_bounded(self):
+        """Without builds the log keeps at most its limit; an older base starts afresh."""
+        log = ChangeLog(limit=10)
+        for i in range(25):
+            log.record(None, [str(i)])
+        self.assertLessEqual(len(log._entries), 10)
+        self.assertIsNone(log.between(0, 25))
+        self.assertEqual(log.between(23, 25), {"23", "24"})
+
     def test_gzip_recompresses_only_changes(self):
         """The next generation's gzip reuses every unchanged segment and decodes whole."""
         items = [(str(i), {"n": i}) for i in range(1000)]
