@@ -148,6 +148,12 @@ async def _measure(reactor, context: Context, certificates, data_path: Path, ids
     return {"cases": cases, "sizes": sizes, "startup_seconds": service.startup_seconds}
 
 
+def _cpu_per_request(runs: list[CaseResult]) -> Repeats:
+    """The service's CPU time per request answered, in each run: what a list costs it,
+    whatever else the machine was doing."""
+    return Repeats(r.server_cpu_seconds / max(1, r.requests) for r in runs)
+
+
 def _use_control(script: Optional[str]):
     """Make ``start_control_service`` run ``script`` (None: this installation's)."""
     if script is None:
@@ -193,19 +199,20 @@ async def benchmark(reactor, context: Context) -> Section:
             goal=f"< {format_ms(goal)}", render=format_ms,
             met=lambda p50, goal=goal, errors=errors: p50 < goal and errors == 0))
 
-    rows = ["| service | case | req/s | p50 | p99 | list CPU cores: service, clients, rest "
-            "| errors |", "|---|---|---:|---:|---:|---|---:|"]
+    rows = ["| service | case | req/s | p50 | p99 | service CPU / request | CPU cores: service, "
+            "clients, rest | errors |", "|---|---|---:|---:|---:|---:|---|---:|"]
     for label, result in measured.items():
         for name, runs in result["cases"].items():
             rows.append(f"| {label} | {name} | "
                         f"{_rates(runs).describe(lambda v: f'{v:.0f}')} | "
                         f"{_cell(_latencies(runs, 50))} | {_cell(_latencies(runs, 99))} | "
-                        f"{_cores(runs)} | {sum(r.main.errors for r in runs)} |")
+                        f"{_cell(_cpu_per_request(runs))} | {_cores(runs)} | "
+                        f"{sum(r.main.errors for r in runs)} |")
             if runs[0].alongside is not None:
                 rows.append(f"| {label} | (moves meanwhile, {MOVERS} clients) | "
                             f"{_rates(runs, True).describe(lambda v: f'{v:.0f}')} | "
                             f"{_cell(_latencies(runs, 50, True))} | "
-                            f"{_cell(_latencies(runs, 99, True))} | | "
+                            f"{_cell(_latencies(runs, 99, True))} | | | "
                             f"{sum(r.alongside.errors for r in runs)} |")
     sizes = measured["this build"]["sizes"]
     results = {
@@ -231,7 +238,9 @@ decoding nothing: the list is {sizes.get('identity', 0) / 1e6:.1f} MB of JSON, o
 {sizes.get('gzip', 0) / 1e6:.1f} MB gzipped. Latency runs from sending the request to
 having read the whole body. The last case lists while {MOVERS} other clients move
 datasets, so nearly every list waits for the body (and its gzip) of a new generation.
-Each case runs {REPEATS} times; each cell is the median (smallest–largest).
+Each case runs {REPEATS} times; each cell is the median (smallest–largest). *Service CPU
+/ request* is the service's CPU time over the requests answered (in the last case, lists
+and moves): unlike latency, it hardly depends on what else the machine is doing.
 {"The baseline is another installation of pyflock, in the same run." if baseline else ""}
 Load average (1, 5, 15 min) before: {", ".join(f"{x:.2f}" for x in load_before)};
 after: {", ".join(f"{x:.2f}" for x in load_after)}.
