@@ -17,13 +17,15 @@ from pyflock.common._model import (
     DatasetNotDeleted, DatasetNotFound, LeaseHeld, LeaseNotFound, NameTaken,
 )
 from pyflock.common._records import (
-    Node, dataset_to_json, lease_to_json, node_to_api_json, report_to_api_json,
+    Node, dataset_to_json, lease_to_json, node_to_api_json,
 )
 from pyflock.control import _schema as schema
 from pyflock.control._clusterstate import (
     ClusterStateService, ForgetRefused, NodeUnknown, ZoneMismatch, check_same_zone,
 )
-from pyflock.control._api_base import APIBase, APIError, _encode
+from pyflock.control._api_base import APIBase, APIError
+from pyflock.common._threads import RunBlocking, run_now
+from pyflock.control._lists import DatasetList, ListCache, answer, state_list
 from pyflock.control._persistence import ConfigurationService, TagMismatch
 from pyflock.control._ratelimit import NodeLimits, WriteRateLimiter
 from pyflock.control._store import StoreError
@@ -107,14 +109,19 @@ class ControlAPI(APIBase):
                  identify: Callable[[IRequest], object], openapi: Optional[dict] = None,
                  tokens: Optional[TokenService] = None,
                  node_limits: NodeLimits = NodeLimits(),
-                 write_limiter: Optional[WriteRateLimiter] = None):
+                 write_limiter: Optional[WriteRateLimiter] = None,
+                 run_off_reactor: RunBlocking = run_now):
         super().__init__(identify, node_limits, write_limiter)
         self._configuration = configuration
         self._tokens = tokens
         self._cluster = cluster
         self._openapi = openapi
-        self._list_cache: tuple = (None, b"")
-        self._encoded: dict = {}
+        # The large lists are built (and gzipped) by ``run_off_reactor``: in the service,
+        # a thread, so that writes and the agent channel go on meanwhile.
+        self._run = run_off_reactor
+        self._datasets = DatasetList(configuration)
+        self._configuration_list = ListCache(self._datasets.build, run_off_reactor)
+        self._state_list = ListCache(state_list, run_off_reactor)
 
     def _dataset_id(self, dataset_id: str) -> str:
         if not _UUID.is_valid(dataset_id):
@@ -157,28 +164,15 @@ class ControlAPI(APIBase):
         return self._json(request, self._openapi or {})
 
     @app.route("/v1/configuration/datasets", methods=["GET"])
-    def list_datasets(self, request):
+    async def list_datasets(self, request):
         """Every live dataset, every deleted one whose data is kept, and deleted ones
         whose data goes that some node still holds."""
         self._caller(request)
         config = self._configuration.committed
-        key = (config.generation, self._cluster.version, id(config))
-        if self._list_cache[0] != key:
-            state = self._cluster.state
-            held = {d for n in state.nodes.values() for d in n.datasets}
-            # Re-encode only the datasets that changed since the last listing.
-            previous, encoded = self._encoded, {}
-            for dataset_id, dataset in config.datasets.items():
-                if dataset.purging and dataset_id not in held:
-                    continue
-                cached = previous.get(dataset_id)
-                if cached is None or cached[0] is not dataset:
-                    cached = (dataset, _encode(dataset_to_json(dataset)))
-                encoded[dataset_id] = cached
-            self._encoded = encoded
-            self._list_cache = (key, b"[" + b",".join(e for _, e in encoded.values()) + b"]")
-        request.setHeader(b"x-configuration-tag", self._configuration.tag.encode("ascii"))
-        return self._json(request, self._list_cache[1])
+        return await answer(request, self._configuration_list, self._run,
+                            (config, self._cluster.version),
+                            (config, self._cluster.state, self._cluster.version,
+                             self._datasets.changes.count), self._configuration.tag)
 
     @app.route("/v1/configuration/datasets", methods=["POST"])
     async def create_dataset(self, request):
@@ -286,12 +280,13 @@ class ControlAPI(APIBase):
         return self._json(request, dataset_to_json(dataset))
 
     @app.route("/v1/state/datasets", methods=["GET"])
-    def state_datasets(self, request):
+    async def state_datasets(self, request):
         """The datasets the live nodes report, with where they are mounted."""
         self._caller(request)
-        return self._json(request, [
-            report_to_api_json(report) for node in self._cluster.state.nodes.values()
-            if self._cluster.is_alive(node) for report in node.datasets.values()])
+        state = self._cluster.state
+        alive = frozenset(n.uuid for n in state.nodes.values() if self._cluster.is_alive(n))
+        return await answer(request, self._state_list, self._run,
+                            (self._cluster.version, alive), (state, alive))
 
     @app.route("/v1/state/nodes", methods=["GET"])
     def state_nodes(self, request):

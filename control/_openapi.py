@@ -39,6 +39,18 @@ _TAG_HEADER = {"X-Configuration-Tag": {
     "description": "The configuration generation after this request.",
     "schema": {"type": "string"}}}
 
+#: The large lists answer gzip to clients that accept it (issue 12, docs/api.md).
+_ACCEPT_ENCODING = {"name": "Accept-Encoding", "in": "header", "required": False,
+                    "description": "With gzip accepted (q-value above 0, and no lower than "
+                                   "identity's if identity is named), the list is sent "
+                                   "gzip-compressed.",
+                    "schema": {"type": "string"}}
+_GZIP_HEADERS = {
+    "Content-Encoding": {"description": "gzip when the list is sent compressed; absent "
+                                        "otherwise.", "schema": {"const": "gzip"}},
+    "Vary": {"description": "Accept-Encoding: the encoding depends on it.",
+             "schema": {"type": "string"}}}
+
 _RETRY_AFTER = {"Retry-After": {
     "description": "Whole seconds to wait before retrying.",
     "schema": {"type": "integer", "minimum": 1}}}
@@ -155,7 +167,7 @@ def build_openapi(version: str) -> dict:
             "get": _op("Every live dataset, every deleted one whose data is kept "
                        "(`retained_until`), and deleted ones some node still holds.",
                        {200: ("Datasets.", s.array_of(ref["Dataset"]))},
-                       ok_headers=_TAG_HEADER),
+                       params=(_ACCEPT_ENCODING,), ok_headers={**_TAG_HEADER, **_GZIP_HEADERS}),
             "post": _op("Create a dataset.",
                         {201: ("The new dataset.", ref["Dataset"])},
                         (400, 409, 412, 429, 503),
@@ -178,7 +190,8 @@ def build_openapi(version: str) -> dict:
         "/v1/configuration/datasets/{dataset_id}/restore": {"post": _restore_op()},
         "/v1/state/datasets": {"get": _op(
             "Datasets as the live nodes report them.",
-            {200: ("Dataset states.", s.array_of(ref["DatasetState"]))})},
+            {200: ("Dataset states.", s.array_of(ref["DatasetState"]))},
+            params=(_ACCEPT_ENCODING,), ok_headers=_GZIP_HEADERS)},
         "/v1/state/nodes": {"get": _op(
             "Every known node.", {200: ("Nodes.", s.array_of(ref["Node"]))})},
         "/v1/state/nodes/by_era/{era}": {"get": _op(

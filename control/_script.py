@@ -307,7 +307,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
         raise
     api = ControlAPI(configuration, cluster, api_listener.identities(),
                      build_openapi(__version__), tokens=tokens,
-                     node_limits=node_limits(options))
+                     node_limits=node_limits(options),
+                     run_off_reactor=in_reactor_pool(reactor))
     site = APISite(api.resource())
     channel = AgentChannelServer(configuration, cluster, reactor,
                                  identify=agent_listener.admit,
