@@ -1367,9 +1367,8 @@ def test_socket_path_not_a_socket(tmp_path):
     assert path.read_text() == "keep me"
 
 
-class ReleaseGraceTests(PluginTestCase):
-    """The lease outlives the last Unmount by a grace period, so that the copy-up
-    Unmount-then-Mount of a ``docker run`` leaves no gap for another node."""
+class GracePluginTestCase(PluginTestCase):
+    """Node A's plugin with the real release grace (``self.grace``), and volume v1 created."""
 
     def setUp(self):
         super().setUp()
@@ -1380,6 +1379,11 @@ class ReleaseGraceTests(PluginTestCase):
         self.a.plugin = self.plugin
         self.a.docker = StubTreq(self.plugin.resource())
         self.a.ok("VolumeDriver.Create", {"Name": "v1"})
+
+
+class ReleaseGraceTests(GracePluginTestCase):
+    """The lease outlives the last Unmount by a grace period, so that the copy-up
+    Unmount-then-Mount of a ``docker run`` leaves no gap for another node."""
 
     def test_no_gap_after_copy_up(self):
         """After the copy-up Unmount the lease is still held: another node cannot take
@@ -1402,19 +1406,9 @@ class ReleaseGraceTests(PluginTestCase):
         self.assertIsNone(self.lease_holder("v1"))
 
 
-class NewVolumeLeaseTests(PluginTestCase):
+class NewVolumeLeaseTests(GracePluginTestCase):
     """A Create takes the new volume's lease at once, so that dockerd's first Mount, a
     moment later, finds it held; unused, it goes after the release grace."""
-
-    def setUp(self):
-        super().setUp()
-        from pyflock.agent._plugin import RELEASE_GRACE
-        self.grace = RELEASE_GRACE
-        self.plugin = DockerPlugin(self.a.backend, self.a.mounts, self.clock)
-        self.addCleanup(self.plugin.stop)
-        self.a.plugin = self.plugin
-        self.a.docker = StubTreq(self.plugin.resource())
-        self.a.ok("VolumeDriver.Create", {"Name": "v1"})
 
     def test_create_takes_lease(self):
         """Right after Create this node holds the new volume's lease; another node
