@@ -34,7 +34,7 @@ from pyflock.control._etcd_state_model import (
     replica_request, reports_range, resync_events, status_request, watch_request,
     withdraw_request,
 )
-from pyflock.control._etcd_watch import HAS_LEADER, WATCH_RETRY, _Lines
+from pyflock.control._etcd_watch import WATCH_RETRY, _Lines, stream_lines
 
 _log = Logger()
 
@@ -265,16 +265,12 @@ class SharedReports:
                 await deferLater(self._reactor, WATCH_RETRY, lambda: None)
 
     async def _watch_once(self) -> None:
-        response = await self._gateway.stream(
-            "watch", watch_request(self._keys, self._watched + 1), HAS_LEADER)
-        stream = self._stream = _Lines(self._line)
-        response.deliverBody(stream)
-        if self._stopped:
-            stream.abort()
-        try:
-            await stream.finished
-        finally:
-            self._stream = None
+        def opened(stream: Optional[_Lines]) -> None:
+            self._stream = stream
+            if stream is not None and self._stopped:
+                stream.abort()
+        await stream_lines(self._gateway, watch_request(self._keys, self._watched + 1),
+                           self._line, opened)
 
     def _line(self, line: bytes) -> None:
         try:
