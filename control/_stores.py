@@ -83,17 +83,24 @@ def replica_name(options: argparse.Namespace) -> str:
     name = getattr(options, "replica_name", None)
     if name:
         return name
-    return f"{socket.gethostname()}:{str(getattr(options, 'port', '4523')).split(':')[-1]}"
+    return f"{socket.gethostname()}:{_api_port(options)[1]}"
 
 
-def replica_address(options: argparse.Namespace) -> str:
-    """Where this replica's REST API is reached: the ``interface`` of a ``tcp:`` endpoint
-    given as ``--port``, else the host's name, and the port."""
+def _api_port(options: argparse.Namespace) -> tuple[Optional[str], str]:
+    """The interface (None: any) and the port of the REST API: ``--port`` is a number or a
+    ``tcp:PORT[:interface=HOST]`` endpoint."""
     parts = str(getattr(options, "port", "4523")).split(":")
     port = next((p for p in parts[1:] if p.isdigit()), parts[0]) if len(parts) > 1 \
         else parts[0]
     interface = next((p.split("=", 1)[1] for p in parts if p.startswith("interface=")),
                      None)
+    return interface, port
+
+
+def replica_address(options: argparse.Namespace) -> str:
+    """Where this replica's REST API is reached: the ``interface`` of a ``tcp:`` endpoint
+    given as ``--port``, else the host's name, and the port."""
+    interface, port = _api_port(options)
     return f"{interface or socket.getfqdn()}:{port}"
 
 

@@ -153,3 +153,20 @@ def test_control_status_body():
         "etcd_members": [{"id": "7", "name": "m0", "client_urls": ["u"],
                           "peer_urls": ["p"]}]}
     assert control_status("c", "etcd", [], None, None, "down")["etcd_error"] == "down"
+
+
+@pytest.mark.parametrize("port, address", [
+    ("4523", "HOST:4523"), ("tcp:4600", "HOST:4600"),
+    ("tcp:4601:interface=127.0.0.9", "127.0.0.9:4601")])
+def test_replica_name_and_address(port, address, monkeypatch):
+    """A replica is named after the host and the API port unless named, and its address
+    is the endpoint's interface (else the host's name) with the port."""
+    import argparse
+    import socket
+    from pyflock.control._stores import replica_address, replica_name
+    monkeypatch.setattr(socket, "gethostname", lambda: "HOST")
+    monkeypatch.setattr(socket, "getfqdn", lambda: "HOST")
+    options = argparse.Namespace(port=port, replica_name=None)
+    assert replica_address(options) == address
+    assert replica_name(options) == "HOST:" + address.split(":")[1]
+    assert replica_name(argparse.Namespace(port=port, replica_name="c7")) == "c7"
