@@ -184,18 +184,23 @@ class _Listener(MessageProtocol):
                 for entry in m.datasets}
 
 
+async def connect_agent(cluster, replica, era: str) -> "_Listener":
+    """The cluster's node's agent connected to ``replica``'s channel, hello said."""
+    node = cluster.node_uuids[0]
+    options = client_tls_options(cluster.node_directory(node), "node", replica.host)
+    endpoint = tls_client_endpoint(_reactor(), replica.host, replica.agent_port, options)
+    agent = _Listener(Hello(node_uuid=node, era=era, address=replica.host))
+    await endpoint.connect(Factory.forProtocol(lambda: agent))
+    return agent
+
+
 @pytest_twisted.ensureDeferred
 async def test_agent_on_replica_2_is_pushed_a_change_made_through_replica_1(
         replicas, clients):
     """An agent connected to replica 2 receives the dataset created through replica 1."""
     cluster, processes = replicas
     reactor = _reactor()
-    node = cluster.node_uuids[0]
-    two = processes[1]
-    options = client_tls_options(cluster.node_directory(node), "node", two.host)
-    endpoint = tls_client_endpoint(reactor, two.host, two.agent_port, options)
-    agent = _Listener(Hello(node_uuid=node, era="era-test", address=two.host))
-    await endpoint.connect(Factory.forProtocol(lambda: agent))
+    agent = await connect_agent(cluster, processes[1], "era-test")
     try:
         deadline = time.monotonic() + 5
         while not any(isinstance(m, Snapshot) for m in agent.messages):
@@ -220,11 +225,7 @@ async def test_node_on_replica_2_is_alive_on_replica_1(replicas, clients):
     cluster, processes = replicas
     reactor = _reactor()
     node = cluster.node_uuids[0]
-    two = processes[1]
-    options = client_tls_options(cluster.node_directory(node), "node", two.host)
-    endpoint = tls_client_endpoint(reactor, two.host, two.agent_port, options)
-    agent = _Listener(Hello(node_uuid=node, era="era-shared", address=two.host))
-    await endpoint.connect(Factory.forProtocol(lambda: agent))
+    agent = await connect_agent(cluster, processes[1], "era-shared")
     try:
         deadline = time.monotonic() + 5
         while not [n for n in (await clients[0].get("/v1/state/nodes")).json
