@@ -242,7 +242,6 @@ class AgentChannelServer:
     (issue 8): an agent's frames are at most ``agent_message_limit`` bytes, an agent that
     lets more than ``send_limit`` bytes wait is dropped, snapshots go in pages of about
     ``page_size`` bytes, and a node holds a purge back at most ``purge_deadline`` seconds.
-    ``reports``: issue 9's cluster state shared between replicas (``_SharedState``).
     """
 
     def __init__(self, configuration: ConfigurationService, cluster: ClusterStateService,
@@ -261,8 +260,7 @@ class AgentChannelServer:
         self.send_limit = send_limit
         self.page_size = page_size
         self.purge_deadline = purge_deadline
-        self._shared = _SharedState(self, reports)
-        self.merge_remote = self._shared.merge  # (uuid, node or None): issue 9
+        self.shared = _SharedState(self, reports)
         self.epoch = epoch or uuid4().hex
         self.version = 0
         self._datasets: dict[str, DatasetEntry] = {}
@@ -477,7 +475,7 @@ class AgentChannelServer:
         known = self.cluster.state.nodes.get(uuid)
         datasets = known.datasets if known is not None and self.cluster.is_alive(known) \
             else pmap()
-        self._shared.claim(NodeState(
+        self.shared.claim(NodeState(
             uuid=uuid, host=hello.address, era=hello.era, last_seen=now,
             peer_port=hello.peer_port, zone=hello.zone, datasets=datasets))
         # Acknowledgements count from this connection's first report on.
@@ -533,8 +531,7 @@ class AgentChannelServer:
         datasets = pmap({r.dataset_id: attr.evolve(r, node_uuid=uuid)
                          for r in report.datasets if r.dataset_id in self._datasets})
         if datasets != node.datasets:
-            self.cluster.update(self.cluster.state.update_node(node.set(datasets=datasets)))
-            self._shared.report("publish", self.cluster.state.nodes[uuid])
+            self.shared.update(node.set(datasets=datasets))
             log_event(_log, "pyflock:control:node-state", node_uuid=uuid,
                       datasets=len(datasets))
             changed = self._set_holdings(uuid, node.datasets, datasets)
@@ -567,7 +564,7 @@ class AgentChannelServer:
         node = self.cluster.state.nodes.get(uuid)
         if node is None or node.remote is not None:
             return  # its agent went on to another replica, which now publishes it
-        self._shared.wipe(uuid)
+        self.shared.wipe(uuid)
         released = self._set_holdings(uuid, node.datasets, ())
         self._acks.pop(uuid, None)
         connection = self._connections.pop(uuid, None)
@@ -586,10 +583,11 @@ class AgentChannelServer:
 
 class _SharedState:
     """
-    Issue 9: the server's part in the cluster state shared between replicas. ``reports``
-    (``SharedReports`` on etcd; None: a single control service) is told of each hello
-    (``claim``), changed report (``publish``) and silent node (``withdraw``); ``merge``
-    takes what other replicas publish.
+    Issue 9: the server's part in the cluster state shared between replicas (the server's
+    ``shared``). ``reports``, the server's argument (``SharedReports`` on etcd; None: a
+    single control service), is told of each hello (``claim``), changed report
+    (``publish``) and silent node (``withdraw``); ``merge(uuid, node or None)`` takes
+    what other replicas publish.
     """
 
     def __init__(self, server: AgentChannelServer, reports):
@@ -600,6 +598,11 @@ class _SharedState:
         """``node``'s agent said hello here: it is in the cluster state, claimed."""
         self._server.cluster.update(self._server.cluster.state.update_node(node))
         self.report("claim", node)
+
+    def update(self, node: NodeState) -> None:
+        """``node``'s report changed: it is in the cluster state, published."""
+        self._server.cluster.update(self._server.cluster.state.update_node(node))
+        self.report("publish", node)
 
     def wipe(self, uuid: str) -> None:
         """Node ``uuid`` went silent here: its state is wiped, its report withdrawn."""

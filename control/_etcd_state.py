@@ -9,7 +9,7 @@ channel calls ``claim`` when an agent says hello, ``publish`` when its report ch
 node's report, bound to the lease. Writes leave one at a time; a later one for the same
 node replaces one still waiting, so a burst of changes costs one write. A watch on the
 reports tells it what the other replicas publish, handed to ``merge`` (the agent
-channel's ``merge_remote``). When the lease is lost (etcd expired it while this replica
+channel's ``shared.merge``). When the lease is lost (etcd expired it while this replica
 could not reach etcd), a new one is taken and every node this replica publishes is
 claimed again.
 """

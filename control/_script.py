@@ -314,7 +314,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
     channel.start()
     if shared is not None:
         try:
-            await shared.start(channel.merge_remote)
+            await shared.start(channel.shared.merge)
         except Exception as e:
             if join_port is not None:
                 await join_port.stopListening()

@@ -58,7 +58,7 @@ class SharedReportsTests(SynchronousTestCase):
         """A started server whose reports are recorded."""
         self.reports = RecordedReports()
         server = base.ServerTests.start_server(self)
-        server._shared._reports = self.reports
+        server.shared._reports = self.reports
         return server
 
     def test_published_on_change_not_on_heartbeat(self):
@@ -82,7 +82,7 @@ class SharedReportsTests(SynchronousTestCase):
         """Another replica's report shows in the state API and reaches agents as holders."""
         self.create(primary=B)
         agent, _ = self.connect()
-        self.server.merge_remote(B, remote_node())
+        self.server.shared.merge(B, remote_node())
         self.assertEqual(sorted(n["uuid"] for n in self.get("/v1/state/nodes") if n["alive"]),
                          sorted([A, B]))
         self.assertEqual([d["primary"] for d in self.get("/v1/state/datasets")], [B])
@@ -92,8 +92,8 @@ class SharedReportsTests(SynchronousTestCase):
     def test_vanished_report_is_a_dead_node(self):
         """A remote report that vanishes leaves the node dead, holding nothing."""
         self.create(primary=B)
-        self.server.merge_remote(B, remote_node())
-        self.server.merge_remote(B, None)
+        self.server.shared.merge(B, remote_node())
+        self.server.shared.merge(B, None)
         [node] = [n for n in self.get("/v1/state/nodes") if n["uuid"] == B]
         self.assertFalse(node["alive"])
         self.assertEqual(self.get("/v1/state/datasets"), [])
@@ -102,7 +102,7 @@ class SharedReportsTests(SynchronousTestCase):
         """Once another replica publishes a node connected here, its connection here is
         closed and its expiry here neither kills nor withdraws it."""
         agent, _ = self.connect()
-        self.server.merge_remote(A, remote_node(replica="c2").set(uuid=A, datasets={}))
+        self.server.shared.merge(A, remote_node(replica="c2").set(uuid=A, datasets={}))
         self.assertTrue(agent.closed)
         self.clock.advance(self.h.cluster.node_expiry * 2)
         self.assertNotIn(("withdraw", A, ()), self.reports.calls)
@@ -113,7 +113,7 @@ class SharedReportsTests(SynchronousTestCase):
         """An agent that says hello here after another replica published it is claimed
         at once, with the datasets that replica published."""
         self.create()
-        self.server.merge_remote(A, remote_node().set(uuid=A))
+        self.server.shared.merge(A, remote_node().set(uuid=A))
         self.connect()
         self.assertEqual(self.reports.calls, [("claim", A, (DS,))])
 

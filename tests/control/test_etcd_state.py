@@ -72,7 +72,7 @@ class Replica:
             self.configuration, self.cluster, reactor, reports=self.shared,
             identify=lambda transport: AGENT_CHANNEL.admit(transport.identity))
         self.channel.start()
-        await self.shared.start(self.channel.merge_remote)
+        await self.shared.start(self.channel.shared.merge)
         api = ControlAPI(self.configuration, self.cluster, lambda r: ALICE, OPENAPI,
                          status=self.shared.status)
         # Plain HTTP on loopback: TLS is not what these tests are about.
@@ -250,7 +250,8 @@ async def test_agent_moving_is_republished_at_once(tmp_path, etcd):
         dataset_id = await created(r1, both)
         old = r1.agent()
         old.send(report(dataset_id))
-        await until(lambda: A in r2.cluster.state.nodes)
+        await until(lambda: dataset_id in getattr(r2.cluster.state.nodes.get(A), "datasets",
+                                                  ()))
         r2.agent()
         await until(lambda: r1.cluster.state.nodes[A].remote == "c2")
         assert old.closed
