@@ -5,8 +5,9 @@ prefix, sharing reports through ``SharedReports``) and agents speaking the real 
 protocol over in-memory transports: a report made to replica 1 is in replica 2's state
 API; a report is written to etcd once per change, not per heartbeat; a replica's death
 (its lease revoked, or let expire) takes its reports away; an agent that moves to the
-other replica is published by it at once; ``GET /v1/state/control`` lists the replicas,
-the leader and the etcd members.
+other replica is published by it at once; a replica whose lease was lost claims its nodes
+again under a new one; ``GET /v1/state/control`` lists the replicas, the leader and the
+etcd members.
 """
 
 from __future__ import annotations
@@ -156,18 +157,26 @@ async def alive_nodes(replica: Replica) -> list[str]:
     return [n["uuid"] for n in await replica.get("/v1/state/nodes") if n["alive"]]
 
 
+async def datasets_shown(replica: Replica, dataset_ids: list) -> bool:
+    """Whether replica's state API shows exactly ``dataset_ids`` held."""
+    return [d["dataset_id"] for d in await replica.get("/v1/state/datasets")] == dataset_ids
+
+
+async def reported(r1: Replica, r2: Replica, both) -> str:
+    """A dataset created through ``r1``, reported mounted by node A's agent connected to
+    ``r1``, once ``r2``'s state API shows it."""
+    dataset_id = await created(r1, both)
+    r1.agent().send(report(dataset_id))
+    await until(lambda: datasets_shown(r2, [dataset_id]))
+    return dataset_id
+
+
 @pytest_twisted.ensureDeferred
 async def test_report_reaches_the_other_replica(tmp_path, etcd):
     """A report made to replica 1 is in replica 2's state API, the same as replica 1's."""
     r1, r2 = both = await replicas(tmp_path, etcd)
     try:
-        dataset_id = await created(r1, both)
-        r1.agent().send(report(dataset_id))
-
-        async def shown():
-            return [d["dataset_id"] for d in await r2.get("/v1/state/datasets")] == [
-                dataset_id]
-        await until(shown)
+        await reported(r1, r2, both)
         assert await r2.get("/v1/state/datasets") == await r1.get("/v1/state/datasets")
         assert await alive_nodes(r2) == [A]
         assert r2.cluster.state.nodes[A].remote == "c1"
@@ -281,6 +290,35 @@ async def test_control_status_on_etcd(tmp_path, etcd):
         assert [m["client_urls"] for m in body["etcd_members"]] == [etcd.endpoints]
         again = await r2.get("/v1/state/control")
         assert dict(again, replica="c1") == body
+    finally:
+        for r in both:
+            await r.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lost_lease_is_replaced_and_reports_claimed_again(tmp_path, etcd):
+    """
+    A replica whose lease etcd no longer has (revoked behind its back, as an expiry while
+    it was cut off would) takes a new one, announces itself again and claims its nodes
+    again: replica 2 sees the node alive with its dataset once more.
+    """
+    r1, r2 = both = await replicas(tmp_path, etcd)
+    try:
+        dataset_id = await reported(r1, r2, both)
+        lost = r1.shared.lease
+        await r2.store.gateway.call("lease/revoke", {"ID": str(lost)})
+        await until(lambda: r1.shared.lease != lost)
+
+        async def claimed_again():
+            answer = await r2.store.gateway.call(
+                "kv/range", {"key": b64(r2.store.keys.report(A))})
+            return [kv.get("lease") for kv in answer.get("kvs", [])] == [
+                str(r1.shared.lease)]
+        await until(claimed_again)
+        await until(lambda: datasets_shown(r2, [dataset_id]))
+        assert r2.cluster.state.nodes[A].remote == "c1"
+        status = await r2.get("/v1/state/control")
+        assert [r["name"] for r in status["replicas"]] == ["c1", "c2"]
     finally:
         for r in both:
             await r.close()
