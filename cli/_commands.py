@@ -52,6 +52,28 @@ async def _version(client: IControlClient, args: argparse.Namespace, out: IO[str
     return EXIT_OK
 
 
+async def _status(client: Any, args: argparse.Namespace, out: IO[str]) -> int:
+    """Issue 9: the control service's replicas, the one leading, and the etcd members."""
+    status = await client.control_status()
+    if args.json:
+        print_json(out, status)
+        return EXIT_OK
+    out.write(f"store:   {visible(str(status.get('store')))}\n"
+              f"leader:  {visible(str(status.get('leader') or 'none'))}\n"
+              f"answered by: {visible(str(status.get('replica')))}\n\n")
+    out.write(format_table(["REPLICA", "ADDRESS", "SINCE", "LEADER"], [
+        [r.get("name", ""), r.get("address", ""),
+         utc_text(r["since"]) if isinstance(r.get("since"), (int, float)) else "-",
+         "yes" if r.get("leader") else ""] for r in status["replicas"]]))
+    if status["etcd_members"] or status.get("etcd_error"):
+        out.write("\n" + format_table(["ETCD MEMBER", "ID", "CLIENT URLS"], [
+            [m.get("name", ""), m.get("id", ""), ",".join(m.get("client_urls", []))]
+            for m in status["etcd_members"]]))
+    if status.get("etcd_error"):
+        out.write(f"etcd members not listed: {visible(str(status['etcd_error']))}\n")
+    return EXIT_OK
+
+
 async def _list_nodes(client: IControlClient, args: argparse.Namespace,
                       out: IO[str]) -> int:
     nodes, listing = await _gather(client.list_nodes(), client.list_datasets())
@@ -378,6 +400,7 @@ async def _token_revoke(client: IControlClient, args: argparse.Namespace,
 
 _COMMANDS: dict[tuple[str, Optional[str]], Callable[..., Any]] = {
     ("version", None): _version,
+    ("status", None): _status,
     ("list-nodes", None): _list_nodes,
     ("list", None): _list,
     ("create", None): _create,

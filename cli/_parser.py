@@ -181,6 +181,8 @@ def _parser(stdout: IO[str], stderr: IO[str]) -> _Parser:
         return sub
 
     command(commands, "version", "show the versions of this CLI and of the control service")
+    command(commands, "status", "show the control service's replicas, which one leads, "
+                                "and the etcd members")
     command(commands, "list-nodes", "list the cluster's nodes")
     sub = command(commands, "list", "list datasets with their size, node, state and lease")
     sub.add_argument("--all", action="store_true",

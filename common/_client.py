@@ -35,7 +35,7 @@ from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLo
 from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseFailed
 from zope.interface import Interface, implementer
 
-from pyflock.common._jsonread import Malformed, as_object, read
+from pyflock.common._jsonread import Malformed, as_object, read, read_list
 from pyflock.common._replicas import ReplicaOrder
 from pyflock.common._tokens import TokenInfo
 from pyflock.common._records import (
@@ -603,6 +603,22 @@ class ControlClient:
         async def go() -> Node:
             _, answer = await self._call("DELETE", path)
             return self._parse("DELETE", path, node_from_api_json, answer)
+        return Deferred.fromCoroutine(go())
+
+    def control_status(self) -> "Deferred[dict]":
+        """Issue 9: ``GET /v1/state/control``, the control service's replicas, the one that
+        leads and the etcd members, as the API's JSON object."""
+        path = "/state/control"
+
+        def make(value: Any) -> dict:
+            obj = as_object(value, "control status")
+            read_list(obj, "replicas", "control status")
+            read_list(obj, "etcd_members", "control status")
+            return obj
+
+        async def go() -> dict:
+            _, answer = await self._call("GET", path)
+            return self._parse("GET", path, make, answer)
         return Deferred.fromCoroutine(go())
 
     # -- join tokens (issue 10) -----------------------------------------------------------

@@ -252,7 +252,7 @@ class AgentChannelServer:
                  agent_message_limit: int = AGENT_MESSAGE_LIMIT,
                  send_limit: int = SEND_LIMIT, page_size: int = SNAPSHOT_PAGE,
                  purge_deadline: float = DEFAULT_PURGE_DEADLINE,
-                 epoch: Optional[str] = None):
+                 epoch: Optional[str] = None, reports=None):
         self.configuration = configuration
         self.cluster = cluster
         self.reactor = reactor
@@ -262,6 +262,7 @@ class AgentChannelServer:
         self.send_limit = send_limit
         self.page_size = page_size
         self.purge_deadline = purge_deadline
+        self.shared = _SharedState(self, reports)
         self.epoch = epoch or uuid4().hex
         self.version = 0
         self._datasets: dict[str, DatasetEntry] = {}
@@ -478,9 +479,9 @@ class AgentChannelServer:
         known = self.cluster.state.nodes.get(uuid)
         datasets = known.datasets if known is not None and self.cluster.is_alive(known) \
             else pmap()
-        self.cluster.update(self.cluster.state.update_node(NodeState(
+        self.shared.claim(NodeState(
             uuid=uuid, host=hello.address, era=hello.era, last_seen=now,
-            peer_port=hello.peer_port, zone=hello.zone, datasets=datasets)))
+            peer_port=hello.peer_port, zone=hello.zone, datasets=datasets))
         # Acknowledgements count from this connection's first report on.
         self._acks.pop(uuid, None)
         self._heard(uuid)
@@ -534,7 +535,7 @@ class AgentChannelServer:
         datasets = pmap({r.dataset_id: attr.evolve(r, node_uuid=uuid)
                          for r in report.datasets if r.dataset_id in self._datasets})
         if datasets != node.datasets:
-            self.cluster.update(self.cluster.state.update_node(node.set(datasets=datasets)))
+            self.shared.update(node.set(datasets=datasets))
             log_event(_log, "pyflock:control:node-state", node_uuid=uuid,
                       datasets=len(datasets))
             changed = self._set_holdings(uuid, node.datasets, datasets)
@@ -565,9 +566,9 @@ class AgentChannelServer:
         """Nothing heard from ``uuid`` for ``node_expiry``: it is dead."""
         self._expiry.pop(uuid, None)
         node = self.cluster.state.nodes.get(uuid)
-        if node is None:
-            return
-        self.cluster.wipe(uuid)
+        if node is None or node.remote is not None:
+            return  # its agent went on to another replica, which now publishes it
+        self.shared.wipe(uuid)
         released = self._set_holdings(uuid, node.datasets, ())
         self._acks.pop(uuid, None)
         connection = self._connections.pop(uuid, None)
@@ -582,6 +583,63 @@ class AgentChannelServer:
 
     def _purge_unheld(self) -> None:
         self._purger.check(self._acks)
+
+
+class _SharedState:
+    """
+    Issue 9: the server's part in the cluster state shared between replicas (the server's
+    ``shared``). ``reports``, the server's argument (``SharedReports`` on etcd; None: a
+    single control service), is told of each hello (``claim``), changed report
+    (``publish``) and silent node (``withdraw``); ``merge(uuid, node or None)`` takes
+    what other replicas publish.
+    """
+
+    def __init__(self, server: AgentChannelServer, reports):
+        self._server = server
+        self._reports = reports
+
+    def claim(self, node: NodeState) -> None:
+        """``node``'s agent said hello here: it is in the cluster state, claimed."""
+        self._server.cluster.update(self._server.cluster.state.update_node(node))
+        self.report("claim", node)
+
+    def update(self, node: NodeState) -> None:
+        """``node``'s report changed: it is in the cluster state, published."""
+        self._server.cluster.update(self._server.cluster.state.update_node(node))
+        self.report("publish", node)
+
+    def wipe(self, uuid: str) -> None:
+        """Node ``uuid`` went silent here: its state is wiped, its report withdrawn."""
+        self._server.cluster.wipe(uuid)
+        self.report("withdraw", uuid)
+
+    def report(self, hook: str, node) -> None:
+        """Hand ``node`` (a uuid for ``withdraw``) to the reports' ``hook``, if shared."""
+        if self._reports is not None:
+            getattr(self._reports, hook)(node)
+
+    def merge(self, uuid: str, node: Optional[NodeState]) -> None:
+        """
+        Another replica publishes ``node`` (its agent talks to that replica), or the report
+        of ``uuid`` vanished (None): update the cluster state and push what changed. A
+        connection of that node here is stale: the agent has moved on.
+        """
+        server = self._server
+        before = server.cluster.state.nodes.get(uuid)
+        if node is not None:
+            connection = server._connections.pop(uuid, None)
+            if connection is not None:
+                connection.close("replaced", "this node's agent talks to another replica")
+            server._acks.pop(uuid, None)
+        server.cluster.merge_remote(uuid, node)
+        after = server.cluster.state.nodes.get(uuid)
+        if after is None:
+            return
+        changed = server._set_holdings(uuid, () if before is None else before.datasets,
+                                       after.datasets)
+        server._set_node(Node(uuid=uuid, host=after.host, peer_port=after.peer_port,
+                              alive=server.cluster.is_alive(after)), changed)
+        server._purge_unheld()
 
 
 class _PendingPush:

@@ -5,7 +5,7 @@ error bodies. Where pyflock is deliberately safer (leases, unique names) docs/ap
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Awaitable, Callable, Optional
 from uuid import uuid4
 
 from twisted.logger import Logger
@@ -26,6 +26,7 @@ from pyflock.control._clusterstate import (
 from pyflock.control._api_base import APIBase, APIError
 from pyflock.common._threads import RunBlocking, run_now
 from pyflock.control._lists import DatasetList, ListCache, answer, state_list
+from pyflock.control._etcd_state_model import ReplicaInfo, control_status
 from pyflock.control._persistence import ConfigurationService, TagMismatch
 from pyflock.control._ratelimit import NodeLimits, WriteRateLimiter
 from pyflock.control._store import StoreError
@@ -96,6 +97,12 @@ def _purge_arg(request) -> bool:
     return values[0] == b"true"
 
 
+async def _single_replica() -> dict:
+    """``GET /v1/state/control`` of a control service told nothing of its replicas."""
+    me = ReplicaInfo("control", "", 0.0)
+    return control_status(me.name, "sqlite", [me], me.name, [])
+
+
 class ControlAPI(APIBase):
     """
     The Klein application of the REST API. ``identify(request)`` tells who is calling
@@ -110,8 +117,10 @@ class ControlAPI(APIBase):
                  tokens: Optional[TokenService] = None,
                  node_limits: NodeLimits = NodeLimits(),
                  write_limiter: Optional[WriteRateLimiter] = None,
-                 run_off_reactor: RunBlocking = run_now):
+                 run_off_reactor: RunBlocking = run_now,
+                 status: Optional[Callable[[], Awaitable[dict]]] = None):
         super().__init__(identify, node_limits, write_limiter)
+        self._status = status or _single_replica
         self._configuration = configuration
         self._tokens = tokens
         self._cluster = cluster
@@ -300,6 +309,16 @@ class ControlAPI(APIBase):
         return node_to_api_json(Node(
             node.uuid, node.host, alive=alive,
             last_seen=max(0.0, self._configuration.now() - node.last_seen), zone=node.zone))
+
+    @app.route("/v1/state/control", methods=["GET"])
+    async def control_state(self, request):
+        """Issue 9: the replicas, the one that leads, and the etcd members."""
+        self._caller(request)
+        try:
+            body = await self._status()
+        except Exception as e:
+            raise APIError(503, f"etcd did not answer ({e}); retry shortly.")
+        return self._json(request, body)
 
     @app.route("/v1/state/nodes/by_era/<era>", methods=["GET"])
     def node_by_era(self, request, era):

@@ -99,7 +99,9 @@ def check_forgettable(node: "NodeState", now: float, expiry: float,
 
 class NodeState(PClass):
     """What one node last reported (its datasets' ``DatasetReport`` by id), and when; its
-    availability zone as its hello said (None: not known, or a node outside any zone)."""
+    availability zone as its hello said (None: not known, or a node outside any zone);
+    ``remote``: the replica that published it, when its agent talks to another replica
+    (issue 9; None: reported here)."""
 
     uuid = field(type=str, mandatory=True)
     host = field(type=str, mandatory=True)
@@ -108,11 +110,13 @@ class NodeState(PClass):
     peer_port = field(type=(int, type(None)), initial=None)
     zone = field(type=(str, type(None)), initial=None)
     datasets = pmap_field(str, DatasetReport)
+    remote = field(type=(str, type(None)), initial=None)
 
     def alive(self, now: float, expiry: float) -> bool:
-        """Whether the node has been heard from less than ``expiry`` seconds before ``now``."""
+        """Whether the node has been heard from less than ``expiry`` seconds before
+        ``now``; a remote node is alive while its replica publishes its report."""
         # Strict, so that a node is dead at the very moment its expiry timer fires.
-        return now - self.last_seen < expiry
+        return self.remote is not None or now - self.last_seen < expiry
 
 
 class ZoneMismatch(Exception):
@@ -243,6 +247,22 @@ class ClusterStateService:
         node = self.state.nodes.get(uuid)
         if node is not None and node.datasets:
             self.update(self.state.update_node(node.set(datasets={})))
+
+    def merge_remote(self, uuid: str, node: Optional[NodeState]) -> None:
+        """
+        Issue 9: another replica publishes ``node`` (remote), or the report of ``uuid`` it
+        published vanished (None: that replica withdrew it or died): the node is then dead
+        here, its datasets wiped, until an agent reports it again.
+        """
+        now = self._reactor.seconds()
+        if node is not None:
+            self.update(self.state.update_node(node.set(last_seen=now)))
+            return
+        known = self.state.nodes.get(uuid)
+        if known is not None and known.remote is not None:
+            self.update(self.state.update_node(known.set(
+                remote=None, datasets={},
+                last_seen=min(known.last_seen, now - self.node_expiry))))
 
     def is_alive(self, node: NodeState) -> bool:
         """Whether ``node`` has been heard from recently enough."""

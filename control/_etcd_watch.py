@@ -115,6 +115,23 @@ class _Lines(Protocol):
             self.transport.stopProducing()
 
 
+async def stream_lines(gateway: Any, body: dict, handle: Callable[[bytes], None],
+                       opened: Callable[[Optional[_Lines]], None]) -> None:
+    """
+    Open a watch (``body``, asking for a leader) on the member ``gateway`` uses and hand
+    each line of its answer to ``handle`` until it ends; ``opened`` is told the stream once
+    it delivers (to abort it), and None once it has ended.
+    """
+    response = await gateway.stream("watch", body, HAS_LEADER)
+    stream = _Lines(handle)
+    response.deliverBody(stream)
+    opened(stream)
+    try:
+        await stream.finished
+    finally:
+        opened(None)
+
+
 class EtcdFollower:
     """
     Keeps ``service`` (a ``ConfigurationService`` on the etcd store ``store``) current:
@@ -175,18 +192,17 @@ class EtcdFollower:
     async def _watch_once(self) -> None:
         endpoint = self._gateway.endpoint
         start = self._start_revision()
-        response = await self._gateway.stream("watch", watch_request(self._keys, start),
-                                              HAS_LEADER)
-        stream = self._stream = _Lines(self._line)
-        self._watch_endpoint = endpoint
-        response.deliverBody(stream)
-        if self._stopped:
-            stream.abort()
-        log_event(_log, "pyflock:control:etcd-watching", endpoint=endpoint, start=start)
-        try:
-            await stream.finished
-        finally:
-            self._stream = None
+
+        def opened(stream: Optional[_Lines]) -> None:
+            self._stream = stream
+            if stream is None:
+                return
+            self._watch_endpoint = endpoint
+            if self._stopped:
+                stream.abort()
+            log_event(_log, "pyflock:control:etcd-watching", endpoint=endpoint, start=start)
+        await stream_lines(self._gateway, watch_request(self._keys, start), self._line,
+                           opened)
 
     def _line(self, line: bytes) -> None:
         try:
@@ -265,4 +281,5 @@ def follow(reactor: Any, service: Any, store: Any, interval: float = DEFAULT_CHE
     return follower
 
 
-__all__ = ["EtcdFollower", "WatchMessage", "follow", "read_watch_message", "watch_request"]
+__all__ = ["EtcdFollower", "WatchMessage", "follow", "read_watch_message", "stream_lines",
+           "watch_request"]

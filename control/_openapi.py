@@ -197,6 +197,10 @@ def build_openapi(version: str) -> dict:
         "/v1/state/nodes/by_era/{era}": {"get": _op(
             "The node whose current era is given.",
             {200: ("The node.", s.NODE_BY_ERA)}, (400, 404), params=(_ERA,))},
+        "/v1/state/control": {"get": _op(
+            "pyflock addition: the control service's replicas, the one that leads and, on "
+            "etcd, the etcd members.", {200: ("The control service.", s.CONTROL_STATUS)},
+            (503,))},
         "/v1/state/nodes/{node_uuid}": {"delete": _op(
             "pyflock addition: forget a dead node that is the primary of no live dataset "
             "and holds no lease (user certificates only; 409 says what holds it).",

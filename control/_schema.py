@@ -117,6 +117,38 @@ NODE = {
 NODE_BY_ERA = {"type": "object", "required": ["uuid"],
                "properties": {"uuid": UUID}, "additionalProperties": False}
 
+_TEXT = {"type": "string"}
+
+#: Issue 9: ``GET /v1/state/control``.
+CONTROL_STATUS = {
+    "type": "object", "required": ["store", "replica", "leader", "replicas", "etcd_members"],
+    "properties": {
+        "store": {"type": "string", "enum": ["sqlite", "etcd"],
+                  "description": "Where the configuration is kept."},
+        "replica": {**_TEXT, "description": "The name of the replica that answered."},
+        "leader": {"type": ["string", "null"],
+                   "description": "The name of the replica that leads (timed work); null "
+                                  "while none does."},
+        "replicas": {"type": "array", "items": {
+            "type": "object", "required": ["name", "address", "since", "leader"],
+            "properties": {
+                "name": _TEXT,
+                "address": {**_TEXT, "description": "HOST:PORT of its REST API."},
+                "since": {"type": "number", "description": "When it started (seconds "
+                                                           "since the epoch)."},
+                "leader": {"type": "boolean"}},
+            "additionalProperties": False}},
+        "etcd_members": {"type": "array", "items": {
+            "type": "object", "required": ["id", "name", "client_urls", "peer_urls"],
+            "properties": {"id": _TEXT, "name": _TEXT,
+                           "client_urls": {"type": "array", "items": _TEXT},
+                           "peer_urls": {"type": "array", "items": _TEXT}},
+            "additionalProperties": False}},
+        "etcd_error": {**_TEXT, "description": "Why the etcd members could not be listed."},
+    },
+    "additionalProperties": False,
+}
+
 LEASE = {
     "type": "object", "required": ["dataset_id", "node_uuid", "expires"],
     "properties": {

@@ -64,7 +64,8 @@ from pyflock.control._migrate import add_migrate_parser, migrate_main
 from pyflock.control._backup import add_backup_parsers, backup_main
 from pyflock.control._crl_sync import share_revocations
 from pyflock.control._stores import (
-    add_store_arguments, leadership_for, open_store, start_following, store_description,
+    add_store_arguments, leadership_for, open_store, shared_reports, start_following,
+    status_source, store_description,
 )
 from pyflock.control._store import StoreError
 
@@ -305,18 +306,30 @@ async def run(reactor, options: argparse.Namespace) -> None:
     except StartupError:
         await configuration.stop()
         raise
+    # Issue 9: on etcd, agents' reports are shared with the other replicas.
+    shared = shared_reports(reactor, store, options, reactor.seconds())
     api = ControlAPI(configuration, cluster, api_listener.identities(),
                      build_openapi(__version__), tokens=tokens,
                      node_limits=node_limits(options),
-                     run_off_reactor=in_reactor_pool(reactor))
+                     run_off_reactor=in_reactor_pool(reactor),
+                     status=status_source(shared, options, reactor.seconds()))
     site = APISite(api.resource())
     channel = AgentChannelServer(configuration, cluster, reactor,
                                  identify=agent_listener.admit,
                                  heartbeat=options.heartbeat,
                                  agent_message_limit=options.agent_message_limit,
                                  send_limit=options.agent_send_limit,
-                                 purge_deadline=options.purge_deadline)
+                                 purge_deadline=options.purge_deadline, reports=shared)
     channel.start()
+    if shared is not None:
+        try:
+            await shared.start(channel.shared.merge)
+        except Exception as e:
+            if join_port is not None:
+                await join_port.stopListening()
+            await channel.stop()
+            await configuration.stop()
+            raise StartupError(f"cannot share the cluster state on etcd: {e}")
     # issue 8: agents get cluster.crl, now and on each change (after revoked connections
     # are closed: OpenConnections subscribed first).
     channel.publish_crl(revocations.current.pem)
@@ -360,6 +373,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
         await agent_port.stopListening()
         if join_port is not None:
             await join_port.stopListening()
+        if shared is not None:
+            await shared.stop()
         await channel.stop()
         if leadership is not None:
             await leadership.stop()  # revoked: another replica leads at once

@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from typing import Any
+from typing import Any, Awaitable, Callable, Optional
 
 from pyflock.control._etcd_client import EtcdTLS, parse_endpoints
 from pyflock.control._election import SoleLeader
 from pyflock.control._etcd_leader import (
     DEFAULT_COMPACTION_RETENTION, DEFAULT_LEADER_TTL, EtcdLeadership,
+)
+from pyflock.control._etcd_state import SharedReports
+from pyflock.control._etcd_state_model import (
+    DEFAULT_STATE_LEASE_TTL, ReplicaInfo, control_status,
 )
 from pyflock.control._etcd_store import EtcdConfigurationStore, open_etcd_store
 from pyflock.control._etcd_watch import DEFAULT_CHECK_DEADLINE, DEFAULT_CHECK_INTERVAL, follow
@@ -78,6 +82,12 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
                         default=DEFAULT_COMPACTION_RETENTION,
                         help=f"seconds of etcd history the leader keeps when it compacts "
                              f"etcd (default {DEFAULT_COMPACTION_RETENTION:g})")
+    parser.add_argument("--state-lease-ttl", type=_positive, default=DEFAULT_STATE_LEASE_TTL,
+                        metavar="SECONDS",
+                        help=f"on etcd, the TTL of the etcd lease this replica's agents' "
+                             f"reports are bound to: they vanish this long after the "
+                             f"replica dies (default {DEFAULT_STATE_LEASE_TTL:g}; etcd "
+                             f"takes at least 2)")
 
 
 def add_replica_argument(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +102,48 @@ def replica_name(options: argparse.Namespace) -> str:
     name = getattr(options, "replica_name", None)
     if name:
         return name
-    return f"{socket.gethostname()}:{str(getattr(options, 'port', '4523')).split(':')[-1]}"
+    return f"{socket.gethostname()}:{_api_port(options)[1]}"
+
+
+def _api_port(options: argparse.Namespace) -> tuple[Optional[str], str]:
+    """The interface (None: any) and the port of the REST API: ``--port`` is a number or a
+    ``tcp:PORT[:interface=HOST]`` endpoint."""
+    parts = str(getattr(options, "port", "4523")).split(":")
+    port = next((p for p in parts[1:] if p.isdigit()), parts[0]) if len(parts) > 1 \
+        else parts[0]
+    interface = next((p.split("=", 1)[1] for p in parts if p.startswith("interface=")),
+                     None)
+    return interface, port
+
+
+def replica_address(options: argparse.Namespace) -> str:
+    """Where this replica's REST API is reached: the ``interface`` of a ``tcp:`` endpoint
+    given as ``--port``, else the host's name, and the port."""
+    interface, port = _api_port(options)
+    return f"{interface or socket.getfqdn()}:{port}"
+
+
+def shared_reports(reactor: Any, store: Any, options: argparse.Namespace,
+                   since: float) -> Optional[SharedReports]:
+    """On etcd, this replica's part in the shared cluster state (not started); else None."""
+    if not isinstance(store, EtcdConfigurationStore):
+        return None
+    replica = ReplicaInfo(replica_name(options), replica_address(options), since)
+    return SharedReports(reactor, store.gateway, store.keys, replica,
+                         ttl=getattr(options, "state_lease_ttl", DEFAULT_STATE_LEASE_TTL))
+
+
+def status_source(shared: Optional[SharedReports], options: argparse.Namespace,
+                  since: float) -> Callable[[], Awaitable[dict]]:
+    """What ``GET /v1/state/control`` answers: on etcd, what etcd says; on SQLite, this one
+    replica, which leads."""
+    if shared is not None:
+        return shared.status
+    me = ReplicaInfo(replica_name(options), replica_address(options), since)
+
+    async def alone() -> dict:
+        return control_status(me.name, "sqlite", [me], me.name, [])
+    return alone
 
 
 def etcd_options(options: argparse.Namespace) -> tuple[tuple[str, ...], EtcdTLS]:

@@ -157,12 +157,14 @@ class APIHarness:
         self.tokens = (TokenService(self.store, self.clock, TokenBook(self.store.tokens.values(),
                                                                       self.pin))
                        if joins else None)
+        #: What ``GET /v1/state/control`` answers: an async callable (None: one replica).
+        self.status = None
 
     def api(self, identity: Optional[Identity]) -> ControlAPI:
         """The API as ``identity`` sees it."""
         return ControlAPI(self.configuration, self.cluster, lambda request: identity,
                           self.openapi, tokens=self.tokens, node_limits=self.node_limits,
-                          write_limiter=self.write_limiter)
+                          write_limiter=self.write_limiter, status=self.status)
 
     def request(self, testcase, method: str, path: str, body=None, *,
                 identity: Optional[Identity] = ALICE, headers: Optional[dict] = None,

@@ -3,7 +3,8 @@ Two real ``pyflock-control run --store etcd`` replicas on one prefix of a three-
 cluster (issue 9, point 2): a change through one is read back through the other with the
 same tag; a compare-and-swap race and a race for one name across replicas each have
 exactly one winner; an agent connected to replica 2 is pushed a dataset created through
-replica 1; a replica whose only etcd member is stopped refuses changes with 503 within a
+replica 1, and is alive in replica 1's state (issue 9, point 3); a replica whose only
+etcd member is stopped refuses changes with 503 within a
 few seconds and takes them again once it answers; after its member comes back from a
 kill -9 past a compaction, the replica serves the right configuration.
 
@@ -183,18 +184,23 @@ class _Listener(MessageProtocol):
                 for entry in m.datasets}
 
 
+async def connect_agent(cluster, replica, era: str) -> "_Listener":
+    """The cluster's node's agent connected to ``replica``'s channel, hello said."""
+    node = cluster.node_uuids[0]
+    options = client_tls_options(cluster.node_directory(node), "node", replica.host)
+    endpoint = tls_client_endpoint(_reactor(), replica.host, replica.agent_port, options)
+    agent = _Listener(Hello(node_uuid=node, era=era, address=replica.host))
+    await endpoint.connect(Factory.forProtocol(lambda: agent))
+    return agent
+
+
 @pytest_twisted.ensureDeferred
 async def test_agent_on_replica_2_is_pushed_a_change_made_through_replica_1(
         replicas, clients):
     """An agent connected to replica 2 receives the dataset created through replica 1."""
     cluster, processes = replicas
     reactor = _reactor()
-    node = cluster.node_uuids[0]
-    two = processes[1]
-    options = client_tls_options(cluster.node_directory(node), "node", two.host)
-    endpoint = tls_client_endpoint(reactor, two.host, two.agent_port, options)
-    agent = _Listener(Hello(node_uuid=node, era="era-test", address=two.host))
-    await endpoint.connect(Factory.forProtocol(lambda: agent))
+    agent = await connect_agent(cluster, processes[1], "era-test")
     try:
         deadline = time.monotonic() + 5
         while not any(isinstance(m, Snapshot) for m in agent.messages):
@@ -205,6 +211,31 @@ async def test_agent_on_replica_2_is_pushed_a_change_made_through_replica_1(
         while dataset_id not in agent.datasets():
             assert time.monotonic() < deadline + 5, agent.messages
             await deferLater(reactor, 0.01, lambda: None)
+    finally:
+        agent.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_on_replica_2_is_alive_on_replica_1(replicas, clients):
+    """
+    Issue 9, point 3: a node whose agent says hello to replica 2 is alive in replica 1's
+    state API (replica 2 published it in etcd), and ``GET /v1/state/control`` through
+    either replica lists both replicas and the three etcd members.
+    """
+    cluster, processes = replicas
+    reactor = _reactor()
+    node = cluster.node_uuids[0]
+    agent = await connect_agent(cluster, processes[1], "era-shared")
+    try:
+        deadline = time.monotonic() + 5
+        while not [n for n in (await clients[0].get("/v1/state/nodes")).json
+                   if n["uuid"] == node and n["alive"]]:
+            assert time.monotonic() < deadline, "replica 1 does not show the node alive"
+            await deferLater(reactor, 0.05, lambda: None)
+        for client in clients:
+            status = (await client.get("/v1/state/control")).json
+            assert (status["store"], len(status["replicas"]), len(status["etcd_members"])) \
+                == ("etcd", 2, 3), status
     finally:
         agent.transport.loseConnection()
 

@@ -1,0 +1,312 @@
+"""
+Shared cluster state on etcd, the IO shell (issue 9, point 3; the keys and the rules are
+in ``control/_etcd_state_model.py``).
+
+``SharedReports`` holds an etcd lease of its own (``--state-lease-ttl``, kept alive every
+third of it) and announces the replica under ``P replicas/<name>`` with it. The agent
+channel calls ``claim`` when an agent says hello, ``publish`` when its report changes
+(never on a heartbeat) and ``withdraw`` when it goes silent; each puts or deletes the
+node's report, bound to the lease. Writes leave one at a time; a later one for the same
+node replaces one still waiting, so a burst of changes costs one write. A watch on the
+reports tells it what the other replicas publish, handed to ``merge`` (the agent
+channel's ``shared.merge``). When the lease is lost (etcd expired it while this replica
+could not reach etcd), a new one is taken and every node this replica publishes is
+claimed again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger, LogLevel
+
+from pyflock.common._jsonread import Malformed
+from pyflock.common._logging import log_event
+from pyflock.control._clusterstate import NodeState
+from pyflock.control._etcd_client import EtcdError, describe
+from pyflock.control._etcd_model import Keys, unb64
+from pyflock.control._etcd_state_model import (
+    DEFAULT_STATE_LEASE_TTL, IGNORE, LOST, REMOTE, VANISHED, ReplicaInfo, ReportEvent,
+    claim_request, claimed_elsewhere, control_status, decode_replica, decode_report, judge,
+    leader_name, member_json, publish_request, range_events, read_watch_line,
+    replica_request, reports_range, resync_events, status_request, watch_request,
+    withdraw_request,
+)
+from pyflock.control._etcd_watch import WATCH_RETRY, _Lines, stream_lines
+
+_log = Logger()
+
+#: The kinds of a waiting write, and what a later one for the same node makes of it.
+CLAIM, PUBLISH, WITHDRAW = "claim", "publish", "withdraw"
+
+
+class SharedReports:
+    """
+    One replica's part in the shared cluster state (see the module's docstring):
+    ``replica`` is announced, ``merge(uuid, node_or_None)`` is told of the other replicas'
+    reports. ``writes`` counts the report writes sent to etcd.
+    """
+
+    def __init__(self, reactor: Any, gateway: Any, keys: Keys, replica: ReplicaInfo,
+                 ttl: float = DEFAULT_STATE_LEASE_TTL):
+        self._reactor = reactor
+        self._gateway = gateway
+        self._keys = keys
+        self.replica = replica
+        self._ttl = ttl
+        self.lease = 0
+        self._merge: Callable[[str, Optional[NodeState]], None] = lambda uuid, node: None
+        # node uuid -> the etcd revision of this replica's latest write of its report
+        self._owned: dict[str, int] = {}
+        # node uuid -> what this replica last wrote (or waits to write) of it
+        self._published: dict[str, NodeState] = {}
+        self._remote: set[str] = set()
+        # node uuid -> (kind, node): writes waiting; events held while one waits
+        self._waiting: dict[str, tuple[str, Optional[NodeState]]] = {}
+        self._held: dict[str, list[ReportEvent]] = {}
+        self._writing = False
+        self._watched = 0
+        self._compacted = False
+        self._stream: Optional[_Lines] = None
+        self._watching: Optional[Deferred] = None
+        self._keepalive: Optional[LoopingCall] = None
+        self._renewing = False
+        self._stopped = False
+        self.writes = 0
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def start(self, merge: Callable[[str, Optional[NodeState]], None]) -> None:
+        """Take a lease, announce the replica, merge every report published, and from
+        then on keep the lease alive and follow the reports."""
+        self._merge = merge
+        await self._grant()
+        await self._resync()
+        self._watching = Deferred.fromCoroutine(self._watch_forever())
+        self._keepalive = LoopingCall(self._renew)
+        self._keepalive.clock = self._reactor
+        self._keepalive.start(self._ttl / 3, now=False)
+
+    async def stop(self) -> None:
+        """Stop following and revoke the lease: this replica's reports go at once."""
+        self._stopped = True
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        if self._stream is not None:
+            self._stream.abort()
+        if self._watching is not None:
+            await self._watching
+        try:
+            await self._gateway.call("lease/revoke", {"ID": str(self.lease)}, deadline=2.0)
+        except Exception as e:
+            log_event(_log, "pyflock:control:state-lease-revoke-failed", LogLevel.warn,
+                      reason=describe(e))
+
+    async def _grant(self) -> None:
+        answer = await self._gateway.call("lease/grant", {"TTL": str(max(2, round(self._ttl)))})
+        self.lease = int(answer["ID"])
+        await self._gateway.call("kv/txn", replica_request(self._keys, self.replica,
+                                                           self.lease))
+        log_event(_log, "pyflock:control:state-lease", lease=self.lease, ttl=self._ttl,
+                  replica=self.replica.name)
+
+    def _renew(self) -> Deferred:
+        return Deferred.fromCoroutine(self._renew_once())
+
+    async def _renew_once(self) -> None:
+        """Keep the lease alive; a lease etcd no longer has is replaced and every node this
+        replica publishes claimed again."""
+        if self._renewing or self._stopped:
+            return
+        self._renewing = True
+        try:
+            answer = await self._gateway.call("lease/keepalive", {"ID": str(self.lease)},
+                                              deadline=self._ttl / 3)
+            if int(answer.get("result", {}).get("TTL", 0)) > 0:
+                return
+            log_event(_log, "pyflock:control:state-lease-lost", LogLevel.warn,
+                      lease=self.lease, nodes=len(self._published))
+            await self._grant()
+            self._owned.clear()
+            for uuid, node in self._published.items():
+                self._queue(uuid, CLAIM, node)
+        except Exception as e:
+            log_event(_log, "pyflock:control:state-lease-renew-failed", LogLevel.warn,
+                      reason=describe(e))
+        finally:
+            self._renewing = False
+
+    # -- the agent channel's hooks ---------------------------------------------------------
+
+    def claim(self, node: NodeState) -> None:
+        """``node``'s agent said hello here: publish its report, whoever published it."""
+        self._published[node.uuid] = node
+        self._remote.discard(node.uuid)
+        self._queue(node.uuid, CLAIM, node)
+
+    def publish(self, node: NodeState) -> None:
+        """``node``'s report changed: publish it while this replica still holds it."""
+        self._published[node.uuid] = node
+        self._queue(node.uuid, PUBLISH, node)
+
+    def withdraw(self, uuid: str) -> None:
+        """Node ``uuid`` went silent here: delete its report unless another replica has
+        claimed it since."""
+        self._published.pop(uuid, None)
+        self._owned.pop(uuid, None)
+        self._queue(uuid, WITHDRAW, None)
+
+    def _queue(self, uuid: str, kind: str, node: Optional[NodeState]) -> None:
+        before = self._waiting.pop(uuid, None)
+        if before is not None and before[0] == CLAIM and kind == PUBLISH:
+            kind = CLAIM  # the claim still has to happen; with the newer report
+        self._waiting[uuid] = (kind, node)
+        if not self._writing:
+            self._writing = True
+            Deferred.fromCoroutine(self._write_all())
+
+    async def _write_all(self) -> None:
+        try:
+            while self._waiting and not self._stopped:
+                uuid = next(iter(self._waiting))
+                kind, node = self._waiting[uuid]
+                try:
+                    await self._write(uuid, kind, node)
+                except Exception as e:
+                    log_event(_log, "pyflock:control:state-publish-failed", LogLevel.warn,
+                              node_uuid=uuid, kind=kind, reason=describe(e))
+                    if isinstance(e, EtcdError):
+                        await self._renew_once()  # say, the lease is gone
+                    await deferLater(self._reactor, WATCH_RETRY, lambda: None)
+                    continue
+                if self._waiting.get(uuid) == (kind, node):
+                    del self._waiting[uuid]
+                self._release(uuid)
+        finally:
+            self._writing = False
+
+    async def _write(self, uuid: str, kind: str, node: Optional[NodeState]) -> None:
+        self.writes += 1
+        if kind == WITHDRAW:
+            await self._gateway.call("kv/txn", withdraw_request(self._keys, uuid, self.lease))
+            return
+        request = (claim_request if kind == CLAIM else publish_request)(
+            self._keys, self.replica.name, node, self.lease)
+        answer = await self._gateway.call("kv/txn", request)
+        if answer.get("succeeded"):
+            self._owned[uuid] = int(answer["header"]["revision"])
+        elif claimed_elsewhere(answer):
+            # Another replica claimed it since: its report is the current one.
+            self._owned.pop(uuid, None)
+            self._published.pop(uuid, None)
+        else:
+            self.writes += 1  # the key is gone (this replica's lease was): claim it again
+            answer = await self._gateway.call("kv/txn", claim_request(
+                self._keys, self.replica.name, node, self.lease))
+            self._owned[uuid] = int(answer["header"]["revision"])
+
+    def _release(self, uuid: str) -> None:
+        """Judge the events held while a write of ``uuid``'s report was waiting."""
+        if uuid not in self._waiting:
+            for event in self._held.pop(uuid, []):
+                self._apply(event)
+
+    # -- other replicas' reports -----------------------------------------------------------
+
+    def _apply(self, event: ReportEvent) -> None:
+        uuid = event.node_uuid
+        waiting = self._waiting.get(uuid)
+        if waiting is not None and waiting[0] != WITHDRAW:
+            self._held.setdefault(uuid, []).append(event)
+            return
+        verdict = judge(event, self.lease, self._owned.get(uuid), uuid in self._remote)
+        if verdict == REMOTE:
+            try:
+                node = decode_report(uuid, event.value or b"", self._reactor.seconds())
+            except Malformed as e:
+                log_event(_log, "pyflock:control:state-report-unreadable", LogLevel.warn,
+                          node_uuid=uuid, reason=str(e))
+                return
+            self._owned.pop(uuid, None)
+            self._published.pop(uuid, None)
+            self._remote.add(uuid)
+            self._merge(uuid, node)
+        elif verdict == VANISHED:
+            self._remote.discard(uuid)
+            self._merge(uuid, None)
+        elif verdict == LOST:
+            self._owned.pop(uuid, None)
+            Deferred.fromCoroutine(self._renew_once())
+        else:
+            assert verdict == IGNORE
+
+    async def _resync(self) -> None:
+        """Read every report and apply it as if the watch had told it."""
+        revision, present = range_events(self._keys, await self._gateway.call(
+            "kv/range", reports_range(self._keys)))
+        for event in resync_events(present, self._remote | set(self._owned), revision):
+            self._apply(event)
+        self._watched = revision
+
+    async def _watch_forever(self) -> None:
+        while not self._stopped:
+            try:
+                if self._compacted:
+                    # Compacted past the watch: read everything again, then watch on.
+                    await self._resync()
+                    self._compacted = False
+                await self._watch_once()
+            except Exception as e:
+                log_event(_log, "pyflock:control:state-watch-failed", LogLevel.warn,
+                          endpoint=self._gateway.endpoint, reason=describe(e))
+            if not self._stopped:
+                await deferLater(self._reactor, WATCH_RETRY, lambda: None)
+
+    async def _watch_once(self) -> None:
+        def opened(stream: Optional[_Lines]) -> None:
+            self._stream = stream
+            if stream is not None and self._stopped:
+                stream.abort()
+        await stream_lines(self._gateway, watch_request(self._keys, self._watched + 1),
+                           self._line, opened)
+
+    def _line(self, line: bytes) -> None:
+        try:
+            message = read_watch_line(self._keys, line)
+        except ValueError as e:
+            log_event(_log, "pyflock:control:state-watch-failed", LogLevel.warn,
+                      reason=str(e))
+            message = None
+        if message is not None and message.kind == "events":
+            self._watched = max(self._watched, message.revision)
+            for event in message.events:
+                self._apply(event)
+            return
+        if message is None or message.kind in ("canceled", "error"):
+            if message is not None and message.kind == "canceled":
+                self._compacted = bool(message.revision)
+            elif message is not None:
+                self._gateway.skip(self._gateway.endpoint)
+            if self._stream is not None:
+                self._stream.abort()
+
+    # -- GET /v1/state/control -------------------------------------------------------------
+
+    async def status(self) -> dict:
+        """The replicas announced, the one leading and the etcd members."""
+        answer = await self._gateway.call("kv/txn", status_request(self._keys))
+        found = [r.get("response_range", {}).get("kvs", []) for r in answer["responses"]]
+        replicas = [r for r in (decode_replica(unb64(kv.get("value"))) for kv in found[0])
+                    if r is not None]
+        try:
+            members = await self._gateway.call("cluster/member/list", {})
+            listed, error = [member_json(m) for m in members.get("members", [])], None
+        except Exception as e:
+            listed, error = None, describe(e)
+        return control_status(self.replica.name, "etcd", replicas, leader_name(found[1]),
+                              listed, error)
+
+
+__all__ = ["SharedReports"]

@@ -1,0 +1,140 @@
+"""
+The agent channel's part in the shared cluster state (issue 9, point 3), in memory on a
+Clock: which reports it hands on to be published (a hello claims, a changed report
+publishes, a heartbeat nothing, a silent node is withdrawn), and how another replica's
+reports merge into this one's state; and ``GET /v1/state/control``.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import fail
+from twisted.trial.unittest import SynchronousTestCase
+
+from pyflock.common._wire import DatasetReport, Diff, Heartbeat, StateReport
+from pyflock.control._clusterstate import NodeState
+from pyflock.control.testing import ALICE, NODE_A
+from tests.control import test_agentchannel as base
+
+A, B, DS = base.A, base.B, base.DS
+
+
+class RecordedReports:
+    """Records what the channel asks to publish, as ``SharedReports`` would receive it."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str, object]] = []
+
+    def claim(self, node: NodeState) -> None:
+        """A hello."""
+        self.calls.append(("claim", node.uuid, tuple(sorted(node.datasets))))
+
+    def publish(self, node: NodeState) -> None:
+        """A changed report."""
+        self.calls.append(("publish", node.uuid, tuple(sorted(node.datasets))))
+
+    def withdraw(self, uuid: str) -> None:
+        """A node gone silent."""
+        self.calls.append(("withdraw", uuid, ()))
+
+
+def remote_node(datasets=(DS,), replica="c2") -> NodeState:
+    """Node B as replica ``replica`` publishes it, holding ``datasets``."""
+    return NodeState(uuid=B, host="127.0.0.9", last_seen=0.0, peer_port=4525,
+                     remote=replica, datasets={
+                         d: DatasetReport(d, "mounted", "/m", None, B) for d in datasets})
+
+
+class SharedReportsTests(SynchronousTestCase):
+    """The channel's hooks to ``SharedReports``, on the harness of ``ServerTests``."""
+
+    setUp = base.ServerTests.setUp
+    tearDown = base.ServerTests.tearDown
+    change = base.ServerTests.change
+    create = base.ServerTests.create
+    connect = base.ServerTests.connect
+    get = base.ServerTests.get
+
+    def start_server(self):
+        """A started server whose reports are recorded."""
+        self.reports = RecordedReports()
+        server = base.ServerTests.start_server(self)
+        server.shared._reports = self.reports
+        return server
+
+    def test_published_on_change_not_on_heartbeat(self):
+        """A hello claims, a changed report publishes, heartbeats and repeats publish nothing."""
+        self.create()
+        agent, _ = self.connect()
+        report = StateReport(node_uuid=A, datasets=(DatasetReport(DS, "mounted", "/m"),))
+        for _ in range(3):
+            agent.send(report)
+            agent.send(Heartbeat())
+            self.clock.advance(1)
+        self.assertEqual(self.reports.calls, [("claim", A, ()), ("publish", A, (DS,))])
+
+    def test_silent_node_withdrawn(self):
+        """A node silent for the expiry is withdrawn."""
+        self.connect()
+        self.clock.advance(self.h.cluster.node_expiry)
+        self.assertEqual(self.reports.calls[-1], ("withdraw", A, ()))
+
+    def test_remote_report_shown_and_pushed(self):
+        """Another replica's report shows in the state API and reaches agents as holders."""
+        self.create(primary=B)
+        agent, _ = self.connect()
+        self.server.shared.merge(B, remote_node())
+        self.assertEqual(sorted(n["uuid"] for n in self.get("/v1/state/nodes") if n["alive"]),
+                         sorted([A, B]))
+        self.assertEqual([d["primary"] for d in self.get("/v1/state/datasets")], [B])
+        diffs = [m for m in agent.received() if isinstance(m, Diff)]
+        self.assertEqual(diffs[-1].datasets[0].holders, (B,))
+
+    def test_vanished_report_is_a_dead_node(self):
+        """A remote report that vanishes leaves the node dead, holding nothing."""
+        self.create(primary=B)
+        self.server.shared.merge(B, remote_node())
+        self.server.shared.merge(B, None)
+        [node] = [n for n in self.get("/v1/state/nodes") if n["uuid"] == B]
+        self.assertFalse(node["alive"])
+        self.assertEqual(self.get("/v1/state/datasets"), [])
+
+    def test_agent_moved_away_is_not_expired_here(self):
+        """Once another replica publishes a node connected here, its connection here is
+        closed and its expiry here neither kills nor withdraws it."""
+        agent, _ = self.connect()
+        self.server.shared.merge(A, remote_node(replica="c2").set(uuid=A, datasets={}))
+        self.assertTrue(agent.closed)
+        self.clock.advance(self.h.cluster.node_expiry * 2)
+        self.assertNotIn(("withdraw", A, ()), self.reports.calls)
+        [node] = self.get("/v1/state/nodes")
+        self.assertTrue(node["alive"])
+
+    def test_agent_coming_back_is_claimed_with_what_it_held(self):
+        """An agent that says hello here after another replica published it is claimed
+        at once, with the datasets that replica published."""
+        self.create()
+        self.server.shared.merge(A, remote_node().set(uuid=A))
+        self.connect()
+        self.assertEqual(self.reports.calls, [("claim", A, (DS,))])
+
+
+class ControlStatusTests(SynchronousTestCase):
+    """``GET /v1/state/control`` on the in-memory harness."""
+
+    def setUp(self):
+        from pyflock.control.testing import APIHarness
+        self.h = APIHarness()
+
+    def test_single_replica(self):
+        """Without replicas, one replica answers and leads, on SQLite, for users and nodes."""
+        for identity in (ALICE, NODE_A):
+            body = self.h.request(self, "GET", "/v1/state/control", identity=identity).json
+            self.assertEqual((body["store"], body["leader"], len(body["replicas"]),
+                              body["etcd_members"]), ("sqlite", "control", 1, []))
+
+    def test_etcd_not_answering(self):
+        """A status that etcd does not answer is a 503 saying so."""
+        self.h.status = lambda: fail(RuntimeError("no member answered"))
+        response = self.h.request(self, "GET", "/v1/state/control")
+        self.assertEqual(response.code, 503)
+        self.assertIn("no member answered", response.json["description"])
