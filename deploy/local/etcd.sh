@@ -36,17 +36,17 @@ fi
 command -v etcd >/dev/null || { echo "up: etcd is not installed (apt-get install etcd-server)" >&2; exit 1; }
 mkdir -p "$state/etcd" "$state/logs"
 initial=""
-for m in $members; do initial="$initial${initial:+,}$m=http://127.0.0.1:$(peer_port $m)"; done
+for m in $members; do initial="$initial${initial:+,}$m=http://127.0.0.1:$(peer_port "$m")"; done
 urls=""
 for m in $members; do
-  url=http://127.0.0.1:$(client_port $m)
+  url=http://127.0.0.1:$(client_port "$m")
   urls="$urls${urls:+,}$url"
   if alive "$state/etcd-$m.pid"; then continue; fi
   # A member whose data folder exists joins with it (state "existing" is ignored then).
   nohup etcd --name "$m" --data-dir "$state/etcd/$m" \
     --listen-client-urls "$url" --advertise-client-urls "$url" \
-    --listen-peer-urls "http://127.0.0.1:$(peer_port $m)" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$(peer_port $m)" \
+    --listen-peer-urls "http://127.0.0.1:$(peer_port "$m")" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$(peer_port "$m")" \
     --initial-cluster "$initial" --initial-cluster-token pyflock-make-up \
     --initial-cluster-state new \
     --auto-compaction-mode periodic --auto-compaction-retention 1h \

@@ -94,7 +94,7 @@ config_home=${XDG_CONFIG_HOME:-$HOME/.config}/pyflock
 mkdir -p "$config_home"
 cat >"$config_home/cli.yml" <<YML
 # Written by pyflock's make up.
-control-service: $(echo $control_hosts | tr ' ' ',')
+control-service: $(echo "$control_hosts" | tr ' ' ',')
 control-port: $port
 certs-path: $cli
 user: admin
@@ -111,14 +111,14 @@ else
   say "control service answering on https://127.0.0.1:$port"
 fi
 
-hostnames() {  # one host as a string, several as a YAML list
-  if [ $# -eq 1 ]; then echo "$1"; else echo "[$(echo "$*" | sed 's/ /, /g')]"; fi
+hostnames() {  # "a" as a string, "a b" as a YAML list
+  case $1 in *" "*) echo "[${1// /, }]" ;; *) echo "$1" ;; esac
 }
 # -- agent and its Docker plugin (before dockerd, which then finds the plugin at once) ----
 cat >"$node/agent.yml" <<YML
 # Written by pyflock's make up.
 version: 1
-control-service: {hostname: $(hostnames $control_hosts), port: $agent_port, api-port: $port}
+control-service: {hostname: $(hostnames "$control_hosts"), port: $agent_port, api-port: $port}
 certificates: $node/certs
 data-path: $node/data
 node: {address: 127.0.0.1}
