@@ -63,6 +63,7 @@ from pyflock.control._clusterstate import (
     purgeable,
 )
 from pyflock.control._persistence import ConfigurationService
+from pyflock.control._viewlog import Turns, ViewLog
 
 #: Seconds between heartbeats (DESIGN.md).
 DEFAULT_HEARTBEAT = 5.0
@@ -211,7 +212,7 @@ class _AgentConnection(MessageProtocol):
         elif isinstance(message, SyncRequest):
             # One snapshot under way at most: it, and the diffs queued behind it, bring
             # the agent to the current view anyway.
-            if not self.streaming:
+            if not self.streaming and not self._server.turns.has(self):
                 self._server._send_snapshot(self)
         elif isinstance(message, Hello):
             raise BadMessage("a connection says hello only once")
@@ -277,6 +278,9 @@ class AgentChannelServer:
         self._heartbeats: Optional[LoopingCall] = None
         # (version, {paged: payloads}): agents reconnecting together share one encoding
         self._snapshot_cache: tuple[int, dict[bool, list[bytes]]] = (-1, {})
+        # issue 12: the diffs pushed, and one paged snapshot, encoded once for all agents
+        self.history = ViewLog()
+        self.turns = Turns()
         self._running = False
         self._crl = _CRLPublisher(self)  # issue 8
         self._pending = _PendingPush(reactor, self._push_pending)
@@ -350,6 +354,7 @@ class AgentChannelServer:
             (part, encode(part)) for part in split_diff(diff, self.page_size)]
         for part, payload in parts:
             self.version = part.version
+            self.history.record(part.version, payload)
             older = None  # the part as agents before RETAINED_VISIBLE see it
             for connection in self._connections.values():
                 if (connection.protocol_version or PROTOCOL_VERSION) < RETAINED_VISIBLE:
@@ -360,7 +365,10 @@ class AgentChannelServer:
                     connection.send_payload(payload)
 
     def _snapshot_payloads(self, paged: bool) -> list[bytes]:
-        """The current snapshot's payloads: pages (version 3 on), or one frame."""
+        """The current snapshot's payloads: pages (version 3 on; a shared snapshot and the
+        diffs since it), or one frame."""
+        if paged:
+            return self.history.snapshot(self.version, self.snapshot, self.page_size)
         if self._snapshot_cache[0] != self.version:
             self._snapshot_cache = (self.version, {})
         cache = self._snapshot_cache[1]
@@ -372,6 +380,10 @@ class AgentChannelServer:
 
     def _send_snapshot(self, connection: _AgentConnection) -> None:
         paged = (connection.protocol_version or PROTOCOL_VERSION) >= PAGED_SNAPSHOTS
+        if paged:
+            # Issue 12: a bounded number stream at once; the pages are picked at the turn.
+            self.turns.request(connection, lambda: self._stream_snapshot(connection))
+            return
         payloads = self._snapshot_payloads(paged)
         if not paged and len(payloads[0]) > MAX_MESSAGE:
             # Version 2 cannot page: its agent would refuse the frame anyway.
@@ -382,6 +394,26 @@ class AgentChannelServer:
                                           f"sends snapshots in pages)")
             return
         connection.send_stream(payloads)
+
+    def _stream_snapshot(self, connection: _AgentConnection) -> None:
+        if connection.closing:
+            self.turns.done(connection)
+            return
+        connection.send_stream(self.turns.stream(connection, self._snapshot_payloads(True)))
+
+    def _resume(self, connection: _AgentConnection, known: Optional[ViewVersion]) -> bool:
+        """Issue 12: bring an agent whose view is of this epoch up to date with the diffs
+        since its version, if they are all still here and lighter than a snapshot;
+        whether it did."""
+        if known is None or known.epoch != self.epoch \
+                or connection.protocol_version < PAGED_SNAPSHOTS:
+            return False
+        diffs = self.history.catch_up(known.version, self.version,
+                                      self.history.snapshot_size or self.history.budget)
+        if diffs is None:
+            return False
+        connection.send_stream(diffs)
+        return True
 
     def _send_heartbeats(self) -> None:
         # A replica that has just become leader purges what waited meanwhile.
@@ -457,6 +489,7 @@ class AgentChannelServer:
 
     def _closed(self, connection: _AgentConnection) -> None:
         self._open.discard(connection)
+        self.turns.done(connection)
         uuid = connection.node_uuid
         if uuid is not None and self._connections.get(uuid) is connection:
             del self._connections[uuid]
@@ -495,7 +528,7 @@ class AgentChannelServer:
         self._connections[uuid] = connection
         connection.send(Welcome(epoch=self.epoch, version=self.version,
                                 protocol=connection.protocol_version))
-        snapshot = hello.known != self.current
+        snapshot = hello.known != self.current and not self._resume(connection, hello.known)
         if snapshot:
             self._send_snapshot(connection)
         self._crl.send(connection)  # issue 8: after the snapshot's pages
@@ -560,6 +593,7 @@ class AgentChannelServer:
         self._nodes.pop(uuid, None)
         self._acks.pop(uuid, None)
         self._snapshot_cache = (-1, {})
+        self.history.forget_snapshot()
 
     def _expire(self, uuid: str) -> None:
         """Nothing heard from ``uuid`` for ``node_expiry``: it is dead."""

@@ -1,0 +1,167 @@
+"""
+The agent channel's recent history (issue 12): the diffs pushed in the current epoch, as
+encoded once for every agent, and one encoding of a snapshot in pages, so that a thousand
+agents connecting together cost the control service one encoding, not one each.
+
+An agent that needs the whole view gets the shared snapshot of version S followed by the
+diffs from S on (an agent applies a snapshot, then each diff that follows it); the snapshot
+is encoded again only once the diffs since it outweigh ``rebuild_fraction`` of it, so its
+cost is spread over the changes that made it old. An agent that reconnects with a view of
+this epoch whose diffs are all still here gets those diffs and nothing else (a network
+blip, a silent control service, a storm of reconnects). The history keeps at most
+``budget`` bytes of diffs; older ones are forgotten, oldest first.
+
+No IO and no clock: the server hands in what it pushed and asks what to send.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Hashable, Iterable, Iterator, Optional
+
+from pyflock.common._wire import Snapshot, snapshot_pages
+
+#: Bytes of encoded diffs the history keeps (about 100,000 small diffs).
+DEFAULT_HISTORY_BUDGET = 16 * 1024 * 1024
+
+#: The snapshot is encoded again once the diffs since it reach this fraction of its size.
+DEFAULT_REBUILD_FRACTION = 0.5
+
+#: Snapshots streamed at once: enough to keep the link busy, few enough that each agent
+#: gets its pages well within its silence timeout however many wait.
+DEFAULT_SNAPSHOT_WIDTH = 16
+
+
+class ViewLog:
+    """The encoded diffs of one epoch since some version, and one encoded snapshot."""
+
+    def __init__(self, budget: int = DEFAULT_HISTORY_BUDGET,
+                 rebuild_fraction: float = DEFAULT_REBUILD_FRACTION):
+        self.budget = budget
+        self.rebuild_fraction = rebuild_fraction
+        # (version, payload) of consecutive versions, oldest first
+        self._diffs: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+        # (version, page size, pages, their size in bytes), or None
+        self._snapshot: Optional[tuple[int, int, list[bytes], int]] = None
+        #: How many times a snapshot was encoded (for tests and logs).
+        self.encodings = 0
+
+    def reset(self) -> None:
+        """A new epoch (or a change no diff carries): forget the history and the snapshot."""
+        self._diffs.clear()
+        self._bytes = 0
+        self._snapshot = None
+
+    def forget_snapshot(self) -> None:
+        """The view changed in a way diffs do not carry (a forgotten node): encode anew."""
+        self._snapshot = None
+
+    def record(self, version: int, payload: bytes) -> None:
+        """The diff to ``version`` (encoded as ``payload``) was pushed to every agent."""
+        if self._diffs and self._diffs[-1][0] != version - 1:
+            self._diffs.clear()
+            self._bytes = 0
+        self._diffs.append((version, payload))
+        self._bytes += len(payload)
+        while self._bytes > self.budget and len(self._diffs) > 1:
+            _, old = self._diffs.popleft()
+            self._bytes -= len(old)
+
+    def since(self, version: int, current: int) -> Optional[list[bytes]]:
+        """The diffs from ``version`` to ``current``, or None if some are forgotten."""
+        if version == current:
+            return []
+        if not self._diffs or version > current or version < self._diffs[0][0] - 1 \
+                or self._diffs[-1][0] != current:
+            return None
+        start = version - self._diffs[0][0] + 1
+        return [payload for _, payload in list(self._diffs)[start:]]
+
+    def catch_up(self, version: int, current: int, limit: int) -> Optional[list[bytes]]:
+        """The diffs from ``version`` to ``current`` if they are all here and weigh at most
+        ``limit`` bytes (else a snapshot is cheaper for the agent); otherwise None."""
+        diffs = self.since(version, current)
+        if diffs is None or sum(len(p) for p in diffs) > limit:
+            return None
+        return diffs
+
+    def snapshot(self, current: int, make: Callable[[], Snapshot],
+                 page_size: int) -> list[bytes]:
+        """
+        What brings an agent to view ``current`` from nothing: the shared snapshot's pages
+        (of about ``page_size`` bytes) and the diffs since it, or the pages of a new
+        snapshot (``make()``, the view now, of version ``current``) once those diffs
+        outweigh ``rebuild_fraction`` of it.
+        """
+        if self._snapshot is not None and self._snapshot[1] == page_size:
+            version, _, pages, size = self._snapshot
+            diffs = self.catch_up(version, current, int(size * self.rebuild_fraction))
+            if diffs is not None:
+                return pages + diffs
+        pages = snapshot_pages(make(), page_size)
+        self.encodings += 1
+        self._snapshot = (current, page_size, pages, sum(len(p) for p in pages))
+        return list(pages)
+
+    @property
+    def snapshot_size(self) -> int:
+        """Bytes of the shared snapshot (0 before one is encoded)."""
+        return 0 if self._snapshot is None else self._snapshot[3]
+
+
+class Turns:
+    """
+    At most ``width`` snapshots stream at once; the agents that need one meanwhile wait
+    their turn, first come first served, and keep getting heartbeats (not their pages,
+    which would starve every stream: a thousand snapshots at once leave each agent so
+    little of the link that a page takes longer than the agent waits for a word).
+    """
+
+    def __init__(self, width: int = DEFAULT_SNAPSHOT_WIDTH):
+        self.width = width
+        self._streaming: set = set()
+        # key -> start(), in order of request
+        self._waiting: dict[Hashable, Callable[[], None]] = {}
+
+    def request(self, key: Hashable, start: Callable[[], None]) -> None:
+        """``start()`` once ``key`` has a turn (now if one is free); nothing if ``key``
+        has one or waits for one already."""
+        if key in self._streaming or key in self._waiting:
+            return
+        self._waiting[key] = start
+        self._next()
+
+    def has(self, key: Hashable) -> bool:
+        """Whether ``key`` streams or waits to."""
+        return key in self._streaming or key in self._waiting
+
+    def done(self, key: Hashable) -> None:
+        """``key``'s snapshot is sent, or it is gone: the next in line starts."""
+        self._waiting.pop(key, None)
+        if key in self._streaming:
+            self._streaming.discard(key)
+            self._next()
+
+    def stream(self, key: Hashable, payloads: Iterable[bytes]) -> Iterator[bytes]:
+        """``payloads``, then ``key``'s turn is over (also if the stream is dropped)."""
+        try:
+            yield from payloads
+        finally:
+            self.done(key)
+
+    def _next(self) -> None:
+        while self._waiting and len(self._streaming) < self.width:
+            key = next(iter(self._waiting))
+            start = self._waiting.pop(key)
+            self._streaming.add(key)
+            start()
+
+    @property
+    def waiting(self) -> int:
+        """How many wait for a turn."""
+        return len(self._waiting)
+
+
+__all__ = ["DEFAULT_HISTORY_BUDGET", "DEFAULT_REBUILD_FRACTION", "DEFAULT_SNAPSHOT_WIDTH",
+           "Turns", "ViewLog"]
