@@ -52,7 +52,7 @@ from pyflock.common._model import Configuration
 from pyflock.common._records import DatasetEntry
 from pyflock.common._tls import Admission
 from pyflock.common._wire import (
-    AGENT_MESSAGE_LIMIT, MAX_MESSAGE, OLDEST_PROTOCOL, PAGED_SNAPSHOTS, PROTOCOL_VERSION,
+    AGENT_MESSAGE_LIMIT, COMPRESSED_FRAMES, MAX_MESSAGE, OLDEST_PROTOCOL, PAGED_SNAPSHOTS, PROTOCOL_VERSION,
     SEND_LIMIT, SNAPSHOT_PAGE, BadMessage, Diff, Error, Heartbeat, Hello, MessageProtocol,
     Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest, ViewVersion, Welcome,
     describe_protocols, encode, negotiate, snapshot_pages, split_diff,
@@ -364,11 +364,14 @@ class AgentChannelServer:
                 else:
                     connection.send_payload(payload)
 
-    def _snapshot_payloads(self, paged: bool) -> list[bytes]:
+    def _snapshot_payloads(self, paged: bool,
+                           connection_version: Optional[int] = None) -> list[bytes]:
         """The current snapshot's payloads: pages (version 3 on; a shared snapshot and the
         diffs since it), or one frame."""
         if paged:
-            return self.history.snapshot(self.version, self.snapshot, self.page_size)
+            return self.history.snapshot(
+                self.version, self.snapshot, self.page_size,
+                compressed=(connection_version or PROTOCOL_VERSION) >= COMPRESSED_FRAMES)
         if self._snapshot_cache[0] != self.version:
             self._snapshot_cache = (self.version, {})
         cache = self._snapshot_cache[1]
@@ -399,7 +402,8 @@ class AgentChannelServer:
         if connection.closing:
             self.turns.done(connection)
             return
-        connection.send_stream(self.turns.stream(connection, self._snapshot_payloads(True)))
+        connection.send_stream(self.turns.stream(connection, self._snapshot_payloads(
+            True, connection.protocol_version)))
 
     def _resume(self, connection: _AgentConnection, known: Optional[ViewVersion]) -> bool:
         """Issue 12: bring an agent whose view is of this epoch up to date with the diffs

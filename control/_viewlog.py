@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Hashable, Iterable, Iterator, Optional
 
-from pyflock.common._wire import Snapshot, snapshot_pages
+from pyflock.common._wire import Snapshot, compress, snapshot_pages
 
 #: Bytes of encoded diffs the history keeps (about 100,000 small diffs).
 DEFAULT_HISTORY_BUDGET = 16 * 1024 * 1024
@@ -44,6 +44,8 @@ class ViewLog:
         self._bytes = 0
         # (version, page size, pages, their size in bytes), or None
         self._snapshot: Optional[tuple[int, int, list[bytes], int]] = None
+        # the same pages compressed (protocol 4), made when first asked for
+        self._compressed: Optional[list[bytes]] = None
         #: How many times a snapshot was encoded (for tests and logs).
         self.encodings = 0
 
@@ -51,11 +53,11 @@ class ViewLog:
         """A new epoch (or a change no diff carries): forget the history and the snapshot."""
         self._diffs.clear()
         self._bytes = 0
-        self._snapshot = None
+        self.forget_snapshot()
 
     def forget_snapshot(self) -> None:
         """The view changed in a way diffs do not carry (a forgotten node): encode anew."""
-        self._snapshot = None
+        self._snapshot = self._compressed = None
 
     def record(self, version: int, payload: bytes) -> None:
         """The diff to ``version`` (encoded as ``payload``) was pushed to every agent."""
@@ -87,22 +89,28 @@ class ViewLog:
         return diffs
 
     def snapshot(self, current: int, make: Callable[[], Snapshot],
-                 page_size: int) -> list[bytes]:
+                 page_size: int, compressed: bool = False) -> list[bytes]:
         """
         What brings an agent to view ``current`` from nothing: the shared snapshot's pages
-        (of about ``page_size`` bytes) and the diffs since it, or the pages of a new
-        snapshot (``make()``, the view now, of version ``current``) once those diffs
-        outweigh ``rebuild_fraction`` of it.
+        (of about ``page_size`` bytes; ``compressed``, for protocol 4) and the diffs since
+        it, or the pages of a new snapshot (``make()``, the view now, of version
+        ``current``) once those diffs outweigh ``rebuild_fraction`` of it.
         """
+        diffs = None
         if self._snapshot is not None and self._snapshot[1] == page_size:
             version, _, pages, size = self._snapshot
             diffs = self.catch_up(version, current, int(size * self.rebuild_fraction))
-            if diffs is not None:
-                return pages + diffs
-        pages = snapshot_pages(make(), page_size)
-        self.encodings += 1
-        self._snapshot = (current, page_size, pages, sum(len(p) for p in pages))
-        return list(pages)
+        if diffs is None:
+            pages = snapshot_pages(make(), page_size)
+            self.encodings += 1
+            self._snapshot = (current, page_size, pages, sum(len(p) for p in pages))
+            self._compressed = None
+            diffs = []
+        if compressed:
+            if self._compressed is None:
+                self._compressed = [compress(page) for page in self._snapshot[2]]
+            return self._compressed + diffs
+        return self._snapshot[2] + diffs
 
     @property
     def snapshot_size(self) -> int:
