@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Hashable, Iterable, Iterator, Optional
 
-from pyflock.common._wire import Snapshot, compress, snapshot_pages
+from pyflock.common._wire import (
+    COMPRESSED_FRAMES, PAGED_SNAPSHOTS, Snapshot, ViewVersion, compress, snapshot_pages,
+)
 
 #: Bytes of encoded diffs the history keeps (about 100,000 small diffs).
 DEFAULT_HISTORY_BUDGET = 16 * 1024 * 1024
@@ -171,5 +173,45 @@ class Turns:
         return len(self._waiting)
 
 
-__all__ = ["DEFAULT_HISTORY_BUDGET", "DEFAULT_REBUILD_FRACTION", "DEFAULT_SNAPSHOT_WIDTH",
+class Catchup:
+    """
+    What brings the agents of ``server`` (an ``AgentChannelServer``; protocol 3 on) to its
+    current view: the shared snapshot and the diffs since it, in turns, or, for an agent
+    with a view of this run, the diffs it missed.
+    """
+
+    def __init__(self, server):
+        self._server = server
+        self.history = ViewLog()
+        self.turns = Turns()
+
+    def snapshot(self, connection) -> None:
+        """Send ``connection`` the whole view once it has a turn (the pages then current)."""
+        self.turns.request(connection, lambda: self._stream(connection))
+
+    def _stream(self, connection) -> None:
+        if connection.closing:
+            self.turns.done(connection)
+            return
+        server = self._server
+        pages = self.history.snapshot(server.version, server.snapshot, server.page_size,
+                                      connection.protocol_version >= COMPRESSED_FRAMES)
+        connection.send_stream(self.turns.stream(connection, pages))
+
+    def resume(self, connection, known: Optional[ViewVersion]) -> bool:
+        """Send an agent whose view (``known``) is of this run the diffs since its
+        version, if they are all here and lighter than a snapshot; whether it did."""
+        server = self._server
+        if known is None or known.epoch != server.epoch \
+                or connection.protocol_version < PAGED_SNAPSHOTS:
+            return False
+        diffs = self.history.catch_up(known.version, server.version,
+                                      self.history.snapshot_size or self.history.budget)
+        if diffs is None:
+            return False
+        connection.send_stream(diffs)
+        return True
+
+
+__all__ = ["Catchup", "DEFAULT_HISTORY_BUDGET", "DEFAULT_REBUILD_FRACTION", "DEFAULT_SNAPSHOT_WIDTH",
            "Turns", "ViewLog"]

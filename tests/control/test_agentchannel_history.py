@@ -184,7 +184,7 @@ class ServerHistoryTests(SynchronousTestCase):
         self.populate()
         RawAgent(self.server, NODE_A).hello()
         later = RawAgent(self.server, NODE_B).hello()
-        self.assertEqual(self.server.history.encodings, 1)
+        self.assertEqual(self.server.catchup.history.encodings, 1)
         self.assertEqual(view_of(later).current, self.server.current)
         self.assertEqual(view_of(later).datasets,
                          AgentView().apply(self.server.snapshot()).datasets)
@@ -215,7 +215,7 @@ class ServerHistoryTests(SynchronousTestCase):
         """Past the width, an agent's snapshot waits; it gets heartbeats meanwhile, and
         its snapshot once a turn is free."""
         self.populate()
-        self.server.turns.width = 1
+        self.server.catchup.turns.width = 1
         busy = RawAgent(self.server, NODE_A)
         busy.transport.producer.pauseProducing()  # a reader that does not read yet
         busy.hello()
