@@ -47,12 +47,12 @@ from pyflock.common._records import (
 #: The newest agent-channel protocol this code speaks (docs/architecture.md, "Evolving the
 #: agent channel"): 2 added the hello's ``protocols``; 3 the hello's ``zone`` (issue 10)
 #: and snapshots in pages (the snapshot's ``more``, issue 8), and the ``revocations``
-#: message (issue 8; added before version 3 was released); 4 compressed frames (issue 12).
-PROTOCOL_VERSION = 4
+#: message (issue 8; added before version 3 was released), and compressed frames (issue
+#: 12; also before version 3 was released).
+PROTOCOL_VERSION = 3
 
-#: The oldest it still speaks: the previous one, so agents are upgraded one at a time; and
-#: version 2 too while 4 changes no message (it only compresses frames, issue 12).
-OLDEST_PROTOCOL = 2
+#: The oldest it still speaks: the previous one, so agents are upgraded one at a time.
+OLDEST_PROTOCOL = PROTOCOL_VERSION - 1
 
 #: What a node's availability zone may be called (``eu-west-1a``, ``us-west-2-lax-1a``).
 ZONE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -63,11 +63,11 @@ PAGED_SNAPSHOTS = 3
 #: The first version that carries the revocation list (``CRLUpdate``, issue 8).
 REVOCATION_LISTS = 3
 
-#: The first version whose frames may be compressed (issue 12): a payload that starts with
+#: The first version whose frames may be compressed (issue 12; version 3 was not released): a payload that starts with
 #: ``x`` (zlib's header; JSON starts with ``{``) is a zlib stream of the message's JSON. The
 #: control service sends snapshot pages so, compressed once for every agent: a quarter of
 #: the bytes to encrypt, send and read.
-COMPRESSED_FRAMES = 4
+COMPRESSED_FRAMES = 3
 
 #: How hard snapshot pages are compressed (zlib's level: fast, and about 4x on a view).
 COMPRESSION_LEVEL = 6
@@ -590,8 +590,6 @@ MESSAGE_KEYS = {
             snapshot=_V2_KEYS["snapshot"] | {"more"},
             revocations=frozenset({"type", "crl"})),
 }
-# Version 4 (issue 12) compresses frames (``COMPRESSED_FRAMES``) and changes no message.
-MESSAGE_KEYS[4] = MESSAGE_KEYS[3]
 
 _VIEW_VERSION_KEYS = frozenset({"epoch", "version"})
 

@@ -46,7 +46,7 @@ class ViewLog:
         self._bytes = 0
         # (version, page size, pages, their size in bytes), or None
         self._snapshot: Optional[tuple[int, int, list[bytes], int]] = None
-        # the same pages compressed (protocol 4), made when first asked for
+        # the same pages compressed (protocol 3), made when first asked for
         self._compressed: Optional[list[bytes]] = None
         #: How many times a snapshot was encoded (for tests and logs).
         self.encodings = 0
@@ -94,7 +94,7 @@ class ViewLog:
                  page_size: int, compressed: bool = False) -> list[bytes]:
         """
         What brings an agent to view ``current`` from nothing: the shared snapshot's pages
-        (of about ``page_size`` bytes; ``compressed``, for protocol 4) and the diffs since
+        (of about ``page_size`` bytes; ``compressed``, for protocol 3) and the diffs since
         it, or the pages of a new snapshot (``make()``, the view now, of version
         ``current``) once those diffs outweigh ``rebuild_fraction`` of it.
         """

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pyflock.common._model import MINIMUM_SIZE, Dataset, Lease
 from pyflock.common._tls import AGENT_CHANNEL, client_tls_options, tls_client_endpoint
 from pyflock.common._wire import (
-    OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, DatasetEntry, DatasetReport, Diff, Error, Heartbeat,
+    PROTOCOL_VERSION, BadMessage, DatasetEntry, DatasetReport, Diff, Error, Heartbeat,
     Hello, MessageProtocol, Node, ProtocolMismatch, Snapshot, StateReport,
     SyncRequest, ViewVersion, Welcome, decode, encode, message_to_json,
 )
@@ -315,7 +315,7 @@ class ServerTests(SynchronousTestCase):
         [error] = agent.send_raw(json.dumps(hello).encode())
         self.assertEqual(error.code, "protocol-version")
         self.assertIn(f"protocol {PROTOCOL_VERSION + 1},", error.reason)
-        self.assertIn(f"protocols {OLDEST_PROTOCOL} to {PROTOCOL_VERSION}", error.reason)
+        self.assertIn(f"protocols {PROTOCOL_VERSION - 1} to {PROTOCOL_VERSION}", error.reason)
         self.assertTrue(agent.closed)
         self.assertEqual(self.get("/v1/state/nodes"), [])
 

@@ -152,7 +152,7 @@ class PageCollector(MessageProtocol):
         super().__init__()
         self.hello = hello
         self.sizes = []
-        # the size of each frame's JSON (a compressed one expanded: protocol 4 on)
+        # the size of each frame's JSON (a compressed one expanded: protocol 3)
         self.expanded = []
         self.pages = []
         self.done = Deferred()

@@ -3,7 +3,7 @@ Issue 12: what a thousand agents connecting together cost the agent channel's se
 snapshot encoding (and compression) serves every agent, followed by the diffs since it; an
 agent that reconnects with a view of this run gets only the diffs it missed; a bounded
 number of snapshots stream at once while the others wait and still get heartbeats; and
-compressed frames (protocol 4) are refused when they could hurt.
+compressed frames (protocol 3) are refused when they could hurt.
 """
 
 import zlib
@@ -130,17 +130,17 @@ def test_a_stream_ends_its_turn():
 # -- compressed frames ---------------------------------------------------------------------
 
 
-def test_compressed_frame_decodes_in_version_4():
-    """A compressed frame carries the same message from version 4 on."""
+def test_compressed_frame_decodes_in_version_3():
+    """A compressed frame carries the same message from version 3 on."""
     message = Heartbeat(view=ViewVersion("e", 3))
-    assert decode(compress(encode(message)), 4) == message
+    assert decode(compress(encode(message)), 3) == message
 
 
 @pytest.mark.parametrize("payload, protocol, expected", [
-    (compress(encode(Heartbeat())), 3, "not part of agent-channel protocol 3"),
-    (b"x\x9cnot zlib", 4, "not a zlib stream"),
-    (compress(b" " * 2000), 4, "expands past the limit of 1000 bytes"),
-    (compress(encode(Heartbeat()))[:-3], 4, "ends before its zlib stream"),
+    (compress(encode(Heartbeat())), 2, "not part of agent-channel protocol 2"),
+    (b"x\x9cnot zlib", 3, "not a zlib stream"),
+    (compress(b" " * 2000), 3, "expands past the limit of 1000 bytes"),
+    (compress(encode(Heartbeat()))[:-3], 3, "ends before its zlib stream"),
 ])
 def test_bad_compressed_frames_are_refused(payload, protocol, expected):
     """A compressed frame in an older version, corrupt, cut short or too big is refused."""

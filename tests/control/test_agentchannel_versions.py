@@ -39,10 +39,9 @@ OURS = (OLDEST_PROTOCOL, PROTOCOL_VERSION)
 
 
 def test_this_code_speaks_the_current_and_previous_version():
-    """The control service (and agent) speak the current version and the one before, and
-    version 2 too while 4 changes no message (it only compresses frames, issue 12)."""
-    assert OURS == (PROTOCOL_VERSION - 2, PROTOCOL_VERSION) == (2, 4)
-    assert set(MESSAGE_KEYS) == {2, 3, 4} and MESSAGE_KEYS[4] == MESSAGE_KEYS[3]
+    """The control service (and agent) speak the current version and the one before."""
+    assert OURS == (PROTOCOL_VERSION - 1, PROTOCOL_VERSION) == (2, 3)
+    assert set(MESSAGE_KEYS) == {2, 3}
 
 
 def test_version_3_adds_the_hello_zone():
@@ -54,8 +53,7 @@ def test_version_3_adds_the_hello_zone():
 @pytest.mark.parametrize("theirs, ours, chosen", [
     ((1, 2), OURS, 2),
     ((2, 3), OURS, 3),
-    ((3, 4), OURS, 4),
-    ((4, 5), OURS, 4),
+    ((3, 4), OURS, 3),
     ((2, 3), (1, 2), 2),
     ((3, 3), (3, 4), 3),
 ])
@@ -65,9 +63,9 @@ def test_negotiate_picks_the_newest_shared_version(theirs, ours, chosen):
 
 
 @pytest.mark.parametrize("theirs, ours, named", [
-    ((5, 6), OURS, "protocols 5 to 6, this side speaks protocols 2 to 4"),
-    ((1, 1), OURS, "protocol 1, this side speaks protocols 2 to 4"),
-    ((2, 3), (1, 1), "protocols 2 to 3, this side speaks protocols 2 to 4"),
+    ((4, 5), OURS, "protocols 4 to 5, this side speaks protocols 2 to 3"),
+    ((1, 1), OURS, "protocol 1, this side speaks protocols 2 to 3"),
+    ((2, 3), (1, 1), "protocols 2 to 3, this side speaks protocols 2 to 3"),
 ])
 def test_negotiate_refuses_disjoint_versions(theirs, ours, named):
     """Versions that share none are a ``ProtocolMismatch`` naming the peer's versions."""
@@ -136,7 +134,7 @@ def hello_json(drop=(), **changes) -> bytes:
     (V2_HELLO[:-1] + b',"zone":"eu-west-1a"}', "hello has unknown keys 'zone'"),
     (hello_json(extra=1), "hello has unknown keys 'extra'"),
     (hello_json(protocols=[3, 2]), "hello.protocols must be [oldest, newest]"),
-    (hello_json(protocols=[1, 2]), "ending with hello.protocol (4)"),
+    (hello_json(protocols=[1, 2]), "ending with hello.protocol (3)"),
     (hello_json(zone=""), "hello.zone must be an availability zone name"),
     (hello_json(zone="eu west"), "hello.zone must be an availability zone name"),
     (hello_json(zone="z" * 65), "hello.zone must be an availability zone name"),
@@ -171,11 +169,11 @@ def test_pages_are_version_3():
 
 
 @pytest.mark.parametrize("payload, theirs", [
-    (hello_json(("era",), protocol=6, protocols=[5, 6], shape="new"), (5, 6)),
+    (hello_json(("era",), protocol=5, protocols=[4, 5], shape="new"), (4, 5)),
     (V1_HELLO, (1, 1)),
     (b'{"type":"hello","protocol":"two"}', ("two", "two")),
     (b'{"type":"hello"}', (None, None)),
-    (b'{"type":"welcome","protocol":5,"epoch":"e","version":1}', (5, 5)),
+    (b'{"type":"welcome","protocol":4,"epoch":"e","version":1}', (4, 4)),
     (b'{"type":"welcome","protocol":1,"epoch":"e","version":1}', (1, 1)),
     (b'{"type":"welcome","protocol":0,"epoch":"e","version":1}', (0, 0)),
 ])
@@ -188,8 +186,8 @@ def test_handshakes_of_versions_we_do_not_speak(payload, theirs):
 
 def test_newer_agent_hello_is_read_by_our_keys():
     """A newer agent that also speaks our newest version is read, its new keys left."""
-    hello = decode(hello_json(protocol=5, protocols=[4, 5], shape="new"))
-    assert hello.protocols == (4, 5) and negotiate(hello.protocols) == 4
+    hello = decode(hello_json(protocol=4, protocols=[3, 4], shape="new"))
+    assert hello.protocols == (3, 4) and negotiate(hello.protocols) == 3
 
 
 def test_other_versions_errors_are_read():
@@ -262,7 +260,7 @@ class NegotiationTests(SynchronousTestCase):
     def test_version_3_agent_zone_is_kept_and_shown(self):
         """A version-3 agent's zone is kept on its node and shown by the REST API."""
         agent = RawAgent(self.server, NODE_A)
-        [welcome, _] = agent.hello(zone="eu-west-1a", protocols=(2, 3))
+        [welcome, _] = agent.hello(zone="eu-west-1a")
         self.assertEqual(welcome.protocol, 3)
         self.assertEqual(self.h.cluster.state.nodes[A].zone, "eu-west-1a")
         [node] = self.h.request(self, "GET", "/v1/state/nodes").json
@@ -281,7 +279,7 @@ class NegotiationTests(SynchronousTestCase):
         [error] = agent.send_raw(V1_HELLO)
         self.assertEqual(error.code, "protocol-version")
         self.assertIn("the agent speaks agent-channel protocol 1, this control service "
-                      "speaks protocols 2 to 4", error.reason)
+                      "speaks protocols 2 to 3", error.reason)
         self.assertTrue(agent.closed)
         self.assertEqual(dict(self.h.cluster.state.nodes), {})
 
@@ -295,10 +293,10 @@ class NegotiationTests(SynchronousTestCase):
     def test_too_new_agent_is_refused_naming_both_versions(self):
         """An agent speaking only newer versions is refused, told both sides' versions."""
         agent = RawAgent(self.server, NODE_A)
-        [error] = agent.send_raw(hello_json(protocol=6, protocols=[5, 6]))
+        [error] = agent.send_raw(hello_json(protocol=5, protocols=[4, 5]))
         self.assertEqual(error.code, "protocol-version")
-        self.assertIn("the agent speaks agent-channel protocols 5 to 6, this control "
-                      "service speaks protocols 2 to 4: upgrade the control service first",
+        self.assertIn("the agent speaks agent-channel protocols 4 to 5, this control "
+                      "service speaks protocols 2 to 3: upgrade the control service first",
                       error.reason)
         self.assertTrue(agent.closed)
         self.assertEqual(dict(self.h.cluster.state.nodes), {})
@@ -363,4 +361,4 @@ class AgentSideTests(SynchronousTestCase):
         [error] = frames(transport)
         self.assertEqual(error.code, "protocol-version")
         self.assertEqual(error.reason, "the control service answered agent-channel "
-                                       "protocol 1, this agent speaks protocols 2 to 4")
+                                       "protocol 1, this agent speaks protocols 2 to 3")
