@@ -28,6 +28,11 @@ the current view or is followed by the diffs since), and is dropped once more th
 bytes; snapshots go in pages (protocol version 3) and big diffs as several, so that no
 frame to an agent outgrows the limit, however big the cluster.
 
+A thousand agents connecting at once (issue 12, ``control/_viewlog.py``) share one
+snapshot encoding, compressed, followed by the diffs since it; at most a few snapshots
+stream at once while the other agents wait with heartbeats; and an agent reconnecting with
+a view of this run gets only the diffs it missed while they are kept.
+
 Agents of protocol 3 are also sent the cluster's revocation list (``publish_crl``): after
 the welcome and snapshot, and again whenever the control service loads a new one, so that
 their own listeners refuse revoked certificates too (issue 8).
