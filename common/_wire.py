@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import zlib
 from collections import deque
 from typing import Iterable, Optional, Union
 
@@ -46,7 +47,8 @@ from pyflock.common._records import (
 #: The newest agent-channel protocol this code speaks (docs/architecture.md, "Evolving the
 #: agent channel"): 2 added the hello's ``protocols``; 3 the hello's ``zone`` (issue 10)
 #: and snapshots in pages (the snapshot's ``more``, issue 8), and the ``revocations``
-#: message (issue 8; added before version 3 was released).
+#: message (issue 8; added before version 3 was released), and compressed frames (issue
+#: 12; also before version 3 was released).
 PROTOCOL_VERSION = 3
 
 #: The oldest it still speaks: the previous one, so agents are upgraded one at a time.
@@ -60,6 +62,15 @@ PAGED_SNAPSHOTS = 3
 
 #: The first version that carries the revocation list (``CRLUpdate``, issue 8).
 REVOCATION_LISTS = 3
+
+#: The first version whose frames may be compressed (issue 12; version 3 was not released): a payload that starts with
+#: ``x`` (zlib's header; JSON starts with ``{``) is a zlib stream of the message's JSON. The
+#: control service sends snapshot pages so, compressed once for every agent: a quarter of
+#: the bytes to encrypt, send and read.
+COMPRESSED_FRAMES = 3
+
+#: How hard snapshot pages are compressed (zlib's level: fast, and about 4x on a view).
+COMPRESSION_LEVEL = 6
 
 _log = Logger()
 
@@ -492,6 +503,34 @@ _DECODERS = {
 }
 
 
+def compress(payload: bytes) -> bytes:
+    """``payload`` as a compressed frame's payload (version ``COMPRESSED_FRAMES`` on)."""
+    return zlib.compress(payload, COMPRESSION_LEVEL)
+
+
+def inflate(payload: bytes, protocol: Optional[int], limit: int = MAX_MESSAGE) -> bytes:
+    """
+    The JSON of a frame's payload: itself, or what a compressed one (version
+    ``COMPRESSED_FRAMES`` on; None: the newest) expands to; ``BadMessage`` if it is compressed in an older
+    version, is not a zlib stream, or expands past ``limit`` bytes.
+    """
+    if payload[:1] != b"x":
+        return payload
+    if protocol is not None and protocol < COMPRESSED_FRAMES:
+        raise BadMessage(f"a compressed frame is not part of agent-channel protocol "
+                         f"{protocol} (only of {COMPRESSED_FRAMES} on)")
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(payload, limit + 1)
+    except zlib.error as e:
+        raise BadMessage(f"a compressed frame is not a zlib stream: {e}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise BadMessage(f"a compressed frame expands past the limit of {limit} bytes")
+    if not inflater.eof:
+        raise BadMessage("a compressed frame ends before its zlib stream does")
+    return data
+
+
 def decode(payload: bytes, protocol: Optional[int] = None) -> Message:
     """
     The message a frame's payload carries, in the version ``protocol`` the connection
@@ -499,6 +538,7 @@ def decode(payload: bytes, protocol: Optional[int] = None) -> Message:
     ``ProtocolMismatch`` for a hello or welcome whose versions this side does not speak,
     ``BadMessage`` for anything malformed, a key unknown to the version included.
     """
+    payload = inflate(payload, protocol)
     try:
         obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
     except BadMessage:
@@ -890,4 +930,5 @@ __all__ = [
     "dataset_entry_to_json", "decode", "encode", "frame", "group_by_size", "join_pages",
     "message_to_json", "node_from_json", "node_to_json", "snapshot_pages", "split_diff",
     "CRLUpdate", "REVOCATION_LISTS",  # issue 8
+    "COMPRESSED_FRAMES", "compress", "inflate",  # issue 12
 ]

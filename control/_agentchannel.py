@@ -28,6 +28,11 @@ the current view or is followed by the diffs since), and is dropped once more th
 bytes; snapshots go in pages (protocol version 3) and big diffs as several, so that no
 frame to an agent outgrows the limit, however big the cluster.
 
+A thousand agents connecting at once (issue 12, ``control/_viewlog.py``) share one
+snapshot encoding, compressed, followed by the diffs since it; at most a few snapshots
+stream at once while the other agents wait with heartbeats; and an agent reconnecting with
+a view of this run gets only the diffs it missed while they are kept.
+
 Agents of protocol 3 are also sent the cluster's revocation list (``publish_crl``): after
 the welcome and snapshot, and again whenever the control service loads a new one, so that
 their own listeners refuse revoked certificates too (issue 8).
@@ -55,7 +60,7 @@ from pyflock.common._wire import (
     AGENT_MESSAGE_LIMIT, MAX_MESSAGE, OLDEST_PROTOCOL, PAGED_SNAPSHOTS, PROTOCOL_VERSION,
     SEND_LIMIT, SNAPSHOT_PAGE, BadMessage, Diff, Error, Heartbeat, Hello, MessageProtocol,
     Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest, ViewVersion, Welcome,
-    describe_protocols, encode, negotiate, snapshot_pages, split_diff,
+    describe_protocols, encode, negotiate, split_diff,
 )
 from pyflock.common._wire import CRLUpdate, REVOCATION_LISTS  # issue 8
 from pyflock.control._clusterstate import (
@@ -63,6 +68,7 @@ from pyflock.control._clusterstate import (
     purgeable,
 )
 from pyflock.control._persistence import ConfigurationService
+from pyflock.control._viewlog import Catchup
 
 #: Seconds between heartbeats (DESIGN.md).
 DEFAULT_HEARTBEAT = 5.0
@@ -211,7 +217,7 @@ class _AgentConnection(MessageProtocol):
         elif isinstance(message, SyncRequest):
             # One snapshot under way at most: it, and the diffs queued behind it, bring
             # the agent to the current view anyway.
-            if not self.streaming:
+            if not self.streaming and not self._server.catchup.turns.has(self):
                 self._server._send_snapshot(self)
         elif isinstance(message, Hello):
             raise BadMessage("a connection says hello only once")
@@ -276,8 +282,10 @@ class AgentChannelServer:
         self._open: set[_AgentConnection] = set()
         self._expiry: dict[str, object] = {}
         self._heartbeats: Optional[LoopingCall] = None
-        # (version, {paged: payloads}): agents reconnecting together share one encoding
-        self._snapshot_cache: tuple[int, dict[bool, list[bytes]]] = (-1, {})
+        # (version, payload): version-2 agents reconnecting together share one encoding
+        self._snapshot_cache: tuple[int, bytes] = (-1, b"")
+        # issue 12: the diffs pushed and one snapshot, encoded once for every agent
+        self.catchup = Catchup(self)
         self._running = False
         self._crl = _CRLPublisher(self)  # issue 8
         self._pending = _PendingPush(reactor, self._push_pending)
@@ -351,6 +359,7 @@ class AgentChannelServer:
             (part, encode(part)) for part in split_diff(diff, self.page_size)]
         for part, payload in parts:
             self.version = part.version
+            self.catchup.history.record(part.version, payload)
             older = None  # the part as agents before RETAINED_VISIBLE see it
             for connection in self._connections.values():
                 if (connection.protocol_version or PROTOCOL_VERSION) < RETAINED_VISIBLE:
@@ -360,29 +369,23 @@ class AgentChannelServer:
                 else:
                     connection.send_payload(payload)
 
-    def _snapshot_payloads(self, paged: bool) -> list[bytes]:
-        """The current snapshot's payloads: pages (version 3 on), or one frame."""
-        if self._snapshot_cache[0] != self.version:
-            self._snapshot_cache = (self.version, {})
-        cache = self._snapshot_cache[1]
-        if paged not in cache:
-            # Paging and retained datasets came in the same version (3).
-            cache[paged] = (snapshot_pages(self.snapshot(), self.page_size) if paged
-                            else [encode(hide_retained(self.snapshot()))])
-        return cache[paged]
-
     def _send_snapshot(self, connection: _AgentConnection) -> None:
-        paged = (connection.protocol_version or PROTOCOL_VERSION) >= PAGED_SNAPSHOTS
-        payloads = self._snapshot_payloads(paged)
-        if not paged and len(payloads[0]) > MAX_MESSAGE:
+        if (connection.protocol_version or PROTOCOL_VERSION) >= PAGED_SNAPSHOTS:
+            self.catchup.snapshot(connection)  # issue 12: shared pages, a few at once
+            return
+        # Version 2: one frame, without the retained datasets, shared by version.
+        if self._snapshot_cache[0] != self.version:
+            self._snapshot_cache = (self.version, encode(hide_retained(self.snapshot())))
+        payload = self._snapshot_cache[1]
+        if len(payload) > MAX_MESSAGE:
             # Version 2 cannot page: its agent would refuse the frame anyway.
             connection.close("too-large", f"the snapshot of this cluster is "
-                                          f"{len(payloads[0])} bytes, over the "
+                                          f"{len(payload)} bytes, over the "
                                           f"{MAX_MESSAGE} bytes agent-channel protocol 2 "
                                           f"can carry: upgrade this agent (protocol 3 "
                                           f"sends snapshots in pages)")
             return
-        connection.send_stream(payloads)
+        connection.send_payload(payload)
 
     def _send_heartbeats(self) -> None:
         # A replica that has just become leader purges what waited meanwhile.
@@ -458,6 +461,7 @@ class AgentChannelServer:
 
     def _closed(self, connection: _AgentConnection) -> None:
         self._open.discard(connection)
+        self.catchup.turns.done(connection)
         uuid = connection.node_uuid
         if uuid is not None and self._connections.get(uuid) is connection:
             del self._connections[uuid]
@@ -496,7 +500,7 @@ class AgentChannelServer:
         self._connections[uuid] = connection
         connection.send(Welcome(epoch=self.epoch, version=self.version,
                                 protocol=connection.protocol_version))
-        snapshot = hello.known != self.current
+        snapshot = hello.known != self.current and not self.catchup.resume(connection, hello.known)
         if snapshot:
             self._send_snapshot(connection)
         self._crl.send(connection)  # issue 8: after the snapshot's pages
@@ -560,7 +564,8 @@ class AgentChannelServer:
         pushed keep it, dead, until their next snapshot: a Diff cannot remove a node)."""
         self._nodes.pop(uuid, None)
         self._acks.pop(uuid, None)
-        self._snapshot_cache = (-1, {})
+        self._snapshot_cache = (-1, b"")
+        self.catchup.history.forget_snapshot()
 
     def _expire(self, uuid: str) -> None:
         """Nothing heard from ``uuid`` for ``node_expiry``: it is dead."""

@@ -95,3 +95,57 @@ def test_sharing_decodes_alike_frames_once_with_the_real_codec():
         assert view.apply(second).current == wire.ViewVersion("e", 4)
     assert wire.decode is real
     assert wire.decode(pages[1][0], 3) == second
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_fleet_converges_after_a_control_restart(tmp_path):
+    """200 simulated agents that had their view follow a real pyflock-control through a
+    restart during which datasets were created in its store: every agent ends on one view
+    version, which has the new datasets."""
+    from twisted.internet import reactor
+
+    from pyflock.common._model import Dataset
+    from pyflock.control._sqlite_store import open_sqlite_store
+    from pyflock.control._store import StoreWrite
+    from twisted.internet.task import deferLater
+    simulator = _load_simulator()
+    from _harness import make_certificates  # bench/, on the path with the simulator
+    certificates = make_certificates(tmp_path).path
+    nodes = simulator.mint_node_credentials(certificates, 200)
+    held = simulator.plan_datasets([uuid for uuid, _ in nodes], 400)
+    data_path = tmp_path / "control"
+    await simulator.preload_store(reactor, data_path, held)
+    control = simulator.ControlProcess(data_path, certificates, host="127.0.0.1",
+                             log_directory=tmp_path)
+    control.start()
+    fleet = simulator.Fleet(reactor, nodes, [(control.host, control.agent_port)], 1.0)
+    try:
+        fleet.start(held)
+        assert await simulator._with_timeout(reactor, fleet.all_synced, 60)
+        assert await fleet.settled(30)
+        [(_, before)] = fleet.views()
+        control.stop()
+        store = await open_sqlite_store(reactor, data_path)
+        try:
+            config = (await store.load()).configuration
+            new = [Dataset(dataset_id=str(uuid4()), primary=nodes[n][0])
+                   for n in range(3)]
+            await store.write(StoreWrite(datasets=tuple((d.dataset_id, d) for d in new),
+                                         generation=config.generation + 1))
+        finally:
+            await store.close()
+        control.start()
+        for _ in range(600):  # until every agent has a view of the new run (60 s)
+            if all(a.channel.view.epoch != before.epoch for a in fleet.agents):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        assert await fleet.settled(60)
+        [(_, version)] = fleet.views()
+        assert version.epoch != before.epoch
+        view = fleet.agents[0].channel.view
+        assert view.current == version
+        assert {d.dataset_id for d in new} <= set(view.datasets)
+    finally:
+        await fleet.stop()
+        control.stop()

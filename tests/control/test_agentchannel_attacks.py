@@ -23,7 +23,7 @@ from pyflock.common._limits import SNAPSHOT_PAGE
 from pyflock.common._tls import ClusterTLS, client_tls_options, tls_client_endpoint
 from pyflock.common._wire import (
     DatasetReport, Heartbeat, Hello, MessageProtocol, Snapshot, StateReport, SyncRequest,
-    Welcome, decode, encode, frame, join_pages,
+    Welcome, decode, encode, frame, inflate, join_pages,
 )
 
 pytestmark = pytest.mark.integration
@@ -152,6 +152,8 @@ class PageCollector(MessageProtocol):
         super().__init__()
         self.hello = hello
         self.sizes = []
+        # the size of each frame's JSON (a compressed one expanded: protocol 3)
+        self.expanded = []
         self.pages = []
         self.done = Deferred()
 
@@ -161,6 +163,7 @@ class PageCollector(MessageProtocol):
 
     def stringReceived(self, payload):
         self.sizes.append(len(payload))
+        self.expanded.append(len(inflate(payload, self.protocol_version)))
         super().stringReceived(payload)
 
     def message_received(self, message):
@@ -188,8 +191,8 @@ async def test_big_cluster_snapshot_arrives_whole_in_pages(reactor, tmp_path):
         await tls_client_endpoint(reactor, control.host, control.agent_port,
                                   options).connect(Factory.forProtocol(lambda: collector))
         pages = await collector.done.addTimeout(60, reactor)
-        assert len(pages) > 5 and max(collector.sizes) <= SNAPSHOT_PAGE
-        assert sum(collector.sizes) > 8 * 2**20
+        assert len(pages) > 5 and max(collector.expanded) <= SNAPSHOT_PAGE
+        assert sum(collector.expanded) > 8 * 2**20
         assert {d.dataset_id for d in join_pages(pages).datasets} == set(ids)
 
         views = []

@@ -15,7 +15,7 @@ from pyflock.common._model import Dataset
 from pyflock.common._tls import AGENT_CHANNEL
 from pyflock.common._wire import (
     AGENT_MESSAGE_LIMIT, DatasetReport, Diff, Heartbeat, Hello, Snapshot, StateReport,
-    SyncRequest, ViewVersion, Welcome, join_pages,
+    SyncRequest, ViewVersion, Welcome, join_pages, snapshot_pages,
 )
 from pyflock.control import _agentchannel
 from pyflock.control._agentchannel import AgentChannelServer
@@ -78,7 +78,7 @@ class LimitTests(SynchronousTestCase):
         agent, [welcome, *pages] = self.connect()
         self.assertGreater(len(pages), 3)
         self.assertEqual(join_pages(pages), self.server.snapshot())
-        sizes = [len(p) for p in _agentchannel.snapshot_pages(self.server.snapshot(), 4096)]
+        sizes = [len(p) for p in snapshot_pages(self.server.snapshot(), 4096)]
         self.assertLessEqual(max(sizes), 4096)
 
     def test_version_2_agent_gets_one_frame(self):

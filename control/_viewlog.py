@@ -1,0 +1,217 @@
+"""
+The agent channel's recent history (issue 12): the diffs pushed in the current epoch, as
+encoded once for every agent, and one encoding of a snapshot in pages, so that a thousand
+agents connecting together cost the control service one encoding, not one each.
+
+An agent that needs the whole view gets the shared snapshot of version S followed by the
+diffs from S on (an agent applies a snapshot, then each diff that follows it); the snapshot
+is encoded again only once the diffs since it outweigh ``rebuild_fraction`` of it, so its
+cost is spread over the changes that made it old. An agent that reconnects with a view of
+this epoch whose diffs are all still here gets those diffs and nothing else (a network
+blip, a silent control service, a storm of reconnects). The history keeps at most
+``budget`` bytes of diffs; older ones are forgotten, oldest first.
+
+No IO and no clock: the server hands in what it pushed and asks what to send.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Hashable, Iterable, Iterator, Optional
+
+from pyflock.common._wire import (
+    COMPRESSED_FRAMES, PAGED_SNAPSHOTS, Snapshot, ViewVersion, compress, snapshot_pages,
+)
+
+#: Bytes of encoded diffs the history keeps (about 100,000 small diffs).
+DEFAULT_HISTORY_BUDGET = 16 * 1024 * 1024
+
+#: The snapshot is encoded again once the diffs since it reach this fraction of its size.
+DEFAULT_REBUILD_FRACTION = 0.5
+
+#: Snapshots streamed at once: enough to keep the link busy, few enough that each agent
+#: gets its pages well within its silence timeout however many wait.
+DEFAULT_SNAPSHOT_WIDTH = 16
+
+
+class ViewLog:
+    """The encoded diffs of one epoch since some version, and one encoded snapshot."""
+
+    def __init__(self, budget: int = DEFAULT_HISTORY_BUDGET,
+                 rebuild_fraction: float = DEFAULT_REBUILD_FRACTION):
+        self.budget = budget
+        self.rebuild_fraction = rebuild_fraction
+        # (version, payload) of consecutive versions, oldest first
+        self._diffs: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+        # (version, page size, pages, their size in bytes), or None
+        self._snapshot: Optional[tuple[int, int, list[bytes], int]] = None
+        # the same pages compressed (protocol 3), made when first asked for
+        self._compressed: Optional[list[bytes]] = None
+        #: How many times a snapshot was encoded (for tests and logs).
+        self.encodings = 0
+
+    def reset(self) -> None:
+        """A new epoch (or a change no diff carries): forget the history and the snapshot."""
+        self._diffs.clear()
+        self._bytes = 0
+        self.forget_snapshot()
+
+    def forget_snapshot(self) -> None:
+        """The view changed in a way diffs do not carry (a forgotten node): encode anew."""
+        self._snapshot = self._compressed = None
+
+    def record(self, version: int, payload: bytes) -> None:
+        """The diff to ``version`` (encoded as ``payload``) was pushed to every agent."""
+        if self._diffs and self._diffs[-1][0] != version - 1:
+            self._diffs.clear()
+            self._bytes = 0
+        self._diffs.append((version, payload))
+        self._bytes += len(payload)
+        while self._bytes > self.budget and len(self._diffs) > 1:
+            _, old = self._diffs.popleft()
+            self._bytes -= len(old)
+
+    def since(self, version: int, current: int) -> Optional[list[bytes]]:
+        """The diffs from ``version`` to ``current``, or None if some are forgotten."""
+        if version == current:
+            return []
+        if not self._diffs or version > current or version < self._diffs[0][0] - 1 \
+                or self._diffs[-1][0] != current:
+            return None
+        start = version - self._diffs[0][0] + 1
+        return [payload for _, payload in list(self._diffs)[start:]]
+
+    def catch_up(self, version: int, current: int, limit: int) -> Optional[list[bytes]]:
+        """The diffs from ``version`` to ``current`` if they are all here and weigh at most
+        ``limit`` bytes (else a snapshot is cheaper for the agent); otherwise None."""
+        diffs = self.since(version, current)
+        if diffs is None or sum(len(p) for p in diffs) > limit:
+            return None
+        return diffs
+
+    def snapshot(self, current: int, make: Callable[[], Snapshot],
+                 page_size: int, compressed: bool = False) -> list[bytes]:
+        """
+        What brings an agent to view ``current`` from nothing: the shared snapshot's pages
+        (of about ``page_size`` bytes; ``compressed``, for protocol 3) and the diffs since
+        it, or the pages of a new snapshot (``make()``, the view now, of version
+        ``current``) once those diffs outweigh ``rebuild_fraction`` of it.
+        """
+        diffs = None
+        if self._snapshot is not None and self._snapshot[1] == page_size:
+            version, _, pages, size = self._snapshot
+            diffs = self.catch_up(version, current, int(size * self.rebuild_fraction))
+        if diffs is None:
+            pages = snapshot_pages(make(), page_size)
+            self.encodings += 1
+            self._snapshot = (current, page_size, pages, sum(len(p) for p in pages))
+            self._compressed = None
+            diffs = []
+        if compressed:
+            if self._compressed is None:
+                self._compressed = [compress(page) for page in self._snapshot[2]]
+            return self._compressed + diffs
+        return self._snapshot[2] + diffs
+
+    @property
+    def snapshot_size(self) -> int:
+        """Bytes of the shared snapshot (0 before one is encoded)."""
+        return 0 if self._snapshot is None else self._snapshot[3]
+
+
+class Turns:
+    """
+    At most ``width`` snapshots stream at once; the agents that need one meanwhile wait
+    their turn, first come first served, and keep getting heartbeats (not their pages,
+    which would starve every stream: a thousand snapshots at once leave each agent so
+    little of the link that a page takes longer than the agent waits for a word).
+    """
+
+    def __init__(self, width: int = DEFAULT_SNAPSHOT_WIDTH):
+        self.width = width
+        self._streaming: set = set()
+        # key -> start(), in order of request
+        self._waiting: dict[Hashable, Callable[[], None]] = {}
+
+    def request(self, key: Hashable, start: Callable[[], None]) -> None:
+        """``start()`` once ``key`` has a turn (now if one is free); nothing if ``key``
+        has one or waits for one already."""
+        if key in self._streaming or key in self._waiting:
+            return
+        self._waiting[key] = start
+        self._next()
+
+    def has(self, key: Hashable) -> bool:
+        """Whether ``key`` streams or waits to."""
+        return key in self._streaming or key in self._waiting
+
+    def done(self, key: Hashable) -> None:
+        """``key``'s snapshot is sent, or it is gone: the next in line starts."""
+        self._waiting.pop(key, None)
+        if key in self._streaming:
+            self._streaming.discard(key)
+            self._next()
+
+    def stream(self, key: Hashable, payloads: Iterable[bytes]) -> Iterator[bytes]:
+        """``payloads``, then ``key``'s turn is over (also if the stream is dropped)."""
+        try:
+            yield from payloads
+        finally:
+            self.done(key)
+
+    def _next(self) -> None:
+        while self._waiting and len(self._streaming) < self.width:
+            key = next(iter(self._waiting))
+            start = self._waiting.pop(key)
+            self._streaming.add(key)
+            start()
+
+    @property
+    def waiting(self) -> int:
+        """How many wait for a turn."""
+        return len(self._waiting)
+
+
+class Catchup:
+    """
+    What brings the agents of ``server`` (an ``AgentChannelServer``; protocol 3 on) to its
+    current view: the shared snapshot and the diffs since it, in turns, or, for an agent
+    with a view of this run, the diffs it missed.
+    """
+
+    def __init__(self, server):
+        self._server = server
+        self.history = ViewLog()
+        self.turns = Turns()
+
+    def snapshot(self, connection) -> None:
+        """Send ``connection`` the whole view once it has a turn (the pages then current)."""
+        self.turns.request(connection, lambda: self._stream(connection))
+
+    def _stream(self, connection) -> None:
+        if connection.closing:
+            self.turns.done(connection)
+            return
+        server = self._server
+        pages = self.history.snapshot(server.version, server.snapshot, server.page_size,
+                                      connection.protocol_version >= COMPRESSED_FRAMES)
+        connection.send_stream(self.turns.stream(connection, pages))
+
+    def resume(self, connection, known: Optional[ViewVersion]) -> bool:
+        """Send an agent whose view (``known``) is of this run the diffs since its
+        version, if they are all here and lighter than a snapshot; whether it did."""
+        server = self._server
+        if known is None or known.epoch != server.epoch \
+                or connection.protocol_version < PAGED_SNAPSHOTS:
+            return False
+        diffs = self.history.catch_up(known.version, server.version,
+                                      self.history.snapshot_size or self.history.budget)
+        if diffs is None:
+            return False
+        connection.send_stream(diffs)
+        return True
+
+
+__all__ = ["Catchup", "DEFAULT_HISTORY_BUDGET", "DEFAULT_REBUILD_FRACTION", "DEFAULT_SNAPSHOT_WIDTH",
+           "Turns", "ViewLog"]
