@@ -1,0 +1,197 @@
+"""
+Peer-to-peer moves between real agents: one real ``pyflock-control`` and three
+``pyflock-agent`` processes on 127.0.0.x, each on the btrfs backend over a loop-file pool
+of its own, their peer transfer services talking mutual TLS (needs root). Data written
+on one node is checksummed on the next; a move back sends only the delta; writes made
+during the bulk copy all arrive; agents killed (-9) mid-transfer finish the move after a
+restart; a stranger is refused at the peer port. Durations and byte counts are printed
+(``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from pyflock.agent._fs import read_mountinfo
+from tests.agent.test_agents_integration import move, poll, state_of
+from tests.harness.agents import LocalCluster
+from tests.harness.requirements import ROOT, require_commands
+
+pytestmark = [pytest.mark.integration, ROOT]
+
+DATASETS = "/v1/configuration/datasets"
+STATE = "/v1/state/datasets"
+MiB = 1024 * 1024
+
+#: Bound on any one wait for the cluster to converge or a move to finish.
+TIMEOUT = 60.0
+
+#: The test-only throttle of the kill tests (bytes per second per transfer): an 8 MiB
+#: dataset takes about 4 s to send, long enough to kill an agent in the middle.
+THROTTLE = 2 * MiB
+
+
+@pytest.fixture
+def reactor():
+    """The global reactor that pytest-twisted runs."""
+    from twisted.internet import reactor
+    return reactor
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One control service and three btrfs agents (a 1 GiB sparse pool each) for the
+    whole module: starting them is the slow part."""
+    require_commands("btrfs", "mkfs.btrfs")
+    local = LocalCluster(tmp_path_factory.mktemp("btrfs-agents"), nodes=3,
+                         btrfs_pool_size="1G", control_arguments=["--node-expiry", "10"])
+    try:
+        local.start()
+        yield local
+    finally:
+        local.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def api(reactor, cluster):
+    """Alice's REST API client; every agent runs when the test starts; the datasets a
+    test made are deleted after it."""
+    for agent in cluster.agents:
+        if not agent.running:
+            agent.start()
+    client = cluster.api_client(reactor)
+    client.created = []
+    yield client
+    for dataset_id in client.created:
+        try:
+            await client.delete(f"{DATASETS}/{dataset_id}")
+        except Exception:
+            pass
+    await client.close()
+
+
+async def create(api, node_uuid: str, size: int = 512 * MiB) -> str:
+    """Create a dataset on ``node_uuid``; its id."""
+    r = await api.post(DATASETS, {"primary": node_uuid, "maximum_size": size,
+                                  "metadata": {"name": f"b-{uuid.uuid4().hex[:8]}"}})
+    assert r.code == 201, r
+    api.created.append(r.json["dataset_id"])
+    return r.json["dataset_id"]
+
+
+def writable_mounts(cluster, dataset_id: str) -> dict:
+    """The nodes whose mount point of ``dataset_id`` has something writable mounted:
+    uuid -> its mountinfo line."""
+    mounts = {m.mount_point: m for m in read_mountinfo()}
+    found = {}
+    for agent in cluster.agents:
+        mount = mounts.get(str(agent.mount_point(dataset_id)))
+        if mount is not None and "rw" in mount.options.split(","):
+            found[agent.node_uuid] = mount
+    return found
+
+
+async def wait_mounted(reactor, cluster, api, dataset_id: str, node_uuid: str,
+                       timeout: float = TIMEOUT) -> dict:
+    """Wait until ``dataset_id`` is mounted writable on ``node_uuid`` only, and the only
+    state entry says so with its path; that entry."""
+    mount_point = str(cluster.agent(node_uuid).mount_point(dataset_id))
+
+    async def check():
+        if set(writable_mounts(cluster, dataset_id)) != {node_uuid}:
+            return None
+        entries = await state_of(api, dataset_id)
+        if [(e["primary"], e["state"], e.get("path")) for e in entries] \
+                == [(node_uuid, "mounted", mount_point)]:
+            return entries[0]
+        return None
+    return await poll(reactor, check, f"{dataset_id} mounted on {node_uuid} only", timeout)
+
+
+def write_random(folder, size: int, name: str = "data") -> str:
+    """Write ``size`` random bytes to ``folder/name`` durably; their sha256."""
+    digest = hashlib.sha256()
+    with open(os.path.join(folder, name), "wb") as f:
+        for _ in range(0, size, 4 * MiB):
+            block = os.urandom(min(4 * MiB, size))
+            digest.update(block)
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def checksum(folder, name: str = "data") -> str:
+    """The sha256 of ``folder/name``."""
+    digest = hashlib.sha256()
+    with open(os.path.join(folder, name), "rb") as f:
+        while block := f.read(4 * MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sent_events(agent, dataset_id: str) -> list:
+    """The ``pyflock:peer:move-sent`` events of ``agent`` about ``dataset_id``, all runs."""
+    return [e for e in agent.log_events("pyflock:peer:move-sent", every_run=True)
+            if e.get("dataset_id") == dataset_id]
+
+
+async def timed_move(reactor, cluster, api, dataset_id: str, node_uuid: str) -> float:
+    """Move ``dataset_id`` to ``node_uuid`` and wait until it is mounted there only;
+    the seconds it took."""
+    started = time.monotonic()
+    await move(api, dataset_id, node_uuid)
+    await wait_mounted(reactor, cluster, api, dataset_id, node_uuid)
+    return time.monotonic() - started
+
+
+# -----------------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_mounted_as_bind_of_live_subvolume(reactor, cluster, api):
+    """A new dataset is mounted on its node as a bind of its subvolume, nosuid,nodev,
+    and each agent's peer port listens on its node address."""
+    a = cluster.node_uuids[0]
+    dataset_id = await create(api, a)
+    await wait_mounted(reactor, cluster, api, dataset_id, a)
+    mount = writable_mounts(cluster, dataset_id)[a]
+    assert mount.fstype == "btrfs"
+    assert {"nosuid", "nodev"} <= set(mount.options.split(","))
+    assert mount.root.endswith(dataset_id) or dataset_id in mount.root, mount.root
+    for agent in cluster.agents:
+        [event] = agent.log_events("pyflock:agent:peer-listening")
+        assert (event["address"], event["port"]) == (agent.config.address,
+                                                     agent.config.peer_port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_move_and_back_sends_only_the_delta(reactor, cluster, api):
+    """200 MiB written on A arrive intact on B; 1 MiB more written on B goes back to A
+    by a move that sends about that delta, not the dataset, in less time."""
+    a, b = cluster.node_uuids[:2]
+    dataset_id = await create(api, a)
+    await wait_mounted(reactor, cluster, api, dataset_id, a)
+    first_sum = await deferToThread(write_random, cluster.agent(a).mount_point(dataset_id),
+                                    200 * MiB)
+    first = await timed_move(reactor, cluster, api, dataset_id, b)
+    on_b = cluster.agent(b).mount_point(dataset_id)
+    assert await deferToThread(checksum, on_b) == first_sum
+    second_sum = await deferToThread(write_random, on_b, MiB, "more")
+    second = await timed_move(reactor, cluster, api, dataset_id, a)
+    on_a = cluster.agent(a).mount_point(dataset_id)
+    assert await deferToThread(checksum, on_a) == first_sum
+    assert await deferToThread(checksum, on_a, "more") == second_sum
+    [there] = sent_events(cluster.agent(a), dataset_id)
+    [back] = sent_events(cluster.agent(b), dataset_id)
+    print(f"\n[btrfs move] 200 MiB A->B: {first:.2f} s, {there['bytes_done']} bytes; "
+          f"1 MiB delta B->A: {second:.2f} s, {back['bytes_done']} bytes")
+    assert there["bytes_done"] >= 200 * MiB
+    assert MiB <= back["bytes_done"] < 8 * MiB
+    assert second < first / 2
