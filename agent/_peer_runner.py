@@ -3,16 +3,8 @@ An agent's convergence on a peer-to-peer backend (btrfs; ``MemoryPeerBackend`` i
 discovery of its copies, a runner for the peer rows' changes, the peer transfer service,
 and the loop that joins them.
 
-Wiring it into ``pyflock-agent`` is a few lines once the backend is chosen::
-
-    transfers = PeerTransfers(reactor, backend, tls, current_view=lambda: view,
-                              settings=TransferSettings(config.peer_transfers,
-                                                        config.peer_bandwidth))
-    # node.address, or (when agent.yml names none) the address the agent channel
-    # reaches the control service from, as the control service records it.
-    await transfers.listen(config.address or channel_address, config.peer_port)
-    loop = peer_convergence_loop(reactor, backend, LocalFilesystems(), config.mount_root,
-                                 report_state, transfers)
+``pyflock-agent`` runs it when its backend is a peer-to-peer one: see ``run`` and
+``start_peer_transfers`` in ``pyflock.agent._script``.
 """
 
 from __future__ import annotations
