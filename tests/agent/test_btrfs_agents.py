@@ -11,6 +11,7 @@ restart; a stranger is refused at the peer port. Durations and byte counts are p
 from __future__ import annotations
 
 import hashlib
+import threading
 import os
 import time
 import uuid
@@ -195,3 +196,47 @@ async def test_move_and_back_sends_only_the_delta(reactor, cluster, api):
     assert there["bytes_done"] >= 200 * MiB
     assert MiB <= back["bytes_done"] < 8 * MiB
     assert second < first / 2
+
+
+def append_until_refused(path: str, acknowledged: list, stop: threading.Event) -> None:
+    """Append numbered lines to ``path``, each durable (fsync, close) before it counts in
+    ``acknowledged``, until a write is refused (the dataset frozen) or ``stop`` is set."""
+    number = 0
+    while not stop.is_set():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, b"%d\n" % number)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return
+        acknowledged.append(number)
+        number += 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_during_bulk_copy_all_arrive(reactor, cluster, api):
+    """Writes go on while a move copies 64 MiB; every acknowledged one is on the new
+    node once the move is done."""
+    a, b, c = cluster.node_uuids
+    dataset_id = await create(api, c)
+    await wait_mounted(reactor, cluster, api, dataset_id, c)
+    on_c = cluster.agent(c).mount_point(dataset_id)
+    await deferToThread(write_random, on_c, 64 * MiB)
+    acknowledged: list = []
+    stop = threading.Event()
+    writer = threading.Thread(target=append_until_refused,
+                              args=(os.path.join(on_c, "log"), acknowledged, stop))
+    writer.start()
+    try:
+        await poll(reactor, lambda: len(acknowledged) > 10, "writes acknowledged")
+        await timed_move(reactor, cluster, api, dataset_id, a)
+    finally:
+        stop.set()
+        await deferToThread(writer.join)
+    with open(os.path.join(cluster.agent(a).mount_point(dataset_id), "log"), "rb") as f:
+        arrived = {int(line) for line in f.read().split()}
+    print(f"\n[btrfs move] {len(acknowledged)} writes acknowledged during the move")
+    assert set(acknowledged) <= arrived
