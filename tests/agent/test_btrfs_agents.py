@@ -18,11 +18,13 @@ import uuid
 
 import pytest
 import pytest_twisted
+import yaml
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from pyflock.agent._fs import read_mountinfo
 from tests.agent.test_agents_integration import move, poll, state_of
-from tests.harness.agents import LocalCluster
+from tests.harness.agents import LocalCluster, write_agent_config
 from tests.harness.requirements import ROOT, require_commands
 
 pytestmark = [pytest.mark.integration, ROOT]
@@ -240,3 +242,42 @@ async def test_writes_during_bulk_copy_all_arrive(reactor, cluster, api):
         arrived = {int(line) for line in f.read().split()}
     print(f"\n[btrfs move] {len(acknowledged)} writes acknowledged during the move")
     assert set(acknowledged) <= arrived
+
+
+def throttle(cluster, bandwidth: int) -> None:
+    """Restart every agent with ``node.peer-bandwidth`` set (the test-only throttle)."""
+    for agent in cluster.agents:
+        document = yaml.safe_load(agent.config_path.read_text())
+        document.setdefault("node", {})["peer-bandwidth"] = bandwidth
+        write_agent_config(agent.config_path, document)
+        agent._config = None
+        agent.close()
+        agent.start()
+
+
+# Last in the module: the agents stay throttled.
+@pytest.mark.parametrize("victim", [0, 1], ids=["sender", "receiver"])
+@pytest_twisted.ensureDeferred
+async def test_kill_mid_transfer(reactor, cluster, api, victim):
+    """An agent killed (-9) while it sends or receives a move finishes it after a
+    restart: the data intact, one writable copy."""
+    if not cluster.agents[0].log_events("pyflock:agent:started") or \
+            cluster.agent(0).config.peer_bandwidth != THROTTLE:
+        await deferToThread(throttle, cluster, THROTTLE)
+    a, b = cluster.node_uuids[:2]
+    dataset_id = await create(api, a)
+    await wait_mounted(reactor, cluster, api, dataset_id, a)
+    digest = await deferToThread(write_random, cluster.agent(a).mount_point(dataset_id),
+                                 8 * MiB)
+    await move(api, dataset_id, b)
+
+    await cluster.agent(b).wait_for_event(
+        reactor, "pyflock:agent:converge",
+        where=lambda e: f"ReceiveDataset({dataset_id})" in e.get("changes", ""))
+    # A second into a transfer of about four: the kill lands mid-stream.
+    await deferLater(reactor, 1.0, lambda: None)
+    agent = cluster.agent([a, b][victim])
+    agent.kill9()
+    agent.start()
+    await wait_mounted(reactor, cluster, api, dataset_id, b)
+    assert await deferToThread(checksum, cluster.agent(b).mount_point(dataset_id)) == digest
