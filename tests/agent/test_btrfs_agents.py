@@ -11,6 +11,8 @@ restart; a stranger is refused at the peer port. Durations and byte counts are p
 from __future__ import annotations
 
 import hashlib
+import socket
+import ssl
 import threading
 import os
 import time
@@ -25,6 +27,7 @@ from twisted.internet.threads import deferToThread
 from pyflock.agent._fs import read_mountinfo
 from tests.agent.test_agents_integration import move, poll, state_of
 from tests.harness.agents import LocalCluster, write_agent_config
+from tests.harness.certificates import make_cluster_certificates
 from tests.harness.requirements import ROOT, require_commands
 
 pytestmark = [pytest.mark.integration, ROOT]
@@ -242,6 +245,30 @@ async def test_writes_during_bulk_copy_all_arrive(reactor, cluster, api):
         arrived = {int(line) for line in f.read().split()}
     print(f"\n[btrfs move] {len(acknowledged)} writes acknowledged during the move")
     assert set(acknowledged) <= arrived
+
+
+def peer_handshake(address: str, port: int, folder) -> bytes:
+    """Connect to a peer port presenting ``folder``'s node certificate; what the service
+    sends before closing (``OSError`` if it refuses the handshake)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(folder / "node.crt", folder / "node.key")
+    with socket.create_connection((address, port), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(b"{}\n")
+            return tls.recv(1024)
+
+
+def test_other_cluster_refused(cluster, tmp_path):
+    """A node of another cluster gets nothing from a peer port: the handshake fails."""
+    other = make_cluster_certificates(tmp_path, nodes=1)
+    agent = cluster.agent(0)
+    with pytest.raises(OSError):
+        answer = peer_handshake(agent.config.address, agent.config.peer_port,
+                                other.node_directory(other.node_uuids[0]))
+        assert answer == b"", answer
+        raise ConnectionError("closed without a word")
 
 
 def throttle(cluster, bandwidth: int) -> None:
