@@ -522,6 +522,36 @@ def mount(device: str, path: str, fstype: str = "ext4") -> None:
     _mount_call(device, path, fstype)
 
 
+def bind_mount(folder: str, path: str) -> None:
+    """
+    Bind-mount ``folder`` (a btrfs dataset's live subvolume) at ``path`` (created if
+    missing), ``nosuid,nodev`` like every dataset. Does nothing if ``folder`` is already
+    mounted there; raises ``FilesystemError`` if something else is.
+    """
+    current = _top_mount(path)
+    if current is not None:
+        if _same_folder(folder, path):
+            return
+        raise FilesystemError(
+            f"cannot mount {folder} at {path}: {current.source} ({current.root}) is already "
+            f"mounted there; unmount it first")
+    os.makedirs(path, exist_ok=True)
+    _mount_call(folder, path, None, _MS_BIND)
+    # A bind keeps the flags of the mount it comes from (the pool's, nosuid,nodev); make
+    # sure of them whatever that mount was.
+    if not _hardened(_top_mount(path)):
+        _mount_call("none", path, None, _MS_REMOUNT | _MS_BIND | MOUNT_FLAGS)
+
+
+def _same_folder(folder: str, path: str) -> bool:
+    """Whether ``path`` shows ``folder`` itself (same device and inode)."""
+    try:
+        a, b = os.stat(folder), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 # The C library, for mount(2): mount(8) would cost a process (5-10 ms) for one system call.
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -3,16 +3,8 @@ An agent's convergence on a peer-to-peer backend (btrfs; ``MemoryPeerBackend`` i
 discovery of its copies, a runner for the peer rows' changes, the peer transfer service,
 and the loop that joins them.
 
-Wiring it into ``pyflock-agent`` is a few lines once the backend is chosen::
-
-    transfers = PeerTransfers(reactor, backend, tls, current_view=lambda: view,
-                              settings=TransferSettings(config.peer_transfers,
-                                                        config.peer_bandwidth))
-    # node.address, or (when agent.yml names none) the address the agent channel
-    # reaches the control service from, as the control service records it.
-    await transfers.listen(config.address or channel_address, config.peer_port)
-    loop = peer_convergence_loop(reactor, backend, LocalFilesystems(), config.mount_root,
-                                 report_state, transfers)
+``pyflock-agent`` runs it when its backend is a peer-to-peer one: see ``run`` and
+``start_peer_transfers`` in ``pyflock.agent._script``.
 """
 
 from __future__ import annotations
@@ -154,12 +146,15 @@ class PeerRunner(Runner):
     Runs the peer rows' changes on one node: ``backend`` its ``IPeerBackend``,
     ``filesystems`` its ``IFilesystems`` (mounting a copy's folder), ``transfers`` its
     ``PeerTransfers``. A ``ReceiveDataset`` starts a move in the background (the
-    convergence loop's ``background``) and ends when the move does.
+    convergence loop's ``background``) and ends when the move does. ``on_mounted`` hears
+    of each mount done, as ``Runner``'s.
     """
 
     def __init__(self, backend, filesystems, run_blocking: RunBlocking,
-                 transfers: PeerTransfers, logger: Optional[Logger] = None):
-        super().__init__(backend, filesystems, run_blocking, logger=logger)
+                 transfers: PeerTransfers, logger: Optional[Logger] = None,
+                 on_mounted: Optional[Callable[[str, str], None]] = None):
+        super().__init__(backend, filesystems, run_blocking, logger=logger,
+                         on_mounted=on_mounted)
         self._transfers = transfers
         self._leaves = {
             CreateDataset: self._create_dataset,
@@ -221,15 +216,18 @@ def peer_convergence_loop(reactor, backend: IPeerBackend, filesystems, mount_roo
                           report_state: Callable, transfers: PeerTransfers,
                           logger: Optional[Logger] = None,
                           run_blocking: Optional[RunBlocking] = None,
+                          on_mounted: Optional[Callable[[str, str], None]] = None,
                           **options) -> ConvergenceLoop:
     """
     The convergence loop of an agent on a peer-to-peer backend: ``discover_copies``,
-    ``calculate_peer_changes``, a ``PeerRunner`` (moves in the background), and reports
-    with each sent dataset's progress. ``options`` go to ``ConvergenceLoop``.
+    ``calculate_peer_changes``, a ``PeerRunner`` (moves in the background; ``on_mounted``
+    hears of each mount), and reports with each sent dataset's progress. ``options`` go
+    to ``ConvergenceLoop``.
     """
     mount_root = os.path.realpath(mount_root)
     run_blocking = run_blocking or in_reactor_pool(reactor)
-    runner = PeerRunner(backend, filesystems, run_blocking, transfers, logger=logger)
+    runner = PeerRunner(backend, filesystems, run_blocking, transfers, logger=logger,
+                        on_mounted=on_mounted)
 
     def discover() -> Deferred:
         return run_blocking(discover_copies, backend, filesystems, mount_root)
@@ -238,11 +236,15 @@ def peer_convergence_loop(reactor, backend: IPeerBackend, filesystems, mount_roo
         return with_transfers(peer_dataset_states(desired, discovered),
                               transfers.service.progress)
 
-    return ConvergenceLoop(reactor, discover, calculate_peer_changes, runner.run,
+    loop = ConvergenceLoop(reactor, discover, calculate_peer_changes, runner.run,
                            report_state, desire=view_desire(backend.node_uuid),
                            describe=describe, logger=logger, node_uuid=backend.node_uuid,
                            background=lambda leaf: isinstance(leaf, ReceiveDataset),
                            **options)
+    # A move sent to its end froze the copy outside the loop: look again now, so that
+    # the copy is unmounted as soon as the new node reports it has the dataset.
+    transfers.service.on_sent = lambda dataset_id: loop.wake()
+    return loop
 
 
 __all__ = [

@@ -224,6 +224,9 @@ class PeerTransferService:
         self._sending_to: dict = {}
         #: Each move sent to its end, as its log event gives it (tests read it).
         self.finished: list = []
+        #: Called with a dataset's id once its move is sent to its end: the convergence
+        #: loop's discovery is stale then (the copy was frozen outside the loop).
+        self.on_sent: Callable[[str], object] = lambda dataset_id: None
         #: Open connections, and the sends under way (``stop`` ends them).
         self.connections: set = set()
         self._sending: set = set()
@@ -288,6 +291,7 @@ class PeerTransferService:
             self.finished.append(event)
             _log.info("pyflock:peer:move-sent dataset {dataset_id} to {to_node}: "
                       "{bytes_done} bytes", event_type="pyflock:peer:move-sent", **event)
+            self.on_sent(dataset_id)
 
     def _done(self, result, connection: _SendingRound):
         self.slots.give_back()

@@ -198,6 +198,17 @@ class LocalFilesystems:
             raise
 
 
+class FolderFilesystems(LocalFilesystems):
+    """
+    This host's filesystems for a peer-to-peer backend, whose copies are folders (btrfs:
+    a dataset's live subvolume in the pool): mounting one bind-mounts it, ``nosuid,nodev``.
+    """
+
+    def mount(self, device: str, path: str) -> None:
+        """``pyflock.agent._fs.bind_mount`` of the folder ``device``."""
+        _fs.bind_mount(device, path)
+
+
 # ---------------------------------------------------------------------------------------
 # Running
 
@@ -377,5 +388,6 @@ def log_failure(logger: Logger, event_type: str, failure: Failure, **fields) -> 
                    event_fields=" ".join(f"{k}={v}" for k, v in fields.items()), **fields)
 
 
-__all__ = ["EXPECTED_ERRORS", "ChangesFailed", "IFilesystems", "LocalFilesystems",
+__all__ = ["EXPECTED_ERRORS", "ChangesFailed", "FolderFilesystems", "IFilesystems",
+           "LocalFilesystems",
            "Runner", "SLOW_CHANGES", "StaleChange", "log_failure", "run_now"]

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import random
+import socket
 import sys
 from typing import Optional, Sequence
 
@@ -28,17 +29,19 @@ from twisted.internet.error import ConnectError
 from twisted.logger import Logger, LogLevel
 from twisted.web.client import Agent, ResponseFailed, ResponseNeverReceived
 
-from pyflock.agent._backends import BackendError, LoopbackBackend
+from pyflock.agent._backends import BackendError, IPeerBackend, LoopbackBackend
 from pyflock.agent._channel import AgentChannel, control_endpoint
 from pyflock.agent._config import AgentConfig, ConfigError, boot_id, compute_era, load_config
 from pyflock.agent._loop import node_convergence_loop
+from pyflock.agent._peer_runner import PeerTransfers, peer_convergence_loop
+from pyflock.agent._peer_service import TransferSettings
 from pyflock.agent._fs import prepare_mount_root
 from pyflock.agent._mounts import MountCounts, docker_volume_mounts
 from pyflock.agent._plugin import (
     DockerPlugin, LocalStates, PluginBackend, PluginSocketError, agent_view_source,
     is_mountpoint_in, listen_plugin, plugin_site,
 )
-from pyflock.agent._runner import LocalFilesystems
+from pyflock.agent._runner import FolderFilesystems, LocalFilesystems
 from pyflock.agent._view import VIEW_FILE, ViewFile
 from pyflock.agent._revocations import NodeRevocations
 from pyflock.common._ca import (
@@ -228,10 +231,19 @@ async def run(reactor, config: AgentConfig) -> None:
         if channel is not None:
             channel.report_state(reports.values())
 
-    loop = node_convergence_loop(reactor, backend, LocalFilesystems(), config.mount_root,
-                                 report, run_blocking=pools.run_blocking("backend"),
-                                 slow=pools.run_blocking("bulk"),
-                                 on_mounted=states.mounted_now)
+    transfers = None
+    if IPeerBackend.providedBy(backend):
+        transfers, peer_port = await start_peer_transfers(
+            reactor, config, backend, tls, lambda: view if channel is None else channel.view)
+        loop = peer_convergence_loop(reactor, backend, FolderFilesystems(), config.mount_root,
+                                     report, transfers,
+                                     run_blocking=pools.run_blocking("backend"),
+                                     on_mounted=states.mounted_now)
+    else:
+        loop = node_convergence_loop(reactor, backend, LocalFilesystems(), config.mount_root,
+                                     report, run_blocking=pools.run_blocking("backend"),
+                                     slow=pools.run_blocking("bulk"),
+                                     on_mounted=states.mounted_now)
     loop.start()
     # Converge from the stored view at once, but take nothing over from nodes it calls
     # dead: the first snapshot from the control service says who is alive now.
@@ -302,11 +314,52 @@ async def run(reactor, config: AgentConfig) -> None:
         await plugin_port.stopListening()
         plugin.stop()
         await channel.stop()
+        if transfers is not None:
+            await peer_port.stopListening()
+            await transfers.stop()
         await loop.stop()
         log_event(_log, "pyflock:agent:stopped", node_uuid=node_uuid)
     reactor.addSystemEventTrigger("before", "shutdown",
                                   lambda: Deferred.fromCoroutine(shutdown()))
     await Deferred()
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """
+    The address this host's connections to ``host:port`` leave from: the one the agent
+    channel reports to the control service when ``node.address`` is unset (found with a
+    connected UDP socket: no packet is sent). ``OSError`` if there is no route.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port,
+                                                         type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.connect(address)
+        return probe.getsockname()[0]
+
+
+async def start_peer_transfers(reactor, config: AgentConfig, backend, tls, current_view):
+    """
+    The peer transfer service of an agent on a peer-to-peer backend, listening on
+    ``node.address`` (or, when unset, the address the agent channel reports) and
+    ``node.peer-port``: ``(PeerTransfers, listening port)``; ``StartupError`` if it cannot
+    listen there. ``current_view()`` gives the agent's current view.
+    """
+    transfers = PeerTransfers(reactor, backend, tls, current_view=current_view,
+                              settings=TransferSettings(config.peer_transfers,
+                                                        config.peer_bandwidth))
+    address = config.address
+    try:
+        address = address or local_address_towards(config.control_hostnames[0],
+                                                    config.control_port)
+        port = await transfers.listen(address, config.peer_port)
+    except Exception as e:  # OSError, CannotListenError: the message names the cause
+        await transfers.stop()
+        raise StartupError(f"cannot serve peer transfers on node.address "
+                           f"{address or '(unset)'}, node.peer-port "
+                           f"{config.peer_port}: {e}; set node.address to this host's "
+                           f"address that other nodes reach, and a free node.peer-port")
+    log_event(_log, "pyflock:agent:peer-listening", address=address, port=config.peer_port)
+    return transfers, port
 
 
 def release(config: AgentConfig) -> list[str]:

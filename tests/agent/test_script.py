@@ -118,3 +118,9 @@ def test_make_backend_ebs(tmp_path):
     assert (backend.cluster_id, backend.node_uuid, backend.options.region,
             backend.options.device_folder, backend.options.default_size) == (
         certificates.cluster_uuid, node_uuid, "eu-west-1", "/tmp/dev", 2 * 1024 ** 3)
+
+
+def test_local_address_towards():
+    """The address connections to a loopback host leave from is that loopback address."""
+    from pyflock.agent._script import local_address_towards
+    assert local_address_towards("127.0.0.1", 4524) == "127.0.0.1"

@@ -1,6 +1,7 @@
 """
-The conformance suite every ``IPeerBackend`` (peer-to-peer backend: btrfs, later) passes,
-and the harness that runs it against the in-memory fake.
+The conformance suite every ``IPeerBackend`` (peer-to-peer backend: btrfs) passes,
+and the harness that runs it against the in-memory fake (``tests/harness/btrfs_pools.py``
+runs it on real btrfs pools).
 
 ``make_ipeerbackend_tests(harness_factory)`` returns a test case class; a test module
 subclasses it once per backend. The harness gives the suite one backend per node (each

@@ -70,8 +70,12 @@ def agent_document(*, control_hostname: str, control_port: int, control_api_port
                    root_path: Optional[PathLike] = None,
                    default_size: Union[str, int, None] = None,
                    plugin_socket: Optional[PathLike] = None,
-                   docker_socket: Optional[PathLike] = None) -> dict:
-    """An ``agent.yml`` document (a dict to dump as YAML) from typed parameters."""
+                   docker_socket: Optional[PathLike] = None,
+                   pool_path: Optional[PathLike] = None,
+                   pool_size: Union[str, int, None] = None,
+                   peer_bandwidth: Union[str, int, None] = None) -> dict:
+    """An ``agent.yml`` document (a dict to dump as YAML) from typed parameters
+    (``pool_path`` and ``pool_size`` for the btrfs backend)."""
     document: dict = {
         "version": 1,
         "control-service": {"hostname": control_hostname, "port": control_port,
@@ -87,10 +91,16 @@ def agent_document(*, control_hostname: str, control_port: int, control_api_port
         node["address"] = address
     if peer_port is not None:
         node["peer-port"] = peer_port
+    if peer_bandwidth is not None:
+        node["peer-bandwidth"] = peer_bandwidth
     if node:
         document["node"] = node
     if root_path is not None:
         document["dataset"]["root_path"] = str(root_path)
+    if pool_path is not None:
+        document["dataset"]["pool_path"] = str(pool_path)
+    if pool_size is not None:
+        document["dataset"]["pool_size"] = pool_size
     if default_size is not None:
         document["dataset"]["default_size"] = default_size
     plugin = {}
@@ -383,7 +393,8 @@ class LocalCluster:
     parameters of ``agent_document`` for every agent, ``control_arguments`` extra
     ``pyflock-control run`` arguments. With ``gated_commands``, every agent runs behind
     ``gates`` (a ``CommandGates`` for those commands; agents are named n1, n2, ...).
-    Nothing runs until ``start``.
+    With ``btrfs_pool_size``, every agent runs the btrfs backend on a pool of its own, a
+    file ``n<i>/pool.img`` of that size. Nothing runs until ``start``.
     """
 
     def __init__(self, path: Optional[PathLike] = None, nodes: int = 3, *,
@@ -391,7 +402,8 @@ class LocalCluster:
                  first_address: int = 11, default_size: Union[str, int] = "64M",
                  control_arguments: Sequence[str] = (),
                  agent_options: Optional[dict] = None,
-                 gated_commands: Sequence[str] = ()):
+                 gated_commands: Sequence[str] = (),
+                 btrfs_pool_size: Union[str, int, None] = None):
         if os.geteuid() != 0:
             raise PermissionError("a LocalCluster needs root: loop devices and mounts")
         self._own_folder = path is None
@@ -406,8 +418,12 @@ class LocalCluster:
         try:
             if gated_commands:
                 self.gates = CommandGates(self.path / "gates", gated_commands)
+            agent_options = dict(agent_options or {})
+            if btrfs_pool_size is not None:
+                agent_options.update(backend="btrfs", root_path=None,
+                                     pool_size=btrfs_pool_size)
             self._build(nodes, users, control_host, first_address, default_size,
-                        control_arguments, dict(agent_options or {}))
+                        control_arguments, agent_options)
         except BaseException:
             self.close()
             raise
@@ -432,6 +448,8 @@ class LocalCluster:
                 plugin_socket=self._socket_path(folder, name, "p.sock"),
                 docker_socket=folder / "docker.sock")
             parameters.update(agent_options)
+            if parameters.get("backend") == "btrfs":
+                parameters["pool_path"] = folder / "pool.img"
             environment = {} if self.gates is None else self.gates.environment(name)
             self.agents.append(AgentProcess(folder / "agent.yml", name=name,
                                             log_directory=self.log_directory,
@@ -587,9 +605,10 @@ class LocalCluster:
             problems += unmount_all_under(self.path)
         except Exception as e:
             problems.append(f"unmounting under {self.path}: {e!r}")
-        if self.loopback_root.exists():
+        if self.path.exists():
             try:
-                detach_loop_devices_under(str(self.loopback_root))
+                # The loopback root's volumes, and the agents' btrfs pools.
+                detach_loop_devices_under(str(self.path))
             except Exception as e:
                 problems.append(str(e))
         if self._socket_folder is not None:
