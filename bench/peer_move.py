@@ -114,11 +114,18 @@ class _View:
 class _TimedBackend(BtrfsBackend):
     """
     A ``BtrfsBackend`` that records when its copy is frozen, and runs ``before_freeze``
-    (once) just before: the last writes, after the bulk copy.
+    (once) just before: the last writes, after the bulk copy; and each round's estimate.
     """
 
     before_freeze: Optional[Callable[[], None]] = None
     frozen_at: Optional[float] = None
+    estimates: tuple = ()
+
+    def estimate_export(self, dataset_id: str, base: Optional[str] = None) -> int:
+        """The estimate, also kept in ``estimates``."""
+        estimate = super().estimate_export(dataset_id, base)
+        self.estimates += (estimate,)
+        return estimate
 
     def freeze_dataset(self, dataset_id: str):
         """Run the armed writes, note the time, then freeze."""
@@ -210,6 +217,7 @@ class _Cluster:
         the seconds of the whole move, and from the freeze to mounted.
         """
         self.view.datasets[dataset_id] = _Entry(primary=target, holders=(source,))
+        self.backends[source].estimates = ()
         began = time.perf_counter()
         state = await self.transfers[target].receiver.receive(dataset_id, source)
         received = time.perf_counter()
@@ -220,11 +228,11 @@ class _Cluster:
         mounted = time.perf_counter()
         self.mounts.append(mount_point)
         frozen_at = self.backends[source].frozen_at
-        sent = self.transfers[source].service.finished[-1]
         return {"seconds": received - began, "downtime": mounted - frozen_at,
                 "completed_after_freeze": received - frozen_at,
                 "rounds": state.rounds + 1, "bytes": state.bytes_received,
-                "bytes_total_estimated": sent["bytes_total"], "mount_point": mount_point}
+                "bytes_estimated": sum(self.backends[source].estimates),
+                "mount_point": mount_point}
 
     def settle(self, dataset_id: str, source: str, target: str) -> None:
         """What the old node's convergence does after a move: unmount, keep only the
@@ -372,8 +380,7 @@ def _section(moves: list, downtimes: dict, filesystem: str, load_before, load_af
 
     def seconds(value: float) -> str:
         return f"{value:.2f} s"
-    estimate = [f"{m['bytes_total_estimated']:,} estimated, {m['bytes']:,} sent"
-                for m in moves[:1]]
+    estimate = moves[0]
     targets = [ratio.target(what="move a 1 GiB dataset (TLS, two phases) vs raw `btrfs "
                                  "send | btrfs receive` through TCP",
                             goal=f"≤ {RATIO_GOAL}x", met=lambda v: v <= RATIO_GOAL,
@@ -416,8 +423,10 @@ def _section(moves: list, downtimes: dict, filesystem: str, load_before, load_af
         f"{rate(raw.median)} |",
         f"| ratio, per pair | {ratio.describe(lambda v: f'{v:.2f}x')} | |",
         "",
-        f"The move's estimated total (`bytes_total`, from `btrfs send --no-data`): "
-        f"{'; '.join(estimate)} bytes.",
+        f"The estimate of a move's rounds (`bytes_total`, from `btrfs send --no-data`): "
+        f"{estimate['bytes_estimated']:,} bytes, of {estimate['bytes']:,} received: the "
+        f"difference is pyflock's header line before each of the {estimate['rounds']} "
+        f"rounds' streams, which the estimate leaves out.",
         "",
         "| dataset | downtime: freeze to writable | freeze to completed | whole move |",
         "|---|---:|---:|---:|",
