@@ -42,7 +42,7 @@ from _harness import (  # noqa: E402
 #: The benchmark modules, in the order they run and appear in the report.
 BENCHMARKS = ("cli_startup", "control_api", "control_lists", "store_write_rate",
               "agent_convergence", "agent_renewals", "docker_run", "etcd_replicas",
-              "etcd_failover", "agent_fleet")
+              "etcd_failover", "agent_fleet", "peer_move")
 
 #: Seconds each case of store_write_rate.py runs here (it runs 2 cases).
 STORE_CASE_SECONDS = 3.0

@@ -17,7 +17,6 @@ takes quota groups, whose costs btrfs-quota(8) warns about (docs/backends.md).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import shutil
@@ -33,7 +32,8 @@ from zope.interface import implementer
 
 from pyflock.agent._backends._btrfs_model import (
     MAX_HEADER, NO_SPACE, SIZE_FILE, SNAPSHOTS, STAGING, DatasetSubvolumes,
-    Holder, PoolFull, SendStreamChecker, StreamHeader, dataset_folder, decode_header,
+    Holder, PoolFull, SendStreamChecker, StreamHeader, StreamSizeEstimate, dataset_folder,
+    decode_header,
     group_subvolumes, largest_first, live_path, parse_du_total, parse_subvolume_list,
     snapshot_folder, snapshot_name, snapshot_path,
 )
@@ -142,6 +142,27 @@ def _read_line(source: BinaryIO, limit: int) -> bytes:
     return bytes(line)
 
 
+def _run_send(argv: list, write) -> None:
+    """Run ``btrfs send`` (``argv``) and hand its stream to ``write`` chunk by chunk."""
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors,
+                                   stdin=subprocess.DEVNULL)
+        _widen_pipe(process.stdout)
+        try:
+            while chunk := process.stdout.read(CHUNK):
+                write(chunk)
+        except BaseException:
+            process.kill()  # the stream's reader went away: so does the sender
+            raise
+        finally:
+            process.stdout.close()
+            process.wait()
+        if process.returncode != 0:
+            errors.seek(0)
+            raise CommandFailed(argv, process.returncode,
+                                errors.read().decode(errors="replace"))
+
+
 def _snapshot_name() -> str:
     """A new snapshot's name: when it was taken (UTC, for people), then a random part."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
@@ -181,6 +202,10 @@ class BtrfsBackend:
 
     def _path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
+
+    def _parent(self, dataset_id: str, base: Optional[str]) -> list:
+        """The ``btrfs send`` arguments naming snapshot ``base`` as parent (None: none)."""
+        return [] if base is None else ["-p", self._path(snapshot_path(dataset_id, base))]
 
     def _btrfs(self, *argv: str, dataset_id: Optional[str] = None) -> str:
         """Run ``btrfs argv...``; ``PoolFull`` for ``dataset_id`` if the pool is full."""
@@ -370,28 +395,33 @@ class BtrfsBackend:
                                   snapshot=name, uuid=taken.sent_uuid, base=base,
                                   base_uuid=parent.sent_uuid if parent else None)
         into.write(header.encode())
-        argv = ["btrfs", "send", "-q"]
-        if base is not None:
-            argv += ["-p", self._path(snapshot_path(dataset_id, base))]
-        argv.append(self._path(snapshot_path(dataset_id, name)))
-        with tempfile.TemporaryFile() as errors:
-            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors,
-                                       stdin=subprocess.DEVNULL)
-            _widen_pipe(process.stdout)
-            try:
-                while chunk := process.stdout.read(CHUNK):
-                    into.write(chunk)
-            except BaseException:
-                process.kill()  # the stream's reader went away: so does the sender
-                raise
-            finally:
-                process.stdout.close()
-                process.wait()
-            if process.returncode != 0:
-                errors.seek(0)
-                raise CommandFailed(argv, process.returncode,
-                                    errors.read().decode(errors="replace"))
+        _run_send(["btrfs", "send", "-q", *self._parent(dataset_id, base),
+                   self._path(snapshot_path(dataset_id, name))], into.write)
         return name
+
+    def estimate_export(self, dataset_id: str, base: Optional[str] = None) -> int:
+        """The bytes ``export_dataset`` would write now from ``base`` (but its header), from
+        a ``btrfs send --no-data`` of the frozen copy or of a read-only snapshot in staging."""
+        with self._lock:
+            found = self._found(dataset_id)
+            if found.live is None:
+                raise IncompleteCopy(dataset_id)
+            if base is not None and found.snapshot(base) is None:
+                raise UnknownSnapshot(dataset_id, base)
+            live = source = self._path(live_path(dataset_id))
+            scratch = None if _read_only(live) else tempfile.mkdtemp(
+                prefix="estimate-", dir=self._path(STAGING))  # open() deletes one left
+            if scratch is not None:
+                source = os.path.join(scratch, _snapshot_name())  # as long as the real one
+                self._btrfs("subvolume", "snapshot", "-r", live, source, dataset_id=dataset_id)
+        try:
+            estimate = StreamSizeEstimate()
+            _run_send(["btrfs", "send", "-q", "--no-data", *self._parent(dataset_id, base),
+                       source], estimate.feed)
+            return estimate.size()
+        finally:
+            if scratch is not None:
+                self._discard(scratch)
 
     def import_dataset(self, dataset_id: str, source: BinaryIO) -> PeerDataset:
         """Receive a stream into staging, check it, and add its snapshot to the copy."""
@@ -485,9 +515,6 @@ class BtrfsBackend:
             shutil.rmtree(staging)
         except FileNotFoundError:
             pass
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise
 
     def release(self) -> list[str]:
         """Unmount the pool and detach its loop device; what could not be released."""

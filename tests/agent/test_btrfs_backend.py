@@ -217,6 +217,32 @@ class BtrfsOnlyTests(SynchronousTestCase):
         self.assertEqual(MiB, self.a.usage(dataset_id))
 
 
+    def test_estimate_matches_stream(self) -> None:
+        """``estimate_export`` gives the size of the stream an export then writes (but its
+        header), whole and incremental, writable or frozen, and leaves staging empty."""
+        dataset_id = self.a.create_dataset(str(uuid.uuid4()), SIZE).dataset_id
+        path = self.a.get_dataset(dataset_id).path
+        with open(os.path.join(path, "big"), "wb") as f:
+            f.write(os.urandom(3 * MiB + 12345))
+        for n in range(20):
+            with open(os.path.join(path, f"small-{n}"), "wb") as f:
+                f.write(os.urandom(n * 1000))
+        base = None
+        for freeze in (False, True):
+            if freeze:
+                with open(os.path.join(path, "big"), "r+b") as f:
+                    f.seek(MiB)
+                    f.write(os.urandom(300_000))
+                self.a.freeze_dataset(dataset_id)
+            estimate = self.a.estimate_export(dataset_id, base)
+            self.assertEqual([], os.listdir(os.path.join(self.a.root, STAGING)))
+            stream = io.BytesIO()
+            base = self.a.export_dataset(dataset_id, stream, base)
+            sent = len(stream.getvalue()) - stream.getvalue().index(b"\n") - 1
+            # Exact on this machine's kernel; 1% leaves room for another kernel's splits.
+            self.assertLessEqual(abs(sent - estimate), sent / 100, (sent, estimate))
+
+
 class PoolTests(SynchronousTestCase):
     """The pool: formatted only when blank, mounted again, released."""
 

@@ -5,7 +5,8 @@ import uuid
 import pytest
 
 from pyflock.agent._backends._btrfs_model import (
-    Holder, PoolFull, SendStreamChecker, StreamHeader, Subvolume, decode_header,
+    SEND_WRITE_SIZE, Holder, PoolFull, SendStreamChecker, StreamHeader, StreamSizeEstimate,
+    Subvolume, decode_header,
     group_subvolumes, largest_first, parse_du_total, parse_subvolume_list,
 )
 from pyflock.agent._backends._peer import BadStream
@@ -144,6 +145,35 @@ def test_checker_incremental_base():
     check(DELTA, send_stream(snapshot(U1), send_command(END)))
     with pytest.raises(BadStream, match="base is not the one announced"):
         check(DELTA, send_stream(snapshot(U3), send_command(END)))
+
+
+UPDATE_EXTENT, WRITE, A_SIZE, A_FILE_OFFSET, A_DATA = 22, 15, 4, 18, 19
+
+
+def test_estimate_counts_writes_for_update_extents():
+    """A ``--no-data`` stream's update_extent commands count as the write commands, of at
+    most ``SEND_WRITE_SIZE`` bytes each, that the stream with data has instead."""
+    length = 2 * SEND_WRITE_SIZE + 5
+    offset = (A_FILE_OFFSET, b"\0" * 8)
+    no_data = send_stream(subvol(), mkfile(b"f"), send_command(
+        UPDATE_EXTENT, (A_PATH, b"f"), offset, (A_SIZE, length.to_bytes(8, "little"))),
+        send_command(END))
+    with_data = send_stream(subvol(), mkfile(b"f"), *(
+        send_command(WRITE, (A_PATH, b"f"), offset, (A_DATA, b"x" * n))
+        for n in (SEND_WRITE_SIZE, SEND_WRITE_SIZE, 5)), send_command(END))
+    for piece in (7, len(no_data)):
+        estimate = StreamSizeEstimate()
+        for at in range(0, len(no_data), piece):
+            estimate.feed(no_data[at:at + piece])
+        assert estimate.size() == len(with_data)
+
+
+def test_estimate_of_a_cut_stream_refused():
+    """A ``--no-data`` stream without its end is no estimate."""
+    estimate = StreamSizeEstimate()
+    estimate.feed(send_stream(subvol(), mkfile(b"f")))
+    with pytest.raises(ValueError, match="truncated"):
+        estimate.size()
 
 
 def test_pool_full_names_holders():
