@@ -200,7 +200,6 @@ async def test_move_and_back_sends_only_the_delta(reactor, cluster, api):
           f"1 MiB delta B->A: {second:.2f} s, {back['bytes_done']} bytes")
     assert there["bytes_done"] >= 200 * MiB
     assert MiB <= back["bytes_done"] < 8 * MiB
-    assert second < first / 2
 
 
 def append_until_refused(path: str, acknowledged: list, stop: threading.Event) -> None:
