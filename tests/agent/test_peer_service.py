@@ -8,13 +8,13 @@ named in the move, another cluster's certificate or a revoked one is refused.
 from __future__ import annotations
 
 import pytest
-from twisted.python.failure import Failure
 import pytest_twisted
 import threading
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread
+from twisted.python.failure import Failure
 
 from pyflock.agent._backends import MemoryPeerBackend
 from pyflock.agent._peer_move import MovePolicy, MoveView
