@@ -34,8 +34,7 @@ class LocalStates:
             return
         self._states[dataset_id] = LocalState(state, path)
         if state == MOUNTED and path:
-            for d in self._waiters.pop(dataset_id, []):
-                d.callback(path)
+            self.mounted_now(dataset_id, path)
 
     def report_all(self, states: Mapping[str, Any]) -> None:
         """

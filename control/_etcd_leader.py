@@ -32,7 +32,7 @@ from pyflock.control._election import (
 from pyflock.control._etcd_client import EtcdError, EtcdGateway, EtcdUnavailable, describe
 from pyflock.control._etcd_model import (
     COMPACTED_CODE, Keys, compare, fence_broken, fence_compares, get, header_revision,
-    prefix_end, put, responses, txn,
+    keepalive_ttl, prefix_end, put, responses, txn,
 )
 from pyflock.control._store import Fenced
 
@@ -218,7 +218,7 @@ class EtcdLeadership:
             raise
         if lease != self.election.lease:
             return
-        if int(answer.get("result", answer).get("TTL", 0)) <= 0:
+        if keepalive_ttl(answer) <= 0:
             self._handle(LeaseLost())
             return
         self._handle(Renewed(now))

@@ -405,6 +405,12 @@ def header_revision(answer: dict) -> int:
     return int(answer.get("header", {}).get("revision", 0))
 
 
+def keepalive_ttl(answer: dict) -> int:
+    """The seconds an etcd lease has left by a ``lease/keepalive`` answer (the gateway
+    puts it under ``result``); 0 when etcd no longer has the lease."""
+    return int(answer.get("result", answer).get("TTL", 0))
+
+
 def init_request(keys: Keys, store_id: str) -> dict:
     """The transaction that makes the prefix a store, unless another did first."""
     return txn(compares=[compare(keys.store_id, "CREATE", "EQUAL", 0)],

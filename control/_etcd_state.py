@@ -26,7 +26,7 @@ from pyflock.common._jsonread import Malformed
 from pyflock.common._logging import log_event
 from pyflock.control._clusterstate import NodeState
 from pyflock.control._etcd_client import EtcdError, describe
-from pyflock.control._etcd_model import Keys, unb64
+from pyflock.control._etcd_model import Keys, keepalive_ttl, unb64
 from pyflock.control._etcd_state_model import (
     DEFAULT_STATE_LEASE_TTL, IGNORE, LOST, REMOTE, VANISHED, ReplicaInfo, ReportEvent,
     claim_request, claimed_elsewhere, control_status, decode_replica, decode_report, judge,
@@ -124,7 +124,7 @@ class SharedReports:
         try:
             answer = await self._gateway.call("lease/keepalive", {"ID": str(self.lease)},
                                               deadline=self._ttl / 3)
-            if int(answer.get("result", {}).get("TTL", 0)) > 0:
+            if keepalive_ttl(answer) > 0:
                 return
             log_event(_log, "pyflock:control:state-lease-lost", LogLevel.warn,
                       lease=self.lease, nodes=len(self._published))

@@ -23,7 +23,7 @@ from pyflock.control._etcd_client import (
 from pyflock.control._etcd_model import (
     MAX_TXN_BYTES, MAX_TXN_OPS, REVISION_SCALE, EtcdDataError, KeyValue, Keys, Meta, b64,
     batch_of, decode_dataset, decode_lease, decode_rows, decode_token, encode_dataset,
-    encode_lease, encode_token, etcd_floor, prefix_end, prune_requests, split, splittable,
+    encode_lease, encode_token, etcd_floor, keepalive_ttl, prefix_end, prune_requests, split, splittable,
     store_revision, take_batch, write_outcome, write_request,
 )
 from pyflock.control._store import StoreWrite
@@ -359,3 +359,11 @@ def test_conflict_reads_tell_what_changed():
     assert meta.revision == 9 and [r.key for r in rows] == [KEYS.dataset("d")]
     answer["responses"][2]["response_range"]["more"] = True
     assert conflict_reads(KEYS, answer) is None
+
+
+def test_keepalive_ttl():
+    """A keep-alive answer gives the lease's seconds left (under the gateway's ``result``);
+    a lease etcd no longer has gives 0."""
+    assert keepalive_ttl({"result": {"ID": "7", "TTL": "9"}}) == 9
+    assert keepalive_ttl({"result": {"ID": "7"}}) == 0
+    assert keepalive_ttl({"TTL": "3"}) == 3
