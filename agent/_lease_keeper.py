@@ -33,9 +33,12 @@ class LeaseKeeper:
         self._duration = duration
         self._in_use = in_use
         self._locks: dict[str, DeferredLock] = {}
+        # The callers sharing the last acquire queued per dataset (none queued after it).
+        self._sharing: dict[str, list[Deferred]] = {}
         self.held: set[str] = set()
 
     def _serially(self, dataset_id: str, f: Callable[[], Deferred]) -> Deferred:
+        self._sharing.pop(dataset_id, None)
         lock = self._locks.get(dataset_id)
         if lock is None:
             lock = self._locks[dataset_id] = DeferredLock()
@@ -48,6 +51,12 @@ class LeaseKeeper:
 
     def acquire(self, dataset_id: str) -> Deferred:
         """Take or renew this node's lease; fails with the client's error (``Conflict``)."""
+        sharing = self._sharing.get(dataset_id)
+        if sharing is not None:
+            joined: Deferred = Deferred()
+            sharing.append(joined)
+            return joined
+
         def go() -> Deferred:
             d = self._client.acquire_lease(dataset_id, self._node, self._duration)
 
@@ -58,7 +67,19 @@ class LeaseKeeper:
                 self.held.add(dataset_id)
                 return lease
             return d.addCallback(taken)
-        return self._serially(dataset_id, go)
+
+        sharing: list[Deferred] = []
+
+        def share(result: Any) -> Any:
+            if self._sharing.get(dataset_id) is sharing:
+                del self._sharing[dataset_id]
+            for joined in sharing:
+                joined.errback(result) if isinstance(result, Failure) else joined.callback(result)
+            return result
+        d = self._serially(dataset_id, go)
+        if not d.called:
+            self._sharing[dataset_id] = sharing
+        return d.addBoth(share)
 
     def release_if_idle(self, dataset_id: Optional[str]) -> Deferred:
         """Release this node's lease unless the dataset is in use again by then; never

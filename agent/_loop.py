@@ -31,6 +31,7 @@ from pyflock.agent._convergence import (
     without,
 )
 from pyflock.agent._discovery import discover as discover_now
+from pyflock.agent._pending import PendingCreations
 from pyflock.agent._runner import (
     EXPECTED_ERRORS, ChangesFailed, Runner, StaleChange, log_failure,
 )
@@ -481,7 +482,8 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
                           logger: Optional[Logger] = None,
                           run_blocking: Optional[RunBlocking] = None,
                           slow: Optional[RunBlocking] = None,
-                          on_mounted: Optional[Callable[[str, str], None]] = None
+                          on_mounted: Optional[Callable[[str, str], None]] = None,
+                          pending: Optional[PendingCreations] = None
                           ) -> ConvergenceLoop:
     """
     The loop of one agent: discovery through ``backend`` (its ``IBlockDeviceBackend``) and
@@ -492,11 +494,14 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
     passed to ``update`` (default: ``view_desire(backend.node_uuid)``, for ``AgentView``s).
     Call ``start()``, then ``update(view)`` with the view loaded from disk and on every
     push; ``report_state`` gets a ``pmap`` of ``DatasetReport`` by dataset id, and
-    ``on_mounted`` the ``Runner``'s word of each mount done.
+    ``on_mounted`` the ``Runner``'s word of each mount done. ``pending``: the Docker
+    plugin's creations under way, made before the view brings them (they wake the loop).
     """
     view_desired = desire is None
     if desire is None:
         desire = view_desire(backend.node_uuid)
+    if pending is not None:
+        desire = pending.desire(desire)
     mount_root = os.path.realpath(mount_root)
     if run_blocking is None:
         run_blocking = in_reactor_pool(reactor)
@@ -513,13 +518,16 @@ def node_convergence_loop(reactor, backend, filesystems, mount_root: str,
                              run_blocking if slow is None else slow,
                              logger=logger, node_uuid=backend.node_uuid)
         run = spares.watching(runner.run)
-    return ConvergenceLoop(reactor, discover, calculate_changes, run, report_state,
+    loop = ConvergenceLoop(reactor, discover, calculate_changes, run, report_state,
                            desire=desire, interval=interval, logger=logger,
                            node_uuid=backend.node_uuid,
                            affects=diff_affects(backend.node_uuid) if view_desired else None,
                            background=runs_apart,
                            after_iteration=None if spares is None else spares.top_up,
                            on_stop=None if spares is None else spares.stop)
+    if pending is not None:
+        pending.changed = loop.wake
+    return loop
 
 
 #: Seconds between the end of the iteration that created a volume (or the agent's start)

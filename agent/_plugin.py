@@ -18,6 +18,7 @@ machine per Mount), ``DockerPlugin`` here runs its actions against an ``IPluginB
 from __future__ import annotations
 
 import json
+from uuid import uuid4
 from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.defer import (
@@ -30,6 +31,7 @@ from twisted.web.resource import Resource
 
 from pyflock.agent._lease_keeper import LeaseKeeper
 from pyflock.agent._mounts import MountCounts
+from pyflock.agent._pending import PendingCreations
 from pyflock.agent._plugin_backend import (
     IPluginBackend, LocalStates, PluginBackend, agent_view_source, is_mountpoint_in,
 )
@@ -61,8 +63,10 @@ class DockerPlugin:
     given, fires with the mount points per pyflock volume of dockerd's running containers
     (``docker_volume_mounts``), or None while dockerd does not answer: after an Activate
     (a new dockerd) the plugin uses it to drop the counts of mounts the previous dockerd
-    never unmounted (it crashed). Call ``start()`` once the counts are reconciled (it
-    starts lease renewal) and ``stop()`` at exit.
+    never unmounted (it crashed). ``pending``, if given, makes each new volume's dataset
+    on this node while its create request is under way (``pyflock.agent._pending``).
+    Call ``start()`` once the counts are reconciled (it starts lease renewal) and
+    ``stop()`` at exit.
     """
 
     def __init__(self, backend: IPluginBackend, mounts: MountCounts, reactor: Any, *,
@@ -71,8 +75,10 @@ class DockerPlugin:
                  request_timeout: float = REQUEST_TIMEOUT, overlay_ttl: float = OVERLAY_TTL,
                  release_grace: float = RELEASE_GRACE,
                  docker_mounts: Optional[Callable[[], Deferred]] = None,
-                 settle_timeout: float = SETTLE_TIMEOUT):
+                 settle_timeout: float = SETTLE_TIMEOUT,
+                 pending: Optional[PendingCreations] = None):
         self._backend = backend
+        self._pending = pending
         self._node = backend.node_uuid
         self._client: IControlClient = backend.client
         self._mounts = mounts
@@ -264,11 +270,16 @@ class DockerPlugin:
             log_event(_log, "pyflock:plugin:create-existing", name=name,
                       dataset_id=self._core.find(name, world).dataset_id)
             return {}
+        dataset_id = None
+        if self._pending is not None:
+            dataset_id = str(uuid4())
+            self._pending.begin(dataset_id, new.maximum_size, new.profile)
         try:
             config = await within(self._reactor, self._client.create_dataset(
-                self._node, maximum_size=new.maximum_size, metadata=new.metadata),
-                self._request_timeout)
-        except Conflict:
+                self._node, maximum_size=new.maximum_size, metadata=new.metadata,
+                dataset_id=dataset_id), self._request_timeout)
+        except Conflict as e:
+            self._refused(dataset_id, e)
             # The name exists in the cluster but this node's view has not caught up;
             # fetching it lets Get answer it before the view does.
             found = None
@@ -286,11 +297,20 @@ class DockerPlugin:
             raise unreachable("create", name, e) from None
         except DeferredTimeout:
             raise no_answer("create", name, self._request_timeout) from None
+        except ControlError as e:
+            self._refused(dataset_id, e)
+            raise
         self._core.overlay.created(config, self._reactor.seconds())
         log_event(_log, "pyflock:plugin:created", name=name, dataset_id=config.dataset_id,
                   node_uuid=self._node, maximum_size=new.maximum_size, profile=new.profile)
         self._lease_new(config.dataset_id)
         return {}
+
+    def _refused(self, dataset_id: Optional[str], error: ControlError) -> None:
+        """The control service said no (4xx) to creating ``dataset_id``: what this node
+        made for it goes. With no answer the creation may have happened: it stays."""
+        if dataset_id is not None and error.code is not None and 400 <= error.code < 500:
+            self._pending.abandon(dataset_id, self._reactor.seconds())
 
     def _lease_new(self, dataset_id: str) -> None:
         """Take a new volume's lease once the Create has answered, and release it after

@@ -37,6 +37,7 @@ from pyflock.agent._peer_runner import PeerTransfers, peer_convergence_loop
 from pyflock.agent._peer_service import TransferSettings
 from pyflock.agent._fs import prepare_mount_root
 from pyflock.agent._mounts import MountCounts, docker_volume_mounts
+from pyflock.agent._pending import PendingCreations
 from pyflock.agent._plugin import (
     DockerPlugin, LocalStates, PluginBackend, PluginSocketError, agent_view_source,
     is_mountpoint_in, listen_plugin, plugin_site,
@@ -232,6 +233,7 @@ async def run(reactor, config: AgentConfig) -> None:
             channel.report_state(reports.values())
 
     transfers = None
+    pending = None
     if IPeerBackend.providedBy(backend):
         transfers, peer_port = await start_peer_transfers(
             reactor, config, backend, tls, lambda: view if channel is None else channel.view)
@@ -240,10 +242,12 @@ async def run(reactor, config: AgentConfig) -> None:
                                      run_blocking=pools.run_blocking("backend"),
                                      on_mounted=states.mounted_now)
     else:
+        # The plugin's new volumes are made while their create request is under way.
+        pending = PendingCreations()
         loop = node_convergence_loop(reactor, backend, LocalFilesystems(), config.mount_root,
                                      report, run_blocking=pools.run_blocking("backend"),
                                      slow=pools.run_blocking("bulk"),
-                                     on_mounted=states.mounted_now)
+                                     on_mounted=states.mounted_now, pending=pending)
     loop.start()
     # Converge from the stored view at once, but take nothing over from nodes it calls
     # dead: the first snapshot from the control service says who is alive now.
@@ -284,7 +288,8 @@ async def run(reactor, config: AgentConfig) -> None:
 
     def docker_mounts() -> Deferred:
         return Deferred.fromCoroutine(running_volume_mounts(reactor, config.docker_socket))
-    plugin = DockerPlugin(plugin_backend, mounts, reactor, docker_mounts=docker_mounts)
+    plugin = DockerPlugin(plugin_backend, mounts, reactor, docker_mounts=docker_mounts,
+                          pending=pending)
     in_use = await running_volume_mounts(reactor, config.docker_socket)
     if in_use is not None:
         await plugin.reconcile(in_use)
