@@ -312,6 +312,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
         raise
     # Issue 9: on etcd, agents' reports are shared with the other replicas.
     shared = shared_reports(reactor, store, options, reactor.seconds())
+    if shared is not None and leadership is not None:
+        shared.follow_leader(leadership)  # only the leader marks a vanished node dead
     api = ControlAPI(configuration, cluster, api_listener.identities(),
                      build_openapi(__version__), tokens=tokens,
                      node_limits=node_limits(options),
