@@ -373,7 +373,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
     async def shutdown():
         crl.stop()
         if shared_crl is not None:
-            shared_crl.stop()
+            await shared_crl.stop()
         cluster.stop_forgetting()
         await port.stopListening()
         await agent_port.stopListening()
