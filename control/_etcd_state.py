@@ -209,7 +209,12 @@ class SharedReports:
     async def _write(self, uuid: str, kind: str, node: Optional[NodeState]) -> None:
         self.writes += 1
         if kind == WITHDRAW:
-            await self._gateway.call("kv/txn", withdraw_request(self._keys, uuid, self.lease))
+            answer = await self._gateway.call("kv/txn", withdraw_request(self._keys, uuid,
+                                                                         self.lease))
+            if answer.get("succeeded") and self.leadership is not None:
+                # The others wait for the leader's mark; this replica may be the leader.
+                self._vanished[uuid] = int(answer["header"]["revision"])
+                self._mark_dead(uuid)
             return
         request = (claim_request if kind == CLAIM else publish_request)(
             self._keys, self.replica.name, node, self.lease)

@@ -83,3 +83,41 @@ async def test_only_the_leader_marks_a_vanished_node_dead(tmp_path, etcd):
             await leadership._gateway.close()
         for r in made:
             await r.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_leader_marks_its_own_silent_node_dead(tmp_path, etcd):
+    """
+    Node A's agent talks to the leading replica and goes silent there: the leader
+    withdraws its report and marks it dead, and the follower shows it dead too.
+    """
+    r1, r2 = made = await replicas(tmp_path, etcd, count=2, ttl=2.0)
+    electing = []
+    try:
+        for replica in made:
+            leadership = candidate(etcd, replica, replica.shared.replica.name)
+            electing.append(leadership)
+            replica.shared.follow_leader(leadership)
+            await leads(lambda: leadership.leader is not None, "a leader is known")
+        await leads(lambda: electing[0].leading, "replica 1 leads")
+        dataset_id = await created(r1, made)
+        r1.agent().send(report(dataset_id))
+
+        async def shown():
+            return await alive_nodes(r2) == [A]
+        await until(shown)
+        # As its expiry timer does after --node-expiry (replica 1's own view of its node
+        # is the agent channel's: only the follower is looked at here).
+        r1.channel._expire(A)
+
+        async def dead():
+            return await alive_nodes(r2) == []
+        await until(dead)
+        assert await death_marked(r2)
+        assert r2.cluster.state.nodes[A].datasets == {}
+    finally:
+        for leadership in electing:
+            await leadership.stop()
+            await leadership._gateway.close()
+        for r in made:
+            await r.close()
