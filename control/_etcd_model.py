@@ -178,6 +178,20 @@ class Keys:
         return self.reports + node_uuid.encode("utf-8")
 
     @property
+    def state(self) -> bytes:
+        """The prefix of the shared cluster state: reports and deaths."""
+        return self.prefix + b"state/"
+
+    @property
+    def deaths(self) -> bytes:
+        """The prefix of the leader's marks of dead nodes."""
+        return self.prefix + b"state/dead/"
+
+    def death(self, node_uuid: str) -> bytes:
+        """The key the leader marks node ``node_uuid`` dead with (fenced)."""
+        return self.deaths + node_uuid.encode("utf-8")
+
+    @property
     def election(self) -> bytes:
         """
         The prefix of the leader campaign: one key per candidate, bound to its etcd lease;

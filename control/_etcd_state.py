@@ -12,6 +12,12 @@ reports tells it what the other replicas publish, handed to ``merge`` (the agent
 channel's ``shared.merge``). When the lease is lost (etcd expired it while this replica
 could not reach etcd), a new one is taken and every node this replica publishes is
 claimed again.
+
+Death (``follow_leader``). A remote node whose report vanished stays as it was until the
+leader marks it dead: the leader puts ``P state/dead/<uuid>`` with its fence while the
+report is still absent, and every replica wipes the node when its watch shows the mark.
+A replica that starts leading marks the nodes still waiting. Without an election (no
+``follow_leader``), a replica wipes a vanished node at once.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from pyflock.control._etcd_client import EtcdError, describe
 from pyflock.control._etcd_model import Keys, keepalive_ttl, unb64
 from pyflock.control._etcd_state_model import (
     DEFAULT_STATE_LEASE_TTL, IGNORE, LOST, REMOTE, VANISHED, ReplicaInfo, ReportEvent,
-    claim_request, claimed_elsewhere, control_status, decode_replica, decode_report, judge,
+    claim_request, claimed_elsewhere, control_status, death_request, decode_replica,
+    decode_report, judge,
     leader_name, member_json, publish_request, range_events, read_watch_line,
     replica_request, reports_range, resync_events, status_request, watch_request,
     withdraw_request,
 )
 from pyflock.control._etcd_watch import WATCH_RETRY, _Lines, stream_lines
+from pyflock.control._store import Fenced
 
 _log = Logger()
 
@@ -75,6 +83,16 @@ class SharedReports:
         self._renewing = False
         self._stopped = False
         self.writes = 0
+        # Issue 9 point 4: the election (None: none, this replica judges deaths alone),
+        # and node uuid -> the etcd revision its report vanished at, until marked dead.
+        self.leadership: Any = None
+        self._vanished: dict[str, int] = {}
+        self._marking: set[str] = set()
+
+    def follow_leader(self, leadership: Any) -> None:
+        """Leave marking nodes dead to the leader of ``leadership`` (``EtcdLeadership``)."""
+        self.leadership = leadership
+        leadership.on_change(self._leading)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -144,6 +162,7 @@ class SharedReports:
         """``node``'s agent said hello here: publish its report, whoever published it."""
         self._published[node.uuid] = node
         self._remote.discard(node.uuid)
+        self._vanished.pop(node.uuid, None)
         self._queue(node.uuid, CLAIM, node)
 
     def publish(self, node: NodeState) -> None:
@@ -190,7 +209,12 @@ class SharedReports:
     async def _write(self, uuid: str, kind: str, node: Optional[NodeState]) -> None:
         self.writes += 1
         if kind == WITHDRAW:
-            await self._gateway.call("kv/txn", withdraw_request(self._keys, uuid, self.lease))
+            answer = await self._gateway.call("kv/txn", withdraw_request(self._keys, uuid,
+                                                                         self.lease))
+            if answer.get("succeeded") and self.leadership is not None:
+                # The others wait for the leader's mark; this replica may be the leader.
+                self._vanished[uuid] = int(answer["header"]["revision"])
+                self._mark_dead(uuid)
             return
         request = (claim_request if kind == CLAIM else publish_request)(
             self._keys, self.replica.name, node, self.lease)
@@ -217,6 +241,12 @@ class SharedReports:
 
     def _apply(self, event: ReportEvent) -> None:
         uuid = event.node_uuid
+        if event.death:
+            if event.value is not None and self._vanished.pop(uuid, None) is not None:
+                log_event(_log, "pyflock:control:node-dead-marked", node_uuid=uuid,
+                          replica=self.replica.name)
+                self._merge(uuid, None)
+            return
         waiting = self._waiting.get(uuid)
         if waiting is not None and waiting[0] != WITHDRAW:
             self._held.setdefault(uuid, []).append(event)
@@ -232,15 +262,50 @@ class SharedReports:
             self._owned.pop(uuid, None)
             self._published.pop(uuid, None)
             self._remote.add(uuid)
+            self._vanished.pop(uuid, None)
             self._merge(uuid, node)
         elif verdict == VANISHED:
             self._remote.discard(uuid)
-            self._merge(uuid, None)
+            if self.leadership is None:
+                self._merge(uuid, None)
+            else:
+                self._vanished[uuid] = event.revision
+                self._mark_dead(uuid)
         elif verdict == LOST:
             self._owned.pop(uuid, None)
             Deferred.fromCoroutine(self._renew_once())
         else:
             assert verdict == IGNORE
+
+    # -- deaths, marked by the leader ------------------------------------------------------
+
+    def _leading(self, leading: bool) -> None:
+        if leading:
+            for uuid in list(self._vanished):
+                self._mark_dead(uuid)
+
+    def _mark_dead(self, uuid: str) -> None:
+        if self.leadership.leading and uuid not in self._marking:
+            self._marking.add(uuid)
+            d = Deferred.fromCoroutine(self._mark_dead_once(uuid))
+            d.addBoth(lambda _: self._marking.discard(uuid))
+
+    async def _mark_dead_once(self, uuid: str) -> None:
+        """As leader, mark ``uuid`` dead (fenced) while its report is absent; retried
+        after an etcd failure while it still leads and the node still waits."""
+        while uuid in self._vanished and not self._stopped and self.leadership.leading:
+            try:
+                answer = await self.leadership.write_fenced(self._gateway, death_request(
+                    self._keys, uuid, self._vanished[uuid]))
+                log_event(_log, "pyflock:control:node-dead-written", node_uuid=uuid,
+                          written=bool(answer.get("succeeded")))
+                return
+            except Fenced:
+                return
+            except Exception as e:
+                log_event(_log, "pyflock:control:node-dead-write-failed", LogLevel.warn,
+                          node_uuid=uuid, reason=describe(e))
+                await deferLater(self._reactor, WATCH_RETRY, lambda: None)
 
     async def _resync(self) -> None:
         """Read every report and apply it as if the watch had told it."""

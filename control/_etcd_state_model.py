@@ -9,6 +9,9 @@ Keys (``control/_etcd_model.Keys``):
   "peer_port", "zone", "datasets": [report, ...]}``, put by the replica the node's agent
   talks to, bound to that replica's etcd lease (so it vanishes with the replica).
 - ``P replicas/<name>``: ``{"name", "address", "since"}``, bound to the same lease.
+- ``P state/dead/<uuid>``: the leader's mark that a node whose report vanished is dead,
+  put only while its report is still absent and the leader's fence holds; deleted by the
+  next claim of the node.
 
 Ownership. A replica *claims* a node when its agent says hello (a put whatever the key
 holds); it *publishes* a changed report only while the key is still bound to its own
@@ -18,6 +21,10 @@ that went silent by deleting the key only if still bound to its lease. What the 
 tells is judged by ``judge``: a put by another lease newer than this replica's own last
 write makes the node remote; a delete of a remote node makes it vanish (dead); a delete
 of a node this replica publishes, that it did not withdraw, says its lease was lost.
+
+Death. A vanished remote node is not dead yet: only the leader marks it dead (a fenced
+``death_request``), and every replica, the leader too, wipes it when the watch shows that
+mark. A paused or deposed leader cannot mark a node dead; replicas never decide alone.
 """
 
 from __future__ import annotations
@@ -84,16 +91,19 @@ class ReportEvent:
     revision: int
     lease: int = 0
     value: Optional[bytes] = None
+    #: The leader's death mark of the node (``P state/dead/``), not its report.
+    death: bool = False
 
 
 def _event_of(keys: Keys, kv: dict, revision: int, deleted: bool) -> Optional[ReportEvent]:
     key = unb64(kv.get("key"))
-    if not key.startswith(keys.reports):
-        return None
-    return ReportEvent(key[len(keys.reports):].decode("utf-8", "replace"),
-                       int(kv.get("mod_revision", revision) or revision),
-                       int(kv.get("lease", 0) or 0),
-                       None if deleted else unb64(kv.get("value")))
+    for prefix, death in ((keys.reports, False), (keys.deaths, True)):
+        if key.startswith(prefix):
+            return ReportEvent(key[len(prefix):].decode("utf-8", "replace"),
+                               int(kv.get("mod_revision", revision) or revision),
+                               int(kv.get("lease", 0) or 0),
+                               None if deleted else unb64(kv.get("value")), death)
+    return None
 
 
 def range_events(keys: Keys, answer: dict) -> tuple[int, list[ReportEvent]]:
@@ -108,8 +118,10 @@ def resync_events(present: Iterable[ReportEvent], known: Iterable[str],
     """After a full read at ``revision``: the puts found, and a delete for every node
     ``known`` (remote or published here) that is no longer there."""
     present = list(present)
-    there = {e.node_uuid for e in present}
-    return present + [ReportEvent(uuid, revision) for uuid in sorted(set(known) - there)]
+    there = {e.node_uuid for e in present if not e.death}
+    reports = [e for e in present if not e.death]
+    return (reports + [ReportEvent(uuid, revision) for uuid in sorted(set(known) - there)]
+            + [e for e in present if e.death])
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -146,9 +158,10 @@ def read_watch_line(keys: Keys, line: bytes) -> WatchLine:
 
 
 def watch_request(keys: Keys, start_revision: int) -> dict:
-    """The body of a ``/v3/watch`` on every report from ``start_revision`` on."""
-    return {"create_request": {"key": b64(keys.reports),
-                               "range_end": b64(prefix_end(keys.reports)),
+    """The body of a ``/v3/watch`` on every report and death mark from ``start_revision``
+    on."""
+    return {"create_request": {"key": b64(keys.state),
+                               "range_end": b64(prefix_end(keys.state)),
                                "start_revision": str(start_revision),
                                "progress_notify": True}}
 
@@ -179,9 +192,21 @@ def _same_lease(key: bytes, lease: int) -> dict:
 
 
 def claim_request(keys: Keys, replica: str, node: NodeState, lease: int) -> dict:
-    """The transaction putting ``node``'s report bound to ``lease``, whoever held it."""
+    """The transaction putting ``node``'s report bound to ``lease``, whoever held it, and
+    deleting the leader's mark of its death, if any."""
     return txn(success=[_leased_put(keys.report(node.uuid), encode_report(replica, node),
-                                    lease)])
+                                    lease),
+                        {"request_delete_range": {"key": b64(keys.death(node.uuid))}}])
+
+
+def death_request(keys: Keys, node_uuid: str, vanished: int) -> dict:
+    """The leader's transaction marking node ``node_uuid`` dead, its report having vanished
+    at etcd revision ``vanished``: only while the report is still absent (a claim since
+    makes it do nothing). The leader adds its fence (``EtcdLeadership.write_fenced``)."""
+    return txn(compares=[{"key": b64(keys.report(node_uuid)), "target": "CREATE",
+                          "result": "EQUAL", "create_revision": "0"}],
+               success=[{"request_put": {"key": b64(keys.death(node_uuid)),
+                                         "value": b64(str(vanished).encode("ascii"))}}])
 
 
 def publish_request(keys: Keys, replica: str, node: NodeState, lease: int) -> dict:
@@ -208,8 +233,8 @@ def claimed_elsewhere(answer: dict) -> bool:
 
 
 def reports_range(keys: Keys) -> dict:
-    """The range request reading every report."""
-    return range_request(keys.reports, prefix_end(keys.reports))
+    """The range request reading every report and death mark."""
+    return range_request(keys.state, prefix_end(keys.state))
 
 
 # -- replicas and the control status ----------------------------------------------------

@@ -5,11 +5,15 @@
                           [--certificates-directory DIR] [--lease-grace SECONDS]
                           [--heartbeat SECONDS] [--node-expiry SECONDS]
                           [--forget-dead-nodes SECONDS]
+                          [--agent-message-limit BYTES] [--agent-send-limit BYTES]
+                          [--purge-deadline SECONDS] [--deleted-retention SECONDS]
                           [--join-port PORT] [--ca-key FILE]
                           [--store sqlite|etcd] [--etcd-endpoints URL[,URL...]]
                           [--etcd-prefix PREFIX] [--etcd-ca FILE]
                           [--etcd-cert FILE --etcd-key FILE] [--replica-name NAME]
-                          [--leader-ttl SECONDS] [--etcd-compaction-retention SECONDS]
+                          [--etcd-check-interval SECONDS] [--leader-ttl SECONDS]
+                          [--state-lease-ttl SECONDS]
+                          [--etcd-compaction-retention SECONDS]
                           [--max-connections N] [--tls-handshake-timeout SECONDS]
                           [--tls-recheck SECONDS] [--node-dataset-quota N]
                           [--node-write-rate PER_SECOND] [--node-write-burst N]
@@ -308,6 +312,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
         raise
     # Issue 9: on etcd, agents' reports are shared with the other replicas.
     shared = shared_reports(reactor, store, options, reactor.seconds())
+    if shared is not None and leadership is not None:
+        shared.follow_leader(leadership)  # only the leader marks a vanished node dead
     api = ControlAPI(configuration, cluster, api_listener.identities(),
                      build_openapi(__version__), tokens=tokens,
                      node_limits=node_limits(options),
@@ -367,7 +373,7 @@ async def run(reactor, options: argparse.Namespace) -> None:
     async def shutdown():
         crl.stop()
         if shared_crl is not None:
-            shared_crl.stop()
+            await shared_crl.stop()
         cluster.stop_forgetting()
         await port.stopListening()
         await agent_port.stopListening()

@@ -44,16 +44,15 @@ class Replica:
         self.store = None
 
     async def start(self, reactor, etcd, prefix, authority):
-        """Open the store and start sharing the list (polling only when told to)."""
+        """Open the store and start sharing the list (its watch running)."""
         self.store = await open_etcd_store(reactor, etcd.endpoints, prefix)
         self.shared = await share_revocations(reactor, self.store, authority,
-                                              self.from_file, self.in_force,
-                                              interval=3600)
+                                              self.from_file, self.in_force)
 
     async def stop(self):
         """Stop sharing and close the store."""
         if self.shared is not None:
-            self.shared.stop()
+            await self.shared.stop()
         if self.store is not None:
             await self.store.close()
 
@@ -87,6 +86,38 @@ async def test_revocation_through_one_replica_reaches_the_other(tmp_path, etcd):
         await two.shared.sync()
         assert two.in_force.current.serials == new.serials
         assert await read_shared_crl(one.store.gateway, one.store.keys) == new.pem.encode()
+    finally:
+        await one.stop()
+        await two.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_watch_puts_a_new_list_in_force(tmp_path, etcd):
+    """
+    A list written to etcd by replica 1 is put in force on replica 2 by its watch on the
+    key, without anyone asking replica 2 to look, and again after its watch was cut.
+    """
+    from twisted.internet import reactor
+    cluster = make_cluster_certificates(tmp_path, nodes=2)
+    authority = load_certificate(tmp_path / "cluster.crt")
+    lists = []
+    for n, node in enumerate(cluster.node_uuids):
+        (tmp_path / f"o{n}").mkdir()
+        lists.append(read_crl(revoke(tmp_path, tmp_path / f"o{n}", node=node,
+                                     now=NOW + timedelta(hours=n)).crl_path, authority))
+    prefix = f"/crl-{uuid4().hex[:8]}/"
+    one, two = Replica(), Replica()
+    try:
+        await one.start(reactor, etcd, prefix, authority)
+        await two.start(reactor, etcd, prefix, authority)
+        one.from_file.replace(lists[0])
+        assert await _wait(reactor, lambda: two.in_force.current.serials
+                           == lists[0].serials, 10.0)
+        assert await _wait(reactor, lambda: two.shared._stream is not None, 10.0)
+        two.shared._stream.abort()  # as a lost member would: it reads and watches again
+        one.from_file.replace(lists[1])
+        assert await _wait(reactor, lambda: two.in_force.current.serials
+                           == lists[1].serials, 10.0)
     finally:
         await one.stop()
         await two.stop()

@@ -17,7 +17,8 @@ from pyflock.control._clusterstate import NodeState
 from pyflock.control._etcd_model import Keys
 from pyflock.control._etcd_state_model import (
     IGNORE, LOST, REMOTE, VANISHED, ReplicaInfo, ReportEvent, claim_request,
-    claimed_elsewhere, control_status, decode_replica, decode_report, encode_report, judge,
+    claimed_elsewhere, control_status, death_request, decode_replica, decode_report,
+    encode_report, judge,
     leader_name, member_json, publish_request, range_events, read_watch_line,
     replica_request, resync_events, watch_request, withdraw_request,
 )
@@ -170,3 +171,33 @@ def test_replica_name_and_address(port, address, monkeypatch):
     assert replica_address(options) == address
     assert replica_name(options) == "HOST:" + address.split(":")[1]
     assert replica_name(argparse.Namespace(port=port, replica_name="c7")) == "c7"
+
+
+def test_death_marks_are_told_apart_from_reports():
+    """A watch line over ``P state/`` tells a report's put from the leader's death mark,
+    and a full read yields the deletes of vanished nodes before the marks."""
+    def kv(key: bytes, value: bytes = b"") -> dict:
+        return {"key": base64.b64encode(key).decode(), "value": base64.b64encode(value).decode(),
+                "mod_revision": "7"}
+    line = json.dumps({"result": {"header": {"revision": "7"}, "events": [
+        {"kv": kv(KEYS.report("n1"), b"{}")}, {"kv": kv(KEYS.death("n2"), b"5")}]}})
+    events = read_watch_line(KEYS, line.encode()).events
+    assert [(e.node_uuid, e.death) for e in events] == [("n1", False), ("n2", True)]
+    revision, present = range_events(KEYS, {"header": {"revision": "9"}, "kvs": [
+        kv(KEYS.death("n2"), b"5")]})
+    assert [(e.node_uuid, e.death, e.value) for e in resync_events(present, ["n2"], 9)] == [
+        ("n2", False, None), ("n2", True, b"5")]
+
+
+def test_death_request_needs_the_report_absent():
+    """The leader's mark compares the report's create revision with 0 (absent), and a
+    claim deletes the mark."""
+    request = death_request(KEYS, "n1", 12)
+    assert request["compare"] == [{"key": base64.b64encode(KEYS.report("n1")).decode(),
+                                   "target": "CREATE", "result": "EQUAL",
+                                   "create_revision": "0"}]
+    put = request["success"][0]["request_put"]
+    assert base64.b64decode(put["key"]) == KEYS.death("n1")
+    claim = claim_request(KEYS, "c1", NodeState(uuid="n1", host="h", last_seen=0.0), 3)
+    assert base64.b64decode(claim["success"][1]["request_delete_range"]["key"]) == \
+        KEYS.death("n1")
