@@ -23,6 +23,7 @@ from pyflock.agent._peer_move import MovePolicy, MoveState, receive_refusal
 from pyflock.agent._peer_protocol import Decoder, MAX_FRAME, ProtocolError, parse_answer
 from pyflock.agent._peer_rounds import TransferRefused, prepare_receive, receive_move
 from pyflock.agent._peer_service import DEFAULT_IDLE_TIMEOUT, ConnectionBroken, Slots
+from pyflock.common._records import Transfer
 from pyflock.common._threads import RunBlocking
 from pyflock.common._tls import ClusterTLS, Identity
 
@@ -122,10 +123,13 @@ class _ReceivingRound(Protocol, TimeoutMixin):
 
     def __init__(self, request, reactor, idle_timeout: float):
         self._request = request
+        self.dataset_id = request.dataset_id
         self._idle_timeout = idle_timeout
         self.callLater = reactor.callLater
         self._decoder = Decoder()
         self.answered: Deferred = Deferred()
+        #: The sender's answer once it came (its ``estimate`` is the round's size).
+        self.answer = None
         self.reader = _StreamReader(reactor, self._pause, self._resume)
 
     def _pause(self) -> None:
@@ -157,7 +161,8 @@ class _ReceivingRound(Protocol, TimeoutMixin):
         for item in items:
             if not self.answered.called:
                 try:
-                    self.answered.callback(parse_answer(item))
+                    self.answer = parse_answer(item)
+                    self.answered.callback(self.answer)
                 except ProtocolError as e:
                     self._broken(e)
                     return
@@ -226,6 +231,18 @@ class PeerReceiver:
             ended.callback(None)
             return result
         return d.addBoth(end)
+
+    def progress(self, dataset_id: str) -> Optional[Transfer]:
+        """
+        The round of ``dataset_id`` being received now, as a ``Transfer``: the bytes
+        received and the sender's estimate of the round (None: no round under way).
+        """
+        for connection in list(self._rounds):
+            if connection.dataset_id == dataset_id:
+                answer = connection.answer
+                return Transfer().expecting(None if answer is None else answer.estimate) \
+                    .sent(connection.reader.count)
+        return None
 
     def stop(self) -> Deferred:
         """
