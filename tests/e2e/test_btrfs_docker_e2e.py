@@ -26,11 +26,12 @@ from tests.harness.requirements import require_commands
 pytestmark = pytest.mark.e2e
 
 #: The plugin's time budget for a Mount here (dockerd's is 120 s).
-MOUNT_TIMEOUT = 6
+MOUNT_TIMEOUT = 8
 
-#: Bytes per second per transfer: 24 MiB take about 12 s, twice the budget.
+#: Bytes per second per transfer: 32 MiB take about 16 s, twice the budget (a move of a
+#: few bytes took 2 s here, so the budget leaves room for a loaded machine).
 THROTTLE = "2M"
-BIG_MIB = 24
+BIG_MIB = 32
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,9 @@ def test_docker_run_moves_volume_from_other_host(pyflock, nodes):
     name = f"bmove-{uuid.uuid4().hex[:8]}"
     run(n1, name, "echo written-on-n1 > /data/f")
     dataset_id = pyflock.dataset(name)["dataset_id"]
+    started = time.monotonic()
     assert run(n2, name, "cat /data/f").stdout == "written-on-n1\n"
+    print(f"\n[btrfs docker] docker run on n2 with the move: {time.monotonic() - started:.2f} s")
     assert pyflock.dataset(name)["primary"] == pyflock.node_uuid(n2)
     wait_for(lambda: pyflock.state(dataset_id) == {pyflock.node_uuid(n2): "mounted"}, 30,
              "the volume mounted on n2 only")
@@ -136,7 +139,7 @@ def test_slow_move_fails_mount_in_time_then_succeeds(pyflock, nodes):
     finally:
         seen = watch.stop()
     assert run(n2, name, "sha256sum /data/big").stdout.split()[0] == written
-    # Progress came at a steady rate, not only when n1's loop iterated: the ~12 s
+    # Progress came at a steady rate, not only when n1's loop iterated: the ~16 s
     # transfer showed many values, each further than the one before.
     print(f"[btrfs docker] {len(seen)} progress values: {seen[:3]} ... {seen[-2:]}")
     assert len(seen) >= 6, seen
