@@ -187,6 +187,13 @@ class _ReceivingRound(Protocol, TimeoutMixin):
             self.answered.errback(broken)
 
 
+def _with_round(before: Transfer, connection: _ReceivingRound) -> Transfer:
+    """``before`` with the round on ``connection``: its estimate, and the bytes in."""
+    answer = connection.answer
+    return before.expecting(None if answer is None else answer.estimate) \
+        .sent(connection.reader.count)
+
+
 class PeerReceiver:
     """
     The receiving side of this node's peer transfer service. ``view_of(dataset_id)``
@@ -211,6 +218,8 @@ class PeerReceiver:
         #: Open rounds, and the moves under way (``stop`` ends them).
         self._rounds: set = set()
         self._moves: set = set()
+        #: The rounds of each move under way that ended, counted (``progress``).
+        self._received: dict = {}
 
     def receive(self, dataset_id: str, from_node: str) -> Deferred:
         """
@@ -228,21 +237,22 @@ class PeerReceiver:
 
         def end(result):
             self._moves.discard(ended)
+            self._received.pop(dataset_id, None)
             ended.callback(None)
             return result
         return d.addBoth(end)
 
     def progress(self, dataset_id: str) -> Optional[Transfer]:
         """
-        The round of ``dataset_id`` being received now, as a ``Transfer``: the bytes
-        received and the sender's estimate of the round (None: no round under way).
+        The move of ``dataset_id`` into this node, as a ``Transfer`` counted like the
+        sender's: the bytes received in its rounds so far, and the total the sender's
+        estimates give (None: no move under way).
         """
+        before = self._received.get(dataset_id)
         for connection in list(self._rounds):
             if connection.dataset_id == dataset_id:
-                answer = connection.answer
-                return Transfer().expecting(None if answer is None else answer.estimate) \
-                    .sent(connection.reader.count)
-        return None
+                return _with_round(before or Transfer(), connection)
+        return before
 
     def stop(self) -> Deferred:
         """
@@ -295,6 +305,8 @@ class PeerReceiver:
 
     def _close(self, connection: _ReceivingRound) -> None:
         self._rounds.discard(connection)
+        self._received[connection.dataset_id] = _with_round(
+            self._received.get(connection.dataset_id, Transfer()), connection)
         self._slots.give_back()
         if connection.transport is not None:
             connection.transport.loseConnection()

@@ -227,12 +227,18 @@ async def test_agents_move_a_dataset_and_back(reactor, tmp_path):
         moving = control.reports[a][DS]
         assert moving.state == "moving"
         assert 0 < moving.transfer.bytes_done < moving.transfer.bytes_total
+        # B counts what it received of the same round (its Docker plugin quotes it).
+        await control.until(lambda: nodes[b][2].receiver.progress(DS) is not None and
+                            nodes[b][2].receiver.progress(DS).bytes_done > 0, reactor)
+        received = nodes[b][2].receiver.progress(DS)
+        assert received.bytes_done < received.bytes_total == moving.transfer.bytes_total
         nodes[a][0].gate.set()
         await control.until(lambda: "/m/" + DS in nodes[b][1].mounted and
                             not nodes[a][0].get_dataset(DS).complete, reactor)
         assert nodes[b][0].read_file(DS, "data") == b"x" * 100_000
         assert nodes[a][0].get_dataset(DS).snapshots == nodes[b][0].get_dataset(DS).snapshots
         [first] = nodes[a][2].service.finished
+        assert nodes[b][2].receiver.progress(DS) is None       # the move ended
         nodes[b][0].write_file(DS, "more", b"y" * 100)
 
         control.primary = a
