@@ -17,6 +17,7 @@ import attr
 import yaml
 from jsonschema import Draft202012Validator
 
+from pyflock.agent._plugin_model import MOUNT_TIMEOUT
 from pyflock.common._jsonread import is_host
 from pyflock.common._sizes import parse_size
 
@@ -26,6 +27,8 @@ DEFAULT_SOCKET = "/run/docker/plugins/pyflock.sock"
 DEFAULT_DOCKER_SOCKET = "/run/docker.sock"
 DEFAULT_LOOPBACK_ROOT = "/var/lib/pyflock/loopback"
 DEFAULT_SIZE = 10 * 1024 ** 3
+#: The longest ``plugin.mount-timeout``: a Mount must answer before dockerd gives up (120 s).
+MOUNT_TIMEOUT_LIMIT = 110
 
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 _PATH = {"type": "string", "minLength": 1, "pattern": "^/"}
@@ -88,7 +91,10 @@ SCHEMA = {
                           "additionalProperties": False}},
             ]},
         "plugin": {"type": "object", "additionalProperties": False,
-                   "properties": {"socket": _PATH, "docker": _PATH}},
+                   "properties": {"socket": _PATH, "docker": _PATH,
+                                  # Seconds a Mount may take: under dockerd's 120 s.
+                                  "mount-timeout": {"type": "number", "exclusiveMinimum": 0,
+                                                    "maximum": MOUNT_TIMEOUT_LIMIT}}},
     },
 }
 _VALIDATOR = Draft202012Validator(SCHEMA)
@@ -120,6 +126,8 @@ class AgentConfig:
     default_size: int = DEFAULT_SIZE
     plugin_socket: str = DEFAULT_SOCKET
     docker_socket: str = DEFAULT_DOCKER_SOCKET
+    #: Seconds a Docker Mount may take before it answers with why it is not ready.
+    mount_timeout: float = MOUNT_TIMEOUT
 
     @property
     def control_hostname(self) -> str:
@@ -192,7 +200,8 @@ def parse_config(document) -> AgentConfig:
         peer_bandwidth=_peer_bandwidth(node), peer_transfers=node.get("peer-transfers", 2),
         backend=backend, backend_options=dataset, default_size=default_size,
         plugin_socket=document.get("plugin", {}).get("socket", DEFAULT_SOCKET),
-        docker_socket=document.get("plugin", {}).get("docker", DEFAULT_DOCKER_SOCKET))
+        docker_socket=document.get("plugin", {}).get("docker", DEFAULT_DOCKER_SOCKET),
+        mount_timeout=document.get("plugin", {}).get("mount-timeout", MOUNT_TIMEOUT))
 
 
 def _peer_bandwidth(node: dict) -> Optional[int]:

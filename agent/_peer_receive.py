@@ -23,6 +23,7 @@ from pyflock.agent._peer_move import MovePolicy, MoveState, receive_refusal
 from pyflock.agent._peer_protocol import Decoder, MAX_FRAME, ProtocolError, parse_answer
 from pyflock.agent._peer_rounds import TransferRefused, prepare_receive, receive_move
 from pyflock.agent._peer_service import DEFAULT_IDLE_TIMEOUT, ConnectionBroken, Slots
+from pyflock.common._records import Transfer
 from pyflock.common._threads import RunBlocking
 from pyflock.common._tls import ClusterTLS, Identity
 
@@ -122,10 +123,13 @@ class _ReceivingRound(Protocol, TimeoutMixin):
 
     def __init__(self, request, reactor, idle_timeout: float):
         self._request = request
+        self.dataset_id = request.dataset_id
         self._idle_timeout = idle_timeout
         self.callLater = reactor.callLater
         self._decoder = Decoder()
         self.answered: Deferred = Deferred()
+        #: The sender's answer once it came (its ``estimate`` is the round's size).
+        self.answer = None
         self.reader = _StreamReader(reactor, self._pause, self._resume)
 
     def _pause(self) -> None:
@@ -157,7 +161,8 @@ class _ReceivingRound(Protocol, TimeoutMixin):
         for item in items:
             if not self.answered.called:
                 try:
-                    self.answered.callback(parse_answer(item))
+                    self.answer = parse_answer(item)
+                    self.answered.callback(self.answer)
                 except ProtocolError as e:
                     self._broken(e)
                     return
@@ -180,6 +185,13 @@ class _ReceivingRound(Protocol, TimeoutMixin):
         self.reader.end(broken)         # nothing if it ended (or broke) already
         if not self.answered.called:
             self.answered.errback(broken)
+
+
+def _with_round(before: Transfer, connection: _ReceivingRound) -> Transfer:
+    """``before`` with the round on ``connection``: its estimate, and the bytes in."""
+    answer = connection.answer
+    return before.expecting(None if answer is None else answer.estimate) \
+        .sent(connection.reader.count)
 
 
 class PeerReceiver:
@@ -206,6 +218,8 @@ class PeerReceiver:
         #: Open rounds, and the moves under way (``stop`` ends them).
         self._rounds: set = set()
         self._moves: set = set()
+        #: The rounds of each move under way that ended, counted (``progress``).
+        self._received: dict = {}
 
     def receive(self, dataset_id: str, from_node: str) -> Deferred:
         """
@@ -223,9 +237,22 @@ class PeerReceiver:
 
         def end(result):
             self._moves.discard(ended)
+            self._received.pop(dataset_id, None)
             ended.callback(None)
             return result
         return d.addBoth(end)
+
+    def progress(self, dataset_id: str) -> Optional[Transfer]:
+        """
+        The move of ``dataset_id`` into this node, as a ``Transfer`` counted like the
+        sender's: the bytes received in its rounds so far, and the total the sender's
+        estimates give (None: no move under way).
+        """
+        before = self._received.get(dataset_id)
+        for connection in list(self._rounds):
+            if connection.dataset_id == dataset_id:
+                return _with_round(before or Transfer(), connection)
+        return before
 
     def stop(self) -> Deferred:
         """
@@ -278,6 +305,8 @@ class PeerReceiver:
 
     def _close(self, connection: _ReceivingRound) -> None:
         self._rounds.discard(connection)
+        self._received[connection.dataset_id] = _with_round(
+            self._received.get(connection.dataset_id, Transfer()), connection)
         self._slots.give_back()
         if connection.transport is not None:
             connection.transport.loseConnection()

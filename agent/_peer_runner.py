@@ -14,7 +14,8 @@ from typing import Callable, Optional
 
 import attr
 from pyrsistent import pmap
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 
 from pyflock.agent._backends._interface import UnknownVolume
@@ -30,7 +31,7 @@ from pyflock.agent._peer_receive import PeerReceiver
 from pyflock.agent._peer_service import (
     PeerTransferService, Slots, TransferSettings, move_view,
 )
-from pyflock.agent._runner import Runner
+from pyflock.agent._runner import Runner, log_failure
 from pyflock.agent._convergence import view_desire
 from pyflock.common._logging import log_event
 from pyflock.common._threads import RunBlocking, in_reactor_pool
@@ -38,6 +39,9 @@ from pyflock.common._tls import PEER_TRANSFER, ClusterTLS
 
 #: The peer port when a node's record has none.
 DEFAULT_PEER_PORT = 4525
+
+#: Seconds between two reports of a sending node's progress while a transfer runs.
+PROGRESS_INTERVAL = 0.5
 
 
 def classify_copies(node_uuid: str, mount_root: str, copies, mounted: frozenset,
@@ -80,6 +84,52 @@ def with_transfers(reports, progress: dict):
                               if dataset_id in progress and report.state == "moving"
                               else report)
                  for dataset_id, report in reports.items()})
+
+
+class ProgressReports:
+    """
+    A peer-to-peer node's ``report_state`` with its sends' progress at a steady rate:
+    every ``interval`` seconds while ``progress`` (the sender's, by dataset id) holds a
+    transfer, the loop's last reports are reported again with the fresh progress if it
+    changed, so that ``transfer`` in ``/v1/state/datasets`` moves on while the loop waits
+    (it iterates only on a view change, a move's end or its timer).
+    """
+
+    def __init__(self, clock, report_state: Callable, progress: dict,
+                 interval: float = PROGRESS_INTERVAL, logger: Optional[Logger] = None):
+        self._report_state = report_state
+        self._progress = progress
+        self._log = logger if logger is not None else Logger()
+        self._last = None
+        self._sent = None
+        self._ticker = LoopingCall(self.tick)
+        self._ticker.clock = clock
+        self._interval = interval
+        self._stopped = False
+
+    def report(self, reports):
+        """The loop's ``report_state``: report ``reports``; the ticks start with the first."""
+        self._last = self._sent = reports
+        if not self._ticker.running and not self._stopped:
+            self._ticker.start(self._interval, now=False)
+        return self._report_state(reports)
+
+    def tick(self) -> None:
+        """Report the last reports again with the current progress, if it changed."""
+        if self._last is None or not self._progress:
+            return
+        fresh = with_transfers(self._last, self._progress)
+        if fresh == self._sent:
+            return
+        self._sent = fresh
+        maybeDeferred(self._report_state, fresh).addErrback(
+            lambda failure: log_failure(self._log, "pyflock:agent:report-failed", failure))
+
+    def stop(self) -> None:
+        """No more ticks (the loop stops)."""
+        self._stopped = True
+        if self._ticker.running:
+            self._ticker.stop()
 
 
 class PeerTransfers:
@@ -217,11 +267,13 @@ def peer_convergence_loop(reactor, backend: IPeerBackend, filesystems, mount_roo
                           logger: Optional[Logger] = None,
                           run_blocking: Optional[RunBlocking] = None,
                           on_mounted: Optional[Callable[[str, str], None]] = None,
+                          progress_interval: float = PROGRESS_INTERVAL,
                           **options) -> ConvergenceLoop:
     """
     The convergence loop of an agent on a peer-to-peer backend: ``discover_copies``,
     ``calculate_peer_changes``, a ``PeerRunner`` (moves in the background; ``on_mounted``
-    hears of each mount), and reports with each sent dataset's progress. ``options`` go
+    hears of each mount), and reports with each sent dataset's progress, again every
+    ``progress_interval`` seconds while one is sent (``ProgressReports``). ``options`` go
     to ``ConvergenceLoop``.
     """
     mount_root = os.path.realpath(mount_root)
@@ -236,11 +288,13 @@ def peer_convergence_loop(reactor, backend: IPeerBackend, filesystems, mount_roo
         return with_transfers(peer_dataset_states(desired, discovered),
                               transfers.service.progress)
 
+    reports = ProgressReports(reactor, report_state, transfers.service.progress,
+                              progress_interval, logger=logger)
     loop = ConvergenceLoop(reactor, discover, calculate_peer_changes, runner.run,
-                           report_state, desire=view_desire(backend.node_uuid),
+                           reports.report, desire=view_desire(backend.node_uuid),
                            describe=describe, logger=logger, node_uuid=backend.node_uuid,
                            background=lambda leaf: isinstance(leaf, ReceiveDataset),
-                           **options)
+                           on_stop=reports.stop, **options)
     # A move sent to its end froze the copy outside the loop: look again now, so that
     # the copy is unmounted as soon as the new node reports it has the dataset.
     transfers.service.on_sent = lambda dataset_id: loop.wake()
@@ -248,6 +302,7 @@ def peer_convergence_loop(reactor, backend: IPeerBackend, filesystems, mount_roo
 
 
 __all__ = [
-    "DEFAULT_PEER_PORT", "PeerRunner", "PeerTransfers", "classify_copies",
+    "DEFAULT_PEER_PORT", "PROGRESS_INTERVAL", "PeerRunner", "PeerTransfers",
+    "ProgressReports", "classify_copies",
     "discover_copies", "peer_convergence_loop", "with_transfers",
 ]

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
 from pyflock.agent._plugin_model import MOUNTED, ClusterView, LocalState
+from pyflock.common._records import Transfer
 
 
 class LocalStates:
@@ -102,6 +103,9 @@ class IPluginBackend(Interface):
     def wait_mounted(dataset_id) -> Deferred:
         """Fires with the mount path once the dataset is mounted here; cancellable."""
 
+    def transfer(dataset_id) -> Optional[Transfer]:
+        """The move of the dataset into this node under way (a ``Transfer``), if any."""
+
     def is_mountpoint(path) -> Deferred:
         """Fires with whether a filesystem is really mounted at ``path``."""
 
@@ -112,7 +116,9 @@ class PluginBackend:
     """
     The plugin's backend from its parts: ``view`` returns the current ``ClusterView``;
     ``states`` is fed by the convergence loop (``states.report_state``); ``is_mountpoint``
-    checks a path (``is_mountpoint_in`` in the agent).
+    checks a path (``is_mountpoint_in`` in the agent); ``transfers(dataset_id)`` gives
+    the move into this node under way (``PeerReceiver.progress``; none off a
+    peer-to-peer backend).
     """
 
     node_uuid: str
@@ -120,6 +126,7 @@ class PluginBackend:
     view_of: Callable[[], ClusterView]
     states: LocalStates
     mountpoint_check: Callable[[str], Deferred]
+    transfers: Callable[[str], Optional[Transfer]] = lambda dataset_id: None
 
     def view(self) -> ClusterView:
         """The agent's current view of the cluster."""
@@ -136,6 +143,10 @@ class PluginBackend:
     def is_mountpoint(self, path: str) -> Deferred:
         """Whether a filesystem is mounted at ``path``."""
         return maybeDeferred(self.mountpoint_check, path)
+
+    def transfer(self, dataset_id: str) -> Optional[Transfer]:
+        """The move of ``dataset_id`` into this node under way, if any."""
+        return self.transfers(dataset_id)
 
 
 def agent_view_source(current: Callable[[], Any]) -> Callable[[], ClusterView]:

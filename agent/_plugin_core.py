@@ -72,10 +72,11 @@ from pyflock.agent._mounts import MountTable
 from pyflock.agent._plugin_model import (
     LEASE_DURATION, LEASE_RETRY_MARGIN, MOUNT_TIMEOUT, MOUNTED, OVERLAY_TTL, RELEASE_GRACE,
     ClusterView, LocalState, PluginError, check_volume_name,
-    deleted_while_mounting, in_use_elsewhere, parse_create_options, unreachable,
+    deleted_while_mounting, in_use_elsewhere, parse_create_options, still_moving,
+    unreachable,
 )
 from pyflock.common._client import ControlError, ControlUnreachable
-from pyflock.common._records import Dataset, DatasetEntry
+from pyflock.common._records import Dataset, DatasetEntry, Transfer
 from pyflock.common._sizes import format_size
 
 
@@ -179,10 +180,12 @@ class ViewPushed:
 @attr.s(frozen=True, auto_attribs=True)
 class Timer:
     """The time ``at`` that the attempt asked for (``SetTimer``, ``WaitView``) came;
-    ``local_state`` is the dataset's state on this node then, for the timeout's message."""
+    ``local_state`` is the dataset's state on this node then, and ``transfer`` the move
+    into this node under way then (None: none), for the timeout's message."""
 
     at: float
     local_state: Optional[str] = None
+    transfer: Optional[Transfer] = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -409,7 +412,7 @@ class MountAttempt:
             # A timer may fire a rounding error before its time: it is its time.
             now = max(world.now, event.at)
             if now >= self.deadline:
-                return self._fail(self._timed_out(event.local_state), world)
+                return self._fail(self._timed_out(event.local_state, event.transfer), world)
             if self.state is State.WAITING_VIEW and now >= self.lease_until:
                 return self._take_lease()
             return []
@@ -560,7 +563,10 @@ class MountAttempt:
     def _elsewhere(self, holder: Optional[str], world: World) -> PluginError:
         return in_use_elsewhere(world.view, self.name, holder, self.core.lease_duration)
 
-    def _timed_out(self, local_state: Optional[str]) -> PluginError:
+    def _timed_out(self, local_state: Optional[str],
+                   transfer: Optional[Transfer] = None) -> PluginError:
+        if transfer is not None:
+            return still_moving(self.name, self.core.mount_timeout, transfer)
         where = local_state or "not started"
         return PluginError(
             f"volume {self.name} was not ready on this node within "

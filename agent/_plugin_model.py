@@ -16,7 +16,7 @@ from pyrsistent import PMap, pmap
 
 from pyflock.common._client import ControlUnreachable
 from pyflock.common._limits import MINIMUM_SIZE
-from pyflock.common._records import Dataset, DatasetEntry, Lease, Node
+from pyflock.common._records import Dataset, DatasetEntry, Lease, Node, Transfer
 from pyflock.common._sizes import parse_size
 
 #: Docker's rule for local volume names, which pyflock applies to the volumes it creates.
@@ -236,6 +236,24 @@ def unreachable(action: str, name: str, error: ControlUnreachable) -> PluginErro
     """The refusal of ``action`` when the control service cannot be reached."""
     return PluginError(f"cannot {action} volume {name}: {error.description}; retry once the "
                        f"control service is reachable from this node")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2 ** 20:.1f} MiB"
+
+
+def still_moving(name: str, seconds: float, transfer: Transfer) -> PluginError:
+    """A Mount that gives up in time while its volume is still being moved to this node
+    (a peer-to-peer move): the move goes on, and a later Mount finds the volume here."""
+    done = _mib(transfer.bytes_done)
+    if transfer.bytes_total:
+        share = min(100, transfer.bytes_done * 100 // transfer.bytes_total)
+        progress = f"{done} of {_mib(transfer.bytes_total)} received ({share}%)"
+    else:
+        progress = f"{done} received"
+    return PluginError(f"volume {name} is still moving to this node after {seconds:g} s: "
+                       f"{progress}; the move goes on: retry when done (`pyflock list` "
+                       f"shows it here once it is)")
 
 
 def no_answer(action: str, name: str, seconds: float) -> PluginError:

@@ -121,7 +121,8 @@ class MountRunner:
             attempt = self._core.attempt(key)
             dataset_id = None if attempt is None else attempt.dataset_id
             local = None if dataset_id is None else self._backend.local_state(dataset_id)
-            self._feed(key, Timer(at, None if local is None else local.state))
+            transfer = None if dataset_id is None else self._backend.transfer(dataset_id)
+            self._feed(key, Timer(at, None if local is None else local.state, transfer))
         # Fired timers go: a Mount keeps only the ones still to come.
         calls = [c for c in self._timers.get(key, []) if c.active()]
         calls.append(self._reactor.callLater(max(0.0, at - self._reactor.seconds()), fire))

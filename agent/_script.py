@@ -282,14 +282,16 @@ async def run(reactor, config: AgentConfig) -> None:
     # plugin pool (plugin_io above), never behind the backend's or bulk pool's work.
     plugin_backend = PluginBackend(node_uuid, client,
                                    agent_view_source(lambda: channel.view), states,
-                                   is_mountpoint_in(plugin_io))
+                                   is_mountpoint_in(plugin_io),
+                                   **({} if transfers is None
+                                      else {"transfers": transfers.receiver.progress}))
     mounts = MountCounts.load(os.path.join(config.state_path, "plugin-mounts.json"),
                               plugin_io)
 
     def docker_mounts() -> Deferred:
         return Deferred.fromCoroutine(running_volume_mounts(reactor, config.docker_socket))
     plugin = DockerPlugin(plugin_backend, mounts, reactor, docker_mounts=docker_mounts,
-                          pending=pending)
+                          pending=pending, mount_timeout=config.mount_timeout)
     in_use = await running_volume_mounts(reactor, config.docker_socket)
     if in_use is not None:
         await plugin.reconcile(in_use)

@@ -460,8 +460,9 @@ def _diff(obj: dict) -> Diff:
                 nodes=unique(nodes, lambda n: n.uuid, "diff.nodes"))
 
 
-#: The keys of a dataset in a state report (every version).
-_REPORT_KEYS = frozenset({"dataset_id", "state", "path", "maximum_size"})
+#: The keys of a dataset in a state report (every version; ``transfer`` only while a
+#: peer-to-peer move sends it).
+_REPORT_KEYS = frozenset({"dataset_id", "state", "path", "maximum_size", "transfer"})
 
 
 def _report(value, where: str):

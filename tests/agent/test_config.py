@@ -137,3 +137,14 @@ def test_bad_peer_transfer_limits(node, message):
     """A bandwidth that is no size, or fewer than one transfer, is refused naming the key."""
     with pytest.raises(ConfigError, match=message):
         parse_config({**MINIMAL, "node": node})
+
+
+def test_plugin_mount_timeout():
+    """The Docker plugin's time budget for a Mount is 100 s unless ``plugin.mount-timeout``
+    says otherwise (tests cut it); more than 110 s, or none, is refused: dockerd gives up
+    at 120 s."""
+    assert parse_config(MINIMAL).mount_timeout == 100
+    assert parse_config({**MINIMAL, "plugin": {"mount-timeout": 2.5}}).mount_timeout == 2.5
+    for bad in (0, 111, "soon"):
+        with pytest.raises(ConfigError, match="plugin.mount-timeout"):
+            parse_config({**MINIMAL, "plugin": {"mount-timeout": bad}})

@@ -14,7 +14,7 @@ import threading
 import pytest
 import pytest_twisted
 from pyrsistent import pmap
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 
 from pyflock.agent._backends import MemoryPeerBackend
 from pyflock.agent._backends._peer import PeerDataset
@@ -22,7 +22,7 @@ from pyflock.agent._convergence import PeerState
 from pyflock.agent._discovery import Mount
 from pyflock.agent._peer_move import MovePolicy, MoveView
 from pyflock.agent._peer_runner import (
-    PeerTransfers, classify_copies, peer_convergence_loop, with_transfers,
+    PeerTransfers, ProgressReports, classify_copies, peer_convergence_loop, with_transfers,
 )
 from pyflock.agent._peer_service import TransferSettings
 from pyflock.agent._view import AgentView
@@ -53,6 +53,36 @@ def test_with_transfers():
     reports = pmap({"a": DatasetReport("a", "moving"), "b": DatasetReport("b", "mounted")})
     joined = with_transfers(reports, {"a": Transfer(5, 10), "b": Transfer(1, 2)})
     assert (joined["a"].transfer, joined["b"].transfer) == (Transfer(5, 10), None)
+
+
+def test_progress_reported_at_a_steady_rate():
+    """While a dataset is sent, its progress is reported again every interval when it
+    changed, though the loop reports nothing new; no transfer, no reports; none after
+    ``stop``."""
+    clock = Clock()
+    reported = []
+    progress: dict = {}
+    reports = ProgressReports(clock, reported.append, progress, interval=0.5)
+    moving = pmap({"a": DatasetReport("a", "moving"), "b": DatasetReport("b", "mounted")})
+    reports.report(moving)
+    clock.advance(0.5)
+    assert reported == [moving]                     # nothing sent yet
+    for done in (100, 250, 250, 400):
+        progress["a"] = Transfer(done, 1000)
+        clock.advance(0.5)
+    assert [r["a"].transfer for r in reported[1:]] == [
+        Transfer(100, 1000), Transfer(250, 1000), Transfer(400, 1000)]
+    assert all(r["b"] == moving["b"] for r in reported)
+    # The loop's own report (the move ended) is the base of the ticks from then on.
+    del progress["a"]
+    done = pmap({"a": DatasetReport("a", "mounted")})
+    reports.report(done)
+    clock.advance(5)
+    assert reported[-1] == done
+    progress["a"] = Transfer(1, 2)
+    reports.stop()
+    clock.advance(5)
+    assert (reported[-1], clock.getDelayedCalls()) == (done, [])
 
 
 class GatedBackend(MemoryPeerBackend):
@@ -197,12 +227,18 @@ async def test_agents_move_a_dataset_and_back(reactor, tmp_path):
         moving = control.reports[a][DS]
         assert moving.state == "moving"
         assert 0 < moving.transfer.bytes_done < moving.transfer.bytes_total
+        # B counts what it received of the same round (its Docker plugin quotes it).
+        await control.until(lambda: nodes[b][2].receiver.progress(DS) is not None and
+                            nodes[b][2].receiver.progress(DS).bytes_done > 0, reactor)
+        received = nodes[b][2].receiver.progress(DS)
+        assert received.bytes_done < received.bytes_total == moving.transfer.bytes_total
         nodes[a][0].gate.set()
         await control.until(lambda: "/m/" + DS in nodes[b][1].mounted and
                             not nodes[a][0].get_dataset(DS).complete, reactor)
         assert nodes[b][0].read_file(DS, "data") == b"x" * 100_000
         assert nodes[a][0].get_dataset(DS).snapshots == nodes[b][0].get_dataset(DS).snapshots
         [first] = nodes[a][2].service.finished
+        assert nodes[b][2].receiver.progress(DS) is None       # the move ended
         nodes[b][0].write_file(DS, "more", b"y" * 100)
 
         control.primary = a

@@ -31,6 +31,7 @@ from pyflock.agent._plugin import (
 from pyflock.common._threads import run_now
 from pyflock.common._client import ControlClient
 from pyflock.common._logging import events_of
+from pyflock.common._records import Transfer
 from pyflock.control.testing import NODE_A, NODE_B, APIHarness
 
 A = NODE_A.node_uuid
@@ -690,6 +691,28 @@ class MountTests(PluginTestCase):
         self.assertEqual((self.a.mounts.count("v1"), self.a.states.waiting()), (0, 0))
         [event] = events_of(self.events, "pyflock:plugin:mount-failed")
         self.assertEqual((event["name"], event["dataset_id"]), ("v1", dataset_id))
+
+    def test_timeout_while_received_here(self):
+        """A Mount whose volume is still being received here when its budget ends (a
+        peer-to-peer move) says how far the move got, from the agent's receiver, and
+        "retry when done"; it releases its lease, and the move goes on."""
+        dataset_id = self.create_on_b("v1")
+        self.a.convergence.blocked.add(dataset_id)
+        asked = []
+
+        def received(about):
+            asked.append(about)
+            return Transfer(3 * 2 ** 20, 12 * 2 ** 20)
+        self.a.backend.transfers = received
+        d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        self.clock.advance(100)
+        self.assertEqual(self.a.finish(d)["Err"],
+                         "pyflock: volume v1 is still moving to this node after 100 s: "
+                         "3.0 MiB of 12.0 MiB received (25%); the move goes on: retry when "
+                         "done (`pyflock list` shows it here once it is)")
+        self.assertEqual(asked, [dataset_id])
+        self.assertIsNone(self.lease_holder("v1"))
+        self.assertEqual(self.dataset("v1").primary, A)
 
     def test_timeout_keeps_other_mounts_lease(self):
         """A Mount that times out does not release a lease other mounts here still need."""

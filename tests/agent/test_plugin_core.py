@@ -20,7 +20,7 @@ from pyflock.agent._plugin_model import (
     LEASE_RETRY_MARGIN, ClusterView, LocalState, PluginError,
 )
 from pyflock.common._client import ControlUnreachable, InvalidRequest
-from pyflock.common._records import Dataset, DatasetEntry, Lease
+from pyflock.common._records import Dataset, DatasetEntry, Lease, Transfer
 
 NODE = "0b41c2b0-5fd6-4e2c-9a8f-42a5b0f3c1d2"
 OTHER = "7c5e1f00-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
@@ -455,6 +455,23 @@ def test_timeout_not_started():
     core = in_state(State.WAITING_MOUNTED)
     actions = core.handle("m", Timer(TIMEOUT, None), world(now=TIMEOUT + 1))
     assert "(state here: not started)" in str(actions[-1].error)
+
+
+@pytest.mark.parametrize("transfer, progress", [
+    (Transfer(3 * 2 ** 20, 12 * 2 ** 20), "3.0 MiB of 12.0 MiB received (25%)"),
+    (Transfer(5 * 2 ** 19, None), "2.5 MiB received"),
+], ids=["estimated", "no estimate"])
+def test_timeout_while_moving_here(transfer, progress):
+    """A Mount whose budget ends while its volume is still moving to this node (a
+    peer-to-peer move) fails then with the bytes received and "retry when done", and
+    gives its lease back like any timeout; the move itself is not touched."""
+    core = in_state(State.WAITING_MOUNTED)
+    actions = core.handle("m", Timer(TIMEOUT, "receiving", transfer),
+                          world(now=TIMEOUT))
+    assert plain(actions) == refused(ID, PluginError)
+    assert str(actions[-1].error) == (
+        f"volume v1 is still moving to this node after 100 s: {progress}; the move goes "
+        f"on: retry when done (`pyflock list` shows it here once it is)")
 
 
 @pytest.mark.parametrize("state", LIVE, ids=lambda s: s.value)

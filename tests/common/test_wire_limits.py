@@ -177,6 +177,17 @@ def test_unknown_keys_of_a_reported_dataset_refused():
         raise AssertionError("accepted")
 
 
+def test_reported_transfer_accepted():
+    """A dataset a node sends to another (a peer-to-peer move) is reported with its
+    ``transfer``, which the control service decodes (it once refused it as unknown, and
+    dropped the agent's channel at every progress report)."""
+    report = {"type": "state", "node_uuid": A, "view": None, "datasets": [{
+        "dataset_id": dataset_id(1), "state": "moving", "path": None,
+        "maximum_size": None, "transfer": {"bytes_done": 5, "bytes_total": 9}}]}
+    [decoded] = decode(json.dumps(report).encode(), 3).datasets
+    assert (decoded.transfer.bytes_done, decoded.transfer.bytes_total) == (5, 9)
+
+
 def test_metadata_byte_limits():
     """Flocker's limits hold; on top, 8 KiB of UTF-8 per dataset at most."""
     assert metadata_problem({"k" * 256: "\U0001f600" * 256}) is None  # 1,280 bytes

@@ -73,7 +73,8 @@ def agent_document(*, control_hostname: str, control_port: int, control_api_port
                    docker_socket: Optional[PathLike] = None,
                    pool_path: Optional[PathLike] = None,
                    pool_size: Union[str, int, None] = None,
-                   peer_bandwidth: Union[str, int, None] = None) -> dict:
+                   peer_bandwidth: Union[str, int, None] = None,
+                   mount_timeout: Optional[float] = None) -> dict:
     """An ``agent.yml`` document (a dict to dump as YAML) from typed parameters
     (``pool_path`` and ``pool_size`` for the btrfs backend)."""
     document: dict = {
@@ -108,6 +109,8 @@ def agent_document(*, control_hostname: str, control_port: int, control_api_port
         plugin["socket"] = str(plugin_socket)
     if docker_socket is not None:
         plugin["docker"] = str(docker_socket)
+    if mount_timeout is not None:
+        plugin["mount-timeout"] = mount_timeout
     if plugin:
         document["plugin"] = plugin
     return document

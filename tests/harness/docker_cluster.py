@@ -84,9 +84,16 @@ class PyflockDockerCluster:
     names = ("n1", "n2")
 
     def __init__(self, workdir: Path, storage_driver: str = DEFAULT_STORAGE_DRIVER,
-                 default_size: str = DEFAULT_SIZE):
+                 default_size: str = DEFAULT_SIZE, *,
+                 btrfs_pool_size: Optional[str] = None,
+                 agent_options: Optional[dict] = None):
         self.workdir = workdir
         self.storage_driver, self.default_size = storage_driver, default_size
+        #: With a pool size, each agent runs the btrfs backend on a pool file of its own
+        #: (``loop/<node>-pool.img``); ``agent_options`` are more ``agent_document``
+        #: parameters for every agent.
+        self.btrfs_pool_size = btrfs_pool_size
+        self.agent_options = dict(agent_options or {})
         self.loopback_root = workdir / "loop"
         self.logs = workdir / "logs"
         self.certificates: Optional[ClusterCertificates] = None
@@ -119,13 +126,20 @@ class PyflockDockerCluster:
     def _agent_commands(self, node: DockerNode) -> list[NodeCommand]:
         node_uuid = self.node_uuid(node)
         node.directory.mkdir(parents=True, exist_ok=True)
-        config = write_agent_config(node.directory / "agent.yml", agent_document(
+        parameters = dict(
             control_hostname=self.control.host, control_port=self.control.agent_port,
             control_api_port=self.control.port,
             certificates=self.certificates.node_directory(node_uuid),
             data_path=node.directory / "pyflock", address=node.address,
             peer_port=free_port(node.address), root_path=self.loopback_root,
-            default_size=self.default_size, docker_socket=node.socket))
+            default_size=self.default_size, docker_socket=node.socket)
+        if self.btrfs_pool_size is not None:
+            # In the loopback root, whose loop devices ``close`` detaches.
+            parameters.update(backend="btrfs", root_path=None,
+                              pool_path=self.loopback_root / f"{node.name}-pool.img",
+                              pool_size=self.btrfs_pool_size)
+        parameters.update(self.agent_options)
+        config = write_agent_config(node.directory / "agent.yml", agent_document(**parameters))
         return [NodeCommand(AGENT, [script_path("pyflock-agent"), "run", "--config", config],
                             ready_path=DEFAULT_SOCKET)]
 
