@@ -5,7 +5,9 @@ point 8), side by side with a raw copy of the same data, in one run:
 - *move*: a whole 1 GiB dataset (random data, on disk) moved from node A to node B by
   pyflock's transfer path: each node a real ``BtrfsBackend`` over a loop-file pool of its
   own and its real ``PeerTransfers`` service (sending and receiving side) on 127.0.0.71 and
-  127.0.0.72 with mutual TLS and the nodes' certificates, both in this process; a move
+  127.0.0.72 with mutual TLS and the nodes' certificates, node A in this process and
+  node B in a process of its own (``_receiver_main``), as real agents are: in one
+  process both ends' TLS would share one reactor thread and one GIL; a move
   is every round (bulk copy, then the phase-1 round that finds nothing left, then the
   frozen final round) and the completion of B's copy. Each run alternates with
   *raw*: ``btrfs send`` of a read-only snapshot of the same data writing straight into a
@@ -518,7 +520,8 @@ def _section(moves: list, downtimes: dict, filesystem: str, load_before, load_af
     markdown = "\n".join([
         "## btrfs: moving a dataset between nodes",
         "",
-        "Two nodes in one process (`bench/peer_move.py`), each a real `BtrfsBackend` over a "
+        "Two nodes (`bench/peer_move.py`; for the move against raw, node B in a process "
+        "of its own, as agents are), each a real `BtrfsBackend` over a "
         f"loop-file pool of its own ({POOL_SIZE // GiB} GiB sparse files on {filesystem}) "
         "and its real peer transfer service (`PeerTransfers`) on 127.0.0.71 and "
         "127.0.0.72, mutual TLS with node certificates. A *move* of a 1 GiB dataset of "
