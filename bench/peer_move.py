@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import sys
 import shutil
 import socket
@@ -348,8 +349,12 @@ async def _move_against_raw(cluster: _Cluster, log) -> list:
             await deferToThread(subprocess.run, ["sync"], check=True)
             cluster.view.datasets[dataset_id] = _Entry(primary=cluster.uuids[1], holders=(a,))
             cluster.backends[a].estimates = ()
+            before = _cpu()
             moved = await deferToThread(remote.call, op="receive", dataset_id=dataset_id)
+            after = _cpu()
             moved["bytes_estimated"] = sum(cluster.backends[a].estimates)
+            moved["sender_cpu"], moved["sender_children_cpu"] = (
+                after[0] - before[0], after[1] - before[1])
             await deferToThread(remote.call, op="destroy", dataset_id=dataset_id)
             await deferToThread(cluster.backends[a].thaw_dataset, dataset_id)
             await deferToThread(cluster.backends[a].prune_snapshots, dataset_id, [])
@@ -363,6 +368,13 @@ async def _move_against_raw(cluster: _Cluster, log) -> list:
         if problems:
             log(f"peer_move: node B not released: {problems}")
     return runs
+
+
+def _cpu() -> tuple:
+    """CPU seconds (user and system) of this process, and of its waited-for children."""
+    own, children = (resource.getrusage(who) for who in
+                     (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 class _RemoteReceiver:
@@ -427,10 +439,13 @@ async def _receiver_main(reactor, config_json: str) -> None:
             if command["op"] == "receive":
                 dataset_id = command["dataset_id"]
                 view.datasets[dataset_id] = _Entry(primary=b, holders=(a,))
-                began = time.perf_counter()
+                began, before = time.perf_counter(), _cpu()
                 state = await transfers.receiver.receive(dataset_id, a)
+                after = _cpu()
                 answer = {"seconds": time.perf_counter() - began,
-                          "rounds": state.rounds + 1, "bytes": state.bytes_received}
+                          "rounds": state.rounds + 1, "bytes": state.bytes_received,
+                          "receiver_cpu": after[0] - before[0],
+                          "receiver_children_cpu": after[1] - before[1]}
             elif command["op"] == "destroy":
                 await deferToThread(backend.destroy_dataset, command["dataset_id"])
                 answer = {}
@@ -542,6 +557,12 @@ def _section(moves: list, downtimes: dict, filesystem: str, load_before, load_af
         f"| raw `btrfs send \\| btrfs receive` over TCP | {raw.describe(seconds)} | "
         f"{rate(raw.median)} |",
         f"| ratio, per pair | {ratio.describe(lambda v: f'{v:.2f}x')} | |",
+        "",
+        "CPU seconds of a move (median of the runs): sending agent "
+        f"{Repeats.of(moves, 'sender_cpu').median:.2f} s and its `btrfs` processes "
+        f"{Repeats.of(moves, 'sender_children_cpu').median:.2f} s; receiving agent "
+        f"{Repeats.of(moves, 'receiver_cpu').median:.2f} s and its `btrfs` processes "
+        f"{Repeats.of(moves, 'receiver_children_cpu').median:.2f} s.",
         "",
         f"The estimate of a move's rounds (`bytes_total`, from `btrfs send --no-data`): "
         f"{estimate['bytes_estimated']:,} bytes, of {estimate['bytes']:,} received: the "
