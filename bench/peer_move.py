@@ -280,11 +280,11 @@ class _Cluster:
         self.backends[source].thaw_dataset(dataset_id)
         self.backends[source].prune_snapshots(dataset_id, [])
 
-    def raw_copy(self, dataset_id: str, run: int, into_root: str) -> float:
+    def raw_copy(self, dataset_id: str, run: int, into_root: str) -> tuple:
         """
         The seconds of ``btrfs send`` of a read-only snapshot of the dataset on A into
-        a TCP connection feeding ``btrfs receive`` on B's pool (root ``into_root``)
-        (blocking); both cleaned up after.
+        a TCP connection feeding ``btrfs receive`` on B's pool (root ``into_root``), and
+        of the writeback after (``_raw_send_receive``) (blocking); both cleaned up after.
         """
         a = self.backends[self.uuids[0]]
         snapshot_folder = os.path.join(a.root, "staging", f"raw-{run}")
@@ -307,8 +307,9 @@ class _Cluster:
             shutil.rmtree(received)
 
 
-def _raw_send_receive(snapshot: str, into: str) -> float:
-    """``btrfs send snapshot`` through TCP on ``HOSTS[1]`` into ``btrfs receive into``."""
+def _raw_send_receive(snapshot: str, into: str) -> tuple:
+    """``btrfs send snapshot`` through TCP on ``HOSTS[1]`` into ``btrfs receive into``:
+    its seconds, and those of the writeback after (``sync -f``) that it leaves out."""
     listener = socket.socket()
     listener.bind((HOSTS[1], 0))
     listener.listen(1)
@@ -330,7 +331,9 @@ def _raw_send_receive(snapshot: str, into: str) -> float:
         if sender.wait() != 0 or receiver.wait() != 0:
             raise RuntimeError(f"raw btrfs send | receive failed: send {sender.returncode}, "
                                f"receive {receiver.returncode}")
-        return time.perf_counter() - began
+        received = time.perf_counter()
+        subprocess.run(["sync", "-f", into], check=True)
+        return received - began, time.perf_counter() - received
     finally:
         listener.close()
         client.close()
@@ -358,10 +361,14 @@ async def _move_against_raw(cluster: _Cluster, log) -> list:
             await deferToThread(remote.call, op="destroy", dataset_id=dataset_id)
             await deferToThread(cluster.backends[a].thaw_dataset, dataset_id)
             await deferToThread(cluster.backends[a].prune_snapshots, dataset_id, [])
-            raw = await deferToThread(cluster.raw_copy, dataset_id, run, remote.root)
-            runs.append({**moved, "raw_seconds": raw, "ratio": moved["seconds"] / raw})
-            log(f"move 1 GiB: run {run + 1} of {RUNS}: pyflock {moved['seconds']:.2f} s, "
-                f"raw {raw:.2f} s")
+            raw, writeback = await deferToThread(cluster.raw_copy, dataset_id, run,
+                                                 remote.root)
+            runs.append({**moved, "raw_seconds": raw, "raw_writeback_seconds": writeback,
+                         "bulk_round_seconds": moved["round_seconds"][0],
+                         "ratio": moved["seconds"] / raw})
+            log(f"move 1 GiB: run {run + 1} of {RUNS}: pyflock {moved['seconds']:.2f} s "
+                f"(rounds {', '.join(f'{r:.2f}' for r in moved['round_seconds'])} s), "
+                f"raw {raw:.2f} s, then its writeback {writeback:.2f} s")
         await deferToThread(cluster.backends[a].destroy_dataset, dataset_id)
     finally:
         problems = await deferToThread(remote.stop)
@@ -430,6 +437,21 @@ async def _receiver_main(reactor, config_json: str) -> None:
     transfers = PeerTransfers(reactor, backend,
                               ClusterTLS.load(config["certificates"], "node"),
                               current_view=lambda: view)
+    _orig = transfers.receiver._round
+    def _timed(from_node, request, _orig=_orig):
+        t = time.perf_counter(); n = _orig(from_node, request)
+        print(f"ROUND phase {request.phase} {n} bytes {time.perf_counter() - t:.2f}s", file=sys.stderr, flush=True)
+        return n
+    transfers.receiver._round = _timed
+    rounds: list = []
+    one_round = transfers.receiver._round
+
+    def timed_round(from_node, request):
+        began = time.perf_counter()
+        nbytes = one_round(from_node, request)
+        rounds.append(time.perf_counter() - began)
+        return nbytes
+    transfers.receiver._round = timed_round
     port = await transfers.listen(config["host"], 0)
     view.nodes[b] = _Node(config["host"], port.getHost().port)
     print(json.dumps({"port": port.getHost().port, "root": backend.root}), flush=True)
@@ -440,10 +462,12 @@ async def _receiver_main(reactor, config_json: str) -> None:
                 dataset_id = command["dataset_id"]
                 view.datasets[dataset_id] = _Entry(primary=b, holders=(a,))
                 began, before = time.perf_counter(), _cpu()
+                rounds.clear()
                 state = await transfers.receiver.receive(dataset_id, a)
                 after = _cpu()
                 answer = {"seconds": time.perf_counter() - began,
                           "rounds": state.rounds + 1, "bytes": state.bytes_received,
+                          "round_seconds": list(rounds),
                           "receiver_cpu": after[0] - before[0],
                           "receiver_children_cpu": after[1] - before[1]}
             elif command["op"] == "destroy":
@@ -557,6 +581,16 @@ def _section(moves: list, downtimes: dict, filesystem: str, load_before, load_af
         f"| raw `btrfs send \\| btrfs receive` over TCP | {raw.describe(seconds)} | "
         f"{rate(raw.median)} |",
         f"| ratio, per pair | {ratio.describe(lambda v: f'{v:.2f}x')} | |",
+        f"| pyflock's bulk round alone (the stream of 1 GiB) | "
+        f"{Repeats.of(moves, 'bulk_round_seconds').describe(seconds)} | "
+        f"{rate(Repeats.of(moves, 'bulk_round_seconds').median)} |",
+        f"| raw's writeback after it ends (`sync -f`), not in its time | "
+        f"{Repeats.of(moves, 'raw_writeback_seconds').describe(seconds)} | |",
+        "",
+        "A move's next round (phase 1, finding nothing changed) waits for the received "
+        "gigabyte to reach the disk: `btrfs receive` of an incremental stream snapshots "
+        "its parent, which flushes it. The raw copy ends with that data still in the page "
+        "cache.",
         "",
         "CPU seconds of a move (median of the runs): sending agent "
         f"{Repeats.of(moves, 'sender_cpu').median:.2f} s and its `btrfs` processes "
