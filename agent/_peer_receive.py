@@ -22,7 +22,9 @@ from pyflock.agent._backends._peer import IPeerBackend
 from pyflock.agent._peer_move import MovePolicy, MoveState, receive_refusal
 from pyflock.agent._peer_protocol import Decoder, MAX_FRAME, ProtocolError, parse_answer
 from pyflock.agent._peer_rounds import TransferRefused, prepare_receive, receive_move
-from pyflock.agent._peer_service import DEFAULT_IDLE_TIMEOUT, ConnectionBroken, Slots
+from pyflock.agent._peer_service import (
+    DEFAULT_IDLE_TIMEOUT, ConnectionBroken, Slots, widen_buffers,
+)
 from pyflock.common._records import Transfer
 from pyflock.common._threads import RunBlocking
 from pyflock.common._tls import ClusterTLS, Identity
@@ -144,6 +146,7 @@ class _ReceivingRound(Protocol, TimeoutMixin):
             self.transport.resumeProducing()
 
     def connectionMade(self) -> None:
+        widen_buffers(self.transport)
         self.setTimeout(self._idle_timeout)
         self.transport.write(self._request.to_line())
 

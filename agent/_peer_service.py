@@ -4,21 +4,22 @@ The peer transfer service's sending side, the Twisted shell of ``_peer_protocol`
 admitting node certificates of this cluster only: ``PEER_TRANSFER``) and serves one round
 of a move per connection, to the dataset's primary in this node's view only.
 
-The backend's export runs in a thread and writes into a ``_FrameWriter``, which hands each
-frame to the reactor and waits for it to be taken: the transport's flow control and the
-bandwidth limit (``Throttle``) pace the thread. The receiving side is ``_peer_receive``.
+The backend's export runs in a thread and writes into a ``_FrameWriter``, which hands its
+chunks' frames to the reactor without waiting for each (at most ``_IN_FLIGHT`` chunks not
+yet written): the transport's flow control and the bandwidth limit (``Throttle``) pace the
+thread. The receiving side is ``_peer_receive``.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from typing import Callable, Optional
 
 import attr
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
-from twisted.internet.task import deferLater
-from twisted.internet.threads import blockingCallFromThread
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +42,21 @@ DEFAULT_MAX_TRANSFERS = 2
 #: Seconds a round may go without a byte moving (either way) before it is given up as
 #: broken; generous, since a sender may scan a large tree before its stream goes on.
 DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+#: The bytes a peer connection's socket reads at once, and holds before pausing its
+#: producer (Twisted's default is 64 KiB: a reactor turn per 64 KiB of a stream).
+_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def widen_buffers(transport) -> None:
+    """Let the TCP connection under ``transport`` (TLS) read and buffer ``_SOCKET_BUFFER``
+    bytes at a time: a stream takes a sixty-fourth of the reactor's turns."""
+    # ``vars``: a TLS wrapper forwards unknown attributes to the transport under it.
+    while transport is not None and "socket" not in vars(transport):
+        transport = vars(transport).get("transport")
+    if transport is not None:
+        transport.bufferSize = _SOCKET_BUFFER
 
 
 class ConnectionBroken(Exception):
@@ -80,22 +96,40 @@ class Slots:
         self.used -= 1
 
 
+#: The chunks an export may hand the reactor before it waits for them to be written:
+#: the export thread goes on reading ``btrfs send`` while the reactor encrypts and writes,
+#: with no hand-off per chunk (a bound on the memory a slow receiver can pin).
+_IN_FLIGHT = 8
+
+
 @implementer(IPushProducer)
 class _SendingRound(Protocol, TimeoutMixin):
-    """One connection to the peer port: one round of a move, sent."""
+    """
+    One connection to the peer port: one round of a move, sent. Frames go out in order
+    from ``_outgoing``, paced by the bandwidth limit; each queued piece's ``done(error)``
+    is called once it is in the transport and the transport takes more (not paused), or
+    with ``ConnectionBroken`` when the connection is lost first.
+    """
 
     def __init__(self, service: "PeerTransferService"):
         self._service = service
         self.callLater = service.reactor.callLater
         self._buffer = b""
         self._requested = False
-        self._paused: Optional[Deferred] = None
+        self._paused = False
+        self._outgoing: deque = deque()     # (frame, done or None)
+        self._held: list = []               # done callbacks waiting for a resume
+        self._delayed = None                # the bandwidth limit's pending write
         self._throttle = Throttle(service.settings.bandwidth)
-        self._lost = False
+        #: Set once the connection is gone; the export thread reads it.
+        self.lost = False
+        #: The export thread's credits: one per chunk in flight (``_FrameWriter``).
+        self.credits = threading.Semaphore(_IN_FLIGHT)
         self.requester: Optional[str] = None
 
     def connectionMade(self) -> None:
         self._service.connections.add(self)
+        widen_buffers(self.transport)
         self.transport.registerProducer(self, True)
         self.setTimeout(self._service.settings.idle_timeout)
 
@@ -107,17 +141,27 @@ class _SendingRound(Protocol, TimeoutMixin):
 
     # IPushProducer: the transport's buffer is full, or drained.
     def pauseProducing(self) -> None:
-        if self._paused is None:
-            self._paused = Deferred()
+        self._paused = True
 
     def resumeProducing(self) -> None:
-        paused, self._paused = self._paused, None
-        if paused is not None:
-            paused.callback(None)
+        self._paused = False
+        held, self._held = self._held, []
+        for done in held:
+            done(None)
 
     def stopProducing(self) -> None:
-        self._lost = True
-        self.resumeProducing()
+        if self.lost:
+            return
+        self.lost = True
+        if self._delayed is not None and self._delayed.active():
+            self._delayed.cancel()
+        broken = ConnectionBroken("the receiver closed the connection")
+        waiting = self._held + [done for _, done in self._outgoing if done is not None]
+        self._held, self._outgoing = [], deque()
+        for done in waiting:
+            done(broken)
+        for _ in range(_IN_FLIGHT):
+            self.credits.release()        # an export waiting for a credit sees ``lost``
 
     def connectionLost(self, reason) -> None:
         self._service.connections.discard(self)
@@ -157,27 +201,59 @@ class _SendingRound(Protocol, TimeoutMixin):
         self.transport.write(SendAnswer(error=reason).to_line())
         self.transport.loseConnection()
 
+    def queue(self, pieces: list, done: Callable[[Optional[Exception]], None]) -> None:
+        """Send the frames ``pieces`` after those queued before; then ``done`` (see the
+        class). Reactor thread."""
+        if self.lost:
+            done(ConnectionBroken("the receiver closed the connection"))
+            return
+        for frame in pieces[:-1]:
+            self._outgoing.append((frame, None))
+        self._outgoing.append((pieces[-1], done))
+        if self._delayed is None:
+            self._pump()
+
     def send_frame(self, frame: bytes) -> Deferred:
-        """Write ``frame`` once the throttle and the transport allow (reactor thread)."""
-        if self._lost:
-            raise ConnectionBroken("the receiver closed the connection")
-        self._throttle, delay = self._throttle.take(self._service.reactor.seconds(),
-                                                    len(frame))
-        waited = (deferLater(self._service.reactor, delay, lambda: None) if delay
-                  else succeed(None))
+        """Send ``frame`` after those queued; fires once it is written (reactor thread)."""
+        d = Deferred()
+        self.queue([frame], lambda error: d.callback(None) if error is None
+                   else d.errback(error))
+        return d
 
-        def write(_):
-            if self._lost:
-                raise ConnectionBroken("the receiver closed the connection")
-            self.transport.write(frame)
-            self.resetTimeout()
-            return self._paused
+    def _pump(self) -> None:
+        """Write what is queued, as fast as the bandwidth limit allows."""
+        while self._outgoing and self._delayed is None and not self.lost:
+            frame, done = self._outgoing.popleft()
+            self._throttle, delay = self._throttle.take(self._service.reactor.seconds(),
+                                                        len(frame))
+            if delay:
+                self._delayed = self.callLater(delay, self._write_later, frame, done)
+                return
+            self._write(frame, done)
 
-        return waited.addCallback(write)
+    def _write_later(self, frame: bytes, done) -> None:
+        self._delayed = None
+        self._write(frame, done)
+        self._pump()
+
+    def _write(self, frame: bytes, done) -> None:
+        self.transport.write(frame)
+        self.resetTimeout()
+        if done is None:
+            return
+        if self._paused:
+            self._held.append(done)
+        else:
+            done(None)
 
 
 class _FrameWriter:
-    """The file-like object an export writes into, from its thread (no ``fileno``)."""
+    """
+    The file-like object an export writes into, from its thread (no ``fileno``): each
+    write takes one of the connection's credits and hands its frames to the reactor
+    without waiting for them, so the export waits only while ``_IN_FLIGHT`` chunks are
+    not yet written (flow control, the bandwidth limit).
+    """
 
     def __init__(self, reactor, connection: _SendingRound, sent: Callable[[int], None]):
         self._reactor = reactor
@@ -185,11 +261,21 @@ class _FrameWriter:
         self._sent = sent
 
     def write(self, data: bytes) -> int:
-        """Send ``data`` as frames, waiting until each is taken; its length."""
-        for frame in frames(bytes(data)):
-            blockingCallFromThread(self._reactor, self._connection.send_frame, frame)
-            self._reactor.callFromThread(self._sent, len(frame) - 4)
-        return len(data)
+        """Queue ``data`` as frames; its length."""
+        if not data:
+            return 0
+        connection = self._connection
+        connection.credits.acquire()
+        if connection.lost:
+            raise ConnectionBroken("the receiver closed the connection")
+        nbytes = len(data)
+
+        def done(error: Optional[Exception]) -> None:
+            if error is None:
+                self._sent(nbytes)
+            connection.credits.release()
+        self._reactor.callFromThread(connection.queue, frames(bytes(data)), done)
+        return nbytes
 
     def flush(self) -> None:
         """Nothing is buffered here."""
@@ -318,6 +404,6 @@ def move_view(view, dataset_id: str) -> Optional[MoveView]:
 
 
 __all__ = [
-    "ConnectionBroken", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_TRANSFERS", "PeerTransferService", "Slots",
+    "ConnectionBroken", "DEFAULT_IDLE_TIMEOUT", "widen_buffers", "DEFAULT_MAX_TRANSFERS", "PeerTransferService", "Slots",
     "TransferSettings", "move_view",
 ]

@@ -5,7 +5,9 @@ point 8), side by side with a raw copy of the same data, in one run:
 - *move*: a whole 1 GiB dataset (random data, on disk) moved from node A to node B by
   pyflock's transfer path: each node a real ``BtrfsBackend`` over a loop-file pool of its
   own and its real ``PeerTransfers`` service (sending and receiving side) on 127.0.0.71 and
-  127.0.0.72 with mutual TLS and the nodes' certificates, both in this process; a move
+  127.0.0.72 with mutual TLS and the nodes' certificates, node A in this process and
+  node B in a process of its own (``_receiver_main``), as real agents are: in one
+  process both ends' TLS would share one reactor thread and one GIL; a move
   is every round (bulk copy, then the phase-1 round that finds nothing left, then the
   frozen final round) and the completion of B's copy. Each run alternates with
   *raw*: ``btrfs send`` of a read-only snapshot of the same data writing straight into a
@@ -31,7 +33,10 @@ Run alone: ``python bench/run.py --only peer_move --output /tmp/pm.md``.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import resource
+import sys
 import shutil
 import socket
 import subprocess
@@ -172,24 +177,45 @@ class _Cluster:
         self.mounts: list = []
 
     async def start(self) -> None:
-        """Make the certificates and pools, and start both nodes' services."""
+        """Make the certificates, and start node A's pool and services in this process
+        (node B: ``start_local`` or ``start_remote``)."""
         folder = self.workdir / "certificates"
         folder.mkdir()
-        certificates = make_cluster_certificates(folder, nodes=2, name="bench-peer-move")
-        self.uuids = certificates.node_uuids
-        for node_uuid, host in zip(self.uuids, HOSTS):
-            node = self.workdir / node_uuid
-            pool = BtrfsPool(str(node / "pool.img"), str(node / "mnt"), POOL_SIZE)
-            node.mkdir()
-            backend = _TimedBackend.open(pool, node_uuid, default_size=POOL_SIZE)
-            self.backends[node_uuid] = backend
-            tls = ClusterTLS.load(certificates.node_directory(node_uuid), "node")
-            transfers = PeerTransfers(self.reactor, backend, tls,
-                                      current_view=lambda: self.view)
-            port = await transfers.listen(host, 0)
-            self.ports.append(port)
-            self.transfers[node_uuid] = transfers
-            self.view.nodes[node_uuid] = _Node(host, port.getHost().port)
+        self.certificates = make_cluster_certificates(folder, nodes=2,
+                                                      name="bench-peer-move")
+        self.uuids = self.certificates.node_uuids
+        await self.start_local(0)
+
+    def _pool(self, index: int) -> BtrfsPool:
+        node = self.workdir / self.uuids[index]
+        node.mkdir(exist_ok=True)
+        return BtrfsPool(str(node / "pool.img"), str(node / "mnt"), POOL_SIZE)
+
+    async def start_local(self, index: int) -> None:
+        """Start node ``index``'s pool and peer service in this process."""
+        node_uuid, host = self.uuids[index], HOSTS[index]
+        backend = _TimedBackend.open(self._pool(index), node_uuid, default_size=POOL_SIZE)
+        self.backends[node_uuid] = backend
+        tls = ClusterTLS.load(self.certificates.node_directory(node_uuid), "node")
+        transfers = PeerTransfers(self.reactor, backend, tls, current_view=lambda: self.view)
+        port = await transfers.listen(host, 0)
+        self.ports.append(port)
+        self.transfers[node_uuid] = transfers
+        self.view.nodes[node_uuid] = _Node(host, port.getHost().port)
+
+    async def start_remote(self) -> "_RemoteReceiver":
+        """Start node B in a process of its own, as a real agent is (its own reactor,
+        and its own GIL: in one process, both ends' TLS share one thread)."""
+        b = self.uuids[1]
+        pool = self._pool(1)
+        remote = await deferToThread(_RemoteReceiver.start, {
+            "node_uuid": b, "host": HOSTS[1], "pool_file": pool.pool_path,
+            "mount_point": pool.mount_path,
+            "certificates": str(self.certificates.node_directory(b)),
+            "sender": self.uuids[0], "sender_host": HOSTS[0],
+            "sender_port": self.view.nodes[self.uuids[0]].peer_port})
+        self.view.nodes[b] = _Node(HOSTS[1], remote.port)
+        return remote
 
     async def stop(self) -> list:
         """Stop the services, unmount, release the pools; what could not be released."""
@@ -254,14 +280,15 @@ class _Cluster:
         self.backends[source].thaw_dataset(dataset_id)
         self.backends[source].prune_snapshots(dataset_id, [])
 
-    def raw_copy(self, dataset_id: str, run: int) -> float:
+    def raw_copy(self, dataset_id: str, run: int, into_root: str) -> tuple:
         """
         The seconds of ``btrfs send`` of a read-only snapshot of the dataset on A into
-        a TCP connection feeding ``btrfs receive`` on B (blocking); both cleaned up after.
+        a TCP connection feeding ``btrfs receive`` on B's pool (root ``into_root``), and
+        of the writeback after (``_raw_send_receive``) (blocking); both cleaned up after.
         """
-        a, b = (self.backends[u] for u in self.uuids)
+        a = self.backends[self.uuids[0]]
         snapshot_folder = os.path.join(a.root, "staging", f"raw-{run}")
-        received = os.path.join(b.root, "staging", f"raw-{run}")
+        received = os.path.join(into_root, "staging", f"raw-{run}")
         os.makedirs(snapshot_folder)
         os.makedirs(received)
         snapshot = os.path.join(snapshot_folder, "snapshot")
@@ -280,8 +307,9 @@ class _Cluster:
             shutil.rmtree(received)
 
 
-def _raw_send_receive(snapshot: str, into: str) -> float:
-    """``btrfs send snapshot`` through TCP on ``HOSTS[1]`` into ``btrfs receive into``."""
+def _raw_send_receive(snapshot: str, into: str) -> tuple:
+    """``btrfs send snapshot`` through TCP on ``HOSTS[1]`` into ``btrfs receive into``:
+    its seconds, and those of the writeback after (``sync -f``) that it leaves out."""
     listener = socket.socket()
     listener.bind((HOSTS[1], 0))
     listener.listen(1)
@@ -303,7 +331,9 @@ def _raw_send_receive(snapshot: str, into: str) -> float:
         if sender.wait() != 0 or receiver.wait() != 0:
             raise RuntimeError(f"raw btrfs send | receive failed: send {sender.returncode}, "
                                f"receive {receiver.returncode}")
-        return time.perf_counter() - began
+        received = time.perf_counter()
+        subprocess.run(["sync", "-f", into], check=True)
+        return received - began, time.perf_counter() - received
     finally:
         listener.close()
         client.close()
@@ -311,20 +341,147 @@ def _raw_send_receive(snapshot: str, into: str) -> float:
 
 
 async def _move_against_raw(cluster: _Cluster, log) -> list:
-    """The move-against-raw runs: a whole move, then a raw copy, ``RUNS`` times."""
-    a, b = cluster.uuids
-    dataset_id = await deferToThread(cluster.create, MOVE_SIZE)
-    runs = []
-    for run in range(RUNS):
-        await deferToThread(subprocess.run, ["sync"], check=True)
-        moved = await cluster.move(dataset_id, a, b)
-        await deferToThread(cluster.reset, dataset_id, a, b)
-        raw = await deferToThread(cluster.raw_copy, dataset_id, run)
-        runs.append({**moved, "raw_seconds": raw, "ratio": moved["seconds"] / raw})
-        log(f"move 1 GiB: run {run + 1} of {RUNS}: pyflock {moved['seconds']:.2f} s, "
-            f"raw {raw:.2f} s")
-    await deferToThread(cluster.backends[a].destroy_dataset, dataset_id)
+    """The move-against-raw runs, node B in a process of its own: a whole move, then a
+    raw copy, ``RUNS`` times; B's process stopped after."""
+    a = cluster.uuids[0]
+    remote = await cluster.start_remote()
+    try:
+        dataset_id = await deferToThread(cluster.create, MOVE_SIZE)
+        runs = []
+        for run in range(RUNS):
+            await deferToThread(subprocess.run, ["sync"], check=True)
+            cluster.view.datasets[dataset_id] = _Entry(primary=cluster.uuids[1], holders=(a,))
+            cluster.backends[a].estimates = ()
+            before = _cpu()
+            moved = await deferToThread(remote.call, op="receive", dataset_id=dataset_id)
+            after = _cpu()
+            moved["bytes_estimated"] = sum(cluster.backends[a].estimates)
+            moved["sender_cpu"], moved["sender_children_cpu"] = (
+                after[0] - before[0], after[1] - before[1])
+            await deferToThread(remote.call, op="destroy", dataset_id=dataset_id)
+            await deferToThread(cluster.backends[a].thaw_dataset, dataset_id)
+            await deferToThread(cluster.backends[a].prune_snapshots, dataset_id, [])
+            raw, writeback = await deferToThread(cluster.raw_copy, dataset_id, run,
+                                                 remote.root)
+            runs.append({**moved, "raw_seconds": raw, "raw_writeback_seconds": writeback,
+                         "bulk_round_seconds": moved["round_seconds"][0],
+                         "ratio": moved["seconds"] / raw})
+            log(f"move 1 GiB: run {run + 1} of {RUNS}: pyflock {moved['seconds']:.2f} s "
+                f"(rounds {', '.join(f'{r:.2f}' for r in moved['round_seconds'])} s), "
+                f"raw {raw:.2f} s, then its writeback {writeback:.2f} s")
+        await deferToThread(cluster.backends[a].destroy_dataset, dataset_id)
+    finally:
+        problems = await deferToThread(remote.stop)
+        if problems:
+            log(f"peer_move: node B not released: {problems}")
     return runs
+
+
+def _cpu() -> tuple:
+    """CPU seconds (user and system) of this process, and of its waited-for children."""
+    own, children = (resource.getrusage(who) for who in
+                     (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+class _RemoteReceiver:
+    """Node B as a process of its own (``_receiver_main``), driven by JSON lines."""
+
+    def __init__(self, process: subprocess.Popen, hello: dict):
+        self._process = process
+        self.port = hello["port"]
+        self.root = hello["root"]
+
+    @classmethod
+    def start(cls, config: dict) -> "_RemoteReceiver":
+        """Start the process and wait until it listens (blocking)."""
+        checkout = str(Path(__file__).resolve().parent.parent)   # for ``tests.harness``
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [checkout, os.environ.get("PYTHONPATH")]))}
+        process = subprocess.Popen([sys.executable, __file__, "receiver", json.dumps(config)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                   env=env)
+        line = process.stdout.readline()
+        if not line:
+            process.wait()
+            raise RuntimeError(f"node B's process exited with {process.returncode}")
+        return cls(process, json.loads(line))
+
+    def call(self, **command) -> dict:
+        """Send ``command``, and its answer (blocking); RuntimeError if it failed."""
+        self._process.stdin.write(json.dumps(command) + "\n")
+        self._process.stdin.flush()
+        answer = json.loads(self._process.stdout.readline() or "{\"error\": \"exited\"}")
+        if "error" in answer:
+            raise RuntimeError(f"node B: {command['op']}: {answer['error']}")
+        return answer
+
+    def stop(self) -> list:
+        """Stop the process, its service and pool; what it could not release."""
+        try:
+            return self.call(op="stop")["problems"]
+        finally:
+            self._process.stdin.close()
+            if self._process.wait(timeout=60) != 0:
+                raise RuntimeError(f"node B's process exited with {self._process.returncode}")
+
+
+async def _receiver_main(reactor, config_json: str) -> None:
+    """Node B's process: its pool and peer service, moves into it on command."""
+    config = json.loads(config_json)
+    b, a = config["node_uuid"], config["sender"]
+    pool = BtrfsPool(config["pool_file"], config["mount_point"], POOL_SIZE)
+    backend = BtrfsBackend.open(pool, b, default_size=POOL_SIZE)
+    view = _View()
+    view.nodes[a] = _Node(config["sender_host"], config["sender_port"])
+    transfers = PeerTransfers(reactor, backend,
+                              ClusterTLS.load(config["certificates"], "node"),
+                              current_view=lambda: view)
+    _orig = transfers.receiver._round
+    def _timed(from_node, request, _orig=_orig):
+        t = time.perf_counter(); n = _orig(from_node, request)
+        print(f"ROUND phase {request.phase} {n} bytes {time.perf_counter() - t:.2f}s", file=sys.stderr, flush=True)
+        return n
+    transfers.receiver._round = _timed
+    rounds: list = []
+    one_round = transfers.receiver._round
+
+    def timed_round(from_node, request):
+        began = time.perf_counter()
+        nbytes = one_round(from_node, request)
+        rounds.append(time.perf_counter() - began)
+        return nbytes
+    transfers.receiver._round = timed_round
+    port = await transfers.listen(config["host"], 0)
+    view.nodes[b] = _Node(config["host"], port.getHost().port)
+    print(json.dumps({"port": port.getHost().port, "root": backend.root}), flush=True)
+    while line := await deferToThread(sys.stdin.readline):
+        command = json.loads(line)
+        try:
+            if command["op"] == "receive":
+                dataset_id = command["dataset_id"]
+                view.datasets[dataset_id] = _Entry(primary=b, holders=(a,))
+                began, before = time.perf_counter(), _cpu()
+                rounds.clear()
+                state = await transfers.receiver.receive(dataset_id, a)
+                after = _cpu()
+                answer = {"seconds": time.perf_counter() - began,
+                          "rounds": state.rounds + 1, "bytes": state.bytes_received,
+                          "round_seconds": list(rounds),
+                          "receiver_cpu": after[0] - before[0],
+                          "receiver_children_cpu": after[1] - before[1]}
+            elif command["op"] == "destroy":
+                await deferToThread(backend.destroy_dataset, command["dataset_id"])
+                answer = {}
+            else:
+                await transfers.stop()
+                await port.stopListening()
+                answer = {"problems": await deferToThread(backend.release)}
+        except Exception as e:
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(answer), flush=True)
+        if command["op"] == "stop":
+            return
 
 
 async def _downtime(cluster: _Cluster, size: int, log) -> list:
@@ -358,6 +515,7 @@ async def benchmark(reactor, context: Context) -> Section:
     try:
         await cluster.start()
         moves = await _move_against_raw(cluster, context.log)
+        await cluster.start_local(1)
         downtimes = {size: await _downtime(cluster, size, context.log)
                      for size in DOWNTIME_SIZES}
     finally:
@@ -401,7 +559,8 @@ def _section(moves: list, downtimes: dict, filesystem: str, load_before, load_af
     markdown = "\n".join([
         "## btrfs: moving a dataset between nodes",
         "",
-        "Two nodes in one process (`bench/peer_move.py`), each a real `BtrfsBackend` over a "
+        "Two nodes (`bench/peer_move.py`; for the move against raw, node B in a process "
+        "of its own, as agents are), each a real `BtrfsBackend` over a "
         f"loop-file pool of its own ({POOL_SIZE // GiB} GiB sparse files on {filesystem}) "
         "and its real peer transfer service (`PeerTransfers`) on 127.0.0.71 and "
         "127.0.0.72, mutual TLS with node certificates. A *move* of a 1 GiB dataset of "
@@ -422,6 +581,22 @@ def _section(moves: list, downtimes: dict, filesystem: str, load_before, load_af
         f"| raw `btrfs send \\| btrfs receive` over TCP | {raw.describe(seconds)} | "
         f"{rate(raw.median)} |",
         f"| ratio, per pair | {ratio.describe(lambda v: f'{v:.2f}x')} | |",
+        f"| pyflock's bulk round alone (the stream of 1 GiB) | "
+        f"{Repeats.of(moves, 'bulk_round_seconds').describe(seconds)} | "
+        f"{rate(Repeats.of(moves, 'bulk_round_seconds').median)} |",
+        f"| raw's writeback after it ends (`sync -f`), not in its time | "
+        f"{Repeats.of(moves, 'raw_writeback_seconds').describe(seconds)} | |",
+        "",
+        "A move's next round (phase 1, finding nothing changed) waits for the received "
+        "gigabyte to reach the disk: `btrfs receive` of an incremental stream snapshots "
+        "its parent, which flushes it. The raw copy ends with that data still in the page "
+        "cache.",
+        "",
+        "CPU seconds of a move (median of the runs): sending agent "
+        f"{Repeats.of(moves, 'sender_cpu').median:.2f} s and its `btrfs` processes "
+        f"{Repeats.of(moves, 'sender_children_cpu').median:.2f} s; receiving agent "
+        f"{Repeats.of(moves, 'receiver_cpu').median:.2f} s and its `btrfs` processes "
+        f"{Repeats.of(moves, 'receiver_children_cpu').median:.2f} s.",
         "",
         f"The estimate of a move's rounds (`bytes_total`, from `btrfs send --no-data`): "
         f"{estimate['bytes_estimated']:,} bytes, of {estimate['bytes']:,} received: the "
@@ -442,3 +617,10 @@ def _section(moves: list, downtimes: dict, filesystem: str, load_before, load_af
                "load_average_after": list(load_after)}
     return Section(name="peer_move", markdown=markdown, results=results,
                    targets=tuple(targets))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["receiver"]:
+        from twisted.internet.defer import ensureDeferred
+        from twisted.internet.task import react
+        react(lambda reactor: ensureDeferred(_receiver_main(reactor, sys.argv[2])))

@@ -379,3 +379,35 @@ def test_stream_reader_reads_any_sizes():
     assert broken.read(2) == b"ab" and not broken.complete()
     with pytest.raises(ConnectionBroken, match="cut"):
         broken.read(1)
+
+
+def test_sending_round_holds_chunks_while_paused_and_fails_them_when_lost():
+    """A round writes what its export queues in order without waiting for each piece;
+    while the transport is paused, a piece's ``done`` waits for the resume (that is what
+    paces the export); once the connection is lost, every waiting ``done`` and every later
+    one gets ``ConnectionBroken``, and an export waiting for a credit is let go."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from pyflock.agent._peer_service import _IN_FLIGHT, _SendingRound
+
+    service = PeerTransferService(Clock(), MemoryPeerBackend("node"), view_of=lambda d: None,
+                                  admit=None, run_blocking=None)
+    round_ = _SendingRound(service)
+    round_.makeConnection(StringTransport())
+    done: list = []
+    round_.queue([b"a1", b"a2"], done.append)
+    assert done == [None]
+    round_.pauseProducing()
+    round_.queue([b"b"], done.append)
+    round_.send_frame(b"c").addBoth(done.append)
+    assert round_.transport.value() == b"a1a2bc" and done == [None]
+    round_.resumeProducing()
+    assert done == [None, None, None]
+    round_.pauseProducing()
+    round_.queue([b"d"], done.append)
+    for _ in range(_IN_FLIGHT):
+        assert round_.credits.acquire(blocking=False)
+    round_.connectionLost(Failure(ConnectionBroken("gone")))
+    round_.queue([b"e"], done.append)
+    assert [type(e) for e in done[3:]] == [ConnectionBroken, ConnectionBroken]
+    assert round_.lost and round_.credits.acquire(blocking=False)
