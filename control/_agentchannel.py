@@ -31,7 +31,9 @@ frame to an agent outgrows the limit, however big the cluster.
 A thousand agents connecting at once (issue 12, ``control/_viewlog.py``) share one
 snapshot encoding, compressed, followed by the diffs since it; at most a few snapshots
 stream at once while the other agents wait with heartbeats; and an agent reconnecting with
-a view of this run gets only the diffs it missed while they are kept.
+a view of this run gets only the diffs it missed while they are kept. Given a ``checkpoint``
+file, the view also goes on across a restart (``_Restored``): the next run keeps the epoch
+and version, and agents reconnecting get only what changed since their version.
 
 Agents of protocol 3 are also sent the cluster's revocation list (``publish_crl``): after
 the welcome and snapshot, and again whenever the control service loads a new one, so that
@@ -40,6 +42,7 @@ their own listeners refuse revoked certificates too (issue 8).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 from uuid import uuid4
 
@@ -52,6 +55,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from pyflock.common._files import write_atomically
 from pyflock.common._logging import log_event
 from pyflock.common._model import Configuration
 from pyflock.common._records import DatasetEntry
@@ -68,10 +72,15 @@ from pyflock.control._clusterstate import (
     purgeable,
 )
 from pyflock.control._persistence import ConfigurationService
-from pyflock.control._viewlog import Catchup
+from pyflock.control._viewlog import (
+    Catchup, CheckpointInvalid, checkpoint_bytes, read_checkpoint,
+)
 
 #: Seconds between heartbeats (DESIGN.md).
 DEFAULT_HEARTBEAT = 5.0
+
+#: The file in the control service's data path that keeps the view across a restart.
+VIEW_CHECKPOINT = "agent-view.checkpoint"
 
 #: The first agent-channel version whose agents keep a deleted dataset's data while it is
 #: retained (the entry's ``retained_until``); older agents destroy what is shown deleted.
@@ -258,7 +267,8 @@ class AgentChannelServer:
                  agent_message_limit: int = AGENT_MESSAGE_LIMIT,
                  send_limit: int = SEND_LIMIT, page_size: int = SNAPSHOT_PAGE,
                  purge_deadline: float = DEFAULT_PURGE_DEADLINE,
-                 epoch: Optional[str] = None, reports=None):
+                 epoch: Optional[str] = None, reports=None,
+                 checkpoint: Optional[Path] = None):
         self.configuration = configuration
         self.cluster = cluster
         self.reactor = reactor
@@ -289,6 +299,7 @@ class AgentChannelServer:
         self._running = False
         self._crl = _CRLPublisher(self)  # issue 8
         self._pending = _PendingPush(reactor, self._push_pending)
+        self.restored = _Restored(self, checkpoint)  # issue 12: across a restart
 
     @property
     def node_expiry(self) -> float:
@@ -305,6 +316,7 @@ class AgentChannelServer:
         self._holders = holders_of(self.cluster.state)
         self._datasets = view_datasets(config, self._holders)
         self.version = 1
+        self.restored.load(config)
         self._purger.start(config, self.version)
         self._running = True
         self.configuration.subscribe(self._configuration_changed)
@@ -324,6 +336,7 @@ class AgentChannelServer:
             if call.active():
                 call.cancel()
         self._expiry.clear()
+        self.restored.save()
         waiting = []
         for connection in list(self._open):
             waiting.append(connection.when_lost())
@@ -538,11 +551,13 @@ class AgentChannelServer:
                       node_uuid=uuid, count=len(unknown), dataset_ids=sorted(unknown)[:10])
         datasets = pmap({r.dataset_id: attr.evolve(r, node_uuid=uuid)
                          for r in report.datasets if r.dataset_id in self._datasets})
-        if datasets != node.datasets:
-            self.shared.update(node.set(datasets=datasets))
-            log_event(_log, "pyflock:control:node-state", node_uuid=uuid,
-                      datasets=len(datasets))
-            changed = self._set_holdings(uuid, node.datasets, datasets)
+        presumed = self.restored.presumed.pop(uuid, frozenset())
+        if datasets != node.datasets or presumed:
+            if datasets != node.datasets:
+                self.shared.update(node.set(datasets=datasets))
+                log_event(_log, "pyflock:control:node-state", node_uuid=uuid,
+                          datasets=len(datasets))
+            changed = self._set_holdings(uuid, presumed | set(node.datasets), datasets)
             if changed:
                 self._publish(datasets=changed)
         connection.reported = True
@@ -571,10 +586,14 @@ class AgentChannelServer:
         """Nothing heard from ``uuid`` for ``node_expiry``: it is dead."""
         self._expiry.pop(uuid, None)
         node = self.cluster.state.nodes.get(uuid)
+        presumed = self.restored.presumed.pop(uuid, None)
+        if node is None and presumed is not None:
+            self.restored.expire(uuid, presumed)
+            return
         if node is None or node.remote is not None:
             return  # its agent went on to another replica, which now publishes it
         self.shared.wipe(uuid)
-        released = self._set_holdings(uuid, node.datasets, ())
+        released = self._set_holdings(uuid, set(node.datasets) | (presumed or set()), ())
         self._acks.pop(uuid, None)
         connection = self._connections.pop(uuid, None)
         if connection is not None:
@@ -645,6 +664,86 @@ class _SharedState:
         server._set_node(Node(uuid=uuid, host=after.host, peer_port=after.peer_port,
                               alive=server.cluster.is_alive(after)), changed)
         server._purge_unheld()
+
+
+class _Restored:
+    """
+    Issue 12: the server's view across a restart (the server's ``restored``). On stopping,
+    the view and its recent diffs go to the ``checkpoint`` file; the next run reads it
+    once (and removes it), keeps its epoch and version, and pushes what changed in the
+    store meanwhile as one diff, so that agents reconnecting with their version get diffs.
+
+    Until a node of the old view reports again, the datasets that view said it holds are
+    ``presumed`` held by it (so the view does not lose and regain every holder while agents
+    reconnect); a node that does not come back within ``node_expiry`` is dead, as in a run
+    that had heard it.
+    """
+
+    def __init__(self, server: AgentChannelServer, checkpoint: Optional[Path]):
+        self._server = server
+        self.checkpoint = checkpoint
+        #: node uuid -> the datasets the restored view says it holds, until it reports
+        self.presumed: dict[str, set[str]] = {}
+
+    def load(self, config: Configuration) -> bool:
+        """Take the view of the checkpoint, if one is there, and push what changed since
+        in ``config``; whether there was one to take (else the server's fresh view stays)."""
+        server, path = self._server, self.checkpoint
+        if path is None or not path.exists():
+            return False
+        try:
+            data = path.read_bytes()
+            path.unlink()  # once: a run that crashes leaves none behind
+            view, diffs = read_checkpoint(data)
+        except (OSError, CheckpointInvalid) as e:
+            log_event(_log, "pyflock:control:checkpoint-unread", LogLevel.warn,
+                      path=str(path), reason=str(e))
+            return False
+        server.epoch, server.version = view.epoch, view.version
+        server._nodes = {n.uuid: n for n in view.nodes}
+        self.presumed = {n.uuid: set() for n in view.nodes if n.alive}
+        for entry in view.datasets:
+            for uuid in entry.holders:
+                self.presumed.setdefault(uuid, set()).add(entry.dataset_id)
+        holders = {e.dataset_id: frozenset(e.holders) for e in view.datasets if e.holders}
+        server._holders = holders | holders_of(server.cluster.state)
+        for version, payload in diffs:
+            server.catchup.history.record(version, payload)
+        old = {e.dataset_id: e for e in view.datasets}
+        server._datasets = view_datasets(config, server._holders)
+        changed = [e for i, e in server._datasets.items() if old.get(i) != e]
+        removed = [i for i in old if i not in server._datasets]
+        if changed or removed:
+            server._publish(datasets=changed, removed=removed)
+        for uuid in self.presumed:
+            server._expiry[uuid] = server.reactor.callLater(server.node_expiry,
+                                                            server._expire, uuid)
+        log_event(_log, "pyflock:control:view-restored", epoch=server.epoch,
+                  version=server.version, changed=len(changed), removed=len(removed),
+                  diffs=len(diffs))
+        return True
+
+    def expire(self, uuid: str, presumed: set[str]) -> None:
+        """A node of the restored view not heard from in this run is dead."""
+        server = self._server
+        entry = server._nodes.get(uuid)
+        released = server._set_holdings(uuid, presumed, ())
+        if entry is not None:
+            server._set_node(attr.evolve(entry, alive=False), released)
+        elif released:
+            server._publish(datasets=released)
+
+    def save(self) -> None:
+        """Write the view now and its recent diffs to the checkpoint (if there is one)."""
+        server, path = self._server, self.checkpoint
+        if path is None or server.version < 1:
+            return
+        try:
+            write_atomically(path, checkpoint_bytes(server.snapshot(),
+                                                    server.catchup.history.kept()))
+        except OSError as e:
+            log_event(_log, "pyflock:control:checkpoint-unwritten", LogLevel.warn,
+                      path=str(path), reason=str(e))
 
 
 class _PendingPush:

@@ -44,7 +44,9 @@ from pyflock.common._connections import (
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_RECHECK, ConnectionLimits,
 )
 from pyflock.common._tls import AGENT_CHANNEL, REST_API, ClusterTLS
-from pyflock.control._agentchannel import DEFAULT_HEARTBEAT, AgentChannelServer
+from pyflock.control._agentchannel import (
+    DEFAULT_HEARTBEAT, VIEW_CHECKPOINT, AgentChannelServer,
+)
 from pyflock.control._api import ControlAPI, __version__
 from pyflock.control._api_base import APISite
 from pyflock.control._clusterstate import (
@@ -319,7 +321,8 @@ async def run(reactor, options: argparse.Namespace) -> None:
                                  heartbeat=options.heartbeat,
                                  agent_message_limit=options.agent_message_limit,
                                  send_limit=options.agent_send_limit,
-                                 purge_deadline=options.purge_deadline, reports=shared)
+                                 purge_deadline=options.purge_deadline, reports=shared,
+                                 checkpoint=view_checkpoint(options))
     channel.start()
     if shared is not None:
         try:
@@ -383,6 +386,14 @@ async def run(reactor, options: argparse.Namespace) -> None:
     reactor.addSystemEventTrigger("before", "shutdown",
                                   lambda: Deferred.fromCoroutine(shutdown()))
     await Deferred()  # run until the reactor stops
+
+
+def view_checkpoint(options) -> Optional[Path]:
+    """Issue 12: where the agents' view is kept across a restart (SQLite store only: with
+    replicas on etcd, agents reconnect to another replica and get a snapshot)."""
+    if options.store != "sqlite":
+        return None
+    return Path(options.data_path) / VIEW_CHECKPOINT
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

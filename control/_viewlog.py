@@ -12,15 +12,26 @@ blip, a silent control service, a storm of reconnects). The history keeps at mos
 ``budget`` bytes of diffs; older ones are forgotten, oldest first.
 
 No IO and no clock: the server hands in what it pushed and asks what to send.
+
+Across a restart of the control service (issue 12 point 3) the view goes on: on stopping,
+the server writes its view and these diffs to a checkpoint (``checkpoint_bytes``), and the
+next run reads it back once (``read_checkpoint``), keeps its epoch and version, and pushes
+what changed in the store meanwhile as the next diff; agents that reconnect with a version
+of that epoch get the diffs since it, not a snapshot. A checkpoint is consumed when read:
+a run that ends without writing one (a crash) leaves the next run a new epoch.
 """
 
 from __future__ import annotations
 
+import json
+import struct
+import zlib
 from collections import deque
 from typing import Callable, Hashable, Iterable, Iterator, Optional
 
 from pyflock.common._wire import (
-    COMPRESSED_FRAMES, PAGED_SNAPSHOTS, Snapshot, ViewVersion, compress, snapshot_pages,
+    COMPRESSED_FRAMES, PAGED_SNAPSHOTS, PROTOCOL_VERSION, BadMessage, Diff, Snapshot,
+    ViewVersion, compress, decode, frame, join_pages, snapshot_pages,
 )
 
 #: Bytes of encoded diffs the history keeps (about 100,000 small diffs).
@@ -71,6 +82,10 @@ class ViewLog:
         while self._bytes > self.budget and len(self._diffs) > 1:
             _, old = self._diffs.popleft()
             self._bytes -= len(old)
+
+    def kept(self) -> list[tuple[int, bytes]]:
+        """The (version, payload) of the diffs kept, oldest first."""
+        return list(self._diffs)
 
     def since(self, version: int, current: int) -> Optional[list[bytes]]:
         """The diffs from ``version`` to ``current``, or None if some are forgotten."""
@@ -213,5 +228,61 @@ class Catchup:
         return True
 
 
-__all__ = ["Catchup", "DEFAULT_HISTORY_BUDGET", "DEFAULT_REBUILD_FRACTION", "DEFAULT_SNAPSHOT_WIDTH",
+#: The checkpoint's layout (its header's ``format``).
+CHECKPOINT_FORMAT = 1
+
+_LENGTH = struct.Struct("!I")
+
+
+class CheckpointInvalid(Exception):
+    """A checkpoint that cannot be read back: the next run starts a new epoch."""
+
+
+def checkpoint_bytes(view: Snapshot, diffs: list[tuple[int, bytes]]) -> bytes:
+    """
+    The checkpoint of ``view`` with the diffs that led to it (``ViewLog.kept()``, the last
+    of ``view.version``): zlib of length-prefixed frames, a JSON header, the view's
+    snapshot pages and the diffs' payloads as agents were sent them.
+    """
+    pages = snapshot_pages(view)
+    header = json.dumps({"format": CHECKPOINT_FORMAT, "pages": len(pages),
+                         "diffs": [v for v, _ in diffs]}).encode()
+    body = b"".join(frame(part) for part in [header, *pages, *(p for _, p in diffs)])
+    return zlib.compress(body, 1)
+
+
+def read_checkpoint(data: bytes) -> tuple[Snapshot, list[tuple[int, bytes]]]:
+    """The view and diffs of ``checkpoint_bytes``; ``CheckpointInvalid`` saying why not."""
+    try:
+        body = zlib.decompress(data)
+        parts, offset = [], 0
+        while offset < len(body):
+            [length] = _LENGTH.unpack_from(body, offset)
+            offset += _LENGTH.size
+            parts.append(body[offset:offset + length])
+            offset += length
+        header = json.loads(parts[0])
+        if header.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointInvalid(f"format {header.get('format')!r}, not "
+                                    f"{CHECKPOINT_FORMAT}")
+        count, versions = header["pages"], header["diffs"]
+        pages = [decode(p, PROTOCOL_VERSION) for p in parts[1:1 + count]]
+        view = join_pages(pages)
+        payloads = parts[1 + count:]
+        if len(payloads) != len(versions) or not all(
+                isinstance(decode(p, PROTOCOL_VERSION), Diff) for p in payloads):
+            raise CheckpointInvalid("its diffs do not match its header")
+        if versions and (versions[-1] != view.version or versions != list(
+                range(versions[0], versions[0] + len(versions)))):
+            raise CheckpointInvalid("its diffs do not lead to its view")
+        return view, list(zip(versions, payloads))
+    except CheckpointInvalid:
+        raise
+    except (zlib.error, struct.error, ValueError, KeyError, TypeError, IndexError,
+            AttributeError, BadMessage) as e:
+        raise CheckpointInvalid(f"{type(e).__name__}: {e}") from None
+
+
+__all__ = ["CHECKPOINT_FORMAT", "Catchup", "CheckpointInvalid", "checkpoint_bytes",
+           "read_checkpoint", "DEFAULT_HISTORY_BUDGET", "DEFAULT_REBUILD_FRACTION", "DEFAULT_SNAPSHOT_WIDTH",
            "Turns", "ViewLog"]
