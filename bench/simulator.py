@@ -280,6 +280,8 @@ class SimulatedAgent:
         #: Which of the fleet's control services it connects to.
         self.replica = 0
         self.held: frozenset = frozenset()
+        #: How many whole views (snapshots) it was sent, as opposed to diffs.
+        self.snapshots = 0
         self.channel = AgentChannel(reactor, endpoint, uuid, "sim-" + uuid[:8], self._on_view,
                                     address="127.0.0.1", heartbeat=heartbeat,
                                     view=SharedView(),
@@ -313,6 +315,7 @@ class SimulatedAgent:
                     held.discard(entry.dataset_id)
             held.difference_update(change.removed)
         else:
+            self.snapshots += 1
             # A snapshot: what this node holds and the view still has (O(held), not
             # O(view): a thousand agents each read a snapshot of ten thousand datasets).
             held = [i for i in self.held if view.datasets.get(i) is not None
