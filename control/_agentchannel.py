@@ -73,7 +73,8 @@ from pyflock.control._clusterstate import (
 )
 from pyflock.control._persistence import ConfigurationService
 from pyflock.control._viewlog import (
-    Catchup, CheckpointInvalid, checkpoint_bytes, read_checkpoint,
+    DEFAULT_ADMISSION_RATE, Admissions, Catchup, CheckpointInvalid, checkpoint_bytes,
+    read_checkpoint,
 )
 
 #: Seconds between heartbeats (DESIGN.md).
@@ -138,6 +139,8 @@ class _AgentConnection(MessageProtocol):
         self._admission: Optional[Admission] = None
         self.node_uuid: Optional[str] = None
         self.welcomed = False
+        #: Said hello, waits to be admitted (the server's ``admission``), or was.
+        self.admitting = False
         self.reported = False
         self._hello_timeout = None
         self._abort = None
@@ -160,6 +163,7 @@ class _AgentConnection(MessageProtocol):
         for call in (self._hello_timeout, self._abort):
             if call is not None and call.active():
                 call.cancel()
+        self._server.admission.cancel(self)
         self._server._closed(self)
         super().connectionLost(reason)
 
@@ -169,6 +173,10 @@ class _AgentConnection(MessageProtocol):
         if self.connected and self._abort is None:
             self._abort = self._server.reactor.callLater(
                 self._server.heartbeat, self.transport.abortConnection)
+
+    def _admitted(self, hello: Hello) -> None:
+        if not self.closing:
+            self._server._hello(self, hello)
 
     def _no_hello(self) -> None:
         self._hello_timeout = None
@@ -212,10 +220,13 @@ class _AgentConnection(MessageProtocol):
             if not isinstance(message, Hello):
                 raise BadMessage(f"the first message must be a hello, not "
                                  f"{type(message).__name__}")
+            if self.admitting:
+                return  # said hello already: waits to be admitted (issue 12)
             if self._hello_timeout is not None and self._hello_timeout.active():
                 self._hello_timeout.cancel()
             self._hello_timeout = None
-            self._server._hello(self, message)
+            self.admitting = True
+            self._server.admission.request(self, lambda: self._admitted(message))
             return
         self._server._heard(self.node_uuid)
         if isinstance(message, Heartbeat):
@@ -268,7 +279,8 @@ class AgentChannelServer:
                  send_limit: int = SEND_LIMIT, page_size: int = SNAPSHOT_PAGE,
                  purge_deadline: float = DEFAULT_PURGE_DEADLINE,
                  epoch: Optional[str] = None, reports=None,
-                 checkpoint: Optional[Path] = None):
+                 checkpoint: Optional[Path] = None,
+                 admission_rate: Optional[float] = DEFAULT_ADMISSION_RATE):
         self.configuration = configuration
         self.cluster = cluster
         self.reactor = reactor
@@ -300,6 +312,7 @@ class AgentChannelServer:
         self._crl = _CRLPublisher(self)  # issue 8
         self._pending = _PendingPush(reactor, self._push_pending)
         self.restored = _Restored(self, checkpoint)  # issue 12: across a restart
+        self.admission = Admissions(reactor, admission_rate)  # issue 12: hellos per second
 
     @property
     def node_expiry(self) -> float:
@@ -332,6 +345,7 @@ class AgentChannelServer:
             self._heartbeats.stop()
         self._purger.stop()
         self._pending.cancel()
+        self.admission.stop()
         for call in self._expiry.values():
             if call.active():
                 call.cancel()
@@ -385,20 +399,8 @@ class AgentChannelServer:
     def _send_snapshot(self, connection: _AgentConnection) -> None:
         if (connection.protocol_version or PROTOCOL_VERSION) >= PAGED_SNAPSHOTS:
             self.catchup.snapshot(connection)  # issue 12: shared pages, a few at once
-            return
-        # Version 2: one frame, without the retained datasets, shared by version.
-        if self._snapshot_cache[0] != self.version:
-            self._snapshot_cache = (self.version, encode(hide_retained(self.snapshot())))
-        payload = self._snapshot_cache[1]
-        if len(payload) > MAX_MESSAGE:
-            # Version 2 cannot page: its agent would refuse the frame anyway.
-            connection.close("too-large", f"the snapshot of this cluster is "
-                                          f"{len(payload)} bytes, over the "
-                                          f"{MAX_MESSAGE} bytes agent-channel protocol 2 "
-                                          f"can carry: upgrade this agent (protocol 3 "
-                                          f"sends snapshots in pages)")
-            return
-        connection.send_payload(payload)
+        else:
+            _send_version_2_snapshot(self, connection)
 
     def _send_heartbeats(self) -> None:
         # A replica that has just become leader purges what waited meanwhile.
@@ -607,6 +609,22 @@ class AgentChannelServer:
 
     def _purge_unheld(self) -> None:
         self._purger.check(self._acks)
+
+
+def _send_version_2_snapshot(server: AgentChannelServer, connection: _AgentConnection) -> None:
+    """Version 2: the whole view in one frame, without the retained datasets, encoded once
+    per version (``server._snapshot_cache``)."""
+    if server._snapshot_cache[0] != server.version:
+        server._snapshot_cache = (server.version, encode(hide_retained(server.snapshot())))
+    payload = server._snapshot_cache[1]
+    if len(payload) > MAX_MESSAGE:
+        # Version 2 cannot page: its agent would refuse the frame anyway.
+        connection.close("too-large", f"the snapshot of this cluster is {len(payload)} "
+                                      f"bytes, over the {MAX_MESSAGE} bytes agent-channel "
+                                      f"protocol 2 can carry: upgrade this agent (protocol "
+                                      f"3 sends snapshots in pages)")
+        return
+    connection.send_payload(payload)
 
 
 class _SharedState:

@@ -228,6 +228,86 @@ class Catchup:
         return True
 
 
+#: Hellos admitted a second on average (issue 12 point 3): a thousand agents reconnecting
+#: together are welcomed over five seconds, well within the two heartbeats an agent waits.
+DEFAULT_ADMISSION_RATE = 200.0
+
+#: Hellos admitted at once before the rate applies.
+DEFAULT_ADMISSION_BURST = 100
+
+
+class TokenBucket:
+    """``rate`` admissions a second on average and ``burst`` at once (pure: the caller
+    says what time it is)."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at: Optional[float] = None
+
+    def take(self, now: float) -> float:
+        """Take one admission at ``now`` (0.0), or the seconds until one is free (and
+        take nothing)."""
+        if self._at is not None:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self.rate
+
+
+class Admissions:
+    """
+    Connections admitted at a bounded rate (``TokenBucket``), first come first served;
+    the others wait, in order, on ``reactor``. ``rate`` None or 0: all at once.
+    """
+
+    def __init__(self, reactor, rate: Optional[float] = DEFAULT_ADMISSION_RATE,
+                 burst: int = DEFAULT_ADMISSION_BURST):
+        self._reactor = reactor
+        self.bucket = TokenBucket(rate, burst) if rate else None
+        # key -> admit(), in order of request
+        self._waiting: dict[Hashable, Callable[[], None]] = {}
+        self._call = None
+
+    def request(self, key: Hashable, admit: Callable[[], None]) -> None:
+        """``admit()`` once ``key``'s turn comes (now if the rate allows)."""
+        if self.bucket is None:
+            admit()
+            return
+        self._waiting[key] = admit
+        if self._call is None:
+            self._drain()
+
+    def cancel(self, key: Hashable) -> None:
+        """``key`` is gone: it no longer waits."""
+        self._waiting.pop(key, None)
+
+    def stop(self) -> None:
+        """Admit no more; forget who waits."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._waiting.clear()
+
+    def _drain(self) -> None:
+        self._call = None
+        while self._waiting:
+            delay = self.bucket.take(self._reactor.seconds())
+            if delay > 0:
+                self._call = self._reactor.callLater(delay, self._drain)
+                return
+            key = next(iter(self._waiting))
+            self._waiting.pop(key)()
+
+    @property
+    def waiting(self) -> int:
+        """How many wait to be admitted."""
+        return len(self._waiting)
+
+
 #: The checkpoint's layout (its header's ``format``).
 CHECKPOINT_FORMAT = 1
 
@@ -283,6 +363,7 @@ def read_checkpoint(data: bytes) -> tuple[Snapshot, list[tuple[int, bytes]]]:
         raise CheckpointInvalid(f"{type(e).__name__}: {e}") from None
 
 
-__all__ = ["CHECKPOINT_FORMAT", "Catchup", "CheckpointInvalid", "checkpoint_bytes",
+__all__ = ["Admissions", "CHECKPOINT_FORMAT", "Catchup", "DEFAULT_ADMISSION_BURST",
+           "DEFAULT_ADMISSION_RATE", "TokenBucket", "CheckpointInvalid", "checkpoint_bytes",
            "read_checkpoint", "DEFAULT_HISTORY_BUDGET", "DEFAULT_REBUILD_FRACTION", "DEFAULT_SNAPSHOT_WIDTH",
            "Turns", "ViewLog"]

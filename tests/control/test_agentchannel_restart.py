@@ -2,7 +2,8 @@
 Issue 12 point 3: the agents' view goes on across a restart of the control service. The
 stopping server writes its view and recent diffs to a checkpoint; the next run reads it
 once, keeps the epoch and version, pushes what changed in the store meanwhile as a diff,
-and agents reconnecting with their version get diffs, not a snapshot.
+and agents reconnecting with their version get diffs, not a snapshot. Reconnecting agents
+are admitted at a bounded rate.
 """
 
 import shutil
@@ -19,7 +20,7 @@ from pyflock.common._records import DatasetReport
 from pyflock.control._agentchannel import AgentChannelServer
 from pyflock.control._clusterstate import ClusterStateService
 from pyflock.control._viewlog import (
-    CheckpointInvalid, ViewLog, checkpoint_bytes, read_checkpoint,
+    Admissions, CheckpointInvalid, TokenBucket, ViewLog, checkpoint_bytes, read_checkpoint,
 )
 from pyflock.common._tls import AGENT_CHANNEL
 from pyflock.control.testing import NODE_A, NODE_B
@@ -141,3 +142,52 @@ class RestartTests(SynchronousTestCase):
         received = RawAgent(self.server, NODE_A).hello(known=view.current)
         self.assertIn(Snapshot, [type(m) for m in received])
 
+
+
+# -- admission at a bounded rate (issue 12 point 3) ------------------------------------------
+
+
+def test_token_bucket_admits_a_burst_then_at_its_rate():
+    """A burst is admitted at once; then one per 1/rate seconds, saying how long to wait."""
+    bucket = TokenBucket(rate=2.0, burst=2)
+    assert [bucket.take(0.0) for _ in range(2)] == [0.0, 0.0]
+    assert bucket.take(0.0) == 0.5
+    assert bucket.take(0.25) == 0.25
+    assert bucket.take(0.5) == 0.0
+
+
+class AdmissionTests(SynchronousTestCase):
+    """Hellos past the rate wait their turn, in order, welcomed once it comes."""
+
+    setUp = base.ServerTests.setUp
+    tearDown = base.ServerTests.tearDown
+    start_server = base.ServerTests.start_server
+
+    def test_hello_past_the_rate_waits_its_turn(self):
+        """With one hello a second, a second agent saying hello at once is welcomed a
+        second later, not before."""
+        self.server.admission = Admissions(self.clock, rate=1.0, burst=1)
+        first = RawAgent(self.server, NODE_A).hello()
+        self.assertEqual(type(first[0]), Welcome)
+        waiting = RawAgent(self.server, NODE_B)
+        self.assertEqual(waiting.hello(), [])
+        self.assertEqual(self.server.admission.waiting, 1)
+        self.clock.advance(1.0)
+        self.assertEqual(type(waiting.received()[0]), Welcome)
+
+    def test_agent_gone_while_waiting_is_never_welcomed(self):
+        """A connection lost while it waits leaves the line; the next is admitted."""
+        self.server.admission = Admissions(self.clock, rate=1.0, burst=1)
+        RawAgent(self.server, NODE_A).hello()
+        gone = RawAgent(self.server, NODE_B)
+        gone.hello()
+        gone.lose()
+        self.assertEqual(self.server.admission.waiting, 0)
+        self.clock.advance(1.0)
+        self.assertNotIn(B, self.server.connected_nodes)
+
+    def test_no_rate_admits_everyone_at_once(self):
+        """A rate of 0 (``--agent-admission-rate 0``) admits every hello at once."""
+        self.server.admission = Admissions(self.clock, rate=0)
+        for identity in (NODE_A, NODE_B):
+            self.assertEqual(type(RawAgent(self.server, identity).hello()[0]), Welcome)
