@@ -608,7 +608,8 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
         await preload_store(reactor, data_path, held)
         # Its log goes to a file: a pipe this busy process drains late would stall it.
         control = ControlProcess(data_path, certificates, host="127.0.0.1",
-                                 log_directory=workdir)
+                                 log_directory=workdir,
+                                 extra_arguments=list(options.control_argument or ()))
         control.start()
         replicas = [Replica(control.host, control.port, control.agent_port)]
     else:
@@ -689,6 +690,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--certificates", default=None, metavar="DIR",
                    help="with --control: the folder with the cluster's cluster.crt/.key "
                         f"and the API user's {BENCH_USER}.crt/.key")
+    p.add_argument("--control-argument", action="append", metavar="ARG",
+                   help="an argument for the pyflock-control started here (repeat for "
+                        "more), e.g. --control-argument=--agent-admission-rate=0")
     p.add_argument("--restart", type=_count, default=0, metavar="CREATED",
                    help="then restart the control service (started here), creating this "
                         "many datasets in its store while it is down, and time the agents "

@@ -64,7 +64,8 @@ async def test_small_fleet_converges(tmp_path):
     simulator = _load_simulator()
     options = argparse.Namespace(agents=20, datasets=50, changes=3, sync_timeout=30.0,
                                  heartbeat=1.0, control=None, certificates=None,
-                                 restart=0, workdir=str(tmp_path))
+                                 restart=0, control_argument=None,
+                                 workdir=str(tmp_path))
     result = await simulator.simulate(reactor, options)
     assert result["sync"]["all_synced"], result
     assert result["sync"]["synced_agents"] == 20
