@@ -280,6 +280,8 @@ class SimulatedAgent:
         #: Which of the fleet's control services it connects to.
         self.replica = 0
         self.held: frozenset = frozenset()
+        #: How many whole views (snapshots) it was sent, as opposed to diffs.
+        self.snapshots = 0
         self.channel = AgentChannel(reactor, endpoint, uuid, "sim-" + uuid[:8], self._on_view,
                                     address="127.0.0.1", heartbeat=heartbeat,
                                     view=SharedView(),
@@ -313,6 +315,7 @@ class SimulatedAgent:
                     held.discard(entry.dataset_id)
             held.difference_update(change.removed)
         else:
+            self.snapshots += 1
             # A snapshot: what this node holds and the view still has (O(held), not
             # O(view): a thousand agents each read a snapshot of ten thousand datasets).
             held = [i for i in self.held if view.datasets.get(i) is not None
@@ -492,6 +495,56 @@ async def preload_store(reactor, data_path: Path, held: dict[str, list[str]]) ->
         await store.close()
 
 
+async def create_in_store(reactor, data_path: Path, primaries: list[str]) -> list[str]:
+    """Create a dataset for each of ``primaries`` straight in the SQLite store at
+    ``data_path`` (its control service stopped: changes made while it was down); their ids."""
+    from pyflock.common._model import Dataset
+    from pyflock.control._sqlite_store import open_sqlite_store
+    from pyflock.control._store import StoreWrite
+    store = await open_sqlite_store(reactor, data_path)
+    try:
+        config = (await store.load()).configuration
+        new = [Dataset(dataset_id=str(uuid4()), primary=p, maximum_size=DATASET_SIZE)
+               for p in primaries]
+        await store.write(StoreWrite(datasets=tuple((d.dataset_id, d) for d in new),
+                                     generation=config.generation + 1))
+    finally:
+        await store.close()
+    return [d.dataset_id for d in new]
+
+
+async def restart_control(reactor, fleet: Fleet, control, data_path: Path,
+                          created: int, timeout: float) -> dict:
+    """
+    Stop ``control`` (SIGTERM), create ``created`` datasets in its store meanwhile, start
+    it again, and wait until every agent's view has them and the fleet agrees on one
+    view: how long that took from the restart, what each agent received meanwhile, and
+    how many snapshots (as opposed to diffs) the agents were sent.
+    """
+    snapshots = sum(a.snapshots for a in fleet.agents)
+    connections = sum(a.counter.connections for a in fleet.agents)
+    control.stop()
+    wanted = set(await create_in_store(reactor, data_path,
+                                       [a.uuid for a in fleet.agents[:created]]))
+    received = fleet.bytes_received()
+    began = time.perf_counter()
+    control.start()
+    resumed = False
+    while time.perf_counter() - began < timeout:
+        if all(wanted <= set(a.channel.view.datasets) for a in fleet.agents):
+            resumed = await fleet.settled(max(1.0, timeout - (time.perf_counter() - began)))
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    return {"all_resumed": resumed,
+            "all_seconds": round(time.perf_counter() - began, 3) if resumed else None,
+            "created_while_down": created,
+            "bytes_received_per_agent": round((fleet.bytes_received() - received)
+                                              / len(fleet.agents)),
+            "snapshots": sum(a.snapshots for a in fleet.agents) - snapshots,
+            "reconnects": sum(a.counter.connections for a in fleet.agents) - connections,
+            "control": control_memory(control.pid)}
+
+
 async def preload_api(http, replicas: list[Replica], held: dict[str, list[str]],
                       clients: int = 16) -> None:
     """Create the datasets ``held`` (ids by primary) through the REST API with
@@ -555,7 +608,8 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
         await preload_store(reactor, data_path, held)
         # Its log goes to a file: a pipe this busy process drains late would stall it.
         control = ControlProcess(data_path, certificates, host="127.0.0.1",
-                                 log_directory=workdir)
+                                 log_directory=workdir,
+                                 extra_arguments=list(options.control_argument or ()))
         control.start()
         replicas = [Replica(control.host, control.port, control.agent_port)]
     else:
@@ -599,6 +653,10 @@ async def simulate(reactor, options: argparse.Namespace) -> dict:
             result["views_per_replica"] = len(fleet.views()) / len(replicas)
         else:
             result["change"] = None
+        if synced and control is not None and options.restart:
+            result["restart"] = await restart_control(
+                reactor, fleet, control, workdir / "control", options.restart,
+                options.sync_timeout)
     finally:
         result["agent_events"] = dict(events.counts.most_common(12))
         globalLogPublisher.removeObserver(events)
@@ -632,6 +690,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--certificates", default=None, metavar="DIR",
                    help="with --control: the folder with the cluster's cluster.crt/.key "
                         f"and the API user's {BENCH_USER}.crt/.key")
+    p.add_argument("--control-argument", action="append", metavar="ARG",
+                   help="an argument for the pyflock-control started here (repeat for "
+                        "more), e.g. --control-argument=--agent-admission-rate=0")
+    p.add_argument("--restart", type=_count, default=0, metavar="CREATED",
+                   help="then restart the control service (started here), creating this "
+                        "many datasets in its store while it is down, and time the agents "
+                        "resuming (0: no restart)")
     p.add_argument("--workdir", default=None,
                    help="scratch folder (default: a new temporary one, removed after)")
     return p

@@ -31,7 +31,9 @@ frame to an agent outgrows the limit, however big the cluster.
 A thousand agents connecting at once (issue 12, ``control/_viewlog.py``) share one
 snapshot encoding, compressed, followed by the diffs since it; at most a few snapshots
 stream at once while the other agents wait with heartbeats; and an agent reconnecting with
-a view of this run gets only the diffs it missed while they are kept.
+a view of this run gets only the diffs it missed while they are kept. Given a ``checkpoint``
+file, the view also goes on across a restart (``_Restored``): the next run keeps the epoch
+and version, and agents reconnecting get only what changed since their version.
 
 Agents of protocol 3 are also sent the cluster's revocation list (``publish_crl``): after
 the welcome and snapshot, and again whenever the control service loads a new one, so that
@@ -40,6 +42,7 @@ their own listeners refuse revoked certificates too (issue 8).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 from uuid import uuid4
 
@@ -52,6 +55,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from pyflock.common._files import write_atomically
 from pyflock.common._logging import log_event
 from pyflock.common._model import Configuration
 from pyflock.common._records import DatasetEntry
@@ -68,10 +72,16 @@ from pyflock.control._clusterstate import (
     purgeable,
 )
 from pyflock.control._persistence import ConfigurationService
-from pyflock.control._viewlog import Catchup
+from pyflock.control._viewlog import (
+    DEFAULT_ADMISSION_RATE, Admissions, Catchup, CheckpointInvalid, checkpoint_bytes,
+    read_checkpoint,
+)
 
 #: Seconds between heartbeats (DESIGN.md).
 DEFAULT_HEARTBEAT = 5.0
+
+#: The file in the control service's data path that keeps the view across a restart.
+VIEW_CHECKPOINT = "agent-view.checkpoint"
 
 #: The first agent-channel version whose agents keep a deleted dataset's data while it is
 #: retained (the entry's ``retained_until``); older agents destroy what is shown deleted.
@@ -129,6 +139,8 @@ class _AgentConnection(MessageProtocol):
         self._admission: Optional[Admission] = None
         self.node_uuid: Optional[str] = None
         self.welcomed = False
+        #: Said hello, waits to be admitted (the server's ``admission``), or was.
+        self.admitting = False
         self.reported = False
         self._hello_timeout = None
         self._abort = None
@@ -151,6 +163,7 @@ class _AgentConnection(MessageProtocol):
         for call in (self._hello_timeout, self._abort):
             if call is not None and call.active():
                 call.cancel()
+        self._server.admission.cancel(self)
         self._server._closed(self)
         super().connectionLost(reason)
 
@@ -160,6 +173,10 @@ class _AgentConnection(MessageProtocol):
         if self.connected and self._abort is None:
             self._abort = self._server.reactor.callLater(
                 self._server.heartbeat, self.transport.abortConnection)
+
+    def _admitted(self, hello: Hello) -> None:
+        if not self.closing:
+            self._server._hello(self, hello)
 
     def _no_hello(self) -> None:
         self._hello_timeout = None
@@ -203,10 +220,13 @@ class _AgentConnection(MessageProtocol):
             if not isinstance(message, Hello):
                 raise BadMessage(f"the first message must be a hello, not "
                                  f"{type(message).__name__}")
+            if self.admitting:
+                return  # said hello already: waits to be admitted (issue 12)
             if self._hello_timeout is not None and self._hello_timeout.active():
                 self._hello_timeout.cancel()
             self._hello_timeout = None
-            self._server._hello(self, message)
+            self.admitting = True
+            self._server.admission.request(self, lambda: self._admitted(message))
             return
         self._server._heard(self.node_uuid)
         if isinstance(message, Heartbeat):
@@ -258,7 +278,9 @@ class AgentChannelServer:
                  agent_message_limit: int = AGENT_MESSAGE_LIMIT,
                  send_limit: int = SEND_LIMIT, page_size: int = SNAPSHOT_PAGE,
                  purge_deadline: float = DEFAULT_PURGE_DEADLINE,
-                 epoch: Optional[str] = None, reports=None):
+                 epoch: Optional[str] = None, reports=None,
+                 checkpoint: Optional[Path] = None,
+                 admission_rate: Optional[float] = DEFAULT_ADMISSION_RATE):
         self.configuration = configuration
         self.cluster = cluster
         self.reactor = reactor
@@ -289,6 +311,8 @@ class AgentChannelServer:
         self._running = False
         self._crl = _CRLPublisher(self)  # issue 8
         self._pending = _PendingPush(reactor, self._push_pending)
+        self.restored = _Restored(self, checkpoint)  # issue 12: across a restart
+        self.admission = Admissions(reactor, admission_rate)  # issue 12: hellos per second
 
     @property
     def node_expiry(self) -> float:
@@ -305,6 +329,7 @@ class AgentChannelServer:
         self._holders = holders_of(self.cluster.state)
         self._datasets = view_datasets(config, self._holders)
         self.version = 1
+        self.restored.load(config)
         self._purger.start(config, self.version)
         self._running = True
         self.configuration.subscribe(self._configuration_changed)
@@ -320,10 +345,12 @@ class AgentChannelServer:
             self._heartbeats.stop()
         self._purger.stop()
         self._pending.cancel()
+        self.admission.stop()
         for call in self._expiry.values():
             if call.active():
                 call.cancel()
         self._expiry.clear()
+        self.restored.save()
         waiting = []
         for connection in list(self._open):
             waiting.append(connection.when_lost())
@@ -372,20 +399,8 @@ class AgentChannelServer:
     def _send_snapshot(self, connection: _AgentConnection) -> None:
         if (connection.protocol_version or PROTOCOL_VERSION) >= PAGED_SNAPSHOTS:
             self.catchup.snapshot(connection)  # issue 12: shared pages, a few at once
-            return
-        # Version 2: one frame, without the retained datasets, shared by version.
-        if self._snapshot_cache[0] != self.version:
-            self._snapshot_cache = (self.version, encode(hide_retained(self.snapshot())))
-        payload = self._snapshot_cache[1]
-        if len(payload) > MAX_MESSAGE:
-            # Version 2 cannot page: its agent would refuse the frame anyway.
-            connection.close("too-large", f"the snapshot of this cluster is "
-                                          f"{len(payload)} bytes, over the "
-                                          f"{MAX_MESSAGE} bytes agent-channel protocol 2 "
-                                          f"can carry: upgrade this agent (protocol 3 "
-                                          f"sends snapshots in pages)")
-            return
-        connection.send_payload(payload)
+        else:
+            _send_version_2_snapshot(self, connection)
 
     def _send_heartbeats(self) -> None:
         # A replica that has just become leader purges what waited meanwhile.
@@ -538,11 +553,13 @@ class AgentChannelServer:
                       node_uuid=uuid, count=len(unknown), dataset_ids=sorted(unknown)[:10])
         datasets = pmap({r.dataset_id: attr.evolve(r, node_uuid=uuid)
                          for r in report.datasets if r.dataset_id in self._datasets})
-        if datasets != node.datasets:
-            self.shared.update(node.set(datasets=datasets))
-            log_event(_log, "pyflock:control:node-state", node_uuid=uuid,
-                      datasets=len(datasets))
-            changed = self._set_holdings(uuid, node.datasets, datasets)
+        presumed = self.restored.presumed.pop(uuid, frozenset())
+        if datasets != node.datasets or presumed:
+            if datasets != node.datasets:
+                self.shared.update(node.set(datasets=datasets))
+                log_event(_log, "pyflock:control:node-state", node_uuid=uuid,
+                          datasets=len(datasets))
+            changed = self._set_holdings(uuid, presumed | set(node.datasets), datasets)
             if changed:
                 self._publish(datasets=changed)
         connection.reported = True
@@ -571,10 +588,14 @@ class AgentChannelServer:
         """Nothing heard from ``uuid`` for ``node_expiry``: it is dead."""
         self._expiry.pop(uuid, None)
         node = self.cluster.state.nodes.get(uuid)
+        presumed = self.restored.presumed.pop(uuid, None)
+        if node is None and presumed is not None:
+            self.restored.expire(uuid, presumed)
+            return
         if node is None or node.remote is not None:
             return  # its agent went on to another replica, which now publishes it
         self.shared.wipe(uuid)
-        released = self._set_holdings(uuid, node.datasets, ())
+        released = self._set_holdings(uuid, set(node.datasets) | (presumed or set()), ())
         self._acks.pop(uuid, None)
         connection = self._connections.pop(uuid, None)
         if connection is not None:
@@ -588,6 +609,22 @@ class AgentChannelServer:
 
     def _purge_unheld(self) -> None:
         self._purger.check(self._acks)
+
+
+def _send_version_2_snapshot(server: AgentChannelServer, connection: _AgentConnection) -> None:
+    """Version 2: the whole view in one frame, without the retained datasets, encoded once
+    per version (``server._snapshot_cache``)."""
+    if server._snapshot_cache[0] != server.version:
+        server._snapshot_cache = (server.version, encode(hide_retained(server.snapshot())))
+    payload = server._snapshot_cache[1]
+    if len(payload) > MAX_MESSAGE:
+        # Version 2 cannot page: its agent would refuse the frame anyway.
+        connection.close("too-large", f"the snapshot of this cluster is {len(payload)} "
+                                      f"bytes, over the {MAX_MESSAGE} bytes agent-channel "
+                                      f"protocol 2 can carry: upgrade this agent (protocol "
+                                      f"3 sends snapshots in pages)")
+        return
+    connection.send_payload(payload)
 
 
 class _SharedState:
@@ -645,6 +682,86 @@ class _SharedState:
         server._set_node(Node(uuid=uuid, host=after.host, peer_port=after.peer_port,
                               alive=server.cluster.is_alive(after)), changed)
         server._purge_unheld()
+
+
+class _Restored:
+    """
+    Issue 12: the server's view across a restart (the server's ``restored``). On stopping,
+    the view and its recent diffs go to the ``checkpoint`` file; the next run reads it
+    once (and removes it), keeps its epoch and version, and pushes what changed in the
+    store meanwhile as one diff, so that agents reconnecting with their version get diffs.
+
+    Until a node of the old view reports again, the datasets that view said it holds are
+    ``presumed`` held by it (so the view does not lose and regain every holder while agents
+    reconnect); a node that does not come back within ``node_expiry`` is dead, as in a run
+    that had heard it.
+    """
+
+    def __init__(self, server: AgentChannelServer, checkpoint: Optional[Path]):
+        self._server = server
+        self.checkpoint = checkpoint
+        #: node uuid -> the datasets the restored view says it holds, until it reports
+        self.presumed: dict[str, set[str]] = {}
+
+    def load(self, config: Configuration) -> bool:
+        """Take the view of the checkpoint, if one is there, and push what changed since
+        in ``config``; whether there was one to take (else the server's fresh view stays)."""
+        server, path = self._server, self.checkpoint
+        if path is None or not path.exists():
+            return False
+        try:
+            data = path.read_bytes()
+            path.unlink()  # once: a run that crashes leaves none behind
+            view, diffs = read_checkpoint(data)
+        except (OSError, CheckpointInvalid) as e:
+            log_event(_log, "pyflock:control:checkpoint-unread", LogLevel.warn,
+                      path=str(path), reason=str(e))
+            return False
+        server.epoch, server.version = view.epoch, view.version
+        server._nodes = {n.uuid: n for n in view.nodes}
+        self.presumed = {n.uuid: set() for n in view.nodes if n.alive}
+        for entry in view.datasets:
+            for uuid in entry.holders:
+                self.presumed.setdefault(uuid, set()).add(entry.dataset_id)
+        holders = {e.dataset_id: frozenset(e.holders) for e in view.datasets if e.holders}
+        server._holders = holders | holders_of(server.cluster.state)
+        for version, payload in diffs:
+            server.catchup.history.record(version, payload)
+        old = {e.dataset_id: e for e in view.datasets}
+        server._datasets = view_datasets(config, server._holders)
+        changed = [e for i, e in server._datasets.items() if old.get(i) != e]
+        removed = [i for i in old if i not in server._datasets]
+        if changed or removed:
+            server._publish(datasets=changed, removed=removed)
+        for uuid in self.presumed:
+            server._expiry[uuid] = server.reactor.callLater(server.node_expiry,
+                                                            server._expire, uuid)
+        log_event(_log, "pyflock:control:view-restored", epoch=server.epoch,
+                  version=server.version, changed=len(changed), removed=len(removed),
+                  diffs=len(diffs))
+        return True
+
+    def expire(self, uuid: str, presumed: set[str]) -> None:
+        """A node of the restored view not heard from in this run is dead."""
+        server = self._server
+        entry = server._nodes.get(uuid)
+        released = server._set_holdings(uuid, presumed, ())
+        if entry is not None:
+            server._set_node(attr.evolve(entry, alive=False), released)
+        elif released:
+            server._publish(datasets=released)
+
+    def save(self) -> None:
+        """Write the view now and its recent diffs to the checkpoint (if there is one)."""
+        server, path = self._server, self.checkpoint
+        if path is None or server.version < 1:
+            return
+        try:
+            write_atomically(path, checkpoint_bytes(server.snapshot(),
+                                                    server.catchup.history.kept()))
+        except OSError as e:
+            log_event(_log, "pyflock:control:checkpoint-unwritten", LogLevel.warn,
+                      path=str(path), reason=str(e))
 
 
 class _PendingPush:

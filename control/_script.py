@@ -17,6 +17,7 @@
                           [--max-connections N] [--tls-handshake-timeout SECONDS]
                           [--tls-recheck SECONDS] [--node-dataset-quota N]
                           [--node-write-rate PER_SECOND] [--node-write-burst N]
+                          [--agent-admission-rate PER_SECOND]
     pyflock-control backup --out FILE [--data-path DIR | --store etcd --etcd-*]
     pyflock-control backup --data-path DIR FILE      (SQLite only: a copy of the file)
     pyflock-control restore FILE [--data-path DIR | --store etcd --etcd-*]
@@ -48,7 +49,10 @@ from pyflock.common._connections import (
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_RECHECK, ConnectionLimits,
 )
 from pyflock.common._tls import AGENT_CHANNEL, REST_API, ClusterTLS
-from pyflock.control._agentchannel import DEFAULT_HEARTBEAT, AgentChannelServer
+from pyflock.control._viewlog import DEFAULT_ADMISSION_BURST, DEFAULT_ADMISSION_RATE
+from pyflock.control._agentchannel import (
+    DEFAULT_HEARTBEAT, VIEW_CHECKPOINT, AgentChannelServer,
+)
 from pyflock.control._api import ControlAPI, __version__
 from pyflock.control._api_base import APISite
 from pyflock.control._clusterstate import (
@@ -108,6 +112,8 @@ def _seconds(zero: bool, noun: str) -> Callable[[str], float]:
 _positive_bytes = _whole_number("a positive number of bytes")
 _positive_count = _whole_number("a whole number greater than 0")
 _positive_seconds = _seconds(False, "a positive number of seconds")
+#: A rate that 0 turns off.
+_rate_or_zero = _seconds(True, "a number per second, 0 or more")
 #: A retention: 0 turns it off.
 _retention_seconds = _seconds(True, "a number of seconds, 0 or more")
 
@@ -131,6 +137,9 @@ _LIMIT_OPTIONS = (
      "answer 429"),
     ("--node-write-burst", _positive_count, "N", DEFAULT_NODE_WRITE_BURST,
      "how many of them it may make at once after a quiet spell"),
+    ("--agent-admission-rate", _rate_or_zero, "PER_SECOND", DEFAULT_ADMISSION_RATE,
+     f"agents welcomed per second at most, after {DEFAULT_ADMISSION_BURST} at once; the "
+     f"others wait their turn (0: no limit)"),
 )
 
 
@@ -325,7 +334,9 @@ async def run(reactor, options: argparse.Namespace) -> None:
                                  heartbeat=options.heartbeat,
                                  agent_message_limit=options.agent_message_limit,
                                  send_limit=options.agent_send_limit,
-                                 purge_deadline=options.purge_deadline, reports=shared)
+                                 purge_deadline=options.purge_deadline, reports=shared,
+                                 checkpoint=view_checkpoint(options),
+                                 admission_rate=options.agent_admission_rate)
     channel.start()
     if shared is not None:
         try:
@@ -389,6 +400,14 @@ async def run(reactor, options: argparse.Namespace) -> None:
     reactor.addSystemEventTrigger("before", "shutdown",
                                   lambda: Deferred.fromCoroutine(shutdown()))
     await Deferred()  # run until the reactor stops
+
+
+def view_checkpoint(options) -> Optional[Path]:
+    """Issue 12: where the agents' view is kept across a restart (SQLite store only: with
+    replicas on etcd, agents reconnect to another replica and get a snapshot)."""
+    if options.store != "sqlite":
+        return None
+    return Path(options.data_path) / VIEW_CHECKPOINT
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

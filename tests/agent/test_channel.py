@@ -722,9 +722,15 @@ async def test_two_agents_and_real_control(reactor, tmp_path):
         epoch = view.epoch
         assert control.stop() == 0
         control.start()
-        for watcher in watchers.values():
-            _, view = await watcher.wait(reactor, lambda v: v.epoch != epoch)
-            assert view.by_name("db-9").dataset_id == dataset_id
+        # Issue 12: the view goes on across a clean restart: each agent resumes from its
+        # version (same epoch, no snapshot).
+        for uuid in watchers:
+            connected = await control.wait_for_event(
+                reactor, "pyflock:control:agent-connected", lambda e: e["node_uuid"] == uuid)
+            assert connected["snapshot"] is False
+        for channel in channels:
+            assert channel.view.epoch == epoch
+            assert channel.view.by_name("db-9").dataset_id == dataset_id
 
         await channels[0].stop()
         _, view = await watchers[b].wait(

@@ -64,6 +64,7 @@ async def test_small_fleet_converges(tmp_path):
     simulator = _load_simulator()
     options = argparse.Namespace(agents=20, datasets=50, changes=3, sync_timeout=30.0,
                                  heartbeat=1.0, control=None, certificates=None,
+                                 restart=0, control_argument=None,
                                  workdir=str(tmp_path))
     result = await simulator.simulate(reactor, options)
     assert result["sync"]["all_synced"], result
@@ -102,13 +103,9 @@ def test_sharing_decodes_alike_frames_once_with_the_real_codec():
 async def test_fleet_converges_after_a_control_restart(tmp_path):
     """200 simulated agents that had their view follow a real pyflock-control through a
     restart during which datasets were created in its store: every agent ends on one view
-    version, which has the new datasets."""
+    version, which has the new datasets, having resumed from its version with diffs (no
+    snapshot; a tenth of the bytes of the first sync at most)."""
     from twisted.internet import reactor
-
-    from pyflock.common._model import Dataset
-    from pyflock.control._sqlite_store import open_sqlite_store
-    from pyflock.control._store import StoreWrite
-    from twisted.internet.task import deferLater
     simulator = _load_simulator()
     from _harness import make_certificates  # bench/, on the path with the simulator
     certificates = make_certificates(tmp_path).path
@@ -125,27 +122,15 @@ async def test_fleet_converges_after_a_control_restart(tmp_path):
         assert await simulator._with_timeout(reactor, fleet.all_synced, 60)
         assert await fleet.settled(30)
         [(_, before)] = fleet.views()
-        control.stop()
-        store = await open_sqlite_store(reactor, data_path)
-        try:
-            config = (await store.load()).configuration
-            new = [Dataset(dataset_id=str(uuid4()), primary=nodes[n][0])
-                   for n in range(3)]
-            await store.write(StoreWrite(datasets=tuple((d.dataset_id, d) for d in new),
-                                         generation=config.generation + 1))
-        finally:
-            await store.close()
-        control.start()
-        for _ in range(600):  # until every agent has a view of the new run (60 s)
-            if all(a.channel.view.epoch != before.epoch for a in fleet.agents):
-                break
-            await deferLater(reactor, 0.1, lambda: None)
-        assert await fleet.settled(60)
+        first_sync = fleet.bytes_received() / len(fleet.agents)
+        restart = await simulator.restart_control(reactor, fleet, control, data_path, 3, 60)
+        assert restart["all_resumed"], restart
         [(_, version)] = fleet.views()
-        assert version.epoch != before.epoch
-        view = fleet.agents[0].channel.view
-        assert view.current == version
-        assert {d.dataset_id for d in new} <= set(view.datasets)
+        # The view went on: same epoch, and every agent resumed with diffs.
+        assert version.epoch == before.epoch and version.version > before.version
+        assert restart["snapshots"] == 0, restart
+        assert restart["bytes_received_per_agent"] < first_sync / 10, (restart, first_sync)
+        assert fleet.agents[0].channel.view.current == version
     finally:
         await fleet.stop()
         control.stop()
