@@ -69,17 +69,22 @@ class LeaseKeeper:
             return d.addCallback(taken)
 
         sharing: list[Deferred] = []
+        answered = []
 
         def share(result: Any) -> Any:
+            answered.append(True)
             if self._sharing.get(dataset_id) is sharing:
                 del self._sharing[dataset_id]
             for joined in sharing:
-                joined.errback(result) if isinstance(result, Failure) else joined.callback(result)
+                if isinstance(result, Failure):
+                    joined.errback(result)
+                else:
+                    joined.callback(result)
             return result
-        d = self._serially(dataset_id, go)
-        if not d.called:
+        d = self._serially(dataset_id, go).addBoth(share)
+        if not answered:
             self._sharing[dataset_id] = sharing
-        return d.addBoth(share)
+        return d
 
     def release_if_idle(self, dataset_id: Optional[str]) -> Deferred:
         """Release this node's lease unless the dataset is in use again by then; never

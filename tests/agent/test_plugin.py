@@ -1455,3 +1455,48 @@ class NewVolumeLeaseTests(GracePluginTestCase):
         self.a.link.down = False
         self.clock.advance(self.grace + 1)
         self.assertEqual((self.a.mounts.count("v1"), self.lease_holder("v1")), (1, A))
+
+
+class PendingCreationTests(PluginTestCase):
+    """Issue 7's fast path: Create chooses the new dataset's id and has this node make
+    it while the create request is under way (``pyflock.agent._pending``)."""
+
+    def setUp(self):
+        super().setUp()
+        from pyflock.agent._pending import PendingCreations
+        self.pending = PendingCreations()
+        self.plugin = DockerPlugin(self.a.backend, self.a.mounts, self.clock,
+                                   release_grace=0, pending=self.pending)
+        self.addCleanup(self.plugin.stop)
+        self.a.plugin = self.plugin
+        self.a.docker = StubTreq(self.plugin.resource())
+
+    def desired(self):
+        """What the pending creations ask of node A: state by dataset id."""
+        from pyflock.agent._convergence import Desired
+        desired = self.pending.desire(lambda view, now: Desired(node_uuid=A))(
+            None, self.clock.seconds())
+        return {i: desired.state_of(i).value for i in desired.datasets}
+
+    def test_create_sends_the_id_it_makes(self):
+        """The dataset configured is the one this node was asked to make, here."""
+        self.a.ok("VolumeDriver.Create", {"Name": "v1", "Opts": {"size": "64M"}})
+        dataset = self.dataset("v1")
+        self.assertEqual((dataset.primary, self.desired()),
+                         (A, {dataset.dataset_id: "mounted"}))
+        self.assertEqual(self.pending.desire(lambda view, now: None)(None, 0), None)
+
+    def test_refused_creation_abandoned(self):
+        """A name taken meanwhile (the view behind): what was begun is destroyed here."""
+        self.a.freeze_view()
+        self.create_on_b("v1")
+        self.a.ok("VolumeDriver.Create", {"Name": "v1"})
+        self.assertEqual(list(self.desired().values()), ["destroyed"])
+
+    def test_no_answer_kept(self):
+        """Without an answer the creation may have been made: it stays desired here."""
+        self.a.link.hold = True
+        d = self.a.send("VolumeDriver.Create", {"Name": "v1"})
+        self.clock.advance(50)
+        self.assertIn("did not answer", self.a.finish(d)["Err"])
+        self.assertEqual(list(self.desired().values()), ["mounted"])

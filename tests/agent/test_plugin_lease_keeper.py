@@ -83,3 +83,56 @@ class LeaseKeeperTests(SynchronousTestCase):
         [event] = events_of(events, "pyflock:plugin:lease-lost")
         self.assertEqual(event["holder"], OTHER)
         self.assertNotIn(DS, self.keeper.held)
+
+
+class SharedAcquireTests(SynchronousTestCase):
+    """An acquire asked while another is under way, with nothing queued after it, shares
+    that one's answer (issue 7: the first Mount waits for the lease Create asked for)."""
+
+    def setUp(self):
+        self.client = ScriptedClient()
+        self.keeper = LeaseKeeper(self.client, NODE, 60.0, lambda d: False)
+
+    def test_second_acquire_shares_the_first(self):
+        """Two acquires, one request; both get its lease."""
+        pending: Deferred = Deferred()
+        self.client.answers = [pending]
+        first = self.keeper.acquire(DS)
+        second = self.keeper.acquire(DS)
+        self.assertEqual(self.client.calls, [("acquire", DS)])
+        lease = Lease(DS, NODE, 60.0)
+        pending.callback(lease)
+        self.assertIs(self.successResultOf(first), lease)
+        self.assertIs(self.successResultOf(second), lease)
+        self.assertIn(DS, self.keeper.held)
+
+    def test_shared_refusal(self):
+        """A refused acquire fails every caller sharing it, with the holder."""
+        pending: Deferred = Deferred()
+        self.client.answers = [pending]
+        first = self.keeper.acquire(DS)
+        second = self.keeper.acquire(DS)
+        pending.errback(Conflict(409, "leased", holder=OTHER))
+        self.assertEqual(self.failureResultOf(first, Conflict).value.holder, OTHER)
+        self.assertEqual(self.failureResultOf(second, Conflict).value.holder, OTHER)
+        self.assertNotIn(DS, self.keeper.held)
+
+    def test_no_sharing_across_a_release(self):
+        """An acquire asked after a queued release is a request of its own, after it."""
+        pending: Deferred = Deferred()
+        self.client.answers = [pending, succeed(None), succeed(Lease(DS, NODE, 60.0))]
+        self.keeper.acquire(DS)
+        self.keeper.release_if_idle(DS)
+        again = self.keeper.acquire(DS)
+        pending.callback(Lease(DS, NODE, 60.0))
+        self.successResultOf(again)
+        self.assertEqual(self.client.calls,
+                         [("acquire", DS), ("release", DS), ("acquire", DS)])
+        self.assertIn(DS, self.keeper.held)
+
+    def test_no_sharing_once_answered(self):
+        """An acquire after the last one was answered asks again (a renewal)."""
+        self.client.answers = [succeed(Lease(DS, NODE, 60.0)), succeed(Lease(DS, NODE, 60.0))]
+        self.successResultOf(self.keeper.acquire(DS))
+        self.successResultOf(self.keeper.acquire(DS))
+        self.assertEqual(self.client.calls, [("acquire", DS), ("acquire", DS)])
