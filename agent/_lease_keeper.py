@@ -86,6 +86,14 @@ class LeaseKeeper:
             self._sharing[dataset_id] = sharing
         return d
 
+    def took(self, dataset_id: str) -> None:
+        """This node's lease on ``dataset_id`` was taken another way (with the dataset's
+        creation): keep it like one ``acquire`` took."""
+        if dataset_id not in self.held:
+            log_event(_log, "pyflock:plugin:lease-acquired", dataset_id=dataset_id,
+                      node_uuid=self._node, expires=self._duration, created=True)
+        self.held.add(dataset_id)
+
     def release_if_idle(self, dataset_id: Optional[str]) -> Deferred:
         """Release this node's lease unless the dataset is in use again by then; never
         fails (a lease that cannot be released expires on its own)."""

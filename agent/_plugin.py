@@ -18,6 +18,7 @@ machine per Mount), ``DockerPlugin`` here runs its actions against an ``IPluginB
 from __future__ import annotations
 
 import json
+from functools import partial
 from uuid import uuid4
 from typing import Any, Callable, Mapping, Optional
 
@@ -35,7 +36,7 @@ from pyflock.agent._pending import PendingCreations
 from pyflock.agent._plugin_backend import (
     IPluginBackend, LocalStates, PluginBackend, agent_view_source, is_mountpoint_in,
 )
-from pyflock.agent._plugin_core import PluginCore, World, describe, mounted_path
+from pyflock.agent._plugin_core import NewVolume, PluginCore, World, describe, mounted_path
 from pyflock.agent._plugin_http import PluginApp, listen_plugin, plugin_site
 from pyflock.agent._plugin_model import (
     LEASE_DURATION, MOUNT_TIMEOUT, MOUNTED, OVERLAY_TTL, PROFILES, RELEASE_GRACE,
@@ -49,7 +50,7 @@ from pyflock.common._client import (
     NotFound,
 )
 from pyflock.common._logging import log_event
-from pyflock.common._records import DatasetEntry
+from pyflock.common._records import Dataset, DatasetEntry, Lease
 
 _log = Logger()
 
@@ -88,6 +89,7 @@ class DockerPlugin:
                                 overlay_ttl=overlay_ttl)
         self._renew_interval = renew_interval
         self._request_timeout = request_timeout
+        self._lease_duration = lease_duration
         self._leases = LeaseKeeper(self._client, self._node, lease_duration,
                                    lambda dataset_id: dataset_id in self._in_use())
         self._releases: dict[str, Any] = {}
@@ -274,10 +276,10 @@ class DockerPlugin:
         if self._pending is not None:
             dataset_id = str(uuid4())
             self._pending.begin(dataset_id, new.maximum_size, new.profile)
+        asked = self._reactor.seconds()
         try:
-            config = await within(self._reactor, self._client.create_dataset(
-                self._node, maximum_size=new.maximum_size, metadata=new.metadata,
-                dataset_id=dataset_id), self._request_timeout)
+            config, leased = await within(self._reactor, Deferred.fromCoroutine(
+                self._create(new, dataset_id)), self._request_timeout)
         except Conflict as e:
             self._refused(dataset_id, e)
             # The name exists in the cluster but this node's view has not caught up;
@@ -300,29 +302,34 @@ class DockerPlugin:
         except ControlError as e:
             self._refused(dataset_id, e)
             raise
-        self._core.overlay.created(config, self._reactor.seconds())
+        lease = Lease.lasting(config.dataset_id, self._node, asked, self._lease_duration)
+        self._core.overlay.created(config, self._reactor.seconds(), leased and lease or None)
         log_event(_log, "pyflock:plugin:created", name=name, dataset_id=config.dataset_id,
                   node_uuid=self._node, maximum_size=new.maximum_size, profile=new.profile)
-        self._lease_new(config.dataset_id)
+        if leased:
+            self._leases.took(config.dataset_id)
+            self._release_later(config.dataset_id)  # unless a Mount uses it meanwhile
         return {}
+
+    async def _create(self, new: NewVolume, dataset_id: Optional[str]) -> tuple[Dataset, bool]:
+        """The new dataset, made with this node's lease (from after the call) in the
+        same write: dockerd's first Mount, ms later, finds it held (``held_here``); and
+        whether the lease came with it: a control service older than that refuses
+        ``lease`` (400), and the Mount then takes the lease the usual way."""
+        create = partial(self._client.create_dataset, self._node, dataset_id=dataset_id,
+                         maximum_size=new.maximum_size, metadata=new.metadata)
+        try:
+            return await create(lease=self._lease_duration), True
+        except ControlError as e:
+            if e.code != 400:
+                raise
+        return await create(), False
 
     def _refused(self, dataset_id: Optional[str], error: ControlError) -> None:
         """The control service said no (4xx) to creating ``dataset_id``: what this node
         made for it goes. With no answer the creation may have happened: it stays."""
         if dataset_id is not None and error.code is not None and 400 <= error.code < 500:
             self._pending.abandon(dataset_id, self._reactor.seconds())
-
-    def _lease_new(self, dataset_id: str) -> None:
-        """Take a new volume's lease once the Create has answered, and release it after
-        the grace unless a Mount uses it: dockerd's first Mount follows its Create within
-        milliseconds and then finds the lease held (``PluginCore.held_here``) instead of
-        waiting for a lease and a move while the agent makes the dataset. A lease that
-        cannot be taken is left to the Mount, which takes it the usual way."""
-        def failed(failure: Failure) -> None:
-            log_event(_log, "pyflock:plugin:lease-early-failed", LogLevel.info,
-                      dataset_id=dataset_id, reason=failure.getErrorMessage())
-        d = within(self._reactor, self._leases.acquire(dataset_id), self._request_timeout)
-        d.addCallbacks(lambda _: self._release_later(dataset_id), failed)
 
     async def unmount(self, body: dict) -> dict:
         """Unmount: count one mount fewer; the last one releases the lease."""

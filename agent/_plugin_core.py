@@ -76,7 +76,7 @@ from pyflock.agent._plugin_model import (
     unreachable,
 )
 from pyflock.common._client import ControlError, ControlUnreachable
-from pyflock.common._records import Dataset, DatasetEntry, Transfer
+from pyflock.common._records import Dataset, DatasetEntry, Lease, Transfer
 from pyflock.common._sizes import format_size
 
 
@@ -625,9 +625,11 @@ class Overlay:
             volumes.setdefault(name, record)
         return volumes
 
-    def created(self, config: Dataset, now: float) -> DatasetEntry:
-        """Remember a dataset this node created (or fetched); its view record."""
-        record = DatasetEntry.of(config)
+    def created(self, config: Dataset, now: float,
+                lease: Optional[Lease] = None) -> DatasetEntry:
+        """Remember a dataset this node created (or fetched), with the lease taken with
+        it if any; its view record."""
+        record = DatasetEntry.of(config, lease)
         self._created[record.name] = (record, now + self._ttl)
         self._removed.pop(record.dataset_id, None)
         return record

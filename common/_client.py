@@ -201,8 +201,9 @@ class IControlClient(Interface):
         """Every configured dataset, deleted ones included, and the configuration tag."""
 
     def create_dataset(primary, maximum_size=None, metadata=None, dataset_id=None,
-                       if_matches=None) -> "Deferred[Dataset]":
-        """Configure a new dataset on node ``primary``."""
+                       if_matches=None, lease=None) -> "Deferred[Dataset]":
+        """Configure a new dataset on node ``primary``; with ``lease`` (seconds), that
+        node's lease on it is taken in the same write."""
 
     def move_dataset(dataset_id, primary, if_matches=None) -> "Deferred[Dataset]":
         """Make ``primary`` the dataset's node."""
@@ -493,10 +494,14 @@ class ControlClient:
     def create_dataset(self, primary: str, maximum_size: Optional[int] = None,
                        metadata: Optional[dict[str, str]] = None,
                        dataset_id: Optional[str] = None,
-                       if_matches: Optional[str] = None) -> "Deferred[Dataset]":
+                       if_matches: Optional[str] = None,
+                       lease: Optional[float] = None) -> "Deferred[Dataset]":
         """Configure a new dataset on node ``primary``; the id is chosen by the service
-        unless given."""
+        unless given. With ``lease`` (seconds), ``primary``'s lease on the new dataset
+        is taken in the same durable write."""
         body: dict[str, Any] = {"primary": primary}
+        if lease is not None:
+            body["lease"] = {"expires": lease}
         if dataset_id is not None:
             body["dataset_id"] = dataset_id
         if maximum_size is not None:

@@ -192,15 +192,21 @@ class ControlAPI(APIBase):
         _check_metadata(body)
         primary = body["primary"].lower()
         self._act_as(identity, primary, "create a dataset on another node")
+        lease = body.get("lease")
+        if lease is not None:
+            self._node_lease(identity, primary, lease["expires"])
         self._node_quota(identity, self._configuration.pending)
         self._check_tag(request)
         size = body.get("maximum_size")
         dataset = Dataset(dataset_id=body.get("dataset_id", str(uuid4())).lower(),
                           primary=primary, maximum_size=None if size is None else int(size),
                           metadata=body.get("metadata", {}))
-        await self._change(request, dataset.dataset_id, lambda c: c.create(dataset))
-        self._audit(request, "pyflock:control:dataset-created",
-                    dataset_id=dataset.dataset_id, primary=primary, name=dataset.name)
+        now = self._configuration.now()
+        leased = (lambda c: c) if lease is None else (lambda c: c.acquire_lease(
+            now, dataset.dataset_id, primary, lease["expires"]))
+        await self._change(request, dataset.dataset_id, lambda c: leased(c.create(dataset)))
+        self._audit(request, "pyflock:control:dataset-created", dataset_id=dataset.dataset_id,
+                    primary=primary, name=dataset.name, lease=lease and lease["expires"])
         return self._json(request, dataset_to_json(dataset), 201)
 
     @app.route("/v1/configuration/datasets/<dataset_id>", methods=["POST"])

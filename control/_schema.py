@@ -38,6 +38,9 @@ METADATA = {
                    "unique name (its Docker volume name).",
 }
 
+LEASE_EXPIRES = {"type": ["number", "null"], "minimum": 0, "maximum": MAXIMUM_LEASE,
+                 "description": "Seconds until the lease expires; null: never."}
+
 DATASET = {
     "type": "object",
     "required": ["dataset_id", "primary", "maximum_size", "metadata", "deleted"],
@@ -66,8 +69,17 @@ RESTORE_DATASET = {
 
 CREATE_DATASET = {
     "type": "object", "required": ["primary"],
-    "properties": {"primary": UUID, "dataset_id": UUID, "maximum_size": MAXIMUM_SIZE,
-                   "metadata": METADATA},
+    "properties": {
+        "primary": UUID, "dataset_id": UUID, "maximum_size": MAXIMUM_SIZE,
+        "metadata": METADATA,
+        "lease": {
+            "type": "object", "required": ["expires"],
+            "properties": {"expires": LEASE_EXPIRES},
+            "additionalProperties": False,
+            "description": "pyflock addition: the primary node's lease on the new dataset, "
+                           "taken in the same durable write (the Docker plugin's Create, "
+                           "whose Mount follows at once)."},
+    },
     "additionalProperties": False,
 }
 
@@ -153,8 +165,7 @@ LEASE = {
     "type": "object", "required": ["dataset_id", "node_uuid", "expires"],
     "properties": {
         "dataset_id": UUID, "node_uuid": UUID,
-        "expires": {"type": ["number", "null"], "minimum": 0, "maximum": MAXIMUM_LEASE,
-                    "description": "Seconds until the lease expires; null: never."},
+        "expires": LEASE_EXPIRES,
     },
     "additionalProperties": False,
 }

@@ -1456,6 +1456,28 @@ class NewVolumeLeaseTests(GracePluginTestCase):
         self.clock.advance(self.grace + 1)
         self.assertEqual((self.a.mounts.count("v1"), self.lease_holder("v1")), (1, A))
 
+    def test_create_is_one_request(self):
+        """The dataset and its lease are one request to the control service, and the
+        first Mount after it sends none."""
+        before = self.a.link.tried
+        self.a.ok("VolumeDriver.Create", {"Name": "v2"})
+        self.assertEqual((self.a.link.tried - before, self.lease_holder("v2")), (1, A))
+        self.a.ok("VolumeDriver.Mount", {"Name": "v2", "ID": MOUNT_X})
+        self.assertEqual(self.a.link.tried - before, 1)
+
+    def test_older_control_service(self):
+        """A control service that refuses ``lease`` in a create (older than it) gets
+        the create without it; the first Mount then takes the lease."""
+        import pyflock.control._api as api
+        from pyflock.control import _schema
+        old = {k: v for k, v in _schema.CREATE_DATASET["properties"].items() if k != "lease"}
+        self.patch(api, "_CREATE", _schema.validator(
+            dict(_schema.CREATE_DATASET, properties=old)))
+        self.a.ok("VolumeDriver.Create", {"Name": "v2"})
+        self.assertIsNone(self.lease_holder("v2"))
+        self.a.ok("VolumeDriver.Mount", {"Name": "v2", "ID": MOUNT_X})
+        self.assertEqual(self.lease_holder("v2"), A)
+
 
 class PendingCreationTests(PluginTestCase):
     """Issue 7's fast path: Create chooses the new dataset's id and has this node make

@@ -77,6 +77,58 @@ class NodeLeaseTests(HarnessTest):
         self.assertEqual(self.lease(86400, identity=ALICE, node=B).code, 200)
 
 
+class CreateWithLeaseTests(HarnessTest):
+    """``lease`` in a create (pyflock addition): the primary's lease is taken in the
+    dataset's own write, under the same bounds as a lease request."""
+
+    def create(self, lease, identity=NODE_A, primary=A, name="db"):
+        """Create DS called ``name`` on ``primary`` with ``lease`` as ``identity``."""
+        return self.req("POST", DATASETS, {"primary": primary, "dataset_id": DS,
+                                           "metadata": {"name": name}, "lease": lease},
+                        identity=identity)
+
+    def test_created_leased(self):
+        """The dataset and its primary's lease come in one write; the lease is listed
+        with the seconds asked for."""
+        self.assertEqual(self.create({"expires": 60}).code, 201)
+        lease = self.h.store.config.leases[DS]
+        self.assertEqual((lease.node_uuid, lease.expiration - self.h.clock.seconds()),
+                         (A, 60))
+        self.assertEqual(self.h.store.config.datasets[DS].primary, A)
+        [listed] = self.req("GET", LEASES).json
+        self.assertEqual((listed["node_uuid"], listed["expires"]), (A, 60))
+
+    def test_node_bounds(self):
+        """A node may not create with an unbounded or too long lease: 403, and nothing
+        is created."""
+        for expires in (None, 0, 301):
+            with self.subTest(expires=expires):
+                r = self.create({"expires": expires})
+                self.assertEqual(r.code, 403)
+                self.assertIn("1 to 300 seconds", r.json["description"])
+        self.assertEqual((dict(self.h.store.config.datasets),
+                          dict(self.h.store.config.leases)), ({}, {}))
+
+    def test_user_unbounded(self):
+        """A user certificate may create with a lease that never expires."""
+        self.assertEqual(self.create({"expires": None}, identity=ALICE, primary=B).code, 201)
+        self.assertEqual(self.h.store.config.leases[DS].node_uuid, B)
+
+    def test_malformed(self):
+        """A lease that is not ``{"expires": seconds}`` is refused with 400."""
+        for lease in ({}, {"expires": "60"}, {"expires": 60, "node_uuid": B}, 60, None):
+            with self.subTest(lease=lease):
+                self.assertEqual(self.create(lease).code, 400)
+        self.assertEqual(dict(self.h.store.config.datasets), {})
+
+    def test_name_taken(self):
+        """A create refused (the name is taken) takes no lease either."""
+        self.assertEqual(self.req("POST", DATASETS, {"primary": B,
+                                                     "metadata": {"name": "db"}}).code, 201)
+        self.assertEqual(self.create({"expires": 60}).code, 409)
+        self.assertNotIn(DS, self.h.store.config.leases)
+
+
 class BodyTests(HarnessTest):
     """Bodies too large, nested too deeply or holding lone surrogates are refused clearly."""
 
