@@ -385,21 +385,17 @@ class AgentChannelServer:
         payload = encode(diff)
         parts = [(diff, payload)] if len(payload) <= self.page_size else [
             (part, encode(part)) for part in split_diff(diff, self.page_size)]
-        queued = self.catchup.turns.queued
         for part, payload in parts:
             self.version = part.version
             self.catchup.history.record(part.version, payload)
-            framed = frame(payload)
-            older = None  # the part as agents before RETAINED_VISIBLE see it
+            framed, older = frame(payload), None  # older: as agents before RETAINED_VISIBLE
             for connection in self._connections.values():
-                if queued(connection):
+                if self.catchup.turns.queued(connection):
                     continue  # issue 12: its snapshot's stream, when it starts, has this
-                if (connection.protocol_version or PROTOCOL_VERSION) < RETAINED_VISIBLE:
-                    if older is None:
-                        older = frame(encode(hide_retained(part)))
-                    connection.send_frame(older)
-                else:
-                    connection.send_frame(framed)
+                old = (connection.protocol_version or PROTOCOL_VERSION) < RETAINED_VISIBLE
+                if old and older is None:
+                    older = frame(encode(hide_retained(part)))
+                connection.send_frame(older if old else framed)
 
     def _send_snapshot(self, connection: _AgentConnection) -> None:
         if (connection.protocol_version or PROTOCOL_VERSION) >= PAGED_SNAPSHOTS:
