@@ -83,6 +83,10 @@ class _ControlConnection(MessageProtocol):
         self.welcomed = False
         self.refused: Optional[Error] = None
         self.syncing = False
+        #: The view the welcome promised (a snapshot or the diffs since this agent's
+        #: version follow it), until this agent has it: heartbeats meanwhile are ahead of
+        #: this agent's view, not signs that it fell out of step (issue 12).
+        self.promised: Optional[ViewVersion] = None
         self.sent_state: Optional[tuple] = None
         #: The pages of a snapshot received so far (protocol 3), until its last page.
         self.pages: list[Snapshot] = []
@@ -329,6 +333,8 @@ class AgentChannel:
                 return
             self._set_view(view, message)
         elif isinstance(message, Heartbeat):
+            if connection.promised is not None:
+                return  # the snapshot (waiting for its turn) or diffs are still to come
             if not connection.syncing and message.view != self.view.current:
                 self._resync(connection, f"the control service is at {message.view}, this "
                                          f"agent at {self.view.current}")
@@ -338,8 +344,16 @@ class AgentChannel:
             raise BadMessage(f"the control service does not send "
                              f"{type(message).__name__} messages")
 
+    def _has(self, version: ViewVersion) -> bool:
+        """Whether this agent's view is ``version`` or newer (of the same epoch)."""
+        current = self.view.current
+        return current is not None and current.epoch == version.epoch \
+            and current.version >= version.version
+
     def _welcomed(self, connection: _ControlConnection, welcome: Welcome) -> None:
         connection.welcomed = True
+        promised = ViewVersion(welcome.epoch, welcome.version)
+        connection.promised = None if self._has(promised) else promised
         # decode has refused a welcome to a version this agent does not speak.
         connection.protocol_version = welcome.protocol
         self._order = self._order.succeeded()
@@ -393,6 +407,10 @@ class AgentChannel:
     def _set_view(self, view: AgentView, change: Union[Snapshot, Diff]) -> None:
         self.view = view
         self.change = change
+        connection = self._connection
+        if connection is not None and connection.promised is not None \
+                and self._has(connection.promised):
+            connection.promised = None
         try:
             self._on_view(view)
         except Exception:

@@ -255,7 +255,7 @@ def render(results: dict) -> Section:
         "once the agents agree on the view. *Snapshots* is how many agents had their first "
         f"snapshot within {SYNC_TIMEOUT:.0f} s, *all by* when the last one did, "
         "*reconnects* how many times agents connected again meanwhile (the real agent "
-        "gives up on a control service silent for 15 s, and retries with backoff); change "
+        "gives up on a control service silent for 10 s, and retries with backoff); change "
         "latency is per agent, from the POST to the agent's view holding the dataset, over "
         "all agents and changes; control CPU is per change; bytes are what all agents "
         "received on the wire per change (TLS included, with the diff of the new holders "

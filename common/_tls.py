@@ -745,25 +745,37 @@ def _check_port_number(number: int, given) -> int:
     return number
 
 
+#: Connections the kernel queues for a listener before it accepts them (issue 12). Twisted's
+#: 50 made a thousand agents connecting at once after a control restart lose a fifth of
+#: their connections (each then silent until the agent gave up after 10 s, and retried
+#: with backoff); the kernel caps it at net.core.somaxconn. An endpoint string may say
+#: ``backlog=`` itself.
+LISTEN_BACKLOG = 4096
+
+
 def tcp_server_endpoint(reactor, port: Union[int, str]) -> IStreamServerEndpoint:
     """
     The plain TCP endpoint ``port`` names: a number (``4523``, ``"4523"``) listening on
     every interface, or a Twisted ``tcp:`` endpoint string
-    (``"tcp:4523:interface=127.0.0.1"``); ``ValueError`` for anything else.
+    (``"tcp:4523:interface=127.0.0.1"``); ``ValueError`` for anything else. Its backlog is
+    ``LISTEN_BACKLOG`` unless the string gives one.
     """
     if isinstance(port, int) and not isinstance(port, bool):
-        return TCP4ServerEndpoint(reactor, _check_port_number(port, port))
+        return TCP4ServerEndpoint(reactor, _check_port_number(port, port),
+                                  backlog=LISTEN_BACKLOG)
     if not isinstance(port, str):
         raise ValueError(f"invalid port {port!r}: give a number or a tcp: endpoint")
     if port.isascii() and port.isdigit():
-        return TCP4ServerEndpoint(reactor, _check_port_number(int(port), port))
+        return TCP4ServerEndpoint(reactor, _check_port_number(int(port), port),
+                                  backlog=LISTEN_BACKLOG)
     if not port.startswith("tcp:"):
         raise ValueError(
             f"invalid port {port!r}: give a port number (4523) or a tcp: endpoint "
             "(tcp:4523:interface=127.0.0.1); TLS is always on, so ssl: and other "
             "endpoint types are not accepted")
+    described = port if "backlog=" in port else f"{port}:backlog={LISTEN_BACKLOG}"
     try:
-        endpoint = serverFromString(reactor, port)
+        endpoint = serverFromString(reactor, described)
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"invalid port {port!r}: {e}") from None
     number = getattr(endpoint, "_port", None)
@@ -795,6 +807,6 @@ __all__ = [
     "Identity", "JoinPolicy", "Listener", "MINIMUM_TLS_VERSION", "PEER_TRANSFER", "PeerCheck", "PeerRefused", "REST_API",
     "Role", "TLS12_CIPHERS", "client_tls_options", "never_revoked", "tls_options",
     "client_tls_policy", "identity_of_certificate", "peer_identity", "read_cluster_uuid",
-    "server_tls_options", "tcp_server_endpoint", "tls_client_endpoint",
+    "server_tls_options", "tcp_server_endpoint", "tls_client_endpoint", "LISTEN_BACKLOG",
     "tls_server_endpoint", "treq_client",
 ]

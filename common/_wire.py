@@ -837,9 +837,12 @@ class MessageProtocol(Protocol):
 
     def send_payload(self, payload: bytes) -> None:
         """Send a payload already ``encode``-d (to encode a broadcast once)."""
+        self.send_frame(frame(payload))
+
+    def send_frame(self, data: bytes) -> None:
+        """Send a payload already ``frame``-d (to frame a broadcast once, issue 12)."""
         if self.closing:
             return
-        data = frame(payload)
         if not self._paused and not self._waiting:
             self.transport.write(data)
             return

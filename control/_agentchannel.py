@@ -67,6 +67,7 @@ from pyflock.common._wire import (
     describe_protocols, encode, negotiate, split_diff,
 )
 from pyflock.common._wire import CRLUpdate, REVOCATION_LISTS  # issue 8
+from pyflock.common._wire import frame  # issue 12: a broadcast framed once
 from pyflock.control._clusterstate import (
     DEFAULT_PURGE_DEADLINE, ClusterState, ClusterStateService, NodeState, Tombstone,
     purgeable,
@@ -387,14 +388,14 @@ class AgentChannelServer:
         for part, payload in parts:
             self.version = part.version
             self.catchup.history.record(part.version, payload)
-            older = None  # the part as agents before RETAINED_VISIBLE see it
+            framed, older = frame(payload), None  # older: as agents before RETAINED_VISIBLE
             for connection in self._connections.values():
-                if (connection.protocol_version or PROTOCOL_VERSION) < RETAINED_VISIBLE:
-                    if older is None:
-                        older = encode(hide_retained(part))
-                    connection.send_payload(older)
-                else:
-                    connection.send_payload(payload)
+                if self.catchup.turns.queued(connection):
+                    continue  # issue 12: its snapshot's stream, when it starts, has this
+                old = (connection.protocol_version or PROTOCOL_VERSION) < RETAINED_VISIBLE
+                if old and older is None:
+                    older = frame(encode(hide_retained(part)))
+                connection.send_frame(older if old else framed)
 
     def _send_snapshot(self, connection: _AgentConnection) -> None:
         if (connection.protocol_version or PROTOCOL_VERSION) >= PAGED_SNAPSHOTS:
@@ -405,9 +406,9 @@ class AgentChannelServer:
     def _send_heartbeats(self) -> None:
         # A replica that has just become leader purges what waited meanwhile.
         self._purge_unheld()
-        payload = encode(Heartbeat(view=self.current))
+        framed = frame(encode(Heartbeat(view=self.current)))
         for connection in self._connections.values():
-            connection.send_payload(payload)
+            connection.send_frame(framed)
 
     def _configuration_changed(self, config: Configuration,
                                touched: Optional[tuple[str, ...]]) -> None:

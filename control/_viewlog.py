@@ -161,6 +161,11 @@ class Turns:
         """Whether ``key`` streams or waits to."""
         return key in self._streaming or key in self._waiting
 
+    def queued(self, key: Hashable) -> bool:
+        """Whether ``key`` waits for a turn (its stream, once started, brings it to the
+        view then current: what is pushed meanwhile need not be sent to it)."""
+        return key in self._waiting
+
     def done(self, key: Hashable) -> None:
         """``key``'s snapshot is sent, or it is gone: the next in line starts."""
         self._waiting.pop(key, None)

@@ -270,6 +270,23 @@ class ChannelTests(ChannelHarness):
         self.assertInStep(a)
         self.assertEqual(len(self.events.of("pyflock:agent:view-out-of-step")), 1)
 
+    def test_heartbeats_before_a_waiting_snapshot_do_not_resync(self):
+        """Issue 12: heartbeats that reach an agent while its snapshot waits for a turn
+        are ahead of its view by design; it asks for no sync, and gets one snapshot."""
+        self.create()
+        self.server.catchup.turns.width = 1
+        self.server.catchup.turns.request("busy", lambda: None)  # the only turn, taken
+        a = self.channel()
+        self.assertEqual(a.loopback.take(), [])
+        self.advance(2 * self.server.heartbeat)
+        self.assertEqual(self.events.of("pyflock:agent:view-out-of-step"), [])
+        self.server.catchup.turns.done("busy")
+        self.flush()
+        self.assertEqual([type(m) for m in a.loopback.take()], [Snapshot])
+        self.assertInStep(a)
+        self.advance(self.server.heartbeat)
+        self.assertEqual(self.events.of("pyflock:agent:view-out-of-step"), [])
+
     def test_control_restart_resyncs(self):
         """After a control restart (a new epoch) the agent reconnects and gets a snapshot."""
         self.create()

@@ -29,7 +29,7 @@ from pyflock.common._ca import (
     CertificateFileError, create_control_certificate, load_certificate, load_private_key,
 )
 from pyflock.common._tls import (
-    AGENT_CHANNEL, PEER_TRANSFER, REST_API, Admission, ClusterTLS, Identity, PeerCheck, Role,
+    AGENT_CHANNEL, LISTEN_BACKLOG, PEER_TRANSFER, REST_API, Admission, ClusterTLS, Identity, PeerCheck, Role,
     _load_twisted_certificate, client_tls_options, client_tls_policy,
     identity_of_certificate, peer_identity, read_cluster_uuid,
     server_tls_options, tcp_server_endpoint, tls_client_endpoint, tls_server_endpoint,
@@ -129,6 +129,19 @@ def test_server_endpoint_ports(port, expected_port, interface):
 def test_tcp_endpoint_is_plain():
     """``tcp_server_endpoint`` gives the bare TCP endpoint that TLS wraps."""
     assert isinstance(tcp_server_endpoint(MemoryReactor(), "4523"), TCP4ServerEndpoint)
+
+
+@pytest.mark.parametrize("port, backlog", [
+    (4523, LISTEN_BACKLOG), ("4523", LISTEN_BACKLOG),
+    ("tcp:4523:interface=127.0.0.1", LISTEN_BACKLOG),
+    ("tcp:4523:backlog=7:interface=127.0.0.1", 7),
+])
+def test_tcp_endpoint_queues_a_thousand_connections(port, backlog):
+    """Issue 12: a listener queues ``LISTEN_BACKLOG`` connections (a thousand agents
+    connecting at once), not Twisted's 50, unless the endpoint string says otherwise."""
+    reactor = MemoryReactor()
+    tcp_server_endpoint(reactor, port).listen(Factory())
+    assert reactor.tcpServers[0][2] == backlog
 
 
 @pytest.mark.parametrize("port, message", [

@@ -225,3 +225,22 @@ class ServerHistoryTests(SynchronousTestCase):
         self.assertEqual([type(m) for m in waiting.received(heartbeats=True)], [Heartbeat])
         busy.transport.producer.resumeProducing()
         self.assertIn(Snapshot, [type(m) for m in waiting.received()])
+
+    def test_a_waiting_agent_is_sent_no_diffs_until_its_turn(self):
+        """Diffs pushed while an agent waits for its snapshot's turn are not sent to it
+        (it would drop them): its snapshot stream, once it starts, brings it to the view
+        then current, diffs of that wait included."""
+        self.populate()
+        self.server.catchup.turns.width = 1
+        busy = RawAgent(self.server, NODE_A)
+        busy.transport.producer.pauseProducing()  # a reader that does not read yet
+        busy.hello()
+        waiting = RawAgent(self.server, NODE_B)
+        waiting.hello()
+        self.create(IDS[6], name="meanwhile")
+        self.assertEqual(waiting.received(), [])
+        busy.transport.producer.resumeProducing()
+        received = waiting.received()
+        self.assertIn(Snapshot, [type(m) for m in received])
+        self.assertEqual(view_of(received).current, self.server.current)
+        self.assertIn(IDS[6], view_of(received).datasets)
