@@ -76,6 +76,8 @@ from pyflock.control._viewlog import (
     DEFAULT_ADMISSION_RATE, Admissions, Catchup, CheckpointInvalid, checkpoint_bytes,
     read_checkpoint,
 )
+from pyflock.common._wire import SHARED_REVISIONS  # issue 9 point 5
+from pyflock.control._viewlog import StoreResume
 
 #: Seconds between heartbeats (DESIGN.md).
 DEFAULT_HEARTBEAT = 5.0
@@ -310,9 +312,10 @@ class AgentChannelServer:
         self.catchup = Catchup(self)
         self._running = False
         self._crl = _CRLPublisher(self)  # issue 8
-        self._pending = _PendingPush(reactor, self._push_pending)
+        self._pending = _PendingPush(reactor, self._push_from_store)
         self.restored = _Restored(self, checkpoint)  # issue 12: across a restart
         self.admission = Admissions(reactor, admission_rate)  # issue 12: hellos per second
+        self.resumes = StoreResume(self, reports)  # issue 9 point 5: across replicas
 
     @property
     def node_expiry(self) -> float:
@@ -330,6 +333,7 @@ class AgentChannelServer:
         self._datasets = view_datasets(config, self._holders)
         self.version = 1
         self.restored.load(config)
+        self.resumes.start()
         self._purger.start(config, self.version)
         self._running = True
         self.configuration.subscribe(self._configuration_changed)
@@ -382,6 +386,7 @@ class AgentChannelServer:
         diff = Diff(epoch=self.epoch, version=self.version + 1, datasets=tuple(datasets),
                     removed=tuple(removed), nodes=tuple(nodes))
         payload = encode(diff)
+        self.resumes.record(diff)
         parts = [(diff, payload)] if len(payload) <= self.page_size else [
             (part, encode(part)) for part in split_diff(diff, self.page_size)]
         for part, payload in parts:
@@ -406,13 +411,20 @@ class AgentChannelServer:
         # A replica that has just become leader purges what waited meanwhile.
         self._purge_unheld()
         payload = encode(Heartbeat(view=self.current))
+        shared = self.resumes.heartbeat()  # protocol 4 on a shared store: with its revision
         for connection in self._connections.values():
-            connection.send_payload(payload)
+            connection.send_payload(payload if shared is None or connection.protocol_version
+                                    < SHARED_REVISIONS else shared)
 
     def _configuration_changed(self, config: Configuration,
                                touched: Optional[tuple[str, ...]]) -> None:
         if self._running:
             self._pending.add(config, touched)
+
+    def _push_from_store(self, config: Configuration,
+                         touched: Optional[tuple[str, ...]]) -> None:
+        with self.resumes.origin():
+            self._push_pending(config, touched)
 
     def _push_pending(self, config: Configuration,
                       touched: Optional[tuple[str, ...]]) -> None:
@@ -514,8 +526,11 @@ class AgentChannelServer:
         connection.protocol_version = negotiate(hello.protocols)
         self._connections[uuid] = connection
         connection.send(Welcome(epoch=self.epoch, version=self.version,
-                                protocol=connection.protocol_version))
-        snapshot = hello.known != self.current and not self.catchup.resume(connection, hello.known)
+                                protocol=connection.protocol_version,
+                                store_revision=self.resumes.point()
+                                if connection.protocol_version >= SHARED_REVISIONS else None))
+        snapshot = hello.known != self.current and not self.catchup.resume(
+            connection, hello.known) and not self.resumes.resume(connection, hello)
         if snapshot:
             self._send_snapshot(connection)
         self._crl.send(connection)  # issue 8: after the snapshot's pages
@@ -679,8 +694,9 @@ class _SharedState:
             return
         changed = server._set_holdings(uuid, () if before is None else before.datasets,
                                        after.datasets)
-        server._set_node(Node(uuid=uuid, host=after.host, peer_port=after.peer_port,
-                              alive=server.cluster.is_alive(after)), changed)
+        with server.resumes.origin(getattr(self._reports, "watched", 0)):
+            server._set_node(Node(uuid=uuid, host=after.host, peer_port=after.peer_port,
+                                  alive=server.cluster.is_alive(after)), changed)
         server._purge_unheld()
 
 
