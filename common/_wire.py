@@ -456,7 +456,7 @@ def _version(obj: dict, key: str, where: str) -> Optional[ViewVersion]:
 
 
 def _store_revision(obj: dict, key: str, where: str) -> Optional[StoreRevision]:
-    value = read(obj, key, (dict,), where, optional=True)
+    value = read(obj, key, (dict,), where, optional=True, default=None)
     if value is None:
         return None
     where = f"{where}.{key}"
@@ -511,7 +511,7 @@ def _diff(obj: dict) -> Diff:
                 datasets=unique(datasets, lambda d: d.dataset_id, "diff.datasets"),
                 removed=unique(removed, lambda i: i, "diff.removed"),
                 nodes=unique(nodes, lambda n: n.uuid, "diff.nodes"),
-                base=_version(obj, "base", "diff"))
+                base=_version(obj, "base", "diff") if "base" in obj else None)
 
 
 #: The keys of a dataset in a state report (every version; ``transfer`` only while a
