@@ -21,7 +21,7 @@ from pyflock.common._wire import (
     decode, encode, negotiate,
 )
 from pyflock.control._agentchannel import AgentChannelServer
-from pyflock.control.testing import NODE_A, NODE_B, APIHarness
+from pyflock.control.testing import NODE_A, APIHarness
 from tests.control.test_agentchannel import RawAgent, frame, frames
 
 A = NODE_A.node_uuid
