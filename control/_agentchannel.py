@@ -63,7 +63,7 @@ from pyflock.common._tls import Admission
 from pyflock.common._wire import (
     AGENT_MESSAGE_LIMIT, MAX_MESSAGE, OLDEST_PROTOCOL, PAGED_SNAPSHOTS, PROTOCOL_VERSION,
     SEND_LIMIT, SNAPSHOT_PAGE, BadMessage, Diff, Error, Heartbeat, Hello, MessageProtocol,
-    Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest, ViewVersion, Welcome,
+    Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest, ViewVersion,
     describe_protocols, encode, negotiate, split_diff,
 )
 from pyflock.common._wire import CRLUpdate, REVOCATION_LISTS  # issue 8
@@ -76,7 +76,6 @@ from pyflock.control._viewlog import (
     DEFAULT_ADMISSION_RATE, Admissions, Catchup, CheckpointInvalid, checkpoint_bytes,
     read_checkpoint,
 )
-from pyflock.common._wire import SHARED_REVISIONS  # issue 9 point 5
 from pyflock.control._viewlog import StoreResume
 
 #: Seconds between heartbeats (DESIGN.md).
@@ -312,10 +311,10 @@ class AgentChannelServer:
         self.catchup = Catchup(self)
         self._running = False
         self._crl = _CRLPublisher(self)  # issue 8
-        self._pending = _PendingPush(reactor, self._push_from_store)
+        self.resumes = StoreResume(self, reports)  # issue 9 point 5: across replicas
+        self._pending = _PendingPush(reactor, self.resumes.from_store(self._push_pending))
         self.restored = _Restored(self, checkpoint)  # issue 12: across a restart
         self.admission = Admissions(reactor, admission_rate)  # issue 12: hellos per second
-        self.resumes = StoreResume(self, reports)  # issue 9 point 5: across replicas
 
     @property
     def node_expiry(self) -> float:
@@ -410,21 +409,12 @@ class AgentChannelServer:
     def _send_heartbeats(self) -> None:
         # A replica that has just become leader purges what waited meanwhile.
         self._purge_unheld()
-        payload = encode(Heartbeat(view=self.current))
-        shared = self.resumes.heartbeat()  # protocol 4 on a shared store: with its revision
-        for connection in self._connections.values():
-            connection.send_payload(payload if shared is None or connection.protocol_version
-                                    < SHARED_REVISIONS else shared)
+        self.resumes.heartbeats(self._connections.values())
 
     def _configuration_changed(self, config: Configuration,
                                touched: Optional[tuple[str, ...]]) -> None:
         if self._running:
             self._pending.add(config, touched)
-
-    def _push_from_store(self, config: Configuration,
-                         touched: Optional[tuple[str, ...]]) -> None:
-        with self.resumes.origin():
-            self._push_pending(config, touched)
 
     def _push_pending(self, config: Configuration,
                       touched: Optional[tuple[str, ...]]) -> None:
@@ -525,10 +515,7 @@ class AgentChannelServer:
         # decode has refused a hello whose versions share none with ours.
         connection.protocol_version = negotiate(hello.protocols)
         self._connections[uuid] = connection
-        connection.send(Welcome(epoch=self.epoch, version=self.version,
-                                protocol=connection.protocol_version,
-                                store_revision=self.resumes.point()
-                                if connection.protocol_version >= SHARED_REVISIONS else None))
+        connection.send(self.resumes.welcome(connection))
         snapshot = hello.known != self.current and not self.catchup.resume(
             connection, hello.known) and not self.resumes.resume(connection, hello)
         if snapshot:

@@ -34,8 +34,14 @@ from pyflock.common._wire import (
     COMPRESSED_FRAMES, PAGED_SNAPSHOTS, PROTOCOL_VERSION, BadMessage, Diff, Snapshot,
     ViewVersion, compress, decode, encode, frame, join_pages, snapshot_pages,
 )
-from pyflock.common._wire import SHARED_REVISIONS, Heartbeat, StoreRevision  # issue 9
+from pyflock.common._wire import (  # issue 9
+    SHARED_REVISIONS, Heartbeat, StoreRevision, Welcome,
+)
+from pyflock.common._logging import log_event
 from pyflock.control._etcd_model import store_revision
+from twisted.logger import Logger
+
+_log = Logger()
 
 #: Bytes of encoded diffs the history keeps (about 100,000 small diffs).
 DEFAULT_HISTORY_BUDGET = 16 * 1024 * 1024
@@ -354,19 +360,39 @@ class StoreResume:
             self.stamps.record((d.dataset_id for d in diff.datasets), diff.removed,
                                (n.uuid for n in diff.nodes))
 
-    def point(self) -> Optional[StoreRevision]:
-        """The store revision the view now reflects entirely (None: unknown)."""
+    def from_store(self, push: Callable) -> Callable:
+        """``push(config, touched)`` stamping what it changes as the configuration's."""
+        def pushed(*args) -> None:
+            with self.origin():
+                push(*args)
+        return pushed
+
+    def point(self, connection=None) -> Optional[StoreRevision]:
+        """The store revision the view now reflects entirely (None: unknown, or
+        ``connection`` does not speak protocol 4)."""
         loaded = getattr(self._reports, "loaded", 0)
-        if self.stamps is None or not loaded:
+        if self.stamps is None or not loaded or (
+                connection is not None and connection.protocol_version < SHARED_REVISIONS):
             return None
         return StoreRevision(store=self._server.configuration.store_id, revision=min(
             self._pushed, store_revision(self._reports.watched)))
 
-    def heartbeat(self) -> Optional[bytes]:
-        """A heartbeat for agents of protocol 4, with the resume point (None: none)."""
+    def welcome(self, connection) -> Welcome:
+        """The welcome of ``connection`` (protocol settled), with the resume point."""
+        server = self._server
+        return Welcome(epoch=server.epoch, version=server.version,
+                       protocol=connection.protocol_version,
+                       store_revision=self.point(connection))
+
+    def heartbeats(self, connections: Iterable) -> None:
+        """Send ``connections`` a heartbeat, with the resume point to those of protocol 4."""
+        payload = encode(Heartbeat(view=self._server.current))
         point = self.point()
-        return None if point is None else encode(Heartbeat(view=self._server.current,
-                                                            store_revision=point))
+        shared = payload if point is None else encode(Heartbeat(
+            view=self._server.current, store_revision=point))
+        for connection in connections:
+            connection.send_payload(payload if (connection.protocol_version or 0)
+                                    < SHARED_REVISIONS else shared)
 
     def resume(self, connection, hello) -> bool:
         """Send an agent whose view comes from another replica of this store the entries
@@ -376,10 +402,15 @@ class StoreResume:
         if point is None or here is None or hello.known is None \
                 or connection.protocol_version < SHARED_REVISIONS \
                 or point.store != here.store or point.revision > here.revision:
+            if point is not None:
+                log_event(_log, "pyflock:control:resume-refused", point=str(point),
+                          here=str(here), known=str(hello.known))
             return False
         self.stamps.since = max(self.stamps.since, store_revision(self._reports.loaded))
         changed = self.stamps.changed_since(point.revision)
         if changed is None:
+            log_event(_log, "pyflock:control:resume-too-old", revision=point.revision,
+                      since=self.stamps.since)
             return False
         server = self._server
         datasets, removed, nodes = changed

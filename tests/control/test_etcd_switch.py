@@ -128,9 +128,13 @@ async def test_agents_move_to_replica_2_with_a_diff(replicas):
     agents, ids = await synced_on_replica_1(cluster, processes, client)
     fresh = None
     try:
+        told = max(a.channel.resume.revision for a in agents)
         ids.add(await create(client, cluster, "after"))
-        await until(lambda: all(ids <= set(a.channel.view.datasets) for a in agents),
-                    "the change")
+        # A resume point follows the configuration (docs/ha.md, "Limits"): after this
+        # change it is past the revision replica 2 first read the reports at.
+        await until(lambda: all(ids <= set(a.channel.view.datasets)
+                                and a.channel.resume.revision > told for a in agents),
+                    "the change and its resume point")
         for agent in agents:
             agent.changes.clear()
         await deferToThread(processes[0].stop)
