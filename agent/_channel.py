@@ -13,8 +13,12 @@ random, so that agents spread over them), and moves to the next at once when its
 closes, is refused, or goes silent; only after every replica failed in a row does it wait,
 with jittered exponential backoff (``pyflock.common._replicas``). On the new replica it
 resumes from the view version it holds: its hello says that version, and the replica sends
-a snapshot when its view is of another version or epoch (each replica numbers its own
-views, so a switch brings a snapshot), nothing more when it is current. Nothing polls.
+nothing more when it is current, the diffs since when it is of this replica's epoch, and
+otherwise a snapshot. Each replica numbers its own views, but on a shared store (etcd,
+protocol 4) the control service also tells which store revision a version reflects (in
+the welcome and its heartbeats, ``resume``); the hello carries it, and a replica that has
+followed the store since that revision answers with one diff based on the agent's view
+(``Diff.base``) instead of a snapshot. Nothing polls.
 
 Each new view goes to ``on_view`` at once and to ``save_view`` (the view file); the agent
 tells the control service which view version it has stored, and only that one, because the
@@ -41,7 +45,7 @@ from pyflock.common._tls import ClusterTLS, Identity, tls_client_endpoint
 from pyflock.common._wire import (
     MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, CRLUpdate, DatasetReport,
     Diff, Error, Heartbeat, Hello, MessageProtocol, ProtocolMismatch, Snapshot, StateReport,
-    SyncRequest, ViewVersion, Welcome, describe_protocols, join_pages,
+    StoreRevision, SyncRequest, ViewVersion, Welcome, describe_protocols, join_pages,
 )
 from pyflock.agent._view import AgentView, ViewOutOfStep
 
@@ -179,6 +183,12 @@ class AgentChannel:
         self._retry_policy = retry_policy or default_retry_policy()
         # The latest view version known to be stored (the starting view came from disk).
         self.stored: Optional[ViewVersion] = view.current
+        #: Protocol 4 (issue 9 point 5): the store revision ``view`` reflects, as the
+        #: control service last said for a version it had (None: unknown); sent in the
+        #: hello, so that another replica of the same store can resume with a diff.
+        self.resume: Optional[StoreRevision] = None
+        # (view version, its store revision) the control service last told
+        self._told: Optional[tuple[ViewVersion, StoreRevision]] = None
         self._saves = 0
         self._stored_save = 0
         self._state: Optional[tuple[DatasetReport, ...]] = None
@@ -273,7 +283,7 @@ class AgentChannel:
         address = self.address or connection.transport.getHost().host
         connection.send(Hello(node_uuid=self.node_uuid, era=self.era, address=address,
                               peer_port=self.peer_port, known=self.view.current,
-                              zone=self.zone))
+                              zone=self.zone, resume=self.resume))
         self._silence = self.reactor.callLater(self.timeout, self._silent, connection)
 
     def _connection_lost(self, connection: _ControlConnection, reason) -> None:
@@ -333,6 +343,7 @@ class AgentChannel:
                 return
             self._set_view(view, message)
         elif isinstance(message, Heartbeat):
+            self._told_revision(message.view, message.store_revision)
             if connection.promised is not None:
                 return  # the snapshot (waiting for its turn) or diffs are still to come
             if not connection.syncing and message.view != self.view.current:
@@ -356,6 +367,8 @@ class AgentChannel:
         connection.promised = None if self._has(promised) else promised
         # decode has refused a welcome to a version this agent does not speak.
         connection.protocol_version = welcome.protocol
+        self._told_revision(ViewVersion(welcome.epoch, welcome.version),
+                            welcome.store_revision)
         self._order = self._order.succeeded()
         name = self._order.pick(self.names)
         if self.replica is not None and self.replica != name:
@@ -404,6 +417,19 @@ class AgentChannel:
 
     # -- the view -----------------------------------------------------------------------
 
+    def _told_revision(self, version: Optional[ViewVersion],
+                       point: Optional[StoreRevision]) -> None:
+        """The control service says ``version`` reflects store revision ``point``."""
+        if version is not None and point is not None:
+            self._told = (version, point)
+            self._resume_point()
+
+    def _resume_point(self) -> None:
+        # An older resume point stays true of a newer view of the same line (it reflects
+        # at least as much); a snapshot starts a line of its own.
+        if self._told is not None and self._told[0] == self.view.current:
+            self.resume = self._told[1]
+
     def _set_view(self, view: AgentView, change: Union[Snapshot, Diff]) -> None:
         self.view = view
         self.change = change
@@ -411,6 +437,9 @@ class AgentChannel:
         if connection is not None and connection.promised is not None \
                 and self._has(connection.promised):
             connection.promised = None
+        if isinstance(change, Snapshot):
+            self.resume = None
+        self._resume_point()
         try:
             self._on_view(view)
         except Exception:

@@ -111,11 +111,20 @@ class AgentView(PClass):
     def apply(self, message: Union[Snapshot, Diff]) -> "AgentView":
         """
         The view after ``message``: a snapshot replaces it, a diff from ``version`` to
-        ``version + 1`` of the same epoch changes it; any other diff is ``ViewOutOfStep``.
+        ``version + 1`` of the same epoch changes it, and so does a diff whose ``base`` is
+        this view (a resume on another replica: it takes the diff's epoch and version);
+        any other diff is ``ViewOutOfStep``.
         """
         if isinstance(message, Snapshot):
             return self.from_snapshot(message)
-        if message.epoch != self.epoch or message.version != self.version + 1:
+        if message.base is not None:
+            # Protocol 4: a resume from another replica's view, the one this view is.
+            if message.base != self.current:
+                raise ViewOutOfStep(
+                    f"a resume from version {message.base.version} of epoch "
+                    f"{message.base.epoch} does not apply to this view (version "
+                    f"{self.version} of epoch {self.epoch})")
+        elif message.epoch != self.epoch or message.version != self.version + 1:
             raise ViewOutOfStep(
                 f"a diff to version {message.version} of epoch {message.epoch} does not "
                 f"follow this view (version {self.version} of epoch {self.epoch})")
@@ -137,7 +146,8 @@ class AgentView(PClass):
         nodes = self.nodes.evolver()
         for node in message.nodes:
             nodes[node.uuid] = node
-        return self.set(version=message.version, datasets=datasets.persistent(),
+        return self.set(epoch=message.epoch, version=message.version,
+                        datasets=datasets.persistent(),
                         names=names.persistent(), nodes=nodes.persistent())
 
 

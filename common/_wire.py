@@ -48,8 +48,10 @@ from pyflock.common._records import (
 #: agent channel"): 2 added the hello's ``protocols``; 3 the hello's ``zone`` (issue 10)
 #: and snapshots in pages (the snapshot's ``more``, issue 8), and the ``revocations``
 #: message (issue 8; added before version 3 was released), and compressed frames (issue
-#: 12; also before version 3 was released).
-PROTOCOL_VERSION = 3
+#: 12; also before version 3 was released); 4 the resume point of a shared store (issue 9
+#: point 5, issue 12 point 3: ``StoreRevision``: the hello's ``resume``, the welcome's and
+#: control heartbeat's ``store_revision``, and the diff's ``base``).
+PROTOCOL_VERSION = 4
 
 #: The oldest it still speaks: the previous one, so agents are upgraded one at a time.
 OLDEST_PROTOCOL = PROTOCOL_VERSION - 1
@@ -68,6 +70,9 @@ REVOCATION_LISTS = 3
 #: control service sends snapshot pages so, compressed once for every agent: a quarter of
 #: the bytes to encrypt, send and read.
 COMPRESSED_FRAMES = 3
+
+#: The first version that resumes across replicas of one store (``StoreRevision``).
+SHARED_REVISIONS = 4
 
 #: How hard snapshot pages are compressed (zlib's level: fast, and about 4x on a view).
 COMPRESSION_LEVEL = 6
@@ -132,6 +137,19 @@ class ViewVersion:
     version: int
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class StoreRevision:
+    """
+    Version 4: a resume point that means the same on every replica of one store (issue 9
+    point 5): the view of some version reflects every change store ``store`` (its id)
+    made up to store ``revision``. A replica that has followed the store since then can
+    send an agent holding such a view what changed since, whichever replica it came from.
+    """
+
+    store: str
+    revision: int
+
+
 # -- messages ------------------------------------------------------------------------------
 
 
@@ -159,6 +177,8 @@ class Hello:
     protocols: tuple = attr.ib(default=(OLDEST_PROTOCOL, PROTOCOL_VERSION),
                                converter=tuple, validator=_check_protocols)
     zone: Optional[str] = None
+    #: Version 4: the resume point the agent's view (``known``) reflects, if it has one.
+    resume: Optional[StoreRevision] = None
 
     @property
     def protocol(self) -> int:
@@ -176,6 +196,8 @@ class Welcome:
     epoch: str
     version: int
     protocol: int = PROTOCOL_VERSION
+    #: Version 4: the resume point of that version, on a shared store.
+    store_revision: Optional[StoreRevision] = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -205,7 +227,9 @@ class Snapshot:
 class Diff:
     """
     Control -> agent: what changed from ``version - 1`` to ``version``: new or changed
-    datasets and nodes, and the ids of datasets forgotten (purged).
+    datasets and nodes, and the ids of datasets forgotten (purged). From version 4, a diff
+    with a ``base`` changes the view of that version (of another replica's epoch) into
+    this one's ``version`` (a resume across replicas).
     """
 
     epoch: str
@@ -213,6 +237,7 @@ class Diff:
     datasets: tuple = ()
     removed: tuple = ()
     nodes: tuple = ()
+    base: Optional[ViewVersion] = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -232,9 +257,11 @@ class Heartbeat:
     """
     Either way, every few seconds. From control: its current view version; from an agent:
     the latest view version it has stored, once it has reported its state (else None).
+    From version 4 the control's may carry that version's resume point.
     """
 
     view: Optional[ViewVersion] = None
+    store_revision: Optional[StoreRevision] = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -265,6 +292,13 @@ def _version_json(view: Optional[ViewVersion]):
     return None if view is None else {"epoch": view.epoch, "version": view.version}
 
 
+def _with_revision(obj: dict, key: str, point: Optional[StoreRevision]) -> dict:
+    """``obj`` with ``point`` as ``key`` (version 4), if there is one."""
+    if point is not None:
+        obj[key] = {"store": point.store, "revision": point.revision}
+    return obj
+
+
 def message_to_json(message: Message) -> dict:
     """The JSON object of ``message``."""
     if isinstance(message, Hello):
@@ -276,10 +310,13 @@ def message_to_json(message: Message) -> dict:
             hello["protocols"] = list(message.protocols)
         if message.protocol >= 3:  # version 3: the zone
             hello["zone"] = message.zone
+        if message.protocol >= SHARED_REVISIONS:
+            _with_revision(hello, "resume", message.resume)
         return hello
     if isinstance(message, Welcome):
-        return {"type": "welcome", "protocol": message.protocol, "epoch": message.epoch,
-                "version": message.version}
+        return _with_revision({"type": "welcome", "protocol": message.protocol,
+                               "epoch": message.epoch, "version": message.version},
+                              "store_revision", message.store_revision)
     if isinstance(message, Error):
         return {"type": "error", "code": message.code, "reason": message.reason,
                 "protocol": message.protocol}
@@ -291,16 +328,20 @@ def message_to_json(message: Message) -> dict:
             snapshot["more"] = True  # version 3: a page (never sent to version 2)
         return snapshot
     if isinstance(message, Diff):
-        return {"type": "diff", "epoch": message.epoch, "version": message.version,
+        diff = {"type": "diff", "epoch": message.epoch, "version": message.version,
                 "datasets": [dataset_entry_to_json(d) for d in message.datasets],
                 "removed": list(message.removed),
                 "nodes": [node_to_json(n) for n in message.nodes]}
+        if message.base is not None:  # version 4: a resume across replicas
+            diff["base"] = _version_json(message.base)
+        return diff
     if isinstance(message, StateReport):
         return {"type": "state", "node_uuid": message.node_uuid,
                 "datasets": [report_to_json(r) for r in message.datasets],
                 "view": _version_json(message.view)}
     if isinstance(message, Heartbeat):
-        return {"type": "heartbeat", "view": _version_json(message.view)}
+        return _with_revision({"type": "heartbeat", "view": _version_json(message.view)},
+                              "store_revision", message.store_revision)
     if isinstance(message, SyncRequest):
         return {"type": "sync"}
     if isinstance(message, CRLUpdate):  # version 3 (issue 8)
@@ -414,6 +455,18 @@ def _version(obj: dict, key: str, where: str) -> Optional[ViewVersion]:
                        version=read_natural(value, "version", where))
 
 
+def _store_revision(obj: dict, key: str, where: str) -> Optional[StoreRevision]:
+    value = read(obj, key, (dict,), where, optional=True, default=None)
+    if value is None:
+        return None
+    where = f"{where}.{key}"
+    check_keys(value, _STORE_REVISION_KEYS, where)
+    store = read(value, "store", (str,), where)
+    if not store:
+        raise BadMessage(f"{where}.store must not be empty")
+    return StoreRevision(store=store, revision=read_natural(value, "revision", where))
+
+
 def _hello(obj: dict) -> Hello:
     era = read(obj, "era", (str,), "hello")
     if not era:
@@ -422,7 +475,7 @@ def _hello(obj: dict) -> Hello:
     return Hello(node_uuid=read_uuid(obj, "node_uuid", "hello"), era=era, address=address,
                  peer_port=read_port(obj, "peer_port", "hello"),
                  known=_version(obj, "known", "hello"), protocols=_hello_protocols(obj),
-                 zone=_zone(obj))
+                 zone=_zone(obj), resume=_store_revision(obj, "resume", "hello"))
 
 
 def _zone(obj: dict) -> Optional[str]:
@@ -457,7 +510,8 @@ def _diff(obj: dict) -> Diff:
                 version=read_natural(obj, "version", "diff", low=1),
                 datasets=unique(datasets, lambda d: d.dataset_id, "diff.datasets"),
                 removed=unique(removed, lambda i: i, "diff.removed"),
-                nodes=unique(nodes, lambda n: n.uuid, "diff.nodes"))
+                nodes=unique(nodes, lambda n: n.uuid, "diff.nodes"),
+                base=_version(obj, "base", "diff") if "base" in obj else None)
 
 
 #: The keys of a dataset in a state report (every version; ``transfer`` only while a
@@ -491,14 +545,18 @@ _DECODERS = {
     "hello": _hello,
     "welcome": lambda o: Welcome(epoch=read(o, "epoch", (str,), "welcome"),
                                  version=read_natural(o, "version", "welcome"),
-                                 protocol=o["protocol"]),
+                                 protocol=o["protocol"],
+                                 store_revision=_store_revision(o, "store_revision",
+                                                                "welcome")),
     "error": lambda o: Error(code=read(o, "code", (str,), "error"),
                              reason=read(o, "reason", (str,), "error"),
                              protocol=read_natural(o, "protocol", "error")),
     "snapshot": _snapshot,
     "diff": _diff,
     "state": _state,
-    "heartbeat": lambda o: Heartbeat(view=_version(o, "view", "heartbeat")),
+    "heartbeat": lambda o: Heartbeat(view=_version(o, "view", "heartbeat"),
+                                     store_revision=_store_revision(o, "store_revision",
+                                                                    "heartbeat")),
     "sync": lambda o: SyncRequest(),
     "revocations": _crl_update,
 }
@@ -591,8 +649,17 @@ MESSAGE_KEYS = {
             snapshot=_V2_KEYS["snapshot"] | {"more"},
             revocations=frozenset({"type", "crl"})),
 }
+# Version 4 (issue 9 point 5): the resume point of a shared store: the hello's ``resume``
+# (the agent's), the welcome's and heartbeat's ``store_revision`` (the control's, for the
+# version they name), and the ``base`` of a diff that resumes from another replica's view.
+MESSAGE_KEYS[4] = dict(MESSAGE_KEYS[3], hello=MESSAGE_KEYS[3]["hello"] | {"resume"},
+                       welcome=MESSAGE_KEYS[3]["welcome"] | {"store_revision"},
+                       heartbeat=MESSAGE_KEYS[3]["heartbeat"] | {"store_revision"},
+                       diff=MESSAGE_KEYS[3]["diff"] | {"base"})
 
 _VIEW_VERSION_KEYS = frozenset({"epoch", "version"})
+
+_STORE_REVISION_KEYS = frozenset({"store", "revision"})
 
 
 def check_keys(obj: dict, allowed: frozenset, where: str) -> None:
@@ -935,4 +1002,5 @@ __all__ = [
     "message_to_json", "node_from_json", "node_to_json", "snapshot_pages", "split_diff",
     "CRLUpdate", "REVOCATION_LISTS",  # issue 8
     "COMPRESSED_FRAMES", "compress", "inflate",  # issue 12
+    "SHARED_REVISIONS", "StoreRevision",  # issue 9 point 5
 ]

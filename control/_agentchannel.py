@@ -63,7 +63,7 @@ from pyflock.common._tls import Admission
 from pyflock.common._wire import (
     AGENT_MESSAGE_LIMIT, MAX_MESSAGE, OLDEST_PROTOCOL, PAGED_SNAPSHOTS, PROTOCOL_VERSION,
     SEND_LIMIT, SNAPSHOT_PAGE, BadMessage, Diff, Error, Heartbeat, Hello, MessageProtocol,
-    Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest, ViewVersion, Welcome,
+    Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest, ViewVersion,
     describe_protocols, encode, negotiate, split_diff,
 )
 from pyflock.common._wire import CRLUpdate, REVOCATION_LISTS  # issue 8
@@ -77,6 +77,7 @@ from pyflock.control._viewlog import (
     DEFAULT_ADMISSION_RATE, Admissions, Catchup, CheckpointInvalid, checkpoint_bytes,
     read_checkpoint,
 )
+from pyflock.control._viewlog import StoreResume
 
 #: Seconds between heartbeats (DESIGN.md).
 DEFAULT_HEARTBEAT = 5.0
@@ -311,7 +312,8 @@ class AgentChannelServer:
         self.catchup = Catchup(self)
         self._running = False
         self._crl = _CRLPublisher(self)  # issue 8
-        self._pending = _PendingPush(reactor, self._push_pending)
+        self.resumes = StoreResume(self, reports)  # issue 9 point 5: across replicas
+        self._pending = _PendingPush(reactor, self.resumes.from_store(self._push_pending))
         self.restored = _Restored(self, checkpoint)  # issue 12: across a restart
         self.admission = Admissions(reactor, admission_rate)  # issue 12: hellos per second
 
@@ -331,6 +333,7 @@ class AgentChannelServer:
         self._datasets = view_datasets(config, self._holders)
         self.version = 1
         self.restored.load(config)
+        self.resumes.start()
         self._purger.start(config, self.version)
         self._running = True
         self.configuration.subscribe(self._configuration_changed)
@@ -383,6 +386,7 @@ class AgentChannelServer:
         diff = Diff(epoch=self.epoch, version=self.version + 1, datasets=tuple(datasets),
                     removed=tuple(removed), nodes=tuple(nodes))
         payload = encode(diff)
+        self.resumes.record(diff)
         parts = [(diff, payload)] if len(payload) <= self.page_size else [
             (part, encode(part)) for part in split_diff(diff, self.page_size)]
         for part, payload in parts:
@@ -406,9 +410,7 @@ class AgentChannelServer:
     def _send_heartbeats(self) -> None:
         # A replica that has just become leader purges what waited meanwhile.
         self._purge_unheld()
-        framed = frame(encode(Heartbeat(view=self.current)))
-        for connection in self._connections.values():
-            connection.send_frame(framed)
+        self.resumes.heartbeats(self._connections.values())
 
     def _configuration_changed(self, config: Configuration,
                                touched: Optional[tuple[str, ...]]) -> None:
@@ -514,9 +516,9 @@ class AgentChannelServer:
         # decode has refused a hello whose versions share none with ours.
         connection.protocol_version = negotiate(hello.protocols)
         self._connections[uuid] = connection
-        connection.send(Welcome(epoch=self.epoch, version=self.version,
-                                protocol=connection.protocol_version))
-        snapshot = hello.known != self.current and not self.catchup.resume(connection, hello.known)
+        connection.send(self.resumes.welcome(connection))
+        snapshot = hello.known != self.current and not self.catchup.resume(
+            connection, hello.known) and not self.resumes.resume(connection, hello)
         if snapshot:
             self._send_snapshot(connection)
         self._crl.send(connection)  # issue 8: after the snapshot's pages
@@ -680,8 +682,9 @@ class _SharedState:
             return
         changed = server._set_holdings(uuid, () if before is None else before.datasets,
                                        after.datasets)
-        server._set_node(Node(uuid=uuid, host=after.host, peer_port=after.peer_port,
-                              alive=server.cluster.is_alive(after)), changed)
+        with server.resumes.origin(getattr(self._reports, "watched", 0)):
+            server._set_node(Node(uuid=uuid, host=after.host, peer_port=after.peer_port,
+                                  alive=server.cluster.is_alive(after)), changed)
         server._purge_unheld()
 
 

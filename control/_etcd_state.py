@@ -88,6 +88,16 @@ class SharedReports:
         self.leadership: Any = None
         self._vanished: dict[str, int] = {}
         self._marking: set[str] = set()
+        # Issue 9 point 5 (the agent channel's ``StoreResume``): the etcd revision of the
+        # first full read, and told the revision by which every write so far is in etcd.
+        self.loaded = 0
+        self.on_published: Callable[[int], None] = lambda revision: None
+        self._written = 0
+
+    @property
+    def watched(self) -> int:
+        """The etcd revision up to which every report event has been applied."""
+        return self._watched
 
     def follow_leader(self, leadership: Any) -> None:
         """Leave marking nodes dead to the leader of ``leadership`` (``EtcdLeadership``)."""
@@ -203,11 +213,18 @@ class SharedReports:
                 if self._waiting.get(uuid) == (kind, node):
                     del self._waiting[uuid]
                 self._release(uuid)
+            if not self._waiting and self._written:
+                self.on_published(self._written)
         finally:
             self._writing = False
 
     async def _write(self, uuid: str, kind: str, node: Optional[NodeState]) -> None:
         self.writes += 1
+        answer = await self._write_once(uuid, kind, node)
+        if answer is not None and "header" in answer:
+            self._written = max(self._written, int(answer["header"]["revision"]))
+
+    async def _write_once(self, uuid: str, kind: str, node: Optional[NodeState]):
         if kind == WITHDRAW:
             answer = await self._gateway.call("kv/txn", withdraw_request(self._keys, uuid,
                                                                          self.lease))
@@ -215,7 +232,7 @@ class SharedReports:
                 # The others wait for the leader's mark; this replica may be the leader.
                 self._vanished[uuid] = int(answer["header"]["revision"])
                 self._mark_dead(uuid)
-            return
+            return answer
         request = (claim_request if kind == CLAIM else publish_request)(
             self._keys, self.replica.name, node, self.lease)
         answer = await self._gateway.call("kv/txn", request)
@@ -230,6 +247,7 @@ class SharedReports:
             answer = await self._gateway.call("kv/txn", claim_request(
                 self._keys, self.replica.name, node, self.lease))
             self._owned[uuid] = int(answer["header"]["revision"])
+        return answer
 
     def _release(self, uuid: str) -> None:
         """Judge the events held while a write of ``uuid``'s report was waiting."""
@@ -311,9 +329,11 @@ class SharedReports:
         """Read every report and apply it as if the watch had told it."""
         revision, present = range_events(self._keys, await self._gateway.call(
             "kv/range", reports_range(self._keys)))
+        # Watched first: what the events change is stamped no older than their revision.
+        self._watched = revision
         for event in resync_events(present, self._remote | set(self._owned), revision):
             self._apply(event)
-        self._watched = revision
+        self.loaded = self.loaded or revision
 
     async def _watch_forever(self) -> None:
         while not self._stopped:

@@ -27,12 +27,21 @@ import json
 import struct
 import zlib
 from collections import deque
+from contextlib import contextmanager
 from typing import Callable, Hashable, Iterable, Iterator, Optional
 
 from pyflock.common._wire import (
     COMPRESSED_FRAMES, PAGED_SNAPSHOTS, PROTOCOL_VERSION, BadMessage, Diff, Snapshot,
-    ViewVersion, compress, decode, frame, join_pages, snapshot_pages,
+    ViewVersion, compress, decode, encode, frame, join_pages, snapshot_pages,
 )
+from pyflock.common._wire import (  # issue 9
+    SHARED_REVISIONS, Heartbeat, StoreRevision, Welcome,
+)
+from pyflock.common._logging import log_event
+from pyflock.control._etcd_model import store_revision
+from twisted.logger import Logger
+
+_log = Logger()
 
 #: Bytes of encoded diffs the history keeps (about 100,000 small diffs).
 DEFAULT_HISTORY_BUDGET = 16 * 1024 * 1024
@@ -233,6 +242,195 @@ class Catchup:
         return True
 
 
+#: A stamp for a change this replica made alone (an agent of its own said hello, reported
+#: or went silent) until the store has it: newer than any revision, so sent on every resume.
+UNPUBLISHED = 1 << 62
+
+#: Datasets removed from the view whose removal ``Stamps`` remembers; past it, resuming
+#: from before the oldest one forgotten gets a snapshot.
+DEFAULT_REMOVALS_KEPT = 100_000
+
+
+class Stamps:
+    """
+    Issue 9 point 5, on a shared store: the store revision at which each dataset and node
+    of this replica's view last changed (pure). A change coming from the store (the
+    configuration the replica follows, another replica's report, a death mark) is stamped
+    with a revision the store had when the replica applied it, never older than the
+    change; a change this replica made alone is ``UNPUBLISHED`` until ``published`` (its
+    report written to the store by then). An agent whose view, from any replica of the
+    store, reflects every change up to revision R needs only the entries stamped after R:
+    every other entry is the same in both views. ``since``: the oldest R it can answer
+    for (the view it started from, the removals it forgot).
+    """
+
+    def __init__(self, since: int, removals_kept: int = DEFAULT_REMOVALS_KEPT):
+        self.since = since
+        self.removals_kept = removals_kept
+        self._datasets: dict[str, int] = {}
+        self._nodes: dict[str, int] = {}
+        # removed dataset id -> stamp, oldest first
+        self._removed: dict[str, int] = {}
+        self._unpublished: set[tuple[str, str]] = set()
+        #: The stamp of the changes being applied (None: this replica's own).
+        self.origin: Optional[int] = None
+
+    def record(self, datasets: Iterable[str], removed: Iterable[str],
+               nodes: Iterable[str]) -> None:
+        """The view's entries of these datasets and nodes changed, and ``removed`` left."""
+        stamp = UNPUBLISHED if self.origin is None else self.origin
+        for kind, table, keys in (("d", self._datasets, datasets),
+                                  ("n", self._nodes, nodes)):
+            for key in keys:
+                table[key] = stamp
+                if stamp == UNPUBLISHED:
+                    self._unpublished.add((kind, key))
+        for key in removed:
+            self._datasets.pop(key, None)
+            self._removed.pop(key, None)
+            self._removed[key] = stamp
+            if stamp == UNPUBLISHED:
+                self._unpublished.add(("r", key))
+        while len(self._removed) > self.removals_kept:
+            key = next(iter(self._removed))
+            self.since = max(self.since, self._removed.pop(key))
+            self._unpublished.discard(("r", key))
+
+    def published(self, revision: int) -> None:
+        """Everything this replica changed alone so far is in the store by ``revision``."""
+        tables = {"d": self._datasets, "n": self._nodes, "r": self._removed}
+        for kind, key in self._unpublished:
+            if key in tables[kind]:
+                tables[kind][key] = revision
+        self._unpublished.clear()
+
+    def changed_since(self, revision: int) -> Optional[tuple[list, list, list]]:
+        """The (dataset ids, removed dataset ids, node uuids) stamped after ``revision``,
+        or None if it is older than ``since``."""
+        if revision < self.since:
+            return None
+        return tuple([k for k, at in table.items() if at > revision]
+                     for table in (self._datasets, self._removed, self._nodes))
+
+
+class StoreResume:
+    """
+    Issue 9 point 5 and issue 12 point 3: agents moving between replicas of a shared store
+    (etcd; ``reports``, the server's ``SharedReports``) resume with a diff. The server's
+    view versions are its own (``epoch``), but each reflects every change the store made
+    up to some store revision, the same line on every replica (``point``: the revision the
+    configuration pushed was read at, or the reports watched, whichever is older). Agents
+    of protocol 4 are told it (welcome, heartbeats) and say it in their hello; a replica
+    that has followed the store since then (``Stamps``) sends the entries changed after
+    it as one diff based on the agent's view. Inert on a store of one service (SQLite).
+    """
+
+    def __init__(self, server, reports):
+        self._server = server
+        self._reports = reports
+        self.stamps: Optional[Stamps] = None
+        # the store revision of the configuration last pushed to agents
+        self._pushed = 0
+
+    def start(self) -> None:
+        """The server's view is built from the committed configuration: stamp from now."""
+        configuration = self._server.configuration
+        if self._reports is None or not getattr(configuration, "store_id", ""):
+            return
+        self._pushed = configuration.revision
+        self.stamps = Stamps(since=self._pushed)
+        self._reports.on_published = lambda revision: self.stamps.published(
+            store_revision(revision))
+
+    @contextmanager
+    def origin(self, revision: Optional[int] = None):
+        """Changes made meanwhile come from the store: from the configuration (``revision``
+        None: the configuration now) or, given an etcd revision, from the reports."""
+        if self.stamps is None:
+            yield
+            return
+        if revision is None:
+            self._pushed = stamp = self._server.configuration.revision
+        else:
+            stamp = store_revision(revision)
+        self.stamps.origin = stamp
+        try:
+            yield
+        finally:
+            self.stamps.origin = None
+
+    def record(self, diff: Diff) -> None:
+        """``diff`` was pushed: stamp what it changed."""
+        if self.stamps is not None:
+            self.stamps.record((d.dataset_id for d in diff.datasets), diff.removed,
+                               (n.uuid for n in diff.nodes))
+
+    def from_store(self, push: Callable) -> Callable:
+        """``push(config, touched)`` stamping what it changes as the configuration's."""
+        def pushed(*args) -> None:
+            with self.origin():
+                push(*args)
+        return pushed
+
+    def point(self, connection=None) -> Optional[StoreRevision]:
+        """The store revision the view now reflects entirely (None: unknown, or
+        ``connection`` does not speak protocol 4)."""
+        loaded = getattr(self._reports, "loaded", 0)
+        if self.stamps is None or not loaded or (
+                connection is not None and connection.protocol_version < SHARED_REVISIONS):
+            return None
+        return StoreRevision(store=self._server.configuration.store_id, revision=min(
+            self._pushed, store_revision(self._reports.watched)))
+
+    def welcome(self, connection) -> Welcome:
+        """The welcome of ``connection`` (protocol settled), with the resume point."""
+        server = self._server
+        return Welcome(epoch=server.epoch, version=server.version,
+                       protocol=connection.protocol_version,
+                       store_revision=self.point(connection))
+
+    def heartbeats(self, connections: Iterable) -> None:
+        """Send ``connections`` a heartbeat, with the resume point to those of protocol 4."""
+        framed = frame(encode(Heartbeat(view=self._server.current)))
+        point = self.point()
+        shared = framed if point is None else frame(encode(Heartbeat(
+            view=self._server.current, store_revision=point)))
+        for connection in connections:  # framed once for all (issue 12)
+            connection.send_frame(framed if (connection.protocol_version or 0)
+                                  < SHARED_REVISIONS else shared)
+
+    def resume(self, connection, hello) -> bool:
+        """Send an agent whose view comes from another replica of this store the entries
+        changed since its resume point as one diff, if this replica can tell and the diff
+        fits a page; whether it did."""
+        point, here = hello.resume, self.point()
+        if point is None or here is None or hello.known is None \
+                or connection.protocol_version < SHARED_REVISIONS \
+                or point.store != here.store or point.revision > here.revision:
+            if point is not None:
+                log_event(_log, "pyflock:control:resume-refused", point=str(point),
+                          here=str(here), known=str(hello.known))
+            return False
+        self.stamps.since = max(self.stamps.since, store_revision(self._reports.loaded))
+        changed = self.stamps.changed_since(point.revision)
+        if changed is None:
+            log_event(_log, "pyflock:control:resume-too-old", revision=point.revision,
+                      since=self.stamps.since)
+            return False
+        server = self._server
+        datasets, removed, nodes = changed
+        diff = Diff(epoch=server.epoch, version=server.version, base=hello.known,
+                    datasets=tuple(server._datasets[i] for i in datasets
+                                   if i in server._datasets),
+                    removed=tuple(removed),
+                    nodes=tuple(server._nodes[u] for u in nodes if u in server._nodes))
+        payload = encode(diff)
+        if len(payload) > server.page_size:
+            return False
+        connection.send_payload(payload)
+        return True
+
+
 #: Hellos admitted a second on average (issue 12 point 3); 0: no limit, the default. A
 #: waiting agent is sent nothing (not even heartbeats), and a thousand agents resuming
 #: after a restart were all served in 8.4 s with no limit against 30 s at 200 a second
@@ -374,4 +572,5 @@ def read_checkpoint(data: bytes) -> tuple[Snapshot, list[tuple[int, bytes]]]:
 __all__ = ["Admissions", "CHECKPOINT_FORMAT", "Catchup", "DEFAULT_ADMISSION_BURST",
            "DEFAULT_ADMISSION_RATE", "TokenBucket", "CheckpointInvalid", "checkpoint_bytes",
            "read_checkpoint", "DEFAULT_HISTORY_BUDGET", "DEFAULT_REBUILD_FRACTION", "DEFAULT_SNAPSHOT_WIDTH",
-           "Turns", "ViewLog"]
+           "Turns", "ViewLog",
+           "Stamps", "StoreResume", "UNPUBLISHED"]

@@ -62,15 +62,6 @@ class CRLPublishingTests(SynchronousTestCase):
         self.assertEqual(kinds(messages)[-1], CRLUpdate)
         self.assertFalse(messages[-2].more)
 
-    def test_version_2_agents_never_get_it(self):
-        """An agent served in version 2 gets neither the list at hello nor later ones."""
-        self.server.publish_crl(PEM)
-        old, messages = self.agent(protocols=(1, 2))
-        self.assertEqual(kinds(messages), [Welcome, Snapshot])
-        self.server.publish_crl(NEWER)
-        self.assertEqual(old.received(), [])
-        self.assertFalse(old.closed)
-
     def test_new_list_pushed_to_connected_agents(self):
         """A new list goes to every connected agent of version 3 at once, only once."""
         a, _ = self.agent(NODE_A)

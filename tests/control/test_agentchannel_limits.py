@@ -17,12 +17,10 @@ from pyflock.common._wire import (
     AGENT_MESSAGE_LIMIT, DatasetReport, Diff, Heartbeat, Hello, Snapshot, StateReport,
     SyncRequest, ViewVersion, Welcome, join_pages, snapshot_pages,
 )
-from pyflock.control import _agentchannel
 from pyflock.control._agentchannel import AgentChannelServer
 from pyflock.control._clusterstate import Tombstone, purgeable, NodeState
 from pyflock.control.testing import NODE_A, NODE_B, APIHarness
 from tests.control.test_agentchannel import RawAgent
-from tests.control.test_agentchannel_versions import V2_HELLO
 
 A = NODE_A.node_uuid
 B = NODE_B.node_uuid
@@ -80,24 +78,6 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(join_pages(pages), self.server.snapshot())
         sizes = [len(p) for p in snapshot_pages(self.server.snapshot(), 4096)]
         self.assertLessEqual(max(sizes), 4096)
-
-    def test_version_2_agent_gets_one_frame(self):
-        """A version 2 agent, which cannot page, gets the snapshot in one frame."""
-        self.create(*range(30))
-        agent = RawAgent(self.server, NODE_A)
-        [welcome, snapshot] = agent.send_raw(V2_HELLO)
-        self.assertEqual((welcome.protocol, snapshot), (2, self.server.snapshot()))
-
-    def test_version_2_agent_refused_an_oversize_snapshot(self):
-        """A snapshot over what version 2 carries in a frame is refused, saying why."""
-        self.patch(_agentchannel, "MAX_MESSAGE", 10_000)
-        self.create(*range(30))
-        agent = RawAgent(self.server, NODE_A)
-        [welcome, error] = agent.send_raw(V2_HELLO)
-        self.assertEqual(error.code, "too-large")
-        self.assertIn("upgrade this agent (protocol 3 sends snapshots in pages)",
-                      error.reason)
-        self.assertTrue(agent.closed)
 
     def test_syncs_while_a_snapshot_is_under_way_are_ignored(self):
         """However many syncs a node sends while it does not read, one snapshot waits."""

@@ -1,8 +1,8 @@
 """
 Evolving the agent channel (docs/architecture.md): the handshake settles a version both
-sides speak, an agent of the previous version (2, without the hello's ``zone``) is still
-served, one two versions behind (1) or too new is refused naming both sides' versions, and
-within a version unknown keys are refused.
+sides speak, an agent of the previous version (3, without the hello's ``resume``) is still
+served, one two versions behind (2, 1) or too new is refused naming both sides' versions,
+and within a version unknown keys are refused.
 """
 
 import json
@@ -16,11 +16,12 @@ from pyflock.agent._channel import AgentChannel, _ConnectionFactory
 from pyflock.common._model import Dataset
 from pyflock.common._tls import AGENT_CHANNEL
 from pyflock.common._wire import (
-    MESSAGE_KEYS, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, Error, Hello,
-    ProtocolMismatch, Snapshot, StateReport, Welcome, decode, encode, negotiate,
+    MESSAGE_KEYS, OLDEST_PROTOCOL, PROTOCOL_VERSION, BadMessage, Diff, Error, Heartbeat,
+    Hello, ProtocolMismatch, Snapshot, StateReport, StoreRevision, ViewVersion, Welcome,
+    decode, encode, negotiate,
 )
 from pyflock.control._agentchannel import AgentChannelServer
-from pyflock.control.testing import NODE_A, NODE_B, APIHarness
+from pyflock.control.testing import NODE_A, APIHarness
 from tests.control.test_agentchannel import RawAgent, frame, frames
 
 A = NODE_A.node_uuid
@@ -40,8 +41,17 @@ OURS = (OLDEST_PROTOCOL, PROTOCOL_VERSION)
 
 def test_this_code_speaks_the_current_and_previous_version():
     """The control service (and agent) speak the current version and the one before."""
-    assert OURS == (PROTOCOL_VERSION - 1, PROTOCOL_VERSION) == (2, 3)
-    assert set(MESSAGE_KEYS) == {2, 3}
+    assert OURS == (PROTOCOL_VERSION - 1, PROTOCOL_VERSION) == (3, 4)
+    assert {3, 4} <= set(MESSAGE_KEYS)  # 2 stays only as what 3 is built on
+
+
+def test_version_4_adds_the_resume_point():
+    """Version 4 adds the hello's ``resume``, the welcome's and heartbeat's
+    ``store_revision`` and the diff's ``base``; every version-3 key stays."""
+    added = {kind: MESSAGE_KEYS[4][kind] - MESSAGE_KEYS[3][kind] for kind in MESSAGE_KEYS[4]}
+    assert {k: v for k, v in added.items() if v} == {
+        "hello": {"resume"}, "welcome": {"store_revision"},
+        "heartbeat": {"store_revision"}, "diff": {"base"}}
 
 
 def test_version_3_adds_the_hello_zone():
@@ -51,9 +61,9 @@ def test_version_3_adds_the_hello_zone():
 
 
 @pytest.mark.parametrize("theirs, ours, chosen", [
-    ((1, 2), OURS, 2),
     ((2, 3), OURS, 3),
-    ((3, 4), OURS, 3),
+    ((3, 4), OURS, 4),
+    ((4, 5), OURS, 4),
     ((2, 3), (1, 2), 2),
     ((3, 3), (3, 4), 3),
 ])
@@ -63,9 +73,9 @@ def test_negotiate_picks_the_newest_shared_version(theirs, ours, chosen):
 
 
 @pytest.mark.parametrize("theirs, ours, named", [
-    ((4, 5), OURS, "protocols 4 to 5, this side speaks protocols 2 to 3"),
-    ((1, 1), OURS, "protocol 1, this side speaks protocols 2 to 3"),
-    ((2, 3), (1, 1), "protocols 2 to 3, this side speaks protocols 2 to 3"),
+    ((5, 6), OURS, "protocols 5 to 6, this side speaks protocols 3 to 4"),
+    ((1, 2), OURS, "protocols 1 to 2, this side speaks protocols 3 to 4"),
+    ((2, 3), (1, 1), "protocols 2 to 3, this side speaks protocols 3 to 4"),
 ])
 def test_negotiate_refuses_disjoint_versions(theirs, ours, named):
     """Versions that share none are a ``ProtocolMismatch`` naming the peer's versions."""
@@ -85,13 +95,11 @@ def test_version_1_hello_is_two_versions_behind():
                         protocols=(1, 1))) == V1_HELLO
 
 
-def test_version_2_hello_decodes_without_zone():
-    """A version-2 agent's hello is read as speaking 1 to 2, with no zone."""
-    hello = decode(V2_HELLO)
-    assert hello == Hello(node_uuid=A, era="e1", address="127.0.0.7", peer_port=4525,
-                          protocols=(1, 2))
-    assert (hello.zone, negotiate(hello.protocols)) == (None, 2)
-    assert encode(hello) == V2_HELLO
+def test_version_2_hello_is_two_versions_behind():
+    """A version-2 agent's hello (1 to 2) is refused as a mismatch since version 4."""
+    with pytest.raises(ProtocolMismatch) as error:
+        decode(V2_HELLO)
+    assert (error.value.theirs_oldest, error.value.theirs) == (1, 2)
 
 
 def test_new_hello_names_its_range_and_zone():
@@ -110,18 +118,31 @@ def test_hello_zone_round_trip(zone):
     assert decode(encode(hello)) == hello
 
 
-def test_version_3_hello_as_a_version_2_control_reads_it():
-    """Without ``zone``, a version-3 hello is a version-2 hello with the same fields, so
-    a version-2 control service (which reads a newer agent's hello by its own keys and
-    leaves the rest) serves it in 2."""
-    hello = Hello(node_uuid=A, era="e", address="h", peer_port=4525, zone="eu-west-1a")
+def test_version_4_hello_as_a_version_3_control_reads_it():
+    """Without ``resume``, a version-4 hello is a version-3 hello with the same fields, so
+    a version-3 control service (which reads a newer agent's hello by its own keys and
+    leaves the rest) serves it in 3."""
+    hello = Hello(node_uuid=A, era="e", address="h", peer_port=4525, zone="eu-west-1a",
+                  resume=StoreRevision(store="s", revision=7))
     body = json.loads(encode(hello))
-    del body["zone"]
-    assert set(body) == MESSAGE_KEYS[2]["hello"]
-    assert negotiate(hello.protocols, (1, 2)) == 2
-    body["protocols"], body["protocol"] = [1, 2], 2
-    assert decode(json.dumps(body).encode(), 2) == Hello(
-        node_uuid=A, era="e", address="h", peer_port=4525, protocols=(1, 2))
+    assert body["resume"] == {"store": "s", "revision": 7}
+    del body["resume"]
+    assert set(body) == MESSAGE_KEYS[3]["hello"]
+    assert negotiate(hello.protocols, (2, 3)) == 3
+    body["protocols"], body["protocol"] = [2, 3], 3
+    assert decode(json.dumps(body).encode(), 3) == Hello(
+        node_uuid=A, era="e", address="h", peer_port=4525, protocols=(2, 3),
+        zone="eu-west-1a")
+
+
+def test_resume_points_round_trip():
+    """Version 4's resume points and a diff's base read back as they were sent."""
+    point = StoreRevision(store="s", revision=7)
+    for message in [Hello(node_uuid=A, era="e", address="h", resume=point),
+                    Welcome(epoch="e", version=3, store_revision=point),
+                    Heartbeat(view=ViewVersion("e", 3), store_revision=point),
+                    Diff(epoch="e2", version=9, base=ViewVersion("e", 3))]:
+        assert decode(encode(message)) == message
 
 
 def hello_json(drop=(), **changes) -> bytes:
@@ -131,10 +152,14 @@ def hello_json(drop=(), **changes) -> bytes:
 
 
 @pytest.mark.parametrize("payload, expected", [
-    (V2_HELLO[:-1] + b',"zone":"eu-west-1a"}', "hello has unknown keys 'zone'"),
+    (hello_json(protocol=3, protocols=[2, 3], resume={"store": "s", "revision": 1}),
+     "hello has unknown keys 'resume'"),
+    (hello_json(resume={"store": "s", "revision": 1, "x": 2}),
+     "hello.resume has unknown keys 'x'"),
+    (hello_json(resume={"store": "", "revision": 1}), "hello.resume.store must not be"),
     (hello_json(extra=1), "hello has unknown keys 'extra'"),
     (hello_json(protocols=[3, 2]), "hello.protocols must be [oldest, newest]"),
-    (hello_json(protocols=[1, 2]), "ending with hello.protocol (3)"),
+    (hello_json(protocols=[1, 2]), "ending with hello.protocol (4)"),
     (hello_json(zone=""), "hello.zone must be an availability zone name"),
     (hello_json(zone="eu west"), "hello.zone must be an availability zone name"),
     (hello_json(zone="z" * 65), "hello.zone must be an availability zone name"),
@@ -169,11 +194,13 @@ def test_pages_are_version_3():
 
 
 @pytest.mark.parametrize("payload, theirs", [
-    (hello_json(("era",), protocol=5, protocols=[4, 5], shape="new"), (4, 5)),
+    (hello_json(("era",), protocol=6, protocols=[5, 6], shape="new"), (5, 6)),
     (V1_HELLO, (1, 1)),
+    (V2_HELLO, (1, 2)),
     (b'{"type":"hello","protocol":"two"}', ("two", "two")),
     (b'{"type":"hello"}', (None, None)),
-    (b'{"type":"welcome","protocol":4,"epoch":"e","version":1}', (4, 4)),
+    (b'{"type":"welcome","protocol":5,"epoch":"e","version":1}', (5, 5)),
+    (b'{"type":"welcome","protocol":2,"epoch":"e","version":1}', (2, 2)),
     (b'{"type":"welcome","protocol":1,"epoch":"e","version":1}', (1, 1)),
     (b'{"type":"welcome","protocol":0,"epoch":"e","version":1}', (0, 0)),
 ])
@@ -186,8 +213,8 @@ def test_handshakes_of_versions_we_do_not_speak(payload, theirs):
 
 def test_newer_agent_hello_is_read_by_our_keys():
     """A newer agent that also speaks our newest version is read, its new keys left."""
-    hello = decode(hello_json(protocol=4, protocols=[3, 4], shape="new"))
-    assert hello.protocols == (3, 4) and negotiate(hello.protocols) == 3
+    hello = decode(hello_json(protocol=5, protocols=[4, 5], shape="new"))
+    assert hello.protocols == (4, 5) and negotiate(hello.protocols) == 4
 
 
 def test_other_versions_errors_are_read():
@@ -207,61 +234,37 @@ class NegotiationTests(SynchronousTestCase):
         self.server.start()
         self.addCleanup(self.server.stop)
 
-    def test_version_2_agent_is_served_version_2_without_zone(self):
-        """An agent of version 2 (no zone) is welcomed in 2 and reports its state; its
-        node has no zone."""
+    def test_version_3_agent_is_served_version_3(self):
+        """An agent of version 3 (no resume point) is welcomed in 3, without the welcome's
+        ``store_revision``, and reports its state."""
         self.successResultOf(self.h.configuration.change([DS], lambda c: c.create(
             Dataset(dataset_id=DS, primary=A))))
         self.h.clock.advance(0)
         agent = RawAgent(self.server, NODE_A)
-        welcome, snapshot = agent.send_raw(V2_HELLO)
+        welcome, snapshot = agent.send_raw(hello_json(protocol=3, protocols=[2, 3]))
         self.assertEqual(welcome, Welcome(epoch=self.server.epoch,
-                                          version=self.server.version, protocol=2))
+                                          version=self.server.version, protocol=3))
         self.assertIsInstance(snapshot, Snapshot)
-        self.assertEqual(agent.protocol.protocol_version, 2)
+        self.assertEqual(agent.protocol.protocol_version, 3)
         report = (b'{"type":"state","node_uuid":"' + A.encode() + b'","datasets":[{'
                   b'"dataset_id":"' + DS.encode() + b'","state":"mounted","path":"/m",'
                   b'"maximum_size":null}],"view":null}')
         [diff] = agent.send_raw(report)
         self.assertEqual(diff.datasets[0].holders, (A,))
-        self.assertEqual(set(self.h.cluster.state.nodes[A].datasets), {DS})
-        self.assertIsNone(self.h.cluster.state.nodes[A].zone)
-        [node] = self.h.request(self, "GET", "/v1/state/nodes").json
-        self.assertIsNone(node["zone"])
 
-    def test_version_2_agent_never_sees_a_kept_dataset(self):
-        """A version-2 agent (which would destroy a dataset it sees deleted) is not shown a
-        deleted dataset whose data is kept: purged from its view, back when restored; a
-        version-3 agent sees it deleted with ``retained_until``."""
-        self.successResultOf(self.h.configuration.change([DS], lambda c: c.create(
-            Dataset(dataset_id=DS, primary=A))))
-        self.h.clock.advance(0)
-        old, new = RawAgent(self.server, NODE_A), RawAgent(self.server, NODE_B)
-        old.send_raw(V2_HELLO)
-        new.hello()
-        old.received()  # the new node
-        now = self.h.clock.seconds()
-        self.successResultOf(self.h.configuration.change(
-            [DS], lambda c: c.delete(now, DS, retain_until=now + 60)))
-        self.h.clock.advance(0)
-        [diff] = old.received()
-        self.assertEqual((diff.datasets, diff.removed), ((), (DS,)))
-        [diff] = new.received()
-        self.assertEqual([(d.dataset_id, d.deleted, d.retained_until) for d in diff.datasets],
-                         [(DS, True, now + 60)])
-        again = RawAgent(self.server, NODE_A)  # replaces ``old``
-        _, snapshot = again.send_raw(V2_HELLO)
-        self.assertEqual(snapshot.datasets, ())
-        self.successResultOf(self.h.configuration.change([DS], lambda c: c.restore(DS)))
-        self.h.clock.advance(0)
-        [diff] = again.received()
-        self.assertEqual([(d.dataset_id, d.deleted) for d in diff.datasets], [(DS, False)])
+    def test_version_2_agent_is_refused_naming_both_versions(self):
+        """An agent of version 2, now two versions behind, is refused, told why."""
+        agent = RawAgent(self.server, NODE_A)
+        [error] = agent.send_raw(V2_HELLO)
+        self.assertEqual(error.code, "protocol-version")
+        self.assertIn("speaks protocols 3 to 4", error.reason)
+        self.assertTrue(agent.closed)
 
     def test_version_3_agent_zone_is_kept_and_shown(self):
         """A version-3 agent's zone is kept on its node and shown by the REST API."""
         agent = RawAgent(self.server, NODE_A)
         [welcome, _] = agent.hello(zone="eu-west-1a")
-        self.assertEqual(welcome.protocol, 3)
+        self.assertEqual(welcome.protocol, PROTOCOL_VERSION)
         self.assertEqual(self.h.cluster.state.nodes[A].zone, "eu-west-1a")
         [node] = self.h.request(self, "GET", "/v1/state/nodes").json
         self.assertEqual((node["uuid"], node["zone"]), (A, "eu-west-1a"))
@@ -279,7 +282,7 @@ class NegotiationTests(SynchronousTestCase):
         [error] = agent.send_raw(V1_HELLO)
         self.assertEqual(error.code, "protocol-version")
         self.assertIn("the agent speaks agent-channel protocol 1, this control service "
-                      "speaks protocols 2 to 3", error.reason)
+                      "speaks protocols 3 to 4", error.reason)
         self.assertTrue(agent.closed)
         self.assertEqual(dict(self.h.cluster.state.nodes), {})
 
@@ -293,10 +296,10 @@ class NegotiationTests(SynchronousTestCase):
     def test_too_new_agent_is_refused_naming_both_versions(self):
         """An agent speaking only newer versions is refused, told both sides' versions."""
         agent = RawAgent(self.server, NODE_A)
-        [error] = agent.send_raw(hello_json(protocol=5, protocols=[4, 5]))
+        [error] = agent.send_raw(hello_json(protocol=6, protocols=[5, 6]))
         self.assertEqual(error.code, "protocol-version")
-        self.assertIn("the agent speaks agent-channel protocols 4 to 5, this control "
-                      "service speaks protocols 2 to 3: upgrade the control service first",
+        self.assertIn("the agent speaks agent-channel protocols 5 to 6, this control "
+                      "service speaks protocols 3 to 4: upgrade the control service first",
                       error.reason)
         self.assertTrue(agent.closed)
         self.assertEqual(dict(self.h.cluster.state.nodes), {})
@@ -304,7 +307,7 @@ class NegotiationTests(SynchronousTestCase):
     def test_unknown_key_after_the_handshake_is_refused(self):
         """Once welcomed, a message with a key its version lacks closes the connection."""
         agent = RawAgent(self.server, NODE_A)
-        agent.send_raw(V2_HELLO)
+        agent.hello()
         [error] = agent.send_raw(b'{"type":"sync","since":3}')
         self.assertEqual(error.code, "bad-message")
         self.assertIn("sync has unknown keys 'since'", error.reason)
@@ -337,20 +340,20 @@ class AgentSideTests(SynchronousTestCase):
     def test_welcome_settles_the_version(self):
         """The welcome's version is the one the connection decodes by from then on."""
         channel, protocol, transport, _ = self.make()
-        protocol.dataReceived(frame(encode(Welcome(epoch="e", version=0, protocol=2))))
-        self.assertEqual((channel.connected, protocol.protocol_version), (True, 2))
+        protocol.dataReceived(frame(encode(Welcome(epoch="e", version=0, protocol=3))))
+        self.assertEqual((channel.connected, protocol.protocol_version), (True, 3))
         channel._heartbeats.stop()
 
-    def test_version_2_control_serves_a_zoned_agent_in_2(self):
-        """A version-3 agent with a zone, welcomed in 2 by an older control service, speaks
-        version 2 from then on: its state report has only version-2 keys."""
+    def test_version_3_control_serves_the_agent_in_3(self):
+        """A version-4 agent welcomed in 3 by an older control service speaks version 3
+        from then on: its state report has only version-3 keys."""
         channel, protocol, transport, _ = self.make(zone="eu-west-1a")
-        protocol.dataReceived(frame(encode(Welcome(epoch="e", version=0, protocol=2))))
+        protocol.dataReceived(frame(encode(Welcome(epoch="e", version=0, protocol=3))))
         channel.report_state([])
         sent = transport.value()
         self.assertEqual(int.from_bytes(sent[:4], "big"), len(sent) - 4)
-        self.assertIsInstance(decode(sent[4:], 2), StateReport)
-        self.assertEqual(protocol.protocol_version, 2)
+        self.assertIsInstance(decode(sent[4:], 3), StateReport)
+        self.assertEqual(protocol.protocol_version, 3)
         channel._heartbeats.stop()
 
     def test_welcome_to_a_version_not_spoken_is_refused(self):
@@ -361,4 +364,4 @@ class AgentSideTests(SynchronousTestCase):
         [error] = frames(transport)
         self.assertEqual(error.code, "protocol-version")
         self.assertEqual(error.reason, "the control service answered agent-channel "
-                                       "protocol 1, this agent speaks protocols 2 to 3")
+                                       "protocol 1, this agent speaks protocols 3 to 4")
