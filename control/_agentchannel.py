@@ -61,7 +61,7 @@ from pyflock.common._model import Configuration
 from pyflock.common._records import DatasetEntry
 from pyflock.common._tls import Admission
 from pyflock.common._wire import (
-    AGENT_MESSAGE_LIMIT, MAX_MESSAGE, OLDEST_PROTOCOL, PAGED_SNAPSHOTS, PROTOCOL_VERSION,
+    AGENT_MESSAGE_LIMIT, MAX_MESSAGE, OLDEST_PROTOCOL, PROTOCOL_VERSION,
     SEND_LIMIT, SNAPSHOT_PAGE, BadMessage, Diff, Error, Heartbeat, Hello, MessageProtocol,
     Node, ProtocolMismatch, Snapshot, StateReport, SyncRequest, ViewVersion,
     describe_protocols, encode, negotiate, split_diff,
@@ -85,29 +85,7 @@ DEFAULT_HEARTBEAT = 5.0
 #: The file in the control service's data path that keeps the view across a restart.
 VIEW_CHECKPOINT = "agent-view.checkpoint"
 
-#: The first agent-channel version whose agents keep a deleted dataset's data while it is
-#: retained (the entry's ``retained_until``); older agents destroy what is shown deleted.
-#: Version 3 also brought paged snapshots: one snapshot encoding serves both.
-RETAINED_VISIBLE = PAGED_SNAPSHOTS
-
 _log = Logger()
-
-
-def hide_retained(message):
-    """
-    ``message`` (a snapshot or a diff) as an agent before ``RETAINED_VISIBLE`` must see it:
-    without the deleted datasets whose data is still kept. Such an agent reads no
-    ``retained_until`` and would destroy a dataset it sees deleted, while it leaves alone
-    one its view does not have; so in a diff a kept dataset is one purged from its view.
-    Restored, it comes back; once its data may go, it comes deleted, as before.
-    """
-    kept = [d.dataset_id for d in message.datasets if d.deleted and not d.purging]
-    if not kept:
-        return message
-    datasets = tuple(d for d in message.datasets if d.dataset_id not in kept)
-    if isinstance(message, Diff):
-        return attr.evolve(message, datasets=datasets, removed=message.removed + tuple(kept))
-    return attr.evolve(message, datasets=datasets)
 
 
 def view_datasets(config: Configuration,
@@ -307,7 +285,6 @@ class AgentChannelServer:
         self._expiry: dict[str, object] = {}
         self._heartbeats: Optional[LoopingCall] = None
         # (version, payload): version-2 agents reconnecting together share one encoding
-        self._snapshot_cache: tuple[int, bytes] = (-1, b"")
         # issue 12: the diffs pushed and one snapshot, encoded once for every agent
         self.catchup = Catchup(self)
         self._running = False
@@ -392,20 +369,14 @@ class AgentChannelServer:
         for part, payload in parts:
             self.version = part.version
             self.catchup.history.record(part.version, payload)
-            framed, older = frame(payload), None  # older: as agents before RETAINED_VISIBLE
+            framed = frame(payload)
             for connection in self._connections.values():
                 if self.catchup.turns.queued(connection):
                     continue  # issue 12: its snapshot's stream, when it starts, has this
-                old = (connection.protocol_version or PROTOCOL_VERSION) < RETAINED_VISIBLE
-                if old and older is None:
-                    older = frame(encode(hide_retained(part)))
-                connection.send_frame(older if old else framed)
+                connection.send_frame(framed)
 
     def _send_snapshot(self, connection: _AgentConnection) -> None:
-        if (connection.protocol_version or PROTOCOL_VERSION) >= PAGED_SNAPSHOTS:
-            self.catchup.snapshot(connection)  # issue 12: shared pages, a few at once
-        else:
-            _send_version_2_snapshot(self, connection)
+        self.catchup.snapshot(connection)  # issue 12: shared pages, a few at once
 
     def _send_heartbeats(self) -> None:
         # A replica that has just become leader purges what waited meanwhile.
@@ -584,7 +555,6 @@ class AgentChannelServer:
         pushed keep it, dead, until their next snapshot: a Diff cannot remove a node)."""
         self._nodes.pop(uuid, None)
         self._acks.pop(uuid, None)
-        self._snapshot_cache = (-1, b"")
         self.catchup.history.forget_snapshot()
 
     def _expire(self, uuid: str) -> None:
@@ -612,22 +582,6 @@ class AgentChannelServer:
 
     def _purge_unheld(self) -> None:
         self._purger.check(self._acks)
-
-
-def _send_version_2_snapshot(server: AgentChannelServer, connection: _AgentConnection) -> None:
-    """Version 2: the whole view in one frame, without the retained datasets, encoded once
-    per version (``server._snapshot_cache``)."""
-    if server._snapshot_cache[0] != server.version:
-        server._snapshot_cache = (server.version, encode(hide_retained(server.snapshot())))
-    payload = server._snapshot_cache[1]
-    if len(payload) > MAX_MESSAGE:
-        # Version 2 cannot page: its agent would refuse the frame anyway.
-        connection.close("too-large", f"the snapshot of this cluster is {len(payload)} "
-                                      f"bytes, over the {MAX_MESSAGE} bytes agent-channel "
-                                      f"protocol 2 can carry: upgrade this agent (protocol "
-                                      f"3 sends snapshots in pages)")
-        return
-    connection.send_payload(payload)
 
 
 class _SharedState:
