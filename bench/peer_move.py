@@ -365,7 +365,8 @@ async def _move_against_raw(cluster: _Cluster, log) -> list:
                                                  remote.root)
             runs.append({**moved, "raw_seconds": raw, "raw_writeback_seconds": writeback,
                          "bulk_round_seconds": moved["round_seconds"][0],
-                         "ratio": moved["seconds"] / raw})
+                         "ratio": moved["seconds"] / raw,
+                         "ratio_with_writeback": moved["seconds"] / (raw + writeback)})
             log(f"move 1 GiB: run {run + 1} of {RUNS}: pyflock {moved['seconds']:.2f} s "
                 f"(rounds {', '.join(f'{r:.2f}' for r in moved['round_seconds'])} s), "
                 f"raw {raw:.2f} s, then its writeback {writeback:.2f} s")
@@ -437,12 +438,6 @@ async def _receiver_main(reactor, config_json: str) -> None:
     transfers = PeerTransfers(reactor, backend,
                               ClusterTLS.load(config["certificates"], "node"),
                               current_view=lambda: view)
-    _orig = transfers.receiver._round
-    def _timed(from_node, request, _orig=_orig):
-        t = time.perf_counter(); n = _orig(from_node, request)
-        print(f"ROUND phase {request.phase} {n} bytes {time.perf_counter() - t:.2f}s", file=sys.stderr, flush=True)
-        return n
-    transfers.receiver._round = _timed
     rounds: list = []
     one_round = transfers.receiver._round
 
@@ -581,6 +576,8 @@ def _section(moves: list, downtimes: dict, filesystem: str, load_before, load_af
         f"| raw `btrfs send \\| btrfs receive` over TCP | {raw.describe(seconds)} | "
         f"{rate(raw.median)} |",
         f"| ratio, per pair | {ratio.describe(lambda v: f'{v:.2f}x')} | |",
+        f"| ratio to raw with its writeback (`sync -f`), per pair | "
+        f"{Repeats.of(moves, 'ratio_with_writeback').describe(lambda v: f'{v:.2f}x')} | |",
         f"| pyflock's bulk round alone (the stream of 1 GiB) | "
         f"{Repeats.of(moves, 'bulk_round_seconds').describe(seconds)} | "
         f"{rate(Repeats.of(moves, 'bulk_round_seconds').median)} |",
