@@ -120,10 +120,19 @@ def parse_answer(line: bytes) -> SendAnswer:
                       estimate=_optional(obj, "estimate", int, "answer"))
 
 
-def frames(data: bytes) -> list:
-    """``data`` as frames of at most ``MAX_FRAME`` bytes, each with its length."""
-    return [_LENGTH.pack(len(chunk)) + chunk
-            for chunk in (data[i:i + MAX_FRAME] for i in range(0, len(data), MAX_FRAME))]
+def framed(data) -> bytearray:
+    """``data`` (any bytes-like object) as frames of at most ``MAX_FRAME`` bytes, each
+    after its length, in one buffer: each byte is copied once."""
+    view = memoryview(data)
+    count = -(-len(view) // MAX_FRAME)
+    out = bytearray(len(view) + count * _LENGTH.size)
+    at = 0
+    for start in range(0, len(view), MAX_FRAME):
+        chunk = view[start:start + MAX_FRAME]
+        _LENGTH.pack_into(out, at, len(chunk))
+        out[at + _LENGTH.size:at + _LENGTH.size + len(chunk)] = chunk
+        at += _LENGTH.size + len(chunk)
+    return out
 
 
 class Decoder:
@@ -197,5 +206,5 @@ class Throttle:
 
 __all__ = [
     "Decoder", "END_FRAME", "MAX_FRAME", "MAX_LINE", "PROTOCOL_VERSION", "ProtocolError",
-    "SendAnswer", "SendRequest", "Throttle", "frames", "parse_answer", "parse_request",
+    "SendAnswer", "SendRequest", "Throttle", "framed", "parse_answer", "parse_request",
 ]

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from pyflock.agent._backends._peer import IPeerBackend
 from pyflock.agent._peer_move import PHASE_FINAL, MoveView, send_refusal
 from pyflock.agent._peer_protocol import (
-    END_FRAME, MAX_LINE, ProtocolError, SendAnswer, Throttle, frames, parse_request,
+    END_FRAME, MAX_LINE, ProtocolError, SendAnswer, Throttle, framed, parse_request,
 )
 from pyflock.agent._peer_rounds import prepare_send, send_stream
 from pyflock.agent._peer_tls import BlockingTLS, ConnectionBroken, PeerPort
@@ -105,7 +105,7 @@ class _StreamWriter:
         self._throttle, delay = self._throttle.take(time.monotonic(), nbytes)
         if delay:
             time.sleep(delay)
-        self._connection.sendall(b"".join(frames(bytes(data))))
+        self._connection.sendall(framed(data))
         self._sent(nbytes)
         return nbytes
 
@@ -208,11 +208,13 @@ class PeerTransferService:
                   "{bytes_done} bytes", event_type="pyflock:peer:move-sent", **event)
         self.on_sent(dataset_id)
 
-    def _started(self, connection: BlockingTLS) -> Deferred:
+    def _started(self, connection: BlockingTLS) -> list:
+        """A connection is served: ``stop`` aborts it and waits for the Deferred in the
+        one-item list (a list: ``blockingCallFromThread`` would wait for a Deferred)."""
         self.connections.add(connection)
         ended = Deferred()
         self._serving.add(ended)
-        return ended
+        return [ended]
 
     def _ended(self, connection: BlockingTLS, ended: Deferred) -> None:
         self.connections.discard(connection)
@@ -224,7 +226,7 @@ class PeerTransferService:
     def _serve(self, sock: socket.socket) -> None:
         """Serve one connection to the peer port: one round, or its refusal."""
         connection = BlockingTLS.server(sock, self._tls, self.settings.idle_timeout)
-        ended = blockingCallFromThread(self.reactor, self._started, connection)
+        [ended] = blockingCallFromThread(self.reactor, self._started, connection)
         requester = None
         try:
             connection.handshake()

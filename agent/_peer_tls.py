@@ -192,7 +192,8 @@ class PeerPort:
     def __init__(self, reactor, address: str, port: int,
                  serve: Callable[[socket.socket], None], limit: int):
         self._reactor = reactor
-        self._listening = socket.create_server((address, port), backlog=64)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self._listening = socket.create_server((address, port), family=family, backlog=64)
         self._serve = serve
         self._served = threading.BoundedSemaphore(limit)
         self._thread = threading.Thread(target=self._accept, daemon=True,
