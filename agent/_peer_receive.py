@@ -101,7 +101,7 @@ class _IncomingStream:
                 self._chunks.popleft()
                 self._offset = 0
             got += take
-        return b"".join(out) if len(out) != 1 else out[0]
+        return b"".join(out)      # bytes, as a file gives (one copy of the pieces)
 
     def readable(self) -> bool:
         """A stream is read."""
