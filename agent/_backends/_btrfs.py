@@ -37,7 +37,7 @@ from pyflock.agent._backends._btrfs_model import (
     group_subvolumes, largest_first, live_path, parse_du_total, parse_subvolume_list,
     snapshot_folder, snapshot_name, snapshot_path,
 )
-from pyflock.agent._backends._btrfs_pool import BtrfsPool
+from pyflock.agent._backends._btrfs_pool import BtrfsPool, Writeback
 from pyflock.agent._backends._interface import (
     GiB, MiB, InvalidVolumeRequest, UnknownVolume, VolumeBusy, VolumeExists,
     check_dataset_id, check_node_uuid, round_size,
@@ -183,8 +183,7 @@ class BtrfsBackend:
     @classmethod
     def open(cls, pool: BtrfsPool, node_uuid: str, default_size: int = 10 * GiB
              ) -> "BtrfsBackend":
-        """The backend over ``pool``, mounted (formatted first if blank), with what an
-        interrupted import left in staging deleted."""
+        """The backend over ``pool``, mounted (formatted if blank), staging emptied."""
         pool.open()
         backend = cls(pool, node_uuid, default_size)
         for name in os.listdir(backend._path(STAGING)):
@@ -463,7 +462,7 @@ class BtrfsBackend:
         """Feed the checked stream to ``btrfs receive -e -C staging`` and check its result."""
         argv = ["btrfs", "receive", "-q", "-e", "-C", staging]
         checker = SendStreamChecker(header)
-        with tempfile.TemporaryFile() as errors:
+        with tempfile.TemporaryFile() as errors, Writeback(self.root) as writeback:
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                        stderr=errors)
             _widen_pipe(process.stdin)
@@ -471,6 +470,7 @@ class BtrfsBackend:
                 while chunk := source.read(CHUNK):
                     checker.feed(chunk)
                     process.stdin.write(chunk)
+                    writeback.fed(len(chunk))
                 checker.finish()
                 process.stdin.close()
             except BrokenPipeError:
