@@ -61,17 +61,22 @@ _SUBVOL_RDONLY = 1 << 1
 _FLAGS = struct.Struct("=Q")
 
 
-#: ``F_SETPIPE_SZ`` (fcntl(2)): a pipe of ``CHUNK`` bytes rather than 64 KiB takes a
-#: sixteenth of the wake-ups between ``btrfs send``/``receive`` and the agent.
+#: ``F_SETPIPE_SZ`` (fcntl(2)): a pipe of ``PIPE_SIZE`` bytes rather than 64 KiB takes a
+#: hundredth of the wake-ups between ``btrfs send``/``receive`` and the agent, and lets
+#: each side go on while the other is busy (the agent decrypting a piece while ``btrfs
+#: receive`` writes the last ones): root may exceed /proc/sys/fs/pipe-max-size.
 _F_SETPIPE_SZ = 1031
+PIPE_SIZE = 8 * MiB
 
 
 def _widen_pipe(pipe) -> None:
-    """Make ``pipe`` hold ``CHUNK`` bytes, if the kernel allows it."""
-    try:
-        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, CHUNK)
-    except OSError:
-        pass  # over /proc/sys/fs/pipe-max-size for this user: the default still works
+    """Make ``pipe`` hold ``PIPE_SIZE`` bytes, or ``CHUNK``, if the kernel allows it."""
+    for size in (PIPE_SIZE, CHUNK):
+        try:
+            fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            pass  # over /proc/sys/fs/pipe-max-size for this user: the default still works
 
 
 def _read_only(path: str) -> bool:
