@@ -23,6 +23,7 @@ from pyflock.agent._peer_protocol import Decoder, ProtocolError, parse_answer
 from pyflock.agent._peer_rounds import TransferRefused, prepare_receive, receive_move
 from pyflock.agent._peer_service import DEFAULT_IDLE_TIMEOUT, Slots
 from pyflock.agent._peer_tls import BlockingTLS, ConnectionBroken
+from pyflock.common._connections import DEFAULT_HANDSHAKE_TIMEOUT
 from pyflock.common._records import Transfer
 from pyflock.common._threads import RunBlocking
 from pyflock.common._tls import ClusterTLS, Identity
@@ -205,17 +206,21 @@ class PeerReceiver:
         host, port = blockingCallFromThread(self._reactor, self._open, from_node)
         stream = None
         try:
+            # Connecting and the handshake get the handshake's timeout; the answer may
+            # take the sender a while (a freeze, an estimate), so it gets the idle one.
+            opening = min(DEFAULT_HANDSHAKE_TIMEOUT, self._idle_timeout)
             try:
-                sock = socket.create_connection((host, port), timeout=self._idle_timeout)
+                sock = socket.create_connection((host, port), timeout=opening)
             except OSError as e:
                 raise ConnectionBroken(f"cannot reach node {from_node}'s peer port at "
                                        f"{host}:{port}: {e}") from None
             connection = BlockingTLS.client(sock, self._tls, Identity.node(from_node),
-                                            self._idle_timeout)
+                                            opening)
             stream = _IncomingStream(dataset_id, connection)
             with self._lock:
                 self._rounds.add(stream)
             connection.handshake()
+            connection.set_timeout(self._idle_timeout)
             connection.sendall(request.to_line())
             answer = stream.read_answer()
             prepare_receive(self._backend, dataset_id, answer)

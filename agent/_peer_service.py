@@ -30,6 +30,7 @@ from pyflock.agent._peer_protocol import (
 )
 from pyflock.agent._peer_rounds import prepare_send, send_stream
 from pyflock.agent._peer_tls import BlockingTLS, ConnectionBroken, PeerPort
+from pyflock.common._connections import DEFAULT_HANDSHAKE_TIMEOUT
 from pyflock.common._records import Transfer
 from pyflock.common._tls import PEER_TRANSFER, ClusterTLS
 
@@ -42,9 +43,10 @@ DEFAULT_MAX_TRANSFERS = 2
 #: broken; generous, since a sender may scan a large tree before its stream goes on.
 DEFAULT_IDLE_TIMEOUT = 300.0
 
-#: Connections the peer port serves at once, per transfer slot: beyond the rounds under
-#: way, those being refused (busy, not named in a move) get their answer too.
-_CONNECTIONS_PER_SLOT = 4
+#: Connections the peer port serves at once (a thread each): the rounds under way, those
+#: being refused (busy, not named in a move), and strangers whose handshake has not failed
+#: yet (each gets ``TransferSettings.handshake_timeout`` for its handshake and request).
+_MAX_CONNECTIONS = 64
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -52,13 +54,15 @@ class TransferSettings:
     """
     A node's transfer limits: at most ``max_transfers`` rounds at once (sending and
     receiving together; a sender answers "busy" beyond it), ``bandwidth`` bytes per
-    second per round (None: no limit), and ``idle_timeout`` seconds without progress
-    before a round is given up.
+    second per round (None: no limit), ``idle_timeout`` seconds without progress
+    before a round is given up, and ``handshake_timeout`` seconds for a connection to the
+    peer port to complete its handshake and send its request.
     """
 
     max_transfers: int = DEFAULT_MAX_TRANSFERS
     bandwidth: Optional[float] = None
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
 
 
 class Slots:
@@ -164,7 +168,7 @@ class PeerTransferService:
     def listen(self, address: str, port: int) -> PeerPort:
         """Serve the peer port on ``address:port`` (``OSError`` if it cannot)."""
         return PeerPort(self.reactor, address, port, self._serve,
-                        self.slots.limit * _CONNECTIONS_PER_SLOT)
+                        max(_MAX_CONNECTIONS, 4 * self.slots.limit))
 
     def stop(self) -> Deferred:
         """
@@ -225,7 +229,7 @@ class PeerTransferService:
 
     def _serve(self, sock: socket.socket) -> None:
         """Serve one connection to the peer port: one round, or its refusal."""
-        connection = BlockingTLS.server(sock, self._tls, self.settings.idle_timeout)
+        connection = BlockingTLS.server(sock, self._tls, self.settings.handshake_timeout)
         [ended] = blockingCallFromThread(self.reactor, self._started, connection)
         requester = None
         try:
@@ -238,6 +242,7 @@ class PeerTransferService:
             requester = admission.identity.name
             try:
                 request = parse_request(_read_request(connection))
+                connection.set_timeout(self.settings.idle_timeout)
             except ProtocolError as e:
                 self._refuse(connection, str(e), requester)
                 return

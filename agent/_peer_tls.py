@@ -55,7 +55,9 @@ class BlockingTLS:
     """
     A TLS connection over a connected blocking ``sock``, used by one thread (``abort``
     from any). ``peer`` names the other end in errors ("sender", "receiver"); a read or
-    write waiting more than ``timeout`` seconds breaks the connection.
+    write waiting more than ``timeout`` seconds breaks the connection (``set_timeout``
+    changes it: a listener gives a new connection only the handshake's timeout until its
+    request came, as every pyflock listener does).
     """
 
     def __init__(self, sock: socket.socket, connection: SSL.Connection,
@@ -134,6 +136,11 @@ class BlockingTLS:
             raise self._broken(e) from None
         except (OSError, socket.timeout) as e:
             raise self._broken(e) from None
+
+    def set_timeout(self, timeout: Optional[float]) -> None:
+        """Break the connection once a read or write waits ``timeout`` seconds from now on."""
+        self._timeout = timeout
+        self._sock.settimeout(timeout)
 
     def peer_certificate(self):
         """The certificate the peer presented (pyOpenSSL), or None."""

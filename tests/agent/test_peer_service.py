@@ -13,7 +13,7 @@ import threading
 
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import deferLater
-from twisted.internet.threads import blockingCallFromThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.python.failure import Failure
 
 from pyflock.agent._backends import MemoryPeerBackend
@@ -304,6 +304,23 @@ async def test_stop_ends_transfers_under_way(cluster, reactor):
     assert isinstance(failure, Failure) and failure.check(ConnectionBroken), failure
     assert b.list_datasets() == []
     assert sender.connections == set() and sender.slots.used == 0
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_silent_stranger_dropped_after_handshake_timeout(cluster, reactor):
+    """A connection to the peer port that never completes its handshake (anyone who can
+    reach the port) holds its thread only for the handshake timeout, not the idle one."""
+    import socket as sockets
+    service = cluster.nodes[cluster.uuids[0]][1]
+    service.settings = TransferSettings(handshake_timeout=0.3)
+    stranger = sockets.create_connection(cluster.addresses[cluster.uuids[0]])
+    try:
+        stranger.settimeout(10)
+        closed = await deferToThread(stranger.recv, 1)      # b"": the server hung up
+        assert closed == b""
+    finally:
+        stranger.close()
 
 
 def abort_all(cluster) -> None:
