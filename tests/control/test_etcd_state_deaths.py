@@ -60,9 +60,9 @@ async def test_only_the_leader_marks_a_vanished_node_dead(tmp_path, etcd):
         await until(shown)
 
         await r1.close()  # its lease revoked: node A's report vanishes
-        await until(lambda: all(A in r.shared._vanished for r in (r2, r3)))
+        await until(lambda: all(A in r.shared.deaths.vanished for r in (r2, r3)))
         # No replica leads: neither marks the node dead, both still show it as it was.
-        assert not any(r.shared._marking for r in (r2, r3))
+        assert not any(r.shared.deaths.marking for r in (r2, r3))
         assert not await death_marked(r2)
         assert await shown()
 
@@ -73,7 +73,7 @@ async def test_only_the_leader_marks_a_vanished_node_dead(tmp_path, etcd):
         async def dead():
             return all([await alive_nodes(r) == [] for r in (r2, r3)])
         await until(dead)
-        assert all(A not in r.shared._vanished for r in (r2, r3))
+        assert all(A not in r.shared.deaths.vanished for r in (r2, r3))
         assert [r.cluster.state.nodes[A].datasets for r in (r2, r3)] == [{}, {}]
     finally:
         for leadership in [bare] * (not bare._stopped) + electing:
