@@ -638,7 +638,7 @@ class _SharedState:
         return True
 
     def report(self, hook: str, node) -> None:
-        """Hand ``node`` (a uuid for ``withdraw``) to the reports' ``hook``, if shared."""
+        """Hand ``node`` (a uuid for ``forget``) to the reports' ``hook``, if shared."""
         if self._reports is not None:
             getattr(self._reports, hook)(node)
 

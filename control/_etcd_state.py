@@ -397,6 +397,8 @@ class _Deaths:
     def withdrawn(self, node: NodeState, outcome: str, revision: int) -> None:
         """This replica's withdrawal of ``node``'s report had ``outcome`` (a
         ``withdraw_outcome``) at etcd ``revision``."""
+        if node.uuid in self._reports._published:
+            return  # its agent said hello here again meanwhile: claimed once more
         if outcome == VANISHED:
             self.vanish(node, revision)
         elif outcome == DEAD:  # marked while this replica's lease was gone: dead already
