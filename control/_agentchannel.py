@@ -13,6 +13,8 @@ node waiting for it), so no one polls.
 
 Only ``node-*`` certificates are accepted, and a node speaks only for itself. A node silent
 for the cluster state's expiry is dead: what it reported is wiped and agents see it dead.
+With replicas (issue 9) its replica only withdraws its report and, as every replica, wipes
+it once the leader marks it dead (``_SharedState``).
 Deleted datasets are purged from the configuration once no live node holds them, judged
 only on reports made by agents that had stored a view in which the dataset was deleted,
 and never during the first ``node_expiry`` seconds of a run, while agents reconnect; a
@@ -556,9 +558,11 @@ class AgentChannelServer:
         self._nodes.pop(uuid, None)
         self._acks.pop(uuid, None)
         self.catchup.history.forget_snapshot()
+        self.shared.report("forget", uuid)  # issue 9: the leader's mark of its death goes
 
     def _expire(self, uuid: str) -> None:
-        """Nothing heard from ``uuid`` for ``node_expiry``: it is dead."""
+        """Nothing heard from ``uuid`` for ``node_expiry``: it is dead (with replicas: its
+        report is withdrawn, and it is dead once the leader marks it)."""
         self._expiry.pop(uuid, None)
         node = self.cluster.state.nodes.get(uuid)
         presumed = self.restored.presumed.pop(uuid, None)
@@ -567,15 +571,17 @@ class AgentChannelServer:
             return
         if node is None or node.remote is not None:
             return  # its agent went on to another replica, which now publishes it
-        self.shared.wipe(uuid)
-        released = self._set_holdings(uuid, set(node.datasets) | (presumed or set()), ())
         self._acks.pop(uuid, None)
         connection = self._connections.pop(uuid, None)
         if connection is not None:
             connection.close("silent", f"nothing heard from this node for "
                                        f"{self.node_expiry} s")
+        held = set(node.datasets) | (presumed or set())
+        if self.shared.withdraw(node, held):
+            return
+        self.cluster.wipe(uuid)
         self._set_node(Node(uuid=uuid, host=node.host, peer_port=node.peer_port,
-                                 alive=False), released)
+                            alive=False), self._set_holdings(uuid, held, ()))
         log_event(_log, "pyflock:control:node-dead", node_uuid=uuid,
                   wiped=len(node.datasets), silent=self.node_expiry)
         self._purge_unheld()
@@ -589,8 +595,14 @@ class _SharedState:
     Issue 9: the server's part in the cluster state shared between replicas (the server's
     ``shared``). ``reports``, the server's argument (``SharedReports`` on etcd; None: a
     single control service), is told of each hello (``claim``), changed report
-    (``publish``) and silent node (``withdraw``); ``merge(uuid, node or None)`` takes
-    what other replicas publish.
+    (``publish``), silent node (``withdraw``) and forgotten node (``forget``);
+    ``merge(uuid, node or None)`` takes what other replicas publish, and deaths.
+
+    A node that goes silent here is not wiped here at once: that would show it dead here
+    while the other replicas wait for the leader's mark, and would let a replica that is
+    not the leader (paused, or cut off from the others) declare a live node dead. It keeps
+    showing as it was, published by this replica, as the others show it, until the mark
+    comes through the watch (``merge(uuid, None)``), as on every replica.
     """
 
     def __init__(self, server: AgentChannelServer, reports):
@@ -607,21 +619,36 @@ class _SharedState:
         self._server.cluster.update(self._server.cluster.state.update_node(node))
         self.report("publish", node)
 
-    def wipe(self, uuid: str) -> None:
-        """Node ``uuid`` went silent here: its state is wiped, its report withdrawn."""
-        self._server.cluster.wipe(uuid)
-        self.report("withdraw", uuid)
+    def withdraw(self, node: NodeState, held: set[str]) -> bool:
+        """``node``, which holds ``held`` in the view, went silent here: with replicas, its
+        report is withdrawn and it waits for the leader's mark; whether it does (else it
+        is for the caller to wipe)."""
+        server = self._server
+        if self._reports is None:
+            return False
+        server.cluster.update(server.cluster.state.update_node(
+            node.set(remote=self._reports.replica.name)))
+        # Datasets only a restored view presumed it held are not in its report.
+        released = server._set_holdings(node.uuid, held - set(node.datasets), ())
+        if released:
+            server._publish(datasets=released)
+        self._reports.withdraw(node)
+        log_event(_log, "pyflock:control:node-withdrawn", node_uuid=node.uuid,
+                  silent=server.node_expiry)
+        return True
 
     def report(self, hook: str, node) -> None:
-        """Hand ``node`` (a uuid for ``withdraw``) to the reports' ``hook``, if shared."""
+        """Hand ``node`` (a uuid for ``forget``) to the reports' ``hook``, if shared."""
         if self._reports is not None:
             getattr(self._reports, hook)(node)
 
-    def merge(self, uuid: str, node: Optional[NodeState]) -> None:
+    def merge(self, uuid: str, node: Optional[NodeState],
+              last: Optional[NodeState] = None) -> None:
         """
-        Another replica publishes ``node`` (its agent talks to that replica), or the report
-        of ``uuid`` vanished (None): update the cluster state and push what changed. A
-        connection of that node here is stale: the agent has moved on.
+        Another replica publishes ``node`` (its agent talks to that replica), or the leader
+        marked ``uuid`` dead (None; ``last``: as it was last published, for a node this
+        replica never saw): update the cluster state and push what changed. A connection
+        of that node here is stale: the agent has moved on.
         """
         server = self._server
         before = server.cluster.state.nodes.get(uuid)
@@ -630,7 +657,7 @@ class _SharedState:
             if connection is not None:
                 connection.close("replaced", "this node's agent talks to another replica")
             server._acks.pop(uuid, None)
-        server.cluster.merge_remote(uuid, node)
+        server.cluster.merge_remote(uuid, node, last)
         after = server.cluster.state.nodes.get(uuid)
         if after is None:
             return
@@ -639,6 +666,9 @@ class _SharedState:
         with server.resumes.origin(getattr(self._reports, "watched", 0)):
             server._set_node(Node(uuid=uuid, host=after.host, peer_port=after.peer_port,
                                   alive=server.cluster.is_alive(after)), changed)
+        if node is None and before is not None and before.remote is not None:
+            log_event(_log, "pyflock:control:node-dead", node_uuid=uuid,
+                      wiped=len(before.datasets), replica=before.remote)
         server._purge_unheld()
 
 

@@ -248,17 +248,19 @@ class ClusterStateService:
         if node is not None and node.datasets:
             self.update(self.state.update_node(node.set(datasets={})))
 
-    def merge_remote(self, uuid: str, node: Optional[NodeState]) -> None:
+    def merge_remote(self, uuid: str, node: Optional[NodeState],
+                     last: Optional[NodeState] = None) -> None:
         """
-        Issue 9: another replica publishes ``node`` (remote), or the report of ``uuid`` it
-        published vanished (None: that replica withdrew it or died): the node is then dead
-        here, its datasets wiped, until an agent reports it again.
+        Issue 9: another replica publishes ``node`` (remote), or node ``uuid``, whose report
+        vanished, is dead (None): then dead here, its datasets wiped, until an agent
+        reports it again; one not known here is added dead as ``last`` (published by a
+        replica: remote) describes it.
         """
         now = self._reactor.seconds()
         if node is not None:
             self.update(self.state.update_node(node.set(last_seen=now)))
             return
-        known = self.state.nodes.get(uuid)
+        known = self.state.nodes.get(uuid, last)
         if known is not None and known.remote is not None:
             self.update(self.state.update_node(known.set(
                 remote=None, datasets={},

@@ -13,11 +13,14 @@ channel's ``shared.merge``). When the lease is lost (etcd expired it while this 
 could not reach etcd), a new one is taken and every node this replica publishes is
 claimed again.
 
-Death (``follow_leader``). A remote node whose report vanished stays as it was until the
-leader marks it dead: the leader puts ``P state/dead/<uuid>`` with its fence while the
-report is still absent, and every replica wipes the node when its watch shows the mark.
-A replica that starts leading marks the nodes still waiting. Without an election (no
-``follow_leader``), a replica wipes a vanished node at once.
+Death (``follow_leader``, ``_Deaths``). A node whose report vanished stays as it was
+until the leader marks it dead: the leader puts ``P state/dead/<uuid>`` with its fence
+while the report is still absent, and every replica wipes the node when its watch shows
+the mark, the one that withdrew the report too. A replica that starts leading marks the
+nodes still waiting; a replica that never saw the node (it started since) lists it dead
+as the mark describes it; a replica that forgets a dead node deletes its mark
+(``forget``). Without an election (no ``follow_leader``), a replica wipes a vanished node
+at once.
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ from pyflock.control._clusterstate import NodeState
 from pyflock.control._etcd_client import EtcdError, describe
 from pyflock.control._etcd_model import Keys, keepalive_ttl, unb64
 from pyflock.control._etcd_state_model import (
-    DEFAULT_STATE_LEASE_TTL, IGNORE, LOST, REMOTE, VANISHED, ReplicaInfo, ReportEvent,
-    claim_request, claimed_elsewhere, control_status, death_request, decode_replica,
-    decode_report, judge,
-    leader_name, member_json, publish_request, range_events, read_watch_line,
-    replica_request, reports_range, resync_events, status_request, watch_request,
+    DEAD, DEFAULT_STATE_LEASE_TTL, IGNORE, LOST, REMOTE, VANISHED, ReplicaInfo,
+    ReportEvent, claim_request, claimed_elsewhere, control_status, death_request,
+    decode_replica, decode_report, encode_death, forget_request, judge, leader_name,
+    member_json, publish_request, range_events, read_watch_line, replica_request,
+    reports_range, resync_events, status_request, watch_request, withdraw_outcome,
     withdraw_request,
 )
 from pyflock.control._etcd_watch import WATCH_RETRY, _Lines, stream_lines
@@ -47,14 +50,15 @@ from pyflock.control._store import Fenced
 _log = Logger()
 
 #: The kinds of a waiting write, and what a later one for the same node makes of it.
-CLAIM, PUBLISH, WITHDRAW = "claim", "publish", "withdraw"
+CLAIM, PUBLISH, WITHDRAW, FORGET = "claim", "publish", "withdraw", "forget"
 
 
 class SharedReports:
     """
     One replica's part in the shared cluster state (see the module's docstring):
     ``replica`` is announced, ``merge(uuid, node_or_None)`` is told of the other replicas'
-    reports. ``writes`` counts the report writes sent to etcd.
+    reports and of deaths (``merge(uuid, None, last)``: a dead node this replica never saw,
+    as ``last`` published). ``writes`` counts the report writes sent to etcd.
     """
 
     def __init__(self, reactor: Any, gateway: Any, keys: Keys, replica: ReplicaInfo,
@@ -65,12 +69,13 @@ class SharedReports:
         self.replica = replica
         self._ttl = ttl
         self.lease = 0
-        self._merge: Callable[[str, Optional[NodeState]], None] = lambda uuid, node: None
+        self._merge: Callable[..., None] = lambda uuid, node, last=None: None
         # node uuid -> the etcd revision of this replica's latest write of its report
         self._owned: dict[str, int] = {}
         # node uuid -> what this replica last wrote (or waits to write) of it
         self._published: dict[str, NodeState] = {}
-        self._remote: set[str] = set()
+        # node uuid -> the node as another replica publishes it
+        self._remote: dict[str, NodeState] = {}
         # node uuid -> (kind, node): writes waiting; events held while one waits
         self._waiting: dict[str, tuple[str, Optional[NodeState]]] = {}
         self._held: dict[str, list[ReportEvent]] = {}
@@ -83,11 +88,7 @@ class SharedReports:
         self._renewing = False
         self._stopped = False
         self.writes = 0
-        # Issue 9 point 4: the election (None: none, this replica judges deaths alone),
-        # and node uuid -> the etcd revision its report vanished at, until marked dead.
-        self.leadership: Any = None
-        self._vanished: dict[str, int] = {}
-        self._marking: set[str] = set()
+        self.deaths = _Deaths(self)  # issue 9 point 4
         # Issue 9 point 5 (the agent channel's ``StoreResume``): the etcd revision of the
         # first full read, and told the revision by which every write so far is in etcd.
         self.loaded = 0
@@ -101,12 +102,16 @@ class SharedReports:
 
     def follow_leader(self, leadership: Any) -> None:
         """Leave marking nodes dead to the leader of ``leadership`` (``EtcdLeadership``)."""
-        self.leadership = leadership
-        leadership.on_change(self._leading)
+        self.deaths.leadership = leadership
+        leadership.on_change(self.deaths.leading)
+
+    def shows(self, uuid: str) -> bool:
+        """Whether node ``uuid``'s report is published, by this replica or another."""
+        return uuid in self._remote or uuid in self._published or uuid in self._waiting
 
     # -- life cycle ------------------------------------------------------------------------
 
-    async def start(self, merge: Callable[[str, Optional[NodeState]], None]) -> None:
+    async def start(self, merge: Callable[..., None]) -> None:
         """Take a lease, announce the replica, merge every report published, and from
         then on keep the lease alive and follow the reports."""
         self._merge = merge
@@ -171,8 +176,8 @@ class SharedReports:
     def claim(self, node: NodeState) -> None:
         """``node``'s agent said hello here: publish its report, whoever published it."""
         self._published[node.uuid] = node
-        self._remote.discard(node.uuid)
-        self._vanished.pop(node.uuid, None)
+        self._remote.pop(node.uuid, None)
+        self.deaths.vanished.pop(node.uuid, None)
         self._queue(node.uuid, CLAIM, node)
 
     def publish(self, node: NodeState) -> None:
@@ -180,12 +185,18 @@ class SharedReports:
         self._published[node.uuid] = node
         self._queue(node.uuid, PUBLISH, node)
 
-    def withdraw(self, uuid: str) -> None:
-        """Node ``uuid`` went silent here: delete its report unless another replica has
-        claimed it since."""
-        self._published.pop(uuid, None)
-        self._owned.pop(uuid, None)
-        self._queue(uuid, WITHDRAW, None)
+    def withdraw(self, node: NodeState) -> None:
+        """``node`` went silent here: delete its report unless another replica has claimed
+        it since; it is dead once the leader marks it (the agent channel's ``merge``)."""
+        self._published.pop(node.uuid, None)
+        self._owned.pop(node.uuid, None)
+        self._queue(node.uuid, WITHDRAW, node)
+
+    def forget(self, uuid: str) -> None:
+        """Dead node ``uuid`` was forgotten here: delete the leader's mark of its death, so
+        that the marks do not pile up and no replica starting later lists it again."""
+        self.deaths.vanished.pop(uuid, None)
+        self._queue(uuid, FORGET, None)
 
     def _queue(self, uuid: str, kind: str, node: Optional[NodeState]) -> None:
         before = self._waiting.pop(uuid, None)
@@ -225,13 +236,13 @@ class SharedReports:
             self._written = max(self._written, int(answer["header"]["revision"]))
 
     async def _write_once(self, uuid: str, kind: str, node: Optional[NodeState]):
+        if kind == FORGET:
+            return await self._gateway.call("kv/txn", forget_request(self._keys, uuid))
         if kind == WITHDRAW:
             answer = await self._gateway.call("kv/txn", withdraw_request(self._keys, uuid,
                                                                          self.lease))
-            if answer.get("succeeded") and self.leadership is not None:
-                # The others wait for the leader's mark; this replica may be the leader.
-                self._vanished[uuid] = int(answer["header"]["revision"])
-                self._mark_dead(uuid)
+            self.deaths.withdrawn(node, withdraw_outcome(answer),
+                                  int(answer["header"]["revision"]))
             return answer
         request = (claim_request if kind == CLAIM else publish_request)(
             self._keys, self.replica.name, node, self.lease)
@@ -259,15 +270,13 @@ class SharedReports:
 
     def _apply(self, event: ReportEvent) -> None:
         uuid = event.node_uuid
-        if event.death:
-            if event.value is not None and self._vanished.pop(uuid, None) is not None:
-                log_event(_log, "pyflock:control:node-dead-marked", node_uuid=uuid,
-                          replica=self.replica.name)
-                self._merge(uuid, None)
-            return
         waiting = self._waiting.get(uuid)
-        if waiting is not None and waiting[0] != WITHDRAW:
+        # A mark waits for a withdrawal too: it may come before the withdrawal's answer.
+        if waiting is not None and (waiting[0] != WITHDRAW or event.death):
             self._held.setdefault(uuid, []).append(event)
+            return
+        if event.death:
+            self.deaths.marked(event)
             return
         verdict = judge(event, self.lease, self._owned.get(uuid), uuid in self._remote)
         if verdict == REMOTE:
@@ -279,51 +288,16 @@ class SharedReports:
                 return
             self._owned.pop(uuid, None)
             self._published.pop(uuid, None)
-            self._remote.add(uuid)
-            self._vanished.pop(uuid, None)
+            self._remote[uuid] = node
+            self.deaths.vanished.pop(uuid, None)
             self._merge(uuid, node)
         elif verdict == VANISHED:
-            self._remote.discard(uuid)
-            if self.leadership is None:
-                self._merge(uuid, None)
-            else:
-                self._vanished[uuid] = event.revision
-                self._mark_dead(uuid)
+            self.deaths.vanish(self._remote.pop(uuid), event.revision)
         elif verdict == LOST:
             self._owned.pop(uuid, None)
             Deferred.fromCoroutine(self._renew_once())
         else:
             assert verdict == IGNORE
-
-    # -- deaths, marked by the leader ------------------------------------------------------
-
-    def _leading(self, leading: bool) -> None:
-        if leading:
-            for uuid in list(self._vanished):
-                self._mark_dead(uuid)
-
-    def _mark_dead(self, uuid: str) -> None:
-        if self.leadership.leading and uuid not in self._marking:
-            self._marking.add(uuid)
-            d = Deferred.fromCoroutine(self._mark_dead_once(uuid))
-            d.addBoth(lambda _: self._marking.discard(uuid))
-
-    async def _mark_dead_once(self, uuid: str) -> None:
-        """As leader, mark ``uuid`` dead (fenced) while its report is absent; retried
-        after an etcd failure while it still leads and the node still waits."""
-        while uuid in self._vanished and not self._stopped and self.leadership.leading:
-            try:
-                answer = await self.leadership.write_fenced(self._gateway, death_request(
-                    self._keys, uuid, self._vanished[uuid]))
-                log_event(_log, "pyflock:control:node-dead-written", node_uuid=uuid,
-                          written=bool(answer.get("succeeded")))
-                return
-            except Fenced:
-                return
-            except Exception as e:
-                log_event(_log, "pyflock:control:node-dead-write-failed", LogLevel.warn,
-                          node_uuid=uuid, reason=describe(e))
-                await deferLater(self._reactor, WATCH_RETRY, lambda: None)
 
     async def _resync(self) -> None:
         """Read every report and apply it as if the watch had told it."""
@@ -331,7 +305,7 @@ class SharedReports:
             "kv/range", reports_range(self._keys)))
         # Watched first: what the events change is stamped no older than their revision.
         self._watched = revision
-        for event in resync_events(present, self._remote | set(self._owned), revision):
+        for event in resync_events(present, set(self._remote) | set(self._owned), revision):
             self._apply(event)
         self.loaded = self.loaded or revision
 
@@ -392,6 +366,97 @@ class SharedReports:
             listed, error = None, describe(e)
         return control_status(self.replica.name, "etcd", replicas, leader_name(found[1]),
                               listed, error)
+
+
+class _Deaths:
+    """
+    Issue 9 point 4: a replica's part in nodes' deaths (its reports' ``deaths``). Nodes
+    whose report vanished wait in ``vanished`` (uuid -> the leader's mark of its death,
+    ``encode_death``) until the mark is in etcd; the leader of ``leadership`` puts it
+    (``marking`` those under way); every replica wipes them when its watch shows it.
+    """
+
+    def __init__(self, reports: SharedReports):
+        self._reports = reports
+        #: The election (None: none, this replica judges deaths alone).
+        self.leadership: Any = None
+        self.vanished: dict[str, bytes] = {}
+        self.marking: set[str] = set()
+
+    def vanish(self, node: NodeState, revision: int) -> None:
+        """``node``'s report vanished at etcd ``revision``: it waits for the leader's mark
+        (this replica may lead), or without an election is dead at once."""
+        reports = self._reports
+        if self.leadership is None:
+            reports._merge(node.uuid, None)
+            return
+        self.vanished[node.uuid] = encode_death(node.remote or reports.replica.name, node,
+                                                revision)
+        self._mark(node.uuid)
+
+    def withdrawn(self, node: NodeState, outcome: str, revision: int) -> None:
+        """This replica's withdrawal of ``node``'s report had ``outcome`` (a
+        ``withdraw_outcome``) at etcd ``revision``."""
+        if node.uuid in self._reports._published:
+            return  # its agent said hello here again meanwhile: claimed once more
+        if outcome == VANISHED:
+            self.vanish(node, revision)
+        elif outcome == DEAD:  # marked while this replica's lease was gone: dead already
+            self._dead(node.uuid)
+        # else another replica claimed it since: its report comes in the watch
+
+    def marked(self, event: ReportEvent) -> None:
+        """The watch (or a full read) shows the leader's mark of a node's death put (or
+        deleted: a claim, or a replica forgetting the node, and nothing to do)."""
+        uuid, reports = event.node_uuid, self._reports
+        if event.value is None:
+            return
+        if self.vanished.pop(uuid, None) is not None:
+            self._dead(uuid)
+        elif not reports.shows(uuid):
+            # Its report vanished before this replica started: listed dead, as marked.
+            try:
+                node = decode_report(uuid, event.value, reports._reactor.seconds())
+            except Malformed as e:
+                log_event(_log, "pyflock:control:state-report-unreadable", LogLevel.warn,
+                          node_uuid=uuid, reason=str(e))
+                return
+            self._dead(uuid, node)
+
+    def _dead(self, uuid: str, node: Optional[NodeState] = None) -> None:
+        log_event(_log, "pyflock:control:node-dead-marked", node_uuid=uuid,
+                  replica=self._reports.replica.name)
+        self._reports._merge(uuid, None, node)
+
+    def leading(self, leading: bool) -> None:
+        """The election's news: a replica that starts leading marks every node waiting."""
+        if leading:
+            for uuid in list(self.vanished):
+                self._mark(uuid)
+
+    def _mark(self, uuid: str) -> None:
+        if self.leadership.leading and uuid not in self.marking:
+            self.marking.add(uuid)
+            d = Deferred.fromCoroutine(self._mark_once(uuid))
+            d.addBoth(lambda _: self.marking.discard(uuid))
+
+    async def _mark_once(self, uuid: str) -> None:
+        """As leader, mark ``uuid`` dead (fenced) while its report is absent; retried
+        after an etcd failure while it still leads and the node still waits."""
+        reports = self._reports
+        while uuid in self.vanished and not reports._stopped and self.leadership.leading:
+            try:
+                answer = await self.leadership.write_fenced(reports._gateway, death_request(
+                    reports._keys, uuid, self.vanished[uuid]))
+                log_event(_log, "pyflock:control:node-dead-written", node_uuid=uuid,
+                          written=bool(answer.get("succeeded")))
+                return
+            except Fenced:
+                return
+            except Exception as e:
+                log_event(_log, "pyflock:control:node-dead-write-failed", LogLevel.warn,
+                          node_uuid=uuid, reason=describe(e))
+                await deferLater(reports._reactor, WATCH_RETRY, lambda: None)
 
 
 __all__ = ["SharedReports"]

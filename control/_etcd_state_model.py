@@ -10,8 +10,11 @@ Keys (``control/_etcd_model.Keys``):
   talks to, bound to that replica's etcd lease (so it vanishes with the replica).
 - ``P replicas/<name>``: ``{"name", "address", "since"}``, bound to the same lease.
 - ``P state/dead/<uuid>``: the leader's mark that a node whose report vanished is dead,
-  put only while its report is still absent and the leader's fence holds; deleted by the
-  next claim of the node.
+  put only while its report is still absent and the leader's fence holds: the node as it
+  was last published, without datasets, and the etcd revision its report vanished at
+  (``encode_death``), so that a replica that never saw the node lists it dead. Deleted by
+  the next claim of the node, and by the replica that forgets the node
+  (``forget_request``).
 
 Ownership. A replica *claims* a node when its agent says hello (a put whatever the key
 holds); it *publishes* a changed report only while the key is still bound to its own
@@ -24,7 +27,9 @@ of a node this replica publishes, that it did not withdraw, says its lease was l
 
 Death. A vanished remote node is not dead yet: only the leader marks it dead (a fenced
 ``death_request``), and every replica, the leader too, wipes it when the watch shows that
-mark. A paused or deposed leader cannot mark a node dead; replicas never decide alone.
+mark. A paused or deposed leader cannot mark a node dead; replicas never decide alone, not
+even the one whose agent went silent: it withdraws the report and waits for the mark like
+the others (``withdraw_outcome`` reads what its withdrawal found).
 """
 
 from __future__ import annotations
@@ -47,20 +52,30 @@ from pyflock.control._etcd_model import (
 #: Seconds of the etcd lease a replica's reports are bound to (``--state-lease-ttl``).
 DEFAULT_STATE_LEASE_TTL = 10.0
 
-#: The verdicts of ``judge``.
-IGNORE, REMOTE, VANISHED, LOST = "ignore", "remote", "vanished", "lost"
+#: The verdicts of ``judge`` (and ``DEAD``: of ``withdraw_outcome``).
+IGNORE, REMOTE, VANISHED, LOST, DEAD = "ignore", "remote", "vanished", "lost", "dead"
 
 
 def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+def _report_json(replica: str, node: NodeState) -> dict:
+    return {"replica": replica, "host": node.host, "era": node.era,
+            "peer_port": node.peer_port, "zone": node.zone,
+            "datasets": [report_to_json(r) for _, r in sorted(node.datasets.items())]}
+
+
 def encode_report(replica: str, node: NodeState) -> bytes:
     """The stored value of ``node``'s report, published by ``replica``."""
-    return _canonical({
-        "replica": replica, "host": node.host, "era": node.era, "peer_port": node.peer_port,
-        "zone": node.zone, "datasets": [report_to_json(r) for _, r in
-                                        sorted(node.datasets.items())]})
+    return _canonical(_report_json(replica, node))
+
+
+def encode_death(replica: str, node: NodeState, vanished: int) -> bytes:
+    """The value of the leader's mark of ``node``'s death: its report as ``replica`` last
+    published it, without datasets (a dead node holds none), read back by
+    ``decode_report``, and the etcd revision the report vanished at."""
+    return _canonical(dict(_report_json(replica, node.set(datasets={})), vanished=vanished))
 
 
 def decode_report(node_uuid: str, value: bytes, seen: float) -> NodeState:
@@ -199,14 +214,20 @@ def claim_request(keys: Keys, replica: str, node: NodeState, lease: int) -> dict
                         {"request_delete_range": {"key": b64(keys.death(node.uuid))}}])
 
 
-def death_request(keys: Keys, node_uuid: str, vanished: int) -> dict:
-    """The leader's transaction marking node ``node_uuid`` dead, its report having vanished
-    at etcd revision ``vanished``: only while the report is still absent (a claim since
-    makes it do nothing). The leader adds its fence (``EtcdLeadership.write_fenced``)."""
+def death_request(keys: Keys, node_uuid: str, mark: bytes) -> dict:
+    """The leader's transaction marking node ``node_uuid`` dead with ``mark`` (its
+    ``encode_death``): only while the report is still absent (a claim since makes it do
+    nothing). The leader adds its fence (``EtcdLeadership.write_fenced``)."""
     return txn(compares=[{"key": b64(keys.report(node_uuid)), "target": "CREATE",
                           "result": "EQUAL", "create_revision": "0"}],
                success=[{"request_put": {"key": b64(keys.death(node_uuid)),
-                                         "value": b64(str(vanished).encode("ascii"))}}])
+                                         "value": b64(mark)}}])
+
+
+def forget_request(keys: Keys, node_uuid: str) -> dict:
+    """The transaction deleting the leader's mark of node ``node_uuid``'s death, once a
+    replica forgot the node (nothing if a claim deleted it already)."""
+    return txn(success=[{"request_delete_range": {"key": b64(keys.death(node_uuid))}}])
 
 
 def publish_request(keys: Keys, replica: str, node: NodeState, lease: int) -> dict:
@@ -219,10 +240,24 @@ def publish_request(keys: Keys, replica: str, node: NodeState, lease: int) -> di
 
 
 def withdraw_request(keys: Keys, node_uuid: str, lease: int) -> dict:
-    """The transaction deleting a node's report if it is still bound to ``lease``."""
+    """The transaction deleting a node's report if it is still bound to ``lease``; else
+    it reads the report and the mark of the node's death (``withdraw_outcome``)."""
     key = keys.report(node_uuid)
     return txn(compares=[_same_lease(key, lease)],
-               success=[{"request_delete_range": {"key": b64(key)}}])
+               success=[{"request_delete_range": {"key": b64(key)}}],
+               failure=[get(key), get(keys.death(node_uuid))])
+
+
+def withdraw_outcome(answer: dict) -> str:
+    """What the answer to a ``withdraw_request`` means: ``VANISHED`` (the report is gone:
+    the node waits for the leader's mark), ``REMOTE`` (another replica claimed it since:
+    its put comes in the watch) or ``DEAD`` (the report was gone already, this replica's
+    lease with it, and the leader has marked the node dead)."""
+    if answer.get("succeeded"):
+        return VANISHED
+    found = [bool(r.get("response_range", {}).get("kvs"))
+             for r in answer.get("responses") or []] + [False, False]
+    return REMOTE if found[0] else DEAD if found[1] else VANISHED
 
 
 def claimed_elsewhere(answer: dict) -> bool:
@@ -313,10 +348,11 @@ def control_status(me: str, store: str, replicas: Iterable[ReplicaInfo],
 
 
 __all__ = [
-    "DEFAULT_STATE_LEASE_TTL", "IGNORE", "LOST", "REMOTE", "ReplicaInfo", "ReportEvent",
-    "VANISHED", "WatchLine", "claim_request", "claimed_elsewhere", "control_status",
-    "decode_replica", "decode_report", "encode_report", "judge", "leader_name",
-    "member_json", "publish_request", "range_events", "read_watch_line",
-    "replica_request", "reports_range", "resync_events", "status_request",
-    "watch_request", "withdraw_request",
+    "DEAD", "DEFAULT_STATE_LEASE_TTL", "IGNORE", "LOST", "REMOTE", "ReplicaInfo",
+    "ReportEvent", "VANISHED", "WatchLine", "claim_request", "claimed_elsewhere",
+    "control_status", "death_request", "decode_replica", "decode_report", "encode_death",
+    "encode_report", "forget_request", "judge", "leader_name", "member_json",
+    "publish_request", "range_events", "read_watch_line", "replica_request",
+    "reports_range", "resync_events", "status_request", "watch_request",
+    "withdraw_outcome", "withdraw_request",
 ]

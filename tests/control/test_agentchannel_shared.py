@@ -1,8 +1,9 @@
 """
 The agent channel's part in the shared cluster state (issue 9, point 3), in memory on a
 Clock: which reports it hands on to be published (a hello claims, a changed report
-publishes, a heartbeat nothing, a silent node is withdrawn), and how another replica's
-reports merge into this one's state; and ``GET /v1/state/control``.
+publishes, a heartbeat nothing, a silent node is withdrawn and waits for the leader's mark,
+a forgotten node's mark goes), and how another replica's reports and the leader's marks
+merge into this one's state; and ``GET /v1/state/control``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.common._wire import DatasetReport, Diff, Heartbeat, StateReport
 from pyflock.control._clusterstate import NodeState
-from pyflock.control.testing import ALICE, NODE_A
+from pyflock.control._etcd_state_model import ReplicaInfo
+from pyflock.control.testing import ALICE, NODE_A, NODE_B
 from tests.control import test_agentchannel as base
 
 A, B, DS = base.A, base.B, base.DS
@@ -20,6 +22,8 @@ A, B, DS = base.A, base.B, base.DS
 
 class RecordedReports:
     """Records what the channel asks to publish, as ``SharedReports`` would receive it."""
+
+    replica = ReplicaInfo("c1", "c1.example:4523", 0.0)
 
     def __init__(self):
         self.calls: list[tuple[str, str, object]] = []
@@ -32,9 +36,13 @@ class RecordedReports:
         """A changed report."""
         self.calls.append(("publish", node.uuid, tuple(sorted(node.datasets))))
 
-    def withdraw(self, uuid: str) -> None:
+    def withdraw(self, node: NodeState) -> None:
         """A node gone silent."""
-        self.calls.append(("withdraw", uuid, ()))
+        self.calls.append(("withdraw", node.uuid, tuple(sorted(node.datasets))))
+
+    def forget(self, uuid: str) -> None:
+        """A dead node forgotten."""
+        self.calls.append(("forget", uuid, ()))
 
 
 def remote_node(datasets=(DS,), replica="c2") -> NodeState:
@@ -77,6 +85,47 @@ class SharedReportsTests(SynchronousTestCase):
         self.connect()
         self.clock.advance(self.h.cluster.node_expiry)
         self.assertEqual(self.reports.calls[-1], ("withdraw", A, ()))
+
+    def test_silent_node_waits_for_the_leaders_mark(self):
+        """A node silent here is hung up on and withdrawn, but shown as it was, published
+        by this replica, as the other replicas show it, until the leader's mark comes
+        (``merge(uuid, None)``): only then is it dead, holding nothing, agents told."""
+        self.create()
+        agent, _ = self.connect()
+        agent.send(StateReport(node_uuid=A, datasets=(DatasetReport(DS, "mounted", "/m"),)))
+        other, _ = self.connect(NODE_B)
+        other.received()
+        self.clock.advance(self.h.cluster.node_expiry - 1)
+        other.send(Heartbeat())
+        self.clock.advance(1)
+        self.assertEqual((self.reports.calls[-1], agent.closed), (("withdraw", A, (DS,)), True))
+        self.assertEqual({n["uuid"]: n["alive"] for n in self.get("/v1/state/nodes")},
+                         {A: True, B: True})
+        self.assertEqual([d["primary"] for d in self.get("/v1/state/datasets")], [A])
+        self.assertEqual(self.h.cluster.state.nodes[A].remote, "c1")
+        self.assertEqual([m for m in other.received() if isinstance(m, Diff)], [])
+        self.server.shared.merge(A, None)
+        self.assertEqual({n["uuid"]: n["alive"] for n in self.get("/v1/state/nodes")},
+                         {A: False, B: True})
+        self.assertEqual(self.get("/v1/state/datasets"), [])
+        diffs = [m for m in other.received() if isinstance(m, Diff)]
+        self.assertEqual(([n.alive for d in diffs for n in d.nodes],
+                          [e.holders for d in diffs for e in d.datasets]), ([False], [()]))
+
+    def test_dead_node_never_seen_is_listed_as_marked(self):
+        """A mark of a node this replica never saw (it started since the node's report
+        vanished) lists the node dead, as the mark describes it."""
+        self.server.shared.merge(B, None, remote_node().set(datasets={}))
+        [node] = self.get("/v1/state/nodes")
+        self.assertEqual((node["uuid"], node["host"], node["alive"]), (B, "127.0.0.9", False))
+        self.assertEqual(self.server.snapshot().nodes[0].alive, False)
+
+    def test_forgotten_node_forgets_its_mark(self):
+        """Forgetting a dead node asks for its death mark to be deleted."""
+        self.server.shared.merge(B, None, remote_node().set(datasets={}))
+        self.clock.advance(self.h.cluster.node_expiry)
+        self.h.cluster.forget(B, self.configuration.committed)
+        self.assertEqual(self.reports.calls, [("forget", B, ())])
 
     def test_remote_report_shown_and_pushed(self):
         """Another replica's report shows in the state API and reaches agents as holders."""

@@ -118,10 +118,11 @@ class Replica:
         await self.configuration.stop()
 
 
-async def replicas(tmp_path, etcd, count: int = 2, ttl: float = 10.0) -> list[Replica]:
-    """``count`` replicas on a new prefix, ``c1``, ``c2``, ..."""
+async def replicas(tmp_path, etcd, count: int = 2, ttl: float = 10.0,
+                   first: int = 1) -> list[Replica]:
+    """``count`` replicas on the test's prefix, ``c<first>``, ``c<first + 1>``, ..."""
     prefix = f"/state-test/{hashlib.sha1(str(tmp_path).encode()).hexdigest()[:12]}/"
-    return [await Replica.open(etcd, prefix, f"c{n + 1}", ttl) for n in range(count)]
+    return [await Replica.open(etcd, prefix, f"c{first + n}", ttl) for n in range(count)]
 
 
 async def created(first: Replica, others) -> str:

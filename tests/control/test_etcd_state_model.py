@@ -16,11 +16,11 @@ from pyflock.common._records import DatasetReport
 from pyflock.control._clusterstate import NodeState
 from pyflock.control._etcd_model import Keys
 from pyflock.control._etcd_state_model import (
-    IGNORE, LOST, REMOTE, VANISHED, ReplicaInfo, ReportEvent, claim_request,
+    DEAD, IGNORE, LOST, REMOTE, VANISHED, ReplicaInfo, ReportEvent, claim_request,
     claimed_elsewhere, control_status, death_request, decode_replica, decode_report,
-    encode_report, judge,
+    encode_death, encode_report, forget_request, judge,
     leader_name, member_json, publish_request, range_events, read_watch_line,
-    replica_request, resync_events, watch_request, withdraw_request,
+    replica_request, resync_events, watch_request, withdraw_outcome, withdraw_request,
 )
 
 KEYS = Keys.under("/p/")
@@ -192,12 +192,44 @@ def test_death_marks_are_told_apart_from_reports():
 def test_death_request_needs_the_report_absent():
     """The leader's mark compares the report's create revision with 0 (absent), and a
     claim deletes the mark."""
-    request = death_request(KEYS, "n1", 12)
+    request = death_request(KEYS, "n1", b"mark")
     assert request["compare"] == [{"key": base64.b64encode(KEYS.report("n1")).decode(),
                                    "target": "CREATE", "result": "EQUAL",
                                    "create_revision": "0"}]
     put = request["success"][0]["request_put"]
-    assert base64.b64decode(put["key"]) == KEYS.death("n1")
+    assert (base64.b64decode(put["key"]), base64.b64decode(put["value"])) == (
+        KEYS.death("n1"), b"mark")
     claim = claim_request(KEYS, "c1", NodeState(uuid="n1", host="h", last_seen=0.0), 3)
     assert base64.b64decode(claim["success"][1]["request_delete_range"]["key"]) == \
         KEYS.death("n1")
+
+
+def test_death_mark_describes_the_node_without_datasets():
+    """The leader's mark holds the node as its replica last published it, holding nothing,
+    and the revision its report vanished at; it reads back as a report."""
+    mark = encode_death("c1", NODE, 12)
+    assert json.loads(mark)["vanished"] == 12
+    assert decode_report(A, mark, seen=42.0) == NODE.set(remote="c1", last_seen=42.0,
+                                                         datasets={})
+
+
+@pytest.mark.parametrize("answer, outcome", [
+    ({"succeeded": True}, VANISHED),                                  # deleted
+    ({"responses": [{"response_range": {"kvs": [{"key": "r"}]}},
+                    {"response_range": {}}]}, REMOTE),                # claimed elsewhere
+    ({"responses": [{"response_range": {}},
+                    {"response_range": {"kvs": [{"key": "d"}]}}]}, DEAD),  # gone, marked
+    ({"responses": [{"response_range": {}}, {"response_range": {}}]}, VANISHED),  # gone
+])
+def test_withdraw_outcome(answer, outcome):
+    """A withdrawal's answer tells whether the node waits for its mark, was claimed by
+    another replica, or is marked dead already."""
+    assert withdraw_outcome(answer) == outcome
+
+
+def test_forget_deletes_the_death_mark():
+    """Forgetting a node deletes its death mark, with no compare."""
+    request = forget_request(KEYS, A)
+    assert request["compare"] == []
+    assert base64.b64decode(request["success"][0]["request_delete_range"]["key"]) == \
+        KEYS.death(A)
