@@ -556,6 +556,18 @@ def _same_folder(folder: str, path: str) -> bool:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def syncfs(path: str) -> None:
+    """syncfs(2) of the filesystem holding ``path``: its dirty data written back, and (for
+    btrfs) its transaction committed; ``OSError`` if the kernel refuses."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"syncfs of {path}: {os.strerror(error)}")
+    finally:
+        os.close(fd)
+
+
 def _mount_call(device: str, path: str, fstype: Optional[str],
                 flags: int = MOUNT_FLAGS) -> None:
     """

@@ -120,55 +120,76 @@ def parse_answer(line: bytes) -> SendAnswer:
                       estimate=_optional(obj, "estimate", int, "answer"))
 
 
-def frames(data: bytes) -> list:
-    """``data`` as frames of at most ``MAX_FRAME`` bytes, each with its length."""
-    return [_LENGTH.pack(len(chunk)) + chunk
-            for chunk in (data[i:i + MAX_FRAME] for i in range(0, len(data), MAX_FRAME))]
+def framed(data) -> bytearray:
+    """``data`` (any bytes-like object) as frames of at most ``MAX_FRAME`` bytes, each
+    after its length, in one buffer: each byte is copied once."""
+    view = memoryview(data)
+    count = -(-len(view) // MAX_FRAME)
+    out = bytearray(len(view) + count * _LENGTH.size)
+    at = 0
+    for start in range(0, len(view), MAX_FRAME):
+        chunk = view[start:start + MAX_FRAME]
+        _LENGTH.pack_into(out, at, len(chunk))
+        out[at + _LENGTH.size:at + _LENGTH.size + len(chunk)] = chunk
+        at += _LENGTH.size + len(chunk)
+    return out
 
 
 class Decoder:
     """
     The receiving side's parser: ``feed(data)`` returns what arrived, in order: first
-    the answer line (``bytes``, once), then each frame's bytes, then ``None`` when the
-    stream has ended. ``ProtocolError`` for an over-long line or frame, or data after
-    the end.
+    the answer line (``bytes``, once), then the stream's bytes as they come (memoryviews
+    of ``data``, never copied: a frame cut by the network comes in several pieces), then
+    ``None`` when the stream has ended. ``ProtocolError`` for an over-long line or frame,
+    or data after the end.
     """
 
     def __init__(self) -> None:
-        # A bytearray: appending the network's small pieces, and dropping a frame from
-        # the front, copy each byte about once (bytes would copy the whole buffer each time).
-        self._buffer = bytearray()
+        self._line = bytearray()
         self._answered = False
+        self._length = bytearray()      # a frame's length, while it comes in pieces
+        self._remaining = 0             # the bytes of the current frame still to come
         self._ended = False
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data) -> list:
         """What ``data`` completes, in order (see the class)."""
-        self._buffer += data
+        view = memoryview(data)
         out: list = []
+        at = 0
         if not self._answered:
-            end = self._buffer.find(b"\n")
+            end = bytes(view[:MAX_LINE + 1]).find(b"\n")
             if end < 0:
-                if len(self._buffer) > MAX_LINE:
+                self._line += view
+                if len(self._line) > MAX_LINE:
                     raise ProtocolError("the answer line is too long")
                 return out
-            out.append(bytes(self._buffer[:end]))
-            del self._buffer[:end + 1]
-            self._answered = True
-        while not self._ended and len(self._buffer) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(self._buffer)
+            self._line += view[:end]
+            if len(self._line) > MAX_LINE:
+                raise ProtocolError("the answer line is too long")
+            out.append(bytes(self._line))
+            self._answered, at = True, end + 1
+        while at < len(view):
+            if self._ended:
+                raise ProtocolError("data after the end of the stream")
+            if self._remaining:
+                piece = view[at:at + self._remaining]
+                out.append(piece)
+                at += len(piece)
+                self._remaining -= len(piece)
+                continue
+            need = _LENGTH.size - len(self._length)
+            self._length += view[at:at + need]
+            at += need
+            if len(self._length) < _LENGTH.size:
+                break
+            (length,) = _LENGTH.unpack(self._length)
+            self._length.clear()
             if length > MAX_FRAME:
                 raise ProtocolError(f"a frame of {length} bytes is over {MAX_FRAME}")
-            if len(self._buffer) < _LENGTH.size + length:
-                break
-            chunk = bytes(self._buffer[_LENGTH.size:_LENGTH.size + length])
-            del self._buffer[:_LENGTH.size + length]
             if length == 0:
                 self._ended = True
                 out.append(None)
-            else:
-                out.append(chunk)
-        if self._ended and self._buffer:
-            raise ProtocolError("data after the end of the stream")
+            self._remaining = length
         return out
 
 
@@ -197,5 +218,5 @@ class Throttle:
 
 __all__ = [
     "Decoder", "END_FRAME", "MAX_FRAME", "MAX_LINE", "PROTOCOL_VERSION", "ProtocolError",
-    "SendAnswer", "SendRequest", "Throttle", "frames", "parse_answer", "parse_request",
+    "SendAnswer", "SendRequest", "Throttle", "framed", "parse_answer", "parse_request",
 ]

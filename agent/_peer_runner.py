@@ -35,7 +35,7 @@ from pyflock.agent._runner import Runner, log_failure
 from pyflock.agent._convergence import view_desire
 from pyflock.common._logging import log_event
 from pyflock.common._threads import RunBlocking, in_reactor_pool
-from pyflock.common._tls import PEER_TRANSFER, ClusterTLS
+from pyflock.common._tls import ClusterTLS
 
 #: The peer port when a node's record has none.
 DEFAULT_PEER_PORT = 4525
@@ -148,10 +148,9 @@ class PeerTransfers:
         self._tls = tls
         self._current_view = current_view
         self.slots = Slots(settings.max_transfers)
-        self.listener = None
         self.service = PeerTransferService(
-            reactor, backend, view_of=self.view_of, admit=self._admit,
-            run_blocking=run_blocking, settings=settings, slots=self.slots)
+            reactor, backend, tls, view_of=self.view_of, settings=settings,
+            slots=self.slots)
         # Before the reactor stops its threads: they may wait for the reactor (a stream
         # paced by the network), which would then wait for them forever.
         if hasattr(reactor, "addSystemEventTrigger"):
@@ -178,17 +177,13 @@ class PeerTransfers:
         return DeferredList([self.service.stop(), self.receiver.stop()],
                             consumeErrors=True)
 
-    def _admit(self, transport):
-        return self.listener.admit(transport)
-
     def listen(self, address: str, port) -> Deferred:
         """
         Listen on ``address:port`` (``node.address`` and ``node.peer-port``); a Deferred
-        of the listening port. Only an agent with a peer-to-peer backend calls this.
+        of the listening port (``PeerPort``). Only an agent with a peer-to-peer backend
+        calls this.
         """
-        self.listener = self._tls.listener(self._reactor, f"tcp:{port}:interface={address}",
-                                           PEER_TRANSFER)
-        return self.listener.endpoint.listen(self.service.factory())
+        return maybeDeferred(self.service.listen, address, int(port))
 
 
 class PeerRunner(Runner):

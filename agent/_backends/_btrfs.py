@@ -37,7 +37,7 @@ from pyflock.agent._backends._btrfs_model import (
     group_subvolumes, largest_first, live_path, parse_du_total, parse_subvolume_list,
     snapshot_folder, snapshot_name, snapshot_path,
 )
-from pyflock.agent._backends._btrfs_pool import BtrfsPool
+from pyflock.agent._backends._btrfs_pool import BtrfsPool, Writeback
 from pyflock.agent._backends._interface import (
     GiB, MiB, InvalidVolumeRequest, UnknownVolume, VolumeBusy, VolumeExists,
     check_dataset_id, check_node_uuid, round_size,
@@ -61,17 +61,22 @@ _SUBVOL_RDONLY = 1 << 1
 _FLAGS = struct.Struct("=Q")
 
 
-#: ``F_SETPIPE_SZ`` (fcntl(2)): a pipe of ``CHUNK`` bytes rather than 64 KiB takes a
-#: sixteenth of the wake-ups between ``btrfs send``/``receive`` and the agent.
+#: ``F_SETPIPE_SZ`` (fcntl(2)): a pipe of ``PIPE_SIZE`` bytes rather than 64 KiB takes a
+#: hundredth of the wake-ups between ``btrfs send``/``receive`` and the agent, and lets
+#: each side go on while the other is busy (the agent decrypting a piece while ``btrfs
+#: receive`` writes the last ones): root may exceed /proc/sys/fs/pipe-max-size.
 _F_SETPIPE_SZ = 1031
+PIPE_SIZE = 8 * MiB
 
 
 def _widen_pipe(pipe) -> None:
-    """Make ``pipe`` hold ``CHUNK`` bytes, if the kernel allows it."""
-    try:
-        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, CHUNK)
-    except OSError:
-        pass  # over /proc/sys/fs/pipe-max-size for this user: the default still works
+    """Make ``pipe`` hold ``PIPE_SIZE`` bytes, or ``CHUNK``, if the kernel allows it."""
+    for size in (PIPE_SIZE, CHUNK):
+        try:
+            fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            pass  # over /proc/sys/fs/pipe-max-size for this user: the default still works
 
 
 def _read_only(path: str) -> bool:
@@ -183,8 +188,7 @@ class BtrfsBackend:
     @classmethod
     def open(cls, pool: BtrfsPool, node_uuid: str, default_size: int = 10 * GiB
              ) -> "BtrfsBackend":
-        """The backend over ``pool``, mounted (formatted first if blank), with what an
-        interrupted import left in staging deleted."""
+        """The backend over ``pool``, mounted (formatted if blank), staging emptied."""
         pool.open()
         backend = cls(pool, node_uuid, default_size)
         for name in os.listdir(backend._path(STAGING)):
@@ -463,7 +467,7 @@ class BtrfsBackend:
         """Feed the checked stream to ``btrfs receive -e -C staging`` and check its result."""
         argv = ["btrfs", "receive", "-q", "-e", "-C", staging]
         checker = SendStreamChecker(header)
-        with tempfile.TemporaryFile() as errors:
+        with tempfile.TemporaryFile() as errors, Writeback(self.root) as writeback:
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                        stderr=errors)
             _widen_pipe(process.stdin)
@@ -471,6 +475,7 @@ class BtrfsBackend:
                 while chunk := source.read(CHUNK):
                     checker.feed(chunk)
                     process.stdin.write(chunk)
+                    writeback.fed(len(chunk))
                 checker.finish()
                 process.stdin.close()
             except BrokenPipeError:

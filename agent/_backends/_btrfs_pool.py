@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from typing import Optional
 
 from pyflock.agent._backends._btrfs_model import DATASETS, POOL_LABEL, STAGING, PoolRefused
@@ -21,6 +22,7 @@ from pyflock.agent._backends._interface import MiB
 from pyflock.agent._backends._loopback import (
     attach_loop_device, release_loop_device, scan_loop_devices,
 )
+from pyflock.agent._fs import syncfs
 from pyflock.agent._fs import (
     MOUNT_ROOT_MODE, CommandFailed, FilesystemError, mount, read_mountinfo, run_command,
     unmount,
@@ -132,7 +134,11 @@ class BtrfsPool:
             device = self.pool_path
             if kind == "file":
                 devices = self.loop_devices()
-                device = devices[0] if devices else attach_loop_device(self.pool_path)
+                # Direct I/O: the pool's data is cached once, in the pool, not again for
+                # the file under it, and its writeback (which a received stream's snapshot
+                # waits for) goes straight to the disk.
+                device = devices[0] if devices else attach_loop_device(self.pool_path,
+                                                                       direct_io=True)
             os.makedirs(self.mount_path, mode=MOUNT_ROOT_MODE, exist_ok=True)
             os.chmod(self.mount_path, MOUNT_ROOT_MODE)
             # The pool's own mount is nosuid,nodev, so every bind of a dataset is too.
@@ -196,3 +202,55 @@ class BtrfsPool:
                 except OSError as e:
                     problems.append(f"{device}: {e}")
         return problems
+
+
+#: While a stream is received into a pool, its writeback starts after every this many
+#: bytes (``Writeback``).
+WRITEBACK_EVERY = 128 * MiB
+
+
+class Writeback:
+    """
+    Writes back the data a stream brings into the pool at ``path`` while it comes, not all
+    after: ``fed(nbytes)`` after each piece starts a ``syncfs`` of the pool in a thread
+    once ``every`` bytes came since the last one started (one at a time), and ``close``
+    waits for the one under way. The data must reach the disk before the move goes on in
+    any case (receiving the next, incremental stream snapshots this one, which flushes
+    it): this moves that work beside the stream, where the disk is otherwise idle. A
+    failed ``syncfs`` changes nothing: the snapshot flushes what it left.
+    """
+
+    def __init__(self, path: str, every: int = WRITEBACK_EVERY):
+        self._path = path
+        self._every = every
+        self._since = 0
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "Writeback":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def fed(self, nbytes: int) -> None:
+        """``nbytes`` more came into the pool."""
+        self._since += nbytes
+        if self._since < self._every or (self._thread is not None
+                                          and self._thread.is_alive()):
+            return
+        self._since = 0
+        self._thread = threading.Thread(target=self._sync, daemon=True,
+                                        name="pool-writeback")
+        self._thread.start()
+
+    def _sync(self) -> None:
+        try:
+            syncfs(self._path)
+        except OSError:
+            pass  # see the class: nothing is lost
+
+    def close(self) -> None:
+        """Wait for the writeback under way, if one is."""
+        if self._thread is not None:
+            self._thread.join()
+

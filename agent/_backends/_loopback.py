@@ -64,6 +64,8 @@ _LOOP_CLR_FD = 0x4C01
 _LOOP_SET_STATUS64 = 0x4C04
 _LOOP_CONFIGURE = 0x4C0A
 _LOOP_CTL_GET_FREE = 0x4C82
+#: ``lo_flags``: the device does direct I/O on its file.
+_LO_FLAGS_DIRECT_IO = 16
 #: ``struct loop_info64``: device, inode, rdevice, offset, sizelimit, number, encrypt
 #: type, encrypt key size, flags, file name, crypt name, encrypt key, init[2].
 _LOOP_INFO64 = "5Q4I64s64s32s2Q"
@@ -314,13 +316,16 @@ class LoopAttachFailed(Exception):
         return f"cannot attach {self.path} to a loop device: {self.reason}"
 
 
-def attach_loop_device(path: str) -> str:
+def attach_loop_device(path: str, direct_io: bool = False) -> str:
     """
     Bind a free loop device to the file ``path`` (read-write, as ``losetup -f`` does) and
     return the device's path, with ioctls rather than a ``losetup`` process: the free
     device from ``/dev/loop-control``, bound with ``LOOP_CONFIGURE`` (``LOOP_SET_FD`` on
     kernels before 5.8). A device someone else bound first is passed over for the next
-    free one. ``LoopAttachFailed`` if none can be bound.
+    free one. ``LoopAttachFailed`` if none can be bound. ``direct_io``: the device reads and
+    writes the file with direct I/O (``LO_FLAGS_DIRECT_IO``, as ``losetup --direct-io``),
+    so its data is not cached twice (once above the device, once for the file) and its
+    writeback is one step; where the file's filesystem cannot, the device is bound without.
     """
     name = os.fsencode(path)[:63]
     try:
@@ -334,7 +339,7 @@ def attach_loop_device(path: str) -> str:
                 device = f"/dev/loop{fcntl.ioctl(control, _LOOP_CTL_GET_FREE)}"
                 try:
                     gate("loop-attach")  # tests kill the agent here: nothing bound yet
-                    if _bind(device, file_fd, name):
+                    if _bind(device, file_fd, name, direct_io):
                         gate("loop-attached")  # or here: bound, not yet recorded
                         return device
                 except FileNotFoundError:
@@ -349,19 +354,23 @@ def attach_loop_device(path: str) -> str:
                                  f"first, {_ATTACH_TRIES} times in a row")
 
 
-def _bind(device: str, file_fd: int, name: bytes) -> bool:
+def _bind(device: str, file_fd: int, name: bytes, direct_io: bool = False) -> bool:
     """Bind ``device`` to ``file_fd``; False if another process bound it first."""
     fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     try:
         info = (0,) * 9 + (name, b"", b"", 0, 0)
-        try:
-            fcntl.ioctl(fd, _LOOP_CONFIGURE, _LOOP_CONFIG.pack(file_fd, 0, *info, *(0,) * 8))
-            return True
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                return False
-            if e.errno not in (errno.EINVAL, errno.ENOTTY):
-                raise
+        for flags in ((_LO_FLAGS_DIRECT_IO, 0) if direct_io else (0,)):
+            configured = info[:8] + (flags,) + info[9:]
+            try:
+                fcntl.ioctl(fd, _LOOP_CONFIGURE,
+                            _LOOP_CONFIG.pack(file_fd, 0, *configured, *(0,) * 8))
+                return True
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    return False
+                if e.errno not in (errno.EINVAL, errno.ENOTTY):
+                    raise
+                # EINVAL with direct I/O: the file's filesystem cannot; try without.
         # A kernel without LOOP_CONFIGURE: bind, then name the file.
         try:
             fcntl.ioctl(fd, _LOOP_SET_FD, file_fd)

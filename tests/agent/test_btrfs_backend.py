@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.agent._backends import BadStream, InvalidVolumeRequest, MiB, VolumeBusy
 from pyflock.agent._backends._btrfs import BtrfsBackend, _read_only
+from pyflock.agent._backends._btrfs_pool import Writeback
 from pyflock.agent._backends._btrfs_model import (
     STAGING, PoolFull, PoolRefused, StreamHeader, Subvolume, live_path,
     parse_subvolume_list, snapshot_path,
@@ -288,6 +289,42 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual([created], again.list_datasets())
         with open(os.path.join(created.path, "a"), "rb") as f:
             self.assertEqual(b"still here", f.read())
+
+    def test_pool_file_device_does_direct_io(self) -> None:
+        """A pool file's loop device reads and writes it with direct I/O (its data is not
+        cached a second time for the file), where the file's filesystem allows it."""
+        pool = new_pool(self)
+        BtrfsBackend.open(pool, NODE_A)
+        [device] = pool.loop_devices()
+        with open(f"/sys/block/{os.path.basename(device)}/loop/dio") as f:
+            dio = f.read().strip()
+        probe = os.path.join(os.path.dirname(pool.pool_path), "dio-probe")
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT))
+            supported = "1"
+        except OSError:
+            supported = "0"
+        self.assertEqual(supported, dio)
+
+    def test_writeback_while_receiving(self) -> None:
+        """``Writeback`` writes the pool's dirty data back once enough was fed, in a thread,
+        and ``close`` waits for it: data written before is on disk after, not delayed
+        allocation in memory (``filefrag``'s ``delalloc``)."""
+        pool = new_pool(self)
+        backend = BtrfsBackend.open(pool, NODE_A)
+        path = os.path.join(backend.create_dataset("wb", SIZE).path, "data")
+
+        def delayed() -> bool:
+            return "delalloc" in subprocess.run(["filefrag", "-v", path], check=True,
+                                                capture_output=True, text=True).stdout
+        with open(path, "wb") as f:
+            f.write(os.urandom(4 * MiB))
+        self.assertTrue(delayed())
+        with Writeback(pool.mount_path, every=2 * MiB) as writeback:
+            writeback.fed(MiB)
+            self.assertTrue(delayed(), "not before ``every`` bytes")
+            writeback.fed(MiB)
+        self.assertFalse(delayed())
 
     def test_mount_is_hardened(self) -> None:
         """The pool (and so every bind of a dataset) is mounted nosuid,nodev, root only."""

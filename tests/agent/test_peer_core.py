@@ -12,7 +12,7 @@ from pyflock.agent._peer_move import (
 )
 from pyflock.common._records import Transfer
 from pyflock.agent._peer_protocol import (
-    END_FRAME, MAX_FRAME, Decoder, ProtocolError, SendAnswer, SendRequest, Throttle, frames,
+    END_FRAME, MAX_FRAME, Decoder, ProtocolError, SendAnswer, SendRequest, Throttle, framed,
     parse_answer, parse_request,
 )
 
@@ -121,7 +121,7 @@ def test_answer_round_trip():
 @given(st.binary(max_size=3 * MAX_FRAME + 7), st.integers(1, 5000))
 def test_decoder_reassembles_any_split(data, cut):
     """Whatever the pieces the network cuts it into, the decoder gives the stream back."""
-    wire = SendAnswer("s1").to_line() + b"".join(frames(data)) + END_FRAME
+    wire = SendAnswer("s1").to_line() + framed(data) + END_FRAME
     decoder = Decoder()
     out = []
     for i in range(0, len(wire), cut):

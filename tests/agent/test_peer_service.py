@@ -11,21 +11,21 @@ import pytest
 import pytest_twisted
 import threading
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import DeferredList
 from twisted.internet.task import deferLater
-from twisted.internet.threads import blockingCallFromThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.python.failure import Failure
 
 from pyflock.agent._backends import MemoryPeerBackend
 from pyflock.agent._peer_move import MovePolicy, MoveView
-from pyflock.agent._peer_receive import PeerReceiver, _StreamReader
+from pyflock.agent._peer_receive import PeerReceiver
 from pyflock.agent._peer_rounds import TransferRefused
 from pyflock.agent._peer_service import (
     ConnectionBroken, PeerTransferService, Slots, TransferSettings,
 )
 from pyflock.common._ca import common_name_of
 from pyflock.common._threads import in_reactor_pool
-from pyflock.common._tls import PEER_TRANSFER, ClusterTLS
+from pyflock.common._tls import ClusterTLS
 from tests.harness.certificates import make_cluster_certificates
 
 DS = "5f0c9a1e-7d2b-4c3e-8f1a-2b3c4d5e6f70"
@@ -54,6 +54,7 @@ class Cluster:
         self.addresses: dict = {}
         self.nodes: dict = {}
         self.ports: list = []
+        self.services: list = []
         self.uuids = list(certs.node_uuids[:count])
 
     async def start(self, uuid: str, index: int, certificates=None, is_revoked=None,
@@ -66,13 +67,12 @@ class Cluster:
         backend = backend or HookedBackend(uuid)
         slots = Slots(2)
         host = f"127.0.0.{2 + index}"
-        listener = tls.listener(self.reactor, f"tcp:0:interface={host}", PEER_TRANSFER)
         service = PeerTransferService(
-            self.reactor, backend, view_of=self.moves.get, admit=listener.admit,
-            run_blocking=in_reactor_pool(self.reactor), slots=slots,
+            self.reactor, backend, tls, view_of=self.moves.get, slots=slots,
             settings=TransferSettings(bandwidth=None))
-        port = await listener.endpoint.listen(service.factory())
+        port = service.listen(host, 0)
         self.ports.append(port)
+        self.services.append(service)
         self.addresses[uuid] = (host, port.getHost().port)
         receiver = PeerReceiver(
             self.reactor, backend, tls, view_of=self.moves.get,
@@ -84,9 +84,9 @@ class Cluster:
     async def stop(self):
         """Close every connection and stop listening."""
         for port in self.ports:
-            for protocol in list(getattr(port.factory, "protocols", ())):
-                protocol.abortConnection()
             await port.stopListening()
+        for service in self.services:
+            await service.stop()
 
 
 @pytest.fixture
@@ -116,6 +116,16 @@ async def cluster(reactor, certs):
     await cluster.stop()
 
 
+async def finished(reactor, sender, count: int = 1) -> list:
+    """The sender's ``finished`` events once there are ``count``: its round's thread logs
+    a move sent after the end frame, which the receiver may see first."""
+    for _ in range(200):
+        if len(sender.finished) >= count:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    return sender.finished
+
+
 def move(cluster, source: int, target: int):
     """Tell every node that ``DS`` moves from node ``source`` to ``target``: the view."""
     uuids = cluster.uuids
@@ -134,7 +144,7 @@ async def test_move_completes(cluster):
     assert (b.read_file(DS, "a"), b.read_file(DS, "big")) == (
         b"alpha", bytes(range(256)) * 4096)
     assert a.get_dataset(DS).frozen
-    [event] = sender.finished
+    [event] = await finished(cluster.reactor, sender)
     assert event["bytes_done"] == state.bytes_received
     assert event["bytes_total"] >= event["bytes_done"] > 1024 * 1024
     assert sender.progress == {} and sender.slots.used == 0
@@ -236,11 +246,14 @@ async def test_sender_crash_mid_round_then_restart(cluster):
 async def test_stalled_sender_is_given_up(cluster, reactor):
     """A sender that answers nothing is given up after the idle timeout, slots freed."""
     (a, sender, _), (b, _, receiver) = move(cluster, 0, 1)
-    stalled = Deferred()
-    sender._run_blocking = lambda f, *args: stalled       # the export never starts
+    stalled = threading.Event()
+    a.on_export = lambda base, into: stalled.wait(20)     # the stream never starts
     receiver._idle_timeout = 0.2
-    with pytest.raises(ConnectionBroken, match="no data from the sender for 0.2 s"):
-        await receiver.receive(DS, cluster.uuids[0])
+    try:
+        with pytest.raises(ConnectionBroken, match="no data from the sender for 0.2 s"):
+            await receiver.receive(DS, cluster.uuids[0])
+    finally:
+        stalled.set()
     assert b.list_datasets() == [] and receiver._slots.used == 0
 
 
@@ -293,11 +306,28 @@ async def test_stop_ends_transfers_under_way(cluster, reactor):
     assert sender.connections == set() and sender.slots.used == 0
 
 
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_silent_stranger_dropped_after_handshake_timeout(cluster, reactor):
+    """A connection to the peer port that never completes its handshake (anyone who can
+    reach the port) holds its thread only for the handshake timeout, not the idle one."""
+    import socket as sockets
+    service = cluster.nodes[cluster.uuids[0]][1]
+    service.settings = TransferSettings(handshake_timeout=0.3)
+    stranger = sockets.create_connection(cluster.addresses[cluster.uuids[0]])
+    try:
+        stranger.settimeout(10)
+        closed = await deferToThread(stranger.recv, 1)      # b"": the server hung up
+        assert closed == b""
+    finally:
+        stranger.close()
+
+
 def abort_all(cluster) -> None:
     """Abort every connection to every node's peer port (a network failure)."""
-    for port in cluster.ports:
-        for protocol in list(getattr(port.factory, "protocols", ())):
-            protocol.abortConnection()
+    for service in cluster.services:
+        for connection in list(service.connections):
+            connection.abort()
 
 
 @pytest.mark.integration
@@ -363,51 +393,41 @@ async def test_revoked_certificate_refused(cluster):
     assert cluster.nodes[c_uuid][0].list_datasets() == []
 
 
-def test_stream_reader_reads_any_sizes():
-    """The import's reader gives the stream back whatever sizes it asks for, then b"";
-    a stream that broke raises once what arrived is read."""
-    reader = _StreamReader(None, lambda: None, lambda: None)
-    for chunk in (b"header\n", b"x" * 1000, b"yz"):
-        reader.put(chunk)
-    reader.end()
-    assert [reader.read(1) for _ in range(7)] == [bytes([c]) for c in b"header\n"]
-    assert reader.read(999) == b"x" * 999
-    assert reader.read() == b"xyz" and reader.read(5) == b"" and reader.complete()
-    broken = _StreamReader(None, lambda: None, lambda: None)
-    broken.put(b"ab")
-    broken.end(ConnectionBroken("cut"))
+class _Arriving:
+    """A connection whose data arrive in the given pieces, then break."""
+
+    def __init__(self, pieces):
+        self._pieces = list(pieces)
+
+    def receive(self) -> bytes:
+        if not self._pieces:
+            raise ConnectionBroken("cut")
+        return self._pieces.pop(0)
+
+
+def test_incoming_stream_reads_any_sizes():
+    """The import's reader gives the stream back whatever sizes it asks for, whatever
+    pieces it arrived in (a read may give fewer bytes than asked, never none before the
+    end, as a socket does), then b""; a stream that broke raises once what arrived is
+    read."""
+    from pyflock.agent._peer_protocol import END_FRAME, SendAnswer, framed
+    from pyflock.agent._peer_receive import _IncomingStream
+    wire = (SendAnswer(base="s1", estimate=1010).to_line()
+            + framed(b"header\n" + b"x" * 1000) + framed(b"yz")
+            + END_FRAME)
+    stream = _IncomingStream(DS, _Arriving([wire[i:i + 7] for i in range(0, len(wire), 7)]))
+    assert stream.read_answer() == SendAnswer(base="s1", estimate=1010)
+    assert [stream.read(1) for _ in range(7)] == [bytes([c]) for c in b"header\n"]
+    got = b""
+    while len(got) < 999:
+        piece = stream.read(999 - len(got))
+        assert 0 < len(piece) <= 999 - len(got)
+        got += piece
+    assert got == b"x" * 999
+    assert stream.read() == b"xyz" and stream.read(5) == b"" and stream.complete()
+    assert stream.count == 1009
+    broken = _IncomingStream(DS, _Arriving([SendAnswer().to_line(), bytes(framed(b"ab"))]))
+    broken.read_answer()
     assert broken.read(2) == b"ab" and not broken.complete()
     with pytest.raises(ConnectionBroken, match="cut"):
         broken.read(1)
-
-
-def test_sending_round_holds_chunks_while_paused_and_fails_them_when_lost():
-    """A round writes what its export queues in order without waiting for each piece;
-    while the transport is paused, a piece's ``done`` waits for the resume (that is what
-    paces the export); once the connection is lost, every waiting ``done`` and every later
-    one gets ``ConnectionBroken``, and an export waiting for a credit is let go."""
-    from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-    from pyflock.agent._peer_service import _IN_FLIGHT, _SendingRound
-
-    service = PeerTransferService(Clock(), MemoryPeerBackend("node"), view_of=lambda d: None,
-                                  admit=None, run_blocking=None)
-    round_ = _SendingRound(service)
-    round_.makeConnection(StringTransport())
-    done: list = []
-    round_.queue([b"a1", b"a2"], done.append)
-    assert done == [None]
-    round_.pauseProducing()
-    round_.queue([b"b"], done.append)
-    round_.send_frame(b"c").addBoth(done.append)
-    assert round_.transport.value() == b"a1a2bc" and done == [None]
-    round_.resumeProducing()
-    assert done == [None, None, None]
-    round_.pauseProducing()
-    round_.queue([b"d"], done.append)
-    for _ in range(_IN_FLIGHT):
-        assert round_.credits.acquire(blocking=False)
-    round_.connectionLost(Failure(ConnectionBroken("gone")))
-    round_.queue([b"e"], done.append)
-    assert [type(e) for e in done[3:]] == [ConnectionBroken, ConnectionBroken]
-    assert round_.lost and round_.credits.acquire(blocking=False)
