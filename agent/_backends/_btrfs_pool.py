@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from typing import Optional
 
 from pyflock.agent._backends._btrfs_model import DATASETS, POOL_LABEL, STAGING, PoolRefused
@@ -201,8 +202,18 @@ class BtrfsPool:
                     release_loop_device(device, self.pool_path)
                 except OSError as e:
                     problems.append(f"{device}: {e}")
+            # The kernel detaches a device its filesystem let go of a moment ago a little
+            # later (autoclear, in a work queue): wait for it, so that released means gone.
+            deadline = time.monotonic() + _DETACH_WAIT
+            while self.loop_devices() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            problems += [f"{device}: still attached {_DETACH_WAIT:g} s after its release "
+                         f"(something holds it open)" for device in self.loop_devices()]
         return problems
 
+
+#: Seconds ``BtrfsPool.release`` waits for the kernel to detach the pool file's device.
+_DETACH_WAIT = 5.0
 
 #: While a stream is received into a pool, its writeback starts after every this many
 #: bytes (``Writeback``).

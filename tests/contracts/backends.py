@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from typing import Callable
 
@@ -80,6 +81,10 @@ def loopback_root(test_case: SynchronousTestCase) -> str:
     return root
 
 
+#: Seconds a loop device marked to detach itself may take to go (see below).
+_AUTOCLEAR_WAIT = 10.0
+
+
 def detach_loop_devices_under(root: str) -> None:
     """
     Detach every loop device backed by a file under ``root``; raise if one stays (a test
@@ -90,7 +95,15 @@ def detach_loop_devices_under(root: str) -> None:
         if device.backing_file.startswith(prefix):
             path = device.backing_file + (" (deleted)" if device.deleted else "")
             release_loop_device(device.device, path)
-    left = [d for d in scan_loop_devices() if d.backing_file.startswith(prefix)]
+    # A device its last user let go of moments ago is detached by the kernel a little
+    # later (autoclear runs in a work queue, after the filesystem's own close): wait for
+    # those, never for one still in use.
+    deadline = time.monotonic() + _AUTOCLEAR_WAIT
+    while True:
+        left = [d for d in scan_loop_devices() if d.backing_file.startswith(prefix)]
+        if not left or time.monotonic() > deadline or not all(d.autoclear for d in left):
+            break
+        time.sleep(0.05)
     if left:
         raise AssertionError(f"loop devices still attached under {root}: {left}")
 
