@@ -316,7 +316,7 @@ class SharedReports:
         # Watched first: what the events change is stamped no older than their revision.
         self._watched = revision
         self._apply_all(resync_events(present, set(self._remote) | set(self._owned),
-                                      revision))
+                                      revision, set(self.deaths.marks)))
         self.loaded = self.loaded or revision
 
     async def _watch_forever(self) -> None:
@@ -383,7 +383,8 @@ class _Deaths:
     whose report vanished wait in ``vanished`` (uuid -> the leader's mark of its death,
     ``encode_death``) until the mark is in etcd; the leader of ``leadership`` puts it
     (``marking`` those under way); every replica wipes them when its watch shows it.
-    Marks deleted wait in ``unmarked`` until their batch is applied (``settle``).
+    Marks deleted wait in ``unmarked`` until their batch is applied (``settle``);
+    ``marks`` are the nodes whose mark was last seen put (a full read misses no delete).
     """
 
     def __init__(self, reports: SharedReports):
@@ -393,6 +394,7 @@ class _Deaths:
         self.vanished: dict[str, bytes] = {}
         self.marking: set[str] = set()
         self.unmarked: set[str] = set()
+        self.marks: set[str] = set()
 
     def vanish(self, node: NodeState, revision: int) -> None:
         """``node``'s report vanished at etcd ``revision``: it waits for the leader's mark
@@ -421,8 +423,10 @@ class _Deaths:
         deleted: a claim, or a replica forgetting the node; judged by ``settle``)."""
         uuid, reports = event.node_uuid, self._reports
         if event.value is None:
+            self.marks.discard(uuid)
             self.unmarked.add(uuid)
             return
+        self.marks.add(uuid)
         self.unmarked.discard(uuid)
         if self.vanished.pop(uuid, None) is not None:
             self._dead(uuid)

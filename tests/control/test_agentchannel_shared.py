@@ -10,7 +10,7 @@ the batch) is forgotten here; and ``GET /v1/state/control``.
 from __future__ import annotations
 
 import attr
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -206,6 +206,22 @@ class MarkDeletedTests(SynchronousTestCase):
         self.assertEqual((self.forgotten, self.merged), ([], [B]))
         self.reports._apply_all([attr.evolve(put, revision=6), ReportEvent(B, 6, death=True)])
         self.assertEqual(self.forgotten, [])
+
+    def test_full_read_without_a_seen_mark_forgets(self):
+        """A full read (after a compacted watch) that no longer finds a mark seen before
+        forgets the node, as the missed delete would have."""
+        class Gateway:
+            """etcd holding no report and no mark."""
+
+            async def call(self, path, body):
+                """Any read finds nothing."""
+                return {"header": {"revision": "9"}, "kvs": []}
+        self.reports._gateway = Gateway()
+        mark = ReportEvent(B, 5, value=encode_report("c2", remote_node()), death=True)
+        self.reports._apply_all([mark])
+        self.successResultOf(Deferred.fromCoroutine(self.reports._resync()))
+        self.assertEqual((self.merged, self.forgotten, self.reports.deaths.marks),
+                         ([B], [B], set()))
 
 
 class ControlStatusTests(SynchronousTestCase):
