@@ -459,9 +459,8 @@ class _Deaths:
             if (reports.shows(uuid) or uuid in self.vanished or uuid in reports._held
                     or uuid in reports._owned):
                 continue  # claimed, or its report vanished again: not forgotten
-            log_event(_log, "pyflock:control:node-forgotten-elsewhere", node_uuid=uuid,
-                      replica=reports.replica.name)
-            reports.on_forgotten(uuid)
+            reports.on_forgotten(uuid)  # logged if forgotten: the replica that forgot
+            # it sees its own delete too, and finds the node gone already
 
     def _dead(self, uuid: str, node: Optional[NodeState] = None) -> None:
         log_event(_log, "pyflock:control:node-dead-marked", node_uuid=uuid,
