@@ -608,6 +608,18 @@ class _SharedState:
     def __init__(self, server: AgentChannelServer, reports):
         self._server = server
         self._reports = reports
+        self._echo: Optional[str] = None  # a node forgotten as another replica forgot it
+        if reports is not None:
+            reports.on_forgotten = self.forgotten
+
+    def forgotten(self, uuid: str) -> None:
+        """Another replica forgot dead node ``uuid`` (its mark deleted, no report came):
+        forget it here too, as ``DELETE /v1/state/nodes`` does, but delete no mark."""
+        self._echo = uuid
+        try:
+            self._server.cluster.forget_elsewhere(uuid)
+        finally:
+            self._echo = None
 
     def claim(self, node: NodeState) -> None:
         """``node``'s agent said hello here: it is in the cluster state, claimed."""
@@ -639,7 +651,7 @@ class _SharedState:
 
     def report(self, hook: str, node) -> None:
         """Hand ``node`` (a uuid for ``forget``) to the reports' ``hook``, if shared."""
-        if self._reports is not None:
+        if self._reports is not None and not (hook == "forget" and node == self._echo):
             getattr(self._reports, hook)(node)
 
     def merge(self, uuid: str, node: Optional[NodeState],

@@ -280,11 +280,28 @@ class ClusterStateService:
             raise NodeUnknown(uuid)
         now = self._reactor.seconds()
         check_forgettable(node, now, self.node_expiry, config)
-        self.update(self.state.remove_nodes([uuid]))
+        return self._remove(node, now, reason)
+
+    def forget_elsewhere(self, uuid: str) -> Optional[NodeState]:
+        """
+        Issue 9: another replica forgot node ``uuid``: forget it here too if it is dead
+        (the node forgotten; None if unknown or alive). Its holdings are not judged again:
+        that replica judged them on the shared configuration, which may be a moment ahead
+        of this replica's, and a refusal here would list the node here for ever.
+        """
+        node = self.state.nodes.get(uuid)
+        now = self._reactor.seconds()
+        if node is None or node.alive(now, self.node_expiry):
+            return None
+        return self._remove(node, now, "replica")
+
+    def _remove(self, node: NodeState, now: float, reason: str) -> NodeState:
+        self.update(self.state.remove_nodes([node.uuid]))
         for listener in self._forget_listeners:
-            listener(uuid)
-        log_event(_log, "pyflock:control:node-forgotten", node_uuid=uuid, host=node.host,
-                  reason=reason, dead_for=round(now - node.last_seen - self.node_expiry, 3))
+            listener(node.uuid)
+        log_event(_log, "pyflock:control:node-forgotten", node_uuid=node.uuid,
+                  host=node.host, reason=reason,
+                  dead_for=round(now - node.last_seen - self.node_expiry, 3))
         return node
 
     def forget_dead(self, config: Configuration) -> list[NodeState]:

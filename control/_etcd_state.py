@@ -19,7 +19,9 @@ while the report is still absent, and every replica wipes the node when its watc
 the mark, the one that withdrew the report too. A replica that starts leading marks the
 nodes still waiting; a replica that never saw the node (it started since) lists it dead
 as the mark describes it; a replica that forgets a dead node deletes its mark
-(``forget``). Without an election (no ``follow_leader``), a replica wipes a vanished node
+(``forget``), and every other replica whose watch shows the mark deleted with no report
+of the node in the same batch (a claim puts one in the transaction deleting the mark)
+forgets it too (``on_forgotten``), writing nothing. Without an election (no ``follow_leader``), a replica wipes a vanished node
 at once.
 """
 
@@ -93,6 +95,8 @@ class SharedReports:
         # first full read, and told the revision by which every write so far is in etcd.
         self.loaded = 0
         self.on_published: Callable[[int], None] = lambda revision: None
+        #: Told the uuid of a dead node another replica forgot (the agent channel's).
+        self.on_forgotten: Callable[[str], None] = lambda uuid: None
         self._written = 0
 
     @property
@@ -263,8 +267,14 @@ class SharedReports:
     def _release(self, uuid: str) -> None:
         """Judge the events held while a write of ``uuid``'s report was waiting."""
         if uuid not in self._waiting:
-            for event in self._held.pop(uuid, []):
-                self._apply(event)
+            self._apply_all(self._held.pop(uuid, []))
+
+    def _apply_all(self, events) -> None:
+        """Apply a batch of events (one watch message, the events held for a node, a full
+        read), then settle what only the whole batch tells (``_Deaths.settle``)."""
+        for event in events:
+            self._apply(event)
+        self.deaths.settle()
 
     # -- other replicas' reports -----------------------------------------------------------
 
@@ -305,8 +315,8 @@ class SharedReports:
             "kv/range", reports_range(self._keys)))
         # Watched first: what the events change is stamped no older than their revision.
         self._watched = revision
-        for event in resync_events(present, set(self._remote) | set(self._owned), revision):
-            self._apply(event)
+        self._apply_all(resync_events(present, set(self._remote) | set(self._owned),
+                                      revision, set(self.deaths.marks)))
         self.loaded = self.loaded or revision
 
     async def _watch_forever(self) -> None:
@@ -340,8 +350,7 @@ class SharedReports:
             message = None
         if message is not None and message.kind == "events":
             self._watched = max(self._watched, message.revision)
-            for event in message.events:
-                self._apply(event)
+            self._apply_all(message.events)
             return
         if message is None or message.kind in ("canceled", "error"):
             if message is not None and message.kind == "canceled":
@@ -374,6 +383,8 @@ class _Deaths:
     whose report vanished wait in ``vanished`` (uuid -> the leader's mark of its death,
     ``encode_death``) until the mark is in etcd; the leader of ``leadership`` puts it
     (``marking`` those under way); every replica wipes them when its watch shows it.
+    Marks deleted wait in ``unmarked`` until their batch is applied (``settle``);
+    ``marks`` are the nodes whose mark was last seen put (a full read misses no delete).
     """
 
     def __init__(self, reports: SharedReports):
@@ -382,6 +393,8 @@ class _Deaths:
         self.leadership: Any = None
         self.vanished: dict[str, bytes] = {}
         self.marking: set[str] = set()
+        self.unmarked: set[str] = set()
+        self.marks: set[str] = set()
 
     def vanish(self, node: NodeState, revision: int) -> None:
         """``node``'s report vanished at etcd ``revision``: it waits for the leader's mark
@@ -407,10 +420,14 @@ class _Deaths:
 
     def marked(self, event: ReportEvent) -> None:
         """The watch (or a full read) shows the leader's mark of a node's death put (or
-        deleted: a claim, or a replica forgetting the node, and nothing to do)."""
+        deleted: a claim, or a replica forgetting the node; judged by ``settle``)."""
         uuid, reports = event.node_uuid, self._reports
         if event.value is None:
+            self.marks.discard(uuid)
+            self.unmarked.add(uuid)
             return
+        self.marks.add(uuid)
+        self.unmarked.discard(uuid)
         if self.vanished.pop(uuid, None) is not None:
             self._dead(uuid)
         elif not reports.shows(uuid):
@@ -422,6 +439,28 @@ class _Deaths:
                           node_uuid=uuid, reason=str(e))
                 return
             self._dead(uuid, node)
+
+    def settle(self) -> None:
+        """A batch of events is applied: a node whose mark was deleted and that has no
+        report is forgotten here too, as another replica forgot it (``on_forgotten``,
+        which writes nothing: the mark is gone already)."""
+        # Judged after the whole batch, not at the mark's delete event: a claim deletes
+        # the mark and puts the report in one transaction, so both come in one watch
+        # message (etcd keeps a revision's events together), but in the order of the
+        # transaction's operations, which is no promise this code should lean on. The
+        # watch applies a message's events one by one and synchronously, so the end of
+        # that loop (``SharedReports._apply_all``) is the batch's end; a later reactor
+        # turn (``callLater(0)``) would also be after it, but after further messages
+        # too, and would need cancelling on stop. A node whose events are held while
+        # this replica writes its report is judged when they are released, its batch.
+        reports, unmarked = self._reports, self.unmarked
+        self.unmarked = set()
+        for uuid in sorted(unmarked):
+            if (reports.shows(uuid) or uuid in self.vanished or uuid in reports._held
+                    or uuid in reports._owned):
+                continue  # claimed, or its report vanished again: not forgotten
+            reports.on_forgotten(uuid)  # logged if forgotten: the replica that forgot
+            # it sees its own delete too, and finds the node gone already
 
     def _dead(self, uuid: str, node: Optional[NodeState] = None) -> None:
         log_event(_log, "pyflock:control:node-dead-marked", node_uuid=uuid,

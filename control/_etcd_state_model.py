@@ -129,14 +129,17 @@ def range_events(keys: Keys, answer: dict) -> tuple[int, list[ReportEvent]]:
 
 
 def resync_events(present: Iterable[ReportEvent], known: Iterable[str],
-                  revision: int) -> list[ReportEvent]:
-    """After a full read at ``revision``: the puts found, and a delete for every node
-    ``known`` (remote or published here) that is no longer there."""
+                  revision: int, marked: Iterable[str] = ()) -> list[ReportEvent]:
+    """After a full read at ``revision``: the puts found, a delete for every node
+    ``known`` (remote or published here) that is no longer there, and a delete for every
+    death mark seen before (``marked``) that is no longer there."""
     present = list(present)
     there = {e.node_uuid for e in present if not e.death}
     reports = [e for e in present if not e.death]
+    marks = [e for e in present if e.death]
+    gone = set(marked) - {e.node_uuid for e in marks}
     return (reports + [ReportEvent(uuid, revision) for uuid in sorted(set(known) - there)]
-            + [e for e in present if e.death])
+            + marks + [ReportEvent(uuid, revision, death=True) for uuid in sorted(gone)])
 
 
 @attr.s(frozen=True, auto_attribs=True)

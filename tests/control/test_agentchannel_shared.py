@@ -3,17 +3,22 @@ The agent channel's part in the shared cluster state (issue 9, point 3), in memo
 Clock: which reports it hands on to be published (a hello claims, a changed report
 publishes, a heartbeat nothing, a silent node is withdrawn and waits for the leader's mark,
 a forgotten node's mark goes), and how another replica's reports and the leader's marks
-merge into this one's state; and ``GET /v1/state/control``.
+merge into this one's state; a node another replica forgot (its mark deleted, no report in
+the batch) is forgotten here; and ``GET /v1/state/control``.
 """
 
 from __future__ import annotations
 
-from twisted.internet.defer import fail
+import attr
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pyflock.common._wire import DatasetReport, Diff, Heartbeat, StateReport
 from pyflock.control._clusterstate import NodeState
-from pyflock.control._etcd_state_model import ReplicaInfo
+from pyflock.control._etcd_model import Keys
+from pyflock.control._etcd_state import SharedReports
+from pyflock.control._etcd_state_model import ReplicaInfo, ReportEvent, encode_report
 from pyflock.control.testing import ALICE, NODE_A, NODE_B
 from tests.control import test_agentchannel as base
 
@@ -127,6 +132,17 @@ class SharedReportsTests(SynchronousTestCase):
         self.h.cluster.forget(B, self.configuration.committed)
         self.assertEqual(self.reports.calls, [("forget", B, ())])
 
+    def test_node_forgotten_elsewhere_is_forgotten_here(self):
+        """A dead node another replica forgot leaves this replica's state and snapshots
+        too, with no mark deleted again; a live remote node stays."""
+        self.server.shared.merge(B, None, remote_node().set(datasets={}))
+        self.server.shared.merge(A, remote_node(datasets=()).set(uuid=A))
+        self.server.shared.forgotten(B)
+        self.server.shared.forgotten(A)
+        self.assertEqual(([n["uuid"] for n in self.get("/v1/state/nodes")],
+                          [n.uuid for n in self.server.snapshot().nodes], self.reports.calls),
+                         ([A], [A], []))
+
     def test_remote_report_shown_and_pushed(self):
         """Another replica's report shows in the state API and reaches agents as holders."""
         self.create(primary=B)
@@ -165,6 +181,47 @@ class SharedReportsTests(SynchronousTestCase):
         self.server.shared.merge(A, remote_node().set(uuid=A))
         self.connect()
         self.assertEqual(self.reports.calls, [("claim", A, (DS,))])
+
+
+class MarkDeletedTests(SynchronousTestCase):
+    """``SharedReports`` judges a deleted death mark once its whole batch is applied."""
+
+    def setUp(self):
+        self.reports = SharedReports(Clock(), None, Keys.under("/t"),
+                                     ReplicaInfo("c1", "c1.example:4523", 0.0))
+        self.merged, self.forgotten = [], []
+        self.reports._merge = lambda uuid, node, last=None: self.merged.append(uuid)
+        self.reports.on_forgotten = self.forgotten.append
+
+    def test_mark_deleted_alone_forgets(self):
+        """A mark deleted with no report in its batch: the node is forgotten here."""
+        self.reports._apply_all([ReportEvent(B, 5, death=True)])
+        self.assertEqual((self.forgotten, self.reports.deaths.unmarked), ([B], set()))
+
+    def test_claim_is_not_forgotten(self):
+        """A claim's batch (the mark deleted, the report put), in either order, forgets
+        nothing: the node is remote."""
+        put = ReportEvent(B, 5, lease=7, value=encode_report("c2", remote_node()))
+        self.reports._apply_all([ReportEvent(B, 5, death=True), put])
+        self.assertEqual((self.forgotten, self.merged), ([], [B]))
+        self.reports._apply_all([attr.evolve(put, revision=6), ReportEvent(B, 6, death=True)])
+        self.assertEqual(self.forgotten, [])
+
+    def test_full_read_without_a_seen_mark_forgets(self):
+        """A full read (after a compacted watch) that no longer finds a mark seen before
+        forgets the node, as the missed delete would have."""
+        class Gateway:
+            """etcd holding no report and no mark."""
+
+            async def call(self, path, body):
+                """Any read finds nothing."""
+                return {"header": {"revision": "9"}, "kvs": []}
+        self.reports._gateway = Gateway()
+        mark = ReportEvent(B, 5, value=encode_report("c2", remote_node()), death=True)
+        self.reports._apply_all([mark])
+        self.successResultOf(Deferred.fromCoroutine(self.reports._resync()))
+        self.assertEqual((self.merged, self.forgotten, self.reports.deaths.marks),
+                         ([B], [B], set()))
 
 
 class ControlStatusTests(SynchronousTestCase):

@@ -6,7 +6,8 @@ While it leads, neither replica marks A dead, and both keep showing it; once it 
 down, the replica that leads then marks it, and both replicas wipe it. The same holds on
 the replica whose agent went silent: it withdraws the report and waits for the mark too.
 A replica started after the report vanished lists the node as marked; a node forgotten
-loses its mark, and a replica started afterwards does not list it.
+loses its mark, a replica started afterwards does not list it, and the other replicas
+forget it too (not one that comes back: its claim deletes the mark as well).
 """
 
 from __future__ import annotations
@@ -259,5 +260,88 @@ async def test_forgotten_node_loses_its_mark(tmp_path, etcd):
         assert not await death_marked(r2)
         made += await replicas(tmp_path, etcd, count=1, ttl=2.0, first=3)
         assert await nodes_shown(made[-1]) == []
+    finally:
+        await stop_all(electing, made)
+
+
+def forgets(replica) -> list[str]:
+    """The uuids of the nodes ``replica`` forgets from now on, as they go."""
+    gone: list[str] = []
+    replica.cluster.on_forget(gone.append)
+    return gone
+
+
+async def marked_dead_on(etcd, made) -> list[EtcdLeadership]:
+    """Replica 2 leads, replica 3 follows; node A's agent talked to replica 1, which
+    closed: once both list A dead as marked (the candidates returned)."""
+    r1, r2, r3 = made
+    electing = following(etcd, [r2])
+    await leads(lambda: electing[0].leading, "replica 2 leads")
+    electing += following(etcd, [r3])
+    await leads(lambda: electing[1].leader == "c2", "replica 3 knows it")
+    r1.agent()
+
+    async def shown():
+        return all([await alive_nodes(r) == [A] for r in (r2, r3)])
+    await until(shown)
+    await r1.close()
+
+    async def dead():
+        return all([await nodes_shown(r) == [(A, HOST, False)] for r in (r2, r3)])
+    await until(dead)
+    assert await death_marked(r2)
+    return electing
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_forgotten_on_one_replica_is_forgotten_on_the_others(tmp_path, etcd):
+    """
+    Node A, dead as marked, is forgotten through replica 3's REST API: replica 2 (the
+    leader) sees the mark deleted with no report and stops listing A too, writing
+    nothing to etcd.
+    """
+    made = await replicas(tmp_path, etcd, count=3, ttl=2.0)
+    r1, r2, r3 = made
+    electing = []
+    try:
+        electing = await marked_dead_on(etcd, made)
+        gone, writes = forgets(r2), r2.shared.writes
+        response = await r3.http.delete(
+            f"http://127.0.0.1:{r3.port.getHost().port}/v1/state/nodes/{A}")
+        await response.content()
+        assert response.code == 200
+
+        async def forgotten():
+            return await nodes_shown(r2) == []
+        await until(forgotten)
+        assert not await death_marked(r2)
+        assert (gone, r2.shared.writes) == ([A], writes)
+        assert await nodes_shown(r3) == []
+    finally:
+        await stop_all(electing, made)
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_coming_back_is_not_forgotten(tmp_path, etcd):
+    """
+    Node A, dead as marked, comes back: its agent says hello to replica 3, whose claim
+    deletes the mark. Neither replica forgets A; both list it alive.
+    """
+    made = await replicas(tmp_path, etcd, count=3, ttl=2.0)
+    r1, r2, r3 = made
+    electing = []
+    try:
+        electing = await marked_dead_on(etcd, made)
+        gone2, gone3 = forgets(r2), forgets(r3)
+        r3.agent()
+
+        async def alive():
+            return all([await alive_nodes(r) == [A] for r in (r2, r3)])
+        await until(alive)
+        await until(lambda: not r2.shared.deaths.unmarked and r2.shared.watched >= max(
+            r3.shared._owned.values(), default=0))
+        assert not await death_marked(r2)
+        assert (gone2, gone3) == ([], [])
+        assert await alive()
     finally:
         await stop_all(electing, made)

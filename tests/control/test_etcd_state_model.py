@@ -187,6 +187,10 @@ def test_death_marks_are_told_apart_from_reports():
         kv(KEYS.death("n2"), b"5")]})
     assert [(e.node_uuid, e.death, e.value) for e in resync_events(present, ["n2"], 9)] == [
         ("n2", False, None), ("n2", True, b"5")]
+    # A mark seen before and no longer there (deleted while the watch was compacted).
+    assert [(e.node_uuid, e.death, e.value, e.revision)
+            for e in resync_events(present, [], 9, ["n2", "n3"])] == [
+        ("n2", True, b"5", 7), ("n3", True, None, 9)]
 
 
 def test_death_request_needs_the_report_absent():
