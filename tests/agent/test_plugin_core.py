@@ -118,7 +118,8 @@ TRANSITIONS = {
     (State.LEASING, "lease-taken"): ([AskMove(ID, OTHER)], State.MOVING),
     (State.LEASING, "lease-refused"): ([WaitView(LEASE_UNTIL)], State.WAITING_VIEW),
     (State.LEASING, "lease-gone"): ([FetchByName("v1")], State.FETCHING),
-    (State.MOVING, "moved"): ([WaitMounted(ID)], State.WAITING_MOUNTED),
+    # A move from another node: the Mount looks at its progress each MOVE_RECHECK.
+    (State.MOVING, "moved"): ([WaitMounted(ID), SetTimer(1.0)], State.WAITING_MOUNTED),
     (State.MOVING, "move-refused"): (refused(), State.FAILED),
     (State.MOVING, "move-gone"): (refused(), State.FAILED),
     (State.WAITING_MOUNTED, "mounted"): ([CheckMountpoint(PATH)], State.CHECKING),
@@ -476,14 +477,16 @@ def test_timeout_while_moving_here(transfer, progress):
 
 @pytest.mark.parametrize("state", LIVE, ids=lambda s: s.value)
 def test_early_timer_in_every_state(state):
-    """A timer before the deadline retries the lease only when waiting for the view."""
+    """A timer before the deadline retries the lease only when waiting for the view; in
+    WAITING_MOUNTED after a move it is the look at the move's progress (none: look again)."""
     core = in_state(state)
     actions = core.handle("m", Timer(LEASE_UNTIL), world(now=LEASE_UNTIL, view=ROUTES[state][0]))
     if state is State.WAITING_VIEW:
         assert actions == [TakeLease(ID)]
         assert state_of(core) is State.LEASING
     else:
-        assert actions == []
+        assert actions == ([SetTimer(LEASE_UNTIL + 1.0)] if state is State.WAITING_MOUNTED
+                           else [])
         assert state_of(core) is state
 
 
