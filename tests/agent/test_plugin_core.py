@@ -479,7 +479,8 @@ def test_timeout_while_moving_here(transfer, progress):
 @pytest.mark.parametrize("state", LIVE, ids=lambda s: s.value)
 def test_early_timer_in_every_state(state):
     """A timer before the deadline retries the lease only when waiting for the view; in
-    WAITING_MOUNTED after a move it is the look at the move's progress (none: look again)."""
+    WAITING_MOUNTED after a move it is the look at the move's progress (none: look
+    again)."""
     core = in_state(state)
     actions = core.handle("m", Timer(LEASE_UNTIL), world(now=LEASE_UNTIL, view=ROUTES[state][0]))
     if state is State.WAITING_VIEW:
@@ -541,7 +542,8 @@ def test_move_fast_enough_waits():
         [CheckMountpoint(PATH)]
 
 
-@pytest.mark.parametrize("transfer", [Transfer(0, 1000 * MIB), None], ids=["stalled", "none"])
+@pytest.mark.parametrize("transfer", [Transfer(0, 1000 * MIB), None],
+                         ids=["stalled", "none"])
 def test_move_without_progress_waits(transfer):
     """A move that has not progressed yet, or none under way: the Mount waits for its
     deadline as always."""
@@ -583,7 +585,8 @@ def test_pipelined_watches_a_move_under_way():
     core = new_core()
     assert core.mount("m", "v1", MOUNT, world()) == [
         SetTimer(TIMEOUT), TakeLease(ID), AskMove(ID, NODE), WaitMounted(ID)]
-    held = ClusterView(datasets={ID: attr.evolve(V1, holders=(NODE, OTHER))}, nodes=VIEW.nodes)
+    held = ClusterView(datasets={ID: attr.evolve(V1, holders=(NODE, OTHER))},
+                       nodes=VIEW.nodes)
     core = new_core()
     assert core.mount("m", "v1", MOUNT, world(view=held)) == [
         SetTimer(TIMEOUT), TakeLease(ID), AskMove(ID, NODE), WaitMounted(ID), SetTimer(1.0)]
