@@ -32,10 +32,18 @@ One ``MountAttempt`` per Mount in progress walks (state: event -> next state, ac
     COUNTING         Counted -> DONE (Answer)
 
 and FAILED from any live state on a refusal, ``Failed``, ``HungUp`` or the Mount's
-``Timer`` past its deadline; a failure uncounts what it counted and releases the lease
-unless another use holds it. Events for a finished attempt are ignored (the late answers of
-cancelled IO); an IO result a state does not wait for is a bug and raises
-``UnexpectedEvent``.
+``Timer`` past its deadline, or early (see below) once a move here cannot end by it; a
+failure uncounts what it counted and releases the lease unless another use holds it.
+Events for a finished attempt are ignored (the late answers of cancelled IO); an IO
+result a state does not wait for is a bug and raises ``UnexpectedEvent``.
+
+In WAITING_MOUNTED and PIPELINED, while a move here may be under way (the dataset was
+elsewhere, or another node still holds it), the Mount looks at the move's progress every
+MOVE_RECHECK seconds (a ``SetTimer``, one at a time; its ``Timer`` brings the
+``Transfer``): FAILED with ``still_moving`` and the estimate once the rate seen shows the
+move cannot end by the deadline (``cannot_finish``), else another look. Nothing else
+tells it of progress: the receiver counts the bytes in memory (the plugin reads them,
+``IPluginBackend.transfer``), and a view push wakes only the Mounts waiting for a lease.
 
 Why PIPELINED is as safe as LEASING then MOVING: when the dataset's primary is already
 this node, the move changes nothing and the wait for the agent's mount does not depend on
