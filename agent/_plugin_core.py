@@ -32,10 +32,18 @@ One ``MountAttempt`` per Mount in progress walks (state: event -> next state, ac
     COUNTING         Counted -> DONE (Answer)
 
 and FAILED from any live state on a refusal, ``Failed``, ``HungUp`` or the Mount's
-``Timer`` past its deadline; a failure uncounts what it counted and releases the lease
-unless another use holds it. Events for a finished attempt are ignored (the late answers of
-cancelled IO); an IO result a state does not wait for is a bug and raises
-``UnexpectedEvent``.
+``Timer`` past its deadline, or early (see below) once a move here cannot end by it; a
+failure uncounts what it counted and releases the lease unless another use holds it.
+Events for a finished attempt are ignored (the late answers of cancelled IO); an IO
+result a state does not wait for is a bug and raises ``UnexpectedEvent``.
+
+In WAITING_MOUNTED and PIPELINED, while a move here may be under way (the dataset was
+elsewhere, or another node still holds it), the Mount looks at the move's progress every
+MOVE_RECHECK seconds (a ``SetTimer``, one at a time; its ``Timer`` brings the
+``Transfer``): FAILED with ``still_moving`` and the estimate once the rate seen shows the
+move cannot end by the deadline (``cannot_finish``), else another look. Nothing else
+tells it of progress: the receiver counts the bytes in memory (the plugin reads them,
+``IPluginBackend.transfer``), and a view push wakes only the Mounts waiting for a lease.
 
 Why PIPELINED is as safe as LEASING then MOVING: when the dataset's primary is already
 this node, the move changes nothing and the wait for the agent's mount does not depend on
@@ -70,10 +78,10 @@ from twisted.internet.defer import CancelledError
 
 from pyflock.agent._mounts import MountTable
 from pyflock.agent._plugin_model import (
-    LEASE_DURATION, LEASE_RETRY_MARGIN, MOUNT_TIMEOUT, MOUNTED, OVERLAY_TTL, RELEASE_GRACE,
-    ClusterView, LocalState, PluginError, check_volume_name,
-    deleted_while_mounting, in_use_elsewhere, parse_create_options, still_moving,
-    unreachable,
+    LEASE_DURATION, LEASE_RETRY_MARGIN, MOUNT_TIMEOUT, MOUNTED, MOVE_RECHECK, OVERLAY_TTL,
+    RELEASE_GRACE, ClusterView, LocalState, MoveWatch, PluginError, cannot_finish,
+    check_volume_name, deleted_while_mounting, in_use_elsewhere, move_estimate,
+    parse_create_options, still_moving, unreachable, watch_move,
 )
 from pyflock.common._client import ControlError, ControlUnreachable
 from pyflock.common._records import Dataset, DatasetEntry, Lease, Transfer
@@ -376,6 +384,10 @@ class MountAttempt:
     moved: bool = False
     early_move: Any = None
     asked_again: bool = False
+    #: While it waits for a move here (WAITING_MOUNTED, PIPELINED): the time of its next
+    #: look at the move's progress (a ``SetTimer``), and where its watch of it began.
+    recheck_at: Optional[float] = None
+    watch: Optional[MoveWatch] = None
 
     @property
     def dataset_id(self) -> Optional[str]:
@@ -396,7 +408,7 @@ class MountAttempt:
         if self.core.held_here(found, world):
             self.volume = found
             self.state = State.WAITING_MOUNTED
-            return [WaitMounted(found.dataset_id)]
+            return [WaitMounted(found.dataset_id)] + self._watch_move(world.now)
         return self._lease(found, world)
 
     def handle(self, event: Any, world: World) -> list:
@@ -412,12 +424,15 @@ class MountAttempt:
             # A timer may fire a rounding error before its time: it is its time.
             now = max(world.now, event.at)
             if now >= self.deadline:
-                return self._fail(self._timed_out(event.local_state, event.transfer), world)
+                return self._fail(self._timed_out(event.local_state, event.transfer, now),
+                                  world)
+            if event.at == self.recheck_at:
+                return self._recheck(now, event.transfer, world)
             if self.state is State.WAITING_VIEW and now >= self.lease_until:
-                return self._take_lease()
+                return self._take_lease(now)
             return []
         if isinstance(event, ViewPushed):
-            return self._take_lease() if self.state is State.WAITING_VIEW else []
+            return self._take_lease(world.now) if self.state is State.WAITING_VIEW else []
         if not isinstance(event, _AWAITS[self.state]):
             raise UnexpectedEvent(f"a Mount in state {self.state.value} got {event!r}")
         if self.state is State.PIPELINED:
@@ -501,7 +516,7 @@ class MountAttempt:
             return [FetchByName(self.name)]
         if isinstance(event, Moved):
             self.state = State.WAITING_MOUNTED
-            return [WaitMounted(self.dataset_id)]
+            return [WaitMounted(self.dataset_id)] + self._watch_move(world.now)
         if isinstance(event, MoveRefused):
             if event.holder is None and event.reason is not None:
                 return self._fail(PluginError(f"cannot mount volume {self.name} on this "
@@ -537,9 +552,9 @@ class MountAttempt:
     def _lease(self, volume: DatasetEntry, world: World) -> list:
         self.volume = volume
         self.lease_until = world.now + self.core.release_grace + LEASE_RETRY_MARGIN
-        return self._take_lease()
+        return self._take_lease(world.now)
 
-    def _take_lease(self) -> list:
+    def _take_lease(self, now: float) -> list:
         if self.volume.primary == self.core.node_uuid:
             # Here already: the lease, the move and the wait at once (see PIPELINED).
             self.state = State.PIPELINED
@@ -547,7 +562,7 @@ class MountAttempt:
             self.leased = self.moved = self.asked_again = False
             self.early_move, self.path = None, None
             return [TakeLease(self.dataset_id), AskMove(self.dataset_id, self.volume.primary),
-                    WaitMounted(self.dataset_id)]
+                    WaitMounted(self.dataset_id)] + self._watch_move(now)
         self.state = State.LEASING
         return [TakeLease(self.dataset_id)]
 
@@ -563,10 +578,36 @@ class MountAttempt:
     def _elsewhere(self, holder: Optional[str], world: World) -> PluginError:
         return in_use_elsewhere(world.view, self.name, holder, self.core.lease_duration)
 
-    def _timed_out(self, local_state: Optional[str],
-                   transfer: Optional[Transfer] = None) -> PluginError:
+    def _watch_move(self, now: float) -> list:
+        """Look at the move's progress again in a moment (see ``_recheck``), while a move
+        here may be under way: the dataset was elsewhere, or another node still holds
+        it; one look at a time."""
+        volume, node = self.volume, self.core.node_uuid
+        if self.recheck_at is not None or not (
+                volume.primary != node or any(h != node for h in volume.holders)):
+            return []
+        self.recheck_at = now + MOVE_RECHECK
+        return [SetTimer(self.recheck_at)] if self.recheck_at < self.deadline else []
+
+    def _recheck(self, now: float, transfer: Optional[Transfer], world: World) -> list:
+        """A look at the move's progress: fail now if it cannot end by the deadline,
+        else look again in a moment while the Mount waits for it."""
+        self.recheck_at = None
+        if self.state not in (State.WAITING_MOUNTED, State.PIPELINED):
+            return []
+        self.watch = watch_move(self.watch, now, transfer)
+        estimate = cannot_finish(self.watch, now, transfer, self.deadline)
+        if estimate is not None:
+            started = self.deadline - self.core.mount_timeout
+            return self._fail(still_moving(self.name, round(now - started), transfer,
+                                           estimate), world)
+        return self._watch_move(now)
+
+    def _timed_out(self, local_state: Optional[str], transfer: Optional[Transfer] = None,
+                   now: float = 0.0) -> PluginError:
         if transfer is not None:
-            return still_moving(self.name, self.core.mount_timeout, transfer)
+            return still_moving(self.name, self.core.mount_timeout, transfer,
+                                move_estimate(self.watch, now, transfer))
         where = local_state or "not started"
         return PluginError(
             f"volume {self.name} was not ready on this node within "

@@ -28,6 +28,14 @@ PROFILES = ("gold", "silver", "bronze")
 #: Seconds a Mount may take before it gives up; dockerd itself gives up at 120 s.
 MOUNT_TIMEOUT = 100.0
 
+#: A Mount waiting for a move here looks at the move's progress this often (seconds) and,
+#: once it has seen it progress for MOVE_WATCH_MIN seconds, gives up at once if the rate
+#: seen projects the move's end more than MOVE_MARGIN (a share of the time left) past
+#: the Mount's deadline: the user learns in seconds, not at the deadline, to retry later.
+MOVE_RECHECK = 1.0
+MOVE_WATCH_MIN = 5.0
+MOVE_MARGIN = 0.2
+
 #: Seconds the plugin's leases last, and how often they are renewed while in use.
 LEASE_DURATION = 60.0
 RENEW_INTERVAL = 20.0
@@ -242,15 +250,79 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2 ** 20:.1f} MiB"
 
 
-def still_moving(name: str, seconds: float, transfer: Transfer) -> PluginError:
+# -- a move's progress, as a Mount waiting for it sees it ----------------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class MoveWatch:
+    """Where a Mount began watching a move progress: the time and the bytes done then."""
+
+    since: float
+    bytes_done: int
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class MoveEstimate:
+    """A move's rate as a Mount saw it (bytes per second) and the seconds it projects."""
+
+    rate: float
+    seconds_left: float
+
+    def __str__(self) -> str:
+        return f"about {self.seconds_left:.0f} s left at {self.rate / 2 ** 20:.1f} MiB/s"
+
+
+def watch_move(watch: Optional[MoveWatch], now: float,
+               transfer: Optional[Transfer]) -> Optional[MoveWatch]:
+    """The watch after seeing ``transfer`` at ``now`` (None: no move under way). It starts
+    at the last sight before any progress, so that a move still setting up does not count
+    as a slow one, and starts again if the move starts again (fewer bytes done)."""
+    if transfer is None:
+        return None
+    if watch is None or transfer.bytes_done <= watch.bytes_done:
+        return MoveWatch(now, transfer.bytes_done)
+    return watch
+
+
+def move_estimate(watch: Optional[MoveWatch], now: float,
+                  transfer: Optional[Transfer]) -> Optional[MoveEstimate]:
+    """The rate since ``watch`` began and the seconds left at that rate; None if the total
+    is unknown or no progress was seen."""
+    if watch is None or transfer is None or transfer.bytes_total is None:
+        return None
+    progress, elapsed = transfer.bytes_done - watch.bytes_done, now - watch.since
+    if progress <= 0 or elapsed <= 0:
+        return None
+    rate = progress / elapsed
+    return MoveEstimate(rate, max(0, transfer.bytes_total - transfer.bytes_done) / rate)
+
+
+def cannot_finish(watch: Optional[MoveWatch], now: float, transfer: Optional[Transfer],
+                  deadline: float) -> Optional[MoveEstimate]:
+    """The estimate of a move that will not end by ``deadline`` at the rate seen since
+    ``watch`` began (watched for MOVE_WATCH_MIN seconds at least, projected more than
+    MOVE_MARGIN of the time left past it); None while it may, or nothing is known."""
+    estimate = move_estimate(watch, now, transfer)
+    if estimate is None or now - watch.since < MOVE_WATCH_MIN:
+        return None
+    if estimate.seconds_left <= (deadline - now) * (1 + MOVE_MARGIN):
+        return None
+    return estimate
+
+
+def still_moving(name: str, seconds: float, transfer: Transfer,
+                 estimate: Optional[MoveEstimate] = None) -> PluginError:
     """A Mount that gives up in time while its volume is still being moved to this node
-    (a peer-to-peer move): the move goes on, and a later Mount finds the volume here."""
+    (a peer-to-peer move), at its deadline or as soon as ``estimate`` shows the move will
+    not end by then: the move goes on, and a later Mount finds the volume here."""
     done = _mib(transfer.bytes_done)
     if transfer.bytes_total:
         share = min(100, transfer.bytes_done * 100 // transfer.bytes_total)
         progress = f"{done} of {_mib(transfer.bytes_total)} received ({share}%)"
     else:
         progress = f"{done} received"
+    if estimate is not None:
+        progress = f"{progress}, {estimate}"
     return PluginError(f"volume {name} is still moving to this node after {seconds:g} s: "
                        f"{progress}; the move goes on: retry when done (`pyflock list` "
                        f"shows it here once it is)")

@@ -714,6 +714,35 @@ class MountTests(PluginTestCase):
         self.assertIsNone(self.lease_holder("v1"))
         self.assertEqual(self.dataset("v1").primary, A)
 
+    def test_move_too_slow_fails_early(self):
+        """A Mount whose volume is received here too slowly to end before its deadline
+        fails within seconds, with the progress, the time left at the rate seen and
+        "retry when done"; it releases its lease, the move goes on, and a Mount once the
+        volume is here succeeds."""
+        dataset_id = self.create_on_b("v1")
+        self.a.convergence.blocked.add(dataset_id)
+        start = self.clock.seconds()
+        self.a.backend.transfers = lambda about: Transfer(
+            int((self.clock.seconds() - start) * 2 ** 20), 1000 * 2 ** 20)
+        d = self.a.send("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X})
+        for _ in range(5):
+            self.clock.advance(1)
+            self.a.docker.flush()
+            self.assertNoResult(d)
+        self.clock.advance(1)
+        self.assertEqual(self.a.finish(d)["Err"],
+                         "pyflock: volume v1 is still moving to this node after 6 s: "
+                         "6.0 MiB of 1000.0 MiB received (0%), about 994 s left at "
+                         "1.0 MiB/s; the move goes on: retry when done (`pyflock list` "
+                         "shows it here once it is)")
+        self.assertIsNone(self.lease_holder("v1"))
+        self.assertEqual(self.dataset("v1").primary, A)
+        self.a.backend.transfers = lambda about: None
+        self.a.convergence.blocked.discard(dataset_id)
+        self.a.convergence.converge()
+        self.assertEqual(self.a.ok("VolumeDriver.Mount", {"Name": "v1", "ID": MOUNT_X}),
+                         {"Err": "", "Mountpoint": self.a.convergence.path(dataset_id)})
+
     def test_timeout_keeps_other_mounts_lease(self):
         """A Mount that times out does not release a lease other mounts here still need."""
         self.a.plugin.start()

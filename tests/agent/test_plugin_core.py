@@ -5,6 +5,7 @@ bookkeeping around it, with no reactor, no HTTP and no clock (time is ``World.no
 
 from __future__ import annotations
 
+import attr
 import pytest
 from twisted.internet.defer import CancelledError
 
@@ -118,7 +119,8 @@ TRANSITIONS = {
     (State.LEASING, "lease-taken"): ([AskMove(ID, OTHER)], State.MOVING),
     (State.LEASING, "lease-refused"): ([WaitView(LEASE_UNTIL)], State.WAITING_VIEW),
     (State.LEASING, "lease-gone"): ([FetchByName("v1")], State.FETCHING),
-    (State.MOVING, "moved"): ([WaitMounted(ID)], State.WAITING_MOUNTED),
+    # A move from another node: the Mount looks at its progress each MOVE_RECHECK.
+    (State.MOVING, "moved"): ([WaitMounted(ID), SetTimer(1.0)], State.WAITING_MOUNTED),
     (State.MOVING, "move-refused"): (refused(), State.FAILED),
     (State.MOVING, "move-gone"): (refused(), State.FAILED),
     (State.WAITING_MOUNTED, "mounted"): ([CheckMountpoint(PATH)], State.CHECKING),
@@ -476,14 +478,17 @@ def test_timeout_while_moving_here(transfer, progress):
 
 @pytest.mark.parametrize("state", LIVE, ids=lambda s: s.value)
 def test_early_timer_in_every_state(state):
-    """A timer before the deadline retries the lease only when waiting for the view."""
+    """A timer before the deadline retries the lease only when waiting for the view; in
+    WAITING_MOUNTED after a move it is the look at the move's progress (none: look
+    again)."""
     core = in_state(state)
     actions = core.handle("m", Timer(LEASE_UNTIL), world(now=LEASE_UNTIL, view=ROUTES[state][0]))
     if state is State.WAITING_VIEW:
         assert actions == [TakeLease(ID)]
         assert state_of(core) is State.LEASING
     else:
-        assert actions == []
+        assert actions == ([SetTimer(LEASE_UNTIL + 1.0)] if state is State.WAITING_MOUNTED
+                           else [])
         assert state_of(core) is state
 
 
@@ -492,6 +497,118 @@ def test_timer_a_rounding_error_early():
     core = in_state(State.WAITING_MOUNTED)
     actions = core.handle("m", Timer(TIMEOUT), world(now=TIMEOUT - 1e-9))
     assert plain(actions) == refused()
+
+
+# -- a Mount waiting for a move here: fail early when the move cannot end in time ---------
+
+MIB = 2 ** 20
+
+
+def watch(core: PluginCore, progress, view: ClusterView = AWAY, start: float = 1.0) -> list:
+    """Feed Mount "m" its looks at the move's progress, ``progress(t)`` at each second
+    from ``start`` while it asks for them; the actions of the last look."""
+    now, actions = start, [SetTimer(start)]
+    while actions and isinstance(actions[-1], SetTimer) and actions[-1].at < TIMEOUT:
+        now = actions[-1].at
+        actions = core.handle("m", Timer(now, "receiving", progress(now)),
+                              world(now=now, view=view))
+    return actions
+
+
+def test_move_too_slow_fails_early():
+    """A Mount waiting for a move that the rate it sees cannot end by its deadline fails
+    once it has watched it for 5 s, with the progress, the time left, the rate and
+    "retry when done"; it gives its lease back, and the move itself is not touched."""
+    core = in_state(State.WAITING_MOUNTED)
+    # 1 MiB/s from t=1 (the first look), 1000 MiB in all: about 990 s to go.
+    actions = watch(core, lambda t: Transfer(int((t - 1) * MIB), 1000 * MIB))
+    assert plain(actions) == refused(ID, PluginError)
+    assert str(actions[-1].error) == (
+        "volume v1 is still moving to this node after 6 s: 5.0 MiB of 1000.0 MiB "
+        "received (0%), about 995 s left at 1.0 MiB/s; the move goes on: retry when done "
+        "(`pyflock list` shows it here once it is)")
+
+
+def test_move_fast_enough_waits():
+    """A Mount waiting for a move that the rate it sees ends in time keeps looking until
+    the agent has mounted the volume, then answers as always."""
+    core = in_state(State.WAITING_MOUNTED)
+    # 1 MiB/s, 80 MiB in all: done at t=81, well before the deadline.
+    actions = watch(core, lambda t: Transfer(int((t - 1) * MIB), 80 * MIB)
+                    if t < 81 else None)
+    assert actions == []
+    assert state_of(core) is State.WAITING_MOUNTED
+    assert core.handle("m", Mounted(PATH), world(now=82.0, view=AWAY)) == \
+        [CheckMountpoint(PATH)]
+
+
+@pytest.mark.parametrize("transfer", [Transfer(0, 1000 * MIB), None],
+                         ids=["stalled", "none"])
+def test_move_without_progress_waits(transfer):
+    """A move that has not progressed yet, or none under way: the Mount waits for its
+    deadline as always."""
+    core = in_state(State.WAITING_MOUNTED)
+    actions = watch(core, lambda t: transfer)
+    assert actions == []
+    assert state_of(core) is State.WAITING_MOUNTED
+
+
+def test_move_total_unknown_waits_until_the_timeout():
+    """A move of unknown total however slow: the Mount waits until its deadline and then
+    fails with the bytes received (no estimate)."""
+    core = in_state(State.WAITING_MOUNTED)
+    progress = lambda t: Transfer(int((t - 1) * 2 ** 10), None)  # noqa: E731
+    assert watch(core, progress) == []
+    assert state_of(core) is State.WAITING_MOUNTED
+    actions = core.handle("m", Timer(TIMEOUT, "receiving", progress(TIMEOUT)),
+                          world(now=TIMEOUT, view=AWAY))
+    assert plain(actions) == refused(ID, PluginError)
+    assert "after 100 s: 0.1 MiB received; the move goes on" in str(actions[-1].error)
+
+
+def test_timeout_gives_the_rate_seen():
+    """A Mount that reaches its deadline while its move is still under way says how long
+    the move has left at the rate it saw."""
+    core = in_state(State.WAITING_MOUNTED)
+    assert core.handle("m", Timer(1.0, "receiving", Transfer(0, 200 * MIB)),
+                       world(now=1.0, view=AWAY)) == [SetTimer(2.0)]
+    actions = core.handle("m", Timer(TIMEOUT, "receiving", Transfer(99 * MIB, 200 * MIB)),
+                          world(now=TIMEOUT, view=AWAY))
+    assert "99.0 MiB of 200.0 MiB received (49%), about 101 s left at 1.0 MiB/s" in \
+        str(actions[-1].error)
+
+
+def test_pipelined_watches_a_move_under_way():
+    """A Mount of a volume whose primary is here already while another node still holds
+    it (a move asked by an earlier Mount, under way) watches the move and fails early
+    too; with no other holder it does not look."""
+    core = new_core()
+    assert core.mount("m", "v1", MOUNT, world()) == [
+        SetTimer(TIMEOUT), TakeLease(ID), AskMove(ID, NODE), WaitMounted(ID)]
+    held = ClusterView(datasets={ID: attr.evolve(V1, holders=(NODE, OTHER))},
+                       nodes=VIEW.nodes)
+    core = new_core()
+    assert core.mount("m", "v1", MOUNT, world(view=held)) == [
+        SetTimer(TIMEOUT), TakeLease(ID), AskMove(ID, NODE), WaitMounted(ID), SetTimer(1.0)]
+    core.handle("m", LeaseTaken(), world(view=held))
+    core.handle("m", Moved(), world(view=held))
+    actions = watch(core, lambda t: Transfer(int((t - 1) * MIB), 1000 * MIB), view=held)
+    assert plain(actions) == refused(ID, PluginError)
+    assert "about 995 s left at 1.0 MiB/s" in str(actions[-1].error)
+
+
+def test_one_look_at_a_time():
+    """A pipelined Mount that goes back to the lease and pipelines again keeps the one
+    look it asked for, and looks again after it, not twice."""
+    held = ClusterView(datasets={ID: attr.evolve(V1, holders=(OTHER,))}, nodes=VIEW.nodes)
+    core = new_core()
+    core.mount("m", "v1", MOUNT, world(view=held))
+    assert core.handle("m", LeaseRefused(OTHER), world(view=held)) == [
+        Abandon((AskMove, WaitMounted)), WaitView(LEASE_UNTIL)]
+    assert core.handle("m", ViewPushed(), world(now=0.5, view=held)) == [
+        TakeLease(ID), AskMove(ID, NODE), WaitMounted(ID)]
+    assert core.handle("m", Timer(1.0, "receiving", None), world(now=1.0, view=held)) == [
+        SetTimer(2.0)]
 
 
 def test_view_wait_timer_too_early():

@@ -111,7 +111,8 @@ def test_docker_run_moves_volume_from_other_host(pyflock, nodes):
 
 def test_slow_move_fails_mount_in_time_then_succeeds(pyflock, nodes):
     """A move longer than the Mount's budget: ``docker run`` on n2 fails when the budget
-    ends, with the bytes received so far and "retry when done"; the move goes on (n1
+    ends or as soon as the rate seen shows the move will not end within it, with the bytes
+    received so far and "retry when done"; the move goes on (n1
     reports its progress several times a second meanwhile), and once it is done the next
     ``docker run`` on n2 sees n1's data."""
     n1, n2 = nodes
@@ -126,8 +127,11 @@ def test_slow_move_fails_mount_in_time_then_succeeds(pyflock, nodes):
         failed = run(n2, name, "sha256sum /data/big", check=False)
         took = time.monotonic() - started
         assert failed.returncode != 0, failed.stdout
-        assert f"volume {name} is still moving to this node after {MOUNT_TIMEOUT} s" \
-            in failed.stderr, failed.stderr
+        # At the budget's end, or earlier once the rate seen shows the move cannot end
+        # within it (with the time left at that rate).
+        after = re.search(rf"volume {name} is still moving to this node after (\d+) s",
+                          failed.stderr)
+        assert after and int(after.group(1)) <= MOUNT_TIMEOUT, failed.stderr
         assert "retry when done" in failed.stderr, failed.stderr
         done, total = map(float, re.search(r"([\d.]+) MiB of ([\d.]+) MiB received",
                                            failed.stderr).groups())
