@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import attr
+from OpenSSL import SSL
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import ThrottlingFactory, TimeoutMixin
@@ -57,7 +58,58 @@ class ConnectionLimits:
     recheck: float = attr.ib(default=DEFAULT_RECHECK, validator=_positive)
 
 
-class _DeadlineTLSProtocol(TimeoutMixin, BufferingTLSTransport):
+#: The most application bytes one TLS record carries: pyOpenSSL encrypts one record per
+#: ``send``.
+_RECORD = 2 ** 14
+
+#: Bytes a TLS record adds to its payload, at most (AES-GCM adds 29 in TLS 1.2, 22 in 1.3).
+_RECORD_OVERHEAD = 64
+
+
+class _BatchedTLSTransport(BufferingTLSTransport):
+    """
+    Twisted's TLS transport, except that a large write is encrypted record by record
+    into the memory BIO and then handed to the TCP transport in one piece, instead of
+    one piece per 16 KiB record: for an 18 MB list, a thousand trips through pyOpenSSL's
+    ``bio_read``, the transport's ``write`` and its buffer's join fewer (a third of the
+    service's CPU per list). Anything else (a small write, an error, a handshake that
+    wants to read, a lost connection) goes Twisted's own way, ``_write``.
+    """
+
+    def _write(self, data: bytes) -> None:
+        """Encrypt ``data`` and write it to the transport, large writes in one piece."""
+        if len(data) <= _RECORD or self._lostTLSConnection or self._appSendBuffer:
+            super()._write(data)
+            return
+        connection = self.getHandle()
+        view = memoryview(data)
+        sent = 0
+        try:
+            while sent < len(data):
+                sent += connection.send(view[sent:])
+        except SSL.Error:
+            # Twisted's own _write meets the same condition again and deals with it
+            # (buffers the rest until the peer's bytes arrive, or closes).
+            pass
+        finally:
+            self._flush_records(connection, sent)
+        if sent < len(data):
+            super()._write(data[sent:])
+
+    def _flush_records(self, connection, sent: int) -> None:
+        """Write the records encrypting ``sent`` bytes to the transport, as one piece."""
+        size = sent + (sent // _RECORD + 1) * _RECORD_OVERHEAD
+        records = []
+        while True:
+            try:
+                records.append(connection.bio_read(size))
+            except SSL.WantReadError:
+                break
+        if records:
+            self.transport.write(records[0] if len(records) == 1 else b"".join(records))
+
+
+class _DeadlineTLSProtocol(TimeoutMixin, _BatchedTLSTransport):
     """A server TLS connection aborted unless its handshake completes in time."""
 
     def makeConnection(self, transport) -> None:

@@ -1,6 +1,7 @@
 """
 The guards of every TLS listener (issue 8), in memory: the AEAD-only cipher list, the
-connection cap, the handshake deadline, and the periodic re-check of peer certificates.
+connection cap, the handshake deadline, and the periodic re-check of peer certificates;
+and its large writes handed to TCP in one piece (issue 12).
 """
 
 from datetime import datetime, timedelta, timezone
@@ -11,10 +12,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
 
 from pyflock.common._ca import CERTIFICATE_LIFETIME, create_node_certificate, load_certificate
 from pyflock.common._connections import ConnectionLimits, guarded_tls_factory
-from pyflock.common._tls import ClusterTLS, PeerCheck, tls_options
+from pyflock.common._tls import ClusterTLS, Identity, PeerCheck, tls_options
 from tests.harness.certificates import make_cluster_certificates
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -132,3 +135,95 @@ def test_recheck_closes_refused_peers(certificates):
     factory.doStop()
     clock.advance(20)
     assert len(asked) == 2
+
+
+class _Received(Protocol):
+    """Keeps what arrives."""
+
+    def connectionMade(self):
+        """Start with nothing."""
+        self.received = []
+
+    def dataReceived(self, data):
+        """Keep ``data``."""
+        self.received.append(data)
+
+
+def tls_pair(certificates):
+    """A guarded server and an alice client connected over TLS in memory, handshake done;
+    (server's application protocol, client's, ``flush()`` moving every byte written so
+    far, sizes of the server's TCP writes)."""
+    clock = Clock()
+    server_factory = guarded(certificates, clock, ConnectionLimits())
+    server_factory.wrappedFactory.wrappedFactory = Factory.forProtocol(_Received)
+    creator = ClusterTLS.load(certificates.path, "alice").client_options(
+        Identity.control(), "127.0.0.1")
+    client_factory = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(_Received))
+    client, server, pump = connectedServerAndClient(
+        lambda: server_factory.buildProtocol(ADDRESS),
+        lambda: client_factory.buildProtocol(ADDRESS))
+    sizes = []
+    write = server.transport.write
+    server.transport.write = lambda data: (sizes.append(len(data)), write(data))
+    pump.flush()
+
+    def flush():
+        clock.advance(0)
+        pump.flush()
+    return server.wrappedProtocol.wrappedProtocol, client.wrappedProtocol, flush, sizes
+
+
+def test_large_write_in_one_piece(certificates):
+    """A large write reaches the peer intact, handed to TCP as one piece of records rather
+    than one per 16 KiB record; small writes, before and after, arrive in order."""
+    server, client, flush, sizes = tls_pair(certificates)
+    large = bytes(range(256)) * 1000
+    server.transport.write(b"first")
+    server.transport.write(large)
+    server.transport.write(b"last")
+    flush()
+    assert b"".join(client.received) == b"first" + large + b"last"
+    assert len(sizes) == 2 and len(large) < sizes[0] < len(large) + 1024
+
+
+class _Failing:
+    """A TLS connection whose ``send`` fails with ``error`` once ``calls`` sends passed."""
+
+    def __init__(self, connection, calls, error):
+        self._connection = connection
+        self._calls = calls
+        self._error = error
+
+    def send(self, data):
+        """Encrypt a record, or fail."""
+        self._calls -= 1
+        if self._calls < 0:
+            raise self._error
+        return self._connection.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self._connection, name)
+
+
+def test_send_failing_midway_left_to_twisted(certificates):
+    """When encrypting a large write stops midway (here: wanting to read), the records
+    made go out first and Twisted's own write takes the rest: the peer gets it all, in
+    order."""
+    server, client, flush, sizes = tls_pair(certificates)
+    tls = server.transport
+    handle = tls.getHandle()
+    tls.getHandle = lambda: _Failing(handle, 2, SSL.WantReadError())
+    large = bytes(range(256)) * 1000
+    server.transport.write(large)
+    flush()
+    assert b"".join(client.received) == large
+    assert sizes[0] > 2 * 2 ** 14 and len(sizes) > 2
+
+
+def test_write_after_loss_dropped(certificates):
+    """A large write after the TLS connection is lost is dropped, as Twisted's is."""
+    server, client, flush, sizes = tls_pair(certificates)
+    server.transport._lostTLSConnection = True
+    server.transport.write(b"x" * 100_000)
+    flush()
+    assert (client.received, sizes) == ([], [])

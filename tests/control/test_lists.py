@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 from pyflock.common._model import Configuration, Dataset
 from pyflock.common._records import DatasetReport
 from pyflock.control._lists import (
-    CHUNK, ChangeLog, ListCache, accepts_gzip, encode_items, gzip_pieces,
+    CHUNK, ChangeLog, ListCache, accepts_gzip, chunked, encode_items, gzip_pieces,
 )
 from pyflock.control.testing import ALICE, NODE_A, NODE_B, APIHarness
 
@@ -74,8 +74,8 @@ class ListAnswerTests(SynchronousTestCase):
         _, first = self.get(DATASETS)
         _, second = self.get(DATASETS)
         self.assertEqual((first, self.api._configuration_list.builds), (second, 1))
-        self.assertIs(self.api._configuration_list._ready[1].raw,
-                      self.api._configuration_list._ready[1].raw)
+        self.assertIs(self.api._configuration_list._ready[1].chunks,
+                      self.api._configuration_list._ready[1].chunks)
         self.assertEqual(len(json.loads(first)), 3)
 
     def test_write_is_read_back(self):
@@ -253,6 +253,14 @@ class ListCacheTests(SynchronousTestCase):
         self.assertEqual(gzip.decompress(second), b"".join(changed))
         self.assertEqual(gzip.decompress(first), b"".join(pieces))
 
+    def test_chunked(self):
+        """A body is cut into chunks of the given size that join into it; a small body is
+        one chunk."""
+        pieces = [b"[", b"a" * 25, b",", b"b" * 14, b"]"]
+        self.assertEqual([len(c) for c in chunked(pieces, 10)], [10, 10, 10, 10, 2])
+        self.assertEqual(b"".join(chunked(pieces, 10)), b"".join(pieces))
+        self.assertEqual(chunked([b"[", b"]"], 10), (b"[]",))
+
     def test_gzip_made_once(self):
         """Concurrent requests for the gzip copy share one compression."""
         self.cache.body((1,), [("a", 1)])
@@ -262,7 +270,7 @@ class ListCacheTests(SynchronousTestCase):
         self.assertEqual(len(self.started), 2)
         self.finish()
         compressed = self.successResultOf(first)
-        self.assertEqual(gzip.decompress(compressed), b"[1]")
+        self.assertEqual(gzip.decompress(b"".join(compressed)), b"[1]")
         self.assertIs(self.successResultOf(second), compressed)
         self.assertIs(self.successResultOf(body.gzipped(self.hold)), compressed)
 
