@@ -116,24 +116,13 @@ async def cluster(reactor, certs):
     await cluster.stop()
 
 
-async def finished(reactor, sender, count: int = 1) -> list:
-    """The sender's ``finished`` events once there are ``count``: its round's thread logs
-    a move sent after the end frame, which the receiver may see first."""
+async def settled(reactor, predicate) -> None:
+    """Wait (up to 10 s) until ``predicate()`` holds: a round's thread logs a move sent
+    and gives its slot back after the end frame, which the receiver may see first."""
     for _ in range(200):
-        if len(sender.finished) >= count:
-            break
+        if predicate():
+            return
         await deferLater(reactor, 0.05, lambda: None)
-    return sender.finished
-
-
-async def slots_given_back(reactor, service) -> int:
-    """The slots ``service`` still uses once its rounds' threads have ended (a round's
-    thread gives its slot back after its end frame, which the receiver may see first)."""
-    for _ in range(200):
-        if service.slots.used == 0:
-            break
-        await deferLater(reactor, 0.05, lambda: None)
-    return service.slots.used
 
 
 def move(cluster, source: int, target: int):
@@ -154,10 +143,11 @@ async def test_move_completes(cluster):
     assert (b.read_file(DS, "a"), b.read_file(DS, "big")) == (
         b"alpha", bytes(range(256)) * 4096)
     assert a.get_dataset(DS).frozen
-    [event] = await finished(cluster.reactor, sender)
+    await settled(cluster.reactor, lambda: sender.finished and sender.slots.used == 0)
+    [event] = sender.finished
     assert event["bytes_done"] == state.bytes_received
     assert event["bytes_total"] >= event["bytes_done"] > 1024 * 1024
-    assert sender.progress == {} and await slots_given_back(cluster.reactor, sender) == 0
+    assert sender.progress == {} and sender.slots.used == 0
     assert b.get_dataset(DS).snapshots == (a.get_dataset(DS).latest,), \
         "the receiver keeps only the newest common snapshot"
 
@@ -208,7 +198,8 @@ async def test_broken_connection_restarts_from_last_common_snapshot(cluster, rea
     await receiver.receive(DS, cluster.uuids[0])
     assert a.bases[0] == partial.latest, "the restart streams from the common snapshot"
     assert b.read_file(DS, "big") == b"x" * (1024 * 1024)
-    assert await slots_given_back(reactor, sender) == 0
+    await settled(reactor, lambda: sender.slots.used == 0)
+    assert sender.slots.used == 0
 
 
 @pytest.mark.integration
