@@ -68,6 +68,13 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 _ACCEPTABLE_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
 
+#: OpenSSL's ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (ssl.h), which pyOpenSSL sets on every
+#: context and does not name: with it, ``SSL_write`` stops after each 16 KiB record.
+#: pyflock's TLS always writes into a memory BIO (Twisted's, ``BlockingTLS``'s), which
+#: takes any amount, so without it one ``send`` encrypts a whole buffer: an 18 MB list
+#: is one call per chunk instead of one per record.
+_MODE_ENABLE_PARTIAL_WRITE = 0x1
+
 
 def tls_options(**kwargs) -> CertificateOptions:
     """
@@ -76,7 +83,9 @@ def tls_options(**kwargs) -> CertificateOptions:
     """
     options = CertificateOptions(raiseMinimumTo=MINIMUM_TLS_VERSION,
                                  acceptableCiphers=_ACCEPTABLE_CIPHERS, **kwargs)
-    options.getContext().set_options(SSL.OP_NO_RENEGOTIATION)
+    context = options.getContext()
+    context.set_options(SSL.OP_NO_RENEGOTIATION)
+    context.clear_mode(_MODE_ENABLE_PARTIAL_WRITE)
     return options
 
 

@@ -187,19 +187,23 @@ def test_large_write_in_one_piece(certificates):
 
 
 class _Failing:
-    """A TLS connection whose ``send`` fails with ``error`` once ``calls`` sends passed."""
+    """A TLS connection whose ``send`` encrypts at most ``piece`` bytes at a time, and
+    fails with ``error`` once ``calls`` sends passed."""
 
-    def __init__(self, connection, calls, error):
+    def __init__(self, connection, calls, error, piece=2 ** 14):
         self._connection = connection
         self._calls = calls
         self._error = error
+        self._piece = piece
+        self.sends = []
 
     def send(self, data):
-        """Encrypt a record, or fail."""
+        """Encrypt up to a piece, or fail."""
         self._calls -= 1
         if self._calls < 0:
             raise self._error
-        return self._connection.send(data)
+        self.sends.append(len(data))
+        return self._connection.send(data[:self._piece])
 
     def __getattr__(self, name):
         return getattr(self._connection, name)
@@ -218,6 +222,21 @@ def test_send_failing_midway_left_to_twisted(certificates):
     flush()
     assert b"".join(client.received) == large
     assert sizes[0] > 2 * 2 ** 14 and len(sizes) > 2
+
+
+def test_large_write_encrypted_in_one_call(certificates):
+    """pyflock's TLS contexts do not stop a write after each record: one ``send``
+    encrypts a whole large write into the memory BIO (pyOpenSSL's default would take a
+    call per 16 KiB record)."""
+    server, client, flush, sizes = tls_pair(certificates)
+    tls = server.transport
+    counting = _Failing(tls.getHandle(), 100, SSL.WantReadError(), piece=None)
+    tls.getHandle = lambda: counting
+    large = bytes(range(256)) * 1000
+    server.transport.write(large)
+    flush()
+    assert b"".join(client.received) == large
+    assert counting.sends == [len(large)]
 
 
 def test_write_after_loss_dropped(certificates):
