@@ -3,13 +3,14 @@ Filesystem helpers for dataset devices: make an ext4 filesystem ready for contai
 finish one half made), probe for one and list its root, mount and unmount, and read the
 mount table.
 
-Everything here blocks (it runs mkfs, blkid, debugfs, umount, and the mount(2) call): call
-it in a thread, never on the reactor. Every command has a deadline chosen by its kind
-(``COMMAND_TIMEOUTS``: an ``umount`` is not a mkfs of a large volume); one that passes it
-is killed and raises ``CommandTimedOut``, so a hung command never holds a thread for good
-and the convergence loop retries it. Mounting is a system call, not a ``mount`` process (a
-process costs 5-10 ms on a new volume's first Mount), and a finished ext4 is told from its
-superblock without ``blkid`` or ``debugfs``. Mount state is read from
+Everything here blocks (it runs mkfs, blkid, debugfs, and the mount(2) and umount2(2)
+calls): call it in a thread, never on the reactor. Every command has a deadline chosen by
+its kind (``COMMAND_TIMEOUTS``: a ``blkid`` is not a mkfs of a large volume); one that
+passes it is killed and raises ``CommandTimedOut``, so a hung command never holds a thread
+for good and the convergence loop retries it. Mounting and unmounting are system calls,
+not ``mount``/``umount`` processes (a process costs 5-10 ms: on a new volume's first
+Mount, and beside dockerd's own work when a removed volume is torn down), and a finished
+ext4 is told from its superblock without ``blkid`` or ``debugfs``. Mount state is read from
 ``/proc/self/mountinfo``, so it is the calling process's mount namespace that counts.
 """
 
@@ -27,6 +28,8 @@ import time
 from typing import Callable, Optional, Sequence
 
 import attr
+
+from pyflock.common._gates import gate
 
 #: Mode of a fresh filesystem's root: anyone may write there (see docs/backends.md).
 ROOT_MODE = 0o777
@@ -81,8 +84,7 @@ class CommandTimedOut(CommandFailed):
 
 
 #: Seconds each kind of command may run before it is killed, by program name. Generous
-#: for what each does on a healthy host; the unmount of a filesystem with much unwritten
-#: data flushes it first, and a mkfs may meet a slow disk.
+#: for what each does on a healthy host; a mkfs may meet a slow disk.
 COMMAND_TIMEOUTS = {
     "blkid": 30.0,
     "debugfs": 60.0,
@@ -90,7 +92,6 @@ COMMAND_TIMEOUTS = {
     "losetup": 30.0,
     "mkfs.ext4": 600.0,
     "mount": 60.0,
-    "umount": 120.0,
 }
 
 #: Seconds for a command ``COMMAND_TIMEOUTS`` does not name.
@@ -598,12 +599,23 @@ def _same_device(device: str, mount: MountInfo) -> bool:
 
 def unmount(path: str) -> None:
     """
-    Unmount whatever is mounted at ``path`` (never lazily); does nothing if nothing is.
-    Raises ``CommandFailed`` if it is busy in this namespace.
+    Unmount whatever is mounted at ``path`` (never lazily, never forced: umount2(2) with
+    no flags, what ``umount PATH`` asks of the kernel); does nothing if nothing is.
+    Raises ``FilesystemError`` naming the kernel's reason if it refuses (busy in this
+    namespace). Like any unmount, the call takes as long as writing back the
+    filesystem's unwritten data does.
     """
     # Bounded, in case mounts are stacked there; each pass removes the top one.
     for _ in range(64):
         if not is_mounted(path):
             return
-        run_command(["umount", path])
+        gate("umount")  # tests kill the agent here: still mounted
+        if _libc.umount2(os.fsencode(path), 0) != 0:
+            error = ctypes.get_errno()
+            if error == errno.EINVAL and not is_mounted(path):
+                return  # unmounted meanwhile: what was wanted
+            hint = {errno.EBUSY: " (a process still uses it: stop it, then retry)",
+                    errno.EPERM: " (unmounting needs root)"}.get(error, "")
+            raise FilesystemError(f"cannot unmount {path}: {os.strerror(error)}{hint}")
+        gate("unmounted")  # or here: unmounted, nothing recorded yet
     raise FilesystemError(f"{path} is still mounted after 64 unmounts")

@@ -378,7 +378,7 @@ def release(config: AgentConfig) -> list[str]:
     runs outside any reactor.
     """
     from pyflock.agent._backends import BackendError
-    from pyflock.agent._fs import CommandFailed, read_mountinfo, unmount
+    from pyflock.agent._fs import FilesystemError, read_mountinfo, unmount
     lock = lock_state(config)
     node_uuid = node_uuid_of(config)
     # A btrfs pool is only unmounted, never formatted or mounted, by a release.
@@ -389,7 +389,7 @@ def release(config: AgentConfig) -> list[str]:
         if mount.mount_point.startswith(root):
             try:
                 unmount(mount.mount_point)
-            except (CommandFailed, OSError) as e:
+            except (FilesystemError, OSError) as e:
                 problems.append(f"{mount.mount_point}: {e}")
     if backend is None:
         problems += btrfs_pool(config).release()

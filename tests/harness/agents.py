@@ -245,17 +245,17 @@ exec {real} "$@"
 class CommandGates:
     """
     Stop an agent half-way through an operation, to kill it there: wrappers, in
-    ``<folder>/bin``, of the ``commands`` the agent runs (``umount``) that, while a gate is
+    ``<folder>/bin``, of the ``commands`` the agent runs (none by default) that, while a gate is
     closed, stop just before running the real command, say so and wait to be let through;
     and the gates inside pyflock (``pyflock.common._gates``: ``loop-attach`` just before
-    a loop device is bound, ``loop-attached`` just after), which stop the agent itself the
-    same way. Give an agent ``environment(name)`` (its ``PATH`` and gate folder), then
+    a loop device is bound, ``loop-attached`` just after, ``umount`` and ``unmounted``
+    around an unmount), which stop the agent itself the same way. Give an agent ``environment(name)`` (its ``PATH`` and gate folder), then
     ``close(name, command)``, make it act, ``wait_reached``, kill the agent, and
     ``release`` (a wrapped command then runs, after the agent died) or ``kill`` (it never
     runs). Gates that are open cost one ``sh`` per wrapped command.
     """
 
-    def __init__(self, folder: PathLike, commands: Sequence[str] = ("umount",)):
+    def __init__(self, folder: PathLike, commands: Sequence[str] = ()):
         self.folder = Path(folder)
         self._bin = self.folder / "bin"
         self._bin.mkdir(parents=True, exist_ok=True)
@@ -394,8 +394,9 @@ class LocalCluster:
     all with the loopback backend over ``<path>/loopback`` and datasets of
     ``default_size`` unless told otherwise. ``agent_options`` are extra keyword
     parameters of ``agent_document`` for every agent, ``control_arguments`` extra
-    ``pyflock-control run`` arguments. With ``gated_commands``, every agent runs behind
-    ``gates`` (a ``CommandGates`` for those commands; agents are named n1, n2, ...).
+    ``pyflock-control run`` arguments. With ``gated_commands`` (a sequence, perhaps
+    empty), every agent runs behind ``gates`` (a ``CommandGates`` wrapping those commands,
+    and holding pyflock's own gates; agents are named n1, n2, ...).
     With ``btrfs_pool_size``, every agent runs the btrfs backend on a pool of its own, a
     file ``n<i>/pool.img`` of that size. Nothing runs until ``start``.
     """
@@ -405,7 +406,7 @@ class LocalCluster:
                  first_address: int = 11, default_size: Union[str, int] = "64M",
                  control_arguments: Sequence[str] = (),
                  agent_options: Optional[dict] = None,
-                 gated_commands: Sequence[str] = (),
+                 gated_commands: Optional[Sequence[str]] = None,
                  btrfs_pool_size: Union[str, int, None] = None):
         if os.geteuid() != 0:
             raise PermissionError("a LocalCluster needs root: loop devices and mounts")
@@ -419,7 +420,7 @@ class LocalCluster:
         self.gates: Optional[CommandGates] = None
         self._socket_folder: Optional[Path] = None
         try:
-            if gated_commands:
+            if gated_commands is not None:
                 self.gates = CommandGates(self.path / "gates", gated_commands)
             agent_options = dict(agent_options or {})
             if btrfs_pool_size is not None:
