@@ -289,10 +289,17 @@ class CreateVolume:
 
 @attr.s(frozen=True, auto_attribs=True)
 class AttachVolume:
-    """Attach the dataset's (unattached) volume to ``node_uuid``, this node."""
+    """
+    Attach the dataset's (unattached) volume to ``node_uuid``, this node; with
+    ``mount_point``, then mount it there at once if it holds a filesystem ready to mount
+    (a spare's, a moved volume's), as the next pass would: a new volume's first Mount
+    waits one discovery less. Anything else (no filesystem, a half-made one, a mount
+    that fails) is left to the next pass.
+    """
 
     dataset_id: str
     node_uuid: str
+    mount_point: Optional[str] = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -457,12 +464,14 @@ def create(node_uuid, wanted, found):
 
 
 def attach(node_uuid, wanted, found):
-    """Attach the unattached volume here."""
-    return AttachVolume(dataset_id=found.dataset_id, node_uuid=node_uuid)
+    """Attach the unattached volume here, and mount it if its filesystem is ready."""
+    return AttachVolume(dataset_id=found.dataset_id, node_uuid=node_uuid,
+                        mount_point=found.mount_point)
 
 
 def create_and_attach(node_uuid, wanted, found):
-    """Create the volume, of the configured size, and attach it here."""
+    """Create the volume, of the configured size, attach it here and mount it if it came
+    with a filesystem (a spare)."""
     return sequentially([create(node_uuid, wanted, found), attach(node_uuid, wanted, found)])
 
 

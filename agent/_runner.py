@@ -285,11 +285,15 @@ class Runner:
         d.callback(None)
         return d
 
-    def _done(self, _, change) -> None:
+    def _done(self, result, change) -> None:
+        # ``result``: what the leaf returned (an ``AttachVolume``'s mount point, if it
+        # mounted)
         log_event(self._log, "pyflock:agent:change-done", change=type(change).__name__,
                   node_uuid=self.backend.node_uuid, **_leaf_fields(change))
         if self._on_mounted is not None and isinstance(change, MountFilesystem):
             self._on_mounted(change.dataset_id, change.mount_point)
+        elif self._on_mounted is not None and isinstance(change, AttachVolume) and result:
+            self._on_mounted(change.dataset_id, result)
 
     def _failed(self, failure: Failure, change) -> Failure:
         fields = dict(change=type(change).__name__, node_uuid=self.backend.node_uuid,
@@ -318,8 +322,26 @@ class Runner:
         except VolumeExists:
             pass  # made by an earlier attempt whose answer was lost: what we wanted
 
-    def _attach_volume(self, change: AttachVolume) -> None:
-        self.backend.attach_volume(change.dataset_id, change.node_uuid)
+    def _attach_volume(self, change: AttachVolume) -> Optional[str]:
+        """Attach; with a mount point, mount a ready filesystem there: the mount point if
+        it did (``_done`` then tells ``on_mounted``), else None (the next pass acts)."""
+        volume = self.backend.attach_volume(change.dataset_id, change.node_uuid)
+        if change.mount_point is None or volume.device_path is None:
+            return None
+        device = volume.device_path
+        try:
+            with self.filesystems.hold(device):
+                self._device_of(change.dataset_id, device)
+                probe = self.filesystems.probe(device)
+                if filesystem_condition(probe) is not FilesystemCondition.READY:
+                    return None
+                self.filesystems.mount(device, change.mount_point)
+        except (StaleChange, *EXPECTED_ERRORS, OSError) as e:
+            # Attached all the same: the next pass sees why and does what is right.
+            log_event(self._log, "pyflock:agent:mount-after-attach-skipped", LogLevel.info,
+                      dataset_id=change.dataset_id, error=str(e))
+            return None
+        return change.mount_point
 
     # Each filesystem change holds the device open, then checks that it still is the
     # dataset's: checked first and opened after, another node could free it in between and

@@ -94,7 +94,7 @@ WANTED = {
 }
 
 CREATE = CreateVolume(DS, SIZE)
-ATTACH = AttachVolume(DS, NODE)
+ATTACH = AttachVolume(DS, NODE, PATH)
 TAKE_OVER = DetachVolume(DS, DEAD)
 MKFS = CreateFilesystem(DS, DEVICE)
 FINISH = FinishFilesystem(DS, DEVICE)
@@ -204,7 +204,7 @@ def test_several_datasets_in_parallel():
     assert InParallel((
         sequentially([UnmountFilesystem("a", f"{ROOT}/a"), DetachVolume("a", NODE),
                       RemoveMountPoint("a", f"{ROOT}/a")]),
-        sequentially([CreateVolume("b"), AttachVolume("b", NODE)]))) == change
+        sequentially([CreateVolume("b"), AttachVolume("b", NODE, f"{ROOT}/b")]))) == change
 
 
 def test_other_node_discovery_refused():

@@ -277,6 +277,56 @@ class RunnerTests(SynchronousTestCase):
         self.successResultOf(runner.run(UnmountFilesystem("ds", "/m/ds")))
         self.assertEqual(heard, [("ds", "/m/ds")])
 
+    def _attach_and_mount(self):
+        """A runner hearing mounts, and what it heard."""
+        heard = []
+        runner = Runner(self.a, self.fs, run_now, logger=Logger(observer=self.events.append),
+                        on_mounted=lambda *args: heard.append(args))
+        return runner, heard
+
+    def test_attach_mounts_a_ready_filesystem(self):
+        """An attach given a mount point mounts a volume whose filesystem is ready (a
+        spare's, a moved volume's) at once, and ``on_mounted`` hears of it: no pass of
+        its own for the mount."""
+        runner, heard = self._attach_and_mount()
+        self.successResultOf(runner.run(CreateVolume("ds", SIZE)))
+        self.successResultOf(runner.run(AttachVolume("ds", NODE_A)))
+        device = self.a.get_device_path("ds")
+        self.successResultOf(runner.run(CreateFilesystem("ds", device)))
+        self.successResultOf(runner.run(DetachVolume("ds", NODE_A)))
+        self.successResultOf(runner.run(AttachVolume("ds", NODE_A, "/m/ds")))
+        self.assertEqual(["/m/ds"], [m.mount_point for m in self.fs.mounts("/m")])
+        self.assertEqual([("ds", "/m/ds")], heard)
+
+    def test_attach_leaves_a_blank_volume_to_the_next_pass(self):
+        """An attach given a mount point of a volume with no filesystem only attaches:
+        making the filesystem is the next pass's."""
+        runner, heard = self._attach_and_mount()
+        self.successResultOf(runner.run(CreateVolume("ds", SIZE)))
+        self.successResultOf(runner.run(AttachVolume("ds", NODE_A, "/m/ds")))
+        self.assertIsNotNone(self.a.get_device_path("ds"))
+        self.assertEqual(([], []), (self.fs.mounts("/m"), heard))
+
+    def test_attach_done_when_its_mount_fails(self):
+        """A mount after an attach that fails (the mount point taken) leaves the volume
+        attached, the attach done, and the mount to the next pass, which sees why."""
+        runner, heard = self._attach_and_mount()
+        self.a.create_volume("ds", SIZE)
+        device = self.a.attach_volume("ds", NODE_A).device_path
+        self.fs.make_filesystem(device)
+        self.a.detach_volume("ds")
+        self.a.create_volume("other", SIZE)
+        other = self.a.attach_volume("other", NODE_A).device_path
+        self.fs.make_filesystem(other)
+        self.fs.mount(other, "/m/ds")
+        self.successResultOf(runner.run(AttachVolume("ds", NODE_A, "/m/ds")))
+        self.assertIsNotNone(self.a.get_device_path("ds"))
+        self.assertEqual([], heard)
+        [skipped] = events_of(self.events, "pyflock:agent:mount-after-attach-skipped")
+        self.assertEqual("ds", skipped["dataset_id"])
+        self.assertEqual(["AttachVolume"], [e["change"] for e in events_of(
+            self.events, "pyflock:agent:change-done")])
+
     def test_repeats_are_harmless(self):
         """Creating an existing volume and destroying a missing one succeed quietly."""
         self.run_change(CreateVolume("ds", SIZE))
