@@ -347,11 +347,13 @@ class RemoveMountPoint:
 class DetachVolume:
     """
     Detach the dataset's volume from ``node_uuid``: this node, or a dead node whose volume
-    this node takes over. Done only while ``node_uuid`` still holds it.
+    this node takes over. Done only while ``node_uuid`` still holds it. ``discard``: the
+    volume is destroyed next, so what it holds need not be made durable first.
     """
 
     dataset_id: str
     node_uuid: str
+    discard: bool = False
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -542,6 +544,24 @@ def destroy(node_uuid, wanted, found):
                         tidy(node_uuid, wanted, found)])
 
 
+def detach_and_destroy(node_uuid, wanted, found):
+    """Detach the deleted dataset's volume from this node and destroy it, in one step."""
+    return sequentially([DetachVolume(dataset_id=found.dataset_id, node_uuid=node_uuid,
+                                      discard=True),
+                         destroy(node_uuid, wanted, found)])
+
+
+def unmount_detach_and_destroy(node_uuid, wanted, found):
+    """Unmount the deleted dataset, detach its volume from this node, destroy it and
+    remove the mount point, in one step."""
+    return sequentially([unmount(node_uuid, wanted, found),
+                         DetachVolume(dataset_id=found.dataset_id, node_uuid=node_uuid,
+                                      discard=True),
+                         in_parallel([DestroyVolume(dataset_id=found.dataset_id),
+                                      RemoveMountPoint(dataset_id=found.dataset_id,
+                                                       mount_point=found.mount_point)])])
+
+
 def take_over_and_tidy(node_uuid, wanted, found):
     """Take the volume from its dead holder (and tidy the mount point)."""
     return in_parallel([take_over(node_uuid, wanted, found), tidy(node_uuid, wanted, found)])
@@ -595,10 +615,10 @@ TRANSITIONS: Mapping[DesiredState, Mapping[DiscoveredState, Transition]] = {
         _D.UNATTACHED: destroy,
         _D.ATTACHED_ELSEWHERE: tidy,
         _D.ATTACHED_TO_DEAD_NODE: take_over_and_tidy,
-        _D.ATTACHED_NO_FILESYSTEM: detach,
-        _D.ATTACHED_UNFINISHED_FILESYSTEM: detach,
-        _D.ATTACHED: detach,
-        _D.MOUNTED: unmount_and_detach,
+        _D.ATTACHED_NO_FILESYSTEM: detach_and_destroy,
+        _D.ATTACHED_UNFINISHED_FILESYSTEM: detach_and_destroy,
+        _D.ATTACHED: detach_and_destroy,
+        _D.MOUNTED: unmount_detach_and_destroy,
         _D.MOUNTED_ASTRAY: unmount_strays,
         _D.STRAY_MOUNT: unmount,
         _D.MOUNT_POINT_TAKEN: wait,

@@ -381,7 +381,7 @@ class Runner:
             raise StaleChange(f"dataset {change.dataset_id} is now attached to "
                               f"{volume.attached_to}, not {change.node_uuid}")
         try:
-            self.backend.detach_volume(change.dataset_id)
+            self.backend.detach_volume(change.dataset_id, discard=change.discard)
         except (UnknownVolume, UnattachedVolume):
             pass  # went away meanwhile: what we wanted
 

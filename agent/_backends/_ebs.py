@@ -351,8 +351,9 @@ class EBSBackend:
             self._check_filesystem(dataset_id, volume, path)
         return attr.evolve(self._block(volume), device_path=path)
 
-    def detach_volume(self, dataset_id: str) -> None:
-        """Detach the volume from its instance; returns once EC2 and the device agree."""
+    def detach_volume(self, dataset_id: str, discard: bool = False) -> None:
+        """Detach the volume from its instance; returns once EC2 and the device agree (an
+        EBS volume holds what was written to it, ``discard`` or not)."""
         volume = self._find(dataset_id)
         attachment = attachment_of(volume)
         if attachment is None:

@@ -160,11 +160,13 @@ class IBlockDeviceBackend(Interface):
         anywhere (this node included).
         """
 
-    def detach_volume(dataset_id: str) -> None:
+    def detach_volume(dataset_id: str, discard: bool = False) -> None:
         """
         Detach the volume from whichever node holds it; returns once the device is really
-        gone. Raises ``UnknownVolume``, ``UnattachedVolume``, or ``VolumeBusy`` when the
-        device is still in use (the volume then stays attached to its node).
+        gone, and (unless ``discard``: the volume is destroyed next) what was written
+        through it is durable. Raises ``UnknownVolume``, ``UnattachedVolume``, or
+        ``VolumeBusy`` when the device is still in use (the volume then stays attached to
+        its node).
         """
 
     def destroy_volume(dataset_id: str) -> None:

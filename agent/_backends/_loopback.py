@@ -506,11 +506,13 @@ class LoopbackBackend:
             return BlockVolume(dataset_id=dataset_id, size=volume.size,
                                attached_to=node_uuid, device_path=device)
 
-    def detach_volume(self, dataset_id: str) -> None:
+    def detach_volume(self, dataset_id: str, discard: bool = False) -> None:
         """
         Detach the volume's loop device(s) and drop the record once they are really gone;
         ``VolumeBusy`` (record kept) if a device stays because something still holds it.
         Devices no record explains are released too: the caller asked for this volume.
+        The file is then synced, unless ``discard`` (it is deleted next: writing its
+        unwritten data first would be work thrown away).
         """
         check_dataset_id(dataset_id)
         with self._locked(exclusive=True):
@@ -532,7 +534,8 @@ class LoopbackBackend:
                 raise VolumeBusy(dataset_id, remaining)
             # The data went through the loop device into the file's page cache; make it
             # durable before another node may take the volume.
-            fsync_path(path)
+            if not discard:
+                fsync_path(path)
             self._remove_record(dataset_id)
 
     def destroy_volume(self, dataset_id: str) -> None:

@@ -131,8 +131,9 @@ class MemoryBackend:
             volume.device = self.store._new_device()
             return self._record(dataset_id, volume)
 
-    def detach_volume(self, dataset_id: str) -> None:
-        """Detach the volume; ``VolumeBusy`` while its device is held."""
+    def detach_volume(self, dataset_id: str, discard: bool = False) -> None:
+        """Detach the volume; ``VolumeBusy`` while its device is held (everything here is
+        durable at once, ``discard`` or not)."""
         with self.store._lock:
             volume = self._get(dataset_id)
             if volume.device is None:

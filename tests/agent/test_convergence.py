@@ -108,8 +108,11 @@ TIDY = RemoveMountPoint(DS, PATH)
 CREATE_AND_ATTACH = sequentially([CREATE, ATTACH])
 MKFS_AND_MOUNT = sequentially([MKFS, MOUNT])
 FINISH_AND_MOUNT = sequentially([FINISH, MOUNT])
-UNMOUNT_AND_DETACH = sequentially([UNMOUNT, DETACH])
 LET_GO = sequentially([UNMOUNT, DETACH, TIDY])
+# A deleted dataset's volume goes in one step, and its data is not synced on the way out.
+DISCARD = DetachVolume(DS, NODE, discard=True)
+DETACH_AND_DESTROY = sequentially([DISCARD, in_parallel([DESTROY, NOTHING])])
+UNMOUNT_DETACH_AND_DESTROY = sequentially([UNMOUNT, DISCARD, in_parallel([DESTROY, TIDY])])
 
 #: What each (desired, discovered) pair leads to for the records above.
 EXPECTED = {
@@ -132,8 +135,9 @@ EXPECTED = {
     DesiredState.DESTROYED: {
         S.NON_EXISTENT: TIDY, S.UNATTACHED: in_parallel([DESTROY, TIDY]),
         S.ATTACHED_ELSEWHERE: TIDY, S.ATTACHED_TO_DEAD_NODE: in_parallel([TAKE_OVER, TIDY]),
-        S.ATTACHED_NO_FILESYSTEM: DETACH, S.ATTACHED_UNFINISHED_FILESYSTEM: DETACH,
-        S.ATTACHED: DETACH, S.MOUNTED: UNMOUNT_AND_DETACH, S.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
+        S.ATTACHED_NO_FILESYSTEM: DETACH_AND_DESTROY,
+        S.ATTACHED_UNFINISHED_FILESYSTEM: DETACH_AND_DESTROY, S.ATTACHED: DETACH_AND_DESTROY,
+        S.MOUNTED: UNMOUNT_DETACH_AND_DESTROY, S.MOUNTED_ASTRAY: UNMOUNT_STRAYS,
         S.STRAY_MOUNT: UNMOUNT, S.MOUNT_POINT_TAKEN: NOTHING,
     },
     DesiredState.IGNORED: {

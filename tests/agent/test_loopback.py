@@ -71,6 +71,26 @@ class LoopbackBackendTests(SynchronousTestCase):
         self.addCleanup(release_loop_device, device, os.path.realpath(path))
         return device
 
+    def test_detach_syncs_the_file_unless_discarded(self) -> None:
+        """A detach makes the volume file durable (another node may take it next); a
+        detach with ``discard`` (the volume is destroyed next) skips that sync."""
+        import pyflock.agent._backends._loopback as loopback
+        synced = []
+        real = loopback.fsync_path
+
+        def spy(path, **kwargs):
+            synced.append(path)
+            return real(path, **kwargs)
+        self.patch(loopback, "fsync_path", spy)
+        for name, discard in (("kept", False), ("dropped", True)):
+            self.a.create_volume(name, SIZE)
+            self.a.attach_volume(name, NODE_A)
+            synced.clear()
+            self.a.detach_volume(name, discard=discard)
+            files = [p for p in synced if os.path.basename(p).startswith(name)]
+            self.assertEqual(not discard, bool(files), (name, synced))
+            self.a.destroy_volume(name)
+
     def test_attach_binds_read_write(self) -> None:
         """A loop device bound by ioctls is read-write, backed by the file, named after it
         as ``losetup`` shows it, and what is written through it lands in the file."""
