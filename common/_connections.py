@@ -58,8 +58,7 @@ class ConnectionLimits:
     recheck: float = attr.ib(default=DEFAULT_RECHECK, validator=_positive)
 
 
-#: The most application bytes one TLS record carries: pyOpenSSL encrypts one record per
-#: ``send``.
+#: The most application bytes one TLS record carries: a write no larger goes Twisted's way.
 _RECORD = 2 ** 14
 
 #: Bytes a TLS record adds to its payload, at most (AES-GCM adds 29 in TLS 1.2, 22 in 1.3).
@@ -68,12 +67,13 @@ _RECORD_OVERHEAD = 64
 
 class _BatchedTLSTransport(BufferingTLSTransport):
     """
-    Twisted's TLS transport, except that a large write is encrypted record by record
-    into the memory BIO and then handed to the TCP transport in one piece, instead of
-    one piece per 16 KiB record: for an 18 MB list, a thousand trips through pyOpenSSL's
-    ``bio_read``, the transport's ``write`` and its buffer's join fewer (a third of the
-    service's CPU per list). Anything else (a small write, an error, a handshake that
-    wants to read, a lost connection) goes Twisted's own way, ``_write``.
+    Twisted's TLS transport, except that a large write is encrypted into the memory BIO
+    (in one ``send``: ``tls_options`` turns partial writes off) and then handed to the
+    TCP transport in one piece, instead of one piece per 16 KiB record: for an 18 MB
+    list, a thousand trips through pyOpenSSL's ``bio_read``, the transport's ``write``
+    and its buffer's join fewer (a third of the service's CPU per list). Anything else
+    (a small write, an error, a handshake that wants to read, a lost connection) goes
+    Twisted's own way, ``_write``.
     """
 
     def _write(self, data: bytes) -> None:

@@ -245,11 +245,12 @@ exec {real} "$@"
 class CommandGates:
     """
     Stop an agent half-way through an operation, to kill it there: wrappers, in
-    ``<folder>/bin``, of the ``commands`` the agent runs (none by default) that, while a gate is
-    closed, stop just before running the real command, say so and wait to be let through;
-    and the gates inside pyflock (``pyflock.common._gates``: ``loop-attach`` just before
-    a loop device is bound, ``loop-attached`` just after, ``umount`` and ``unmounted``
-    around an unmount), which stop the agent itself the same way. Give an agent ``environment(name)`` (its ``PATH`` and gate folder), then
+    ``<folder>/bin``, of the ``commands`` the agent runs (none by default) that, while a
+    gate is closed, stop just before running the real command, say so and wait to be let
+    through; and the gates inside pyflock (``pyflock.common._gates``: ``loop-attach``
+    just before a loop device is bound, ``loop-attached`` just after, ``unmounted`` just
+    after an unmount), which stop the agent itself the same way. Give an agent
+    ``environment(name)`` (its ``PATH`` and gate folder), then
     ``close(name, command)``, make it act, ``wait_reached``, kill the agent, and
     ``release`` (a wrapped command then runs, after the agent died) or ``kill`` (it never
     runs). Gates that are open cost one ``sh`` per wrapped command.
