@@ -1,22 +1,27 @@
 """
 The guards of every TLS listener (issue 8), in memory: the AEAD-only cipher list, the
 connection cap, the handshake deadline, and the periodic re-check of peer certificates;
-and its large writes handed to TCP in one piece (issue 12).
+and its large writes handed to TCP in one piece (issue 12), which a real loopback
+connection sends in one system call.
 """
 
+import socket
+import ssl
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 
 from pyflock.common._ca import CERTIFICATE_LIFETIME, create_node_certificate, load_certificate
-from pyflock.common._connections import ConnectionLimits, guarded_tls_factory
+from pyflock.common._connections import SEND_LIMIT, ConnectionLimits, guarded_tls_factory
 from pyflock.common._tls import ClusterTLS, Identity, PeerCheck, tls_options
 from tests.harness.certificates import make_cluster_certificates
 
@@ -246,3 +251,71 @@ def test_write_after_loss_dropped(certificates):
     server.transport.write(b"x" * 100_000)
     flush()
     assert (client.received, sizes) == ([], [])
+
+
+class _Recording:
+    """A socket that records the size of each ``send`` it is given."""
+
+    def __init__(self, wrapped):
+        self._wrapped = wrapped
+        self.sends = []
+
+    def send(self, data):
+        """Record, then send."""
+        self.sends.append(len(data))
+        return self._wrapped.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self._wrapped, name)
+
+
+class _Writes(Protocol):
+    """Records its TCP socket's sends, writes ``pieces`` once TLS is up, then closes."""
+
+    pieces = ()
+
+    def connectionMade(self):
+        """Record the sends of the TCP connection under TLS and its connection cap."""
+        tcp = self.transport.transport.transport
+        self.factory.socket = tcp.socket = _Recording(tcp.socket)
+
+    def dataReceived(self, data):
+        """The client spoke, so the handshake is done: answer, then close."""
+        for piece in self.pieces:
+            self.transport.write(piece)
+        self.transport.loseConnection()
+
+
+def _read_all(port, certificates):
+    """Connect to ``port`` as alice with Python's ``ssl``, say hello, read until closed."""
+    context = ssl.create_default_context(cafile=str(certificates.path / "cluster.crt"))
+    context.load_cert_chain(str(certificates.path / "alice.crt"),
+                            str(certificates.path / "alice.key"))
+    received = bytearray()
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port)),
+                             server_hostname="127.0.0.1") as connection:
+        connection.sendall(b"hello")
+        while chunk := connection.recv(1 << 20):
+            received += chunk
+    return bytes(received)
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_large_pieces_sent_in_one_call(certificates):
+    """On a real loopback connection, each 256 KiB piece a list writes goes to the kernel
+    in one ``send`` (Twisted's own limit, 128 KiB, makes two, a reactor trip apart)."""
+    from twisted.internet import reactor
+    pieces = [bytes([n]) * (256 * 1024) for n in range(4)]
+    application = Factory.forProtocol(_Writes)
+    application.protocol = type("_Pieces", (_Writes,), {"pieces": pieces})
+    options = ClusterTLS.load(certificates.path, "control-service").server_options()
+    port = reactor.listenTCP(0, guarded_tls_factory(options, application, reactor),
+                             interface="127.0.0.1")
+    try:
+        received = await deferToThread(_read_all, port.getHost().port, certificates)
+    finally:
+        await port.stopListening()
+    assert received == b"".join(pieces)
+    assert max(application.socket.sends) > 256 * 1024
+    assert max(application.socket.sends) <= SEND_LIMIT
