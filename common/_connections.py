@@ -69,7 +69,7 @@ _RECORD_OVERHEAD = 64
 #: default, 128 KiB, sent a list's 256 KiB chunk (as records) in two calls with a trip
 #: through the reactor between them; this is a fifth of the service's CPU per list of
 #: 100,000 datasets.
-SEND_LIMIT = 1024 * 1024
+SEND_PER_CALL = 1024 * 1024
 
 
 class _BatchedTLSTransport(BufferingTLSTransport):
@@ -196,11 +196,11 @@ class _GuardedTLSFactory(TLSMemoryBIOFactory):
 
 
 class _SendLimited(ThrottlingProtocol):
-    """A capped connection whose TCP transport sends up to ``SEND_LIMIT`` bytes a call."""
+    """A capped connection whose TCP transport sends up to ``SEND_PER_CALL`` bytes a call."""
 
     def makeConnection(self, transport) -> None:
         """Raise ``transport``'s send limit, then connect."""
-        transport.SEND_LIMIT = SEND_LIMIT
+        transport.SEND_LIMIT = SEND_PER_CALL
         super().makeConnection(transport)
 
 
@@ -236,4 +236,4 @@ def guarded_tls_factory(options, wrapped, clock, limits: ConnectionLimits = Conn
 
 
 __all__ = ["ConnectionLimits", "DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS",
-           "DEFAULT_RECHECK", "Judge", "SEND_LIMIT", "guarded_tls_factory"]
+           "DEFAULT_RECHECK", "Judge", "SEND_PER_CALL", "guarded_tls_factory"]

@@ -21,7 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 
 from pyflock.common._ca import CERTIFICATE_LIFETIME, create_node_certificate, load_certificate
-from pyflock.common._connections import SEND_LIMIT, ConnectionLimits, guarded_tls_factory
+from pyflock.common._connections import SEND_PER_CALL, ConnectionLimits, guarded_tls_factory
 from pyflock.common._tls import ClusterTLS, Identity, PeerCheck, tls_options
 from tests.harness.certificates import make_cluster_certificates
 
@@ -318,4 +318,4 @@ async def test_large_pieces_sent_in_one_call(certificates):
         await port.stopListening()
     assert received == b"".join(pieces)
     assert max(application.socket.sends) > 256 * 1024
-    assert max(application.socket.sends) <= SEND_LIMIT
+    assert max(application.socket.sends) <= SEND_PER_CALL
