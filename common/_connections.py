@@ -8,6 +8,10 @@ is read), closing those it no longer accepts.
 Twisted's ``ThrottlingFactory``, the deadline its ``TimeoutMixin``. Which certificate is
 still acceptable is decided elsewhere (``PeerCheck.still_acceptable`` in ``_tls``), passed
 in as ``judge(certificate, now)``: this module only applies the verdict.
+
+It also keeps large writes cheap (issue 12): a large write is encrypted in one call and
+handed to TCP in one piece (``_BatchedTLSTransport``), and the TCP connection under the
+cap sends up to ``SEND_PER_CALL`` bytes per system call (``_SendLimited``).
 """
 
 from __future__ import annotations
@@ -205,7 +209,8 @@ class _SendLimited(ThrottlingProtocol):
 
 
 class _ConnectionCap(ThrottlingFactory):
-    """``ThrottlingFactory``'s connection cap, saying in the log when it refuses."""
+    """``ThrottlingFactory``'s connection cap, saying in the log when it refuses; its
+    connections are ``_SendLimited``, the outermost layer, which holds the TCP transport."""
 
     protocol = _SendLimited
     _refusing = False

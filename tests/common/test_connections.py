@@ -270,9 +270,8 @@ class _Recording:
 
 
 class _Writes(Protocol):
-    """Records its TCP socket's sends, writes ``pieces`` once TLS is up, then closes."""
-
-    pieces = ()
+    """Records its TCP socket's sends, writes its factory's ``pieces`` once TLS is up,
+    then closes."""
 
     def connectionMade(self):
         """Record the sends of the TCP connection under TLS and its connection cap."""
@@ -281,7 +280,7 @@ class _Writes(Protocol):
 
     def dataReceived(self, data):
         """The client spoke, so the handshake is done: answer, then close."""
-        for piece in self.pieces:
+        for piece in self.factory.pieces:
             self.transport.write(piece)
         self.transport.loseConnection()
 
@@ -308,7 +307,7 @@ async def test_large_pieces_sent_in_one_call(certificates):
     from twisted.internet import reactor
     pieces = [bytes([n]) * (256 * 1024) for n in range(4)]
     application = Factory.forProtocol(_Writes)
-    application.protocol = type("_Pieces", (_Writes,), {"pieces": pieces})
+    application.pieces = pieces
     options = ClusterTLS.load(certificates.path, "control-service").server_options()
     port = reactor.listenTCP(0, guarded_tls_factory(options, application, reactor),
                              interface="127.0.0.1")
